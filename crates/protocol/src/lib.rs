@@ -1,0 +1,255 @@
+//! The bodies of every message Baton sends, and their names.
+//!
+//! Owns: the JSON schema (version [`SCHEMA`]) of commands, replies and the orchestrator's
+//! `start` request and outcome; the message `type` strings; the shared [`Context`] a space
+//! accumulates as it moves through the steps. Must not touch: AMQP (see `baton-amqp` for the
+//! envelope), SQLite, or any business rule. Keeping bodies here lets the orchestrator, the services
+//! and the gateway agree on the wire without depending on one another.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of every body's schema. A consumer rejects other versions to the dead-letter queue.
+pub const SCHEMA: u32 = 1;
+
+/// Largest body a consumer accepts; bigger ones are dead-lettered unread.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The five services of the flow, in the order of the default workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    Records,
+    Placement,
+    Entitlements,
+    Routing,
+    Notifier,
+}
+
+impl Service {
+    pub const ALL: [Service; 5] =
+        [Service::Records, Service::Placement, Service::Entitlements, Service::Routing, Service::Notifier];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Records => "records",
+            Service::Placement => "placement",
+            Service::Entitlements => "entitlements",
+            Service::Routing => "routing",
+            Service::Notifier => "notifier",
+        }
+    }
+
+    /// The message type of the step's command (`records.create`, ...).
+    pub fn do_type(self) -> &'static str {
+        match self {
+            Service::Records => "records.create",
+            Service::Placement => "placement.assign",
+            Service::Entitlements => "entitlements.license",
+            Service::Routing => "routing.route",
+            Service::Notifier => "notifier.notify",
+        }
+    }
+
+    /// The message type of the step's compensation, if it has one.
+    pub fn undo_type(self) -> Option<&'static str> {
+        match self {
+            Service::Records => Some("records.delete"),
+            Service::Placement => Some("placement.release"),
+            Service::Entitlements => Some("entitlements.revoke"),
+            Service::Routing => Some("routing.unroute"),
+            Service::Notifier => None,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a command does a step or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Do,
+    Undo,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Do => "do",
+            Action::Undo => "undo",
+        }
+    }
+}
+
+/// What a space has accumulated so far: the request, then each step's output.
+///
+/// Steps read what they need (routing reads `key` and `shard`) and add their own output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    pub name: String,
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub licence: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+impl Context {
+    /// Fold a step's output into the context; fields the output leaves empty are kept.
+    pub fn merge(&mut self, out: &Context) {
+        let keep = |mine: &mut Option<String>, theirs: &Option<String>| {
+            if theirs.is_some() {
+                mine.clone_from(theirs);
+            }
+        };
+        keep(&mut self.key, &out.key);
+        keep(&mut self.shard, &out.shard);
+        keep(&mut self.licence, &out.licence);
+        keep(&mut self.route, &out.route);
+    }
+}
+
+/// A command from the orchestrator to a service: do or undo one step of one saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCommand {
+    pub schema: u32,
+    pub saga_id: Uuid,
+    pub space_id: Uuid,
+    pub step: Service,
+    pub action: Action,
+    pub attempt: u32,
+    pub context: Context,
+}
+
+/// How a step ended, as a service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The step (or its compensation) took effect; `data` holds its output.
+    Done,
+    /// A business rule refused the step; `status` and `reason` say which.
+    Refused,
+    /// A technical error; the orchestrator may retry.
+    Failed,
+}
+
+/// A service's answer to a [`StepCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReply {
+    pub schema: u32,
+    pub saga_id: Uuid,
+    pub space_id: Uuid,
+    pub step: Service,
+    pub action: Action,
+    pub attempt: u32,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub data: Context,
+}
+
+/// Message type of a reply to a command of type `command_type`.
+pub fn reply_type(command_type: &str) -> String {
+    format!("{command_type}.reply")
+}
+
+/// Type of the gateway's request to start a saga.
+pub const START: &str = "orchestrator.start";
+/// Type of the orchestrator's answer to [`START`].
+pub const START_REPLY: &str = "orchestrator.start.reply";
+
+/// The gateway asks the orchestrator to run a workflow for one space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartSaga {
+    pub schema: u32,
+    pub saga_id: Uuid,
+    pub space_id: Uuid,
+    pub workflow: String,
+    pub input: Context,
+}
+
+/// A space as the client sees it after success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    pub id: Uuid,
+    pub key: String,
+    pub name: String,
+    pub owner: String,
+    pub shard: String,
+    pub licence: String,
+    pub route: String,
+    pub workflow_id: Uuid,
+}
+
+/// Why a request did not succeed: which step, what status, one sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepError {
+    pub error: String,
+    pub step: Option<Service>,
+    pub status: u16,
+    pub workflow_id: Uuid,
+}
+
+/// The orchestrator's answer to the gateway: 200 with the space, or the error after rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaOutcome {
+    pub schema: u32,
+    pub saga_id: Uuid,
+    pub space_id: Uuid,
+    pub status: u16,
+    #[serde(default)]
+    pub space: Option<Space>,
+    #[serde(default)]
+    pub error: Option<StepError>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_round_trip() {
+        for s in Service::ALL {
+            assert_eq!(Service::parse(s.name()), Some(s));
+            assert!(s.do_type().starts_with(s.name()));
+        }
+        assert_eq!(Service::parse("nope"), None);
+        assert_eq!(Service::Notifier.undo_type(), None);
+    }
+
+    #[test]
+    fn merge_keeps_fields_the_output_leaves_empty() {
+        let mut ctx =
+            Context { name: "a".into(), owner: "o".into(), key: Some("a".into()), ..Default::default() };
+        ctx.merge(&Context { shard: Some("shard-2".into()), ..Default::default() });
+        assert_eq!(ctx.key.as_deref(), Some("a"));
+        assert_eq!(ctx.shard.as_deref(), Some("shard-2"));
+    }
+
+    #[test]
+    fn reply_with_missing_optional_fields_parses() {
+        let id = Uuid::new_v4();
+        let json = format!(
+            r#"{{"schema":1,"saga_id":"{id}","space_id":"{id}","step":"records","action":"do","attempt":1,"outcome":"done"}}"#
+        );
+        let r: StepReply = serde_json::from_str(&json).unwrap();
+        assert_eq!(r.outcome, Outcome::Done);
+        assert_eq!(r.status, None);
+    }
+}

@@ -1,0 +1,371 @@
+//! Workflow definitions: data loaded from JSON, or built in Rust, validated either way.
+
+use baton_protocol::Service;
+use serde::{Deserialize, Serialize};
+
+/// How often and how patiently an action is retried after a timeout or a technical failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included. `0` means without limit, which only a
+    /// non-compensable action may use: it is past the point of no return and must get through.
+    pub attempts: u32,
+    pub backoff_ms: u64,
+    pub cap_ms: u64,
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `next` (2, 3, ...): exponential from `backoff_ms`, capped at `cap_ms`.
+    pub fn delay_before(&self, next: u32) -> u64 {
+        let exp = next.saturating_sub(2).min(32);
+        self.backoff_ms.saturating_mul(1u64 << exp).min(self.cap_ms)
+    }
+
+    /// Whether another attempt may follow attempt `done`.
+    pub fn allows_after(&self, done: u32) -> bool {
+        self.attempts == 0 || done < self.attempts
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 3, backoff_ms: 200, cap_ms: 2_000 }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One action: a command sent to a service, and how to undo it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionDef {
+    pub service: Service,
+    pub command: String,
+    /// The compensating command; absent when `compensable` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<String>,
+    #[serde(default = "default_true")]
+    pub compensable: bool,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// One step: a group of actions that run in parallel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepDef {
+    pub name: String,
+    pub actions: Vec<ActionDef>,
+}
+
+/// A validated workflow. Construct it with [`Workflow::from_json`] or [`WorkflowBuilder`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workflow {
+    pub name: String,
+    pub steps: Vec<StepDef>,
+}
+
+/// Why a workflow definition was rejected; each message names the offending step.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DefinitionError {
+    #[error("workflow definition is not valid JSON of the expected shape: {0}")]
+    Parse(String),
+    #[error("workflow `{0}` has no steps; add at least one")]
+    Empty(String),
+    #[error("step `{0}` has no actions; give it at least one")]
+    EmptyStep(String),
+    #[error(
+        "step `{step}` runs the compensable `{service}` after the non-compensable `{after}`: \
+         what cannot be undone must come last, so move `{after}` after every compensable action"
+    )]
+    CompensableAfterFinal { step: String, service: Service, after: Service },
+    #[error(
+        "step `{step}` mixes non-compensable `{service}` with compensable actions in one parallel \
+         group; put it in a step of its own at the end"
+    )]
+    MixedGroup { step: String, service: Service },
+    #[error("step `{step}`: `{service}` appears more than once in the workflow; use each service once")]
+    DuplicateService { step: String, service: Service },
+    #[error("step `{step}`: `{service}` has command `{got}`, expected `{expected}`")]
+    WrongCommand { step: String, service: Service, got: String, expected: String },
+    #[error("step `{step}`: `{service}` is compensable but names no compensation `{expected}`")]
+    WrongCompensation { step: String, service: Service, expected: String },
+    #[error("step `{step}`: `{service}` {problem}")]
+    BadPolicy { step: String, service: Service, problem: &'static str },
+}
+
+impl Workflow {
+    /// Parse and validate a workflow file.
+    pub fn from_json(text: &str) -> Result<Workflow, DefinitionError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            name: String,
+            steps: Vec<StepDef>,
+        }
+        let raw: Raw = serde_json::from_str(text).map_err(|e| DefinitionError::Parse(e.to_string()))?;
+        Workflow::validate(raw.name, raw.steps)
+    }
+
+    /// The default `create-space` workflow: records, placement, entitlements, routing, notify.
+    pub fn create_space() -> Workflow {
+        Workflow::from_json(include_str!("../workflows/create-space.json"))
+            .expect("the bundled create-space workflow is valid")
+    }
+
+    /// `create-space` with placement and entitlements as one parallel group.
+    pub fn create_space_parallel() -> Workflow {
+        Workflow::from_json(include_str!("../workflows/create-space-parallel.json"))
+            .expect("the bundled create-space-parallel workflow is valid")
+    }
+
+    /// The bundled workflows, by name.
+    pub fn bundled() -> Vec<Workflow> {
+        vec![Workflow::create_space(), Workflow::create_space_parallel()]
+    }
+
+    /// Index of every action, flattened in step order: `(step, action)`.
+    pub fn actions(&self) -> impl Iterator<Item = (usize, &ActionDef)> {
+        self.steps.iter().enumerate().flat_map(|(i, s)| s.actions.iter().map(move |a| (i, a)))
+    }
+
+    fn validate(name: String, steps: Vec<StepDef>) -> Result<Workflow, DefinitionError> {
+        if steps.is_empty() {
+            return Err(DefinitionError::Empty(name));
+        }
+        let mut seen = Vec::new();
+        let mut final_seen: Option<Service> = None;
+        for step in &steps {
+            if step.actions.is_empty() {
+                return Err(DefinitionError::EmptyStep(step.name.clone()));
+            }
+            let group_has_compensable = step.actions.iter().any(|a| a.compensable);
+            for a in &step.actions {
+                let err_step = || step.name.clone();
+                if seen.contains(&a.service) {
+                    return Err(DefinitionError::DuplicateService { step: err_step(), service: a.service });
+                }
+                seen.push(a.service);
+                if a.command != a.service.do_type() {
+                    return Err(DefinitionError::WrongCommand {
+                        step: err_step(),
+                        service: a.service,
+                        got: a.command.clone(),
+                        expected: a.service.do_type().into(),
+                    });
+                }
+                if a.compensable {
+                    let expected = a.service.undo_type();
+                    if expected.is_none() || a.compensation.as_deref() != expected {
+                        return Err(DefinitionError::WrongCompensation {
+                            step: err_step(),
+                            service: a.service,
+                            expected: expected.unwrap_or("(none: this service cannot undo)").into(),
+                        });
+                    }
+                    if let Some(after) = final_seen {
+                        return Err(DefinitionError::CompensableAfterFinal {
+                            step: err_step(),
+                            service: a.service,
+                            after,
+                        });
+                    }
+                    if a.retry.attempts == 0 {
+                        return Err(DefinitionError::BadPolicy {
+                            step: err_step(),
+                            service: a.service,
+                            problem: "is compensable and so needs a finite number of attempts (1 or more)",
+                        });
+                    }
+                } else if group_has_compensable {
+                    return Err(DefinitionError::MixedGroup { step: err_step(), service: a.service });
+                }
+                if a.timeout_ms == 0 {
+                    return Err(DefinitionError::BadPolicy {
+                        step: err_step(),
+                        service: a.service,
+                        problem: "needs a timeout_ms above 0",
+                    });
+                }
+                if a.retry.backoff_ms > a.retry.cap_ms {
+                    return Err(DefinitionError::BadPolicy {
+                        step: err_step(),
+                        service: a.service,
+                        problem: "has a backoff_ms above its cap_ms",
+                    });
+                }
+            }
+            if let Some(a) = step.actions.iter().find(|a| !a.compensable) {
+                final_seen = Some(a.service);
+            }
+        }
+        Ok(Workflow { name, steps })
+    }
+}
+
+/// Builds a workflow in Rust; [`WorkflowBuilder::build`] applies the same validation as a file.
+///
+/// ```
+/// use baton_workflow::WorkflowBuilder;
+/// use baton_protocol::Service::*;
+/// let wf = WorkflowBuilder::new("create-space")
+///     .step("create-record", [Records])
+///     .step("assign-shard", [Placement])
+///     .step("license", [Entitlements])
+///     .step("publish-route", [Routing])
+///     .step("notify", [Notifier])
+///     .build()
+///     .unwrap();
+/// assert_eq!(wf.steps.len(), 5);
+/// ```
+#[derive(Debug, Clone)]
+pub struct WorkflowBuilder {
+    name: String,
+    steps: Vec<StepDef>,
+}
+
+impl WorkflowBuilder {
+    pub fn new(name: impl Into<String>) -> Self {
+        WorkflowBuilder { name: name.into(), steps: Vec::new() }
+    }
+
+    /// A step whose services run in parallel, each with the service's own command and
+    /// compensation, the default timeout and retry policy (unbounded retries for a service that
+    /// cannot undo, like the notifier).
+    pub fn step(self, name: impl Into<String>, services: impl IntoIterator<Item = Service>) -> Self {
+        let actions = services.into_iter().map(Self::default_action).collect();
+        self.step_with(name, actions)
+    }
+
+    /// A step with fully specified actions.
+    pub fn step_with(mut self, name: impl Into<String>, actions: Vec<ActionDef>) -> Self {
+        self.steps.push(StepDef { name: name.into(), actions });
+        self
+    }
+
+    /// The action a service gets by default.
+    pub fn default_action(service: Service) -> ActionDef {
+        let compensation = service.undo_type().map(String::from);
+        let compensable = compensation.is_some();
+        ActionDef {
+            service,
+            command: service.do_type().into(),
+            compensation,
+            compensable,
+            timeout_ms: if compensable { 3_000 } else { 5_000 },
+            retry: if compensable {
+                RetryPolicy::default()
+            } else {
+                RetryPolicy { attempts: 0, backoff_ms: 500, cap_ms: 30_000 }
+            },
+        }
+    }
+
+    pub fn build(self) -> Result<Workflow, DefinitionError> {
+        Workflow::validate(self.name, self.steps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Service::*;
+
+    #[test]
+    fn bundled_workflows_are_valid_and_match_the_builder() {
+        let built = WorkflowBuilder::new("create-space")
+            .step("create-record", [Records])
+            .step("assign-shard", [Placement])
+            .step("license", [Entitlements])
+            .step("publish-route", [Routing])
+            .step("notify", [Notifier])
+            .build()
+            .unwrap();
+        assert_eq!(built, Workflow::create_space());
+        let parallel = WorkflowBuilder::new("create-space-parallel")
+            .step("create-record", [Records])
+            .step("assign-shard-and-license", [Placement, Entitlements])
+            .step("publish-route", [Routing])
+            .step("notify", [Notifier])
+            .build()
+            .unwrap();
+        assert_eq!(parallel, Workflow::create_space_parallel());
+        assert_eq!(parallel.steps[1].actions.len(), 2);
+    }
+
+    #[test]
+    fn non_compensable_before_compensable_is_rejected_naming_the_step() {
+        let err = WorkflowBuilder::new("bad")
+            .step("create-record", [Records])
+            .step("notify", [Notifier])
+            .step("publish-route", [Routing])
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            DefinitionError::CompensableAfterFinal {
+                step: "publish-route".into(),
+                service: Routing,
+                after: Notifier
+            }
+        );
+        assert!(err.to_string().contains("step `publish-route`"), "{err}");
+    }
+
+    #[test]
+    fn non_compensable_in_a_compensable_group_is_rejected() {
+        let err = WorkflowBuilder::new("bad").step("both", [Records, Notifier]).build().unwrap_err();
+        assert!(matches!(err, DefinitionError::MixedGroup { ref step, service: Notifier } if step == "both"));
+    }
+
+    #[test]
+    fn other_mistakes_are_named() {
+        assert!(matches!(WorkflowBuilder::new("e").build(), Err(DefinitionError::Empty(_))));
+        assert!(matches!(
+            WorkflowBuilder::new("e").step("s", []).build(),
+            Err(DefinitionError::EmptyStep(s)) if s == "s"
+        ));
+        assert!(matches!(
+            WorkflowBuilder::new("d").step("a", [Records]).step("b", [Records]).build(),
+            Err(DefinitionError::DuplicateService { step, .. }) if step == "b"
+        ));
+        let mut a = WorkflowBuilder::default_action(Records);
+        a.command = "records.destroy".into();
+        assert!(matches!(
+            WorkflowBuilder::new("c").step_with("s", vec![a]).build(),
+            Err(DefinitionError::WrongCommand { .. })
+        ));
+        let mut a = WorkflowBuilder::default_action(Records);
+        a.retry.attempts = 0;
+        assert!(matches!(
+            WorkflowBuilder::new("c").step_with("s", vec![a]).build(),
+            Err(DefinitionError::BadPolicy { .. })
+        ));
+        let mut a = WorkflowBuilder::default_action(Records);
+        a.timeout_ms = 0;
+        assert!(matches!(
+            WorkflowBuilder::new("c").step_with("s", vec![a]).build(),
+            Err(DefinitionError::BadPolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn from_json_reports_parse_errors_and_validation_errors() {
+        assert!(matches!(Workflow::from_json("{"), Err(DefinitionError::Parse(_))));
+        let text = r#"{"name":"x","steps":[
+            {"name":"mail","actions":[{"service":"notifier","command":"notifier.notify","compensable":false,"timeout_ms":10}]},
+            {"name":"rec","actions":[{"service":"records","command":"records.create","compensation":"records.delete","timeout_ms":10}]}]}"#;
+        let err = Workflow::from_json(text).unwrap_err();
+        assert!(err.to_string().contains("step `rec`"), "{err}");
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_to_the_cap() {
+        let p = RetryPolicy { attempts: 5, backoff_ms: 100, cap_ms: 350 };
+        assert_eq!(p.delay_before(2), 100);
+        assert_eq!(p.delay_before(3), 200);
+        assert_eq!(p.delay_before(4), 350);
+        assert!(p.allows_after(4));
+        assert!(!p.allows_after(5));
+        assert!(RetryPolicy { attempts: 0, ..p }.allows_after(1_000));
+    }
+}

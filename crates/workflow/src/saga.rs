@@ -1,0 +1,600 @@
+//! The saga state machine: a saga's state, and one pure function per input.
+//!
+//! Inputs are [`Saga::start`], [`Saga::on_reply`], [`Saga::on_tick`] (the clock, as a number) and
+//! [`Saga::retry_compensation`] (an operator). Each returns the [`Effect`]s the runtime must carry
+//! out, in order, in the same transaction that stores the new state. Nothing here sleeps, reads a
+//! clock or touches a queue.
+
+use baton_protocol::{Action, Context, Outcome, Service};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::definition::{ActionDef, Workflow};
+
+/// Where a saga stands, as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Compensable steps are still running.
+    Running,
+    /// A step failed; completed steps are being undone in reverse order.
+    Compensating,
+    /// Every compensable step succeeded and the client was told 200; the non-compensable
+    /// steps (the email) are committed and on their way.
+    Succeeded,
+    /// Everything, the email included, is done.
+    Completed,
+    /// Every completed step was undone; the client was told why it failed.
+    RolledBack,
+    /// A compensation kept failing: an operator must look (`baton workflows retry`).
+    CompensationFailed,
+}
+
+impl SagaStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Succeeded => "succeeded",
+            SagaStatus::Completed => "completed",
+            SagaStatus::RolledBack => "rolled_back",
+            SagaStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+
+    /// A terminal saga never changes again (short of an operator's retry).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SagaStatus::Completed | SagaStatus::RolledBack | SagaStatus::CompensationFailed)
+    }
+}
+
+/// Where one action stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Not sent yet (or never, if the saga failed before its step).
+    Pending,
+    /// Command sent; waiting for the reply until `due_ms`.
+    Running,
+    /// Timed out or failed technically; the next attempt goes out at `due_ms`.
+    RetryWait,
+    Done,
+    /// A business rule refused it: nothing happened, nothing to undo.
+    Refused,
+    /// Must be undone once every later step is undone. Includes actions whose outcome is
+    /// unknown (timed out): the compensation is idempotent, and the service's tombstone turns
+    /// a late command into a no-op.
+    ToCompensate,
+    Compensating,
+    CompensationRetryWait,
+    Compensated,
+    CompensationFailed,
+}
+
+/// The state of one action of the saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionState {
+    pub step: usize,
+    pub service: Service,
+    pub phase: Phase,
+    /// Attempts of the command made so far.
+    pub attempt: u32,
+    /// Attempts of the compensation made so far.
+    pub undo_attempt: u32,
+    /// When the current wait ends (timeout or retry), in ms since the epoch.
+    pub due_ms: Option<u64>,
+}
+
+/// Why a saga failed: the step, the status the client gets, one sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub service: Service,
+    pub status: u16,
+    pub reason: String,
+}
+
+/// A service's reply, as the state machine needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub service: Service,
+    pub action: Action,
+    pub attempt: u32,
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub reason: Option<String>,
+    pub data: Context,
+}
+
+/// What happened, for the saga's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryEvent {
+    Started,
+    Sent,
+    Done,
+    Refused,
+    Failed,
+    TimedOut,
+    RetryScheduled,
+    LateReplyIgnored,
+    Compensated,
+    CompensationFailed,
+    Succeeded,
+    Completed,
+    RolledBack,
+    OperatorRetry,
+}
+
+impl HistoryEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryEvent::Started => "started",
+            HistoryEvent::Sent => "sent",
+            HistoryEvent::Done => "done",
+            HistoryEvent::Refused => "refused",
+            HistoryEvent::Failed => "failed",
+            HistoryEvent::TimedOut => "timed_out",
+            HistoryEvent::RetryScheduled => "retry_scheduled",
+            HistoryEvent::LateReplyIgnored => "late_reply_ignored",
+            HistoryEvent::Compensated => "compensated",
+            HistoryEvent::CompensationFailed => "compensation_failed",
+            HistoryEvent::Succeeded => "succeeded",
+            HistoryEvent::Completed => "completed",
+            HistoryEvent::RolledBack => "rolled_back",
+            HistoryEvent::OperatorRetry => "operator_retry",
+        }
+    }
+}
+
+/// A decision the runtime must carry out, in the transaction that stores the new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send a command (or its compensation) to a service.
+    Send { service: Service, action: Action, attempt: u32, context: Context },
+    /// Answer the client: 200 with the context, or the failure's status after the rollback.
+    Answer { status: u16, context: Context, failure: Option<Failure> },
+    /// Append to the saga's timeline.
+    History {
+        service: Option<Service>,
+        action: Option<Action>,
+        attempt: u32,
+        event: HistoryEvent,
+        detail: Option<String>,
+    },
+}
+
+/// One saga: a run of a workflow for one space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saga {
+    pub id: Uuid,
+    pub space_id: Uuid,
+    pub workflow: String,
+    pub status: SagaStatus,
+    /// The step running forward.
+    pub step: usize,
+    pub actions: Vec<ActionState>,
+    pub context: Context,
+    pub failure: Option<Failure>,
+    /// Whether the client's answer was already emitted (it is emitted once).
+    pub answered: bool,
+}
+
+/// Collects effects during one transition.
+struct Out(Vec<Effect>);
+
+impl Out {
+    fn history(
+        &mut self,
+        a: Option<&ActionState>,
+        action: Option<Action>,
+        event: HistoryEvent,
+        detail: Option<String>,
+    ) {
+        let attempt = match (a, action) {
+            (Some(a), Some(Action::Undo)) => a.undo_attempt,
+            (Some(a), _) => a.attempt,
+            _ => 0,
+        };
+        self.0.push(Effect::History { service: a.map(|a| a.service), action, attempt, event, detail });
+    }
+}
+
+impl Saga {
+    /// Start a saga: its first step's commands go out.
+    pub fn start(wf: &Workflow, id: Uuid, space_id: Uuid, input: Context, now: u64) -> (Saga, Vec<Effect>) {
+        let actions = wf
+            .actions()
+            .map(|(step, a)| ActionState {
+                step,
+                service: a.service,
+                phase: Phase::Pending,
+                attempt: 0,
+                undo_attempt: 0,
+                due_ms: None,
+            })
+            .collect();
+        let mut saga = Saga {
+            id,
+            space_id,
+            workflow: wf.name.clone(),
+            status: SagaStatus::Running,
+            step: 0,
+            actions,
+            context: input,
+            failure: None,
+            answered: false,
+        };
+        let mut out = Out(Vec::new());
+        out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
+        saga.enter_step(wf, 0, now, &mut out);
+        (saga, out.0)
+    }
+
+    /// The earliest time at which [`Saga::on_tick`] has something to do.
+    pub fn wake_at(&self) -> Option<u64> {
+        self.actions.iter().filter_map(|a| a.due_ms).min()
+    }
+
+    /// A service replied.
+    pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
+        let mut out = Out(Vec::new());
+        let Some(idx) = self.actions.iter().position(|a| a.service == reply.service) else {
+            out.0.push(Effect::History {
+                service: Some(reply.service),
+                action: Some(reply.action),
+                attempt: reply.attempt,
+                event: HistoryEvent::LateReplyIgnored,
+                detail: Some("this workflow has no such step".into()),
+            });
+            return out.0;
+        };
+        let phase = self.actions[idx].phase;
+        let def = self.def(wf, idx).clone();
+        match (reply.action, phase) {
+            (Action::Do, Phase::Running | Phase::RetryWait) => match reply.outcome {
+                Outcome::Done => {
+                    let a = &mut self.actions[idx];
+                    a.phase = Phase::Done;
+                    a.due_ms = None;
+                    self.context.merge(&reply.data);
+                    out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Done, None);
+                    let step = self.actions[idx].step;
+                    if self.actions.iter().filter(|a| a.step == step).all(|a| a.phase == Phase::Done) {
+                        self.enter_step(wf, step + 1, now, &mut out);
+                    }
+                }
+                Outcome::Refused if def.compensable => {
+                    let a = &mut self.actions[idx];
+                    a.phase = Phase::Refused;
+                    a.due_ms = None;
+                    let reason = reply.reason.unwrap_or_else(|| format!("{} refused", reply.service));
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Do),
+                        HistoryEvent::Refused,
+                        Some(reason.clone()),
+                    );
+                    let failure =
+                        Failure { service: reply.service, status: reply.status.unwrap_or(409), reason };
+                    self.begin_compensation(wf, failure, now, &mut out);
+                }
+                // A technical failure, or a refusal from a step that cannot refuse: retry.
+                Outcome::Refused | Outcome::Failed => {
+                    if reply.attempt != self.actions[idx].attempt {
+                        out.history(
+                            Some(&self.actions[idx]),
+                            Some(Action::Do),
+                            HistoryEvent::LateReplyIgnored,
+                            Some(format!("failure of attempt {} superseded", reply.attempt)),
+                        );
+                        return out.0;
+                    }
+                    let reason = reply.reason.unwrap_or_else(|| format!("{} failed", reply.service));
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Do),
+                        HistoryEvent::Failed,
+                        Some(reason.clone()),
+                    );
+                    self.retry_or_fail(wf, idx, reason, now, &mut out);
+                }
+            },
+            (Action::Undo, Phase::Compensating | Phase::CompensationRetryWait) => match reply.outcome {
+                Outcome::Done => {
+                    let a = &mut self.actions[idx];
+                    a.phase = Phase::Compensated;
+                    a.due_ms = None;
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Undo),
+                        HistoryEvent::Compensated,
+                        None,
+                    );
+                    self.advance_compensation(wf, now, &mut out);
+                }
+                Outcome::Refused | Outcome::Failed => {
+                    if reply.attempt != self.actions[idx].undo_attempt {
+                        out.history(
+                            Some(&self.actions[idx]),
+                            Some(Action::Undo),
+                            HistoryEvent::LateReplyIgnored,
+                            Some(format!("failure of attempt {} superseded", reply.attempt)),
+                        );
+                        return out.0;
+                    }
+                    let reason = reply.reason.unwrap_or_else(|| format!("{} could not undo", reply.service));
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Undo),
+                        HistoryEvent::Failed,
+                        Some(reason.clone()),
+                    );
+                    self.retry_undo_or_give_up(wf, idx, reason, now, &mut out);
+                }
+            },
+            (action, phase) => {
+                out.0.push(Effect::History {
+                    service: Some(reply.service),
+                    action: Some(action),
+                    attempt: reply.attempt,
+                    event: HistoryEvent::LateReplyIgnored,
+                    detail: Some(
+                        format!("{:?} reply while the step is {phase:?}", reply.outcome).to_lowercase(),
+                    ),
+                });
+            }
+        }
+        out.0
+    }
+
+    /// Time passed: fire every timeout and retry that is due at `now`.
+    pub fn on_tick(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        let mut out = Out(Vec::new());
+        for idx in 0..self.actions.len() {
+            let a = &self.actions[idx];
+            if a.due_ms.is_none_or(|due| due > now) {
+                continue;
+            }
+            let timeout = self.def(wf, idx).timeout_ms;
+            match a.phase {
+                Phase::Running => {
+                    let reason = format!("{} did not answer within {timeout} ms", a.service);
+                    out.history(Some(a), Some(Action::Do), HistoryEvent::TimedOut, Some(reason.clone()));
+                    self.retry_or_fail(wf, idx, reason, now, &mut out);
+                }
+                Phase::RetryWait => {
+                    let next = a.attempt + 1;
+                    self.send_do(wf, idx, next, now, &mut out);
+                }
+                Phase::Compensating => {
+                    let reason =
+                        format!("{} did not confirm its compensation within {timeout} ms", a.service);
+                    out.history(Some(a), Some(Action::Undo), HistoryEvent::TimedOut, Some(reason.clone()));
+                    self.retry_undo_or_give_up(wf, idx, reason, now, &mut out);
+                }
+                Phase::CompensationRetryWait => {
+                    let next = a.undo_attempt + 1;
+                    self.send_undo(wf, idx, next, now, &mut out);
+                }
+                _ => self.actions[idx].due_ms = None,
+            }
+        }
+        out.0
+    }
+
+    /// An operator asks to finish a rollback that stopped in `compensation_failed`.
+    pub fn retry_compensation(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        let mut out = Out(Vec::new());
+        if self.status != SagaStatus::CompensationFailed {
+            return out.0;
+        }
+        self.status = SagaStatus::Compensating;
+        out.history(None, None, HistoryEvent::OperatorRetry, None);
+        for a in &mut self.actions {
+            if a.phase == Phase::CompensationFailed {
+                a.phase = Phase::ToCompensate;
+                a.undo_attempt = 0;
+            }
+        }
+        self.advance_compensation(wf, now, &mut out);
+        out.0
+    }
+
+    fn def<'w>(&self, wf: &'w Workflow, idx: usize) -> &'w ActionDef {
+        let a = &self.actions[idx];
+        wf.steps[a.step]
+            .actions
+            .iter()
+            .find(|d| d.service == a.service)
+            .expect("a saga's actions come from its workflow")
+    }
+
+    fn enter_step(&mut self, wf: &Workflow, step: usize, now: u64, out: &mut Out) {
+        self.step = step;
+        let Some(def) = wf.steps.get(step) else {
+            if self.status == SagaStatus::Running {
+                self.answer_success(out);
+            }
+            self.status = SagaStatus::Completed;
+            out.history(None, None, HistoryEvent::Completed, None);
+            return;
+        };
+        if self.status == SagaStatus::Running && def.actions.iter().all(|a| !a.compensable) {
+            // Past the point of no return: what follows is committed with this answer.
+            self.answer_success(out);
+            self.status = SagaStatus::Succeeded;
+            out.history(None, None, HistoryEvent::Succeeded, None);
+        }
+        let members: Vec<usize> = (0..self.actions.len()).filter(|&i| self.actions[i].step == step).collect();
+        for idx in members {
+            self.send_do(wf, idx, 1, now, out);
+        }
+    }
+
+    fn answer_success(&mut self, out: &mut Out) {
+        if !self.answered {
+            self.answered = true;
+            out.0.push(Effect::Answer { status: 200, context: self.context.clone(), failure: None });
+        }
+    }
+
+    fn send_do(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
+        let timeout = self.def(wf, idx).timeout_ms;
+        let a = &mut self.actions[idx];
+        a.phase = Phase::Running;
+        a.attempt = attempt;
+        a.due_ms = Some(now + timeout);
+        out.0.push(Effect::Send {
+            service: a.service,
+            action: Action::Do,
+            attempt,
+            context: self.context.clone(),
+        });
+        out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, None);
+    }
+
+    fn send_undo(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
+        let timeout = self.def(wf, idx).timeout_ms;
+        let a = &mut self.actions[idx];
+        a.phase = Phase::Compensating;
+        a.undo_attempt = attempt;
+        a.due_ms = Some(now + timeout);
+        out.0.push(Effect::Send {
+            service: a.service,
+            action: Action::Undo,
+            attempt,
+            context: self.context.clone(),
+        });
+        out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, None);
+    }
+
+    fn retry_or_fail(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
+        let def = self.def(wf, idx);
+        let a = &mut self.actions[idx];
+        if def.retry.allows_after(a.attempt) {
+            let delay = def.retry.delay_before(a.attempt + 1);
+            a.phase = Phase::RetryWait;
+            a.due_ms = Some(now + delay);
+            out.history(
+                Some(&self.actions[idx]),
+                Some(Action::Do),
+                HistoryEvent::RetryScheduled,
+                Some(format!("in {delay} ms")),
+            );
+        } else {
+            // The command may have taken effect after all: undo it with the others.
+            a.phase = Phase::ToCompensate;
+            a.due_ms = None;
+            let failure = Failure {
+                service: a.service,
+                status: 503,
+                reason: format!("{reason} (gave up after {} attempts)", a.attempt),
+            };
+            self.begin_compensation(wf, failure, now, out);
+        }
+    }
+
+    fn retry_undo_or_give_up(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
+        let def = self.def(wf, idx);
+        let a = &mut self.actions[idx];
+        if def.retry.allows_after(a.undo_attempt) {
+            let delay = def.retry.delay_before(a.undo_attempt + 1);
+            a.phase = Phase::CompensationRetryWait;
+            a.due_ms = Some(now + delay);
+            out.history(
+                Some(&self.actions[idx]),
+                Some(Action::Undo),
+                HistoryEvent::RetryScheduled,
+                Some(format!("in {delay} ms")),
+            );
+        } else {
+            a.phase = Phase::CompensationFailed;
+            a.due_ms = None;
+            self.status = SagaStatus::CompensationFailed;
+            let detail = format!("{reason} (gave up after {} attempts)", self.actions[idx].undo_attempt);
+            out.history(
+                Some(&self.actions[idx]),
+                Some(Action::Undo),
+                HistoryEvent::CompensationFailed,
+                Some(detail.clone()),
+            );
+            if !self.answered {
+                self.answered = true;
+                let cause = self.failure.clone();
+                let step = cause.as_ref().map_or(self.actions[idx].service, |f| f.service);
+                let why = cause.map_or_else(String::new, |f| format!("{}; ", f.reason));
+                out.0.push(Effect::Answer {
+                    status: 500,
+                    context: self.context.clone(),
+                    failure: Some(Failure {
+                        service: step,
+                        status: 500,
+                        reason: format!(
+                            "{why}the rollback could not finish: {detail}; an operator must run `baton workflows retry {}`",
+                            self.id
+                        ),
+                    }),
+                });
+            }
+        }
+    }
+
+    fn begin_compensation(&mut self, wf: &Workflow, failure: Failure, now: u64, out: &mut Out) {
+        if self.status != SagaStatus::Running {
+            // Already compensating (a second member of a parallel group failed): the caller
+            // has set this action's phase; it is picked up with the rest.
+            return;
+        }
+        self.status = SagaStatus::Compensating;
+        self.failure = Some(failure);
+        for a in &mut self.actions {
+            if matches!(a.phase, Phase::Done | Phase::Running | Phase::RetryWait) {
+                // In-flight members of the group are undone too: their late reply is ignored,
+                // and a late command finds the tombstone.
+                a.phase = Phase::ToCompensate;
+                a.due_ms = None;
+            }
+        }
+        self.advance_compensation(wf, now, out);
+    }
+
+    /// Undo the latest step that still has something to undo, all of its members at once.
+    fn advance_compensation(&mut self, wf: &Workflow, now: u64, out: &mut Out) {
+        if self.status != SagaStatus::Compensating {
+            return;
+        }
+        let busy = self.actions.iter().any(|a| {
+            matches!(a.phase, Phase::Compensating | Phase::CompensationRetryWait | Phase::CompensationFailed)
+        });
+        if busy {
+            return;
+        }
+        let latest = self.actions.iter().filter(|a| a.phase == Phase::ToCompensate).map(|a| a.step).max();
+        match latest {
+            Some(step) => {
+                let members: Vec<usize> = (0..self.actions.len())
+                    .filter(|&i| self.actions[i].step == step && self.actions[i].phase == Phase::ToCompensate)
+                    .collect();
+                for idx in members {
+                    self.send_undo(wf, idx, 1, now, out);
+                }
+            }
+            None => {
+                self.status = SagaStatus::RolledBack;
+                out.history(None, None, HistoryEvent::RolledBack, None);
+                if !self.answered {
+                    self.answered = true;
+                    let failure = self.failure.clone();
+                    out.0.push(Effect::Answer {
+                        status: failure.as_ref().map_or(500, |f| f.status),
+                        context: self.context.clone(),
+                        failure,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,387 @@
+//! Every transition of the saga state machine, driven without I/O.
+
+use super::*;
+use crate::definition::{RetryPolicy, WorkflowBuilder};
+use Service::*;
+
+const T0: u64 = 1_000_000;
+
+fn input() -> Context {
+    Context { name: "acme".into(), owner: "alice".into(), ..Default::default() }
+}
+
+fn start(wf: &Workflow) -> (Saga, Vec<Effect>) {
+    Saga::start(wf, Uuid::from_u128(1), Uuid::from_u128(2), input(), T0)
+}
+
+fn sends(effects: &[Effect]) -> Vec<(Service, Action, u32)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { service, action, attempt, .. } => Some((*service, *action, *attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answers(effects: &[Effect]) -> Vec<(u16, Option<Service>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Answer { status, failure, .. } => Some((*status, failure.as_ref().map(|f| f.service))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(effects: &[Effect]) -> Vec<HistoryEvent> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::History { event, .. } => Some(*event),
+            _ => None,
+        })
+        .collect()
+}
+
+fn done(service: Service, action: Action) -> Reply {
+    let data = match service {
+        Records => Context { key: Some("acme".into()), ..Default::default() },
+        Placement => Context { shard: Some("shard-1".into()), ..Default::default() },
+        Entitlements => Context { licence: Some("lic-1".into()), ..Default::default() },
+        Routing => Context { route: Some("acme -> shard-1".into()), ..Default::default() },
+        Notifier => Context::default(),
+    };
+    Reply { service, action, attempt: 1, outcome: Outcome::Done, status: None, reason: None, data }
+}
+
+fn refused(service: Service, status: u16) -> Reply {
+    Reply {
+        service,
+        action: Action::Do,
+        attempt: 1,
+        outcome: Outcome::Refused,
+        status: Some(status),
+        reason: Some(format!("{service} says no")),
+        data: Context::default(),
+    }
+}
+
+fn failed(service: Service, action: Action, attempt: u32) -> Reply {
+    Reply {
+        service,
+        action,
+        attempt,
+        outcome: Outcome::Failed,
+        status: None,
+        reason: Some("disk on fire".into()),
+        data: Context::default(),
+    }
+}
+
+fn phase(saga: &Saga, s: Service) -> Phase {
+    saga.actions.iter().find(|a| a.service == s).unwrap().phase
+}
+
+/// Drive the sequential workflow to the point where `upto` has been sent.
+fn run_until(wf: &Workflow, upto: Service) -> Saga {
+    let (mut saga, _) = start(wf);
+    for s in [Records, Placement, Entitlements, Routing] {
+        if s == upto {
+            break;
+        }
+        saga.on_reply(wf, done(s, Action::Do), T0 + 1);
+    }
+    saga
+}
+
+#[test]
+fn start_sends_the_first_command_and_sets_its_timeout() {
+    let wf = Workflow::create_space();
+    let (saga, fx) = start(&wf);
+    assert_eq!(sends(&fx), vec![(Records, Action::Do, 1)]);
+    assert_eq!(events(&fx), vec![HistoryEvent::Started, HistoryEvent::Sent]);
+    assert_eq!(saga.status, SagaStatus::Running);
+    assert_eq!(saga.wake_at(), Some(T0 + 3_000));
+    assert_eq!(phase(&saga, Placement), Phase::Pending);
+}
+
+#[test]
+fn happy_path_answers_200_when_notify_is_committed_and_completes_on_its_reply() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Do, 1)]);
+    let fx = saga.on_reply(&wf, done(Placement, Action::Do), T0 + 2);
+    assert_eq!(sends(&fx), vec![(Entitlements, Action::Do, 1)]);
+    let fx = saga.on_reply(&wf, done(Entitlements, Action::Do), T0 + 3);
+    assert_eq!(sends(&fx), vec![(Routing, Action::Do, 1)]);
+    assert!(answers(&fx).is_empty());
+    let fx = saga.on_reply(&wf, done(Routing, Action::Do), T0 + 4);
+    // The answer and the notify command leave in the same transition: one transaction.
+    assert_eq!(answers(&fx), vec![(200, None)]);
+    assert_eq!(sends(&fx), vec![(Notifier, Action::Do, 1)]);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    let Some(Effect::Answer { context, .. }) = fx.iter().find(|e| matches!(e, Effect::Answer { .. })) else {
+        unreachable!()
+    };
+    assert_eq!(context.shard.as_deref(), Some("shard-1"));
+    assert_eq!(context.licence.as_deref(), Some("lic-1"));
+    let fx = saga.on_reply(&wf, done(Notifier, Action::Do), T0 + 5);
+    assert_eq!(saga.status, SagaStatus::Completed);
+    assert!(answers(&fx).is_empty(), "the client is answered once");
+    assert_eq!(saga.wake_at(), None);
+}
+
+#[test]
+fn refusal_compensates_completed_steps_in_reverse_order_then_answers() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Entitlements);
+    let fx = saga.on_reply(&wf, refused(Entitlements, 403), T0 + 10);
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    assert!(answers(&fx).is_empty(), "no answer before the rollback finished");
+    assert_eq!(phase(&saga, Entitlements), Phase::Refused);
+    let fx = saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 11);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 12);
+    assert_eq!(answers(&fx), vec![(403, Some(Entitlements))]);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+    assert_eq!(phase(&saga, Routing), Phase::Pending);
+    assert_eq!(phase(&saga, Notifier), Phase::Pending, "no email for a failed space");
+}
+
+#[test]
+fn refusal_at_the_first_step_rolls_back_with_nothing_to_undo() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, refused(Records, 409), T0 + 1);
+    assert!(sends(&fx).is_empty());
+    assert_eq!(answers(&fx), vec![(409, Some(Records))]);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+}
+
+#[test]
+fn parallel_group_starts_together_and_waits_for_all_members() {
+    let wf = Workflow::create_space_parallel();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Do, 1), (Entitlements, Action::Do, 1)]);
+    let fx = saga.on_reply(&wf, done(Entitlements, Action::Do), T0 + 2);
+    assert!(sends(&fx).is_empty(), "routing waits for placement");
+    let fx = saga.on_reply(&wf, done(Placement, Action::Do), T0 + 3);
+    assert_eq!(sends(&fx), vec![(Routing, Action::Do, 1)]);
+    assert_eq!(saga.context.licence.as_deref(), Some("lic-1"));
+    assert_eq!(saga.context.shard.as_deref(), Some("shard-1"));
+}
+
+#[test]
+fn failure_inside_a_parallel_group_compensates_the_member_still_running() {
+    let wf = Workflow::create_space_parallel();
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    // Entitlements refuses while placement has not answered yet.
+    let fx = saga.on_reply(&wf, refused(Entitlements, 403), T0 + 2);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    // Placement's late success changes nothing: it is being undone.
+    let fx = saga.on_reply(&wf, done(Placement, Action::Do), T0 + 3);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert!(sends(&fx).is_empty());
+    let fx = saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 4);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 5);
+    assert_eq!(answers(&fx), vec![(403, Some(Entitlements))]);
+}
+
+#[test]
+fn failure_after_a_parallel_group_undoes_all_its_members_at_once() {
+    let wf = Workflow::create_space_parallel();
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    saga.on_reply(&wf, done(Placement, Action::Do), T0 + 2);
+    saga.on_reply(&wf, done(Entitlements, Action::Do), T0 + 3);
+    let fx = saga.on_reply(&wf, refused(Routing, 409), T0 + 4);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1), (Entitlements, Action::Undo, 1)]);
+    let fx = saga.on_reply(&wf, done(Entitlements, Action::Undo), T0 + 5);
+    assert!(sends(&fx).is_empty(), "records waits for the whole group");
+    let fx = saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 6);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+}
+
+#[test]
+fn timeout_schedules_a_retry_with_backoff_and_resends() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_tick(&wf, T0 + 2_999);
+    assert!(fx.is_empty(), "nothing is due before the timeout");
+    let fx = saga.on_tick(&wf, T0 + 3_000);
+    assert_eq!(events(&fx), vec![HistoryEvent::TimedOut, HistoryEvent::RetryScheduled]);
+    assert_eq!(phase(&saga, Records), Phase::RetryWait);
+    assert_eq!(saga.wake_at(), Some(T0 + 3_200));
+    let fx = saga.on_tick(&wf, T0 + 3_200);
+    assert_eq!(sends(&fx), vec![(Records, Action::Do, 2)]);
+    // A success from the first attempt, arriving late, is still a success.
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 3_300);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Do, 1)]);
+}
+
+#[test]
+fn timeout_after_all_retries_compensates_the_step_itself_and_ignores_its_late_reply() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Placement);
+    let mut now = T0 + 1;
+    let mut fx = Vec::new();
+    for _ in 0..10 {
+        now = saga.wake_at().unwrap();
+        fx = saga.on_tick(&wf, now);
+        if saga.status != SagaStatus::Running {
+            break;
+        }
+    }
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    assert_eq!(saga.actions.iter().find(|a| a.service == Placement).unwrap().attempt, 3);
+    // The timed-out step may have happened: it is undone first, then records.
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    let fx = saga.on_reply(&wf, done(Placement, Action::Do), now + 1);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    saga.on_reply(&wf, done(Placement, Action::Undo), now + 2);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), now + 3);
+    assert_eq!(answers(&fx), vec![(503, Some(Placement))]);
+    let Some(Effect::Answer { failure: Some(f), .. }) =
+        fx.iter().find(|e| matches!(e, Effect::Answer { .. }))
+    else {
+        unreachable!()
+    };
+    assert!(f.reason.contains("did not answer"), "{}", f.reason);
+}
+
+#[test]
+fn technical_failure_is_retried_and_a_stale_failure_is_ignored() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, failed(Records, Action::Do, 1), T0 + 1);
+    assert_eq!(events(&fx), vec![HistoryEvent::Failed, HistoryEvent::RetryScheduled]);
+    let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
+    assert_eq!(sends(&fx), vec![(Records, Action::Do, 2)]);
+    let fx = saga.on_reply(&wf, failed(Records, Action::Do, 1), T0 + 400);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert_eq!(phase(&saga, Records), Phase::Running);
+}
+
+#[test]
+fn failing_compensation_is_retried_then_ends_visible_and_an_operator_can_finish_it() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Entitlements);
+    saga.on_reply(&wf, refused(Entitlements, 403), T0 + 10);
+    let mut all = Vec::new();
+    for attempt in 1..=3 {
+        let fx = saga.on_reply(&wf, failed(Placement, Action::Undo, attempt), T0 + 20);
+        all.extend(fx.clone());
+        if attempt < 3 {
+            assert_eq!(phase(&saga, Placement), Phase::CompensationRetryWait);
+            let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
+            assert_eq!(sends(&fx), vec![(Placement, Action::Undo, attempt + 1)]);
+        }
+    }
+    assert_eq!(saga.status, SagaStatus::CompensationFailed);
+    assert_eq!(phase(&saga, Records), Phase::ToCompensate, "records is not undone before placement");
+    assert_eq!(answers(&all), vec![(500, Some(Entitlements))]);
+    assert!(saga.status.is_terminal());
+    assert_eq!(saga.wake_at(), None);
+
+    let fx = saga.retry_compensation(&wf, T0 + 100);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 101);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 102);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+    assert!(answers(&fx).is_empty(), "the client was answered already");
+}
+
+#[test]
+fn compensation_timeout_is_retried_like_a_failure() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Placement);
+    saga.on_reply(&wf, refused(Placement, 503), T0 + 5);
+    let due = saga.wake_at().unwrap();
+    let fx = saga.on_tick(&wf, due);
+    assert_eq!(events(&fx), vec![HistoryEvent::TimedOut, HistoryEvent::RetryScheduled]);
+    let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 2)]);
+}
+
+#[test]
+fn duplicate_replies_change_nothing() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    let before = saga.clone();
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 2);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert!(sends(&fx).is_empty());
+    assert_eq!(saga, before);
+}
+
+#[test]
+fn a_reply_for_a_step_the_workflow_lacks_is_ignored() {
+    let wf = WorkflowBuilder::new("short").step("rec", [Records]).build().unwrap();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, done(Routing, Action::Do), T0 + 1);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    // A workflow with no final step completes and answers on its last reply.
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 2);
+    assert_eq!(answers(&fx), vec![(200, None)]);
+    assert_eq!(saga.status, SagaStatus::Completed);
+}
+
+#[test]
+fn the_non_compensable_step_retries_without_limit_and_never_rolls_back() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Notifier);
+    saga.on_reply(&wf, done(Routing, Action::Do), T0 + 1);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    for _ in 0..50 {
+        let now = saga.wake_at().unwrap();
+        saga.on_tick(&wf, now);
+    }
+    let n = saga.actions.iter().find(|a| a.service == Notifier).unwrap();
+    assert!(n.attempt >= 25, "still trying, attempt {}", n.attempt);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    // Even a refusal is retried: the email cannot be undone, so it must get through.
+    let fx = saga.on_reply(&wf, Reply { attempt: n.attempt, ..refused(Notifier, 500) }, T0);
+    assert!(events(&fx).contains(&HistoryEvent::RetryScheduled));
+    let delays_capped = saga.wake_at().unwrap() - T0 <= 30_000;
+    assert!(delays_capped);
+}
+
+#[test]
+fn late_compensation_reply_after_rollback_is_ignored() {
+    let wf = WorkflowBuilder::new("w")
+        .step_with(
+            "rec",
+            vec![ActionDef {
+                retry: RetryPolicy { attempts: 1, backoff_ms: 0, cap_ms: 0 },
+                ..WorkflowBuilder::default_action(Records)
+            }],
+        )
+        .step("place", [Placement])
+        .build()
+        .unwrap();
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    saga.on_reply(&wf, refused(Placement, 503), T0 + 2);
+    saga.on_reply(&wf, done(Records, Action::Undo), T0 + 3);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 4);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+}
+
+#[test]
+fn saga_state_round_trips_through_json() {
+    let wf = Workflow::create_space_parallel();
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    let text = serde_json::to_string(&saga).unwrap();
+    let back: Saga = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, saga);
+}
