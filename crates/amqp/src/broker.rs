@@ -1,0 +1,136 @@
+//! The connection owner: one AMQP connection per component, handing out channels.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::AmqpError;
+use crate::topology::{self, QueueSpec};
+
+/// A component's connection to RabbitMQ. Cheap to clone; every clone shares the connection.
+///
+/// lapin's automatic recovery reconnects and replays channels, consumers, QoS and confirm mode
+/// after a network failure. When recovery gives up (the broker was away too long), the next
+/// [`Broker::channel`] makes a new connection: callers that loop on `channel()` with a backoff
+/// survive any outage.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    name: String,
+    conn: Mutex<Connection>,
+}
+
+/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    let uri: AMQPUri = url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
+    // A quick TCP probe first: with recovery enabled, lapin would retry a missing broker for
+    // a long while before saying so.
+    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
+    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(AmqpError::Unreachable { url: redact(url), cause: e.to_string() }),
+        Err(_) => {
+            return Err(AmqpError::Unreachable { url: redact(url), cause: "no answer within 3 s".into() });
+        }
+    }
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("baton {name}").into())
+        .enable_auto_recover();
+    Connection::connect_uri(uri, props)
+        .await
+        .map_err(|e| AmqpError::Refused { url: redact(url), cause: e.to_string() })
+}
+
+impl Broker {
+    /// Connect as component `name` (shown in the management UI's Connections tab).
+    pub async fn connect(url: &str, name: &str) -> Result<Broker, AmqpError> {
+        let conn = open(url, name).await?;
+        tracing::info!(url = %redact(url), component = name, "connected to RabbitMQ");
+        Ok(Broker { inner: Arc::new(Inner { url: url.into(), name: name.into(), conn: Mutex::new(conn) }) })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// A new channel; reconnects first if the connection is gone for good.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut conn = self.inner.conn.lock().await;
+        let status = conn.status();
+        if status.closed() || status.errored() {
+            tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
+            *conn = open(&self.inner.url, &self.inner.name).await?;
+            tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
+        }
+        Ok(conn.create_channel().await?)
+    }
+
+    /// Whether the connection is up and not blocked by a broker alarm: what `/health` reports.
+    pub async fn health(&self) -> Result<(), String> {
+        let conn = self.inner.conn.lock().await;
+        let s = conn.status();
+        if s.blocked() {
+            Err("RabbitMQ is blocking publishers (a resource alarm is on)".into())
+        } else if s.connected() {
+            Ok(())
+        } else if s.reconnecting() || s.connecting() {
+            Err(format!("reconnecting to RabbitMQ at {}", redact(&self.inner.url)))
+        } else {
+            Err(format!("not connected to RabbitMQ at {}", redact(&self.inner.url)))
+        }
+    }
+
+    /// Declare the exchanges, the shared work queues and `extra` (this instance's own queues).
+    pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+        let ch = self.channel().await?;
+        topology::declare_exchanges(&ch).await?;
+        for q in topology::shared_queues().iter().chain(extra) {
+            topology::declare_work_queue(&ch, q).await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Close the connection (at shutdown).
+    pub async fn close(&self) {
+        let conn = self.inner.conn.lock().await;
+        if let Err(e) = conn.close(200, "shutting down".into()).await {
+            tracing::debug!(error = %e, "closing the connection");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

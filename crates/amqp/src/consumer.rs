@@ -1,0 +1,169 @@
+//! Consuming a work queue: a prefetch window, the handler runs, the delivery is acked only after
+//! the handler returned (it has committed), and bad input goes to the dead-letter queue with the
+//! reason, never back to the queue.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::{Broker, Envelope, Publisher};
+
+/// What the handler wants done with a delivery it could not handle.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The message can never be handled (wrong shape, unknown type): dead-letter it with this
+    /// reason.
+    #[error("{0}")]
+    Reject(String),
+    /// A passing failure (the database is busy, the disk is full): requeue it. The quorum
+    /// queue's delivery limit dead-letters a message that keeps failing.
+    #[error("{0}")]
+    Retry(String),
+}
+
+/// Which queue to consume, and how many unacked deliveries to hold at once.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub queue: String,
+    pub prefetch: u16,
+}
+
+/// Consume `cfg.queue` until `cancel` fires, surviving connection loss (lapin's recovery, then a
+/// fresh channel with backoff). On cancel, stops taking deliveries and waits for the handlers
+/// already running, so each of them still acks after its commit.
+pub async fn consume<H, Fut>(
+    broker: Broker,
+    publisher: Publisher,
+    cfg: ConsumerConfig,
+    handler: H,
+    cancel: CancellationToken,
+) where
+    H: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        match run_once(&broker, &publisher, &cfg, &handler, &tracker, &cancel, &mut backoff).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(queue = %cfg.queue, error = %e, retry_in = ?backoff, "consumer stopped; restarting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    tracing::debug!(queue = %cfg.queue, "consumer stopped");
+}
+
+async fn run_once<H, Fut>(
+    broker: &Broker,
+    publisher: &Publisher,
+    cfg: &ConsumerConfig,
+    handler: &Arc<H>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    backoff: &mut Duration,
+) -> Result<(), String>
+where
+    H: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
+{
+    let ch = broker.channel().await.map_err(|e| e.to_string())?;
+    ch.basic_qos(cfg.prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
+    let tag = format!("{} {}", broker.name(), uuid::Uuid::new_v4().simple());
+    let mut consumer = ch
+        .basic_consume(
+            cfg.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot consume {}: {e}", cfg.queue))?;
+    *backoff = Duration::from_millis(100);
+    tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                return Ok(());
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let handler = Arc::clone(handler);
+                    let publisher = publisher.clone();
+                    let queue = cfg.queue.clone();
+                    tracker.spawn(process(delivery, queue, publisher, handler));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; waiting for recovery");
+                    ch.wait_for_recovery(e).await.map_err(|e| e.to_string())?;
+                }
+                None => return Err(format!("the broker ended the consumer on {}", cfg.queue)),
+            }
+        }
+    }
+}
+
+async fn process<H, Fut>(delivery: Delivery, queue: String, publisher: Publisher, handler: Arc<H>)
+where
+    H: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
+{
+    let span = tracing::info_span!("delivery", %queue, message_id = tracing::field::Empty, kind = tracing::field::Empty);
+    async move {
+        let env = match Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered) {
+            Ok(env) => env,
+            Err(reason) => return dead_letter(&publisher, &queue, delivery, &reason).await,
+        };
+        tracing::Span::current().record("message_id", tracing::field::display(env.message_id));
+        tracing::Span::current().record("kind", env.kind.as_str());
+        match handler(env).await {
+            Ok(()) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    // Committed but not acked: the redelivery is answered from the inbox.
+                    tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");
+                }
+            }
+            Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
+            Err(HandleError::Retry(reason)) => {
+                tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
+                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Publish the delivery to `<queue>.dlq` with the reason, then ack it. If that publish fails,
+/// reject without requeue so the broker dead-letters it itself: never lost, never looping.
+async fn dead_letter(publisher: &Publisher, queue: &str, delivery: Delivery, reason: &str) {
+    tracing::warn!(%reason, "dead-lettering a message");
+    match publisher.dead_letter(queue, &delivery.properties, &delivery.data, reason).await {
+        Ok(()) => {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not publish to the dead-letter queue; rejecting to the broker's DLX");
+            let _ = delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await;
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The envelope of the design, built in exactly one place ([`Outgoing::properties`]) and checked
+//! in exactly one place ([`Envelope::from_delivery`]).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use baton_protocol::MAX_BODY_BYTES;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Header names Baton sets.
+pub mod headers {
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const MODE: &str = "x-baton-mode";
+    pub const ATTEMPT: &str = "x-baton-attempt";
+    /// Why a message was dead-lettered: one sentence.
+    pub const DEAD_REASON: &str = "x-baton-dead-reason";
+    /// The queue it was dead-lettered from.
+    pub const DEAD_QUEUE: &str = "x-baton-dead-queue";
+}
+
+/// A W3C `traceparent`: the trace of the client request and the id of the current hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceParent(pub String);
+
+impl TraceParent {
+    /// A new trace, for a request that starts here.
+    pub fn new_root() -> Self {
+        let trace = Uuid::new_v4().simple().to_string();
+        let span = &Uuid::new_v4().simple().to_string()[..16];
+        TraceParent(format!("00-{trace}-{span}-01"))
+    }
+
+    /// The same trace, a new hop.
+    pub fn child(&self) -> Self {
+        let parts: Vec<&str> = self.0.split('-').collect();
+        match parts.as_slice() {
+            [v, trace, _, flags] if trace.len() == 32 => {
+                let span = &Uuid::new_v4().simple().to_string()[..16];
+                TraceParent(format!("{v}-{trace}-{span}-{flags}"))
+            }
+            _ => TraceParent::new_root(),
+        }
+    }
+
+    /// The trace id, for logs.
+    pub fn trace_id(&self) -> &str {
+        self.0.split('-').nth(1).unwrap_or("")
+    }
+}
+
+/// A message on its way out: everything needed to publish it, serialisable so that it can wait in
+/// an outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    /// The AMQP `type` property: `records.create`, `space.created`, ...
+    pub kind: String,
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub app_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    pub attempt: u32,
+    pub traceparent: TraceParent,
+    /// The JSON body, already serialised.
+    pub body: String,
+}
+
+impl Outgoing {
+    /// A message with a fresh id and the body serialised from `body`.
+    pub fn new(
+        exchange: &str,
+        routing_key: &str,
+        kind: &str,
+        correlation_id: Uuid,
+        app_id: &str,
+        traceparent: TraceParent,
+        body: &impl Serialize,
+    ) -> Self {
+        Outgoing {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            kind: kind.into(),
+            message_id: Uuid::new_v4(),
+            correlation_id,
+            app_id: app_id.into(),
+            reply_to: None,
+            mode: None,
+            attempt: 1,
+            traceparent,
+            body: serde_json::to_string(body).expect("message bodies serialise"),
+        }
+    }
+
+    pub fn reply_to(mut self, reply_to: impl Into<String>) -> Self {
+        self.reply_to = Some(reply_to.into());
+        self
+    }
+
+    pub fn mode(mut self, mode: impl Into<String>) -> Self {
+        self.mode = Some(mode.into());
+        self
+    }
+
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// The AMQP properties of the design: persistent, JSON, ids, sender, time, trace.
+    pub fn properties(&self) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(self.traceparent.0.as_str().into()));
+        h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.attempt)));
+        if let Some(mode) = &self.mode {
+            h.insert(headers::MODE.into(), AMQPValue::LongString(mode.as_str().into()));
+        }
+        let mut p = BasicProperties::default()
+            .with_message_id(self.message_id.to_string().into())
+            .with_correlation_id(self.correlation_id.to_string().into())
+            .with_type(self.kind.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+            .with_app_id(self.app_id.as_str().into())
+            .with_headers(h);
+        if let Some(r) = &self.reply_to {
+            p = p.with_reply_to(r.as_str().into());
+        }
+        p
+    }
+}
+
+/// A delivery whose envelope passed the checks; the body is not parsed yet (handlers parse it
+/// into the type its `kind` names, and a failure there is a dead-letter too).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub message_id: Uuid,
+    pub correlation_id: Option<Uuid>,
+    pub kind: String,
+    pub app_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub mode: Option<String>,
+    pub attempt: u32,
+    pub traceparent: TraceParent,
+    pub redelivered: bool,
+    pub body: Vec<u8>,
+}
+
+fn short(v: &Option<ShortString>) -> Option<String> {
+    v.as_ref().map(|s| s.as_str().to_owned()).filter(|s| !s.is_empty())
+}
+
+fn header<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    p.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+fn header_string(p: &BasicProperties, name: &str) -> Option<String> {
+    match header(p, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_int(p: &BasicProperties, name: &str) -> Option<i64> {
+    match header(p, name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+impl Envelope {
+    /// Check the envelope of a delivery. The error is the one sentence that goes into the
+    /// dead-letter header.
+    pub fn from_delivery(
+        properties: &BasicProperties,
+        data: &[u8],
+        redelivered: bool,
+    ) -> Result<Envelope, String> {
+        if data.len() > MAX_BODY_BYTES {
+            return Err(format!("body of {} bytes is over the limit of {MAX_BODY_BYTES} bytes", data.len()));
+        }
+        let message_id = short(properties.message_id())
+            .ok_or("message has no message_id; every Baton message carries a UUID message_id")?;
+        let message_id =
+            Uuid::parse_str(&message_id).map_err(|_| format!("message_id `{message_id}` is not a UUID"))?;
+        let kind =
+            short(properties.kind()).ok_or("message has no type property; expected e.g. records.create")?;
+        if let Some(ct) = short(properties.content_type())
+            && ct != "application/json"
+        {
+            return Err(format!("content_type `{ct}` is not application/json"));
+        }
+        let correlation_id = match short(properties.correlation_id()) {
+            Some(c) => Some(Uuid::parse_str(&c).map_err(|_| format!("correlation_id `{c}` is not a UUID"))?),
+            None => None,
+        };
+        let traceparent = header_string(properties, headers::TRACEPARENT)
+            .map(TraceParent)
+            .unwrap_or_else(TraceParent::new_root);
+        let attempt =
+            header_int(properties, headers::ATTEMPT).unwrap_or(1).clamp(1, i64::from(u32::MAX)) as u32;
+        Ok(Envelope {
+            message_id,
+            correlation_id,
+            kind,
+            app_id: short(properties.app_id()),
+            reply_to: short(properties.reply_to()),
+            mode: header_string(properties, headers::MODE),
+            attempt,
+            traceparent,
+            redelivered,
+            body: data.to_vec(),
+        })
+    }
+
+    /// Parse the body as `T`; the error is the dead-letter reason.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| format!("body of a `{}` message is not valid: {e}", self.kind))
+    }
+}
+
+/// Read the dead-letter reason of a message, for `baton dlq` and tests.
+pub fn dead_reason(properties: &BasicProperties) -> Option<String> {
+    header_string(properties, headers::DEAD_REASON)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out() -> Outgoing {
+        Outgoing::new(
+            "baton.commands",
+            "records",
+            "records.create",
+            Uuid::new_v4(),
+            "orchestrator",
+            TraceParent::new_root(),
+            &serde_json::json!({"schema": 1}),
+        )
+        .reply_to("orchestrator.main")
+        .mode("workflow")
+        .attempt(2)
+    }
+
+    #[test]
+    fn properties_round_trip_through_the_checks() {
+        let o = out();
+        let env = Envelope::from_delivery(&o.properties(), o.body.as_bytes(), false).unwrap();
+        assert_eq!(env.message_id, o.message_id);
+        assert_eq!(env.correlation_id, Some(o.correlation_id));
+        assert_eq!(env.kind, "records.create");
+        assert_eq!(env.reply_to.as_deref(), Some("orchestrator.main"));
+        assert_eq!(env.mode.as_deref(), Some("workflow"));
+        assert_eq!(env.attempt, 2);
+        assert_eq!(env.traceparent, o.traceparent);
+        assert_eq!(*o.properties().delivery_mode(), Some(2), "persistent");
+    }
+
+    #[test]
+    fn bad_envelopes_are_named() {
+        let o = out();
+        let no_id = o.properties().with_message_id("".into());
+        assert!(Envelope::from_delivery(&no_id, b"{}", false).unwrap_err().contains("no message_id"));
+        let bad_id = o.properties().with_message_id("abc".into());
+        assert!(Envelope::from_delivery(&bad_id, b"{}", false).unwrap_err().contains("not a UUID"));
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert!(
+            Envelope::from_delivery(&o.properties(), &big, false).unwrap_err().contains("over the limit")
+        );
+        let xml = o.properties().with_content_type("text/xml".into());
+        assert!(Envelope::from_delivery(&xml, b"{}", false).unwrap_err().contains("text/xml"));
+    }
+
+    #[test]
+    fn traceparent_child_keeps_the_trace() {
+        let root = TraceParent::new_root();
+        let child = root.child();
+        assert_eq!(root.trace_id(), child.trace_id());
+        assert_ne!(root, child);
+        assert_eq!(child.0.len(), 55);
+    }
+}

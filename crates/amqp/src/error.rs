@@ -1,0 +1,41 @@
+use thiserror::Error;
+
+/// Errors of the connection and of declarations: the component cannot work without the broker.
+#[derive(Debug, Error)]
+pub enum AmqpError {
+    #[error(
+        "could not reach RabbitMQ at {url} ({cause}); start one with `rabbitmq-server -detached` \
+         (or `scripts/demo.sh`, which starts it for you), or point AMQP_URL at a running broker"
+    )]
+    Unreachable { url: String, cause: String },
+    #[error("AMQP_URL `{url}` is not a valid AMQP URL ({cause}); expected amqp://user:pass@host:5672/vhost")]
+    BadUrl { url: String, cause: String },
+    #[error("RabbitMQ at {url} refused the connection ({cause}); check the user, password and vhost")]
+    Refused { url: String, cause: String },
+    #[error("declaring {what} failed: {source}")]
+    Declare {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("AMQP channel error: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Why a publish did not count as sent. Every variant leaves the message unsent: the caller
+/// keeps it (the outbox row stays) and tries again.
+#[derive(Debug, Error, Clone)]
+pub enum PublishError {
+    #[error("the broker returned the message as unroutable ({0}): no queue is bound for it")]
+    Returned(String),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the channel failed before the broker confirmed: {0}")]
+    Channel(String),
+}
+
+impl From<lapin::Error> for PublishError {
+    fn from(e: lapin::Error) -> Self {
+        PublishError::Channel(e.to_string())
+    }
+}

@@ -1,0 +1,29 @@
+//! AMQP plumbing shared by every Baton component; the only crate that speaks lapin.
+//!
+//! Owns: the connection ([`Broker`], one per component, with lapin's automatic recovery and a
+//! reconnect of our own when recovery gives up), the topology of the design ([`topology`]), the
+//! message envelope ([`Outgoing`] / [`Envelope`], built and checked in one place), publishing with
+//! publisher confirms in a window ([`Publisher`]), consuming with ack-after-commit and
+//! dead-lettering of bad input ([`consume`]), and the outbox relay ([`relay`]), which reads the
+//! outbox through the [`relay::OutboxStore`] trait.
+//!
+//! Must not touch: SQLite, business rules, saga state. Handlers get an [`Envelope`] and answer
+//! with a [`HandleError`] that says what to do with the delivery; this crate does the acking.
+//!
+//! Layout: `broker` (connection owner), `topology` (names and declarations), `envelope`,
+//! `publisher`, `consumer`, `relay`.
+
+mod broker;
+mod consumer;
+mod envelope;
+mod error;
+mod publisher;
+pub mod relay;
+pub mod topology;
+
+pub use broker::{Broker, redact};
+pub use consumer::{ConsumerConfig, HandleError, consume};
+pub use envelope::dead_reason;
+pub use envelope::{Envelope, Outgoing, TraceParent, headers};
+pub use error::{AmqpError, PublishError};
+pub use publisher::{PendingConfirm, Publisher};

@@ -1,0 +1,118 @@
+//! Publishing with publisher confirms: persistent, `mandatory`, and a returned or nacked message
+//! counts as a failure. A caller may publish many messages and then await their confirms (the
+//! window), instead of waiting for each in turn.
+
+use std::sync::Arc;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, PublisherConfirm};
+use tokio::sync::Mutex;
+
+use crate::{Broker, Outgoing, PublishError};
+
+/// A confirm-mode channel of one component. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Broker,
+    chan: Arc<Mutex<Option<Channel>>>,
+}
+
+/// The broker's verdict on one published message, still to come.
+#[must_use = "a publish is not done until its confirm says so"]
+pub struct PendingConfirm(PublisherConfirm);
+
+impl PendingConfirm {
+    /// Wait for the confirm. `Ok` only for an ack of a routed message.
+    pub async fn wait(self) -> Result<(), PublishError> {
+        match self.0.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Returned(format!("{} {}", returned.reply_code, returned.reply_text)))
+            }
+            Confirmation::Nack(None) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => {
+                Err(PublishError::Channel("publisher confirms were not enabled".into()))
+            }
+        }
+    }
+}
+
+impl Publisher {
+    pub fn new(broker: Broker) -> Self {
+        Publisher { broker, chan: Arc::new(Mutex::new(None)) }
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut slot = self.chan.lock().await;
+        if let Some(ch) = slot.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let ch = self.broker.channel().await.map_err(|e| PublishError::Channel(e.to_string()))?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Publish without waiting for the confirm; the returned future carries it.
+    pub async fn publish(&self, msg: &Outgoing) -> Result<PendingConfirm, PublishError> {
+        let ch = self.channel().await?;
+        let sent = ch
+            .basic_publish(
+                msg.exchange.as_str().into(),
+                msg.routing_key.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                msg.body.as_bytes(),
+                msg.properties(),
+            )
+            .await;
+        match sent {
+            Ok(confirm) => Ok(PendingConfirm(confirm)),
+            Err(e) => {
+                // Next publish starts on a fresh channel.
+                self.chan.lock().await.take();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Publish and wait for the broker's confirm.
+    pub async fn publish_confirmed(&self, msg: &Outgoing) -> Result<(), PublishError> {
+        self.publish(msg).await?.wait().await
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+impl Publisher {
+    /// Publish a copy of a delivery to the dead-letter exchange, with the reason in a header,
+    /// and wait for the confirm.
+    pub(crate) async fn dead_letter(
+        &self,
+        queue: &str,
+        properties: &lapin::BasicProperties,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        use lapin::types::{AMQPValue, FieldTable};
+        let mut headers = properties.headers().clone().unwrap_or_else(FieldTable::default);
+        headers.insert(crate::headers::DEAD_REASON.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(crate::headers::DEAD_QUEUE.into(), AMQPValue::LongString(queue.into()));
+        let props = properties.clone().with_headers(headers).with_delivery_mode(2);
+        let dlq = crate::topology::dead_letter_queue(queue);
+        let ch = self.channel().await?;
+        let confirm = ch
+            .basic_publish(
+                crate::topology::DLX.into(),
+                dlq.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                props,
+            )
+            .await?;
+        PendingConfirm(confirm).wait().await
+    }
+}

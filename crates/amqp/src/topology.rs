@@ -1,0 +1,175 @@
+//! The names and the declarations of the design's topology. Every component declares all of it
+//! at start-up (declarations are idempotent), so a publish is routable whichever component
+//! started first.
+
+use baton_protocol::Service;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+use crate::AmqpError;
+
+pub const COMMANDS: &str = "baton.commands";
+pub const REPLIES: &str = "baton.replies";
+pub const EVENTS: &str = "baton.events";
+pub const DLX: &str = "baton.dlx";
+
+/// Deliveries of one message before the quorum queue dead-letters it (a handler that keeps
+/// failing on it, or a consumer that keeps crashing).
+pub const DELIVERY_LIMIT: i64 = 5;
+
+/// Routing key of the orchestrator's command queue on [`COMMANDS`].
+pub const ORCHESTRATOR: &str = "orchestrator";
+
+/// `<service>.commands`
+pub fn command_queue(service: &str) -> String {
+    format!("{service}.commands")
+}
+
+/// `<service>.events`
+pub fn event_queue(service: &str) -> String {
+    format!("{service}.events")
+}
+
+/// The routing key on [`REPLIES`] of one instance of a component: `orchestrator.main`.
+pub fn reply_key(component: &str, instance: &str) -> String {
+    format!("{component}.{instance}")
+}
+
+/// `orchestrator.main.replies`
+pub fn reply_queue(component: &str, instance: &str) -> String {
+    format!("{component}.{instance}.replies")
+}
+
+/// `<queue>.dlq`, both the dead-letter queue's name and its routing key on [`DLX`].
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// A work queue and where it is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub exchange: &'static str,
+    pub keys: Vec<String>,
+}
+
+/// The work queues every deployment has: one command queue per service and the orchestrator's.
+pub fn shared_queues() -> Vec<QueueSpec> {
+    let mut qs: Vec<QueueSpec> = Service::ALL
+        .iter()
+        .map(|s| QueueSpec { name: command_queue(s.name()), exchange: COMMANDS, keys: vec![s.name().into()] })
+        .collect();
+    qs.push(QueueSpec {
+        name: command_queue(ORCHESTRATOR),
+        exchange: COMMANDS,
+        keys: vec![ORCHESTRATOR.into()],
+    });
+    qs
+}
+
+/// The reply queue of one instance of a component.
+pub fn instance_reply_queue(component: &str, instance: &str) -> QueueSpec {
+    QueueSpec {
+        name: reply_queue(component, instance),
+        exchange: REPLIES,
+        keys: vec![reply_key(component, instance)],
+    }
+}
+
+fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+/// Declare the four exchanges.
+pub async fn declare_exchanges(ch: &Channel) -> Result<(), AmqpError> {
+    for (name, kind) in [
+        (COMMANDS, ExchangeKind::Direct),
+        (REPLIES, ExchangeKind::Direct),
+        (EVENTS, ExchangeKind::Topic),
+        (DLX, ExchangeKind::Direct),
+    ] {
+        ch.exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Declare { what: format!("exchange {name}"), source })?;
+    }
+    Ok(())
+}
+
+/// Declare a durable quorum work queue with its dead-letter queue, and bind both.
+pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), AmqpError> {
+    let dlq = dead_letter_queue(&spec.name);
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let err = |what: String| move |source| AmqpError::Declare { what, source };
+    ch.queue_declare(
+        dlq.as_str().into(),
+        durable,
+        table(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]),
+    )
+    .await
+    .map_err(err(format!("queue {dlq}")))?;
+    ch.queue_bind(
+        dlq.as_str().into(),
+        DLX.into(),
+        dlq.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(err(format!("binding of {dlq}")))?;
+    let args = table(&[
+        ("x-queue-type", AMQPValue::LongString("quorum".into())),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", AMQPValue::LongString(DLX.into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString(dlq.as_str().into())),
+    ]);
+    ch.queue_declare(spec.name.as_str().into(), durable, args)
+        .await
+        .map_err(err(format!("queue {}", spec.name)))?;
+    for key in &spec.keys {
+        ch.queue_bind(
+            spec.name.as_str().into(),
+            spec.exchange.into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err(format!("binding of {} to {} with key {key}", spec.name, spec.exchange)))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_read_well() {
+        assert_eq!(command_queue("records"), "records.commands");
+        assert_eq!(reply_queue("orchestrator", "main"), "orchestrator.main.replies");
+        assert_eq!(reply_key("gateway", "main"), "gateway.main");
+        assert_eq!(dead_letter_queue("records.commands"), "records.commands.dlq");
+        let names: Vec<String> = shared_queues().into_iter().map(|q| q.name).collect();
+        assert_eq!(
+            names,
+            [
+                "records.commands",
+                "placement.commands",
+                "entitlements.commands",
+                "routing.commands",
+                "notifier.commands",
+                "orchestrator.commands"
+            ]
+        );
+    }
+}

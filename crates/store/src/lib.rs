@@ -1,0 +1,192 @@
+//! SQLite storage of every component: one database file each, and the inbox, outbox and
+//! tombstone tables that make its message handling exactly-once in effect.
+//!
+//! Owns: opening `<data-dir>/<component>.db` (WAL, migrations by `user_version`), the dedicated
+//! thread that runs every statement off the async workers ([`Db::call`]), the [`inbox`],
+//! [`outbox`] and [`tombstone`] tables, and the relay's view of the outbox
+//! ([`baton_amqp::relay::OutboxStore`]). Must not touch: business tables (each component
+//! migrates its own through [`Db::open`]) or the broker.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub mod inbox;
+pub mod outbox;
+pub mod tombstone;
+
+/// Storage errors, by what the caller does next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed; usually passing (busy, I/O), so the message is retried.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database thread is gone: the component is shutting down or crashed.
+    #[error("the database thread of {0} has stopped")]
+    Closed(String),
+    /// A stored value could not be decoded: a bug or a foreign write, never retried blindly.
+    #[error("stored data in {table} is unreadable: {cause}")]
+    Corrupt { table: &'static str, cause: String },
+    #[error("cannot open the database {path}: {cause}")]
+    Open { path: String, cause: String },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Sqlite(_) | StoreError::Closed(_))
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A component's database. Cheap to clone; all clones feed one thread, which owns the
+/// connection and runs the jobs in order, so a transaction never spans an `.await` and writes
+/// never contend for the lock.
+#[derive(Clone)]
+pub struct Db {
+    tx: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+/// The tables every component has.
+const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
+        message_id TEXT PRIMARY KEY,
+        received_at INTEGER NOT NULL,
+        replies TEXT NOT NULL
+    );
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE outbox_parked (
+        seq INTEGER PRIMARY KEY,
+        message TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        parked_at INTEGER NOT NULL
+    );
+    CREATE TABLE tombstones (
+        saga_id TEXT NOT NULL,
+        step TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (saga_id, step)
+    );"];
+
+/// Milliseconds since the epoch: the time stamps of every table.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // WAL + NORMAL: a committed transaction survives a process crash; a power loss may lose the
+    // last ones (docs/reliability.md).
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
+    let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
+    let tx = conn.transaction()?;
+    let done: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in all.iter().enumerate().skip(done) {
+        tracing::debug!(migration = i + 1, "applying migration");
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", all.len() as i64)?;
+    tx.commit()
+}
+
+impl Db {
+    /// Open (creating it and its folder if needed) and migrate a component's database: the base
+    /// tables, then `migrations` of the component, each applied once, in order.
+    pub fn open(path: &Path, migrations: &'static [&'static str]) -> Result<Db, StoreError> {
+        let err = |cause: String| StoreError::Open { path: path.display().to_string(), cause };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        configure(&conn).map_err(|e| err(e.to_string()))?;
+        migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
+        std::thread::Builder::new()
+            .name(format!("db-{name}"))
+            .spawn(move || {
+                // Runs until every `Db` clone is dropped.
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Db { tx, path: path.to_owned() })
+    }
+
+    /// Run `f` on the database thread and return its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = done.send(f(conn));
+        });
+        let closed = || StoreError::Closed(self.path.display().to_string());
+        self.tx.send(job).map_err(|_| closed())?;
+        wait.await.map_err(|_| closed())?
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Open a component's database read-only, for audits, reports and queries from other processes.
+/// WAL lets these read while the owner writes.
+pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), cause: e.to_string() })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
+
+    #[tokio::test]
+    async fn opens_migrates_once_and_runs_jobs_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/records.db");
+        let db = Db::open(&path, EXTRA).unwrap();
+        db.call(|c| Ok(c.execute("INSERT INTO things (name) VALUES ('a')", [])?)).await.unwrap();
+        let thread = db.call(|_| Ok(std::thread::current().name().map(String::from))).await.unwrap();
+        assert_eq!(thread.as_deref(), Some("db-records"));
+        drop(db);
+        // Reopening applies nothing twice and keeps the data.
+        let db = Db::open(&path, EXTRA).unwrap();
+        let (n, version): (i64, i64) = db
+            .call(|c| {
+                let n = c.query_row("SELECT COUNT(*) FROM things", [], |r| r.get(0))?;
+                let v = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                Ok((n, v))
+            })
+            .await
+            .unwrap();
+        assert_eq!((n, version), (1, 2));
+        let mode: String =
+            db.call(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?)).await.unwrap();
+        assert_eq!(mode, "wal");
+        let ro = open_read_only(&path).unwrap();
+        assert!(ro.execute("INSERT INTO things (name) VALUES ('b')", []).is_err(), "read-only");
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run every test of Baton against a real local RabbitMQ.
+#
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -E 'test(saga)' # extra arguments go to the test runner (nextest or cargo test)
+#
+# It makes sure RabbitMQ is running with its management plugin (installing or starting it when
+# it can), builds every target of the workspace, then runs the whole suite. Each integration test
+# creates its own vhost through the management API and its own temporary data dir, so the tests
+# run in parallel and leave nothing behind.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+say "step 1/4: checking the Rust toolchain"
+ensure_rust
+
+say "step 2/4: checking the local RabbitMQ"
+ensure_rabbitmq
+
+# Where the tests find the broker; a test appends its own vhost to the AMQP URL.
+export BATON_TEST_AMQP_URL="${BATON_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"
+export BATON_TEST_MGMT_URL="${BATON_TEST_MGMT_URL:-$BATON_MGMT_URL}"
+say "tests use the broker at $BATON_TEST_AMQP_URL (management API $BATON_TEST_MGMT_URL, login guest/guest)"
+
+say "step 3/4: building the workspace (cargo build --workspace --all-targets)"
+cargo build --workspace --all-targets
+
+if cargo nextest --version >/dev/null 2>&1; then
+    # nextest does not run doc tests: run them first, so the suite's summary is the last thing printed.
+    say "step 4/4: running the tests (doc tests with cargo test, then cargo nextest run)"
+    cargo test --workspace --doc
+    cargo nextest run --workspace --no-fail-fast "$@"
+else
+    say "step 4/4: running the tests (cargo test; install cargo-nextest for a faster, clearer run)"
+    cargo test --workspace --no-fail-fast "$@"
+fi
