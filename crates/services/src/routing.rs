@@ -1,0 +1,114 @@
+//! routing (D): publishes the route `key -> shard`. Refuses a reserved or taken key (409).
+
+use baton_protocol::{Context, Service};
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::{Ids, Step, StepResult, need};
+
+pub struct Routing {
+    pub reserved: Vec<String>,
+}
+
+impl Step for Routing {
+    fn service(&self) -> Service {
+        Service::Routing
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        &["CREATE TABLE reserved (key TEXT PRIMARY KEY);
+        CREATE TABLE routes (
+            key TEXT PRIMARY KEY,
+            shard TEXT NOT NULL,
+            space_id TEXT NOT NULL UNIQUE,
+            saga_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );"]
+    }
+
+    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        tx.execute("DELETE FROM reserved", [])?;
+        for key in &self.reserved {
+            tx.execute("INSERT OR IGNORE INTO reserved (key) VALUES (?1)", [key])?;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+        let routed = |key: &str, shard: &str| {
+            StepResult::Done(Context { route: Some(format!("{key} -> {shard}")), ..Default::default() })
+        };
+        let mine: Option<(String, String)> = tx
+            .query_row("SELECT key, shard FROM routes WHERE space_id = ?1", [ids.space_id.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((key, shard)) = mine {
+            return Ok(routed(&key, &shard));
+        }
+        let (key, shard) =
+            match (need(&ctx.key, "key", Service::Routing), need(&ctx.shard, "shard", Service::Routing)) {
+                (Ok(k), Ok(s)) => (k, s),
+                (Err(e), _) | (_, Err(e)) => return Ok(e),
+            };
+        let reserved: bool =
+            tx.query_row("SELECT EXISTS (SELECT 1 FROM reserved WHERE key = ?1)", [key], |r| r.get(0))?;
+        if reserved {
+            return Ok(StepResult::Refused {
+                status: 409,
+                reason: format!("the route key `{key}` is reserved"),
+            });
+        }
+        let taken: bool =
+            tx.query_row("SELECT EXISTS (SELECT 1 FROM routes WHERE key = ?1)", [key], |r| r.get(0))?;
+        if taken {
+            return Ok(StepResult::Refused {
+                status: 409,
+                reason: format!("the route key `{key}` is taken"),
+            });
+        }
+        tx.execute(
+            "INSERT INTO routes (key, shard, space_id, saga_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key, shard, ids.space_id.to_string(), ids.saga_id.to_string(), baton_store::now_ms()],
+        )?;
+        Ok(routed(key, shard))
+    }
+
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>> {
+        Some(tx.execute("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()]).map(drop))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[tokio::test]
+    async fn reserved_and_taken_keys_are_refused() {
+        let r = Routing { reserved: vec!["admin".into()] };
+        let (_d, db) = db(&r).await;
+        db.call(move |c| {
+            let tx = c.transaction()?;
+            r.configure(&tx)?;
+            let with =
+                |key: &str| Context { key: Some(key.into()), shard: Some("s1".into()), ..ctx(key, "o") };
+            assert!(matches!(r.apply(&tx, ids(1), &with("admin"))?, StepResult::Refused { status: 409, .. }));
+            let done = r.apply(&tx, ids(2), &with("acme"))?;
+            assert_eq!(
+                done,
+                StepResult::Done(Context { route: Some("acme -> s1".into()), ..Default::default() })
+            );
+            assert_eq!(r.apply(&tx, ids(2), &with("acme"))?, done, "idempotent");
+            assert!(matches!(r.apply(&tx, ids(3), &with("acme"))?, StepResult::Refused { status: 409, .. }));
+            assert!(matches!(
+                r.apply(&tx, ids(4), &ctx("nokey", "o"))?,
+                StepResult::Refused { status: 422, .. }
+            ));
+            r.undo(&tx, ids(2)).unwrap()?;
+            assert!(matches!(r.apply(&tx, ids(3), &with("acme"))?, StepResult::Done(_)));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+}
