@@ -1,1 +1,22 @@
+//! The saga runtime: carries out the decisions of `baton-workflow`'s state machine durably.
+//!
+//! Owns: `orchestrator.db` (saga instances with their state, the history of each saga, inbox
+//! and outbox), the handlers of `orchestrator.commands` (start a saga) and of this instance's
+//! reply queue (advance a saga), the timer that fires timeouts and retries, and the read model
+//! behind `GET /workflows/{id}` and `baton workflows` ([`query`]). Every transition is one
+//! transaction: new state, history rows and outgoing commands commit together, then the delivery
+//! is acked and the relay publishes. After a restart nothing special happens: the state, the
+//! timers (`wake_at`) and the unsent messages are all in the database.
+//!
+//! Must not touch: the rules of a transition (that is `baton-workflow`), lapin, the services'
+//! databases.
 
+pub mod query;
+mod runtime;
+mod schema;
+
+pub use runtime::{Options, run};
+pub use schema::MIGRATIONS;
+
+/// The component name: `orchestrator.db`, `app_id`, the command queue's routing key.
+pub const COMPONENT: &str = "orchestrator";

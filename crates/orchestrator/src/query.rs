@@ -1,0 +1,154 @@
+//! The read model of sagas: what `GET /workflows/{id}` and `baton workflows` show. Reads
+//! `orchestrator.db` through any connection (read-only ones included).
+
+use baton_workflow::Saga;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use uuid::Uuid;
+
+use baton_store::StoreError;
+
+/// One line of a saga's timeline.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub at_ms: i64,
+    pub step: Option<String>,
+    pub action: Option<String>,
+    pub attempt: u32,
+    pub event: String,
+    pub detail: Option<String>,
+}
+
+/// A step as it stands now.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StepView {
+    pub step: String,
+    pub group: usize,
+    pub phase: String,
+    pub attempts: u32,
+    pub compensation_attempts: u32,
+}
+
+/// One saga: where it stands and how it got there.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowView {
+    pub id: Uuid,
+    pub space_id: Uuid,
+    pub workflow: String,
+    pub status: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub answer_status: Option<u16>,
+    pub failure: Option<baton_workflow::Failure>,
+    pub context: baton_protocol::Context,
+    pub steps: Vec<StepView>,
+    pub history: Vec<HistoryRow>,
+}
+
+/// A line of `baton workflows list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowSummary {
+    pub id: Uuid,
+    pub space_id: Uuid,
+    pub workflow: String,
+    pub status: String,
+    pub answer_status: Option<u16>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+fn corrupt(e: impl ToString) -> StoreError {
+    StoreError::Corrupt { table: "sagas", cause: e.to_string() }
+}
+
+/// The saga `id`, if this database has it.
+pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
+    let row: Option<(String, i64, i64, Option<i64>)> = conn
+        .query_row(
+            "SELECT state, created_at, updated_at, answer_status FROM sagas WHERE saga_id = ?1",
+            [id.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((state, created, updated, answer)) = row else { return Ok(None) };
+    let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT at, step, action, attempt, event, detail FROM history WHERE saga_id = ?1 ORDER BY id",
+    )?;
+    let history = stmt
+        .query_map([id.to_string()], |r| {
+            Ok(HistoryRow {
+                at_ms: r.get(0)?,
+                step: r.get(1)?,
+                action: r.get(2)?,
+                attempt: r.get(3)?,
+                event: r.get(4)?,
+                detail: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let steps = saga
+        .actions
+        .iter()
+        .map(|a| StepView {
+            step: a.service.name().into(),
+            group: a.step,
+            phase: serde_json::to_value(a.phase).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            attempts: a.attempt,
+            compensation_attempts: a.undo_attempt,
+        })
+        .collect();
+    Ok(Some(WorkflowView {
+        id: saga.id,
+        space_id: saga.space_id,
+        workflow: saga.workflow.clone(),
+        status: saga.status.as_str().into(),
+        created_at_ms: created,
+        updated_at_ms: updated,
+        answer_status: answer.map(|a| a as u16),
+        failure: saga.failure.clone(),
+        context: saga.context.clone(),
+        steps,
+        history,
+    }))
+}
+
+/// The latest sagas, optionally of one status (`running`, `compensation_failed`, ...).
+pub fn list(conn: &Connection, status: Option<&str>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
+         WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at DESC, saga_id LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![status, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(id, space, workflow, status, answer, created, updated)| {
+            Ok(WorkflowSummary {
+                id: Uuid::parse_str(&id).map_err(corrupt)?,
+                space_id: Uuid::parse_str(&space).map_err(corrupt)?,
+                workflow,
+                status,
+                answer_status: answer.map(|a| a as u16),
+                created_at_ms: created,
+                updated_at_ms: updated,
+            })
+        })
+        .collect()
+}
+
+/// Sagas by status, for quiescence checks and summaries.
+pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status")?;
+    Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
+}

@@ -1,0 +1,443 @@
+//! Handlers, timer and start-up of the orchestrator.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton_amqp::relay::{self, Wake};
+use baton_amqp::topology::{self, COMMANDS, REPLIES};
+use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_protocol::{
+    Action, Context, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga, StepCommand, StepError, StepReply,
+};
+use baton_store::{Db, StoreError, inbox, now_ms, outbox};
+use baton_workflow::{Effect, Reply, Saga, Workflow};
+use rusqlite::{OptionalExtension, Transaction, params};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::{COMPONENT, MIGRATIONS};
+
+/// How an orchestrator instance runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub amqp_url: String,
+    pub data_dir: PathBuf,
+    /// This instance's name: its reply queue is `orchestrator.<instance>.replies`. Keep it
+    /// stable across restarts, so that the instance finds the replies of the sagas it owns.
+    pub instance: String,
+    pub prefetch: u16,
+    /// The workflows this instance runs, by name (the bundled ones by default).
+    pub workflows: Vec<Workflow>,
+}
+
+/// Run the orchestrator until `cancel`.
+pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    let db = Db::open(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS)?;
+    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
+    broker.declare_topology(std::slice::from_ref(&replies)).await?;
+    let publisher = Publisher::new(broker.clone());
+    let core = Arc::new(Core {
+        db: db.clone(),
+        wake: Wake::default(),
+        timer: Timer::default(),
+        reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        workflows: opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect(),
+    });
+    let in_flight = core.resume().await?;
+    tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()));
+    tracker.spawn(Arc::clone(&core).timer_loop(cancel.clone()));
+    let c = Arc::clone(&core);
+    tracker.spawn(consume(
+        broker.clone(),
+        publisher.clone(),
+        ConsumerConfig { queue: topology::command_queue(COMPONENT), prefetch: opts.prefetch },
+        move |env| Arc::clone(&c).on_start(env),
+        cancel.clone(),
+    ));
+    let c = Arc::clone(&core);
+    tracker.spawn(consume(
+        broker.clone(),
+        publisher,
+        ConsumerConfig { queue: replies.name.clone(), prefetch: opts.prefetch },
+        move |env| Arc::clone(&c).on_reply(env),
+        cancel.clone(),
+    ));
+    tracker.close();
+    tracker.wait().await;
+    broker.close().await;
+    tracing::info!("orchestrator stopped");
+    Ok(())
+}
+
+/// The earliest `wake_at` the timer knows of; transitions lower it and wake the timer.
+#[derive(Default)]
+struct Timer {
+    next: AtomicU64,
+    notify: Notify,
+}
+
+impl Timer {
+    /// Make sure the timer wakes by `at` (0 in `next` means "nothing scheduled").
+    fn schedule(&self, at: Option<u64>) {
+        let Some(at) = at else { return };
+        let mut cur = self.next.load(Ordering::Acquire);
+        loop {
+            if cur != 0 && cur <= at {
+                return;
+            }
+            match self.next.compare_exchange_weak(cur, at, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    self.notify.notify_one();
+                    return;
+                }
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+}
+
+struct Core {
+    db: Db,
+    wake: Wake,
+    timer: Timer,
+    reply_key: String,
+    workflows: HashMap<String, Workflow>,
+}
+
+/// What a saga row carries besides its state.
+struct Meta {
+    reply_to: Option<String>,
+    trace: TraceParent,
+}
+
+fn store_error(e: StoreError) -> HandleError {
+    if e.is_transient() { HandleError::Retry(e.to_string()) } else { HandleError::Reject(e.to_string()) }
+}
+
+fn corrupt(cause: impl ToString) -> StoreError {
+    StoreError::Corrupt { table: "sagas", cause: cause.to_string() }
+}
+
+impl Core {
+    /// Count the sagas in flight and arm the timer for them.
+    async fn resume(&self) -> Result<i64, StoreError> {
+        let (n, next): (i64, Option<i64>) = self
+            .db
+            .call(|c| {
+                Ok(c.query_row(
+                    "SELECT (SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')),
+                            (SELECT MIN(wake_at) FROM sagas)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
+            })
+            .await?;
+        self.timer.schedule(next.map(|n| n as u64));
+        Ok(n)
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
+    async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        if env.kind != START {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on orchestrator.commands; it takes {START}",
+                env.kind
+            )));
+        }
+        let start: StartSaga = env.json().map_err(HandleError::Reject)?;
+        if start.schema != SCHEMA {
+            return Err(HandleError::Reject(format!("schema {} is not supported; expected {SCHEMA}", start.schema)));
+        }
+        tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
+        let wf = self.workflows.get(&start.workflow).cloned();
+        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
+        let reply_key = self.reply_key.clone();
+        let wake_at = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if inbox::seen(&tx, env.message_id)?.is_some() || saga_exists(&tx, start.saga_id)? {
+                    return Ok(None);
+                }
+                inbox::record(&tx, env.message_id, &[])?;
+                let now = now_ms() as u64;
+                let Some(wf) = wf else {
+                    // Nothing started, nothing to undo: answer at once.
+                    let outcome = SagaOutcome {
+                        schema: SCHEMA,
+                        saga_id: start.saga_id,
+                        space_id: start.space_id,
+                        status: 422,
+                        space: None,
+                        error: Some(StepError {
+                            error: format!("no workflow is named `{}`", start.workflow),
+                            step: None,
+                            status: 422,
+                            workflow_id: start.saga_id,
+                        }),
+                    };
+                    if let Some(to) = &meta.reply_to {
+                        outbox::push(&tx, &answer_message(to, &outcome, &meta.trace))?;
+                    }
+                    tx.commit()?;
+                    return Ok(None);
+                };
+                let (saga, effects) = Saga::start(&wf, start.saga_id, start.space_id, start.input, now);
+                tx.execute(
+                    "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6)",
+                    params![
+                        saga.id.to_string(),
+                        saga.space_id.to_string(),
+                        wf.name,
+                        meta.reply_to,
+                        meta.trace.0,
+                        now as i64
+                    ],
+                )?;
+                let wake = apply(&tx, &saga, effects, &meta, &reply_key, now)?;
+                tx.commit()?;
+                Ok(wake)
+            })
+            .await
+            .map_err(store_error)?;
+        self.timer.schedule(wake_at);
+        self.wake.wake();
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id))]
+    async fn on_reply(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let reply: StepReply = env.json().map_err(HandleError::Reject)?;
+        let expected = match reply.action {
+            Action::Do => Some(reply.step.do_type()),
+            Action::Undo => reply.step.undo_type(),
+        }
+        .map(baton_protocol::reply_type);
+        if expected.as_deref() != Some(env.kind.as_str()) {
+            return Err(HandleError::Reject(format!(
+                "message type `{}` does not match its body (a {} {} reply)",
+                env.kind,
+                reply.step,
+                reply.action.as_str()
+            )));
+        }
+        tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
+        tracing::Span::current().record("step", reply.step.name());
+        let core = Arc::clone(&self);
+        let wake_at = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if inbox::seen(&tx, env.message_id)?.is_some() {
+                    return Ok(Ok(None));
+                }
+                inbox::record(&tx, env.message_id, &[])?;
+                let Some((mut saga, meta)) = load(&tx, reply.saga_id)? else {
+                    return Ok(Err(format!("reply for saga {} which this orchestrator does not know", reply.saga_id)));
+                };
+                let Some(wf) = core.workflows.get(&saga.workflow) else {
+                    return Ok(Err(format!("saga {} runs workflow `{}`, which is not loaded", saga.id, saga.workflow)));
+                };
+                let now = now_ms() as u64;
+                let effects = saga.on_reply(
+                    wf,
+                    Reply {
+                        service: reply.step,
+                        action: reply.action,
+                        attempt: reply.attempt,
+                        outcome: reply.outcome,
+                        status: reply.status,
+                        reason: reply.reason,
+                        data: reply.data,
+                    },
+                    now,
+                );
+                let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
+                tx.commit()?;
+                Ok(Ok(wake))
+            })
+            .await
+            .map_err(store_error)?
+            .map_err(HandleError::Reject)?;
+        self.timer.schedule(wake_at);
+        self.wake.wake();
+        Ok(())
+    }
+
+    /// Fire due timeouts and retries, all due sagas in one transaction per round.
+    async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let next = self.timer.next.load(Ordering::Acquire);
+            let now = now_ms() as u64;
+            let sleep = if next == 0 { Duration::from_secs(1) } else { Duration::from_millis(next.saturating_sub(now)) };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.timer.notify.notified() => continue,
+                _ = tokio::time::sleep(sleep.min(Duration::from_secs(1))) => {}
+            }
+            if next == 0 || next > now_ms() as u64 {
+                continue;
+            }
+            // Forget the fired deadline; the round below computes the next one.
+            self.timer.next.store(0, Ordering::Release);
+            let core = Arc::clone(&self);
+            let round = self.db.call(move |c| core.fire_due(c)).await;
+            match round {
+                Ok(next) => {
+                    self.timer.schedule(next);
+                    self.wake.wake();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "timer round failed; retrying");
+                    self.timer.schedule(Some(now_ms() as u64 + 500));
+                }
+            }
+        }
+    }
+
+    fn fire_due(&self, c: &mut rusqlite::Connection) -> Result<Option<u64>, StoreError> {
+        let now = now_ms() as u64;
+        let tx = c.transaction()?;
+        let due: Vec<String> = {
+            let mut stmt = tx.prepare_cached("SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000")?;
+            stmt.query_map([now as i64], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        for id in due {
+            let id = Uuid::parse_str(&id).map_err(corrupt)?;
+            let Some((mut saga, meta)) = load(&tx, id)? else { continue };
+            let Some(wf) = self.workflows.get(&saga.workflow) else {
+                tracing::error!(saga_id = %id, workflow = %saga.workflow, "workflow not loaded; saga left as it is");
+                tx.execute("UPDATE sagas SET wake_at = NULL WHERE saga_id = ?1", [id.to_string()])?;
+                continue;
+            };
+            let effects = saga.on_tick(wf, now);
+            apply(&tx, &saga, effects, &meta, &self.reply_key, now)?;
+        }
+        let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok(next.map(|n| n as u64))
+    }
+}
+
+fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
+    Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| r.get(0))?)
+}
+
+fn load(tx: &Transaction<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
+    let row: Option<(String, Option<String>, String)> = tx
+        .query_row("SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1", [id.to_string()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    row.map(|(state, reply_to, trace)| {
+        let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
+        Ok((saga, Meta { reply_to, trace: TraceParent(trace) }))
+    })
+    .transpose()
+}
+
+/// Carry out a transition's effects and store the new state, in the caller's transaction.
+/// Returns the saga's next wake-up.
+fn apply(
+    tx: &Transaction<'_>,
+    saga: &Saga,
+    effects: Vec<Effect>,
+    meta: &Meta,
+    reply_key: &str,
+    now: u64,
+) -> Result<Option<u64>, StoreError> {
+    let mut answer_status = None;
+    for effect in effects {
+        match effect {
+            Effect::Send { service, action, attempt, context } => {
+                let kind = match action {
+                    Action::Do => service.do_type(),
+                    Action::Undo => service.undo_type().expect("the state machine only undoes compensable steps"),
+                };
+                let body = StepCommand {
+                    schema: SCHEMA,
+                    saga_id: saga.id,
+                    space_id: saga.space_id,
+                    step: service,
+                    action,
+                    attempt,
+                    context,
+                };
+                let msg = Outgoing::new(COMMANDS, service.name(), kind, saga.id, COMPONENT, meta.trace.child(), &body)
+                    .reply_to(reply_key)
+                    .mode("workflow")
+                    .attempt(attempt);
+                outbox::push(tx, &msg)?;
+            }
+            Effect::Answer { status, context, failure } => {
+                answer_status = Some(status);
+                let outcome = SagaOutcome {
+                    schema: SCHEMA,
+                    saga_id: saga.id,
+                    space_id: saga.space_id,
+                    status,
+                    space: (status == 200).then(|| space(saga, &context)),
+                    error: failure.map(|f| StepError {
+                        error: f.reason,
+                        step: Some(f.service),
+                        status: f.status,
+                        workflow_id: saga.id,
+                    }),
+                };
+                if let Some(to) = &meta.reply_to {
+                    outbox::push(tx, &answer_message(to, &outcome, &meta.trace))?;
+                }
+            }
+            Effect::History { service, action, attempt, event, detail } => {
+                tx.prepare_cached(
+                    "INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    saga.id.to_string(),
+                    now as i64,
+                    service.map(Service::name),
+                    action.map(Action::as_str),
+                    attempt,
+                    event.as_str(),
+                    detail
+                ])?;
+            }
+        }
+    }
+    let state = serde_json::to_string(saga).expect("saga state serialises");
+    let wake = saga.wake_at();
+    tx.prepare_cached(
+        "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
+                          answer_status = COALESCE(?6, answer_status)
+         WHERE saga_id = ?1",
+    )?
+    .execute(params![saga.id.to_string(), state, saga.status.as_str(), wake.map(|w| w as i64), now as i64, answer_status])?;
+    Ok(wake)
+}
+
+fn space(saga: &Saga, ctx: &Context) -> Space {
+    Space {
+        id: saga.space_id,
+        key: ctx.key.clone().unwrap_or_default(),
+        name: ctx.name.clone(),
+        owner: ctx.owner.clone(),
+        shard: ctx.shard.clone().unwrap_or_default(),
+        licence: ctx.licence.clone().unwrap_or_default(),
+        route: ctx.route.clone().unwrap_or_default(),
+        workflow_id: saga.id,
+    }
+}
+
+fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
+    Outgoing::new(REPLIES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome).mode("workflow")
+}

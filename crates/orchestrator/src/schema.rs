@@ -1,0 +1,28 @@
+/// The orchestrator's tables, after the common inbox/outbox/tombstones.
+pub const MIGRATIONS: &[&str] = &["CREATE TABLE sagas (
+        saga_id TEXT PRIMARY KEY,
+        space_id TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        status TEXT NOT NULL,
+        state TEXT NOT NULL,
+        wake_at INTEGER,
+        reply_to TEXT,
+        traceparent TEXT NOT NULL,
+        answer_status INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX sagas_by_wake ON sagas (wake_at) WHERE wake_at IS NOT NULL;
+    CREATE INDEX sagas_by_status ON sagas (status);
+    CREATE INDEX sagas_by_space ON sagas (space_id);
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        saga_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        step TEXT,
+        action TEXT,
+        attempt INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX history_by_saga ON history (saga_id, id);"];
