@@ -1,1 +1,32 @@
+//! The HTTP gateway: the only door for clients.
+//!
+//! Owns: the HTTP API (`POST /spaces`, `GET /spaces/{id}`, `GET /workflows/{id}`, `GET /health`),
+//! input validation, `gateway.db` (every request, what its client was told, and what eventually
+//! happened: the audit compares the two), and this instance's reply queue, where outcomes
+//! arrive. Must not touch: saga state (it hands requests to the orchestrator and reads the
+//! orchestrator's database read-only for `GET /workflows/{id}`) or any service's database.
 
+mod api;
+mod input;
+mod runtime;
+
+pub use input::{CreateSpace, validate};
+pub use runtime::{Options, run, serve};
+
+/// The component name: `gateway.db`, `app_id`, the reply queue `gateway.<instance>.replies`.
+pub const COMPONENT: &str = "gateway";
+
+/// The gateway's tables, after the common ones.
+pub const MIGRATIONS: &[&str] = &["CREATE TABLE requests (
+        space_id TEXT PRIMARY KEY,
+        saga_id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        requested_at INTEGER NOT NULL,
+        told_status INTEGER,
+        told_at INTEGER,
+        outcome_status INTEGER,
+        outcome TEXT,
+        outcome_at INTEGER
+    );"];

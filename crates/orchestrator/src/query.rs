@@ -93,7 +93,10 @@ pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, Sto
         .map(|a| StepView {
             step: a.service.name().into(),
             group: a.step,
-            phase: serde_json::to_value(a.phase).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            phase: serde_json::to_value(a.phase)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             attempts: a.attempt,
             compensation_attempts: a.undo_attempt,
         })
@@ -114,7 +117,11 @@ pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, Sto
 }
 
 /// The latest sagas, optionally of one status (`running`, `compensation_failed`, ...).
-pub fn list(conn: &Connection, status: Option<&str>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+pub fn list(
+    conn: &Connection,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<WorkflowSummary>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
          WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at DESC, saga_id LIMIT ?2",
@@ -149,6 +156,7 @@ pub fn list(conn: &Connection, status: Option<&str>, limit: usize) -> Result<Vec
 
 /// Sagas by status, for quiescence checks and summaries.
 pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status")?;
     Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
 }

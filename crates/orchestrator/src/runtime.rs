@@ -10,7 +10,8 @@ use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, COMMANDS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_protocol::{
-    Action, Context, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga, StepCommand, StepError, StepReply,
+    Action, Context, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga, StepCommand,
+    StepError, StepReply,
 };
 use baton_store::{Db, StoreError, inbox, now_ms, outbox};
 use baton_workflow::{Effect, Reply, Saga, Workflow};
@@ -155,7 +156,10 @@ impl Core {
         }
         let start: StartSaga = env.json().map_err(HandleError::Reject)?;
         if start.schema != SCHEMA {
-            return Err(HandleError::Reject(format!("schema {} is not supported; expected {SCHEMA}", start.schema)));
+            return Err(HandleError::Reject(format!(
+                "schema {} is not supported; expected {SCHEMA}",
+                start.schema
+            )));
         }
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
@@ -243,10 +247,16 @@ impl Core {
                 }
                 inbox::record(&tx, env.message_id, &[])?;
                 let Some((mut saga, meta)) = load(&tx, reply.saga_id)? else {
-                    return Ok(Err(format!("reply for saga {} which this orchestrator does not know", reply.saga_id)));
+                    return Ok(Err(format!(
+                        "reply for saga {} which this orchestrator does not know",
+                        reply.saga_id
+                    )));
                 };
                 let Some(wf) = core.workflows.get(&saga.workflow) else {
-                    return Ok(Err(format!("saga {} runs workflow `{}`, which is not loaded", saga.id, saga.workflow)));
+                    return Ok(Err(format!(
+                        "saga {} runs workflow `{}`, which is not loaded",
+                        saga.id, saga.workflow
+                    )));
                 };
                 let now = now_ms() as u64;
                 let effects = saga.on_reply(
@@ -279,7 +289,11 @@ impl Core {
         loop {
             let next = self.timer.next.load(Ordering::Acquire);
             let now = now_ms() as u64;
-            let sleep = if next == 0 { Duration::from_secs(1) } else { Duration::from_millis(next.saturating_sub(now)) };
+            let sleep = if next == 0 {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(next.saturating_sub(now))
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.timer.notify.notified() => continue,
@@ -309,7 +323,9 @@ impl Core {
         let now = now_ms() as u64;
         let tx = c.transaction()?;
         let due: Vec<String> = {
-            let mut stmt = tx.prepare_cached("SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000")?;
+            let mut stmt = tx.prepare_cached(
+                "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
+            )?;
             stmt.query_map([now as i64], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
         for id in due {
@@ -330,14 +346,18 @@ impl Core {
 }
 
 fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
-    Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| r.get(0))?)
+    Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| {
+        r.get(0)
+    })?)
 }
 
 fn load(tx: &Transaction<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
     let row: Option<(String, Option<String>, String)> = tx
-        .query_row("SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1", [id.to_string()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1",
+            [id.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()?;
     row.map(|(state, reply_to, trace)| {
         let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
@@ -362,7 +382,9 @@ fn apply(
             Effect::Send { service, action, attempt, context } => {
                 let kind = match action {
                     Action::Do => service.do_type(),
-                    Action::Undo => service.undo_type().expect("the state machine only undoes compensable steps"),
+                    Action::Undo => {
+                        service.undo_type().expect("the state machine only undoes compensable steps")
+                    }
                 };
                 let body = StepCommand {
                     schema: SCHEMA,
@@ -373,10 +395,18 @@ fn apply(
                     attempt,
                     context,
                 };
-                let msg = Outgoing::new(COMMANDS, service.name(), kind, saga.id, COMPONENT, meta.trace.child(), &body)
-                    .reply_to(reply_key)
-                    .mode("workflow")
-                    .attempt(attempt);
+                let msg = Outgoing::new(
+                    COMMANDS,
+                    service.name(),
+                    kind,
+                    saga.id,
+                    COMPONENT,
+                    meta.trace.child(),
+                    &body,
+                )
+                .reply_to(reply_key)
+                .mode("workflow")
+                .attempt(attempt);
                 outbox::push(tx, &msg)?;
             }
             Effect::Answer { status, context, failure } => {
@@ -421,7 +451,14 @@ fn apply(
                           answer_status = COALESCE(?6, answer_status)
          WHERE saga_id = ?1",
     )?
-    .execute(params![saga.id.to_string(), state, saga.status.as_str(), wake.map(|w| w as i64), now as i64, answer_status])?;
+    .execute(params![
+        saga.id.to_string(),
+        state,
+        saga.status.as_str(),
+        wake.map(|w| w as i64),
+        now as i64,
+        answer_status
+    ])?;
     Ok(wake)
 }
 
@@ -439,5 +476,6 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
 }
 
 fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
-    Outgoing::new(REPLIES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome).mode("workflow")
+    Outgoing::new(REPLIES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
+        .mode("workflow")
 }

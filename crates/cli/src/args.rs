@@ -1,0 +1,205 @@
+//! The command line: a clap `Subcommand` enum whose doc comments are the help text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Baton: one business flow over RabbitMQ, coordinated by events or by a saga orchestrator.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter when RUST_LOG is not set (logs go to stderr).
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every component in this process, each with its own connection, until Ctrl-C.
+    Up(UpArgs),
+    /// Run one component as its own process; start several to share a queue's work.
+    Run {
+        #[arg(value_enum)]
+        component: Component,
+        #[command(flatten)]
+        args: UpArgs,
+    },
+    /// Create one space through the gateway and print the outcome as JSON.
+    CreateSpace {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        owner: String,
+        /// The gateway's base URL.
+        #[arg(long, env = "BATON_GATEWAY", default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+    },
+    /// Check the cross-service invariant over a data dir: exit 1 and one line per violation.
+    Audit {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look at sagas: the list, or the timeline of one.
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowsCommand {
+    /// The latest sagas, newest first.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        /// Only sagas in this state: running, compensating, succeeded, completed, rolled_back,
+        /// compensation_failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One saga: its steps and its timeline.
+    Show {
+        /// The workflow id (as in `workflow_id` of a response).
+        id: uuid::Uuid,
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DataDir {
+    /// Where the components keep their databases (<data-dir>/<component>.db).
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+/// How the components coordinate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// An orchestrator runs each request as a saga (commands, replies, compensations).
+    Workflow,
+    /// Choreography: each service reacts to the previous one's event.
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Component {
+    Records,
+    Placement,
+    Entitlements,
+    Routing,
+    Notifier,
+    Orchestrator,
+    Gateway,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration; write e.g. 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}` has an unknown unit `{unit}`; use ms, s or m")),
+    }
+}
+
+fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(o, p)| (o.trim().to_owned(), p.trim().to_owned()))
+        .filter(|(o, p)| !o.is_empty() && !p.is_empty())
+        .ok_or_else(|| format!("`{s}` is not of the form owner=plan (e.g. alice=team)"))
+}
+
+/// Flags of `up` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Coordination mode.
+    #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
+    pub mode: Mode,
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    #[command(flatten)]
+    pub data: DataDir,
+    /// Address of the HTTP gateway.
+    #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Instance name of the orchestrator and the gateway (their reply queues are named after
+    /// it); keep it stable across restarts.
+    #[arg(long, env = "BATON_INSTANCE", default_value = "main")]
+    pub instance: String,
+    /// The workflow each request runs: create-space, or create-space-parallel.
+    #[arg(long, env = "BATON_WORKFLOW", default_value = "create-space")]
+    pub workflow: String,
+    /// Extra workflow definition files (JSON) for the orchestrator, validated at start.
+    #[arg(long = "workflow-file", value_name = "FILE")]
+    pub workflow_files: Vec<PathBuf>,
+    /// How long a client waits for an outcome before a 504.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Unacked deliveries each consumer holds.
+    #[arg(long, default_value_t = 64)]
+    pub prefetch: u16,
+    /// Shards and their capacities (placement).
+    #[arg(long, env = "BATON_SHARDS", value_name = "NAME:CAPACITY,...")]
+    pub shards: Option<String>,
+    /// Plans and their quotas (entitlements).
+    #[arg(long, env = "BATON_PLANS", value_name = "NAME:QUOTA,...")]
+    pub plans: Option<String>,
+    /// Owners on another plan than free (entitlements), e.g. --owner-plan alice=team.
+    #[arg(long = "owner-plan", value_parser = parse_owner_plan, value_name = "OWNER=PLAN")]
+    pub owner_plans: Vec<(String, String)>,
+    /// Route keys nobody may take (routing).
+    #[arg(long, env = "BATON_RESERVED", value_delimiter = ',', default_value = "admin,api,www,status")]
+    pub reserved: Vec<String>,
+    /// Latency injected before every command a service handles.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub service_delay: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_and_pairs_parse_with_clear_errors() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").unwrap_err().contains("not a duration"));
+        assert_eq!(parse_owner_plan("alice=team"), Ok(("alice".into(), "team".into())));
+        assert!(parse_owner_plan("alice").is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(Cli::try_parse_from(["baton", "up", "--mode", "chaos"]).is_err());
+        assert!(Cli::try_parse_from(["baton", "run", "nobody"]).is_err());
+        assert!(Cli::try_parse_from(["baton", "workflows", "show", "not-a-uuid"]).is_err());
+        let cli = Cli::try_parse_from(["baton", "run", "gateway", "--http", "127.0.0.1:9000"]).unwrap();
+        assert!(matches!(cli.command, Command::Run { component: Component::Gateway, .. }));
+    }
+}

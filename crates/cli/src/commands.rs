@@ -1,0 +1,319 @@
+//! What each subcommand does.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use baton_protocol::Service;
+use baton_services::ServiceConfig;
+use baton_services::config::parse_pairs;
+use baton_workflow::Workflow;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{Cli, Command, Component, DataDir, Mode, UpArgs, WorkflowsCommand};
+use crate::shutdown;
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Up(args) => up(args, None).await,
+        Command::Run { component, args } => up(args, Some(component)).await,
+        Command::CreateSpace { name, owner, gateway } => create_space(&gateway, &name, &owner).await,
+        Command::Audit { data, json } => audit(&data, json),
+        Command::Workflows { command } => workflows(command),
+    }
+}
+
+fn service_config(args: &UpArgs) -> anyhow::Result<ServiceConfig> {
+    let mut cfg = ServiceConfig::default();
+    if let Some(s) = &args.shards {
+        cfg.shards = parse_pairs(s, "shard").map_err(|e| anyhow!(e))?;
+    }
+    if let Some(p) = &args.plans {
+        cfg.plans = parse_pairs(p, "plan").map_err(|e| anyhow!(e))?;
+    }
+    for (owner, plan) in &args.owner_plans {
+        if !cfg.plans.iter().any(|(p, _)| p == plan) {
+            bail!("--owner-plan {owner}={plan}: there is no plan `{plan}`; the plans are {:?}", cfg.plans);
+        }
+        cfg.owner_plans.insert(owner.clone(), plan.clone());
+    }
+    cfg.reserved = args.reserved.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect();
+    Ok(cfg)
+}
+
+fn workflows_of(args: &UpArgs) -> anyhow::Result<Vec<Workflow>> {
+    let mut all = Workflow::bundled();
+    for file in &args.workflow_files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read workflow file {}", file.display()))?;
+        let wf = Workflow::from_json(&text)
+            .with_context(|| format!("workflow file {} is not valid", file.display()))?;
+        all.retain(|w| w.name != wf.name);
+        all.push(wf);
+    }
+    if !all.iter().any(|w| w.name == args.workflow) {
+        let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
+        bail!("--workflow {}: no such workflow; known: {}", args.workflow, names.join(", "));
+    }
+    Ok(all)
+}
+
+type Task = (String, anyhow::Result<()>);
+
+fn spawn_component(
+    set: &mut JoinSet<Task>,
+    component: Component,
+    args: &UpArgs,
+    cfg: &ServiceConfig,
+    workflows: &[Workflow],
+    cancel: &CancellationToken,
+) {
+    let service = |s: Service| {
+        let opts = baton_services::runtime::RunOptions {
+            amqp_url: args.amqp_url.clone(),
+            data_dir: args.data.data_dir.clone(),
+            prefetch: args.prefetch,
+            delay: args.service_delay,
+        };
+        baton_services::run(s, cfg.clone(), opts, cancel.clone())
+    };
+    let name = format!("{component:?}").to_lowercase();
+    let as_service = match component {
+        Component::Records => Some(Service::Records),
+        Component::Placement => Some(Service::Placement),
+        Component::Entitlements => Some(Service::Entitlements),
+        Component::Routing => Some(Service::Routing),
+        Component::Notifier => Some(Service::Notifier),
+        Component::Orchestrator | Component::Gateway => None,
+    };
+    if let Some(s) = as_service {
+        let fut = service(s);
+        set.spawn(async move { (name, fut.await) });
+        return;
+    }
+    match component {
+        Component::Orchestrator => {
+            let opts = baton_orchestrator::Options {
+                amqp_url: args.amqp_url.clone(),
+                data_dir: args.data.data_dir.clone(),
+                instance: args.instance.clone(),
+                prefetch: args.prefetch,
+                workflows: workflows.to_vec(),
+            };
+            set.spawn(baton_orchestrator_task(name, opts, cancel.clone()));
+        }
+        Component::Gateway => {
+            let opts = baton_gateway::Options {
+                amqp_url: args.amqp_url.clone(),
+                data_dir: args.data.data_dir.clone(),
+                http: args.http,
+                instance: args.instance.clone(),
+                workflow: args.workflow.clone(),
+                deadline: args.deadline,
+                max_in_flight: 10_000,
+            };
+            let cancel = cancel.clone();
+            set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) });
+        }
+        _ => unreachable!("services were spawned above"),
+    }
+}
+
+async fn baton_orchestrator_task(
+    name: String,
+    opts: baton_orchestrator::Options,
+    cancel: CancellationToken,
+) -> Task {
+    (name, baton_orchestrator::run(opts, cancel).await)
+}
+
+/// `up` (every component) or `run` (one of them).
+async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
+    if args.mode == Mode::Events {
+        bail!(
+            "events mode is not available yet in this build; run with --mode workflow (or BATON_MODE=workflow)"
+        );
+    }
+    let cfg = service_config(&args)?;
+    let workflows = workflows_of(&args)?;
+    std::fs::create_dir_all(&args.data.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
+    let cancel = CancellationToken::new();
+    shutdown::on_signal(cancel.clone());
+    let components: Vec<Component> = match only {
+        Some(c) => vec![c],
+        None => vec![
+            Component::Records,
+            Component::Placement,
+            Component::Entitlements,
+            Component::Routing,
+            Component::Notifier,
+            Component::Orchestrator,
+            Component::Gateway,
+        ],
+    };
+    let mut set = JoinSet::new();
+    for c in &components {
+        spawn_component(&mut set, *c, &args, &cfg, &workflows, &cancel);
+    }
+    if only.is_none() || only == Some(Component::Gateway) {
+        tracing::info!(
+            api = %format!("http://{}", args.http),
+            broker = %baton_amqp::redact(&args.amqp_url),
+            data_dir = %args.data.data_dir.display(),
+            "starting in workflow mode; Ctrl-C stops"
+        );
+    }
+    let mut failure: Option<anyhow::Error> = None;
+    let mut grace_until: Option<tokio::time::Instant> = None;
+    loop {
+        let grace = async {
+            match grace_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            next = set.join_next() => match next {
+                None => break,
+                Some(Ok((name, Ok(())))) if !cancel.is_cancelled() => {
+                    failure.get_or_insert_with(|| anyhow!("{name} stopped on its own"));
+                    cancel.cancel();
+                }
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((name, Err(e)))) => {
+                    failure.get_or_insert(e.context(format!("{name} failed")));
+                    cancel.cancel();
+                }
+                Some(Err(join)) => {
+                    failure.get_or_insert_with(|| anyhow!("a component task died: {join}"));
+                    cancel.cancel();
+                }
+            },
+            _ = cancel.cancelled(), if grace_until.is_none() => {
+                grace_until = Some(tokio::time::Instant::now() + shutdown::GRACE);
+            }
+            _ = grace => {
+                tracing::warn!(grace = ?shutdown::GRACE, "components did not stop within the grace period; aborting them");
+                set.abort_all();
+                break;
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn create_space(gateway: &str, name: &str, owner: &str) -> anyhow::Result<ExitCode> {
+    let url = format!("{}/spaces", gateway.trim_end_matches('/'));
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let resp =
+        client.post(&url).json(&serde_json::json!({ "name": name, "owner": owner })).send().await.map_err(
+            |e| {
+                anyhow!("no gateway answered at {gateway} ({e}); start one with `baton up` or pass --gateway")
+            },
+        )?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("the gateway's answer is not JSON")?;
+    let printed = serde_json::json!({ "status": status.as_u16(), "body": body });
+    println!("{}", serde_json::to_string_pretty(&printed)?);
+    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
+    let report = baton_audit::audit(&data.data_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for v in &report.violations {
+            println!("{v}");
+        }
+    }
+    eprintln!(
+        "audited {} spaces in {}: {} complete, {} in flight, {} violation{}",
+        report.spaces,
+        data.data_dir.display(),
+        report.complete,
+        report.in_flight,
+        report.violations.len(),
+        if report.violations.len() == 1 { "" } else { "s" }
+    );
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn orchestrator_db(data: &DataDir) -> anyhow::Result<rusqlite::Connection> {
+    let path = data.data_dir.join("orchestrator.db");
+    if !path.exists() {
+        bail!(
+            "{} does not exist; point --data-dir (or BATON_DATA_DIR) at the data dir the orchestrator uses",
+            path.display()
+        );
+    }
+    Ok(baton_store::open_read_only(&path)?)
+}
+
+fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WorkflowsCommand::List { data, state, limit, json } => {
+            let conn = orchestrator_db(&data)?;
+            let rows = baton_orchestrator::query::list(&conn, state.as_deref(), limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<36}  {:<22}  {:<20}  {:>6}  {:<36}",
+                    "WORKFLOW ID", "WORKFLOW", "STATUS", "ANSWER", "SPACE ID"
+                );
+                for r in &rows {
+                    let answer = r.answer_status.map_or_else(|| "-".into(), |s| s.to_string());
+                    println!(
+                        "{:<36}  {:<22}  {:<20}  {:>6}  {}",
+                        r.id, r.workflow, r.status, answer, r.space_id
+                    );
+                }
+                eprintln!("{} saga{}", rows.len(), if rows.len() == 1 { "" } else { "s" });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WorkflowsCommand::Show { id, data, json } => {
+            let conn = orchestrator_db(&data)?;
+            let Some(view) = baton_orchestrator::query::describe(&conn, id)? else {
+                bail!("no workflow {id} in {}", data.data_dir.display());
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("workflow {} ({}) for space {}: {}", view.id, view.workflow, view.space_id, view.status);
+            if let Some(f) = &view.failure {
+                println!("failed at {} ({}): {}", f.service, f.status, f.reason);
+            }
+            for s in &view.steps {
+                println!(
+                    "  step {} [{}]: {} after {} attempt(s), {} compensation attempt(s)",
+                    s.group + 1,
+                    s.step,
+                    s.phase,
+                    s.attempts,
+                    s.compensation_attempts
+                );
+            }
+            let t0 = view.created_at_ms;
+            for h in &view.history {
+                println!(
+                    "  +{:>6} ms  {:<12} {:<4} #{} {}{}",
+                    h.at_ms - t0,
+                    h.step.as_deref().unwrap_or("saga"),
+                    h.action.as_deref().unwrap_or(""),
+                    h.attempt,
+                    h.event,
+                    h.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The HTTP routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::input::{MAX_BODY, validate};
+use crate::runtime::{Gateway, Refusal};
+
+pub(crate) fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/spaces", post(create_space))
+        .route("/spaces/{id}", get(get_space))
+        .route("/workflows/{id}", get(get_workflow))
+        .route("/health", get(health))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows/{id} or GET /health"
+                    .into(),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(gw)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(json!({ "error": message, "status": status.as_u16() }))).into_response()
+}
+
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn create_space(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {MAX_BODY} bytes; a space needs only a name and an owner"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")),
+    };
+    let req = match validate(&body) {
+        Ok(r) => r,
+        Err(invalid) => return error(status(invalid.status), invalid.message),
+    };
+    if let Err(reason) = gw.broker.health().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("not taking new work: {reason}"));
+    }
+    let Ok(_slot) = gw.slots.try_acquire() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{} requests are already waiting for an outcome; retry shortly", gw.opts.max_in_flight),
+        );
+    };
+    match gw.create(req).await {
+        Ok(outcome) if outcome.status == 200 => match outcome.space {
+            Some(space) => (StatusCode::OK, axum::Json(space)).into_response(),
+            None => error(StatusCode::INTERNAL_SERVER_ERROR, "the orchestrator answered 200 without a space".into()),
+        },
+        Ok(outcome) => {
+            let body = outcome.error.map_or_else(
+                || json!({ "error": "the request failed", "status": outcome.status, "workflow_id": outcome.saga_id }),
+                |e| serde_json::to_value(e).expect("errors serialise"),
+            );
+            (status(outcome.status), axum::Json(body)).into_response()
+        }
+        Err(Refusal::Unavailable(msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
+        Err(Refusal::Deadline { space_id, saga_id, after }) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            axum::Json(json!({
+                "error": format!("no outcome within {} ms; GET /spaces/{space_id} tells what happened", after.as_millis()),
+                "status": 504,
+                "space_id": space_id,
+                "workflow_id": saga_id,
+            })),
+        )
+            .into_response(),
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Response> {
+    Uuid::parse_str(id).map_err(|_| error(StatusCode::BAD_REQUEST, format!("`{id}` is not a UUID")))
+}
+
+async fn get_space(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let row = gw
+        .db
+        .call(move |c| {
+            use rusqlite::OptionalExtension;
+            Ok(c.query_row(
+                "SELECT saga_id, name, owner, mode, requested_at, told_status, outcome_status, outcome FROM requests WHERE space_id = ?1",
+                [id.to_string()],
+                |r| {
+                    Ok(json!({
+                        "id": id,
+                        "workflow_id": r.get::<_, String>(0)?,
+                        "name": r.get::<_, String>(1)?,
+                        "owner": r.get::<_, String>(2)?,
+                        "mode": r.get::<_, String>(3)?,
+                        "requested_at_ms": r.get::<_, i64>(4)?,
+                        "told_status": r.get::<_, Option<i64>>(5)?,
+                        "outcome_status": r.get::<_, Option<i64>>(6)?,
+                        "outcome": r.get::<_, Option<String>>(7)?
+                            .and_then(|s| serde_json::from_str::<Value>(&s).ok()),
+                    }))
+                },
+            )
+            .optional()?)
+        })
+        .await;
+    match row {
+        Ok(Some(v)) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no space {id} was requested through this gateway")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let path = gw.opts.data_dir.join("orchestrator.db");
+    let found = tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = baton_store::open_read_only(&path)?;
+        baton_orchestrator::query::describe(&conn, id)
+    })
+    .await
+    .expect("the read task does not panic");
+    match found {
+        Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no workflow {id} in this data dir's orchestrator")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.broker.health().await {
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(json!({ "status": "ok", "mode": "workflow", "workflow": gw.opts.workflow, "broker": "connected" })),
+        )
+            .into_response(),
+        Err(reason) => error(StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}

@@ -1,0 +1,208 @@
+//! The gateway's state, its reply consumer and its start-up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_amqp::topology::{self, COMMANDS};
+use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_protocol::{Context, SCHEMA, START, START_REPLY, SagaOutcome, StartSaga};
+use baton_store::{Db, StoreError, inbox, now_ms};
+use rusqlite::params;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::{COMPONENT, CreateSpace, MIGRATIONS};
+
+/// How a gateway runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub amqp_url: String,
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    /// This instance's name: outcomes come back on `gateway.<instance>.replies`.
+    pub instance: String,
+    /// The workflow every request runs (`create-space` or `create-space-parallel`).
+    pub workflow: String,
+    /// How long a client waits for an outcome before a 504.
+    pub deadline: Duration,
+    /// Requests waiting for an outcome at once; beyond, new ones get a 429 at once instead of
+    /// queueing without bound.
+    pub max_in_flight: usize,
+}
+
+pub(crate) struct Gateway {
+    pub opts: Options,
+    pub broker: Broker,
+    pub publisher: Publisher,
+    pub db: Db,
+    pub pending: Mutex<HashMap<Uuid, oneshot::Sender<SagaOutcome>>>,
+    pub slots: Semaphore,
+    pub reply_key: String,
+}
+
+/// Bind `opts.http` and serve until `cancel`.
+pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(opts.http).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
+            opts.http
+        )
+    })?;
+    serve(listener, opts, cancel).await
+}
+
+/// Serve on an already bound listener (tests bind port 0) until `cancel`.
+pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    let db = Db::open(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS)?;
+    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
+    broker.declare_topology(std::slice::from_ref(&replies)).await?;
+    let publisher = Publisher::new(broker.clone());
+    let gw = Arc::new(Gateway {
+        slots: Semaphore::new(opts.max_in_flight),
+        reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        opts,
+        broker: broker.clone(),
+        publisher: publisher.clone(),
+        db,
+        pending: Mutex::new(HashMap::new()),
+    });
+    let tracker = TaskTracker::new();
+    let g = Arc::clone(&gw);
+    tracker.spawn(consume(
+        broker.clone(),
+        publisher,
+        ConsumerConfig { queue: replies.name.clone(), prefetch: 256 },
+        move |env| Arc::clone(&g).on_outcome(env),
+        cancel.clone(),
+    ));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "gateway listening");
+    let app = crate::api::router(Arc::clone(&gw));
+    let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned()).await;
+    tracker.close();
+    tracker.wait().await;
+    broker.close().await;
+    http?;
+    Ok(())
+}
+
+impl Gateway {
+    /// An outcome arrived: record it, then hand it to the waiting client if there is one.
+    async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        if env.kind != START_REPLY {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on {}; it takes {START_REPLY}",
+                env.kind,
+                topology::reply_queue(COMPONENT, &self.opts.instance)
+            )));
+        }
+        let outcome: SagaOutcome = env.json().map_err(HandleError::Reject)?;
+        let waiting = self.pending.lock().expect("pending map").contains_key(&outcome.saga_id);
+        let json = serde_json::to_string(&outcome).expect("outcomes serialise");
+        let (saga_id, status) = (outcome.saga_id, outcome.status);
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if inbox::seen(&tx, env.message_id)?.is_some() {
+                    return Ok(());
+                }
+                inbox::record(&tx, env.message_id, &[])?;
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE requests SET outcome_status = ?2, outcome = ?3, outcome_at = ?4,
+                        told_status = CASE WHEN ?5 THEN COALESCE(told_status, ?2) ELSE told_status END,
+                        told_at = CASE WHEN ?5 THEN COALESCE(told_at, ?4) ELSE told_at END
+                     WHERE saga_id = ?1",
+                    params![saga_id.to_string(), status, json, now, waiting],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(|e: StoreError| {
+                if e.is_transient() {
+                    HandleError::Retry(e.to_string())
+                } else {
+                    HandleError::Reject(e.to_string())
+                }
+            })?;
+        if let Some(tx) = self.pending.lock().expect("pending map").remove(&saga_id) {
+            let _ = tx.send(outcome);
+        }
+        Ok(())
+    }
+
+    /// Hand a request to the orchestrator and wait for its outcome, up to the deadline.
+    pub(crate) async fn create(&self, req: CreateSpace) -> Result<SagaOutcome, Refusal> {
+        let space_id = Uuid::new_v4();
+        let saga_id = Uuid::new_v4();
+        let (name, owner, mode) = (req.name.clone(), req.owner.clone(), "workflow");
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO requests (space_id, saga_id, name, owner, mode, requested_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![space_id.to_string(), saga_id.to_string(), name, owner, mode, now_ms()],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("the gateway's database failed: {e}")))?;
+        let start = StartSaga {
+            schema: SCHEMA,
+            saga_id,
+            space_id,
+            workflow: self.opts.workflow.clone(),
+            input: Context { name: req.name, owner: req.owner, ..Default::default() },
+        };
+        let trace = TraceParent::new_root();
+        tracing::info!(%saga_id, %space_id, trace_id = trace.trace_id(), "request handed to the orchestrator");
+        let msg = Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
+            .reply_to(self.reply_key.as_str())
+            .mode("workflow");
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending map").insert(saga_id, tx);
+        if let Err(e) = self.publisher.publish_confirmed(&msg).await {
+            self.pending.lock().expect("pending map").remove(&saga_id);
+            self.tell(saga_id, 503).await;
+            return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {e}")));
+        }
+        match tokio::time::timeout(self.opts.deadline, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            _ => {
+                self.pending.lock().expect("pending map").remove(&saga_id);
+                self.tell(saga_id, 504).await;
+                Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline })
+            }
+        }
+    }
+
+    /// Record what the client was told when it was not the outcome itself.
+    async fn tell(&self, saga_id: Uuid, status: u16) {
+        let r = self
+            .db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE requests SET told_status = ?2, told_at = ?3 WHERE saga_id = ?1",
+                    params![saga_id.to_string(), status, now_ms()],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, %saga_id, "recording the answer failed");
+        }
+    }
+}
+
+/// Why a request got no outcome.
+pub(crate) enum Refusal {
+    Unavailable(String),
+    Deadline { space_id: Uuid, saga_id: Uuid, after: Duration },
+}
