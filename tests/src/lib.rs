@@ -1,1 +1,310 @@
+//! The integration-test harness: a real RabbitMQ vhost and a real data dir per test, and the
+//! components started in-process (or as real `baton` processes) against them.
+//!
+//! Owns: [`TestEnv`] (a vhost made through the management API and deleted on drop, a temporary
+//! data dir), [`System`] (every component running against it, stopped cleanly on drop), and
+//! small readers of the broker and the databases. Every wait here has a timeout.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_protocol::Service;
+use baton_services::ServiceConfig;
+use baton_workflow::Workflow;
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use baton_audit::Report;
+
+/// The broker the tests use, without a vhost (`BATON_TEST_AMQP_URL`).
+pub fn amqp_base() -> String {
+    std::env::var("BATON_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+/// The management API (`BATON_TEST_MGMT_URL`), with guest/guest.
+pub fn mgmt_base() -> String {
+    std::env::var("BATON_TEST_MGMT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+}
+
+/// Quiet logs unless `RUST_LOG` asks for them.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// Poll `check` until it returns `Some`, or fail after `timeout` saying what was awaited.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A vhost and a data dir of one test.
+pub struct TestEnv {
+    pub vhost: String,
+    pub data: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl TestEnv {
+    /// Create a fresh vhost (`baton-test-<random>`) with guest's permissions, and a data dir.
+    pub async fn new() -> TestEnv {
+        init_logs();
+        let vhost = format!("baton-test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let url = format!("{}/api/vhosts/{vhost}", mgmt_base());
+        let r = http.put(&url).basic_auth("guest", Some("guest")).send().await.unwrap_or_else(|e| {
+            panic!("the RabbitMQ management API at {} is not reachable ({e}); run scripts/test.sh, which starts it", mgmt_base())
+        });
+        assert!(r.status().is_success(), "creating vhost {vhost}: {}", r.status());
+        let r = http
+            .put(format!("{}/api/permissions/{vhost}/guest", mgmt_base()))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "granting guest on {vhost}: {}", r.status());
+        TestEnv { vhost, data: tempfile::tempdir().unwrap(), http }
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("{}/{}", amqp_base(), self.vhost)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The audit of this test's data dir.
+    pub fn audit(&self) -> Report {
+        baton_audit::audit(self.data_dir()).expect("audit runs")
+    }
+
+    /// Messages ready in a queue of this vhost, per the management API.
+    pub async fn queue_depth(&self, queue: &str) -> Option<u64> {
+        let url = format!("{}/api/queues/{}/{}", mgmt_base(), self.vhost, queue);
+        let r = self.http.get(url).basic_auth("guest", Some("guest")).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: Value = r.json().await.ok()?;
+        v.get("messages").and_then(Value::as_u64)
+    }
+
+    /// Take up to `count` messages from a queue (they are removed), with headers and payload.
+    pub async fn take_messages(&self, queue: &str, count: u32) -> Vec<Value> {
+        let url = format!("{}/api/queues/{}/{}/get", mgmt_base(), self.vhost, queue);
+        let r = self
+            .http
+            .post(url)
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"count": count, "ackmode": "ack_requeue_false", "encoding": "auto"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "get from {queue}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// Connect to this vhost as a test client.
+    pub async fn broker(&self) -> baton_amqp::Broker {
+        baton_amqp::Broker::connect(&self.amqp_url(), "test").await.expect("test connection")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Delete the vhost (and with it every queue of the test), from a thread of its own
+        // since Drop cannot await.
+        let url = format!("{}/api/vhosts/{}", mgmt_base(), self.vhost);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let c = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+                let _ = c.delete(url).basic_auth("guest", Some("guest")).send().await;
+            });
+        })
+        .join();
+    }
+}
+
+/// What to start, and how.
+#[derive(Clone)]
+pub struct SystemConfig {
+    pub services: ServiceConfig,
+    pub workflow: String,
+    pub workflows: Vec<Workflow>,
+    pub with_orchestrator: bool,
+    pub deadline: Duration,
+    pub delay: Duration,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        SystemConfig {
+            services: ServiceConfig::default(),
+            workflow: "create-space".into(),
+            workflows: Workflow::bundled(),
+            with_orchestrator: true,
+            deadline: Duration::from_secs(30),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Every component of the workflow mode running in this process against a [`TestEnv`].
+pub struct System {
+    pub http: SocketAddr,
+    cancel: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+    client: reqwest::Client,
+}
+
+impl System {
+    /// Start the five services, the orchestrator (unless disabled) and a gateway on a free
+    /// port; return once `/health` answers.
+    pub async fn start(env: &TestEnv, cfg: SystemConfig) -> System {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for s in Service::ALL {
+            let opts = baton_services::runtime::RunOptions {
+                amqp_url: env.amqp_url(),
+                data_dir: env.data_dir().to_owned(),
+                prefetch: 32,
+                delay: cfg.delay,
+            };
+            tasks.spawn(baton_services::run(s, cfg.services.clone(), opts, cancel.clone()));
+        }
+        if cfg.with_orchestrator {
+            tasks.spawn(baton_orchestrator::run(orchestrator_options(env, &cfg.workflows), cancel.clone()));
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        let opts = baton_gateway::Options {
+            amqp_url: env.amqp_url(),
+            data_dir: env.data_dir().to_owned(),
+            http,
+            instance: "main".into(),
+            workflow: cfg.workflow.clone(),
+            deadline: cfg.deadline,
+            max_in_flight: 1_000,
+        };
+        tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let sys = System { http, cancel, tasks, client };
+        let url = format!("http://{http}/health");
+        wait_for("the gateway's /health", Duration::from_secs(20), || {
+            let c = sys.client.clone();
+            let url = url.clone();
+            async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        sys
+    }
+
+    /// `POST /spaces`: the status and the JSON body.
+    pub async fn create(&self, name: &str, owner: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("http://{}/spaces", self.http))
+            .json(&serde_json::json!({"name": name, "owner": owner}))
+            .send()
+            .await
+            .expect("POST /spaces");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("a JSON body"))
+    }
+
+    /// `GET <path>`: the status and the JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(format!("http://{}{path}", self.http)).send().await.expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Stop every component and wait for them (bounded).
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let all = async {
+            while let Some(r) = self.tasks.join_next().await {
+                r.expect("component task").expect("component ran cleanly");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all).await.expect("components stop within 20 s");
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orchestrator::Options {
+    baton_orchestrator::Options {
+        amqp_url: env.amqp_url(),
+        data_dir: env.data_dir().to_owned(),
+        instance: "main".into(),
+        prefetch: 32,
+        workflows: workflows.to_vec(),
+    }
+}
+
+/// Rows a service holds for a space: `SELECT COUNT(*) FROM <table> WHERE space_id = ?`.
+pub fn rows_for(dir: &Path, service: Service, space_id: &str) -> i64 {
+    let table = match service {
+        Service::Records => "spaces",
+        Service::Placement => "placements",
+        Service::Entitlements => "licences",
+        Service::Routing => "routes",
+        Service::Notifier => "emails",
+    };
+    let path = dir.join(format!("{}.db", service.name()));
+    let conn = baton_store::open_read_only(&path).expect("service database");
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE space_id = ?1"), [space_id], |r| r.get(0)).unwrap()
+}
+
+/// One scalar from a component's database.
+pub fn scalar(dir: &Path, db: &str, sql: &str) -> i64 {
+    let conn = baton_store::open_read_only(&dir.join(db)).expect("database");
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// The `baton` binary built next to the tests (`cargo build` puts it in target/<profile>).
+pub fn baton_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join("baton");
+    assert!(bin.exists(), "{} is missing; build it first with `cargo build -p baton-cli`", bin.display());
+    bin
+}
+
+/// The events of a saga's history, as `(step, action, event)`.
+pub fn timeline(view: &Value) -> Vec<(String, String, String)> {
+    view["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|h| {
+            (
+                h["step"].as_str().unwrap_or("saga").to_owned(),
+                h["action"].as_str().unwrap_or("").to_owned(),
+                h["event"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
