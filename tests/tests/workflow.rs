@@ -91,7 +91,8 @@ async fn full_shards_refuse_at_placement_and_the_record_is_deleted() {
         services: ServiceConfig { shards: vec![("shard-1".into(), 1)], ..ServiceConfig::default() },
         ..SystemConfig::default()
     };
-    refused_and_rolled_back(cfg, &[("first", "alice")], ("second", "bob"), "placement", 503, &["records"]).await;
+    refused_and_rolled_back(cfg, &[("first", "alice")], ("second", "bob"), "placement", 503, &["records"])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,8 +101,15 @@ async fn owner_over_quota_is_refused_at_entitlements_after_two_steps_are_undone(
         services: ServiceConfig { plans: vec![("free".into(), 1)], ..ServiceConfig::default() },
         ..SystemConfig::default()
     };
-    refused_and_rolled_back(cfg, &[("one", "carol")], ("two", "carol"), "entitlements", 403, &["placement", "records"])
-        .await;
+    refused_and_rolled_back(
+        cfg,
+        &[("one", "carol")],
+        ("two", "carol"),
+        "entitlements",
+        403,
+        &["placement", "records"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +127,15 @@ async fn reserved_route_is_refused_at_routing_and_three_steps_are_undone_in_reve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taken_name_is_refused_at_records_with_nothing_to_undo() {
-    refused_and_rolled_back(SystemConfig::default(), &[("taken", "erin")], ("taken", "frank"), "records", 409, &[]).await;
+    refused_and_rolled_back(
+        SystemConfig::default(),
+        &[("taken", "erin")],
+        ("taken", "frank"),
+        "records",
+        409,
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +150,9 @@ async fn parallel_group_runs_placement_and_entitlements_concurrently() {
     let (s, body) = sys.create("para", "gina").await;
     assert_eq!(s, 200, "{body}");
     let t = timeline(&workflow(&sys, &body).await);
-    let pos = |step: &str, event: &str| t.iter().position(|(s, a, e)| s == step && a == "do" && e == event).unwrap();
+    let pos = |step: &str, event: &str| {
+        t.iter().position(|(s, a, e)| s == step && a == "do" && e == event).unwrap()
+    };
     // Both are sent before either is done: their runs overlap.
     assert!(pos("placement", "sent") < pos("entitlements", "done"), "{t:?}");
     assert!(pos("entitlements", "sent") < pos("placement", "done"), "{t:?}");
@@ -162,7 +180,8 @@ async fn bad_http_input_gets_one_sentence_and_a_4xx() {
         let client = client.clone();
         let url = format!("http://{}/spaces", sys.http);
         async move {
-            let r = client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let r =
+                client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
             let s = r.status().as_u16();
             (s, r.json::<Value>().await.unwrap())
         }

@@ -1,0 +1,248 @@
+//! Delivery guarantees on the real broker: duplicates change nothing, bad input goes to the
+//! dead-letter queue with its reason and the consumer keeps serving.
+
+use std::time::Duration;
+
+use baton_amqp::topology::{self, COMMANDS, QueueSpec, REPLIES};
+use baton_amqp::{Outgoing, Publisher, TraceParent};
+use baton_protocol::{Action, Context, Outcome, SCHEMA, START, Service, StartSaga, StepCommand, StepReply};
+use baton_tests::{System, SystemConfig, TestEnv, rows_for, scalar, timeline, wait_for};
+use baton_workflow::Workflow;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use serde_json::Value;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A queue of the test's own on `baton.replies`, to receive what components answer.
+async fn test_reply_queue(env: &TestEnv, key: &str) -> String {
+    let broker = env.broker().await;
+    let ch = broker.channel().await.unwrap();
+    topology::declare_exchanges(&ch).await.unwrap();
+    let spec = QueueSpec { name: format!("{key}.replies"), exchange: REPLIES, keys: vec![key.into()] };
+    topology::declare_work_queue(&ch, &spec).await.unwrap();
+    spec.name
+}
+
+async fn depth_is(env: &TestEnv, queue: &str, n: u64) {
+    wait_for(&format!("{queue} to hold {n} messages"), WAIT, || async move {
+        (env.queue_depth(queue).await == Some(n)).then_some(())
+    })
+    .await
+}
+
+fn payload(msg: &Value) -> Value {
+    serde_json::from_str(msg["payload"].as_str().expect("a text payload")).expect("a JSON payload")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, SystemConfig { with_orchestrator: false, ..SystemConfig::default() }).await;
+    let replies = test_reply_queue(&env, "test.dup").await;
+    let publisher = Publisher::new(env.broker().await);
+    let (saga_id, space_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let cmd = StepCommand {
+        schema: SCHEMA,
+        saga_id,
+        space_id,
+        step: Service::Records,
+        action: Action::Do,
+        attempt: 1,
+        context: Context { name: "dup".into(), owner: "alice".into(), ..Default::default() },
+    };
+    let msg =
+        Outgoing::new(COMMANDS, "records", "records.create", saga_id, "test", TraceParent::new_root(), &cmd)
+            .reply_to("test.dup");
+    publisher.publish_confirmed(&msg).await.unwrap();
+    publisher.publish_confirmed(&msg).await.unwrap();
+    depth_is(&env, &replies, 2).await;
+    let got = env.take_messages(&replies, 2).await;
+    assert_eq!(payload(&got[0]), payload(&got[1]), "the duplicate gets the stored reply");
+    assert_eq!(got[0]["properties"]["message_id"], got[1]["properties"]["message_id"]);
+    let reply: StepReply = serde_json::from_value(payload(&got[0])).unwrap();
+    assert_eq!(reply.outcome, Outcome::Done);
+    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 1);
+    assert_eq!(scalar(env.data_dir(), "records.db", "SELECT COUNT(*) FROM inbox"), 1);
+
+    // A retry (a new message id for the same step) is idempotent too.
+    let retry = Outgoing { message_id: Uuid::new_v4(), ..msg.clone() };
+    publisher.publish_confirmed(&retry).await.unwrap();
+    depth_is(&env, &replies, 1).await;
+    let again: StepReply = serde_json::from_value(payload(&env.take_messages(&replies, 1).await[0])).unwrap();
+    assert_eq!((again.outcome, again.data), (Outcome::Done, reply.data));
+    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 1);
+
+    // After the compensation, a late command is a no-op (the tombstone).
+    let undo = StepCommand { action: Action::Undo, ..cmd.clone() };
+    let undo =
+        Outgoing::new(COMMANDS, "records", "records.delete", saga_id, "test", TraceParent::new_root(), &undo)
+            .reply_to("test.dup");
+    publisher.publish_confirmed(&undo).await.unwrap();
+    let late = Outgoing { message_id: Uuid::new_v4(), ..msg };
+    publisher.publish_confirmed(&late).await.unwrap();
+    depth_is(&env, &replies, 2).await;
+    let got = env.take_messages(&replies, 2).await;
+    let late_reply = got
+        .iter()
+        .map(|m| serde_json::from_value::<StepReply>(payload(m)).unwrap())
+        .find(|r| r.action == Action::Do)
+        .expect("a reply to the late command");
+    assert_eq!(late_reply.outcome, Outcome::Failed, "{late_reply:?}");
+    assert!(late_reply.reason.unwrap().contains("already compensated"));
+    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 0);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_reply_advances_the_saga_once() {
+    let env = TestEnv::new().await;
+    // The orchestrator alone: the test plays the records service.
+    // Long timeouts: no retry may blur the count of commands.
+    let mut patient = Workflow::create_space();
+    for step in &mut patient.steps {
+        for a in &mut step.actions {
+            a.timeout_ms = 120_000;
+        }
+    }
+    let cfg = SystemConfig { with_services: false, workflows: vec![patient], ..SystemConfig::default() };
+    let sys = System::start(&env, cfg).await;
+    test_reply_queue(&env, "test.client").await;
+    let publisher = Publisher::new(env.broker().await);
+    let (saga_id, space_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let start = StartSaga {
+        schema: SCHEMA,
+        saga_id,
+        space_id,
+        workflow: "create-space".into(),
+        input: Context { name: "twice".into(), owner: "alice".into(), ..Default::default() },
+    };
+    let msg = Outgoing::new(
+        COMMANDS,
+        topology::ORCHESTRATOR,
+        START,
+        saga_id,
+        "test",
+        TraceParent::new_root(),
+        &start,
+    )
+    .reply_to("test.client");
+    publisher.publish_confirmed(&msg).await.unwrap();
+    depth_is(&env, "records.commands", 1).await;
+    let cmd: StepCommand =
+        serde_json::from_value(payload(&env.take_messages("records.commands", 1).await[0])).unwrap();
+    let body = StepReply {
+        schema: SCHEMA,
+        saga_id,
+        space_id,
+        step: Service::Records,
+        action: Action::Do,
+        attempt: cmd.attempt,
+        outcome: Outcome::Done,
+        status: None,
+        reason: None,
+        data: Context { key: Some("twice".into()), ..Default::default() },
+    };
+    let reply = Outgoing::new(
+        REPLIES,
+        "orchestrator.main",
+        "records.create.reply",
+        saga_id,
+        "records",
+        TraceParent::new_root(),
+        &body,
+    );
+    publisher.publish_confirmed(&reply).await.unwrap();
+    publisher.publish_confirmed(&reply).await.unwrap();
+    // The same reply sent again by a service with a new id (a redelivered command).
+    let resent = Outgoing { message_id: Uuid::new_v4(), ..reply };
+    publisher.publish_confirmed(&resent).await.unwrap();
+    depth_is(&env, "placement.commands", 1).await;
+    depth_is(&env, "orchestrator.main.replies", 0).await;
+    let view = wait_for("the three replies to be handled", WAIT, || async {
+        let (_, v) = sys.get(&format!("/workflows/{saga_id}")).await;
+        let t = timeline(&v);
+        (t.iter().filter(|(_, _, e)| e == "late_reply_ignored").count() == 1).then_some(v)
+    })
+    .await;
+    let t = timeline(&view);
+    assert_eq!(t.iter().filter(|(s, a, e)| s == "records" && a == "do" && e == "done").count(), 1, "{t:?}");
+    assert_eq!(t.iter().filter(|(s, a, e)| s == "placement" && a == "do" && e == "sent").count(), 1, "{t:?}");
+    assert_eq!(env.queue_depth("placement.commands").await, Some(1), "one placement command, not two");
+    sys.stop().await;
+}
+
+/// Publish raw bytes with raw properties, as a broken or hostile client would.
+async fn publish_raw(env: &TestEnv, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
+    let broker = env.broker().await;
+    let ch = broker.channel().await.unwrap();
+    ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props).await.unwrap();
+    let _ = ch.close(200, "done".into()).await;
+}
+
+fn props(kind: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_type(kind.into())
+        .with_content_type("application/json".into())
+        .with_reply_to("test.client".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reason() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, SystemConfig::default()).await;
+    // (exchange, routing key, queue, type) of every work queue.
+    let mut queues: Vec<(&str, String, String, &str)> = Service::ALL
+        .iter()
+        .map(|s| (COMMANDS, s.name().to_string(), topology::command_queue(s.name()), s.do_type()))
+        .collect();
+    queues.push((COMMANDS, "orchestrator".into(), "orchestrator.commands".into(), START));
+    queues.push((
+        REPLIES,
+        "orchestrator.main".into(),
+        "orchestrator.main.replies".into(),
+        "records.create.reply",
+    ));
+    queues.push((REPLIES, "gateway.main".into(), "gateway.main.replies".into(), baton_protocol::START_REPLY));
+    for (exchange, key, _, kind) in &queues {
+        publish_raw(&env, exchange, key, b"{not json", props(kind)).await;
+    }
+    for (_, _, queue, _) in &queues {
+        let dlq = topology::dead_letter_queue(queue);
+        depth_is(&env, &dlq, 1).await;
+        let dead = env.take_messages(&dlq, 1).await;
+        let reason =
+            dead[0]["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap_or_default().to_owned();
+        assert!(reason.contains("is not valid"), "{queue}: {reason}");
+        assert_eq!(dead[0]["properties"]["headers"]["x-baton-dead-queue"], queue.as_str());
+        assert_eq!(dead[0]["redelivered"], false);
+    }
+    // The other kinds of bad input, on one queue.
+    let no_id = props("records.create").with_message_id("".into());
+    publish_raw(&env, COMMANDS, "records", b"{}", no_id).await;
+    publish_raw(&env, COMMANDS, "records", b"{}", props("records.explode")).await;
+    publish_raw(&env, COMMANDS, "records", &vec![b' '; 70 * 1024], props("records.create")).await;
+    let wrong_shape = serde_json::json!({"schema": 1, "hello": "world"}).to_string();
+    publish_raw(&env, COMMANDS, "records", wrong_shape.as_bytes(), props("records.create")).await;
+    depth_is(&env, "records.commands.dlq", 4).await;
+    let reasons: Vec<String> = env
+        .take_messages("records.commands.dlq", 4)
+        .await
+        .iter()
+        .map(|m| m["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap().to_owned())
+        .collect();
+    for words in
+        ["no message_id", "unknown message type `records.explode`", "over the limit", "missing field"]
+    {
+        assert!(reasons.iter().any(|r| r.contains(words)), "no reason says `{words}`: {reasons:?}");
+    }
+    // Every consumer still serves.
+    let (status, body) = sys.create("still-up", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    for (_, _, queue, _) in &queues {
+        assert_eq!(env.queue_depth(queue).await, Some(0), "{queue} is drained, nothing loops");
+    }
+    sys.stop().await;
+}
