@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_protocol::Service;
+use baton_faults::FaultPlan;
+use baton_protocol::{Mode, Service};
 use baton_services::ServiceConfig;
 use baton_workflow::Workflow;
 use serde_json::Value;
@@ -153,6 +154,8 @@ pub struct SystemConfig {
     pub with_services: bool,
     pub deadline: Duration,
     pub delay: Duration,
+    pub mode: Mode,
+    pub faults: FaultPlan,
 }
 
 impl Default for SystemConfig {
@@ -165,6 +168,8 @@ impl Default for SystemConfig {
             with_services: true,
             deadline: Duration::from_secs(30),
             delay: Duration::ZERO,
+            mode: Mode::Workflow,
+            faults: FaultPlan::default(),
         }
     }
 }
@@ -187,12 +192,14 @@ impl System {
             let opts = baton_services::runtime::RunOptions {
                 amqp_url: env.amqp_url(),
                 data_dir: env.data_dir().to_owned(),
+                mode: cfg.mode,
                 prefetch: 32,
                 delay: cfg.delay,
+                faults: cfg.faults.clone(),
             };
             tasks.spawn(baton_services::run(s, cfg.services.clone(), opts, cancel.clone()));
         }
-        if cfg.with_orchestrator {
+        if cfg.with_orchestrator && cfg.mode == Mode::Workflow {
             tasks.spawn(baton_orchestrator::run(orchestrator_options(env, &cfg.workflows), cancel.clone()));
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -201,6 +208,7 @@ impl System {
             amqp_url: env.amqp_url(),
             data_dir: env.data_dir().to_owned(),
             http,
+            mode: cfg.mode,
             instance: "main".into(),
             workflow: cfg.workflow.clone(),
             deadline: cfg.deadline,

@@ -54,18 +54,29 @@ pub struct QueueSpec {
     pub keys: Vec<String>,
 }
 
-/// The work queues every deployment has: one command queue per service and the orchestrator's.
+/// The work queues every deployment has, whatever its mode: per service a command queue and an
+/// event queue (bound to the event it reacts to), and the orchestrator's command queue.
 pub fn shared_queues() -> Vec<QueueSpec> {
     let mut qs: Vec<QueueSpec> = Service::ALL
         .iter()
         .map(|s| QueueSpec { name: command_queue(s.name()), exchange: COMMANDS, keys: vec![s.name().into()] })
         .collect();
-    qs.push(QueueSpec {
-        name: command_queue(ORCHESTRATOR),
-        exchange: COMMANDS,
-        keys: vec![ORCHESTRATOR.into()],
-    });
+    qs.push(QueueSpec { name: command_queue(ORCHESTRATOR), exchange: COMMANDS, keys: vec![ORCHESTRATOR.into()] });
+    qs.extend(Service::ALL.iter().map(|s| QueueSpec {
+        name: event_queue(s.name()),
+        exchange: EVENTS,
+        keys: vec![s.trigger_event().into()],
+    }));
     qs
+}
+
+/// The queue where one gateway instance hears how spaces ended, in events mode.
+pub fn gateway_event_queue(instance: &str) -> QueueSpec {
+    QueueSpec {
+        name: format!("gateway.{instance}.events"),
+        exchange: EVENTS,
+        keys: vec![baton_protocol::events::READY.into(), baton_protocol::events::REJECTED.into()],
+    }
 }
 
 /// The reply queue of one instance of a component.
@@ -168,7 +179,12 @@ mod tests {
                 "entitlements.commands",
                 "routing.commands",
                 "notifier.commands",
-                "orchestrator.commands"
+                "orchestrator.commands",
+                "records.events",
+                "placement.events",
+                "entitlements.events",
+                "routing.events",
+                "notifier.events"
             ]
         );
     }

@@ -88,7 +88,7 @@ pub struct DataDir {
 
 /// How the components coordinate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
+pub enum CliMode {
     /// An orchestrator runs each request as a saga (commands, replies, compensations).
     Workflow,
     /// Choreography: each service reacts to the previous one's event.
@@ -106,7 +106,7 @@ pub enum Component {
     Gateway,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration; write e.g. 500ms, 5s or 2m"))?;
@@ -130,7 +130,7 @@ fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
 pub struct UpArgs {
     /// Coordination mode.
     #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
-    pub mode: Mode,
+    pub mode: CliMode,
     /// The broker.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
@@ -149,9 +149,17 @@ pub struct UpArgs {
     /// Extra workflow definition files (JSON) for the orchestrator, validated at start.
     #[arg(long = "workflow-file", value_name = "FILE")]
     pub workflow_files: Vec<PathBuf>,
-    /// How long a client waits for an outcome before a 504.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub deadline: Duration,
+    /// How long a client waits for an outcome before a 504 (default: 30s in workflow mode, 5s
+    /// in events mode).
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// A fault plan to inject (the same in both modes), e.g.
+    /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`.
+    #[arg(long, env = "BATON_FAULTS", default_value = "none")]
+    pub faults: String,
+    /// The seed of the fault plan's decisions.
+    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+    pub seed: u64,
     /// Unacked deliveries each consumer holds.
     #[arg(long, default_value_t = 64)]
     pub prefetch: u16,
@@ -201,5 +209,14 @@ mod tests {
         assert!(Cli::try_parse_from(["baton", "workflows", "show", "not-a-uuid"]).is_err());
         let cli = Cli::try_parse_from(["baton", "run", "gateway", "--http", "127.0.0.1:9000"]).unwrap();
         assert!(matches!(cli.command, Command::Run { component: Component::Gateway, .. }));
+    }
+}
+
+impl From<CliMode> for baton_protocol::Mode {
+    fn from(m: CliMode) -> Self {
+        match m {
+            CliMode::Workflow => baton_protocol::Mode::Workflow,
+            CliMode::Events => baton_protocol::Mode::Events,
+        }
     }
 }

@@ -11,7 +11,10 @@ use baton_workflow::Workflow;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Cli, Command, Component, DataDir, Mode, UpArgs, WorkflowsCommand};
+use baton_faults::FaultPlan;
+use baton_protocol::Mode;
+
+use crate::args::{Cli, Command, Component, DataDir, UpArgs, WorkflowsCommand};
 use crate::shutdown;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -61,20 +64,25 @@ fn workflows_of(args: &UpArgs) -> anyhow::Result<Vec<Workflow>> {
 
 type Task = (String, anyhow::Result<()>);
 
-fn spawn_component(
-    set: &mut JoinSet<Task>,
-    component: Component,
-    args: &UpArgs,
-    cfg: &ServiceConfig,
-    workflows: &[Workflow],
-    cancel: &CancellationToken,
-) {
+/// What every component of one process shares.
+struct Setup {
+    mode: Mode,
+    cfg: ServiceConfig,
+    workflows: Vec<Workflow>,
+    faults: FaultPlan,
+    deadline: Duration,
+}
+
+fn spawn_component(set: &mut JoinSet<Task>, component: Component, args: &UpArgs, setup: &Setup, cancel: &CancellationToken) {
+    let (cfg, workflows) = (&setup.cfg, &setup.workflows);
     let service = |s: Service| {
         let opts = baton_services::runtime::RunOptions {
             amqp_url: args.amqp_url.clone(),
             data_dir: args.data.data_dir.clone(),
+            mode: setup.mode,
             prefetch: args.prefetch,
             delay: args.service_delay,
+            faults: setup.faults.clone(),
         };
         baton_services::run(s, cfg.clone(), opts, cancel.clone())
     };
@@ -108,9 +116,10 @@ fn spawn_component(
                 amqp_url: args.amqp_url.clone(),
                 data_dir: args.data.data_dir.clone(),
                 http: args.http,
+                mode: setup.mode,
                 instance: args.instance.clone(),
                 workflow: args.workflow.clone(),
-                deadline: args.deadline,
+                deadline: setup.deadline,
                 max_in_flight: 10_000,
             };
             let cancel = cancel.clone();
@@ -130,20 +139,23 @@ async fn baton_orchestrator_task(
 
 /// `up` (every component) or `run` (one of them).
 async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
-    if args.mode == Mode::Events {
-        bail!(
-            "events mode is not available yet in this build; run with --mode workflow (or BATON_MODE=workflow)"
-        );
+    let mode = Mode::from(args.mode);
+    if mode == Mode::Events && only == Some(Component::Orchestrator) {
+        bail!("the orchestrator has no part in events mode; run it with --mode workflow");
     }
-    let cfg = service_config(&args)?;
-    let workflows = workflows_of(&args)?;
+    let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
+    let deadline = args.deadline.unwrap_or(match mode {
+        Mode::Workflow => Duration::from_secs(30),
+        Mode::Events => Duration::from_secs(5),
+    });
+    let setup = Setup { mode, cfg: service_config(&args)?, workflows: workflows_of(&args)?, faults, deadline };
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
     let cancel = CancellationToken::new();
     shutdown::on_signal(cancel.clone());
     let components: Vec<Component> = match only {
         Some(c) => vec![c],
-        None => vec![
+        None => [
             Component::Records,
             Component::Placement,
             Component::Entitlements,
@@ -151,18 +163,23 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             Component::Notifier,
             Component::Orchestrator,
             Component::Gateway,
-        ],
+        ]
+        .into_iter()
+        .filter(|c| mode == Mode::Workflow || *c != Component::Orchestrator)
+        .collect(),
     };
     let mut set = JoinSet::new();
     for c in &components {
-        spawn_component(&mut set, *c, &args, &cfg, &workflows, &cancel);
+        spawn_component(&mut set, *c, &args, &setup, &cancel);
     }
     if only.is_none() || only == Some(Component::Gateway) {
         tracing::info!(
             api = %format!("http://{}", args.http),
             broker = %baton_amqp::redact(&args.amqp_url),
             data_dir = %args.data.data_dir.display(),
-            "starting in workflow mode; Ctrl-C stops"
+            %mode,
+            faults = %setup.faults,
+            "starting; Ctrl-C stops"
         );
     }
     let mut failure: Option<anyhow::Error> = None;

@@ -83,7 +83,7 @@ async fn create_space(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesR
                 "error": format!("no outcome within {} ms; GET /spaces/{space_id} tells what happened", after.as_millis()),
                 "status": 504,
                 "space_id": space_id,
-                "workflow_id": saga_id,
+                "workflow_id": (saga_id != space_id).then_some(saga_id),
             })),
         )
             .into_response(),
@@ -157,7 +157,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     match gw.broker.health().await {
         Ok(()) => (
             StatusCode::OK,
-            axum::Json(json!({ "status": "ok", "mode": "workflow", "workflow": gw.opts.workflow, "broker": "connected" })),
+            axum::Json(json!({ "status": "ok", "mode": gw.opts.mode, "workflow": gw.opts.workflow, "broker": "connected" })),
         )
             .into_response(),
         Err(reason) => error(StatusCode::SERVICE_UNAVAILABLE, reason),

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, COMMANDS};
+use baton_amqp::topology::{self, COMMANDS, EVENTS};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
-use baton_protocol::{Context, SCHEMA, START, START_REPLY, SagaOutcome, StartSaga};
+use baton_protocol::{Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga, StepError, events};
 use baton_store::{Db, StoreError, inbox, now_ms};
 use rusqlite::params;
 use tokio::net::TcpListener;
@@ -25,6 +25,7 @@ pub struct Options {
     pub amqp_url: String,
     pub data_dir: PathBuf,
     pub http: SocketAddr,
+    pub mode: Mode,
     /// This instance's name: outcomes come back on `gateway.<instance>.replies`.
     pub instance: String,
     /// The workflow every request runs (`create-space` or `create-space-parallel`).
@@ -62,7 +63,8 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let db = Db::open(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS)?;
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
-    broker.declare_topology(std::slice::from_ref(&replies)).await?;
+    let event_queue = topology::gateway_event_queue(&opts.instance);
+    broker.declare_topology(&[replies.clone(), event_queue.clone()]).await?;
     let publisher = Publisher::new(broker.clone());
     let gw = Arc::new(Gateway {
         slots: Semaphore::new(opts.max_in_flight),
@@ -75,13 +77,22 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     });
     let tracker = TaskTracker::new();
     let g = Arc::clone(&gw);
-    tracker.spawn(consume(
-        broker.clone(),
-        publisher,
-        ConsumerConfig { queue: replies.name.clone(), prefetch: 256 },
-        move |env| Arc::clone(&g).on_outcome(env),
-        cancel.clone(),
-    ));
+    match gw.opts.mode {
+        Mode::Workflow => tracker.spawn(consume(
+            broker.clone(),
+            publisher,
+            ConsumerConfig { queue: replies.name.clone(), prefetch: 256 },
+            move |env| Arc::clone(&g).on_outcome(env),
+            cancel.clone(),
+        )),
+        Mode::Events => tracker.spawn(consume(
+            broker.clone(),
+            publisher,
+            ConsumerConfig { queue: event_queue.name.clone(), prefetch: 256 },
+            move |env| Arc::clone(&g).on_event(env),
+            cancel.clone(),
+        )),
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway listening");
     let app = crate::api::router(Arc::clone(&gw));
@@ -104,16 +115,71 @@ impl Gateway {
             )));
         }
         let outcome: SagaOutcome = env.json().map_err(HandleError::Reject)?;
+        self.record(env.message_id, outcome).await
+    }
+
+    /// An event that ends a space's flow arrived (events mode): make it an outcome.
+    async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        if env.kind != events::READY && env.kind != events::REJECTED {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on {}; it takes {} and {}",
+                env.kind,
+                topology::gateway_event_queue(&self.opts.instance).name,
+                events::READY,
+                events::REJECTED
+            )));
+        }
+        let ev: SpaceEvent = env.json().map_err(HandleError::Reject)?;
+        let ctx = ev.context;
+        let outcome = if env.kind == events::READY {
+            SagaOutcome {
+                schema: SCHEMA,
+                saga_id: ev.space_id,
+                space_id: ev.space_id,
+                status: 200,
+                space: Some(Space {
+                    id: ev.space_id,
+                    key: ctx.key.unwrap_or_default(),
+                    name: ctx.name,
+                    owner: ctx.owner,
+                    shard: ctx.shard.unwrap_or_default(),
+                    licence: ctx.licence.unwrap_or_default(),
+                    route: ctx.route.unwrap_or_default(),
+                    workflow_id: None,
+                }),
+                error: None,
+            }
+        } else {
+            let status = ev.status.unwrap_or(409);
+            SagaOutcome {
+                schema: SCHEMA,
+                saga_id: ev.space_id,
+                space_id: ev.space_id,
+                status,
+                space: None,
+                error: Some(StepError {
+                    error: ev.reason.unwrap_or_else(|| "the request was rejected".into()),
+                    step: ev.step,
+                    status,
+                    workflow_id: None,
+                }),
+            }
+        };
+        self.record(env.message_id, outcome).await
+    }
+
+    /// Store an outcome (once per message), then hand it to the waiting client if any.
+    async fn record(&self, message_id: Uuid, outcome: SagaOutcome) -> Result<(), HandleError> {
         let waiting = self.pending.lock().expect("pending map").contains_key(&outcome.saga_id);
         let json = serde_json::to_string(&outcome).expect("outcomes serialise");
         let (saga_id, status) = (outcome.saga_id, outcome.status);
         self.db
             .call(move |c| {
                 let tx = c.transaction()?;
-                if inbox::seen(&tx, env.message_id)?.is_some() {
+                if inbox::seen(&tx, message_id)?.is_some() {
                     return Ok(());
                 }
-                inbox::record(&tx, env.message_id, &[])?;
+                inbox::record(&tx, message_id, &[])?;
                 let now = now_ms();
                 tx.execute(
                     "UPDATE requests SET outcome_status = ?2, outcome = ?3, outcome_at = ?4,
@@ -142,8 +208,12 @@ impl Gateway {
     /// Hand a request to the orchestrator and wait for its outcome, up to the deadline.
     pub(crate) async fn create(&self, req: CreateSpace) -> Result<SagaOutcome, Refusal> {
         let space_id = Uuid::new_v4();
-        let saga_id = Uuid::new_v4();
-        let (name, owner, mode) = (req.name.clone(), req.owner.clone(), "workflow");
+        // The id the outcome comes back under: the saga's, or in events mode the space's.
+        let saga_id = match self.opts.mode {
+            Mode::Workflow => Uuid::new_v4(),
+            Mode::Events => space_id,
+        };
+        let (name, owner, mode) = (req.name.clone(), req.owner.clone(), self.opts.mode.as_str());
         self.db
             .call(move |c| {
                 c.execute(
@@ -154,18 +224,21 @@ impl Gateway {
             })
             .await
             .map_err(|e| Refusal::Unavailable(format!("the gateway's database failed: {e}")))?;
-        let start = StartSaga {
-            schema: SCHEMA,
-            saga_id,
-            space_id,
-            workflow: self.opts.workflow.clone(),
-            input: Context { name: req.name, owner: req.owner, ..Default::default() },
-        };
+        let input = Context { name: req.name, owner: req.owner, ..Default::default() };
         let trace = TraceParent::new_root();
-        tracing::info!(%saga_id, %space_id, trace_id = trace.trace_id(), "request handed to the orchestrator");
-        let msg = Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
-            .reply_to(self.reply_key.as_str())
-            .mode("workflow");
+        tracing::debug!(%saga_id, %space_id, trace_id = trace.trace_id(), mode = %self.opts.mode, "request accepted");
+        let msg = match self.opts.mode {
+            Mode::Workflow => {
+                let start = StartSaga { schema: SCHEMA, saga_id, space_id, workflow: self.opts.workflow.clone(), input };
+                Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
+                    .reply_to(self.reply_key.as_str())
+                    .mode("workflow")
+            }
+            Mode::Events => {
+                let ev = SpaceEvent { schema: SCHEMA, space_id, context: input, step: None, status: None, reason: None };
+                Outgoing::new(EVENTS, events::REQUESTED, events::REQUESTED, space_id, COMPONENT, trace, &ev).mode("events")
+            }
+        };
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending map").insert(saga_id, tx);
         if let Err(e) = self.publisher.publish_confirmed(&msg).await {

@@ -186,7 +186,7 @@ impl Core {
                             error: format!("no workflow is named `{}`", start.workflow),
                             step: None,
                             status: 422,
-                            workflow_id: start.saga_id,
+                            workflow_id: Some(start.saga_id),
                         }),
                     };
                     if let Some(to) = &meta.reply_to {
@@ -421,7 +421,7 @@ fn apply(
                         error: f.reason,
                         step: Some(f.service),
                         status: f.status,
-                        workflow_id: saga.id,
+                        workflow_id: Some(saga.id),
                     }),
                 };
                 if let Some(to) = &meta.reply_to {
@@ -471,7 +471,7 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
         shard: ctx.shard.clone().unwrap_or_default(),
         licence: ctx.licence.clone().unwrap_or_default(),
         route: ctx.route.clone().unwrap_or_default(),
-        workflow_id: saga.id,
+        workflow_id: Some(saga.id),
     }
 }
 

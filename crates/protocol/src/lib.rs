@@ -62,6 +62,28 @@ impl Service {
         }
     }
 
+    /// In events mode: the event the service reacts to.
+    pub fn trigger_event(self) -> &'static str {
+        match self {
+            Service::Records => events::REQUESTED,
+            Service::Placement => events::CREATED,
+            Service::Entitlements => events::PLACED,
+            Service::Routing => events::LICENSED,
+            Service::Notifier => events::ROUTED,
+        }
+    }
+
+    /// In events mode: the event the service emits when its step is done.
+    pub fn done_event(self) -> &'static str {
+        match self {
+            Service::Records => events::CREATED,
+            Service::Placement => events::PLACED,
+            Service::Entitlements => events::LICENSED,
+            Service::Routing => events::ROUTED,
+            Service::Notifier => events::READY,
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Service> {
         Service::ALL.into_iter().find(|s| s.name() == name)
     }
@@ -70,6 +92,31 @@ impl Service {
 impl std::fmt::Display for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// How the components coordinate: the switch of the design.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// An orchestrator runs each request as a saga.
+    Workflow,
+    /// Choreography: each service reacts to the previous one's event.
+    Events,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Workflow => "workflow",
+            Mode::Events => "events",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -184,6 +231,33 @@ pub struct StartSaga {
     pub input: Context,
 }
 
+/// The events of the `events` mode (routing keys on `baton.events` and message types).
+pub mod events {
+    pub const REQUESTED: &str = "space.requested";
+    pub const CREATED: &str = "space.created";
+    pub const PLACED: &str = "space.placed";
+    pub const LICENSED: &str = "space.licensed";
+    pub const ROUTED: &str = "space.routed";
+    pub const READY: &str = "space.ready";
+    pub const REJECTED: &str = "space.rejected";
+    pub const ALL: [&str; 7] = [REQUESTED, CREATED, PLACED, LICENSED, ROUTED, READY, REJECTED];
+}
+
+/// An event of the `events` mode: where a space got to, with everything it has so far. A
+/// `space.rejected` names the step that refused, its status and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceEvent {
+    pub schema: u32,
+    pub space_id: Uuid,
+    pub context: Context,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<Service>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// A space as the client sees it after success.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Space {
@@ -194,7 +268,9 @@ pub struct Space {
     pub shard: String,
     pub licence: String,
     pub route: String,
-    pub workflow_id: Uuid,
+    /// The saga that created it (workflow mode; events mode has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<Uuid>,
 }
 
 /// Why a request did not succeed: which step, what status, one sentence.
@@ -203,7 +279,8 @@ pub struct StepError {
     pub error: String,
     pub step: Option<Service>,
     pub status: u16,
-    pub workflow_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<Uuid>,
 }
 
 /// The orchestrator's answer to the gateway: 200 with the space, or the error after rollback.
@@ -231,6 +308,16 @@ mod tests {
         }
         assert_eq!(Service::parse("nope"), None);
         assert_eq!(Service::Notifier.undo_type(), None);
+    }
+
+    #[test]
+    fn events_chain_from_requested_to_ready() {
+        let mut event = events::REQUESTED;
+        for s in Service::ALL {
+            assert_eq!(s.trigger_event(), event);
+            event = s.done_event();
+        }
+        assert_eq!(event, events::READY);
     }
 
     #[test]

@@ -1,18 +1,27 @@
-//! Drives a service's rules from its command queue: one transaction per command (inbox,
-//! tombstone, rule, reply into the outbox), the ack after the commit, the reply published by the
-//! relay.
+//! Drives a service's rules from its queues: one transaction per message (inbox, tombstone,
+//! rule, outgoing messages into the outbox), the ack after the commit, the outgoing messages
+//! published by the relay.
+//!
+//! In workflow mode a service answers the orchestrator's commands on `<service>.commands`. In
+//! events mode it reacts to the previous step's event on `<service>.events` and emits its own;
+//! it still answers commands, which is how `baton reconcile` undoes what a failed flow left.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_amqp::relay::{self, Wake};
-use baton_amqp::topology::{self, REPLIES};
+use baton_amqp::topology::{self, EVENTS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
-use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply, reply_type};
-use baton_store::{Db, StoreError, inbox, outbox, tombstone};
+use baton_faults::FaultPlan;
+use baton_protocol::{
+    Action, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, StepReply, events, reply_type,
+};
+use baton_store::{Db, StoreError, inbox, now_ms, outbox, tombstone};
+use rusqlite::{Transaction, params};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::{Ids, ServiceConfig, Step, StepResult, step_for};
 
@@ -21,19 +30,16 @@ use crate::{Ids, ServiceConfig, Step, StepResult, step_for};
 pub struct RunOptions {
     pub amqp_url: String,
     pub data_dir: PathBuf,
+    pub mode: Mode,
     /// Unacked deliveries held at once.
     pub prefetch: u16,
-    /// Injected latency before each command is handled (fault injection; zero by default).
+    /// Latency added before every message is handled (on top of the plan's).
     pub delay: Duration,
+    pub faults: FaultPlan,
 }
 
-/// Run one service until `cancel`; returns once its consumer and relay have stopped.
-pub async fn run(
-    service: Service,
-    cfg: ServiceConfig,
-    opts: RunOptions,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
+/// Run one service until `cancel`; returns once its consumers and relay have stopped.
+pub async fn run(service: Service, cfg: ServiceConfig, opts: RunOptions, cancel: CancellationToken) -> anyhow::Result<()> {
     let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
     let db = open_db(Arc::clone(&step), &opts.data_dir).await?;
     let broker = Broker::connect(&opts.amqp_url, service.name()).await?;
@@ -42,16 +48,17 @@ pub async fn run(
     let wake = Wake::default();
     let tracker = TaskTracker::new();
     tracker.spawn(relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()));
-    let handler = Arc::new(Handler { step, db, wake, delay: opts.delay });
-    let cfg = ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
-    tracker.spawn(consume(
-        broker.clone(),
-        publisher,
-        cfg,
-        move |env| Arc::clone(&handler).handle(env),
-        cancel.clone(),
-    ));
-    tracing::info!(%service, "service running");
+    let delay = opts.delay + opts.faults.delay(service);
+    let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
+    let h = Arc::clone(&handler);
+    let cfg_commands = ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
+    tracker.spawn(consume(broker.clone(), publisher.clone(), cfg_commands, move |env| Arc::clone(&h).on_command(env), cancel.clone()));
+    if opts.mode == Mode::Events {
+        let h = Arc::clone(&handler);
+        let cfg_events = ConsumerConfig { queue: topology::event_queue(service.name()), prefetch: opts.prefetch };
+        tracker.spawn(consume(broker.clone(), publisher, cfg_events, move |env| Arc::clone(&h).on_event(env), cancel.clone()));
+    }
+    tracing::info!(%service, mode = %opts.mode, "service running");
     tracker.close();
     tracker.wait().await;
     broker.close().await;
@@ -77,15 +84,86 @@ struct Handler {
     db: Db,
     wake: Wake,
     delay: Duration,
+    faults: FaultPlan,
 }
 
 fn store_error(e: StoreError) -> HandleError {
     if e.is_transient() { HandleError::Retry(e.to_string()) } else { HandleError::Reject(e.to_string()) }
 }
 
+/// Record an injected fault, in the transaction of the message it touched.
+fn record_fault(tx: &Transaction<'_>, kind: &str, step: Service, key: &str) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![kind, step.name(), key, now_ms()])?;
+    Ok(())
+}
+
+/// What a rule decided about a step.
+struct Verdict {
+    outcome: Outcome,
+    status: Option<u16>,
+    reason: Option<String>,
+    data: Context,
+}
+
+impl Verdict {
+    fn done(data: Context) -> Self {
+        Verdict { outcome: Outcome::Done, status: None, reason: None, data }
+    }
+    fn refused(status: u16, reason: String) -> Self {
+        Verdict { outcome: Outcome::Refused, status: Some(status), reason: Some(reason), data: Context::default() }
+    }
+}
+
 impl Handler {
+    /// The shared part of every message: skip a duplicate (answering it as before), otherwise
+    /// let `decide` work in the transaction and return the messages to send, commit them with
+    /// the inbox row, then wake the relay. The plan may deliver a message twice.
+    async fn in_transaction<F>(&self, message_id: Uuid, dup_key: String, decide: F) -> Result<(), HandleError>
+    where
+        F: FnOnce(&Transaction<'_>, &dyn Step, &FaultPlan) -> Result<Vec<Outgoing>, StoreError> + Send + 'static,
+    {
+        let step = Arc::clone(&self.step);
+        let faults = self.faults.clone();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if let Some(replies) = inbox::seen(&tx, message_id)? {
+                    // A duplicate: answer as before, change nothing.
+                    for r in &replies {
+                        outbox::push(&tx, r)?;
+                    }
+                    tx.commit()?;
+                    return Ok(());
+                }
+                let out = decide(&tx, step.as_ref(), &faults)?;
+                for m in &out {
+                    outbox::push(&tx, m)?;
+                }
+                if faults.duplicates(&dup_key) {
+                    record_fault(&tx, "duplicate", step.service(), &dup_key)?;
+                    for m in &out {
+                        outbox::push(&tx, m)?;
+                    }
+                }
+                inbox::record(&tx, message_id, &out)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(store_error)?;
+        self.wake.wake();
+        Ok(())
+    }
+
+    async fn pause(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action))]
-    async fn handle(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+    async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
         let action = if env.kind == service.do_type() {
             Action::Do
@@ -102,10 +180,7 @@ impl Handler {
         };
         let cmd: StepCommand = env.json().map_err(HandleError::Reject)?;
         if cmd.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; this service reads schema {SCHEMA}",
-                cmd.schema
-            )));
+            return Err(HandleError::Reject(format!("schema {} is not supported; this service reads schema {SCHEMA}", cmd.schema)));
         }
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::Reject(format!(
@@ -114,104 +189,120 @@ impl Handler {
                 action.as_str()
             )));
         }
-        let reply_to = env.reply_to.clone().ok_or_else(|| {
-            HandleError::Reject(format!("a `{}` command needs a reply_to to answer to", env.kind))
-        })?;
+        let reply_to = env
+            .reply_to
+            .clone()
+            .ok_or_else(|| HandleError::Reject(format!("a `{}` command needs a reply_to to answer to", env.kind)))?;
         tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
         tracing::Span::current().record("action", action.as_str());
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        self.pause().await;
+        let dup_key = format!("{service}/{}/{}", action.as_str(), cmd.context.name);
+        self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
+            let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
+            let v = match action {
+                Action::Do => apply(tx, step, faults, ids, &cmd.context)?,
+                Action::Undo => undo(tx, step, ids)?,
+            };
+            let body = StepReply {
+                schema: SCHEMA,
+                saga_id: cmd.saga_id,
+                space_id: cmd.space_id,
+                step: service,
+                action,
+                attempt: cmd.attempt,
+                outcome: v.outcome,
+                status: v.status,
+                reason: v.reason,
+                data: v.data,
+            };
+            let reply =
+                Outgoing::new(REPLIES, &reply_to, &reply_type(&env.kind), cmd.saga_id, service.name(), env.traceparent.child(), &body)
+                    .attempt(cmd.attempt)
+                    .mode(env.mode.as_deref().unwrap_or("workflow"));
+            Ok(vec![reply])
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
+    async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let service = self.step.service();
+        if env.kind != service.trigger_event() {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on {}; it takes {}",
+                env.kind,
+                topology::event_queue(service.name()),
+                service.trigger_event()
+            )));
         }
-        let step = Arc::clone(&self.step);
-        self.db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if let Some(replies) = inbox::seen(&tx, env.message_id)? {
-                    // A duplicate: answer as before, change nothing.
-                    for r in &replies {
-                        outbox::push(&tx, r)?;
-                    }
-                    tx.commit()?;
-                    return Ok(());
+        let event: SpaceEvent = env.json().map_err(HandleError::Reject)?;
+        if event.schema != SCHEMA {
+            return Err(HandleError::Reject(format!("schema {} is not supported; this service reads schema {SCHEMA}", event.schema)));
+        }
+        tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
+        self.pause().await;
+        let dup_key = format!("{service}/do/{}", event.context.name);
+        self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
+            // Events mode has no saga: the space is the unit of work, and of its tombstones.
+            let ids = Ids { space_id: event.space_id, saga_id: event.space_id };
+            let v = apply(tx, step, faults, ids, &event.context)?;
+            let mut context = event.context.clone();
+            let (kind, body) = match v.outcome {
+                Outcome::Done => {
+                    context.merge(&v.data);
+                    (service.done_event(), SpaceEvent { schema: SCHEMA, space_id: event.space_id, context, step: None, status: None, reason: None })
                 }
-                let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
-                let (outcome, status, reason, data) = decide(step.as_ref(), &tx, &cmd, ids)?;
-                let body = StepReply {
-                    schema: SCHEMA,
-                    saga_id: cmd.saga_id,
-                    space_id: cmd.space_id,
-                    step: service,
-                    action,
-                    attempt: cmd.attempt,
-                    outcome,
-                    status,
-                    reason,
-                    data,
-                };
-                let reply = Outgoing::new(
-                    REPLIES,
-                    &reply_to,
-                    &reply_type(&env.kind),
-                    cmd.saga_id,
-                    service.name(),
-                    env.traceparent.child(),
-                    &body,
-                )
-                .attempt(cmd.attempt)
-                .mode(env.mode.as_deref().unwrap_or("workflow"));
-                outbox::push(&tx, &reply)?;
-                inbox::record(&tx, env.message_id, std::slice::from_ref(&reply))?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await
-            .map_err(store_error)?;
-        self.wake.wake();
-        Ok(())
+                Outcome::Refused | Outcome::Failed => (
+                    events::REJECTED,
+                    SpaceEvent {
+                        schema: SCHEMA,
+                        space_id: event.space_id,
+                        context,
+                        step: Some(service),
+                        status: Some(v.status.unwrap_or(409)),
+                        reason: v.reason,
+                    },
+                ),
+            };
+            let msg = Outgoing::new(EVENTS, kind, kind, event.space_id, service.name(), env.traceparent.child(), &body).mode("events");
+            Ok(vec![msg])
+        })
+        .await
     }
 }
 
-type Decision = (Outcome, Option<u16>, Option<String>, Context);
+/// Do a step: nothing if it was compensated already, an injected refusal if the plan says so,
+/// otherwise the rule.
+fn apply(tx: &Transaction<'_>, step: &dyn Step, faults: &FaultPlan, ids: Ids, ctx: &Context) -> Result<Verdict, StoreError> {
+    let service = step.service();
+    if tombstone::exists(tx, ids.saga_id, service.name())? {
+        tracing::info!("step arrived after its compensation; ignored");
+        return Ok(Verdict {
+            outcome: Outcome::Failed,
+            status: Some(409),
+            reason: Some(format!("{service} was already compensated for this request")),
+            data: Context::default(),
+        });
+    }
+    if faults.refuses(service, &ctx.name) {
+        record_fault(tx, "refusal", service, &ctx.name)?;
+        return Ok(Verdict::refused(503, format!("{service} refused (injected by the fault plan)")));
+    }
+    Ok(match step.apply(tx, ids, ctx)? {
+        StepResult::Done(out) => Verdict::done(out),
+        StepResult::Refused { status, reason } => Verdict::refused(status, reason),
+    })
+}
 
-/// The step's verdict on a command, inside the transaction.
-fn decide(
-    step: &dyn Step,
-    tx: &rusqlite::Transaction<'_>,
-    cmd: &StepCommand,
-    ids: Ids,
-) -> Result<Decision, StoreError> {
+/// Undo a step and leave a tombstone, so that a late command or event for it is a no-op.
+fn undo(tx: &Transaction<'_>, step: &dyn Step, ids: Ids) -> Result<Verdict, StoreError> {
     let name = step.service().name();
-    match cmd.action {
-        Action::Do => {
-            if tombstone::exists(tx, cmd.saga_id, name)? {
-                // Compensated before this (late or retried) command arrived: do nothing.
-                tracing::info!("command after its compensation; ignored");
-                return Ok((
-                    Outcome::Failed,
-                    None,
-                    Some(format!("{name} was already compensated for this saga")),
-                    Context::default(),
-                ));
-            }
-            Ok(match step.apply(tx, ids, &cmd.context)? {
-                StepResult::Done(out) => (Outcome::Done, None, None, out),
-                StepResult::Refused { status, reason } => {
-                    (Outcome::Refused, Some(status), Some(reason), Context::default())
-                }
-            })
+    match step.undo(tx, ids) {
+        Some(result) => {
+            result?;
+            tombstone::put(tx, ids.saga_id, name)?;
+            Ok(Verdict::done(Context::default()))
         }
-        Action::Undo => match step.undo(tx, ids) {
-            Some(result) => {
-                result?;
-                tombstone::put(tx, cmd.saga_id, name)?;
-                Ok((Outcome::Done, None, None, Context::default()))
-            }
-            None => Ok((
-                Outcome::Refused,
-                Some(422),
-                Some(format!("{name} cannot be undone")),
-                Context::default(),
-            )),
-        },
+        None => Ok(Verdict::refused(422, format!("{name} cannot be undone"))),
     }
 }

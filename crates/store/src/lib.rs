@@ -68,6 +68,18 @@ const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
         reason TEXT NOT NULL,
         parked_at INTEGER NOT NULL
     );
+    CREATE TABLE faults (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        step TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE relay_stats (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        published INTEGER NOT NULL
+    );
+    INSERT INTO relay_stats (id, published) VALUES (1, 0);
     CREATE TABLE tombstones (
         saga_id TEXT NOT NULL,
         step TEXT NOT NULL,

@@ -18,6 +18,11 @@ pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Messages this database's relay has had confirmed by the broker, ever.
+pub fn published(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT published FROM relay_stats", [], |r| r.get(0))?)
+}
+
 /// Rows waiting in the outbox (for quiescence checks and `/health`).
 pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
@@ -48,10 +53,12 @@ impl OutboxStore for Db {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                for seq in seqs {
+                for seq in &seqs {
                     stmt.execute([seq])?;
                 }
             }
+            // Counted here, where it is certain: what the broker confirmed.
+            tx.prepare_cached("UPDATE relay_stats SET published = published + ?1")?.execute([seqs.len() as i64])?;
             tx.commit()?;
             Ok(())
         })

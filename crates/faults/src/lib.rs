@@ -1,0 +1,274 @@
+//! Fault plans: what to inject, where and when, decided by a seed so that a run can be repeated
+//! and both modes see exactly the same faults.
+//!
+//! Owns: the plan's two forms (a compact flag, `refuse=0.05,delay.routing=20ms,duplicate=0.02,
+//! crash.routing=30%+1s,drop=60%`, or a JSON file given as `@plan.json`), and the deterministic
+//! decisions ([`FaultPlan::refuses`], [`FaultPlan::duplicates`]) keyed by what is the same in
+//! both modes (the space's name and the step). Must not touch: I/O. Components apply the
+//! decisions; the driver of a run (`baton compare`, `baton load`) applies the crashes and
+//! connection drops at the planned points of the load.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use baton_protocol::Service;
+use serde::{Deserialize, Serialize};
+
+/// A component crash: at `at_percent` of the requests sent, kill `component`, restart it after
+/// `down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Crash {
+    pub component: String,
+    pub at_percent: u32,
+    pub down_ms: u64,
+}
+
+/// What to inject. The default injects nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultPlan {
+    pub seed: u64,
+    /// Extra refusal rate per step (0..1), besides the natural refusals of the rules.
+    pub refuse: BTreeMap<Service, f64>,
+    /// Latency added before each step is handled.
+    pub delay_ms: BTreeMap<Service, u64>,
+    /// Rate (0..1) at which a service's outgoing message is delivered twice.
+    pub duplicate: f64,
+    pub crashes: Vec<Crash>,
+    /// Points (percent of requests sent) at which the broker drops every connection.
+    pub connection_drops: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("fault plan item `{item}`: {problem}")]
+pub struct PlanError {
+    pub item: String,
+    pub problem: String,
+}
+
+/// SplitMix64: a good 64-bit mix, so that a decision depends on every byte of its key.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A number in [0, 1) fixed by the seed and the key.
+pub fn roll(seed: u64, key: &str) -> f64 {
+    let mut h = mix(seed);
+    for chunk in key.as_bytes().chunks(8) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        h = mix(h ^ u64::from_le_bytes(b));
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "ms"), |i| s.split_at(i));
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        _ => None,
+    }
+}
+
+fn parse_percent(s: &str) -> Option<u32> {
+    s.strip_suffix('%')?.parse().ok().filter(|p| *p <= 100)
+}
+
+/// The steps a `refuse` or `delay` item without a step applies to.
+fn targets(step: Option<&str>, item: &str, allow_notifier: bool) -> Result<Vec<Service>, PlanError> {
+    match step {
+        None => Ok(Service::ALL.into_iter().filter(|s| allow_notifier || *s != Service::Notifier).collect()),
+        Some(name) => {
+            let s = Service::parse(name).ok_or_else(|| PlanError {
+                item: item.into(),
+                problem: format!("`{name}` is not a step; use records, placement, entitlements, routing or notifier"),
+            })?;
+            if s == Service::Notifier && !allow_notifier {
+                return Err(PlanError { item: item.into(), problem: "the notifier never refuses".into() });
+            }
+            Ok(vec![s])
+        }
+    }
+}
+
+impl FaultPlan {
+    /// The plan `baton compare` uses unless told otherwise: a few refusals at every step, a
+    /// little latency, some duplicates, a crash of routing and one connection drop.
+    pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%";
+
+    /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
+    pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
+        let text = text.trim();
+        if let Some(path) = text.strip_prefix('@') {
+            let raw = std::fs::read_to_string(path)
+                .map_err(|e| PlanError { item: text.into(), problem: format!("cannot read the file: {e}") })?;
+            let mut plan: FaultPlan = serde_json::from_str(&raw)
+                .map_err(|e| PlanError { item: text.into(), problem: format!("not a valid plan: {e}") })?;
+            if plan.seed == 0 {
+                plan.seed = seed;
+            }
+            return Ok(plan);
+        }
+        let mut plan = FaultPlan { seed, ..FaultPlan::default() };
+        if text.is_empty() || text == "none" {
+            return Ok(plan);
+        }
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let err = |problem: &str| PlanError { item: item.into(), problem: problem.into() };
+            let (key, value) = item.split_once('=').ok_or_else(|| err("expected key=value"))?;
+            let (kind, step) = match key.split_once('.') {
+                Some((k, s)) => (k, Some(s)),
+                None => (key, None),
+            };
+            match kind {
+                "refuse" => {
+                    let rate: f64 = value.parse().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| err("a rate between 0 and 1"))?;
+                    for s in targets(step, item, false)? {
+                        plan.refuse.insert(s, rate);
+                    }
+                }
+                "delay" => {
+                    let d = parse_duration(value).ok_or_else(|| err("a duration such as 5ms or 1s"))?;
+                    for s in targets(step, item, true)? {
+                        plan.delay_ms.insert(s, d.as_millis() as u64);
+                    }
+                }
+                "duplicate" => {
+                    plan.duplicate =
+                        value.parse().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| err("a rate between 0 and 1"))?;
+                }
+                "crash" => {
+                    let component = step.ok_or_else(|| err("name the component: crash.routing=40%+1s"))?;
+                    let known = ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"];
+                    if !known.contains(&component) {
+                        return Err(err("crash one of records, placement, entitlements, routing, notifier, orchestrator"));
+                    }
+                    let (at, down) = value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+1s"))?;
+                    plan.crashes.push(Crash {
+                        component: component.into(),
+                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the requests sent"))?,
+                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 1s"))?.as_millis() as u64,
+                    });
+                }
+                "drop" => plan.connection_drops.push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
+                _ => return Err(err("unknown fault; use refuse, delay, duplicate, crash or drop")),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Whether the plan refuses `step` for the space named `name`, beyond the rules.
+    pub fn refuses(&self, step: Service, name: &str) -> bool {
+        self.refuse.get(&step).is_some_and(|rate| roll(self.seed, &format!("refuse/{step}/{name}")) < *rate)
+    }
+
+    /// Whether the outgoing message `message_key` (stable in both modes) is sent twice.
+    pub fn duplicates(&self, message_key: &str) -> bool {
+        self.duplicate > 0.0 && roll(self.seed, &format!("duplicate/{message_key}")) < self.duplicate
+    }
+
+    pub fn delay(&self, step: Service) -> Duration {
+        Duration::from_millis(self.delay_ms.get(&step).copied().unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.refuse.is_empty()
+            && self.delay_ms.is_empty()
+            && self.duplicate == 0.0
+            && self.crashes.is_empty()
+            && self.connection_drops.is_empty()
+    }
+
+    /// The plan as one JSON line, to hand to child processes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plans serialise")
+    }
+}
+
+impl fmt::Display for FaultPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return write!(f, "no faults (seed {})", self.seed);
+        }
+        let mut parts = Vec::new();
+        for (s, r) in &self.refuse {
+            parts.push(format!("refuse {s} {:.1}%", r * 100.0));
+        }
+        for (s, d) in &self.delay_ms {
+            parts.push(format!("delay {s} {d}ms"));
+        }
+        if self.duplicate > 0.0 {
+            parts.push(format!("duplicate {:.1}%", self.duplicate * 100.0));
+        }
+        for c in &self.crashes {
+            parts.push(format!("crash {} at {}% for {}ms", c.component, c.at_percent, c.down_ms));
+        }
+        for d in &self.connection_drops {
+            parts.push(format!("drop connections at {d}%"));
+        }
+        write!(f, "{} (seed {})", parts.join(", "), self.seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_compact_form() {
+        let p = FaultPlan::parse("refuse=0.1,refuse.routing=0.5,delay.routing=20ms,duplicate=0.02,crash.routing=40%+1s,drop=70%", 7).unwrap();
+        assert_eq!(p.refuse[&Service::Records], 0.1);
+        assert_eq!(p.refuse[&Service::Routing], 0.5);
+        assert!(!p.refuse.contains_key(&Service::Notifier));
+        assert_eq!(p.delay(Service::Routing), Duration::from_millis(20));
+        assert_eq!(p.delay(Service::Records), Duration::ZERO);
+        assert_eq!(p.crashes, vec![Crash { component: "routing".into(), at_percent: 40, down_ms: 1000 }]);
+        assert_eq!(p.connection_drops, vec![70]);
+        assert!(FaultPlan::parse(FaultPlan::DEFAULT, 1).is_ok());
+        assert!(FaultPlan::parse("none", 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn mistakes_name_the_item() {
+        for (text, words) in [
+            ("refuse=2", "between 0 and 1"),
+            ("refuse.notifier=0.1", "never refuses"),
+            ("refuse.nobody=0.1", "not a step"),
+            ("crash=40%+1s", "name the component"),
+            ("crash.gateway=40%+1s", "crash one of"),
+            ("crash.routing=140%+1s", "40% of the requests"),
+            ("explode=1", "unknown fault"),
+            ("delay=fast", "duration"),
+        ] {
+            let e = FaultPlan::parse(text, 1).unwrap_err();
+            assert!(e.to_string().contains(words), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn decisions_are_fixed_by_the_seed_and_follow_the_rate() {
+        let p = FaultPlan::parse("refuse=0.25,duplicate=0.5", 42).unwrap();
+        let names: Vec<String> = (0..4000).map(|i| format!("space-{i}")).collect();
+        let picks = |p: &FaultPlan| names.iter().filter(|n| p.refuses(Service::Placement, n)).count();
+        assert_eq!(picks(&p), picks(&FaultPlan::parse("refuse=0.25,duplicate=0.5", 42).unwrap()));
+        let n = picks(&p);
+        assert!((850..1150).contains(&n), "about a quarter: {n}");
+        let other = FaultPlan::parse("refuse=0.25", 43).unwrap();
+        let same: usize = names.iter().filter(|n| p.refuses(Service::Placement, n) == other.refuses(Service::Placement, n)).count();
+        assert!(same < 3900, "another seed gives other faults");
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let p = FaultPlan::parse(FaultPlan::DEFAULT, 9).unwrap();
+        let back: FaultPlan = serde_json::from_str(&p.to_json()).unwrap();
+        assert_eq!(back, p);
+        assert!(p.to_string().contains("crash routing at 40%"));
+    }
+}
