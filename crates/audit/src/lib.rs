@@ -25,6 +25,11 @@ pub enum Kind {
     Partial,
     /// The rollback stopped: an operator must retry it.
     CompensationFailed,
+    /// Told 504 (no outcome in time), yet the space was completed afterwards: the client
+    /// believes it may not exist.
+    TimedOutButCompleted,
+    /// Told 504, and nothing of the space exists: the client cannot know.
+    TimedOutNothing,
 }
 
 impl Kind {
@@ -34,6 +39,8 @@ impl Kind {
             Kind::LeftAfterFailure => "left_after_failure",
             Kind::Partial => "partial",
             Kind::CompensationFailed => "compensation_failed",
+            Kind::TimedOutButCompleted => "timed_out_but_completed",
+            Kind::TimedOutNothing => "timed_out_nothing",
         }
     }
 }
@@ -87,6 +94,10 @@ pub struct Report {
     pub complete: usize,
     pub in_flight: usize,
     pub violations: Vec<Violation>,
+    /// Rows left behind by spaces that did not complete, per service (emails included).
+    pub orphans: BTreeMap<Service, usize>,
+    /// Emails sent for spaces whose record does not exist.
+    pub emails_without_space: usize,
 }
 
 impl Report {
@@ -122,7 +133,77 @@ const TABLES: [(Service, &str); 5] = [
     (Service::Notifier, "emails"),
 ];
 
-fn ids(dir: &Path, db: &str, sql: &str) -> Result<Vec<(String, Option<i64>)>, AuditError> {
+/// What one space has, across the databases, and what its client was told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceRows {
+    pub space_id: String,
+    /// The saga (workflow mode) or the space itself (events mode) that the rows belong to.
+    pub saga_id: Option<String>,
+    pub present: BTreeSet<Service>,
+    pub told: Option<u16>,
+    /// When its oldest row was written (ms since the epoch).
+    pub oldest_ms: Option<i64>,
+    /// A saga is still working on it (running, compensating, or its email is on its way).
+    pub in_flight: bool,
+    pub compensation_failed: bool,
+}
+
+impl SpaceRows {
+    pub fn is_complete(&self) -> bool {
+        self.present.len() == Service::ALL.len()
+    }
+}
+
+/// Read every space of `dir`: which services hold a row for it, and what its client was told.
+pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
+    if !TABLES.iter().any(|(s, _)| dir.join(format!("{}.db", s.name())).exists()) {
+        return Err(AuditError::Empty(dir.display().to_string()));
+    }
+    let mut spaces: BTreeMap<String, SpaceRows> = BTreeMap::new();
+    for (service, table) in TABLES {
+        let time = if service == Service::Notifier { "sent_at" } else { "created_at" };
+        for (id, saga, at) in rows3::<String, String, i64>(dir, &format!("{}.db", service.name()), &format!("SELECT space_id, saga_id, {time} FROM {table}"))? {
+            let s = space(&mut spaces, id);
+            s.present.insert(service);
+            s.saga_id.get_or_insert(saga);
+            s.oldest_ms = Some(s.oldest_ms.map_or(at, |o| o.min(at)));
+        }
+    }
+    // What each client was told: the gateway's record first, the orchestrator's answer where
+    // the gateway has none (a saga started without it).
+    for (id, status, state) in rows3::<String, i64, String>(dir, "orchestrator.db", "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas")? {
+        let s = space(&mut spaces, id);
+        s.told = u16::try_from(status).ok();
+        s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
+        s.compensation_failed = state == "compensation_failed";
+    }
+    for (id, status, _) in rows3::<String, i64, String>(dir, "gateway.db", "SELECT space_id, COALESCE(told_status, -1), '' FROM requests")? {
+        let s = space(&mut spaces, id);
+        if let Ok(t) = u16::try_from(status) {
+            s.told = Some(t);
+        }
+    }
+    Ok(spaces.into_values().collect())
+}
+
+fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows {
+    spaces.entry(id.clone()).or_insert_with(|| SpaceRows {
+        space_id: id,
+        saga_id: None,
+        present: BTreeSet::new(),
+        told: None,
+        oldest_ms: None,
+        in_flight: false,
+        compensation_failed: false,
+    })
+}
+
+fn rows3<A, B, C>(dir: &Path, db: &str, sql: &str) -> Result<Vec<(A, B, C)>, AuditError>
+where
+    A: rusqlite::types::FromSql,
+    B: rusqlite::types::FromSql,
+    C: rusqlite::types::FromSql,
+{
     let path = dir.join(db);
     if !path.exists() {
         return Ok(Vec::new());
@@ -130,75 +211,59 @@ fn ids(dir: &Path, db: &str, sql: &str) -> Result<Vec<(String, Option<i64>)>, Au
     let conn = baton_store::open_read_only(&path)?;
     let read = |e| AuditError::Read { db: db.into(), source: e };
     let mut stmt = conn.prepare(sql).map_err(read)?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(read)?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(read)?;
     rows.collect::<Result<_, _>>().map_err(read)
+}
+
+/// The verdict on one space, if something is wrong with it.
+pub fn judge(s: &SpaceRows) -> Option<Kind> {
+    let complete = s.is_complete();
+    if s.compensation_failed {
+        return Some(Kind::CompensationFailed);
+    }
+    if s.in_flight {
+        return None;
+    }
+    match s.told {
+        Some(200) if !complete => Some(Kind::MissingAfterSuccess),
+        Some(200) => None,
+        Some(504) if complete => Some(Kind::TimedOutButCompleted),
+        Some(504) if s.present.is_empty() => Some(Kind::TimedOutNothing),
+        Some(504) | None if !s.present.is_empty() && !complete => Some(Kind::Partial),
+        Some(504) | None => None,
+        Some(_) if !s.present.is_empty() => Some(Kind::LeftAfterFailure),
+        Some(_) => None,
+    }
 }
 
 /// Check the invariant over `dir`.
 pub fn audit(dir: &Path) -> Result<Report, AuditError> {
-    if !TABLES.iter().any(|(s, _)| dir.join(format!("{}.db", s.name())).exists()) {
-        return Err(AuditError::Empty(dir.display().to_string()));
-    }
-    let mut rows: BTreeMap<String, BTreeSet<Service>> = BTreeMap::new();
-    for (service, table) in TABLES {
-        for (id, _) in
-            ids(dir, &format!("{}.db", service.name()), &format!("SELECT space_id, NULL FROM {table}"))?
-        {
-            rows.entry(id).or_default().insert(service);
-        }
-    }
-    // What each client was told, from the gateway; the orchestrator's answer where the gateway
-    // has none (a request started without it).
-    let mut told: BTreeMap<String, Option<u16>> = BTreeMap::new();
-    let mut in_flight: BTreeSet<String> = BTreeSet::new();
-    let mut stuck: BTreeSet<String> = BTreeSet::new();
-    for (id, status) in ids(dir, "orchestrator.db", "SELECT space_id, answer_status FROM sagas")? {
-        told.insert(id, status.map(|s| s as u16));
-    }
-    for (id, _) in ids(
-        dir,
-        "orchestrator.db",
-        "SELECT space_id, NULL FROM sagas WHERE status IN ('running', 'compensating')",
-    )? {
-        in_flight.insert(id);
-    }
-    for (id, _) in
-        ids(dir, "orchestrator.db", "SELECT space_id, NULL FROM sagas WHERE status = 'compensation_failed'")?
-    {
-        stuck.insert(id);
-    }
-    for (id, status) in ids(dir, "gateway.db", "SELECT space_id, told_status FROM requests")? {
-        if let Some(s) = status {
-            told.insert(id, Some(s as u16));
-        } else {
-            told.entry(id).or_insert(None);
-        }
-    }
-    let all: BTreeSet<String> = rows.keys().chain(told.keys()).cloned().collect();
-    let mut report = Report { spaces: all.len(), in_flight: in_flight.len(), ..Default::default() };
-    for id in all {
-        let present: Vec<Service> = rows.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        let missing: Vec<Service> = Service::ALL.into_iter().filter(|s| !present.contains(s)).collect();
-        let told_status = told.get(&id).copied().flatten();
-        if missing.is_empty() {
+    let spaces = scan(dir)?;
+    let mut report = Report { spaces: spaces.len(), ..Default::default() };
+    for s in spaces {
+        if s.is_complete() {
             report.complete += 1;
         }
-        let kind = if stuck.contains(&id) {
-            Some(Kind::CompensationFailed)
-        } else if in_flight.contains(&id) {
-            None
-        } else {
-            match told_status {
-                Some(200) if !missing.is_empty() => Some(Kind::MissingAfterSuccess),
-                Some(200) => None,
-                Some(504) | None if !present.is_empty() && !missing.is_empty() => Some(Kind::Partial),
-                Some(504) | None => None,
-                Some(_) if !present.is_empty() => Some(Kind::LeftAfterFailure),
-                Some(_) => None,
+        if s.in_flight {
+            report.in_flight += 1;
+        }
+        if !s.is_complete() {
+            for svc in &s.present {
+                *report.orphans.entry(*svc).or_default() += 1;
             }
-        };
-        if let Some(kind) = kind {
-            report.violations.push(Violation { space_id: id, kind, told: told_status, present, missing });
+            if s.present.contains(&Service::Notifier) && !s.present.contains(&Service::Records) {
+                report.emails_without_space += 1;
+            }
+        }
+        if let Some(kind) = judge(&s) {
+            let missing = Service::ALL.into_iter().filter(|x| !s.present.contains(x)).collect();
+            report.violations.push(Violation {
+                space_id: s.space_id,
+                kind,
+                told: s.told,
+                present: s.present.into_iter().collect(),
+                missing,
+            });
         }
     }
     report.violations.sort_by(|a, b| (a.kind, &a.space_id).cmp(&(b.kind, &b.space_id)));
@@ -235,17 +300,17 @@ mod tests {
             &["ok"],
         ];
         for ((db, table), ids) in tables.iter().zip(present) {
-            make(
-                dir,
-                db,
-                &format!("CREATE TABLE t (space_id TEXT); CREATE VIEW {table} AS SELECT space_id FROM t;"),
-                ids,
+            let time = if *table == "emails" { "sent_at" } else { "created_at" };
+            let ddl = format!(
+                "CREATE TABLE t (space_id TEXT); CREATE VIEW {table} AS SELECT space_id, 's' AS saga_id, 1 AS {time} FROM t;"
             );
+            make(dir, db, &ddl, ids);
         }
         let g = Connection::open(dir.join("gateway.db")).unwrap();
         g.execute_batch(
             "CREATE TABLE requests (space_id TEXT, told_status INTEGER);
-             INSERT INTO requests VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409);",
+             INSERT INTO requests VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
+                                         ('late', 504);",
         )
         .unwrap();
     }
@@ -261,10 +326,14 @@ mod tests {
             vec![
                 ("told-ok", Kind::MissingAfterSuccess),
                 ("failed", Kind::LeftAfterFailure),
-                ("half", Kind::Partial)
+                ("half", Kind::Partial),
+                ("late", Kind::TimedOutNothing)
             ]
         );
-        assert_eq!(r.spaces, 5);
+        assert_eq!(r.spaces, 6);
+        assert_eq!(r.orphans[&Service::Records], 3);
+        assert_eq!(r.orphans[&Service::Placement], 2);
+        assert_eq!(r.emails_without_space, 0);
         assert_eq!(r.complete, 1);
         let line = r.violations[0].to_string();
         assert!(line.contains("lacks email"), "{line}");
