@@ -156,6 +156,8 @@ pub struct SystemConfig {
     pub delay: Duration,
     pub mode: Mode,
     pub faults: FaultPlan,
+    /// Services not to start (to start them later, or never).
+    pub skip: Vec<Service>,
 }
 
 impl Default for SystemConfig {
@@ -170,6 +172,7 @@ impl Default for SystemConfig {
             delay: Duration::ZERO,
             mode: Mode::Workflow,
             faults: FaultPlan::default(),
+            skip: Vec::new(),
         }
     }
 }
@@ -188,16 +191,13 @@ impl System {
     pub async fn start(env: &TestEnv, cfg: SystemConfig) -> System {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for s in Service::ALL.into_iter().filter(|_| cfg.with_services) {
-            let opts = baton_services::runtime::RunOptions {
-                amqp_url: env.amqp_url(),
-                data_dir: env.data_dir().to_owned(),
-                mode: cfg.mode,
-                prefetch: 32,
-                delay: cfg.delay,
-                faults: cfg.faults.clone(),
-            };
-            tasks.spawn(baton_services::run(s, cfg.services.clone(), opts, cancel.clone()));
+        for s in Service::ALL.into_iter().filter(|s| cfg.with_services && !cfg.skip.contains(s)) {
+            tasks.spawn(baton_services::run(
+                s,
+                cfg.services.clone(),
+                service_options(env, &cfg),
+                cancel.clone(),
+            ));
         }
         if cfg.with_orchestrator && cfg.mode == Mode::Workflow {
             tasks.spawn(baton_orchestrator::run(orchestrator_options(env, &cfg.workflows), cancel.clone()));
@@ -263,6 +263,34 @@ impl Drop for System {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// How the harness runs a service against `env`.
+pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::runtime::RunOptions {
+    baton_services::runtime::RunOptions {
+        amqp_url: env.amqp_url(),
+        data_dir: env.data_dir().to_owned(),
+        mode: cfg.mode,
+        prefetch: 32,
+        delay: cfg.delay,
+        faults: cfg.faults.clone(),
+    }
+}
+
+/// One service started on its own (stop it by cancelling the token).
+pub fn spawn_service(
+    env: &TestEnv,
+    service: Service,
+    cfg: &SystemConfig,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(baton_services::run(
+        service,
+        cfg.services.clone(),
+        service_options(env, cfg),
+        cancel.clone(),
+    ));
+    (cancel, task)
 }
 
 pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orchestrator::Options {

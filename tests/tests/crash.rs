@@ -43,7 +43,8 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
 
     // 36 requests: 24 that succeed, 6 at reserved keys (undone at routing), 6 over quota
     // (undone at entitlements).
-    let mut requests: Vec<(String, String)> = (0..24).map(|i| (format!("space-{i}"), format!("owner-{}", i / 2))).collect();
+    let mut requests: Vec<(String, String)> =
+        (0..24).map(|i| (format!("space-{i}"), format!("owner-{}", i / 2))).collect();
     for (i, key) in ["admin", "api", "www", "status", "admin", "api"].iter().enumerate() {
         requests.push((key.to_string(), format!("reserved-{i}")));
     }
@@ -57,7 +58,8 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
     }
 
     wait_for("sagas in flight to kill the orchestrator under", Duration::from_secs(20), || async {
-        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating')") >= 5).then_some(())
+        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating')") >= 5)
+            .then_some(())
     })
     .await;
     child.start_kill().expect("SIGKILL");
@@ -73,19 +75,30 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
             statuses.push(r.unwrap().0);
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer within 60 s");
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every client gets an answer within 60 s");
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(statuses.len(), requests.len());
     assert!(statuses.iter().all(|s| [200, 403, 409].contains(s)), "only business outcomes: {statuses:?}");
     assert_eq!(ok, 24, "{statuses:?}");
 
     wait_for("every saga to end", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')") == 0).then_some(())
+        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')") == 0)
+            .then_some(())
     })
     .await;
-    assert_eq!(count(&env, "SELECT COUNT(*) FROM sagas"), requests.len() as i64, "one saga per request, none twice");
+    assert_eq!(
+        count(&env, "SELECT COUNT(*) FROM sagas"),
+        requests.len() as i64,
+        "one saga per request, none twice"
+    );
     assert_eq!(count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'completed'"), 24);
-    assert_eq!(scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"), 24, "one email per success");
+    assert_eq!(
+        scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"),
+        24,
+        "one email per success"
+    );
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, 24);

@@ -61,7 +61,11 @@ pub fn shared_queues() -> Vec<QueueSpec> {
         .iter()
         .map(|s| QueueSpec { name: command_queue(s.name()), exchange: COMMANDS, keys: vec![s.name().into()] })
         .collect();
-    qs.push(QueueSpec { name: command_queue(ORCHESTRATOR), exchange: COMMANDS, keys: vec![ORCHESTRATOR.into()] });
+    qs.push(QueueSpec {
+        name: command_queue(ORCHESTRATOR),
+        exchange: COMMANDS,
+        keys: vec![ORCHESTRATOR.into()],
+    });
     qs.extend(Service::ALL.iter().map(|s| QueueSpec {
         name: event_queue(s.name()),
         exchange: EVENTS,
@@ -157,6 +161,25 @@ pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), Am
         .await
         .map_err(err(format!("binding of {} to {} with key {key}", spec.name, spec.exchange)))?;
     }
+    Ok(())
+}
+
+/// A reply queue for a short-lived tool (`baton reconcile`): exclusive to its connection and
+/// deleted with it, bound to [`REPLIES`] with `key`.
+pub async fn declare_private_reply_queue(ch: &Channel, name: &str, key: &str) -> Result<(), AmqpError> {
+    let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    ch.queue_declare(name.into(), opts, FieldTable::default())
+        .await
+        .map_err(|source| AmqpError::Declare { what: format!("queue {name}"), source })?;
+    ch.queue_bind(
+        name.into(),
+        REPLIES.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|source| AmqpError::Declare { what: format!("binding of {name}"), source })?;
     Ok(())
 }
 

@@ -162,7 +162,11 @@ pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
     let mut spaces: BTreeMap<String, SpaceRows> = BTreeMap::new();
     for (service, table) in TABLES {
         let time = if service == Service::Notifier { "sent_at" } else { "created_at" };
-        for (id, saga, at) in rows3::<String, String, i64>(dir, &format!("{}.db", service.name()), &format!("SELECT space_id, saga_id, {time} FROM {table}"))? {
+        for (id, saga, at) in rows3::<String, String, i64>(
+            dir,
+            &format!("{}.db", service.name()),
+            &format!("SELECT space_id, saga_id, {time} FROM {table}"),
+        )? {
             let s = space(&mut spaces, id);
             s.present.insert(service);
             s.saga_id.get_or_insert(saga);
@@ -171,13 +175,21 @@ pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
     }
     // What each client was told: the gateway's record first, the orchestrator's answer where
     // the gateway has none (a saga started without it).
-    for (id, status, state) in rows3::<String, i64, String>(dir, "orchestrator.db", "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas")? {
+    for (id, status, state) in rows3::<String, i64, String>(
+        dir,
+        "orchestrator.db",
+        "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas",
+    )? {
         let s = space(&mut spaces, id);
         s.told = u16::try_from(status).ok();
         s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
         s.compensation_failed = state == "compensation_failed";
     }
-    for (id, status, _) in rows3::<String, i64, String>(dir, "gateway.db", "SELECT space_id, COALESCE(told_status, -1), '' FROM requests")? {
+    for (id, status, _) in rows3::<String, i64, String>(
+        dir,
+        "gateway.db",
+        "SELECT space_id, COALESCE(told_status, -1), '' FROM requests",
+    )? {
         let s = space(&mut spaces, id);
         if let Ok(t) = u16::try_from(status) {
             s.told = Some(t);

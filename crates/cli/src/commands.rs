@@ -73,7 +73,13 @@ struct Setup {
     deadline: Duration,
 }
 
-fn spawn_component(set: &mut JoinSet<Task>, component: Component, args: &UpArgs, setup: &Setup, cancel: &CancellationToken) {
+fn spawn_component(
+    set: &mut JoinSet<Task>,
+    component: Component,
+    args: &UpArgs,
+    setup: &Setup,
+    cancel: &CancellationToken,
+) {
     let (cfg, workflows) = (&setup.cfg, &setup.workflows);
     let service = |s: Service| {
         let opts = baton_services::runtime::RunOptions {
@@ -148,7 +154,8 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         Mode::Workflow => Duration::from_secs(30),
         Mode::Events => Duration::from_secs(5),
     });
-    let setup = Setup { mode, cfg: service_config(&args)?, workflows: workflows_of(&args)?, faults, deadline };
+    let setup =
+        Setup { mode, cfg: service_config(&args)?, workflows: workflows_of(&args)?, faults, deadline };
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
     let cancel = CancellationToken::new();

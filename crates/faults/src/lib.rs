@@ -87,7 +87,9 @@ fn targets(step: Option<&str>, item: &str, allow_notifier: bool) -> Result<Vec<S
         Some(name) => {
             let s = Service::parse(name).ok_or_else(|| PlanError {
                 item: item.into(),
-                problem: format!("`{name}` is not a step; use records, placement, entitlements, routing or notifier"),
+                problem: format!(
+                    "`{name}` is not a step; use records, placement, entitlements, routing or notifier"
+                ),
             })?;
             if s == Service::Notifier && !allow_notifier {
                 return Err(PlanError { item: item.into(), problem: "the notifier never refuses".into() });
@@ -100,14 +102,17 @@ fn targets(step: Option<&str>, item: &str, allow_notifier: bool) -> Result<Vec<S
 impl FaultPlan {
     /// The plan `baton compare` uses unless told otherwise: a few refusals at every step, a
     /// little latency, some duplicates, a crash of routing and one connection drop.
-    pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%";
+    pub const DEFAULT: &'static str =
+        "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
         let text = text.trim();
         if let Some(path) = text.strip_prefix('@') {
-            let raw = std::fs::read_to_string(path)
-                .map_err(|e| PlanError { item: text.into(), problem: format!("cannot read the file: {e}") })?;
+            let raw = std::fs::read_to_string(path).map_err(|e| PlanError {
+                item: text.into(),
+                problem: format!("cannot read the file: {e}"),
+            })?;
             let mut plan: FaultPlan = serde_json::from_str(&raw)
                 .map_err(|e| PlanError { item: text.into(), problem: format!("not a valid plan: {e}") })?;
             if plan.seed == 0 {
@@ -128,7 +133,11 @@ impl FaultPlan {
             };
             match kind {
                 "refuse" => {
-                    let rate: f64 = value.parse().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| err("a rate between 0 and 1"))?;
+                    let rate: f64 = value
+                        .parse()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| err("a rate between 0 and 1"))?;
                     for s in targets(step, item, false)? {
                         plan.refuse.insert(s, rate);
                     }
@@ -140,23 +149,34 @@ impl FaultPlan {
                     }
                 }
                 "duplicate" => {
-                    plan.duplicate =
-                        value.parse().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| err("a rate between 0 and 1"))?;
+                    plan.duplicate = value
+                        .parse()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| err("a rate between 0 and 1"))?;
                 }
                 "crash" => {
                     let component = step.ok_or_else(|| err("name the component: crash.routing=40%+1s"))?;
-                    let known = ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"];
+                    let known =
+                        ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"];
                     if !known.contains(&component) {
-                        return Err(err("crash one of records, placement, entitlements, routing, notifier, orchestrator"));
+                        return Err(err(
+                            "crash one of records, placement, entitlements, routing, notifier, orchestrator",
+                        ));
                     }
-                    let (at, down) = value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+1s"))?;
+                    let (at, down) =
+                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+1s"))?;
                     plan.crashes.push(Crash {
                         component: component.into(),
-                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the requests sent"))?,
-                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 1s"))?.as_millis() as u64,
+                        at_percent: parse_percent(at)
+                            .ok_or_else(|| err("a point such as 40% of the requests sent"))?,
+                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 1s"))?.as_millis()
+                            as u64,
                     });
                 }
-                "drop" => plan.connection_drops.push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
+                "drop" => plan
+                    .connection_drops
+                    .push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
                 _ => return Err(err("unknown fault; use refuse, delay, duplicate, crash or drop")),
             }
         }
@@ -222,7 +242,11 @@ mod tests {
 
     #[test]
     fn parses_the_compact_form() {
-        let p = FaultPlan::parse("refuse=0.1,refuse.routing=0.5,delay.routing=20ms,duplicate=0.02,crash.routing=40%+1s,drop=70%", 7).unwrap();
+        let p = FaultPlan::parse(
+            "refuse=0.1,refuse.routing=0.5,delay.routing=20ms,duplicate=0.02,crash.routing=40%+1s,drop=70%",
+            7,
+        )
+        .unwrap();
         assert_eq!(p.refuse[&Service::Records], 0.1);
         assert_eq!(p.refuse[&Service::Routing], 0.5);
         assert!(!p.refuse.contains_key(&Service::Notifier));
@@ -260,7 +284,10 @@ mod tests {
         let n = picks(&p);
         assert!((850..1150).contains(&n), "about a quarter: {n}");
         let other = FaultPlan::parse("refuse=0.25", 43).unwrap();
-        let same: usize = names.iter().filter(|n| p.refuses(Service::Placement, n) == other.refuses(Service::Placement, n)).count();
+        let same: usize = names
+            .iter()
+            .filter(|n| p.refuses(Service::Placement, n) == other.refuses(Service::Placement, n))
+            .count();
         assert!(same < 3900, "another seed gives other faults");
     }
 

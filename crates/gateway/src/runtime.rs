@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
-use baton_protocol::{Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga, StepError, events};
+use baton_protocol::{
+    Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga, StepError, events,
+};
 use baton_store::{Db, StoreError, inbox, now_ms};
 use rusqlite::params;
 use tokio::net::TcpListener;
@@ -229,14 +231,28 @@ impl Gateway {
         tracing::debug!(%saga_id, %space_id, trace_id = trace.trace_id(), mode = %self.opts.mode, "request accepted");
         let msg = match self.opts.mode {
             Mode::Workflow => {
-                let start = StartSaga { schema: SCHEMA, saga_id, space_id, workflow: self.opts.workflow.clone(), input };
+                let start = StartSaga {
+                    schema: SCHEMA,
+                    saga_id,
+                    space_id,
+                    workflow: self.opts.workflow.clone(),
+                    input,
+                };
                 Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
                     .reply_to(self.reply_key.as_str())
                     .mode("workflow")
             }
             Mode::Events => {
-                let ev = SpaceEvent { schema: SCHEMA, space_id, context: input, step: None, status: None, reason: None };
-                Outgoing::new(EVENTS, events::REQUESTED, events::REQUESTED, space_id, COMPONENT, trace, &ev).mode("events")
+                let ev = SpaceEvent {
+                    schema: SCHEMA,
+                    space_id,
+                    context: input,
+                    step: None,
+                    status: None,
+                    reason: None,
+                };
+                Outgoing::new(EVENTS, events::REQUESTED, events::REQUESTED, space_id, COMPONENT, trace, &ev)
+                    .mode("events")
             }
         };
         let (tx, rx) = oneshot::channel();

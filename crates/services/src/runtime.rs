@@ -39,7 +39,12 @@ pub struct RunOptions {
 }
 
 /// Run one service until `cancel`; returns once its consumers and relay have stopped.
-pub async fn run(service: Service, cfg: ServiceConfig, opts: RunOptions, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    service: Service,
+    cfg: ServiceConfig,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
     let db = open_db(Arc::clone(&step), &opts.data_dir).await?;
     let broker = Broker::connect(&opts.amqp_url, service.name()).await?;
@@ -51,12 +56,26 @@ pub async fn run(service: Service, cfg: ServiceConfig, opts: RunOptions, cancel:
     let delay = opts.delay + opts.faults.delay(service);
     let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
     let h = Arc::clone(&handler);
-    let cfg_commands = ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
-    tracker.spawn(consume(broker.clone(), publisher.clone(), cfg_commands, move |env| Arc::clone(&h).on_command(env), cancel.clone()));
+    let cfg_commands =
+        ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
+    tracker.spawn(consume(
+        broker.clone(),
+        publisher.clone(),
+        cfg_commands,
+        move |env| Arc::clone(&h).on_command(env),
+        cancel.clone(),
+    ));
     if opts.mode == Mode::Events {
         let h = Arc::clone(&handler);
-        let cfg_events = ConsumerConfig { queue: topology::event_queue(service.name()), prefetch: opts.prefetch };
-        tracker.spawn(consume(broker.clone(), publisher, cfg_events, move |env| Arc::clone(&h).on_event(env), cancel.clone()));
+        let cfg_events =
+            ConsumerConfig { queue: topology::event_queue(service.name()), prefetch: opts.prefetch };
+        tracker.spawn(consume(
+            broker.clone(),
+            publisher,
+            cfg_events,
+            move |env| Arc::clone(&h).on_event(env),
+            cancel.clone(),
+        ));
     }
     tracing::info!(%service, mode = %opts.mode, "service running");
     tracker.close();
@@ -111,7 +130,12 @@ impl Verdict {
         Verdict { outcome: Outcome::Done, status: None, reason: None, data }
     }
     fn refused(status: u16, reason: String) -> Self {
-        Verdict { outcome: Outcome::Refused, status: Some(status), reason: Some(reason), data: Context::default() }
+        Verdict {
+            outcome: Outcome::Refused,
+            status: Some(status),
+            reason: Some(reason),
+            data: Context::default(),
+        }
     }
 }
 
@@ -121,7 +145,9 @@ impl Handler {
     /// the inbox row, then wake the relay. The plan may deliver a message twice.
     async fn in_transaction<F>(&self, message_id: Uuid, dup_key: String, decide: F) -> Result<(), HandleError>
     where
-        F: FnOnce(&Transaction<'_>, &dyn Step, &FaultPlan) -> Result<Vec<Outgoing>, StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &dyn Step, &FaultPlan) -> Result<Vec<Outgoing>, StoreError>
+            + Send
+            + 'static,
     {
         let step = Arc::clone(&self.step);
         let faults = self.faults.clone();
@@ -180,7 +206,10 @@ impl Handler {
         };
         let cmd: StepCommand = env.json().map_err(HandleError::Reject)?;
         if cmd.schema != SCHEMA {
-            return Err(HandleError::Reject(format!("schema {} is not supported; this service reads schema {SCHEMA}", cmd.schema)));
+            return Err(HandleError::Reject(format!(
+                "schema {} is not supported; this service reads schema {SCHEMA}",
+                cmd.schema
+            )));
         }
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::Reject(format!(
@@ -189,10 +218,9 @@ impl Handler {
                 action.as_str()
             )));
         }
-        let reply_to = env
-            .reply_to
-            .clone()
-            .ok_or_else(|| HandleError::Reject(format!("a `{}` command needs a reply_to to answer to", env.kind)))?;
+        let reply_to = env.reply_to.clone().ok_or_else(|| {
+            HandleError::Reject(format!("a `{}` command needs a reply_to to answer to", env.kind))
+        })?;
         tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
         tracing::Span::current().record("action", action.as_str());
         self.pause().await;
@@ -215,10 +243,17 @@ impl Handler {
                 reason: v.reason,
                 data: v.data,
             };
-            let reply =
-                Outgoing::new(REPLIES, &reply_to, &reply_type(&env.kind), cmd.saga_id, service.name(), env.traceparent.child(), &body)
-                    .attempt(cmd.attempt)
-                    .mode(env.mode.as_deref().unwrap_or("workflow"));
+            let reply = Outgoing::new(
+                REPLIES,
+                &reply_to,
+                &reply_type(&env.kind),
+                cmd.saga_id,
+                service.name(),
+                env.traceparent.child(),
+                &body,
+            )
+            .attempt(cmd.attempt)
+            .mode(env.mode.as_deref().unwrap_or("workflow"));
             Ok(vec![reply])
         })
         .await
@@ -237,7 +272,10 @@ impl Handler {
         }
         let event: SpaceEvent = env.json().map_err(HandleError::Reject)?;
         if event.schema != SCHEMA {
-            return Err(HandleError::Reject(format!("schema {} is not supported; this service reads schema {SCHEMA}", event.schema)));
+            return Err(HandleError::Reject(format!(
+                "schema {} is not supported; this service reads schema {SCHEMA}",
+                event.schema
+            )));
         }
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         self.pause().await;
@@ -250,7 +288,17 @@ impl Handler {
             let (kind, body) = match v.outcome {
                 Outcome::Done => {
                     context.merge(&v.data);
-                    (service.done_event(), SpaceEvent { schema: SCHEMA, space_id: event.space_id, context, step: None, status: None, reason: None })
+                    (
+                        service.done_event(),
+                        SpaceEvent {
+                            schema: SCHEMA,
+                            space_id: event.space_id,
+                            context,
+                            step: None,
+                            status: None,
+                            reason: None,
+                        },
+                    )
                 }
                 Outcome::Refused | Outcome::Failed => (
                     events::REJECTED,
@@ -264,7 +312,16 @@ impl Handler {
                     },
                 ),
             };
-            let msg = Outgoing::new(EVENTS, kind, kind, event.space_id, service.name(), env.traceparent.child(), &body).mode("events");
+            let msg = Outgoing::new(
+                EVENTS,
+                kind,
+                kind,
+                event.space_id,
+                service.name(),
+                env.traceparent.child(),
+                &body,
+            )
+            .mode("events");
             Ok(vec![msg])
         })
         .await
@@ -273,7 +330,13 @@ impl Handler {
 
 /// Do a step: nothing if it was compensated already, an injected refusal if the plan says so,
 /// otherwise the rule.
-fn apply(tx: &Transaction<'_>, step: &dyn Step, faults: &FaultPlan, ids: Ids, ctx: &Context) -> Result<Verdict, StoreError> {
+fn apply(
+    tx: &Transaction<'_>,
+    step: &dyn Step,
+    faults: &FaultPlan,
+    ids: Ids,
+    ctx: &Context,
+) -> Result<Verdict, StoreError> {
     let service = step.service();
     if tombstone::exists(tx, ids.saga_id, service.name())? {
         tracing::info!("step arrived after its compensation; ignored");

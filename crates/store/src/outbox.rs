@@ -58,7 +58,8 @@ impl OutboxStore for Db {
                 }
             }
             // Counted here, where it is certain: what the broker confirmed.
-            tx.prepare_cached("UPDATE relay_stats SET published = published + ?1")?.execute([seqs.len() as i64])?;
+            tx.prepare_cached("UPDATE relay_stats SET published = published + ?1")?
+                .execute([seqs.len() as i64])?;
             tx.commit()?;
             Ok(())
         })

@@ -1,0 +1,213 @@
+//! `baton reconcile`: the cron job of the events mode, which finds what failed or stuck flows left
+//! behind and undoes it.
+//!
+//! Owns: choosing what to undo (from `baton-audit`'s scan: a space that did not complete, that no
+//! saga is still working on, that its client was not told succeeded, and whose oldest row is
+//! older than a grace period) and undoing it through the services' own compensations, sent as
+//! commands over the broker, never by editing their databases. Must not touch: any database
+//! (it reads them read-only through `baton-audit`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use baton_amqp::topology::{self, COMMANDS};
+use baton_amqp::{Broker, ConsumerConfig, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Where to look and how patient to be.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub amqp_url: String,
+    pub data_dir: PathBuf,
+    /// Leave alone spaces whose oldest row is younger than this: their flow may still be moving.
+    pub older_than: Duration,
+    /// How long to wait for the services to confirm the compensations.
+    pub timeout: Duration,
+}
+
+/// What one run found and fixed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub spaces_scanned: usize,
+    pub scan_ms: u64,
+    /// Spaces left behind, and the rows they held.
+    pub found: usize,
+    pub found_rows: BTreeMap<Service, usize>,
+    /// Rows undone, confirmed by their service.
+    pub fixed_rows: BTreeMap<Service, usize>,
+    /// Compensations that failed or were not confirmed in time.
+    pub failed: Vec<String>,
+    /// Emails of spaces that did not complete: sent, and impossible to take back.
+    pub emails_sent_in_vain: usize,
+    pub took_ms: u64,
+}
+
+impl Summary {
+    pub fn fixed(&self) -> usize {
+        self.fixed_rows.values().sum()
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = |m: &BTreeMap<Service, usize>| {
+            if m.is_empty() {
+                return "none".to_string();
+            }
+            m.iter()
+                .map(|(s, n)| format!("{n} {}{}", baton_audit::row_name(*s), if *n == 1 { "" } else { "s" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(f, "scanned {} spaces in {} ms", self.spaces_scanned, self.scan_ms)?;
+        writeln!(f, "found {} spaces left behind, holding: {}", self.found, rows(&self.found_rows))?;
+        writeln!(f, "undid: {}", rows(&self.fixed_rows))?;
+        if self.emails_sent_in_vain > 0 {
+            writeln!(
+                f,
+                "cannot undo {} email(s) sent for spaces that do not exist",
+                self.emails_sent_in_vain
+            )?;
+        }
+        for e in &self.failed {
+            writeln!(f, "failed: {e}")?;
+        }
+        write!(f, "took {} ms in all", self.took_ms)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One run: scan, undo, wait for the confirmations.
+pub async fn reconcile(opts: &Options) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let dir = opts.data_dir.clone();
+    let spaces = tokio::task::spawn_blocking(move || baton_audit::scan(&dir)).await??;
+    let mut summary = Summary {
+        spaces_scanned: spaces.len(),
+        scan_ms: started.elapsed().as_millis() as u64,
+        ..Default::default()
+    };
+    let cutoff = now_ms() - opts.older_than.as_millis() as i64;
+    let left: Vec<_> = spaces
+        .into_iter()
+        .filter(|s| {
+            !s.is_complete()
+                && !s.present.is_empty()
+                && !s.in_flight
+                && s.told != Some(200)
+                && s.oldest_ms.is_some_and(|t| t <= cutoff)
+        })
+        .collect();
+    summary.found = left.len();
+    let mut todo: Vec<(Uuid, Uuid, Service)> = Vec::new();
+    for s in &left {
+        for svc in &s.present {
+            *summary.found_rows.entry(*svc).or_default() += 1;
+        }
+        if s.present.contains(&Service::Notifier) {
+            summary.emails_sent_in_vain += 1;
+        }
+        let (Ok(space_id), Some(Ok(saga_id))) =
+            (Uuid::parse_str(&s.space_id), s.saga_id.as_deref().map(Uuid::parse_str))
+        else {
+            summary.failed.push(format!("space {} has ids that are not UUIDs", s.space_id));
+            continue;
+        };
+        for svc in s.present.iter().filter(|x| x.undo_type().is_some()) {
+            todo.push((space_id, saga_id, *svc));
+        }
+    }
+    if !todo.is_empty() {
+        undo_all(opts, &todo, &mut summary).await?;
+    }
+    summary.took_ms = started.elapsed().as_millis() as u64;
+    Ok(summary)
+}
+
+/// Send every compensation at once, then collect the confirmations.
+async fn undo_all(
+    opts: &Options,
+    todo: &[(Uuid, Uuid, Service)],
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    let broker = Broker::connect(&opts.amqp_url, "reconcile").await?;
+    broker.declare_topology(&[]).await?;
+    let me = format!("reconcile.{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!("{me}.replies");
+    topology::declare_private_reply_queue(&broker.channel().await?, &queue, &me).await?;
+    let publisher = Publisher::new(broker.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel::<StepReply>();
+    let cancel = CancellationToken::new();
+    let listener = tokio::spawn(consume(
+        broker.clone(),
+        publisher.clone(),
+        ConsumerConfig { queue: queue.clone(), prefetch: 256 },
+        move |env| {
+            let tx = tx.clone();
+            async move {
+                let reply: StepReply = env.json().map_err(HandleError::Reject)?;
+                let _ = tx.send(reply);
+                Ok(())
+            }
+        },
+        cancel.clone(),
+    ));
+    let mut waiting: HashSet<(Uuid, Service)> = HashSet::new();
+    for (space_id, saga_id, svc) in todo {
+        let kind = svc.undo_type().expect("only compensable steps are undone");
+        let cmd = StepCommand {
+            schema: SCHEMA,
+            saga_id: *saga_id,
+            space_id: *space_id,
+            step: *svc,
+            action: Action::Undo,
+            attempt: 1,
+            context: Context::default(),
+        };
+        let msg =
+            Outgoing::new(COMMANDS, svc.name(), kind, *saga_id, "reconcile", TraceParent::new_root(), &cmd)
+                .reply_to(me.as_str())
+                .mode("reconcile");
+        publisher
+            .publish_confirmed(&msg)
+            .await
+            .map_err(|e| anyhow::anyhow!("sending {kind} for {space_id}: {e}"))?;
+        waiting.insert((*space_id, *svc));
+    }
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    while !waiting.is_empty() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(r)) if r.action == Action::Undo && waiting.remove(&(r.space_id, r.step)) => {
+                if r.outcome == Outcome::Done {
+                    *summary.fixed_rows.entry(r.step).or_default() += 1;
+                } else {
+                    summary.failed.push(format!(
+                        "{} could not undo space {}: {}",
+                        r.step,
+                        r.space_id,
+                        r.reason.unwrap_or_default()
+                    ));
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for (space_id, svc) in waiting {
+        summary
+            .failed
+            .push(format!("{svc} did not confirm undoing space {space_id} within {:?}", opts.timeout));
+    }
+    cancel.cancel();
+    let _ = listener.await;
+    broker.close().await;
+    Ok(())
+}
