@@ -246,3 +246,34 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
     }
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_are_dead_lettered_too() {
+    let env = TestEnv::new().await;
+    let sys =
+        System::start(&env, SystemConfig { mode: baton_protocol::Mode::Events, ..SystemConfig::default() })
+            .await;
+    let mut queues: Vec<(String, String, &str)> = Service::ALL
+        .iter()
+        .map(|s| (s.trigger_event().to_string(), topology::event_queue(s.name()), s.trigger_event()))
+        .collect();
+    queues.push((
+        baton_protocol::events::READY.into(),
+        "gateway.main.events".into(),
+        baton_protocol::events::READY,
+    ));
+    for (key, _, kind) in &queues {
+        publish_raw(&env, topology::EVENTS, key, b"[1, 2", props(kind)).await;
+    }
+    for (_, queue, _) in &queues {
+        let dlq = topology::dead_letter_queue(queue);
+        depth_is(&env, &dlq, 1).await;
+        let dead = env.take_messages(&dlq, 1).await;
+        let reason =
+            dead[0]["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap_or_default().to_owned();
+        assert!(reason.contains("is not valid"), "{queue}: {reason}");
+    }
+    let (status, body) = sys.create("still-choreographed", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    sys.stop().await;
+}

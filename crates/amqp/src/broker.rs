@@ -65,7 +65,7 @@ impl Broker {
     /// Connect as component `name` (shown in the management UI's Connections tab).
     pub async fn connect(url: &str, name: &str) -> Result<Broker, AmqpError> {
         let conn = open(url, name).await?;
-        tracing::info!(url = %redact(url), component = name, "connected to RabbitMQ");
+        tracing::debug!(url = %redact(url), component = name, "connected to RabbitMQ");
         Ok(Broker { inner: Arc::new(Inner { url: url.into(), name: name.into(), conn: Mutex::new(conn) }) })
     }
 

@@ -46,11 +46,93 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find what failed or stuck flows left behind (events mode) and undo it through the
+    /// services' own compensations; print what was found, what was fixed, how long it took.
+    Reconcile {
+        #[command(flatten)]
+        data: DataDir,
+        /// The broker the services listen on.
+        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        /// Leave alone spaces younger than this: their flow may still be moving.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        older_than: Duration,
+        /// Run again at this interval, like a cron job, until Ctrl-C.
+        #[arg(long, value_parser = parse_duration)]
+        every: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send N create-space requests at concurrency C through the gateway and sum up the answers.
+    Load {
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, env = "BATON_GATEWAY", default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Seed of the names and owners drawn.
+        #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+        seed: u64,
+        /// Share of requests drawn to be refused by a business rule (reserved keys, a taken
+        /// name, an owner over quota).
+        #[arg(long, default_value_t = 0.1)]
+        refusal_rate: f64,
+        /// Print every answer as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run both modes on the same load and fault plan, each in a fresh vhost and data dir;
+    /// print the table side by side and write an HTML report.
+    Compare(CompareArgs),
     /// Look at sagas: the list, or the timeline of one.
     Workflows {
         #[command(subcommand)]
         command: WorkflowsCommand,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    #[arg(long, default_value_t = 500)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// The fault plan, the same for both modes: `none`, a compact plan such as
+    /// `refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%` (the default), or
+    /// `@plan.json`.
+    #[arg(long, default_value = baton_faults::FaultPlan::DEFAULT)]
+    pub faults: String,
+    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Where to write the HTML report.
+    #[arg(long, default_value = "reports/compare.html")]
+    pub report: PathBuf,
+    /// Share of requests drawn to be refused by a business rule.
+    #[arg(long, default_value_t = 0.1)]
+    pub refusal_rate: f64,
+    /// The broker, without a vhost (each mode gets a fresh one).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    pub amqp_url: String,
+    /// RabbitMQ's management API, used to make the vhosts and drop connections.
+    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
+    pub mgmt_url: String,
+    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
+    pub mgmt_user: String,
+    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
+    pub mgmt_password: String,
+    /// Where the two data dirs go.
+    #[arg(long, default_value = "data/compare")]
+    pub out_dir: PathBuf,
+    /// Keep the two vhosts afterwards, to look at them in the management UI.
+    #[arg(long)]
+    pub keep_vhosts: bool,
+    /// Longest wait for each mode to settle after the load.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub settle_timeout: Duration,
+    /// Print the results as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

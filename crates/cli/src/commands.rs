@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 
-use crate::args::{Cli, Command, Component, DataDir, UpArgs, WorkflowsCommand};
+use crate::args::{Cli, Command, CompareArgs, Component, DataDir, UpArgs, WorkflowsCommand};
 use crate::shutdown;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -23,6 +23,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { component, args } => up(args, Some(component)).await,
         Command::CreateSpace { name, owner, gateway } => create_space(&gateway, &name, &owner).await,
         Command::Audit { data, json } => audit(&data, json),
+        Command::Reconcile { data, amqp_url, older_than, every, json } => {
+            reconcile(data, amqp_url, older_than, every, json).await
+        }
+        Command::Load { requests, concurrency, gateway, seed, refusal_rate, json } => {
+            load(requests, concurrency, gateway, seed, refusal_rate, json).await
+        }
+        Command::Compare(args) => compare(args).await,
         Command::Workflows { command } => workflows(command),
     }
 }
@@ -340,4 +347,134 @@ fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn reconcile(
+    data: DataDir,
+    amqp_url: String,
+    older_than: Duration,
+    every: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let opts = baton_reconcile::Options {
+        amqp_url,
+        data_dir: data.data_dir,
+        older_than,
+        timeout: Duration::from_secs(60),
+    };
+    let cancel = CancellationToken::new();
+    shutdown::on_signal(cancel.clone());
+    loop {
+        let summary = baton_reconcile::reconcile(&opts).await?;
+        if json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            println!("{summary}");
+        }
+        let Some(every) = every else {
+            return Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        };
+        if summary.took_ms > every.as_millis() as u64 {
+            tracing::warn!(took_ms = summary.took_ms, every = ?every, "this run took longer than the interval between runs");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = cancel.cancelled() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+async fn load(
+    requests: usize,
+    concurrency: usize,
+    gateway: String,
+    seed: u64,
+    refusal_rate: f64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !(0.0..=1.0).contains(&refusal_rate) {
+        bail!("--refusal-rate {refusal_rate}: give a share between 0 and 1");
+    }
+    if concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let spec = baton_load::Spec {
+        gateway: gateway.clone(),
+        requests,
+        concurrency,
+        seed,
+        refusal_rate,
+        timeout: Duration::from_secs(60),
+    };
+    let probe = reqwest::Client::new().get(format!("{}/health", gateway.trim_end_matches('/'))).send().await;
+    if probe.is_err() {
+        bail!("no gateway answered at {gateway}; start one with `baton up` or pass --gateway");
+    }
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shown = std::sync::Arc::clone(&progress);
+    let on_done: std::sync::Arc<dyn Fn(usize) + Send + Sync> = std::sync::Arc::new(move |n| {
+        let pct = n * 100 / requests.max(1);
+        if shown.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+            eprint!("\rload: {n}/{requests} requests ({pct}%)");
+        }
+    });
+    let outcome = baton_load::run(&spec, std::sync::Arc::new(|_| {}), on_done).await;
+    eprintln!();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let st = baton_load::Stats::of(&outcome);
+    println!("requests      {}", st.requests);
+    println!(
+        "by status     {}",
+        st.by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "latency (ms)  p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+        st.p50_ms, st.p95_ms, st.p99_ms, st.max_ms
+    );
+    println!("throughput    {:.0} requests/s over {} ms", st.per_second, outcome.elapsed_ms);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    if args.requests == 0 || args.concurrency == 0 {
+        bail!("--requests and --concurrency must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.refusal_rate) {
+        bail!("--refusal-rate {}: give a share between 0 and 1", args.refusal_rate);
+    }
+    let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
+    let opts = baton_compare::Options {
+        baton_bin: std::env::current_exe().context("finding the baton binary")?,
+        amqp_base: args.amqp_url.clone(),
+        mgmt: baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+        out_dir: args.out_dir.clone(),
+        requests: args.requests,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        refusal_rate: args.refusal_rate,
+        faults,
+        quiesce_timeout: args.settle_timeout,
+        keep_vhosts: args.keep_vhosts,
+        progress: true,
+    };
+    eprintln!(
+        "comparing workflow and events: {} requests at concurrency {}, faults: {}",
+        args.requests, args.concurrency, opts.faults
+    );
+    let result = baton_compare::compare(&opts).await?;
+    if let Some(dir) = args.report.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.report, baton_compare::report::html(&result))
+        .with_context(|| format!("writing the report to {}", args.report.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{}", baton_compare::report::table(&result));
+    }
+    eprintln!("report: {}", args.report.display());
+    Ok(ExitCode::SUCCESS)
 }

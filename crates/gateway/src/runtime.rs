@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS};
-use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_amqp::{
+    Broker, ConsumerConfig, Envelope, HandleError, Outgoing, PublishError, Publisher, TraceParent, consume,
+};
 use baton_protocol::{
     Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga, StepError, events,
 };
@@ -257,12 +259,31 @@ impl Gateway {
         };
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending map").insert(saga_id, tx);
-        if let Err(e) = self.publisher.publish_confirmed(&msg).await {
-            self.pending.lock().expect("pending map").remove(&saga_id);
-            self.tell(saga_id, 503).await;
-            return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {e}")));
+        let deadline = tokio::time::Instant::now() + self.opts.deadline;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publisher.publish_confirmed(&msg).await {
+                Ok(()) => break,
+                // The broker said no for sure: nothing was started.
+                Err(e @ (PublishError::Returned(_) | PublishError::Nacked)) => {
+                    self.pending.lock().expect("pending map").remove(&saga_id);
+                    self.tell(saga_id, 503).await;
+                    return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {e}")));
+                }
+                // The channel failed before the confirm: the message may or may not have gone
+                // out. Send it again under the same id (the receiver's inbox drops the double)
+                // rather than tell the client it failed when it may be running.
+                Err(e) => {
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        break;
+                    }
+                    tracing::warn!(error = %e, %saga_id, "publish not confirmed; sending it again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
         }
-        match tokio::time::timeout(self.opts.deadline, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
             _ => {
                 self.pending.lock().expect("pending map").remove(&saga_id);

@@ -1,0 +1,110 @@
+//! `baton compare`: both modes, side by side, under the same load and the same faults.
+//!
+//! Owns: one run per mode (a fresh vhost and data dir, every component as its own `baton run`
+//! process, the load, the faults at their planned points: SIGKILL and restart of a component,
+//! the broker dropping every connection), the wait for quiescence, the audit, the reconcile of
+//! the events run, and the results ([`Comparison`]) with their table and HTML report
+//! ([`report`]). Must not touch: component internals; it drives them from the outside, as an
+//! operator would.
+
+pub mod mgmt;
+pub mod report;
+mod run;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_faults::FaultPlan;
+use baton_load::Stats;
+use baton_protocol::Mode;
+use serde::Serialize;
+
+pub use run::run_mode;
+
+/// How to compare.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `baton` binary that runs the components.
+    pub baton_bin: PathBuf,
+    /// The broker without a vhost: `amqp://guest:guest@127.0.0.1:5672`.
+    pub amqp_base: String,
+    pub mgmt: mgmt::Mgmt,
+    /// Where each mode's data dir goes (`<out>/workflow`, `<out>/events`).
+    pub out_dir: PathBuf,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub seed: u64,
+    pub refusal_rate: f64,
+    pub faults: FaultPlan,
+    /// Longest wait for the system to settle after the load.
+    pub quiesce_timeout: Duration,
+    /// Keep the vhosts (to look at them in the management UI) instead of deleting them.
+    pub keep_vhosts: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// The results of one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeRun {
+    pub mode: Mode,
+    pub vhost: String,
+    pub data_dir: PathBuf,
+    pub stats: Stats,
+    /// Latency of every request, in µs, in request order.
+    pub latencies_us: Vec<u64>,
+    /// Messages the broker confirmed: every component's relay, plus the gateway's requests.
+    pub messages: i64,
+    pub quiescent: bool,
+    pub quiesce_ms: u64,
+    pub audit: baton_audit::Report,
+    pub reconcile: Option<baton_reconcile::Summary>,
+    pub audit_after_reconcile: Option<baton_audit::Report>,
+    /// Faults actually injected, by kind.
+    pub injected: BTreeMap<String, usize>,
+}
+
+impl ModeRun {
+    pub fn messages_per_request(&self) -> f64 {
+        self.messages as f64 / self.stats.requests.max(1) as f64
+    }
+
+    /// Requests answered 504 whose space completed later, and those whose space never did.
+    pub fn timeouts_split(&self) -> (usize, usize) {
+        let completed = self
+            .audit
+            .violations
+            .iter()
+            .filter(|v| v.kind == baton_audit::Kind::TimedOutButCompleted)
+            .count();
+        (completed, self.stats.timeouts.saturating_sub(completed))
+    }
+}
+
+/// Both runs, with what they had in common.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub requests: usize,
+    pub concurrency: usize,
+    pub seed: u64,
+    pub refusal_rate: f64,
+    pub plan: String,
+    pub runs: Vec<ModeRun>,
+}
+
+/// Run both modes, one after the other, on the same load and the same plan.
+pub async fn compare(opts: &Options) -> anyhow::Result<Comparison> {
+    let mut runs = Vec::new();
+    for mode in [Mode::Workflow, Mode::Events] {
+        runs.push(run_mode(opts, mode).await?);
+    }
+    Ok(Comparison {
+        requests: opts.requests,
+        concurrency: opts.concurrency,
+        seed: opts.seed,
+        refusal_rate: opts.refusal_rate,
+        plan: opts.faults.to_string(),
+        runs,
+    })
+}

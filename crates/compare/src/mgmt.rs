@@ -1,0 +1,101 @@
+//! The few calls of RabbitMQ's management HTTP API that Baton needs: vhosts and connections.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// A management API endpoint with its login.
+#[derive(Debug, Clone)]
+pub struct Mgmt {
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    http: reqwest::Client,
+}
+
+impl Mgmt {
+    pub fn new(url: &str, user: &str, password: &str) -> Mgmt {
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("an HTTP client");
+        Mgmt { url: url.trim_end_matches('/').into(), user: user.into(), password: password.into(), http }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}/api{path}", self.url))
+            .basic_auth(&self.user, Some(&self.password))
+    }
+
+    /// Create `vhost` (fresh: an old one of the name is deleted first) and let our user in.
+    pub async fn fresh_vhost(&self, vhost: &str) -> anyhow::Result<()> {
+        self.delete_vhost(vhost).await?;
+        let r = self.req(reqwest::Method::PUT, &format!("/vhosts/{vhost}")).send().await.with_context(|| {
+            format!("the RabbitMQ management API at {} does not answer; enable it with `rabbitmq-plugins enable rabbitmq_management`", self.url)
+        })?;
+        if !r.status().is_success() {
+            bail!("creating vhost {vhost}: HTTP {}", r.status());
+        }
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/permissions/{vhost}/{}", self.user))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("granting {} on {vhost}: HTTP {}", self.user, r.status());
+        }
+        Ok(())
+    }
+
+    pub async fn delete_vhost(&self, vhost: &str) -> anyhow::Result<()> {
+        let r = self.req(reqwest::Method::DELETE, &format!("/vhosts/{vhost}")).send().await.with_context(|| {
+            format!("the RabbitMQ management API at {} does not answer; enable it with `rabbitmq-plugins enable rabbitmq_management`", self.url)
+        })?;
+        if !(r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND) {
+            bail!("deleting vhost {vhost}: HTTP {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Close every client connection of `vhost` from the broker's side; returns how many.
+    pub async fn drop_connections(&self, vhost: &str) -> anyhow::Result<usize> {
+        let conns: Vec<Value> = self
+            .req(reqwest::Method::GET, &format!("/vhosts/{vhost}/connections"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut n = 0;
+        for c in conns {
+            let Some(name) = c["name"].as_str() else { continue };
+            let path = format!("/connections/{}", encode(name));
+            let r = self
+                .req(reqwest::Method::DELETE, &path)
+                .header("X-Reason", "baton fault injection")
+                .send()
+                .await?;
+            if r.status().is_success() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Percent-encode a path segment (connection names hold spaces, `:` and `>`).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connection_names_are_encoded() {
+        assert_eq!(super::encode("127.0.0.1:5 -> 127.0.0.1:5672"), "127.0.0.1%3A5%20-%3E%20127.0.0.1%3A5672");
+    }
+}

@@ -1,0 +1,306 @@
+//! The comparison for people: a progress bar while it runs, a table on stdout, and a
+//! self-contained HTML report with inline SVG charts.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use baton_audit::row_name;
+use baton_protocol::{Mode, Service};
+
+use crate::{Comparison, ModeRun};
+
+/// A progress bar on stderr, redrawn every 2 %.
+pub struct Progress {
+    mode: Mode,
+    total: usize,
+    shown: AtomicUsize,
+    on: bool,
+}
+
+impl Progress {
+    pub fn new(mode: Mode, total: usize, on: bool) -> Progress {
+        Progress { mode, total: total.max(1), shown: AtomicUsize::new(0), on }
+    }
+
+    /// Redraw after `done` requests: in place on a terminal, a line every 25 % elsewhere.
+    pub fn update(&self, done: usize) {
+        use std::io::IsTerminal as _;
+        if !self.on {
+            return;
+        }
+        let pct = done * 100 / self.total;
+        let tty = std::io::stderr().is_terminal();
+        let step = if tty { pct / 2 } else { pct / 25 };
+        // Workers finish out of order: draw only steps not drawn yet.
+        if self.shown.fetch_max(step, Ordering::Relaxed) >= step && done != self.total {
+            return;
+        }
+        let bar: String = (0..40).map(|i| if i * 100 / 40 < pct { '#' } else { '.' }).collect();
+        let mut err = std::io::stderr().lock();
+        let line = format!("{:<8} [{bar}] {pct:>3}%  {done}/{} requests", self.mode.as_str(), self.total);
+        let _ = if tty { write!(err, "\r{line}") } else { writeln!(err, "{line}") };
+        let _ = err.flush();
+    }
+}
+
+/// The rows of the table: a label and one cell per mode.
+fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |label: &str, f: &dyn Fn(&ModeRun) -> String| {
+        rows.push((label.to_owned(), c.runs.iter().map(f).collect()));
+    };
+    row("requests", &|r| r.stats.requests.to_string());
+    row("200 / 4xx / 5xx / 504", &|r| {
+        format!(
+            "{} / {} / {} / {}",
+            r.stats.ok,
+            r.stats.client_errors,
+            r.stats.server_errors + r.stats.no_answer,
+            r.stats.timeouts
+        )
+    });
+    row("latency p50 / p95 / p99 (ms)", &|r| {
+        format!("{:.1} / {:.1} / {:.1}", r.stats.p50_ms, r.stats.p95_ms, r.stats.p99_ms)
+    });
+    row("latency max (ms)", &|r| format!("{:.1}", r.stats.max_ms));
+    row("throughput (requests/s)", &|r| format!("{:.0}", r.stats.per_second));
+    row("messages per request", &|r| format!("{:.1}", r.messages_per_request()));
+    row("settled after the load (ms)", &|r| {
+        format!("{}{}", r.quiesce_ms, if r.quiescent { "" } else { " (not settled)" })
+    });
+    for s in [Service::Records, Service::Placement, Service::Entitlements, Service::Routing] {
+        let label = format!("orphaned {}s", row_name(s));
+        row(&label, &move |r| r.audit.orphans.get(&s).copied().unwrap_or(0).to_string());
+    }
+    row("emails for spaces that do not exist", &|r| r.audit.emails_without_space.to_string());
+    row("504s whose space later completed", &|r| r.timeouts_split().0.to_string());
+    row("504s whose space never completed", &|r| r.timeouts_split().1.to_string());
+    row("audit violations", &|r| r.audit.violations.len().to_string());
+    row("reconcile: spaces found / rows undone", &|r| {
+        r.reconcile.as_ref().map_or_else(|| "not needed".into(), |s| format!("{} / {}", s.found, s.fixed()))
+    });
+    row("reconcile: took (ms)", &|r| {
+        r.reconcile.as_ref().map_or_else(|| "-".into(), |s| s.took_ms.to_string())
+    });
+    row("audit violations after reconcile", &|r| {
+        r.audit_after_reconcile.as_ref().map_or_else(|| "-".into(), |a| a.violations.len().to_string())
+    });
+    let kinds: std::collections::BTreeSet<&String> = c.runs.iter().flat_map(|r| r.injected.keys()).collect();
+    for kind in kinds {
+        let label = format!("faults injected: {kind}");
+        row(&label, &|r| r.injected.get(kind).copied().unwrap_or(0).to_string());
+    }
+    rows
+}
+
+/// The table, for a terminal.
+pub fn table(c: &Comparison) -> String {
+    let rows = rows(c);
+    let w0 = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(10);
+    let w = rows.iter().flat_map(|(_, v)| v.iter().map(String::len)).max().unwrap_or(10).max(10);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} requests at concurrency {}, seed {}, natural refusals {:.0}%, faults: {}",
+        c.requests,
+        c.concurrency,
+        c.seed,
+        c.refusal_rate * 100.0,
+        c.plan
+    );
+    let _ = write!(out, "{:<w0$}", "");
+    for r in &c.runs {
+        let _ = write!(out, "  {:>w$}", r.mode.as_str());
+    }
+    let _ = writeln!(out);
+    for (label, cells) in &rows {
+        let _ = write!(out, "{label:<w0$}");
+        for cell in cells {
+            let _ = write!(out, "  {cell:>w$}");
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
+
+/// Grouped bars: one group per label, one bar per mode.
+fn bars(title: &str, labels: &[String], values: &[Vec<f64>], modes: &[Mode], unit: &str) -> String {
+    let (w, h, left, bottom) = (720.0, 260.0, 50.0, 60.0);
+    let max = values.iter().flatten().copied().fold(0.0_f64, f64::max).max(1.0);
+    let group = (w - left - 10.0) / labels.len().max(1) as f64;
+    let bar = (group * 0.8) / modes.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<figure><figcaption>{}</figcaption><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">"#,
+        esc(title)
+    );
+    let _ = write!(
+        svg,
+        r##"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#999"/>"##,
+        h - bottom,
+        w - 10.0,
+        h - bottom
+    );
+    let _ = write!(
+        svg,
+        r##"<text x="4" y="14" font-size="11" fill="#555">{}</text>"##,
+        esc(&format!("max {max:.0} {unit}"))
+    );
+    for (i, label) in labels.iter().enumerate() {
+        let x0 = left + i as f64 * group + group * 0.1;
+        for (m, v) in values.iter().enumerate() {
+            let val = v.get(i).copied().unwrap_or(0.0);
+            let bh = (h - bottom - 20.0) * val / max;
+            let x = x0 + m as f64 * bar;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {val:.0}</title></rect>"#,
+                h - bottom - bh,
+                bar * 0.95,
+                COLORS[m % 2],
+                modes[m].as_str(),
+                esc(label)
+            );
+        }
+        let _ = write!(
+            svg,
+            r##"<text x="{:.1}" y="{}" font-size="10" text-anchor="end" transform="rotate(-35 {:.1} {})" fill="#333">{}</text>"##,
+            x0 + group * 0.4,
+            h - bottom + 14.0,
+            x0 + group * 0.4,
+            h - bottom + 14.0,
+            esc(label)
+        );
+    }
+    for (m, mode) in modes.iter().enumerate() {
+        let _ = write!(
+            svg,
+            r##"<rect x="{}" y="4" width="10" height="10" fill="{}"/><text x="{}" y="13" font-size="11" fill="#333">{}</text>"##,
+            w - 170.0 + m as f64 * 80.0,
+            COLORS[m % 2],
+            w - 156.0 + m as f64 * 80.0,
+            mode.as_str()
+        );
+    }
+    svg.push_str("</svg></figure>");
+    svg
+}
+
+/// Latency buckets (upper bounds, ms) of the distribution chart.
+const BUCKETS: [f64; 12] =
+    [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, f64::INFINITY];
+
+fn histogram(r: &ModeRun) -> Vec<f64> {
+    let mut counts = vec![0.0; BUCKETS.len()];
+    for us in &r.latencies_us {
+        let ms = *us as f64 / 1000.0;
+        let i = BUCKETS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS.len() - 1);
+        counts[i] += 1.0;
+    }
+    counts
+}
+
+/// The self-contained HTML report: no script, no network, charts inline.
+pub fn html(c: &Comparison) -> String {
+    let modes: Vec<Mode> = c.runs.iter().map(|r| r.mode).collect();
+    let mut page = String::from(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Baton: workflow vs events</title><style>
+body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
+table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
+td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
+.note{color:#555;font-size:.9em}</style></head><body><h1>Baton: workflow vs events</h1>"#,
+    );
+    let _ = write!(
+        page,
+        r#"<p>{} requests at concurrency {}, seed {}, natural refusals {:.0}%.<br>Fault plan: {}</p>"#,
+        c.requests,
+        c.concurrency,
+        c.seed,
+        c.refusal_rate * 100.0,
+        esc(&c.plan)
+    );
+    page.push_str("<table><tr><th></th>");
+    for m in &modes {
+        let _ = write!(page, "<th>{}</th>", m.as_str());
+    }
+    page.push_str("</tr>");
+    for (label, cells) in rows(c) {
+        let _ = write!(page, "<tr><td>{}</td>", esc(&label));
+        for cell in cells {
+            let _ = write!(page, "<td>{}</td>", esc(&cell));
+        }
+        page.push_str("</tr>");
+    }
+    page.push_str("</table>");
+    let bucket_labels: Vec<String> = BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if b.is_infinite() { format!("> {} ms", BUCKETS[i - 1]) } else { format!("<= {b} ms") })
+        .collect();
+    let hist: Vec<Vec<f64>> = c.runs.iter().map(histogram).collect();
+    page.push_str(&bars(
+        "Latency distribution (requests per bucket)",
+        &bucket_labels,
+        &hist,
+        &modes,
+        "requests",
+    ));
+    let outcome_labels: Vec<String> = ["200", "4xx", "5xx", "504"].map(String::from).to_vec();
+    let outcomes: Vec<Vec<f64>> = c
+        .runs
+        .iter()
+        .map(|r| {
+            let s = &r.stats;
+            vec![
+                s.ok as f64,
+                s.client_errors as f64,
+                (s.server_errors + s.no_answer) as f64,
+                s.timeouts as f64,
+            ]
+        })
+        .collect();
+    page.push_str(&bars("Outcomes", &outcome_labels, &outcomes, &modes, "requests"));
+    let kinds: Vec<String> = [
+        "orphaned records",
+        "orphaned placements",
+        "orphaned licences",
+        "orphaned routes",
+        "emails without space",
+        "504 then completed",
+        "504 never completed",
+    ]
+    .map(String::from)
+    .to_vec();
+    let inconsistencies: Vec<Vec<f64>> = c
+        .runs
+        .iter()
+        .map(|r| {
+            let o = |s: Service| r.audit.orphans.get(&s).copied().unwrap_or(0) as f64;
+            let (done, never) = r.timeouts_split();
+            vec![
+                o(Service::Records),
+                o(Service::Placement),
+                o(Service::Entitlements),
+                o(Service::Routing),
+                r.audit.emails_without_space as f64,
+                done as f64,
+                never as f64,
+            ]
+        })
+        .collect();
+    page.push_str(&bars(
+        "Inconsistencies after quiescence (before reconcile)",
+        &kinds,
+        &inconsistencies,
+        &modes,
+        "rows",
+    ));
+    page.push_str(r#"<p class="note">Made by <code>baton compare</code>. Each mode ran in its own vhost and data dir, every component as its own process; the audit checks that a space told 200 has all five rows and a space told it failed has none.</p></body></html>"#);
+    page
+}

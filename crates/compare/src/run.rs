@@ -1,0 +1,362 @@
+//! One mode's run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use baton_amqp::topology;
+use baton_load::{Spec, Stats};
+use baton_protocol::{Mode, Service};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::{ModeRun, Options};
+
+const DATABASES: [&str; 7] =
+    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
+
+/// What the fault task is asked to do.
+enum Fault {
+    Crash { component: String, down: Duration },
+    Drop,
+}
+
+/// The component processes of one run.
+struct Fleet {
+    bin: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+    children: Mutex<HashMap<String, Child>>,
+}
+
+impl Fleet {
+    fn spawn(&self, component: &str) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{component}.log")))
+            .context("opening a component log")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run").arg(component).args(&self.args).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        let child =
+            cmd.spawn().with_context(|| format!("starting `{} run {component}`", self.bin.display()))?;
+        self.children.lock().expect("fleet").insert(component.into(), child);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash: no cleanup, no flush, no goodbye.
+    async fn kill(&self, component: &str) -> bool {
+        let child = self.children.lock().expect("fleet").remove(component);
+        match child {
+            Some(mut c) => {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// SIGTERM everything, then SIGKILL what is still there after 10 s.
+    async fn stop(&self) {
+        let children: Vec<(String, Child)> = self.children.lock().expect("fleet").drain().collect();
+        for (_, c) in &children {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+        }
+        for (name, mut c) in children {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+                tracing::warn!(component = %name, "did not stop within 10 s; killing it");
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn sum(dir: &Path, sql: &str) -> i64 {
+    DATABASES
+        .iter()
+        .filter_map(|db| {
+            let path = dir.join(format!("{db}.db"));
+            let conn = baton_store::open_read_only(&path).ok()?;
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0)).ok()
+        })
+        .sum()
+}
+
+/// Run one mode from a fresh vhost and data dir to its audited results.
+pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
+    let vhost = format!("baton-compare-{mode}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let dir = opts.out_dir.join(mode.as_str());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    opts.mgmt.fresh_vhost(&vhost).await?;
+    let amqp_url = format!("{}/{vhost}", opts.amqp_base.trim_end_matches('/'));
+    let plan_file = dir.join("faults.json");
+    std::fs::write(&plan_file, opts.faults.to_json())?;
+    let port = free_port()?;
+    let fleet = Arc::new(Fleet {
+        bin: opts.baton_bin.clone(),
+        args: vec![
+            "--mode".into(),
+            mode.as_str().into(),
+            "--amqp-url".into(),
+            amqp_url.clone(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--http".into(),
+            format!("127.0.0.1:{port}"),
+            "--faults".into(),
+            format!("@{}", plan_file.display()),
+            "--seed".into(),
+            opts.seed.to_string(),
+            "--log".into(),
+            "warn".into(),
+        ],
+        dir: dir.clone(),
+        children: Mutex::new(HashMap::new()),
+    });
+    let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+    if mode == Mode::Workflow {
+        components.push("orchestrator");
+    }
+    components.push("gateway");
+    for c in &components {
+        fleet.spawn(c)?;
+    }
+    let result = drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await;
+    fleet.stop().await;
+    if !opts.keep_vhosts {
+        opts.mgmt.delete_vhost(&vhost).await?;
+    }
+    result
+}
+
+async fn drive(
+    opts: &Options,
+    mode: Mode,
+    vhost: &str,
+    amqp_url: &str,
+    dir: &Path,
+    port: u16,
+    fleet: &Arc<Fleet>,
+) -> anyhow::Result<ModeRun> {
+    let gateway = format!("http://127.0.0.1:{port}");
+    wait_healthy(&gateway, dir).await?;
+
+    // Faults at their planned points of the load, carried out by a task of their own.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Fault>();
+    let injected = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let fault_task = {
+        let (fleet, injected, mgmt, vhost) =
+            (Arc::clone(fleet), Arc::clone(&injected), opts.mgmt.clone(), vhost.to_owned());
+        tokio::spawn(async move {
+            let mut restarts = tokio::task::JoinSet::new();
+            while let Some(f) = rx.recv().await {
+                match f {
+                    Fault::Crash { component, down } => {
+                        if fleet.kill(&component).await {
+                            *injected
+                                .lock()
+                                .expect("faults")
+                                .entry(format!("crash {component}"))
+                                .or_default() += 1;
+                            let fleet = Arc::clone(&fleet);
+                            restarts.spawn(async move {
+                                tokio::time::sleep(down).await;
+                                if let Err(e) = fleet.spawn(&component) {
+                                    tracing::error!(error = %e, "restarting a crashed component failed");
+                                }
+                            });
+                        }
+                    }
+                    Fault::Drop => {
+                        // The management API lists a connection only once its statistics are
+                        // in, a few seconds after it opened: try for a while.
+                        for _ in 0..40 {
+                            match mgmt.drop_connections(&vhost).await {
+                                Ok(0) => tokio::time::sleep(Duration::from_millis(250)).await,
+                                Ok(n) => {
+                                    *injected
+                                        .lock()
+                                        .expect("faults")
+                                        .entry("connections dropped".into())
+                                        .or_default() += n;
+                                    break;
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "dropping connections failed");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            while restarts.join_next().await.is_some() {}
+        })
+    };
+    let mut triggers: Vec<(usize, Fault)> = Vec::new();
+    let at = |pct: u32| ((opts.requests as u64 * u64::from(pct)) / 100).max(1) as usize;
+    for c in &opts.faults.crashes {
+        if c.component == "orchestrator" && mode == Mode::Events {
+            continue;
+        }
+        triggers.push((
+            at(c.at_percent),
+            Fault::Crash { component: c.component.clone(), down: Duration::from_millis(c.down_ms) },
+        ));
+    }
+    for p in &opts.faults.connection_drops {
+        triggers.push((at(*p), Fault::Drop));
+    }
+    let triggers = Arc::new(Mutex::new(triggers));
+    let on_sent: Arc<dyn Fn(usize) + Send + Sync> = {
+        let (triggers, tx) = (Arc::clone(&triggers), tx.clone());
+        Arc::new(move |n| {
+            let mut t = triggers.lock().expect("triggers");
+            while let Some(i) = t.iter().position(|(when, _)| *when <= n) {
+                let (_, f) = t.swap_remove(i);
+                let _ = tx.send(f);
+            }
+        })
+    };
+    let progress = crate::report::Progress::new(mode, opts.requests, opts.progress);
+    let on_done: Arc<dyn Fn(usize) + Send + Sync> = Arc::new(move |n| progress.update(n));
+    let spec = Spec {
+        gateway: gateway.clone(),
+        requests: opts.requests,
+        concurrency: opts.concurrency,
+        seed: opts.seed,
+        refusal_rate: opts.refusal_rate,
+        timeout: Duration::from_secs(60),
+    };
+    let outcome = baton_load::run(&spec, on_sent, on_done).await;
+    drop(tx);
+    fault_task.await.context("the fault task")?;
+    if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
+    let stats = Stats::of(&outcome);
+
+    let started = Instant::now();
+    let quiescent = quiesce(amqp_url, dir, mode, opts.quiesce_timeout).await?;
+    let quiesce_ms = started.elapsed().as_millis() as u64;
+    // The broker confirmed each relay's messages; the gateway published one per request.
+    let messages = sum(dir, "SELECT published FROM relay_stats") + sum(dir, "SELECT COUNT(*) FROM requests");
+    let mut injected = injected.lock().expect("faults").clone();
+    for db in ["records", "placement", "entitlements", "routing", "notifier"] {
+        let Ok(conn) = baton_store::open_read_only(&dir.join(format!("{db}.db"))) else { continue };
+        let mut stmt = conn.prepare("SELECT kind, COUNT(*) FROM faults GROUP BY kind")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (kind, n) = row?;
+            *injected.entry(kind).or_default() += n as usize;
+        }
+    }
+    let audit = baton_audit::audit(dir)?;
+    let (reconcile, audit_after_reconcile) = if mode == Mode::Events {
+        let r = baton_reconcile::reconcile(&baton_reconcile::Options {
+            amqp_url: amqp_url.to_owned(),
+            data_dir: dir.to_owned(),
+            older_than: Duration::ZERO,
+            timeout: Duration::from_secs(60),
+        })
+        .await?;
+        (Some(r), Some(baton_audit::audit(dir)?))
+    } else {
+        (None, None)
+    };
+    Ok(ModeRun {
+        mode,
+        vhost: vhost.to_owned(),
+        data_dir: dir.to_owned(),
+        latencies_us: outcome.samples.iter().map(|s| s.latency_us).collect(),
+        stats,
+        messages,
+        quiescent,
+        quiesce_ms,
+        audit,
+        reconcile,
+        audit_after_reconcile,
+        injected,
+    })
+}
+
+async fn wait_healthy(gateway: &str, dir: &Path) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{gateway}/health")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {gateway} was not healthy within 60 s; see the logs in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until nothing moves: no message ready in any queue, every outbox empty, no saga still
+/// working, and the inboxes unchanged for a second. Returns whether that happened in time.
+async fn quiesce(amqp_url: &str, dir: &Path, mode: Mode, timeout: Duration) -> anyhow::Result<bool> {
+    let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
+    let mut queues: Vec<String> = topology::shared_queues().into_iter().map(|q| q.name).collect();
+    match mode {
+        Mode::Workflow => {
+            queues.push(topology::reply_queue("orchestrator", "main"));
+            queues.push(topology::reply_queue("gateway", "main"));
+        }
+        Mode::Events => queues.push(topology::gateway_event_queue("main").name),
+    }
+    let deadline = Instant::now() + timeout;
+    let mut last: Option<(i64, Instant)> = None;
+    let settled = loop {
+        let mut ready = 0u64;
+        let ch = broker.channel().await?;
+        for q in &queues {
+            let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            match ch.queue_declare(q.as_str().into(), opts, lapin::types::FieldTable::default()).await {
+                Ok(info) => ready += u64::from(info.message_count()),
+                // Every queue of the list exists once the components have started; a failure
+                // here is not "empty".
+                Err(e) => anyhow::bail!("cannot read the depth of {q}: {e}"),
+            }
+        }
+        let _ = ch.close(200, "probed".into()).await;
+        let outbox = sum(dir, "SELECT COUNT(*) FROM outbox");
+        let working = if mode == Mode::Workflow {
+            sum(dir, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')")
+        } else {
+            0
+        };
+        let handled = sum(dir, "SELECT COUNT(*) FROM inbox");
+        if ready == 0 && outbox == 0 && working == 0 {
+            match last {
+                Some((h, since)) if h == handled && since.elapsed() >= Duration::from_secs(1) => break true,
+                Some((h, _)) if h == handled => {}
+                _ => last = Some((handled, Instant::now())),
+            }
+        } else {
+            last = None;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    broker.close().await;
+    Ok(settled)
+}

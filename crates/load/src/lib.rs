@@ -1,0 +1,257 @@
+//! The load generator: N create-space requests at concurrency C through the HTTP gateway, drawn
+//! from a seed so that both modes get exactly the same requests, with natural refusals (reserved
+//! route keys, a name taken, an owner over quota) at a chosen rate.
+//!
+//! Owns: the request plan ([`plan`]), sending it ([`run`]) and the statistics of the answers
+//! ([`Stats`]). Must not touch: the broker or any database; it only speaks HTTP.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use baton_faults::roll;
+use serde::Serialize;
+
+/// What a request is meant to run into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Intent {
+    /// Should succeed, unless a fault is injected.
+    Plain,
+    /// A reserved route key: refused at routing.
+    Reserved,
+    /// A name many requests want: one wins, the others are refused at records.
+    TakenName,
+    /// An owner past the free plan's quota: refused at entitlements once three exist.
+    OverQuota,
+}
+
+/// One request of the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Request {
+    pub index: usize,
+    pub name: String,
+    pub owner: String,
+    pub intent: Intent,
+}
+
+/// How much load, and how it is drawn.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The gateway's base URL, e.g. http://127.0.0.1:8080.
+    pub gateway: String,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub seed: u64,
+    /// Share (0..1) of requests drawn to be refused by a business rule.
+    pub refusal_rate: f64,
+    /// Give up on one request after this long (the gateway's own deadline is shorter).
+    pub timeout: Duration,
+}
+
+/// The requests of a run: the same for the same seed, whatever the mode.
+pub fn plan(spec: &Spec) -> Vec<Request> {
+    const RESERVED: [&str; 4] = ["admin", "api", "www", "status"];
+    let seed = spec.seed;
+    (0..spec.requests)
+        .map(|i| {
+            let r = roll(seed, &format!("load/{i}"));
+            let third = spec.refusal_rate / 3.0;
+            let plain_owner = format!("o{seed}-{}", i / 2);
+            let (name, owner, intent) = if r < third {
+                (RESERVED[i % RESERVED.len()].to_string(), plain_owner, Intent::Reserved)
+            } else if r < 2.0 * third {
+                (format!("taken-{seed}"), plain_owner, Intent::TakenName)
+            } else if r < spec.refusal_rate {
+                (format!("q{seed}-{i}"), format!("full-{seed}"), Intent::OverQuota)
+            } else {
+                (format!("s{seed}-{i}"), plain_owner, Intent::Plain)
+            };
+            Request { index: i, name, owner, intent }
+        })
+        .collect()
+}
+
+/// One answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub index: usize,
+    pub intent: Intent,
+    /// The HTTP status, or 0 when no answer came (connection error, client timeout).
+    pub status: u16,
+    /// The step that refused, when the body names one.
+    pub step: Option<String>,
+    pub latency_us: u64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub samples: Vec<Sample>,
+    pub elapsed_ms: u64,
+}
+
+/// Send the plan at the spec's concurrency. `on_sent(n)` is called as the n-th request leaves
+/// (a driver injects its faults there).
+pub async fn run(
+    spec: &Spec,
+    on_sent: Arc<dyn Fn(usize) + Send + Sync>,
+    on_done: Arc<dyn Fn(usize) + Send + Sync>,
+) -> Outcome {
+    let client = reqwest::Client::builder()
+        .timeout(spec.timeout)
+        .pool_max_idle_per_host(spec.concurrency.max(1))
+        .build()
+        .expect("an HTTP client");
+    let requests = Arc::new(plan(spec));
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let url = format!("{}/spaces", spec.gateway.trim_end_matches('/'));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..spec.concurrency.max(1) {
+        let (client, requests, next, done, url) =
+            (client.clone(), Arc::clone(&requests), Arc::clone(&next), Arc::clone(&done), url.clone());
+        let (on_sent, on_done) = (Arc::clone(&on_sent), Arc::clone(&on_done));
+        workers.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(req) = requests.get(i) else { break };
+                on_sent(i + 1);
+                let t = Instant::now();
+                let resp = client
+                    .post(&url)
+                    .json(&serde_json::json!({"name": req.name, "owner": req.owner}))
+                    .send()
+                    .await;
+                let (status, step) = match resp {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        (status, body.get("step").and_then(|s| s.as_str()).map(String::from))
+                    }
+                    Err(_) => (0, None),
+                };
+                samples.push(Sample {
+                    index: i,
+                    intent: req.intent,
+                    status,
+                    step,
+                    latency_us: t.elapsed().as_micros() as u64,
+                });
+                on_done(done.fetch_add(1, Ordering::SeqCst) + 1);
+            }
+            samples
+        });
+    }
+    let mut samples = Vec::with_capacity(spec.requests);
+    while let Some(part) = workers.join_next().await {
+        samples.extend(part.expect("a load worker does not panic"));
+    }
+    samples.sort_by_key(|s| s.index);
+    Outcome { samples, elapsed_ms: started.elapsed().as_millis() as u64 }
+}
+
+/// Answers counted and latencies summed up.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Stats {
+    pub requests: usize,
+    pub ok: usize,
+    pub client_errors: usize,
+    pub server_errors: usize,
+    pub timeouts: usize,
+    pub no_answer: usize,
+    pub by_status: BTreeMap<u16, usize>,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub per_second: f64,
+}
+
+/// The value below which `q` of the sorted values fall (nearest rank).
+pub fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+impl Stats {
+    pub fn of(outcome: &Outcome) -> Stats {
+        let mut lat: Vec<u64> = outcome.samples.iter().map(|s| s.latency_us).collect();
+        lat.sort_unstable();
+        let ms = |us: u64| us as f64 / 1000.0;
+        let mut st = Stats {
+            requests: outcome.samples.len(),
+            p50_ms: ms(percentile(&lat, 0.50)),
+            p95_ms: ms(percentile(&lat, 0.95)),
+            p99_ms: ms(percentile(&lat, 0.99)),
+            max_ms: ms(lat.last().copied().unwrap_or(0)),
+            per_second: outcome.samples.len() as f64 / (outcome.elapsed_ms.max(1) as f64 / 1000.0),
+            ..Stats::default()
+        };
+        for s in &outcome.samples {
+            *st.by_status.entry(s.status).or_default() += 1;
+            match s.status {
+                0 => st.no_answer += 1,
+                200 => st.ok += 1,
+                504 => st.timeouts += 1,
+                400..=499 => st.client_errors += 1,
+                _ => st.server_errors += 1,
+            }
+        }
+        st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rate: f64) -> Spec {
+        Spec {
+            gateway: "http://x".into(),
+            requests: 3000,
+            concurrency: 4,
+            seed: 5,
+            refusal_rate: rate,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_plan_is_fixed_by_the_seed_and_refuses_at_the_rate() {
+        let a = plan(&spec(0.3));
+        assert_eq!(a, plan(&spec(0.3)));
+        let refused = a.iter().filter(|r| r.intent != Intent::Plain).count();
+        assert!((800..1000).contains(&refused), "about 30%: {refused}");
+        for r in &a {
+            assert!(
+                r.name.len() <= 63
+                    && r.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{}",
+                r.name
+            );
+        }
+        // Plain owners stay within the free plan (3 spaces).
+        let mut per_owner: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in a.iter().filter(|r| r.intent != Intent::OverQuota) {
+            *per_owner.entry(&r.owner).or_default() += 1;
+        }
+        assert!(per_owner.values().all(|n| *n <= 3));
+        assert!(plan(&spec(0.0)).iter().all(|r| r.intent == Intent::Plain));
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&v, 1.0), 100);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+}

@@ -1,0 +1,94 @@
+//! A small `baton compare` run, as a user would start it: every component a real process, the
+//! default fault plan (refusals, delays, duplicates, a crash, a connection drop).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use baton_compare::{Options, compare, mgmt::Mgmt, report};
+use baton_faults::FaultPlan;
+use baton_protocol::Mode;
+use baton_tests::{amqp_base, baton_bin, mgmt_base};
+
+/// `(step, name)` of every refusal the plan injected in one run.
+fn refusals(dir: &std::path::Path) -> BTreeSet<(String, String)> {
+    let mut all = BTreeSet::new();
+    for db in ["records", "placement", "entitlements", "routing"] {
+        let conn = baton_store::open_read_only(&dir.join(format!("{db}.db"))).unwrap();
+        let mut stmt = conn.prepare("SELECT step, key FROM faults WHERE kind = 'refusal'").unwrap();
+        all.extend(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_shows_what_each_mode_leaves_behind() {
+    baton_tests::init_logs();
+    let out = tempfile::tempdir().unwrap();
+    let opts = Options {
+        baton_bin: baton_bin(),
+        amqp_base: amqp_base(),
+        mgmt: Mgmt::new(&mgmt_base(), "guest", "guest"),
+        out_dir: out.path().to_owned(),
+        requests: 300,
+        concurrency: 16,
+        seed: 11,
+        refusal_rate: 0.1,
+        faults: FaultPlan::parse(FaultPlan::DEFAULT, 11).unwrap(),
+        quiesce_timeout: Duration::from_secs(60),
+        keep_vhosts: false,
+        progress: false,
+    };
+    let c = tokio::time::timeout(Duration::from_secs(110), compare(&opts))
+        .await
+        .expect("a small compare ends well within 2 minutes")
+        .unwrap();
+    let [wf, ev] = &c.runs[..] else { panic!("two runs") };
+    assert_eq!((wf.mode, ev.mode), (Mode::Workflow, Mode::Events));
+    for r in [wf, ev] {
+        assert_eq!(r.stats.requests, 300);
+        assert!(r.quiescent, "{} settled", r.mode);
+        assert_eq!(r.stats.no_answer, 0, "{}: every request got an answer", r.mode);
+        assert!(r.injected.get("crash routing") == Some(&1), "{}: {:?}", r.mode, r.injected);
+        assert!(
+            r.injected.get("connections dropped").is_some_and(|n| *n > 0),
+            "{}: {:?}",
+            r.mode,
+            r.injected
+        );
+        assert!(r.injected.get("refusal").is_some_and(|n| *n > 0), "{}: {:?}", r.mode, r.injected);
+    }
+    // The workflow column: whatever the faults, nothing left inconsistent.
+    assert!(wf.audit.is_clean(), "workflow: {:?}", wf.audit.violations);
+    assert!(wf.reconcile.is_none());
+    // The events column: refusals after the first step leave rows nobody undoes...
+    assert!(!ev.audit.is_clean(), "events mode leaves data behind under this plan");
+    assert!(ev.audit.orphans.get(&baton_protocol::Service::Records).is_some_and(|n| *n > 0));
+    // ...until reconcile undoes them.
+    let fixed = ev.reconcile.as_ref().unwrap();
+    assert!(fixed.fixed() > 0 && fixed.failed.is_empty(), "{fixed}");
+    assert!(ev.audit_after_reconcile.as_ref().unwrap().is_clean());
+    // Half the messages: one event per step instead of a command and a reply.
+    assert!(
+        ev.messages_per_request() < wf.messages_per_request(),
+        "{} vs {}",
+        ev.messages_per_request(),
+        wf.messages_per_request()
+    );
+    // The same seed injected the same refusals in both modes.
+    let (a, b) = (refusals(&wf.data_dir), refusals(&ev.data_dir));
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "same seed, same faults");
+
+    let table = report::table(&c);
+    assert!(
+        table.contains("workflow") && table.contains("events") && table.contains("orphaned records"),
+        "{table}"
+    );
+    let html = report::html(&c);
+    assert!(html.starts_with("<!doctype html>") && html.ends_with("</html>"));
+    assert_eq!(html.matches("<svg").count(), 3, "three charts");
+    assert!(html.contains(">workflow<") && html.contains(">events<"));
+    for fetches in ["<script", "<link", "src=", "https://", "url("] {
+        assert!(!html.contains(fetches), "self-contained, no `{fetches}`");
+    }
+}
