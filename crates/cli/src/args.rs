@@ -99,7 +99,7 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// The fault plan, the same for both modes: `none`, a compact plan such as
-    /// `refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%` (the default), or
+    /// `refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%` (the default), or
     /// `@plan.json`.
     #[arg(long, default_value = baton_faults::FaultPlan::DEFAULT)]
     pub faults: String,

@@ -101,9 +101,9 @@ fn targets(step: Option<&str>, item: &str, allow_notifier: bool) -> Result<Vec<S
 
 impl FaultPlan {
     /// The plan `baton compare` uses unless told otherwise: a few refusals at every step, a
-    /// little latency, some duplicates, a crash of routing and one connection drop.
-    pub const DEFAULT: &'static str =
-        "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+1500ms,drop=70%";
+    /// little latency, some duplicates, a crash of routing longer than the events-mode deadline
+    /// (5 s), and one connection drop.
+    pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
