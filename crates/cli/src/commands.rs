@@ -80,17 +80,35 @@ struct Setup {
     deadline: Duration,
 }
 
+/// The broker URL of one component: its own credentials if it has them
+/// (`BATON_<COMPONENT>_AMQP_URL`, or a file named by `BATON_<COMPONENT>_AMQP_URL_FILE`), else
+/// the shared `--amqp-url`.
+fn component_url(component: &str, shared: &str) -> anyhow::Result<String> {
+    let var = format!("BATON_{}_AMQP_URL", component.to_uppercase());
+    if let Ok(url) = std::env::var(&var) {
+        return Ok(url);
+    }
+    if let Ok(file) = std::env::var(format!("{var}_FILE")) {
+        let url =
+            std::fs::read_to_string(&file).with_context(|| format!("{var}_FILE: cannot read {file}"))?;
+        return Ok(url.trim().to_owned());
+    }
+    Ok(shared.to_owned())
+}
+
 fn spawn_component(
     set: &mut JoinSet<Task>,
     component: Component,
     args: &UpArgs,
     setup: &Setup,
     cancel: &CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let (cfg, workflows) = (&setup.cfg, &setup.workflows);
+    let name = format!("{component:?}").to_lowercase();
+    let amqp_url = component_url(&name, &args.amqp_url)?;
     let service = |s: Service| {
         let opts = baton_services::runtime::RunOptions {
-            amqp_url: args.amqp_url.clone(),
+            amqp_url: amqp_url.clone(),
             data_dir: args.data.data_dir.clone(),
             mode: setup.mode,
             prefetch: args.prefetch,
@@ -99,7 +117,6 @@ fn spawn_component(
         };
         baton_services::run(s, cfg.clone(), opts, cancel.clone())
     };
-    let name = format!("{component:?}").to_lowercase();
     let as_service = match component {
         Component::Records => Some(Service::Records),
         Component::Placement => Some(Service::Placement),
@@ -111,12 +128,12 @@ fn spawn_component(
     if let Some(s) = as_service {
         let fut = service(s);
         set.spawn(async move { (name, fut.await) });
-        return;
+        return Ok(());
     }
     match component {
         Component::Orchestrator => {
             let opts = baton_orchestrator::Options {
-                amqp_url: args.amqp_url.clone(),
+                amqp_url: amqp_url.clone(),
                 data_dir: args.data.data_dir.clone(),
                 instance: args.instance.clone(),
                 prefetch: args.prefetch,
@@ -126,7 +143,7 @@ fn spawn_component(
         }
         Component::Gateway => {
             let opts = baton_gateway::Options {
-                amqp_url: args.amqp_url.clone(),
+                amqp_url: amqp_url.clone(),
                 data_dir: args.data.data_dir.clone(),
                 http: args.http,
                 mode: setup.mode,
@@ -140,6 +157,7 @@ fn spawn_component(
         }
         _ => unreachable!("services were spawned above"),
     }
+    Ok(())
 }
 
 async fn baton_orchestrator_task(
@@ -184,7 +202,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     };
     let mut set = JoinSet::new();
     for c in &components {
-        spawn_component(&mut set, *c, &args, &setup, &cancel);
+        spawn_component(&mut set, *c, &args, &setup, &cancel)?;
     }
     if only.is_none() || only == Some(Component::Gateway) {
         tracing::info!(
