@@ -158,6 +158,8 @@ pub struct SystemConfig {
     pub faults: FaultPlan,
     /// Services not to start (to start them later, or never).
     pub skip: Vec<Service>,
+    /// Start the in-process gateway (off when a test runs it as a process of its own).
+    pub with_gateway: bool,
 }
 
 impl Default for SystemConfig {
@@ -173,6 +175,7 @@ impl Default for SystemConfig {
             mode: Mode::Workflow,
             faults: FaultPlan::default(),
             skip: Vec::new(),
+            with_gateway: true,
         }
     }
 }
@@ -202,6 +205,11 @@ impl System {
         if cfg.with_orchestrator && cfg.mode == Mode::Workflow {
             tasks.spawn(baton_orchestrator::run(orchestrator_options(env, &cfg.workflows), cancel.clone()));
         }
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        if !cfg.with_gateway {
+            let http = SocketAddr::from(([127, 0, 0, 1], 0));
+            return System { http, cancel, tasks, client };
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = listener.local_addr().unwrap();
         let opts = baton_gateway::Options {
@@ -215,16 +223,25 @@ impl System {
             max_in_flight: 1_000,
         };
         tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         let sys = System { http, cancel, tasks, client };
-        let url = format!("http://{http}/health");
+        sys.wait_healthy().await;
+        sys
+    }
+
+    /// Use a gateway that runs elsewhere (a process of the test's).
+    pub async fn use_gateway(&mut self, http: SocketAddr) {
+        self.http = http;
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&self) {
+        let url = format!("http://{}/health", self.http);
         wait_for("the gateway's /health", Duration::from_secs(20), || {
-            let c = sys.client.clone();
+            let c = self.client.clone();
             let url = url.clone();
             async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
         })
         .await;
-        sys
     }
 
     /// `POST /spaces`: the status and the JSON body.
@@ -238,6 +255,17 @@ impl System {
             .expect("POST /spaces");
         let status = r.status().as_u16();
         (status, r.json().await.expect("a JSON body"))
+    }
+
+    /// `POST /spaces`, where the gateway may die: the status, or 0 when no answer came.
+    pub async fn try_create(&self, name: &str, owner: &str) -> u16 {
+        let sent = self
+            .client
+            .post(format!("http://{}/spaces", self.http))
+            .json(&serde_json::json!({"name": name, "owner": owner}))
+            .send()
+            .await;
+        sent.map_or(0, |r| r.status().as_u16())
     }
 
     /// `GET <path>`: the status and the JSON body.
@@ -322,6 +350,28 @@ pub fn rows_for(dir: &Path, service: Service, space_id: &str) -> i64 {
 pub fn scalar(dir: &Path, db: &str, sql: &str) -> i64 {
     let conn = baton_store::open_read_only(&dir.join(db)).expect("database");
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; a test binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Start `baton <args>` against `env` as a real process (killed when dropped), its stderr in
+/// `<data-dir>/<log>`.
+pub fn spawn_baton(env: &TestEnv, args: &[&str], envs: &[(&str, &str)], log: &str) -> tokio::process::Child {
+    let log = std::fs::File::create(env.data_dir().join(log)).unwrap();
+    tokio::process::Command::new(baton_bin())
+        .args(args)
+        .args(["--amqp-url", &env.amqp_url(), "--log", "warn"])
+        .arg("--data-dir")
+        .arg(env.data_dir())
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a baton process")
 }
 
 /// The `baton` binary built next to the tests (`cargo build` puts it in target/<profile>).

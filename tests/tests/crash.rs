@@ -1,24 +1,14 @@
 //! The orchestrator, as a real process, killed with SIGKILL in the middle of sagas: every saga
 //! still ends exactly once, done or undone, and the audit is clean.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use baton_services::ServiceConfig;
-use baton_tests::{System, SystemConfig, TestEnv, baton_bin, scalar, wait_for};
-use tokio::process::{Child, Command};
+use baton_tests::{System, SystemConfig, TestEnv, scalar, spawn_baton, wait_for};
+use tokio::process::Child;
 
 fn orchestrator(env: &TestEnv, log: &str) -> Child {
-    let log = std::fs::File::create(env.data_dir().join(log)).unwrap();
-    Command::new(baton_bin())
-        .args(["run", "orchestrator", "--log", "warn", "--instance", "main", "--amqp-url", &env.amqp_url()])
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start `baton run orchestrator`")
+    spawn_baton(env, &["run", "orchestrator", "--instance", "main"], &[], log)
 }
 
 fn count(env: &TestEnv, sql: &str) -> i64 {

@@ -43,6 +43,8 @@ pub fn redact(url: &str) -> String {
 
 async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let uri: AMQPUri = url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
+    // amqps: the system's roots, plus the CA named by `?cacertfile=` or BATON_AMQP_CA_FILE.
+    let tls = crate::tls::config(url, &uri)?;
     // A quick TCP probe first: with recovery enabled, lapin would retry a missing broker for
     // a long while before saying so.
     let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
@@ -56,9 +58,10 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("baton {name}").into())
         .enable_auto_recover();
-    Connection::connect_uri(uri, props)
-        .await
-        .map_err(|e| AmqpError::Refused { url: redact(url), cause: e.to_string() })
+    let refused =
+        |cause: String| AmqpError::Refused { url: redact(url), cause: crate::tls::explain(url, cause) };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| refused(e.to_string()))?;
+    Connection::connect_uri_with_config(uri, props, tls, runtime).await.map_err(|e| refused(e.to_string()))
 }
 
 impl Broker {

@@ -137,6 +137,7 @@ where
         tracing::Span::current().record("kind", env.kind.as_str());
         match handler(env).await {
             Ok(()) => {
+                crate::crash::point(crate::crash::AFTER_COMMIT_BEFORE_ACK);
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     // Committed but not acked: the redelivery is answered from the inbox.
                     tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");

@@ -15,10 +15,12 @@
 
 mod broker;
 mod consumer;
+pub mod crash;
 mod envelope;
 mod error;
 mod publisher;
 pub mod relay;
+pub mod tls;
 pub mod topology;
 
 pub use broker::{Broker, redact};

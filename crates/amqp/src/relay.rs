@@ -85,6 +85,9 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 }
             }
         }
+        if !done.is_empty() {
+            crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+        }
         if !done.is_empty()
             && let Err(e) = store.confirmed(done).await
         {

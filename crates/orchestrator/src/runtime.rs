@@ -243,7 +243,7 @@ impl Core {
             .call(move |c| {
                 let tx = c.transaction()?;
                 if inbox::seen(&tx, env.message_id)?.is_some() {
-                    return Ok(Ok(None));
+                    return Ok(Ok((None, None)));
                 }
                 inbox::record(&tx, env.message_id, &[])?;
                 let Some((mut saga, meta)) = load(&tx, reply.saga_id)? else {
@@ -272,13 +272,18 @@ impl Core {
                     },
                     now,
                 );
+                let point = dangerous_instant(&saga, reply.step, reply.action);
                 let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
                 tx.commit()?;
-                Ok(Ok(wake))
+                Ok(Ok((wake, point)))
             })
             .await
             .map_err(store_error)?
             .map_err(HandleError::Reject)?;
+        let (wake_at, point) = wake_at;
+        if let Some(point) = point {
+            baton_amqp::crash::point(point);
+        }
         self.timer.schedule(wake_at);
         self.wake.wake();
         Ok(())
@@ -342,6 +347,24 @@ impl Core {
         let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
         tx.commit()?;
         Ok(next.map(|n| n as u64))
+    }
+}
+
+/// The crash point a transition stands at, if any (for the crash tests).
+fn dangerous_instant(saga: &Saga, step: Service, action: Action) -> Option<&'static str> {
+    use baton_workflow::{Phase, SagaStatus};
+    let Some(me) = saga.actions.iter().find(|a| a.service == step) else { return None };
+    match action {
+        Action::Undo if me.phase == Phase::Compensated && saga.status == SagaStatus::Compensating => {
+            Some(baton_amqp::crash::BETWEEN_COMPENSATIONS)
+        }
+        Action::Do
+            if me.phase == Phase::Done
+                && saga.actions.iter().any(|a| a.step == me.step && a.phase == Phase::Running) =>
+        {
+            Some(baton_amqp::crash::MID_PARALLEL_GROUP)
+        }
+        _ => None,
     }
 }
 

@@ -1,0 +1,59 @@
+//! Named crash points, for tests that kill a component at a dangerous instant.
+//!
+//! A component process started with `BATON_CRASH_AT=<point>` (or `<point>:<n>`, the n-th time the
+//! point is reached) sends itself SIGKILL there: no cleanup, no flush, exactly as if the machine
+//! had killed it. Unarmed (the normal case) a crash point costs one atomic load.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// After the handler's transaction committed, before the delivery is acked.
+pub const AFTER_COMMIT_BEFORE_ACK: &str = "after-commit-before-ack";
+/// After the broker confirmed an outbox batch, before its rows are deleted.
+pub const AFTER_PUBLISH_BEFORE_DELETE: &str = "after-publish-before-delete";
+/// In the orchestrator: a compensation is done and committed, another is still to come.
+pub const BETWEEN_COMPENSATIONS: &str = "between-compensations";
+/// In the orchestrator: one member of a parallel group is done and committed, another is not.
+pub const MID_PARALLEL_GROUP: &str = "mid-parallel-group";
+
+pub const ALL: [&str; 4] =
+    [AFTER_COMMIT_BEFORE_ACK, AFTER_PUBLISH_BEFORE_DELETE, BETWEEN_COMPENSATIONS, MID_PARALLEL_GROUP];
+
+struct Armed {
+    point: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var("BATON_CRASH_AT").ok()?;
+            let (point, at) = match spec.split_once(':') {
+                Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
+                None => (spec, 1),
+            };
+            if !ALL.contains(&point.as_str()) {
+                tracing::error!(%point, known = ?ALL, "BATON_CRASH_AT names no crash point; ignored");
+                return None;
+            }
+            tracing::warn!(%point, at, "crash point armed: this process will kill itself there");
+            Some(Armed { point, at, seen: AtomicU64::new(0) })
+        })
+        .as_ref()
+}
+
+/// Die here, with SIGKILL, if this point is armed and its turn has come.
+pub fn point(name: &str) {
+    let Some(a) = armed() else { return };
+    if a.point != name || a.seen.fetch_add(1, Ordering::SeqCst) + 1 != a.at {
+        return;
+    }
+    eprintln!("crash point {name} reached: SIGKILL");
+    let _ = std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status();
+    // The signal is on its way; never go past the point.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
