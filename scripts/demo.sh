@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Baton's demo: the workflow mode (saga orchestration) on a local RabbitMQ.
+# Baton's demo: a short side-by-side comparison of the two modes, then the workflow mode (saga
+# orchestration) kept running on a local RabbitMQ.
 #
 #   scripts/demo.sh
 #
-# It makes sure RabbitMQ is running with its management UI, builds `baton`, starts every
-# component in one process against a fresh vhost (baton-demo) and a fresh data dir (data/demo),
-# creates a few spaces (one is refused at the routing step and rolled back), checks the
-# cross-service invariant with `baton audit`, then keeps the system running so you can use the
-# API and watch the queues until you press Ctrl-C.
+# It makes sure RabbitMQ is running with its management UI, builds `baton`, runs
+# `baton compare` (300 requests at concurrency 16 through both the workflow and the events
+# mode, same load, same fault plan, each in a fresh vhost; prints the table and writes the HTML
+# report reports/compare.html), then starts every component in one process against a fresh
+# vhost (baton-demo) and a fresh data dir (data/demo), creates a few spaces (one is refused at
+# the routing step and rolled back), checks the cross-service invariant with `baton audit`, then
+# keeps the system running so you can use the API and watch the queues until you press Ctrl-C.
 #
 # Settings (environment): BATON_DEMO_HTTP (127.0.0.1:8080), BATON_DEMO_VHOST (baton-demo),
 # BATON_DEMO_DIR (./data/demo), plus those of scripts/lib.sh.
@@ -26,6 +29,12 @@ AMQP_URL_DEMO="amqp://guest:guest@127.0.0.1:5672/$VHOST"
 BATON="./target/release/baton"
 LOG="$DATA_DIR/baton.log"
 BATON_PID=""
+# The short comparison that runs first (baton compare makes and deletes its own two vhosts).
+COMPARE_REQUESTS=300
+COMPARE_CONCURRENCY=16
+COMPARE_REPORT="./reports/compare.html"
+COMPARE_DIR="./data/compare"
+COMPARE_TABLE="./reports/compare.txt"
 
 # ---------------------------------------------------------------------------------------------
 say "checking the Rust toolchain and the local RabbitMQ"
@@ -37,20 +46,46 @@ cargo build --release -p baton-cli
 [ -x "$BATON" ] || die "the build finished but $BATON is missing."
 
 # ---------------------------------------------------------------------------------------------
-# >>> COMPARISON (later issue): when `baton compare` exists, the demo runs it here, first:
-#       both modes (workflow and events) on the same load and fault plan, each in a fresh vhost
-#       and data dir; it prints the side-by-side table and writes an HTML report, e.g.
-#
-#   say "comparing the workflow and events modes (baton compare)"
-#   "$BATON" compare --amqp-url "amqp://guest:guest@127.0.0.1:5672" --report ./reports/compare.html
-#
-# <<< END OF COMPARISON
-# ---------------------------------------------------------------------------------------------
-
+# Checked before the comparison, so a taken port fails at once rather than after it.
 if port_in_use "$HTTP_PORT"; then
     die "port $HTTP_PORT on 127.0.0.1 is already taken (another demo still running? see: ss -ltnp 'sport = :$HTTP_PORT'). Stop that program, or pick another address: BATON_DEMO_HTTP=127.0.0.1:8081 scripts/demo.sh"
 fi
 
+# ---------------------------------------------------------------------------------------------
+# The comparison: both modes (workflow and events) on the same load and the same fault plan
+# (the default one: refusals, delays, duplicates, a crash of routing, connection drops), each in
+# a fresh vhost it makes and deletes itself and a fresh data dir under $COMPARE_DIR. The table
+# goes to stdout (kept in $COMPARE_TABLE), the progress bar to stderr, the charts to the report.
+# A failure is reported and the demo goes on with the workflow system.
+say "comparing the two modes: baton compare, $COMPARE_REQUESTS requests at concurrency $COMPARE_CONCURRENCY (about a minute)"
+mkdir -p "$(dirname "$COMPARE_REPORT")"
+rm -f "$COMPARE_REPORT" "$COMPARE_TABLE"
+compare_ok=0
+COMPARE_SUMMARY="failed this time (see above); retry with: $BATON compare --requests $COMPARE_REQUESTS"
+if BATON_MGMT_PASSWORD="$BATON_MGMT_PASS" "$BATON" compare \
+    --requests "$COMPARE_REQUESTS" --concurrency "$COMPARE_CONCURRENCY" \
+    --report "$COMPARE_REPORT" --out-dir "$COMPARE_DIR" \
+    --mgmt-url "$BATON_MGMT_URL" --mgmt-user "$BATON_MGMT_USER" >"$COMPARE_TABLE"; then
+    compare_ok=1
+fi
+if [ "$compare_ok" -eq 1 ] && [ -s "$COMPARE_REPORT" ]; then
+    echo
+    cat "$COMPARE_TABLE"
+    echo
+    REPORT_ABS="$(cd "$(dirname "$COMPARE_REPORT")" && pwd)/$(basename "$COMPARE_REPORT")"
+    say "the side-by-side table is above; docs/modes.md explains every row"
+    say "HTML report (charts): $REPORT_ABS"
+    say "  open it in a browser: file://$REPORT_ABS   (or: xdg-open $REPORT_ABS)"
+    say "  the two runs' databases are in $COMPARE_DIR/workflow and $COMPARE_DIR/events"
+    COMPARE_SUMMARY="file://$REPORT_ABS   (table: $COMPARE_TABLE)"
+else
+    if [ -s "$COMPARE_TABLE" ]; then cat "$COMPARE_TABLE"; fi
+    warn "baton compare FAILED (its error is above); there is no comparison table or report this time."
+    warn "the demo goes on with the workflow system. To retry the comparison alone:"
+    warn "  $BATON compare --requests $COMPARE_REQUESTS --concurrency $COMPARE_CONCURRENCY --report $COMPARE_REPORT --out-dir $COMPARE_DIR"
+fi
+
+# ---------------------------------------------------------------------------------------------
 say "creating a fresh vhost '$VHOST' through the management API"
 code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -u "$BATON_MGMT_USER:$BATON_MGMT_PASS" \
     -X DELETE "$BATON_MGMT_URL/api/vhosts/$VHOST")"
@@ -188,6 +223,7 @@ cat <<EOT
    and the .dlq queues (docs/operations.md explains what to look at).
 
  Logs: $LOG        Databases: $DATA_DIR/*.db
+ Comparison of the two modes: $COMPARE_SUMMARY
  Press Ctrl-C to stop.
 ================================================================================================
 EOT

@@ -202,3 +202,21 @@ mgmt() {
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1
 }
+
+# url_encode STRING: STRING percent-encoded for a URL path segment ("/" -> "%2F").
+url_encode() {
+    local s="$1" out="" c i
+    for ((i = 0; i < ${#s}; i++)); do
+        c="${s:i:1}"
+        case "$c" in
+            [A-Za-z0-9._~-]) out+="$c" ;;
+            *) out+="$(printf '%%%02X' "'$c")" ;;
+        esac
+    done
+    printf '%s' "$out"
+}
+
+# random_secret: 32 hex characters from /dev/urandom (a password safe in any URL).
+random_secret() {
+    od -An -tx1 -N16 /dev/urandom | tr -d ' \n'
+}

@@ -160,6 +160,7 @@ pub struct SystemConfig {
     pub skip: Vec<Service>,
     /// Start the in-process gateway (off when a test runs it as a process of its own).
     pub with_gateway: bool,
+    pub max_in_flight: usize,
 }
 
 impl Default for SystemConfig {
@@ -176,6 +177,7 @@ impl Default for SystemConfig {
             faults: FaultPlan::default(),
             skip: Vec::new(),
             with_gateway: true,
+            max_in_flight: 1_000,
         }
     }
 }
@@ -220,7 +222,7 @@ impl System {
             instance: "main".into(),
             workflow: cfg.workflow.clone(),
             deadline: cfg.deadline,
-            max_in_flight: 1_000,
+            max_in_flight: cfg.max_in_flight,
         };
         tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
         let sys = System { http, cancel, tasks, client };

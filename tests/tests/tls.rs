@@ -250,6 +250,7 @@ async fn amqps_works_with_the_ca_and_is_refused_without_it() {
         Ok(_) => panic!("amqps without the CA must be refused"),
         Err(e) => e.to_string(),
     };
+    eprintln!("refused as expected: {err}");
     assert!(err.contains("certificate"), "{err}");
     assert!(err.contains(tls::CA_FILE_ENV), "the error names {}: {err}", tls::CA_FILE_ENV);
     assert!(!err.contains("guest:guest"), "the password is redacted: {err}");

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
+use lapin::tcp::AMQPUriTcpExt;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
@@ -55,12 +56,26 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
             return Err(AmqpError::Unreachable { url: redact(url), cause: "no answer within 3 s".into() });
         }
     }
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("baton {name}").into())
-        .enable_auto_recover();
     let refused =
         |cause: String| AmqpError::Refused { url: redact(url), cause: crate::tls::explain(url, cause) };
     let runtime = lapin::runtime::default_runtime().map_err(|e| refused(e.to_string()))?;
+    if uri.scheme == AMQPScheme::AMQPS {
+        // The TLS handshake on its own first, for the same reason: a certificate the client
+        // does not trust would otherwise be retried by the recovery, forever, without a word.
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            uri.connect_with_config_async(tls.as_ref(), &runtime),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(refused(format!("TLS handshake failed: {e}"))),
+            Err(_) => return Err(refused("no TLS handshake within 10 s".into())),
+        }
+    }
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("baton {name}").into())
+        .enable_auto_recover();
     Connection::connect_uri_with_config(uri, props, tls, runtime).await.map_err(|e| refused(e.to_string()))
 }
 
@@ -80,8 +95,9 @@ impl Broker {
         &self.inner.name
     }
 
-    /// A new channel; reconnects first if the connection is gone for good.
-    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+    /// The connection, reopened first if it is gone for good (closed by the broker, or lost
+    /// longer than lapin's recovery would wait).
+    async fn live(&self) -> Result<tokio::sync::MutexGuard<'_, Connection>, AmqpError> {
         let mut conn = self.inner.conn.lock().await;
         let status = conn.status();
         if status.closed() || status.errored() {
@@ -89,12 +105,22 @@ impl Broker {
             *conn = open(&self.inner.url, &self.inner.name).await?;
             tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
         }
+        Ok(conn)
+    }
+
+    /// A new channel; reconnects first if the connection is gone for good.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let conn = self.live().await?;
         Ok(conn.create_channel().await?)
     }
 
     /// Whether the connection is up and not blocked by a broker alarm: what `/health` reports.
+    /// A connection that is gone is reopened here, so the answer is about the broker now.
     pub async fn health(&self) -> Result<(), String> {
-        let conn = self.inner.conn.lock().await;
+        let conn = match self.live().await {
+            Ok(c) => c,
+            Err(e) => return Err(e.to_string()),
+        };
         let s = conn.status();
         if s.blocked() {
             Err("RabbitMQ is blocking publishers (a resource alarm is on)".into())

@@ -18,6 +18,8 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    #[error("replaying onto {queue} failed ({cause}); the message stays in the dead-letter queue")]
+    Replay { queue: String, cause: String },
     #[error("AMQP channel error: {0}")]
     Channel(#[from] lapin::Error),
 }

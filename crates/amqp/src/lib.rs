@@ -16,6 +16,7 @@
 mod broker;
 mod consumer;
 pub mod crash;
+pub mod dlq;
 mod envelope;
 mod error;
 mod publisher;

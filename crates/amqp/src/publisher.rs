@@ -21,6 +21,12 @@ pub struct Publisher {
 #[must_use = "a publish is not done until its confirm says so"]
 pub struct PendingConfirm(PublisherConfirm);
 
+impl From<PublisherConfirm> for PendingConfirm {
+    fn from(c: PublisherConfirm) -> Self {
+        PendingConfirm(c)
+    }
+}
+
 impl PendingConfirm {
     /// Wait for the confirm. `Ok` only for an ack of a routed message.
     pub async fn wait(self) -> Result<(), PublishError> {

@@ -164,6 +164,15 @@ pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), Am
     Ok(())
 }
 
+/// Every work queue of a deployment whose orchestrator and gateway run as `instance`.
+pub fn all_queues(instance: &str) -> Vec<QueueSpec> {
+    let mut qs = shared_queues();
+    qs.push(instance_reply_queue(ORCHESTRATOR, instance));
+    qs.push(instance_reply_queue("gateway", instance));
+    qs.push(gateway_event_queue(instance));
+    qs
+}
+
 /// A reply queue for a short-lived tool (`baton reconcile`): exclusive to its connection and
 /// deleted with it, bound to [`REPLIES`] with `key`.
 pub async fn declare_private_reply_queue(ch: &Channel, name: &str, key: &str) -> Result<(), AmqpError> {

@@ -85,6 +85,11 @@ pub enum Command {
     /// Run both modes on the same load and fault plan, each in a fresh vhost and data dir;
     /// print the table side by side and write an HTML report.
     Compare(CompareArgs),
+    /// Look at the dead-letter queues, or put their messages back after a fix.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Look at sagas: the list, or the timeline of one.
     Workflows {
         #[command(subcommand)]
@@ -135,6 +140,43 @@ pub struct CompareArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct Broker {
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Instance name of the orchestrator and the gateway.
+    #[arg(long, env = "BATON_INSTANCE", default_value = "main")]
+    pub instance: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Every dead-letter queue with its count, and the reasons of its first messages.
+    List {
+        #[command(flatten)]
+        broker: Broker,
+        /// Messages to show per queue.
+        #[arg(long, default_value_t = 5)]
+        peek: u16,
+        /// Show empty dead-letter queues too.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the messages of `<queue>.dlq` back on `<queue>` (after fixing what made them fail).
+    Replay {
+        /// The work queue, e.g. records.commands.
+        queue: String,
+        #[command(flatten)]
+        broker: Broker,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum WorkflowsCommand {
     /// The latest sagas, newest first.
@@ -149,6 +191,15 @@ pub enum WorkflowsCommand {
         limit: usize,
         #[arg(long)]
         json: bool,
+    },
+    /// Finish the rollback of a saga that stopped in compensation_failed, once the cause is
+    /// fixed; waits for the new state.
+    Retry {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        broker: Broker,
     },
     /// One saga: its steps and its timeline.
     Show {
@@ -242,6 +293,9 @@ pub struct UpArgs {
     /// The seed of the fault plan's decisions.
     #[arg(long, env = "BATON_SEED", default_value_t = 1)]
     pub seed: u64,
+    /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
     /// Unacked deliveries each consumer holds.
     #[arg(long, default_value_t = 64)]
     pub prefetch: u16,

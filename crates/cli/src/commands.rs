@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 
-use crate::args::{Cli, Command, CompareArgs, Component, DataDir, UpArgs, WorkflowsCommand};
+use crate::args::{
+    Broker, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs, WorkflowsCommand,
+};
 use crate::shutdown;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -30,7 +32,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             load(requests, concurrency, gateway, seed, refusal_rate, json).await
         }
         Command::Compare(args) => compare(args).await,
+        Command::Workflows { command: WorkflowsCommand::Retry { id, data, broker } } => {
+            retry(id, data, broker).await
+        }
         Command::Workflows { command } => workflows(command),
+        Command::Dlq { command } => dlq(command).await,
     }
 }
 
@@ -150,7 +156,7 @@ fn spawn_component(
                 instance: args.instance.clone(),
                 workflow: args.workflow.clone(),
                 deadline: setup.deadline,
-                max_in_flight: 10_000,
+                max_in_flight: args.max_in_flight,
             };
             let cancel = cancel.clone();
             set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) });
@@ -327,6 +333,7 @@ fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        WorkflowsCommand::Retry { .. } => unreachable!("retry is async, dispatched before"),
         WorkflowsCommand::Show { id, data, json } => {
             let conn = orchestrator_db(&data)?;
             let Some(view) = baton_orchestrator::query::describe(&conn, id)? else {
@@ -495,4 +502,79 @@ async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("report: {}", args.report.display());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyhow::Result<ExitCode> {
+    let status = |data: &DataDir| -> anyhow::Result<String> {
+        let conn = orchestrator_db(data)?;
+        let view = baton_orchestrator::query::describe(&conn, id)?;
+        Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))?.status)
+    };
+    let before = status(&data)?;
+    if before != "compensation_failed" {
+        bail!("workflow {id} is {before}, not compensation_failed: there is no rollback to finish");
+    }
+    baton_orchestrator::request_retry(&broker.amqp_url, &broker.instance, id).await?;
+    eprintln!(
+        "asked orchestrator `{}` to finish the rollback of {id}; waiting (up to 60 s)",
+        broker.instance
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = status(&data)?;
+        // Once retried, the saga leaves compensation_failed for compensating, and then ends.
+        if now == "rolled_back" {
+            println!("{id}: rolled_back");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("{id}: {now}");
+            eprintln!("the rollback did not finish within 60 s; `baton workflows show {id}` tells why");
+            return Ok(ExitCode::from(1));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DlqCommand::List { broker, peek, all, json } => {
+            let b = baton_amqp::Broker::connect(&broker.amqp_url, "operator").await?;
+            let queues =
+                baton_amqp::dlq::list(&b, &baton_amqp::topology::all_queues(&broker.instance), peek).await?;
+            b.close().await;
+            let shown: Vec<_> = queues.into_iter().filter(|q| all || q.count > 0).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else {
+                for q in &shown {
+                    println!("{}: {} message{}", q.queue, q.count, if q.count == 1 { "" } else { "s" });
+                    for m in &q.first {
+                        println!(
+                            "  {} {}: {}",
+                            m.message_id.as_deref().unwrap_or("(no id)"),
+                            m.kind.as_deref().unwrap_or("(no type)"),
+                            m.reason
+                        );
+                    }
+                }
+                if shown.is_empty() {
+                    eprintln!("every dead-letter queue is empty");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay { queue, broker, max } => {
+            let known = baton_amqp::topology::all_queues(&broker.instance);
+            if !known.iter().any(|q| q.name == queue) {
+                let names: Vec<String> = known.into_iter().map(|q| q.name).collect();
+                bail!("`{queue}` is not a work queue of Baton; one of: {}", names.join(", "));
+            }
+            let b = baton_amqp::Broker::connect(&broker.amqp_url, "operator").await?;
+            let n = baton_amqp::dlq::replay(&b, &queue, max).await?;
+            b.close().await;
+            println!("replayed {n} message{} from {queue}.dlq onto {queue}", if n == 1 { "" } else { "s" });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

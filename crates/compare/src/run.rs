@@ -313,14 +313,12 @@ async fn wait_healthy(gateway: &str, dir: &Path) -> anyhow::Result<()> {
 /// working, and the inboxes unchanged for a second. Returns whether that happened in time.
 async fn quiesce(amqp_url: &str, dir: &Path, mode: Mode, timeout: Duration) -> anyhow::Result<bool> {
     let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
-    let mut queues: Vec<String> = topology::shared_queues().into_iter().map(|q| q.name).collect();
-    match mode {
-        Mode::Workflow => {
-            queues.push(topology::reply_queue("orchestrator", "main"));
-            queues.push(topology::reply_queue("gateway", "main"));
-        }
-        Mode::Events => queues.push(topology::gateway_event_queue("main").name),
-    }
+    let queues: Vec<String> = topology::all_queues("main")
+        .into_iter()
+        .map(|q| q.name)
+        // Events mode has no orchestrator, so nobody declared its reply queue.
+        .filter(|q| mode == Mode::Workflow || q != "orchestrator.main.replies")
+        .collect();
     let deadline = Instant::now() + timeout;
     let mut last: Option<(i64, Instant)> = None;
     let settled = loop {

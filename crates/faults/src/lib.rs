@@ -31,8 +31,13 @@ pub struct FaultPlan {
     pub seed: u64,
     /// Extra refusal rate per step (0..1), besides the natural refusals of the rules.
     pub refuse: BTreeMap<Service, f64>,
-    /// Latency added before each step is handled.
+    /// Latency added before each step is done (compensations are not delayed).
     pub delay_ms: BTreeMap<Service, u64>,
+    /// Rate (0..1) at which a step's compensation fails (a technical failure, retried).
+    pub undo_fails: BTreeMap<Service, f64>,
+    /// Rate (0..1) at which a step's handler fails on a message without an answer, so the
+    /// message is requeued until the queue's delivery limit dead-letters it.
+    pub nack: BTreeMap<Service, f64>,
     /// Rate (0..1) at which a service's outgoing message is delivered twice.
     pub duplicate: f64,
     pub crashes: Vec<Crash>,
@@ -148,6 +153,17 @@ impl FaultPlan {
                         plan.delay_ms.insert(s, d.as_millis() as u64);
                     }
                 }
+                "fail-undo" | "nack" => {
+                    let rate: f64 = value
+                        .parse()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| err("a rate between 0 and 1"))?;
+                    let map = if kind == "nack" { &mut plan.nack } else { &mut plan.undo_fails };
+                    for s in targets(step, item, kind == "nack")? {
+                        map.insert(s, rate);
+                    }
+                }
                 "duplicate" => {
                     plan.duplicate = value
                         .parse()
@@ -177,7 +193,11 @@ impl FaultPlan {
                 "drop" => plan
                     .connection_drops
                     .push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
-                _ => return Err(err("unknown fault; use refuse, delay, duplicate, crash or drop")),
+                _ => {
+                    return Err(err(
+                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash or drop",
+                    ));
+                }
             }
         }
         Ok(plan)
@@ -186,6 +206,18 @@ impl FaultPlan {
     /// Whether the plan refuses `step` for the space named `name`, beyond the rules.
     pub fn refuses(&self, step: Service, name: &str) -> bool {
         self.refuse.get(&step).is_some_and(|rate| roll(self.seed, &format!("refuse/{step}/{name}")) < *rate)
+    }
+
+    /// Whether the compensation of `step` fails for the space named `name`.
+    pub fn undo_fails(&self, step: Service, name: &str) -> bool {
+        self.undo_fails.get(&step).is_some_and(|rate| roll(self.seed, &format!("undo/{step}/{name}")) < *rate)
+    }
+
+    /// Whether `step`'s handler fails on the message `message_key` (each delivery of it).
+    pub fn nacks(&self, step: Service, message_key: &str) -> bool {
+        self.nack
+            .get(&step)
+            .is_some_and(|rate| roll(self.seed, &format!("nack/{step}/{message_key}")) < *rate)
     }
 
     /// Whether the outgoing message `message_key` (stable in both modes) is sent twice.
@@ -200,6 +232,8 @@ impl FaultPlan {
     pub fn is_empty(&self) -> bool {
         self.refuse.is_empty()
             && self.delay_ms.is_empty()
+            && self.undo_fails.is_empty()
+            && self.nack.is_empty()
             && self.duplicate == 0.0
             && self.crashes.is_empty()
             && self.connection_drops.is_empty()
@@ -222,6 +256,12 @@ impl fmt::Display for FaultPlan {
         }
         for (s, d) in &self.delay_ms {
             parts.push(format!("delay {s} {d}ms"));
+        }
+        for (s, r) in &self.undo_fails {
+            parts.push(format!("fail undo {s} {:.1}%", r * 100.0));
+        }
+        for (s, r) in &self.nack {
+            parts.push(format!("nack {s} {:.1}%", r * 100.0));
         }
         if self.duplicate > 0.0 {
             parts.push(format!("duplicate {:.1}%", self.duplicate * 100.0));
@@ -255,6 +295,9 @@ mod tests {
         assert_eq!(p.crashes, vec![Crash { component: "routing".into(), at_percent: 40, down_ms: 1000 }]);
         assert_eq!(p.connection_drops, vec![70]);
         assert!(FaultPlan::parse(FaultPlan::DEFAULT, 1).is_ok());
+        let p = FaultPlan::parse("fail-undo.placement=1,nack.records=1", 3).unwrap();
+        assert!(p.undo_fails(Service::Placement, "x") && !p.undo_fails(Service::Records, "x"));
+        assert!(p.nacks(Service::Records, "m") && !p.nacks(Service::Routing, "m"));
         assert!(FaultPlan::parse("none", 1).unwrap().is_empty());
     }
 

@@ -55,7 +55,7 @@ async fn create_space(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesR
         Ok(r) => r,
         Err(invalid) => return error(status(invalid.status), invalid.message),
     };
-    if let Err(reason) = gw.broker.health().await {
+    if let Err(reason) = gw.ready().await {
         return error(StatusCode::SERVICE_UNAVAILABLE, format!("not taking new work: {reason}"));
     }
     let Ok(_slot) = gw.slots.try_acquire() else {

@@ -209,6 +209,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// Whether to take new work: the broker is there. A connection being recovered (a dropped
+    /// connection comes back within a second or two) is waited for, briefly; a broker that is
+    /// away is reported at once after that, never waited on until the client gives up.
+    pub(crate) async fn ready(&self) -> Result<(), String> {
+        let patience = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.broker.health().await {
+                Ok(()) => return Ok(()),
+                Err(reason) if tokio::time::Instant::now() >= patience => return Err(reason),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Hand a request to the orchestrator and wait for its outcome, up to the deadline.
     pub(crate) async fn create(&self, req: CreateSpace) -> Result<SagaOutcome, Refusal> {
         let space_id = Uuid::new_v4();

@@ -15,7 +15,7 @@ pub mod query;
 mod runtime;
 mod schema;
 
-pub use runtime::{Options, run};
+pub use runtime::{Options, request_retry, run};
 pub use schema::MIGRATIONS;
 
 /// The component name: `orchestrator.db`, `app_id`, the command queue's routing key.

@@ -10,8 +10,8 @@ use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, COMMANDS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_protocol::{
-    Action, Context, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga, StepCommand,
-    StepError, StepReply,
+    Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
+    StepCommand, StepError, StepReply,
 };
 use baton_store::{Db, StoreError, inbox, now_ms, outbox};
 use baton_workflow::{Effect, Reply, Saga, Workflow};
@@ -69,7 +69,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         broker.clone(),
         publisher,
         ConsumerConfig { queue: replies.name.clone(), prefetch: opts.prefetch },
-        move |env| Arc::clone(&c).on_reply(env),
+        move |env| {
+            let c = Arc::clone(&c);
+            async move { if env.kind == RETRY { c.on_retry(env).await } else { c.on_reply(env).await } }
+        },
         cancel.clone(),
     ));
     tracker.close();
@@ -289,6 +292,49 @@ impl Core {
         Ok(())
     }
 
+    /// An operator asks to finish a rollback (`baton workflows retry`).
+    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
+    async fn on_retry(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let req: RetrySaga = env.json().map_err(HandleError::Reject)?;
+        tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
+        let core = Arc::clone(&self);
+        let wake_at = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if inbox::seen(&tx, env.message_id)?.is_some() {
+                    return Ok(Ok(None));
+                }
+                inbox::record(&tx, env.message_id, &[])?;
+                let Some((mut saga, meta)) = load(&tx, req.saga_id)? else {
+                    return Ok(Err(format!("no saga {} in this orchestrator instance", req.saga_id)));
+                };
+                let Some(wf) = core.workflows.get(&saga.workflow) else {
+                    return Ok(Err(format!(
+                        "saga {} runs workflow `{}`, which is not loaded",
+                        saga.id, saga.workflow
+                    )));
+                };
+                let now = now_ms() as u64;
+                let effects = saga.retry_compensation(wf, now);
+                if effects.is_empty() {
+                    tracing::info!(
+                        status = saga.status.as_str(),
+                        "retry asked for a saga that is not in compensation_failed; nothing to do"
+                    );
+                }
+                let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
+                tx.commit()?;
+                Ok(Ok(wake))
+            })
+            .await
+            .map_err(store_error)?
+            .map_err(HandleError::Reject)?;
+        self.timer.schedule(wake_at);
+        self.wake.wake();
+        Ok(())
+    }
+
     /// Fire due timeouts and retries, all due sagas in one transaction per round.
     async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
         loop {
@@ -501,4 +547,23 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
 fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
     Outgoing::new(REPLIES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
         .mode("workflow")
+}
+
+/// Ask orchestrator instance `instance` to finish the rollback of saga `saga_id` (an operator's
+/// `baton workflows retry`). The request goes to the instance's own queue, since that instance
+/// owns the saga.
+pub async fn request_retry(amqp_url: &str, instance: &str, saga_id: Uuid) -> anyhow::Result<()> {
+    let broker = Broker::connect(amqp_url, "operator").await?;
+    let publisher = Publisher::new(broker.clone());
+    let body = RetrySaga { schema: SCHEMA, saga_id };
+    let key = topology::reply_key(COMPONENT, instance);
+    let msg = Outgoing::new(REPLIES, &key, RETRY, saga_id, "operator", TraceParent::new_root(), &body);
+    let sent = publisher.publish_confirmed(&msg).await;
+    broker.close().await;
+    sent.map_err(|e| {
+        anyhow::anyhow!(
+            "could not send the retry to orchestrator instance `{instance}` ({e}); is its queue {} there?",
+            topology::reply_queue(COMPONENT, instance)
+        )
+    })
 }

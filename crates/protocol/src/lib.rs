@@ -221,6 +221,17 @@ pub const START: &str = "orchestrator.start";
 /// Type of the orchestrator's answer to [`START`].
 pub const START_REPLY: &str = "orchestrator.start.reply";
 
+/// Type of an operator's request to finish a rollback that stopped in `compensation_failed`.
+/// It goes to the orchestrator instance that owns the saga (its own queue).
+pub const RETRY: &str = "orchestrator.retry";
+
+/// Body of [`RETRY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrySaga {
+    pub schema: u32,
+    pub saga_id: Uuid,
+}
+
 /// The gateway asks the orchestrator to run a workflow for one space.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartSaga {

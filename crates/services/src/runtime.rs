@@ -223,12 +223,28 @@ impl Handler {
         })?;
         tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
         tracing::Span::current().record("action", action.as_str());
-        self.pause().await;
+        if self.faults.nacks(service, &env.message_id.to_string()) {
+            return Err(HandleError::Retry(format!(
+                "{service} failed on this message (injected by the fault plan)"
+            )));
+        }
+        if action == Action::Do {
+            self.pause().await;
+        }
         let dup_key = format!("{service}/{}/{}", action.as_str(), cmd.context.name);
         self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
             let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
             let v = match action {
                 Action::Do => apply(tx, step, faults, ids, &cmd.context)?,
+                Action::Undo if faults.undo_fails(service, &cmd.context.name) => {
+                    record_fault(tx, "failed compensation", service, &cmd.context.name)?;
+                    Verdict {
+                        outcome: Outcome::Failed,
+                        status: None,
+                        reason: Some(format!("{service} could not undo (injected by the fault plan)")),
+                        data: Context::default(),
+                    }
+                }
                 Action::Undo => undo(tx, step, ids)?,
             };
             let body = StepReply {
@@ -278,6 +294,11 @@ impl Handler {
             )));
         }
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
+        if self.faults.nacks(service, &env.message_id.to_string()) {
+            return Err(HandleError::Retry(format!(
+                "{service} failed on this message (injected by the fault plan)"
+            )));
+        }
         self.pause().await;
         let dup_key = format!("{service}/do/{}", event.context.name);
         self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
