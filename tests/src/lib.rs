@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use baton_audit::Report;
 
+pub mod node;
+
 /// The broker the tests use, without a vhost (`BATON_TEST_AMQP_URL`).
 pub fn amqp_base() -> String {
     std::env::var("BATON_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
@@ -59,6 +61,8 @@ pub struct TestEnv {
     pub data: tempfile::TempDir,
     http: reqwest::Client,
     probe: tokio::sync::OnceCell<baton_amqp::Broker>,
+    /// A broker of the test's own (a [`node::Node`]) instead of a vhost on the shared one.
+    own_broker: Option<String>,
 }
 
 impl TestEnv {
@@ -80,11 +84,33 @@ impl TestEnv {
             .await
             .unwrap();
         assert!(r.status().is_success(), "granting guest on {vhost}: {}", r.status());
-        TestEnv { vhost, data: tempfile::tempdir().unwrap(), http, probe: tokio::sync::OnceCell::new() }
+        TestEnv {
+            vhost,
+            data: tempfile::tempdir().unwrap(),
+            http,
+            probe: tokio::sync::OnceCell::new(),
+            own_broker: None,
+        }
+    }
+
+    /// A data dir for a test that runs against a broker of its own (`url`, e.g. a
+    /// [`node::Node`]'s): no vhost is made on the shared broker.
+    pub fn on_broker(url: &str) -> TestEnv {
+        init_logs();
+        TestEnv {
+            vhost: "/".into(),
+            data: tempfile::tempdir().unwrap(),
+            http: reqwest::Client::new(),
+            probe: tokio::sync::OnceCell::new(),
+            own_broker: Some(url.into()),
+        }
     }
 
     pub fn amqp_url(&self) -> String {
-        format!("{}/{}", amqp_base(), self.vhost)
+        match &self.own_broker {
+            Some(url) => url.clone(),
+            None => format!("{}/{}", amqp_base(), self.vhost),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -130,6 +156,9 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if self.own_broker.is_some() {
+            return;
+        }
         // Delete the vhost (and with it every queue of the test), from a thread of its own
         // since Drop cannot await.
         let url = format!("{}/api/vhosts/{}", mgmt_base(), self.vhost);

@@ -93,8 +93,17 @@ async fn compare_shows_what_each_mode_leaves_behind() {
         wf.messages_per_request()
     );
     // The same seed injected the same refusals in both modes.
-    let (a, b) = (refusals(&wf.data_dir, 11), refusals(&ev.data_dir, 11));
-    assert!(!a.is_empty());
+    // (A request that did not get through in one mode, a 504 or a 503 while a dropped
+    // connection was being recovered say, may not have reached the same steps: leave it out.)
+    let through = |r: &baton_compare::ModeRun, i: usize| r.statuses[i] == 200 || r.refused_at[i].is_some();
+    let definite = |i: usize| through(wf, i) && through(ev, i);
+    let keep = |set: BTreeSet<(String, String)>| -> BTreeSet<(String, String)> {
+        set.into_iter()
+            .filter(|(_, name)| name.strip_prefix("s11-").and_then(|i| i.parse().ok()).is_some_and(definite))
+            .collect()
+    };
+    let (a, b) = (keep(refusals(&wf.data_dir, 11)), keep(refusals(&ev.data_dir, 11)));
+    assert!(a.len() > 5, "{a:?}");
     assert_eq!(a, b, "same seed, same faults");
 
     let table = report::table(&c);

@@ -93,22 +93,23 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
         // A dead gateway cannot answer the clients it held; every other crash is invisible to them.
         assert!(statuses.iter().all(|s| [200, 403, 409].contains(s)), "{component}@{point}: {statuses:?}");
     }
+    // A dead gateway never handed on the requests it had not published yet: those have no saga.
+    let expected = if component == "gateway" { None } else { Some(requests().len() as i64) };
     wait_for("every saga to end", Duration::from_secs(30), || async {
         let sagas = count(&env, "SELECT COUNT(*) FROM sagas");
         let open = count(&env, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')");
-        (sagas == requests().len() as i64 && open == 0).then_some(())
+        (expected.is_none_or(|n| n == sagas) && open == 0).then_some(())
     })
     .await;
     let completed = count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'completed'");
-    assert_eq!(completed, 6, "{component}@{point}");
-    assert_eq!(
-        scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"),
-        6,
-        "one email per success"
-    );
+    if component != "gateway" {
+        assert_eq!(completed, 6, "{component}@{point}");
+    }
+    let emails = scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails");
+    assert_eq!(emails, completed, "one email per success");
     let report = env.audit();
     assert!(report.is_clean(), "{component}@{point}: {:#?}", report.violations);
-    assert_eq!(report.complete, 6);
+    assert_eq!(report.complete as i64, completed);
     Arc::into_inner(sys).expect("requests are done").stop().await;
 }
 

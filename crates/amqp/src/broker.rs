@@ -25,7 +25,7 @@ pub struct Broker {
 struct Inner {
     url: String,
     name: String,
-    conn: Mutex<Connection>,
+    conn: Mutex<Arc<Connection>>,
 }
 
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
@@ -84,7 +84,9 @@ impl Broker {
     pub async fn connect(url: &str, name: &str) -> Result<Broker, AmqpError> {
         let conn = open(url, name).await?;
         tracing::debug!(url = %redact(url), component = name, "connected to RabbitMQ");
-        Ok(Broker { inner: Arc::new(Inner { url: url.into(), name: name.into(), conn: Mutex::new(conn) }) })
+        Ok(Broker {
+            inner: Arc::new(Inner { url: url.into(), name: name.into(), conn: Mutex::new(Arc::new(conn)) }),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -97,15 +99,17 @@ impl Broker {
 
     /// The connection, reopened first if it is gone for good (closed by the broker, or lost
     /// longer than lapin's recovery would wait).
-    async fn live(&self) -> Result<tokio::sync::MutexGuard<'_, Connection>, AmqpError> {
+    /// The lock is held only to check and replace it, never while the connection is used (a
+    /// connection blocked by a broker alarm can stall a call for as long as the alarm lasts).
+    async fn live(&self) -> Result<Arc<Connection>, AmqpError> {
         let mut conn = self.inner.conn.lock().await;
         let status = conn.status();
         if status.closed() || status.errored() {
             tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
-            *conn = open(&self.inner.url, &self.inner.name).await?;
+            *conn = Arc::new(open(&self.inner.url, &self.inner.name).await?);
             tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
         }
-        Ok(conn)
+        Ok(Arc::clone(&conn))
     }
 
     /// A new channel; reconnects first if the connection is gone for good.
@@ -117,9 +121,10 @@ impl Broker {
     /// Whether the connection is up and not blocked by a broker alarm: what `/health` reports.
     /// A connection that is gone is reopened here, so the answer is about the broker now.
     pub async fn health(&self) -> Result<(), String> {
-        let conn = match self.live().await {
-            Ok(c) => c,
-            Err(e) => return Err(e.to_string()),
+        let conn = match tokio::time::timeout(Duration::from_secs(5), self.live()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("RabbitMQ at {} does not answer", redact(&self.inner.url))),
         };
         let s = conn.status();
         if s.blocked() {

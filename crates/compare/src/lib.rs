@@ -54,6 +54,10 @@ pub struct ModeRun {
     pub stats: Stats,
     /// Latency of every request, in µs, in request order.
     pub latencies_us: Vec<u64>,
+    /// HTTP status of every request (0: no answer), in request order.
+    pub statuses: Vec<u16>,
+    /// The step that refused each request, when one did.
+    pub refused_at: Vec<Option<String>>,
     /// Messages the broker confirmed: every component's relay, plus the gateway's requests.
     pub messages: i64,
     pub quiescent: bool,

@@ -282,6 +282,8 @@ async fn drive(
         vhost: vhost.to_owned(),
         data_dir: dir.to_owned(),
         latencies_us: outcome.samples.iter().map(|s| s.latency_us).collect(),
+        statuses: outcome.samples.iter().map(|s| s.status).collect(),
+        refused_at: outcome.samples.iter().map(|s| s.step.clone()).collect(),
         stats,
         messages,
         quiescent,
