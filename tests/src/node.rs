@@ -63,20 +63,27 @@ pub struct Node {
     pub name: String,
     pub port: u16,
     pub tls: bool,
+    /// The management API's port, when the node runs it.
+    pub mgmt_port: Option<u16>,
 }
 
 impl Node {
     /// A node with a plain AMQP listener on a free port.
     pub fn start() -> Node {
-        Node::launch(false)
+        Node::launch(false, false)
+    }
+
+    /// A node with a plain AMQP listener and the management API (UI and HTTP API).
+    pub fn start_with_management() -> Node {
+        Node::launch(false, true)
     }
 
     /// A node with only a TLS listener, its certificate signed by a CA made here ([`Node::ca`]).
     pub fn start_tls() -> Node {
-        Node::launch(true)
+        Node::launch(true, false)
     }
 
-    fn launch(tls: bool) -> Node {
+    fn launch(tls: bool, management: bool) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let port = free_port();
@@ -103,8 +110,14 @@ impl Node {
                 "listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\nmax_message_size = 1048576\n"
             )
         };
+        let mgmt_port = management.then(free_port);
+        let conf = match mgmt_port {
+            Some(p) => format!("{conf}management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {p}\n"),
+            None => conf,
+        };
         std::fs::write(d.join("rabbitmq.conf"), conf).unwrap();
-        std::fs::write(d.join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if management { "[rabbitmq_management].\n" } else { "[].\n" };
+        std::fs::write(d.join("enabled_plugins"), plugins).unwrap();
         // An env file of our own, so that /etc/rabbitmq/rabbitmq-env.conf (NODENAME...) is not read.
         std::fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
         std::fs::create_dir_all(d.join("home")).unwrap();
@@ -132,8 +145,19 @@ impl Node {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", server_script().display()));
-        let mut node = Node { dir, child, name, port, tls };
+        let mut node = Node { dir, child, name, port, tls, mgmt_port };
         node.wait_for_listener(Duration::from_secs(60));
+        if let Some(p) = mgmt_port {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the management API of {} did not listen on {p}",
+                    node.name
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         node
     }
 
@@ -185,6 +209,19 @@ impl Node {
     pub fn url(&self, host: &str) -> String {
         let scheme = if self.tls { "amqps" } else { "amqp" };
         format!("{scheme}://guest:guest@{host}:{}/%2f", self.port)
+    }
+
+    /// The command that runs `rabbitmqctl` against this node (its own home, hence cookie).
+    pub fn ctl_command(&self) -> Vec<String> {
+        let d = self.dir.path();
+        vec![
+            "env".into(),
+            format!("HOME={}", d.join("home").display()),
+            format!("RABBITMQ_CONF_ENV_FILE={}", d.join("rabbitmq-env.conf").display()),
+            server_script().with_file_name("rabbitmqctl").display().to_string(),
+            "-n".into(),
+            self.name.clone(),
+        ]
     }
 
     /// Run `rabbitmqctl <args>` against this node; panics with its output if it fails.

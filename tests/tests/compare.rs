@@ -44,6 +44,8 @@ async fn compare_shows_what_each_mode_leaves_behind() {
         quiesce_timeout: Duration::from_secs(60),
         keep_vhosts: false,
         progress: false,
+        duration: None,
+        broker_ctl: None,
     };
     let c = tokio::time::timeout(Duration::from_secs(110), compare(&opts))
         .await

@@ -20,6 +20,7 @@ fn impatient(service: Service, timeout_ms: u64, attempts: u32) -> Workflow {
     for a in wf.steps.iter_mut().flat_map(|s| s.actions.iter_mut()).filter(|a| a.service == service) {
         a.timeout_ms = timeout_ms;
         a.retry = RetryPolicy { attempts, backoff_ms: 100, cap_ms: 200 };
+        a.compensation_retry = a.retry;
     }
     wf
 }

@@ -73,8 +73,16 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
             Err(_) => return Err(refused("no TLS handshake within 10 s".into())),
         }
     }
+    // Recovery retries quickly and often (lapin's default backoff doubles up to a minute, so a
+    // broker back after a few seconds would be noticed late); past that, `live` reconnects.
     let props = ConnectionProperties::default()
         .with_connection_name(format!("baton {name}").into())
+        .configure_backoff(|b| {
+            b.with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(60)
+                .with_jitter()
+        })
         .enable_auto_recover();
     Connection::connect_uri_with_config(uri, props, tls, runtime).await.map_err(|e| refused(e.to_string()))
 }

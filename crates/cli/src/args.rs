@@ -85,6 +85,9 @@ pub enum Command {
     /// Run both modes on the same load and fault plan, each in a fresh vhost and data dir;
     /// print the table side by side and write an HTML report.
     Compare(CompareArgs),
+    /// Run one mode under the full fault plan (crashes of every component, connection drops, a
+    /// broker restart, duplicates, refusals, delays) for a while, and print what it survived.
+    Chaos(ChaosArgs),
     /// Look at the dead-letter queues, or put their messages back after a fix.
     Dlq {
         #[command(subcommand)]
@@ -136,6 +139,44 @@ pub struct CompareArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub settle_timeout: Duration,
     /// Print the results as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    #[arg(long, value_enum, default_value = "workflow")]
+    pub mode: CliMode,
+    /// How long to run the load.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// The fault plan; times are shares of the duration.
+    #[arg(long, default_value = baton_faults::FaultPlan::CHAOS)]
+    pub faults: String,
+    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// How to stop and start the broker for `restart-broker` (`stop_app`, `start_app` are
+    /// appended); without it the restart is skipped.
+    #[arg(long, value_delimiter = ' ', num_args = 1.., value_name = "COMMAND")]
+    pub broker_ctl: Option<Vec<String>>,
+    /// Share of requests drawn to be refused by a business rule.
+    #[arg(long, default_value_t = 0.1)]
+    pub refusal_rate: f64,
+    /// The broker, without a vhost (the run gets a fresh one).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    pub amqp_url: String,
+    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
+    pub mgmt_url: String,
+    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
+    pub mgmt_user: String,
+    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
+    pub mgmt_password: String,
+    #[arg(long, default_value = "data/chaos")]
+    pub out_dir: PathBuf,
+    #[arg(long)]
+    pub keep_vhost: bool,
     #[arg(long)]
     pub json: bool,
 }

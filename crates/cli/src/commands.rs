@@ -15,7 +15,7 @@ use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 
 use crate::args::{
-    Broker, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs, WorkflowsCommand,
+    Broker, ChaosArgs, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs, WorkflowsCommand,
 };
 use crate::shutdown;
 
@@ -32,6 +32,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             load(requests, concurrency, gateway, seed, refusal_rate, json).await
         }
         Command::Compare(args) => compare(args).await,
+        Command::Chaos(args) => chaos(args).await,
         Command::Workflows { command: WorkflowsCommand::Retry { id, data, broker } } => {
             retry(id, data, broker).await
         }
@@ -430,6 +431,7 @@ async fn load(
         seed,
         refusal_rate,
         timeout: Duration::from_secs(60),
+        stop_after: None,
     };
     let probe = reqwest::Client::new().get(format!("{}/health", gateway.trim_end_matches('/'))).send().await;
     if probe.is_err() {
@@ -484,6 +486,8 @@ async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         quiesce_timeout: args.settle_timeout,
         keep_vhosts: args.keep_vhosts,
         progress: true,
+        duration: None,
+        broker_ctl: None,
     };
     eprintln!(
         "comparing workflow and events: {} requests at concurrency {}, faults: {}",
@@ -577,4 +581,45 @@ async fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
+    let mode = Mode::from(args.mode);
+    let opts = baton_compare::Options {
+        baton_bin: std::env::current_exe().context("finding the baton binary")?,
+        amqp_base: args.amqp_url.clone(),
+        mgmt: baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+        out_dir: args.out_dir.clone(),
+        requests: 10_000_000,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        refusal_rate: args.refusal_rate,
+        faults,
+        quiesce_timeout: Duration::from_secs(120),
+        keep_vhosts: args.keep_vhost,
+        progress: true,
+        duration: Some(args.duration),
+        broker_ctl: args.broker_ctl.clone(),
+    };
+    eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
+    if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {
+        eprintln!(
+            "(no --broker-ctl: the planned broker restart is skipped; e.g. --broker-ctl \"rabbitmqctl -n rabbit@localhost\")"
+        );
+    }
+    let run = baton_compare::chaos(&opts, mode).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run)?);
+    } else {
+        print!(
+            "{}",
+            baton_compare::report::chaos_summary(&run, &opts.faults.to_string(), args.duration.as_secs())
+        );
+    }
+    let ok = run.nothing_lost() && (mode == Mode::Events || run.audit.is_clean());
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -22,6 +22,11 @@ use serde::Serialize;
 
 pub use run::run_mode;
 
+/// One mode under the full fault plan for a while: `baton chaos`.
+pub async fn chaos(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
+    run_mode(opts, mode).await
+}
+
 /// How to compare.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -43,6 +48,12 @@ pub struct Options {
     pub keep_vhosts: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// A timed run (`baton chaos`): send requests for this long (at most `requests` of them),
+    /// and place the plan's faults at shares of the time instead of the requests.
+    pub duration: Option<Duration>,
+    /// How to stop and start the broker for the plan's `restart-broker`, e.g.
+    /// `["rabbitmqctl", "-n", "rabbit@localhost"]` (`stop_app` / `start_app` are appended).
+    pub broker_ctl: Option<Vec<String>>,
 }
 
 /// The results of one mode.
@@ -67,9 +78,20 @@ pub struct ModeRun {
     pub audit_after_reconcile: Option<baton_audit::Report>,
     /// Faults actually injected, by kind.
     pub injected: BTreeMap<String, usize>,
+    /// Sagas neither completed nor rolled back once the system settled.
+    pub unfinished: i64,
+    /// Messages still waiting in an outbox (or set aside as unroutable) once it settled.
+    pub left_in_outbox: i64,
+    /// Dead-letter queues holding messages, with the reasons of the first ones.
+    pub dead_letters: Vec<baton_amqp::dlq::DeadQueue>,
 }
 
 impl ModeRun {
+    /// Nothing lost: every saga ended, every outbox emptied, no message dead-lettered.
+    pub fn nothing_lost(&self) -> bool {
+        self.unfinished == 0 && self.left_in_outbox == 0 && self.dead_letters.is_empty()
+    }
+
     pub fn messages_per_request(&self) -> f64 {
         self.messages as f64 / self.stats.requests.max(1) as f64
     }

@@ -304,3 +304,68 @@ td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{f
     page.push_str(r#"<p class="note">Made by <code>baton compare</code>. Each mode ran in its own vhost and data dir, every component as its own process; the audit checks that a space told 200 has all five rows and a space told it failed has none.</p></body></html>"#);
     page
 }
+
+/// The figures of a chaos run, for a terminal.
+pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
+    let mut out = String::new();
+    let s = &r.stats;
+    let _ = writeln!(out, "chaos in {} mode for {seconds} s", r.mode.as_str());
+    let _ = writeln!(out, "plan             {plan}");
+    let _ = writeln!(
+        out,
+        "requests         {} (200: {}, 4xx: {}, 5xx: {}, 504: {}, no answer: {}), {:.0}/s",
+        s.requests, s.ok, s.client_errors, s.server_errors, s.timeouts, s.no_answer, s.per_second
+    );
+    let _ = writeln!(out, "latency (ms)     p50 {:.1}, p99 {:.1}, max {:.1}", s.p50_ms, s.p99_ms, s.max_ms);
+    let injected: Vec<String> = r.injected.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    let _ = writeln!(
+        out,
+        "faults injected  {}",
+        if injected.is_empty() { "none".into() } else { injected.join(", ") }
+    );
+    let by_kind: Vec<String> =
+        r.audit.by_kind().iter().map(|(k, n)| format!("{}: {n}", k.as_str())).collect();
+    let _ = writeln!(
+        out,
+        "audit            {} violation{}{} ({} spaces, {} complete)",
+        r.audit.violations.len(),
+        if r.audit.violations.len() == 1 { "" } else { "s" },
+        if by_kind.is_empty() { String::new() } else { format!(": {}", by_kind.join(", ")) },
+        r.audit.spaces,
+        r.audit.complete
+    );
+    if let Some(rec) = &r.reconcile {
+        let after = r.audit_after_reconcile.as_ref().map_or(0, |a| a.violations.len());
+        let _ = writeln!(
+            out,
+            "reconcile        undid {} rows of {} spaces in {} ms; {after} violations after",
+            rec.fixed(),
+            rec.found,
+            rec.took_ms
+        );
+    }
+    if r.dead_letters.is_empty() {
+        let _ = writeln!(out, "dead letters     none");
+    } else {
+        for q in &r.dead_letters {
+            let why: Vec<&str> = q.first.iter().map(|m| m.reason.as_str()).collect();
+            let _ = writeln!(out, "dead letters     {}: {} ({})", q.queue, q.count, why.join("; "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "lost             {}",
+        if r.nothing_lost() {
+            "nothing: every saga ended, every outbox is empty, no dead letter".to_string()
+        } else {
+            format!("{} sagas unfinished, {} messages left in outboxes", r.unfinished, r.left_in_outbox)
+        }
+    );
+    let _ = writeln!(
+        out,
+        "settled after    {} ms{}",
+        r.quiesce_ms,
+        if r.quiescent { "" } else { " (did not settle in time)" }
+    );
+    out
+}

@@ -22,6 +22,7 @@ const DATABASES: [&str; 7] =
 enum Fault {
     Crash { component: String, down: Duration },
     Drop,
+    BrokerRestart { down: Duration },
 }
 
 /// The component processes of one run.
@@ -161,6 +162,7 @@ async fn drive(
     let fault_task = {
         let (fleet, injected, mgmt, vhost) =
             (Arc::clone(fleet), Arc::clone(&injected), opts.mgmt.clone(), vhost.to_owned());
+        let ctl = opts.broker_ctl.clone();
         tokio::spawn(async move {
             let mut restarts = tokio::task::JoinSet::new();
             while let Some(f) = rx.recv().await {
@@ -181,6 +183,23 @@ async fn drive(
                             });
                         }
                     }
+                    Fault::BrokerRestart { down } => match &ctl {
+                        Some(ctl) => {
+                            if let Err(e) = broker_ctl(ctl, "stop_app").await {
+                                tracing::error!(error = %e, "stopping the broker failed");
+                                continue;
+                            }
+                            *injected.lock().expect("faults").entry("broker restarts".into()).or_default() +=
+                                1;
+                            tokio::time::sleep(down).await;
+                            if let Err(e) = broker_ctl(ctl, "start_app").await {
+                                tracing::error!(error = %e, "starting the broker again failed");
+                            }
+                        }
+                        None => tracing::warn!(
+                            "the plan restarts the broker, but no --broker-ctl says how; skipped"
+                        ),
+                    },
                     Fault::Drop => {
                         // The management API lists a connection only once its statistics are
                         // in, a few seconds after it opened: try for a while.
@@ -207,8 +226,13 @@ async fn drive(
             while restarts.join_next().await.is_some() {}
         })
     };
+    // When each fault fires: at a share of the requests sent, or of the time (a timed run).
     let mut triggers: Vec<(usize, Fault)> = Vec::new();
-    let at = |pct: u32| ((opts.requests as u64 * u64::from(pct)) / 100).max(1) as usize;
+    let total = match opts.duration {
+        Some(d) => d.as_millis() as u64,
+        None => opts.requests as u64,
+    };
+    let at = |pct: u32| ((total * u64::from(pct)) / 100).max(1) as usize;
     for c in &opts.faults.crashes {
         if c.component == "orchestrator" && mode == Mode::Events {
             continue;
@@ -221,6 +245,22 @@ async fn drive(
     for p in &opts.faults.connection_drops {
         triggers.push((at(*p), Fault::Drop));
     }
+    for r in &opts.faults.broker_restarts {
+        triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));
+    }
+    let timer = opts.duration.map(|_| {
+        // A timed run: a clock fires the faults, not the count of requests.
+        let mut pending = std::mem::take(&mut triggers);
+        pending.sort_by_key(|(when, _)| *when);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for (when, f) in pending {
+                tokio::time::sleep_until(start + Duration::from_millis(when as u64)).await;
+                let _ = tx.send(f);
+            }
+        })
+    });
     let triggers = Arc::new(Mutex::new(triggers));
     let on_sent: Arc<dyn Fn(usize) + Send + Sync> = {
         let (triggers, tx) = (Arc::clone(&triggers), tx.clone());
@@ -232,8 +272,32 @@ async fn drive(
             }
         })
     };
-    let progress = crate::report::Progress::new(mode, opts.requests, opts.progress);
-    let on_done: Arc<dyn Fn(usize) + Send + Sync> = Arc::new(move |n| progress.update(n));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let on_done: Arc<dyn Fn(usize) + Send + Sync> = match opts.duration {
+        None => {
+            let progress = crate::report::Progress::new(mode, opts.requests, opts.progress);
+            Arc::new(move |n| progress.update(n))
+        }
+        Some(_) => {
+            let done = Arc::clone(&done);
+            Arc::new(move |n| done.store(n, std::sync::atomic::Ordering::Relaxed))
+        }
+    };
+    let ticker = opts.duration.filter(|_| opts.progress).map(|d| {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            while start.elapsed() < d {
+                tokio::time::sleep(Duration::from_secs(10).min(d)).await;
+                eprintln!(
+                    "{mode}: {:>4} s of {} s, {} requests answered",
+                    start.elapsed().as_secs(),
+                    d.as_secs(),
+                    done.load(std::sync::atomic::Ordering::Relaxed)
+                );
+            }
+        })
+    });
     let spec = Spec {
         gateway: gateway.clone(),
         requests: opts.requests,
@@ -241,8 +305,15 @@ async fn drive(
         seed: opts.seed,
         refusal_rate: opts.refusal_rate,
         timeout: Duration::from_secs(60),
+        stop_after: opts.duration,
     };
     let outcome = baton_load::run(&spec, on_sent, on_done).await;
+    if let Some(timer) = timer {
+        timer.await.context("the fault timer")?;
+    }
+    if let Some(t) = ticker {
+        t.abort();
+    }
     drop(tx);
     fault_task.await.context("the fault task")?;
     if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -264,6 +335,16 @@ async fn drive(
             *injected.entry(kind).or_default() += n as usize;
         }
     }
+    // What did not get through: sagas still open, messages still in an outbox, dead letters.
+    let unfinished = sum(dir, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')");
+    let left_in_outbox =
+        sum(dir, "SELECT COUNT(*) FROM outbox") + sum(dir, "SELECT COUNT(*) FROM outbox_parked");
+    let dead_letters = {
+        let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
+        let all = baton_amqp::dlq::list(&broker, &topology::all_queues("main"), 3).await?;
+        broker.close().await;
+        all.into_iter().filter(|q| q.count > 0).collect()
+    };
     let audit = baton_audit::audit(dir)?;
     let (reconcile, audit_after_reconcile) = if mode == Mode::Events {
         let r = baton_reconcile::reconcile(&baton_reconcile::Options {
@@ -292,7 +373,21 @@ async fn drive(
         reconcile,
         audit_after_reconcile,
         injected,
+        unfinished,
+        left_in_outbox,
+        dead_letters,
     })
+}
+
+/// Run the broker control command with one more argument (`stop_app`, `start_app`).
+async fn broker_ctl(ctl: &[String], arg: &str) -> anyhow::Result<()> {
+    let (cmd, args) = ctl.split_first().context("an empty --broker-ctl")?;
+    let out =
+        Command::new(cmd).args(args).arg(arg).output().await.with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{} {arg}: {}", ctl.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 async fn wait_healthy(gateway: &str, dir: &Path) -> anyhow::Result<()> {

@@ -43,6 +43,15 @@ pub struct FaultPlan {
     pub crashes: Vec<Crash>,
     /// Points (percent of requests sent) at which the broker drops every connection.
     pub connection_drops: Vec<u32>,
+    /// Points at which the broker's application is stopped, and for how long.
+    pub broker_restarts: Vec<Restart>,
+}
+
+/// The broker stopped at `at_percent` of the run, started again `down_ms` later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    pub at_percent: u32,
+    pub down_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -110,6 +119,12 @@ impl FaultPlan {
     /// (5 s), and one connection drop.
     pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
+    /// The plan of `baton chaos`: every component crashed once, connections dropped twice, the
+    /// broker restarted, and the refusals, delays and duplicates of the default plan.
+    pub const CHAOS: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.records=8%+1s,\
+        crash.placement=18%+1s,crash.entitlements=28%+1s,crash.routing=52%+1s,crash.notifier=62%+1s,\
+        crash.orchestrator=72%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s";
+
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
         let text = text.trim();
@@ -173,11 +188,18 @@ impl FaultPlan {
                 }
                 "crash" => {
                     let component = step.ok_or_else(|| err("name the component: crash.routing=40%+1s"))?;
-                    let known =
-                        ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"];
+                    let known = [
+                        "records",
+                        "placement",
+                        "entitlements",
+                        "routing",
+                        "notifier",
+                        "orchestrator",
+                        "gateway",
+                    ];
                     if !known.contains(&component) {
                         return Err(err(
-                            "crash one of records, placement, entitlements, routing, notifier, orchestrator",
+                            "crash one of records, placement, entitlements, routing, notifier, orchestrator, gateway",
                         ));
                     }
                     let (at, down) =
@@ -193,9 +215,18 @@ impl FaultPlan {
                 "drop" => plan
                     .connection_drops
                     .push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
+                "restart-broker" => {
+                    let (at, down) =
+                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+3s"))?;
+                    plan.broker_restarts.push(Restart {
+                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the run"))?,
+                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 3s"))?.as_millis()
+                            as u64,
+                    });
+                }
                 _ => {
                     return Err(err(
-                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash or drop",
+                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop or restart-broker",
                     ));
                 }
             }
@@ -237,6 +268,7 @@ impl FaultPlan {
             && self.duplicate == 0.0
             && self.crashes.is_empty()
             && self.connection_drops.is_empty()
+            && self.broker_restarts.is_empty()
     }
 
     /// The plan as one JSON line, to hand to child processes.
@@ -272,6 +304,9 @@ impl fmt::Display for FaultPlan {
         for d in &self.connection_drops {
             parts.push(format!("drop connections at {d}%"));
         }
+        for r in &self.broker_restarts {
+            parts.push(format!("restart the broker at {}% for {}ms", r.at_percent, r.down_ms));
+        }
         write!(f, "{} (seed {})", parts.join(", "), self.seed)
     }
 }
@@ -295,6 +330,9 @@ mod tests {
         assert_eq!(p.crashes, vec![Crash { component: "routing".into(), at_percent: 40, down_ms: 1000 }]);
         assert_eq!(p.connection_drops, vec![70]);
         assert!(FaultPlan::parse(FaultPlan::DEFAULT, 1).is_ok());
+        let chaos = FaultPlan::parse(FaultPlan::CHAOS, 1).unwrap();
+        assert_eq!(chaos.crashes.len(), 7);
+        assert_eq!(chaos.broker_restarts, vec![Restart { at_percent: 40, down_ms: 3000 }]);
         let p = FaultPlan::parse("fail-undo.placement=1,nack.records=1", 3).unwrap();
         assert!(p.undo_fails(Service::Placement, "x") && !p.undo_fails(Service::Records, "x"));
         assert!(p.nacks(Service::Records, "m") && !p.nacks(Service::Routing, "m"));
@@ -308,7 +346,7 @@ mod tests {
             ("refuse.notifier=0.1", "never refuses"),
             ("refuse.nobody=0.1", "not a step"),
             ("crash=40%+1s", "name the component"),
-            ("crash.gateway=40%+1s", "crash one of"),
+            ("crash.nobody=40%+1s", "crash one of"),
             ("crash.routing=140%+1s", "40% of the requests"),
             ("explode=1", "unknown fault"),
             ("delay=fast", "duration"),

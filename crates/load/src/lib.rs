@@ -48,6 +48,8 @@ pub struct Spec {
     pub refusal_rate: f64,
     /// Give up on one request after this long (the gateway's own deadline is shorter).
     pub timeout: Duration,
+    /// Stop sending new requests after this long, even if the plan has more (a timed run).
+    pub stop_after: Option<Duration>,
 }
 
 /// The requests of a run: the same for the same seed, whatever the mode.
@@ -114,11 +116,15 @@ pub async fn run(
         let (client, requests, next, done, url) =
             (client.clone(), Arc::clone(&requests), Arc::clone(&next), Arc::clone(&done), url.clone());
         let (on_sent, on_done) = (Arc::clone(&on_sent), Arc::clone(&on_done));
+        let stop_after = spec.stop_after;
         workers.spawn(async move {
             let mut samples = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(req) = requests.get(i) else { break };
+                if stop_after.is_some_and(|d| started.elapsed() >= d) {
+                    break;
+                }
                 on_sent(i + 1);
                 let t = Instant::now();
                 let resp = client
@@ -132,7 +138,12 @@ pub async fn run(
                         let body: serde_json::Value = r.json().await.unwrap_or_default();
                         (status, body.get("step").and_then(|s| s.as_str()).map(String::from))
                     }
-                    Err(_) => (0, None),
+                    Err(_) => {
+                        // Nobody answers (the gateway is down): back off as a client would,
+                        // rather than count a thousand refused connections a second.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        (0, None)
+                    }
                 };
                 samples.push(Sample {
                     index: i,

@@ -36,6 +36,14 @@ fn default_true() -> bool {
     true
 }
 
+/// Compensations are retried longer than steps: a step that keeps failing is given up and
+/// undone, but an undo that is given up leaves the saga for an operator.
+pub const COMPENSATION_RETRY: RetryPolicy = RetryPolicy { attempts: 10, backoff_ms: 500, cap_ms: 10_000 };
+
+fn default_compensation_retry() -> RetryPolicy {
+    COMPENSATION_RETRY
+}
+
 /// One action: a command sent to a service, and how to undo it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionDef {
@@ -49,6 +57,9 @@ pub struct ActionDef {
     pub timeout_ms: u64,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// How its compensation is retried (10 attempts over about a minute by default).
+    #[serde(default = "default_compensation_retry")]
+    pub compensation_retry: RetryPolicy,
 }
 
 /// One step: a group of actions that run in parallel.
@@ -257,6 +268,7 @@ impl WorkflowBuilder {
             } else {
                 RetryPolicy { attempts: 0, backoff_ms: 500, cap_ms: 30_000 }
             },
+            compensation_retry: COMPENSATION_RETRY,
         }
     }
 

@@ -495,10 +495,10 @@ impl Saga {
     }
 
     fn retry_undo_or_give_up(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
-        let def = self.def(wf, idx);
+        let policy = self.def(wf, idx).compensation_retry;
         let a = &mut self.actions[idx];
-        if def.retry.allows_after(a.undo_attempt) {
-            let delay = def.retry.delay_before(a.undo_attempt + 1);
+        if policy.allows_after(a.undo_attempt) {
+            let delay = policy.delay_before(a.undo_attempt + 1);
             a.phase = Phase::CompensationRetryWait;
             a.due_ms = Some(now + delay);
             out.history(

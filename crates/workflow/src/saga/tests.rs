@@ -274,10 +274,11 @@ fn failing_compensation_is_retried_then_ends_visible_and_an_operator_can_finish_
     let mut saga = run_until(&wf, Entitlements);
     saga.on_reply(&wf, refused(Entitlements, 403), T0 + 10);
     let mut all = Vec::new();
-    for attempt in 1..=3 {
+    let attempts = baton_workflow_attempts();
+    for attempt in 1..=attempts {
         let fx = saga.on_reply(&wf, failed(Placement, Action::Undo, attempt), T0 + 20);
         all.extend(fx.clone());
-        if attempt < 3 {
+        if attempt < attempts {
             assert_eq!(phase(&saga, Placement), Phase::CompensationRetryWait);
             let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
             assert_eq!(sends(&fx), vec![(Placement, Action::Undo, attempt + 1)]);
@@ -384,4 +385,8 @@ fn saga_state_round_trips_through_json() {
     let text = serde_json::to_string(&saga).unwrap();
     let back: Saga = serde_json::from_str(&text).unwrap();
     assert_eq!(back, saga);
+}
+
+fn baton_workflow_attempts() -> u32 {
+    crate::definition::COMPENSATION_RETRY.attempts
 }

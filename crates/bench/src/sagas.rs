@@ -1,0 +1,396 @@
+//! Create-space sagas of one mode: the components as `baton run` processes in a fresh vhost and
+//! data dir, requests through the HTTP gateway (one at a time, then each window for the run's
+//! duration), and in workflow mode the same straight into the orchestrator.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR};
+use baton_amqp::{Outgoing, TraceParent};
+use baton_protocol::{Context, Mode, SCHEMA, START, SagaOutcome, Service, StartSaga};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::drive::{closed_loop, one_at_a_time};
+use crate::fleet::{ComponentUsage, Fleet, free_port, wait_ready};
+use crate::rpc::Rpc;
+use crate::stats::{Latency, Throughput};
+use crate::{Options, REPLY_TIMEOUT, Ratios, Say};
+
+/// The databases whose relays publish (and the gateway's, which counts the requests).
+const DATABASES: [&str; 7] =
+    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
+
+/// Broker messages of one successful saga when they cannot be counted: in workflow mode the
+/// start, five commands, five replies and the answer; in events mode `space.requested` and the
+/// five events that follow it.
+pub(crate) fn nominal_messages(mode: Mode) -> f64 {
+    match mode {
+        Mode::Workflow => 12.0,
+        Mode::Events => 6.0,
+    }
+}
+
+/// Where the messages-per-saga figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageCount {
+    /// The relays' `relay_stats.published` in every database, plus one per request (the
+    /// gateway's or the bench's own start, published without a relay), over the sagas started.
+    Databases,
+    /// The databases could not be read: 12 per workflow saga, 6 per events saga.
+    Nominal,
+}
+
+/// The figures of one mode.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModeReport {
+    pub mode: Mode,
+    pub vhost: String,
+    pub data_dir: PathBuf,
+    /// Through HTTP, one at a time.
+    pub http_sequential: Latency,
+    /// Through HTTP, one entry per window, for the run's duration each.
+    pub http_loaded: Vec<Throughput>,
+    /// Straight into the orchestrator (workflow mode only), one at a time.
+    pub direct_sequential: Option<Latency>,
+    /// Straight into the orchestrator with `in_flight` outstanding.
+    pub direct_loaded: Option<Throughput>,
+    /// Sagas started over all the runs of this mode (warm-ups included).
+    pub sagas: u64,
+    pub messages_per_saga: f64,
+    pub messages_counted: MessageCount,
+    /// Whether every outbox emptied and every saga finished after the last run.
+    pub settled: bool,
+    /// Each component's CPU time and peak RSS over the mode, read just before it was stopped.
+    pub components: Vec<ComponentUsage>,
+    pub ratios: Ratios,
+}
+
+/// Run one mode from a fresh vhost and data dir to its figures (ratios not filled in yet).
+pub(crate) async fn run_mode(opts: &Options, mode: Mode, say: &Say) -> anyhow::Result<ModeReport> {
+    let vhost = format!("baton-bench-{mode}-{}", crate::short_id());
+    let dir = opts.out_dir.join(mode.as_str());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    opts.mgmt.fresh_vhost(&vhost).await?;
+    let amqp_url = crate::amqp_url(opts, &vhost);
+    let port = free_port()?;
+    let mut args: Vec<String> = [
+        "--mode",
+        mode.as_str(),
+        "--amqp-url",
+        &amqp_url,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--http",
+        &format!("127.0.0.1:{port}"),
+        "--workflow",
+        &opts.workflow,
+        // The same patience in both modes (events mode's default is 5 s): a slow answer under
+        // load is measured as slow, not turned into a 504.
+        "--deadline",
+        &format!("{}ms", REPLY_TIMEOUT.as_millis()),
+        "--log",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(opts.component_args.iter().cloned());
+    let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+    if mode == Mode::Workflow {
+        components.push(ORCHESTRATOR);
+    }
+    components.push("gateway");
+    say(&format!("{mode}: starting {} (logs in {})", components.join(", "), dir.display()));
+    let mut fleet = Fleet::start(&opts.baton_bin, &args, &dir, &components)?;
+    let result = drive(opts, mode, &amqp_url, &dir, port, &mut fleet, say).await;
+    fleet.stop().await;
+    if !opts.keep_vhosts {
+        opts.mgmt.delete_vhost(&vhost).await?;
+    }
+    let (runs, components, settled) = result?;
+    let (sagas, messages_per_saga, messages_counted) = count_messages(&dir, mode, runs.direct_sent).await;
+    Ok(ModeReport {
+        mode,
+        vhost,
+        data_dir: dir,
+        http_sequential: runs.http_sequential,
+        http_loaded: runs.http_loaded,
+        direct_sequential: runs.direct_sequential,
+        direct_loaded: runs.direct_loaded,
+        sagas,
+        messages_per_saga,
+        messages_counted,
+        settled,
+        components,
+        ratios: Ratios::default(),
+    })
+}
+
+/// What the runs of one mode measured.
+struct Runs {
+    http_sequential: Latency,
+    http_loaded: Vec<Throughput>,
+    direct_sequential: Option<Latency>,
+    direct_loaded: Option<Throughput>,
+    /// Starts the bench published itself (straight into the orchestrator).
+    direct_sent: u64,
+}
+
+/// The queues that have a consumer once every component of `mode` is up.
+fn work_queues(mode: Mode) -> Vec<String> {
+    let mut qs: Vec<String> = match mode {
+        Mode::Workflow => Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect(),
+        Mode::Events => Service::ALL.iter().map(|s| topology::event_queue(s.name())).collect(),
+    };
+    match mode {
+        Mode::Workflow => {
+            qs.push(topology::command_queue(ORCHESTRATOR));
+            qs.push(topology::reply_queue(ORCHESTRATOR, "main"));
+            qs.push(topology::reply_queue("gateway", "main"));
+        }
+        Mode::Events => qs.push(topology::gateway_event_queue("main").name),
+    }
+    qs
+}
+
+/// A space name of 63 characters at most, unique within the mode: `b<run>-<phase>-<i>`.
+fn space_name(run: &str, phase: &str, i: usize) -> String {
+    format!("b{run}-{phase}-{i}")
+}
+
+/// Three spaces per owner: what the free plan allows.
+fn owner(run: &str, phase: &str, i: usize) -> String {
+    format!("o{run}-{phase}-{}", i / 3)
+}
+
+/// `POST /spaces` on the gateway; success is a 200.
+struct Http {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Http {
+    async fn create(&self, name: String, owner: String) -> Result<(), String> {
+        let r = self
+            .client
+            .post(&self.url)
+            .json(&serde_json::json!({"name": name, "owner": owner}))
+            .send()
+            .await
+            .map_err(|e| format!("POST {}: {e}", self.url))?;
+        let status = r.status();
+        // Read the whole body: the answer is only complete then, and the connection is reused.
+        let body = r.bytes().await.map_err(|e| format!("reading the answer: {e}"))?;
+        if status == reqwest::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
+        }
+    }
+}
+
+/// One start straight into the orchestrator; success is an outcome of 200.
+async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> Result<(), String> {
+    let saga_id = Uuid::new_v4();
+    let start = StartSaga {
+        schema: SCHEMA,
+        saga_id,
+        space_id: Uuid::new_v4(),
+        workflow: workflow.to_owned(),
+        input: Context { name, owner, ..Default::default() },
+    };
+    let msg = Outgoing::new(COMMANDS, ORCHESTRATOR, START, saga_id, "bench", TraceParent::new_root(), &start)
+        .reply_to(rpc.key())
+        .mode(Mode::Workflow.as_str());
+    let env = rpc.call(&msg, REPLY_TIMEOUT).await?;
+    let outcome: SagaOutcome = env.json()?;
+    if outcome.status == 200 {
+        Ok(())
+    } else {
+        Err(format!(
+            "saga {saga_id} ended {}: {}",
+            outcome.status,
+            outcome.error.map(|e| e.error).unwrap_or_default()
+        ))
+    }
+}
+
+async fn drive(
+    opts: &Options,
+    mode: Mode,
+    amqp_url: &str,
+    dir: &Path,
+    port: u16,
+    fleet: &mut Fleet,
+    say: &Say,
+) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
+    let gateway = format!("http://127.0.0.1:{port}");
+    wait_ready(&gateway, amqp_url, &work_queues(mode), fleet, Duration::from_secs(60)).await?;
+    let run = crate::short_id();
+    let widest = opts.windows.iter().copied().max().unwrap_or(1);
+    let http = Arc::new(Http {
+        client: reqwest::Client::builder()
+            .timeout(REPLY_TIMEOUT + Duration::from_secs(5))
+            .pool_max_idle_per_host(widest)
+            .build()?,
+        url: format!("{gateway}/spaces"),
+    });
+    let via_http = |phase: String| {
+        let (http, run) = (Arc::clone(&http), run.clone());
+        move |i: usize| {
+            let http = Arc::clone(&http);
+            let (name, owner) = (space_name(&run, &phase, i), owner(&run, &phase, i));
+            async move { http.create(name, owner).await }
+        }
+    };
+
+    say(&format!("{mode}: HTTP, one at a time ({} after {} warm-up)", opts.sequential, opts.warmup));
+    let samples = one_at_a_time(opts.warmup, opts.sequential, via_http("s".into()))
+        .await
+        .with_context(|| format!("{mode}: create-space through HTTP failed"))?;
+    let http_sequential = Latency::of(&samples, &format!("{mode}, HTTP, one at a time"));
+    fleet.check_alive()?;
+    settle(dir, mode, Duration::from_secs(30)).await;
+
+    let mut http_loaded = Vec::new();
+    for &w in &opts.windows {
+        say(&format!("{mode}: HTTP, {w} in flight for {} s", opts.duration.as_secs_f64()));
+        let cpu = fleet.cpu_ms();
+        let (samples, took) = closed_loop(w, opts.duration, via_http(format!("h{w}"))).await;
+        let cpu = fleet.cpu_ms() - cpu;
+        http_loaded.push(Throughput::of(&samples, w, took, cpu, &format!("{mode}, HTTP, {w} in flight")));
+        fleet.check_alive()?;
+        settle(dir, mode, Duration::from_secs(30)).await;
+    }
+
+    let (mut direct_sequential, mut direct_loaded, mut direct_sent) = (None, None, 0u64);
+    if mode == Mode::Workflow {
+        let rpc = Arc::new(Rpc::start(amqp_url, "bench", &format!("bench.{run}")).await?);
+        let direct = |phase: &'static str| {
+            let (rpc, run, workflow) = (Arc::clone(&rpc), run.clone(), opts.workflow.clone());
+            move |i: usize| {
+                let (rpc, workflow) = (Arc::clone(&rpc), workflow.clone());
+                let (name, owner) = (space_name(&run, phase, i), owner(&run, phase, i));
+                async move { start_saga(&rpc, &workflow, name, owner).await }
+            }
+        };
+        say(&format!(
+            "{mode}: orchestrator, one at a time ({} after {} warm-up)",
+            opts.sequential, opts.warmup
+        ));
+        let samples = one_at_a_time(opts.warmup, opts.sequential, direct("d"))
+            .await
+            .with_context(|| format!("{mode}: sagas started straight into the orchestrator failed"));
+        let loaded = match samples {
+            Ok(samples) => {
+                direct_sent += (opts.warmup + samples.len()) as u64;
+                direct_sequential = Some(Latency::of(&samples, "orchestrator, one at a time"));
+                settle(dir, mode, Duration::from_secs(30)).await;
+                let w = opts.in_flight;
+                say(&format!("{mode}: orchestrator, {w} in flight for {} s", opts.duration.as_secs_f64()));
+                let cpu = fleet.cpu_ms();
+                let (samples, took) = closed_loop(w, opts.duration, direct("l")).await;
+                let cpu = fleet.cpu_ms() - cpu;
+                direct_sent += samples.len() as u64;
+                Ok(Throughput::of(&samples, w, took, cpu, &format!("orchestrator, {w} in flight")))
+            }
+            Err(e) => Err(e),
+        };
+        rpc.stop().await;
+        direct_loaded = Some(loaded?);
+        fleet.check_alive()?;
+    }
+
+    let settled = settle(dir, mode, Duration::from_secs(60)).await;
+    if !settled {
+        tracing::warn!(%mode, "work was still going on 60 s after the last run");
+    }
+    let usage = fleet.usage();
+    Ok((Runs { http_sequential, http_loaded, direct_sequential, direct_loaded, direct_sent }, usage, settled))
+}
+
+/// Sum one number over the databases of `dir` that have it.
+fn sum(dir: &Path, sql: &str) -> Option<i64> {
+    let mut total = None;
+    for db in DATABASES {
+        let path = dir.join(format!("{db}.db"));
+        if !path.exists() {
+            continue;
+        }
+        let conn = baton_store::open_read_only(&path).ok()?;
+        let n: i64 = conn.query_row(sql, [], |r| r.get(0)).ok()?;
+        total = Some(total.unwrap_or(0) + n);
+    }
+    total
+}
+
+async fn sum_async(dir: &Path, sql: &'static str) -> Option<i64> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || sum(&dir, sql)).await.ok().flatten()
+}
+
+/// Wait (at most `timeout`) until every outbox is empty and, in workflow mode, no saga is still
+/// working, so that one run's tail does not weigh on the next. Returns whether that happened.
+async fn settle(dir: &Path, mode: Mode, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let outbox = sum_async(dir, "SELECT COUNT(*) FROM outbox").await;
+        let working = match mode {
+            Mode::Workflow => {
+                sum_async(
+                    dir,
+                    "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
+                )
+                .await
+            }
+            Mode::Events => Some(0),
+        };
+        if outbox == Some(0) && working == Some(0) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sagas started, messages per saga, and where that figure comes from.
+async fn count_messages(dir: &Path, mode: Mode, direct_sent: u64) -> (u64, f64, MessageCount) {
+    let published = sum_async(dir, "SELECT published FROM relay_stats").await;
+    let requests = sum_async(dir, "SELECT COUNT(*) FROM requests").await;
+    match (published, requests) {
+        (Some(p), Some(r)) if r as u64 + direct_sent > 0 => {
+            let sagas = r as u64 + direct_sent;
+            (sagas, (p as u64 + sagas) as f64 / sagas as f64, MessageCount::Databases)
+        }
+        _ => (direct_sent + requests.unwrap_or(0) as u64, nominal_messages(mode), MessageCount::Nominal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_pass_the_gateway_checks() {
+        let name = space_name("0a1b2c", "h256", 999_999_999);
+        assert!(name.len() <= 63);
+        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert_eq!(owner("r", "s", 0), owner("r", "s", 2));
+        assert_ne!(owner("r", "s", 2), owner("r", "s", 3));
+    }
+
+    #[test]
+    fn each_mode_waits_for_its_own_consumers() {
+        assert!(work_queues(Mode::Workflow).contains(&"orchestrator.main.replies".to_string()));
+        assert!(work_queues(Mode::Events).contains(&"gateway.main.events".to_string()));
+        assert!(!work_queues(Mode::Events).iter().any(|q| q.starts_with("orchestrator")));
+    }
+}

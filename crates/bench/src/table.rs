@@ -1,0 +1,130 @@
+//! The report for people: one table with the floor's rows above Baton's, the ratio to the floor
+//! on each row, then what each component cost.
+
+use std::fmt::Write as _;
+
+use baton_protocol::Mode;
+
+use crate::{Latency, MessageCount, Report, STEPS, Throughput};
+
+const HEADER: &str = "run                      in flight    done  errors     per s   p50 ms   p99 ms     msgs/s  vs floor  CPU ms/op";
+
+fn latency_row(out: &mut String, label: &str, l: &Latency, ratio: Option<f64>) {
+    let ratio = ratio.map_or("-".into(), |r| format!("{r:.2}"));
+    let _ = writeln!(
+        out,
+        "{label:<24} {:>9} {:>7} {:>7} {:>9} {:>8.2} {:>8.2} {:>10} {ratio:>9} {:>10}",
+        1,
+        l.samples - l.errors,
+        l.errors,
+        "-",
+        l.p50_ms,
+        l.p99_ms,
+        "-",
+        "-",
+    );
+}
+
+fn throughput_row(out: &mut String, label: &str, t: &Throughput, msgs: f64, ratio: Option<f64>) {
+    let ratio = ratio.map_or("-".into(), |r| format!("{r:.2}"));
+    let _ = writeln!(
+        out,
+        "{label:<24} {:>9} {:>7} {:>7} {:>9.1} {:>8.2} {:>8.2} {:>10.0} {ratio:>9} {:>10.3}",
+        t.in_flight, t.completed, t.errors, t.per_second, t.p50_ms, t.p99_ms, msgs, t.cpu_ms_per_op,
+    );
+}
+
+/// The report as a table.
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let [l1, l5, _] = r.machine.load_average;
+    let _ = writeln!(
+        out,
+        "baton bench: {} CPUs (load average {l1:.2} / {l5:.2} at the start), {} one at a time after {} warm-up, \
+         {} s per loaded saga run, {} s of floor; took {:.0} s",
+        r.machine.cpus,
+        r.settings.sequential,
+        r.settings.warmup,
+        r.settings.duration_s,
+        r.settings.floor_duration_s,
+        r.elapsed_s,
+    );
+    out.push('\n');
+    out.push_str(HEADER);
+    out.push('\n');
+    let f = &r.floor;
+    latency_row(&mut out, "floor  round trip", &f.sequential, None);
+    throughput_row(&mut out, "floor  round trip", &f.loaded, f.messages_per_second, Some(1.0));
+    for m in &r.modes {
+        let mode = m.mode.as_str();
+        latency_row(&mut out, &format!("{mode:<8} HTTP"), &m.http_sequential, Some(m.ratios.http_latency));
+        for (t, rate) in m.http_loaded.iter().zip(&m.ratios.http_messages) {
+            throughput_row(
+                &mut out,
+                &format!("{mode:<8} HTTP"),
+                t,
+                rate.messages_per_second,
+                Some(rate.of_floor),
+            );
+        }
+        if let Some(l) = &m.direct_sequential {
+            latency_row(&mut out, &format!("{mode:<8} orchestrator"), l, m.ratios.direct_latency);
+        }
+        if let (Some(t), Some(rate)) = (&m.direct_loaded, &m.ratios.direct_messages) {
+            throughput_row(
+                &mut out,
+                &format!("{mode:<8} orchestrator"),
+                t,
+                rate.messages_per_second,
+                Some(rate.of_floor),
+            );
+        }
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "vs floor: one at a time, p50 / ({STEPS} x the floor's p50 of {:.2} ms) (target at most 1.5);",
+        f.sequential.p50_ms
+    );
+    let _ = writeln!(
+        out,
+        "          under load, broker messages/s / the floor's {:.0} messages/s (2 per round trip) (target at least 0.5).",
+        f.messages_per_second
+    );
+    for m in &r.modes {
+        let how = match m.messages_counted {
+            MessageCount::Databases => "counted from the databases (relays' published + one per request)",
+            MessageCount::Nominal => match m.mode {
+                Mode::Workflow => "nominal: 12 per workflow saga",
+                Mode::Events => "nominal: 6 per events saga",
+            },
+        };
+        let _ = writeln!(
+            out,
+            "messages per saga, {}: {:.2} over {} sagas, {how}{}",
+            m.mode,
+            m.messages_per_saga,
+            m.sagas,
+            if m.settled { "" } else { " (work still going on at the end: not settled)" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
+    );
+    out.push('\n');
+    let _ = writeln!(out, "{:<24} {:>9} {:>12}", "component", "CPU s", "peak RSS MB");
+    for m in &r.modes {
+        for c in &m.components {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>9.2} {:>12.1}",
+                format!("{:<8} {}", m.mode.as_str(), c.component),
+                c.cpu_ms / 1000.0,
+                c.peak_rss_kb as f64 / 1024.0
+            );
+        }
+    }
+    let _ = writeln!(out, "{:<24} {:>9.2}", "bench (this process)", r.bench_cpu_ms / 1000.0);
+    out
+}
