@@ -130,61 +130,59 @@ fn esc(s: &str) -> String {
 
 const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
 
-/// Grouped bars: one group per label, one bar per mode.
-fn bars(title: &str, labels: &[String], values: &[Vec<f64>], modes: &[Mode], unit: &str) -> String {
-    let (w, h, left, bottom) = (720.0, 260.0, 50.0, 60.0);
-    let max = values.iter().flatten().copied().fold(0.0_f64, f64::max).max(1.0);
+/// Grouped bars: one group per label, one bar per mode, each with its value written on it. A
+/// logarithmic scale keeps small counts (the tail of a distribution) visible next to big ones.
+fn bars(title: &str, labels: &[String], values: &[Vec<f64>], modes: &[Mode], log: bool) -> String {
+    let (w, h, left, bottom, top) = (760.0, 330.0, 20.0, 110.0, 30.0);
+    let scale = |v: f64| if log { (1.0 + v).log10() } else { v };
+    let max = values.iter().flatten().copied().map(scale).fold(0.0_f64, f64::max).max(1e-9);
     let group = (w - left - 10.0) / labels.len().max(1) as f64;
     let bar = (group * 0.8) / modes.len().max(1) as f64;
+    let base = h - bottom;
     let mut svg = format!(
-        r#"<figure><figcaption>{}</figcaption><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">"#,
-        esc(title)
+        r#"<figure><figcaption>{}{}</figcaption><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" style="max-width:{w}px;height:auto" role="img">"#,
+        esc(title),
+        if log { " <span class=\"note\">(logarithmic scale)</span>" } else { "" }
     );
-    let _ = write!(
-        svg,
-        r##"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#999"/>"##,
-        h - bottom,
-        w - 10.0,
-        h - bottom
-    );
-    let _ = write!(
-        svg,
-        r##"<text x="4" y="14" font-size="11" fill="#555">{}</text>"##,
-        esc(&format!("max {max:.0} {unit}"))
-    );
+    let _ = write!(svg, r##"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="#999"/>"##, w - 10.0);
     for (i, label) in labels.iter().enumerate() {
         let x0 = left + i as f64 * group + group * 0.1;
         for (m, v) in values.iter().enumerate() {
             let val = v.get(i).copied().unwrap_or(0.0);
-            let bh = (h - bottom - 20.0) * val / max;
+            let bh = (base - top) * scale(val) / max;
             let x = x0 + m as f64 * bar;
             let _ = write!(
                 svg,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {val:.0}</title></rect>"#,
-                h - bottom - bh,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {val}</title></rect>"#,
+                base - bh,
                 bar * 0.95,
                 COLORS[m % 2],
                 modes[m].as_str(),
                 esc(label)
             );
+            let _ = write!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#222">{val}</text>"##,
+                x + bar * 0.475,
+                base - bh - 3.0
+            );
         }
+        let cx = x0 + group * 0.4;
         let _ = write!(
             svg,
-            r##"<text x="{:.1}" y="{}" font-size="10" text-anchor="end" transform="rotate(-35 {:.1} {})" fill="#333">{}</text>"##,
-            x0 + group * 0.4,
-            h - bottom + 14.0,
-            x0 + group * 0.4,
-            h - bottom + 14.0,
+            r##"<text x="{cx:.1}" y="{}" font-size="11" text-anchor="end" transform="rotate(-30 {cx:.1} {})" fill="#333">{}</text>"##,
+            base + 16.0,
+            base + 16.0,
             esc(label)
         );
     }
     for (m, mode) in modes.iter().enumerate() {
         let _ = write!(
             svg,
-            r##"<rect x="{}" y="4" width="10" height="10" fill="{}"/><text x="{}" y="13" font-size="11" fill="#333">{}</text>"##,
-            w - 170.0 + m as f64 * 80.0,
+            r##"<rect x="{}" y="6" width="10" height="10" fill="{}"/><text x="{}" y="15" font-size="12" fill="#333">{}</text>"##,
+            w - 190.0 + m as f64 * 90.0,
             COLORS[m % 2],
-            w - 156.0 + m as f64 * 80.0,
+            w - 176.0 + m as f64 * 90.0,
             mode.as_str()
         );
     }
@@ -213,17 +211,17 @@ pub fn html(c: &Comparison) -> String {
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Baton: workflow vs events</title><style>
 body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
-td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
+td:first-child,th:first-child{text-align:left}td{white-space:nowrap}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
 .note{color:#555;font-size:.9em}</style></head><body><h1>Baton: workflow vs events</h1>"#,
     );
     let _ = write!(
         page,
-        r#"<p>{} requests at concurrency {}, seed {}, natural refusals {:.0}%.<br>Fault plan: {}</p>"#,
+        r#"<p>{} requests at concurrency {}, seed {}, natural refusals {:.0}%.</p><p>Fault plan, the same in both modes:</p><ul>{}</ul>"#,
         c.requests,
         c.concurrency,
         c.seed,
         c.refusal_rate * 100.0,
-        esc(&c.plan)
+        c.plan.split(", ").map(|p| format!("<li>{}</li>", esc(p))).collect::<String>()
     );
     page.push_str("<table><tr><th></th>");
     for m in &modes {
@@ -244,13 +242,7 @@ td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{f
         .map(|(i, b)| if b.is_infinite() { format!("> {} ms", BUCKETS[i - 1]) } else { format!("<= {b} ms") })
         .collect();
     let hist: Vec<Vec<f64>> = c.runs.iter().map(histogram).collect();
-    page.push_str(&bars(
-        "Latency distribution (requests per bucket)",
-        &bucket_labels,
-        &hist,
-        &modes,
-        "requests",
-    ));
+    page.push_str(&bars("Latency distribution: requests per bucket", &bucket_labels, &hist, &modes, true));
     let outcome_labels: Vec<String> = ["200", "4xx", "5xx", "504"].map(String::from).to_vec();
     let outcomes: Vec<Vec<f64>> = c
         .runs
@@ -265,7 +257,7 @@ td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{f
             ]
         })
         .collect();
-    page.push_str(&bars("Outcomes", &outcome_labels, &outcomes, &modes, "requests"));
+    page.push_str(&bars("Outcomes: requests per answer", &outcome_labels, &outcomes, &modes, true));
     let kinds: Vec<String> = [
         "orphaned records",
         "orphaned placements",
@@ -295,11 +287,11 @@ td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}figcaption{f
         })
         .collect();
     page.push_str(&bars(
-        "Inconsistencies after quiescence (before reconcile)",
+        "Left inconsistent once settled, before reconcile",
         &kinds,
         &inconsistencies,
         &modes,
-        "rows",
+        false,
     ));
     page.push_str(r#"<p class="note">Made by <code>baton compare</code>. Each mode ran in its own vhost and data dir, every component as its own process; the audit checks that a space told 200 has all five rows and a space told it failed has none.</p></body></html>"#);
     page
