@@ -181,6 +181,38 @@ async fn publish_raw(env: &TestEnv, exchange: &str, key: &str, body: &[u8], prop
     let _ = ch.close(200, "done".into()).await;
 }
 
+/// Send a queue the five kinds of bad input, and check that each is dead-lettered after one
+/// delivery with a reason that names what was wrong.
+async fn every_bad_input(env: &TestEnv, exchange: &str, key: &str, queue: &str, kind: &str) {
+    let unknown = format!("{}.explode", kind.split('.').next().unwrap());
+    let wrong_shape = serde_json::json!({"schema": 1, "hello": "world"}).to_string();
+    publish_raw(env, exchange, key, b"{not json", props(kind)).await;
+    publish_raw(env, exchange, key, wrong_shape.as_bytes(), props(kind)).await;
+    publish_raw(env, exchange, key, b"{}", props(&unknown)).await;
+    publish_raw(env, exchange, key, &vec![b' '; 70 * 1024], props(kind)).await;
+    publish_raw(env, exchange, key, b"{}", props(kind).with_message_id("".into())).await;
+    let dlq = topology::dead_letter_queue(queue);
+    depth_is(env, &dlq, 5).await;
+    let dead = env.take_messages(&dlq, 5).await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| m["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for words in [
+        "is not valid",
+        "missing field",
+        &format!("unknown message type `{unknown}`"),
+        "over the limit",
+        "no message_id",
+    ] {
+        assert!(reasons.iter().any(|r| r.contains(words)), "{queue}: no reason says `{words}`: {reasons:?}");
+    }
+    for m in &dead {
+        assert_eq!(m["redelivered"], false, "{queue}: dead-lettered at the first delivery");
+        assert_eq!(m["properties"]["headers"]["x-baton-dead-queue"], queue);
+    }
+}
+
 fn props(kind: &str) -> BasicProperties {
     BasicProperties::default()
         .with_message_id(Uuid::new_v4().to_string().into())
@@ -206,37 +238,8 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
         "records.create.reply",
     ));
     queues.push((REPLIES, "gateway.main".into(), "gateway.main.replies".into(), baton_protocol::START_REPLY));
-    for (exchange, key, _, kind) in &queues {
-        publish_raw(&env, exchange, key, b"{not json", props(kind)).await;
-    }
-    for (_, _, queue, _) in &queues {
-        let dlq = topology::dead_letter_queue(queue);
-        depth_is(&env, &dlq, 1).await;
-        let dead = env.take_messages(&dlq, 1).await;
-        let reason =
-            dead[0]["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap_or_default().to_owned();
-        assert!(reason.contains("is not valid"), "{queue}: {reason}");
-        assert_eq!(dead[0]["properties"]["headers"]["x-baton-dead-queue"], queue.as_str());
-        assert_eq!(dead[0]["redelivered"], false);
-    }
-    // The other kinds of bad input, on one queue.
-    let no_id = props("records.create").with_message_id("".into());
-    publish_raw(&env, COMMANDS, "records", b"{}", no_id).await;
-    publish_raw(&env, COMMANDS, "records", b"{}", props("records.explode")).await;
-    publish_raw(&env, COMMANDS, "records", &vec![b' '; 70 * 1024], props("records.create")).await;
-    let wrong_shape = serde_json::json!({"schema": 1, "hello": "world"}).to_string();
-    publish_raw(&env, COMMANDS, "records", wrong_shape.as_bytes(), props("records.create")).await;
-    depth_is(&env, "records.commands.dlq", 4).await;
-    let reasons: Vec<String> = env
-        .take_messages("records.commands.dlq", 4)
-        .await
-        .iter()
-        .map(|m| m["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap().to_owned())
-        .collect();
-    for words in
-        ["no message_id", "unknown message type `records.explode`", "over the limit", "missing field"]
-    {
-        assert!(reasons.iter().any(|r| r.contains(words)), "no reason says `{words}`: {reasons:?}");
+    for (exchange, key, queue, kind) in &queues {
+        every_bad_input(&env, exchange, key, queue, kind).await;
     }
     // Every consumer still serves.
     let (status, body) = sys.create("still-up", "alice").await;
@@ -262,16 +265,8 @@ async fn malformed_events_are_dead_lettered_too() {
         "gateway.main.events".into(),
         baton_protocol::events::READY,
     ));
-    for (key, _, kind) in &queues {
-        publish_raw(&env, topology::EVENTS, key, b"[1, 2", props(kind)).await;
-    }
-    for (_, queue, _) in &queues {
-        let dlq = topology::dead_letter_queue(queue);
-        depth_is(&env, &dlq, 1).await;
-        let dead = env.take_messages(&dlq, 1).await;
-        let reason =
-            dead[0]["properties"]["headers"]["x-baton-dead-reason"].as_str().unwrap_or_default().to_owned();
-        assert!(reason.contains("is not valid"), "{queue}: {reason}");
+    for (key, queue, kind) in &queues {
+        every_bad_input(&env, topology::EVENTS, key, queue, kind).await;
     }
     let (status, body) = sys.create("still-choreographed", "alice").await;
     assert_eq!(status, 200, "{body}");

@@ -383,7 +383,7 @@ async fn reconcile(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = baton_reconcile::Options {
-        amqp_url,
+        amqp_url: component_url("reconcile", &amqp_url)?,
         data_dir: data.data_dir,
         older_than,
         timeout: Duration::from_secs(60),

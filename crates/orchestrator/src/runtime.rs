@@ -224,6 +224,13 @@ impl Core {
 
     #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id))]
     async fn on_reply(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        if !env.kind.ends_with(".reply") {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on this orchestrator's reply queue; it takes step replies \
+                 (`<command>.reply`) and {RETRY}",
+                env.kind
+            )));
+        }
         let reply: StepReply = env.json().map_err(HandleError::Reject)?;
         let expected = match reply.action {
             Action::Do => Some(reply.step.do_type()),
