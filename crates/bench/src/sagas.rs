@@ -315,19 +315,18 @@ async fn drive(
     Ok((Runs { http_sequential, http_loaded, direct_sequential, direct_loaded, direct_sent }, usage, settled))
 }
 
-/// Sum one number over the databases of `dir` that have it.
+/// Sum one number over the databases of `dir` that have it (`sagas` is only in the
+/// orchestrator's, `requests` only in the gateway's); `None` when none has it.
 fn sum(dir: &Path, sql: &str) -> Option<i64> {
-    let mut total = None;
-    for db in DATABASES {
-        let path = dir.join(format!("{db}.db"));
-        if !path.exists() {
-            continue;
-        }
-        let conn = baton_store::open_read_only(&path).ok()?;
-        let n: i64 = conn.query_row(sql, [], |r| r.get(0)).ok()?;
-        total = Some(total.unwrap_or(0) + n);
-    }
-    total
+    DATABASES
+        .iter()
+        .map(|db| dir.join(format!("{db}.db")))
+        .filter(|path| path.exists())
+        .filter_map(|path| {
+            let conn = baton_store::open_read_only(&path).ok()?;
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0)).ok()
+        })
+        .fold(None, |total, n| Some(total.unwrap_or(0) + n))
 }
 
 async fn sum_async(dir: &Path, sql: &'static str) -> Option<i64> {

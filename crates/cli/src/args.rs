@@ -119,16 +119,8 @@ pub struct CompareArgs {
     /// Share of requests drawn to be refused by a business rule.
     #[arg(long, default_value_t = 0.1)]
     pub refusal_rate: f64,
-    /// The broker, without a vhost (each mode gets a fresh one).
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
-    pub amqp_url: String,
-    /// RabbitMQ's management API, used to make the vhosts and drop connections.
-    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
-    pub mgmt_url: String,
-    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
-    pub mgmt_user: String,
-    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
-    pub mgmt_password: String,
+    #[command(flatten)]
+    pub broker: RunBroker,
     /// Where the two data dirs go.
     #[arg(long, default_value = "data/compare")]
     pub out_dir: PathBuf,
@@ -141,6 +133,27 @@ pub struct CompareArgs {
     /// Print the results as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The broker a compare or chaos run makes its fresh vhosts on.
+#[derive(Debug, Clone, Args)]
+pub struct RunBroker {
+    /// The broker, without a vhost (each run gets a fresh one).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    pub amqp_url: String,
+    /// RabbitMQ's management API, used to make the vhosts and drop connections.
+    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
+    pub mgmt_url: String,
+    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
+    pub mgmt_user: String,
+    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
+    pub mgmt_password: String,
+}
+
+impl RunBroker {
+    pub fn mgmt(&self) -> baton_compare::mgmt::Mgmt {
+        baton_compare::mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,15 +177,8 @@ pub struct ChaosArgs {
     /// Share of requests drawn to be refused by a business rule.
     #[arg(long, default_value_t = 0.1)]
     pub refusal_rate: f64,
-    /// The broker, without a vhost (the run gets a fresh one).
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
-    pub amqp_url: String,
-    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
-    pub mgmt_url: String,
-    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
-    pub mgmt_user: String,
-    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
-    pub mgmt_password: String,
+    #[command(flatten)]
+    pub broker: RunBroker,
     #[arg(long, default_value = "data/chaos")]
     pub out_dir: PathBuf,
     #[arg(long)]

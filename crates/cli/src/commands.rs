@@ -475,8 +475,8 @@ async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
     let opts = baton_compare::Options {
         baton_bin: std::env::current_exe().context("finding the baton binary")?,
-        amqp_base: args.amqp_url.clone(),
-        mgmt: baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+        amqp_base: args.broker.amqp_url.clone(),
+        mgmt: args.broker.mgmt(),
         out_dir: args.out_dir.clone(),
         requests: args.requests,
         concurrency: args.concurrency,
@@ -591,8 +591,8 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let mode = Mode::from(args.mode);
     let opts = baton_compare::Options {
         baton_bin: std::env::current_exe().context("finding the baton binary")?,
-        amqp_base: args.amqp_url.clone(),
-        mgmt: baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+        amqp_base: args.broker.amqp_url.clone(),
+        mgmt: args.broker.mgmt(),
         out_dir: args.out_dir.clone(),
         requests: 10_000_000,
         concurrency: args.concurrency,

@@ -247,55 +247,25 @@ impl Core {
         }
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
-        let core = Arc::clone(&self);
-        let wake_at = self
-            .db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if inbox::seen(&tx, env.message_id)?.is_some() {
-                    return Ok(Ok((None, None)));
-                }
-                inbox::record(&tx, env.message_id, &[])?;
-                let Some((mut saga, meta)) = load(&tx, reply.saga_id)? else {
-                    return Ok(Err(format!(
-                        "reply for saga {} which this orchestrator does not know",
-                        reply.saga_id
-                    )));
-                };
-                let Some(wf) = core.workflows.get(&saga.workflow) else {
-                    return Ok(Err(format!(
-                        "saga {} runs workflow `{}`, which is not loaded",
-                        saga.id, saga.workflow
-                    )));
-                };
-                let now = now_ms() as u64;
-                let effects = saga.on_reply(
-                    wf,
-                    Reply {
-                        service: reply.step,
-                        action: reply.action,
-                        attempt: reply.attempt,
-                        outcome: reply.outcome,
-                        status: reply.status,
-                        reason: reply.reason,
-                        data: reply.data,
-                    },
-                    now,
-                );
-                let point = dangerous_instant(&saga, reply.step, reply.action);
-                let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
-                tx.commit()?;
-                Ok(Ok((wake, point)))
+        let (step, action) = (reply.step, reply.action);
+        let input = Reply {
+            service: reply.step,
+            action: reply.action,
+            attempt: reply.attempt,
+            outcome: reply.outcome,
+            status: reply.status,
+            reason: reply.reason,
+            data: reply.data,
+        };
+        let point = self
+            .advance(env.message_id, reply.saga_id, move |saga, wf, now| {
+                let effects = saga.on_reply(wf, input, now);
+                (effects, dangerous_instant(saga, step, action))
             })
-            .await
-            .map_err(store_error)?
-            .map_err(HandleError::Reject)?;
-        let (wake_at, point) = wake_at;
+            .await?;
         if let Some(point) = point {
             baton_amqp::crash::point(point);
         }
-        self.timer.schedule(wake_at);
-        self.wake.wake();
         Ok(())
     }
 
@@ -304,17 +274,44 @@ impl Core {
     async fn on_retry(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let req: RetrySaga = env.json().map_err(HandleError::Reject)?;
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
-        let core = Arc::clone(&self);
-        let wake_at = self
+        self.advance(env.message_id, req.saga_id, |saga, wf, now| {
+            let effects = saga.retry_compensation(wf, now);
+            if effects.is_empty() {
+                tracing::info!(
+                    status = saga.status.as_str(),
+                    "retry of a saga not in compensation_failed; nothing to do"
+                );
+            }
+            (effects, None::<()>)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// One transition of one saga for message `message_id`, in one transaction: skip a
+    /// duplicate, load the saga, let `step` decide, carry out its effects, store the new state;
+    /// then arm the timer and wake the relay. Returns what `step` returned beside its effects.
+    async fn advance<T, F>(
+        self: &Arc<Self>,
+        message_id: Uuid,
+        saga_id: Uuid,
+        step: F,
+    ) -> Result<Option<T>, HandleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>) + Send + 'static,
+    {
+        let core = Arc::clone(self);
+        let (wake_at, extra) = self
             .db
             .call(move |c| {
                 let tx = c.transaction()?;
-                if inbox::seen(&tx, env.message_id)?.is_some() {
-                    return Ok(Ok(None));
+                if inbox::seen(&tx, message_id)?.is_some() {
+                    return Ok(Ok((None, None)));
                 }
-                inbox::record(&tx, env.message_id, &[])?;
-                let Some((mut saga, meta)) = load(&tx, req.saga_id)? else {
-                    return Ok(Err(format!("no saga {} in this orchestrator instance", req.saga_id)));
+                inbox::record(&tx, message_id, &[])?;
+                let Some((mut saga, meta)) = load(&tx, saga_id)? else {
+                    return Ok(Err(format!("saga {saga_id} is not one of this orchestrator instance's")));
                 };
                 let Some(wf) = core.workflows.get(&saga.workflow) else {
                     return Ok(Err(format!(
@@ -323,23 +320,17 @@ impl Core {
                     )));
                 };
                 let now = now_ms() as u64;
-                let effects = saga.retry_compensation(wf, now);
-                if effects.is_empty() {
-                    tracing::info!(
-                        status = saga.status.as_str(),
-                        "retry asked for a saga that is not in compensation_failed; nothing to do"
-                    );
-                }
+                let (effects, extra) = step(&mut saga, wf, now);
                 let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
                 tx.commit()?;
-                Ok(Ok(wake))
+                Ok(Ok((wake, extra)))
             })
             .await
             .map_err(store_error)?
             .map_err(HandleError::Reject)?;
         self.timer.schedule(wake_at);
         self.wake.wake();
-        Ok(())
+        Ok(extra)
     }
 
     /// Fire due timeouts and retries, all due sagas in one transaction per round.
