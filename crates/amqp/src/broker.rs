@@ -26,7 +26,13 @@ struct Inner {
     url: String,
     name: String,
     conn: Mutex<Arc<Connection>>,
+    /// Since when the connection has been seen down (recovering, or worse).
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long lapin's own recovery may take before Baton gives up on it and opens a new
+/// connection (a recovery can hang when the broker restarts under it).
+pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(15);
 
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
 pub fn redact(url: &str) -> String {
@@ -93,7 +99,12 @@ impl Broker {
         let conn = open(url, name).await?;
         tracing::debug!(url = %redact(url), component = name, "connected to RabbitMQ");
         Ok(Broker {
-            inner: Arc::new(Inner { url: url.into(), name: name.into(), conn: Mutex::new(Arc::new(conn)) }),
+            inner: Arc::new(Inner {
+                url: url.into(),
+                name: name.into(),
+                conn: Mutex::new(Arc::new(conn)),
+                down_since: std::sync::Mutex::new(None),
+            }),
         })
     }
 
@@ -112,9 +123,30 @@ impl Broker {
     async fn live(&self) -> Result<Arc<Connection>, AmqpError> {
         let mut conn = self.inner.conn.lock().await;
         let status = conn.status();
-        if status.closed() || status.errored() {
-            tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
+        let stuck = {
+            let mut since = self.inner.down_since.lock().expect("down_since");
+            if status.connected() {
+                *since = None;
+                false
+            } else {
+                since.get_or_insert_with(std::time::Instant::now).elapsed() > RECOVERY_PATIENCE
+            }
+        };
+        if status.closed() || status.errored() || stuck {
+            if stuck {
+                tracing::warn!(component = %self.inner.name, patience = ?RECOVERY_PATIENCE, "connection recovery is stuck; giving up on it");
+                // Close it for good, so that its channels and consumers can never come back
+                // beside the new ones (deliveries to a consumer nobody reads would stay unacked).
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    conn.close(320, "recovery stuck; replaced".into()),
+                )
+                .await;
+            } else {
+                tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
+            }
             *conn = Arc::new(open(&self.inner.url, &self.inner.name).await?);
+            *self.inner.down_since.lock().expect("down_since") = None;
             tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
         }
         Ok(Arc::clone(&conn))

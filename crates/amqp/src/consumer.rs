@@ -114,7 +114,12 @@ where
                 }
                 Some(Err(e)) => {
                     tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; waiting for recovery");
-                    ch.wait_for_recovery(e).await.map_err(|e| e.to_string())?;
+                    // Bounded: a recovery that hangs must not hang the consumer with it; past
+                    // this, the loop above starts over on a fresh channel (and connection).
+                    match tokio::time::timeout(crate::broker::RECOVERY_PATIENCE, ch.wait_for_recovery(e)).await {
+                        Ok(r) => r.map_err(|e| e.to_string())?,
+                        Err(_) => return Err(format!("recovery of the channel of {} did not finish", cfg.queue)),
+                    }
                 }
                 None => return Err(format!("the broker ended the consumer on {}", cfg.queue)),
             }
