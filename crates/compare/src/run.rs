@@ -341,7 +341,11 @@ async fn drive(
         sum(dir, "SELECT COUNT(*) FROM outbox") + sum(dir, "SELECT COUNT(*) FROM outbox_parked");
     let dead_letters = {
         let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
-        let all = baton_amqp::dlq::list(&broker, &topology::all_queues("main"), 3).await?;
+        let queues: Vec<_> = topology::all_queues("main")
+            .into_iter()
+            .filter(|q| mode == Mode::Workflow || q.name != "orchestrator.main.replies")
+            .collect();
+        let all = baton_amqp::dlq::list(&broker, &queues, 3).await?;
         broker.close().await;
         all.into_iter().filter(|q| q.count > 0).collect()
     };
