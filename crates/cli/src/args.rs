@@ -88,6 +88,9 @@ pub enum Command {
     /// Run one mode under the full fault plan (crashes of every component, connection drops, a
     /// broker restart, duplicates, refusals, delays) for a while, and print what it survived.
     Chaos(ChaosArgs),
+    /// Measure: the broker's own floor (bare durable round trips) and, in the same run, sagas in
+    /// both modes one at a time and under load, through HTTP and straight into the orchestrator.
+    Bench(BenchArgs),
     /// Look at the dead-letter queues, or put their messages back after a fix.
     Dlq {
         #[command(subcommand)]
@@ -131,6 +134,31 @@ pub struct CompareArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub settle_timeout: Duration,
     /// Print the results as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Requests measured one at a time (after the warm-up).
+    #[arg(long, default_value_t = 500)]
+    pub sequential: usize,
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Requests in flight of the loaded HTTP runs.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    pub windows: Vec<usize>,
+    /// Length of each loaded run.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Which modes to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "workflow,events")]
+    pub modes: Vec<CliMode>,
+    #[command(flatten)]
+    pub broker: RunBroker,
+    #[arg(long, default_value = "data/bench")]
+    pub out_dir: PathBuf,
+    /// Print the report as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
 }

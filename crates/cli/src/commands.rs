@@ -15,7 +15,8 @@ use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 
 use crate::args::{
-    Broker, ChaosArgs, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs, WorkflowsCommand,
+    BenchArgs, Broker, ChaosArgs, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs,
+    WorkflowsCommand,
 };
 use crate::shutdown;
 
@@ -33,6 +34,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Compare(args) => compare(args).await,
         Command::Chaos(args) => chaos(args).await,
+        Command::Bench(args) => bench(args).await,
         Command::Workflows { command: WorkflowsCommand::Retry { id, data, broker } } => {
             retry(id, data, broker).await
         }
@@ -622,4 +624,26 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     }
     let ok = run.nothing_lost() && (mode == Mode::Events || run.audit.is_clean());
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut opts = baton_bench::Options::new(
+        std::env::current_exe().context("finding the baton binary")?,
+        args.broker.amqp_url.clone(),
+        args.broker.mgmt(),
+        args.out_dir.clone(),
+    );
+    opts.sequential = args.sequential;
+    opts.warmup = args.warmup;
+    opts.windows = args.windows.clone();
+    opts.duration = args.duration;
+    opts.modes = args.modes.iter().map(|m| Mode::from(*m)).collect();
+    opts.progress = true;
+    let report = baton_bench::run(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", baton_bench::table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
 }
