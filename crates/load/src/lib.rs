@@ -231,6 +231,7 @@ mod tests {
             seed: 5,
             refusal_rate: rate,
             timeout: Duration::from_secs(1),
+            stop_after: None,
         }
     }
 
