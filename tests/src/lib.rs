@@ -383,6 +383,45 @@ pub fn scalar(dir: &Path, db: &str, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
+/// Wait (bounded) until no saga of `env` is still open: every one completed or rolled back.
+pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
+    wait_for("every saga to end", timeout, || async {
+        let open = scalar(
+            env.data_dir(),
+            "orchestrator.db",
+            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')",
+        );
+        (open == 0).then_some(())
+    })
+    .await
+}
+
+/// A `records.create` command for a new saga and space, answered to `reply_to`, as the
+/// orchestrator would send it.
+pub fn records_create(name: &str, reply_to: &str) -> (baton_protocol::StepCommand, baton_amqp::Outgoing) {
+    use baton_protocol::{Action, Context, SCHEMA, StepCommand};
+    let cmd = StepCommand {
+        schema: SCHEMA,
+        saga_id: uuid::Uuid::new_v4(),
+        space_id: uuid::Uuid::new_v4(),
+        step: Service::Records,
+        action: Action::Do,
+        attempt: 1,
+        context: Context { name: name.into(), owner: "alice".into(), ..Default::default() },
+    };
+    let msg = baton_amqp::Outgoing::new(
+        baton_amqp::topology::COMMANDS,
+        "records",
+        "records.create",
+        cmd.saga_id,
+        "test",
+        baton_amqp::TraceParent::new_root(),
+        &cmd,
+    )
+    .reply_to(reply_to);
+    (cmd, msg)
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; a test binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

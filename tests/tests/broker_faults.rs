@@ -47,15 +47,7 @@ async fn nothing_wrong(env: &TestEnv, mut calls: JoinSet<(u16, serde_json::Value
     })
     .await
     .expect("every request is answered");
-    wait_for("every saga to end", Duration::from_secs(60), || async {
-        let open = scalar(
-            env.data_dir(),
-            "orchestrator.db",
-            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')",
-        );
-        (open == 0).then_some(())
-    })
-    .await;
+    baton_tests::every_saga_ends(env, Duration::from_secs(60)).await;
     for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
         wait_for(&format!("{db}'s outbox to drain"), Duration::from_secs(30), || async {
             (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())

@@ -42,19 +42,8 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
     let sys = System::start(&env, SystemConfig { with_orchestrator: false, ..SystemConfig::default() }).await;
     let replies = test_reply_queue(&env, "test.dup").await;
     let publisher = Publisher::new(env.broker().await);
-    let (saga_id, space_id) = (Uuid::new_v4(), Uuid::new_v4());
-    let cmd = StepCommand {
-        schema: SCHEMA,
-        saga_id,
-        space_id,
-        step: Service::Records,
-        action: Action::Do,
-        attempt: 1,
-        context: Context { name: "dup".into(), owner: "alice".into(), ..Default::default() },
-    };
-    let msg =
-        Outgoing::new(COMMANDS, "records", "records.create", saga_id, "test", TraceParent::new_root(), &cmd)
-            .reply_to("test.dup");
+    let (cmd, msg) = baton_tests::records_create("dup", "test.dup");
+    let (saga_id, space_id) = (cmd.saga_id, cmd.space_id);
     publisher.publish_confirmed(&msg).await.unwrap();
     publisher.publish_confirmed(&msg).await.unwrap();
     depth_is(&env, &replies, 2).await;

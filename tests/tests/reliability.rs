@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_amqp::topology::COMMANDS;
-use baton_amqp::{Outgoing, Publisher, TraceParent};
+use baton_amqp::Publisher;
 use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
-use baton_protocol::{Action, Context, SCHEMA, Service, StepCommand};
+use baton_protocol::Service;
 use baton_tests::{
     System, SystemConfig, TestEnv, baton_bin, mgmt_base, rows_for, scalar, spawn_service, timeline, wait_for,
 };
@@ -151,19 +150,8 @@ async fn a_message_its_handler_keeps_failing_on_is_dead_lettered_at_the_delivery
     )
     .await
     .unwrap();
-    let (saga_id, space_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    let cmd = StepCommand {
-        schema: SCHEMA,
-        saga_id,
-        space_id,
-        step: Service::Records,
-        action: Action::Do,
-        attempt: 1,
-        context: Context { name: "poison".into(), owner: "alice".into(), ..Default::default() },
-    };
-    let msg =
-        Outgoing::new(COMMANDS, "records", "records.create", saga_id, "test", TraceParent::new_root(), &cmd)
-            .reply_to("test.op");
+    let (cmd, msg) = baton_tests::records_create("poison", "test.op");
+    let space_id = cmd.space_id;
     Publisher::new(broker.clone()).publish_confirmed(&msg).await.unwrap();
     wait_for("the poison message in records.commands.dlq", Duration::from_secs(30), || async {
         (env.queue_depth("records.commands.dlq").await == Some(1)).then_some(())
@@ -256,15 +244,7 @@ async fn connections_closed_by_the_broker_mid_load_are_recovered_and_nothing_is_
         assert!([200, 409].contains(&s), "true answers only: {s} {body}");
         statuses.push(s);
     }
-    wait_for("every saga to end", Duration::from_secs(30), || async {
-        let open = scalar(
-            env.data_dir(),
-            "orchestrator.db",
-            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')",
-        );
-        (open == 0).then_some(())
-    })
-    .await;
+    baton_tests::every_saga_ends(&env, Duration::from_secs(30)).await;
     assert_eq!(scalar(env.data_dir(), "orchestrator.db", "SELECT COUNT(*) FROM sagas"), 60);
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
