@@ -3,13 +3,14 @@
 //! logs, config and plugins file, so it never touches the shared broker the other tests use.
 //! Drop stops it (SIGTERM, then SIGKILL of its process group after 30 s) and removes its dir.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
+
+use crate::free_port;
 
 /// The server script without Debian's wrapper (which switches to the `rabbitmq` user and its
 /// home, hence its cookie and directories); any other install: `rabbitmq-server` on the PATH.
@@ -262,8 +263,4 @@ impl Drop for Node {
         let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(Stdio::null()).status();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

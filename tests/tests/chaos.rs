@@ -18,20 +18,19 @@ async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
     let out = tempfile::tempdir().unwrap();
     let seconds = 40;
     let opts = Options {
-        baton_bin: baton_bin(),
-        amqp_base: format!("amqp://guest:guest@127.0.0.1:{}", node.port),
-        mgmt: Mgmt::new(&format!("http://127.0.0.1:{}", node.mgmt_port.unwrap()), "guest", "guest"),
-        out_dir: out.path().to_owned(),
         requests: 1_000_000,
         concurrency: 8,
         seed: 3,
-        refusal_rate: 0.1,
         faults: FaultPlan::parse(FaultPlan::CHAOS, 3).unwrap(),
         quiesce_timeout: Duration::from_secs(120),
-        keep_vhosts: false,
-        progress: false,
         duration: Some(Duration::from_secs(seconds)),
         broker_ctl: Some(node.ctl_command()),
+        ..Options::new(
+            baton_bin(),
+            format!("amqp://guest:guest@127.0.0.1:{}", node.port),
+            Mgmt::new(&format!("http://127.0.0.1:{}", node.mgmt_port.unwrap()), "guest", "guest"),
+            out.path().to_owned(),
+        )
     };
     let run = chaos(&opts, Mode::Workflow).await.unwrap();
     let summary = report::chaos_summary(&run, &opts.faults.to_string(), seconds);

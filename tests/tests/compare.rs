@@ -32,20 +32,15 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     baton_tests::init_logs();
     let out = tempfile::tempdir().unwrap();
     let opts = Options {
-        baton_bin: baton_bin(),
-        amqp_base: amqp_base(),
-        mgmt: Mgmt::new(&mgmt_base(), "guest", "guest"),
-        out_dir: out.path().to_owned(),
         requests: 300,
-        concurrency: 16,
         seed: 11,
-        refusal_rate: 0.1,
         faults: FaultPlan::parse(FaultPlan::DEFAULT, 11).unwrap(),
-        quiesce_timeout: Duration::from_secs(60),
-        keep_vhosts: false,
-        progress: false,
-        duration: None,
-        broker_ctl: None,
+        ..Options::new(
+            baton_bin(),
+            amqp_base(),
+            Mgmt::new(&mgmt_base(), "guest", "guest"),
+            out.path().to_owned(),
+        )
     };
     let c = tokio::time::timeout(Duration::from_secs(110), compare(&opts))
         .await

@@ -19,10 +19,6 @@ use crate::rpc::Rpc;
 use crate::stats::{Latency, Throughput};
 use crate::{Options, REPLY_TIMEOUT, Ratios, Say};
 
-/// The databases whose relays publish (and the gateway's, which counts the requests).
-const DATABASES: [&str; 7] =
-    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
-
 /// Broker messages of one successful saga when they cannot be counted: in workflow mode the
 /// start, five commands, five replies and the answer; in events mode `space.requested` and the
 /// five events that follow it.
@@ -315,23 +311,9 @@ async fn drive(
     Ok((Runs { http_sequential, http_loaded, direct_sequential, direct_loaded, direct_sent }, usage, settled))
 }
 
-/// Sum one number over the databases of `dir` that have it (`sagas` is only in the
-/// orchestrator's, `requests` only in the gateway's); `None` when none has it.
-fn sum(dir: &Path, sql: &str) -> Option<i64> {
-    DATABASES
-        .iter()
-        .map(|db| dir.join(format!("{db}.db")))
-        .filter(|path| path.exists())
-        .filter_map(|path| {
-            let conn = baton_store::open_read_only(&path).ok()?;
-            conn.query_row(sql, [], |r| r.get::<_, i64>(0)).ok()
-        })
-        .fold(None, |total, n| Some(total.unwrap_or(0) + n))
-}
-
 async fn sum_async(dir: &Path, sql: &'static str) -> Option<i64> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || sum(&dir, sql)).await.ok().flatten()
+    tokio::task::spawn_blocking(move || baton_store::sum_over(&dir, sql)).await.ok().flatten()
 }
 
 /// Wait (at most `timeout`) until every outbox is empty and, in workflow mode, no saga is still

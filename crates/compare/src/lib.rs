@@ -56,6 +56,29 @@ pub struct Options {
     pub broker_ctl: Option<Vec<String>>,
 }
 
+impl Options {
+    /// A comparison of the defaults of `baton compare`: 500 requests at concurrency 16, seed 1,
+    /// 10 % natural refusals, the default fault plan, a minute to settle, no progress bar.
+    pub fn new(baton_bin: PathBuf, amqp_base: String, mgmt: mgmt::Mgmt, out_dir: PathBuf) -> Options {
+        Options {
+            baton_bin,
+            amqp_base,
+            mgmt,
+            out_dir,
+            requests: 500,
+            concurrency: 16,
+            seed: 1,
+            refusal_rate: 0.1,
+            faults: FaultPlan::parse(FaultPlan::DEFAULT, 1).expect("the default plan parses"),
+            quiesce_timeout: Duration::from_secs(60),
+            keep_vhosts: false,
+            progress: false,
+            duration: None,
+            broker_ctl: None,
+        }
+    }
+}
+
 /// The results of one mode.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeRun {

@@ -15,9 +15,6 @@ use tokio::sync::mpsc;
 
 use crate::{ModeRun, Options};
 
-const DATABASES: [&str; 7] =
-    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
-
 /// What the fault task is asked to do.
 enum Fault {
     Crash { component: String, down: Duration },
@@ -84,14 +81,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn sum(dir: &Path, sql: &str) -> i64 {
-    DATABASES
-        .iter()
-        .filter_map(|db| {
-            let path = dir.join(format!("{db}.db"));
-            let conn = baton_store::open_read_only(&path).ok()?;
-            conn.query_row(sql, [], |r| r.get::<_, i64>(0)).ok()
-        })
-        .sum()
+    baton_store::sum_over(dir, sql).unwrap_or(0)
 }
 
 /// Run one mode from a fresh vhost and data dir to its audited results.

@@ -159,6 +159,22 @@ impl Db {
     }
 }
 
+/// The components that keep a database in a data dir (`<data-dir>/<component>.db`).
+pub const COMPONENTS: [&str; 7] =
+    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
+
+/// Sum one number over the component databases of `dir` that answer `sql`, read-only (a table
+/// lives in some of them only: `sagas` in the orchestrator's, `requests` in the gateway's);
+/// `None` when none does.
+pub fn sum_over(dir: &Path, sql: &str) -> Option<i64> {
+    COMPONENTS
+        .iter()
+        .map(|c| dir.join(format!("{c}.db")))
+        .filter(|path| path.exists())
+        .filter_map(|path| open_read_only(&path).ok()?.query_row(sql, [], |r| r.get::<_, i64>(0)).ok())
+        .fold(None, |total, n| Some(total.unwrap_or(0) + n))
+}
+
 /// Open a component's database read-only, for audits, reports and queries from other processes.
 /// WAL lets these read while the owner writes.
 pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
