@@ -10,6 +10,10 @@ use tokio::sync::Mutex;
 
 use crate::{Broker, Outgoing, PublishError};
 
+/// How long a publish waits for the broker's confirm before it counts as failed (and is sent
+/// again: the receiver's inbox drops the double).
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A confirm-mode channel of one component. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -28,9 +32,14 @@ impl From<PublisherConfirm> for PendingConfirm {
 }
 
 impl PendingConfirm {
-    /// Wait for the confirm. `Ok` only for an ack of a routed message.
+    /// Wait for the confirm, at most [`CONFIRM_TIMEOUT`]. `Ok` only for an ack of a routed
+    /// message. A confirm lost with a connection would otherwise be awaited forever, holding
+    /// up everything behind it.
     pub async fn wait(self) -> Result<(), PublishError> {
-        match self.0.await? {
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.0).await.map_err(|_| {
+            PublishError::Channel(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs()))
+        })??;
+        match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 Err(PublishError::Returned(format!("{} {}", returned.reply_code, returned.reply_text)))
@@ -85,7 +94,17 @@ impl Publisher {
 
     /// Publish and wait for the broker's confirm.
     pub async fn publish_confirmed(&self, msg: &Outgoing) -> Result<(), PublishError> {
-        self.publish(msg).await?.wait().await
+        let result = self.publish(msg).await?.wait().await;
+        if matches!(result, Err(PublishError::Channel(_))) {
+            self.forget_channel().await;
+        }
+        result
+    }
+
+    /// Drop the channel in use, so that the next publish opens a fresh one (after a confirm
+    /// that never came, the old channel cannot be trusted).
+    pub async fn forget_channel(&self) {
+        self.chan.lock().await.take();
     }
 
     pub fn broker(&self) -> &Broker {

@@ -69,6 +69,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
         }
         let mut done = Vec::with_capacity(batch.len());
         let mut failures = 0usize;
+        let mut channel_failed = false;
         for (seq, sent) in pending {
             let result = match sent {
                 Ok(confirm) => confirm.wait().await,
@@ -78,6 +79,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 Ok(()) => done.push(seq),
                 Err(e) => {
                     failures += 1;
+                    channel_failed |= matches!(e, PublishError::Channel(_));
                     tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
                     if let Err(e) = store.failed(seq, e).await {
                         tracing::error!(error = %e, "recording an outbox failure failed");
@@ -93,6 +95,9 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
         {
             // The rows go out again: duplicates, which inboxes absorb.
             tracing::error!(error = %e, "deleting confirmed outbox rows failed");
+        }
+        if channel_failed {
+            publisher.forget_channel().await;
         }
         if failures > 0 {
             pause(&cancel, backoff).await;
