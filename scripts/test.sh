@@ -32,7 +32,10 @@ if cargo nextest --version >/dev/null 2>&1; then
     # nextest does not run doc tests: run them first, so the suite's summary is the last thing printed.
     say "step 4/4: running the tests (doc tests with cargo test, then cargo nextest run)"
     cargo test --workspace --doc
-    cargo nextest run --workspace --no-fail-fast -E 'not binary(chaos)' "$@"
+    # One test at a time: each is isolated (own vhost, own data dir) and can run beside the
+    # others, but several of them start a RabbitMQ node or a dozen processes of their own, and
+    # on two cores their timeouts then measure the starvation rather than Baton.
+    cargo nextest run --workspace --no-fail-fast --test-threads 1 -E 'not binary(chaos)' "$@"
     # The chaos run restarts its own broker node and kills every component for 40 s; it runs
     # alone, after the rest, so that what it measures is the faults it injects and not two
     # cores starved by the other tests.
