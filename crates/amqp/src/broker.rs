@@ -34,6 +34,9 @@ struct Inner {
 /// connection (a recovery can hang when the broker restarts under it).
 pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(15);
 
+/// How long a set-up call (channel.open, basic.qos, basic.consume) may wait for its answer.
+pub const SETUP_PATIENCE: Duration = Duration::from_secs(10);
+
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -153,9 +156,15 @@ impl Broker {
     }
 
     /// A new channel; reconnects first if the connection is gone for good.
+    ///
+    /// Bounded: a channel.open the broker never answers (seen once on a loaded CI machine, a
+    /// consumer that never started) is an error the caller's retry loop handles, not a hang.
     pub async fn channel(&self) -> Result<Channel, AmqpError> {
         let conn = self.live().await?;
-        Ok(conn.create_channel().await?)
+        match tokio::time::timeout(SETUP_PATIENCE, conn.create_channel()).await {
+            Ok(ch) => Ok(ch?),
+            Err(_) => Err(AmqpError::NoAnswer { what: "channel.open", secs: SETUP_PATIENCE.as_secs() }),
+        }
     }
 
     /// Whether the connection is up and not blocked by a broker alarm: what `/health` reports.

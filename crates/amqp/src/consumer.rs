@@ -86,17 +86,28 @@ where
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
     let ch = broker.channel().await.map_err(|e| e.to_string())?;
-    ch.basic_qos(cfg.prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
-    let tag = format!("{} {}", broker.name(), uuid::Uuid::new_v4().simple());
-    let mut consumer = ch
-        .basic_consume(
-            cfg.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let patience = crate::broker::SETUP_PATIENCE;
+    let no_answer = |what: &str| format!("RabbitMQ did not answer {what} on {} within {patience:?}", cfg.queue);
+    tokio::time::timeout(patience, ch.basic_qos(cfg.prefetch, BasicQosOptions::default()))
         .await
-        .map_err(|e| format!("cannot consume {}: {e}", cfg.queue))?;
+        .map_err(|_| no_answer("basic.qos"))?
+        .map_err(|e| e.to_string())?;
+    let tag = format!("{} {}", broker.name(), uuid::Uuid::new_v4().simple());
+    let consume = ch.basic_consume(
+        cfg.queue.as_str().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let mut consumer = match tokio::time::timeout(patience, consume).await {
+        Ok(c) => c.map_err(|e| format!("cannot consume {}: {e}", cfg.queue))?,
+        Err(_) => {
+            // The consume may still land later: close the channel so that no consumer nobody
+            // reads can hold deliveries unacked.
+            let _ = tokio::time::timeout(patience, ch.close(200, "consume timed out".into())).await;
+            return Err(no_answer("basic.consume"));
+        }
+    };
     *backoff = Duration::from_millis(100);
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
     loop {

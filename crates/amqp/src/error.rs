@@ -22,6 +22,8 @@ pub enum AmqpError {
     Replay { queue: String, cause: String },
     #[error("AMQP channel error: {0}")]
     Channel(#[from] lapin::Error),
+    #[error("RabbitMQ did not answer {what} within {secs} s; the caller retries on a fresh channel")]
+    NoAnswer { what: &'static str, secs: u64 },
 }
 
 /// Why a publish did not count as sent. Every variant leaves the message unsent: the caller

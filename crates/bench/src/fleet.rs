@@ -101,6 +101,21 @@ impl Fleet {
         Ok(())
     }
 
+    /// The last `n` lines of every component's log, for an error message: a test that fails on
+    /// CI has only what it printed.
+    pub(crate) fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(n)..];
+            if !tail.is_empty() {
+                out.push_str(&format!("\n--- {name}.log (last {} lines)\n{}", tail.len(), tail.join("\n")));
+            }
+        }
+        out
+    }
+
     /// Total CPU time of the components so far, in ms.
     pub(crate) fn cpu_ms(&self) -> f64 {
         self.children.iter().filter_map(|(_, c)| c.id()).filter_map(|pid| cpu_ms(&pid.to_string())).sum()
@@ -187,7 +202,11 @@ pub(crate) async fn wait_ready(
     };
     broker.close().await;
     if !ready {
-        bail!("waited {timeout:?} for {waiting_for}; see the logs in {}", fleet.dir.display());
+        bail!(
+            "waited {timeout:?} for {waiting_for}; see the logs in {}{}",
+            fleet.dir.display(),
+            fleet.log_tails(20)
+        );
     }
     Ok(())
 }
