@@ -407,6 +407,7 @@ pub fn records_create(name: &str, reply_to: &str) -> (baton_protocol::StepComman
         step: Service::Records,
         action: Action::Do,
         attempt: 1,
+        index: None,
         context: Context { name: name.into(), owner: "alice".into(), ..Default::default() },
     };
     let msg = baton_amqp::Outgoing::new(

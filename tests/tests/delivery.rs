@@ -128,6 +128,7 @@ async fn a_duplicate_reply_advances_the_saga_once() {
         step: Service::Records,
         action: Action::Do,
         attempt: cmd.attempt,
+        index: cmd.index,
         outcome: Outcome::Done,
         status: None,
         reason: None,

@@ -247,9 +247,10 @@ impl Core {
         }
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
-        let (step, action) = (reply.step, reply.action);
+        let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
         let input = Reply {
             service: reply.step,
+            index,
             action: reply.action,
             attempt: reply.attempt,
             outcome: reply.outcome,
@@ -260,7 +261,7 @@ impl Core {
         let point = self
             .advance(env.message_id, reply.saga_id, move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                (effects, dangerous_instant(saga, step, action))
+                (effects, dangerous_instant(saga, step, index, action))
             })
             .await?;
         if let Some(point) = point {
@@ -395,9 +396,18 @@ impl Core {
 }
 
 /// The crash point a transition stands at, if any (for the crash tests).
-fn dangerous_instant(saga: &Saga, step: Service, action: Action) -> Option<&'static str> {
+fn dangerous_instant(
+    saga: &Saga,
+    step: Service,
+    index: Option<usize>,
+    action: Action,
+) -> Option<&'static str> {
     use baton_workflow::{Phase, SagaStatus};
-    let Some(me) = saga.actions.iter().find(|a| a.service == step) else { return None };
+    let me = match index {
+        Some(i) => saga.actions.get(i),
+        None => saga.actions.iter().find(|a| a.service == step),
+    };
+    let Some(me) = me else { return None };
     match action {
         Action::Undo if me.phase == Phase::Compensated && saga.status == SagaStatus::Compensating => {
             Some(baton_amqp::crash::BETWEEN_COMPENSATIONS)
@@ -446,7 +456,7 @@ fn apply(
     let mut answer_status = None;
     for effect in effects {
         match effect {
-            Effect::Send { service, action, attempt, context } => {
+            Effect::Send { index, service, action, attempt, context } => {
                 let kind = match action {
                     Action::Do => service.do_type(),
                     Action::Undo => {
@@ -460,6 +470,7 @@ fn apply(
                     step: service,
                     action,
                     attempt,
+                    index: Some(index as u32),
                     context,
                 };
                 let msg = Outgoing::new(

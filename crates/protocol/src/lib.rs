@@ -178,6 +178,10 @@ pub struct StepCommand {
     pub step: Service,
     pub action: Action,
     pub attempt: u32,
+    /// Which action of the saga this is (its position in the workflow, flattened), echoed in
+    /// the reply: a workflow may run the same service in several steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
     pub context: Context,
 }
 
@@ -202,6 +206,9 @@ pub struct StepReply {
     pub step: Service,
     pub action: Action,
     pub attempt: u32,
+    /// The command's `index`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
     pub outcome: Outcome,
     #[serde(default)]
     pub status: Option<u16>,

@@ -170,6 +170,7 @@ async fn undo_all(
             step: *svc,
             action: Action::Undo,
             attempt: 1,
+            index: None,
             context: Context::default(),
         };
         let msg =

@@ -254,6 +254,7 @@ impl Handler {
                 step: service,
                 action,
                 attempt: cmd.attempt,
+                index: cmd.index,
                 outcome: v.outcome,
                 status: v.status,
                 reason: v.reason,

@@ -95,7 +95,7 @@ pub enum DefinitionError {
          group; put it in a step of its own at the end"
     )]
     MixedGroup { step: String, service: Service },
-    #[error("step `{step}`: `{service}` appears more than once in the workflow; use each service once")]
+    #[error("step `{step}`: `{service}` appears twice in this parallel group; run it once per step")]
     DuplicateService { step: String, service: Service },
     #[error("step `{step}`: `{service}` has command `{got}`, expected `{expected}`")]
     WrongCommand { step: String, service: Service, got: String, expected: String },
@@ -134,6 +134,11 @@ impl Workflow {
         vec![Workflow::create_space(), Workflow::create_space_parallel()]
     }
 
+    /// Action `idx` of the flattened list of [`Workflow::actions`].
+    pub fn action(&self, idx: usize) -> Option<&ActionDef> {
+        self.actions().nth(idx).map(|(_, a)| a)
+    }
+
     /// Index of every action, flattened in step order: `(step, action)`.
     pub fn actions(&self) -> impl Iterator<Item = (usize, &ActionDef)> {
         self.steps.iter().enumerate().flat_map(|(i, s)| s.actions.iter().map(move |a| (i, a)))
@@ -143,13 +148,15 @@ impl Workflow {
         if steps.is_empty() {
             return Err(DefinitionError::Empty(name));
         }
-        let mut seen = Vec::new();
         let mut final_seen: Option<Service> = None;
         for step in &steps {
             if step.actions.is_empty() {
                 return Err(DefinitionError::EmptyStep(step.name.clone()));
             }
             let group_has_compensable = step.actions.iter().any(|a| a.compensable);
+            // A service may come back in a later step (its rules are idempotent per space, so
+            // it checks again what it did), but not twice in one parallel group.
+            let mut seen = Vec::new();
             for a in &step.actions {
                 let err_step = || step.name.clone();
                 if seen.contains(&a.service) {
@@ -283,6 +290,19 @@ mod tests {
     use Service::*;
 
     #[test]
+    fn the_bench_workflows_of_4_and_16_steps_are_valid() {
+        // `baton bench --workflow-file` runs them to show how a saga's cost grows with its steps.
+        for (text, steps) in [
+            (include_str!("../workflows/bench/bench-4-steps.json"), 4),
+            (include_str!("../workflows/bench/bench-16-steps.json"), 16),
+        ] {
+            let wf = Workflow::from_json(text).unwrap();
+            assert_eq!(wf.steps.len(), steps, "{}", wf.name);
+            assert_eq!(wf.actions().count(), steps, "{}: one action per step", wf.name);
+        }
+    }
+
+    #[test]
     fn bundled_workflows_are_valid_and_match_the_builder() {
         let built = WorkflowBuilder::new("create-space")
             .step("create-record", [Records])
@@ -337,9 +357,12 @@ mod tests {
             Err(DefinitionError::EmptyStep(s)) if s == "s"
         ));
         assert!(matches!(
-            WorkflowBuilder::new("d").step("a", [Records]).step("b", [Records]).build(),
-            Err(DefinitionError::DuplicateService { step, .. }) if step == "b"
+            WorkflowBuilder::new("d").step("a", [Records]).step("b", [Placement, Records, Placement]).build(),
+            Err(DefinitionError::DuplicateService { step, service: Placement }) if step == "b"
         ));
+        // The same service in two steps is a check of what it did: allowed.
+        let again = WorkflowBuilder::new("d").step("a", [Records]).step("b", [Records]).build().unwrap();
+        assert_eq!(again.action(1).map(|a| a.service), Some(Records));
         let mut a = WorkflowBuilder::default_action(Records);
         a.command = "records.destroy".into();
         assert!(matches!(

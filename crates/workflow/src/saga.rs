@@ -97,6 +97,9 @@ pub struct Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub service: Service,
+    /// The action's index in the saga, when the reply carries it (it always does from Baton's
+    /// services); without it the reply is matched by service.
+    pub index: Option<usize>,
     pub action: Action,
     pub attempt: u32,
     pub outcome: Outcome,
@@ -150,7 +153,7 @@ impl HistoryEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Send a command (or its compensation) to a service.
-    Send { service: Service, action: Action, attempt: u32, context: Context },
+    Send { index: usize, service: Service, action: Action, attempt: u32, context: Context },
     /// Answer the client: 200 with the context, or the failure's status after the rollback.
     Answer { status: u16, context: Context, failure: Option<Failure> },
     /// Append to the saga's timeline.
@@ -238,7 +241,11 @@ impl Saga {
     /// A service replied.
     pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
         let mut out = Out(Vec::new());
-        let Some(idx) = self.actions.iter().position(|a| a.service == reply.service) else {
+        let found = match reply.index {
+            Some(i) => self.actions.get(i).filter(|a| a.service == reply.service).map(|_| i),
+            None => self.actions.iter().position(|a| a.service == reply.service),
+        };
+        let Some(idx) = found else {
             out.0.push(Effect::History {
                 service: Some(reply.service),
                 action: Some(reply.action),
@@ -401,12 +408,7 @@ impl Saga {
     }
 
     fn def<'w>(&self, wf: &'w Workflow, idx: usize) -> &'w ActionDef {
-        let a = &self.actions[idx];
-        wf.steps[a.step]
-            .actions
-            .iter()
-            .find(|d| d.service == a.service)
-            .expect("a saga's actions come from its workflow")
+        wf.action(idx).expect("a saga's actions come from its workflow")
     }
 
     fn enter_step(&mut self, wf: &Workflow, step: usize, now: u64, out: &mut Out) {
@@ -445,6 +447,7 @@ impl Saga {
         a.attempt = attempt;
         a.due_ms = Some(now + timeout);
         out.0.push(Effect::Send {
+            index: idx,
             service: a.service,
             action: Action::Do,
             attempt,
@@ -460,6 +463,7 @@ impl Saga {
         a.undo_attempt = attempt;
         a.due_ms = Some(now + timeout);
         out.0.push(Effect::Send {
+            index: idx,
             service: a.service,
             action: Action::Undo,
             attempt,

@@ -52,12 +52,22 @@ fn done(service: Service, action: Action) -> Reply {
         Routing => Context { route: Some("acme -> shard-1".into()), ..Default::default() },
         Notifier => Context::default(),
     };
-    Reply { service, action, attempt: 1, outcome: Outcome::Done, status: None, reason: None, data }
+    Reply {
+        service,
+        index: None,
+        action,
+        attempt: 1,
+        outcome: Outcome::Done,
+        status: None,
+        reason: None,
+        data,
+    }
 }
 
 fn refused(service: Service, status: u16) -> Reply {
     Reply {
         service,
+        index: None,
         action: Action::Do,
         attempt: 1,
         outcome: Outcome::Refused,
@@ -70,6 +80,7 @@ fn refused(service: Service, status: u16) -> Reply {
 fn failed(service: Service, action: Action, attempt: u32) -> Reply {
     Reply {
         service,
+        index: None,
         action,
         attempt,
         outcome: Outcome::Failed,
@@ -389,4 +400,47 @@ fn saga_state_round_trips_through_json() {
 
 fn baton_workflow_attempts() -> u32 {
     crate::definition::COMPENSATION_RETRY.attempts
+}
+
+#[test]
+fn a_service_in_two_steps_is_told_apart_by_index_and_undone_twice_in_reverse_order() {
+    let wf = WorkflowBuilder::new("twice")
+        .step("create", [Records])
+        .step("place", [Placement])
+        .step("check", [Records])
+        .step("check-place", [Placement])
+        .build()
+        .unwrap();
+    let (mut saga, effects) = start(&wf);
+    let first = |e: &[Effect]| match e.iter().find(|e| matches!(e, Effect::Send { .. })) {
+        Some(Effect::Send { index, service, action, .. }) => (*index, *service, *action),
+        _ => panic!("a command goes out: {e:?}"),
+    };
+    assert_eq!(first(&effects), (0, Records, Action::Do));
+    let at = |idx: usize, mut r: Reply| {
+        r.index = Some(idx);
+        r
+    };
+    let e = saga.on_reply(&wf, at(0, done(Records, Action::Do)), T0 + 2);
+    assert_eq!(first(&e), (1, Placement, Action::Do));
+    let e = saga.on_reply(&wf, at(1, done(Placement, Action::Do)), T0 + 3);
+    assert_eq!(first(&e), (2, Records, Action::Do));
+    // A duplicate of the first records reply must not complete the check of step 3.
+    let e = saga.on_reply(&wf, at(0, done(Records, Action::Do)), T0 + 4);
+    assert_eq!(events(&e), vec![HistoryEvent::LateReplyIgnored]);
+    assert_eq!(saga.actions[2].phase, Phase::Running);
+    let e = saga.on_reply(&wf, at(2, done(Records, Action::Do)), T0 + 5);
+    assert_eq!(first(&e), (3, Placement, Action::Do));
+    // The second placement refuses: both checks, then both originals, undone latest first.
+    let mut no = refused(Placement, 503);
+    no.index = Some(3);
+    let e = saga.on_reply(&wf, no, T0 + 6);
+    assert_eq!(first(&e), (2, Records, Action::Undo));
+    let e = saga.on_reply(&wf, at(2, done(Records, Action::Undo)), T0 + 7);
+    assert_eq!(first(&e), (1, Placement, Action::Undo));
+    let e = saga.on_reply(&wf, at(1, done(Placement, Action::Undo)), T0 + 8);
+    assert_eq!(first(&e), (0, Records, Action::Undo));
+    let e = saga.on_reply(&wf, at(0, done(Records, Action::Undo)), T0 + 9);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+    assert!(e.iter().any(|e| matches!(e, Effect::Answer { status: 503, .. })));
 }
