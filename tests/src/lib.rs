@@ -333,6 +333,7 @@ pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::run
         prefetch: 32,
         delay: cfg.delay,
         faults: cfg.faults.clone(),
+        instance: baton_store::DEFAULT_OWNER.into(),
     }
 }
 

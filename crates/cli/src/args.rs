@@ -347,8 +347,9 @@ pub struct UpArgs {
     /// Address of the HTTP gateway.
     #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
-    /// Instance name of the orchestrator and the gateway (their reply queues are named after
-    /// it); keep it stable across restarts.
+    /// Instance name: the orchestrator's and the gateway's reply queues are named after it, and
+    /// several instances of a service (competing consumers on one data dir) each publish the
+    /// outbox rows they wrote. Keep it stable across restarts.
     #[arg(long, env = "BATON_INSTANCE", default_value = "main")]
     pub instance: String,
     /// The workflow each request runs: create-space, or create-space-parallel.

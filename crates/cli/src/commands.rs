@@ -123,6 +123,7 @@ fn spawn_component(
             prefetch: args.prefetch,
             delay: args.service_delay,
             faults: setup.faults.clone(),
+            instance: args.instance.clone(),
         };
         baton_services::run(s, cfg.clone(), opts, cancel.clone())
     };

@@ -36,6 +36,9 @@ pub struct RunOptions {
     /// Latency added before every message is handled (on top of the plan's).
     pub delay: Duration,
     pub faults: FaultPlan,
+    /// This instance's name: several instances of a service compete for its queues and share
+    /// its database; each publishes the outbox rows it wrote. Keep it stable across restarts.
+    pub instance: String,
 }
 
 /// Run one service until `cancel`; returns once its consumers and relay have stopped.
@@ -46,8 +49,13 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
-    let db = open_db(Arc::clone(&step), &opts.data_dir).await?;
-    let broker = Broker::connect(&opts.amqp_url, service.name()).await?;
+    let db = open_db(Arc::clone(&step), &opts.data_dir, &opts.instance).await?;
+    let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
+        service.name().to_owned()
+    } else {
+        format!("{service} {}", opts.instance)
+    };
+    let broker = Broker::connect(&opts.amqp_url, &conn_name).await?;
     broker.declare_topology(&[]).await?;
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
@@ -86,8 +94,9 @@ pub async fn run(
 }
 
 /// Open, migrate and configure a service's database (`<data-dir>/<service>.db`).
-pub async fn open_db(step: Arc<dyn Step>, data_dir: &std::path::Path) -> anyhow::Result<Db> {
-    let db = Db::open(&data_dir.join(format!("{}.db", step.service().name())), step.migrations())?;
+pub async fn open_db(step: Arc<dyn Step>, data_dir: &std::path::Path, instance: &str) -> anyhow::Result<Db> {
+    let db =
+        Db::open_as(&data_dir.join(format!("{}.db", step.service().name())), step.migrations(), instance)?;
     db.call(move |c| {
         let tx = c.transaction()?;
         step.configure(&tx)?;

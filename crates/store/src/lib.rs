@@ -50,6 +50,9 @@ pub struct Db {
     path: PathBuf,
 }
 
+/// The instance name a process writes its outbox rows under when it has no other.
+pub const DEFAULT_OWNER: &str = "main";
+
 /// The tables every component has.
 const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
         message_id TEXT PRIMARY KEY,
@@ -102,6 +105,38 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Columns added to the base tables after their first release, applied where missing (the
+/// numbered migrations of the components come after the base ones, so the base list cannot
+/// grow without renumbering theirs).
+fn upgrade_base(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |col: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?1)",
+            [col],
+            |r| r.get(0),
+        )
+    };
+    if !has("owner")? {
+        // Which instance's relay publishes the row (competing instances share the database);
+        // rows from before the column existed belong to nobody, so the first relay takes them.
+        conn.execute_batch(
+            "ALTER TABLE outbox ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+             ALTER TABLE outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    Ok(())
+}
+
+/// Record this connection's instance name where [`outbox::push`] finds it: a per-connection
+/// temporary table, so the many call sites that push in a transaction need not carry it.
+fn set_owner(conn: &Connection, owner: &str) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS baton_self (owner TEXT NOT NULL); DELETE FROM temp.baton_self;",
+    )?;
+    conn.execute("INSERT INTO temp.baton_self (owner) VALUES (?1)", [owner])?;
+    Ok(())
+}
+
 fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
     let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
     let tx = conn.transaction()?;
@@ -111,6 +146,7 @@ fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
         tx.execute_batch(sql)?;
     }
     tx.pragma_update(None, "user_version", all.len() as i64)?;
+    upgrade_base(&tx)?;
     tx.commit()
 }
 
@@ -118,6 +154,13 @@ impl Db {
     /// Open (creating it and its folder if needed) and migrate a component's database: the base
     /// tables, then `migrations` of the component, each applied once, in order.
     pub fn open(path: &Path, migrations: &'static [&'static str]) -> Result<Db, StoreError> {
+        Db::open_as(path, migrations, DEFAULT_OWNER)
+    }
+
+    /// [`Db::open`] for instance `owner` of a component: the outbox rows it writes are published
+    /// by its own relay, so several instances can share one database without sending every
+    /// message once per instance. Keep the name stable across restarts.
+    pub fn open_as(path: &Path, migrations: &'static [&'static str], owner: &str) -> Result<Db, StoreError> {
         let err = |cause: String| StoreError::Open { path: path.display().to_string(), cause };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
@@ -125,6 +168,7 @@ impl Db {
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         configure(&conn).map_err(|e| err(e.to_string()))?;
         migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
+        set_owner(&conn, owner).map_err(|e| err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
         std::thread::Builder::new()
@@ -216,5 +260,45 @@ mod tests {
         assert_eq!(mode, "wal");
         let ro = open_read_only(&path).unwrap();
         assert!(ro.execute("INSERT INTO things (name) VALUES ('b')", []).is_err(), "read-only");
+    }
+
+    #[tokio::test]
+    async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones() {
+        use baton_amqp::Outgoing;
+        use baton_amqp::relay::OutboxStore;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.db");
+        let a = Db::open_as(&path, &[], "a").unwrap();
+        let b = Db::open_as(&path, &[], "b").unwrap();
+        let msg = |n: u32| {
+            Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_amqp::TraceParent::new_root(), &n)
+        };
+        let (m1, m2) = (msg(1), msg(2));
+        a.call(move |c| {
+            let tx = c.transaction()?;
+            outbox::push(&tx, &m1)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        b.call(move |c| {
+            let tx = c.transaction()?;
+            outbox::push(&tx, &m2)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(seqs(a.pending(10).await.unwrap()), vec![1]);
+        assert_eq!(seqs(b.pending(10).await.unwrap()), vec![2]);
+        // `a` is gone and its row has waited past the take-over delay: `b` publishes it too.
+        a.call(|c| Ok(c.execute("UPDATE outbox SET created_at = 0 WHERE seq = 1", [])?)).await.unwrap();
+        assert_eq!(seqs(b.pending(10).await.unwrap()), vec![1, 2]);
+        // A connection without an instance name cannot push (it would lose the message).
+        let mut raw = rusqlite::Connection::open(&path).unwrap();
+        let tx = raw.transaction().unwrap();
+        assert!(outbox::push(&tx, &msg(3)).is_err());
     }
 }

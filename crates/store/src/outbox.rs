@@ -11,10 +11,26 @@ use crate::{Db, StoreError, now_ms};
 /// reason) so that it stops holding up the rest.
 pub const PARK_AFTER: i64 = 10;
 
+/// A row another instance wrote but has not published for this long is taken over: that
+/// instance is gone (or stuck), and a message must not wait for it. Should it come back and
+/// publish the row too, the receiver's inbox drops the second copy.
+pub const TAKE_OVER_AFTER_MS: i64 = 30_000;
+
 /// Add a message to the outbox, in the caller's transaction.
 pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     let json = serde_json::to_string(msg).expect("outgoing messages serialise");
-    tx.execute("INSERT INTO outbox (message) VALUES (?1)", [json])?;
+    let added = tx
+        .prepare_cached(
+            "INSERT INTO outbox (message, owner, created_at) SELECT ?1, owner, ?2 FROM temp.baton_self",
+        )?
+        .execute(params![json, now_ms()])?;
+    if added != 1 {
+        // Only a connection opened by `Db::open` knows its instance; never lose the message.
+        return Err(StoreError::Corrupt {
+            table: "outbox",
+            cause: "this connection has no instance name".into(),
+        });
+    }
     Ok(())
 }
 
@@ -32,7 +48,25 @@ impl OutboxStore for Db {
     async fn pending(&self, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
         let rows = self
             .call(move |c| {
-                let mut stmt = c.prepare_cached("SELECT seq, message FROM outbox ORDER BY seq LIMIT ?1")?;
+                let stale = now_ms() - TAKE_OVER_AFTER_MS;
+                // Another instance's stale rows become this one's first, in their own statement:
+                // the common case (every row is this instance's) stays a plain read.
+                let foreign = "created_at < ?1 AND owner <> (SELECT owner FROM temp.baton_self)";
+                let any: bool = c
+                    .prepare_cached(&format!("SELECT EXISTS (SELECT 1 FROM outbox WHERE {foreign})"))?
+                    .query_row([stale], |r| r.get(0))?;
+                if any {
+                    let n = c
+                        .prepare_cached(&format!(
+                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE {foreign}"
+                        ))?
+                        .execute([stale])?;
+                    tracing::warn!(rows = n, "took over outbox rows another instance left unpublished");
+                }
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
+                     ORDER BY seq LIMIT ?1",
+                )?;
                 let rows = stmt
                     .query_map([limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
