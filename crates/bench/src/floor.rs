@@ -11,10 +11,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::drive::{closed_loop, one_at_a_time};
-use crate::fleet::cpu_ms;
 use crate::rpc::{ECHO, ECHO_KEY, Echo, Rpc};
 use crate::stats::{Latency, Throughput};
 use crate::{Options, REPLY_TIMEOUT, Say};
+use baton_fleet::cpu_ms;
 
 /// The floor's figures.
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -13,12 +13,13 @@
 //! client would), the CLI (which parses flags into [`Options`] and calls [`run`]), or time
 //! assertions: figures depend on the machine and are reported, never judged here.
 //!
+//! The component processes, their readiness and what they cost are `baton-fleet`'s.
+//!
 //! Layout: `floor` (the raw floor), `sagas` (one mode's runs), `rpc` (request/reply over AMQP,
-//! the echo responder), `drive` (one at a time, closed loop), `fleet` (component processes,
-//! `/proc`, readiness), `stats` ([`Latency`], [`Throughput`]), `table`.
+//! the echo responder), `drive` (one at a time, closed loop), `stats` ([`Latency`],
+//! [`Throughput`]), `table`.
 
 mod drive;
-mod fleet;
 mod floor;
 mod rpc;
 mod sagas;
@@ -30,10 +31,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use baton_compare::mgmt::Mgmt;
+use baton_fleet::cpu_ms;
 use baton_protocol::{Mode, Service};
 use serde::Serialize;
 
-pub use fleet::ComponentUsage;
+pub use baton_fleet::ComponentUsage;
 pub use floor::Floor;
 pub use sagas::{MessageCount, ModeReport};
 pub use stats::{Latency, Throughput};
@@ -222,7 +224,7 @@ pub struct Report {
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     opts.check()?;
     let started = Instant::now();
-    let cpu = fleet::cpu_ms("self").unwrap_or(0.0);
+    let cpu = cpu_ms("self").unwrap_or(0.0);
     let machine = Machine::now();
     let progress = opts.progress;
     let say = move |line: &str| {
@@ -252,7 +254,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         },
         floor,
         modes,
-        bench_cpu_ms: fleet::cpu_ms("self").unwrap_or(0.0) - cpu,
+        bench_cpu_ms: cpu_ms("self").unwrap_or(0.0) - cpu,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }

@@ -14,10 +14,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::drive::{closed_loop, one_at_a_time};
-use crate::fleet::{ComponentUsage, Fleet, free_port, wait_ready};
 use crate::rpc::Rpc;
 use crate::stats::{Latency, Throughput};
 use crate::{Options, REPLY_TIMEOUT, Ratios, Say};
+use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
 
 /// Broker messages of one successful saga when they cannot be counted: in workflow mode the
 /// start, five commands, five replies and the answer; in events mode `space.requested` and the
@@ -103,8 +103,9 @@ pub(crate) async fn run_mode(opts: &Options, mode: Mode, say: &Say) -> anyhow::R
     }
     components.push("gateway");
     say(&format!("{mode}: starting {} (logs in {})", components.join(", "), dir.display()));
-    let mut fleet = Fleet::start(&opts.baton_bin, &args, &dir, &components)?;
-    let result = drive(opts, mode, &amqp_url, &dir, port, &mut fleet, say).await;
+    let processes: Vec<Process> = components.iter().map(|c| Process::new(*c)).collect();
+    let fleet = Fleet::start(&opts.baton_bin, args, &dir, &processes)?;
+    let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.delete_vhost(&vhost).await?;
@@ -138,8 +139,8 @@ struct Runs {
     direct_sent: u64,
 }
 
-/// The queues that have a consumer once every component of `mode` is up.
-fn work_queues(mode: Mode) -> Vec<String> {
+/// The queues that have a consumer once every component of `mode` is up, with how many.
+fn work_queues(mode: Mode) -> Vec<(String, u32)> {
     let mut qs: Vec<String> = match mode {
         Mode::Workflow => Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect(),
         Mode::Events => Service::ALL.iter().map(|s| topology::event_queue(s.name())).collect(),
@@ -152,7 +153,7 @@ fn work_queues(mode: Mode) -> Vec<String> {
         }
         Mode::Events => qs.push(topology::gateway_event_queue("main").name),
     }
-    qs
+    qs.into_iter().map(|q| (q, 1)).collect()
 }
 
 /// A space name of 63 characters at most, unique within the mode: `b<run>-<phase>-<i>`.
@@ -223,11 +224,11 @@ async fn drive(
     amqp_url: &str,
     dir: &Path,
     port: u16,
-    fleet: &mut Fleet,
+    fleet: &Fleet,
     say: &Say,
 ) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
     let gateway = format!("http://127.0.0.1:{port}");
-    wait_ready(&gateway, amqp_url, &work_queues(mode), fleet, Duration::from_secs(60)).await?;
+    fleet.wait_ready(&gateway, amqp_url, &work_queues(mode), Duration::from_secs(60)).await?;
     let run = crate::short_id();
     let widest = opts.windows.iter().copied().max().unwrap_or(1);
     let http = Arc::new(Http {
@@ -370,8 +371,9 @@ mod tests {
 
     #[test]
     fn each_mode_waits_for_its_own_consumers() {
-        assert!(work_queues(Mode::Workflow).contains(&"orchestrator.main.replies".to_string()));
-        assert!(work_queues(Mode::Events).contains(&"gateway.main.events".to_string()));
-        assert!(!work_queues(Mode::Events).iter().any(|q| q.starts_with("orchestrator")));
+        let names = |mode| work_queues(mode).into_iter().map(|(q, _)| q).collect::<Vec<_>>();
+        assert!(names(Mode::Workflow).contains(&"orchestrator.main.replies".to_string()));
+        assert!(names(Mode::Events).contains(&"gateway.main.events".to_string()));
+        assert!(!names(Mode::Events).iter().any(|q| q.starts_with("orchestrator")));
     }
 }

@@ -5,7 +5,7 @@
 //! the broker dropping every connection), the wait for quiescence, the audit, the reconcile of
 //! the events run, and the results ([`Comparison`]) with their table and HTML report
 //! ([`report`]). Must not touch: component internals; it drives them from the outside, as an
-//! operator would.
+//! operator would, through `baton-fleet` (which spawns, crashes, restarts and stops them).
 
 pub mod mgmt;
 pub mod report;

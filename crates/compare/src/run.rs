@@ -1,16 +1,16 @@
 //! One mode's run.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use baton_amqp::topology;
+use baton_fleet::{Fleet, Process, free_port};
 use baton_load::{Spec, Stats};
 use baton_protocol::{Mode, Service};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use crate::{ModeRun, Options};
@@ -20,64 +20,6 @@ enum Fault {
     Crash { component: String, down: Duration },
     Drop,
     BrokerRestart { down: Duration },
-}
-
-/// The component processes of one run.
-struct Fleet {
-    bin: PathBuf,
-    args: Vec<String>,
-    dir: PathBuf,
-    children: Mutex<HashMap<String, Child>>,
-}
-
-impl Fleet {
-    fn spawn(&self, component: &str) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{component}.log")))
-            .context("opening a component log")?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("run").arg(component).args(&self.args).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
-        let child =
-            cmd.spawn().with_context(|| format!("starting `{} run {component}`", self.bin.display()))?;
-        self.children.lock().expect("fleet").insert(component.into(), child);
-        Ok(())
-    }
-
-    /// SIGKILL, as a crash: no cleanup, no flush, no goodbye.
-    async fn kill(&self, component: &str) -> bool {
-        let child = self.children.lock().expect("fleet").remove(component);
-        match child {
-            Some(mut c) => {
-                let _ = c.start_kill();
-                let _ = c.wait().await;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// SIGTERM everything, then SIGKILL what is still there after 10 s.
-    async fn stop(&self) {
-        let children: Vec<(String, Child)> = self.children.lock().expect("fleet").drain().collect();
-        for (_, c) in &children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            }
-        }
-        for (name, mut c) in children {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
-                tracing::warn!(component = %name, "did not stop within 10 s; killing it");
-                let _ = c.start_kill();
-                let _ = c.wait().await;
-            }
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn sum(dir: &Path, sql: &str) -> i64 {
@@ -97,9 +39,9 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let plan_file = dir.join("faults.json");
     std::fs::write(&plan_file, opts.faults.to_json())?;
     let port = free_port()?;
-    let fleet = Arc::new(Fleet {
-        bin: opts.baton_bin.clone(),
-        args: vec![
+    let fleet = Arc::new(Fleet::new(
+        &opts.baton_bin,
+        vec![
             "--mode".into(),
             mode.as_str().into(),
             "--amqp-url".into(),
@@ -115,18 +57,19 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
             "--log".into(),
             "warn".into(),
         ],
-        dir: dir.clone(),
-        children: Mutex::new(HashMap::new()),
-    });
+        &dir,
+    ));
     let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
     if mode == Mode::Workflow {
         components.push("orchestrator");
     }
     components.push("gateway");
-    for c in &components {
-        fleet.spawn(c)?;
-    }
-    let result = drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await;
+    let started: anyhow::Result<()> =
+        components.iter().try_for_each(|c| fleet.spawn(&Process::new(*c))).map_err(Into::into);
+    let result = match started {
+        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await,
+        Err(e) => Err(e),
+    };
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.delete_vhost(&vhost).await?;
@@ -144,7 +87,7 @@ async fn drive(
     fleet: &Arc<Fleet>,
 ) -> anyhow::Result<ModeRun> {
     let gateway = format!("http://127.0.0.1:{port}");
-    wait_healthy(&gateway, dir).await?;
+    fleet.wait_healthy(&gateway, Duration::from_secs(60)).await?;
 
     // Faults at their planned points of the load, carried out by a task of their own.
     let (tx, mut rx) = mpsc::unbounded_channel::<Fault>();
@@ -158,7 +101,7 @@ async fn drive(
             while let Some(f) = rx.recv().await {
                 match f {
                     Fault::Crash { component, down } => {
-                        if fleet.kill(&component).await {
+                        if fleet.crash(&component).await {
                             *injected
                                 .lock()
                                 .expect("faults")
@@ -167,7 +110,7 @@ async fn drive(
                             let fleet = Arc::clone(&fleet);
                             restarts.spawn(async move {
                                 tokio::time::sleep(down).await;
-                                if let Err(e) = fleet.spawn(&component) {
+                                if let Err(e) = fleet.restart(&component) {
                                     tracing::error!(error = %e, "restarting a crashed component failed");
                                 }
                             });
@@ -382,22 +325,6 @@ async fn broker_ctl(ctl: &[String], arg: &str) -> anyhow::Result<()> {
         bail!("{} {arg}: {}", ctl.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-async fn wait_healthy(gateway: &str, dir: &Path) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{gateway}/health")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the gateway at {gateway} was not healthy within 60 s; see the logs in {}", dir.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Wait until nothing moves: no message ready in any queue, every outbox empty, no saga still

@@ -1,0 +1,351 @@
+//! The component processes of one run: `baton run <component>` children of the bench or of a
+//! comparison, each with its log in the run's dir.
+//!
+//! Owns: spawning them (several processes of one component too, each with its own
+//! `--instance`), a crash (SIGKILL: no cleanup, no flush) and the restart after it, the graceful
+//! stop (SIGTERM, then SIGKILL after 10 s), the check that none died on its own, the wait until
+//! they are ready (the gateway answers `/health`, every work queue has its consumers), the tails
+//! of their logs for an error message, and what each cost from `/proc` (CPU time, peak RSS).
+//!
+//! Must not touch: component internals, the load, the figures. It runs the components from the
+//! outside, as an operator would, and reports what `/proc` says; callers decide what it means.
+//!
+//! Layout: this file ([`Fleet`], [`Process`], [`FleetError`]), `ready` (the readiness waits),
+//! `usage` ([`ComponentUsage`], `/proc`).
+
+mod ready;
+mod usage;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub use usage::{ComponentUsage, cpu_ms, peak_rss_kb};
+
+/// How long a graceful stop waits for each process before it kills it.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the fleet could not do what was asked; every variant ends the run, with a sentence that
+/// says where to look.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("cannot open the component log {}: {source}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start `{} run {component}`: {source}", bin.display())]
+    Spawn {
+        bin: PathBuf,
+        component: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot tell whether component {name} is still running: {source}")]
+    Wait {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("component {name} exited ({status}) before the run ended; see {}", log.display())]
+    Exited { name: String, status: std::process::ExitStatus, log: PathBuf },
+    #[error("waited {timeout:?} for {waiting_for}; see the logs in {}{tails}", dir.display())]
+    NotReady { timeout: Duration, waiting_for: String, dir: PathBuf, tails: String },
+    #[error("cannot make the HTTP client of the health probe: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the readiness probe could not use the broker: {0}")]
+    Broker(#[from] baton_amqp::AmqpError),
+}
+
+/// `records`, or `records-i2`.
+fn process_name(component: &str, instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("{component}-{i}"),
+        None => component.to_owned(),
+    }
+}
+
+/// One process of the fleet: `baton run <component>`, with `--instance <instance>` when given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub component: String,
+    pub instance: Option<String>,
+}
+
+impl Process {
+    /// The only process of `component`, under its default instance.
+    pub fn new(component: impl Into<String>) -> Process {
+        Process { component: component.into(), instance: None }
+    }
+
+    /// One of several processes of `component`, run as `--instance <instance>`.
+    pub fn instance(component: impl Into<String>, instance: impl Into<String>) -> Process {
+        Process { component: component.into(), instance: Some(instance.into()) }
+    }
+
+    /// `records`, or `records-i2` for an instance: its name in the fleet, and its log's
+    /// (`<name>.log`).
+    pub fn name(&self) -> String {
+        process_name(&self.component, self.instance.as_deref())
+    }
+}
+
+/// A process of the fleet, and its child while it runs (none after a crash, until restarted).
+struct Member {
+    process: Process,
+    child: Option<Child>,
+}
+
+/// The component processes of one run, each `baton run <component> <args>` with its stderr in
+/// `<dir>/<name>.log` (appended to across restarts). Every method takes `&self`, so a fault task
+/// can crash and restart members while the run checks them.
+pub struct Fleet {
+    bin: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+    members: Mutex<Vec<Member>>,
+}
+
+impl Fleet {
+    /// A fleet with no process yet: each is `<bin> run <component> <args>`, logging in `dir`.
+    pub fn new(bin: &Path, args: Vec<String>, dir: &Path) -> Fleet {
+        Fleet { bin: bin.to_owned(), args, dir: dir.to_owned(), members: Mutex::new(Vec::new()) }
+    }
+
+    /// A fleet running each of `processes`, started in that order.
+    pub fn start(
+        bin: &Path,
+        args: Vec<String>,
+        dir: &Path,
+        processes: &[Process],
+    ) -> Result<Fleet, FleetError> {
+        let fleet = Fleet::new(bin, args, dir);
+        for p in processes {
+            fleet.spawn(p)?;
+        }
+        Ok(fleet)
+    }
+
+    /// The dir of the logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log of the process `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().expect("the fleet's lock")
+    }
+
+    /// Start `process`; one already running under its name is replaced (and killed).
+    pub fn spawn(&self, process: &Process) -> Result<(), FleetError> {
+        let name = process.name();
+        let path = self.log_path(&name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| FleetError::Log { path, source })?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run").arg(&process.component).args(&self.args);
+        if let Some(i) = &process.instance {
+            cmd.arg("--instance").arg(i);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().map_err(|source| {
+            FleetError::Spawn { bin: self.bin.clone(), component: process.component.clone(), source }
+        })?;
+        let mut members = self.members();
+        match members.iter_mut().find(|m| m.process.name() == name) {
+            Some(m) => m.child = Some(child),
+            None => members.push(Member { process: process.clone(), child: Some(child) }),
+        }
+        Ok(())
+    }
+
+    /// Start again the process `name` after a [`crash`](Fleet::crash). Returns whether the
+    /// fleet knows that name.
+    pub fn restart(&self, name: &str) -> Result<bool, FleetError> {
+        let process = self.members().iter().find(|m| m.process.name() == name).map(|m| m.process.clone());
+        match process {
+            Some(p) => self.spawn(&p).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// SIGKILL the process `name`, as a crash: no cleanup, no flush, no goodbye. Returns whether
+    /// it was running. [`check_alive`](Fleet::check_alive) does not count it as dead.
+    pub async fn crash(&self, name: &str) -> bool {
+        let child = self.members().iter_mut().find(|m| m.process.name() == name).and_then(|m| m.child.take());
+        match child {
+            Some(mut c) => {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fail, naming the log to read, if a running process has exited on its own.
+    pub fn check_alive(&self) -> Result<(), FleetError> {
+        for m in self.members().iter_mut() {
+            let Some(child) = &mut m.child else { continue };
+            let name = m.process.name();
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => {
+                    return Err(FleetError::Exited { log: self.log_path(&name), name, status });
+                }
+                Err(source) => return Err(FleetError::Wait { name, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `n` lines of every process's log, for an error message: a test that fails on
+    /// CI has only what it printed.
+    pub fn log_tails(&self, n: usize) -> String {
+        let names: Vec<String> = self.members().iter().map(|m| m.process.name()).collect();
+        let mut out = String::new();
+        for name in names {
+            let text = std::fs::read_to_string(self.log_path(&name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(n)..];
+            if !tail.is_empty() {
+                out.push_str(&format!("\n--- {name}.log (last {} lines)\n{}", tail.len(), tail.join("\n")));
+            }
+        }
+        out
+    }
+
+    /// Total CPU time of the running processes so far, in ms.
+    pub fn cpu_ms(&self) -> f64 {
+        self.members()
+            .iter()
+            .filter_map(|m| m.child.as_ref()?.id())
+            .filter_map(|pid| cpu_ms(&pid.to_string()))
+            .sum()
+    }
+
+    /// CPU time and peak RSS of each running process now, in the order they were first started.
+    pub fn usage(&self) -> Vec<ComponentUsage> {
+        self.members()
+            .iter()
+            .filter_map(|m| {
+                let pid = m.child.as_ref()?.id()?;
+                Some(ComponentUsage {
+                    component: m.process.component.clone(),
+                    instance: m.process.instance.clone(),
+                    pid,
+                    cpu_ms: cpu_ms(&pid.to_string()).unwrap_or(0.0),
+                    peak_rss_kb: peak_rss_kb(&pid.to_string()).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// SIGTERM every running process, then SIGKILL what is still there after 10 s.
+    pub async fn stop(&self) {
+        let children: Vec<(String, Child)> =
+            self.members().iter_mut().filter_map(|m| Some((m.process.name(), m.child.take()?))).collect();
+        for (_, c) in &children {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+        }
+        for (name, mut c) in children {
+            if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
+                tracing::warn!(component = %name, "did not stop within 10 s; killing it");
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+}
+
+/// A free TCP port on localhost, for the gateway.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// A stand-in for `baton`: logs its arguments to stderr, then sleeps until killed.
+    fn fake_bin(dir: &Path) -> PathBuf {
+        let bin = dir.join("fake-baton");
+        std::fs::write(&bin, "#!/bin/sh\necho \"args: $*\" >&2\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    #[test]
+    fn names_carry_the_instance() {
+        assert_eq!(Process::new("records").name(), "records");
+        assert_eq!(Process::instance("records", "i2").name(), "records-i2");
+    }
+
+    #[tokio::test]
+    async fn spawns_crashes_restarts_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_bin(dir.path());
+        let procs =
+            [Process::instance("records", "i1"), Process::instance("records", "i2"), Process::new("gateway")];
+        let fleet = Fleet::start(&bin, vec!["--mode".into(), "workflow".into()], dir.path(), &procs).unwrap();
+        // The script writes its line at once; wait for it, with a bound.
+        let log = fleet.log_path("records-i2");
+        for _ in 0..100 {
+            if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("args")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap().trim(),
+            "args: run records --mode workflow --instance i2"
+        );
+        fleet.check_alive().unwrap();
+        let usage = fleet.usage();
+        let names: Vec<String> = usage.iter().map(ComponentUsage::name).collect();
+        assert_eq!(names, ["records-i1", "records-i2", "gateway"]);
+
+        assert!(fleet.crash("records-i1").await);
+        assert!(!fleet.crash("records-i1").await, "a crashed process is not running");
+        fleet.check_alive().expect("a crash is not a death on its own");
+        assert_eq!(fleet.usage().len(), 2);
+        assert!(fleet.restart("records-i1").unwrap());
+        assert!(!fleet.restart("nobody").unwrap());
+        assert_eq!(fleet.usage().len(), 3);
+        assert!(fleet.log_tails(5).contains("--- records-i1.log"));
+
+        fleet.stop().await;
+        assert!(fleet.usage().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_process_that_exits_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Fleet::start(Path::new("/bin/false"), Vec::new(), dir.path(), &[Process::new("routing")])
+            .unwrap();
+        let mut err = None;
+        for _ in 0..200 {
+            if let Err(e) = fleet.check_alive() {
+                err = Some(e);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = err.expect("the exit is seen").to_string();
+        assert!(err.contains("component routing exited") && err.contains("routing.log"), "{err}");
+    }
+}
