@@ -1,8 +1,10 @@
-//! The two ways of sending requests: one at a time, and a closed loop that keeps N in flight for
-//! a while. Both take the request as a closure, so the floor, HTTP and the orchestrator share them.
+//! The ways of sending requests: one at a time, a closed loop that keeps N in flight for a while,
+//! and a fixed count with N in flight (the prefill). Each takes the request as a closure, so the
+//! floor, HTTP and the orchestrator share them.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -78,6 +80,72 @@ where
     (samples, started.elapsed())
 }
 
+/// What a run of a fixed count of requests ended with.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Count {
+    pub(crate) succeeded: usize,
+    pub(crate) failed: usize,
+    /// The first failure's reason, when one failed.
+    pub(crate) first_error: Option<String>,
+    pub(crate) elapsed: Duration,
+}
+
+/// Send `n` requests with `in_flight` of them at once (each worker sends its next when the
+/// previous is answered), calling `progress(answered, failed)` every `every` until done.
+pub(crate) async fn fixed_count<F, Fut>(
+    n: usize,
+    in_flight: usize,
+    f: F,
+    every: Duration,
+    progress: impl Fn(usize, usize),
+) -> Count
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicUsize::new(0));
+    let (answered, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..in_flight.clamp(1, n.max(1)) {
+        let (f, next) = (Arc::clone(&f), Arc::clone(&next));
+        let (answered, failed, first_error) =
+            (Arc::clone(&answered), Arc::clone(&failed), Arc::clone(&first_error));
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                if let Err(e) = f(i).await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    first_error.lock().expect("first error").get_or_insert(e);
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            part = workers.join_next() => match part {
+                None => break,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    first_error.lock().expect("first error").get_or_insert(format!("a worker failed: {e}"));
+                }
+            },
+            _ = tick.tick() => progress(answered.load(Ordering::Relaxed), failed.load(Ordering::Relaxed)),
+        }
+    }
+    let failed = failed.load(Ordering::Relaxed).min(n);
+    let first_error = first_error.lock().expect("first error").take();
+    Count { succeeded: n - failed, failed, first_error, elapsed: started.elapsed() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +159,32 @@ mod tests {
         assert_eq!(s.iter().filter(|r| r.is_err()).count(), 1);
         let dead = one_at_a_time(0, 100, |_| async { Err::<(), _>("down".to_string()) }).await;
         assert!(dead.unwrap_err().to_string().contains("in a row"));
+    }
+
+    #[tokio::test]
+    async fn a_fixed_count_sends_each_request_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        let count = fixed_count(
+            50,
+            8,
+            move |i| {
+                s.lock().unwrap().push(i);
+                async move { if i % 10 == 3 { Err(format!("no {i}")) } else { Ok(()) } }
+            },
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!((count.succeeded, count.failed), (45, 5));
+        assert!(count.first_error.is_some_and(|e| e.starts_with("no ")));
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        assert_eq!(
+            fixed_count(0, 8, |_| async { Ok(()) }, Duration::from_secs(1), |_, _| {}).await.succeeded,
+            0
+        );
     }
 
     #[tokio::test]

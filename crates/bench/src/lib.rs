@@ -4,20 +4,21 @@
 //! Owns: the raw floor (bare durable request/reply round trips with Baton's AMQP plumbing and no
 //! database: an echo responder and a requester in this process, in a vhost of their own,
 //! [`Floor`]); create-space sagas of each mode with every component as its own `baton run`
-//! process in a fresh vhost and data dir, driven through the HTTP gateway one at a time and with
-//! each window in flight, and in workflow mode straight into the orchestrator too
-//! ([`ModeReport`]); the CPU time and peak RSS of each component (from `/proc`); the ratios to the
-//! floor ([`Ratios`]); and the [`Report`] with its [`table`] for people (JSON through `serde`).
+//! process (each service `instances` times, competing on its queues) in a fresh vhost and data
+//! dir, optionally prefilled with spaces ([`Prefill`]), driven through the HTTP gateway one at a
+//! time and with each window in flight, and in workflow mode straight into the orchestrator too
+//! ([`ModeReport`]); the ratios to the floor ([`Ratios`]), which divide by the round trips of
+//! the workflow actually run; and the [`Report`] with its [`table`] for people (JSON through
+//! `serde`).
 //!
 //! Must not touch: component internals (it drives them from the outside, as an operator or a
-//! client would), the CLI (which parses flags into [`Options`] and calls [`run`]), or time
-//! assertions: figures depend on the machine and are reported, never judged here.
+//! client would, through `baton-fleet`, which owns the processes and what they cost), the CLI
+//! (which parses flags into [`Options`] and calls [`run`]), or time assertions: figures depend
+//! on the machine and are reported, never judged here.
 //!
-//! The component processes, their readiness and what they cost are `baton-fleet`'s.
-//!
-//! Layout: `floor` (the raw floor), `sagas` (one mode's runs), `rpc` (request/reply over AMQP,
-//! the echo responder), `drive` (one at a time, closed loop), `stats` ([`Latency`],
-//! [`Throughput`]), `table`.
+//! Layout: `floor` (the raw floor), `sagas` (one mode's runs and its prefill), `rpc`
+//! (request/reply over AMQP, the echo responder), `drive` (one at a time, closed loop, a fixed
+//! count), `stats` ([`Latency`], [`Throughput`]), `table`.
 
 mod drive;
 mod floor;
@@ -29,15 +30,16 @@ mod table;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use baton_compare::mgmt::Mgmt;
 use baton_fleet::cpu_ms;
 use baton_protocol::{Mode, Service};
+use baton_workflow::Workflow;
 use serde::Serialize;
 
 pub use baton_fleet::ComponentUsage;
 pub use floor::Floor;
-pub use sagas::{MessageCount, ModeReport};
+pub use sagas::{MessageCount, ModeReport, Prefill, nominal_messages};
 pub use stats::{Latency, Throughput};
 pub use table::table;
 
@@ -45,8 +47,8 @@ pub use table::table;
 /// deadline is set to it too, in both modes.
 pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Round trips a saga is compared with: the five steps of create-space.
-pub const STEPS: usize = Service::ALL.len();
+/// Requests in flight while a mode is prefilled.
+pub const PREFILL_IN_FLIGHT: usize = 256;
 
 /// Progress lines for stderr.
 pub(crate) type Say = dyn Fn(&str) + Send + Sync;
@@ -77,8 +79,18 @@ pub struct Options {
     pub floor_duration: Duration,
     /// The modes to run, in this order.
     pub modes: Vec<Mode>,
-    /// The workflow each saga runs.
+    /// The workflow each saga runs (workflow mode): a bundled one or one of `workflow_files`.
     pub workflow: String,
+    /// Workflow definition files (JSON) given to every component (`--workflow-file`), each
+    /// adding a workflow or replacing the bundled one of its name.
+    pub workflow_files: Vec<PathBuf>,
+    /// Processes of each of the five services (competing consumers on the same queues, sharing
+    /// the data dir, each its own `--instance i<n>` when more than one); the orchestrator and the
+    /// gateway run once.
+    pub instances: usize,
+    /// Create-space sagas run through HTTP before a mode is measured, not counted, so that the
+    /// databases already hold that many spaces.
+    pub prefill: usize,
     /// Extra flags for every `baton run <component>` (for instance `--prefetch 256`).
     pub component_args: Vec<String>,
     /// Keep the vhosts (to look at them in the management UI) instead of deleting them.
@@ -104,9 +116,33 @@ impl Options {
             floor_duration: floor::DEFAULT_DURATION,
             modes: vec![Mode::Workflow, Mode::Events],
             workflow: "create-space".into(),
+            workflow_files: Vec::new(),
+            instances: 1,
+            prefill: 0,
             component_args: Vec::new(),
             keep_vhosts: false,
             progress: false,
+        }
+    }
+
+    /// The workflow sagas run in workflow mode, loaded as the components load it: the bundled
+    /// ones, replaced or joined by `workflow_files`, then the one named `workflow`.
+    pub fn load_workflow(&self) -> anyhow::Result<Workflow> {
+        let mut all = Workflow::bundled();
+        for file in &self.workflow_files {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read workflow file {}", file.display()))?;
+            let wf = Workflow::from_json(&text)
+                .with_context(|| format!("workflow file {} is not valid", file.display()))?;
+            all.retain(|w| w.name != wf.name);
+            all.push(wf);
+        }
+        match all.iter().position(|w| w.name == self.workflow) {
+            Some(i) => Ok(all.swap_remove(i)),
+            None => {
+                let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
+                bail!("--workflow {}: no such workflow; known: {}", self.workflow, names.join(", "))
+            }
         }
     }
 
@@ -120,6 +156,9 @@ impl Options {
         if self.duration.is_zero() || self.floor_duration.is_zero() {
             bail!("each loaded run must last some time; give a duration such as 20s");
         }
+        if self.instances == 0 {
+            bail!("each service needs at least 1 instance");
+        }
         if self.modes.is_empty() {
             bail!("give at least one mode to measure: workflow, events or both");
         }
@@ -127,6 +166,15 @@ impl Options {
             bail!("the baton binary {} does not exist", self.baton_bin.display());
         }
         Ok(())
+    }
+}
+
+/// Round trips of one saga of `mode`: the actions of `workflow` in workflow mode, the five
+/// services of the chain in events mode (which runs no workflow).
+pub fn steps(workflow: &Workflow, mode: Mode) -> usize {
+    match mode {
+        Mode::Workflow => workflow.actions().count(),
+        Mode::Events => Service::ALL.len(),
     }
 }
 
@@ -160,8 +208,14 @@ pub struct Settings {
     pub in_flight: usize,
     pub floor_duration_s: f64,
     pub workflow: String,
-    /// Round trips in the latency ratio's denominator.
+    pub workflow_files: Vec<PathBuf>,
+    /// Round trips of one workflow-mode saga (the workflow's actions), in that mode's latency
+    /// ratio's denominator; each mode's own is in [`ModeReport::steps`].
     pub steps: usize,
+    /// Processes of each service.
+    pub instances: usize,
+    /// Create-space sagas run before each mode, not counted.
+    pub prefill: usize,
 }
 
 /// The broker messages per second one loaded saga run achieved, and its share of the floor's.
@@ -177,7 +231,7 @@ pub struct MessageRate {
 /// One mode's figures next to the floor's.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Ratios {
-    /// HTTP p50 one at a time / (`STEPS` x the floor's p50) (target: at most 1.5).
+    /// HTTP p50 one at a time / (the mode's steps x the floor's p50) (target: at most 1.5).
     pub http_latency: f64,
     /// The same straight into the orchestrator (workflow mode).
     pub direct_latency: Option<f64>,
@@ -189,7 +243,7 @@ pub struct Ratios {
 
 impl Ratios {
     fn of(floor: &Floor, m: &ModeReport) -> Ratios {
-        let latency = |l: &Latency| l.p50_ms / (STEPS as f64 * floor.sequential.p50_ms);
+        let latency = |l: &Latency| l.p50_ms / (m.steps as f64 * floor.sequential.p50_ms);
         let rate = |t: &Throughput| {
             let messages_per_second = m.messages_per_saga * t.per_second;
             MessageRate {
@@ -223,6 +277,7 @@ pub struct Report {
 /// Measure the floor, then each mode, and compare them.
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     opts.check()?;
+    let workflow = opts.load_workflow()?;
     let started = Instant::now();
     let cpu = cpu_ms("self").unwrap_or(0.0);
     let machine = Machine::now();
@@ -236,7 +291,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let floor = floor::measure(opts, &say).await?;
     let mut modes = Vec::new();
     for &mode in &opts.modes {
-        let mut m = sagas::run_mode(opts, mode, &say).await?;
+        let mut m = sagas::run_mode(opts, mode, steps(&workflow, mode), &say).await?;
         m.ratios = Ratios::of(&floor, &m);
         modes.push(m);
     }
@@ -250,7 +305,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             in_flight: opts.in_flight,
             floor_duration_s: opts.floor_duration.as_secs_f64(),
             workflow: opts.workflow.clone(),
-            steps: STEPS,
+            workflow_files: opts.workflow_files.clone(),
+            steps: steps(&workflow, Mode::Workflow),
+            instances: opts.instances,
+            prefill: opts.prefill,
         },
         floor,
         modes,
@@ -267,4 +325,33 @@ pub(crate) fn short_id() -> String {
 /// The broker URL of `vhost`.
 pub(crate) fn amqp_url(opts: &Options, vhost: &str) -> String {
     format!("{}/{vhost}", opts.amqp_base.trim_end_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(workflow: &str, files: &[&str]) -> Options {
+        let mgmt = Mgmt::new("http://127.0.0.1:15672", "guest", "guest");
+        let mut o = Options::new("baton".into(), "amqp://127.0.0.1".into(), mgmt, "out".into());
+        o.workflow = workflow.into();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../workflow/workflows/bench");
+        o.workflow_files = files.iter().map(|f| dir.join(f)).collect();
+        o
+    }
+
+    #[test]
+    fn the_steps_come_from_the_workflow_run() {
+        let wf = options("create-space", &[]).load_workflow().unwrap();
+        assert_eq!((steps(&wf, Mode::Workflow), steps(&wf, Mode::Events)), (5, 5));
+        let files = ["bench-4-steps.json", "bench-16-steps.json"];
+        let wf = options("bench-16-steps", &files).load_workflow().unwrap();
+        assert_eq!((steps(&wf, Mode::Workflow), steps(&wf, Mode::Events)), (16, 5));
+        let wf = options("bench-4-steps", &files).load_workflow().unwrap();
+        assert_eq!(steps(&wf, Mode::Workflow), 4);
+        let unknown = options("bench-4-steps", &[]).load_workflow().unwrap_err().to_string();
+        assert!(unknown.contains("no such workflow") && unknown.contains("create-space"), "{unknown}");
+        let missing = options("x", &["nope.json"]).load_workflow().unwrap_err().to_string();
+        assert!(missing.contains("cannot read workflow file"), "{missing}");
+    }
 }

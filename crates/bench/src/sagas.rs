@@ -1,5 +1,6 @@
 //! Create-space sagas of one mode: the components as `baton run` processes in a fresh vhost and
-//! data dir, requests through the HTTP gateway (one at a time, then each window for the run's
+//! data dir (each service `instances` times), the prefill through the HTTP gateway (not
+//! counted), requests through the gateway (one at a time, then each window for the run's
 //! duration), and in workflow mode the same straight into the orchestrator.
 
 use std::path::{Path, PathBuf};
@@ -9,25 +10,31 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR};
 use baton_amqp::{Outgoing, TraceParent};
+use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
 use baton_protocol::{Context, Mode, SCHEMA, START, SagaOutcome, Service, StartSaga};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::drive::{closed_loop, one_at_a_time};
+use crate::drive::{closed_loop, fixed_count, one_at_a_time};
 use crate::rpc::Rpc;
 use crate::stats::{Latency, Throughput};
-use crate::{Options, REPLY_TIMEOUT, Ratios, Say};
-use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
+use crate::{Options, PREFILL_IN_FLIGHT, REPLY_TIMEOUT, Ratios, Say};
 
-/// Broker messages of one successful saga when they cannot be counted: in workflow mode the
-/// start, five commands, five replies and the answer; in events mode `space.requested` and the
-/// five events that follow it.
-pub(crate) fn nominal_messages(mode: Mode) -> f64 {
+/// Broker messages of one successful saga of `steps` round trips: in workflow mode the start,
+/// one command and one reply per action, and the answer (12 for create-space); in events mode
+/// `space.requested` and the event each service emits (6).
+pub fn nominal_messages(mode: Mode, steps: usize) -> f64 {
     match mode {
-        Mode::Workflow => 12.0,
-        Mode::Events => 6.0,
+        Mode::Workflow => (2 * steps + 2) as f64,
+        Mode::Events => (steps + 1) as f64,
     }
 }
+
+/// Longest wait for each wave of processes to take work.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the prefill prints its progress.
+const PREFILL_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Where the messages-per-saga figure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,8 +43,24 @@ pub enum MessageCount {
     /// The relays' `relay_stats.published` in every database, plus one per request (the
     /// gateway's or the bench's own start, published without a relay), over the sagas started.
     Databases,
-    /// The databases could not be read: 12 per workflow saga, 6 per events saga.
+    /// The databases could not be read: [`nominal_messages`] (12 per create-space saga in
+    /// workflow mode, 6 per saga in events mode).
     Nominal,
+}
+
+/// The create-space sagas run through HTTP before a mode was measured, so that its databases
+/// already held that many spaces; none of them is counted in the mode's figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Prefill {
+    /// Sagas sent.
+    pub requested: usize,
+    /// Of those, the spaces created (200): what the databases held before the measured runs.
+    pub spaces: usize,
+    pub failed: usize,
+    /// The first failure's reason, when one failed.
+    pub first_error: Option<String>,
+    pub in_flight: usize,
+    pub seconds: f64,
 }
 
 /// The figures of one mode.
@@ -54,19 +77,57 @@ pub struct ModeReport {
     pub direct_sequential: Option<Latency>,
     /// Straight into the orchestrator with `in_flight` outstanding.
     pub direct_loaded: Option<Throughput>,
-    /// Sagas started over all the runs of this mode (warm-ups included).
+    /// Round trips of one saga: the workflow's actions in workflow mode, the five services of
+    /// the chain in events mode; the latency ratio divides by it.
+    pub steps: usize,
+    /// Processes of each service.
+    pub instances: usize,
+    /// The sagas run before the measured ones, when asked for.
+    pub prefill: Option<Prefill>,
+    /// Sagas started over all the measured runs of this mode (warm-ups included, the prefill
+    /// not).
     pub sagas: u64,
     pub messages_per_saga: f64,
     pub messages_counted: MessageCount,
     /// Whether every outbox emptied and every saga finished after the last run.
     pub settled: bool,
-    /// Each component's CPU time and peak RSS over the mode, read just before it was stopped.
+    /// Each component process's CPU time and peak RSS over the mode (the prefill included),
+    /// read just before it was stopped.
     pub components: Vec<ComponentUsage>,
     pub ratios: Ratios,
 }
 
+/// The processes of `mode` in the waves they start in: first one process of each service (run
+/// as `--instance i1` when there are several), the orchestrator (workflow mode) and the gateway;
+/// then each further instance of every service (`i2`, `i3`...), a wave each. A wave starts once
+/// the one before it consumes: the processes of one service open and migrate one SQLite file,
+/// and do not all do it at the same moment.
+fn waves(mode: Mode, instances: usize) -> Vec<Vec<Process>> {
+    let of = |i: usize| -> Vec<Process> {
+        Service::ALL
+            .iter()
+            .map(|s| match instances {
+                1 => Process::new(s.name()),
+                _ => Process::instance(s.name(), format!("i{i}")),
+            })
+            .collect()
+    };
+    let mut first = of(1);
+    if mode == Mode::Workflow {
+        first.push(Process::new(ORCHESTRATOR));
+    }
+    first.push(Process::new("gateway"));
+    std::iter::once(first).chain((2..=instances).map(of)).collect()
+}
+
 /// Run one mode from a fresh vhost and data dir to its figures (ratios not filled in yet).
-pub(crate) async fn run_mode(opts: &Options, mode: Mode, say: &Say) -> anyhow::Result<ModeReport> {
+/// `steps`: the round trips of one saga of this mode.
+pub(crate) async fn run_mode(
+    opts: &Options,
+    mode: Mode,
+    steps: usize,
+    say: &Say,
+) -> anyhow::Result<ModeReport> {
     let vhost = format!("baton-bench-{mode}-{}", crate::short_id());
     let dir = opts.out_dir.join(mode.as_str());
     if dir.exists() {
@@ -96,22 +157,21 @@ pub(crate) async fn run_mode(opts: &Options, mode: Mode, say: &Say) -> anyhow::R
     ]
     .map(String::from)
     .to_vec();
-    args.extend(opts.component_args.iter().cloned());
-    let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
-    if mode == Mode::Workflow {
-        components.push(ORCHESTRATOR);
+    for file in &opts.workflow_files {
+        // Absolute, so that the components find it whatever their working dir.
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+        args.extend(["--workflow-file".to_owned(), file.display().to_string()]);
     }
-    components.push("gateway");
-    say(&format!("{mode}: starting {} (logs in {})", components.join(", "), dir.display()));
-    let processes: Vec<Process> = components.iter().map(|c| Process::new(*c)).collect();
-    let fleet = Fleet::start(&opts.baton_bin, args, &dir, &processes)?;
+    args.extend(opts.component_args.iter().cloned());
+    let fleet = Fleet::new(&opts.baton_bin, args, &dir);
     let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.delete_vhost(&vhost).await?;
     }
     let (runs, components, settled) = result?;
-    let (sagas, messages_per_saga, messages_counted) = count_messages(&dir, mode, runs.direct_sent).await;
+    let (sagas, messages_per_saga, messages_counted) =
+        count_messages(&dir, mode, steps, runs.direct_sent, runs.baseline).await;
     Ok(ModeReport {
         mode,
         vhost,
@@ -120,6 +180,9 @@ pub(crate) async fn run_mode(opts: &Options, mode: Mode, say: &Say) -> anyhow::R
         http_loaded: runs.http_loaded,
         direct_sequential: runs.direct_sequential,
         direct_loaded: runs.direct_loaded,
+        steps,
+        instances: opts.instances,
+        prefill: runs.prefill,
         sagas,
         messages_per_saga,
         messages_counted,
@@ -137,10 +200,15 @@ struct Runs {
     direct_loaded: Option<Throughput>,
     /// Starts the bench published itself (straight into the orchestrator).
     direct_sent: u64,
+    prefill: Option<Prefill>,
+    /// What the databases counted before the measured runs (the prefill's messages and
+    /// requests), taken off the totals; `None` when they could not be read.
+    baseline: Option<Counts>,
 }
 
-/// The queues that have a consumer once every component of `mode` is up, with how many.
-fn work_queues(mode: Mode) -> Vec<(String, u32)> {
+/// The queues that have consumers once every component of `mode` is up, with how many: one per
+/// process of the service (`instances`), one for the orchestrator's and the gateway's.
+fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
     let mut qs: Vec<String> = match mode {
         Mode::Workflow => Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect(),
         Mode::Events => Service::ALL.iter().map(|s| topology::event_queue(s.name())).collect(),
@@ -153,7 +221,9 @@ fn work_queues(mode: Mode) -> Vec<(String, u32)> {
         }
         Mode::Events => qs.push(topology::gateway_event_queue("main").name),
     }
-    qs.into_iter().map(|q| (q, 1)).collect()
+    let services = Service::ALL.len();
+    let per_service = u32::try_from(instances).unwrap_or(u32::MAX);
+    qs.into_iter().enumerate().map(|(i, q)| (q, if i < services { per_service } else { 1 })).collect()
 }
 
 /// A space name of 63 characters at most, unique within the mode: `b<run>-<phase>-<i>`.
@@ -228,9 +298,21 @@ async fn drive(
     say: &Say,
 ) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
     let gateway = format!("http://127.0.0.1:{port}");
-    fleet.wait_ready(&gateway, amqp_url, &work_queues(mode), Duration::from_secs(60)).await?;
+    for (i, wave) in waves(mode, opts.instances).iter().enumerate() {
+        let names: Vec<String> = wave.iter().map(Process::name).collect();
+        say(&format!("{mode}: starting {} (logs in {})", names.join(", "), dir.display()));
+        for p in wave {
+            fleet.spawn(p)?;
+        }
+        let queues = work_queues(mode, i + 1);
+        if i == 0 {
+            fleet.wait_ready(&gateway, amqp_url, &queues, READY_TIMEOUT).await?;
+        } else {
+            fleet.wait_consumers(amqp_url, &queues, READY_TIMEOUT).await?;
+        }
+    }
     let run = crate::short_id();
-    let widest = opts.windows.iter().copied().max().unwrap_or(1);
+    let widest = opts.windows.iter().copied().max().unwrap_or(1).max(PREFILL_IN_FLIGHT);
     let http = Arc::new(Http {
         client: reqwest::Client::builder()
             .timeout(REPLY_TIMEOUT + Duration::from_secs(5))
@@ -245,6 +327,17 @@ async fn drive(
             let (name, owner) = (space_name(&run, &phase, i), owner(&run, &phase, i));
             async move { http.create(name, owner).await }
         }
+    };
+
+    let (prefill, baseline) = if opts.prefill > 0 {
+        let p = run_prefill(opts.prefill, mode, via_http("p".into()), say).await?;
+        fleet.check_alive()?;
+        if !settle(dir, mode, Duration::from_secs(120)).await {
+            tracing::warn!(%mode, "work was still going on 120 s after the prefill");
+        }
+        (Some(p), counts(dir).await)
+    } else {
+        (None, Some(Counts::default()))
     };
 
     say(&format!("{mode}: HTTP, one at a time ({} after {} warm-up)", opts.sequential, opts.warmup));
@@ -309,7 +402,54 @@ async fn drive(
         tracing::warn!(%mode, "work was still going on 60 s after the last run");
     }
     let usage = fleet.usage();
-    Ok((Runs { http_sequential, http_loaded, direct_sequential, direct_loaded, direct_sent }, usage, settled))
+    let runs = Runs {
+        http_sequential,
+        http_loaded,
+        direct_sequential,
+        direct_loaded,
+        direct_sent,
+        prefill,
+        baseline,
+    };
+    Ok((runs, usage, settled))
+}
+
+/// Run `n` create-space sagas through `create` with [`PREFILL_IN_FLIGHT`] in flight, printing
+/// the progress; fails only when none succeeded (the system is down: measuring would fail too).
+async fn run_prefill<F, Fut>(n: usize, mode: Mode, create: F, say: &Say) -> anyhow::Result<Prefill>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    say(&format!("{mode}: prefill, {n} create-space sagas through HTTP with {PREFILL_IN_FLIGHT} in flight"));
+    let progress = |done: usize, failed: usize| {
+        say(&format!("{mode}: prefill, {done} of {n} answered ({failed} failed)"));
+    };
+    let count = fixed_count(n, PREFILL_IN_FLIGHT, create, PREFILL_PROGRESS_EVERY, progress).await;
+    let seconds = count.elapsed.as_secs_f64();
+    say(&format!(
+        "{mode}: prefill done, {} spaces in {seconds:.1} s ({:.0} per s), {} failed",
+        count.succeeded,
+        count.succeeded as f64 / seconds.max(1e-9),
+        count.failed
+    ));
+    if count.failed > 0 {
+        tracing::warn!(%mode, failed = count.failed, first = ?count.first_error, "prefill requests failed");
+    }
+    if count.succeeded == 0 {
+        anyhow::bail!(
+            "{mode}: every prefill request failed; the first: {}",
+            count.first_error.as_deref().unwrap_or("(no reason)")
+        );
+    }
+    Ok(Prefill {
+        requested: n,
+        spaces: count.succeeded,
+        failed: count.failed,
+        first_error: count.first_error,
+        in_flight: PREFILL_IN_FLIGHT,
+        seconds,
+    })
 }
 
 async fn sum_async(dir: &Path, sql: &'static str) -> Option<i64> {
@@ -343,16 +483,41 @@ async fn settle(dir: &Path, mode: Mode, timeout: Duration) -> bool {
     }
 }
 
-/// Sagas started, messages per saga, and where that figure comes from.
-async fn count_messages(dir: &Path, mode: Mode, direct_sent: u64) -> (u64, f64, MessageCount) {
-    let published = sum_async(dir, "SELECT published FROM relay_stats").await;
-    let requests = sum_async(dir, "SELECT COUNT(*) FROM requests").await;
-    match (published, requests) {
-        (Some(p), Some(r)) if r as u64 + direct_sent > 0 => {
-            let sagas = r as u64 + direct_sent;
-            (sagas, (p as u64 + sagas) as f64 / sagas as f64, MessageCount::Databases)
+/// What the databases counted at one moment: messages the relays published, and requests the
+/// gateway took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    published: i64,
+    requests: i64,
+}
+
+async fn counts(dir: &Path) -> Option<Counts> {
+    let published = sum_async(dir, "SELECT published FROM relay_stats").await?;
+    let requests = sum_async(dir, "SELECT COUNT(*) FROM requests").await?;
+    Some(Counts { published, requests })
+}
+
+/// Sagas started, messages per saga, and where that figure comes from; what the databases
+/// counted before the measured runs (`baseline`) is taken off.
+async fn count_messages(
+    dir: &Path,
+    mode: Mode,
+    steps: usize,
+    direct_sent: u64,
+    baseline: Option<Counts>,
+) -> (u64, f64, MessageCount) {
+    let now = counts(dir).await;
+    let requests = |c: Counts, b: Counts| (c.requests - b.requests).max(0) as u64;
+    match (now, baseline) {
+        (Some(c), Some(b)) if requests(c, b) + direct_sent > 0 => {
+            let sagas = requests(c, b) + direct_sent;
+            let published = (c.published - b.published).max(0) as u64;
+            (sagas, (published + sagas) as f64 / sagas as f64, MessageCount::Databases)
         }
-        _ => (direct_sent + requests.unwrap_or(0) as u64, nominal_messages(mode), MessageCount::Nominal),
+        (Some(c), Some(b)) => {
+            (requests(c, b) + direct_sent, nominal_messages(mode, steps), MessageCount::Nominal)
+        }
+        _ => (direct_sent, nominal_messages(mode, steps), MessageCount::Nominal),
     }
 }
 
@@ -371,9 +536,39 @@ mod tests {
 
     #[test]
     fn each_mode_waits_for_its_own_consumers() {
-        let names = |mode| work_queues(mode).into_iter().map(|(q, _)| q).collect::<Vec<_>>();
+        let names = |mode| work_queues(mode, 1).into_iter().map(|(q, _)| q).collect::<Vec<_>>();
         assert!(names(Mode::Workflow).contains(&"orchestrator.main.replies".to_string()));
         assert!(names(Mode::Events).contains(&"gateway.main.events".to_string()));
         assert!(!names(Mode::Events).iter().any(|q| q.starts_with("orchestrator")));
+    }
+
+    #[test]
+    fn each_service_runs_its_instances_and_its_queues_wait_for_them() {
+        let names = |ws: Vec<Vec<Process>>| {
+            ws.iter().map(|w| w.iter().map(Process::name).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        let one = names(waves(Mode::Workflow, 1));
+        assert_eq!(
+            one,
+            [["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"]]
+        );
+        let two = names(waves(Mode::Events, 2));
+        assert_eq!(two.len(), 2);
+        assert_eq!(
+            two[0],
+            ["records-i1", "placement-i1", "entitlements-i1", "routing-i1", "notifier-i1", "gateway"]
+        );
+        assert_eq!(two[1], ["records-i2", "placement-i2", "entitlements-i2", "routing-i2", "notifier-i2"]);
+        for (q, wants) in work_queues(Mode::Workflow, 3) {
+            let service = Service::ALL.iter().any(|s| q == topology::command_queue(s.name()));
+            assert_eq!(wants, if service { 3 } else { 1 }, "{q}");
+        }
+    }
+
+    #[test]
+    fn nominal_messages_follow_the_steps() {
+        assert_eq!(nominal_messages(Mode::Workflow, 5), 12.0);
+        assert_eq!(nominal_messages(Mode::Workflow, 16), 34.0);
+        assert_eq!(nominal_messages(Mode::Events, 5), 6.0);
     }
 }

@@ -3,9 +3,7 @@
 
 use std::fmt::Write as _;
 
-use baton_protocol::Mode;
-
-use crate::{Latency, MessageCount, Report, STEPS, Throughput};
+use crate::{Latency, MessageCount, Report, Throughput, nominal_messages};
 
 const HEADER: &str = "run                      in flight    done  errors     per s   p50 ms   p99 ms     msgs/s  vs floor  CPU ms/op";
 
@@ -49,6 +47,20 @@ pub fn table(r: &Report) -> String {
         r.settings.floor_duration_s,
         r.elapsed_s,
     );
+    let s = &r.settings;
+    let _ = writeln!(
+        out,
+        "workflow {} ({} steps), {} process{} of each service{}",
+        s.workflow,
+        s.steps,
+        s.instances,
+        if s.instances == 1 { "" } else { "es" },
+        if s.prefill > 0 {
+            format!(", {} create-space sagas run before each mode (not counted)", s.prefill)
+        } else {
+            String::new()
+        },
+    );
     out.push('\n');
     out.push_str(HEADER);
     out.push('\n');
@@ -81,10 +93,12 @@ pub fn table(r: &Report) -> String {
         }
     }
     out.push('\n');
+    let steps: Vec<String> = r.modes.iter().map(|m| format!("{} in {} mode", m.steps, m.mode)).collect();
     let _ = writeln!(
         out,
-        "vs floor: one at a time, p50 / ({STEPS} x the floor's p50 of {:.2} ms) (target at most 1.5);",
-        f.sequential.p50_ms
+        "vs floor: one at a time, p50 / (steps x the floor's p50 of {:.2} ms), steps being {} (target at most 1.5);",
+        f.sequential.p50_ms,
+        steps.join(", ")
     );
     let _ = writeln!(
         out,
@@ -92,12 +106,22 @@ pub fn table(r: &Report) -> String {
         f.messages_per_second
     );
     for m in &r.modes {
+        if let Some(p) = &m.prefill {
+            let _ = writeln!(
+                out,
+                "prefill, {}: databases held {} spaces before the run ({} sagas at {} in flight in {:.1} s, {} failed; not counted)",
+                m.mode, p.spaces, p.requested, p.in_flight, p.seconds, p.failed
+            );
+        }
+    }
+    for m in &r.modes {
         let how = match m.messages_counted {
-            MessageCount::Databases => "counted from the databases (relays' published + one per request)",
-            MessageCount::Nominal => match m.mode {
-                Mode::Workflow => "nominal: 12 per workflow saga",
-                Mode::Events => "nominal: 6 per events saga",
-            },
+            MessageCount::Databases => {
+                "counted from the databases (relays' published + one per request)".to_owned()
+            }
+            MessageCount::Nominal => {
+                format!("nominal: {} per {} saga", nominal_messages(m.mode, m.steps), m.mode)
+            }
         };
         let _ = writeln!(
             out,
@@ -119,7 +143,7 @@ pub fn table(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "{:<24} {:>9.2} {:>12.1}",
-                format!("{:<8} {}", m.mode.as_str(), c.component),
+                format!("{:<8} {}", m.mode.as_str(), c.name()),
                 c.cpu_ms / 1000.0,
                 c.peak_rss_kb as f64 / 1024.0
             );

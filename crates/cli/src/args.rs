@@ -154,6 +154,23 @@ pub struct BenchArgs {
     /// Which modes to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "workflow,events")]
     pub modes: Vec<CliMode>,
+    /// The workflow each saga runs in workflow mode: create-space, create-space-parallel, or
+    /// one named in a --workflow-file.
+    #[arg(long, default_value = "create-space")]
+    pub workflow: String,
+    /// Workflow definition files (JSON) given to every component, e.g.
+    /// crates/workflow/workflows/bench/bench-16-steps.json; the latency ratio divides by the
+    /// chosen workflow's steps.
+    #[arg(long = "workflow-file", value_name = "FILE")]
+    pub workflow_files: Vec<PathBuf>,
+    /// Processes of each of the five services, competing for their queues on one data dir
+    /// (each its own --instance i1, i2...); the orchestrator and the gateway run once.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
+    /// that the databases already hold that many spaces; they are not counted.
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
     #[command(flatten)]
     pub broker: RunBroker,
     #[arg(long, default_value = "data/bench")]

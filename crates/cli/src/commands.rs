@@ -639,6 +639,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.windows = args.windows.clone();
     opts.duration = args.duration;
     opts.modes = args.modes.iter().map(|m| Mode::from(*m)).collect();
+    opts.workflow = args.workflow.clone();
+    opts.workflow_files = args.workflow_files.clone();
+    opts.instances = args.instances;
+    opts.prefill = args.prefill;
     opts.progress = true;
     let report = baton_bench::run(&opts).await?;
     if args.json {

@@ -51,8 +51,8 @@ pub enum FleetError {
         #[source]
         source: std::io::Error,
     },
-    #[error("component {name} exited ({status}) before the run ended; see {}", log.display())]
-    Exited { name: String, status: std::process::ExitStatus, log: PathBuf },
+    #[error("component {name} exited ({status}) before the run ended; see {}{tail}", log.display())]
+    Exited { name: String, status: std::process::ExitStatus, log: PathBuf, tail: String },
     #[error("waited {timeout:?} for {waiting_for}; see the logs in {}{tails}", dir.display())]
     NotReady { timeout: Duration, waiting_for: String, dir: PathBuf, tails: String },
     #[error("cannot make the HTTP client of the health probe: {0}")]
@@ -201,7 +201,9 @@ impl Fleet {
             match child.try_wait() {
                 Ok(None) => {}
                 Ok(Some(status)) => {
-                    return Err(FleetError::Exited { log: self.log_path(&name), name, status });
+                    let log = self.log_path(&name);
+                    let tail = tail(&log, &name, ready::TAIL);
+                    return Err(FleetError::Exited { log, name, status, tail });
                 }
                 Err(source) => return Err(FleetError::Wait { name, source }),
             }
@@ -213,16 +215,7 @@ impl Fleet {
     /// CI has only what it printed.
     pub fn log_tails(&self, n: usize) -> String {
         let names: Vec<String> = self.members().iter().map(|m| m.process.name()).collect();
-        let mut out = String::new();
-        for name in names {
-            let text = std::fs::read_to_string(self.log_path(&name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(n)..];
-            if !tail.is_empty() {
-                out.push_str(&format!("\n--- {name}.log (last {} lines)\n{}", tail.len(), tail.join("\n")));
-            }
-        }
-        out
+        names.iter().map(|name| tail(&self.log_path(name), name, n)).collect()
     }
 
     /// Total CPU time of the running processes so far, in ms.
@@ -267,6 +260,18 @@ impl Fleet {
                 let _ = c.wait().await;
             }
         }
+    }
+}
+
+/// The last `n` lines of the log of `name` at `path`, under a heading; empty when there are none.
+fn tail(path: &Path, name: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- {name}.log (last {} lines)\n{}", tail.len(), tail.join("\n"))
     }
 }
 

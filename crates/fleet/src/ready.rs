@@ -13,7 +13,7 @@ use crate::{Fleet, FleetError};
 const POLL: Duration = Duration::from_millis(100);
 
 /// Lines of each log an error message carries.
-const TAIL: usize = 20;
+pub(crate) const TAIL: usize = 20;
 
 impl Fleet {
     fn not_ready(&self, timeout: Duration, waiting_for: String) -> FleetError {
