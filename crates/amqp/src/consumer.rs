@@ -87,7 +87,8 @@ where
 {
     let ch = broker.channel().await.map_err(|e| e.to_string())?;
     let patience = crate::broker::SETUP_PATIENCE;
-    let no_answer = |what: &str| format!("RabbitMQ did not answer {what} on {} within {patience:?}", cfg.queue);
+    let no_answer =
+        |what: &str| format!("RabbitMQ did not answer {what} on {} within {patience:?}", cfg.queue);
     tokio::time::timeout(patience, ch.basic_qos(cfg.prefetch, BasicQosOptions::default()))
         .await
         .map_err(|_| no_answer("basic.qos"))?

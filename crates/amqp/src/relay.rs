@@ -1,11 +1,16 @@
-//! The outbox relay: publishes committed outbox rows in order, many per wake-up with their
-//! confirms in a window, and deletes a row only once the broker confirmed it. A row that fails
+//! The outbox relay: publishes committed outbox rows in order with their confirms in a window
+//! kept full across wake-ups, and deletes a row only once the broker confirmed it. A row that fails
 //! stays and is tried again (after a restart too), so a message is sent at least once; the
 //! receiving inbox makes that exactly-once in effect.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -14,13 +19,18 @@ use crate::{Outgoing, PublishError, Publisher};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Rows published per wake-up (and so the window of unconfirmed messages).
-pub const BATCH: usize = 256;
+/// Messages published and not yet confirmed, at most: the confirm window. It is kept full
+/// across wake-ups: a row committed while earlier ones await their confirms goes out at once.
+pub const WINDOW: usize = 256;
 
 /// How the relay reads and updates an outbox; the storage crate implements it.
 pub trait OutboxStore: Send + Sync + 'static {
-    /// Up to `limit` rows, oldest first.
-    fn pending(&self, limit: usize) -> impl Future<Output = Result<Vec<(i64, Outgoing)>, BoxError>> + Send;
+    /// Up to `limit` rows with a sequence number above `after`, oldest first.
+    fn pending(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(i64, Outgoing)>, BoxError>> + Send;
     /// The broker confirmed these rows: delete them.
     fn confirmed(&self, seqs: Vec<i64>) -> impl Future<Output = Result<(), BoxError>> + Send;
     /// Publishing this row failed. The store counts the attempt, and may set aside (never drop)
@@ -39,22 +49,56 @@ impl Wake {
     }
 }
 
-/// Run the relay until `cancel`. Rows left at shutdown go out at the next start.
+type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> + Send>>;
+
+/// Run the relay until `cancel`. Rows are published in order on one confirm-mode channel with
+/// up to [`WINDOW`] unconfirmed; each is deleted once confirmed, in batches. A row that fails
+/// stays: once the window has drained, the relay starts over from the oldest row left, after a
+/// backoff. Rows left at shutdown go out at the next start.
 pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
+    // The newest row handed to the broker; only meaningful while the window holds rows (every
+    // row at or below it is then in flight or done), so it goes back to 0 when the window empties.
+    let mut cursor = 0i64;
+    let mut window: FuturesOrdered<Confirming> = FuturesOrdered::new();
+    // A row failed: publish nothing more until the window drains, then start over.
+    let mut failed = false;
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        let batch = match store.pending(BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the outbox failed");
-                pause(&cancel, Duration::from_secs(1)).await;
+        if !failed && window.len() < WINDOW {
+            match store.pending(cursor, WINDOW - window.len()).await {
+                Ok(rows) => {
+                    for (seq, msg) in rows {
+                        cursor = seq;
+                        match publisher.publish(&msg).await {
+                            Ok(confirm) => {
+                                window.push_back(Box::pin(async move { (seq, confirm.wait().await) }))
+                            }
+                            Err(e) => {
+                                note_failure(&store, &publisher, seq, e).await;
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the outbox failed");
+                    pause(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        if window.is_empty() {
+            cursor = 0;
+            if failed {
+                failed = false;
+                pause(&cancel, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-        };
-        if batch.is_empty() {
             tokio::select! {
                 _ = wake.0.notified() => {}
                 _ = cancel.cancelled() => break,
@@ -63,48 +107,70 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
             }
             continue;
         }
-        let mut pending = Vec::with_capacity(batch.len());
-        for (seq, msg) in &batch {
-            pending.push((*seq, publisher.publish(msg).await));
-        }
-        let mut done = Vec::with_capacity(batch.len());
-        let mut failures = 0usize;
-        let mut channel_failed = false;
-        for (seq, sent) in pending {
-            let result = match sent {
-                Ok(confirm) => confirm.wait().await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => done.push(seq),
-                Err(e) => {
-                    failures += 1;
-                    channel_failed |= matches!(e, PublishError::Channel(_));
-                    tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
-                    if let Err(e) = store.failed(seq, e).await {
-                        tracing::error!(error = %e, "recording an outbox failure failed");
-                    }
+        tokio::select! {
+            Some(first) = window.next() => {
+                // Every confirm already in is handled with the first: one delete for them all.
+                let mut settled = vec![first];
+                while let Some(Some(more)) = window.next().now_or_never() {
+                    settled.push(more);
+                }
+                failed |= !settle(&store, &publisher, settled).await;
+                if !failed {
+                    backoff = Duration::from_millis(50);
                 }
             }
+            _ = wake.0.notified(), if !failed && window.len() < WINDOW => {}
+            _ = cancel.cancelled() => break,
         }
-        if !done.is_empty() {
-            crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+    }
+    // Shutting down: what the broker confirms in the next moments need not go out again.
+    let drain = async {
+        let mut settled = Vec::new();
+        while let Some(one) = window.next().await {
+            settled.push(one);
         }
-        if !done.is_empty()
-            && let Err(e) = store.confirmed(done).await
-        {
+        settled
+    };
+    if let Ok(settled) = tokio::time::timeout(Duration::from_secs(2), drain).await {
+        settle(&store, &publisher, settled).await;
+    }
+}
+
+/// Delete the confirmed rows of `settled` and record the failures; `false` if any failed.
+async fn settle<S: OutboxStore>(
+    store: &S,
+    publisher: &Publisher,
+    settled: Vec<(i64, Result<(), PublishError>)>,
+) -> bool {
+    let mut done = Vec::with_capacity(settled.len());
+    let mut ok = true;
+    for (seq, result) in settled {
+        match result {
+            Ok(()) => done.push(seq),
+            Err(e) => {
+                ok = false;
+                note_failure(store, publisher, seq, e).await;
+            }
+        }
+    }
+    if !done.is_empty() {
+        crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+        if let Err(e) = store.confirmed(done).await {
             // The rows go out again: duplicates, which inboxes absorb.
             tracing::error!(error = %e, "deleting confirmed outbox rows failed");
         }
-        if channel_failed {
-            publisher.forget_channel().await;
-        }
-        if failures > 0 {
-            pause(&cancel, backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        } else {
-            backoff = Duration::from_millis(50);
-        }
+    }
+    ok
+}
+
+async fn note_failure<S: OutboxStore>(store: &S, publisher: &Publisher, seq: i64, e: PublishError) {
+    tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
+    if matches!(e, PublishError::Channel(_)) {
+        // After a channel failure the channel cannot be trusted: the next publish opens another.
+        publisher.forget_channel().await;
+    }
+    if let Err(e) = store.failed(seq, e).await {
+        tracing::error!(error = %e, "recording an outbox failure failed");
     }
 }
 

@@ -178,12 +178,11 @@ impl Gateway {
         let json = serde_json::to_string(&outcome).expect("outcomes serialise");
         let (saga_id, status) = (outcome.saga_id, outcome.status);
         self.db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if inbox::seen(&tx, message_id)?.is_some() {
+            .transaction(move |tx| {
+                if inbox::seen(tx, message_id)?.is_some() {
                     return Ok(());
                 }
-                inbox::record(&tx, message_id, &[])?;
+                inbox::record(tx, message_id, &[])?;
                 let now = now_ms();
                 tx.execute(
                     "UPDATE requests SET outcome_status = ?2, outcome = ?3, outcome_at = ?4,
@@ -192,7 +191,6 @@ impl Gateway {
                      WHERE saga_id = ?1",
                     params![saga_id.to_string(), status, json, now, waiting],
                 )?;
-                tx.commit()?;
                 Ok(())
             })
             .await

@@ -170,12 +170,11 @@ impl Core {
         let reply_key = self.reply_key.clone();
         let wake_at = self
             .db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if inbox::seen(&tx, env.message_id)?.is_some() || saga_exists(&tx, start.saga_id)? {
+            .transaction(move |tx| {
+                if inbox::seen(tx, env.message_id)?.is_some() || saga_exists(tx, start.saga_id)? {
                     return Ok(None);
                 }
-                inbox::record(&tx, env.message_id, &[])?;
+                inbox::record(tx, env.message_id, &[])?;
                 let now = now_ms() as u64;
                 let Some(wf) = wf else {
                     // Nothing started, nothing to undo: answer at once.
@@ -193,9 +192,8 @@ impl Core {
                         }),
                     };
                     if let Some(to) = &meta.reply_to {
-                        outbox::push(&tx, &answer_message(to, &outcome, &meta.trace))?;
+                        outbox::push(tx, &answer_message(to, &outcome, &meta.trace))?;
                     }
-                    tx.commit()?;
                     return Ok(None);
                 };
                 let (saga, effects) = Saga::start(&wf, start.saga_id, start.space_id, start.input, now);
@@ -211,8 +209,7 @@ impl Core {
                         now as i64
                     ],
                 )?;
-                let wake = apply(&tx, &saga, effects, &meta, &reply_key, now)?;
-                tx.commit()?;
+                let wake = apply(tx, &saga, effects, &meta, &reply_key, now)?;
                 Ok(wake)
             })
             .await
@@ -305,13 +302,11 @@ impl Core {
         let core = Arc::clone(self);
         let (wake_at, extra) = self
             .db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if inbox::seen(&tx, message_id)?.is_some() {
+            .transaction(move |tx| {
+                if inbox::seen(tx, message_id)?.is_some() {
                     return Ok(Ok((None, None)));
                 }
-                inbox::record(&tx, message_id, &[])?;
-                let Some((mut saga, meta)) = load(&tx, saga_id)? else {
+                let Some((mut saga, meta)) = load(tx, saga_id)? else {
                     return Ok(Err(format!("saga {saga_id} is not one of this orchestrator instance's")));
                 };
                 let Some(wf) = core.workflows.get(&saga.workflow) else {
@@ -320,10 +315,12 @@ impl Core {
                         saga.id, saga.workflow
                     )));
                 };
+                // Recorded only once the message is known to be handled here: a message rejected
+                // to the DLQ must still count as new when an operator replays it.
+                inbox::record(tx, message_id, &[])?;
                 let now = now_ms() as u64;
                 let (effects, extra) = step(&mut saga, wf, now);
-                let wake = apply(&tx, &saga, effects, &meta, &core.reply_key, now)?;
-                tx.commit()?;
+                let wake = apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 Ok(Ok((wake, extra)))
             })
             .await

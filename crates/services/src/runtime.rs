@@ -161,28 +161,25 @@ impl Handler {
         let step = Arc::clone(&self.step);
         let faults = self.faults.clone();
         self.db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                if let Some(replies) = inbox::seen(&tx, message_id)? {
+            .transaction(move |tx| {
+                if let Some(replies) = inbox::seen(tx, message_id)? {
                     // A duplicate: answer as before, change nothing.
                     for r in &replies {
-                        outbox::push(&tx, r)?;
+                        outbox::push(tx, r)?;
                     }
-                    tx.commit()?;
                     return Ok(());
                 }
-                let out = decide(&tx, step.as_ref(), &faults)?;
+                let out = decide(tx, step.as_ref(), &faults)?;
                 for m in &out {
-                    outbox::push(&tx, m)?;
+                    outbox::push(tx, m)?;
                 }
                 if faults.duplicates(&dup_key) {
-                    record_fault(&tx, "duplicate", step.service(), &dup_key)?;
+                    record_fault(tx, "duplicate", step.service(), &dup_key)?;
                     for m in &out {
-                        outbox::push(&tx, m)?;
+                        outbox::push(tx, m)?;
                     }
                 }
-                inbox::record(&tx, message_id, &out)?;
-                tx.commit()?;
+                inbox::record(tx, message_id, &out)?;
                 Ok(())
             })
             .await

@@ -9,8 +9,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub mod inbox;
 pub mod outbox;
@@ -30,16 +31,38 @@ pub enum StoreError {
     Corrupt { table: &'static str, cause: String },
     #[error("cannot open the database {path}: {cause}")]
     Open { path: String, cause: String },
+    /// The shared transaction of a group commit failed: none of its members took effect.
+    #[error("committing a group of transactions failed: {0}")]
+    Commit(String),
 }
 
 impl StoreError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Sqlite(_) | StoreError::Closed(_))
+        matches!(self, StoreError::Sqlite(_) | StoreError::Closed(_) | StoreError::Commit(_))
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// Work for the database thread: a job with the connection to itself, or a member of a group
+/// commit, which runs in a savepoint of the shared transaction and returns what to do once
+/// that transaction committed (or failed).
+enum Job {
+    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
+    Member(Member),
+}
+
+/// A member of a group commit: given the shared transaction (or why there is none), it runs
+/// in a savepoint and returns how to tell its caller the group's fate.
+type Member = Box<dyn FnOnce(Result<&Transaction<'_>, &str>) -> Finish + Send>;
+
+/// Hands a group member its result once the group's fate is known.
+type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
+/// Members committed together at most (a bound on how long the first one waits).
+pub const GROUP_MAX: usize = 128;
+
+/// How often the checkpointer moves the WAL into the database file (off the writer's thread).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// A component's database. Cheap to clone; all clones feed one thread, which owns the
 /// connection and runs the jobs in order, so a transaction never spans an `.await` and writes
@@ -96,13 +119,88 @@ pub fn now_ms() -> i64 {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // First, so that instances opening one file together wait for each other's locks.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // WAL + NORMAL: a committed transaction survives a process crash; a power loss may lose the
     // last ones (docs/reliability.md).
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Checkpoints (and their fsync) run on the checkpointer's own connection, not in the middle
+    // of a commit; this high mark only bounds the WAL should the checkpointer fall behind.
+    conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
     Ok(())
+}
+
+/// Copy the WAL into the database now and then, on a connection of its own, so that the
+/// writer's commits never wait for a checkpoint's fsync. PASSIVE: it never blocks the writer;
+/// the writer restarts the WAL from the top once a checkpoint has caught up. Stops when the
+/// database is dropped (`alive` hangs up).
+fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>) {
+    let Ok(conn) = Connection::open(&path) else { return };
+    let _ = conn.busy_timeout(Duration::from_secs(1));
+    loop {
+        match alive.recv_timeout(CHECKPOINT_EVERY) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, path = %path.display(), "checkpoint skipped");
+        }
+    }
+}
+
+/// The database thread: runs jobs in order; members that queue up behind each other share
+/// one transaction (group commit), each in its own savepoint, so one member's failure undoes
+/// only its own work, and each hears back only after the shared commit.
+fn serve(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        match job {
+            Job::Alone(f) => f(&mut conn),
+            Job::Member(first) => {
+                let mut finishes = Vec::new();
+                let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        // Nothing ran: this member hears why; the queue goes on.
+                        first(Err(&e.to_string()))(Ok(()));
+                        continue;
+                    }
+                };
+                finishes.push(in_savepoint(&tx, first));
+                while finishes.len() < GROUP_MAX {
+                    match rx.try_recv() {
+                        Ok(Job::Member(f)) => finishes.push(in_savepoint(&tx, f)),
+                        Ok(alone) => {
+                            next = Some(alone);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let outcome = tx.commit().map_err(|e| e.to_string());
+                for finish in finishes {
+                    finish(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+                }
+            }
+        }
+    }
+}
+
+fn in_savepoint(tx: &Transaction<'_>, f: Member) -> Finish {
+    match tx.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])) {
+        Ok(_) => f(Ok(tx)),
+        // Cannot isolate it: it does not run, and hears why.
+        Err(e) => f(Err(&e.to_string())),
+    }
 }
 
 /// Columns added to the base tables after their first release, applied where missing (the
@@ -139,7 +237,9 @@ fn set_owner(conn: &Connection, owner: &str) -> rusqlite::Result<()> {
 
 fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
     let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
-    let tx = conn.transaction()?;
+    // Immediate: it writes after reading, and a deferred one could not wait for another
+    // instance migrating the same file (the upgrade to a write lock fails at once).
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let done: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in all.iter().enumerate().skip(done) {
         tracing::debug!(migration = i + 1, "applying migration");
@@ -170,15 +270,20 @@ impl Db {
         migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
         set_owner(&conn, owner).map_err(|e| err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let (alive, watch) = mpsc::channel::<()>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
         std::thread::Builder::new()
             .name(format!("db-{name}"))
             .spawn(move || {
-                // Runs until every `Db` clone is dropped.
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
+                // Runs until every `Db` clone is dropped; the checkpointer stops with it.
+                let _alive = alive;
+                serve(conn, rx);
             })
+            .map_err(|e| err(e.to_string()))?;
+        let cp_path = path.to_owned();
+        std::thread::Builder::new()
+            .name(format!("ckpt-{name}"))
+            .spawn(move || checkpointer(cp_path, watch))
             .map_err(|e| err(e.to_string()))?;
         Ok(Db { tx, path: path.to_owned() })
     }
@@ -190,9 +295,59 @@ impl Db {
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let job = Job::Alone(Box::new(move |conn| {
             let _ = done.send(f(conn));
-        });
+        }));
+        let closed = || StoreError::Closed(self.path.display().to_string());
+        self.tx.send(job).map_err(|_| closed())?;
+        wait.await.map_err(|_| closed())?
+    }
+
+    /// Run `f` in a transaction and return its result once it is committed: what a message
+    /// handler uses, so that it acks only after its changes are durable.
+    ///
+    /// Calls that queue up while the database is busy share one transaction and one commit
+    /// (group commit), each in a savepoint of its own: an `Err` from `f` undoes only its own
+    /// changes. `f` must not commit; it returns, and the commit happens for the group.
+    pub async fn transaction<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
+        let job = Job::Member(Box::new(move |tx: Result<&Transaction<'_>, &str>| -> Finish {
+            let tx = match tx {
+                Ok(tx) => tx,
+                Err(why) => {
+                    let e = StoreError::Commit(why.to_owned());
+                    return Box::new(move |_| {
+                        let _ = done.send(Err(e));
+                    });
+                }
+            };
+            let result = f(tx);
+            let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
+            let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
+                if result.is_err() {
+                    tx.prepare_cached("RELEASE member")?.execute([])?;
+                }
+                Ok(())
+            });
+            match (result, closed) {
+                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &str>| {
+                    let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(e.into())));
+                }),
+                (Err(e), _) => Box::new(move |_| {
+                    let _ = done.send(Err(e));
+                }),
+                (Ok(_), Err(e)) => {
+                    let why = e.to_string();
+                    Box::new(move |_| {
+                        let _ = done.send(Err(StoreError::Commit(why)));
+                    })
+                }
+            }
+        }));
         let closed = || StoreError::Closed(self.path.display().to_string());
         self.tx.send(job).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
@@ -291,14 +446,70 @@ mod tests {
         .await
         .unwrap();
         let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
-        assert_eq!(seqs(a.pending(10).await.unwrap()), vec![1]);
-        assert_eq!(seqs(b.pending(10).await.unwrap()), vec![2]);
+        assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
+        assert_eq!(seqs(b.pending(0, 10).await.unwrap()), vec![2]);
         // `a` is gone and its row has waited past the take-over delay: `b` publishes it too.
         a.call(|c| Ok(c.execute("UPDATE outbox SET created_at = 0 WHERE seq = 1", [])?)).await.unwrap();
-        assert_eq!(seqs(b.pending(10).await.unwrap()), vec![1, 2]);
+        assert_eq!(seqs(b.pending(0, 10).await.unwrap()), vec![1, 2]);
         // A connection without an instance name cannot push (it would lose the message).
         let mut raw = rusqlite::Connection::open(&path).unwrap();
         let tx = raw.transaction().unwrap();
         assert!(outbox::push(&tx, &msg(3)).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_commit_keeps_every_member_but_the_one_that_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
+        // Hold the thread so that the members below queue up and share one transaction.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let d = db.clone();
+        let busy = tokio::spawn(async move {
+            d.call(move |_| {
+                hold.recv().ok();
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let members: Vec<_> = (0..20)
+            .map(|i| {
+                let db = db.clone();
+                async move {
+                    db.transaction(move |tx| {
+                        tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
+                        if i == 7 {
+                            return Err(StoreError::Corrupt {
+                                table: "things",
+                                cause: "member 7 fails".into(),
+                            });
+                        }
+                        Ok(i)
+                    })
+                    .await
+                }
+            })
+            .collect();
+        let all = tokio::spawn(futures_util::future::join_all(members));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let results = tokio::time::timeout(Duration::from_secs(10), all).await.unwrap().unwrap();
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r.is_ok(), i != 7, "member {i}: {r:?}");
+        }
+        let names: Vec<String> = db
+            .call(|c| {
+                let mut s = c.prepare("SELECT name FROM things ORDER BY id")?;
+                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(names.len(), 19);
+        assert!(!names.contains(&"t7".to_owned()));
+        // A member may not commit on its own, and a plain call afterwards runs as before.
+        let n: i64 =
+            db.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM things", [], |r| r.get(0))?)).await.unwrap();
+        assert_eq!(n, 19);
     }
 }

@@ -45,7 +45,7 @@ pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
 }
 
 impl OutboxStore for Db {
-    async fn pending(&self, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
+    async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
         let rows = self
             .call(move |c| {
                 let stale = now_ms() - TAKE_OVER_AFTER_MS;
@@ -65,10 +65,12 @@ impl OutboxStore for Db {
                 }
                 let mut stmt = c.prepare_cached(
                     "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
-                     ORDER BY seq LIMIT ?1",
+                     AND seq > ?1 ORDER BY seq LIMIT ?2",
                 )?;
                 let rows = stmt
-                    .query_map([limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+                    .query_map(params![after, limit as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
@@ -83,8 +85,8 @@ impl OutboxStore for Db {
     }
 
     async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), BoxError> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
+        // A member of the group commit: under load it shares the handlers' transaction.
+        self.transaction(move |tx| {
             {
                 let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
                 for seq in &seqs {
@@ -94,7 +96,6 @@ impl OutboxStore for Db {
             // Counted here, where it is certain: what the broker confirmed.
             tx.prepare_cached("UPDATE relay_stats SET published = published + ?1")?
                 .execute([seqs.len() as i64])?;
-            tx.commit()?;
             Ok(())
         })
         .await?;
