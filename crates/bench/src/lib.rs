@@ -8,20 +8,23 @@
 //! dir, optionally prefilled with spaces ([`Prefill`]), driven through the HTTP gateway one at a
 //! time and with each window in flight, and in workflow mode straight into the orchestrator too
 //! ([`ModeReport`]); the ratios to the floor ([`Ratios`]), which divide by the round trips of
-//! the workflow actually run; and the [`Report`] with its [`table`] for people (JSON through
-//! `serde`).
+//! the workflow actually run; the orchestrator's RSS with many sagas in flight at once, in a
+//! fleet of its own whose services never answer during that phase ([`Hold`]); and the
+//! [`Report`] with its [`table`] for people (JSON through `serde`).
 //!
 //! Must not touch: component internals (it drives them from the outside, as an operator or a
 //! client would, through `baton-fleet`, which owns the processes and what they cost), the CLI
 //! (which parses flags into [`Options`] and calls [`run`]), or time assertions: figures depend
 //! on the machine and are reported, never judged here.
 //!
-//! Layout: `floor` (the raw floor), `sagas` (one mode's runs and its prefill), `rpc`
+//! Layout: `floor` (the raw floor), `sagas` (one mode's runs and its prefill), `hold` (the
+//! sagas held in flight), `rpc`
 //! (request/reply over AMQP, the echo responder), `drive` (one at a time, closed loop, a fixed
 //! count), `stats` ([`Latency`], [`Throughput`]), `table`.
 
 mod drive;
 mod floor;
+mod hold;
 mod rpc;
 mod sagas;
 mod stats;
@@ -39,6 +42,7 @@ use serde::Serialize;
 
 pub use baton_fleet::ComponentUsage;
 pub use floor::Floor;
+pub use hold::Hold;
 pub use sagas::{MessageCount, ModeReport, Prefill, nominal_messages};
 pub use stats::{Latency, Throughput};
 pub use table::table;
@@ -91,6 +95,9 @@ pub struct Options {
     /// Create-space sagas run through HTTP before a mode is measured, not counted, so that the
     /// databases already hold that many spaces.
     pub prefill: usize,
+    /// Sagas held in flight at once in the orchestrator, after the modes, to read its RSS
+    /// (0: skip that phase).
+    pub hold: usize,
     /// Extra flags for every `baton run <component>` (for instance `--prefetch 256`).
     pub component_args: Vec<String>,
     /// Keep the vhosts (to look at them in the management UI) instead of deleting them.
@@ -101,7 +108,8 @@ pub struct Options {
 
 impl Options {
     /// A full run: 500 one at a time after 50 warm-up, 64 and 256 in flight for 20 s each, the
-    /// floor and the orchestrator with 64 in flight, both modes.
+    /// floor and the orchestrator with 64 in flight, both modes, then 10,000 sagas held in
+    /// flight.
     pub fn new(baton_bin: PathBuf, amqp_base: String, mgmt: Mgmt, out_dir: PathBuf) -> Options {
         Options {
             baton_bin,
@@ -119,6 +127,7 @@ impl Options {
             workflow_files: Vec::new(),
             instances: 1,
             prefill: 0,
+            hold: 10_000,
             component_args: Vec::new(),
             keep_vhosts: false,
             progress: false,
@@ -216,6 +225,8 @@ pub struct Settings {
     pub instances: usize,
     /// Create-space sagas run before each mode, not counted.
     pub prefill: usize,
+    /// Sagas held in flight for the orchestrator's RSS (0: not measured).
+    pub hold: usize,
 }
 
 /// The broker messages per second one loaded saga run achieved, and its share of the floor's.
@@ -268,6 +279,8 @@ pub struct Report {
     pub settings: Settings,
     pub floor: Floor,
     pub modes: Vec<ModeReport>,
+    /// The orchestrator with `settings.hold` sagas in flight, when asked for.
+    pub hold: Option<Hold>,
     /// CPU time of the bench process itself (load generator, the floor's requester and echo
     /// responder), over the whole run.
     pub bench_cpu_ms: f64,
@@ -295,6 +308,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         m.ratios = Ratios::of(&floor, &m);
         modes.push(m);
     }
+    let hold = match opts.hold {
+        0 => None,
+        _ => Some(hold::measure(opts, &workflow, &say).await?),
+    };
     Ok(Report {
         machine,
         settings: Settings {
@@ -309,9 +326,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             steps: steps(&workflow, Mode::Workflow),
             instances: opts.instances,
             prefill: opts.prefill,
+            hold: opts.hold,
         },
         floor,
         modes,
+        hold,
         bench_cpu_ms: cpu_ms("self").unwrap_or(0.0) - cpu,
         elapsed_s: started.elapsed().as_secs_f64(),
     })

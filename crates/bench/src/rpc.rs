@@ -110,6 +110,11 @@ impl Rpc {
         answer
     }
 
+    /// Publish `msg` and wait for its confirm only; a reply to it, should one come, is dropped.
+    pub(crate) async fn send(&self, msg: &Outgoing) -> Result<(), String> {
+        self.publisher.publish_confirmed(msg).await.map_err(|e| e.to_string())
+    }
+
     pub(crate) async fn stop(&self) {
         self.consumer.stop().await;
         self.broker.close().await;

@@ -227,12 +227,12 @@ fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
 }
 
 /// A space name of 63 characters at most, unique within the mode: `b<run>-<phase>-<i>`.
-fn space_name(run: &str, phase: &str, i: usize) -> String {
+pub(crate) fn space_name(run: &str, phase: &str, i: usize) -> String {
     format!("b{run}-{phase}-{i}")
 }
 
 /// Three spaces per owner: what the free plan allows.
-fn owner(run: &str, phase: &str, i: usize) -> String {
+pub(crate) fn owner(run: &str, phase: &str, i: usize) -> String {
     format!("o{run}-{phase}-{}", i / 3)
 }
 
@@ -262,8 +262,9 @@ impl Http {
     }
 }
 
-/// One start straight into the orchestrator; success is an outcome of 200.
-async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> Result<(), String> {
+/// A start of a create-space saga of `workflow` for the orchestrator, answered to `rpc`'s key;
+/// returns the saga's id with it.
+pub(crate) fn start_message(rpc: &Rpc, workflow: &str, name: String, owner: String) -> (Uuid, Outgoing) {
     let saga_id = Uuid::new_v4();
     let start = StartSaga {
         schema: SCHEMA,
@@ -275,6 +276,12 @@ async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> R
     let msg = Outgoing::new(COMMANDS, ORCHESTRATOR, START, saga_id, "bench", TraceParent::new_root(), &start)
         .reply_to(rpc.key())
         .mode(Mode::Workflow.as_str());
+    (saga_id, msg)
+}
+
+/// One start straight into the orchestrator; success is an outcome of 200.
+async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> Result<(), String> {
+    let (saga_id, msg) = start_message(rpc, workflow, name, owner);
     let env = rpc.call(&msg, REPLY_TIMEOUT).await?;
     let outcome: SagaOutcome = env.json()?;
     if outcome.status == 200 {

@@ -1,5 +1,5 @@
 //! The report for people: one table with the floor's rows above Baton's, the ratio to the floor
-//! on each row, then what each component cost.
+//! on each row, the orchestrator's RSS with many sagas in flight, then what each component cost.
 
 use std::fmt::Write as _;
 
@@ -136,6 +136,23 @@ pub fn table(r: &Report) -> String {
         out,
         "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
     );
+    if let Some(h) = &r.hold {
+        let _ = writeln!(
+            out,
+            "orchestrator RSS with {} sagas in flight: {:.1} MB, peak {:.1} MB (target < 100 MB){}",
+            h.sagas,
+            h.orchestrator_rss_kb as f64 / 1024.0,
+            h.orchestrator_peak_rss_kb as f64 / 1024.0,
+            if h.sagas < h.requested {
+                format!(" (only {} of the {} started were in flight)", h.sagas, h.requested)
+            } else {
+                format!(
+                    " ({:.1} s to take them in; services never answering, no timeout firing)",
+                    h.seconds_to_fill
+                )
+            }
+        );
+    }
     out.push('\n');
     let _ = writeln!(out, "{:<24} {:>9} {:>12}", "component", "CPU s", "peak RSS MB");
     for m in &r.modes {

@@ -114,6 +114,7 @@ async fn a_tiny_bench_reports_sane_figures() {
     opts.in_flight = 8;
     opts.duration = Duration::from_secs(2);
     opts.floor_duration = Duration::from_secs(2);
+    opts.hold = 200;
     let report = run(&opts).await.expect("the bench runs");
     let text = table(&report);
     println!("{text}");
@@ -121,6 +122,14 @@ async fn a_tiny_bench_reports_sane_figures() {
     assert!(text.contains("floor") && text.contains("workflow") && text.contains("events"));
     let json = serde_json::to_value(&report).expect("the report serialises");
     assert!(json["modes"][0]["ratios"]["http_latency"].is_number());
+
+    // 200 sagas held in flight at once: all of them, and the orchestrator's RSS read then.
+    let h = report.hold.as_ref().expect("the hold is measured");
+    assert_eq!((h.requested, h.sagas), (200, 200), "{h:?}");
+    assert!(h.orchestrator_rss_kb > 0 && h.orchestrator_peak_rss_kb >= h.orchestrator_rss_kb, "{h:?}");
+    assert!(text.contains("orchestrator RSS with 200 sagas in flight"), "{text}");
+    assert_eq!(json["hold"]["sagas"], 200);
+    assert!(json["hold"]["orchestrator_rss_kb"].as_u64().is_some_and(|kb| kb > 0));
 }
 
 /// Two processes of each service on one data dir, after 20 sagas of prefill: the prefill is in
@@ -138,9 +147,11 @@ async fn two_instances_after_a_prefill_count_only_the_measured_sagas() {
     opts.in_flight = 4;
     opts.duration = Duration::from_secs(2);
     opts.floor_duration = Duration::from_secs(1);
+    opts.hold = 0;
     let report = run(&opts).await.expect("the bench runs");
     println!("{}", table(&report));
     assert_eq!((report.settings.instances, report.settings.prefill), (2, 20));
+    assert!(report.hold.is_none(), "--hold 0 skips the phase");
     assert_eq!(report.modes.len(), 1);
     let m = &report.modes[0];
     assert_eq!((m.mode, m.steps, m.instances), (Mode::Workflow, 5, 2));

@@ -171,11 +171,15 @@ pub struct BenchArgs {
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]
     pub prefill: usize,
+    /// Sagas to hold in flight at once in the orchestrator after the modes (a fleet of its own
+    /// whose services never answer), to read its RSS; 0 skips that phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub hold: usize,
     #[command(flatten)]
     pub broker: RunBroker,
     #[arg(long, default_value = "data/bench")]
     pub out_dir: PathBuf,
-    /// Print the report as JSON instead of the table.
+    /// Print the report as JSON on stdout; the table then goes to stderr, after the progress.
     #[arg(long)]
     pub json: bool,
 }

@@ -643,10 +643,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.workflow_files = args.workflow_files.clone();
     opts.instances = args.instances;
     opts.prefill = args.prefill;
+    opts.hold = args.hold;
     opts.progress = true;
     let report = baton_bench::run(&opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+        eprint!("{}", baton_bench::table(&report));
     } else {
         print!("{}", baton_bench::table(&report));
     }

@@ -5,7 +5,8 @@
 //! `--instance`), a crash (SIGKILL: no cleanup, no flush) and the restart after it, the graceful
 //! stop (SIGTERM, then SIGKILL after 10 s), the check that none died on its own, the wait until
 //! they are ready (the gateway answers `/health`, every work queue has its consumers), the tails
-//! of their logs for an error message, and what each cost from `/proc` (CPU time, peak RSS).
+//! of their logs for an error message, and what each cost from `/proc` (CPU time, RSS now and at
+//! its peak).
 //!
 //! Must not touch: component internals, the load, the figures. It runs the components from the
 //! outside, as an operator would, and reports what `/proc` says; callers decide what it means.
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-pub use usage::{ComponentUsage, cpu_ms, peak_rss_kb};
+pub use usage::{ComponentUsage, cpu_ms, peak_rss_kb, rss_kb};
 
 /// How long a graceful stop waits for each process before it kills it.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -193,6 +194,21 @@ impl Fleet {
         }
     }
 
+    /// SIGKILL every running process, as [`crash`](Fleet::crash) does one: for a run whose
+    /// state is thrown away, where a graceful stop would only wait on work nobody needs.
+    pub async fn crash_all(&self) {
+        let names: Vec<String> =
+            self.members().iter().filter(|m| m.child.is_some()).map(|m| m.process.name()).collect();
+        for name in names {
+            self.crash(&name).await;
+        }
+    }
+
+    /// The pid of the process `name`, while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.members().iter().find(|m| m.process.name() == name)?.child.as_ref()?.id()
+    }
+
     /// Fail, naming the log to read, if a running process has exited on its own.
     pub fn check_alive(&self) -> Result<(), FleetError> {
         for m in self.members().iter_mut() {
@@ -328,6 +344,7 @@ mod tests {
         assert!(!fleet.crash("records-i1").await, "a crashed process is not running");
         fleet.check_alive().expect("a crash is not a death on its own");
         assert_eq!(fleet.usage().len(), 2);
+        assert!(fleet.pid("records-i1").is_none() && fleet.pid("records-i2").is_some());
         assert!(fleet.restart("records-i1").unwrap());
         assert!(!fleet.restart("nobody").unwrap());
         assert_eq!(fleet.usage().len(), 3);
@@ -335,6 +352,19 @@ mod tests {
 
         fleet.stop().await;
         assert!(fleet.usage().is_empty());
+    }
+
+    #[tokio::test]
+    async fn crash_all_kills_every_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_bin(dir.path());
+        let procs = [Process::new("records"), Process::new("orchestrator")];
+        let fleet = Fleet::start(&bin, Vec::new(), dir.path(), &procs).unwrap();
+        let pid = fleet.pid("orchestrator").expect("running");
+        assert!(rss_kb(&pid.to_string()).is_some());
+        fleet.crash_all().await;
+        assert!(fleet.usage().is_empty() && fleet.pid("orchestrator").is_none());
+        fleet.check_alive().expect("killed on purpose, not dead on its own");
     }
 
     #[tokio::test]

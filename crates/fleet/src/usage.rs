@@ -1,4 +1,4 @@
-//! What a process cost the machine, read from `/proc`: CPU time and peak RSS.
+//! What a process cost the machine, read from `/proc`: CPU time, RSS now and at its peak.
 
 use std::sync::OnceLock;
 
@@ -50,11 +50,21 @@ pub fn cpu_ms(pid: &str) -> Option<f64> {
     Some(ticks as f64 * 1000.0 / clock_ticks())
 }
 
+/// One `kB` field of `/proc/<pid>/status`.
+fn status_kb(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Peak RSS (VmHWM, kB) of a process: `self` or a pid.
 pub fn peak_rss_kb(pid: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    status_kb(pid, "VmHWM")
+}
+
+/// RSS now (VmRSS, kB) of a process: `self` or a pid.
+pub fn rss_kb(pid: &str) -> Option<u64> {
+    status_kb(pid, "VmRSS")
 }
 
 #[cfg(test)]
@@ -73,6 +83,7 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(cpu_ms("self").is_some_and(|ms| ms > 0.0));
-        assert!(peak_rss_kb("self").is_some_and(|kb| kb > 0));
+        let (now, peak) = (rss_kb("self").unwrap(), peak_rss_kb("self").unwrap());
+        assert!(now > 0 && peak >= now, "VmRSS {now} kB, VmHWM {peak} kB");
     }
 }
