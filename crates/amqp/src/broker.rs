@@ -34,6 +34,9 @@ struct Inner {
 /// connection (a recovery can hang when the broker restarts under it).
 pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(15);
 
+/// How long opening a connection (TCP, TLS, AMQP handshake) may take.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
+
 /// How long a set-up call (channel.open, basic.qos, basic.consume) may wait for its answer.
 pub const SETUP_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -93,7 +96,21 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
                 .with_jitter()
         })
         .enable_auto_recover();
-    Connection::connect_uri_with_config(uri, props, tls, runtime).await.map_err(|e| refused(e.to_string()))
+    // Bounded: with recovery on, lapin retries a failing handshake by itself (up to its backoff's
+    // 60 tries), and `live` holds the connection lock meanwhile, stalling every channel of the
+    // component; past this the caller's own retry loop tries again from the start.
+    match tokio::time::timeout(
+        CONNECT_PATIENCE,
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
+    )
+    .await
+    {
+        Ok(conn) => conn.map_err(|e| refused(e.to_string())),
+        Err(_) => Err(AmqpError::Unreachable {
+            url: redact(url),
+            cause: format!("no AMQP handshake within {} s", CONNECT_PATIENCE.as_secs()),
+        }),
+    }
 }
 
 impl Broker {

@@ -65,7 +65,10 @@ impl Publisher {
             return Ok(ch.clone());
         }
         let ch = self.broker.channel().await.map_err(|e| PublishError::Channel(e.to_string()))?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let patience = crate::broker::SETUP_PATIENCE;
+        tokio::time::timeout(patience, ch.confirm_select(ConfirmSelectOptions::default())).await.map_err(
+            |_| PublishError::Channel(format!("no answer to confirm.select within {patience:?}")),
+        )??;
         *slot = Some(ch.clone());
         Ok(ch)
     }
@@ -73,21 +76,28 @@ impl Publisher {
     /// Publish without waiting for the confirm; the returned future carries it.
     pub async fn publish(&self, msg: &Outgoing) -> Result<PendingConfirm, PublishError> {
         let ch = self.channel().await?;
-        let sent = ch
-            .basic_publish(
-                msg.exchange.as_str().into(),
-                msg.routing_key.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                msg.body.as_bytes(),
-                msg.properties(),
-            )
-            .await;
+        let publish = ch.basic_publish(
+            msg.exchange.as_str().into(),
+            msg.routing_key.as_str().into(),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            msg.body.as_bytes(),
+            msg.properties(),
+        );
+        // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
+        // without a word must not hold the caller forever.
+        let sent = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Ok(sent) => sent.map_err(PublishError::from),
+            Err(_) => Err(PublishError::Channel(format!(
+                "the publish was not taken within {} s",
+                CONFIRM_TIMEOUT.as_secs()
+            ))),
+        };
         match sent {
             Ok(confirm) => Ok(PendingConfirm(confirm)),
             Err(e) => {
                 // Next publish starts on a fresh channel.
                 self.chan.lock().await.take();
-                Err(e.into())
+                Err(e)
             }
         }
     }

@@ -369,6 +369,33 @@ async fn quiesce(amqp_url: &str, dir: &Path, mode: Mode, timeout: Duration) -> a
             last = None;
         }
         if Instant::now() > deadline {
+            // Say what is still moving: the one clue a failed CI run leaves.
+            let sagas = if mode == Mode::Workflow {
+                ["running", "compensating", "succeeded", "compensation_failed"]
+                    .map(|s| {
+                        format!(
+                            "{s} {}",
+                            sum(dir, &format!("SELECT COUNT(*) FROM sagas WHERE status = '{s}'"))
+                        )
+                    })
+                    .join(", ")
+            } else {
+                "-".into()
+            };
+            let outboxes: Vec<String> = baton_store::COMPONENTS
+                .iter()
+                .filter_map(|c| {
+                    let conn = baton_store::open_read_only(&dir.join(format!("{c}.db"))).ok()?;
+                    let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).ok()?;
+                    (n > 0).then(|| format!("{c} {n}"))
+                })
+                .collect();
+            tracing::warn!(
+                ready_in_queues = ready,
+                outbox_rows = %outboxes.join(", "),
+                %sagas,
+                "the system did not settle in time"
+            );
             break false;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
