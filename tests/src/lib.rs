@@ -384,6 +384,38 @@ pub fn scalar(dir: &Path, db: &str, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
+/// A saga's timeline from the orchestrator's database (time relative to its start, step,
+/// action, attempt, event, detail), one line each: what a failed assertion should show.
+pub fn saga_story(dir: &Path, saga_id: &str) -> String {
+    let Ok(conn) = baton_store::open_read_only(&dir.join("orchestrator.db")) else {
+        return "(no orchestrator database)".into();
+    };
+    let rows = conn
+        .prepare(
+            "SELECT at - (SELECT MIN(at) FROM history WHERE saga_id = ?1), COALESCE(step, '-'),
+                    COALESCE(action, '-'), attempt, event, COALESCE(detail, '')
+             FROM history WHERE saga_id = ?1 ORDER BY id",
+        )
+        .and_then(|mut s| {
+            s.query_map([saga_id], |r| {
+                Ok(format!(
+                    "{:>6} ms {} {} #{} {} {}",
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        });
+    match rows {
+        Ok(lines) => lines.join("\n"),
+        Err(e) => format!("(history unreadable: {e})"),
+    }
+}
+
 /// Wait (bounded) until no saga of `env` is still open: every one completed or rolled back.
 pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     wait_for("every saga to end", timeout, || async {

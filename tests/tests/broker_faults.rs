@@ -38,7 +38,14 @@ async fn nothing_wrong(env: &TestEnv, mut calls: JoinSet<(u16, serde_json::Value
     tokio::time::timeout(Duration::from_secs(90), async {
         while let Some(r) = calls.join_next().await {
             let (s, body) = r.unwrap();
-            assert!([200, 409, 503].contains(&s), "{s} {body}");
+            assert!(
+                [200, 409, 503].contains(&s),
+                "{s} {body}\n{}",
+                body["workflow_id"]
+                    .as_str()
+                    .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                    .unwrap_or_default()
+            );
             if s == 503 {
                 // Either turned away before anything started, or a step that could not be
                 // reached through the outage was given up and the saga rolled back (the

@@ -125,13 +125,19 @@ where
                     tracker.spawn(process(delivery, queue, publisher, handler));
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; waiting for recovery");
-                    // Bounded: a recovery that hangs must not hang the consumer with it; past
-                    // this, the loop above starts over on a fresh channel (and connection).
-                    match tokio::time::timeout(crate::broker::RECOVERY_PATIENCE, ch.wait_for_recovery(e)).await {
-                        Ok(r) => r.map_err(|e| e.to_string())?,
-                        Err(_) => return Err(format!("recovery of the channel of {} did not finish", cfg.queue)),
-                    }
+                    // lapin's recovery of a consumer is not trusted: after a broker restart it can
+                    // report the channel recovered while the broker has no consumer behind it,
+                    // and this loop would wait forever on a queue that fills up. Start over on a
+                    // fresh channel instead (the loop above), and close this one once lapin is
+                    // done with it, so that a consumer it revives cannot hold deliveries nobody
+                    // reads.
+                    tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; consuming again on a fresh channel");
+                    tokio::spawn(async move {
+                        let patience = crate::broker::RECOVERY_PATIENCE;
+                        let _ = tokio::time::timeout(patience, ch.wait_for_recovery(e)).await;
+                        let _ = tokio::time::timeout(patience, ch.close(200, "replaced".into())).await;
+                    });
+                    return Err(format!("the delivery stream of {} failed", cfg.queue));
                 }
                 None => return Err(format!("the broker ended the consumer on {}", cfg.queue)),
             }

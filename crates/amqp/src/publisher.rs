@@ -14,6 +14,10 @@ use crate::{Broker, Outgoing, PublishError};
 /// again: the receiver's inbox drops the double).
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long handing a message to the connection may take (it is a write to a socket buffer;
+/// a connection that died without a word, or that an alarm blocks, holds it longer).
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A confirm-mode channel of one component. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -85,11 +89,11 @@ impl Publisher {
         );
         // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
         // without a word must not hold the caller forever.
-        let sent = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        let sent = match tokio::time::timeout(SEND_TIMEOUT, publish).await {
             Ok(sent) => sent.map_err(PublishError::from),
             Err(_) => Err(PublishError::Channel(format!(
                 "the publish was not taken within {} s",
-                CONFIRM_TIMEOUT.as_secs()
+                SEND_TIMEOUT.as_secs()
             ))),
         };
         match sent {

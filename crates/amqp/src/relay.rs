@@ -38,37 +38,92 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn failed(&self, seq: i64, error: PublishError) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
 
-/// Wakes the relay after a commit that added rows; cheap to clone.
+/// Wakes the relay after a commit that added rows, and may hand it those rows; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Wake(Arc<Notify>);
+pub struct Wake(Arc<WakeInner>);
+
+#[derive(Default)]
+struct WakeInner {
+    notify: Notify,
+    /// Rows just committed, in sequence order: a hint that spares the relay a read of the
+    /// outbox, never the only copy (the rows are in the outbox whatever happens to this).
+    fed: std::sync::Mutex<Vec<(i64, Outgoing)>>,
+}
+
+/// Rows the feed holds at most; past that it is emptied and the relay reads the outbox.
+const FEED_MAX: usize = 4 * WINDOW;
+
+/// How long the relay may go on the feed alone before it reads the outbox again, to pick up
+/// any row the feed did not carry (written outside a group commit, or taken over).
+const READ_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
 impl Wake {
     pub fn wake(&self) {
         // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
-        self.0.notify_one();
+        self.0.notify.notify_one();
+    }
+
+    /// Hand the relay rows that were just committed (called after the commit), and wake it.
+    pub fn hand(&self, rows: Vec<(i64, Outgoing)>) {
+        if rows.is_empty() {
+            return;
+        }
+        {
+            let mut fed = self.0.fed.lock().expect("relay feed");
+            if fed.len() + rows.len() > FEED_MAX {
+                // The relay is behind (the broker is slow or away): it reads the outbox instead.
+                fed.clear();
+            } else {
+                fed.extend(rows);
+            }
+        }
+        self.wake();
+    }
+
+    /// The rows handed so far, in sequence order (what the relay takes on each pass).
+    pub fn take_fed(&self) -> Vec<(i64, Outgoing)> {
+        std::mem::take(&mut *self.0.fed.lock().expect("relay feed"))
     }
 }
 
 type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> + Send>>;
 
 /// Run the relay until `cancel`. Rows are published in order on one confirm-mode channel with
-/// up to [`WINDOW`] unconfirmed; each is deleted once confirmed, in batches. A row that fails
-/// stays: once the window has drained, the relay starts over from the oldest row left, after a
-/// backoff. Rows left at shutdown go out at the next start.
+/// up to [`WINDOW`] unconfirmed; each is deleted once confirmed, in batches. Rows come from the
+/// feed ([`Wake::hand`]) when it continues exactly where the relay stands, and otherwise (and at
+/// least every second) from a read of the outbox. A row that fails stays: once the window has
+/// drained, the relay starts over from the oldest row left, after a backoff. Rows left at
+/// shutdown go out at the next start.
 pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
-    // The newest row handed to the broker; only meaningful while the window holds rows (every
-    // row at or below it is then in flight or done), so it goes back to 0 when the window empties.
+    // The newest row handed to the broker: every row of this relay at or below it is in flight,
+    // confirmed or failed (one writer per database, so rows commit in sequence order). It goes
+    // back to 0 after a failure, to start over from the oldest row left.
     let mut cursor = 0i64;
     let mut window: FuturesOrdered<Confirming> = FuturesOrdered::new();
     // A row failed: publish nothing more until the window drains, then start over.
     let mut failed = false;
+    let mut last_read: Option<std::time::Instant> = None;
     loop {
         if cancel.is_cancelled() {
             break;
         }
         if !failed && window.len() < WINDOW {
-            match store.pending(cursor, WINDOW - window.len()).await {
+            let room = WINDOW - window.len();
+            let mut fed = wake.take_fed();
+            fed.retain(|(seq, _)| *seq > cursor);
+            // The feed is used only when it continues exactly where the relay stands: then no
+            // row can be missing in between. Otherwise, and now and then, read the outbox.
+            let follows =
+                fed.len() <= room && fed.iter().zip(cursor + 1..).all(|((seq, _), next)| *seq == next);
+            let fresh = last_read.is_some_and(|t| t.elapsed() < READ_AT_LEAST_EVERY);
+            let rows = if cursor != 0 && follows && fresh {
+                Ok(fed)
+            } else {
+                last_read = Some(std::time::Instant::now());
+                store.pending(cursor, room).await
+            };
+            match rows {
                 Ok(rows) => {
                     for (seq, msg) in rows {
                         cursor = seq;
@@ -86,24 +141,26 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the outbox failed");
+                    last_read = None;
                     pause(&cancel, Duration::from_secs(1)).await;
                     continue;
                 }
             }
         }
         if window.is_empty() {
-            cursor = 0;
             if failed {
+                // Start over from the oldest row left, which includes the one that failed.
+                cursor = 0;
                 failed = false;
                 pause(&cancel, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
             tokio::select! {
-                _ = wake.0.notified() => {}
+                _ = wake.0.notify.notified() => {}
                 _ = cancel.cancelled() => break,
-                // A safety net only; commits wake the relay.
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                // A safety net only; commits wake the relay. The next pass reads the outbox.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => last_read = None,
             }
             continue;
         }
@@ -119,7 +176,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                     backoff = Duration::from_millis(50);
                 }
             }
-            _ = wake.0.notified(), if !failed && window.len() < WINDOW => {}
+            _ = wake.0.notify.notified(), if !failed && window.len() < WINDOW => {}
             _ = cancel.cancelled() => break,
         }
     }

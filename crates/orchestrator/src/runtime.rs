@@ -50,6 +50,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
         workflows: opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect(),
     });
+    db.feed(core.wake.clone());
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
@@ -352,7 +353,7 @@ impl Core {
             // Forget the fired deadline; the round below computes the next one.
             self.timer.next.store(0, Ordering::Release);
             let core = Arc::clone(&self);
-            let round = self.db.call(move |c| core.fire_due(c)).await;
+            let round = self.db.transaction(move |tx| core.fire_due(tx)).await;
             match round {
                 Ok(next) => {
                     self.timer.schedule(next);
@@ -366,9 +367,8 @@ impl Core {
         }
     }
 
-    fn fire_due(&self, c: &mut rusqlite::Connection) -> Result<Option<u64>, StoreError> {
+    fn fire_due(&self, tx: &Transaction<'_>) -> Result<Option<u64>, StoreError> {
         let now = now_ms() as u64;
-        let tx = c.transaction()?;
         let due: Vec<String> = {
             let mut stmt = tx.prepare_cached(
                 "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
@@ -377,17 +377,16 @@ impl Core {
         };
         for id in due {
             let id = Uuid::parse_str(&id).map_err(corrupt)?;
-            let Some((mut saga, meta)) = load(&tx, id)? else { continue };
+            let Some((mut saga, meta)) = load(tx, id)? else { continue };
             let Some(wf) = self.workflows.get(&saga.workflow) else {
                 tracing::error!(saga_id = %id, workflow = %saga.workflow, "workflow not loaded; saga left as it is");
                 tx.execute("UPDATE sagas SET wake_at = NULL WHERE saga_id = ?1", [id.to_string()])?;
                 continue;
             };
             let effects = saga.on_tick(wf, now);
-            apply(&tx, &saga, effects, &meta, &self.reply_key, now)?;
+            apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
         }
         let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
-        tx.commit()?;
         Ok(next.map(|n| n as u64))
     }
 }

@@ -59,6 +59,7 @@ pub async fn run(
     broker.declare_topology(&[]).await?;
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
+    db.feed(wake.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()));
     let delay = opts.delay + opts.faults.delay(service);

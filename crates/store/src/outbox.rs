@@ -31,6 +31,7 @@ pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
             cause: "this connection has no instance name".into(),
         });
     }
+    crate::note_pushed(tx.last_insert_rowid(), msg);
     Ok(())
 }
 
@@ -55,23 +56,32 @@ impl OutboxStore for Db {
                 let any: bool = c
                     .prepare_cached(&format!("SELECT EXISTS (SELECT 1 FROM outbox WHERE {foreign})"))?
                     .query_row([stale], |r| r.get(0))?;
-                if any {
-                    let n = c
+                let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
+                // Taken-over rows come back whatever their place: they may sit below `after`.
+                let mut rows: Vec<(i64, String)> = if any {
+                    let taken = c
                         .prepare_cached(&format!(
-                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE {foreign}"
+                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE {foreign}
+                             RETURNING seq, message"
                         ))?
-                        .execute([stale])?;
-                    tracing::warn!(rows = n, "took over outbox rows another instance left unpublished");
-                }
+                        .query_map([stale], row)?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    tracing::warn!(
+                        rows = taken.len(),
+                        "took over outbox rows another instance left unpublished"
+                    );
+                    taken
+                } else {
+                    Vec::new()
+                };
                 let mut stmt = c.prepare_cached(
                     "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
                      AND seq > ?1 ORDER BY seq LIMIT ?2",
                 )?;
-                let rows = stmt
-                    .query_map(params![after, limit as i64], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
+                let room = limit.saturating_sub(rows.len()).max(1) as i64;
+                rows.extend(stmt.query_map(params![after, room], row)?.collect::<Result<Vec<_>, _>>()?);
+                rows.sort_by_key(|(seq, _)| *seq);
+                rows.dedup_by_key(|(seq, _)| *seq);
                 Ok(rows)
             })
             .await?;
