@@ -88,7 +88,7 @@ async fn a_compensation_that_keeps_failing_stops_visibly_and_an_operator_finishe
         let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).unwrap();
         baton_orchestrator::query::list(&conn, Some("compensation_failed"), 10).unwrap()
     };
-    assert_eq!(failed.iter().map(|w| w.id.to_string()).collect::<Vec<_>>(), [id.clone()]);
+    assert_eq!(failed.iter().map(|w| w.id.to_string()).collect::<Vec<_>>(), std::slice::from_ref(&id));
     let (_, view) = sys.get(&format!("/workflows/{id}")).await;
     let undo_failures = timeline(&view)
         .iter()

@@ -136,8 +136,8 @@ impl Publisher {
         body: &[u8],
         reason: &str,
     ) -> Result<(), PublishError> {
-        use lapin::types::{AMQPValue, FieldTable};
-        let mut headers = properties.headers().clone().unwrap_or_else(FieldTable::default);
+        use lapin::types::AMQPValue;
+        let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(crate::headers::DEAD_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(crate::headers::DEAD_QUEUE.into(), AMQPValue::LongString(queue.into()));
         let props = properties.clone().with_headers(headers).with_delivery_mode(2);

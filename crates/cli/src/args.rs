@@ -413,6 +413,15 @@ pub struct UpArgs {
     pub service_delay: Duration,
 }
 
+impl From<CliMode> for baton_protocol::Mode {
+    fn from(m: CliMode) -> Self {
+        match m {
+            CliMode::Workflow => baton_protocol::Mode::Workflow,
+            CliMode::Events => baton_protocol::Mode::Events,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,14 +451,5 @@ mod tests {
         assert!(Cli::try_parse_from(["baton", "workflows", "show", "not-a-uuid"]).is_err());
         let cli = Cli::try_parse_from(["baton", "run", "gateway", "--http", "127.0.0.1:9000"]).unwrap();
         assert!(matches!(cli.command, Command::Run { component: Component::Gateway, .. }));
-    }
-}
-
-impl From<CliMode> for baton_protocol::Mode {
-    fn from(m: CliMode) -> Self {
-        match m {
-            CliMode::Workflow => baton_protocol::Mode::Workflow,
-            CliMode::Events => baton_protocol::Mode::Events,
-        }
     }
 }

@@ -403,7 +403,7 @@ fn dangerous_instant(
         Some(i) => saga.actions.get(i),
         None => saga.actions.iter().find(|a| a.service == step),
     };
-    let Some(me) = me else { return None };
+    let me = me?;
     match action {
         Action::Undo if me.phase == Phase::Compensated && saga.status == SagaStatus::Compensating => {
             Some(baton_amqp::crash::BETWEEN_COMPENSATIONS)

@@ -73,6 +73,8 @@ pub fn step_for(service: Service, cfg: &ServiceConfig) -> Box<dyn Step> {
 }
 
 /// Helper for the rules: the text of an optional context field, or a refusal naming it.
+// The error is the step's answer itself (a refusal with its reason), not a failure to box.
+#[allow(clippy::result_large_err)]
 pub(crate) fn need<'a>(
     field: &'a Option<String>,
     name: &str,
