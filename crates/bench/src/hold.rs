@@ -110,10 +110,7 @@ pub(crate) async fn measure(opts: &Options, workflow: &Workflow, say: &Say) -> a
     ]
     .map(String::from)
     .to_vec();
-    for file in &opts.workflow_files {
-        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
-        args.extend(["--workflow-file".to_owned(), file.display().to_string()]);
-    }
+    args.extend(opts.workflow_file_args());
     // Last, so that it replaces the workflow of its name.
     args.extend(["--workflow-file".to_owned(), wf_file.display().to_string()]);
     args.extend(opts.component_args.iter().cloned());

@@ -33,7 +33,7 @@ mod table;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use baton_compare::mgmt::Mgmt;
 use baton_fleet::cpu_ms;
 use baton_protocol::{Mode, Service};
@@ -137,15 +137,7 @@ impl Options {
     /// The workflow sagas run in workflow mode, loaded as the components load it: the bundled
     /// ones, replaced or joined by `workflow_files`, then the one named `workflow`.
     pub fn load_workflow(&self) -> anyhow::Result<Workflow> {
-        let mut all = Workflow::bundled();
-        for file in &self.workflow_files {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read workflow file {}", file.display()))?;
-            let wf = Workflow::from_json(&text)
-                .with_context(|| format!("workflow file {} is not valid", file.display()))?;
-            all.retain(|w| w.name != wf.name);
-            all.push(wf);
-        }
+        let mut all = Workflow::bundled_and(&self.workflow_files)?;
         match all.iter().position(|w| w.name == self.workflow) {
             Some(i) => Ok(all.swap_remove(i)),
             None => {
@@ -153,6 +145,18 @@ impl Options {
                 bail!("--workflow {}: no such workflow; known: {}", self.workflow, names.join(", "))
             }
         }
+    }
+
+    /// `--workflow-file <absolute path>` for each of `workflow_files`, for the components'
+    /// command lines (absolute, so that they find it whatever their working dir).
+    pub(crate) fn workflow_file_args(&self) -> Vec<String> {
+        self.workflow_files
+            .iter()
+            .flat_map(|file| {
+                let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+                ["--workflow-file".to_owned(), file.display().to_string()]
+            })
+            .collect()
     }
 
     fn check(&self) -> anyhow::Result<()> {

@@ -157,11 +157,7 @@ pub(crate) async fn run_mode(
     ]
     .map(String::from)
     .to_vec();
-    for file in &opts.workflow_files {
-        // Absolute, so that the components find it whatever their working dir.
-        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
-        args.extend(["--workflow-file".to_owned(), file.display().to_string()]);
-    }
+    args.extend(opts.workflow_file_args());
     args.extend(opts.component_args.iter().cloned());
     let fleet = Fleet::new(&opts.baton_bin, args, &dir);
     let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;

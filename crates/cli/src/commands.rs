@@ -62,15 +62,7 @@ fn service_config(args: &UpArgs) -> anyhow::Result<ServiceConfig> {
 }
 
 fn workflows_of(args: &UpArgs) -> anyhow::Result<Vec<Workflow>> {
-    let mut all = Workflow::bundled();
-    for file in &args.workflow_files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read workflow file {}", file.display()))?;
-        let wf = Workflow::from_json(&text)
-            .with_context(|| format!("workflow file {} is not valid", file.display()))?;
-        all.retain(|w| w.name != wf.name);
-        all.push(wf);
-    }
+    let all = Workflow::bundled_and(&args.workflow_files)?;
     if !all.iter().any(|w| w.name == args.workflow) {
         let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
         bail!("--workflow {}: no such workflow; known: {}", args.workflow, names.join(", "));

@@ -76,6 +76,19 @@ pub struct Workflow {
     pub steps: Vec<StepDef>,
 }
 
+/// Why a workflow file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read workflow file {path}: {cause}")]
+    Read { path: String, cause: String },
+    #[error("workflow file {path} is not valid: {source}")]
+    Invalid {
+        path: String,
+        #[source]
+        source: DefinitionError,
+    },
+}
+
 /// Why a workflow definition was rejected; each message names the offending step.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DefinitionError {
@@ -132,6 +145,21 @@ impl Workflow {
     /// The bundled workflows, by name.
     pub fn bundled() -> Vec<Workflow> {
         vec![Workflow::create_space(), Workflow::create_space_parallel()]
+    }
+
+    /// What the components run: the bundled workflows, each replaced by the one of the same name
+    /// in `files` (read and validated in order), joined by the others.
+    pub fn bundled_and(files: &[std::path::PathBuf]) -> Result<Vec<Workflow>, FileError> {
+        let mut all = Workflow::bundled();
+        for file in files {
+            let path = file.display().to_string();
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| FileError::Read { path: path.clone(), cause: e.to_string() })?;
+            let wf = Workflow::from_json(&text).map_err(|source| FileError::Invalid { path, source })?;
+            all.retain(|w| w.name != wf.name);
+            all.push(wf);
+        }
+        Ok(all)
     }
 
     /// Action `idx` of the flattened list of [`Workflow::actions`].

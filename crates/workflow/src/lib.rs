@@ -9,5 +9,7 @@
 pub mod definition;
 pub mod saga;
 
-pub use definition::{ActionDef, DefinitionError, RetryPolicy, StepDef, Workflow, WorkflowBuilder};
+pub use definition::{
+    ActionDef, DefinitionError, FileError, RetryPolicy, StepDef, Workflow, WorkflowBuilder,
+};
 pub use saga::{Effect, Failure, HistoryEvent, Phase, Reply, Saga, SagaStatus};
