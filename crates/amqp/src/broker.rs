@@ -28,6 +28,9 @@ struct Inner {
     conn: Mutex<Arc<Connection>>,
     /// Since when the connection has been seen down (recovering, or worse).
     down_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Bumped each time the connection comes back (recovered by lapin, or replaced): consumers
+    /// then consume again on fresh channels rather than trust lapin's recovery of them.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 /// How long lapin's own recovery may take, from the moment the connection went down, before
@@ -119,8 +122,9 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
 /// not finished within [`RECOVERY_PATIENCE`] of that moment, not of the first call that noticed
 /// (a publish can sit in a dead connection for seconds before it says so). Ends with the broker.
 async fn watch(inner: std::sync::Weak<Inner>) {
+    let mut was_down = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let Some(inner) = inner.upgrade() else { return };
         // Never wait for the lock: `live` may be reconnecting under it.
         let Ok(conn) = inner.conn.try_lock().map(|c| Arc::clone(&c)) else { continue };
@@ -128,9 +132,28 @@ async fn watch(inner: std::sync::Weak<Inner>) {
         let mut since = inner.down_since.lock().expect("down_since");
         if up {
             *since = None;
+            if was_down {
+                inner.generation.send_modify(|g| *g += 1);
+            }
         } else {
             since.get_or_insert_with(std::time::Instant::now);
         }
+        was_down = !up;
+    }
+}
+
+/// Keep a replaced connection from ever coming back. A `close` sent while lapin was recovering
+/// it may not take, and a recovery that finishes later would bring back its consumers beside the
+/// new ones: ghosts nobody reads, holding deliveries unacked (seen after broker restarts as
+/// answers that never reached the gateway). For two minutes, close it whenever it is up.
+async fn bury(old: Arc<Connection>) {
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < until {
+        if old.status().connected() {
+            tracing::info!("a replaced connection came back; closing it");
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.close(320, "replaced".into())).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -144,9 +167,17 @@ impl Broker {
             name: name.into(),
             conn: Mutex::new(Arc::new(conn)),
             down_since: std::sync::Mutex::new(None),
+            generation: tokio::sync::watch::Sender::new(0),
         });
         tokio::spawn(watch(Arc::downgrade(&inner)));
         Ok(Broker { inner })
+    }
+
+    /// Changes each time the connection comes back after being down: a consumer that sees it
+    /// change consumes again on a fresh channel. lapin's recovery of a consumer was seen to
+    /// leave no consumer at the broker after a restart while its stream stayed silent.
+    pub fn generation(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.generation.subscribe()
     }
 
     pub fn url(&self) -> &str {
@@ -186,8 +217,10 @@ impl Broker {
             } else {
                 tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
             }
-            *conn = Arc::new(open(&self.inner.url, &self.inner.name).await?);
+            let old = std::mem::replace(&mut *conn, Arc::new(open(&self.inner.url, &self.inner.name).await?));
+            tokio::spawn(bury(old));
             *self.inner.down_since.lock().expect("down_since") = None;
+            self.inner.generation.send_modify(|g| *g += 1);
             tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
         }
         Ok(Arc::clone(&conn))
@@ -238,9 +271,15 @@ impl Broker {
 
     /// Close the connection (at shutdown).
     pub async fn close(&self) {
-        let conn = self.inner.conn.lock().await;
-        if let Err(e) = conn.close(200, "shutting down".into()).await {
-            tracing::debug!(error = %e, "closing the connection");
+        // Bounded, both: `live` may hold the lock while it reconnects, and a connection in a bad
+        // state may never answer the close; the process is stopping either way.
+        let Ok(conn) = tokio::time::timeout(Duration::from_secs(2), self.inner.conn.lock()).await else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutting down".into())).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
+            Err(_) => tracing::debug!("the broker did not answer the close within 2 s"),
+            Ok(Ok(())) => {}
         }
     }
 }

@@ -85,6 +85,9 @@ where
     H: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
+    // Subscribed before the channel exists, so that no recovery can slip in between.
+    let mut generation = broker.generation();
+    generation.borrow_and_update();
     let ch = broker.channel().await.map_err(|e| e.to_string())?;
     let patience = crate::broker::SETUP_PATIENCE;
     let no_answer =
@@ -114,8 +117,21 @@ where
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                // Bounded: a channel in a bad state must not hold up the shutdown.
+                let cancel_consumer = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                let _ = tokio::time::timeout(Duration::from_secs(2), cancel_consumer).await;
                 return Ok(());
+            }
+            Ok(()) = generation.changed() => {
+                // The connection went down and came back: whatever lapin says of this consumer,
+                // consume again on a fresh channel, and close this one (its unacked deliveries
+                // go back to the queue).
+                tracing::info!(queue = %cfg.queue, "connection back; consuming again on a fresh channel");
+                let patience = crate::broker::RECOVERY_PATIENCE;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(patience, ch.close(200, "replaced".into())).await;
+                });
+                return Err(format!("the connection of {} came back", cfg.queue));
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -161,7 +177,7 @@ where
         match handler(env).await {
             Ok(()) => {
                 crate::crash::point(crate::crash::AFTER_COMMIT_BEFORE_ACK);
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
                     // Committed but not acked: the redelivery is answered from the inbox.
                     tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");
                 }
@@ -169,7 +185,7 @@ where
             Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
             Err(HandleError::Retry(reason)) => {
                 tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
-                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
             }
         }
     }
@@ -183,11 +199,21 @@ async fn dead_letter(publisher: &Publisher, queue: &str, delivery: Delivery, rea
     tracing::warn!(%reason, "dead-lettering a message");
     match publisher.dead_letter(queue, &delivery.properties, &delivery.data, reason).await {
         Ok(()) => {
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let _ = settle(delivery.acker.ack(BasicAckOptions::default())).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "could not publish to the dead-letter queue; rejecting to the broker's DLX");
-            let _ = delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await;
+            let _ =
+                settle(delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() })).await;
         }
+    }
+}
+
+/// An ack or nack, bounded: on a channel that died under it, the broker requeues the delivery
+/// anyway, and a handler task must not wait forever (it would hold up the shutdown).
+async fn settle<T>(f: impl Future<Output = lapin::Result<T>>) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(5), f).await {
+        Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+        Err(_) => Err("no answer to the ack within 5 s".into()),
     }
 }
