@@ -142,6 +142,30 @@ async fn watch(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// Follow lapin's events of one connection: every time lapin says it is connected again after
+/// an error, bump the generation, so consumers consume again on fresh channels. The polling
+/// watchdog alone could miss a recovery quicker than its period.
+async fn listen(conn: Arc<Connection>, inner: std::sync::Weak<Inner>) {
+    use futures_util::StreamExt;
+    let mut events = conn.events_listener();
+    drop(conn);
+    let mut failed = false;
+    while let Some(event) = events.next().await {
+        let Some(inner) = inner.upgrade() else { return };
+        match event {
+            lapin::Event::Error(_) => {
+                failed = true;
+                inner.down_since.lock().expect("down_since").get_or_insert_with(std::time::Instant::now);
+            }
+            lapin::Event::Connected if failed => {
+                failed = false;
+                inner.generation.send_modify(|g| *g += 1);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Keep a replaced connection from ever coming back. A `close` sent while lapin was recovering
 /// it may not take, and a recovery that finishes later would bring back its consumers beside the
 /// new ones: ghosts nobody reads, holding deliveries unacked (seen after broker restarts as
@@ -170,6 +194,7 @@ impl Broker {
             generation: tokio::sync::watch::Sender::new(0),
         });
         tokio::spawn(watch(Arc::downgrade(&inner)));
+        tokio::spawn(listen(Arc::clone(&*inner.conn.lock().await), Arc::downgrade(&inner)));
         Ok(Broker { inner })
     }
 
@@ -218,6 +243,7 @@ impl Broker {
                 tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
             }
             let old = std::mem::replace(&mut *conn, Arc::new(open(&self.inner.url, &self.inner.name).await?));
+            tokio::spawn(listen(Arc::clone(&conn), Arc::downgrade(&self.inner)));
             tokio::spawn(bury(old));
             *self.inner.down_since.lock().expect("down_since") = None;
             self.inner.generation.send_modify(|g| *g += 1);
