@@ -241,7 +241,19 @@ async fn connections_closed_by_the_broker_mid_load_are_recovered_and_nothing_is_
     let mut statuses = Vec::new();
     while let Some(r) = calls.join_next().await {
         let (s, body) = r.unwrap();
-        assert!([200, 409].contains(&s), "true answers only: {s} {body}");
+        // A 503 is true too when a step that the drops made unreachable was given up and the
+        // saga rolled back (the audit below proves nothing of it remains).
+        let rolled_back = s == 503
+            && body["step"].is_string()
+            && body["error"].as_str().is_some_and(|e| e.contains("did not answer"));
+        assert!(
+            [200, 409].contains(&s) || rolled_back,
+            "true answers only: {s} {body}\n{}",
+            body["workflow_id"]
+                .as_str()
+                .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                .unwrap_or_default()
+        );
         statuses.push(s);
     }
     baton_tests::every_saga_ends(&env, Duration::from_secs(30)).await;

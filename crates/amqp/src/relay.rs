@@ -104,6 +104,8 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
     // A row failed: publish nothing more until the window drains, then start over.
     let mut failed = false;
     let mut last_read: Option<std::time::Instant> = None;
+    let mut generation = publisher.broker().generation();
+    generation.borrow_and_update();
     loop {
         if cancel.is_cancelled() {
             break;
@@ -177,6 +179,16 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 }
             }
             _ = wake.0.notify.notified(), if !failed && window.len() < WINDOW => {}
+            Ok(()) = generation.changed() => {
+                // The connection went down and came back: the confirms still awaited may never
+                // come. Count them as failed now rather than after CONFIRM_TIMEOUT: the rows stay
+                // and go out again on a fresh channel (receivers drop any double).
+                tracing::warn!(in_flight = window.len(), "connection back; publishing the unconfirmed rows again");
+                window = FuturesOrdered::new();
+                publisher.forget_channel().await;
+                cursor = 0;
+                last_read = None;
+            }
             _ = cancel.cancelled() => break,
         }
     }
