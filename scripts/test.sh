@@ -36,12 +36,13 @@ if cargo nextest --version >/dev/null 2>&1; then
     # others, but several of them start a RabbitMQ node or a dozen processes of their own, and
     # on two cores their timeouts then measure the starvation rather than Baton.
     cargo nextest run --workspace --no-fail-fast --test-threads 1 -E 'not binary(chaos)' "$@"
-    # The chaos run restarts its own broker node and kills every component for 40 s; it runs
-    # alone, after the rest, so that what it measures is the faults it injects and not two
+    # The chaos runs restart their own broker node and kill every component for 40 s; they run
+    # alone, one after the other, after the rest, so that what it measures is the faults it injects and not two
     # cores starved by the other tests.
-    say "running the chaos test on its own"
-    cargo nextest run -p baton-tests --test chaos --no-fail-fast "$@"
+    say "running the chaos tests on their own (one per mode)"
+    cargo nextest run -p baton-tests --test chaos --no-fail-fast --test-threads 1 "$@"
 else
     say "step 4/4: running the tests (cargo test; install cargo-nextest for a faster, clearer run)"
-    cargo test --workspace --no-fail-fast "$@"
+    # One test at a time, for the reason given above.
+    cargo test --workspace --no-fail-fast "$@" -- --test-threads 1
 fi

@@ -1,22 +1,24 @@
-//! A CI-sized chaos run of the workflow mode: load for 40 s while every component is killed and
-//! restarted, connections are dropped, the broker is restarted, and refusals, delays and
-//! duplicates are injected. It ends with zero audit violations and nothing lost. The broker is
-//! a node of the test's own, since this test restarts it.
+//! CI-sized chaos runs, one per mode: load for 40 s while every component is killed and
+//! restarted, connections are dropped, the broker is restarted, bad messages are put on the work
+//! queues, and refusals, delays and duplicates are injected. The workflow mode ends with zero
+//! audit violations and nothing lost; the events mode loses nothing either, and after reconcile
+//! keeps only what no repair can change (what its 504s told the clients). The broker is a node
+//! of each test's own, since these tests restart it.
 
 use std::time::Duration;
 
-use baton_compare::{Options, chaos, mgmt::Mgmt, report};
+use baton_audit::Kind;
+use baton_compare::{ModeRun, Options, chaos, mgmt::Mgmt, report};
 use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 use baton_tests::baton_bin;
 use baton_tests::node::Node;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
+/// One chaos run of `mode` for `seconds` on a node of its own, with its figures on stderr.
+async fn run(mode: Mode, seconds: u64) -> (ModeRun, String) {
     baton_tests::init_logs();
     let node = tokio::task::spawn_blocking(Node::start_with_management).await.unwrap();
     let out = tempfile::tempdir().unwrap();
-    let seconds = 40;
     let opts = Options {
         requests: 1_000_000,
         concurrency: 8,
@@ -32,19 +34,68 @@ async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
             out.path().to_owned(),
         )
     };
-    let run = chaos(&opts, Mode::Workflow).await.unwrap();
+    let run = chaos(&opts, mode).await.unwrap();
     let summary = report::chaos_summary(&run, &opts.faults.to_string(), seconds);
     eprintln!("{summary}");
-    for component in
-        ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"]
-    {
+    (run, summary)
+}
+
+/// Every fault of the plan was carried out: each crash, the restart, drops, bad messages.
+fn every_fault_was_injected(run: &ModeRun, components: &[&str], summary: &str) {
+    for component in components {
         assert_eq!(run.injected.get(&format!("crash {component}")), Some(&1), "{summary}");
     }
     assert_eq!(run.injected.get("broker restarts"), Some(&1), "{summary}");
     assert!(run.injected.get("connections dropped").is_some_and(|n| *n > 0), "{summary}");
     assert!(run.injected.get("duplicate").is_some_and(|n| *n > 0), "{summary}");
+    assert!(run.injected.get("refusal").is_some_and(|n| *n > 0), "{summary}");
+    assert_eq!(run.bad_inputs_sent(), 20, "every bad message went out: {summary}");
     assert!(run.stats.ok > 50, "work got done: {summary}");
     assert!(run.quiescent, "{summary}");
-    assert!(run.audit.is_clean(), "{summary}\n{:#?}", run.audit.violations);
+    // Each bad message is in a dead-letter queue with a reason; nothing else is.
+    let (planned, other) = baton_compare::poison::tally(&run.dead_letters);
+    assert_eq!((planned, other), (20, 0), "{summary}");
+    for m in run.dead_letters.iter().flat_map(|q| &q.first) {
+        assert_ne!(m.reason, "no reason recorded", "{m:?}\n{summary}");
+        assert!(
+            !m.reason.starts_with("dead-lettered by the broker"),
+            "one delivery, not a requeue loop: {m:?}"
+        );
+    }
     assert!(run.nothing_lost(), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
+    let (run, summary) = run(Mode::Workflow, 40).await;
+    every_fault_was_injected(
+        &run,
+        &["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"],
+        &summary,
+    );
+    assert!(run.audit.is_clean(), "{summary}\n{:#?}", run.audit.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_mode_loses_nothing_and_reconcile_repairs_all_it_can() {
+    let (run, summary) = run(Mode::Events, 40).await;
+    every_fault_was_injected(
+        &run,
+        &["records", "placement", "entitlements", "routing", "notifier", "gateway"],
+        &summary,
+    );
+    // Choreography leaves the refused requests' earlier rows behind: the plan must show it.
+    let before = run.audit.by_kind();
+    assert!(before.get(&Kind::LeftAfterFailure).is_some_and(|n| *n > 0), "{summary}");
+    let rec = run.reconcile.as_ref().expect("events runs are reconciled");
+    assert!(rec.fixed() > 0 && rec.failed.is_empty(), "{summary}");
+    // What is left is only what a 504 told a client: no repair can change an answer given.
+    let after = run.audit_after_reconcile.as_ref().expect("audited again");
+    for v in &after.violations {
+        assert!(
+            matches!(v.kind, Kind::TimedOutButCompleted | Kind::TimedOutNothing),
+            "reconcile left {v:?}\n{summary}"
+        );
+    }
+    assert!(after.violations.len() <= run.stats.timeouts, "{summary}");
 }

@@ -127,10 +127,7 @@ where
                 // consume again on a fresh channel, and close this one (its unacked deliveries
                 // go back to the queue).
                 tracing::info!(queue = %cfg.queue, "connection back; consuming again on a fresh channel");
-                let patience = crate::broker::RECOVERY_PATIENCE;
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(patience, ch.close(200, "replaced".into())).await;
-                });
+                tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
                 return Err(format!("the connection of {} came back", cfg.queue));
             }
             next = consumer.next() => match next {
@@ -148,17 +145,48 @@ where
                     // done with it, so that a consumer it revives cannot hold deliveries nobody
                     // reads.
                     tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; consuming again on a fresh channel");
-                    tokio::spawn(async move {
-                        let patience = crate::broker::RECOVERY_PATIENCE;
-                        let _ = tokio::time::timeout(patience, ch.wait_for_recovery(e)).await;
-                        let _ = tokio::time::timeout(patience, ch.close(200, "replaced".into())).await;
-                    });
+                    tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
                     return Err(format!("the delivery stream of {} failed", cfg.queue));
                 }
                 None => return Err(format!("the broker ended the consumer on {}", cfg.queue)),
             }
         }
     }
+}
+
+/// How long a replaced channel is watched before it is left to itself.
+const RETIRE_FOR: Duration = Duration::from_secs(120);
+
+/// Put a replaced channel to rest. lapin may still be recovering it (a `close` then fails at
+/// once), and a recovery that finishes later revives its consumer: a ghost that takes
+/// deliveries nobody reads and holds them unacked for as long as the process lives. So watch
+/// it for a while and close it as soon as it is up: whatever reached it goes back to the queue.
+async fn retire(ch: lapin::Channel, mut consumer: lapin::Consumer, queue: String) {
+    let until = tokio::time::Instant::now() + RETIRE_FOR;
+    let mut stream_open = true;
+    while tokio::time::Instant::now() < until {
+        let status = ch.status();
+        if status.connected() {
+            let close = ch.close(200, "replaced".into());
+            if let Ok(Ok(())) = tokio::time::timeout(crate::broker::RECOVERY_PATIENCE, close).await {
+                tracing::debug!(%queue, "replaced channel closed");
+                return;
+            }
+        } else if !status.initializing() && !status.closing() {
+            return; // closed or failed for good: nothing can come back on it
+        }
+        tokio::select! {
+            next = consumer.next(), if stream_open => match next {
+                // Not handled and not nacked one by one (each return counts towards the queue's
+                // delivery limit): the close just above, next time round, returns them all.
+                Some(Ok(_)) => tracing::warn!(%queue, "a replaced consumer came back to life; closing its channel"),
+                Some(Err(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
+                None => stream_open = false,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    tracing::warn!(%queue, "a replaced channel never came up to be closed; leaving it");
 }
 
 async fn process<H, Fut>(delivery: Delivery, queue: String, publisher: Publisher, handler: Arc<H>)

@@ -18,6 +18,8 @@ pub const REPLAYED: &str = "x-baton-replayed";
 pub struct DeadMessage {
     pub message_id: Option<String>,
     pub kind: Option<String>,
+    /// Who sent it, as the message says.
+    pub app_id: Option<String>,
     /// Baton's own sentence, or the broker's reason (`delivery_limit`, `rejected`, ...).
     pub reason: String,
     pub body_preview: String,
@@ -77,6 +79,7 @@ pub async fn list(broker: &Broker, queues: &[QueueSpec], peek: u16) -> Result<Ve
             first.push(DeadMessage {
                 message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
                 kind: p.kind().as_ref().map(|s| s.as_str().to_owned()),
+                app_id: p.app_id().as_ref().map(|s| s.as_str().to_owned()),
                 reason: reason(p),
                 body_preview: body.chars().take(120).collect(),
             });

@@ -57,6 +57,24 @@ impl Mgmt {
         Ok(())
     }
 
+    /// Messages delivered to a consumer of `vhost` and not yet acked, over its work queues (not
+    /// the dead-letter queues). The broker refreshes these figures every few seconds, so a
+    /// count above zero may be a little late: good to wait on, not to time with.
+    pub async fn unacked(&self, vhost: &str) -> anyhow::Result<u64> {
+        let queues: Vec<Value> = self
+            .req(reqwest::Method::GET, &format!("/queues/{vhost}?columns=name,messages_unacknowledged"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(queues
+            .iter()
+            .filter(|q| !q["name"].as_str().unwrap_or_default().ends_with(".dlq"))
+            .map(|q| q["messages_unacknowledged"].as_u64().unwrap_or(0))
+            .sum())
+    }
+
     /// Close every client connection of `vhost` from the broker's side; returns how many.
     pub async fn drop_connections(&self, vhost: &str) -> anyhow::Result<usize> {
         let conns: Vec<Value> = self

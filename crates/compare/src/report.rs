@@ -1,6 +1,7 @@
 //! The comparison for people: a progress bar while it runs, a table on stdout, and a
 //! self-contained HTML report with inline SVG charts.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,6 +78,11 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
     row("504s whose space later completed", &|r| r.timeouts_split().0.to_string());
     row("504s whose space never completed", &|r| r.timeouts_split().1.to_string());
     row("audit violations", &|r| r.audit.violations.len().to_string());
+    row("reconcile: spaces scanned / scan (ms)", &|r| {
+        r.reconcile
+            .as_ref()
+            .map_or_else(|| "not needed".into(), |s| format!("{} / {}", s.spaces_scanned, s.scan_ms))
+    });
     row("reconcile: spaces found / rows undone", &|r| {
         r.reconcile.as_ref().map_or_else(|| "not needed".into(), |s| format!("{} / {}", s.found, s.fixed()))
     });
@@ -335,12 +341,33 @@ pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
             rec.found,
             rec.took_ms
         );
+        if !rec.failed.is_empty() {
+            let _ = writeln!(
+                out,
+                "                 {} compensations not done, e.g. {}",
+                rec.failed.len(),
+                rec.failed.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+            );
+        }
+    }
+    let (planned, other) = crate::poison::tally(&r.dead_letters);
+    if r.bad_inputs_sent() > 0 {
+        let _ = writeln!(
+            out,
+            "bad input        {} sent to the work queues, {planned} dead-lettered with their reason",
+            r.bad_inputs_sent()
+        );
     }
     if r.dead_letters.is_empty() {
         let _ = writeln!(out, "dead letters     none");
     } else {
         for q in &r.dead_letters {
-            let why: Vec<&str> = q.first.iter().map(|m| m.reason.as_str()).collect();
+            // Each reason once, with how often it was seen.
+            let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+            for m in &q.first {
+                *why.entry(m.reason.as_str()).or_default() += 1;
+            }
+            let why: Vec<String> = why.iter().map(|(w, n)| format!("{n} × {w}")).collect();
             let _ = writeln!(out, "dead letters     {}: {} ({})", q.queue, q.count, why.join("; "));
         }
     }
@@ -348,9 +375,16 @@ pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
         out,
         "lost             {}",
         if r.nothing_lost() {
-            "nothing: every saga ended, every outbox is empty, no dead letter".to_string()
+            "nothing: every saga ended, every outbox is empty, no message dead-lettered but the bad input"
+                .to_string()
         } else {
-            format!("{} sagas unfinished, {} messages left in outboxes", r.unfinished, r.left_in_outbox)
+            format!(
+                "{} sagas unfinished, {} messages left in outboxes, {other} real messages dead-lettered, {} of {} bad messages not dead-lettered",
+                r.unfinished,
+                r.left_in_outbox,
+                r.bad_inputs_sent().saturating_sub(planned as usize),
+                r.bad_inputs_sent()
+            )
         }
     );
     let _ = writeln!(

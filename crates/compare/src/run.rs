@@ -17,9 +17,18 @@ use crate::{ModeRun, Options};
 
 /// What the fault task is asked to do.
 enum Fault {
-    Crash { component: String, down: Duration },
+    Crash {
+        component: String,
+        down: Duration,
+    },
     Drop,
-    BrokerRestart { down: Duration },
+    BrokerRestart {
+        down: Duration,
+    },
+    /// The `n`-th bad message of the run.
+    Poison {
+        n: usize,
+    },
 }
 
 fn sum(dir: &Path, sql: &str) -> i64 {
@@ -96,10 +105,45 @@ async fn drive(
         let (fleet, injected, mgmt, vhost) =
             (Arc::clone(fleet), Arc::clone(&injected), opts.mgmt.clone(), vhost.to_owned());
         let ctl = opts.broker_ctl.clone();
+        let amqp_url = amqp_url.to_owned();
         tokio::spawn(async move {
             let mut restarts = tokio::task::JoinSet::new();
+            // The connection the bad messages go out on, opened at the first one.
+            let mut poisoner: Option<baton_amqp::Broker> = None;
             while let Some(f) = rx.recv().await {
                 match f {
+                    Fault::Poison { n } => {
+                        // The broker may be restarting or the connection just dropped: retry a
+                        // while, as a client would.
+                        for attempt in 1..=20 {
+                            let broker = match &poisoner {
+                                Some(b) => b,
+                                None => match baton_amqp::Broker::connect(&amqp_url, "chaos").await {
+                                    Ok(b) => poisoner.insert(b),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, attempt, "cannot send a bad message yet");
+                                        tokio::time::sleep(Duration::from_millis(500)).await;
+                                        continue;
+                                    }
+                                },
+                            };
+                            match crate::poison::send(broker, mode, n).await {
+                                Ok(what) => {
+                                    tracing::info!(what, "sent a bad message");
+                                    *injected
+                                        .lock()
+                                        .expect("faults")
+                                        .entry("bad input".into())
+                                        .or_default() += 1;
+                                    break;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, attempt, "cannot send a bad message yet");
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
+                            }
+                        }
+                    }
                     Fault::Crash { component, down } => {
                         if fleet.crash(&component).await {
                             *injected
@@ -157,6 +201,9 @@ async fn drive(
                 }
             }
             while restarts.join_next().await.is_some() {}
+            if let Some(b) = poisoner {
+                b.close().await;
+            }
         })
     };
     // When each fault fires: at a share of the requests sent, or of the time (a timed run).
@@ -180,6 +227,9 @@ async fn drive(
     }
     for r in &opts.faults.broker_restarts {
         triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));
+    }
+    for (n, pct) in opts.faults.poison_points().into_iter().enumerate() {
+        triggers.push((at(pct), Fault::Poison { n }));
     }
     let timer = opts.duration.map(|_| {
         // A timed run: a clock fires the faults, not the count of requests.
@@ -255,7 +305,11 @@ async fn drive(
     let stats = Stats::of(&outcome);
 
     let started = Instant::now();
-    let quiescent = quiesce(amqp_url, dir, mode, opts.quiesce_timeout).await?;
+    // A handler holds its message for as long as its planned delay: the inboxes must stay
+    // still for longer than that before the run counts as settled.
+    let slowest = opts.faults.delay_ms.values().copied().max().unwrap_or(0);
+    let stillness = Duration::from_secs(1) + Duration::from_millis(slowest);
+    let quiescent = quiesce(amqp_url, &opts.mgmt, vhost, dir, mode, stillness, opts.quiesce_timeout).await?;
     let quiesce_ms = started.elapsed().as_millis() as u64;
     // The broker confirmed each relay's messages; the gateway published one per request.
     let messages = sum(dir, "SELECT published FROM relay_stats") + sum(dir, "SELECT COUNT(*) FROM requests");
@@ -278,7 +332,8 @@ async fn drive(
             .into_iter()
             .filter(|q| mode == Mode::Workflow || q.name != "orchestrator.main.replies")
             .collect();
-        let all = baton_amqp::dlq::list(&broker, &queues, 3).await?;
+        // Look at every dead letter (up to a bound) to tell the run's own bad messages apart.
+        let all = baton_amqp::dlq::list(&broker, &queues, 500).await?;
         broker.close().await;
         all.into_iter().filter(|q| q.count > 0).collect()
     };
@@ -327,9 +382,18 @@ async fn broker_ctl(ctl: &[String], arg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wait until nothing moves: no message ready in any queue, every outbox empty, no saga still
-/// working, and the inboxes unchanged for a second. Returns whether that happened in time.
-async fn quiesce(amqp_url: &str, dir: &Path, mode: Mode, timeout: Duration) -> anyhow::Result<bool> {
+/// Wait until nothing moves: no message ready in any queue nor held by a consumer, every outbox
+/// empty, no saga still working, and the inboxes unchanged for `stillness`. Returns whether that
+/// happened in time.
+async fn quiesce(
+    amqp_url: &str,
+    mgmt: &crate::mgmt::Mgmt,
+    vhost: &str,
+    dir: &Path,
+    mode: Mode,
+    stillness: Duration,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
     let queues: Vec<String> = topology::all_queues("main")
         .into_iter()
@@ -361,7 +425,15 @@ async fn quiesce(amqp_url: &str, dir: &Path, mode: Mode, timeout: Duration) -> a
         let handled = sum(dir, "SELECT COUNT(*) FROM inbox");
         if ready == 0 && outbox == 0 && working == 0 {
             match last {
-                Some((h, since)) if h == handled && since.elapsed() >= Duration::from_secs(1) => break true,
+                Some((h, since)) if h == handled && since.elapsed() >= stillness => {
+                    // The last check, the one the management API is needed for: nothing
+                    // delivered and still unacked.
+                    match mgmt.unacked(vhost).await {
+                        Ok(0) => break true,
+                        Ok(_) => last = None,
+                        Err(e) => anyhow::bail!("cannot read the unacked messages of {vhost}: {e}"),
+                    }
+                }
                 Some((h, _)) if h == handled => {}
                 _ => last = Some((handled, Instant::now())),
             }

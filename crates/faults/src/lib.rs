@@ -5,8 +5,8 @@
 //! crash.routing=30%+1s,drop=60%`, or a JSON file given as `@plan.json`), and the deterministic
 //! decisions ([`FaultPlan::refuses`], [`FaultPlan::duplicates`]) keyed by what is the same in
 //! both modes (the space's name and the step). Must not touch: I/O. Components apply the
-//! decisions; the driver of a run (`baton compare`, `baton load`) applies the crashes and
-//! connection drops at the planned points of the load.
+//! decisions; the driver of a run (`baton compare`, `baton chaos`, `baton up`) applies the
+//! crashes, connection drops, broker restarts and bad messages at the planned points of the run.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,6 +45,9 @@ pub struct FaultPlan {
     pub connection_drops: Vec<u32>,
     /// Points at which the broker's application is stopped, and for how long.
     pub broker_restarts: Vec<Restart>,
+    /// Bad messages published straight onto the work queues, spread evenly over the run: each
+    /// must end in its queue's dead-letter queue with the reason, and change nothing.
+    pub poison: u32,
 }
 
 /// The broker stopped at `at_percent` of the run, started again `down_ms` later.
@@ -120,10 +123,11 @@ impl FaultPlan {
     pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
     /// The plan of `baton chaos`: every component crashed once, connections dropped twice, the
-    /// broker restarted, and the refusals, delays and duplicates of the default plan.
+    /// broker restarted, 20 bad messages on the work queues, and the refusals, delays and
+    /// duplicates of the default plan.
     pub const CHAOS: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.records=8%+1s,\
         crash.placement=18%+1s,crash.entitlements=28%+1s,crash.routing=52%+1s,crash.notifier=62%+1s,\
-        crash.orchestrator=72%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s";
+        crash.orchestrator=72%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
@@ -212,6 +216,10 @@ impl FaultPlan {
                             as u64,
                     });
                 }
+                "poison" => {
+                    plan.poison =
+                        value.parse().ok().ok_or_else(|| err("a number of bad messages, such as 20"))?;
+                }
                 "drop" => plan
                     .connection_drops
                     .push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
@@ -226,7 +234,7 @@ impl FaultPlan {
                 }
                 _ => {
                     return Err(err(
-                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop or restart-broker",
+                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker or poison",
                     ));
                 }
             }
@@ -269,6 +277,13 @@ impl FaultPlan {
             && self.crashes.is_empty()
             && self.connection_drops.is_empty()
             && self.broker_restarts.is_empty()
+            && self.poison == 0
+    }
+
+    /// Where in the run (a share, 1..100 %) each of the plan's bad messages is sent.
+    pub fn poison_points(&self) -> Vec<u32> {
+        let n = self.poison;
+        (1..=n).map(|i| (i * 100 / (n + 1)).max(1)).collect()
     }
 
     /// The plan as one JSON line, to hand to child processes.
@@ -307,6 +322,9 @@ impl fmt::Display for FaultPlan {
         for r in &self.broker_restarts {
             parts.push(format!("restart the broker at {}% for {}ms", r.at_percent, r.down_ms));
         }
+        if self.poison > 0 {
+            parts.push(format!("{} bad messages", self.poison));
+        }
         write!(f, "{} (seed {})", parts.join(", "), self.seed)
     }
 }
@@ -333,6 +351,8 @@ mod tests {
         let chaos = FaultPlan::parse(FaultPlan::CHAOS, 1).unwrap();
         assert_eq!(chaos.crashes.len(), 7);
         assert_eq!(chaos.broker_restarts, vec![Restart { at_percent: 40, down_ms: 3000 }]);
+        assert_eq!(chaos.poison, 20);
+        assert_eq!(FaultPlan::parse("poison=3", 1).unwrap().poison_points(), vec![25, 50, 75]);
         let p = FaultPlan::parse("fail-undo.placement=1,nack.records=1", 3).unwrap();
         assert!(p.undo_fails(Service::Placement, "x") && !p.undo_fails(Service::Records, "x"));
         assert!(p.nacks(Service::Records, "m") && !p.nacks(Service::Routing, "m"));
@@ -350,6 +370,7 @@ mod tests {
             ("crash.routing=140%+1s", "40% of the requests"),
             ("explode=1", "unknown fault"),
             ("delay=fast", "duration"),
+            ("poison=many", "number of bad messages"),
         ] {
             let e = FaultPlan::parse(text, 1).unwrap_err();
             assert!(e.to_string().contains(words), "{text}: {e}");
@@ -370,6 +391,16 @@ mod tests {
             .filter(|n| p.refuses(Service::Placement, n) == other.refuses(Service::Placement, n))
             .count();
         assert!(same < 3900, "another seed gives other faults");
+        let dups = |p: &FaultPlan| names.iter().filter(|n| p.duplicates(n)).cloned().collect::<Vec<_>>();
+        let again = FaultPlan::parse("refuse=0.25,duplicate=0.5", 42).unwrap();
+        assert_eq!(dups(&p), dups(&again), "the same seed duplicates the same messages");
+        assert_ne!(dups(&p), dups(&FaultPlan::parse("duplicate=0.5", 43).unwrap()));
+        let chaos = |seed| FaultPlan::parse(FaultPlan::CHAOS, seed).unwrap();
+        assert_eq!(
+            (chaos(5).crashes, chaos(5).connection_drops, chaos(5).poison_points()),
+            (chaos(6).crashes, chaos(6).connection_drops, chaos(6).poison_points()),
+            "crashes, drops and bad messages are placed by the plan, not drawn"
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use baton_amqp::topology::{self, COMMANDS};
 use baton_amqp::{Broker, ConsumerConfig, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +28,7 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Leave alone spaces whose oldest row is younger than this: their flow may still be moving.
     pub older_than: Duration,
-    /// How long to wait for the services to confirm the compensations.
+    /// How long to wait for the next confirmation of a compensation before giving up on the rest.
     pub timeout: Duration,
 }
 
@@ -132,6 +134,9 @@ pub async fn reconcile(opts: &Options) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// Unconfirmed compensations allowed at once.
+const CONFIRM_WINDOW: usize = 256;
+
 /// Send every compensation at once, then collect the confirmations.
 async fn undo_all(
     opts: &Options,
@@ -161,6 +166,7 @@ async fn undo_all(
         cancel.clone(),
     ));
     let mut waiting: HashSet<(Uuid, Service)> = HashSet::new();
+    let mut confirms = FuturesOrdered::new();
     for (space_id, saga_id, svc) in todo {
         let kind = svc.undo_type().expect("only compensable steps are undone");
         let cmd = StepCommand {
@@ -177,15 +183,27 @@ async fn undo_all(
             Outgoing::new(COMMANDS, svc.name(), kind, *saga_id, "reconcile", TraceParent::new_root(), &cmd)
                 .reply_to(me.as_str())
                 .mode("reconcile");
-        publisher
-            .publish_confirmed(&msg)
+        // A window of confirms, not one awaited at a time: a big repair sends thousands.
+        if confirms.len() >= CONFIRM_WINDOW
+            && let Some(sent) = confirms.next().await
+        {
+            sent?;
+        }
+        let pending = publisher
+            .publish(&msg)
             .await
             .map_err(|e| anyhow::anyhow!("sending {kind} for {space_id}: {e}"))?;
+        let what = format!("sending {kind} for {space_id}");
+        confirms.push_back(async move { pending.wait().await.map_err(|e| anyhow::anyhow!("{what}: {e}")) });
         waiting.insert((*space_id, *svc));
     }
-    let deadline = tokio::time::Instant::now() + opts.timeout;
+    while let Some(sent) = confirms.next().await {
+        sent?;
+    }
+    // The services work through a big repair at their own pace: give up only when none of
+    // them has answered for `timeout`.
     while !waiting.is_empty() {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
+        match tokio::time::timeout(opts.timeout, rx.recv()).await {
             Ok(Some(r)) if r.action == Action::Undo && waiting.remove(&(r.space_id, r.step)) => {
                 if r.outcome == Outcome::Done {
                     *summary.fixed_rows.entry(r.step).or_default() += 1;
@@ -203,9 +221,10 @@ async fn undo_all(
         }
     }
     for (space_id, svc) in waiting {
-        summary
-            .failed
-            .push(format!("{svc} did not confirm undoing space {space_id} within {:?}", opts.timeout));
+        summary.failed.push(format!(
+            "{svc} did not confirm undoing space {space_id} (no answer for {:?})",
+            opts.timeout
+        ));
     }
     cancel.cancel();
     let _ = listener.await;
