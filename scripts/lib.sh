@@ -151,6 +151,7 @@ ensure_rabbitmq() {
         if can_apt; then
             say "RabbitMQ is not installed; installing rabbitmq-server from Debian's packages"
             apt_install rabbitmq-server
+            install_broker_settings
         else
             die "RabbitMQ is not installed. On Debian or Ubuntu: sudo apt-get update && sudo apt-get install -y rabbitmq-server, then run this script again. With Docker: docker compose up -d rabbitmq."
         fi
@@ -188,6 +189,29 @@ ensure_rabbitmq() {
             mgmt_ok
     fi
     say "RabbitMQ is running; management API answers at $BATON_MGMT_URL"
+}
+
+# install_broker_settings: on a node this script has just installed (and only when it has no
+# configuration of its own yet), put Baton's broker/rabbitmq.conf and enabled_plugins in
+# /etc/rabbitmq: loopback listeners, the management plugin, a 1 MiB message limit. The node the
+# package started is stopped, so that the start below reads them.
+install_broker_settings() {
+    local broker
+    broker="$(cd "$(dirname "${BASH_SOURCE[0]}")/../broker" && pwd)"
+    if [ -e /etc/rabbitmq/rabbitmq.conf ] || [ ! -d /etc/rabbitmq ]; then
+        return 0
+    fi
+    say "installing Baton's broker settings in /etc/rabbitmq (loopback only, management plugin, 1 MiB messages)"
+    install -m 644 "$broker/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
+    install -m 644 "$broker/enabled_plugins" /etc/rabbitmq/enabled_plugins
+    if rabbit_ping; then
+        say "stopping the node the package started, to start it again with these settings"
+        if [ -d /run/systemd/system ] && has systemctl; then
+            systemctl stop rabbitmq-server >&2 || rabbitmqctl stop >&2 || true
+        else
+            rabbitmqctl stop >&2 || true
+        fi
+    fi
 }
 
 # mgmt METHOD PATH [curl args...]: call the management API; fails on an HTTP error.

@@ -46,10 +46,11 @@ pub fn validate(body: &[u8]) -> Result<CreateSpace, Invalid> {
     if let Some(extra) = obj.keys().find(|k| *k != "name" && *k != "owner") {
         return Err(invalid(422, format!("the field `{extra}` is not known; only `name` and `owner` are")));
     }
-    if name.is_empty() || name.len() > 63 {
+    let length = name.chars().count();
+    if length == 0 || length > 63 {
         return Err(invalid(
             422,
-            format!("the name must be 1 to 63 characters long, and `{name}` has {}", name.chars().count()),
+            format!("the name must be 1 to 63 characters long, and `{name}` has {length}"),
         ));
     }
     if let Some(bad) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
@@ -92,6 +93,9 @@ mod tests {
         assert!(err(r#"{"name":"a"}"#).message.contains("`owner` is missing"));
         assert!(err(r#"{"name":1,"owner":"o"}"#).message.contains("must be a string"));
         assert!(err(r#"{"name":"","owner":"o"}"#).message.contains("1 to 63"));
+        // 40 characters, 80 bytes: the length is right, the letters are not.
+        let wide = format!(r#"{{"name":"{}","owner":"o"}}"#, "é".repeat(40));
+        assert!(err(&wide).message.contains("may only hold lowercase letters"), "{}", err(&wide).message);
         assert!(err(&format!(r#"{{"name":"{}","owner":"o"}}"#, "a".repeat(64))).message.contains("has 64"));
         assert!(err(r#"{"name":"Acme","owner":"o"}"#).message.contains("holds `A`"));
         assert!(err(r#"{"name":"a b","owner":"o"}"#).message.contains("holds ` `"));
