@@ -20,6 +20,15 @@ fn compensated(view: &Value) -> Vec<String> {
     timeline(view).into_iter().filter(|(_, _, e)| e == "compensated").map(|(s, _, _)| s).collect()
 }
 
+/// A refused saga never reached the notifier: no line of its timeline names it (nothing was
+/// sent to it, no reply came from it), and it holds no email for the space.
+fn never_notified(dir: &std::path::Path, view: &Value) {
+    let t = timeline(view);
+    assert!(!t.iter().any(|(s, _, _)| s == "notifier"), "the notifier appears in a refused saga: {t:?}");
+    let space_id = view["space_id"].as_str().unwrap();
+    assert_eq!(rows_for(dir, Service::Notifier, space_id), 0, "no email for a refused space");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_writes_one_row_in_each_of_the_five_databases() {
     let env = TestEnv::new().await;
@@ -76,6 +85,7 @@ async fn refused_and_rolled_back(
     let view = workflow(&sys, &body).await;
     assert_eq!(view["status"], "rolled_back");
     assert_eq!(compensated(&view), undone, "compensations in reverse order");
+    never_notified(env.data_dir(), &view);
     let space_id = view["space_id"].as_str().unwrap();
     for svc in Service::ALL {
         assert_eq!(rows_for(env.data_dir(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
@@ -164,10 +174,57 @@ async fn parallel_group_runs_placement_and_entitlements_concurrently() {
     assert_eq!(body["step"], "entitlements");
     let view = workflow(&sys, &body).await;
     assert_eq!(compensated(&view), ["placement", "records"]);
+    never_notified(env.data_dir(), &view);
     let space_id = view["space_id"].as_str().unwrap();
     assert_eq!(rows_for(env.data_dir(), Service::Placement, space_id), 0);
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_group_refused_by_placement_undoes_entitlements_its_partner() {
+    let env = TestEnv::new().await;
+    // One shard with room for one space: the second request finds every shard full.
+    let cfg = SystemConfig {
+        workflow: "create-space-parallel".into(),
+        services: ServiceConfig { shards: vec![("shard-1".into(), 1)], ..ServiceConfig::default() },
+        ..SystemConfig::default()
+    };
+    let sys = System::start(&env, cfg).await;
+    let (s, body) = sys.create("para-first", "hana").await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = sys.create("para-full", "ivan").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["step"], "placement", "{body}");
+    let view = workflow(&sys, &body).await;
+    assert_eq!(view["status"], "rolled_back");
+    let t = timeline(&view);
+    let at = |step: &str, action: &str, event: &str| {
+        t.iter().position(|(s, a, e)| s == step && a == action && e == event)
+    };
+    let refused = at("placement", "do", "refused").unwrap_or_else(|| panic!("placement refused: {t:?}"));
+    // Both members were sent together; entitlements may have finished before placement
+    // refused, or still be running then. Either way it is undone: a member that completed is
+    // compensated, and one in flight is compensated too (its late command finds the tombstone).
+    assert!(at("entitlements", "do", "sent").is_some_and(|i| i < refused), "{t:?}");
+    let licensed_first = at("entitlements", "do", "done").is_some_and(|i| i < refused);
+    eprintln!("entitlements completed before placement refused: {licensed_first}");
+    assert_eq!(compensated(&view), ["entitlements", "records"], "{t:?}");
+    assert!(
+        at("entitlements", "undo", "compensated").unwrap() < at("records", "undo", "compensated").unwrap(),
+        "the group is undone before the step before it: {t:?}"
+    );
+    // Placement refused, so it holds nothing and is not compensated.
+    assert!(at("placement", "undo", "sent").is_none(), "{t:?}");
+    never_notified(env.data_dir(), &view);
+    let space_id = view["space_id"].as_str().unwrap();
+    for svc in Service::ALL {
+        assert_eq!(rows_for(env.data_dir(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
+    }
+    let report = env.audit();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    assert_eq!(report.complete, 1);
     sys.stop().await;
 }
 
