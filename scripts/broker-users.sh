@@ -10,7 +10,8 @@
 #   2. imports the topology of broker/definitions.json into it (components under their own
 #      users cannot create the other components' queues, see docs/security.md);
 #   3. creates the users <prefix><component> (baton-records, ..., baton-reconcile) with random
-#      passwords, and sets their permissions from broker/permissions.json;
+#      passwords, and sets their permissions and topic permissions (the routing keys each may
+#      publish on baton.events) from broker/permissions.json;
 #   4. writes each component's URL to <out>/<component>.url (mode 600), e.g.
 #      amqp://baton-records:<password>@127.0.0.1:5672/%2F
 #
@@ -92,6 +93,16 @@ while IFS= read -r entry; do
         -d "$(jq -n --arg p "$password" '{password: $p, tags: ""}')" >/dev/null
     mgmt PUT "/permissions/$V/$(url_encode "$user")" \
         -d "$(jq -c '{configure, write, read}' <<<"$entry")" >/dev/null
+    # Topic permissions: the routing keys it may publish on a topic exchange (baton.events).
+    # One PUT per exchange, each replacing the one before; a user with none listed has any
+    # left from an earlier run removed.
+    if [ "$(jq '.topic // [] | length' <<<"$entry")" -eq 0 ]; then
+        mgmt DELETE "/topic-permissions/$V/$(url_encode "$user")" >/dev/null 2>&1 || true
+    fi
+    while IFS= read -r topic; do
+        say "user $user: may publish $(jq -r '.write' <<<"$topic") on $(jq -r '.exchange' <<<"$topic")"
+        mgmt PUT "/topic-permissions/$V/$(url_encode "$user")" -d "$topic" >/dev/null
+    done < <(jq -c '.topic // [] | .[] | {exchange, write, read}' <<<"$entry")
     printf '%s://%s:%s@%s/%s\n' "$SCHEME" "$user" "$password" "$AMQP_HOST" "$V" >"$file.tmp"
     chmod 600 "$file.tmp"
     mv "$file.tmp" "$file"

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton_amqp::topology::{self, COMMANDS, QueueSpec, REPLIES};
+use baton_amqp::topology::{self, COMMANDS, OUTCOMES, QueueSpec, REPLIES};
 use baton_amqp::{Outgoing, Publisher, TraceParent};
 use baton_protocol::{Action, Context, Outcome, SCHEMA, START, Service, StartSaga, StepCommand, StepReply};
 use baton_tests::{System, SystemConfig, TestEnv, rows_for, scalar, timeline, wait_for};
@@ -227,7 +227,12 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
         "orchestrator.main.replies".into(),
         "records.create.reply",
     ));
-    queues.push((REPLIES, "gateway.main".into(), "gateway.main.replies".into(), baton_protocol::START_REPLY));
+    queues.push((
+        OUTCOMES,
+        "gateway.main".into(),
+        "gateway.main.outcomes".into(),
+        baton_protocol::START_REPLY,
+    ));
     for (exchange, key, queue, kind) in &queues {
         every_bad_input(&env, exchange, key, queue, kind).await;
     }

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use baton_amqp::topology::{COMMANDS, REPLIES, command_queue};
+use baton_amqp::topology::{self, COMMANDS, EVENTS, OUTCOMES, REPLIES, command_queue};
 use baton_amqp::{Broker, Outgoing, Publisher, TraceParent};
-use baton_protocol::{Mode, Service};
+use baton_protocol::{Mode, Service, events};
 use baton_tests::{
-    SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, service_options, wait_for,
+    SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, rows_for, service_options, wait_for,
 };
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
@@ -62,6 +62,19 @@ impl Users {
                 .await
                 .expect("management API");
             assert!(r.status().is_success(), "permissions of {name}: {}", r.status());
+            // The routing keys it may publish on a topic exchange (baton.events), one per exchange.
+            for t in p["topic"].as_array().into_iter().flatten() {
+                let body =
+                    serde_json::json!({"exchange": t["exchange"], "write": t["write"], "read": t["read"]});
+                let r = http
+                    .put(format!("{}/api/topic-permissions/{}/{name}", mgmt_base(), env.vhost))
+                    .basic_auth("guest", Some("guest"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("management API");
+                assert!(r.status().is_success(), "topic permissions of {name}: {}", r.status());
+            }
         }
         users
     }
@@ -126,16 +139,18 @@ async fn connect(url: &str, name: &str) -> Broker {
 }
 
 fn command(to: &str) -> Outgoing {
+    probe(COMMANDS, to, &format!("{to}.probe"))
+}
+
+/// A message of type `kind` for `exchange` with routing key `key`.
+fn probe(exchange: &str, key: &str, kind: &str) -> Outgoing {
     let body = serde_json::json!({"schema": 1, "probe": true});
-    Outgoing::new(
-        COMMANDS,
-        to,
-        &format!("{to}.probe"),
-        Uuid::new_v4(),
-        "privilege-test",
-        TraceParent::new_root(),
-        &body,
-    )
+    Outgoing::new(exchange, key, kind, Uuid::new_v4(), "privilege-test", TraceParent::new_root(), &body)
+}
+
+/// An event as the services publish it: routing key = type = the event's name.
+fn event(name: &str) -> Outgoing {
+    probe(EVENTS, name, name)
 }
 
 /// Publish with confirms and `mandatory`; the verdict within 15 s.
@@ -241,23 +256,120 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
     assert_refused("gateway consuming records.commands", consume(&gateway, "records.commands").await);
     gateway.close().await;
 
-    // The documented limit: write permission is per exchange, not per routing key, so a service
-    // may publish on baton.replies with any key, the orchestrator's included.
+    // Outcomes: only the orchestrator may publish on baton.outcomes, so no service can tell the
+    // gateway how a saga ended.
+    let outcome = || probe(OUTCOMES, "gateway.main", baton_protocol::START_REPLY);
+    for s in Service::ALL {
+        let broker = connect(&users.url(s.name()), s.name()).await;
+        assert_refused(&format!("{} publishing to {OUTCOMES}", s.name()), publish(&broker, &outcome()).await);
+        broker.close().await;
+    }
+    let gateway = connect(&users.url("gateway"), "gateway").await;
+    assert_refused("the gateway publishing to its own outcomes", publish(&gateway, &outcome()).await);
+    gateway.close().await;
+    let orchestrator = connect(&users.url("orchestrator"), "orchestrator").await;
+    publish(&orchestrator, &outcome()).await.expect("the orchestrator publishes an outcome");
+    orchestrator.close().await;
+
+    // Events: each service publishes its own event keys on baton.events (topic permissions), so
+    // only the notifier can announce space.ready, and records may not speak for placement.
+    let records = connect(&users.url("records"), "records").await;
+    publish(&records, &event(events::CREATED)).await.expect("records publishes space.created");
+    publish(&records, &event(events::REJECTED)).await.expect("records publishes space.rejected");
+    assert_refused("records publishing space.ready", publish(&records, &event(events::READY)).await);
+    assert_refused("records publishing space.placed", publish(&records, &event(events::PLACED)).await);
+    assert_refused("records publishing space.requested", publish(&records, &event(events::REQUESTED)).await);
+    records.close().await;
+    for s in [Service::Placement, Service::Entitlements, Service::Routing] {
+        let broker = connect(&users.url(s.name()), s.name()).await;
+        publish(&broker, &event(s.done_event()))
+            .await
+            .unwrap_or_else(|e| panic!("{s} publishes {}: {e}", s.done_event()));
+        assert_refused(&format!("{s} publishing space.ready"), publish(&broker, &event(events::READY)).await);
+        broker.close().await;
+    }
+    let gateway = connect(&users.url("gateway"), "gateway").await;
+    publish(&gateway, &event(events::REQUESTED)).await.expect("the gateway publishes space.requested");
+    assert_refused("the gateway publishing space.ready", publish(&gateway, &event(events::READY)).await);
+    gateway.close().await;
+    let notifier = connect(&users.url("notifier"), "notifier").await;
+    publish(&notifier, &event(events::READY)).await.expect("the notifier publishes space.ready");
+    notifier.close().await;
+
+    // What remains, and docs/security.md says so: baton.replies is direct, and write permission
+    // is per exchange, so a service may still publish a reply to the orchestrator with any key
+    // (forge another service's reply). But nothing of the gateway's is bound there any more:
+    // a would-be outcome on baton.replies is returned unroutable.
     let records = connect(&users.url("records"), "records").await;
     let mut reply = command("records");
     reply.exchange = REPLIES.into();
     reply.routing_key = "orchestrator.main".into();
     publish(&records, &reply).await.expect("per-exchange permissions let records reply with any key");
+    let forged = probe(REPLIES, "gateway.main", baton_protocol::START_REPLY);
+    let err = publish(&records, &forged).await.expect_err("no gateway queue is bound to baton.replies");
+    assert!(err.contains("unroutable"), "returned as unroutable: {err}");
     records.close().await;
 }
 
+/// A broker upgraded from the version where the gateway heard outcomes on baton.replies still
+/// has `gateway.main.replies` bound there: the gateway removes that binding at start-up (and the
+/// queue, once it is empty), so a forged outcome no longer reaches any gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_system_runs_with_one_user_per_component() {
+async fn the_gateway_removes_the_old_outcome_binding_of_an_upgraded_broker() {
     let env = TestEnv::new().await;
     let users = Users::create(&env).await;
     import_topology(&env).await;
 
-    let cfg = SystemConfig::default();
+    // The earlier version's queue, as it declared it, holding one outcome nobody read.
+    let admin = env.broker().await;
+    let ch = admin.channel().await.unwrap();
+    let legacy = topology::instance_reply_queue("gateway", "main");
+    topology::declare_work_queue(&ch, &legacy).await.unwrap();
+    let _ = ch.close(200, "declared".into()).await;
+    let records = connect(&users.url("records"), "records").await;
+    let forged = probe(REPLIES, "gateway.main", baton_protocol::START_REPLY);
+    publish(&records, &forged).await.expect("before the upgrade, a forged outcome reaches the old queue");
+    assert_eq!(env.queue_depth(&legacy.name).await, Some(1));
+
+    let gateway = connect(&users.url("gateway"), "gateway").await;
+    gateway.declare_topology(&[topology::gateway_outcome_queue("main")]).await.expect("the gateway declares");
+    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
+    assert_eq!(done, topology::Legacy::Unbound { messages: 1 }, "a queue holding a message is kept");
+    let err = publish(&records, &forged).await.expect_err("the old binding is gone");
+    assert!(err.contains("unroutable"), "returned as unroutable: {err}");
+    assert_eq!(env.queue_depth(&legacy.name).await, Some(1), "the message stays for an operator");
+
+    // Once an operator has looked at it (here: taken it), the next start deletes the queue.
+    assert_eq!(env.take_messages(&legacy.name, 1).await.len(), 1);
+    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
+    assert_eq!(done, topology::Legacy::Deleted);
+    assert_eq!(env.queue_depth(&legacy.name).await, None, "the old queue is deleted");
+    assert_eq!(env.queue_depth(&format!("{}.dlq", legacy.name)).await, None, "and its dead-letter queue");
+    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
+    assert_eq!(done, topology::Legacy::Absent);
+    gateway.close().await;
+    records.close().await;
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_system_runs_with_one_user_per_component() {
+    whole_system(Mode::Workflow).await;
+}
+
+/// The events mode under the topic permissions: every service publishes its own events only,
+/// and that is all the flow needs, refusals included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_mode_runs_with_one_user_per_component() {
+    whole_system(Mode::Events).await;
+}
+
+async fn whole_system(mode: Mode) {
+    let env = TestEnv::new().await;
+    let users = Users::create(&env).await;
+    import_topology(&env).await;
+
+    let cfg = SystemConfig { mode, deadline: Duration::from_secs(20), ..SystemConfig::default() };
     let cancel = CancellationToken::new();
     let _stop = cancel.clone().drop_guard();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
@@ -266,16 +378,18 @@ async fn a_whole_system_runs_with_one_user_per_component() {
         opts.amqp_url = users.url(s.name());
         tasks.spawn(baton_services::run(s, cfg.services.clone(), opts, cancel.clone()));
     }
-    let mut orchestrator = orchestrator_options(&env, &cfg.workflows);
-    orchestrator.amqp_url = users.url("orchestrator");
-    tasks.spawn(baton_orchestrator::run(orchestrator, cancel.clone()));
+    if mode == Mode::Workflow {
+        let mut orchestrator = orchestrator_options(&env, &cfg.workflows);
+        orchestrator.amqp_url = users.url("orchestrator");
+        tasks.spawn(baton_orchestrator::run(orchestrator, cancel.clone()));
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap();
     let gateway = baton_gateway::Options {
         amqp_url: users.url("gateway"),
         data_dir: env.data_dir().to_owned(),
         http,
-        mode: Mode::Workflow,
+        mode,
         instance: "main".into(),
         workflow: cfg.workflow.clone(),
         deadline: cfg.deadline,
@@ -294,15 +408,25 @@ async fn a_whole_system_runs_with_one_user_per_component() {
         panic!("a component stopped at start-up: {e:#}");
     }
 
-    let r = client
-        .post(format!("http://{http}/spaces"))
-        .json(&serde_json::json!({"name": "least-privilege", "owner": "ada"}))
-        .send()
-        .await
-        .expect("POST /spaces");
-    let status = r.status().as_u16();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
-    assert_eq!(status, 200, "{body}");
+    let create = |name: &'static str| {
+        let c = client.clone();
+        async move {
+            let r = c
+                .post(format!("http://{http}/spaces"))
+                .json(&serde_json::json!({"name": name, "owner": "ada"}))
+                .send()
+                .await
+                .expect("POST /spaces");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = create("least-privilege").await;
+    assert_eq!(status, 200, "{mode}: {body}");
+    let space_id = body["id"].as_str().expect("the space's id").to_owned();
+    // A refusal at routing: in events mode routing emits space.rejected, which its user may.
+    let (status, body) = create("admin").await;
+    assert_eq!((status, body["step"].as_str()), (409, Some("routing")), "{mode}: {body}");
 
     // Every component connected as its own user (the management API lists connections after
     // its next statistics round, hence the wait).
@@ -314,14 +438,16 @@ async fn a_whole_system_runs_with_one_user_per_component() {
                 c.get(url).basic_auth("guest", Some("guest")).send().await.ok()?.json().await.ok()?;
             let users: Vec<String> =
                 list.as_array()?.iter().filter_map(|c| c["user"].as_str().map(str::to_owned)).collect();
-            (users.len() >= 7).then_some(users)
+            (users.len() >= if mode == Mode::Workflow { 7 } else { 6 }).then_some(users)
         }
     })
     .await;
     assert!(users_seen.iter().all(|u| u != "guest"), "no component runs as guest: {users_seen:?}");
-    for component in
-        ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"]
-    {
+    let mut components = vec!["records", "placement", "entitlements", "routing", "notifier", "gateway"];
+    if mode == Mode::Workflow {
+        components.push("orchestrator");
+    }
+    for component in components {
         assert!(
             users_seen.iter().any(|u| u.ends_with(&format!("-{component}"))),
             "{component} connected: {users_seen:?}"
@@ -335,5 +461,129 @@ async fn a_whole_system_runs_with_one_user_per_component() {
         }
     };
     tokio::time::timeout(Duration::from_secs(20), all).await.expect("components stop within 20 s");
-    assert!(env.audit().violations.is_empty(), "the audit is clean");
+    // Workflow mode rolls the refusal back; events mode leaves the steps before routing behind,
+    // by design (reconcile's job), so only the space that succeeded is checked there.
+    let report = env.audit();
+    if mode == Mode::Workflow {
+        assert!(report.violations.is_empty(), "the audit is clean: {:?}", report.violations);
+    }
+    if mode == Mode::Events {
+        for s in Service::ALL {
+            assert_eq!(rows_for(env.data_dir(), s, &space_id), 1, "{s} holds the space that succeeded");
+        }
+    }
+}
+
+/// `broker/definitions.json`, what an operator imports, is the topology the components declare:
+/// the five exchanges, every queue of instance `main` with its dead-letter queue, and their
+/// bindings; the gateway's outcomes come on baton.outcomes, none of its queues on baton.replies.
+#[test]
+fn the_definitions_are_the_declared_topology() {
+    let defs: Value = serde_json::from_str(DEFINITIONS).expect("broker/definitions.json is JSON");
+    let names = |key: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            defs[key].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_owned()).collect();
+        v.sort();
+        v
+    };
+    let mut exchanges: Vec<String> =
+        [topology::COMMANDS, REPLIES, OUTCOMES, EVENTS, topology::DLX].map(String::from).to_vec();
+    exchanges.sort();
+    assert_eq!(names("exchanges"), exchanges);
+    let declared = topology::all_queues("main");
+    let mut queues: Vec<String> =
+        declared.iter().flat_map(|q| [q.name.clone(), topology::dead_letter_queue(&q.name)]).collect();
+    queues.sort();
+    assert_eq!(names("queues"), queues);
+    let bindings: Vec<(String, String, String)> = defs["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let s = |k: &str| b[k].as_str().unwrap().to_owned();
+            (s("source"), s("destination"), s("routing_key"))
+        })
+        .collect();
+    for q in &declared {
+        for key in &q.keys {
+            let b = (q.exchange.to_owned(), q.name.clone(), key.clone());
+            assert!(bindings.contains(&b), "definitions.json binds {b:?}");
+        }
+        let dlq = topology::dead_letter_queue(&q.name);
+        assert!(bindings.contains(&(topology::DLX.into(), dlq.clone(), dlq)), "{} has its DLQ bound", q.name);
+    }
+    assert_eq!(bindings.len(), declared.iter().map(|q| q.keys.len() + 1).sum::<usize>(), "nothing more");
+    assert!(
+        bindings.iter().all(|(src, dst, _)| !(src == REPLIES && dst.starts_with("gateway."))),
+        "no gateway queue on baton.replies: {bindings:?}"
+    );
+}
+
+/// `scripts/broker-users.sh` against the local broker, on this test's vhost: it makes the users
+/// with the permissions and topic permissions of `broker/permissions.json`, and a URL it wrote
+/// connects, works, and is refused where it does not belong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_users_script_writes_urls_that_work_and_are_limited() {
+    let has = |tool: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has("jq") || !has("curl") || !has("bash") {
+        eprintln!("skipped: scripts/broker-users.sh needs bash, curl and jq; install them to run this test");
+        return;
+    }
+    let env = TestEnv::new().await;
+    let prefix = format!("baton-s{}-", &Uuid::new_v4().simple().to_string()[..10]);
+    // The users the script will make, recorded first so that Drop deletes them whatever fails.
+    let perms: Value = serde_json::from_str(PERMISSIONS).unwrap();
+    let _users = Users {
+        vhost: env.vhost.clone(),
+        users: perms["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let c = p["component"].as_str().unwrap();
+                (c.to_owned(), format!("{prefix}{c}"), String::new())
+            })
+            .collect(),
+    };
+    let out = tempfile::tempdir().unwrap();
+    let base = amqp_base();
+    let host = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h).trim_end_matches('/');
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/broker-users.sh");
+    let run = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(["--vhost", &env.vhost, "--prefix", &prefix, "--amqp-host", host, "--out"])
+        .arg(out.path())
+        .env("BATON_MGMT_URL", mgmt_base())
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the script ends").unwrap();
+    assert!(
+        run.status.success(),
+        "scripts/broker-users.sh failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let file = out.path().join("records.url");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let url = std::fs::read_to_string(&file).unwrap();
+    let url = url.trim();
+    assert!(url.contains(&format!("{prefix}records:")), "{}", baton_amqp::redact(url));
+    let records = connect(url, "records").await;
+    records.declare_topology(&[]).await.expect("records re-declares the imported topology");
+    consume(&records, &command_queue("records")).await.expect("records consumes its queue");
+    publish(&records, &event(events::CREATED)).await.expect("records publishes space.created");
+    assert_refused("records publishing space.ready", publish(&records, &event(events::READY)).await);
+    assert_refused(
+        "records publishing an outcome",
+        publish(&records, &probe(OUTCOMES, "gateway.main", baton_protocol::START_REPLY)).await,
+    );
+    assert_refused("records consuming placement.commands", consume(&records, "placement.commands").await);
+    records.close().await;
 }

@@ -1,9 +1,13 @@
 //! The names and the declarations of the design's topology. Every component declares all of it
 //! at start-up (declarations are idempotent), so a publish is routable whichever component
 //! started first.
+//!
+//! One exchange more than the design's four: [`OUTCOMES`], where the orchestrator answers the
+//! gateway. Write permission is per exchange, so keeping the outcomes off [`REPLIES`] (where
+//! every service may publish) lets the broker refuse a service that would forge an outcome.
 
 use baton_protocol::Service;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -11,6 +15,9 @@ use crate::AmqpError;
 
 pub const COMMANDS: &str = "baton.commands";
 pub const REPLIES: &str = "baton.replies";
+/// The orchestrator's answers to the gateway (`orchestrator.start.reply`), routing key = the
+/// gateway instance's `reply_to`. Only the orchestrator's broker user may publish here.
+pub const OUTCOMES: &str = "baton.outcomes";
 pub const EVENTS: &str = "baton.events";
 pub const DLX: &str = "baton.dlx";
 
@@ -20,6 +27,9 @@ pub const DELIVERY_LIMIT: i64 = 5;
 
 /// Routing key of the orchestrator's command queue on [`COMMANDS`].
 pub const ORCHESTRATOR: &str = "orchestrator";
+
+/// The gateway's component name, the first part of its queues' names.
+pub const GATEWAY: &str = "gateway";
 
 /// `<service>.commands`
 pub fn command_queue(service: &str) -> String {
@@ -77,10 +87,21 @@ pub fn shared_queues() -> Vec<QueueSpec> {
 /// The queue where one gateway instance hears how spaces ended, in events mode.
 pub fn gateway_event_queue(instance: &str) -> QueueSpec {
     QueueSpec {
-        name: format!("gateway.{instance}.events"),
+        name: format!("{GATEWAY}.{instance}.events"),
         exchange: EVENTS,
         keys: vec![baton_protocol::events::READY.into(), baton_protocol::events::REJECTED.into()],
     }
+}
+
+/// `gateway.main.outcomes`
+pub fn outcome_queue(instance: &str) -> String {
+    format!("{GATEWAY}.{instance}.outcomes")
+}
+
+/// The queue where one gateway instance hears how its sagas ended (workflow mode): bound to
+/// [`OUTCOMES`] with the key the gateway puts in `reply_to`, `gateway.<instance>`.
+pub fn gateway_outcome_queue(instance: &str) -> QueueSpec {
+    QueueSpec { name: outcome_queue(instance), exchange: OUTCOMES, keys: vec![reply_key(GATEWAY, instance)] }
 }
 
 /// The reply queue of one instance of a component.
@@ -100,11 +121,12 @@ fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
-/// Declare the four exchanges.
+/// Declare the five exchanges.
 pub async fn declare_exchanges(ch: &Channel) -> Result<(), AmqpError> {
     for (name, kind) in [
         (COMMANDS, ExchangeKind::Direct),
         (REPLIES, ExchangeKind::Direct),
+        (OUTCOMES, ExchangeKind::Direct),
         (EVENTS, ExchangeKind::Topic),
         (DLX, ExchangeKind::Direct),
     ] {
@@ -168,9 +190,85 @@ pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), Am
 pub fn all_queues(instance: &str) -> Vec<QueueSpec> {
     let mut qs = shared_queues();
     qs.push(instance_reply_queue(ORCHESTRATOR, instance));
-    qs.push(instance_reply_queue("gateway", instance));
+    qs.push(gateway_outcome_queue(instance));
     qs.push(gateway_event_queue(instance));
     qs
+}
+
+/// What [`retire_legacy_gateway_queue`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Legacy {
+    /// No queue of the earlier version: a broker that never ran it, or already cleaned up.
+    Absent,
+    /// Unbound from [`REPLIES`] and deleted, with its dead-letter queue if that was empty too.
+    Deleted,
+    /// Unbound from [`REPLIES`], but kept: it holds `messages` messages (or has a consumer, an
+    /// earlier gateway still running) for an operator to look at and delete.
+    Unbound { messages: u32 },
+}
+
+/// Before `baton.outcomes` existed, a gateway instance heard its outcomes on
+/// `gateway.<instance>.replies`, bound to [`REPLIES`] with key `gateway.<instance>`: a binding
+/// through which any service could forge an outcome. A broker upgraded from that version still
+/// has it, so the gateway removes it at start-up: it unbinds the queue (always), then deletes it
+/// and its dead-letter queue when they are empty and unused. Needs write on the queue and read
+/// on [`REPLIES`] (the unbind) and configure on both queues (the deletes); passive declarations
+/// find them.
+pub async fn retire_legacy_gateway_queue(
+    broker: &crate::Broker,
+    instance: &str,
+) -> Result<Legacy, AmqpError> {
+    let queue = reply_queue(GATEWAY, instance);
+    if peek_queue(broker, &queue).await?.is_none() {
+        return Ok(Legacy::Absent);
+    }
+    let err = |what: String| move |source| AmqpError::Declare { what, source };
+    let ch = broker.channel().await?;
+    ch.queue_unbind(
+        queue.as_str().into(),
+        REPLIES.into(),
+        reply_key(GATEWAY, instance).as_str().into(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(err(format!("removal of the binding of {queue} to {REPLIES}")))?;
+    // Counted after the unbind: nothing routes there any more. No if-empty flags on the delete:
+    // quorum queues refuse them (NOT_IMPLEMENTED, which closes the connection).
+    match peek_queue(broker, &queue).await? {
+        None => {}
+        Some((0, 0)) => {
+            ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(err(format!("deletion of {queue}")))?;
+        }
+        Some((messages, _)) => {
+            let _ = ch.close(200, "unbound".into()).await;
+            return Ok(Legacy::Unbound { messages });
+        }
+    }
+    let dlq = dead_letter_queue(&queue);
+    if let Some((0, 0)) = peek_queue(broker, &dlq).await? {
+        ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(err(format!("deletion of {dlq}")))?;
+    }
+    let _ = ch.close(200, "retired".into()).await;
+    Ok(Legacy::Deleted)
+}
+
+/// A queue's (messages, consumers), or `None` if it does not exist. A passive declaration, on a
+/// channel of its own: the broker closes the channel when the queue is missing.
+async fn peek_queue(broker: &crate::Broker, queue: &str) -> Result<Option<(u32, u32)>, AmqpError> {
+    let ch = broker.channel().await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        Ok(q) => {
+            let _ = ch.close(200, "looked".into()).await;
+            Ok(Some((q.message_count(), q.consumer_count())))
+        }
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => Ok(None),
+        Err(source) => Err(AmqpError::Declare { what: format!("passive declaration of {queue}"), source }),
+    }
 }
 
 /// A reply queue for a short-lived tool (`baton reconcile`): exclusive to its connection and
@@ -201,6 +299,13 @@ mod tests {
         assert_eq!(command_queue("records"), "records.commands");
         assert_eq!(reply_queue("orchestrator", "main"), "orchestrator.main.replies");
         assert_eq!(reply_key("gateway", "main"), "gateway.main");
+        assert_eq!(gateway_outcome_queue("main").name, "gateway.main.outcomes");
+        assert_eq!(gateway_outcome_queue("main").exchange, OUTCOMES);
+        assert_eq!(gateway_outcome_queue("main").keys, ["gateway.main"]);
+        // Nothing of the gateway's is bound to baton.replies any more: outcomes are not replies.
+        assert!(
+            all_queues("main").iter().all(|q| !(q.exchange == REPLIES && q.name.starts_with("gateway.")))
+        );
         assert_eq!(dead_letter_queue("records.commands"), "records.commands.dlq");
         let names: Vec<String> = shared_queues().into_iter().map(|q| q.name).collect();
         assert_eq!(

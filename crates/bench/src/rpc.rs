@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, QueueSpec, REPLIES};
+use baton_amqp::topology::{self, OUTCOMES, QueueSpec, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -39,8 +39,9 @@ impl Task {
     }
 }
 
-/// A requester: its own connection, a publisher, and a reply queue `<key>.replies` bound to
-/// `baton.replies` with `key`, whose replies are matched to requests by `correlation_id`.
+/// A requester: its own connection, a publisher, and a reply queue `<key>.replies` bound with
+/// `key` to `baton.replies` (the echo's replies) and to `baton.outcomes` (the orchestrator's
+/// answers to the sagas it starts), whose replies are matched to requests by `correlation_id`.
 pub(crate) struct Rpc {
     broker: Broker,
     publisher: Publisher,
@@ -57,6 +58,8 @@ impl Rpc {
         let ch = broker.channel().await?;
         topology::declare_exchanges(&ch).await?;
         topology::declare_work_queue(&ch, &queue).await?;
+        // The same queue again (idempotent), bound to the outcomes as well.
+        topology::declare_work_queue(&ch, &QueueSpec { exchange: OUTCOMES, ..queue.clone() }).await?;
         let _ = ch.close(200, "declared".into()).await;
         let publisher = Publisher::new(broker.clone());
         let pending: Pending = Arc::default();

@@ -213,7 +213,7 @@ fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
         Mode::Workflow => {
             qs.push(topology::command_queue(ORCHESTRATOR));
             qs.push(topology::reply_queue(ORCHESTRATOR, "main"));
-            qs.push(topology::reply_queue("gateway", "main"));
+            qs.push(topology::outcome_queue("main"));
         }
         Mode::Events => qs.push(topology::gateway_event_queue("main").name),
     }

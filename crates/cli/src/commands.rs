@@ -85,11 +85,20 @@ struct Setup {
 /// (`BATON_<COMPONENT>_AMQP_URL`, or a file named by `BATON_<COMPONENT>_AMQP_URL_FILE`), else
 /// the shared `--amqp-url`.
 fn component_url(component: &str, shared: &str) -> anyhow::Result<String> {
+    component_url_in(component, shared, |var| std::env::var(var).ok())
+}
+
+/// [`component_url`] with the environment read through `env` (the tests pass a map).
+fn component_url_in(
+    component: &str,
+    shared: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<String> {
     let var = format!("BATON_{}_AMQP_URL", component.to_uppercase());
-    if let Ok(url) = std::env::var(&var) {
+    if let Some(url) = env(&var) {
         return Ok(url);
     }
-    if let Ok(file) = std::env::var(format!("{var}_FILE")) {
+    if let Some(file) = env(&format!("{var}_FILE")) {
         let url =
             std::fs::read_to_string(&file).with_context(|| format!("{var}_FILE: cannot read {file}"))?;
         return Ok(url.trim().to_owned());
@@ -645,4 +654,48 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         print!("{}", baton_bench::table(&report));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::component_url_in;
+    use std::collections::HashMap;
+
+    const SHARED: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        move |k| vars.get(k).cloned()
+    }
+
+    #[test]
+    fn a_component_without_credentials_uses_the_shared_url() {
+        let env = lookup(&[("BATON_PLACEMENT_AMQP_URL", "amqp://baton-placement:x@h/%2F")]);
+        assert_eq!(component_url_in("records", SHARED, env).unwrap(), SHARED);
+    }
+
+    #[test]
+    fn the_url_variable_wins_over_the_file_and_the_shared_url() {
+        let env = lookup(&[
+            ("BATON_RECORDS_AMQP_URL", "amqp://baton-records:a@h/%2F"),
+            ("BATON_RECORDS_AMQP_URL_FILE", "/nonexistent/records.url"),
+        ]);
+        assert_eq!(component_url_in("records", SHARED, env).unwrap(), "amqp://baton-records:a@h/%2F");
+    }
+
+    #[test]
+    fn the_file_is_read_and_trimmed_and_a_missing_one_is_named() {
+        let path = std::env::temp_dir().join(format!("baton-{}.url", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, "amqp://baton-orchestrator:secret@h:5672/%2F\n").unwrap();
+        let file = path.to_str().unwrap().to_owned();
+        let url =
+            component_url_in("orchestrator", SHARED, lookup(&[("BATON_ORCHESTRATOR_AMQP_URL_FILE", &file)]));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(url.unwrap(), "amqp://baton-orchestrator:secret@h:5672/%2F");
+
+        let err = component_url_in("gateway", SHARED, lookup(&[("BATON_GATEWAY_AMQP_URL_FILE", &file)]))
+            .expect_err("a missing file is an error, not the shared URL");
+        let text = format!("{err:#}");
+        assert!(text.contains("BATON_GATEWAY_AMQP_URL_FILE") && text.contains(&file), "{text}");
+    }
 }

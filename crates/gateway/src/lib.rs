@@ -13,7 +13,7 @@ mod runtime;
 pub use input::{CreateSpace, validate};
 pub use runtime::{Options, run, serve};
 
-/// The component name: `gateway.db`, `app_id`, the reply queue `gateway.<instance>.replies`.
+/// The component name: `gateway.db`, `app_id`, the outcome queue `gateway.<instance>.outcomes`.
 pub const COMPONENT: &str = "gateway";
 
 /// The gateway's tables, after the common ones.

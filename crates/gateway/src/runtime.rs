@@ -30,7 +30,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub http: SocketAddr,
     pub mode: Mode,
-    /// This instance's name: outcomes come back on `gateway.<instance>.replies`.
+    /// This instance's name: outcomes come back on `gateway.<instance>.outcomes` (workflow mode)
+    /// and `gateway.<instance>.events` (events mode).
     pub instance: String,
     /// The workflow every request runs (`create-space` or `create-space-parallel`).
     pub workflow: String,
@@ -66,9 +67,24 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
 pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
     let db = Db::open_as(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, &opts.instance)?;
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
-    let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
+    let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);
-    broker.declare_topology(&[replies.clone(), event_queue.clone()]).await?;
+    broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
+    // A broker upgraded from the version where outcomes came on baton.replies still binds the
+    // old queue there, where any service may publish: remove that binding before serving.
+    match topology::retire_legacy_gateway_queue(&broker, &opts.instance).await? {
+        topology::Legacy::Absent => {}
+        topology::Legacy::Deleted => tracing::info!(
+            queue = %topology::reply_queue(COMPONENT, &opts.instance),
+            "deleted the reply queue of an earlier version (outcomes now come on baton.outcomes)"
+        ),
+        topology::Legacy::Unbound { messages } => tracing::warn!(
+            queue = %topology::reply_queue(COMPONENT, &opts.instance),
+            messages,
+            "unbound the reply queue of an earlier version from baton.replies; it is kept because it \
+             is not empty or still consumed: look at its messages, then delete it"
+        ),
+    }
     let publisher = Publisher::new(broker.clone());
     let gw = Arc::new(Gateway {
         slots: Semaphore::new(opts.max_in_flight),
@@ -85,7 +101,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         Mode::Workflow => tracker.spawn(consume(
             broker.clone(),
             publisher,
-            ConsumerConfig { queue: replies.name.clone(), prefetch: 256 },
+            ConsumerConfig { queue: outcomes.name.clone(), prefetch: 256 },
             move |env| Arc::clone(&g).on_outcome(env),
             cancel.clone(),
         )),
@@ -115,7 +131,7 @@ impl Gateway {
             return Err(HandleError::Reject(format!(
                 "unknown message type `{}` on {}; it takes {START_REPLY}",
                 env.kind,
-                topology::reply_queue(COMPONENT, &self.opts.instance)
+                topology::outcome_queue(&self.opts.instance)
             )));
         }
         let outcome: SagaOutcome = env.json().map_err(HandleError::Reject)?;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_amqp::relay::{self, Wake};
-use baton_amqp::topology::{self, COMMANDS, REPLIES};
+use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_protocol::{
     Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
@@ -549,8 +549,10 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
     }
 }
 
+/// The saga's outcome for whoever started it (the gateway), on `baton.outcomes`: only the
+/// orchestrator's broker user may publish there, so no service can forge an outcome.
 fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
-    Outgoing::new(REPLIES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
+    Outgoing::new(OUTCOMES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
         .mode("workflow")
 }
 
