@@ -19,7 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run every component in this process, each with its own connection, until Ctrl-C.
+    /// Run every component in this process, each with its own connection, until Ctrl-C; with
+    /// --faults, also crash services and drop connections as the plan says (see --fault-window).
     Up(UpArgs),
     /// Run one component as its own process; start several to share a queue's work.
     Run {
@@ -57,7 +58,9 @@ pub enum Command {
         /// Leave alone spaces younger than this: their flow may still be moving.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         older_than: Duration,
-        /// Run again at this interval, like a cron job, until Ctrl-C.
+        /// Run again at this interval, like a cron job, until Ctrl-C. A run that fails (the
+        /// broker away, a database locked) is logged and tried again at the next tick; without
+        /// --every a failed run is the command's error.
         #[arg(long, value_parser = parse_duration)]
         every: Option<Duration>,
         #[arg(long)]
@@ -324,7 +327,7 @@ pub enum CliMode {
     Events,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
 pub enum Component {
     Records,
     Placement,
@@ -384,9 +387,26 @@ pub struct UpArgs {
     #[arg(long, value_parser = parse_duration)]
     pub deadline: Option<Duration>,
     /// A fault plan to inject (the same in both modes), e.g.
-    /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`.
+    /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`. `baton up` also
+    /// carries out its `crash.<service>=P%+DOWN` items (the service's tasks aborted, no cleanup,
+    /// started again after DOWN) and `drop=P%` items (every connection of the vhost closed through
+    /// the management API) at P% of every --fault-window; it refuses crashes of the orchestrator
+    /// or the gateway, restart-broker and poison (use `baton compare` or `baton chaos`). `baton
+    /// run` ignores crash, drop, restart-broker and poison items: its driver carries them out.
     #[arg(long, env = "BATON_FAULTS", default_value = "none")]
     pub faults: String,
+    /// `baton up` only: the window the plan's crash and drop points are shares of. It starts when
+    /// the components start and repeats until Ctrl-C: with 60s, `crash.routing=40%+6s` crashes
+    /// routing 24 s into every minute, for 6 s.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub fault_window: Duration,
+    /// `baton up` only: RabbitMQ's management API, which closes the connections of a `drop`.
+    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
+    pub mgmt_url: String,
+    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
+    pub mgmt_user: String,
+    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest", hide_env_values = true)]
+    pub mgmt_password: String,
     /// The seed of the fault plan's decisions.
     #[arg(long, env = "BATON_SEED", default_value_t = 1)]
     pub seed: u64,

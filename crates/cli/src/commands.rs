@@ -1,5 +1,6 @@
 //! What each subcommand does.
 
+use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use baton_protocol::Service;
 use baton_services::ServiceConfig;
 use baton_services::config::parse_pairs;
 use baton_workflow::Workflow;
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use baton_faults::FaultPlan;
@@ -18,7 +20,7 @@ use crate::args::{
     BenchArgs, Broker, ChaosArgs, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs,
     WorkflowsCommand,
 };
-use crate::shutdown;
+use crate::{inject, shutdown};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -106,13 +108,14 @@ fn component_url_in(
     Ok(shared.to_owned())
 }
 
+/// Start `component` as a task of `set`; its handle aborts it (a crash in `up`).
 fn spawn_component(
     set: &mut JoinSet<Task>,
     component: Component,
     args: &UpArgs,
     setup: &Setup,
     cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<AbortHandle> {
     let (cfg, workflows) = (&setup.cfg, &setup.workflows);
     let name = format!("{component:?}").to_lowercase();
     let amqp_url = component_url(&name, &args.amqp_url)?;
@@ -138,10 +141,9 @@ fn spawn_component(
     };
     if let Some(s) = as_service {
         let fut = service(s);
-        set.spawn(async move { (name, fut.await) });
-        return Ok(());
+        return Ok(set.spawn(async move { (name, fut.await) }));
     }
-    match component {
+    let handle = match component {
         Component::Orchestrator => {
             let opts = baton_orchestrator::Options {
                 amqp_url: amqp_url.clone(),
@@ -150,7 +152,7 @@ fn spawn_component(
                 prefetch: args.prefetch,
                 workflows: workflows.to_vec(),
             };
-            set.spawn(baton_orchestrator_task(name, opts, cancel.clone()));
+            set.spawn(baton_orchestrator_task(name, opts, cancel.clone()))
         }
         Component::Gateway => {
             let opts = baton_gateway::Options {
@@ -164,11 +166,11 @@ fn spawn_component(
                 max_in_flight: args.max_in_flight,
             };
             let cancel = cancel.clone();
-            set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) });
+            set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) })
         }
         _ => unreachable!("services were spawned above"),
-    }
-    Ok(())
+    };
+    Ok(handle)
 }
 
 async fn baton_orchestrator_task(
@@ -186,6 +188,17 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         bail!("the orchestrator has no part in events mode; run it with --mode workflow");
     }
     let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
+    // Crashes, drops and broker restarts are done to components, by whoever drives them: `up`
+    // for its own components, `compare` and `chaos` for their processes (which they start with
+    // the whole plan), never a `baton run` process to itself.
+    let drives_faults = only.is_none() && inject::has_driven_items(&faults);
+    if only.is_none() {
+        inject::check(&faults, args.fault_window)?;
+    } else if inject::has_driven_items(&faults) {
+        tracing::info!(
+            "the plan's crash, drop, restart-broker and poison items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
+        );
+    }
     let deadline = args.deadline.unwrap_or(match mode {
         Mode::Workflow => Duration::from_secs(30),
         Mode::Events => Duration::from_secs(5),
@@ -212,8 +225,12 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         .collect(),
     };
     let mut set = JoinSet::new();
+    // The task of each running component, to crash it; and the tasks aborted on purpose, whose
+    // end is no failure.
+    let mut running: HashMap<Component, AbortHandle> = HashMap::new();
+    let mut crashed: HashSet<tokio::task::Id> = HashSet::new();
     for c in &components {
-        spawn_component(&mut set, *c, &args, &setup, &cancel)?;
+        running.insert(*c, spawn_component(&mut set, *c, &args, &setup, &cancel)?);
     }
     if only.is_none() || only == Some(Component::Gateway) {
         tracing::info!(
@@ -225,6 +242,27 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             "starting; Ctrl-C stops"
         );
     }
+    let (order_tx, mut orders) = mpsc::unbounded_channel::<inject::Order>();
+    let injected = inject::Injected::default();
+    if drives_faults {
+        tracing::info!(
+            window = ?args.fault_window,
+            "crashes and connection drops happen at their shares of every fault window, from now until Ctrl-C"
+        );
+        inject::spawn_driver(
+            &setup.faults,
+            args.fault_window,
+            baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+            inject::vhost_of(&args.amqp_url),
+            order_tx,
+            injected.clone(),
+            cancel.clone(),
+        );
+    } else {
+        drop(order_tx);
+    }
+    // Crashed components waiting out their pause before they start again.
+    let mut restarts: JoinSet<Component> = JoinSet::new();
     let mut failure: Option<anyhow::Error> = None;
     let mut grace_until: Option<tokio::time::Instant> = None;
     loop {
@@ -235,24 +273,74 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             }
         };
         tokio::select! {
-            next = set.join_next() => match next {
+            next = set.join_next_with_id() => match next {
                 None => break,
-                Some(Ok((name, Ok(())))) if !cancel.is_cancelled() => {
-                    failure.get_or_insert_with(|| anyhow!("{name} stopped on its own"));
-                    cancel.cancel();
-                }
-                Some(Ok((_, Ok(())))) => {}
-                Some(Ok((name, Err(e)))) => {
-                    failure.get_or_insert(e.context(format!("{name} failed")));
-                    cancel.cancel();
+                Some(Ok((id, _))) if crashed.remove(&id) => {}
+                Some(Err(join)) if crashed.remove(&join.id()) => {}
+                Some(Ok((id, (name, result)))) => {
+                    running.retain(|_, h| h.id() != id);
+                    match result {
+                        Ok(()) if !cancel.is_cancelled() => {
+                            failure.get_or_insert_with(|| anyhow!("{name} stopped on its own"));
+                            cancel.cancel();
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            failure.get_or_insert(e.context(format!("{name} failed")));
+                            cancel.cancel();
+                        }
+                    }
                 }
                 Some(Err(join)) => {
                     failure.get_or_insert_with(|| anyhow!("a component task died: {join}"));
                     cancel.cancel();
                 }
             },
+            Some(order) = orders.recv(), if !cancel.is_cancelled() => {
+                let inject::Order::Crash { component, down, round } = order;
+                let name = format!("{component:?}").to_lowercase();
+                match running.remove(&component) {
+                    Some(task) => {
+                        task.abort();
+                        crashed.insert(task.id());
+                        let total = injected.add(&format!("crash {name}"), 1);
+                        tracing::warn!(
+                            fault = "crash",
+                            component = %name,
+                            down_ms = down.as_millis() as u64,
+                            crashes = total,
+                            round,
+                            "fault injected: component crashed (its tasks aborted, no cleanup)"
+                        );
+                        restarts.spawn(async move {
+                            tokio::time::sleep(down).await;
+                            component
+                        });
+                    }
+                    None => tracing::warn!(
+                        fault = "crash",
+                        component = %name,
+                        round,
+                        "the plan crashes a component that is still down from its last crash; skipped"
+                    ),
+                }
+            }
+            Some(Ok(component)) = restarts.join_next(), if !restarts.is_empty() && !cancel.is_cancelled() => {
+                let name = format!("{component:?}").to_lowercase();
+                match spawn_component(&mut set, component, &args, &setup, &cancel) {
+                    Ok(task) => {
+                        running.insert(component, task);
+                        tracing::warn!(fault = "crash", component = %name, "component restarted after its crash");
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e.context(format!("restarting {name}")));
+                        cancel.cancel();
+                    }
+                }
+            }
             _ = cancel.cancelled(), if grace_until.is_none() => {
                 grace_until = Some(tokio::time::Instant::now() + shutdown::GRACE);
+                restarts.abort_all();
             }
             _ = grace => {
                 tracing::warn!(grace = ?shutdown::GRACE, "components did not stop within the grace period; aborting them");
@@ -260,6 +348,9 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
                 break;
             }
         }
+    }
+    if !injected.is_empty() {
+        tracing::warn!(injected = %injected.summary(), "faults injected by this run");
     }
     match failure {
         Some(e) => Err(e),
@@ -394,8 +485,38 @@ async fn reconcile(
     };
     let cancel = CancellationToken::new();
     shutdown::on_signal(cancel.clone());
+    let mut failed_in_a_row = 0u32;
     loop {
-        let summary = baton_reconcile::reconcile(&opts).await?;
+        // Ctrl-C during a run abandons it: the compensations it sent are idempotent, and the
+        // next run finds whatever they did not undo.
+        let run = tokio::select! {
+            run = baton_reconcile::reconcile(&opts) => run,
+            _ = cancel.cancelled() => {
+                tracing::warn!("interrupted during a run; the next run picks up what it left");
+                return Ok(if every.is_some() { ExitCode::SUCCESS } else { ExitCode::from(130) });
+            }
+        };
+        let summary = match (run, every) {
+            (Ok(summary), _) => summary,
+            // One run: its failure is the command's.
+            (Err(e), None) => return Err(e),
+            // A cron job outlives a failed run (the broker briefly away, a database locked): say
+            // why, and try again at the next tick.
+            (Err(e), Some(every)) => {
+                failed_in_a_row += 1;
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    failed_in_a_row,
+                    retry_in = ?every,
+                    "this reconcile run failed; trying again at the next tick"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => continue,
+                    _ = cancel.cancelled() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        };
+        failed_in_a_row = 0;
         if json {
             println!("{}", serde_json::to_string(&summary)?);
         } else {

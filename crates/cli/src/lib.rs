@@ -6,6 +6,7 @@
 
 mod args;
 mod commands;
+mod inject;
 mod shutdown;
 
 pub use args::Cli;

@@ -6,6 +6,7 @@
 //! events mode it reacts to the previous step's event on `<service>.events` and emits its own;
 //! it still answers commands, which is how `baton reconcile` undoes what a failed flow left.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,8 @@ use baton_protocol::{
 };
 use baton_store::{Db, StoreError, inbox, now_ms, outbox, tombstone};
 use rusqlite::{Transaction, params};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::{Ids, ServiceConfig, Step, StepResult, step_for};
@@ -60,38 +61,62 @@ pub async fn run(
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
     db.feed(wake.clone());
-    let tracker = TaskTracker::new();
-    tracker.spawn(relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()));
+    // The relay and the consumers live in this set, owned by this future: when the future is
+    // dropped (its task aborted, as `baton up` does to crash a service), so are they, and their
+    // channels close. Handlers already running on a delivery (their tasks belong to the
+    // consumer) stop at their next await point through `killed`, so that nothing of a crashed
+    // service carries on behind its restarted self.
+    let mut tasks = JoinSet::new();
+    let killed = CancellationToken::new();
+    let _kill_on_drop = killed.clone().drop_guard();
+    tasks.spawn(relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()));
     let delay = opts.delay + opts.faults.delay(service);
     let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
-    let h = Arc::clone(&handler);
+    let (h, k) = (Arc::clone(&handler), killed.clone());
     let cfg_commands =
         ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
-    tracker.spawn(consume(
+    tasks.spawn(consume(
         broker.clone(),
         publisher.clone(),
         cfg_commands,
-        move |env| Arc::clone(&h).on_command(env),
+        move |env| unless_killed(k.clone(), Arc::clone(&h).on_command(env)),
         cancel.clone(),
     ));
     if opts.mode == Mode::Events {
-        let h = Arc::clone(&handler);
+        let (h, k) = (Arc::clone(&handler), killed.clone());
         let cfg_events =
             ConsumerConfig { queue: topology::event_queue(service.name()), prefetch: opts.prefetch };
-        tracker.spawn(consume(
+        tasks.spawn(consume(
             broker.clone(),
             publisher,
             cfg_events,
-            move |env| Arc::clone(&h).on_event(env),
+            move |env| unless_killed(k.clone(), Arc::clone(&h).on_event(env)),
             cancel.clone(),
         ));
     }
     tracing::info!(%service, mode = %opts.mode, "service running");
-    tracker.close();
-    tracker.wait().await;
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(%service, error = %e, "a task of the service died");
+        }
+    }
     broker.close().await;
     tracing::info!(%service, "service stopped");
     Ok(())
+}
+
+/// Run a handler unless the service it belongs to is gone (its `run` future dropped): then
+/// give up on the delivery at once, uncommitted, as a killed process would. The broker
+/// redelivers it to the service's next incarnation.
+async fn unless_killed(
+    killed: CancellationToken,
+    handle: impl Future<Output = Result<(), HandleError>>,
+) -> Result<(), HandleError> {
+    tokio::select! {
+        biased;
+        _ = killed.cancelled() => Err(HandleError::Retry("the service crashed under this delivery".into())),
+        r = handle => r,
+    }
 }
 
 /// Open, migrate and configure a service's database (`<data-dir>/<service>.db`).

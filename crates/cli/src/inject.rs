@@ -1,0 +1,219 @@
+//! The crashes and connection drops of a fault plan, carried out by `baton up` itself.
+//!
+//! `baton compare` and `baton chaos` place a plan's points at shares of the requests sent (or
+//! of the run's duration). `baton up` has neither: it runs until Ctrl-C. Here the points are
+//! shares of a window (`--fault-window`, 60 s by default) that starts when the components are
+//! spawned and repeats until Ctrl-C: with `crash.routing=40%+6s,drop=70%`, routing is crashed
+//! 24 s into every minute and comes back 6 s later, and every connection of the vhost is closed
+//! 42 s into every minute.
+//!
+//! A crash aborts the service's task without any cleanup: the task owns the service's relay and
+//! consumers (a `JoinSet` in `baton_services::run`), so they go with it, their channels close and
+//! the broker hands their unacked deliveries to the next incarnation, which `up` starts after
+//! the pause exactly as at start (database opened again, fresh connection). The orchestrator and
+//! the gateway spawn tasks that such an abort would not reach, so `up` refuses to crash them:
+//! `baton compare` and `baton chaos` do, as processes. A drop closes every connection of the
+//! vhost through the management API, as `baton compare` does.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::bail;
+use baton_compare::mgmt::Mgmt;
+use baton_faults::FaultPlan;
+use baton_protocol::Service;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::Component;
+
+/// What the driver asks of `up`'s loop, which owns the components' tasks.
+#[derive(Debug)]
+pub enum Order {
+    /// Abort `component`'s task now; start it again after `down`.
+    Crash { component: Component, down: Duration, round: u64 },
+}
+
+/// What was injected so far, by kind (`crash routing`, `connections dropped`).
+#[derive(Debug, Clone, Default)]
+pub struct Injected(Arc<Mutex<BTreeMap<String, usize>>>);
+
+impl Injected {
+    /// Add `n` to `kind`; returns the new total.
+    pub fn add(&self, kind: &str, n: usize) -> usize {
+        let mut all = self.0.lock().expect("injected faults");
+        let total = all.entry(kind.to_owned()).or_default();
+        *total += n;
+        *total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().expect("injected faults").is_empty()
+    }
+
+    /// `crash routing 2, connections dropped 14`.
+    pub fn summary(&self) -> String {
+        let all = self.0.lock().expect("injected faults");
+        all.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The component a plan's crash item names, if `up` can crash it.
+fn crashable(name: &str) -> Option<Component> {
+    Some(match Service::parse(name)? {
+        Service::Records => Component::Records,
+        Service::Placement => Component::Placement,
+        Service::Entitlements => Component::Entitlements,
+        Service::Routing => Component::Routing,
+        Service::Notifier => Component::Notifier,
+    })
+}
+
+/// Whether the plan holds items that whoever drives the components carries out (crashes,
+/// drops, broker restarts, bad messages), rather than the components themselves.
+pub fn has_driven_items(plan: &FaultPlan) -> bool {
+    !plan.crashes.is_empty()
+        || !plan.connection_drops.is_empty()
+        || !plan.broker_restarts.is_empty()
+        || plan.poison > 0
+}
+
+/// Refuse, before anything starts, the items `up` cannot carry out.
+pub fn check(plan: &FaultPlan, window: Duration) -> anyhow::Result<()> {
+    for c in &plan.crashes {
+        if crashable(&c.component).is_none() {
+            bail!(
+                "--faults: `baton up` cannot crash the {}, whose tasks an in-process abort does not all reach; crash it with `baton compare` or `baton chaos`, which run every component as a process",
+                c.component
+            );
+        }
+    }
+    if !plan.broker_restarts.is_empty() {
+        bail!(
+            "--faults: `baton up` does not restart the broker; use `baton chaos --broker-ctl ...` for restart-broker"
+        );
+    }
+    if plan.poison > 0 {
+        bail!("--faults: `baton up` does not send bad messages; use `baton chaos` for poison");
+    }
+    if has_driven_items(plan) && window.is_zero() {
+        bail!("--fault-window must be longer than 0");
+    }
+    Ok(())
+}
+
+/// The vhost of an AMQP URL as the management API's paths want it (percent-encoded; the
+/// default vhost `/` is `%2F`).
+pub fn vhost_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split_once('/').map_or("", |(_, p)| p);
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if path.is_empty() { "%2F".into() } else { path.to_owned() }
+}
+
+enum Point {
+    Crash { component: Component, down: Duration },
+    Drop,
+}
+
+/// Fire the plan's crashes (as orders to `up`'s loop) and drops (itself) at their shares of
+/// every `window`, from now until `cancel`.
+pub fn spawn_driver(
+    plan: &FaultPlan,
+    window: Duration,
+    mgmt: Mgmt,
+    vhost: String,
+    orders: mpsc::UnboundedSender<Order>,
+    injected: Injected,
+    cancel: CancellationToken,
+) {
+    let at = |pct: u32| window.mul_f64(f64::from(pct) / 100.0);
+    let mut points: Vec<(Duration, Point)> = Vec::new();
+    for c in &plan.crashes {
+        let component = crashable(&c.component).expect("checked before the start");
+        points.push((at(c.at_percent), Point::Crash { component, down: Duration::from_millis(c.down_ms) }));
+    }
+    points.extend(plan.connection_drops.iter().map(|p| (at(*p), Point::Drop)));
+    if points.is_empty() {
+        return;
+    }
+    points.sort_by_key(|(when, _)| *when);
+    tokio::spawn(async move {
+        let mut start = tokio::time::Instant::now();
+        for round in 1u64.. {
+            for (when, point) in &points {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(start + *when) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                match point {
+                    Point::Crash { component, down } => {
+                        let order = Order::Crash { component: *component, down: *down, round };
+                        if orders.send(order).is_err() {
+                            return;
+                        }
+                    }
+                    Point::Drop => {
+                        let (mgmt, vhost, injected) = (mgmt.clone(), vhost.clone(), injected.clone());
+                        tokio::spawn(drop_connections(mgmt, vhost, injected, round));
+                    }
+                }
+            }
+            start += window;
+        }
+    });
+}
+
+/// Close every connection of `vhost` through the management API. It lists a connection only
+/// once its statistics are in, a few seconds after it opened: try for a while.
+async fn drop_connections(mgmt: Mgmt, vhost: String, injected: Injected, round: u64) {
+    for _ in 0..40 {
+        match mgmt.drop_connections(&vhost).await {
+            Ok(0) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(n) => {
+                let total = injected.add("connections dropped", n);
+                tracing::warn!(
+                    fault = "drop",
+                    %vhost,
+                    connections = n,
+                    total,
+                    round,
+                    "fault injected: the broker closed every connection of the vhost"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(fault = "drop", %vhost, error = %format!("{e:#}"), "dropping connections through the management API failed");
+                return;
+            }
+        }
+    }
+    tracing::warn!(fault = "drop", %vhost, round, "the management API listed no connection to drop");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vhost_comes_from_the_url() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "%2F");
+        assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
+    }
+
+    #[test]
+    fn up_refuses_what_it_cannot_do() {
+        let ok = FaultPlan::parse("crash.routing=40%+6s,drop=70%,refuse=0.1", 1).unwrap();
+        assert!(check(&ok, Duration::from_secs(60)).is_ok());
+        assert!(check(&ok, Duration::ZERO).is_err());
+        let gw = FaultPlan::parse("crash.gateway=40%+1s", 1).unwrap();
+        assert!(check(&gw, Duration::from_secs(60)).unwrap_err().to_string().contains("baton chaos"));
+        let broker = FaultPlan::parse("restart-broker=40%+3s", 1).unwrap();
+        assert!(check(&broker, Duration::from_secs(60)).is_err());
+        let poison = FaultPlan::parse("poison=3", 1).unwrap();
+        assert!(has_driven_items(&poison) && check(&poison, Duration::from_secs(60)).is_err());
+        assert!(!has_driven_items(&FaultPlan::parse("refuse=0.1", 1).unwrap()));
+    }
+}
