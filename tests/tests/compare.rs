@@ -7,7 +7,7 @@ use std::time::Duration;
 use baton_audit::Kind;
 use baton_compare::{Options, compare, mgmt::Mgmt, report};
 use baton_faults::FaultPlan;
-use baton_protocol::Mode;
+use baton_protocol::{Mode, Service};
 use baton_tests::{amqp_base, baton_bin, mgmt_base};
 
 /// `(step, name)` of every refusal the plan injected into a plain request (one that competes
@@ -67,7 +67,21 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     assert!(wf.reconcile.is_none());
     // The events column: refusals after the first step leave rows nobody undoes...
     assert!(!ev.audit.is_clean(), "events mode leaves data behind under this plan");
-    assert!(ev.audit.orphans.get(&baton_protocol::Service::Records).is_some_and(|n| *n > 0));
+    // ...at least one row for each step before the one that refused: the plan's refusals and the
+    // natural ones, counted from what the clients were told.
+    let refused_after = |steps: &[&str]| {
+        ev.refused_at.iter().filter(|s| s.as_deref().is_some_and(|s| steps.contains(&s))).count()
+    };
+    let orphans = |s: Service| ev.audit.orphans.get(&s).copied().unwrap_or(0);
+    let left_records = refused_after(&["placement", "entitlements", "routing"]);
+    assert!(left_records > 0, "{:?}", ev.refused_at);
+    assert!(orphans(Service::Records) >= left_records, "{:?} vs {left_records}", ev.audit.orphans);
+    assert!(
+        orphans(Service::Placement) >= refused_after(&["entitlements", "routing"]),
+        "{:?}",
+        ev.audit.orphans
+    );
+    assert!(orphans(Service::Entitlements) >= refused_after(&["routing"]), "{:?}", ev.audit.orphans);
     // While routing was down, some clients got no answer in time; their spaces completed later.
     assert!(ev.stats.timeouts > 0, "{:?}", ev.stats);
     assert!(ev.timeouts_split().0 > 0, "{:?}", ev.audit.by_kind());
