@@ -5,8 +5,9 @@
 //! crash.routing=30%+1s,drop=60%`, or a JSON file given as `@plan.json`), and the deterministic
 //! decisions ([`FaultPlan::refuses`], [`FaultPlan::duplicates`]) keyed by what is the same in
 //! both modes (the space's name and the step). Must not touch: I/O. Components apply the
-//! decisions; the driver of a run (`baton compare`, `baton chaos`, `baton up`) applies the
-//! crashes, connection drops, broker restarts and bad messages at the planned points of the run.
+//! decisions; the driver of a run applies the rest at the planned points: `baton compare` and
+//! `baton chaos` the crashes, connection drops, broker restarts and bad messages, `baton up`
+//! the crashes and connection drops.
 
 use std::collections::BTreeMap;
 use std::fmt;
