@@ -336,7 +336,9 @@ pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
         let after = r.audit_after_reconcile.as_ref().map_or(0, |a| a.violations.len());
         let _ = writeln!(
             out,
-            "reconcile        undid {} rows of {} spaces in {} ms; {after} violations after",
+            "reconcile        scanned {} spaces in {} ms, undid {} rows of {} spaces, {} ms in all; {after} violations after",
+            rec.spaces_scanned,
+            rec.scan_ms,
             rec.fixed(),
             rec.found,
             rec.took_ms
