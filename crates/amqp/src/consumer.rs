@@ -12,8 +12,8 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{Broker, Envelope, Publisher};
@@ -41,6 +41,10 @@ pub struct ConsumerConfig {
 /// Consume `cfg.queue` until `cancel` fires, surviving connection loss (lapin's recovery, then a
 /// fresh channel with backoff). On cancel, stops taking deliveries and waits for the handlers
 /// already running, so each of them still acks after its commit.
+///
+/// The handlers' tasks belong to this future (a `JoinSet`): if it is dropped instead (the task
+/// running it aborted, as `baton up` does to crash a component), they are aborted with it, give
+/// up their deliveries unacked and let go of the connection, as a killed process would.
 pub async fn consume<H, Fut>(
     broker: Broker,
     publisher: Publisher,
@@ -52,24 +56,40 @@ pub async fn consume<H, Fut>(
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let tracker = TaskTracker::new();
+    let mut handlers = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match run_once(&broker, &publisher, &cfg, &handler, &tracker, &cancel, &mut backoff).await {
+        match run_once(&broker, &publisher, &cfg, &handler, &mut handlers, &cancel, &mut backoff).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(queue = %cfg.queue, error = %e, retry_in = ?backoff, "consumer stopped; restarting");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = cancel.cancelled() => break,
+                let pause = tokio::time::sleep(backoff);
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        _ = cancel.cancelled() => break,
+                        Some(done) = handlers.join_next(), if !handlers.is_empty() => reaped(&cfg.queue, done),
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
-    tracker.close();
-    tracker.wait().await;
+    while let Some(done) = handlers.join_next().await {
+        reaped(&cfg.queue, done);
+    }
     tracing::debug!(queue = %cfg.queue, "consumer stopped");
+}
+
+/// A handler's task ended: say so if it panicked (its delivery goes back to the queue with the
+/// channel, or when the consumer stops).
+fn reaped(queue: &str, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(%queue, error = %e, "a handler panicked");
+    }
 }
 
 async fn run_once<H, Fut>(
@@ -77,7 +97,7 @@ async fn run_once<H, Fut>(
     publisher: &Publisher,
     cfg: &ConsumerConfig,
     handler: &Arc<H>,
-    tracker: &TaskTracker,
+    handlers: &mut JoinSet<()>,
     cancel: &CancellationToken,
     backoff: &mut Duration,
 ) -> Result<(), String>
@@ -122,6 +142,7 @@ where
                 let _ = tokio::time::timeout(Duration::from_secs(2), cancel_consumer).await;
                 return Ok(());
             }
+            Some(done) = handlers.join_next(), if !handlers.is_empty() => reaped(&cfg.queue, done),
             Ok(()) = generation.changed() => {
                 // The connection went down and came back: whatever lapin says of this consumer,
                 // consume again on a fresh channel, and close this one (its unacked deliveries
@@ -135,7 +156,7 @@ where
                     let handler = Arc::clone(handler);
                     let publisher = publisher.clone();
                     let queue = cfg.queue.clone();
-                    tracker.spawn(process(delivery, queue, publisher, handler));
+                    handlers.spawn(process(delivery, queue, publisher, handler));
                 }
                 Some(Err(e)) => {
                     // lapin's recovery of a consumer is not trusted: after a broker restart it can

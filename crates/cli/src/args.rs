@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every component in this process, each with its own connection, until Ctrl-C; with
-    /// --faults, also crash services and drop connections as the plan says (see --fault-window).
+    /// --faults, also crash components and drop connections as the plan says (see --fault-window).
     Up(UpArgs),
     /// Run one component as its own process; start several to share a queue's work.
     Run {
@@ -388,11 +388,11 @@ pub struct UpArgs {
     pub deadline: Option<Duration>,
     /// A fault plan to inject (the same in both modes), e.g.
     /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`. `baton up` also
-    /// carries out its `crash.<service>=P%+DOWN` items (the service's tasks aborted, no cleanup,
-    /// started again after DOWN) and `drop=P%` items (every connection of the vhost closed through
-    /// the management API) at P% of every --fault-window; it refuses crashes of the orchestrator
-    /// or the gateway, restart-broker and poison (use `baton compare` or `baton chaos`). `baton
-    /// run` ignores crash, drop, restart-broker and poison items: its driver carries them out.
+    /// carries out its `crash.<component>=P%+DOWN` items (any service, the orchestrator or the
+    /// gateway: its tasks aborted, no cleanup, started again after DOWN) and `drop=P%` items
+    /// (every connection of the vhost closed through the management API) at P% of every
+    /// --fault-window; it refuses restart-broker and poison (use `baton chaos`). `baton run`
+    /// ignores crash, drop, restart-broker and poison items: its driver carries them out.
     #[arg(long, env = "BATON_FAULTS", default_value = "none")]
     pub faults: String,
     /// `baton up` only: the window the plan's crash and drop points are shares of. It starts when

@@ -193,7 +193,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     // the whole plan), never a `baton run` process to itself.
     let drives_faults = only.is_none() && inject::has_driven_items(&faults);
     if only.is_none() {
-        inject::check(&faults, args.fault_window)?;
+        inject::check(&faults, args.fault_window, mode)?;
     } else if inject::has_driven_items(&faults) {
         tracing::info!(
             "the plan's crash, drop, restart-broker and poison items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"

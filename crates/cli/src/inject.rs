@@ -7,13 +7,14 @@
 //! 24 s into every minute and comes back 6 s later, and every connection of the vhost is closed
 //! 42 s into every minute.
 //!
-//! A crash aborts the service's task without any cleanup: the task owns the service's relay and
-//! consumers (a `JoinSet` in `baton_services::run`), so they go with it, their channels close and
-//! the broker hands their unacked deliveries to the next incarnation, which `up` starts after
-//! the pause exactly as at start (database opened again, fresh connection). The orchestrator and
-//! the gateway spawn tasks that such an abort would not reach, so `up` refuses to crash them:
-//! `baton compare` and `baton chaos` do, as processes. A drop closes every connection of the
-//! vhost through the management API, as `baton compare` does.
+//! A crash aborts the component's task without any cleanup: the task owns everything the
+//! component runs (relay, consumers and their handlers, the orchestrator's timer, the gateway's
+//! HTTP listener and connections: `JoinSet`s in each `run`), so they go with it, their channels
+//! close and the broker hands their unacked deliveries to the next incarnation, which `up`
+//! starts after the pause exactly as at start (database opened again, fresh connection, the
+//! gateway's port bound again). The orchestrator's next incarnation resumes the sagas in flight
+//! from its database. A drop closes every connection of the vhost through the management API,
+//! as `baton compare` does.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use std::time::Duration;
 use anyhow::bail;
 use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
-use baton_protocol::Service;
+use baton_protocol::{Mode, Service};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +62,11 @@ impl Injected {
 
 /// The component a plan's crash item names, if `up` can crash it.
 fn crashable(name: &str) -> Option<Component> {
+    match name {
+        "orchestrator" => return Some(Component::Orchestrator),
+        "gateway" => return Some(Component::Gateway),
+        _ => {}
+    }
     Some(match Service::parse(name)? {
         Service::Records => Component::Records,
         Service::Placement => Component::Placement,
@@ -80,13 +86,14 @@ pub fn has_driven_items(plan: &FaultPlan) -> bool {
 }
 
 /// Refuse, before anything starts, the items `up` cannot carry out.
-pub fn check(plan: &FaultPlan, window: Duration) -> anyhow::Result<()> {
+pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<()> {
     for c in &plan.crashes {
-        if crashable(&c.component).is_none() {
-            bail!(
-                "--faults: `baton up` cannot crash the {}, whose tasks an in-process abort does not all reach; crash it with `baton compare` or `baton chaos`, which run every component as a process",
-                c.component
-            );
+        match crashable(&c.component) {
+            None => bail!("--faults: `baton up` has no component `{}` to crash", c.component),
+            Some(Component::Orchestrator) if mode == Mode::Events => bail!(
+                "--faults: crash.orchestrator, but the orchestrator has no part in events mode; drop the item or use --mode workflow"
+            ),
+            Some(_) => {}
         }
     }
     if !plan.broker_restarts.is_empty() {
@@ -205,15 +212,20 @@ mod tests {
 
     #[test]
     fn up_refuses_what_it_cannot_do() {
+        let (minute, wf, ev) = (Duration::from_secs(60), Mode::Workflow, Mode::Events);
         let ok = FaultPlan::parse("crash.routing=40%+6s,drop=70%,refuse=0.1", 1).unwrap();
-        assert!(check(&ok, Duration::from_secs(60)).is_ok());
-        assert!(check(&ok, Duration::ZERO).is_err());
+        assert!(check(&ok, minute, wf).is_ok());
+        assert!(check(&ok, Duration::ZERO, wf).is_err());
+        let all = FaultPlan::parse("crash.gateway=40%+1s,crash.orchestrator=20%+2s", 1).unwrap();
+        assert!(check(&all, minute, wf).is_ok());
         let gw = FaultPlan::parse("crash.gateway=40%+1s", 1).unwrap();
-        assert!(check(&gw, Duration::from_secs(60)).unwrap_err().to_string().contains("baton chaos"));
+        assert!(check(&gw, minute, ev).is_ok());
+        let orch = FaultPlan::parse("crash.orchestrator=40%+1s", 1).unwrap();
+        assert!(check(&orch, minute, ev).unwrap_err().to_string().contains("events mode"));
         let broker = FaultPlan::parse("restart-broker=40%+3s", 1).unwrap();
-        assert!(check(&broker, Duration::from_secs(60)).is_err());
+        assert!(check(&broker, minute, wf).is_err());
         let poison = FaultPlan::parse("poison=3", 1).unwrap();
-        assert!(has_driven_items(&poison) && check(&poison, Duration::from_secs(60)).is_err());
+        assert!(has_driven_items(&poison) && check(&poison, minute, wf).is_err());
         assert!(!has_driven_items(&FaultPlan::parse("refuse=0.1", 1).unwrap()));
     }
 }

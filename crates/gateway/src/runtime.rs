@@ -17,8 +17,8 @@ use baton_store::{Db, StoreError, inbox, now_ms};
 use rusqlite::params;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::{COMPONENT, CreateSpace, MIGRATIONS};
@@ -52,14 +52,30 @@ pub(crate) struct Gateway {
     pub reply_key: String,
 }
 
+/// How long `run` keeps trying to bind a port that is in use: a gateway restarted in the same
+/// process (`baton up` after a crash) may find the port of its previous self not yet released.
+const BIND_PATIENCE: Duration = Duration::from_secs(3);
+
 /// Bind `opts.http` and serve until `cancel`.
 pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(opts.http).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
-            opts.http
-        )
-    })?;
+    let patience = tokio::time::Instant::now() + BIND_PATIENCE;
+    let listener = loop {
+        match TcpListener::bind(opts.http).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < patience => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
+                    opts.http
+                ));
+            }
+        }
+    };
     serve(listener, opts, cancel).await
 }
 
@@ -95,17 +111,20 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         db,
         pending: Mutex::new(HashMap::new()),
     });
-    let tracker = TaskTracker::new();
+    // The consumer (with its handlers) and the HTTP connections live in sets owned by this
+    // future: when it is dropped (its task aborted, as `baton up` does to crash the gateway), so
+    // are they, the listener with them (its port is free again) and the broker connection.
+    let mut tasks = JoinSet::new();
     let g = Arc::clone(&gw);
     match gw.opts.mode {
-        Mode::Workflow => tracker.spawn(consume(
+        Mode::Workflow => tasks.spawn(consume(
             broker.clone(),
             publisher,
             ConsumerConfig { queue: outcomes.name.clone(), prefetch: 256 },
             move |env| Arc::clone(&g).on_outcome(env),
             cancel.clone(),
         )),
-        Mode::Events => tracker.spawn(consume(
+        Mode::Events => tasks.spawn(consume(
             broker.clone(),
             publisher,
             ConsumerConfig { queue: event_queue.name.clone(), prefetch: 256 },
@@ -116,12 +135,78 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway listening");
     let app = crate::api::router(Arc::clone(&gw));
-    let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned()).await;
-    tracker.close();
-    tracker.wait().await;
+    http(listener, app, &cancel).await;
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a task of the gateway died");
+        }
+    }
     broker.close().await;
-    http?;
     Ok(())
+}
+
+/// Serve HTTP/1 on `listener` until `cancel`, as `axum::serve` with a graceful shutdown does
+/// (stop accepting, let each connection finish the request it is on, wait for them all), but
+/// with every connection's task in a set owned by this future, not detached: dropped, it takes
+/// them all down, so that nothing of a crashed gateway answers on a kept-alive connection.
+async fn http(listener: TcpListener, app: axum::Router, cancel: &CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "an HTTP connection's task died");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    let cancel = cancel.clone();
+                    conns.spawn(async move {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .with_upgrades();
+                        let mut conn = std::pin::pin!(conn);
+                        tokio::select! {
+                            r = conn.as_mut() => {
+                                if let Err(e) = r {
+                                    tracing::trace!(error = %e, "failed to serve a connection");
+                                }
+                                return;
+                            }
+                            _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+                        }
+                        if let Err(e) = conn.await {
+                            tracing::trace!(error = %e, "failed to serve a connection");
+                        }
+                    });
+                }
+                // As axum's listener: errors of one connection are skipped; others (too many
+                // open files) get a pause, so as not to spin.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                ) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting an HTTP connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    while let Some(done) = conns.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "an HTTP connection's task died");
+        }
+    }
 }
 
 impl Gateway {

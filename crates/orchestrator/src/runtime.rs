@@ -17,8 +17,8 @@ use baton_store::{Db, StoreError, inbox, now_ms, outbox};
 use baton_workflow::{Effect, Reply, Saga, Workflow};
 use rusqlite::{OptionalExtension, Transaction, params};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::{COMPONENT, MIGRATIONS};
@@ -54,11 +54,15 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
-    let tracker = TaskTracker::new();
-    tracker.spawn(relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()));
-    tracker.spawn(Arc::clone(&core).timer_loop(cancel.clone()));
+    // The relay, the timer and the consumers (with their handlers) live in this set, owned by
+    // this future: when it is dropped (its task aborted, as `baton up` does to crash the
+    // orchestrator), so are they, and the connection closes. The sagas they were driving are in
+    // the database; the next incarnation picks them up (`resume`, the replies kept on its queue).
+    let mut tasks = JoinSet::new();
+    tasks.spawn(relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()));
+    tasks.spawn(Arc::clone(&core).timer_loop(cancel.clone()));
     let c = Arc::clone(&core);
-    tracker.spawn(consume(
+    tasks.spawn(consume(
         broker.clone(),
         publisher.clone(),
         ConsumerConfig { queue: topology::command_queue(COMPONENT), prefetch: opts.prefetch },
@@ -66,7 +70,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         cancel.clone(),
     ));
     let c = Arc::clone(&core);
-    tracker.spawn(consume(
+    tasks.spawn(consume(
         broker.clone(),
         publisher,
         ConsumerConfig { queue: replies.name.clone(), prefetch: opts.prefetch },
@@ -76,8 +80,11 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         },
         cancel.clone(),
     ));
-    tracker.close();
-    tracker.wait().await;
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a task of the orchestrator died");
+        }
+    }
     broker.close().await;
     tracing::info!("orchestrator stopped");
     Ok(())
