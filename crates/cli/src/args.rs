@@ -31,8 +31,10 @@ pub enum Command {
     },
     /// Create one space through the gateway and print the outcome as JSON.
     CreateSpace {
+        /// The space's name: 1 to 63 of a-z, 0-9 and -.
         #[arg(long)]
         name: String,
+        /// Who owns it (their plan's quota applies).
         #[arg(long)]
         owner: String,
         /// The gateway's base URL.
@@ -108,8 +110,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
+    /// Requests sent through each mode's gateway.
     #[arg(long, default_value_t = 500)]
     pub requests: usize,
+    /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// The fault plan, the same for both modes: `none`, a compact plan such as
@@ -139,6 +143,10 @@ pub struct CompareArgs {
     /// Print the results as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// How long each gateway waits for an outcome before a 504, the same in both modes
+    /// (default: each mode's own, 30s in workflow mode and 5s in events mode).
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -286,8 +294,10 @@ pub enum WorkflowsCommand {
         /// compensation_failed.
         #[arg(long)]
         state: Option<String>,
+        /// At most this many sagas.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -306,6 +316,7 @@ pub enum WorkflowsCommand {
         id: uuid::Uuid,
         #[command(flatten)]
         data: DataDir,
+        /// Print it as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -613,6 +613,7 @@ async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         progress: true,
         duration: None,
         broker_ctl: None,
+        deadline: args.deadline,
     };
     eprintln!(
         "comparing workflow and events: {} requests at concurrency {}, faults: {}",
@@ -729,6 +730,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         progress: true,
         duration: Some(args.duration),
         broker_ctl: args.broker_ctl.clone(),
+        deadline: None,
     };
     eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
     if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {

@@ -55,6 +55,8 @@ pub struct Options {
     /// How to stop and start the broker for the plan's `restart-broker`, e.g.
     /// `["rabbitmqctl", "-n", "rabbit@localhost"]` (`stop_app` / `start_app` are appended).
     pub broker_ctl: Option<Vec<String>>,
+    /// The gateways' deadline, the same in both modes; `None` keeps each mode's own.
+    pub deadline: Option<Duration>,
 }
 
 impl Options {
@@ -76,6 +78,7 @@ impl Options {
             progress: false,
             duration: None,
             broker_ctl: None,
+            deadline: None,
         }
     }
 }

@@ -48,9 +48,10 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let plan_file = dir.join("faults.json");
     std::fs::write(&plan_file, opts.faults.to_json())?;
     let port = free_port()?;
+    let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
     let fleet = Arc::new(Fleet::new(
         &opts.baton_bin,
-        vec![
+        [
             "--mode".into(),
             mode.as_str().into(),
             "--amqp-url".into(),
@@ -65,7 +66,10 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
             opts.seed.to_string(),
             "--log".into(),
             "warn".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(deadline.into_iter().flatten())
+        .collect(),
         &dir,
     ));
     let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();

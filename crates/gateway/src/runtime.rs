@@ -81,7 +81,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
 
 /// Serve on an already bound listener (tests bind port 0) until `cancel`.
 pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    let db = Db::open_as(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, &opts.instance)?;
+    let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
+        .await?;
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);

@@ -38,7 +38,8 @@ pub struct Options {
 
 /// Run the orchestrator until `cancel`.
 pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    let db = Db::open_as(&opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, &opts.instance)?;
+    let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
+        .await?;
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
     broker.declare_topology(std::slice::from_ref(&replies)).await?;

@@ -121,10 +121,8 @@ async fn unless_killed(
 
 /// Open, migrate and configure a service's database (`<data-dir>/<service>.db`).
 pub async fn open_db(step: Arc<dyn Step>, data_dir: &std::path::Path, instance: &str) -> anyhow::Result<Db> {
-    // Opening migrates, and may wait on another instance's lock: off the async workers.
-    let (path, migrations, owner) =
-        (data_dir.join(format!("{}.db", step.service().name())), step.migrations(), instance.to_owned());
-    let db = tokio::task::spawn_blocking(move || Db::open_as(&path, migrations, &owner)).await??;
+    let path = data_dir.join(format!("{}.db", step.service().name()));
+    let db = Db::open_async(path, step.migrations(), instance.to_owned()).await?;
     db.call(move |c| {
         let tx = c.transaction()?;
         step.configure(&tx)?;

@@ -282,6 +282,19 @@ impl Db {
         Db::open_as(path, migrations, DEFAULT_OWNER)
     }
 
+    /// [`Db::open_as`] from async code: opening migrates and may wait on another instance's
+    /// lock, so it runs on a blocking thread, not on an async worker.
+    pub async fn open_async(
+        path: PathBuf,
+        migrations: &'static [&'static str],
+        owner: String,
+    ) -> Result<Db, StoreError> {
+        let display = path.display().to_string();
+        tokio::task::spawn_blocking(move || Db::open_as(&path, migrations, &owner))
+            .await
+            .map_err(|e| StoreError::Open { path: display, cause: e.to_string() })?
+    }
+
     /// [`Db::open`] for instance `owner` of a component: the outbox rows it writes are published
     /// by its own relay, so several instances can share one database without sending every
     /// message once per instance. Keep the name stable across restarts.
