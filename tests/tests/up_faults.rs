@@ -32,16 +32,15 @@ async fn log_says(env: &TestEnv, what: &str, timeout: Duration) {
 const BEFORE: u8 = 0;
 const DOWN: u8 = 1;
 const AFTER: u8 = 2;
+/// What a client notes when the gateway gave no answer (its connection refused or cut).
+const NO_ANSWER: u16 = 0;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
-    let env = TestEnv::new().await;
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    // Routing crashed 3 s after the start for 3 s, every connection dropped at 10 s; the window
-    // is long enough for the plan to run once in this test.
-    let mut up = spawn_baton(
-        &env,
+/// `baton up` in workflow mode with `faults` over a 100 s window (long enough for the plan to
+/// run once in a test), once its gateway answers. Returns the process and the gateway's address.
+async fn start_up(env: &TestEnv, faults: &str) -> (tokio::process::Child, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let up = spawn_baton(
+        env,
         &[
             "up",
             "--mode",
@@ -49,7 +48,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
             "--http",
             &http,
             "--faults",
-            "crash.routing=3%+3s,drop=10%",
+            faults,
             "--fault-window",
             "100s",
             "--mgmt-url",
@@ -58,47 +57,124 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
         &[],
         "up.log",
     );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let client = reqwest::Client::new();
     wait_for("the gateway of baton up", Duration::from_secs(30), || {
         let (c, url) = (client.clone(), format!("http://{http}/health"));
         async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
     })
     .await;
+    (up, http)
+}
 
-    // Load across the faults: four clients, one request after the other, each space and owner
-    // new (no business refusal), each request marked with the phase it was sent in.
-    let phase = Arc::new(AtomicU8::new(BEFORE));
-    let stop = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (client, http) = (client.clone(), http.clone());
-        let (phase, stop, next, answered) =
-            (Arc::clone(&phase), Arc::clone(&stop), Arc::clone(&next), Arc::clone(&answered));
-        clients.spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let sent_in = phase.load(Ordering::SeqCst);
-                let r = client
-                    .post(format!("http://{http}/spaces"))
-                    .json(&serde_json::json!({"name": format!("s-{i}"), "owner": format!("o-{i}")}))
-                    .send()
-                    .await
-                    .expect("the gateway answers");
-                seen.push((sent_in, r.status().as_u16()));
-                answered.fetch_add(1, Ordering::SeqCst);
-            }
-            seen
-        });
+/// Four clients sending one request after the other, each space and owner new (no business
+/// refusal), each request noted with the phase it was sent in and the one it was answered in.
+struct Load {
+    phase: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    clients: tokio::task::JoinSet<Vec<Sent>>,
+}
+
+/// `(phase sent in, phase answered in, status or NO_ANSWER)`.
+type Sent = (u8, u8, u16);
+
+impl Load {
+    fn start(http: &str) -> Load {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let phase = Arc::new(AtomicU8::new(BEFORE));
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (client, url) = (client.clone(), format!("http://{http}/spaces"));
+            let (phase, stop, next, answered) =
+                (Arc::clone(&phase), Arc::clone(&stop), Arc::clone(&next), Arc::clone(&answered));
+            clients.spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let sent_in = phase.load(Ordering::SeqCst);
+                    let body = serde_json::json!({"name": format!("s-{i}"), "owner": format!("o-{i}")});
+                    match client.post(&url).json(&body).send().await {
+                        Ok(r) => {
+                            seen.push((sent_in, phase.load(Ordering::SeqCst), r.status().as_u16()));
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => {
+                            seen.push((sent_in, phase.load(Ordering::SeqCst), NO_ANSWER));
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                seen
+            });
+        }
+        Load { phase, stop, answered, clients }
     }
+
+    fn enter(&self, phase: u8) {
+        self.phase.store(phase, Ordering::SeqCst);
+    }
+
+    /// Wait for 20 more answers, then stop the clients and return every request.
+    async fn finish(mut self, what: &str) -> Vec<Sent> {
+        let before = self.answered.load(Ordering::SeqCst);
+        wait_for(&format!("20 more answers {what}"), Duration::from_secs(60), || async {
+            (self.answered.load(Ordering::SeqCst) >= before + 20).then_some(())
+        })
+        .await;
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        let join = async {
+            while let Some(seen) = self.clients.join_next().await {
+                all.extend(seen.expect("a client task"));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(90), join).await.expect("every client gets its answers");
+        all
+    }
+}
+
+/// Wait until each of `queues` has exactly one consumer: nothing of a crashed component stayed.
+async fn one_consumer_each(probe: &baton_amqp::Broker, queues: impl IntoIterator<Item = String>) {
+    for q in queues {
+        wait_for(&format!("exactly one consumer on {q}"), Duration::from_secs(30), || async {
+            (consumers(probe, &q).await == Some(1)).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Stop `baton up` with SIGTERM; it must exit cleanly. Returns its summary of the faults.
+async fn stop_up(mut up: tokio::process::Child, env: &TestEnv) -> String {
+    let pid = up.id().expect("baton up is running").to_string();
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
+        .await
+        .expect("baton up stops within 30 s")
+        .unwrap();
+    let log = log_of(env);
+    assert!(status.success(), "baton up stopped cleanly: {status}\n{log}");
+    log.lines()
+        .find(|l| l.contains("faults injected by this run"))
+        .unwrap_or_else(|| panic!("no summary of the faults injected:\n{log}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
+    let env = TestEnv::new().await;
+    // Routing crashed 3 s after the start for 3 s, every connection dropped at 10 s.
+    let (up, http) = start_up(&env, "crash.routing=3%+3s,drop=10%").await;
+    let load = Load::start(&http);
 
     // The crash: routing's consumer leaves its queue while it is down (its tasks were aborted,
     // not left running behind), and comes back with the restart.
     let probe = env.broker().await;
     log_says(&env, "fault injected: component crashed", Duration::from_secs(60)).await;
-    phase.store(DOWN, Ordering::SeqCst);
+    load.enter(DOWN);
     let consumer_gone = AtomicBool::new(false);
     wait_for("routing to be restarted", Duration::from_secs(30), || async {
         if consumers(&probe, "routing.commands").await == Some(0) {
@@ -107,7 +183,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
         log_of(&env).contains("component restarted after its crash").then_some(())
     })
     .await;
-    phase.store(AFTER, Ordering::SeqCst);
+    load.enter(AFTER);
     assert!(
         consumer_gone.load(Ordering::SeqCst),
         "routing.commands kept a consumer while routing was crashed:\n{}",
@@ -116,21 +192,8 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
 
     // The drop, then more load on the recovered system.
     log_says(&env, "fault injected: the broker closed every connection", Duration::from_secs(60)).await;
-    let after_drop = answered.load(Ordering::SeqCst);
-    wait_for("20 more answers after the drop", Duration::from_secs(60), || async {
-        (answered.load(Ordering::SeqCst) >= after_drop + 20).then_some(())
-    })
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut statuses = Vec::new();
-    let all = async {
-        while let Some(seen) = clients.join_next().await {
-            statuses.extend(seen.expect("a client task"));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(90), all).await.expect("every client gets its answers");
-
-    let count = |p: u8| statuses.iter().filter(|(sent_in, _)| *sent_in == p).count();
+    let statuses = load.finish("after the drop").await;
+    let count = |p: u8| statuses.iter().filter(|(sent_in, _, _)| *sent_in == p).count();
     eprintln!(
         "requests sent before the crash {}, while routing was down {}, after it came back {}",
         count(BEFORE),
@@ -139,40 +202,26 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
     );
     assert!(count(BEFORE) > 0 && count(AFTER) > 0, "the load ran across the crash");
     // An injected fault may cost a request a 503 after a true rollback (the audit checks that);
-    // nothing else but a 200.
-    assert!(statuses.iter().all(|(_, s)| [200, 503].contains(s)), "{statuses:?}");
+    // nothing else but a 200, and every request is answered.
+    assert!(statuses.iter().all(|(_, _, s)| [200, 503].contains(s)), "{statuses:?}");
     assert!(
-        statuses.iter().any(|(p, s)| *p == AFTER && *s == 200),
+        statuses.iter().any(|(p, _, s)| *p == AFTER && *s == 200),
         "the restarted routing works: {statuses:?}"
     );
 
     every_saga_ends(&env, Duration::from_secs(60)).await;
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
-    let ok = statuses.iter().filter(|(_, s)| *s == 200).count();
+    let ok = statuses.iter().filter(|(_, _, s)| *s == 200).count();
     assert_eq!(report.complete, ok, "one complete space per 200");
-    // Nothing of the crashed routing stayed behind: one consumer per service queue.
-    for q in ["records", "placement", "entitlements", "routing", "notifier"].map(|s| format!("{s}.commands"))
-    {
-        wait_for(&format!("exactly one consumer on {q}"), Duration::from_secs(30), || async {
-            (consumers(&probe, &q).await == Some(1)).then_some(())
-        })
-        .await;
-    }
+    one_consumer_each(
+        &probe,
+        ["records", "placement", "entitlements", "routing", "notifier"].map(|s| format!("{s}.commands")),
+    )
+    .await;
 
     // A clean stop after the faults, with the count of what was injected.
-    let pid = up.id().expect("baton up is running").to_string();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
-        .await
-        .expect("baton up stops within 30 s")
-        .unwrap();
-    let log = log_of(&env);
-    assert!(status.success(), "baton up stopped cleanly: {status}\n{log}");
-    let summary = log.lines().find(|l| l.contains("faults injected by this run")).unwrap_or_else(|| {
-        panic!("no summary of the faults injected:\n{log}");
-    });
+    let summary = stop_up(up, &env).await;
     assert!(summary.contains("crash routing 1"), "{summary}");
     assert!(summary.contains("connections dropped"), "{summary}");
     probe.close().await;
@@ -199,86 +248,13 @@ fn plain(line: &str) -> String {
 const ORCH_DOWN: u8 = 3;
 const BETWEEN: u8 = 4;
 const GATEWAY_DOWN: u8 = 5;
-/// What a client notes when the gateway gave no answer (its connection refused or cut).
-const NO_ANSWER: u16 = 0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends() {
     let env = TestEnv::new().await;
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
     // The orchestrator crashed 5 s after the start for 3 s, the gateway at 15 s for 2 s.
-    let mut up = spawn_baton(
-        &env,
-        &[
-            "up",
-            "--mode",
-            "workflow",
-            "--http",
-            &http,
-            "--faults",
-            "crash.orchestrator=5%+3s,crash.gateway=15%+2s",
-            "--fault-window",
-            "100s",
-            "--mgmt-url",
-            &mgmt_base(),
-        ],
-        &[],
-        "up.log",
-    );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    wait_for("the gateway of baton up", Duration::from_secs(30), || {
-        let (c, url) = (client.clone(), format!("http://{http}/health"));
-        async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-    })
-    .await;
-
-    // Four clients, one request after the other, each marked with the phase it was sent in. A
-    // request the crashed gateway leaves without an answer is noted as such.
-    let phase = Arc::new(AtomicU8::new(BEFORE));
-    let stop = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    // Successes of requests sent before the orchestrator's crash and answered after its restart.
-    let across = Arc::new(AtomicUsize::new(0));
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (client, http) = (client.clone(), http.clone());
-        let (phase, stop, next, answered, across) = (
-            Arc::clone(&phase),
-            Arc::clone(&stop),
-            Arc::clone(&next),
-            Arc::clone(&answered),
-            Arc::clone(&across),
-        );
-        clients.spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let sent_in = phase.load(Ordering::SeqCst);
-                let r = client
-                    .post(format!("http://{http}/spaces"))
-                    .json(&serde_json::json!({"name": format!("s-{i}"), "owner": format!("o-{i}")}))
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) => {
-                        let answered_in = phase.load(Ordering::SeqCst);
-                        if sent_in == BEFORE && answered_in >= BETWEEN {
-                            across.fetch_add(usize::from(r.status().is_success()), Ordering::SeqCst);
-                        }
-                        seen.push((sent_in, r.status().as_u16()));
-                        answered.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(_) => {
-                        seen.push((sent_in, NO_ANSWER));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-            seen
-        });
-    }
+    let (up, http) = start_up(&env, "crash.orchestrator=5%+3s,crash.gateway=15%+2s").await;
+    let load = Load::start(&http);
 
     // The orchestrator's crash: its consumers leave both its queues while it is down.
     let probe = env.broker().await;
@@ -287,13 +263,14 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         logged(&env, "fault injected: component crashed", "orchestrator").then_some(())
     })
     .await;
-    phase.store(ORCH_DOWN, Ordering::SeqCst);
+    load.enter(ORCH_DOWN);
     // A request sent while the orchestrator is down waits on its queue for the next one.
     let while_down = tokio::spawn({
-        let (client, http) = (client.clone(), http.clone());
+        let url = format!("http://{http}/spaces");
         async move {
             let body = serde_json::json!({"name": "while-down", "owner": "while-down"});
-            client.post(format!("http://{http}/spaces")).json(&body).send().await.map(|r| r.status().as_u16())
+            let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+            client.post(url).json(&body).send().await.map(|r| r.status().as_u16())
         }
     });
     let orchestrator_gone = AtomicBool::new(false);
@@ -304,7 +281,7 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         logged(&env, "component restarted after its crash", "orchestrator").then_some(())
     })
     .await;
-    phase.store(BETWEEN, Ordering::SeqCst);
+    load.enter(BETWEEN);
     assert!(
         orchestrator_gone.load(Ordering::SeqCst),
         "the orchestrator's queues kept a consumer while it was crashed:\n{}",
@@ -316,7 +293,7 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         logged(&env, "fault injected: component crashed", "gateway").then_some(())
     })
     .await;
-    phase.store(GATEWAY_DOWN, Ordering::SeqCst);
+    load.enter(GATEWAY_DOWN);
     let (port_closed, gateway_gone) = (AtomicBool::new(false), AtomicBool::new(false));
     wait_for("the gateway to be restarted", Duration::from_secs(30), || async {
         if tokio::net::TcpStream::connect(&http).await.is_err() {
@@ -328,7 +305,7 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         logged(&env, "component restarted after its crash", "gateway").then_some(())
     })
     .await;
-    phase.store(AFTER, Ordering::SeqCst);
+    load.enter(AFTER);
     assert!(port_closed.load(Ordering::SeqCst), "the crashed gateway's port stayed open:\n{}", log_of(&env));
     assert!(
         gateway_gone.load(Ordering::SeqCst),
@@ -337,21 +314,8 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
     );
 
     // More load on the recovered system, then stop the clients.
-    let after = answered.load(Ordering::SeqCst);
-    wait_for("20 more answers after the gateway came back", Duration::from_secs(60), || async {
-        (answered.load(Ordering::SeqCst) >= after + 20).then_some(())
-    })
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut statuses = Vec::new();
-    let all = async {
-        while let Some(seen) = clients.join_next().await {
-            statuses.extend(seen.expect("a client task"));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(90), all).await.expect("every client gets its answers");
-
-    let count = |p: u8| statuses.iter().filter(|(sent_in, _)| *sent_in == p).count();
+    let statuses = load.finish("after the gateway came back").await;
+    let count = |p: u8| statuses.iter().filter(|(sent_in, _, _)| *sent_in == p).count();
     eprintln!(
         "requests sent before the crashes {}, while the orchestrator was down {}, between {}, while the gateway was down {}, after {}",
         count(BEFORE),
@@ -362,9 +326,9 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
     );
     // Only the gateway's crash costs answers; a request sent while the orchestrator was down
     // waits for it and gets its outcome.
-    assert!(statuses.iter().all(|(_, s)| [200, 503, NO_ANSWER].contains(s)), "{statuses:?}");
+    assert!(statuses.iter().all(|(_, _, s)| [200, 503, NO_ANSWER].contains(s)), "{statuses:?}");
     assert!(
-        statuses.iter().all(|(p, s)| *s != NO_ANSWER || [BETWEEN, GATEWAY_DOWN].contains(p)),
+        statuses.iter().all(|(p, _, s)| *s != NO_ANSWER || [BETWEEN, GATEWAY_DOWN].contains(p)),
         "no answer to a request sent away from the gateway's crash: {statuses:?}"
     );
     let while_down = while_down.await.expect("the request sent while the orchestrator was down");
@@ -374,44 +338,27 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         "a request sent while the orchestrator was down ends once it is back"
     );
     assert!(
-        across.load(Ordering::SeqCst) > 0,
+        statuses.iter().any(|(sent, answered, s)| *sent == BEFORE && *answered >= BETWEEN && *s == 200),
         "requests in flight when the orchestrator crashed got their outcome after its restart"
     );
     assert!(
-        statuses.iter().any(|(p, s)| *p == AFTER && *s == 200),
+        statuses.iter().any(|(p, _, s)| *p == AFTER && *s == 200),
         "the restarted gateway works: {statuses:?}"
     );
 
     every_saga_ends(&env, Duration::from_secs(60)).await;
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
-    let ok = statuses.iter().filter(|(_, s)| *s == 200).count() + 1;
+    let ok = statuses.iter().filter(|(_, _, s)| *s == 200).count() + 1;
     // Each 200 is a complete space; a request the crashed gateway left unanswered may be one too.
     assert!(report.complete >= ok, "one complete space per 200: {} < {ok}", report.complete);
-    // Nothing of the crashed components stayed behind: one consumer per queue.
     let queues = ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"]
         .map(|s| format!("{s}.commands"))
         .into_iter()
         .chain([replies.to_owned(), "gateway.main.outcomes".to_owned()]);
-    for q in queues {
-        wait_for(&format!("exactly one consumer on {q}"), Duration::from_secs(30), || async {
-            (consumers(&probe, &q).await == Some(1)).then_some(())
-        })
-        .await;
-    }
+    one_consumer_each(&probe, queues).await;
 
-    let pid = up.id().expect("baton up is running").to_string();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
-        .await
-        .expect("baton up stops within 30 s")
-        .unwrap();
-    let log = log_of(&env);
-    assert!(status.success(), "baton up stopped cleanly: {status}\n{log}");
-    let summary = log.lines().find(|l| l.contains("faults injected by this run")).unwrap_or_else(|| {
-        panic!("no summary of the faults injected:\n{log}");
-    });
+    let summary = stop_up(up, &env).await;
     assert!(summary.contains("crash orchestrator 1"), "{summary}");
     assert!(summary.contains("crash gateway 1"), "{summary}");
     probe.close().await;
