@@ -50,12 +50,13 @@ fn targets(mode: Mode) -> Vec<Target> {
     }
 }
 
-/// Publish the `n`-th bad message of a run (its kind and its queue both go round in turn) and
-/// wait for the broker's confirm. Returns what was sent, for the tally.
+/// Publish the `n`-th bad message of a run and wait for the broker's confirm. Returns what was
+/// sent, for the tally. The kinds go round in turn, and so do the queues, shifted by one at each
+/// round of kinds: with as many queues as kinds, each queue still gets every kind.
 pub async fn send(broker: &Broker, mode: Mode, n: usize) -> anyhow::Result<&'static str> {
     let targets = targets(mode);
-    let target = &targets[n % targets.len()];
-    let what = KINDS[n % KINDS.len()];
+    let (queue, kind) = pick(n, targets.len());
+    let (target, what) = (&targets[queue], KINDS[kind]);
     let good = BasicProperties::default()
         .with_message_id(uuid::Uuid::new_v4().to_string().into())
         .with_type(target.kind.into())
@@ -87,6 +88,11 @@ pub async fn send(broker: &Broker, mode: Mode, n: usize) -> anyhow::Result<&'sta
     Ok(what)
 }
 
+/// The queue and the kind of the `n`-th bad message, of `queues` queues.
+fn pick(n: usize, queues: usize) -> (usize, usize) {
+    ((n + n / KINDS.len()) % queues, n % KINDS.len())
+}
+
 /// Of the dead letters found, how many are the run's own bad messages and how many are not.
 /// A dead-letter queue holding more than was looked at counts the rest as not planned.
 pub fn tally(dead: &[DeadQueue]) -> (u32, u32) {
@@ -96,4 +102,23 @@ pub fn tally(dead: &[DeadQueue]) -> (u32, u32) {
         .sum();
     let all: u32 = dead.iter().map(|q| q.count).sum();
     (planned, all - planned)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Twenty bad messages reach every queue with several kinds each, in both modes' shapes.
+    #[test]
+    fn every_queue_gets_several_kinds() {
+        for queues in [5, 7] {
+            let mut seen: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+            for n in 0..20 {
+                let (q, k) = super::pick(n, queues);
+                seen.entry(q).or_default().insert(k);
+            }
+            assert_eq!(seen.len(), queues, "{seen:?}");
+            assert!(seen.values().all(|kinds| kinds.len() >= 2), "{queues} queues: {seen:?}");
+        }
+    }
 }
