@@ -52,9 +52,12 @@ fn every_fault_was_injected(run: &ModeRun, components: &[&str], summary: &str) {
     assert_eq!(run.bad_inputs_sent(), 20, "every bad message went out: {summary}");
     assert!(run.stats.ok > 50, "work got done: {summary}");
     assert!(run.quiescent, "{summary}");
-    // Each bad message is in a dead-letter queue with a reason; nothing else is.
+    // Each bad message is in a dead-letter queue with a reason; nothing else is. (At least once:
+    // a consumer killed between dead-lettering a message and acking it dead-letters it again
+    // when it comes back, and a bad message whose confirm was lost with a connection is sent
+    // again.)
     let (planned, other) = baton_compare::poison::tally(&run.dead_letters);
-    assert_eq!((planned, other), (20, 0), "{summary}");
+    assert!(planned >= 20 && other == 0, "{planned} planned, {other} other: {summary}");
     for m in run.dead_letters.iter().flat_map(|q| &q.first) {
         assert_ne!(m.reason, "no reason recorded", "{m:?}\n{summary}");
         assert!(

@@ -356,7 +356,7 @@ pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
     if r.bad_inputs_sent() > 0 {
         let _ = writeln!(
             out,
-            "bad input        {} sent to the work queues, {planned} dead-lettered with their reason",
+            "bad input        {} sent to the work queues, {planned} dead-lettered with their reason (a consumer killed before its ack dead-letters one again)",
             r.bad_inputs_sent()
         );
     }
