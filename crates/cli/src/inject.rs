@@ -172,31 +172,27 @@ pub fn spawn_driver(
     });
 }
 
-/// Close every connection of `vhost` through the management API. It lists a connection only
-/// once its statistics are in, a few seconds after it opened: try for a while.
+/// Close every connection of `vhost` through the management API.
 async fn drop_connections(mgmt: Mgmt, vhost: String, injected: Injected, round: u64) {
-    for _ in 0..40 {
-        match mgmt.drop_connections(&vhost).await {
-            Ok(0) => tokio::time::sleep(Duration::from_millis(250)).await,
-            Ok(n) => {
-                let total = injected.add("connections dropped", n);
-                tracing::warn!(
-                    fault = "drop",
-                    %vhost,
-                    connections = n,
-                    total,
-                    round,
-                    "fault injected: the broker closed every connection of the vhost"
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::error!(fault = "drop", %vhost, error = %format!("{e:#}"), "dropping connections through the management API failed");
-                return;
-            }
+    match mgmt.drop_connections_once_listed(&vhost).await {
+        Ok(0) => {
+            tracing::warn!(fault = "drop", %vhost, round, "the management API listed no connection to drop")
+        }
+        Ok(n) => {
+            let total = injected.add("connections dropped", n);
+            tracing::warn!(
+                fault = "drop",
+                %vhost,
+                connections = n,
+                total,
+                round,
+                "fault injected: the broker closed every connection of the vhost"
+            );
+        }
+        Err(e) => {
+            tracing::error!(fault = "drop", %vhost, error = %format!("{e:#}"), "dropping connections through the management API failed");
         }
     }
-    tracing::warn!(fault = "drop", %vhost, round, "the management API listed no connection to drop");
 }
 
 #[cfg(test)]

@@ -75,6 +75,19 @@ impl Mgmt {
             .sum())
     }
 
+    /// [`Mgmt::drop_connections`], tried for up to 10 s while it finds none: the API lists a
+    /// connection only once its statistics are in, a few seconds after it opened. Returns how
+    /// many were closed (0: none was ever listed).
+    pub async fn drop_connections_once_listed(&self, vhost: &str) -> anyhow::Result<usize> {
+        for _ in 0..40 {
+            match self.drop_connections(vhost).await? {
+                0 => tokio::time::sleep(Duration::from_millis(250)).await,
+                n => return Ok(n),
+            }
+        }
+        Ok(0)
+    }
+
     /// Close every client connection of `vhost` from the broker's side; returns how many.
     pub async fn drop_connections(&self, vhost: &str) -> anyhow::Result<usize> {
         let conns: Vec<Value> = self

@@ -181,27 +181,17 @@ async fn drive(
                             "the plan restarts the broker, but no --broker-ctl says how; skipped"
                         ),
                     },
-                    Fault::Drop => {
-                        // The management API lists a connection only once its statistics are
-                        // in, a few seconds after it opened: try for a while.
-                        for _ in 0..40 {
-                            match mgmt.drop_connections(&vhost).await {
-                                Ok(0) => tokio::time::sleep(Duration::from_millis(250)).await,
-                                Ok(n) => {
-                                    *injected
-                                        .lock()
-                                        .expect("faults")
-                                        .entry("connections dropped".into())
-                                        .or_default() += n;
-                                    break;
-                                }
-                                Err(e) => {
-                                    tracing::error!(error = %e, "dropping connections failed");
-                                    break;
-                                }
-                            }
+                    Fault::Drop => match mgmt.drop_connections_once_listed(&vhost).await {
+                        Ok(0) => tracing::warn!("the management API listed no connection to drop"),
+                        Ok(n) => {
+                            *injected
+                                .lock()
+                                .expect("faults")
+                                .entry("connections dropped".into())
+                                .or_default() += n
                         }
-                    }
+                        Err(e) => tracing::error!(error = %e, "dropping connections failed"),
+                    },
                 }
             }
             while restarts.join_next().await.is_some() {}
