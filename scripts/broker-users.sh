@@ -50,9 +50,7 @@ case "$SCHEME" in amqp | amqps) ;; *) die "--scheme must be amqp or amqps, not '
 case "$PREFIX" in *[!A-Za-z0-9._-]*) die "--prefix may hold only letters, digits, '.', '_' and '-'." ;; esac
 
 ensure_curl
-if ! has jq; then
-    if can_apt; then apt_install jq; else die "jq is not installed; install it (Debian: sudo apt-get install jq) and run this script again."; fi
-fi
+ensure_jq
 mgmt_ok || die "the management API at $BATON_MGMT_URL does not answer with login $BATON_MGMT_USER; start RabbitMQ (scripts/demo.sh does) or set BATON_MGMT_URL/USER/PASS."
 
 PERMISSIONS="$ROOT/broker/permissions.json"

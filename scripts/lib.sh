@@ -90,6 +90,16 @@ ensure_curl() {
     fi
 }
 
+# ensure_jq: scripts/broker-users.sh reads broker/permissions.json with jq (and a test runs it).
+ensure_jq() {
+    has jq && return 0
+    if can_apt; then
+        apt_install jq
+    else
+        die "jq is not installed; install it (Debian: sudo apt-get install jq) and run this script again."
+    fi
+}
+
 # ensure_cc: rusqlite builds SQLite from source and needs a C compiler.
 ensure_cc() {
     has cc && return 0

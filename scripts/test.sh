@@ -17,8 +17,9 @@ source scripts/lib.sh
 say "step 1/4: checking the Rust toolchain"
 ensure_rust
 
-say "step 2/4: checking the local RabbitMQ"
+say "step 2/4: checking the local RabbitMQ (and jq, for the test of scripts/broker-users.sh)"
 ensure_rabbitmq
+ensure_jq
 
 # Where the tests find the broker; a test appends its own vhost to the AMQP URL.
 export BATON_TEST_AMQP_URL="${BATON_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"
