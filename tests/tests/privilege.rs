@@ -16,7 +16,7 @@ use baton_tests::{
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -44,36 +44,37 @@ impl Users {
             let password = Uuid::new_v4().simple().to_string();
             // Recorded before it exists, so that Drop deletes it whatever fails next.
             users.users.push((component, name.clone(), password.clone()));
-            let r = http
-                .put(format!("{}/api/users/{name}", mgmt_base()))
-                .basic_auth("guest", Some("guest"))
-                .json(&serde_json::json!({"password": password, "tags": ""}))
-                .send()
-                .await
-                .expect("management API");
-            assert!(r.status().is_success(), "creating user {name}: {}", r.status());
-            let body =
-                serde_json::json!({"configure": p["configure"], "write": p["write"], "read": p["read"]});
-            let r = http
-                .put(format!("{}/api/permissions/{}/{name}", mgmt_base(), env.vhost))
-                .basic_auth("guest", Some("guest"))
-                .json(&body)
-                .send()
-                .await
-                .expect("management API");
-            assert!(r.status().is_success(), "permissions of {name}: {}", r.status());
+            let put = |path: String, body: Value, what: String| {
+                let http = http.clone();
+                async move {
+                    let r = http
+                        .put(format!("{}/api{path}", mgmt_base()))
+                        .basic_auth("guest", Some("guest"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("management API");
+                    assert!(r.status().is_success(), "{what}: {}", r.status());
+                }
+            };
+            let vhost = &env.vhost;
+            put(
+                format!("/users/{name}"),
+                json!({"password": password, "tags": ""}),
+                format!("creating user {name}"),
+            )
+            .await;
+            let body = json!({"configure": p["configure"], "write": p["write"], "read": p["read"]});
+            put(format!("/permissions/{vhost}/{name}"), body, format!("permissions of {name}")).await;
             // The routing keys it may publish on a topic exchange (baton.events), one per exchange.
             for t in p["topic"].as_array().into_iter().flatten() {
-                let body =
-                    serde_json::json!({"exchange": t["exchange"], "write": t["write"], "read": t["read"]});
-                let r = http
-                    .put(format!("{}/api/topic-permissions/{}/{name}", mgmt_base(), env.vhost))
-                    .basic_auth("guest", Some("guest"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("management API");
-                assert!(r.status().is_success(), "topic permissions of {name}: {}", r.status());
+                let body = json!({"exchange": t["exchange"], "write": t["write"], "read": t["read"]});
+                put(
+                    format!("/topic-permissions/{vhost}/{name}"),
+                    body,
+                    format!("topic permissions of {name}"),
+                )
+                .await;
             }
         }
         users
