@@ -106,6 +106,7 @@ async fn a_duplicate_reply_advances_the_saga_once() {
         space_id,
         workflow: "create-space".into(),
         input: Context { name: "twice".into(), owner: "alice".into(), ..Default::default() },
+        deadline: None,
     };
     let msg = Outgoing::new(
         COMMANDS,

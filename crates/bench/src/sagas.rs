@@ -268,6 +268,7 @@ pub(crate) fn start_message(rpc: &Rpc, workflow: &str, name: String, owner: Stri
         space_id: Uuid::new_v4(),
         workflow: workflow.to_owned(),
         input: Context { name, owner, ..Default::default() },
+        deadline: None,
     };
     let msg = Outgoing::new(COMMANDS, ORCHESTRATOR, START, saga_id, "bench", TraceParent::new_root(), &start)
         .reply_to(rpc.key())

@@ -353,6 +353,8 @@ impl Gateway {
                     space_id,
                     workflow: self.opts.workflow.clone(),
                     input,
+                    // Filled in by the deadline work (the saga's side of the client's 504).
+                    deadline: None,
                 };
                 Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
                     .reply_to(self.reply_key.as_str())

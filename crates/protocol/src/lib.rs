@@ -247,6 +247,20 @@ pub struct StartSaga {
     pub space_id: Uuid,
     pub workflow: String,
     pub input: Context,
+    /// When the client stops waiting and is told 504. Past it the saga starts no new forward
+    /// step. Absent from starts that have no client waiting (bench, operators).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<ClientDeadline>,
+}
+
+/// A client's deadline, said twice so that a receiver can hold it against either clock: `at_ms`
+/// is the gateway's wall clock (unix ms), right when clocks agree and the start waited in a
+/// queue; `budget_ms` is what was left of it when the gateway sent the start, right when the
+/// receiver's wall clock jumped. The receiver keeps the earlier of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientDeadline {
+    pub at_ms: u64,
+    pub budget_ms: u64,
 }
 
 /// The events of the `events` mode (routing keys on `baton.events` and message types).
