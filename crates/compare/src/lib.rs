@@ -111,6 +111,9 @@ pub struct ModeRun {
     pub left_in_outbox: i64,
     /// Dead-letter queues holding messages, with the reasons of the first ones.
     pub dead_letters: Vec<baton_amqp::dlq::DeadQueue>,
+    /// Processes that exited on their own and were started again by the fleet's supervisor,
+    /// with how many times (the plan's own crashes are not counted here).
+    pub restarted: BTreeMap<String, u32>,
 }
 
 impl ModeRun {

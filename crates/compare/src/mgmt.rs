@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::Value;
 
 /// A management API endpoint with its login.
@@ -16,8 +16,7 @@ pub struct Mgmt {
 
 impl Mgmt {
     pub fn new(url: &str, user: &str, password: &str) -> Mgmt {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("an HTTP client");
+        let http = reqwest::Client::builder().timeout(TIMEOUT).build().expect("an HTTP client");
         Mgmt { url: url.trim_end_matches('/').into(), user: user.into(), password: password.into(), http }
     }
 
@@ -30,31 +29,61 @@ impl Mgmt {
     /// Create `vhost` (fresh: an old one of the name is deleted first) and let our user in.
     pub async fn fresh_vhost(&self, vhost: &str) -> anyhow::Result<()> {
         self.delete_vhost(vhost).await?;
-        let r = self.req(reqwest::Method::PUT, &format!("/vhosts/{vhost}")).send().await.with_context(|| {
-            format!("the RabbitMQ management API at {} does not answer; enable it with `rabbitmq-plugins enable rabbitmq_management`", self.url)
-        })?;
-        if !r.status().is_success() {
-            bail!("creating vhost {vhost}: HTTP {}", r.status());
-        }
+        let r = self.send(self.req(reqwest::Method::PUT, &format!("/vhosts/{vhost}"))).await?;
+        self.check(r, &format!("creating vhost {vhost}")).await?;
         let r = self
-            .req(reqwest::Method::PUT, &format!("/permissions/{vhost}/{}", self.user))
-            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
-            .send()
+            .send(
+                self.req(reqwest::Method::PUT, &format!("/permissions/{vhost}/{}", self.user))
+                    .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+            )
             .await?;
-        if !r.status().is_success() {
-            bail!("granting {} on {vhost}: HTTP {}", self.user, r.status());
-        }
-        Ok(())
+        self.check(r, &format!("granting {} on {vhost}", self.user)).await
     }
 
+    /// Delete `vhost`; one that does not exist is no error.
     pub async fn delete_vhost(&self, vhost: &str) -> anyhow::Result<()> {
-        let r = self.req(reqwest::Method::DELETE, &format!("/vhosts/{vhost}")).send().await.with_context(|| {
-            format!("the RabbitMQ management API at {} does not answer; enable it with `rabbitmq-plugins enable rabbitmq_management`", self.url)
-        })?;
-        if !(r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND) {
-            bail!("deleting vhost {vhost}: HTTP {}", r.status());
+        let r = self.send(self.req(reqwest::Method::DELETE, &format!("/vhosts/{vhost}"))).await?;
+        if r.status() != reqwest::StatusCode::NOT_FOUND {
+            return self.check(r, &format!("deleting vhost {vhost}")).await;
         }
-        Ok(())
+        // The API's own "no such vhost" is no error; a 404 from anything else is.
+        match r.text().await {
+            Ok(body) if body.contains("Object Not Found") => Ok(()),
+            _ => bail!(
+                "deleting vhost {vhost}: {} has no management API (HTTP 404); is the URL right, and the \
+                 plugin enabled (`rabbitmq-plugins enable rabbitmq_management`)?",
+                self.url
+            ),
+        }
+    }
+
+    /// Send a request, saying what went wrong in words: a timeout, nothing listening, or else.
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.send().await.map_err(|e| anyhow::anyhow!(explain(&self.url, &e)).context(e))
+    }
+
+    /// A success, or an error that tells a refusal of the login, a missing API and any other
+    /// refusal apart, with what the API said.
+    async fn check(&self, r: reqwest::Response, what: &str) -> anyhow::Result<()> {
+        let status = r.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body: String = r.text().await.unwrap_or_default().chars().take(200).collect();
+        match status {
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => bail!(
+                "{what}: the management API at {} refused user {} (HTTP {status}); check --mgmt-user and \
+                 --mgmt-password, and that the user has the administrator tag",
+                self.url,
+                self.user
+            ),
+            reqwest::StatusCode::NOT_FOUND => bail!(
+                "{what}: {} has no management API (HTTP 404); is the URL right, and the plugin enabled \
+                 (`rabbitmq-plugins enable rabbitmq_management`)?",
+                self.url
+            ),
+            _ => bail!("{what}: the management API at {} refused it (HTTP {status}): {body}", self.url),
+        }
     }
 
     /// Messages delivered to a consumer of `vhost` and not yet acked, over its work queues (not
@@ -112,6 +141,26 @@ impl Mgmt {
         Ok(n)
     }
 }
+
+/// Why a request to the management API at `url` got no answer, in words a user can act on.
+fn explain(url: &str, e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!(
+            "the management API at {url} did not answer within {} s (the broker may be busy)",
+            TIMEOUT.as_secs()
+        )
+    } else if e.is_connect() {
+        format!(
+            "nothing answers at {url}: is RabbitMQ running, with its management plugin enabled \
+             (`rabbitmq-plugins enable rabbitmq_management`)?"
+        )
+    } else {
+        format!("the request to the management API at {url} failed")
+    }
+}
+
+/// How long one call of the management API may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Percent-encode a path segment (connection names hold spaces, `:` and `>`).
 fn encode(s: &str) -> String {

@@ -97,6 +97,13 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
         let label = format!("faults injected: {kind}");
         row(&label, &|r| r.injected.get(kind).copied().unwrap_or(0).to_string());
     }
+    row("components that exited and were restarted", &|r| {
+        if r.restarted.is_empty() {
+            "none".to_owned()
+        } else {
+            r.restarted.iter().map(|(name, n)| format!("{name} x{n}")).collect::<Vec<_>>().join(", ")
+        }
+    });
     rows
 }
 

@@ -79,13 +79,23 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     components.push("gateway");
     let started: anyhow::Result<()> =
         components.iter().try_for_each(|c| fleet.spawn(&Process::new(*c))).map_err(Into::into);
+    // A component that exits on its own is started again; one that keeps exiting ends the run
+    // at once, with its log, rather than leaving the load and the settling to wait it out.
+    let supervisor = fleet.supervise();
     let result = match started {
-        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await,
+        Ok(()) => tokio::select! {
+            r = drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet) => r,
+            e = fleet.failed() => Err(anyhow::Error::from(e).context(format!("the {mode} run stopped"))),
+        },
         Err(e) => Err(e),
     };
+    drop(supervisor);
     fleet.stop().await;
-    if !opts.keep_vhosts {
-        opts.mgmt.delete_vhost(&vhost).await?;
+    // Clean-up comes after the results, and its failure costs only a leftover vhost.
+    if !opts.keep_vhosts
+        && let Err(e) = opts.mgmt.delete_vhost(&vhost).await
+    {
+        tracing::warn!(%vhost, error = %e, "could not delete the run's vhost; delete it by hand (the results stand)");
     }
     result
 }
@@ -362,6 +372,7 @@ async fn drive(
         unfinished,
         left_in_outbox,
         dead_letters,
+        restarted: fleet.restarted(),
     })
 }
 

@@ -2,7 +2,9 @@
 //! comparison, each with its log in the run's dir.
 //!
 //! Owns: spawning them (several processes of one component too, each with its own
-//! `--instance`), a crash (SIGKILL: no cleanup, no flush) and the restart after it, the graceful
+//! `--instance`), a crash (SIGKILL: no cleanup, no flush) and the restart after it, the
+//! supervision that starts again a process that exited on its own (and gives up, loudly, on one
+//! that keeps exiting), the graceful
 //! stop (SIGTERM, then SIGKILL after 10 s), the check that none died on its own, the wait until
 //! they are ready (the gateway answers `/health`, every work queue has its consumers), the tails
 //! of their logs for an error message, and what each cost from `/proc` (CPU time, RSS now and at
@@ -17,10 +19,12 @@
 mod ready;
 mod usage;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
@@ -54,6 +58,12 @@ pub enum FleetError {
     },
     #[error("component {name} exited ({status}) before the run ended; see {}{tail}", log.display())]
     Exited { name: String, status: std::process::ExitStatus, log: PathBuf, tail: String },
+    #[error(
+        "component {name} exited on its own {starts} times in a row ({status}, the last time); \
+         the run gave up on it. Its log says why: {}{tail}",
+        log.display()
+    )]
+    GaveUp { name: String, starts: u32, status: std::process::ExitStatus, log: PathBuf, tail: String },
     #[error("waited {timeout:?} for {waiting_for}; see the logs in {}{tails}", dir.display())]
     NotReady { timeout: Duration, waiting_for: String, dir: PathBuf, tails: String },
     #[error("cannot make the HTTP client of the health probe: {0}")]
@@ -99,6 +109,32 @@ impl Process {
 struct Member {
     process: Process,
     child: Option<Child>,
+    /// When the running child was started.
+    started: Instant,
+    /// Times the supervisor started it again after it exited on its own.
+    restarts: u32,
+    /// Exits in a row, each soon after its start: the supervisor gives up at [`GIVE_UP_AFTER`].
+    quick_exits: u32,
+    /// A restart the supervisor has planned, after a pause.
+    restart_at: Option<Instant>,
+    /// The last exit, once the supervisor gave up on it.
+    gave_up: Option<std::process::ExitStatus>,
+}
+
+/// The supervisor gives up on a process that exited this many times in a row, each time within
+/// [`STABLE_AFTER`] of its start: it is not coming back by itself (a corrupt database, a port
+/// taken), and the run must say so rather than wait for work that will never be done.
+const GIVE_UP_AFTER: u32 = 5;
+
+/// A process that ran this long before it exited is started again with a fresh count.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// How often the supervisor looks.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+
+/// The pause before the `n`th restart in a row: 0.5 s, doubling, at most 5 s.
+fn restart_pause(n: u32) -> Duration {
+    Duration::from_millis(500).saturating_mul(1 << n.saturating_sub(1).min(4)).min(Duration::from_secs(5))
 }
 
 /// The component processes of one run, each `baton run <component> <args>` with its stderr in
@@ -109,12 +145,32 @@ pub struct Fleet {
     args: Vec<String>,
     dir: PathBuf,
     members: Mutex<Vec<Member>>,
+    /// A supervisor runs: an exit is its to handle, and only giving up is an error.
+    supervised: AtomicBool,
+    /// Told when the supervisor gives up on a process.
+    gave_up: tokio::sync::watch::Sender<bool>,
+}
+
+/// The supervision task of a fleet; it stops when this is dropped.
+pub struct Supervisor(tokio::task::JoinHandle<()>);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Fleet {
     /// A fleet with no process yet: each is `<bin> run <component> <args>`, logging in `dir`.
     pub fn new(bin: &Path, args: Vec<String>, dir: &Path) -> Fleet {
-        Fleet { bin: bin.to_owned(), args, dir: dir.to_owned(), members: Mutex::new(Vec::new()) }
+        Fleet {
+            bin: bin.to_owned(),
+            args,
+            dir: dir.to_owned(),
+            members: Mutex::new(Vec::new()),
+            supervised: AtomicBool::new(false),
+            gave_up: tokio::sync::watch::Sender::new(false),
+        }
     }
 
     /// A fleet running each of `processes`, started in that order.
@@ -147,8 +203,31 @@ impl Fleet {
 
     /// Start `process`; one already running under its name is replaced (and killed).
     pub fn spawn(&self, process: &Process) -> Result<(), FleetError> {
+        let child = self.launch(process)?;
         let name = process.name();
-        let path = self.log_path(&name);
+        let mut members = self.members();
+        match members.iter_mut().find(|m| m.process.name() == name) {
+            Some(m) => {
+                m.child = Some(child);
+                m.started = Instant::now();
+                m.restart_at = None;
+            }
+            None => members.push(Member {
+                process: process.clone(),
+                child: Some(child),
+                started: Instant::now(),
+                restarts: 0,
+                quick_exits: 0,
+                restart_at: None,
+                gave_up: None,
+            }),
+        }
+        Ok(())
+    }
+
+    /// `baton run <component> <args>`, its stderr appended to its log.
+    fn launch(&self, process: &Process) -> Result<Child, FleetError> {
+        let path = self.log_path(&process.name());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -159,15 +238,98 @@ impl Fleet {
         if let Some(i) = &process.instance {
             cmd.arg("--instance").arg(i);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().map_err(|source| {
-            FleetError::Spawn { bin: self.bin.clone(), component: process.component.clone(), source }
-        })?;
+        cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().map_err(|source| FleetError::Spawn {
+            bin: self.bin.clone(),
+            component: process.component.clone(),
+            source,
+        })
+    }
+
+    /// Watch the fleet until the returned [`Supervisor`] is dropped: a process that exits on its
+    /// own (not through [`crash`](Fleet::crash) or [`stop`](Fleet::stop)) is started again after
+    /// a short pause, and said so at WARN; one that keeps exiting soon after each start is given
+    /// up on, which [`failed`](Fleet::failed) reports at once. [`restarted`](Fleet::restarted)
+    /// counts the restarts, for the run's table.
+    pub fn supervise(self: &Arc<Self>) -> Supervisor {
+        self.supervised.store(true, Ordering::SeqCst);
+        let fleet = Arc::clone(self);
+        Supervisor(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SUPERVISE_EVERY).await;
+                fleet.supervise_once();
+            }
+        }))
+    }
+
+    fn supervise_once(&self) {
         let mut members = self.members();
-        match members.iter_mut().find(|m| m.process.name() == name) {
-            Some(m) => m.child = Some(child),
-            None => members.push(Member { process: process.clone(), child: Some(child) }),
+        for m in members.iter_mut().filter(|m| m.gave_up.is_none()) {
+            let name = m.process.name();
+            if let Some(child) = &mut m.child {
+                let Ok(Some(status)) = child.try_wait() else { continue };
+                m.child = None;
+                m.quick_exits = if m.started.elapsed() < STABLE_AFTER { m.quick_exits + 1 } else { 1 };
+                let log = self.log_path(&name);
+                if m.quick_exits >= GIVE_UP_AFTER {
+                    tracing::error!(component = %name, %status, log = %log.display(), "exited again soon after its start; giving up on it");
+                    m.gave_up = Some(status);
+                    self.gave_up.send_replace(true);
+                } else {
+                    let pause = restart_pause(m.quick_exits);
+                    tracing::warn!(
+                        component = %name, %status, retry_in = ?pause, log = %log.display(),
+                        "a component exited on its own; starting it again{}", tail(&log, &name, 3)
+                    );
+                    m.restart_at = Some(Instant::now() + pause);
+                }
+            } else if m.restart_at.is_some_and(|at| Instant::now() >= at) {
+                m.restart_at = None;
+                match self.launch(&m.process) {
+                    Ok(child) => {
+                        m.child = Some(child);
+                        m.started = Instant::now();
+                        m.restarts += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(component = %name, error = %e, "starting it again failed; trying later");
+                        m.quick_exits += 1;
+                        m.restart_at = Some(Instant::now() + restart_pause(m.quick_exits));
+                    }
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Resolves once the supervisor has given up on a process, with the error that says which
+    /// and where its log is; never resolves otherwise.
+    pub async fn failed(&self) -> FleetError {
+        let mut rx = self.gave_up.subscribe();
+        let _ = rx.wait_for(|gave_up| *gave_up).await;
+        match self.given_up() {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The process the supervisor gave up on, if any, as an error.
+    fn given_up(&self) -> Option<FleetError> {
+        let members = self.members();
+        let m = members.iter().find(|m| m.gave_up.is_some())?;
+        let name = m.process.name();
+        let log = self.log_path(&name);
+        Some(FleetError::GaveUp {
+            tail: tail(&log, &name, ready::TAIL),
+            starts: m.quick_exits,
+            status: m.gave_up?,
+            log,
+            name,
+        })
+    }
+
+    /// How many times the supervisor started each process again after it exited on its own,
+    /// by process name (only those it did).
+    pub fn restarted(&self) -> BTreeMap<String, u32> {
+        self.members().iter().filter(|m| m.restarts > 0).map(|m| (m.process.name(), m.restarts)).collect()
     }
 
     /// Start again the process `name` after a [`crash`](Fleet::crash). Returns whether the
@@ -183,7 +345,10 @@ impl Fleet {
     /// SIGKILL the process `name`, as a crash: no cleanup, no flush, no goodbye. Returns whether
     /// it was running. [`check_alive`](Fleet::check_alive) does not count it as dead.
     pub async fn crash(&self, name: &str) -> bool {
-        let child = self.members().iter_mut().find(|m| m.process.name() == name).and_then(|m| m.child.take());
+        let child = self.members().iter_mut().find(|m| m.process.name() == name).and_then(|m| {
+            m.restart_at = None;
+            m.child.take()
+        });
         match child {
             Some(mut c) => {
                 let _ = c.start_kill();
@@ -209,8 +374,12 @@ impl Fleet {
         self.members().iter().find(|m| m.process.name() == name)?.child.as_ref()?.id()
     }
 
-    /// Fail, naming the log to read, if a running process has exited on its own.
+    /// Fail, naming the log to read, if a running process has exited on its own (under a
+    /// supervisor: if it gave up on one).
     pub fn check_alive(&self) -> Result<(), FleetError> {
+        if self.supervised.load(Ordering::SeqCst) {
+            return self.given_up().map_or(Ok(()), Err);
+        }
         for m in self.members().iter_mut() {
             let Some(child) = &mut m.child else { continue };
             let name = m.process.name();
@@ -262,8 +431,14 @@ impl Fleet {
 
     /// SIGTERM every running process, then SIGKILL what is still there after 10 s.
     pub async fn stop(&self) {
-        let children: Vec<(String, Child)> =
-            self.members().iter_mut().filter_map(|m| Some((m.process.name(), m.child.take()?))).collect();
+        let children: Vec<(String, Child)> = self
+            .members()
+            .iter_mut()
+            .filter_map(|m| {
+                m.restart_at = None;
+                Some((m.process.name(), m.child.take()?))
+            })
+            .collect();
         for (_, c) in &children {
             if let Some(pid) = c.id() {
                 let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
