@@ -35,7 +35,7 @@ pub(crate) async fn measure(opts: &Options, say: &Say) -> anyhow::Result<Floor> 
     opts.mgmt.fresh_vhost(&vhost).await?;
     let result = measure_in(&crate::amqp_url(opts, &vhost), &vhost, opts, say).await;
     if !opts.keep_vhosts {
-        opts.mgmt.delete_vhost(&vhost).await?;
+        opts.mgmt.clean_up_vhost(&vhost).await;
     }
     result
 }

@@ -119,7 +119,7 @@ pub(crate) async fn measure(opts: &Options, workflow: &Workflow, say: &Say) -> a
     // Nothing of the phase is kept: no graceful stop waiting on sleeping handlers.
     fleet.crash_all().await;
     if !opts.keep_vhosts {
-        opts.mgmt.delete_vhost(&vhost).await?;
+        opts.mgmt.clean_up_vhost(&vhost).await;
     }
     let hold = result?;
     if hold.sagas < n {

@@ -163,7 +163,7 @@ pub(crate) async fn run_mode(
     let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
-        opts.mgmt.delete_vhost(&vhost).await?;
+        opts.mgmt.clean_up_vhost(&vhost).await;
     }
     let (runs, components, settled) = result?;
     let (sagas, messages_per_saga, messages_counted) =

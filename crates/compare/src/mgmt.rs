@@ -57,6 +57,18 @@ impl Mgmt {
         }
     }
 
+    /// Delete a run's `vhost` once its results are in: a failure costs a leftover vhost and a
+    /// warning that says how to remove it, never the results.
+    pub async fn clean_up_vhost(&self, vhost: &str) {
+        if let Err(e) = self.delete_vhost(vhost).await {
+            tracing::warn!(
+                %vhost, error = format!("{e:#}"),
+                "could not delete the run's vhost (the results stand); remove it later with \
+                 `rabbitmqctl delete_vhost {vhost}`"
+            );
+        }
+    }
+
     /// Send a request, saying what went wrong in words: a timeout, nothing listening, or else.
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         req.send().await.map_err(|e| anyhow::anyhow!(explain(&self.url, &e)).context(e))

@@ -92,10 +92,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     drop(supervisor);
     fleet.stop().await;
     // Clean-up comes after the results, and its failure costs only a leftover vhost.
-    if !opts.keep_vhosts
-        && let Err(e) = opts.mgmt.delete_vhost(&vhost).await
-    {
-        tracing::warn!(%vhost, error = %e, "could not delete the run's vhost; delete it by hand (the results stand)");
+    if !opts.keep_vhosts {
+        opts.mgmt.clean_up_vhost(&vhost).await;
     }
     result
 }
