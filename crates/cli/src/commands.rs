@@ -182,6 +182,19 @@ async fn baton_orchestrator_task(
 }
 
 /// `up` (every component) or `run` (one of them).
+/// Fail before anything starts when the gateway's address is taken (by the demo, say), rather
+/// than after every service has connected.
+fn check_port_free(addr: &std::net::SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "{addr} is already in use (is `scripts/demo.sh` or another `baton up` running?); give the \
+             gateway another address with --http, e.g. --http 127.0.0.1:8081"
+        ),
+        Err(e) => Err(anyhow!(e).context(format!("the gateway cannot listen on {addr}"))),
+    }
+}
+
 async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     let mode = Mode::from(args.mode);
     if mode == Mode::Events && only == Some(Component::Orchestrator) {
@@ -207,6 +220,9 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         Setup { mode, cfg: service_config(&args)?, workflows: workflows_of(&args)?, faults, deadline };
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
+    if only.is_none() || only == Some(Component::Gateway) {
+        check_port_free(&args.http)?;
+    }
     let cancel = CancellationToken::new();
     shutdown::on_signal(cancel.clone());
     let components: Vec<Component> = match only {
