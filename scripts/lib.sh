@@ -90,14 +90,20 @@ ensure_curl() {
     fi
 }
 
+# ensure_tool COMMAND PACKAGE WHY: COMMAND is on the PATH, installing Debian's PACKAGE when we
+# may (root), or saying what to install and why.
+ensure_tool() {
+    has "$1" && return 0
+    if can_apt; then
+        apt_install "$2"
+    else
+        die "$1 is not installed; it is needed $3. Install it (Debian: sudo apt-get install $2) and run this script again."
+    fi
+}
+
 # ensure_jq: scripts/broker-users.sh reads broker/permissions.json with jq (and a test runs it).
 ensure_jq() {
-    has jq && return 0
-    if can_apt; then
-        apt_install jq
-    else
-        die "jq is not installed; install it (Debian: sudo apt-get install jq) and run this script again."
-    fi
+    ensure_tool jq jq "by scripts/broker-users.sh to read broker/permissions.json"
 }
 
 # ensure_cc: rusqlite builds SQLite from source and needs a C compiler.
