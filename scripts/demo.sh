@@ -57,7 +57,7 @@ fi
 # a fresh vhost it makes and deletes itself and a fresh data dir under $COMPARE_DIR. The table
 # goes to stdout (kept in $COMPARE_TABLE), the progress bar to stderr, the charts to the report.
 # A failure is reported and the demo goes on with the workflow system.
-say "comparing the two modes: baton compare, $COMPARE_REQUESTS requests at concurrency $COMPARE_CONCURRENCY (about a minute)"
+say "comparing the two modes: baton compare, $COMPARE_REQUESTS requests at concurrency $COMPARE_CONCURRENCY (about 20 seconds)"
 mkdir -p "$(dirname "$COMPARE_REPORT")"
 rm -f "$COMPARE_REPORT" "$COMPARE_TABLE"
 compare_ok=0
