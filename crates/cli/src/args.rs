@@ -55,7 +55,12 @@ pub enum Command {
         #[command(flatten)]
         data: DataDir,
         /// The broker the services listen on.
-        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+            hide_env_values = true
+        )]
         amqp_url: String,
         /// Leave alone spaces younger than this: their flow may still be moving.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -204,9 +209,11 @@ pub struct RunBroker {
     /// RabbitMQ's management API, used to make the vhosts and drop connections.
     #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
     pub mgmt_url: String,
+    /// The management API's user (it needs the administrator tag to make vhosts).
     #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
     pub mgmt_user: String,
-    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest")]
+    /// The management API user's password (never printed, not even by --help).
+    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest", hide_env_values = true)]
     pub mgmt_password: String,
 }
 
@@ -250,7 +257,12 @@ pub struct ChaosArgs {
 #[derive(Debug, Clone, Args)]
 pub struct Broker {
     /// The broker.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
     /// Instance name of the orchestrator and the gateway.
     #[arg(long, env = "BATON_INSTANCE", default_value = "main")]
@@ -375,7 +387,12 @@ pub struct UpArgs {
     #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
     pub mode: CliMode,
     /// The broker.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
     #[command(flatten)]
     pub data: DataDir,
