@@ -361,16 +361,12 @@ pub enum Component {
     Gateway,
 }
 
+/// Baton's one duration grammar, humantime's (`500ms`, `30s`, `2m`, `1h`, `1h 30m`), used by
+/// every flag and the fault plans alike; a bare number is refused rather than guessed at.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration; write e.g. 500ms, 5s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("`{s}` has an unknown unit `{unit}`; use ms, s or m")),
-    }
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); write a number with its unit, e.g. 500ms, 30s or 1h")
+    })
 }
 
 fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
@@ -485,8 +481,12 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(
+            parse_duration("7").unwrap_err().contains("with its unit"),
+            "a bare number is not guessed at"
+        );
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("not a duration"));
         assert!(parse_duration("abc").unwrap_err().contains("not a duration"));
         assert_eq!(parse_owner_plan("alice=team"), Ok(("alice".into(), "team".into())));
         assert!(parse_owner_plan("alice").is_err());

@@ -84,14 +84,9 @@ pub fn roll(seed: u64, key: &str) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// humantime's grammar, as every flag of the CLI (`5ms`, `1s`, `2m`); a bare number is refused.
 fn parse_duration(s: &str) -> Option<Duration> {
-    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "ms"), |i| s.split_at(i));
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        _ => None,
-    }
+    humantime::parse_duration(s).ok()
 }
 
 fn parse_percent(s: &str) -> Option<u32> {
