@@ -424,6 +424,17 @@ pub struct UpArgs {
     /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
+    /// connection may sit idle between requests. Past it the gateway closes the connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// How long an HTTP client may take to send the whole body of a request; past it, a 408.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+    /// HTTP connections the gateway keeps open at once; one more gets a 503 at once (default:
+    /// the open-file limit, `ulimit -n`, less an eighth of it for the rest of the process).
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
     /// Unacked deliveries each consumer holds.
     #[arg(long, default_value_t = 64)]
     pub prefetch: u16,

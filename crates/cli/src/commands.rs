@@ -164,6 +164,13 @@ fn spawn_component(
                 workflow: args.workflow.clone(),
                 deadline: setup.deadline,
                 max_in_flight: args.max_in_flight,
+                limits: baton_gateway::HttpLimits {
+                    header_timeout: args.http_header_timeout,
+                    body_timeout: args.http_body_timeout,
+                    max_connections: args
+                        .http_max_connections
+                        .unwrap_or_else(baton_gateway::default_max_connections),
+                },
             };
             let cancel = cancel.clone();
             set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) })
