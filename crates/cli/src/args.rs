@@ -361,11 +361,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The owner is normalised as the gateway does, so that `Alice=team` is alice's plan.
 fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(o, p)| (o.trim().to_owned(), p.trim().to_owned()))
+    let (owner, plan) = s
+        .split_once('=')
+        .map(|(o, p)| (o.trim(), p.trim()))
         .filter(|(o, p)| !o.is_empty() && !p.is_empty())
-        .ok_or_else(|| format!("`{s}` is not of the form owner=plan (e.g. alice=team)"))
+        .ok_or_else(|| format!("`{s}` is not of the form owner=plan (e.g. alice=team)"))?;
+    let owner = baton_gateway::normalise_owner(owner).map_err(|e| e.message)?;
+    Ok((owner, plan.to_owned()))
 }
 
 /// Flags of `up` and `run`.
@@ -484,6 +488,8 @@ mod tests {
         assert!(parse_duration("abc").unwrap_err().contains("not a duration"));
         assert_eq!(parse_owner_plan("alice=team"), Ok(("alice".into(), "team".into())));
         assert!(parse_owner_plan("alice").is_err());
+        assert_eq!(parse_owner_plan(" Alice =team"), Ok(("alice".into(), "team".into())));
+        assert!(parse_owner_plan("\u{200b}alice=team").unwrap_err().contains("U+200B"));
     }
 
     #[test]

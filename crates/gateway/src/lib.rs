@@ -11,7 +11,7 @@ mod api;
 mod input;
 mod runtime;
 
-pub use input::{CreateSpace, normalise_owner, validate};
+pub use input::{CreateSpace, Invalid, normalise_owner, validate};
 pub use runtime::{HttpLimits, Options, default_max_connections, run, serve};
 
 /// The component name: `gateway.db`, `app_id`, the outcome queue `gateway.<instance>.outcomes`.
