@@ -206,9 +206,9 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
-    // Whether the last connection was refused: the warning is said once per episode, not once
-    // per refused connection.
-    let mut full = false;
+    // Refusals are warned of at most every 10 s, with how many there were: a flood at the
+    // limit would otherwise write a line per connection.
+    let (mut refused, mut warned) = (0u64, None::<tokio::time::Instant>);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -220,17 +220,19 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                        if !std::mem::replace(&mut full, true) {
+                        refused += 1;
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                             tracing::warn!(
                                 max = limits.max_connections,
+                                refused,
                                 "HTTP connection limit reached; new connections get a 503 until some close"
                             );
+                            (refused, warned) = (0, Some(tokio::time::Instant::now()));
                         }
                         tracing::debug!(%peer, "connection refused: too many open");
                         refuse(stream, limits.max_connections);
                         continue;
                     };
-                    full = false;
                     let service = hyper_util::service::TowerToHyperService::new(app.clone());
                     let cancel = cancel.clone();
                     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
