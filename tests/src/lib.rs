@@ -252,6 +252,7 @@ impl System {
             workflow: cfg.workflow.clone(),
             deadline: cfg.deadline,
             max_in_flight: cfg.max_in_flight,
+            limits: baton_gateway::HttpLimits::default(),
         };
         tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
         let sys = System { http, cancel, tasks, client };

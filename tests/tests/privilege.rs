@@ -395,6 +395,7 @@ async fn whole_system(mode: Mode) {
         workflow: cfg.workflow.clone(),
         deadline: cfg.deadline,
         max_in_flight: 100,
+        limits: baton_gateway::HttpLimits::default(),
     };
     tasks.spawn(baton_gateway::serve(listener, gateway, cancel.clone()));
 

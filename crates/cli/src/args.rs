@@ -369,11 +369,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// The owner is normalised as the gateway does, so that `Alice=team` is alice's plan.
 fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(o, p)| (o.trim().to_owned(), p.trim().to_owned()))
+    let (owner, plan) = s
+        .split_once('=')
+        .map(|(o, p)| (o.trim(), p.trim()))
         .filter(|(o, p)| !o.is_empty() && !p.is_empty())
-        .ok_or_else(|| format!("`{s}` is not of the form owner=plan (e.g. alice=team)"))
+        .ok_or_else(|| format!("`{s}` is not of the form owner=plan (e.g. alice=team)"))?;
+    let owner = baton_gateway::normalise_owner(owner).map_err(|e| e.message)?;
+    Ok((owner, plan.to_owned()))
 }
 
 /// Flags of `up` and `run`.
@@ -437,6 +441,17 @@ pub struct UpArgs {
     /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
+    /// connection may sit idle between requests. Past it the gateway closes the connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// How long an HTTP client may take to send the whole body of a request; past it, a 408.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+    /// HTTP connections the gateway keeps open at once; one more gets a 503 at once (default:
+    /// the open-file limit, `ulimit -n`, less an eighth of it for the rest of the process).
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
     /// Unacked deliveries each consumer holds.
     #[arg(long, default_value_t = 64)]
     pub prefetch: u16,
@@ -490,6 +505,8 @@ mod tests {
         assert!(parse_duration("abc").unwrap_err().contains("not a duration"));
         assert_eq!(parse_owner_plan("alice=team"), Ok(("alice".into(), "team".into())));
         assert!(parse_owner_plan("alice").is_err());
+        assert_eq!(parse_owner_plan(" Alice =team"), Ok(("alice".into(), "team".into())));
+        assert!(parse_owner_plan("\u{200b}alice=team").unwrap_err().contains("U+200B"));
     }
 
     #[test]

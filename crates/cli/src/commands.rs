@@ -164,6 +164,13 @@ fn spawn_component(
                 workflow: args.workflow.clone(),
                 deadline: setup.deadline,
                 max_in_flight: args.max_in_flight,
+                limits: baton_gateway::HttpLimits {
+                    header_timeout: args.http_header_timeout,
+                    body_timeout: args.http_body_timeout,
+                    max_connections: args
+                        .http_max_connections
+                        .unwrap_or_else(baton_gateway::default_max_connections),
+                },
             };
             let cancel = cancel.clone();
             set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) })
@@ -422,6 +429,13 @@ fn orchestrator_db(data: &DataDir) -> anyhow::Result<rusqlite::Connection> {
     Ok(baton_store::open_read_only(&path)?)
 }
 
+/// A step's phase as `workflows show` prints it: a step still `pending` in a saga that goes no
+/// further forward (it is undoing, or has ended without it) never ran, and will not.
+fn shown_phase<'a>(saga_status: &str, phase: &'a str) -> &'a str {
+    let goes_forward = matches!(saga_status, "running" | "succeeded");
+    if phase == "pending" && !goes_forward { "not run" } else { phase }
+}
+
 fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkflowsCommand::List { data, state, limit, json } => {
@@ -464,7 +478,7 @@ fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
                     "  step {} [{}]: {} after {} attempt(s), {} compensation attempt(s)",
                     s.group + 1,
                     s.step,
-                    s.phase,
+                    shown_phase(&view.status, &s.phase),
                     s.attempts,
                     s.compensation_attempts
                 );
@@ -797,7 +811,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::component_url_in;
+    use super::{component_url_in, shown_phase};
     use std::collections::HashMap;
 
     const SHARED: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -836,5 +850,17 @@ mod tests {
             .expect_err("a missing file is an error, not the shared URL");
         let text = format!("{err:#}");
         assert!(text.contains("BATON_GATEWAY_AMQP_URL_FILE") && text.contains(&file), "{text}");
+    }
+
+    #[test]
+    fn a_step_that_never_ran_is_shown_as_not_run_once_the_saga_goes_no_further() {
+        assert_eq!(shown_phase("rolled_back", "pending"), "not run");
+        assert_eq!(shown_phase("compensating", "pending"), "not run");
+        assert_eq!(shown_phase("compensation_failed", "pending"), "not run");
+        assert_eq!(shown_phase("completed", "pending"), "not run");
+        // Still to come: the saga is on its way, or the email waits in the outbox.
+        assert_eq!(shown_phase("running", "pending"), "pending");
+        assert_eq!(shown_phase("succeeded", "pending"), "pending");
+        assert_eq!(shown_phase("rolled_back", "compensated"), "compensated");
     }
 }

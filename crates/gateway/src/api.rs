@@ -4,15 +4,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::input::{MAX_BODY, validate};
+use crate::input::{MAX_BODY, check_headers, validate};
 use crate::runtime::{Gateway, Refusal};
 
 pub(crate) fn router(gw: Arc<Gateway>) -> Router {
@@ -28,6 +27,7 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
                     .into(),
             )
         })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(gw)
 }
@@ -36,20 +36,48 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(json!({ "error": message, "status": status.as_u16() }))).into_response()
 }
 
+/// A known path asked with a method it does not take (`GET /spaces`): axum's own answer has
+/// no body, which leaves a client that reads JSON with nothing to show.
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let hint = match path {
+        "/spaces" => "create a space with POST /spaces; read one with GET /spaces/{id}",
+        _ => "the `allow` header lists the methods it takes",
+    };
+    error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} does not take {method}; {hint}"))
+}
+
 fn status(code: u16) -> StatusCode {
     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-async fn create_space(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    if let Err(invalid) = check_headers(req.headers()) {
+        return error(status(invalid.status), invalid.message);
+    }
+    // The whole body within the timeout, not each piece of it: a client sending a byte now
+    // and then must not hold the connection for ever.
+    let limit = gw.opts.limits.body_timeout;
+    let body = match tokio::time::timeout(limit, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body is over {MAX_BODY} bytes; a space needs only a name and an owner"),
             );
         }
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")),
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} ms; send all of it, as long as its content-length says",
+                    limit.as_millis()
+                ),
+            );
+            r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let req = match validate(&body) {
         Ok(r) => r,
@@ -70,17 +98,26 @@ async fn create_space(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesR
             None => error(StatusCode::INTERNAL_SERVER_ERROR, "the orchestrator answered 200 without a space".into()),
         },
         Ok(outcome) => {
-            let body = outcome.error.map_or_else(
-                || json!({ "error": "the request failed", "status": outcome.status, "workflow_id": outcome.saga_id }),
+            let mut body = outcome.error.map_or_else(
+                || json!({ "error": "the request failed", "status": outcome.status }),
                 |e| serde_json::to_value(e).expect("errors serialise"),
             );
+            // The ids to look the refusal up with (GET /spaces/{id}, GET /workflows/{id}); in
+            // events mode there is no workflow, and the outcome's id is the space's.
+            body["space_id"] = json!(outcome.space_id);
+            if body.get("workflow_id").is_none_or(Value::is_null) {
+                body["workflow_id"] = json!((outcome.saga_id != outcome.space_id).then_some(outcome.saga_id));
+            }
             (status(outcome.status), axum::Json(body)).into_response()
         }
         Err(Refusal::Unavailable(msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
         Err(Refusal::Deadline { space_id, saga_id, after }) => (
             StatusCode::GATEWAY_TIMEOUT,
             axum::Json(json!({
-                "error": format!("no outcome within {} ms; GET /spaces/{space_id} tells what happened", after.as_millis()),
+                "error": format!(
+                    "no outcome within {} ms; the request may still complete: GET /spaces/{space_id} tells what happened",
+                    after.as_millis()
+                ),
                 "status": 504,
                 "space_id": space_id,
                 "workflow_id": (saga_id != space_id).then_some(saga_id),

@@ -1,17 +1,18 @@
 //! The HTTP gateway: the only door for clients.
 //!
 //! Owns: the HTTP API (`POST /spaces`, `GET /spaces/{id}`, `GET /workflows/{id}`, `GET /health`),
-//! input validation, `gateway.db` (every request, what its client was told, and what eventually
-//! happened: the audit compares the two), and this instance's reply queue, where outcomes
-//! arrive. Must not touch: saga state (it hands requests to the orchestrator and reads the
+//! input validation (owners normalised to one spelling per person), what a client may hold of it
+//! (header and body timeouts, a connection limit), `gateway.db` (every request, what its client
+//! was told, and what eventually happened: the audit compares the two), and this instance's
+//! reply queue, where outcomes arrive. Must not touch: saga state (it hands requests to the orchestrator and reads the
 //! orchestrator's database read-only for `GET /workflows/{id}`) or any service's database.
 
 mod api;
 mod input;
 mod runtime;
 
-pub use input::{CreateSpace, validate};
-pub use runtime::{Options, run, serve};
+pub use input::{CreateSpace, Invalid, normalise_owner, validate};
+pub use runtime::{HttpLimits, Options, default_max_connections, run, serve};
 
 /// The component name: `gateway.db`, `app_id`, the outcome queue `gateway.<instance>.outcomes`.
 pub const COMPONENT: &str = "gateway";

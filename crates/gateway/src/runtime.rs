@@ -11,7 +11,8 @@ use baton_amqp::{
     Broker, ConsumerConfig, Envelope, HandleError, Outgoing, PublishError, Publisher, TraceParent, consume,
 };
 use baton_protocol::{
-    Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga, StepError, events,
+    ClientDeadline, Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga,
+    StepError, events,
 };
 use baton_store::{Db, StoreError, inbox, now_ms};
 use rusqlite::params;
@@ -40,6 +41,54 @@ pub struct Options {
     /// Requests waiting for an outcome at once; beyond, new ones get a 429 at once instead of
     /// queueing without bound.
     pub max_in_flight: usize,
+    /// What a slow or idle client may hold of the gateway.
+    pub limits: HttpLimits,
+}
+
+/// How long a client may take and how many connections it may hold: without them, connections
+/// that never finish their request pile up until the process runs out of file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Time to send a request's headers, counted from when the gateway waits for them: on a
+    /// kept-alive connection that is as soon as the previous answer is sent, so it is also how
+    /// long such a connection may sit idle. Past it the connection is closed.
+    pub header_timeout: Duration,
+    /// Time to send the whole body of a `POST /spaces`, counted once the headers are in; past
+    /// it the client gets a 408 and the connection is closed.
+    pub body_timeout: Duration,
+    /// Connections open at once; one more gets a 503 at once and is closed.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl HttpLimits {
+    /// One sentence for a limit that would refuse everything.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            anyhow::bail!("the HTTP header and body timeouts must be longer than zero");
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("the HTTP connection limit must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The process's open-file limit less a reserve for the databases, the broker and the
+/// connections being refused: an eighth of it, at least 256.
+pub fn default_max_connections() -> usize {
+    let soft = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+    soft.saturating_sub((soft / 8).max(256)).max(64)
 }
 
 pub(crate) struct Gateway {
@@ -81,6 +130,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
 
 /// Serve on an already bound listener (tests bind port 0) until `cancel`.
 pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    opts.limits.check()?;
     let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
         .await?;
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
@@ -136,7 +186,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway listening");
     let app = crate::api::router(Arc::clone(&gw));
-    http(listener, app, &cancel).await;
+    http(listener, app, gw.opts.limits, &cancel).await;
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
             tracing::error!(error = %e, "a task of the gateway died");
@@ -150,8 +200,15 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
 /// (stop accepting, let each connection finish the request it is on, wait for them all), but
 /// with every connection's task in a set owned by this future, not detached: dropped, it takes
 /// them all down, so that nothing of a crashed gateway answers on a kept-alive connection.
-async fn http(listener: TcpListener, app: axum::Router, cancel: &CancellationToken) {
+/// Each connection holds one of `limits.max_connections` permits until it closes.
+async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, cancel: &CancellationToken) {
     let mut conns = JoinSet::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    // Refusals are warned of at most every 10 s, with how many there were: a flood at the
+    // limit would otherwise write a line per connection.
+    let (mut refused, mut warned) = (0u64, None::<tokio::time::Instant>);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -161,14 +218,27 @@ async fn http(listener: TcpListener, app: axum::Router, cancel: &CancellationTok
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                        refused += 1;
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            tracing::warn!(
+                                max = limits.max_connections,
+                                refused,
+                                "HTTP connection limit reached; new connections get a 503 until some close"
+                            );
+                            (refused, warned) = (0, Some(tokio::time::Instant::now()));
+                        }
+                        tracing::debug!(%peer, "connection refused: too many open");
+                        refuse(stream, limits.max_connections);
+                        continue;
+                    };
                     let service = hyper_util::service::TowerToHyperService::new(app.clone());
                     let cancel = cancel.clone();
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                     conns.spawn(async move {
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .with_upgrades();
+                        let _permit = permit;
+                        let conn = conn.with_upgrades();
                         let mut conn = std::pin::pin!(conn);
                         tokio::select! {
                             r = conn.as_mut() => {
@@ -208,6 +278,27 @@ async fn http(listener: TcpListener, app: axum::Router, cancel: &CancellationTok
             tracing::error!(error = %e, "an HTTP connection's task died");
         }
     }
+}
+
+/// Answer a connection past the limit with a 503 and close it, without waiting on the client:
+/// the answer fits a fresh socket's send buffer, so a write that would block is skipped (the
+/// client then sees the connection closed, which says the same). What the client already sent
+/// is read first, so that the close does not reset the connection and lose the answer.
+fn refuse(stream: tokio::net::TcpStream, max: usize) {
+    let body = format!(
+        r#"{{"error":"the gateway has {max} connections open, its limit; retry shortly","status":503}}"#
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Plain non-blocking system calls: tokio's `try_*` would say "would block" until the
+    // reactor has seen the new socket, and this one is never polled.
+    let Ok(mut stream) = stream.into_std() else { return };
+    let mut sink = [0u8; 4096];
+    while matches!(std::io::Read::read(&mut stream, &mut sink), Ok(n) if n > 0) {}
+    let _ = std::io::Write::write(&mut stream, answer.as_bytes());
 }
 
 impl Gateway {
@@ -343,6 +434,7 @@ impl Gateway {
             .await
             .map_err(|e| Refusal::Unavailable(format!("the gateway's database failed: {e}")))?;
         let input = Context { name: req.name, owner: req.owner, ..Default::default() };
+        let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let trace = TraceParent::new_root();
         tracing::debug!(%saga_id, %space_id, trace_id = trace.trace_id(), mode = %self.opts.mode, "request accepted");
         let msg = match self.opts.mode {
@@ -353,8 +445,7 @@ impl Gateway {
                     space_id,
                     workflow: self.opts.workflow.clone(),
                     input,
-                    // Filled in by the deadline work (the saga's side of the client's 504).
-                    deadline: None,
+                    deadline: Some(client_deadline(deadline)),
                 };
                 Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
                     .reply_to(self.reply_key.as_str())
@@ -375,7 +466,6 @@ impl Gateway {
         };
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending map").insert(saga_id, tx);
-        let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.publisher.publish_confirmed(&msg).await {
@@ -425,6 +515,15 @@ impl Gateway {
             tracing::error!(error = %e, %saga_id, "recording the answer failed");
         }
     }
+}
+
+/// When this gateway will answer 504, for the saga: the budget left now, and the wall-clock
+/// instant it ends at.
+fn client_deadline(deadline: tokio::time::Instant) -> ClientDeadline {
+    let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+    let now = u64::try_from(now_ms()).unwrap_or(0);
+    ClientDeadline { at_ms: now.saturating_add(budget_ms), budget_ms }
 }
 
 /// Why a request got no outcome.
