@@ -154,7 +154,7 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
     let url_shown = redact(url);
     match e.kind() {
         ErrorKind::ProtocolError(p) if matches!(p.get_id(), 403 | 530) => {
-            AmqpError::AccessRefused { url: url_shown, user, vhost, cause: p.to_string() }
+            AmqpError::AccessRefused { url: url_shown, user, vhost, cause: p.get_message().to_string() }
         }
         ErrorKind::IOError(io) if !(tls && io.to_string().contains("certificate")) => {
             AmqpError::Unreachable { url: url_shown, cause: io.to_string() }

@@ -73,8 +73,9 @@ pub async fn consume<H, Fut>(
                 }
                 failures += 1;
                 let retry_in = delays.next().unwrap_or(Duration::from_secs(5));
-                // A lost connection is said once by the broker, not again for every queue.
-                if failures == 1 && broker.connected() {
+                // A lost connection is said once by the broker, not again for every queue; a
+                // replaced one is no news.
+                if failures == 1 && broker.connected() && !stop.replaced {
                     tracing::warn!(queue = %cfg.queue, error = %stop.why, ?retry_in, "consumer stopped; restarting");
                 } else {
                     tracing::debug!(queue = %cfg.queue, error = %stop.why, ?retry_in, failures, "consumer not running; restarting");
@@ -107,15 +108,17 @@ pub const RESTART_PACE: ExponentialBuilder = ExponentialBuilder::new()
     .with_jitter()
     .without_max_times();
 
-/// Why `run_once` gave up, and whether it had been consuming (then the backoff starts over).
+/// Why `run_once` gave up, whether it had been consuming (then the backoff starts over), and
+/// whether only because the broker replaced its connection (then nothing went wrong here).
 struct Stop {
     why: String,
     consumed: bool,
+    replaced: bool,
 }
 
 impl Stop {
     fn setup(why: String) -> Stop {
-        Stop { why, consumed: false }
+        Stop { why, consumed: false, replaced: false }
     }
 }
 
@@ -173,7 +176,7 @@ where
             return Err(no_answer("basic.consume"));
         }
     };
-    let stopped = |why: String| Stop { why, consumed: true };
+    let stopped = |why: String| Stop { why, consumed: true, replaced: false };
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
     loop {
         tokio::select! {
@@ -188,7 +191,8 @@ where
                 // A new connection replaced the one this consumer was on: consume again on it.
                 tracing::debug!(queue = %cfg.queue, "connection replaced; consuming again on a fresh channel");
                 tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
-                return Err(stopped(format!("the connection of {} was replaced", cfg.queue)));
+                let why = format!("the connection of {} was replaced", cfg.queue);
+                return Err(Stop { why, consumed: true, replaced: true });
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
