@@ -316,7 +316,7 @@ async fn a_normal_start_logs_no_error_no_warning_and_no_escape_codes() {
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("starting; Ctrl-C stops"), "the log was written: {log}");
     assert!(!log.contains('\x1b'), "no ANSI escape codes in a log file:\n{log:?}");
-    let loud: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ") || l.contains(" WARN ")).collect();
+    let loud: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
     assert!(loud.is_empty(), "a normal start and stop logs no ERROR or WARN:\n{}", loud.join("\n"));
 }
 
@@ -330,12 +330,29 @@ async fn a_start_against_a_missing_vhost_says_so_once_and_clearly() {
     let status = exits(&mut up, Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(&path).unwrap();
     assert_eq!(status.code(), Some(1), "{log}");
-    let errors: Vec<&str> =
-        log.lines().filter(|l| l.contains(" ERROR ") || l.starts_with("error:")).collect();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "one error line:\n{log}");
     let line = errors[0];
     assert!(line.contains(&vhost) && line.contains("refused"), "it names the vhost: {line}");
     assert!(line.contains("set_permissions") || line.contains("add_vhost"), "it says what to do: {line}");
     assert!(!line.contains("guest:guest"), "the password is redacted: {line}");
     assert!(!log.contains('\x1b'), "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_with_a_wrong_password_says_so_once_and_clearly() {
+    let env = TestEnv::new().await;
+    let base = amqp_base();
+    let (creds, host) = base.rsplit_once('@').expect("credentials in the AMQP URL");
+    let user = creds.rsplit_once("//").and_then(|(_, c)| c.split(':').next()).unwrap_or("guest");
+    let url = format!("amqp://{user}:not-the-password@{host}/{}", env.vhost);
+    let (path, stderr) = log_file(&env, "up.log");
+    let (mut up, _) = start_up(&env, &url, "info", stderr);
+    let status = exits(&mut up, Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{log}");
+    assert!(errors[0].contains("ACCESS_REFUSED") && errors[0].contains("password"), "{}", errors[0]);
+    assert!(!log.contains("not-the-password"), "the password is redacted: {log}");
 }

@@ -13,9 +13,9 @@ pub enum AmqpError {
     #[error("RabbitMQ at {url} refused the connection ({cause}); check the user, password and vhost")]
     Refused { url: String, cause: String },
     #[error(
-        "RabbitMQ at {url} refused user `{user}` on vhost `{vhost}` ({cause}); create the vhost and \
-         give the user permissions on it (`rabbitmqctl add_vhost`, `rabbitmqctl set_permissions -p`), \
-         or fix the user, password or vhost in AMQP_URL"
+        "RabbitMQ at {url} refused user `{user}` on vhost `{vhost}` ({cause}); check the user's \
+         password, that the vhost exists (`rabbitmqctl add_vhost {vhost}`) and that the user may use \
+         it (`rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'`), or fix AMQP_URL"
     )]
     AccessRefused { url: String, user: String, vhost: String, cause: String },
     #[error("the connection to RabbitMQ at {url} is lost; reconnecting")]
