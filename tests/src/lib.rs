@@ -63,6 +63,8 @@ pub struct TestEnv {
     probe: tokio::sync::OnceCell<baton_amqp::Broker>,
     /// A broker of the test's own (a [`node::Node`]) instead of a vhost on the shared one.
     own_broker: Option<String>,
+    /// Where to reach the shared broker instead of [`amqp_base`] (a test's proxy in front of it).
+    via: Option<String>,
 }
 
 impl TestEnv {
@@ -90,6 +92,7 @@ impl TestEnv {
             http,
             probe: tokio::sync::OnceCell::new(),
             own_broker: None,
+            via: None,
         }
     }
 
@@ -103,14 +106,21 @@ impl TestEnv {
             http: reqwest::Client::new(),
             probe: tokio::sync::OnceCell::new(),
             own_broker: Some(url.into()),
+            via: None,
         }
     }
 
     pub fn amqp_url(&self) -> String {
         match &self.own_broker {
             Some(url) => url.clone(),
-            None => format!("{}/{}", amqp_base(), self.vhost),
+            None => format!("{}/{}", self.via.clone().unwrap_or_else(amqp_base), self.vhost),
         }
+    }
+
+    /// Reach this test's vhost through `base` (`amqp://guest:guest@127.0.0.1:<port>`, a proxy of
+    /// the test's in front of the shared broker) rather than straight: set before connecting.
+    pub fn connect_via(&mut self, base: &str) {
+        self.via = Some(base.into());
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -312,47 +312,6 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
     records.close().await;
 }
 
-/// A broker upgraded from the version where the gateway heard outcomes on baton.replies still
-/// has `gateway.main.replies` bound there: the gateway removes that binding at start-up (and the
-/// queue, once it is empty), so a forged outcome no longer reaches any gateway.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_removes_the_old_outcome_binding_of_an_upgraded_broker() {
-    let env = TestEnv::new().await;
-    let users = Users::create(&env).await;
-    import_topology(&env).await;
-
-    // The earlier version's queue, as it declared it, holding one outcome nobody read.
-    let admin = env.broker().await;
-    let ch = admin.channel().await.unwrap();
-    let legacy = topology::instance_reply_queue("gateway", "main");
-    topology::declare_work_queue(&ch, &legacy).await.unwrap();
-    let _ = ch.close(200, "declared".into()).await;
-    let records = connect(&users.url("records"), "records").await;
-    let forged = probe(REPLIES, "gateway.main", baton_protocol::START_REPLY);
-    publish(&records, &forged).await.expect("before the upgrade, a forged outcome reaches the old queue");
-    assert_eq!(env.queue_depth(&legacy.name).await, Some(1));
-
-    let gateway = connect(&users.url("gateway"), "gateway").await;
-    gateway.declare_topology(&[topology::gateway_outcome_queue("main")]).await.expect("the gateway declares");
-    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
-    assert_eq!(done, topology::Legacy::Unbound { messages: 1 }, "a queue holding a message is kept");
-    let err = publish(&records, &forged).await.expect_err("the old binding is gone");
-    assert!(err.contains("unroutable"), "returned as unroutable: {err}");
-    assert_eq!(env.queue_depth(&legacy.name).await, Some(1), "the message stays for an operator");
-
-    // Once an operator has looked at it (here: taken it), the next start deletes the queue.
-    assert_eq!(env.take_messages(&legacy.name, 1).await.len(), 1);
-    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
-    assert_eq!(done, topology::Legacy::Deleted);
-    assert_eq!(env.queue_depth(&legacy.name).await, None, "the old queue is deleted");
-    assert_eq!(env.queue_depth(&format!("{}.dlq", legacy.name)).await, None, "and its dead-letter queue");
-    let done = topology::retire_legacy_gateway_queue(&gateway, "main").await.expect("the gateway retires");
-    assert_eq!(done, topology::Legacy::Absent);
-    gateway.close().await;
-    records.close().await;
-    admin.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_system_runs_with_one_user_per_component() {
     whole_system(Mode::Workflow).await;

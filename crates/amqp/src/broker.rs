@@ -1,9 +1,10 @@
-//! The connection owner: one AMQP connection per component, handing out channels.
+//! The connection owner: one AMQP connection per component, handing out channels, and the one
+//! place that reconnects.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lapin::tcp::AMQPUriTcpExt;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
@@ -13,10 +14,14 @@ use crate::topology::{self, QueueSpec};
 
 /// A component's connection to RabbitMQ. Cheap to clone; every clone shares the connection.
 ///
-/// lapin's automatic recovery reconnects and replays channels, consumers, QoS and confirm mode
-/// after a network failure. When recovery gives up (the broker was away too long), the next
-/// [`Broker::channel`] makes a new connection: callers that loop on `channel()` with a backoff
-/// survive any outage.
+/// lapin's automatic recovery is off. It retried from a thread of its own, even for a connection
+/// Baton had given up on, and with a vhost gone that made thousands of abandoned handshakes a
+/// minute at the broker. A lost connection stays lost; the next [`Broker::channel`] (or
+/// [`Broker::health`]) opens a new one, on a schedule shared by every caller: at once after a
+/// loss, then with an exponential backoff with jitter, slow while the broker refuses access
+/// ([`REFUSED_PACE`]) and quick while it cannot be reached ([`UNREACHABLE_PACE`]). A caller that
+/// comes before the next attempt is due gets the last error at once, so callers may loop on
+/// `channel()` at any pace: the broker sees only the schedule's attempts.
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<Inner>,
@@ -25,25 +30,81 @@ pub struct Broker {
 struct Inner {
     url: String,
     name: String,
-    conn: Mutex<Arc<Connection>>,
-    /// Since when the connection has been seen down (recovering, or worse).
-    down_since: std::sync::Mutex<Option<std::time::Instant>>,
-    /// Bumped each time the connection comes back (recovered by lapin, or replaced): consumers
-    /// then consume again on fresh channels rather than trust lapin's recovery of them.
+    link: Mutex<Link>,
+    /// Bumped each time a new connection replaces a lost one: consumers then consume again on
+    /// fresh channels, and the relay publishes its unconfirmed rows again.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The instance's own queues, once [`Broker::declare_topology`] ran: a new connection
+    /// declares the topology again before anyone uses it, since the broker may have lost it (a
+    /// vhost deleted and made again is empty).
+    declared: std::sync::Mutex<Option<Vec<QueueSpec>>>,
 }
 
-/// How long lapin's own recovery may take, from the moment the connection went down, before
-/// Baton gives up on it and opens a new connection. A recovery can hang when the broker
-/// restarts under it (seen in about one broker restart in four); a healthy one is done within
-/// lapin's 2 s backoff of the broker's return, and giving up early costs only a reconnect.
-pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(3);
+/// The connection and what is known of its losses; only `live` and `close` change it.
+struct Link {
+    conn: Arc<Connection>,
+    opened_at: Instant,
+    /// Set by [`Broker::close`]: nothing reconnects after it.
+    closed: bool,
+    /// Set while the connection is lost and not yet replaced.
+    outage: Option<Outage>,
+    /// The schedule of the outage that the current connection ended. A connection lost soon
+    /// after it opened (within [`STABLE`]) goes on with it rather than starting over at once,
+    /// so that a connection the broker keeps closing is not reopened in a tight loop.
+    carried: Option<Schedule>,
+}
+
+/// A connection lost and not yet replaced.
+struct Outage {
+    since: Instant,
+    attempts: u32,
+    /// No attempt before this.
+    next_at: Instant,
+    /// What the last attempt said; returned to callers until the next one.
+    last: Option<AmqpError>,
+    schedule: Option<Schedule>,
+}
+
+/// The backoff in force, and whether it is the one for refusals or for an unreachable broker.
+struct Schedule {
+    refused: bool,
+    delays: ExponentialBackoff,
+}
+
+/// Retries while the broker refuses access (vhost missing, bad credentials, no permission):
+/// 5 s, then doubling up to 20 s, each with up to as much again of jitter. Such a refusal lasts
+/// until someone acts; this keeps a component to at most five attempts in its first minute and
+/// about two a minute after, and brings it back within 40 s of the fix.
+pub const REFUSED_PACE: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_secs(5))
+    .with_max_delay(Duration::from_secs(20))
+    .with_jitter()
+    .without_max_times();
+
+/// Retries while the broker cannot be reached (down, restarting, a network cut): 250 ms, then
+/// doubling up to 5 s, each with up to as much again of jitter. A restarted broker is found
+/// again within seconds; attempts that the broker never sees cost it nothing.
+pub const UNREACHABLE_PACE: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(250))
+    .with_max_delay(Duration::from_secs(5))
+    .with_jitter()
+    .without_max_times();
+
+/// How long a connection must have been up for its loss to start a fresh schedule (first
+/// attempt at once) rather than go on with the last one.
+const STABLE: Duration = Duration::from_secs(5);
 
 /// How long opening a connection (TCP, TLS, AMQP handshake) may take.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
 
 /// How long a set-up call (channel.open, basic.qos, basic.consume) may wait for its answer.
 pub const SETUP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long declaring the whole topology may take (two dozen quorum queues on a busy broker).
+pub const DECLARE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long closing a channel or a connection may take: a peer in a bad state may never answer.
+pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
 pub fn redact(url: &str) -> String {
@@ -59,58 +120,25 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Open one connection: one TCP connection, one handshake, no retry of lapin's (its default
+/// backoff makes no retry, and its recovery is off), so that a failure comes back here at once
+/// and nothing is left retrying in lapin's thread.
 async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let uri: AMQPUri = url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
     // amqps: the system's roots, plus the CA named by `?cacertfile=` or BATON_AMQP_CA_FILE.
     let tls = crate::tls::config(url, &uri)?;
-    // A quick TCP probe first: with recovery enabled, lapin would retry a missing broker for
-    // a long while before saying so.
-    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
-    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(AmqpError::Unreachable { url: redact(url), cause: e.to_string() }),
-        Err(_) => {
-            return Err(AmqpError::Unreachable { url: redact(url), cause: "no answer within 3 s".into() });
-        }
-    }
-    let refused =
-        |cause: String| AmqpError::Refused { url: redact(url), cause: crate::tls::explain(url, cause) };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| refused(e.to_string()))?;
-    if uri.scheme == AMQPScheme::AMQPS {
-        // The TLS handshake on its own first, for the same reason: a certificate the client
-        // does not trust would otherwise be retried by the recovery, forever, without a word.
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            uri.connect_with_config_async(tls.as_ref(), &runtime),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(refused(format!("TLS handshake failed: {e}"))),
-            Err(_) => return Err(refused("no TLS handshake within 10 s".into())),
-        }
-    }
-    // Recovery retries quickly and often (lapin's default backoff doubles up to a minute, so a
-    // broker back after a few seconds would be noticed late); past that, `live` reconnects.
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("baton {name}").into())
-        .configure_backoff(|b| {
-            b.with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(60)
-                .with_jitter()
-        })
-        .enable_auto_recover();
-    // Bounded: with recovery on, lapin retries a failing handshake by itself (up to its backoff's
-    // 60 tries), and `live` holds the connection lock meanwhile, stalling every channel of the
-    // component; past this the caller's own retry loop tries again from the start.
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| AmqpError::Refused { url: redact(url), cause: e.to_string() })?;
+    let props = ConnectionProperties::default().with_connection_name(format!("baton {name}").into());
+    let who = (uri.authority.userinfo.username.clone(), uri.vhost.clone(), uri.scheme == AMQPScheme::AMQPS);
     match tokio::time::timeout(
         CONNECT_PATIENCE,
         Connection::connect_uri_with_config(uri, props, tls, runtime),
     )
     .await
     {
-        Ok(conn) => conn.map_err(|e| refused(e.to_string())),
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(classify(url, who, e)),
         Err(_) => Err(AmqpError::Unreachable {
             url: redact(url),
             cause: format!("no AMQP handshake within {} s", CONNECT_PATIENCE.as_secs()),
@@ -118,89 +146,67 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
     }
 }
 
-/// Note when the connection goes down, as it happens: `live` gives up on a recovery that has
-/// not finished within [`RECOVERY_PATIENCE`] of that moment, not of the first call that noticed
-/// (a publish can sit in a dead connection for seconds before it says so). Ends with the broker.
-async fn watch(inner: std::sync::Weak<Inner>) {
-    let mut was_down = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let Some(inner) = inner.upgrade() else { return };
-        // Never wait for the lock: `live` may be reconnecting under it.
-        let Ok(conn) = inner.conn.try_lock().map(|c| Arc::clone(&c)) else { continue };
-        let up = conn.status().connected();
-        let mut since = inner.down_since.lock().expect("down_since");
-        if up {
-            *since = None;
-            if was_down {
-                inner.generation.send_modify(|g| *g += 1);
-            }
-        } else {
-            since.get_or_insert_with(std::time::Instant::now);
+/// Name a failed open by what the operator must do: an access refusal (the broker's
+/// ACCESS_REFUSED or NOT_ALLOWED: bad credentials, no such vhost, no permission on it), a
+/// broker that cannot be reached, or another refusal of the handshake (TLS, protocol).
+fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Error) -> AmqpError {
+    use lapin::ErrorKind;
+    let url_shown = redact(url);
+    match e.kind() {
+        ErrorKind::ProtocolError(p) if matches!(p.get_id(), 403 | 530) => {
+            AmqpError::AccessRefused { url: url_shown, user, vhost, cause: p.get_message().to_string() }
         }
-        was_down = !up;
+        ErrorKind::IOError(io) if !(tls && io.to_string().contains("certificate")) => {
+            AmqpError::Unreachable { url: url_shown, cause: io.to_string() }
+        }
+        _ => AmqpError::Refused { url: url_shown, cause: crate::tls::explain(url, e.to_string()) },
     }
 }
 
-/// Follow lapin's events of one connection: every time lapin says it is connected again after
-/// an error, bump the generation, so consumers consume again on fresh channels. The polling
-/// watchdog alone could miss a recovery quicker than its period.
-async fn listen(conn: Arc<Connection>, inner: std::sync::Weak<Inner>) {
-    use futures_util::StreamExt;
-    let mut events = conn.events_listener();
-    drop(conn);
-    let mut failed = false;
-    while let Some(event) = events.next().await {
-        let Some(inner) = inner.upgrade() else { return };
-        match event {
-            lapin::Event::Error(_) => {
-                failed = true;
-                inner.down_since.lock().expect("down_since").get_or_insert_with(std::time::Instant::now);
-            }
-            lapin::Event::Connected if failed => {
-                failed = false;
-                inner.generation.send_modify(|g| *g += 1);
-            }
-            _ => {}
+/// Declare the exchanges, the shared work queues and `extra` on `conn`, bounded.
+async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+    let declare = async {
+        let ch = conn.create_channel().await?;
+        topology::declare_exchanges(&ch).await?;
+        for q in topology::shared_queues().iter().chain(extra) {
+            topology::declare_work_queue(&ch, q).await?;
         }
-    }
-}
-
-/// Keep a replaced connection from ever coming back. A `close` sent while lapin was recovering
-/// it may not take, and a recovery that finishes later would bring back its consumers beside the
-/// new ones: ghosts nobody reads, holding deliveries unacked (seen after broker restarts as
-/// answers that never reached the gateway). For two minutes, close it whenever it is up.
-async fn bury(old: Arc<Connection>) {
-    let until = std::time::Instant::now() + Duration::from_secs(120);
-    while std::time::Instant::now() < until {
-        if old.status().connected() {
-            tracing::info!("a replaced connection came back; closing it");
-            let _ = tokio::time::timeout(Duration::from_secs(2), old.close(320, "replaced".into())).await;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    };
+    match tokio::time::timeout(DECLARE_PATIENCE, declare).await {
+        Ok(done) => done,
+        Err(_) => {
+            Err(AmqpError::NoAnswer { what: "the topology's declarations", secs: DECLARE_PATIENCE.as_secs() })
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 impl Broker {
-    /// Connect as component `name` (shown in the management UI's Connections tab).
+    /// Connect as component `name` (shown in the management UI's Connections tab). One
+    /// attempt: a component that cannot connect at start says so and stops.
     pub async fn connect(url: &str, name: &str) -> Result<Broker, AmqpError> {
         let conn = open(url, name).await?;
         tracing::debug!(url = %redact(url), component = name, "connected to RabbitMQ");
-        let inner = Arc::new(Inner {
+        let link = Link {
+            conn: Arc::new(conn),
+            opened_at: Instant::now(),
+            closed: false,
+            outage: None,
+            carried: None,
+        };
+        let inner = Inner {
             url: url.into(),
             name: name.into(),
-            conn: Mutex::new(Arc::new(conn)),
-            down_since: std::sync::Mutex::new(None),
+            link: Mutex::new(link),
             generation: tokio::sync::watch::Sender::new(0),
-        });
-        tokio::spawn(watch(Arc::downgrade(&inner)));
-        tokio::spawn(listen(Arc::clone(&*inner.conn.lock().await), Arc::downgrade(&inner)));
-        Ok(Broker { inner })
+            declared: std::sync::Mutex::new(None),
+        };
+        Ok(Broker { inner: Arc::new(inner) })
     }
 
-    /// Changes each time the connection comes back after being down: a consumer that sees it
-    /// change consumes again on a fresh channel. lapin's recovery of a consumer was seen to
-    /// leave no consumer at the broker after a restart while its stream stayed silent.
+    /// Changes each time a new connection replaces a lost one: a consumer that sees it change
+    /// consumes again on a fresh channel.
     pub fn generation(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.generation.subscribe()
     }
@@ -213,46 +219,115 @@ impl Broker {
         &self.inner.name
     }
 
-    /// The connection, reopened first if it is gone for good (closed by the broker, or lost
-    /// longer than lapin's recovery would wait).
-    /// The lock is held only to check and replace it, never while the connection is used (a
-    /// connection blocked by a broker alarm can stall a call for as long as the alarm lasts).
-    async fn live(&self) -> Result<Arc<Connection>, AmqpError> {
-        let mut conn = self.inner.conn.lock().await;
-        let status = conn.status();
-        let stuck = {
-            let mut since = self.inner.down_since.lock().expect("down_since");
-            if status.connected() {
-                *since = None;
-                false
-            } else {
-                since.get_or_insert_with(std::time::Instant::now).elapsed() > RECOVERY_PATIENCE
-            }
-        };
-        if status.closed() || status.errored() || stuck {
-            if stuck {
-                tracing::warn!(component = %self.inner.name, patience = ?RECOVERY_PATIENCE, "connection recovery is stuck; giving up on it");
-                // Close it for good, so that its channels and consumers can never come back
-                // beside the new ones (deliveries to a consumer nobody reads would stay unacked).
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    conn.close(320, "recovery stuck; replaced".into()),
-                )
-                .await;
-            } else {
-                tracing::warn!(component = %self.inner.name, "connection lost and not recovered; reconnecting");
-            }
-            let old = std::mem::replace(&mut *conn, Arc::new(open(&self.inner.url, &self.inner.name).await?));
-            tokio::spawn(listen(Arc::clone(&conn), Arc::downgrade(&self.inner)));
-            tokio::spawn(bury(old));
-            *self.inner.down_since.lock().expect("down_since") = None;
-            self.inner.generation.send_modify(|g| *g += 1);
-            tracing::info!(component = %self.inner.name, "reconnected to RabbitMQ");
-        }
-        Ok(Arc::clone(&conn))
+    /// Whether the connection is up now (false while it is lost or being replaced): a caller
+    /// whose channel failed uses it to leave the loss to the broker's own report.
+    pub fn connected(&self) -> bool {
+        self.inner.link.try_lock().is_ok_and(|link| link.conn.status().connected())
     }
 
-    /// A new channel; reconnects first if the connection is gone for good.
+    /// The connection, reopened first if it is lost and an attempt is due; otherwise the last
+    /// attempt's error, at once. The lock is held only to check and replace the connection,
+    /// never while it is used (a connection blocked by a broker alarm can stall a call for as
+    /// long as the alarm lasts).
+    async fn live(&self) -> Result<Arc<Connection>, AmqpError> {
+        let mut link = self.inner.link.lock().await;
+        if link.closed {
+            return Err(AmqpError::Closed);
+        }
+        let status = link.conn.status();
+        if status.connected() {
+            return Ok(Arc::clone(&link.conn));
+        }
+        let now = Instant::now();
+        if link.outage.is_none() {
+            // Just lost. Straight away again, unless it had only just opened: then the last
+            // schedule goes on.
+            let young = link.opened_at.elapsed() < STABLE;
+            let schedule = link.carried.take().filter(|_| young);
+            let (next_at, schedule) = match schedule {
+                Some(mut s) => (now + s.delays.next().unwrap_or(Duration::ZERO), Some(s)),
+                None => (now, None),
+            };
+            tracing::warn!(component = %self.inner.name, "the connection to RabbitMQ was lost; reconnecting");
+            link.outage = Some(Outage { since: now, attempts: 0, next_at, last: None, schedule });
+        }
+        let outage = link.outage.as_mut().expect("set just above");
+        if now < outage.next_at {
+            let last = outage.last.clone();
+            return Err(last.unwrap_or_else(|| AmqpError::Reconnecting { url: redact(&self.inner.url) }));
+        }
+        outage.attempts += 1;
+        let declared = self.inner.declared.lock().expect("declared").clone();
+        let opened = match open(&self.inner.url, &self.inner.name).await {
+            Ok(conn) => match declared {
+                Some(extra) => match redeclare(&conn, &extra).await {
+                    Ok(()) => Ok(conn),
+                    Err(e) => {
+                        let _ = tokio::time::timeout(
+                            CLOSE_PATIENCE,
+                            conn.close(200, "declaration failed".into()),
+                        )
+                        .await;
+                        Err(e)
+                    }
+                },
+                None => Ok(conn),
+            },
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(conn) => {
+                let outage = link.outage.take().expect("an outage is under way");
+                let old = std::mem::replace(&mut link.conn, Arc::new(conn));
+                link.opened_at = Instant::now();
+                link.carried = outage.schedule;
+                // Lost already, but let go of its socket now rather than with the last clone.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CLOSE_PATIENCE, old.close(320, "replaced".into())).await;
+                });
+                self.inner.generation.send_modify(|g| *g += 1);
+                tracing::info!(
+                    component = %self.inner.name,
+                    down_for = ?outage.since.elapsed(),
+                    attempts = outage.attempts,
+                    "reconnected to RabbitMQ"
+                );
+                Ok(Arc::clone(&link.conn))
+            }
+            Err(e) => {
+                let refused = e.is_refusal();
+                let pace_changed = outage.schedule.as_ref().is_none_or(|s| s.refused != refused);
+                if pace_changed {
+                    let pace = if refused { REFUSED_PACE } else { UNREACHABLE_PACE };
+                    outage.schedule = Some(Schedule { refused, delays: pace.build() });
+                }
+                let schedule = outage.schedule.as_mut().expect("set just above");
+                let retry_in = schedule.delays.next().unwrap_or(Duration::from_secs(1));
+                outage.next_at = Instant::now() + retry_in;
+                // Said once per kind of failure, then quietly: the same sentence every few
+                // seconds from every component would drown the log.
+                let name = &self.inner.name;
+                match (pace_changed, refused) {
+                    (true, true) => tracing::error!(
+                        component = %name, error = %e, ?retry_in,
+                        "RabbitMQ refuses this component; retrying slowly until it is let in (said once)"
+                    ),
+                    (true, false) => tracing::warn!(
+                        component = %name, error = %e, ?retry_in,
+                        "RabbitMQ cannot be reached; retrying with a backoff (said once)"
+                    ),
+                    (false, _) => tracing::debug!(
+                        component = %name, error = %e, ?retry_in, attempts = outage.attempts,
+                        "reconnecting to RabbitMQ failed again"
+                    ),
+                }
+                outage.last = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// A new channel; reconnects first if the connection is lost and an attempt is due.
     ///
     /// Bounded: a channel.open the broker never answers (seen once on a loaded CI machine, a
     /// consumer that never started) is an error the caller's retry loop handles, not a hang.
@@ -265,7 +340,8 @@ impl Broker {
     }
 
     /// Whether the connection is up and not blocked by a broker alarm: what `/health` reports.
-    /// A connection that is gone is reopened here, so the answer is about the broker now.
+    /// A lost connection is reopened here when an attempt is due, so the answer is about the
+    /// broker now, or as of the last attempt.
     pub async fn health(&self) -> Result<(), String> {
         let conn = match tokio::time::timeout(Duration::from_secs(5), self.live()).await {
             Ok(Ok(c)) => c,
@@ -277,32 +353,32 @@ impl Broker {
             Err("RabbitMQ is blocking publishers (a resource alarm is on)".into())
         } else if s.connected() {
             Ok(())
-        } else if s.reconnecting() || s.connecting() {
-            Err(format!("reconnecting to RabbitMQ at {}", redact(&self.inner.url)))
         } else {
-            Err(format!("not connected to RabbitMQ at {}", redact(&self.inner.url)))
+            Err(format!("connecting to RabbitMQ at {}", redact(&self.inner.url)))
         }
     }
 
-    /// Declare the exchanges, the shared work queues and `extra` (this instance's own queues).
+    /// Declare the exchanges, the shared work queues and `extra` (this instance's own queues),
+    /// now and on every new connection after this one.
     pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-        let ch = self.channel().await?;
-        topology::declare_exchanges(&ch).await?;
-        for q in topology::shared_queues().iter().chain(extra) {
-            topology::declare_work_queue(&ch, q).await?;
-        }
-        let _ = ch.close(200, "declared".into()).await;
+        let conn = self.live().await?;
+        redeclare(&conn, extra).await?;
+        *self.inner.declared.lock().expect("declared") = Some(extra.to_vec());
         Ok(())
     }
 
-    /// Close the connection (at shutdown).
+    /// Close the connection for good (at shutdown): no call reconnects after this.
     pub async fn close(&self) {
-        // Bounded, both: `live` may hold the lock while it reconnects, and a connection in a bad
-        // state may never answer the close; the process is stopping either way.
-        let Ok(conn) = tokio::time::timeout(Duration::from_secs(2), self.inner.conn.lock()).await else {
+        // Bounded, both: `live` may hold the lock while it opens a connection, and a connection
+        // in a bad state may never answer the close; the process is stopping either way.
+        let Ok(mut link) = tokio::time::timeout(CLOSE_PATIENCE, self.inner.link.lock()).await else {
             return;
         };
-        match tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutting down".into())).await {
+        link.closed = true;
+        if !link.conn.status().connected() {
+            return;
+        }
+        match tokio::time::timeout(CLOSE_PATIENCE, link.conn.close(200, "shutting down".into())).await {
             Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
             Err(_) => tracing::debug!("the broker did not answer the close within 2 s"),
             Ok(Ok(())) => {}
@@ -312,11 +388,37 @@ impl Broker {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
     fn redacts_the_password_only() {
         assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    /// Whatever the jitter, a refused component makes at most five attempts in its first
+    /// minute (one at once, then the schedule), and never waits more than 40 s between two.
+    #[test]
+    fn a_refused_component_tries_a_few_times_a_minute() {
+        for _ in 0..200 {
+            let delays: Vec<Duration> = REFUSED_PACE.build().take(20).collect();
+            let mut at = Duration::ZERO;
+            let mut in_first_minute = 1;
+            for d in &delays {
+                assert!(*d <= Duration::from_secs(40), "{delays:?}");
+                at += *d;
+                if at < Duration::from_secs(60) {
+                    in_first_minute += 1;
+                }
+            }
+            assert!(in_first_minute <= 5, "{in_first_minute} attempts: {delays:?}");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_tried_again_within_ten_seconds() {
+        let delays: Vec<Duration> = UNREACHABLE_PACE.build().take(30).collect();
+        assert!(delays[0] < Duration::from_millis(500), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)), "{delays:?}");
     }
 }

@@ -16,6 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 use crate::{Broker, Envelope, Publisher};
 
 /// What the handler wants done with a delivery it could not handle.
@@ -38,8 +40,9 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
 }
 
-/// Consume `cfg.queue` until `cancel` fires, surviving connection loss (lapin's recovery, then a
-/// fresh channel with backoff). On cancel, stops taking deliveries and waits for the handlers
+/// Consume `cfg.queue` until `cancel` fires, surviving connection loss: a consumer that stops
+/// (its channel or connection failed) consumes again on a fresh channel, after a backoff with
+/// jitter ([`RESTART_PACE`]). On cancel, stops taking deliveries and waits for the handlers
 /// already running, so each of them still acks after its commit.
 ///
 /// The handlers' tasks belong to this future (a `JoinSet`): if it is dropped instead (the task
@@ -57,13 +60,27 @@ pub async fn consume<H, Fut>(
 {
     let handler = Arc::new(handler);
     let mut handlers = JoinSet::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut delays = RESTART_PACE.build();
+    // Failures since the consumer last consumed: the first is said, the others only at debug.
+    let mut failures = 0u32;
     while !cancel.is_cancelled() {
-        match run_once(&broker, &publisher, &cfg, &handler, &mut handlers, &cancel, &mut backoff).await {
+        match run_once(&broker, &publisher, &cfg, &handler, &mut handlers, &cancel).await {
             Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(queue = %cfg.queue, error = %e, retry_in = ?backoff, "consumer stopped; restarting");
-                let pause = tokio::time::sleep(backoff);
+            Err(stop) => {
+                if stop.consumed {
+                    delays = RESTART_PACE.build();
+                    failures = 0;
+                }
+                failures += 1;
+                let retry_in = delays.next().unwrap_or(Duration::from_secs(5));
+                // A lost connection is said once by the broker, not again for every queue; a
+                // replaced one is no news.
+                if failures == 1 && broker.connected() && !stop.replaced {
+                    tracing::warn!(queue = %cfg.queue, error = %stop.why, ?retry_in, "consumer stopped; restarting");
+                } else {
+                    tracing::debug!(queue = %cfg.queue, error = %stop.why, ?retry_in, failures, "consumer not running; restarting");
+                }
+                let pause = tokio::time::sleep(retry_in);
                 tokio::pin!(pause);
                 loop {
                     tokio::select! {
@@ -72,7 +89,6 @@ pub async fn consume<H, Fut>(
                         Some(done) = handlers.join_next(), if !handlers.is_empty() => reaped(&cfg.queue, done),
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -80,6 +96,30 @@ pub async fn consume<H, Fut>(
         reaped(&cfg.queue, done);
     }
     tracing::debug!(queue = %cfg.queue, "consumer stopped");
+}
+
+/// How soon a stopped consumer tries again: 100 ms, doubling up to 5 s, with jitter, so that
+/// the consumers of a process do not all come back at the same instant. Connection attempts
+/// have their own, slower schedule in [`Broker`]: a consumer that comes early gets its error at
+/// once.
+pub const RESTART_PACE: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(5))
+    .with_jitter()
+    .without_max_times();
+
+/// Why `run_once` gave up, whether it had been consuming (then the backoff starts over), and
+/// whether only because the broker replaced its connection (then nothing went wrong here).
+struct Stop {
+    why: String,
+    consumed: bool,
+    replaced: bool,
+}
+
+impl Stop {
+    fn setup(why: String) -> Stop {
+        Stop { why, consumed: false, replaced: false }
+    }
 }
 
 /// A handler's task ended: say so if it panicked (its delivery goes back to the queue with the
@@ -99,8 +139,7 @@ async fn run_once<H, Fut>(
     handler: &Arc<H>,
     handlers: &mut JoinSet<()>,
     cancel: &CancellationToken,
-    backoff: &mut Duration,
-) -> Result<(), String>
+) -> Result<(), Stop>
 where
     H: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
@@ -108,14 +147,19 @@ where
     // Subscribed before the channel exists, so that no recovery can slip in between.
     let mut generation = broker.generation();
     generation.borrow_and_update();
-    let ch = broker.channel().await.map_err(|e| e.to_string())?;
+    // Raced with the cancel: a shutdown does not wait for a connection attempt.
+    let ch = tokio::select! {
+        ch = broker.channel() => ch.map_err(|e| Stop::setup(e.to_string()))?,
+        _ = cancel.cancelled() => return Ok(()),
+    };
     let patience = crate::broker::SETUP_PATIENCE;
-    let no_answer =
-        |what: &str| format!("RabbitMQ did not answer {what} on {} within {patience:?}", cfg.queue);
+    let no_answer = |what: &str| {
+        Stop::setup(format!("RabbitMQ did not answer {what} on {} within {patience:?}", cfg.queue))
+    };
     tokio::time::timeout(patience, ch.basic_qos(cfg.prefetch, BasicQosOptions::default()))
         .await
         .map_err(|_| no_answer("basic.qos"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Stop::setup(e.to_string()))?;
     let tag = format!("{} {}", broker.name(), uuid::Uuid::new_v4().simple());
     let consume = ch.basic_consume(
         cfg.queue.as_str().into(),
@@ -124,7 +168,7 @@ where
         FieldTable::default(),
     );
     let mut consumer = match tokio::time::timeout(patience, consume).await {
-        Ok(c) => c.map_err(|e| format!("cannot consume {}: {e}", cfg.queue))?,
+        Ok(c) => c.map_err(|e| Stop::setup(format!("cannot consume {}: {e}", cfg.queue)))?,
         Err(_) => {
             // The consume may still land later: close the channel so that no consumer nobody
             // reads can hold deliveries unacked.
@@ -132,7 +176,7 @@ where
             return Err(no_answer("basic.consume"));
         }
     };
-    *backoff = Duration::from_millis(100);
+    let stopped = |why: String| Stop { why, consumed: true, replaced: false };
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
     loop {
         tokio::select! {
@@ -144,12 +188,11 @@ where
             }
             Some(done) = handlers.join_next(), if !handlers.is_empty() => reaped(&cfg.queue, done),
             Ok(()) = generation.changed() => {
-                // The connection went down and came back: whatever lapin says of this consumer,
-                // consume again on a fresh channel, and close this one (its unacked deliveries
-                // go back to the queue).
-                tracing::info!(queue = %cfg.queue, "connection back; consuming again on a fresh channel");
+                // A new connection replaced the one this consumer was on: consume again on it.
+                tracing::debug!(queue = %cfg.queue, "connection replaced; consuming again on a fresh channel");
                 tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
-                return Err(format!("the connection of {} came back", cfg.queue));
+                let why = format!("the connection of {} was replaced", cfg.queue);
+                return Err(Stop { why, consumed: true, replaced: true });
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -159,55 +202,29 @@ where
                     handlers.spawn(process(delivery, queue, publisher, handler));
                 }
                 Some(Err(e)) => {
-                    // lapin's recovery of a consumer is not trusted: after a broker restart it can
-                    // report the channel recovered while the broker has no consumer behind it,
-                    // and this loop would wait forever on a queue that fills up. Start over on a
-                    // fresh channel instead (the loop above), and close this one once lapin is
-                    // done with it, so that a consumer it revives cannot hold deliveries nobody
-                    // reads.
-                    tracing::warn!(queue = %cfg.queue, error = %e, "delivery stream failed; consuming again on a fresh channel");
+                    // The channel or its connection failed: start over on a fresh channel (the
+                    // loop above), and close this one if it is still open.
                     tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
-                    return Err(format!("the delivery stream of {} failed", cfg.queue));
+                    return Err(stopped(format!("the delivery stream of {} failed: {e}", cfg.queue)));
                 }
-                None => return Err(format!("the broker ended the consumer on {}", cfg.queue)),
+                None => return Err(stopped(format!("the broker ended the consumer on {}", cfg.queue))),
             }
         }
     }
 }
 
-/// How long a replaced channel is watched before it is left to itself.
-const RETIRE_FOR: Duration = Duration::from_secs(120);
-
-/// Put a replaced channel to rest. lapin may still be recovering it (a `close` then fails at
-/// once), and a recovery that finishes later revives its consumer: a ghost that takes
-/// deliveries nobody reads and holds them unacked for as long as the process lives. So watch
-/// it for a while and close it as soon as it is up: whatever reached it goes back to the queue.
-async fn retire(ch: lapin::Channel, mut consumer: lapin::Consumer, queue: String) {
-    let until = tokio::time::Instant::now() + RETIRE_FOR;
-    let mut stream_open = true;
-    while tokio::time::Instant::now() < until {
-        let status = ch.status();
-        if status.connected() {
-            let close = ch.close(200, "replaced".into());
-            if let Ok(Ok(())) = tokio::time::timeout(crate::broker::RECOVERY_PATIENCE, close).await {
-                tracing::debug!(%queue, "replaced channel closed");
-                return;
-            }
-        } else if !status.initializing() && !status.closing() {
-            return; // closed or failed for good: nothing can come back on it
-        }
-        tokio::select! {
-            next = consumer.next(), if stream_open => match next {
-                // Not handled and not nacked one by one (each return counts towards the queue's
-                // delivery limit): the close just above, next time round, returns them all.
-                Some(Ok(_)) => tracing::warn!(%queue, "a replaced consumer came back to life; closing its channel"),
-                Some(Err(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
-                None => stream_open = false,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+/// Put a replaced channel to rest: close it if it is still open, so that whatever reached its
+/// consumer goes back to the queue. lapin's recovery is off, so a channel that is not open
+/// now never comes back. Bounded: a channel in a bad state may never answer the close.
+async fn retire(ch: lapin::Channel, consumer: lapin::Consumer, queue: String) {
+    if ch.status().connected() {
+        let close = ch.close(200, "replaced".into());
+        match tokio::time::timeout(crate::broker::CLOSE_PATIENCE, close).await {
+            Ok(Ok(())) => tracing::debug!(%queue, "replaced channel closed"),
+            _ => tracing::debug!(%queue, "a replaced channel did not close; its connection's end will"),
         }
     }
-    tracing::warn!(%queue, "a replaced channel never came up to be closed; leaving it");
+    drop(consumer);
 }
 
 async fn process<H, Fut>(delivery: Delivery, queue: String, publisher: Publisher, handler: Arc<H>)

@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// Errors of the connection and of declarations: the component cannot work without the broker.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, Clone)]
 pub enum AmqpError {
     #[error(
         "could not reach RabbitMQ at {url} ({cause}); start one with `rabbitmq-server -detached` \
@@ -12,6 +12,16 @@ pub enum AmqpError {
     BadUrl { url: String, cause: String },
     #[error("RabbitMQ at {url} refused the connection ({cause}); check the user, password and vhost")]
     Refused { url: String, cause: String },
+    #[error(
+        "RabbitMQ at {url} refused user `{user}` on vhost `{vhost}` ({cause}); check the user's \
+         password, that the vhost exists (`rabbitmqctl add_vhost {vhost}`) and that the user may use \
+         it (`rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'`), or fix AMQP_URL"
+    )]
+    AccessRefused { url: String, user: String, vhost: String, cause: String },
+    #[error("the connection to RabbitMQ at {url} is lost; reconnecting")]
+    Reconnecting { url: String },
+    #[error("the connection to RabbitMQ is closed: this component is shutting down")]
+    Closed,
     #[error("declaring {what} failed: {source}")]
     Declare {
         what: String,
@@ -24,6 +34,20 @@ pub enum AmqpError {
     Channel(#[from] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {secs} s; the caller retries on a fresh channel")]
     NoAnswer { what: &'static str, secs: u64 },
+}
+
+impl AmqpError {
+    /// The broker said no (credentials, vhost, permissions, TLS, a declaration it rejects): it
+    /// will go on saying so until someone acts, so it is retried slowly.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            AmqpError::AccessRefused { .. }
+                | AmqpError::Refused { .. }
+                | AmqpError::BadUrl { .. }
+                | AmqpError::Declare { .. }
+        )
+    }
 }
 
 /// Why a publish did not count as sent. Every variant leaves the message unsent: the caller

@@ -1,11 +1,11 @@
 //! AMQP plumbing shared by every Baton component; the only crate that speaks lapin.
 //!
-//! Owns: the connection ([`Broker`], one per component, with lapin's automatic recovery and a
-//! reconnect of our own when recovery gives up), the topology of the design ([`topology`]), the
-//! message envelope ([`Outgoing`] / [`Envelope`], built and checked in one place), publishing with
-//! publisher confirms in a window ([`Publisher`]), consuming with ack-after-commit and
-//! dead-lettering of bad input ([`consume`]), and the outbox relay ([`relay`]), which reads the
-//! outbox through the [`relay::OutboxStore`] trait.
+//! Owns: the connection ([`Broker`], one per component, and the only reconnect path: lapin's
+//! recovery is off, and reconnects follow one backoff with jitter per component), the topology
+//! of the design ([`topology`]), the message envelope ([`Outgoing`] / [`Envelope`], built and
+//! checked in one place), publishing with publisher confirms in a window ([`Publisher`]),
+//! consuming with ack-after-commit and dead-lettering of bad input ([`consume`]), and the
+//! outbox relay ([`relay`]), which reads the outbox through the [`relay::OutboxStore`] trait.
 //!
 //! Must not touch: SQLite, business rules, saga state. Handlers get an [`Envelope`] and answer
 //! with a [`HandleError`] that says what to do with the delivery; this crate does the acking.

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -86,6 +87,14 @@ impl Wake {
     }
 }
 
+/// How soon the relay starts over after a row failed: 50 ms, doubling up to 5 s, with jitter.
+/// While the broker is away, connection attempts keep their own schedule in [`crate::Broker`].
+pub const RETRY_PACE: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(50))
+    .with_max_delay(Duration::from_secs(5))
+    .with_jitter()
+    .without_max_times();
+
 type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> + Send>>;
 
 /// Run the relay until `cancel`. Rows are published in order on one confirm-mode channel with
@@ -95,7 +104,7 @@ type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> +
 /// drained, the relay starts over from the oldest row left, after a backoff. Rows left at
 /// shutdown go out at the next start.
 pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(50);
+    let mut delays = RETRY_PACE.build();
     // The newest row handed to the broker: every row of this relay at or below it is in flight,
     // confirmed or failed (one writer per database, so rows commit in sequence order). It goes
     // back to 0 after a failure, to start over from the oldest row left.
@@ -154,8 +163,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 // Start over from the oldest row left, which includes the one that failed.
                 cursor = 0;
                 failed = false;
-                pause(&cancel, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                pause(&cancel, delays.next().unwrap_or(Duration::from_secs(5))).await;
                 continue;
             }
             tokio::select! {
@@ -175,7 +183,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 }
                 failed |= !settle(&store, &publisher, settled).await;
                 if !failed {
-                    backoff = Duration::from_millis(50);
+                    delays = RETRY_PACE.build();
                 }
             }
             _ = wake.0.notify.notified(), if !failed && window.len() < WINDOW => {}
@@ -233,7 +241,12 @@ async fn settle<S: OutboxStore>(
 }
 
 async fn note_failure<S: OutboxStore>(store: &S, publisher: &Publisher, seq: i64, e: PublishError) {
-    tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
+    if publisher.broker().connected() {
+        tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
+    } else {
+        // The broker reports its lost connection itself, once; not again at every try.
+        tracing::debug!(seq, error = %e, "outbox row not sent while the connection is lost; it stays");
+    }
     if matches!(e, PublishError::Channel(_)) {
         // After a channel failure the channel cannot be trusted: the next publish opens another.
         publisher.forget_channel().await;

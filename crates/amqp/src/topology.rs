@@ -7,7 +7,7 @@
 //! every service may publish) lets the broker refuse a service that would forge an outcome.
 
 use baton_protocol::Service;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -193,82 +193,6 @@ pub fn all_queues(instance: &str) -> Vec<QueueSpec> {
     qs.push(gateway_outcome_queue(instance));
     qs.push(gateway_event_queue(instance));
     qs
-}
-
-/// What [`retire_legacy_gateway_queue`] found and did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Legacy {
-    /// No queue of the earlier version: a broker that never ran it, or already cleaned up.
-    Absent,
-    /// Unbound from [`REPLIES`] and deleted, with its dead-letter queue if that was empty too.
-    Deleted,
-    /// Unbound from [`REPLIES`], but kept: it holds `messages` messages (or has a consumer, an
-    /// earlier gateway still running) for an operator to look at and delete.
-    Unbound { messages: u32 },
-}
-
-/// Before `baton.outcomes` existed, a gateway instance heard its outcomes on
-/// `gateway.<instance>.replies`, bound to [`REPLIES`] with key `gateway.<instance>`: a binding
-/// through which any service could forge an outcome. A broker upgraded from that version still
-/// has it, so the gateway removes it at start-up: it unbinds the queue (always), then deletes it
-/// and its dead-letter queue when they are empty and unused. Needs write on the queue and read
-/// on [`REPLIES`] (the unbind) and configure on both queues (the deletes); passive declarations
-/// find them.
-pub async fn retire_legacy_gateway_queue(
-    broker: &crate::Broker,
-    instance: &str,
-) -> Result<Legacy, AmqpError> {
-    let queue = reply_queue(GATEWAY, instance);
-    if peek_queue(broker, &queue).await?.is_none() {
-        return Ok(Legacy::Absent);
-    }
-    let err = |what: String| move |source| AmqpError::Declare { what, source };
-    let ch = broker.channel().await?;
-    ch.queue_unbind(
-        queue.as_str().into(),
-        REPLIES.into(),
-        reply_key(GATEWAY, instance).as_str().into(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(err(format!("removal of the binding of {queue} to {REPLIES}")))?;
-    // Counted after the unbind: nothing routes there any more. No if-empty flags on the delete:
-    // quorum queues refuse them (NOT_IMPLEMENTED, which closes the connection).
-    match peek_queue(broker, &queue).await? {
-        None => {}
-        Some((0, 0)) => {
-            ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(err(format!("deletion of {queue}")))?;
-        }
-        Some((messages, _)) => {
-            let _ = ch.close(200, "unbound".into()).await;
-            return Ok(Legacy::Unbound { messages });
-        }
-    }
-    let dlq = dead_letter_queue(&queue);
-    if let Some((0, 0)) = peek_queue(broker, &dlq).await? {
-        ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .map_err(err(format!("deletion of {dlq}")))?;
-    }
-    let _ = ch.close(200, "retired".into()).await;
-    Ok(Legacy::Deleted)
-}
-
-/// A queue's (messages, consumers), or `None` if it does not exist. A passive declaration, on a
-/// channel of its own: the broker closes the channel when the queue is missing.
-async fn peek_queue(broker: &crate::Broker, queue: &str) -> Result<Option<(u32, u32)>, AmqpError> {
-    let ch = broker.channel().await?;
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
-        Ok(q) => {
-            let _ = ch.close(200, "looked".into()).await;
-            Ok(Some((q.message_count(), q.consumer_count())))
-        }
-        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => Ok(None),
-        Err(source) => Err(AmqpError::Declare { what: format!("passive declaration of {queue}"), source }),
-    }
 }
 
 /// A reply queue for a short-lived tool (`baton reconcile`): exclusive to its connection and

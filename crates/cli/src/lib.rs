@@ -17,7 +17,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say(format_args!("error: cannot start the async runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -25,18 +25,53 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One sentence, with its causes, never a backtrace.
-            eprintln!("error: {e:#}");
+            say(format_args!("error: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// One line to stderr, whatever became of it: `eprintln!` panics when stderr is a closed pipe,
+/// and the exit code must say how the command went, not that its reader went away.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Logs go to stderr, in colour only when it is a terminal (a log file gets no escape codes),
+/// and a log line that cannot be written is dropped: logging never takes the process down.
 fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let asked = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let filter = asked
+        .and_then(|spec| EnvFilter::try_new(quiet_lapin(&spec)).ok())
+        .unwrap_or_else(|| EnvFilter::new(quiet_lapin(default)));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        // Its default reports a failed write with `eprintln!`, which panics when the write
+        // failed because stderr is gone (EPIPE): that panic used to kill the signal task.
+        .log_internal_errors(false)
         .with_target(false)
         .try_init();
+}
+
+/// lapin logs at ERROR what it also returns to Baton, which reports it once with what to do
+/// (a refused handshake came out as five lapin lines before Baton's). Its own events are shown
+/// only when the filter names it: `--log info,lapin=debug`.
+fn quiet_lapin(spec: &str) -> String {
+    if spec.contains("lapin") { spec.to_owned() } else { format!("{spec},lapin=off") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_lapin;
+
+    #[test]
+    fn lapin_is_quiet_unless_named() {
+        assert_eq!(quiet_lapin("info"), "info,lapin=off");
+        assert_eq!(quiet_lapin("debug,lapin=trace"), "debug,lapin=trace");
+    }
 }

@@ -24,7 +24,8 @@ pub fn on_signal(token: CancellationToken) {
             _ = term => {}
             _ = token.cancelled() => return,
         }
-        tracing::info!("signal received; shutting down (Ctrl-C again does not hurry it)");
+        // Cancel first: the shutdown must not depend on the log line being written.
         token.cancel();
+        tracing::info!("signal received; shutting down (Ctrl-C again does not hurry it)");
     });
 }

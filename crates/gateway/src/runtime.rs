@@ -137,21 +137,6 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);
     broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
-    // A broker upgraded from the version where outcomes came on baton.replies still binds the
-    // old queue there, where any service may publish: remove that binding before serving.
-    match topology::retire_legacy_gateway_queue(&broker, &opts.instance).await? {
-        topology::Legacy::Absent => {}
-        topology::Legacy::Deleted => tracing::info!(
-            queue = %topology::reply_queue(COMPONENT, &opts.instance),
-            "deleted the reply queue of an earlier version (outcomes now come on baton.outcomes)"
-        ),
-        topology::Legacy::Unbound { messages } => tracing::warn!(
-            queue = %topology::reply_queue(COMPONENT, &opts.instance),
-            messages,
-            "unbound the reply queue of an earlier version from baton.replies; it is kept because it \
-             is not empty or still consumed: look at its messages, then delete it"
-        ),
-    }
     let publisher = Publisher::new(broker.clone());
     let gw = Arc::new(Gateway {
         slots: Semaphore::new(opts.max_in_flight),
