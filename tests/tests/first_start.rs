@@ -41,3 +41,39 @@ async fn help_never_prints_a_secret_from_the_environment() {
         assert!(!help.contains("s3cret"), "{args:?} printed {var}'s value: {help}");
     }
 }
+
+/// `baton up` against a port where no broker listens, with the given log settings: what it
+/// printed before it gave up.
+async fn up_against_nothing(rust_log: &str, flag: Option<&str>) -> String {
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(baton_bin());
+    cmd.env("RUST_LOG", rust_log);
+    if let Some(f) = flag {
+        cmd.args(["--log", f]);
+    }
+    cmd.args(["up", "--http", "127.0.0.1:0", "--amqp-url"])
+        .arg(format!("amqp://guest:guest@{nothing}/%2f"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .kill_on_drop(true);
+    let out =
+        tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("it gives up").unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn the_log_flag_beats_rust_log_and_a_bad_filter_is_a_usage_error() {
+    // RUST_LOG alone is obeyed (so the next check can fail) ...
+    let env_only = up_against_nothing("debug", None).await;
+    assert!(env_only.contains(" DEBUG "), "{env_only}");
+    // ... and the flag beats it.
+    let flag = up_against_nothing("debug", Some("error")).await;
+    assert!(!flag.contains(" DEBUG ") && !flag.contains(" INFO "), "{flag}");
+    assert!(flag.contains("could not reach RabbitMQ"), "{flag}");
+    let out =
+        tokio::process::Command::new(baton_bin()).args(["--log", "info,[", "audit"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a log filter"));
+}

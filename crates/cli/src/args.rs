@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "baton", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log filter when RUST_LOG is not set (logs go to stderr).
-    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    /// Log filter (logs go to stderr), e.g. `debug` or `info,baton_orchestrator=debug`; the
+    /// flag beats RUST_LOG, which beats the default.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_log_filter)]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -370,6 +371,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The owner is normalised as the gateway does, so that `Alice=team` is alice's plan.
+/// A tracing filter, checked here so that a typo is a usage error rather than silence.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_owned()).map_err(|e| {
+        format!("`{s}` is not a log filter ({e}); write e.g. info, debug or info,baton_gateway=debug")
+    })
+}
+
 fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
     let (owner, plan) = s
         .split_once('=')

@@ -40,13 +40,11 @@ fn say(line: std::fmt::Arguments<'_>) {
 
 /// Logs go to stderr, in colour only when it is a terminal (a log file gets no escape codes),
 /// and a log line that cannot be written is dropped: logging never takes the process down.
-fn init_tracing(default: &str) {
+fn init_tracing(spec: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let asked = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
-    let filter = asked
-        .and_then(|spec| EnvFilter::try_new(quiet_lapin(&spec)).ok())
-        .unwrap_or_else(|| EnvFilter::new(quiet_lapin(default)));
+    // `--log` (or RUST_LOG through clap) was checked when the flags were parsed.
+    let filter = EnvFilter::try_new(quiet_lapin(spec)).unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
