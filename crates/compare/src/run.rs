@@ -13,6 +13,7 @@ use baton_protocol::{Mode, Service};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::clock::FakeClock;
 use crate::{ModeRun, Options};
 
 /// What the fault task is asked to do.
@@ -28,6 +29,10 @@ enum Fault {
     /// The `n`-th bad message of the run.
     Poison {
         n: usize,
+    },
+    /// Set the orchestrator's wall clock to this offset from the true time.
+    Clock {
+        offset_s: i64,
     },
 }
 
@@ -72,15 +77,21 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
         .collect(),
         &dir,
     ));
-    let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+    // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
+    let clock = if mode == Mode::Workflow && !opts.faults.clock_jumps.is_empty() {
+        Some(FakeClock::new(&dir)?)
+    } else {
+        None
+    };
+    let mut components: Vec<Process> = Service::ALL.iter().map(|s| Process::new(s.name())).collect();
     if mode == Mode::Workflow {
-        components.push("orchestrator");
+        let env = clock.as_ref().map(FakeClock::env).unwrap_or_default();
+        components.push(Process::new("orchestrator").with_env(env));
     }
-    components.push("gateway");
-    let started: anyhow::Result<()> =
-        components.iter().try_for_each(|c| fleet.spawn(&Process::new(*c))).map_err(Into::into);
+    components.push(Process::new("gateway"));
+    let started: anyhow::Result<()> = components.iter().try_for_each(|c| fleet.spawn(c)).map_err(Into::into);
     let result = match started {
-        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await,
+        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet, clock).await,
         Err(e) => Err(e),
     };
     fleet.stop().await;
@@ -98,6 +109,7 @@ async fn drive(
     dir: &Path,
     port: u16,
     fleet: &Arc<Fleet>,
+    clock: Option<FakeClock>,
 ) -> anyhow::Result<ModeRun> {
     let gateway = format!("http://127.0.0.1:{port}");
     fleet.wait_healthy(&gateway, Duration::from_secs(60)).await?;
@@ -148,6 +160,14 @@ async fn drive(
                             }
                         }
                     }
+                    Fault::Clock { offset_s } => match clock.as_ref().map(|c| c.set(offset_s)) {
+                        Some(Ok(())) => {
+                            tracing::info!(offset_s, "the orchestrator's wall clock jumped");
+                            *injected.lock().expect("faults").entry("clock jumps".into()).or_default() += 1;
+                        }
+                        Some(Err(e)) => tracing::error!(error = %e, "moving the orchestrator's clock failed"),
+                        None => {}
+                    },
                     Fault::Crash { component, down } => {
                         if fleet.crash(&component).await {
                             *injected
@@ -218,6 +238,9 @@ async fn drive(
     }
     for p in &opts.faults.connection_drops {
         triggers.push((at(*p), Fault::Drop));
+    }
+    for j in opts.faults.clock_jumps.iter().filter(|_| mode == Mode::Workflow) {
+        triggers.push((at(j.at_percent), Fault::Clock { offset_s: j.offset_s }));
     }
     for r in &opts.faults.broker_restarts {
         triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));
