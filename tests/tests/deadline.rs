@@ -11,10 +11,21 @@ use baton_tests::{System, SystemConfig, TestEnv, rows_for, saga_story, spawn_ser
 use uuid::Uuid;
 
 /// Start a create-space saga straight on `orchestrator.commands`, as the gateway does, with a
-/// client deadline `budget` from now. Nobody waits for its answer (no `reply_to`).
+/// client deadline `budget` from when it is sent. Nobody waits for its answer (no `reply_to`).
 async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid) {
     let (saga_id, space_id) = (Uuid::new_v4(), Uuid::new_v4());
     let budget_ms = budget.as_millis() as u64;
+    let broker = env.broker().await;
+    // A start sent before the orchestrator consumes could wait in the queue past its short
+    // deadline, and roll back before it began.
+    wait_for("the orchestrator to consume its commands", Duration::from_secs(20), || async {
+        let ch = broker.channel().await.ok()?;
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare("orchestrator.commands".into(), passive, Default::default()).await.ok()?;
+        let _ = ch.close(200, "probed".into()).await;
+        (q.consumer_count() > 0).then_some(())
+    })
+    .await;
     let start = StartSaga {
         schema: SCHEMA,
         saga_id,
@@ -25,11 +36,6 @@ async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid)
     };
     let msg =
         Outgoing::new(COMMANDS, "orchestrator", START, saga_id, "test", TraceParent::new_root(), &start);
-    wait_for("the orchestrator's queue", Duration::from_secs(20), || {
-        env.queue_depth("orchestrator.commands")
-    })
-    .await;
-    let broker = env.broker().await;
     Publisher::new(broker.clone()).publish_confirmed(&msg).await.expect("the start is confirmed");
     broker.close().await;
     (saga_id, space_id)
@@ -65,8 +71,8 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     let env = TestEnv::new().await;
     let cfg = SystemConfig { skip: vec![Service::Routing], with_gateway: false, ..SystemConfig::default() };
     let sys = System::start(&env, cfg.clone()).await;
-    let (saga, space) = start_saga(&env, "acme", Duration::from_millis(1_500)).await;
-    // Routing does not answer; the deadline passes long before its 3 s timeout.
+    let (saga, space) = start_saga(&env, "acme", Duration::from_millis(2_000)).await;
+    // Routing does not answer; the deadline passes before its 3 s timeout.
     wait_status(&env, saga, "compensating", Duration::from_secs(20)).await;
     let story = saga_story(env.data_dir(), &saga.to_string());
     assert!(story.contains("deadline_passed"), "{story}");
