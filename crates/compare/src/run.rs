@@ -91,7 +91,7 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     components.push(Process::new("gateway"));
     let started: anyhow::Result<()> = components.iter().try_for_each(|c| fleet.spawn(c)).map_err(Into::into);
     let result = match started {
-        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet, clock).await,
+        Ok(()) => drive(opts, mode, &vhost, &amqp_url, port, &fleet, clock).await,
         Err(e) => Err(e),
     };
     fleet.stop().await;
@@ -106,11 +106,12 @@ async fn drive(
     mode: Mode,
     vhost: &str,
     amqp_url: &str,
-    dir: &Path,
     port: u16,
     fleet: &Arc<Fleet>,
     clock: Option<FakeClock>,
 ) -> anyhow::Result<ModeRun> {
+    // The run's data dir, where the fleet keeps its logs too.
+    let dir = fleet.dir();
     let gateway = format!("http://127.0.0.1:{port}");
     fleet.wait_healthy(&gateway, Duration::from_secs(60)).await?;
 

@@ -557,11 +557,13 @@ impl Saga {
             return;
         };
         let compensable = def.actions.iter().any(|a| a.compensable);
-        if self.status == SagaStatus::Running && compensable && self.past_deadline(now) {
-            if let Some(idx) = (0..self.actions.len()).find(|&i| self.actions[i].step == step) {
-                self.deadline_passed(wf, idx, false, now, out);
-                return;
-            }
+        if self.status == SagaStatus::Running
+            && compensable
+            && self.past_deadline(now)
+            && let Some(idx) = (0..self.actions.len()).find(|&i| self.actions[i].step == step)
+        {
+            self.deadline_passed(wf, idx, false, now, out);
+            return;
         }
         if self.status == SagaStatus::Running && !compensable {
             // Past the point of no return: what follows is committed with this answer.
