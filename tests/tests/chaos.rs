@@ -76,6 +76,7 @@ async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
         &["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"],
         &summary,
     );
+    assert_eq!(run.injected.get("clock jumps"), Some(&2), "back an hour and forward again: {summary}");
     assert!(run.audit.is_clean(), "{summary}\n{:#?}", run.audit.violations);
 }
 

@@ -2,8 +2,9 @@
 //!
 //! A space the client was told succeeded (200) has exactly one record, placement, licence, route
 //! and email; a space the client was told failed has none of them; a space nobody got a definite
-//! answer for must be all or nothing. Owns: reading the five services' databases, the gateway's
-//! record of what each client was told and the orchestrator's saga states, all read-only, and the
+//! answer for must be all or nothing; a saga starts no compensable step once its client's
+//! deadline passed. Owns: reading the five services' databases, the gateway's record of what
+//! each client was told and the orchestrator's saga states and history, all read-only, and the
 //! list of violations. Must not touch: anything that writes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +31,9 @@ pub enum Kind {
     TimedOutButCompleted,
     /// Told 504, and nothing of the space exists: the client cannot know.
     TimedOutNothing,
+    /// Its saga started a compensable step at or after its client's deadline: a 504 could
+    /// then leave a space half made (workflow mode's contract is nothing, or all five).
+    StepAfterDeadline,
 }
 
 impl Kind {
@@ -41,6 +45,7 @@ impl Kind {
             Kind::CompensationFailed => "compensation_failed",
             Kind::TimedOutButCompleted => "timed_out_but_completed",
             Kind::TimedOutNothing => "timed_out_nothing",
+            Kind::StepAfterDeadline => "step_after_deadline",
         }
     }
 }
@@ -146,6 +151,8 @@ pub struct SpaceRows {
     /// A saga is still working on it (running, compensating, or its email is on its way).
     pub in_flight: bool,
     pub compensation_failed: bool,
+    /// Compensable steps its saga sent at or after its client's deadline.
+    pub steps_after_deadline: u32,
 }
 
 impl SpaceRows {
@@ -185,6 +192,20 @@ pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
         s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
         s.compensation_failed = state == "compensation_failed";
     }
+    // Forward commands sent at or after the deadline, both times on the clock of the process that
+    // started the saga (a later process's clock may differ by a jump: see `Saga::rearm`).
+    if has_column(dir, "orchestrator.db", "sagas", "deadline_at")? {
+        for (id, n, _) in rows3::<String, i64, String>(
+            dir,
+            "orchestrator.db",
+            "SELECT s.space_id, COUNT(*), '' FROM sagas s JOIN history h ON h.saga_id = s.saga_id
+             WHERE s.deadline_at IS NOT NULL AND h.event = 'sent' AND h.action = 'do'
+               AND h.step <> 'notifier' AND h.at >= s.deadline_at
+             GROUP BY s.space_id",
+        )? {
+            space(&mut spaces, id).steps_after_deadline = n as u32;
+        }
+    }
     for (id, status, _) in rows3::<String, i64, String>(
         dir,
         "gateway.db",
@@ -207,6 +228,7 @@ fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows
         oldest_ms: None,
         in_flight: false,
         compensation_failed: false,
+        steps_after_deadline: 0,
     })
 }
 
@@ -227,11 +249,26 @@ where
     rows.collect::<Result<_, _>>().map_err(read)
 }
 
+fn has_column(dir: &Path, db: &str, table: &str, column: &str) -> Result<bool, AuditError> {
+    let path = dir.join(db);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let conn = baton_store::open_read_only(&path)?;
+    conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2", [table, column], |r| {
+        r.get(0)
+    })
+    .map_err(|e| AuditError::Read { db: db.into(), source: e })
+}
+
 /// The verdict on one space, if something is wrong with it.
 pub fn judge(s: &SpaceRows) -> Option<Kind> {
     let complete = s.is_complete();
     if s.compensation_failed {
         return Some(Kind::CompensationFailed);
+    }
+    if s.steps_after_deadline > 0 {
+        return Some(Kind::StepAfterDeadline);
     }
     if s.in_flight {
         return None;
@@ -349,6 +386,26 @@ mod tests {
         assert_eq!(r.complete, 1);
         let line = r.violations[0].to_string();
         assert!(line.contains("lacks email"), "{line}");
+    }
+
+    #[test]
+    fn a_compensable_step_sent_at_or_after_the_deadline_is_reported_and_notify_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture(dir.path());
+        let o = Connection::open(dir.path().join("orchestrator.db")).unwrap();
+        o.execute_batch(
+            "CREATE TABLE sagas (saga_id TEXT, space_id TEXT, status TEXT, answer_status INTEGER, deadline_at INTEGER);
+             CREATE TABLE history (saga_id TEXT, at INTEGER, step TEXT, action TEXT, event TEXT);
+             INSERT INTO sagas VALUES ('s-ok', 'ok', 'completed', 200, 1000), ('s-late', 'half', 'rolled_back', 504, 1000);
+             INSERT INTO history VALUES ('s-ok', 900, 'routing', 'do', 'sent'), ('s-ok', 1200, 'notifier', 'do', 'sent'),
+                                        ('s-late', 999, 'records', 'do', 'sent'), ('s-late', 1000, 'placement', 'do', 'sent'),
+                                        ('s-late', 1100, 'records', 'undo', 'sent');",
+        )
+        .unwrap();
+        let r = audit(dir.path()).unwrap();
+        let kinds: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
+        assert!(kinds.contains(&("half", Kind::StepAfterDeadline)), "{kinds:?}");
+        assert!(!kinds.iter().any(|(id, _)| *id == "ok"), "a late notify is the saga completing: {kinds:?}");
     }
 
     #[test]

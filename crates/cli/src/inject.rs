@@ -83,6 +83,7 @@ pub fn has_driven_items(plan: &FaultPlan) -> bool {
         || !plan.connection_drops.is_empty()
         || !plan.broker_restarts.is_empty()
         || plan.poison > 0
+        || !plan.clock_jumps.is_empty()
 }
 
 /// Refuse, before anything starts, the items `up` cannot carry out.
@@ -103,6 +104,11 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
     }
     if plan.poison > 0 {
         bail!("--faults: `baton up` does not send bad messages; use `baton chaos` for poison");
+    }
+    if !plan.clock_jumps.is_empty() {
+        bail!(
+            "--faults: `baton up` runs every component in one process and cannot move one clock; use `baton chaos` or `baton compare` for clock"
+        );
     }
     if has_driven_items(plan) && window.is_zero() {
         bail!("--fault-window must be longer than 0");

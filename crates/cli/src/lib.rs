@@ -26,7 +26,9 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
         Err(e) => {
             // One sentence, with its causes, never a backtrace.
             say(format_args!("error: {e:#}"));
-            std::process::ExitCode::FAILURE
+            // A refusal to start on a configuration that would do harm (2) is not a crash (1).
+            let refused = e.chain().any(|c| c.is::<baton_orchestrator::DefinitionsChanged>());
+            std::process::ExitCode::from(if refused { 2 } else { 1 })
         }
     }
 }

@@ -13,6 +13,7 @@ use baton_protocol::{Mode, Service};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::clock::FakeClock;
 use crate::{ModeRun, Options};
 
 /// What the fault task is asked to do.
@@ -28,6 +29,10 @@ enum Fault {
     /// The `n`-th bad message of the run.
     Poison {
         n: usize,
+    },
+    /// Set the orchestrator's wall clock to this offset from the true time.
+    Clock {
+        offset_s: i64,
     },
 }
 
@@ -72,19 +77,25 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
         .collect(),
         &dir,
     ));
-    let mut components: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+    // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
+    let clock = if mode == Mode::Workflow && !opts.faults.clock_jumps.is_empty() {
+        Some(FakeClock::new(&dir)?)
+    } else {
+        None
+    };
+    let mut components: Vec<Process> = Service::ALL.iter().map(|s| Process::new(s.name())).collect();
     if mode == Mode::Workflow {
-        components.push("orchestrator");
+        let env = clock.as_ref().map(FakeClock::env).unwrap_or_default();
+        components.push(Process::new("orchestrator").with_env(env));
     }
-    components.push("gateway");
-    let started: anyhow::Result<()> =
-        components.iter().try_for_each(|c| fleet.spawn(&Process::new(*c))).map_err(Into::into);
+    components.push(Process::new("gateway"));
+    let started: anyhow::Result<()> = components.iter().try_for_each(|c| fleet.spawn(c)).map_err(Into::into);
     // A component that exits on its own is started again; one that keeps exiting ends the run
     // at once, with its log, rather than leaving the load and the settling to wait it out.
     let supervisor = fleet.supervise();
     let result = match started {
         Ok(()) => tokio::select! {
-            r = drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet) => r,
+            r = drive(opts, mode, &vhost, &amqp_url, port, &fleet, clock) => r,
             e = fleet.failed() => Err(anyhow::Error::from(e).context(format!("the {mode} run stopped"))),
         },
         Err(e) => Err(e),
@@ -103,10 +114,12 @@ async fn drive(
     mode: Mode,
     vhost: &str,
     amqp_url: &str,
-    dir: &Path,
     port: u16,
     fleet: &Arc<Fleet>,
+    clock: Option<FakeClock>,
 ) -> anyhow::Result<ModeRun> {
+    // The run's data dir, where the fleet keeps its logs too.
+    let dir = fleet.dir();
     let gateway = format!("http://127.0.0.1:{port}");
     fleet.wait_healthy(&gateway, Duration::from_secs(60)).await?;
 
@@ -156,6 +169,14 @@ async fn drive(
                             }
                         }
                     }
+                    Fault::Clock { offset_s } => match clock.as_ref().map(|c| c.set(offset_s)) {
+                        Some(Ok(())) => {
+                            tracing::info!(offset_s, "the orchestrator's wall clock jumped");
+                            *injected.lock().expect("faults").entry("clock jumps".into()).or_default() += 1;
+                        }
+                        Some(Err(e)) => tracing::error!(error = %e, "moving the orchestrator's clock failed"),
+                        None => {}
+                    },
                     Fault::Crash { component, down } => {
                         if fleet.crash(&component).await {
                             *injected
@@ -226,6 +247,9 @@ async fn drive(
     }
     for p in &opts.faults.connection_drops {
         triggers.push((at(*p), Fault::Drop));
+    }
+    for j in opts.faults.clock_jumps.iter().filter(|_| mode == Mode::Workflow) {
+        triggers.push((at(j.at_percent), Fault::Clock { offset_s: j.offset_s }));
     }
     for r in &opts.faults.broker_restarts {
         triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));

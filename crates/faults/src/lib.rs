@@ -6,8 +6,8 @@
 //! decisions ([`FaultPlan::refuses`], [`FaultPlan::duplicates`]) keyed by what is the same in
 //! both modes (the space's name and the step). Must not touch: I/O. Components apply the
 //! decisions; the driver of a run applies the rest at the planned points: `baton compare` and
-//! `baton chaos` the crashes, connection drops, broker restarts and bad messages, `baton up`
-//! the crashes and connection drops.
+//! `baton chaos` the crashes, connection drops, broker restarts, bad messages and clock jumps,
+//! `baton up` the crashes and connection drops.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +23,15 @@ pub struct Crash {
     pub component: String,
     pub at_percent: u32,
     pub down_ms: u64,
+}
+
+/// The orchestrator's wall clock set to `offset_s` from the true time at `at_percent` of the run,
+/// while it runs (libfaketime; its monotonic clock stays true, as when NTP or an operator steps
+/// a real clock). From `-3600` to `0` is a jump forward of an hour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClockJump {
+    pub at_percent: u32,
+    pub offset_s: i64,
 }
 
 /// What to inject. The default injects nothing.
@@ -49,6 +58,8 @@ pub struct FaultPlan {
     /// Bad messages published straight onto the work queues, spread evenly over the run: each
     /// must end in its queue's dead-letter queue with the reason, and change nothing.
     pub poison: u32,
+    /// Jumps of the orchestrator's wall clock (workflow mode only).
+    pub clock_jumps: Vec<ClockJump>,
 }
 
 /// The broker stopped at `at_percent` of the run, started again `down_ms` later.
@@ -89,6 +100,24 @@ fn parse_duration(s: &str) -> Option<Duration> {
     humantime::parse_duration(s).ok()
 }
 
+/// A signed clock offset: `-1h`, `+30m`, `+0`, `-90s` (no unit: seconds).
+fn parse_offset(s: &str) -> Option<i64> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (n, unit) = rest.find(|c: char| !c.is_ascii_digit()).map_or((rest, "s"), |i| rest.split_at(i));
+    let n: i64 = n.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return None,
+    };
+    Some(sign * n * scale)
+}
+
 fn parse_percent(s: &str) -> Option<u32> {
     s.strip_suffix('%')?.parse().ok().filter(|p| *p <= 100)
 }
@@ -119,11 +148,15 @@ impl FaultPlan {
     pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
     /// The plan of `baton chaos`: every component crashed once, connections dropped twice, the
-    /// broker restarted, 20 bad messages on the work queues, and the refusals, delays and
+    /// broker restarted, 20 bad messages on the work queues, the orchestrator's clock set back an
+    /// hour and then forward an hour (to the true time, so the skew against the gateway's clock
+    /// lasts only the window between; the orchestrator's crash falls inside it, so the sagas it
+    /// resumes were timed on a clock an hour ahead of its own), and the refusals, delays and
     /// duplicates of the default plan.
     pub const CHAOS: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.records=8%+1s,\
         crash.placement=18%+1s,crash.entitlements=28%+1s,crash.routing=52%+1s,crash.notifier=62%+1s,\
-        crash.orchestrator=72%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20";
+        crash.orchestrator=56%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20,\
+        clock=45%-1h,clock=66%+0";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
@@ -212,6 +245,16 @@ impl FaultPlan {
                             as u64,
                     });
                 }
+                "clock" => {
+                    let sign =
+                        value.find(['+', '-']).ok_or_else(|| err("expected PERCENT±OFFSET, e.g. 45%-1h"))?;
+                    let (at, offset) = value.split_at(sign);
+                    plan.clock_jumps.push(ClockJump {
+                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 45% of the run"))?,
+                        offset_s: parse_offset(offset)
+                            .ok_or_else(|| err("an offset from the true time such as -1h, +30m or +0"))?,
+                    });
+                }
                 "poison" => {
                     plan.poison =
                         value.parse().ok().ok_or_else(|| err("a number of bad messages, such as 20"))?;
@@ -230,7 +273,7 @@ impl FaultPlan {
                 }
                 _ => {
                     return Err(err(
-                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker or poison",
+                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker, poison or clock",
                     ));
                 }
             }
@@ -274,6 +317,7 @@ impl FaultPlan {
             && self.connection_drops.is_empty()
             && self.broker_restarts.is_empty()
             && self.poison == 0
+            && self.clock_jumps.is_empty()
     }
 
     /// Where in the run (a share, 1..100 %) each of the plan's bad messages is sent.
@@ -321,6 +365,9 @@ impl fmt::Display for FaultPlan {
         if self.poison > 0 {
             parts.push(format!("{} bad messages", self.poison));
         }
+        for j in &self.clock_jumps {
+            parts.push(format!("orchestrator clock at {:+}s from true at {}%", j.offset_s, j.at_percent));
+        }
         write!(f, "{} (seed {})", parts.join(", "), self.seed)
     }
 }
@@ -348,6 +395,11 @@ mod tests {
         assert_eq!(chaos.crashes.len(), 7);
         assert_eq!(chaos.broker_restarts, vec![Restart { at_percent: 40, down_ms: 3000 }]);
         assert_eq!(chaos.poison, 20);
+        assert_eq!(
+            chaos.clock_jumps,
+            vec![ClockJump { at_percent: 45, offset_s: -3600 }, ClockJump { at_percent: 66, offset_s: 0 }]
+        );
+        assert_eq!(FaultPlan::parse("clock=10%+30m", 1).unwrap().clock_jumps[0].offset_s, 1800);
         assert_eq!(FaultPlan::parse("poison=3", 1).unwrap().poison_points(), vec![25, 50, 75]);
         let p = FaultPlan::parse("fail-undo.placement=1,nack.records=1", 3).unwrap();
         assert!(p.undo_fails(Service::Placement, "x") && !p.undo_fails(Service::Records, "x"));
@@ -367,6 +419,9 @@ mod tests {
             ("explode=1", "unknown fault"),
             ("delay=fast", "duration"),
             ("poison=many", "number of bad messages"),
+            ("clock=45%", "PERCENT±OFFSET"),
+            ("clock=45%-1d", "offset from the true time"),
+            ("clock=145%-1h", "45% of the run"),
         ] {
             let e = FaultPlan::parse(text, 1).unwrap_err();
             assert!(e.to_string().contains(words), "{text}: {e}");

@@ -85,17 +85,25 @@ fn process_name(component: &str, instance: Option<&str>) -> String {
 pub struct Process {
     pub component: String,
     pub instance: Option<String>,
+    /// Environment variables of its own (libfaketime's, for a clock fault), kept across restarts.
+    pub env: Vec<(String, String)>,
 }
 
 impl Process {
     /// The only process of `component`, under its default instance.
     pub fn new(component: impl Into<String>) -> Process {
-        Process { component: component.into(), instance: None }
+        Process { component: component.into(), instance: None, env: Vec::new() }
     }
 
     /// One of several processes of `component`, run as `--instance <instance>`.
     pub fn instance(component: impl Into<String>, instance: impl Into<String>) -> Process {
-        Process { component: component.into(), instance: Some(instance.into()) }
+        Process { component: component.into(), instance: Some(instance.into()), env: Vec::new() }
+    }
+
+    /// This process with `env` added to its environment.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Process {
+        self.env.extend(env);
+        self
     }
 
     /// `records`, or `records-i2` for an instance: its name in the fleet, and its log's
@@ -238,6 +246,7 @@ impl Fleet {
         if let Some(i) = &process.instance {
             cmd.arg("--instance").arg(i);
         }
+        cmd.envs(process.env.iter().map(|(k, v)| (k, v)));
         cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().map_err(|source| FleetError::Spawn {
             bin: self.bin.clone(),
             component: process.component.clone(),

@@ -14,7 +14,9 @@ use baton_protocol::{
     StepCommand, StepError, StepReply,
 };
 use baton_store::{Db, StoreError, inbox, now_ms, outbox};
-use baton_workflow::{Effect, Reply, Saga, Workflow};
+use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
+
+use crate::definitions::{self, SagaClock};
 use rusqlite::{OptionalExtension, Transaction, params};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -44,12 +46,19 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
     broker.declare_topology(std::slice::from_ref(&replies)).await?;
     let publisher = Publisher::new(broker.clone());
+    let workflows: HashMap<String, Workflow> =
+        opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
+    // Before anything is consumed: a saga must never be driven by a definition it was not
+    // started on.
+    let definition_ids = definitions::check_and_record(&db, &workflows).await?;
     let core = Arc::new(Core {
         db: db.clone(),
         wake: Wake::default(),
         timer: Timer::default(),
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
-        workflows: opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect(),
+        workflows,
+        definition_ids,
+        clock: SagaClock::start(),
     });
     db.feed(core.wake.clone());
     let in_flight = core.resume().await?;
@@ -124,6 +133,10 @@ struct Core {
     timer: Timer,
     reply_key: String,
     workflows: HashMap<String, Workflow>,
+    /// The `definitions` row of each loaded workflow, stored with every saga it starts.
+    definition_ids: HashMap<String, i64>,
+    /// Every time a transition sees; never the wall clock, which may jump.
+    clock: SagaClock,
 }
 
 /// What a saga row carries besides its state.
@@ -141,20 +154,32 @@ fn corrupt(cause: impl ToString) -> StoreError {
 }
 
 impl Core {
-    /// Count the sagas in flight and arm the timer for them.
-    async fn resume(&self) -> Result<i64, StoreError> {
+    /// Re-arm the sagas in flight on this process's clock ([`Saga::rearm`]: the previous
+    /// process's times may be off by any clock jump), count them and arm the timer.
+    async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
+        let core = Arc::clone(self);
         let (n, next): (i64, Option<i64>) = self
             .db
-            .call(|c| {
-                Ok(c.query_row(
-                    "SELECT (SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')),
-                            (SELECT MIN(wake_at) FROM sagas)",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?)
+            .transaction(move |tx| {
+                let now = core.clock.now();
+                let ids: Vec<String> = tx
+                    .prepare(
+                        "SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for id in &ids {
+                    let id = Uuid::parse_str(id).map_err(corrupt)?;
+                    let Some((mut saga, meta)) = load(tx, id)? else { continue };
+                    let Some(wf) = core.workflows.get(&saga.workflow) else { continue };
+                    saga.rearm(wf, now);
+                    apply(tx, &saga, Vec::new(), &meta, &core.reply_key, now)?;
+                }
+                let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
+                Ok((ids.len() as i64, next))
             })
             .await?;
-        self.timer.schedule(next.map(|n| n as u64));
+        self.timer.schedule(next.map(|n: i64| n as u64));
         Ok(n)
     }
 
@@ -177,6 +202,8 @@ impl Core {
         let wf = self.workflows.get(&start.workflow).cloned();
         let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
         let reply_key = self.reply_key.clone();
+        let definition = self.definition_ids.get(&start.workflow).copied();
+        let clock = self.clock;
         let wake_at = self
             .db
             .transaction(move |tx| {
@@ -184,7 +211,7 @@ impl Core {
                     return Ok(None);
                 }
                 inbox::record(tx, env.message_id, &[])?;
-                let now = now_ms() as u64;
+                let now = clock.now();
                 let Some(wf) = wf else {
                     // Nothing started, nothing to undo: answer at once.
                     let outcome = SagaOutcome {
@@ -205,17 +232,22 @@ impl Core {
                     }
                     return Ok(None);
                 };
-                let (saga, effects) = Saga::start(&wf, start.saga_id, start.space_id, start.input, now);
+                let deadline = start.deadline.map(|d| Deadline::of(d, now, now_ms() as u64));
+                let (saga, effects) =
+                    Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
                 tx.execute(
-                    "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6)",
+                    "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at,
+                                        definition, deadline_at)
+                     VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8)",
                     params![
                         saga.id.to_string(),
                         saga.space_id.to_string(),
                         wf.name,
                         meta.reply_to,
                         meta.trace.0,
-                        now as i64
+                        now as i64,
+                        definition,
+                        saga.deadline.map(|d| d.at_ms as i64)
                     ],
                 )?;
                 let wake = apply(tx, &saga, effects, &meta, &reply_key, now)?;
@@ -327,7 +359,7 @@ impl Core {
                 // Recorded only once the message is known to be handled here: a message rejected
                 // to the DLQ must still count as new when an operator replays it.
                 inbox::record(tx, message_id, &[])?;
-                let now = now_ms() as u64;
+                let now = core.clock.now();
                 let (effects, extra) = step(&mut saga, wf, now);
                 let wake = apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 Ok(Ok((wake, extra)))
@@ -344,7 +376,7 @@ impl Core {
     async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
         loop {
             let next = self.timer.next.load(Ordering::Acquire);
-            let now = now_ms() as u64;
+            let now = self.clock.now();
             let sleep = if next == 0 {
                 Duration::from_secs(1)
             } else {
@@ -355,7 +387,7 @@ impl Core {
                 _ = self.timer.notify.notified() => continue,
                 _ = tokio::time::sleep(sleep.min(Duration::from_secs(1))) => {}
             }
-            if next == 0 || next > now_ms() as u64 {
+            if next == 0 || next > self.clock.now() {
                 continue;
             }
             // Forget the fired deadline; the round below computes the next one.
@@ -369,14 +401,14 @@ impl Core {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "timer round failed; retrying");
-                    self.timer.schedule(Some(now_ms() as u64 + 500));
+                    self.timer.schedule(Some(self.clock.now() + 500));
                 }
             }
         }
     }
 
     fn fire_due(&self, tx: &Transaction<'_>) -> Result<Option<u64>, StoreError> {
-        let now = now_ms() as u64;
+        let now = self.clock.now();
         let due: Vec<String> = {
             let mut stmt = tx.prepare_cached(
                 "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",

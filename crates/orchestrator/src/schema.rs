@@ -32,6 +32,16 @@ pub const MIGRATIONS: &[&str] = &[
     "UPDATE outbox SET message = json_set(message, '$.exchange', 'baton.outcomes')
      WHERE json_extract(message, '$.exchange') = 'baton.replies'
        AND json_extract(message, '$.kind') = 'orchestrator.start.reply';",
+    // Each saga names the exact definition it was started on, so that a start-up with a changed
+    // one is refused; and the client's deadline as set at its start, for the audit.
+    "CREATE TABLE definitions (
+        id INTEGER PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (workflow, body)
+    );
+    ALTER TABLE sagas ADD COLUMN definition INTEGER REFERENCES definitions (id);
+    ALTER TABLE sagas ADD COLUMN deadline_at INTEGER;",
 ];
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The outbox: messages committed with the business change that caused them, published by the
 //! relay afterwards.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use baton_amqp::relay::{BoxError, OutboxStore};
 use baton_amqp::{Outgoing, PublishError};
 use rusqlite::{Transaction, params};
@@ -11,10 +14,56 @@ use crate::{Db, StoreError, now_ms};
 /// reason) so that it stops holding up the rest.
 pub const PARK_AFTER: i64 = 10;
 
-/// A row another instance wrote but has not published for this long is taken over: that
-/// instance is gone (or stuck), and a message must not wait for it. Should it come back and
-/// publish the row too, the receiver's inbox drops the second copy.
-pub const TAKE_OVER_AFTER_MS: i64 = 30_000;
+/// Another instance whose oldest row this one has seen unpublished for this long is gone (or
+/// stuck): its rows are taken over, since a message must not wait for it. Should it come back
+/// and publish them too, the receiver's inbox drops the second copy.
+pub const TAKE_OVER_AFTER: Duration = Duration::from_secs(30);
+
+/// Other instances' oldest unpublished rows as this process saw them, and since when, on its
+/// monotonic clock. The rows' `created_at` comes from another process's wall clock and cannot
+/// be compared with this one's: a clock set back would hold dead rows up for as long, one set
+/// forward would take over the rows of instances alive and well.
+#[derive(Debug)]
+pub struct Watch {
+    /// Per owner: its oldest row's `seq`, and when this process first saw it there.
+    oldest: HashMap<String, (i64, Instant)>,
+    after: Duration,
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch { oldest: HashMap::new(), after: TAKE_OVER_AFTER }
+    }
+}
+
+impl Watch {
+    /// Given each other owner's oldest row now, the owners whose oldest row has not moved for
+    /// the lease: theirs are taken over.
+    fn stuck(&mut self, oldest: Vec<(String, i64)>, now: Instant) -> Vec<String> {
+        let mut seen = HashMap::new();
+        let mut stuck = Vec::new();
+        for (owner, seq) in oldest {
+            let since = match self.oldest.get(&owner) {
+                Some((s, t)) if *s == seq => *t,
+                _ => now,
+            };
+            if now.duration_since(since) >= self.after {
+                stuck.push(owner);
+            } else {
+                seen.insert(owner, (seq, since));
+            }
+        }
+        self.oldest = seen;
+        stuck
+    }
+}
+
+impl Db {
+    /// Take over other instances' rows after `after` instead of [`TAKE_OVER_AFTER`] (tests).
+    pub fn take_over_after(&self, after: Duration) {
+        self.watch.lock().expect("outbox watch").after = after;
+    }
+}
 
 /// Add a message to the outbox, in the caller's transaction.
 pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
@@ -47,33 +96,36 @@ pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
 
 impl OutboxStore for Db {
     async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
+        let watch = std::sync::Arc::clone(&self.watch);
         let rows = self
             .call(move |c| {
-                let stale = now_ms() - TAKE_OVER_AFTER_MS;
-                // Another instance's stale rows become this one's first, in their own statement:
-                // the common case (every row is this instance's) stays a plain read.
-                let foreign = "created_at < ?1 AND owner <> (SELECT owner FROM temp.baton_self)";
-                let any: bool = c
-                    .prepare_cached(&format!("SELECT EXISTS (SELECT 1 FROM outbox WHERE {foreign})"))?
-                    .query_row([stale], |r| r.get(0))?;
+                // Other instances' oldest rows, each watched until it moves or the lease is up.
+                let oldest: Vec<(String, i64)> = c
+                    .prepare_cached(
+                        "SELECT owner, MIN(seq) FROM outbox WHERE owner <> (SELECT owner FROM temp.baton_self)
+                         GROUP BY owner",
+                    )?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let stuck = watch.lock().expect("outbox watch").stuck(oldest, Instant::now());
                 let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
                 // Taken-over rows come back whatever their place: they may sit below `after`.
-                let mut rows: Vec<(i64, String)> = if any {
+                let mut rows: Vec<(i64, String)> = Vec::new();
+                for owner in stuck {
                     let taken = c
-                        .prepare_cached(&format!(
-                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE {foreign}
-                             RETURNING seq, message"
-                        ))?
-                        .query_map([stale], row)?
+                        .prepare_cached(
+                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE owner = ?1
+                             RETURNING seq, message",
+                        )?
+                        .query_map([&owner], row)?
                         .collect::<Result<Vec<_>, _>>()?;
                     tracing::warn!(
                         rows = taken.len(),
+                        instance = %owner,
                         "took over outbox rows another instance left unpublished"
                     );
-                    taken
-                } else {
-                    Vec::new()
-                };
+                    rows.extend(taken);
+                }
                 let mut stmt = c.prepare_cached(
                     "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
                      AND seq > ?1 ORDER BY seq LIMIT ?2",
@@ -137,5 +189,76 @@ impl OutboxStore for Db {
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> String {
+        let msg = Outgoing::new(
+            "baton.commands",
+            "records",
+            "records.create",
+            uuid::Uuid::new_v4(),
+            "records",
+            baton_amqp::TraceParent::new_root(),
+            &serde_json::json!({}),
+        );
+        serde_json::to_string(&msg).unwrap()
+    }
+
+    /// A row of instance `owner`, stamped `skew_ms` off this process's wall clock.
+    async fn foreign_row(db: &Db, owner: &'static str, skew_ms: i64) {
+        let m = message();
+        db.call(move |c| {
+            c.execute(
+                "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3)",
+                params![m, owner, now_ms() + skew_ms],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn another_instances_rows_are_taken_over_after_the_lease_whatever_their_time_stamps_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_as(&dir.path().join("records.db"), &[], "a").unwrap();
+        let lease = Duration::from_millis(300);
+        db.take_over_after(lease);
+        // One stamped an hour ahead (its writer's clock, or this one, jumped), one an hour behind.
+        foreign_row(&db, "ahead", 3_600_000).await;
+        foreign_row(&db, "behind", -3_600_000).await;
+        let watched = Instant::now();
+        assert!(db.pending(0, 10).await.unwrap().is_empty(), "nothing is taken over at first sight");
+        let mut taken = Vec::new();
+        while taken.len() < 2 {
+            assert!(watched.elapsed() < Duration::from_secs(5), "both are taken over within the lease");
+            taken.extend(db.pending(0, 10).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(watched.elapsed() >= lease, "not before the lease");
+        let owners: i64 = db
+            .call(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox WHERE owner = 'a'", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(owners, 2);
+    }
+
+    #[test]
+    fn an_instance_whose_oldest_row_moves_is_never_taken_over() {
+        let mut w = Watch { oldest: HashMap::new(), after: Duration::from_secs(30) };
+        let t0 = Instant::now();
+        assert!(w.stuck(vec![("b".into(), 1)], t0).is_empty());
+        assert!(w.stuck(vec![("b".into(), 2)], t0 + Duration::from_secs(29)).is_empty());
+        assert!(
+            w.stuck(vec![("b".into(), 2)], t0 + Duration::from_secs(58)).is_empty(),
+            "watched from seq 2"
+        );
+        assert_eq!(w.stuck(vec![("b".into(), 2)], t0 + Duration::from_secs(59)), vec!["b".to_string()]);
+        assert!(w.stuck(Vec::new(), t0).is_empty() && w.oldest.is_empty(), "gone owners are forgotten");
     }
 }

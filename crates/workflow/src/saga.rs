@@ -1,15 +1,18 @@
 //! The saga state machine: a saga's state, and one pure function per input.
 //!
-//! Inputs are [`Saga::start`], [`Saga::on_reply`], [`Saga::on_tick`] (the clock, as a number) and
-//! [`Saga::retry_compensation`] (an operator). Each returns the [`Effect`]s the runtime must carry
-//! out, in order, in the same transaction that stores the new state. Nothing here sleeps, reads a
-//! clock or touches a queue.
+//! Inputs are [`Saga::start`], [`Saga::on_reply`], [`Saga::on_tick`] (the clock, as a number),
+//! [`Saga::retry_compensation`] (an operator) and [`Saga::rearm`] (a restart). Each returns the
+//! [`Effect`]s the runtime must carry out, in order, in the same transaction that stores the new
+//! state. Nothing here sleeps, reads a clock or touches a queue.
+//!
+//! Times are milliseconds on the runtime's saga clock, which never goes back within a process;
+//! only [`Saga::rearm`] and [`Deadline::of`] deal with times from another clock.
 
-use baton_protocol::{Action, Context, Outcome, Service};
+use baton_protocol::{Action, ClientDeadline, Context, Outcome, Service};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::definition::{ActionDef, Workflow};
+use crate::definition::Workflow;
 
 /// Where a saga stands, as an operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +88,24 @@ pub struct ActionState {
     pub due_ms: Option<u64>,
 }
 
+/// The client's deadline as the saga holds it: `at_ms` on the saga clock, and the budget it was
+/// given, which bounds it again after a restart (a wall clock set back must not extend it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadline {
+    pub at_ms: u64,
+    pub budget_ms: u64,
+}
+
+impl Deadline {
+    /// The deadline of a start received at `now` (saga clock) and `wall_now` (this host's wall
+    /// clock, unix ms): the earlier of the budget counted from receipt and the client's instant
+    /// held against the wall clock (which also counts the time the start waited in a queue).
+    pub fn of(client: ClientDeadline, now: u64, wall_now: u64) -> Deadline {
+        let budget = client.budget_ms.min(client.at_ms.saturating_sub(wall_now));
+        Deadline { at_ms: now.saturating_add(budget), budget_ms: client.budget_ms }
+    }
+}
+
 /// Why a saga failed: the step, the status the client gets, one sentence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
@@ -126,6 +147,10 @@ pub enum HistoryEvent {
     Completed,
     RolledBack,
     OperatorRetry,
+    /// The client's deadline passed before the saga passed its last compensable step.
+    DeadlinePassed,
+    /// The loaded workflow no longer has this saga's steps: nothing is done.
+    DefinitionChanged,
 }
 
 impl HistoryEvent {
@@ -145,6 +170,8 @@ impl HistoryEvent {
             HistoryEvent::Completed => "completed",
             HistoryEvent::RolledBack => "rolled_back",
             HistoryEvent::OperatorRetry => "operator_retry",
+            HistoryEvent::DeadlinePassed => "deadline_passed",
+            HistoryEvent::DefinitionChanged => "definition_changed",
         }
     }
 }
@@ -180,6 +207,9 @@ pub struct Saga {
     pub failure: Option<Failure>,
     /// Whether the client's answer was already emitted (it is emitted once).
     pub answered: bool,
+    /// Past it, no new compensable step starts: the saga rolls back and answers 504.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Deadline>,
 }
 
 /// Collects effects during one transition.
@@ -203,8 +233,15 @@ impl Out {
 }
 
 impl Saga {
-    /// Start a saga: its first step's commands go out.
-    pub fn start(wf: &Workflow, id: Uuid, space_id: Uuid, input: Context, now: u64) -> (Saga, Vec<Effect>) {
+    /// Start a saga: its first step's commands go out (unless `deadline` has passed already).
+    pub fn start(
+        wf: &Workflow,
+        id: Uuid,
+        space_id: Uuid,
+        input: Context,
+        deadline: Option<Deadline>,
+        now: u64,
+    ) -> (Saga, Vec<Effect>) {
         let actions = wf
             .actions()
             .map(|(step, a)| ActionState {
@@ -226,6 +263,7 @@ impl Saga {
             context: input,
             failure: None,
             answered: false,
+            deadline,
         };
         let mut out = Out(Vec::new());
         out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
@@ -235,11 +273,97 @@ impl Saga {
 
     /// The earliest time at which [`Saga::on_tick`] has something to do.
     pub fn wake_at(&self) -> Option<u64> {
-        self.actions.iter().filter_map(|a| a.due_ms).min()
+        let deadline = self.deadline.filter(|_| self.status == SagaStatus::Running).map(|d| d.at_ms);
+        self.actions.iter().filter_map(|a| a.due_ms).chain(deadline).min()
+    }
+
+    /// Whether `wf` still has this saga's actions, each at its index with its service and step.
+    /// A saga stored under another definition is left alone rather than driven by the wrong one.
+    pub fn fits(&self, wf: &Workflow) -> bool {
+        self.actions.len() == wf.actions().count()
+            && self
+                .actions
+                .iter()
+                .zip(wf.actions())
+                .all(|(a, (step, d))| a.step == step && a.service == d.service)
+    }
+
+    /// After a restart, the saga's times come from the clock of another process, which may have
+    /// jumped either way since. Every wait is kept within its own bound from `now` (a timeout,
+    /// or the retry delay due next): none waits longer than that, and one already past is
+    /// counted again from `now` rather than fired with every other at once. The client's
+    /// deadline is kept, but never further than its budget from `now`.
+    pub fn rearm(&mut self, wf: &Workflow, now: u64) {
+        if !self.fits(wf) {
+            return;
+        }
+        for idx in 0..self.actions.len() {
+            let Some(def) = wf.action(idx) else { return };
+            let a = &mut self.actions[idx];
+            let Some(due) = a.due_ms else { continue };
+            let bound = match a.phase {
+                Phase::Running | Phase::Compensating => def.timeout_ms,
+                Phase::RetryWait => def.retry.delay_before(a.attempt + 1),
+                Phase::CompensationRetryWait => def.compensation_retry.delay_before(a.undo_attempt + 1),
+                _ => 0,
+            };
+            let latest = now.saturating_add(bound);
+            a.due_ms = Some(if due < now { latest } else { due.min(latest) });
+        }
+        if let Some(d) = &mut self.deadline {
+            d.at_ms = d.at_ms.min(now.saturating_add(d.budget_ms));
+        }
+    }
+
+    /// What a saga does when its workflow lacks its steps: nothing but say so, and stop waking.
+    fn refuse_changed(&mut self, wf: &Workflow) -> Vec<Effect> {
+        for a in &mut self.actions {
+            a.due_ms = None;
+        }
+        vec![Effect::History {
+            service: None,
+            action: None,
+            attempt: 0,
+            event: HistoryEvent::DefinitionChanged,
+            detail: Some(format!(
+                "workflow `{}` now has {} actions where this saga has {}; run it with its original definition",
+                wf.name,
+                wf.actions().count(),
+                self.actions.len()
+            )),
+        }]
+    }
+
+    fn past_deadline(&self, now: u64) -> bool {
+        self.deadline.is_some_and(|d| now >= d.at_ms)
+    }
+
+    /// The client's deadline passed while compensable steps remain: start nothing more, undo
+    /// what was done, and answer 504 naming the step it stopped before.
+    fn deadline_passed(&mut self, wf: &Workflow, idx: usize, started: bool, now: u64, out: &mut Out) {
+        let a = &self.actions[idx];
+        let late = self.deadline.map_or(0, |d| now.saturating_sub(d.at_ms));
+        let reason = if started {
+            format!(
+                "the client's deadline passed ({late} ms ago) while {} was not done (attempt {}); every step was undone",
+                a.service, a.attempt
+            )
+        } else {
+            format!(
+                "the client's deadline passed ({late} ms ago) before {} started; every earlier step was undone",
+                a.service
+            )
+        };
+        out.history(Some(a), None, HistoryEvent::DeadlinePassed, Some(reason.clone()));
+        let failure = Failure { service: a.service, status: 504, reason };
+        self.begin_compensation(wf, failure, now, out);
     }
 
     /// A service replied.
     pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.refuse_changed(wf);
+        }
         let mut out = Out(Vec::new());
         let found = match reply.index {
             Some(i) => self.actions.get(i).filter(|a| a.service == reply.service).map(|_| i),
@@ -256,7 +380,7 @@ impl Saga {
             return out.0;
         };
         let phase = self.actions[idx].phase;
-        let def = self.def(wf, idx).clone();
+        let Some(def) = wf.action(idx).cloned() else { return out.0 };
         match (reply.action, phase) {
             (Action::Do, Phase::Running | Phase::RetryWait) => match reply.outcome {
                 Outcome::Done => {
@@ -356,13 +480,25 @@ impl Saga {
 
     /// Time passed: fire every timeout and retry that is due at `now`.
     pub fn on_tick(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.refuse_changed(wf);
+        }
         let mut out = Out(Vec::new());
+        if self.status == SagaStatus::Running && self.past_deadline(now) {
+            let current = (0..self.actions.len())
+                .filter(|&i| self.actions[i].step == self.step)
+                .find(|&i| self.actions[i].phase != Phase::Done);
+            if let Some(idx) = current {
+                self.deadline_passed(wf, idx, true, now, &mut out);
+                return out.0;
+            }
+        }
         for idx in 0..self.actions.len() {
             let a = &self.actions[idx];
             if a.due_ms.is_none_or(|due| due > now) {
                 continue;
             }
-            let timeout = self.def(wf, idx).timeout_ms;
+            let Some(timeout) = wf.action(idx).map(|d| d.timeout_ms) else { continue };
             match a.phase {
                 Phase::Running => {
                     let reason = format!("{} did not answer within {timeout} ms", a.service);
@@ -391,6 +527,9 @@ impl Saga {
 
     /// An operator asks to finish a rollback that stopped in `compensation_failed`.
     pub fn retry_compensation(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.refuse_changed(wf);
+        }
         let mut out = Out(Vec::new());
         if self.status != SagaStatus::CompensationFailed {
             return out.0;
@@ -407,10 +546,6 @@ impl Saga {
         out.0
     }
 
-    fn def<'w>(&self, wf: &'w Workflow, idx: usize) -> &'w ActionDef {
-        wf.action(idx).expect("a saga's actions come from its workflow")
-    }
-
     fn enter_step(&mut self, wf: &Workflow, step: usize, now: u64, out: &mut Out) {
         self.step = step;
         let Some(def) = wf.steps.get(step) else {
@@ -421,7 +556,16 @@ impl Saga {
             out.history(None, None, HistoryEvent::Completed, None);
             return;
         };
-        if self.status == SagaStatus::Running && def.actions.iter().all(|a| !a.compensable) {
+        let compensable = def.actions.iter().any(|a| a.compensable);
+        if self.status == SagaStatus::Running
+            && compensable
+            && self.past_deadline(now)
+            && let Some(idx) = (0..self.actions.len()).find(|&i| self.actions[i].step == step)
+        {
+            self.deadline_passed(wf, idx, false, now, out);
+            return;
+        }
+        if self.status == SagaStatus::Running && !compensable {
             // Past the point of no return: what follows is committed with this answer.
             self.answer_success(out);
             self.status = SagaStatus::Succeeded;
@@ -441,7 +585,7 @@ impl Saga {
     }
 
     fn send_do(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
-        let timeout = self.def(wf, idx).timeout_ms;
+        let Some(timeout) = wf.action(idx).map(|d| d.timeout_ms) else { return };
         let a = &mut self.actions[idx];
         a.phase = Phase::Running;
         a.attempt = attempt;
@@ -457,7 +601,7 @@ impl Saga {
     }
 
     fn send_undo(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
-        let timeout = self.def(wf, idx).timeout_ms;
+        let Some(timeout) = wf.action(idx).map(|d| d.timeout_ms) else { return };
         let a = &mut self.actions[idx];
         a.phase = Phase::Compensating;
         a.undo_attempt = attempt;
@@ -473,7 +617,7 @@ impl Saga {
     }
 
     fn retry_or_fail(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
-        let def = self.def(wf, idx);
+        let Some(def) = wf.action(idx) else { return };
         let a = &mut self.actions[idx];
         if def.retry.allows_after(a.attempt) {
             let delay = def.retry.delay_before(a.attempt + 1);
@@ -499,7 +643,7 @@ impl Saga {
     }
 
     fn retry_undo_or_give_up(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
-        let policy = self.def(wf, idx).compensation_retry;
+        let Some(policy) = wf.action(idx).map(|d| d.compensation_retry) else { return };
         let a = &mut self.actions[idx];
         if policy.allows_after(a.undo_attempt) {
             let delay = policy.delay_before(a.undo_attempt + 1);

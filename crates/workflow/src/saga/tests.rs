@@ -1,7 +1,7 @@
 //! Every transition of the saga state machine, driven without I/O.
 
 use super::*;
-use crate::definition::{RetryPolicy, WorkflowBuilder};
+use crate::definition::{ActionDef, RetryPolicy, WorkflowBuilder};
 use Service::*;
 
 const T0: u64 = 1_000_000;
@@ -11,7 +11,7 @@ fn input() -> Context {
 }
 
 fn start(wf: &Workflow) -> (Saga, Vec<Effect>) {
-    Saga::start(wf, Uuid::from_u128(1), Uuid::from_u128(2), input(), T0)
+    Saga::start(wf, Uuid::from_u128(1), Uuid::from_u128(2), input(), None, T0)
 }
 
 fn sends(effects: &[Effect]) -> Vec<(Service, Action, u32)> {
@@ -443,4 +443,170 @@ fn a_service_in_two_steps_is_told_apart_by_index_and_undone_twice_in_reverse_ord
     let e = saga.on_reply(&wf, at(0, done(Records, Action::Undo)), T0 + 9);
     assert_eq!(saga.status, SagaStatus::RolledBack);
     assert!(e.iter().any(|e| matches!(e, Effect::Answer { status: 503, .. })));
+}
+
+// The client's deadline.
+
+/// A deadline `ms` after T0, as the runtime derives it from a start received at T0.
+fn with_deadline(wf: &Workflow, ms: u64) -> (Saga, Vec<Effect>) {
+    let d = Deadline { at_ms: T0 + ms, budget_ms: ms };
+    Saga::start(wf, Uuid::from_u128(1), Uuid::from_u128(2), input(), Some(d), T0)
+}
+
+fn answer_reason(effects: &[Effect]) -> String {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Answer { failure: Some(f), .. } => Some(f.reason.clone()),
+            _ => None,
+        })
+        .expect("an answer with a failure")
+}
+
+#[test]
+fn the_deadline_is_the_earlier_of_the_budget_from_receipt_and_the_clients_instant() {
+    let client = ClientDeadline { at_ms: 5_000_000, budget_ms: 10_000 };
+    // Clocks agree and the start waited 4 s in a queue: 6 s are left.
+    assert_eq!(Deadline::of(client, T0, 4_994_000), Deadline { at_ms: T0 + 6_000, budget_ms: 10_000 });
+    // This host's wall clock is an hour behind: the budget bounds it.
+    assert_eq!(Deadline::of(client, T0, 5_000_000 - 3_600_000).at_ms, T0 + 10_000);
+    // Already past by the wall clock: due at once.
+    assert_eq!(Deadline::of(client, T0, 5_010_000).at_ms, T0);
+}
+
+#[test]
+fn a_running_saga_wakes_at_its_deadline_and_a_finished_one_does_not() {
+    let wf = Workflow::create_space();
+    let (saga, _) = with_deadline(&wf, 1_000);
+    assert_eq!(saga.wake_at(), Some(T0 + 1_000), "before the records timeout at T0 + 3000");
+    let mut saga = run_until(&wf, Notifier);
+    saga.deadline = Some(Deadline { at_ms: T0 + 10, budget_ms: 10 });
+    saga.on_reply(&wf, done(Routing, Action::Do), T0 + 1);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    let notify_timeout = wf.action(4).unwrap().timeout_ms;
+    assert_eq!(saga.wake_at(), Some(T0 + 1 + notify_timeout), "only the notify timeout is left");
+}
+
+#[test]
+fn a_deadline_passing_while_a_step_runs_undoes_every_step_and_answers_504_naming_it() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = with_deadline(&wf, 1_000);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    saga.on_reply(&wf, done(Placement, Action::Do), T0 + 2);
+    assert!(saga.on_tick(&wf, T0 + 999).is_empty(), "nothing before the deadline");
+    let fx = saga.on_tick(&wf, T0 + 1_000);
+    assert_eq!(events(&fx)[0], HistoryEvent::DeadlinePassed);
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    // Entitlements was running: its outcome is unknown, so it is undone first.
+    assert_eq!(sends(&fx), vec![(Entitlements, Action::Undo, 1)]);
+    saga.on_reply(&wf, done(Entitlements, Action::Undo), T0 + 1_001);
+    saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 1_002);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 1_003);
+    assert_eq!(answers(&fx), vec![(504, Some(Entitlements))]);
+    let reason = answer_reason(&fx);
+    assert!(reason.contains("deadline") && reason.contains("entitlements"), "{reason}");
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+}
+
+#[test]
+fn no_step_starts_after_the_deadline_even_on_a_late_success() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = with_deadline(&wf, 1_000);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    // Placement's success arrives after the deadline, before the timer fired.
+    let fx = saga.on_reply(&wf, done(Placement, Action::Do), T0 + 1_500);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)], "entitlements is never sent");
+    saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 1_501);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 1_502);
+    assert_eq!(answers(&fx), vec![(504, Some(Entitlements))]);
+    assert!(answer_reason(&fx).contains("before entitlements started"), "{}", answer_reason(&fx));
+    assert_eq!(phase(&saga, Entitlements), Phase::Pending);
+}
+
+#[test]
+fn no_retry_is_sent_after_the_deadline() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = with_deadline(&wf, 3_100);
+    saga.on_tick(&wf, T0 + 3_000);
+    assert_eq!(phase(&saga, Records), Phase::RetryWait);
+    // The retry was due at T0 + 3200; the deadline comes first.
+    assert_eq!(saga.wake_at(), Some(T0 + 3_100));
+    let fx = saga.on_tick(&wf, T0 + 3_100);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)], "the unanswered create is undone, not retried");
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 3_101);
+    assert_eq!(answers(&fx), vec![(504, Some(Records))]);
+}
+
+#[test]
+fn a_saga_past_its_last_compensable_step_completes_despite_its_deadline() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = with_deadline(&wf, 1_000);
+    for s in [Records, Placement, Entitlements] {
+        saga.on_reply(&wf, done(s, Action::Do), T0 + 1);
+    }
+    let fx = saga.on_reply(&wf, done(Routing, Action::Do), T0 + 5_000);
+    assert_eq!(answers(&fx), vec![(200, None)]);
+    assert_eq!(sends(&fx), vec![(Notifier, Action::Do, 1)]);
+    saga.on_reply(&wf, done(Notifier, Action::Do), T0 + 5_001);
+    assert_eq!(saga.status, SagaStatus::Completed);
+}
+
+#[test]
+fn a_start_past_its_deadline_sends_nothing_and_answers_504_at_once() {
+    let wf = Workflow::create_space();
+    let (saga, fx) = with_deadline(&wf, 0);
+    assert!(sends(&fx).is_empty());
+    assert_eq!(answers(&fx), vec![(504, Some(Records))]);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+}
+
+// Restarts and clock jumps.
+
+/// A clock jump (T0 is only 1000 s after the epoch of these tests).
+const JUMP: u64 = 900_000;
+
+#[test]
+fn rearm_after_a_restart_keeps_every_wait_within_its_bound_and_fires_none_at_once() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = with_deadline(&wf, 20_000);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    // Placement waits until T0 + 3001. The next process's clock is 15 minutes behind.
+    let behind = T0 - JUMP;
+    saga.rearm(&wf, behind);
+    assert_eq!(saga.wake_at(), Some(behind + 3_000), "a clock set back does not stall the timeout");
+    assert_eq!(saga.deadline.unwrap().at_ms, behind + 20_000, "nor extend the client's deadline");
+    // The next process's clock is 15 minutes ahead: nothing is due at once, the wait starts over.
+    let (mut saga, _) = start(&wf);
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    let ahead = T0 + JUMP;
+    saga.rearm(&wf, ahead);
+    assert!(saga.on_tick(&wf, ahead).iter().all(|e| !matches!(e, Effect::Send { .. })));
+    assert_eq!(phase(&saga, Placement), Phase::Running);
+    assert_eq!(saga.actions[1].due_ms, Some(ahead + 3_000));
+}
+
+#[test]
+fn rearm_bounds_a_retry_wait_by_its_retry_delay() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    saga.on_tick(&wf, T0 + 3_000);
+    assert_eq!(saga.wake_at(), Some(T0 + 3_200));
+    saga.rearm(&wf, T0 - JUMP);
+    assert_eq!(saga.wake_at(), Some(T0 - JUMP + 200));
+}
+
+#[test]
+fn a_saga_whose_workflow_lost_its_steps_is_left_alone_and_nothing_panics() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Routing);
+    let shorter = WorkflowBuilder::new("create-space").step("rec", [Records]).build().unwrap();
+    assert!(!saga.fits(&shorter));
+    let fx = saga.on_reply(&shorter, Reply { index: Some(3), ..done(Routing, Action::Do) }, T0 + 2);
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
+    let fx = saga.on_tick(&shorter, T0 + 10_000);
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
+    assert_eq!(saga.wake_at(), None, "it does not wake again to do nothing");
+    assert!(saga.retry_compensation(&shorter, T0).iter().all(|e| !matches!(e, Effect::Send { .. })));
+    saga.rearm(&shorter, T0);
+    assert_eq!(saga.status, SagaStatus::Running);
 }

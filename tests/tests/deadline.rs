@@ -1,0 +1,151 @@
+//! A saga honours its client's deadline: past it, no compensable step starts; what was done is
+//! undone and the saga answers 504, unless it had passed its last compensable step, in which
+//! case it completes. The audit's `step_after_deadline` rule is checked on a constructed case.
+
+use std::time::Duration;
+
+use baton_amqp::{Outgoing, Publisher, TraceParent, topology::COMMANDS};
+use baton_audit::Kind;
+use baton_protocol::{ClientDeadline, Context, SCHEMA, START, Service, StartSaga};
+use baton_tests::{System, SystemConfig, TestEnv, rows_for, saga_story, spawn_service, wait_for};
+use uuid::Uuid;
+
+/// Start a create-space saga straight on `orchestrator.commands`, as the gateway does, with a
+/// client deadline `budget` from when it is sent. Nobody waits for its answer (no `reply_to`).
+async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid) {
+    let (saga_id, space_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let budget_ms = budget.as_millis() as u64;
+    let broker = env.broker().await;
+    // A start sent before the orchestrator consumes could wait in the queue past its short
+    // deadline, and roll back before it began.
+    wait_for("the orchestrator to consume its commands", Duration::from_secs(20), || async {
+        let ch = broker.channel().await.ok()?;
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare("orchestrator.commands".into(), passive, Default::default()).await.ok()?;
+        let _ = ch.close(200, "probed".into()).await;
+        (q.consumer_count() > 0).then_some(())
+    })
+    .await;
+    let start = StartSaga {
+        schema: SCHEMA,
+        saga_id,
+        space_id,
+        workflow: "create-space".into(),
+        input: Context { name: name.into(), owner: "alice".into(), ..Default::default() },
+        deadline: Some(ClientDeadline { at_ms: baton_store::now_ms() as u64 + budget_ms, budget_ms }),
+    };
+    let msg =
+        Outgoing::new(COMMANDS, "orchestrator", START, saga_id, "test", TraceParent::new_root(), &start);
+    Publisher::new(broker.clone()).publish_confirmed(&msg).await.expect("the start is confirmed");
+    broker.close().await;
+    (saga_id, space_id)
+}
+
+/// One value of the saga's row (status, answer_status, ...), if the saga exists yet.
+fn saga_field(env: &TestEnv, saga: Uuid, expr: &str) -> Option<String> {
+    let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).ok()?;
+    conn.query_row(
+        &format!("SELECT CAST({expr} AS TEXT) FROM sagas WHERE saga_id = ?1"),
+        [saga.to_string()],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+async fn wait_status(env: &TestEnv, saga: Uuid, status: &str, timeout: Duration) {
+    let reached = tokio::time::timeout(timeout, async {
+        while saga_field(env, saga, "status").as_deref() != Some(status) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "saga {saga} is not {status} after {timeout:?}:\n{}",
+        saga_story(env.data_dir(), &saga.to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothing() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { skip: vec![Service::Routing], with_gateway: false, ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let (saga, space) = start_saga(&env, "acme", Duration::from_millis(2_000)).await;
+    // Routing does not answer; the deadline passes before its 3 s timeout.
+    wait_status(&env, saga, "compensating", Duration::from_secs(20)).await;
+    let story = saga_story(env.data_dir(), &saga.to_string());
+    assert!(story.contains("deadline_passed"), "{story}");
+    // Routing comes back: it gets its command, then its compensation, and undoes it.
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    wait_status(&env, saga, "rolled_back", Duration::from_secs(30)).await;
+    let story = saga_story(env.data_dir(), &saga.to_string());
+    assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("504"), "{story}");
+    let reason = saga_field(&env, saga, "json_extract(state, '$.failure.reason')").unwrap();
+    assert!(reason.contains("deadline") && reason.contains("routing"), "{reason}");
+    // Nothing left anywhere, once routing has handled both the command and its undo.
+    wait_for("routing to undo its route", Duration::from_secs(10), || async {
+        (rows_for(env.data_dir(), Service::Routing, &space.to_string()) == 0).then_some(())
+    })
+    .await;
+    for s in Service::ALL {
+        assert_eq!(rows_for(env.data_dir(), s, &space.to_string()), 0, "{s} left a row: {story}");
+    }
+    let report = env.audit();
+    let mine: Vec<Kind> =
+        report.violations.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
+    // Told 504 with nothing left is the contract; the audit still reports it as a 504.
+    assert_eq!(mine, vec![Kind::TimedOutNothing], "{:#?}", report.violations);
+    routing.cancel();
+    routing_task.await.unwrap().unwrap();
+    sys.stop().await;
+
+    // The audit rule itself: a forward step written after the deadline is reported.
+    let conn = rusqlite::Connection::open(env.data_dir().join("orchestrator.db")).unwrap();
+    conn.execute(
+        "INSERT INTO history (saga_id, at, step, action, attempt, event)
+         SELECT saga_id, deadline_at + 1, 'placement', 'do', 2, 'sent' FROM sagas WHERE saga_id = ?1",
+        [saga.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+    let report = env.audit();
+    let mine: Vec<Kind> =
+        report.violations.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
+    assert_eq!(mine, vec![Kind::StepAfterDeadline], "{:#?}", report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_after_the_last_compensable_step_lets_the_saga_complete() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { skip: vec![Service::Notifier], with_gateway: false, ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let (saga, space) = start_saga(&env, "acme", Duration::from_millis(2_500)).await;
+    wait_status(&env, saga, "succeeded", Duration::from_secs(20)).await;
+    // The email is still unsent when the deadline passes: notify timed out after it.
+    wait_for("notify to time out after the deadline", Duration::from_secs(20), || async {
+        let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).ok()?;
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM history h JOIN sagas s USING (saga_id)
+                 WHERE h.saga_id = ?1 AND h.step = 'notifier' AND h.event = 'timed_out' AND h.at >= s.deadline_at",
+                [saga.to_string()],
+                |r| r.get(0),
+            )
+            .ok()?;
+        (n > 0).then_some(())
+    })
+    .await;
+    assert_eq!(saga_field(&env, saga, "status").as_deref(), Some("succeeded"), "not rolled back");
+    let (notifier, notifier_task) = spawn_service(&env, Service::Notifier, &cfg);
+    wait_status(&env, saga, "completed", Duration::from_secs(40)).await;
+    assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("200"));
+    for s in Service::ALL {
+        assert_eq!(rows_for(env.data_dir(), s, &space.to_string()), 1, "{s} holds the space's row");
+    }
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    notifier.cancel();
+    notifier_task.await.unwrap().unwrap();
+    sys.stop().await;
+}
