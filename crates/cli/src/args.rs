@@ -442,6 +442,11 @@ pub struct UpArgs {
     /// Latency injected before every command a service handles.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     pub service_delay: Duration,
+    /// Also serve GET /health/live and /health/ready (and /health) on this address, for the
+    /// components of this process: what `baton run <service|orchestrator>` needs, having no
+    /// gateway of its own.
+    #[arg(long, env = "BATON_HEALTH", value_name = "ADDR")]
+    pub health: Option<SocketAddr>,
 }
 
 impl From<CliMode> for baton_protocol::Mode {
