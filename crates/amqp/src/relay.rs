@@ -129,7 +129,6 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
             };
             match rows {
                 Ok(rows) => {
-                    trouble.over();
                     for (seq, msg) in rows {
                         cursor = seq;
                         match publisher.publish(&msg).await {
@@ -153,6 +152,15 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
             }
         }
         if window.is_empty() {
+            if !trouble.undeleted.is_empty() {
+                // Published and confirmed, but their delete failed (the store was out): delete
+                // them before anything else, or they would wait for the next start to go out
+                // again.
+                let wait = trouble.next_wait();
+                pause(&cancel, wait).await;
+                settle(&store, &publisher, Vec::new(), &mut trouble).await;
+                continue;
+            }
             if failed {
                 // Start over from the oldest row left, which includes the one that failed.
                 cursor = 0;
@@ -214,6 +222,8 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
 struct StoreTrouble {
     since: Option<std::time::Instant>,
     waits: Option<backon::ExponentialBackoff>,
+    /// Rows the broker confirmed whose delete failed: deleted again later.
+    undeleted: Vec<i64>,
 }
 
 impl StoreTrouble {
@@ -225,6 +235,11 @@ impl StoreTrouble {
         } else {
             tracing::debug!(error = %e, "{what} failed again");
         }
+        self.next_wait()
+    }
+
+    /// The next pause of the outage.
+    fn next_wait(&mut self) -> Duration {
         let waits = self.waits.get_or_insert_with(|| {
             use backon::BackoffBuilder;
             backon::ExponentialBuilder::default()
@@ -237,7 +252,7 @@ impl StoreTrouble {
         waits.next().unwrap_or(Duration::from_secs(5))
     }
 
-    /// The store answered.
+    /// The store took a write.
     fn over(&mut self) {
         if let Some(since) = self.since.take() {
             tracing::info!(after = ?since.elapsed(), "the outbox's store answers again");
@@ -253,7 +268,7 @@ async fn settle<S: OutboxStore>(
     settled: Vec<(i64, Result<(), PublishError>)>,
     trouble: &mut StoreTrouble,
 ) -> bool {
-    let mut done = Vec::with_capacity(settled.len());
+    let mut done = std::mem::take(&mut trouble.undeleted);
     let mut ok = true;
     for (seq, result) in settled {
         match result {
@@ -266,11 +281,11 @@ async fn settle<S: OutboxStore>(
     }
     if !done.is_empty() {
         crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
-        match store.confirmed(done).await {
+        match store.confirmed(done.clone()).await {
             Ok(()) => trouble.over(),
-            // The rows go out again: duplicates, which inboxes absorb.
             Err(e) => {
                 trouble.failed("deleting confirmed outbox rows", &*e);
+                trouble.undeleted = done;
             }
         }
     }
