@@ -235,3 +235,39 @@ async fn the_orchestrators_database_removed_stops_its_thread_and_fails_liveness_
     assert_eq!(dead_letters(&env).await, vec![]);
     Arc::into_inner(sys).unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_run_serves_the_liveness_and_readiness_of_its_component_with_health() {
+    let env = TestEnv::new().await;
+    let addr = format!("127.0.0.1:{}", baton_tests::free_port());
+    let _records = baton_tests::spawn_baton(&env, &["run", "records", "--health", &addr], &[], "records.log");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let get = |path: &'static str| {
+        let (client, url) = (client.clone(), format!("http://{addr}{path}"));
+        async move {
+            let r = client.get(url).send().await.ok()?;
+            Some((r.status().as_u16(), r.json::<Value>().await.ok()?))
+        }
+    };
+    let ready = wait_for("records' /health/ready", Duration::from_secs(30), || async {
+        get("/health/ready").await.filter(|(s, _)| *s == 200).map(|(_, body)| body)
+    })
+    .await;
+    let checks: Vec<String> = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{}: {}", c["component"].as_str().unwrap(), c["check"].as_str().unwrap()))
+        .collect();
+    for want in [
+        "records: broker connected",
+        "records: store writable",
+        "records: database thread alive",
+        "records: consuming records.commands",
+        "records: relay running",
+    ] {
+        assert!(checks.iter().any(|c| c == want), "{want} in {checks:?}");
+    }
+    assert_eq!(get("/health/live").await.map(|(s, _)| s), Some(200));
+    assert_eq!(get("/health").await.map(|(s, _)| s), Some(200));
+}

@@ -41,9 +41,17 @@ pub struct Options {
 
 /// Run the orchestrator until `cancel`.
 pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    let health = &opts.health;
+    let consumer = |queue: String| {
+        let attached = health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready);
+        ConsumerConfig::new(queue, opts.prefetch).attached(attached)
+    };
+    // Registered first (failing until attached): a readiness asked while the orchestrator is
+    // still starting does not pass without it.
+    let commands = consumer(topology::command_queue(COMPONENT));
+    let reply_consumer = consumer(topology::instance_reply_queue(COMPONENT, &opts.instance).name);
     let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
         .await?;
-    let health = &opts.health;
     db.health().register(health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
@@ -67,17 +75,12 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // the database; the next incarnation picks them up (`resume`, the replies kept on its queue).
     let mut tasks = JoinSet::new();
     let live = |what: &str| health.check(COMPONENT, what, Kind::Live);
-    let consumer = |queue: String| {
-        let attached = health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready);
-        ConsumerConfig::new(queue, opts.prefetch).attached(attached)
-    };
     tasks.spawn(running(
         live("relay running"),
         relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()),
     ));
     tasks.spawn(running(live("timer running"), Arc::clone(&core).timer_loop(cancel.clone())));
     let c = Arc::clone(&core);
-    let commands = consumer(topology::command_queue(COMPONENT));
     tasks.spawn(running(
         live(&format!("consumer of {} running", commands.queue)),
         consume(
@@ -89,7 +92,6 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         ),
     ));
     let c = Arc::clone(&core);
-    let reply_consumer = consumer(replies.name.clone());
     tasks.spawn(running(
         live(&format!("consumer of {} running", reply_consumer.queue)),
         consume(

@@ -53,14 +53,19 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
+    let health = &opts.health;
+    let name = service.name();
+    // Registered first (failing until attached), so that a readiness asked while this
+    // service is still starting does not pass without it.
+    let cfg_commands = consumer_config(health, name, topology::command_queue(name), opts.prefetch);
+    let cfg_events = (opts.mode == Mode::Events)
+        .then(|| consumer_config(health, name, topology::event_queue(name), opts.prefetch));
     let db = open_db(Arc::clone(&step), &opts.data_dir, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()
     } else {
         format!("{service} {}", opts.instance)
     };
-    let health = &opts.health;
-    let name = service.name();
     db.health().register(health, name);
     let broker = Broker::connect(&opts.amqp_url, &conn_name).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
@@ -83,7 +88,6 @@ pub async fn run(
     let delay = opts.delay + opts.faults.delay(service);
     let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
     let (h, k) = (Arc::clone(&handler), killed.clone());
-    let cfg_commands = consumer_config(health, name, topology::command_queue(name), opts.prefetch);
     tasks.spawn(running(
         health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
         consume(
@@ -94,9 +98,8 @@ pub async fn run(
             cancel.clone(),
         ),
     ));
-    if opts.mode == Mode::Events {
+    if let Some(cfg_events) = cfg_events {
         let (h, k) = (Arc::clone(&handler), killed.clone());
-        let cfg_events = consumer_config(health, name, topology::event_queue(name), opts.prefetch);
         tasks.spawn(running(
             health.check(name, &format!("consumer of {} running", cfg_events.queue), Kind::Live),
             consume(
