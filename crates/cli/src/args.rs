@@ -402,8 +402,8 @@ pub struct UpArgs {
     /// carries out its `crash.<component>=P%+DOWN` items (any service, the orchestrator or the
     /// gateway: its tasks aborted, no cleanup, started again after DOWN) and `drop=P%` items
     /// (every connection of the vhost closed through the management API) at P% of every
-    /// --fault-window; it refuses restart-broker and poison (use `baton chaos`). `baton run`
-    /// ignores crash, drop, restart-broker and poison items: its driver carries them out.
+    /// --fault-window; it refuses restart-broker, poison and disk-full (use `baton chaos`). `baton run`
+    /// ignores crash, drop, restart-broker, poison and disk-full items: its driver carries them out.
     #[arg(long, env = "BATON_FAULTS", default_value = "none")]
     pub faults: String,
     /// `baton up` only: the window the plan's crash and drop points are shares of. It starts when

@@ -201,7 +201,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         inject::check(&faults, args.fault_window, mode)?;
     } else if inject::has_driven_items(&faults) {
         tracing::info!(
-            "the plan's crash, drop, restart-broker and poison items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
+            "the plan's crash, drop, restart-broker, poison and disk-full items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
         );
     }
     let deadline = args.deadline.unwrap_or(match mode {

@@ -29,6 +29,10 @@ enum Fault {
     Poison {
         n: usize,
     },
+    /// Fill the data dir's filesystem, and free it after `for_`.
+    DiskFull {
+        for_: Duration,
+    },
 }
 
 fn sum(dir: &Path, sql: &str) -> i64 {
@@ -44,6 +48,21 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     }
     std::fs::create_dir_all(&dir)?;
     opts.mgmt.fresh_vhost(&vhost).await?;
+    // A full disk needs a filesystem of the run's own to fill.
+    let fs = if opts.faults.disk_full.is_empty() {
+        None
+    } else {
+        match crate::tmpfs::DataDirFs::mount(&dir) {
+            Ok(fs) => Some(fs),
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "the plan fills the disk, but the data dir cannot be put on a tmpfs of its own (run as root); disk-full skipped"
+                );
+                None
+            }
+        }
+    };
     let amqp_url = format!("{}/{vhost}", opts.amqp_base.trim_end_matches('/'));
     let plan_file = dir.join("faults.json");
     std::fs::write(&plan_file, opts.faults.to_json())?;
@@ -80,10 +99,13 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let started: anyhow::Result<()> =
         components.iter().try_for_each(|c| fleet.spawn(&Process::new(*c))).map_err(Into::into);
     let result = match started {
-        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet).await,
+        Ok(()) => drive(opts, mode, &vhost, &amqp_url, &dir, port, &fleet, fs.clone()).await,
         Err(e) => Err(e),
     };
     fleet.stop().await;
+    if let Some(fs) = fs {
+        fs.unmount_keeping()?;
+    }
     if !opts.keep_vhosts {
         opts.mgmt.delete_vhost(&vhost).await?;
     }
@@ -98,6 +120,7 @@ async fn drive(
     dir: &Path,
     port: u16,
     fleet: &Arc<Fleet>,
+    fs: Option<crate::tmpfs::DataDirFs>,
 ) -> anyhow::Result<ModeRun> {
     let gateway = format!("http://127.0.0.1:{port}");
     fleet.wait_healthy(&gateway, Duration::from_secs(60)).await?;
@@ -148,6 +171,29 @@ async fn drive(
                             }
                         }
                     }
+                    Fault::DiskFull { for_ } => match &fs {
+                        Some(fs) => {
+                            let (fs, injected) = (fs.clone(), Arc::clone(&injected));
+                            restarts.spawn(async move {
+                                match tokio::task::spawn_blocking(move || fs.fill()).await {
+                                    Ok(Ok(filler)) => {
+                                        *injected
+                                            .lock()
+                                            .expect("faults")
+                                            .entry("disk full".into())
+                                            .or_default() += 1;
+                                        tokio::time::sleep(for_).await;
+                                        if let Err(e) = std::fs::remove_file(&filler) {
+                                            tracing::error!(error = %e, "freeing the full disk failed");
+                                        }
+                                    }
+                                    Ok(Err(e)) => tracing::error!(error = %e, "filling the disk failed"),
+                                    Err(e) => tracing::error!(error = %e, "the task filling the disk died"),
+                                }
+                            });
+                        }
+                        None => tracing::debug!("disk-full skipped: the data dir is not on a tmpfs"),
+                    },
                     Fault::Crash { component, down } => {
                         if fleet.crash(&component).await {
                             *injected
@@ -221,6 +267,9 @@ async fn drive(
     }
     for r in &opts.faults.broker_restarts {
         triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));
+    }
+    for d in &opts.faults.disk_full {
+        triggers.push((at(d.at_percent), Fault::DiskFull { for_: Duration::from_millis(d.for_ms) }));
     }
     for (n, pct) in opts.faults.poison_points().into_iter().enumerate() {
         triggers.push((at(pct), Fault::Poison { n }));

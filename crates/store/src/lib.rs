@@ -434,7 +434,11 @@ fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
         tracing::debug!(migration = i + 1, "applying migration");
         tx.execute_batch(sql)?;
     }
-    tx.pragma_update(None, "user_version", all.len() as i64)?;
+    // Written only when it changes: opening an up-to-date database writes nothing, so a
+    // component restarted while its disk is full starts (and waits for room like the others).
+    if done != all.len() {
+        tx.pragma_update(None, "user_version", all.len() as i64)?;
+    }
     upgrade_base(&tx)?;
     tx.commit()
 }
