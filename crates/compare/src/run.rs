@@ -112,6 +112,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     result
 }
 
+// The parts of one run, each used all through it; a struct of them would only be unpacked.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     opts: &Options,
     mode: Mode,

@@ -226,7 +226,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_hangs_counts_as_failing() {
         let health = Health::default();
-        health.probe("gateway", "broker connected", Kind::Ready, || std::future::pending());
+        health.probe("gateway", "broker connected", Kind::Ready, std::future::pending);
         let r = health.report().await;
         assert!(!r.ready && r.live);
         assert!(r.checks[0].reason.as_deref().unwrap().contains("no answer"));
