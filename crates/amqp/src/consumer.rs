@@ -429,3 +429,58 @@ async fn settle<T>(f: impl Future<Output = lapin::Result<T>>) -> Result<(), Stri
         Err(_) => Err("no answer to the ack within 5 s".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn on() -> On {
+        On { queue: "q".into(), outage: Outage::default(), cancel: CancellationToken::new() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_retried_in_place_with_growing_pauses_and_pauses_the_consumer_meanwhile() {
+        let on = on();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let paused = on.outage.0.paused.subscribe();
+        let started = tokio::time::Instant::now();
+        let (t, p) = (Arc::clone(&tries), paused.clone());
+        let result = until_through(&on, move || {
+            let n = t.fetch_add(1, Ordering::SeqCst);
+            let paused_now = *p.borrow();
+            async move {
+                assert_eq!(paused_now, n > 0, "paused from the first outage until through");
+                if n < 6 { Err(HandleError::Transient("database or disk is full".into())) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert!(matches!(result, Some(Ok(()))));
+        assert_eq!(tries.load(Ordering::SeqCst), 7, "held through six outages, not given up");
+        assert!(!*paused.borrow(), "resumed once through");
+        // Six pauses from 50 ms doubling (with jitter), capped at 5 s: well over a second.
+        assert!(started.elapsed() >= Duration::from_millis(50 * 63), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_during_an_outage_gives_the_delivery_back_and_other_errors_are_not_retried() {
+        let on = on();
+        let cancel = on.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            cancel.cancel();
+        });
+        let result = until_through(&on, || async { Err(HandleError::Transient("locked".into())) }).await;
+        assert!(result.is_none(), "no answer: the delivery goes back unacked");
+        assert!(!*on.outage.0.paused.borrow());
+        let tries = AtomicUsize::new(0);
+        let result = until_through(&self::on(), || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandleError::Retry("injected".into())) }
+        })
+        .await;
+        assert!(matches!(result, Some(Err(HandleError::Retry(_)))));
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+}
