@@ -200,6 +200,8 @@ pub struct SystemConfig {
     /// Start the in-process gateway (off when a test runs it as a process of its own).
     pub with_gateway: bool,
     pub max_in_flight: usize,
+    /// The checks of every component started, answered by the gateway's `/health/ready`.
+    pub health: baton_health::Health,
 }
 
 impl Default for SystemConfig {
@@ -217,6 +219,7 @@ impl Default for SystemConfig {
             skip: Vec::new(),
             with_gateway: true,
             max_in_flight: 1_000,
+            health: baton_health::Health::default(),
         }
     }
 }
@@ -244,7 +247,11 @@ impl System {
             ));
         }
         if cfg.with_orchestrator && cfg.mode == Mode::Workflow {
-            tasks.spawn(baton_orchestrator::run(orchestrator_options(env, &cfg.workflows), cancel.clone()));
+            let opts = baton_orchestrator::Options {
+                health: cfg.health.clone(),
+                ..orchestrator_options(env, &cfg.workflows)
+            };
+            tasks.spawn(baton_orchestrator::run(opts, cancel.clone()));
         }
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         if !cfg.with_gateway {
@@ -263,6 +270,7 @@ impl System {
             deadline: cfg.deadline,
             max_in_flight: cfg.max_in_flight,
             limits: baton_gateway::HttpLimits::default(),
+            health: cfg.health.clone(),
         };
         tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
         let sys = System { http, cancel, tasks, client };
@@ -345,6 +353,7 @@ pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::run
         delay: cfg.delay,
         faults: cfg.faults.clone(),
         instance: baton_store::DEFAULT_OWNER.into(),
+        health: cfg.health.clone(),
     }
 }
 
@@ -371,6 +380,7 @@ pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orch
         instance: "main".into(),
         prefetch: 32,
         workflows: workflows.to_vec(),
+        health: baton_health::Health::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! CI-sized chaos runs, one per mode: load for 40 s while every component is killed and
 //! restarted, connections are dropped, the broker is restarted, bad messages are put on the work
-//! queues, and refusals, delays and duplicates are injected. The workflow mode ends with zero
+//! queues, the data dir's disk is filled (as root, on a tmpfs), and refusals, delays and
+//! duplicates are injected. The workflow mode ends with zero
 //! audit violations and nothing lost; the events mode loses nothing either, and after reconcile
 //! keeps only what no repair can change (what its 504s told the clients). The broker is a node
 //! of each test's own, since these tests restart it.
@@ -40,12 +41,23 @@ async fn run(mode: Mode, seconds: u64) -> (ModeRun, String) {
     (run, summary)
 }
 
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// Every fault of the plan was carried out: each crash, the restart, drops, bad messages.
 fn every_fault_was_injected(run: &ModeRun, components: &[&str], summary: &str) {
     for component in components {
         assert_eq!(run.injected.get(&format!("crash {component}")), Some(&1), "{summary}");
     }
     assert_eq!(run.injected.get("broker restarts"), Some(&1), "{summary}");
+    // The full disk needs a tmpfs of the run's own, which only root may mount.
+    if is_root() {
+        assert_eq!(run.injected.get("disk full"), Some(&1), "{summary}");
+    }
     assert!(run.injected.get("connections dropped").is_some_and(|n| *n > 0), "{summary}");
     assert!(run.injected.get("duplicate").is_some_and(|n| *n > 0), "{summary}");
     assert!(run.injected.get("refusal").is_some_and(|n| *n > 0), "{summary}");

@@ -234,6 +234,7 @@ async fn gateway(env: &TestEnv, limits: HttpLimits) -> Gateway {
         deadline: cfg.deadline,
         max_in_flight: cfg.max_in_flight,
         limits,
+        health: cfg.health.clone(),
     };
     let cancel = CancellationToken::new();
     tokio::spawn(baton_gateway::serve(listener, opts, cancel.clone()));

@@ -341,6 +341,7 @@ async fn whole_system(mode: Mode) {
     if mode == Mode::Workflow {
         let mut orchestrator = orchestrator_options(&env, &cfg.workflows);
         orchestrator.amqp_url = users.url("orchestrator");
+        orchestrator.health = cfg.health.clone();
         tasks.spawn(baton_orchestrator::run(orchestrator, cancel.clone()));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -355,6 +356,7 @@ async fn whole_system(mode: Mode) {
         deadline: cfg.deadline,
         max_in_flight: 100,
         limits: baton_gateway::HttpLimits::default(),
+        health: cfg.health.clone(),
     };
     tasks.spawn(baton_gateway::serve(listener, gateway, cancel.clone()));
 

@@ -1,11 +1,13 @@
 //! Consuming a work queue: a prefetch window, the handler runs, the delivery is acked only after
 //! the handler returned (it has committed), and bad input goes to the dead-letter queue with the
-//! reason, never back to the queue.
+//! reason, never back to the queue. An outage of the handler's store is waited out in place:
+//! the delivery is held and retried with backoff, and no new delivery is taken meanwhile.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -16,8 +18,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-
 use crate::{Broker, Envelope, Publisher};
 
 /// What the handler wants done with a delivery it could not handle.
@@ -27,10 +27,17 @@ pub enum HandleError {
     /// reason.
     #[error("{0}")]
     Reject(String),
-    /// A passing failure (the database is busy, the disk is full): requeue it. The quorum
-    /// queue's delivery limit dead-letters a message that keeps failing.
+    /// The handler failed on this message (a failure injected by a fault plan, the component
+    /// crashed under it, an unexpected error): requeue it. The quorum queue's delivery limit
+    /// dead-letters a message that keeps failing.
     #[error("{0}")]
     Retry(String),
+    /// An outage, not a fault of the message (the disk is full, the database is locked, the
+    /// database thread is gone): hold the delivery and run the handler again with backoff
+    /// until it goes through, never using up the delivery limit; take no new delivery
+    /// meanwhile.
+    #[error("{0}")]
+    Transient(String),
 }
 
 /// Which queue to consume, and how many unacked deliveries to hold at once.
@@ -38,6 +45,80 @@ pub enum HandleError {
 pub struct ConsumerConfig {
     pub queue: String,
     pub prefetch: u16,
+    /// Passed while this consumer is attached to its queue (readiness).
+    pub attached: Option<baton_health::Check>,
+    outage: Outage,
+}
+
+impl ConsumerConfig {
+    pub fn new(queue: impl Into<String>, prefetch: u16) -> ConsumerConfig {
+        ConsumerConfig { queue: queue.into(), prefetch, attached: None, outage: Outage::default() }
+    }
+
+    /// Report through `check` whether this consumer is attached to its queue.
+    pub fn attached(mut self, check: baton_health::Check) -> ConsumerConfig {
+        self.attached = Some(check);
+        self
+    }
+}
+
+/// The first wait before a handler that hit an outage runs again, and the longest.
+const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
+
+/// The handlers of one consumer that are waiting out an outage: while there is any, the
+/// consumer takes no new delivery (there would be no store to commit it to).
+#[derive(Debug, Clone)]
+struct Outage(Arc<OutageInner>);
+
+#[derive(Debug)]
+struct OutageInner {
+    state: Mutex<OutageState>,
+    /// `true` while paused; the consumer loop watches it.
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct OutageState {
+    holding: usize,
+    since: Option<Instant>,
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Outage(Arc::new(OutageInner {
+            state: Mutex::default(),
+            paused: tokio::sync::watch::Sender::new(false),
+        }))
+    }
+}
+
+impl Outage {
+    /// A handler starts waiting out an outage: the first one pauses the consumer, and says so.
+    fn hold(&self, queue: &str, reason: &str) {
+        let mut s = self.0.state.lock().expect("outage");
+        s.holding += 1;
+        if s.holding == 1 {
+            s.since = Some(Instant::now());
+            self.0.paused.send_replace(true);
+            tracing::warn!(
+                %queue,
+                %reason,
+                "store cannot commit; holding the deliveries in hand and taking no new ones until it can"
+            );
+        }
+    }
+
+    /// A handler is through (committed, rejected, or gave up at shutdown): the last one
+    /// resumes the consumer, and says so.
+    fn release(&self, queue: &str) {
+        let mut s = self.0.state.lock().expect("outage");
+        s.holding = s.holding.saturating_sub(1);
+        if s.holding == 0 {
+            let after = s.since.take().map(|t| t.elapsed()).unwrap_or_default();
+            self.0.paused.send_replace(false);
+            tracing::info!(%queue, paused_for = ?after, "store commits again; consuming resumed");
+        }
+    }
 }
 
 /// Consume `cfg.queue` until `cancel` fires, surviving connection loss: a consumer that stops
@@ -178,7 +259,10 @@ where
     };
     let stopped = |why: String| Stop { why, consumed: true, replaced: false };
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
+    let _attached = Attached::new(cfg.attached.clone());
+    let mut paused = cfg.outage.0.paused.subscribe();
     loop {
+        let pause = *paused.borrow_and_update();
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Bounded: a channel in a bad state must not hold up the shutdown.
@@ -194,12 +278,15 @@ where
                 let why = format!("the connection of {} was replaced", cfg.queue);
                 return Err(Stop { why, consumed: true, replaced: true });
             }
-            next = consumer.next() => match next {
+            // Paused by an outage of the store: the deliveries already sent stay with lapin,
+            // unacked, until it is over.
+            Ok(()) = paused.changed() => {}
+            next = consumer.next(), if !pause => match next {
                 Some(Ok(delivery)) => {
                     let handler = Arc::clone(handler);
                     let publisher = publisher.clone();
-                    let queue = cfg.queue.clone();
-                    handlers.spawn(process(delivery, queue, publisher, handler));
+                    let on = On { queue: cfg.queue.clone(), outage: cfg.outage.clone(), cancel: cancel.clone() };
+                    handlers.spawn(process(delivery, on, publisher, handler));
                 }
                 Some(Err(e)) => {
                     // The channel or its connection failed: start over on a fresh channel (the
@@ -209,6 +296,26 @@ where
                 }
                 None => return Err(stopped(format!("the broker ended the consumer on {}", cfg.queue))),
             }
+        }
+    }
+}
+
+/// Passes the consumer's `attached` check while a consume is up, fails it once that ends.
+struct Attached(Option<baton_health::Check>);
+
+impl Attached {
+    fn new(check: Option<baton_health::Check>) -> Attached {
+        if let Some(c) = &check {
+            c.pass();
+        }
+        Attached(check)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fail("not consuming (stopped, or starting again on a fresh channel)");
         }
     }
 }
@@ -227,11 +334,19 @@ async fn retire(ch: lapin::Channel, consumer: lapin::Consumer, queue: String) {
     drop(consumer);
 }
 
-async fn process<H, Fut>(delivery: Delivery, queue: String, publisher: Publisher, handler: Arc<H>)
+/// Where a delivery is processed: its queue, the consumer's outage state, the shutdown.
+struct On {
+    queue: String,
+    outage: Outage,
+    cancel: CancellationToken,
+}
+
+async fn process<H, Fut>(delivery: Delivery, on: On, publisher: Publisher, handler: Arc<H>)
 where
     H: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
+    let queue = on.queue.clone();
     let span = tracing::info_span!("delivery", %queue, message_id = tracing::field::Empty, kind = tracing::field::Empty);
     async move {
         let env = match Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered) {
@@ -240,7 +355,13 @@ where
         };
         tracing::Span::current().record("message_id", tracing::field::display(env.message_id));
         tracing::Span::current().record("kind", env.kind.as_str());
-        match handler(env).await {
+        let Some(result) = until_through(&on, || handler(env.clone())).await else {
+            // Shutting down in the middle of an outage: the delivery goes back with the
+            // channel, unacked and not nacked, so it does not count against the message.
+            tracing::debug!("shutting down during an outage; the delivery goes back unacked");
+            return;
+        };
+        match result {
             Ok(()) => {
                 crate::crash::point(crate::crash::AFTER_COMMIT_BEFORE_ACK);
                 if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
@@ -249,7 +370,7 @@ where
                 }
             }
             Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
-            Err(HandleError::Retry(reason)) => {
+            Err(HandleError::Retry(reason) | HandleError::Transient(reason)) => {
                 tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
                 let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
             }
@@ -257,6 +378,45 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// Run the handler until it returns anything but [`HandleError::Transient`], waiting between
+/// tries with exponential backoff and jitter (capped, never giving up: the limit is for
+/// poison, not for outages). While it waits, this consumer takes no new delivery. `None` when
+/// the component shuts down first.
+async fn until_through<F, Fut>(on: &On, mut run: F) -> Option<Result<(), HandleError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), HandleError>>,
+{
+    let mut waits = backon::ExponentialBuilder::default()
+        .with_min_delay(OUTAGE_BACKOFF.0)
+        .with_max_delay(OUTAGE_BACKOFF.1)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut holding = false;
+    let result = loop {
+        match run().await {
+            Err(HandleError::Transient(reason)) => {
+                if !holding {
+                    holding = true;
+                    on.outage.hold(&on.queue, &reason);
+                }
+                tracing::debug!(%reason, "store outage; trying the delivery again after a pause");
+                let wait = waits.next().unwrap_or(OUTAGE_BACKOFF.1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = on.cancel.cancelled() => break None,
+                }
+            }
+            other => break Some(other),
+        }
+    };
+    if holding {
+        on.outage.release(&on.queue);
+    }
+    result
 }
 
 /// Publish the delivery to `<queue>.dlq` with the reason, then ack it. If that publish fails,
@@ -281,5 +441,60 @@ async fn settle<T>(f: impl Future<Output = lapin::Result<T>>) -> Result<(), Stri
     match tokio::time::timeout(Duration::from_secs(5), f).await {
         Ok(r) => r.map(drop).map_err(|e| e.to_string()),
         Err(_) => Err("no answer to the ack within 5 s".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn on() -> On {
+        On { queue: "q".into(), outage: Outage::default(), cancel: CancellationToken::new() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_retried_in_place_with_growing_pauses_and_pauses_the_consumer_meanwhile() {
+        let on = on();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let paused = on.outage.0.paused.subscribe();
+        let started = tokio::time::Instant::now();
+        let (t, p) = (Arc::clone(&tries), paused.clone());
+        let result = until_through(&on, move || {
+            let n = t.fetch_add(1, Ordering::SeqCst);
+            let paused_now = *p.borrow();
+            async move {
+                assert_eq!(paused_now, n > 0, "paused from the first outage until through");
+                if n < 6 { Err(HandleError::Transient("database or disk is full".into())) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert!(matches!(result, Some(Ok(()))));
+        assert_eq!(tries.load(Ordering::SeqCst), 7, "held through six outages, not given up");
+        assert!(!*paused.borrow(), "resumed once through");
+        // Six pauses from 50 ms doubling (with jitter), capped at 5 s: well over a second.
+        assert!(started.elapsed() >= Duration::from_millis(50 * 63), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_during_an_outage_gives_the_delivery_back_and_other_errors_are_not_retried() {
+        let on = on();
+        let cancel = on.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            cancel.cancel();
+        });
+        let result = until_through(&on, || async { Err(HandleError::Transient("locked".into())) }).await;
+        assert!(result.is_none(), "no answer: the delivery goes back unacked");
+        assert!(!*on.outage.0.paused.borrow());
+        let tries = AtomicUsize::new(0);
+        let result = until_through(&self::on(), || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandleError::Retry("injected".into())) }
+        })
+        .await;
+        assert!(matches!(result, Some(Err(HandleError::Retry(_)))));
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
     }
 }

@@ -4,14 +4,15 @@
 //! recovery is off, and reconnects follow one backoff with jitter per component), the topology
 //! of the design ([`topology`]), the message envelope ([`Outgoing`] / [`Envelope`], built and
 //! checked in one place), publishing with publisher confirms in a window ([`Publisher`]),
-//! consuming with ack-after-commit and dead-lettering of bad input ([`consume`]), and the
-//! outbox relay ([`relay`]), which reads the outbox through the [`relay::OutboxStore`] trait.
+//! consuming with ack-after-commit, dead-lettering of bad input and store outages waited out in
+//! place ([`consume`]), and the outbox relay ([`relay`]), which reads the outbox through the
+//! [`relay::OutboxStore`] trait.
 //!
 //! Must not touch: SQLite, business rules, saga state. Handlers get an [`Envelope`] and answer
 //! with a [`HandleError`] that says what to do with the delivery; this crate does the acking.
 //!
 //! Layout: `broker` (connection owner), `topology` (names and declarations), `envelope`,
-//! `publisher`, `consumer`, `relay`.
+//! `publisher`, `consumer`, `relay`, `health` (the broker's readiness check).
 
 mod broker;
 mod consumer;
@@ -19,6 +20,7 @@ pub mod crash;
 pub mod dlq;
 mod envelope;
 mod error;
+pub mod health;
 mod publisher;
 pub mod relay;
 pub mod tls;

@@ -1,7 +1,8 @@
 //! The outbox relay: publishes committed outbox rows in order with their confirms in a window
 //! kept full across wake-ups, and deletes a row only once the broker confirmed it. A row that fails
 //! stays and is tried again (after a restart too), so a message is sent at least once; the
-//! receiving inbox makes that exactly-once in effect.
+//! receiving inbox makes that exactly-once in effect. When the store fails (a full disk), the
+//! relay says so once, backs off, and goes on once it answers again.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -105,6 +106,7 @@ type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> +
 /// shutdown go out at the next start.
 pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, cancel: CancellationToken) {
     let mut delays = RETRY_PACE.build();
+    let mut trouble = StoreTrouble::default();
     // The newest row handed to the broker: every row of this relay at or below it is in flight,
     // confirmed or failed (one writer per database, so rows commit in sequence order). It goes
     // back to 0 after a failure, to start over from the oldest row left.
@@ -143,7 +145,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                                 window.push_back(Box::pin(async move { (seq, confirm.wait().await) }))
                             }
                             Err(e) => {
-                                note_failure(&store, &publisher, seq, e).await;
+                                note_failure(&store, &publisher, seq, e, &mut trouble).await;
                                 failed = true;
                                 break;
                             }
@@ -151,14 +153,23 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "reading the outbox failed");
+                    let wait = trouble.failed("reading the outbox", &*e);
                     last_read = None;
-                    pause(&cancel, Duration::from_secs(1)).await;
+                    pause(&cancel, wait).await;
                     continue;
                 }
             }
         }
         if window.is_empty() {
+            if !trouble.undeleted.is_empty() {
+                // Published and confirmed, but their delete failed (the store was out): delete
+                // them before anything else, or they would wait for the next start to go out
+                // again.
+                let wait = trouble.next_wait();
+                pause(&cancel, wait).await;
+                settle(&store, &publisher, Vec::new(), &mut trouble).await;
+                continue;
+            }
             if failed {
                 // Start over from the oldest row left, which includes the one that failed.
                 cursor = 0;
@@ -181,7 +192,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                 while let Some(Some(more)) = window.next().now_or_never() {
                     settled.push(more);
                 }
-                failed |= !settle(&store, &publisher, settled).await;
+                failed |= !settle(&store, &publisher, settled, &mut trouble).await;
                 if !failed {
                     delays = RETRY_PACE.build();
                 }
@@ -209,7 +220,52 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
         settled
     };
     if let Ok(settled) = tokio::time::timeout(Duration::from_secs(2), drain).await {
-        settle(&store, &publisher, settled).await;
+        settle(&store, &publisher, settled, &mut trouble).await;
+    }
+}
+
+/// The relay's view of an outage of its store: said once (WARN) when it starts and once
+/// (INFO) when it is over, waited out with a growing pause in between.
+#[derive(Default)]
+struct StoreTrouble {
+    since: Option<std::time::Instant>,
+    waits: Option<backon::ExponentialBackoff>,
+    /// Rows the broker confirmed whose delete failed: deleted again later.
+    undeleted: Vec<i64>,
+}
+
+impl StoreTrouble {
+    /// The store failed at `what`: how long to wait before reading the outbox again.
+    fn failed(&mut self, what: &str, e: &dyn std::error::Error) -> Duration {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+            tracing::warn!(error = %e, "{what} failed; the rows stay in the outbox until the store answers again");
+        } else {
+            tracing::debug!(error = %e, "{what} failed again");
+        }
+        self.next_wait()
+    }
+
+    /// The next pause of the outage.
+    fn next_wait(&mut self) -> Duration {
+        let waits = self.waits.get_or_insert_with(|| {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        waits.next().unwrap_or(Duration::from_secs(5))
+    }
+
+    /// The store took a write.
+    fn over(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(after = ?since.elapsed(), "the outbox's store answers again");
+        }
+        self.waits = None;
     }
 }
 
@@ -218,29 +274,39 @@ async fn settle<S: OutboxStore>(
     store: &S,
     publisher: &Publisher,
     settled: Vec<(i64, Result<(), PublishError>)>,
+    trouble: &mut StoreTrouble,
 ) -> bool {
-    let mut done = Vec::with_capacity(settled.len());
+    let mut done = std::mem::take(&mut trouble.undeleted);
     let mut ok = true;
     for (seq, result) in settled {
         match result {
             Ok(()) => done.push(seq),
             Err(e) => {
                 ok = false;
-                note_failure(store, publisher, seq, e).await;
+                note_failure(store, publisher, seq, e, trouble).await;
             }
         }
     }
     if !done.is_empty() {
         crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
-        if let Err(e) = store.confirmed(done).await {
-            // The rows go out again: duplicates, which inboxes absorb.
-            tracing::error!(error = %e, "deleting confirmed outbox rows failed");
+        match store.confirmed(done.clone()).await {
+            Ok(()) => trouble.over(),
+            Err(e) => {
+                trouble.failed("deleting confirmed outbox rows", &*e);
+                trouble.undeleted = done;
+            }
         }
     }
     ok
 }
 
-async fn note_failure<S: OutboxStore>(store: &S, publisher: &Publisher, seq: i64, e: PublishError) {
+async fn note_failure<S: OutboxStore>(
+    store: &S,
+    publisher: &Publisher,
+    seq: i64,
+    e: PublishError,
+    trouble: &mut StoreTrouble,
+) {
     if publisher.broker().connected() {
         tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
     } else {
@@ -252,7 +318,7 @@ async fn note_failure<S: OutboxStore>(store: &S, publisher: &Publisher, seq: i64
         publisher.forget_channel().await;
     }
     if let Err(e) = store.failed(seq, e).await {
-        tracing::error!(error = %e, "recording an outbox failure failed");
+        trouble.failed("recording an outbox failure", &*e);
     }
 }
 

@@ -68,7 +68,7 @@ impl Rpc {
         let handle = tokio::spawn(consume(
             broker.clone(),
             publisher.clone(),
-            ConsumerConfig { queue: queue.name, prefetch: PREFETCH },
+            ConsumerConfig::new(queue.name, PREFETCH),
             move |env: Envelope| {
                 let p = Arc::clone(&p);
                 async move {
@@ -154,7 +154,7 @@ impl Echo {
         let handle = tokio::spawn(consume(
             broker.clone(),
             publisher,
-            ConsumerConfig { queue: queue.name, prefetch: PREFETCH },
+            ConsumerConfig::new(queue.name, PREFETCH),
             move |env: Envelope| {
                 let p = p.clone();
                 async move {

@@ -427,8 +427,9 @@ pub struct UpArgs {
     /// carries out its `crash.<component>=P%+DOWN` items (any service, the orchestrator or the
     /// gateway: its tasks aborted, no cleanup, started again after DOWN) and `drop=P%` items
     /// (every connection of the vhost closed through the management API) at P% of every
-    /// --fault-window; it refuses restart-broker, poison and clock (use `baton chaos`). `baton run`
-    /// ignores crash, drop, restart-broker, poison and clock items: its driver carries them out.
+    /// --fault-window; it refuses restart-broker, poison, clock and disk-full (use `baton chaos`).
+    /// `baton run` ignores crash, drop, restart-broker, poison, clock and disk-full items: its
+    /// driver carries them out.
     #[arg(long, env = "BATON_FAULTS", default_value = "none")]
     pub faults: String,
     /// `baton up` only: the window the plan's crash and drop points are shares of. It starts when
@@ -478,6 +479,11 @@ pub struct UpArgs {
     /// Latency injected before every command a service handles.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     pub service_delay: Duration,
+    /// Also serve GET /health/live and /health/ready (and /health) on this address, for the
+    /// components of this process: what `baton run <service|orchestrator>` needs, having no
+    /// gateway of its own.
+    #[arg(long, env = "BATON_HEALTH", value_name = "ADDR")]
+    pub health: Option<SocketAddr>,
 }
 
 impl From<CliMode> for baton_protocol::Mode {

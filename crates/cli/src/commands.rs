@@ -81,6 +81,8 @@ struct Setup {
     workflows: Vec<Workflow>,
     faults: FaultPlan,
     deadline: Duration,
+    /// The checks of every component of this process (`/health/live`, `/health/ready`).
+    health: baton_health::Health,
 }
 
 /// The broker URL of one component: its own credentials if it has them
@@ -128,6 +130,7 @@ fn spawn_component(
             delay: args.service_delay,
             faults: setup.faults.clone(),
             instance: args.instance.clone(),
+            health: setup.health.clone(),
         };
         baton_services::run(s, cfg.clone(), opts, cancel.clone())
     };
@@ -151,6 +154,7 @@ fn spawn_component(
                 instance: args.instance.clone(),
                 prefetch: args.prefetch,
                 workflows: workflows.to_vec(),
+                health: setup.health.clone(),
             };
             set.spawn(baton_orchestrator_task(name, opts, cancel.clone()))
         }
@@ -171,6 +175,7 @@ fn spawn_component(
                         .http_max_connections
                         .unwrap_or_else(baton_gateway::default_max_connections),
                 },
+                health: setup.health.clone(),
             };
             let cancel = cancel.clone();
             set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) })
@@ -216,15 +221,21 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         inject::check(&faults, args.fault_window, mode)?;
     } else if inject::has_driven_items(&faults) {
         tracing::info!(
-            "the plan's crash, drop, restart-broker and poison items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
+            "the plan's crash, drop, restart-broker, poison and disk-full items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
         );
     }
     let deadline = args.deadline.unwrap_or(match mode {
         Mode::Workflow => Duration::from_secs(30),
         Mode::Events => Duration::from_secs(5),
     });
-    let setup =
-        Setup { mode, cfg: service_config(&args)?, workflows: workflows_of(&args)?, faults, deadline };
+    let setup = Setup {
+        mode,
+        cfg: service_config(&args)?,
+        workflows: workflows_of(&args)?,
+        faults,
+        deadline,
+        health: baton_health::Health::default(),
+    };
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
     if only.is_none() || only == Some(Component::Gateway) {
@@ -248,6 +259,17 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         .collect(),
     };
     let mut set = JoinSet::new();
+    if let Some(addr) = args.health {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health {addr}: cannot listen there; pick a free address"))?;
+        tracing::info!(%addr, "serving /health/live and /health/ready");
+        let (health, cancel) = (setup.health.clone(), cancel.clone());
+        set.spawn(async move {
+            let served = baton_health::serve(listener, health, cancel).await;
+            ("health endpoint".to_owned(), served.context("serving /health"))
+        });
+    }
     // The task of each running component, to crash it; and the tasks aborted on purpose, whose
     // end is no failure.
     let mut running: HashMap<Component, AbortHandle> = HashMap::new();

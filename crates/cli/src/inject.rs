@@ -77,13 +77,14 @@ fn crashable(name: &str) -> Option<Component> {
 }
 
 /// Whether the plan holds items that whoever drives the components carries out (crashes,
-/// drops, broker restarts, bad messages), rather than the components themselves.
+/// drops, broker restarts, bad messages, full disks), rather than the components themselves.
 pub fn has_driven_items(plan: &FaultPlan) -> bool {
     !plan.crashes.is_empty()
         || !plan.connection_drops.is_empty()
         || !plan.broker_restarts.is_empty()
         || plan.poison > 0
         || !plan.clock_jumps.is_empty()
+        || !plan.disk_full.is_empty()
 }
 
 /// Refuse, before anything starts, the items `up` cannot carry out.
@@ -108,6 +109,11 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
     if !plan.clock_jumps.is_empty() {
         bail!(
             "--faults: `baton up` runs every component in one process and cannot move one clock; use `baton chaos` or `baton compare` for clock"
+        );
+    }
+    if !plan.disk_full.is_empty() {
+        bail!(
+            "--faults: `baton up` does not fill the disk of its own data dir; use `baton chaos` (as root) for disk-full"
         );
     }
     if has_driven_items(plan) && window.is_zero() {
@@ -228,6 +234,10 @@ mod tests {
         assert!(check(&broker, minute, wf).is_err());
         let poison = FaultPlan::parse("poison=3", 1).unwrap();
         assert!(has_driven_items(&poison) && check(&poison, minute, wf).is_err());
+        let full = FaultPlan::parse("disk-full=40%+3s", 1).unwrap();
+        assert!(
+            has_driven_items(&full) && check(&full, minute, wf).unwrap_err().to_string().contains("chaos")
+        );
         assert!(!has_driven_items(&FaultPlan::parse("refuse=0.1", 1).unwrap()));
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Owns: one run per mode (a fresh vhost and data dir, every component as its own `baton run`
 //! process, the load, the faults at their planned points: SIGKILL and restart of a component,
-//! the broker dropping every connection, the orchestrator's wall clock jumping ([`clock`])), the
-//! wait for quiescence, the audit, the reconcile of
+//! the broker dropping every connection, the orchestrator's wall clock jumping ([`clock`]), the
+//! data dir's disk full on a tmpfs of its own), the wait for quiescence, the audit, the reconcile of
 //! the events run, and the results ([`Comparison`]) with their table and HTML report
 //! ([`report`]). Must not touch: component internals; it drives them from the outside, as an
 //! operator would, through `baton-fleet` (which spawns, crashes, restarts and stops them).
@@ -13,6 +13,7 @@ pub mod mgmt;
 pub mod poison;
 pub mod report;
 mod run;
+pub mod tmpfs;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -34,6 +34,10 @@ enum Fault {
     Clock {
         offset_s: i64,
     },
+    /// Fill the data dir's filesystem, and free it after `for_`.
+    DiskFull {
+        for_: Duration,
+    },
 }
 
 fn sum(dir: &Path, sql: &str) -> i64 {
@@ -49,6 +53,21 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     }
     std::fs::create_dir_all(&dir)?;
     opts.mgmt.fresh_vhost(&vhost).await?;
+    // A full disk needs a filesystem of the run's own to fill.
+    let fs = if opts.faults.disk_full.is_empty() {
+        None
+    } else {
+        match crate::tmpfs::DataDirFs::mount(&dir) {
+            Ok(fs) => Some(fs),
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "the plan fills the disk, but the data dir cannot be put on a tmpfs of its own (run as root); disk-full skipped"
+                );
+                None
+            }
+        }
+    };
     let amqp_url = format!("{}/{vhost}", opts.amqp_base.trim_end_matches('/'));
     let plan_file = dir.join("faults.json");
     std::fs::write(&plan_file, opts.faults.to_json())?;
@@ -95,20 +114,30 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let supervisor = fleet.supervise();
     let result = match started {
         Ok(()) => tokio::select! {
-            r = drive(opts, mode, &vhost, &amqp_url, port, &fleet, clock) => r,
+            r = drive(opts, mode, &vhost, &amqp_url, port, &fleet, clock, fs.clone()) => r,
             e = fleet.failed() => Err(anyhow::Error::from(e).context(format!("the {mode} run stopped"))),
         },
         Err(e) => Err(e),
     };
     drop(supervisor);
     fleet.stop().await;
-    // Clean-up comes after the results, and its failure costs only a leftover vhost.
+    // Clean-up comes after the results, and its failure costs only a leftover mount or vhost.
+    if let Some(fs) = fs
+        && let Err(e) = fs.unmount_keeping()
+    {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "could not take the data dir off its tmpfs (the results stand)"
+        );
+    }
     if !opts.keep_vhosts {
         opts.mgmt.clean_up_vhost(&vhost).await;
     }
     result
 }
 
+// The parts of one run, each used all through it; a struct of them would only be unpacked.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     opts: &Options,
     mode: Mode,
@@ -117,6 +146,7 @@ async fn drive(
     port: u16,
     fleet: &Arc<Fleet>,
     clock: Option<FakeClock>,
+    fs: Option<crate::tmpfs::DataDirFs>,
 ) -> anyhow::Result<ModeRun> {
     // The run's data dir, where the fleet keeps its logs too.
     let dir = fleet.dir();
@@ -176,6 +206,29 @@ async fn drive(
                         }
                         Some(Err(e)) => tracing::error!(error = %e, "moving the orchestrator's clock failed"),
                         None => {}
+                    },
+                    Fault::DiskFull { for_ } => match &fs {
+                        Some(fs) => {
+                            let (fs, injected) = (fs.clone(), Arc::clone(&injected));
+                            restarts.spawn(async move {
+                                match tokio::task::spawn_blocking(move || fs.fill()).await {
+                                    Ok(Ok(filler)) => {
+                                        *injected
+                                            .lock()
+                                            .expect("faults")
+                                            .entry("disk full".into())
+                                            .or_default() += 1;
+                                        tokio::time::sleep(for_).await;
+                                        if let Err(e) = std::fs::remove_file(&filler) {
+                                            tracing::error!(error = %e, "freeing the full disk failed");
+                                        }
+                                    }
+                                    Ok(Err(e)) => tracing::error!(error = %e, "filling the disk failed"),
+                                    Err(e) => tracing::error!(error = %e, "the task filling the disk died"),
+                                }
+                            });
+                        }
+                        None => tracing::debug!("disk-full skipped: the data dir is not on a tmpfs"),
                     },
                     Fault::Crash { component, down } => {
                         if fleet.crash(&component).await {
@@ -253,6 +306,9 @@ async fn drive(
     }
     for r in &opts.faults.broker_restarts {
         triggers.push((at(r.at_percent), Fault::BrokerRestart { down: Duration::from_millis(r.down_ms) }));
+    }
+    for d in &opts.faults.disk_full {
+        triggers.push((at(d.at_percent), Fault::DiskFull { for_: Duration::from_millis(d.for_ms) }));
     }
     for (n, pct) in opts.faults.poison_points().into_iter().enumerate() {
         triggers.push((at(pct), Fault::Poison { n }));

@@ -60,6 +60,16 @@ pub struct FaultPlan {
     pub poison: u32,
     /// Jumps of the orchestrator's wall clock (workflow mode only).
     pub clock_jumps: Vec<ClockJump>,
+    /// Points at which the data dir's filesystem is filled up, and for how long: every
+    /// component's store then fails to commit (the components share the data dir).
+    pub disk_full: Vec<DiskFull>,
+}
+
+/// The data dir's filesystem full at `at_percent` of the run, for `for_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskFull {
+    pub at_percent: u32,
+    pub for_ms: u64,
 }
 
 /// The broker stopped at `at_percent` of the run, started again `down_ms` later.
@@ -148,15 +158,15 @@ impl FaultPlan {
     pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
     /// The plan of `baton chaos`: every component crashed once, connections dropped twice, the
-    /// broker restarted, 20 bad messages on the work queues, the orchestrator's clock set back an
-    /// hour and then forward an hour (to the true time, so the skew against the gateway's clock
-    /// lasts only the window between; the orchestrator's crash falls inside it, so the sagas it
-    /// resumes were timed on a clock an hour ahead of its own), and the refusals, delays and
-    /// duplicates of the default plan.
+    /// broker restarted, 20 bad messages on the work queues, the data dir's disk full for 3 s,
+    /// the orchestrator's clock set back an hour and then forward an hour (to the true time, so
+    /// the skew against the gateway's clock lasts only the window between; the orchestrator's
+    /// crash falls inside it, so the sagas it resumes were timed on a clock an hour ahead of its
+    /// own), and the refusals, delays and duplicates of the default plan.
     pub const CHAOS: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.records=8%+1s,\
         crash.placement=18%+1s,crash.entitlements=28%+1s,crash.routing=52%+1s,crash.notifier=62%+1s,\
         crash.orchestrator=56%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20,\
-        clock=45%-1h,clock=66%+0";
+        disk-full=31%+3s,clock=45%-1h,clock=66%+0";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
     pub fn parse(text: &str, seed: u64) -> Result<FaultPlan, PlanError> {
@@ -271,9 +281,25 @@ impl FaultPlan {
                             as u64,
                     });
                 }
+                "disk-full" => {
+                    if step.is_some() {
+                        return Err(err(
+                            "the components share one data dir, so a full disk is full for all of them: \
+                             write disk-full=40%+5s",
+                        ));
+                    }
+                    let (at, dur) =
+                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DURATION, e.g. 40%+5s"))?;
+                    plan.disk_full.push(DiskFull {
+                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the run"))?,
+                        for_ms: parse_duration(dur).ok_or_else(|| err("a duration such as 5s"))?.as_millis()
+                            as u64,
+                    });
+                }
                 _ => {
                     return Err(err(
-                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker, poison or clock",
+                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker, \
+                         poison, clock or disk-full",
                     ));
                 }
             }
@@ -318,6 +344,7 @@ impl FaultPlan {
             && self.broker_restarts.is_empty()
             && self.poison == 0
             && self.clock_jumps.is_empty()
+            && self.disk_full.is_empty()
     }
 
     /// Where in the run (a share, 1..100 %) each of the plan's bad messages is sent.
@@ -368,6 +395,9 @@ impl fmt::Display for FaultPlan {
         for j in &self.clock_jumps {
             parts.push(format!("orchestrator clock at {:+}s from true at {}%", j.offset_s, j.at_percent));
         }
+        for d in &self.disk_full {
+            parts.push(format!("disk full at {}% for {}ms", d.at_percent, d.for_ms));
+        }
         write!(f, "{} (seed {})", parts.join(", "), self.seed)
     }
 }
@@ -408,6 +438,14 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_a_point_and_a_duration() {
+        let p = FaultPlan::parse("disk-full=40%+5s", 1).unwrap();
+        assert_eq!(p.disk_full, vec![DiskFull { at_percent: 40, for_ms: 5000 }]);
+        assert!(p.to_string().contains("disk full at 40% for 5000ms"));
+        assert!(!FaultPlan::parse(FaultPlan::CHAOS, 1).unwrap().disk_full.is_empty());
+    }
+
+    #[test]
     fn mistakes_name_the_item() {
         for (text, words) in [
             ("refuse=2", "between 0 and 1"),
@@ -422,6 +460,9 @@ mod tests {
             ("clock=45%", "PERCENT±OFFSET"),
             ("clock=45%-1d", "offset from the true time"),
             ("clock=145%-1h", "45% of the run"),
+            ("disk-full.records=40%+5s", "share one data dir"),
+            ("disk-full=40%", "PERCENT+DURATION"),
+            ("disk-full=40%+soon", "a duration"),
         ] {
             let e = FaultPlan::parse(text, 1).unwrap_err();
             assert!(e.to_string().contains(words), "{text}: {e}");

@@ -11,6 +11,8 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use baton_health::Kind;
+
 use crate::input::{MAX_BODY, check_headers, validate};
 use crate::runtime::{Gateway, Refusal};
 
@@ -19,11 +21,14 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/spaces", post(create_space))
         .route("/spaces/{id}", get(get_space))
         .route("/workflows/{id}", get(get_workflow))
-        .route("/health", get(health))
+        .route("/health", get(ready))
+        .route("/health/ready", get(ready))
+        .route("/health/live", get(live))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows/{id} or GET /health"
+                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows/{id}, GET /health/live \
+                 or GET /health/ready"
                     .into(),
             )
         })
@@ -192,13 +197,21 @@ async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) ->
     }
 }
 
-async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    match gw.broker.health().await {
-        Ok(()) => (
-            StatusCode::OK,
-            axum::Json(json!({ "status": "ok", "mode": gw.opts.mode, "workflow": gw.opts.workflow, "broker": "connected" })),
-        )
-            .into_response(),
-        Err(reason) => error(StatusCode::SERVICE_UNAVAILABLE, reason),
-    }
+/// Readiness (`GET /health/ready`, and `GET /health`): every check of every component in this
+/// process, 503 naming the failing ones.
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    health(&gw, Kind::Ready).await
+}
+
+/// Liveness (`GET /health/live`): the loops and database threads of this process run.
+async fn live(State(gw): State<Arc<Gateway>>) -> Response {
+    health(&gw, Kind::Live).await
+}
+
+async fn health(gw: &Gateway, question: Kind) -> Response {
+    let report = gw.opts.health.report().await;
+    let mut extra = serde_json::Map::new();
+    extra.insert("mode".into(), json!(gw.opts.mode));
+    extra.insert("workflow".into(), json!(gw.opts.workflow));
+    baton_health::answer(&report, question, extra)
 }

@@ -10,6 +10,7 @@ use baton_amqp::topology::{self, COMMANDS, EVENTS};
 use baton_amqp::{
     Broker, ConsumerConfig, Envelope, HandleError, Outgoing, PublishError, Publisher, TraceParent, consume,
 };
+use baton_health::{Kind, running};
 use baton_protocol::{
     ClientDeadline, Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga,
     StepError, events,
@@ -43,6 +44,9 @@ pub struct Options {
     pub max_in_flight: usize,
     /// What a slow or idle client may hold of the gateway.
     pub limits: HttpLimits,
+    /// The liveness and readiness of every component of this process, which `/health/live`
+    /// and `/health/ready` answer; the gateway adds its own checks.
+    pub health: baton_health::Health,
 }
 
 /// How long a client may take and how many connections it may hold: without them, connections
@@ -133,7 +137,9 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     opts.limits.check()?;
     let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
         .await?;
+    db.health().register(&opts.health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);
     let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);
     broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
@@ -152,20 +158,31 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     // are they, the listener with them (its port is free again) and the broker connection.
     let mut tasks = JoinSet::new();
     let g = Arc::clone(&gw);
+    let queue = match gw.opts.mode {
+        Mode::Workflow => outcomes.name.clone(),
+        Mode::Events => event_queue.name.clone(),
+    };
+    let health = &gw.opts.health;
+    let cfg = ConsumerConfig::new(queue.clone(), 256).attached(health.check(
+        COMPONENT,
+        &format!("consuming {queue}"),
+        Kind::Ready,
+    ));
+    let alive = health.check(COMPONENT, &format!("consumer of {queue} running"), Kind::Live);
     match gw.opts.mode {
-        Mode::Workflow => tasks.spawn(consume(
-            broker.clone(),
-            publisher,
-            ConsumerConfig { queue: outcomes.name.clone(), prefetch: 256 },
-            move |env| Arc::clone(&g).on_outcome(env),
-            cancel.clone(),
+        Mode::Workflow => tasks.spawn(running(
+            alive,
+            consume(
+                broker.clone(),
+                publisher,
+                cfg,
+                move |env| Arc::clone(&g).on_outcome(env),
+                cancel.clone(),
+            ),
         )),
-        Mode::Events => tasks.spawn(consume(
-            broker.clone(),
-            publisher,
-            ConsumerConfig { queue: event_queue.name.clone(), prefetch: 256 },
-            move |env| Arc::clone(&g).on_event(env),
-            cancel.clone(),
+        Mode::Events => tasks.spawn(running(
+            alive,
+            consume(broker.clone(), publisher, cfg, move |env| Arc::clone(&g).on_event(env), cancel.clone()),
         )),
     };
     let addr = listener.local_addr()?;
@@ -372,13 +389,7 @@ impl Gateway {
                 Ok(())
             })
             .await
-            .map_err(|e: StoreError| {
-                if e.is_transient() {
-                    HandleError::Retry(e.to_string())
-                } else {
-                    HandleError::Reject(e.to_string())
-                }
-            })?;
+            .map_err(|e: StoreError| HandleError::from(e))?;
         if let Some(tx) = self.pending.lock().expect("pending map").remove(&saga_id) {
             let _ = tx.send(outcome);
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_health::{Health, Kind, running};
 use baton_protocol::{
     Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
     StepCommand, StepError, StepReply,
@@ -36,13 +37,26 @@ pub struct Options {
     pub prefetch: u16,
     /// The workflows this instance runs, by name (the bundled ones by default).
     pub workflows: Vec<Workflow>,
+    /// Where the orchestrator reports its liveness and readiness.
+    pub health: Health,
 }
 
 /// Run the orchestrator until `cancel`.
 pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
+    let health = &opts.health;
+    let consumer = |queue: String| {
+        let attached = health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready);
+        ConsumerConfig::new(queue, opts.prefetch).attached(attached)
+    };
+    // Registered first (failing until attached): a readiness asked while the orchestrator is
+    // still starting does not pass without it.
+    let commands = consumer(topology::command_queue(COMPONENT));
+    let reply_consumer = consumer(topology::instance_reply_queue(COMPONENT, &opts.instance).name);
     let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
         .await?;
+    db.health().register(health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
     broker.declare_topology(std::slice::from_ref(&replies)).await?;
     let publisher = Publisher::new(broker.clone());
@@ -69,26 +83,36 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // orchestrator), so are they, and the connection closes. The sagas they were driving are in
     // the database; the next incarnation picks them up (`resume`, the replies kept on its queue).
     let mut tasks = JoinSet::new();
-    tasks.spawn(relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()));
-    tasks.spawn(Arc::clone(&core).timer_loop(cancel.clone()));
+    let live = |what: &str| health.check(COMPONENT, what, Kind::Live);
+    tasks.spawn(running(
+        live("relay running"),
+        relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()),
+    ));
+    tasks.spawn(running(live("timer running"), Arc::clone(&core).timer_loop(cancel.clone())));
     let c = Arc::clone(&core);
-    tasks.spawn(consume(
-        broker.clone(),
-        publisher.clone(),
-        ConsumerConfig { queue: topology::command_queue(COMPONENT), prefetch: opts.prefetch },
-        move |env| Arc::clone(&c).on_start(env),
-        cancel.clone(),
+    tasks.spawn(running(
+        live(&format!("consumer of {} running", commands.queue)),
+        consume(
+            broker.clone(),
+            publisher.clone(),
+            commands,
+            move |env| Arc::clone(&c).on_start(env),
+            cancel.clone(),
+        ),
     ));
     let c = Arc::clone(&core);
-    tasks.spawn(consume(
-        broker.clone(),
-        publisher,
-        ConsumerConfig { queue: replies.name.clone(), prefetch: opts.prefetch },
-        move |env| {
-            let c = Arc::clone(&c);
-            async move { if env.kind == RETRY { c.on_retry(env).await } else { c.on_reply(env).await } }
-        },
-        cancel.clone(),
+    tasks.spawn(running(
+        live(&format!("consumer of {} running", reply_consumer.queue)),
+        consume(
+            broker.clone(),
+            publisher,
+            reply_consumer,
+            move |env| {
+                let c = Arc::clone(&c);
+                async move { if env.kind == RETRY { c.on_retry(env).await } else { c.on_reply(env).await } }
+            },
+            cancel.clone(),
+        ),
     ));
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
@@ -143,10 +167,6 @@ struct Core {
 struct Meta {
     reply_to: Option<String>,
     trace: TraceParent,
-}
-
-fn store_error(e: StoreError) -> HandleError {
-    if e.is_transient() { HandleError::Retry(e.to_string()) } else { HandleError::Reject(e.to_string()) }
 }
 
 fn corrupt(cause: impl ToString) -> StoreError {
@@ -254,7 +274,7 @@ impl Core {
                 Ok(wake)
             })
             .await
-            .map_err(store_error)?;
+            .map_err(HandleError::from)?;
         self.timer.schedule(wake_at);
         self.wake.wake();
         Ok(())
@@ -365,15 +385,18 @@ impl Core {
                 Ok(Ok((wake, extra)))
             })
             .await
-            .map_err(store_error)?
+            .map_err(HandleError::from)?
             .map_err(HandleError::Reject)?;
         self.timer.schedule(wake_at);
         self.wake.wake();
         Ok(extra)
     }
 
-    /// Fire due timeouts and retries, all due sagas in one transaction per round.
+    /// Fire due timeouts and retries, all due sagas in one transaction per round. A round the
+    /// store cannot commit (a full disk) is tried again with a growing pause, said once when
+    /// the trouble starts and once when it is over.
     async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let mut trouble: Option<(std::time::Instant, backon::ExponentialBackoff)> = None;
         loop {
             let next = self.timer.next.load(Ordering::Acquire);
             let now = self.clock.now();
@@ -396,12 +419,24 @@ impl Core {
             let round = self.db.transaction(move |tx| core.fire_due(tx)).await;
             match round {
                 Ok(next) => {
+                    if let Some((since, _)) = trouble.take() {
+                        tracing::info!(after = ?since.elapsed(), "timer rounds commit again");
+                    }
                     self.timer.schedule(next);
                     self.wake.wake();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "timer round failed; retrying");
-                    self.timer.schedule(Some(self.clock.now() + 500));
+                    let (_, waits) = trouble.get_or_insert_with(|| {
+                        if e.is_transient() {
+                            tracing::warn!(error = %e, "a timer round cannot commit; trying again with a growing pause");
+                        } else {
+                            tracing::error!(error = %e, "a timer round failed; trying again with a growing pause");
+                        }
+                        (std::time::Instant::now(), timer_backoff())
+                    });
+                    let wait = waits.next().unwrap_or(TIMER_RETRY_MAX);
+                    tracing::debug!(error = %e, retry_in = ?wait, "timer round failed");
+                    self.timer.schedule(Some(self.clock.now() + wait.as_millis() as u64));
                 }
             }
         }
@@ -429,6 +464,19 @@ impl Core {
         let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
         Ok(next.map(|n| n as u64))
     }
+}
+
+/// The longest pause between two timer rounds that failed.
+const TIMER_RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn timer_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(TIMER_RETRY_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// The crash point a transition stands at, if any (for the crash tests).

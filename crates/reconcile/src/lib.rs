@@ -154,7 +154,7 @@ async fn undo_all(
     let listener = tokio::spawn(consume(
         broker.clone(),
         publisher.clone(),
-        ConsumerConfig { queue: queue.clone(), prefetch: 256 },
+        ConsumerConfig::new(queue.clone(), 256),
         move |env| {
             let tx = tx.clone();
             async move {

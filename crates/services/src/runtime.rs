@@ -15,6 +15,7 @@ use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, EVENTS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
 use baton_faults::FaultPlan;
+use baton_health::{Kind, running};
 use baton_protocol::{
     Action, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, StepReply, events, reply_type,
 };
@@ -40,6 +41,8 @@ pub struct RunOptions {
     /// This instance's name: several instances of a service compete for its queues and share
     /// its database; each publishes the outbox rows it wrote. Keep it stable across restarts.
     pub instance: String,
+    /// Where the service reports its liveness and readiness.
+    pub health: baton_health::Health,
 }
 
 /// Run one service until `cancel`; returns once its consumers and relay have stopped.
@@ -50,13 +53,22 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
+    let health = &opts.health;
+    let name = service.name();
+    // Registered first (failing until attached), so that a readiness asked while this
+    // service is still starting does not pass without it.
+    let cfg_commands = consumer_config(health, name, topology::command_queue(name), opts.prefetch);
+    let cfg_events = (opts.mode == Mode::Events)
+        .then(|| consumer_config(health, name, topology::event_queue(name), opts.prefetch));
     let db = open_db(Arc::clone(&step), &opts.data_dir, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()
     } else {
         format!("{service} {}", opts.instance)
     };
+    db.health().register(health, name);
     let broker = Broker::connect(&opts.amqp_url, &conn_name).await?;
+    let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
     broker.declare_topology(&[]).await?;
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
@@ -69,29 +81,34 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let killed = CancellationToken::new();
     let _kill_on_drop = killed.clone().drop_guard();
-    tasks.spawn(relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()));
+    tasks.spawn(running(
+        health.check(name, "relay running", Kind::Live),
+        relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()),
+    ));
     let delay = opts.delay + opts.faults.delay(service);
     let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
     let (h, k) = (Arc::clone(&handler), killed.clone());
-    let cfg_commands =
-        ConsumerConfig { queue: topology::command_queue(service.name()), prefetch: opts.prefetch };
-    tasks.spawn(consume(
-        broker.clone(),
-        publisher.clone(),
-        cfg_commands,
-        move |env| unless_killed(k.clone(), Arc::clone(&h).on_command(env)),
-        cancel.clone(),
-    ));
-    if opts.mode == Mode::Events {
-        let (h, k) = (Arc::clone(&handler), killed.clone());
-        let cfg_events =
-            ConsumerConfig { queue: topology::event_queue(service.name()), prefetch: opts.prefetch };
-        tasks.spawn(consume(
+    tasks.spawn(running(
+        health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
+        consume(
             broker.clone(),
-            publisher,
-            cfg_events,
-            move |env| unless_killed(k.clone(), Arc::clone(&h).on_event(env)),
+            publisher.clone(),
+            cfg_commands,
+            move |env| unless_killed(k.clone(), Arc::clone(&h).on_command(env)),
             cancel.clone(),
+        ),
+    ));
+    if let Some(cfg_events) = cfg_events {
+        let (h, k) = (Arc::clone(&handler), killed.clone());
+        tasks.spawn(running(
+            health.check(name, &format!("consumer of {} running", cfg_events.queue), Kind::Live),
+            consume(
+                broker.clone(),
+                publisher,
+                cfg_events,
+                move |env| unless_killed(k.clone(), Arc::clone(&h).on_event(env)),
+                cancel.clone(),
+            ),
         ));
     }
     tracing::info!(%service, mode = %opts.mode, "service running");
@@ -103,6 +120,17 @@ pub async fn run(
     broker.close().await;
     tracing::info!(%service, "service stopped");
     Ok(())
+}
+
+/// A consumer of `queue` whose attachment is a readiness check of `component`.
+fn consumer_config(
+    health: &baton_health::Health,
+    component: &str,
+    queue: String,
+    prefetch: u16,
+) -> ConsumerConfig {
+    let attached = health.check(component, &format!("consuming {queue}"), Kind::Ready);
+    ConsumerConfig::new(queue, prefetch).attached(attached)
 }
 
 /// Run a handler unless the service it belongs to is gone (its `run` future dropped): then
@@ -139,10 +167,6 @@ struct Handler {
     wake: Wake,
     delay: Duration,
     faults: FaultPlan,
-}
-
-fn store_error(e: StoreError) -> HandleError {
-    if e.is_transient() { HandleError::Retry(e.to_string()) } else { HandleError::Reject(e.to_string()) }
 }
 
 /// Record an injected fault, in the transaction of the message it touched.
@@ -208,8 +232,7 @@ impl Handler {
                 inbox::record(tx, message_id, &out)?;
                 Ok(())
             })
-            .await
-            .map_err(store_error)?;
+            .await?;
         self.wake.wake();
         Ok(())
     }

@@ -4,12 +4,14 @@
 //! Owns: opening `<data-dir>/<component>.db` (WAL, migrations by `user_version`), the dedicated
 //! thread that runs every statement off the async workers ([`Db::call`]), the [`inbox`],
 //! [`outbox`] and [`tombstone`] tables, and the relay's view of the outbox
-//! ([`baton_amqp::relay::OutboxStore`]). Must not touch: business tables (each component
+//! ([`baton_amqp::relay::OutboxStore`]), and what the process can tell of the database's
+//! health ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each component
 //! migrates its own through [`Db::open`]) or the broker.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use baton_amqp::Outgoing;
@@ -24,10 +26,12 @@ pub mod tombstone;
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite failed; usually passing (busy, I/O), so the message is retried.
+    /// SQLite failed: an outage (disk full, locked, I/O) when [`StoreError::is_transient`] says
+    /// so, otherwise a failure of this statement (a constraint, a bug).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The database thread is gone: the component is shutting down or crashed.
+    /// The database thread is gone: the component is shutting down, crashed, or its database
+    /// file was removed under it.
     #[error("the database thread of {0} has stopped")]
     Closed(String),
     /// A stored value could not be decoded: a bug or a foreign write, never retried blindly.
@@ -37,13 +41,96 @@ pub enum StoreError {
     Open { path: String, cause: String },
     /// The shared transaction of a group commit failed: none of its members took effect.
     #[error("committing a group of transactions failed: {0}")]
-    Commit(String),
+    Commit(#[source] Arc<rusqlite::Error>),
 }
 
 impl StoreError {
-    /// Whether trying again later may succeed.
+    /// Whether this is an outage of the store rather than a fault of the work: the same work
+    /// succeeds once the disk has room, the lock is free or the I/O error has passed, so it is
+    /// retried in place and never counted against a message.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Sqlite(_) | StoreError::Closed(_) | StoreError::Commit(_))
+        match self {
+            StoreError::Sqlite(e) => is_outage(e),
+            StoreError::Commit(e) => is_outage(e),
+            StoreError::Closed(_) => true,
+            StoreError::Corrupt { .. } | StoreError::Open { .. } => false,
+        }
+    }
+}
+
+/// SQLite's codes for a store that cannot work right now, whatever the statement.
+fn is_outage(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DiskFull
+                | DatabaseBusy
+                | DatabaseLocked
+                | SystemIoFailure
+                | CannotOpen
+                | ReadOnly
+                | OutOfMemory
+                | FileLockingProtocolFailed
+        )
+    )
+}
+
+/// What a process can tell of its database without a query: the readiness checks. Holds no
+/// handle on the database, so keeping it does not keep the database thread running.
+#[derive(Clone, Debug, Default)]
+pub struct StoreHealth(Arc<HealthInner>);
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    stopped: AtomicBool,
+    /// Why the last commit failed for an outage; cleared by the next commit.
+    unwritable: Mutex<Option<String>>,
+}
+
+impl StoreHealth {
+    /// Whether the database thread still runs (it stops with the last `Db` clone, on a panic,
+    /// or when its file was removed).
+    pub fn thread_alive(&self) -> Result<(), String> {
+        if self.0.stopped.load(Ordering::Acquire) {
+            Err("the database thread has stopped".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the last group commit went through; the reason of its outage if not.
+    pub fn writable(&self) -> Result<(), String> {
+        match &*self.0.unwritable.lock().expect("store health") {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+
+    /// Register `component`'s checks of this database on `health`: "database thread alive"
+    /// (liveness) and "store writable" (readiness).
+    pub fn register(&self, health: &baton_health::Health, component: &str) {
+        let h = self.clone();
+        health.probe(component, "database thread alive", baton_health::Kind::Live, move || {
+            std::future::ready(h.thread_alive())
+        });
+        let h = self.clone();
+        health.probe(component, "store writable", baton_health::Kind::Ready, move || {
+            std::future::ready(h.writable())
+        });
+    }
+
+    /// A group's fate: writable again when it committed and none of its members met an
+    /// outage; unwritable, with the reason, when it or one of them did.
+    fn committed(&self, outcome: Result<(), &rusqlite::Error>) {
+        let member = MEMBER_OUTAGE.with(|m| m.borrow_mut().take());
+        let mut state = self.0.unwritable.lock().expect("store health");
+        match (outcome, member) {
+            (Ok(()), None) => *state = None,
+            (Ok(()), Some((_, why))) => *state = Some(format!("writes fail: {why}")),
+            (Err(e), _) if is_outage(e) => *state = Some(format!("commits fail: {e}")),
+            (Err(_), _) => {}
+        }
     }
 }
 
@@ -57,10 +144,10 @@ enum Job {
 
 /// A member of a group commit: given the shared transaction (or why there is none), it runs
 /// in a savepoint and returns how to tell its caller the group's fate.
-type Member = Box<dyn FnOnce(Result<&Transaction<'_>, &str>) -> Finish + Send>;
+type Member = Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> Finish + Send>;
 
 /// Hands a group member its result once the group's fate is known.
-type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
+type Finish = Box<dyn FnOnce(Result<(), &Arc<rusqlite::Error>>) + Send>;
 
 /// Members committed together at most (a bound on how long the first one waits).
 pub const GROUP_MAX: usize = 128;
@@ -79,6 +166,16 @@ pub struct Db {
     feed: Arc<OnceLock<Wake>>,
     /// Other instances' outbox rows this one watches, to take over those left unpublished.
     pub(crate) watch: Arc<std::sync::Mutex<outbox::Watch>>,
+    health: StoreHealth,
+}
+
+/// Marks the database thread stopped when dropped.
+struct Stopped(StoreHealth);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.0.stopped.store(true, Ordering::Release);
+    }
 }
 
 thread_local! {
@@ -89,6 +186,12 @@ thread_local! {
 /// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
 pub(crate) fn note_pushed(seq: i64, msg: &Outgoing) {
     PUSHED.with(|p| p.borrow_mut().push((seq, msg.clone())));
+}
+
+thread_local! {
+    /// Why a member of the group committing now failed for an outage, if one did: a full disk
+    /// can fail a statement (a page that cannot be allocated) before it fails a commit.
+    static MEMBER_OUTAGE: RefCell<Option<(rusqlite::ffi::Error, String)>> = const { RefCell::new(None) };
 }
 
 fn take_pushed() -> Vec<(i64, Outgoing)> {
@@ -175,7 +278,17 @@ fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>) {
 /// The database thread: runs jobs in order; members that queue up behind each other share
 /// one transaction (group commit), each in its own savepoint, so one member's failure undoes
 /// only its own work, and each hears back only after the shared commit.
-fn serve(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+///
+/// It stops when its file is removed or replaced under it: what it wrote from then on would
+/// go to a file nobody opens again. Its callers then get [`StoreError::Closed`], and
+/// [`StoreHealth`] says it stopped.
+fn serve(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    path: &Path,
+    file: Option<FileId>,
+    health: &StoreHealth,
+) {
     let mut next = None;
     loop {
         let job = match next.take() {
@@ -185,6 +298,16 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => return,
             },
         };
+        if file.is_some() && FileId::of(path) != file {
+            tracing::error!(
+                path = %path.display(),
+                "the database file was removed or replaced while open; its thread stops so that \
+                 nothing is written where nobody reads; restart the component"
+            );
+            // Before the job is dropped, which tells its caller.
+            health.0.stopped.store(true, Ordering::Release);
+            return;
+        }
         match job {
             Job::Alone(f) => {
                 f(&mut conn);
@@ -197,15 +320,24 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
                     Ok(tx) => tx,
                     Err(e) => {
+                        health.committed(Err(&e));
                         // Nothing ran: this member hears why; the queue goes on.
-                        first(Err(&e.to_string()))(Ok(()));
+                        let e = Arc::new(e);
+                        first(Err(Arc::clone(&e)))(Err(&e));
                         continue;
                     }
                 };
                 finishes.push(in_savepoint(&tx, first));
-                while finishes.len() < GROUP_MAX {
+                // SQLite rolls the whole transaction back by itself on some errors of a
+                // statement (a full disk, I/O): then the group is lost, and no member may run
+                // after it (it would run outside any transaction).
+                let mut lost = tx.is_autocommit();
+                while !lost && finishes.len() < GROUP_MAX {
                     match rx.try_recv() {
-                        Ok(Job::Member(f)) => finishes.push(in_savepoint(&tx, f)),
+                        Ok(Job::Member(f)) => {
+                            finishes.push(in_savepoint(&tx, f));
+                            lost = tx.is_autocommit();
+                        }
                         Ok(alone) => {
                             next = Some(alone);
                             break;
@@ -213,12 +345,44 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                         Err(_) => break,
                     }
                 }
-                let outcome = tx.commit().map_err(|e| e.to_string());
+                let outcome = if lost {
+                    drop(tx);
+                    Err(Arc::new(rolled_back()))
+                } else {
+                    tx.commit().map_err(Arc::new)
+                };
+                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e));
                 for finish in finishes {
-                    finish(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+                    finish(outcome.as_ref().map(|_| ()));
                 }
             }
         }
+    }
+}
+
+/// Why a group's transaction is gone when SQLite rolled it back on a member's error: that
+/// error, for every member.
+fn rolled_back() -> rusqlite::Error {
+    let (code, why) = MEMBER_OUTAGE.with(|m| m.borrow().clone()).unwrap_or_else(|| {
+        (rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT), "a member's statement failed".into())
+    });
+    rusqlite::Error::SqliteFailure(code, Some(format!("SQLite rolled the group's transaction back ({why})")))
+}
+
+/// Which file a path names (device and inode), to notice it was removed or replaced.
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct FileId(u64, u64);
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| FileId(m.dev(), m.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &Path) -> Option<FileId> {
+        None
     }
 }
 
@@ -226,7 +390,7 @@ fn in_savepoint(tx: &Transaction<'_>, f: Member) -> Finish {
     match tx.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])) {
         Ok(_) => f(Ok(tx)),
         // Cannot isolate it: it does not run, and hears why.
-        Err(e) => f(Err(&e.to_string())),
+        Err(e) => f(Err(Arc::new(e))),
     }
 }
 
@@ -272,7 +436,11 @@ fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
         tracing::debug!(migration = i + 1, "applying migration");
         tx.execute_batch(sql)?;
     }
-    tx.pragma_update(None, "user_version", all.len() as i64)?;
+    // Written only when it changes: opening an up-to-date database writes nothing, so a
+    // component restarted while its disk is full starts (and waits for room like the others).
+    if done != all.len() {
+        tx.pragma_update(None, "user_version", all.len() as i64)?;
+    }
     upgrade_base(&tx)?;
     tx.commit()
 }
@@ -312,12 +480,16 @@ impl Db {
         let (tx, rx) = mpsc::channel::<Job>();
         let (alive, watch) = mpsc::channel::<()>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
+        let health = StoreHealth::default();
+        let (h, db_path, file) = (health.clone(), path.to_owned(), FileId::of(path));
         std::thread::Builder::new()
             .name(format!("db-{name}"))
             .spawn(move || {
-                // Runs until every `Db` clone is dropped; the checkpointer stops with it.
+                // Runs until every `Db` clone is dropped; the checkpointer stops with it. The
+                // guard marks it stopped however it ends, a panic included.
                 let _alive = alive;
-                serve(conn, rx);
+                let _stopped = Stopped(h.clone());
+                serve(conn, rx, &db_path, file, &h);
             })
             .map_err(|e| err(e.to_string()))?;
         let cp_path = path.to_owned();
@@ -325,7 +497,7 @@ impl Db {
             .name(format!("ckpt-{name}"))
             .spawn(move || checkpointer(cp_path, watch))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Db { tx, path: path.to_owned(), feed: Arc::default(), watch: Arc::default() })
+        Ok(Db { tx, path: path.to_owned(), feed: Arc::default(), watch: Arc::default(), health })
     }
 
     /// Run `f` on the database thread and return its result.
@@ -356,46 +528,53 @@ impl Db {
     {
         let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
         let feed = Arc::clone(&self.feed);
-        let job = Job::Member(Box::new(move |tx: Result<&Transaction<'_>, &str>| -> Finish {
-            take_pushed();
-            let tx = match tx {
-                Ok(tx) => tx,
-                Err(why) => {
-                    let e = StoreError::Commit(why.to_owned());
-                    return Box::new(move |_| {
-                        let _ = done.send(Err(e));
-                    });
-                }
-            };
-            let result = f(tx);
-            let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
-            let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
-                if result.is_err() {
-                    tx.prepare_cached("RELEASE member")?.execute([])?;
-                }
-                Ok(())
-            });
-            let pushed = take_pushed();
-            match (result, closed) {
-                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &str>| {
-                    if committed.is_ok()
-                        && let Some(wake) = feed.get()
-                    {
-                        wake.hand(pushed);
+        let job =
+            Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| -> Finish {
+                take_pushed();
+                let tx = match tx {
+                    Ok(tx) => tx,
+                    Err(why) => {
+                        let e = StoreError::Commit(why);
+                        return Box::new(move |_| {
+                            let _ = done.send(Err(e));
+                        });
                     }
-                    let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(e.into())));
-                }),
-                (Err(e), _) => Box::new(move |_| {
-                    let _ = done.send(Err(e));
-                }),
-                (Ok(_), Err(e)) => {
-                    let why = e.to_string();
-                    Box::new(move |_| {
-                        let _ = done.send(Err(StoreError::Commit(why)));
-                    })
+                };
+                let result = f(tx);
+                if let Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) = &result
+                    && e.is_transient()
+                {
+                    MEMBER_OUTAGE.with(|m| *m.borrow_mut() = Some((*code, e.to_string())));
                 }
-            }
-        }));
+                let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
+                let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
+                    if result.is_err() {
+                        tx.prepare_cached("RELEASE member")?.execute([])?;
+                    }
+                    Ok(())
+                });
+                let pushed = take_pushed();
+                match (result, closed) {
+                    (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
+                        if committed.is_ok()
+                            && let Some(wake) = feed.get()
+                        {
+                            wake.hand(pushed);
+                        }
+                        let _ =
+                            done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
+                    }),
+                    (Err(e), _) => Box::new(move |_| {
+                        let _ = done.send(Err(e));
+                    }),
+                    (Ok(_), Err(e)) => {
+                        let e = Arc::new(e);
+                        Box::new(move |_| {
+                            let _ = done.send(Err(StoreError::Commit(e)));
+                        })
+                    }
+                }
+            }));
         let closed = || StoreError::Closed(self.path.display().to_string());
         self.tx.send(job).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
@@ -409,6 +588,25 @@ impl Db {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The readiness of this database: its thread running, its last commit through.
+    pub fn health(&self) -> StoreHealth {
+        self.health.clone()
+    }
+}
+
+impl From<StoreError> for baton_amqp::HandleError {
+    /// An outage is held and retried in place; unreadable data can never be handled; any
+    /// other failure goes back to the queue, whose delivery limit stops a message that
+    /// keeps failing.
+    fn from(e: StoreError) -> Self {
+        use baton_amqp::HandleError;
+        match e {
+            e if e.is_transient() => HandleError::Transient(e.to_string()),
+            e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
+            e => HandleError::Retry(e.to_string()),
+        }
     }
 }
 
@@ -597,5 +795,119 @@ mod tests {
         let n: i64 =
             db.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM things", [], |r| r.get(0))?)).await.unwrap();
         assert_eq!(n, 19);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_an_outage_said_by_the_health_until_a_commit_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("full.db"), EXTRA).unwrap();
+        let health = db.health();
+        // Cap the file at its current size, as a full disk does: the next write fails.
+        db.call(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let big = "x".repeat(64 * 1024);
+        let write = |db: &Db| {
+            let big = big.clone();
+            let db = db.clone();
+            async move {
+                db.transaction(move |tx| {
+                    tx.execute("INSERT INTO things (name) VALUES (?1)", [big])?;
+                    Ok(())
+                })
+                .await
+            }
+        };
+        let e = write(&db).await.unwrap_err();
+        assert!(e.is_transient(), "a full disk is an outage: {e}");
+        let why = health.writable().expect_err(&format!("unwritable after {e:?}"));
+        assert!(why.contains("full"), "{why}");
+        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Transient(_)));
+        db.call(|c| Ok(c.query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))?)).await.unwrap();
+        assert!(write(&db).await.is_ok());
+        assert_eq!(health.writable(), Ok(()));
+        assert_eq!(health.thread_alive(), Ok(()));
+        // A broken rule is not an outage: it is not retried in place.
+        let e = db
+            .transaction(|tx| {
+                tx.execute("INSERT INTO things (id, name) VALUES (1, 'a')", [])?;
+                tx.execute("INSERT INTO things (id, name) VALUES (1, 'b')", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Retry(_)));
+    }
+
+    #[tokio::test]
+    async fn the_database_thread_stops_when_its_file_is_removed_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.db");
+        let db = Db::open(&path, EXTRA).unwrap();
+        assert_eq!(db.health().thread_alive(), Ok(()));
+        std::fs::remove_file(&path).unwrap();
+        let e =
+            db.call(|c| Ok(c.execute("INSERT INTO things (name) VALUES ('lost')", [])?)).await.unwrap_err();
+        assert!(matches!(e, StoreError::Closed(_)), "{e}");
+        assert!(e.is_transient());
+        assert!(db.health().thread_alive().is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_member_runs_outside_the_group_after_a_full_disk_rolled_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
+        db.call(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        // Hold the thread so that the members below share one transaction.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let d = db.clone();
+        let busy = tokio::spawn(async move {
+            d.call(move |_| {
+                hold.recv().ok();
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let member = |name: String| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.transaction(move |tx| {
+                    tx.execute("INSERT INTO things (name) VALUES (?1)", [name])?;
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let big = member("x".repeat(64 * 1024));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let small = member("small".into());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let (big, small) = (big.await.unwrap(), small.await.unwrap());
+        assert!(big.as_ref().is_err_and(StoreError::is_transient), "{big:?}");
+        // The small one (it fits) was not run in the lost transaction, where it would have been
+        // committed on its own and then told it failed: it ran in a group of its own.
+        let names: Vec<String> = db
+            .call(|c| {
+                let mut s = c.prepare("SELECT name FROM things")?;
+                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        assert!(small.is_ok(), "{small:?}");
+        assert_eq!(names, vec!["small".to_owned()]);
     }
 }
