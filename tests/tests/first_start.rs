@@ -77,3 +77,19 @@ async fn the_log_flag_beats_rust_log_and_a_bad_filter_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a log filter"));
 }
+
+#[tokio::test]
+async fn a_saga_state_that_does_not_exist_is_a_usage_error_not_an_empty_list() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(baton_bin())
+        .args(["workflows", "list", "--state", "rolledback", "--data-dir"])
+        .arg(data.path())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("quick").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rolledback") && err.contains("rolled_back"),
+        "names the typo and the real states: {err}"
+    );
+}

@@ -303,9 +303,9 @@ pub enum WorkflowsCommand {
     List {
         #[command(flatten)]
         data: DataDir,
-        /// Only sagas in this state: running, compensating, succeeded, completed, rolled_back,
-        /// compensation_failed.
-        #[arg(long)]
+        /// Only sagas in this state (a closed list: a typo is an error, not an empty answer).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+            baton_workflow::SagaStatus::ALL.map(baton_workflow::SagaStatus::as_str)))]
         state: Option<String>,
         /// At most this many sagas.
         #[arg(long, default_value_t = 50)]

@@ -34,6 +34,16 @@ pub enum SagaStatus {
 }
 
 impl SagaStatus {
+    /// Every state, in the order a saga meets them.
+    pub const ALL: [SagaStatus; 6] = [
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+        SagaStatus::Succeeded,
+        SagaStatus::Completed,
+        SagaStatus::RolledBack,
+        SagaStatus::CompensationFailed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SagaStatus::Running => "running",
