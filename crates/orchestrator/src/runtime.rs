@@ -252,7 +252,17 @@ impl Core {
                     }
                     return Ok(None);
                 };
-                let deadline = start.deadline.map(|d| Deadline::of(d, now, now_ms() as u64));
+                let wall_now = now_ms() as u64;
+                if let Some(d) = start.deadline
+                    && d.at_ms <= wall_now
+                {
+                    tracing::warn!(
+                        saga_id = %start.saga_id, late_ms = wall_now - d.at_ms,
+                        "a start arrived past its client's deadline: it waited in a queue, or this host's \
+                         clock is ahead of the gateway's; it starts no step and answers 504"
+                    );
+                }
+                let deadline = start.deadline.map(|d| Deadline::of(d, now, wall_now));
                 let (saga, effects) =
                     Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
                 tx.execute(
