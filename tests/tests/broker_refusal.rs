@@ -329,7 +329,7 @@ async fn a_start_against_a_missing_vhost_says_so_once_and_clearly() {
     let (mut up, _) = start_up(&env, &url, "info", stderr);
     let status = exits(&mut up, Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(status.code(), Some(2), "could not run: {log}");
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "one error line:\n{log}");
     let line = errors[0];
@@ -350,7 +350,7 @@ async fn a_start_with_a_wrong_password_says_so_once_and_clearly() {
     let (mut up, _) = start_up(&env, &url, "info", stderr);
     let status = exits(&mut up, Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(status.code(), Some(2), "could not run: {log}");
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "one error line:\n{log}");
     assert!(errors[0].contains("ACCESS_REFUSED") && errors[0].contains("password"), "{}", errors[0]);

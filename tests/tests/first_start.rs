@@ -93,3 +93,32 @@ async fn a_saga_state_that_does_not_exist_is_a_usage_error_not_an_empty_list() {
         "names the typo and the real states: {err}"
     );
 }
+
+#[tokio::test]
+async fn completions_are_generated_for_the_shells() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = tokio::process::Command::new(baton_bin()).args(["completions", shell]).output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("quick").unwrap();
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        // Every subcommand is offered.
+        for sub in ["up", "compare", "workflows", "dlq", "audit"] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_run_exits_2_and_one_that_finds_problems_exits_1() {
+    // Could not run: the data dir holds no databases to audit.
+    let empty = tempfile::tempdir().unwrap();
+    let nothing = empty.path().join("nothing-here");
+    let out = tokio::process::Command::new(baton_bin()).args(["audit", "--data-dir"]).arg(&nothing).output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("quick").unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let help = tokio::process::Command::new(baton_bin()).arg("--help").output().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout)
+            .contains("Exit codes: 0 ok; 1 the command ran and found problems")
+    );
+}

@@ -8,7 +8,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Baton: one business flow over RabbitMQ, coordinated by events or by a saga orchestrator.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about, propagate_version = true)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Exit codes: 0 ok; 1 the command ran and found problems (audit violations, a refused \
+                  space, a reconcile that could not undo everything); 2 bad usage, or it could not run."
+)]
 pub struct Cli {
     /// Log filter (logs go to stderr), e.g. `debug` or `info,baton_orchestrator=debug`; the
     /// flag beats RUST_LOG, which beats the default.
@@ -102,6 +109,12 @@ pub enum Command {
     /// Measure: the broker's own floor (bare durable round trips) and, in the same run, sagas in
     /// both modes one at a time and under load, through HTTP and straight into the orchestrator.
     Bench(BenchArgs),
+    /// Print a completion script for a shell to stdout, e.g.
+    /// `baton completions bash > ~/.local/share/bash-completion/completions/baton`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Look at the dead-letter queues, or put their messages back after a fix.
     Dlq {
         #[command(subcommand)]

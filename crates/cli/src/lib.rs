@@ -18,7 +18,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             say(format_args!("error: cannot start the async runtime: {e}"));
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(2);
         }
     };
     match rt.block_on(commands::dispatch(cli)) {
@@ -26,9 +26,9 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
         Err(e) => {
             // One sentence, with its causes, never a backtrace.
             say(format_args!("error: {e:#}"));
-            // A refusal to start on a configuration that would do harm (2) is not a crash (1).
-            let refused = e.chain().any(|c| c.is::<baton_orchestrator::DefinitionsChanged>());
-            std::process::ExitCode::from(if refused { 2 } else { 1 })
+            // 2: could not run (as clap's usage errors). 1 is kept for a check that ran and
+            // found problems (audit violations, a refused space), which commands return as Ok.
+            std::process::ExitCode::from(2)
         }
     }
 }
