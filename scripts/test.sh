@@ -51,7 +51,9 @@ elif cargo nextest --version >/dev/null 2>&1; then
     # alone, one after the other, after the rest, so that what they measure is the faults they
     # inject and not two cores starved by the other tests.
     say "running the chaos tests on their own (one per mode, about 2 minutes)"
-    cargo nextest run -p baton-tests --test chaos --no-fail-fast --test-threads 1
+    # Selected with --workspace, as above: `-p baton-tests` alone would resolve features
+    # differently and rebuild half the dependency tree.
+    cargo nextest run --workspace --no-fail-fast --test-threads 1 -E 'binary(chaos)'
 else
     say "step 4/4: running the tests (cargo test; install cargo-nextest for a faster, clearer run)"
     # cargo test knows no filter expressions: `-E 'test(NAME)'` becomes the name filter NAME.
