@@ -122,3 +122,21 @@ async fn a_command_that_cannot_run_exits_2_and_one_that_finds_problems_exits_1()
             .contains("Exit codes: 0 ok; 1 the command ran and found problems")
     );
 }
+
+#[tokio::test]
+async fn completions_into_a_pipe_closed_early_do_not_panic() {
+    let mut child = tokio::process::Command::new(baton_bin())
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the script is written (the child is still starting), as
+    // `| head -1` would once it has its line: the write fails with a broken pipe.
+    drop(child.stdout.take());
+    let out =
+        tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await.expect("ends").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -43,9 +43,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflows { command } => workflows(command),
         Command::Dlq { command } => dlq(command).await,
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "baton", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
+            // Into a buffer first: clap_complete panics on a failed write, and a reader such
+            // as `head` may close the pipe early.
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "baton",
+                &mut script,
+            );
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow!(e).context("writing the completion script to stdout"))
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
     }
 }
