@@ -403,10 +403,13 @@ async fn stalled(http: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_limit_gets_a_json_503_at_once() {
     let env = TestEnv::new().await;
-    // Two places: the harness's client keeps one (its kept-alive connection), this test the other.
-    let limits = HttpLimits { max_connections: 2, ..HttpLimits::default() };
+    // Two places, both held by this test (headers never sent, within a long header timeout).
+    // The harness's client may still keep a connection of its own: then the second of these is
+    // already refused, and either way the request below is past the limit.
+    let limits =
+        HttpLimits { max_connections: 2, header_timeout: Duration::from_secs(60), ..HttpLimits::default() };
     let gw = gateway(&env, limits).await;
-    let _held = TcpStream::connect(gw.http).await.unwrap();
+    let _held = [TcpStream::connect(gw.http).await.unwrap(), TcpStream::connect(gw.http).await.unwrap()];
     let (status, body) = wait_for("a refusal", Duration::from_secs(10), || async {
         let t = Instant::now();
         let r = client().get(format!("http://{}/health", gw.http)).send().await.ok()?;

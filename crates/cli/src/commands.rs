@@ -218,7 +218,9 @@ fn check_port_free(addr: &std::net::SocketAddr) -> anyhow::Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
             "{addr} is already in use (is `scripts/demo.sh` or another `baton up` running?); give the \
-             gateway another address with --http, e.g. --http 127.0.0.1:8081"
+             gateway another address with --http, e.g. --http {}:{}",
+            addr.ip(),
+            addr.port().wrapping_add(1)
         ),
         Err(e) => Err(anyhow!(e).context(format!("the gateway cannot listen on {addr}"))),
     }
