@@ -165,6 +165,29 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
 
 /// Declare the exchanges, the shared work queues and `extra` on `conn`, bounded.
 async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+    // Every component declares the whole topology at start. When two declare the same new
+    // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
+    // node … is down or inaccessible") while the other's creation is under way (seen on CI).
+    // That is no failure of the topology: declare again, on a fresh channel, a few times.
+    let mut attempt = 0;
+    loop {
+        match declare_once(conn, extra).await {
+            Err(e) if attempt < 5 && created_concurrently(&e) => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "a queue was being created by another component; declaring again");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// The broker's answer to a declaration that raced another one of the same new quorum queue.
+fn created_concurrently(e: &AmqpError) -> bool {
+    matches!(e, AmqpError::Declare { source, .. } if source.to_string().contains("is down or inaccessible"))
+}
+
+async fn declare_once(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
     let declare = async {
         let ch = conn.create_channel().await?;
         topology::declare_exchanges(&ch).await?;
