@@ -67,25 +67,33 @@ pub struct TestEnv {
     via: Option<String>,
 }
 
+/// Create `vhost` through the management API and give guest every permission on it.
+pub async fn make_vhost(http: &reqwest::Client, vhost: &str) {
+    let url = format!("{}/api/vhosts/{vhost}", mgmt_base());
+    let r = http.put(&url).basic_auth("guest", Some("guest")).send().await.unwrap_or_else(|e| {
+        panic!(
+            "the RabbitMQ management API at {} is not reachable ({e}); run scripts/test.sh, which starts it",
+            mgmt_base()
+        )
+    });
+    assert!(r.status().is_success(), "creating vhost {vhost}: {}", r.status());
+    let r = http
+        .put(format!("{}/api/permissions/{vhost}/guest", mgmt_base()))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "granting guest on {vhost}: {}", r.status());
+}
+
 impl TestEnv {
     /// Create a fresh vhost (`baton-test-<random>`) with guest's permissions, and a data dir.
     pub async fn new() -> TestEnv {
         init_logs();
         let vhost = format!("baton-test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        let url = format!("{}/api/vhosts/{vhost}", mgmt_base());
-        let r = http.put(&url).basic_auth("guest", Some("guest")).send().await.unwrap_or_else(|e| {
-            panic!("the RabbitMQ management API at {} is not reachable ({e}); run scripts/test.sh, which starts it", mgmt_base())
-        });
-        assert!(r.status().is_success(), "creating vhost {vhost}: {}", r.status());
-        let r = http
-            .put(format!("{}/api/permissions/{vhost}/guest", mgmt_base()))
-            .basic_auth("guest", Some("guest"))
-            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "granting guest on {vhost}: {}", r.status());
+        make_vhost(&http, &vhost).await;
         TestEnv {
             vhost,
             data: tempfile::tempdir().unwrap(),

@@ -102,22 +102,7 @@ async fn delete_vhost(vhost: &str) {
 
 /// Make the vhost again and give guest its permissions back, as an operator would.
 async fn restore_vhost(vhost: &str) {
-    let c = mgmt();
-    let r = c
-        .put(format!("{}/api/vhosts/{vhost}", mgmt_base()))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "making vhost {vhost}: {}", r.status());
-    let r = c
-        .put(format!("{}/api/permissions/{vhost}/guest", mgmt_base()))
-        .basic_auth("guest", Some("guest"))
-        .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "granting guest on {vhost}: {}", r.status());
+    baton_tests::make_vhost(&mgmt(), vhost).await;
 }
 
 /// `GET /health` of a gateway: the status, and the body (the reason when not 200).

@@ -640,6 +640,33 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
 mod tests {
     use super::*;
 
+    /// The database thread, busy until [`Held::release`]: commands sent meanwhile queue up.
+    struct Held {
+        release: std::sync::mpsc::Sender<()>,
+        busy: tokio::task::JoinHandle<Result<(), StoreError>>,
+    }
+
+    impl Held {
+        async fn release(self) {
+            self.release.send(()).unwrap();
+            self.busy.await.unwrap().unwrap();
+        }
+    }
+
+    async fn hold_thread(db: &Db) -> Held {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let d = db.clone();
+        let busy = tokio::spawn(async move {
+            d.call(move |_| {
+                hold.recv().ok();
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Held { release, busy }
+    }
+
     const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
 
     #[tokio::test]
@@ -725,16 +752,7 @@ mod tests {
         let wake = baton_amqp::relay::Wake::default();
         db.feed(wake.clone());
         // Hold the thread so that the members below queue up and share one transaction.
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let d = db.clone();
-        let busy = tokio::spawn(async move {
-            d.call(move |_| {
-                hold.recv().ok();
-                Ok(())
-            })
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let held = hold_thread(&db).await;
         let members: Vec<_> = (0..20)
             .map(|i| {
                 let db = db.clone();
@@ -765,8 +783,7 @@ mod tests {
             .collect();
         let all = tokio::spawn(futures_util::future::join_all(members));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        release.send(()).unwrap();
-        busy.await.unwrap().unwrap();
+        held.release().await;
         let results = tokio::time::timeout(Duration::from_secs(10), all).await.unwrap().unwrap();
         for (i, r) in results.iter().enumerate() {
             assert_eq!(r.is_ok(), i != 7, "member {i}: {r:?}");
@@ -870,16 +887,7 @@ mod tests {
         .await
         .unwrap();
         // Hold the thread so that the members below share one transaction.
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let d = db.clone();
-        let busy = tokio::spawn(async move {
-            d.call(move |_| {
-                hold.recv().ok();
-                Ok(())
-            })
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let held = hold_thread(&db).await;
         let member = |name: String| {
             let db = db.clone();
             tokio::spawn(async move {
@@ -894,8 +902,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let small = member("small".into());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        release.send(()).unwrap();
-        busy.await.unwrap().unwrap();
+        held.release().await;
         let (big, small) = (big.await.unwrap(), small.await.unwrap());
         assert!(big.as_ref().is_err_and(StoreError::is_transient), "{big:?}");
         // The small one (it fits) was not run in the lost transaction, where it would have been
