@@ -85,7 +85,7 @@ impl Publisher {
             msg.routing_key.as_str().into(),
             BasicPublishOptions { mandatory: true, ..Default::default() },
             msg.body.as_bytes(),
-            msg.properties(),
+            crate::envelope::properties(msg),
         );
         // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
         // without a word must not hold the caller forever.
