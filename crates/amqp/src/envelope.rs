@@ -4,9 +4,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use baton_protocol::MAX_BODY_BYTES;
+pub use baton_protocol::{Outgoing, TraceParent};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-pub use baton_protocol::{Outgoing, TraceParent};
 use uuid::Uuid;
 
 /// Header names Baton sets.

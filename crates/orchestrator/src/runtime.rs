@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_health::{Health, Kind, running};
@@ -14,6 +13,7 @@ use baton_protocol::{
     Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
     StepCommand, StepError, StepReply,
 };
+use baton_store::relay::{self, Wake};
 use baton_store::{Db, StoreError, inbox, now_ms, outbox};
 use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
 

@@ -3,10 +3,11 @@
 //!
 //! Owns: opening `<data-dir>/<component>.db` (WAL, migrations by `user_version`), the dedicated
 //! thread that runs every statement off the async workers ([`Db::call`]), the [`inbox`],
-//! [`outbox`] and [`tombstone`] tables, and the relay's view of the outbox
-//! ([`baton_amqp::relay::OutboxStore`]), and what the process can tell of the database's
-//! health ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each component
-//! migrates its own through [`Db::open`]) or the broker.
+//! [`outbox`] and [`tombstone`] tables, the outbox [`relay`] (its loop, and the feed that hands
+//! it the rows of each commit), and what the process can tell of the database's health
+//! ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each
+//! component migrates its own through [`Db::open`]) or AMQP: the relay reaches the broker only
+//! through its [`relay::Publish`] trait, which `baton-amqp` implements.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -14,14 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
-use baton_amqp::Outgoing;
-use baton_amqp::relay::Wake;
+use baton_protocol::Outgoing;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub mod inbox;
 pub mod outbox;
+pub mod relay;
 pub mod tombstone;
+
+use relay::Wake;
 
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
@@ -596,20 +599,6 @@ impl Db {
     }
 }
 
-impl From<StoreError> for baton_amqp::HandleError {
-    /// An outage is held and retried in place; unreadable data can never be handled; any
-    /// other failure goes back to the queue, whose delivery limit stops a message that
-    /// keeps failing.
-    fn from(e: StoreError) -> Self {
-        use baton_amqp::HandleError;
-        match e {
-            e if e.is_transient() => HandleError::Transient(e.to_string()),
-            e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
-            e => HandleError::Retry(e.to_string()),
-        }
-    }
-}
-
 /// The components that keep a database in a data dir (`<data-dir>/<component>.db`).
 pub const COMPONENTS: [&str; 7] =
     ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
@@ -698,14 +687,21 @@ mod tests {
 
     #[tokio::test]
     async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones() {
-        use baton_amqp::Outgoing;
-        use baton_amqp::relay::OutboxStore;
+        use baton_protocol::Outgoing;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.db");
         let a = Db::open_as(&path, &[], "a").unwrap();
         let b = Db::open_as(&path, &[], "b").unwrap();
         let msg = |n: u32| {
-            Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_amqp::TraceParent::new_root(), &n)
+            Outgoing::new(
+                "x",
+                "k",
+                "t",
+                uuid::Uuid::nil(),
+                "test",
+                baton_protocol::TraceParent::new_root(),
+                &n,
+            )
         };
         let (m1, m2) = (msg(1), msg(2));
         a.call(move |c| {
@@ -749,7 +745,7 @@ mod tests {
     async fn a_group_commit_keeps_every_member_but_the_one_that_failed() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
-        let wake = baton_amqp::relay::Wake::default();
+        let wake = relay::Wake::default();
         db.feed(wake.clone());
         // Hold the thread so that the members below queue up and share one transaction.
         let held = hold_thread(&db).await;
@@ -759,13 +755,13 @@ mod tests {
                 async move {
                     db.transaction(move |tx| {
                         tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
-                        let msg = baton_amqp::Outgoing::new(
+                        let msg = baton_protocol::Outgoing::new(
                             "x",
                             "k",
                             "t",
                             uuid::Uuid::nil(),
                             "test",
-                            baton_amqp::TraceParent::new_root(),
+                            baton_protocol::TraceParent::new_root(),
                             &i,
                         );
                         outbox::push(tx, &msg)?;
@@ -843,7 +839,6 @@ mod tests {
         assert!(e.is_transient(), "a full disk is an outage: {e}");
         let why = health.writable().expect_err(&format!("unwritable after {e:?}"));
         assert!(why.contains("full"), "{why}");
-        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Transient(_)));
         db.call(|c| Ok(c.query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))?)).await.unwrap();
         assert!(write(&db).await.is_ok());
         assert_eq!(health.writable(), Ok(()));
@@ -858,7 +853,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!e.is_transient(), "{e}");
-        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Retry(_)));
     }
 
     #[tokio::test]

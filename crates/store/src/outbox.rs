@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use baton_amqp::relay::{BoxError, OutboxStore};
-use baton_amqp::{Outgoing, PublishError};
+use baton_protocol::Outgoing;
 use rusqlite::{Transaction, params};
 
+use crate::relay::PublishError;
 use crate::{Db, StoreError, now_ms};
 
 /// After this many unroutable returns, a row is set aside in `outbox_parked` (kept, with the
@@ -94,8 +94,11 @@ pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
 }
 
-impl OutboxStore for Db {
-    async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
+/// The relay's view of the outbox.
+impl Db {
+    /// Up to `limit` of this instance's rows with a sequence number above `after`, oldest first,
+    /// and those it takes over from other instances (whatever their place).
+    pub(crate) async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, StoreError> {
         let watch = std::sync::Arc::clone(&self.watch);
         let rows = self
             .call(move |c| {
@@ -141,12 +144,13 @@ impl OutboxStore for Db {
             .map(|(seq, json)| {
                 serde_json::from_str(&json)
                     .map(|m| (seq, m))
-                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.to_string() }.into())
+                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.to_string() })
             })
             .collect()
     }
 
-    async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), BoxError> {
+    /// The broker confirmed these rows: delete them.
+    pub(crate) async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         // A member of the group commit: under load it shares the handlers' transaction.
         self.transaction(move |tx| {
             {
@@ -160,11 +164,12 @@ impl OutboxStore for Db {
                 .execute([seqs.len() as i64])?;
             Ok(())
         })
-        .await?;
-        Ok(())
+        .await
     }
 
-    async fn failed(&self, seq: i64, error: PublishError) -> Result<(), BoxError> {
+    /// Publishing this row failed: count the attempt, and set aside (never drop) a row that
+    /// keeps coming back unroutable, so that it does not block the others.
+    pub(crate) async fn failed(&self, seq: i64, error: PublishError) -> Result<(), StoreError> {
         let returned = matches!(error, PublishError::Returned(_));
         let reason = error.to_string();
         self.call(move |c| {
@@ -187,8 +192,7 @@ impl OutboxStore for Db {
             tx.commit()?;
             Ok(())
         })
-        .await?;
-        Ok(())
+        .await
     }
 }
 
@@ -203,7 +207,7 @@ mod tests {
             "records.create",
             uuid::Uuid::new_v4(),
             "records",
-            baton_amqp::TraceParent::new_root(),
+            baton_protocol::TraceParent::new_root(),
             &serde_json::json!({}),
         );
         serde_json::to_string(&msg).unwrap()

@@ -3,6 +3,9 @@
 //! stays and is tried again (after a restart too), so a message is sent at least once; the
 //! receiving inbox makes that exactly-once in effect. When the store fails (a full disk), the
 //! relay says so once, backs off, and goes on once it answers again.
+//!
+//! It publishes through the [`Publish`] trait, which `baton-amqp` implements for its
+//! `Publisher`: this crate knows nothing of AMQP beyond what the relay needs of a broker.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,27 +20,52 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Outgoing, PublishError, Publisher};
+use baton_protocol::Outgoing;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::{Db, StoreError};
 
 /// Messages published and not yet confirmed, at most: the confirm window. It is kept full
 /// across wake-ups: a row committed while earlier ones await their confirms goes out at once.
 pub const WINDOW: usize = 256;
 
-/// How the relay reads and updates an outbox; the storage crate implements it.
-pub trait OutboxStore: Send + Sync + 'static {
-    /// Up to `limit` rows with a sequence number above `after`, oldest first.
-    fn pending(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<(i64, Outgoing)>, BoxError>> + Send;
-    /// The broker confirmed these rows: delete them.
-    fn confirmed(&self, seqs: Vec<i64>) -> impl Future<Output = Result<(), BoxError>> + Send;
-    /// Publishing this row failed. The store counts the attempt, and may set aside (never drop)
-    /// a row that keeps coming back unroutable, so that it does not block the others.
-    fn failed(&self, seq: i64, error: PublishError) -> impl Future<Output = Result<(), BoxError>> + Send;
+/// Why a publish did not count as sent. Every variant leaves the message unsent: the outbox row
+/// stays and is tried again.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum PublishError {
+    /// Counted against the row: after [`crate::outbox::PARK_AFTER`] of these it is set aside.
+    #[error("the broker returned the message as unroutable ({0}): no queue is bound for it")]
+    Returned(String),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    /// The channel cannot be trusted after this: the relay forgets it.
+    #[error("the channel failed before the broker confirmed: {0}")]
+    Channel(String),
+}
+
+/// What the relay needs of a broker: `baton-amqp` implements it for its `Publisher`, the
+/// relay's tests for a fake one.
+pub trait Publish: Send + Sync + 'static {
+    /// The broker's verdict on one published message, still to come: `Ok` only for an ack of
+    /// a routed message.
+    type Confirm: Future<Output = Result<(), PublishError>> + Send + 'static;
+
+    /// Hand `msg` to the broker (persistent, mandatory) without waiting for its confirm.
+    fn publish(&self, msg: &Outgoing) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send;
+
+    /// Whether the connection is up now: while it is down, its loss is the connection owner's
+    /// to report, not every failed row's.
+    fn connected(&self) -> bool;
+
+    /// Changes each time a new connection replaces a lost one: the confirms awaited on the old
+    /// one may never come.
+    fn replaced(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Drop the channel in use, so that the next publish opens a fresh one.
+    fn forget_channel(&self) -> impl Future<Output = ()> + Send;
+
+    /// Called once the broker confirmed a batch, before its rows are deleted (where a test may
+    /// crash the process).
+    fn before_delete(&self) {}
 }
 
 /// Wakes the relay after a commit that added rows, and may hand it those rows; cheap to clone.
@@ -89,7 +117,7 @@ impl Wake {
 }
 
 /// How soon the relay starts over after a row failed: 50 ms, doubling up to 5 s, with jitter.
-/// While the broker is away, connection attempts keep their own schedule in [`crate::Broker`].
+/// While the broker is away, connection attempts keep their own schedule (the broker's owner's).
 pub const RETRY_PACE: ExponentialBuilder = ExponentialBuilder::new()
     .with_min_delay(Duration::from_millis(50))
     .with_max_delay(Duration::from_secs(5))
@@ -104,7 +132,7 @@ type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> +
 /// least every second) from a read of the outbox. A row that fails stays: once the window has
 /// drained, the relay starts over from the oldest row left, after a backoff. Rows left at
 /// shutdown go out at the next start.
-pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, cancel: CancellationToken) {
+pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: CancellationToken) {
     let mut delays = RETRY_PACE.build();
     let mut trouble = StoreTrouble::default();
     // The newest row handed to the broker: every row of this relay at or below it is in flight,
@@ -115,7 +143,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
     // A row failed: publish nothing more until the window drains, then start over.
     let mut failed = false;
     let mut last_read: Option<std::time::Instant> = None;
-    let mut generation = publisher.broker().generation();
+    let mut generation = publisher.replaced();
     generation.borrow_and_update();
     loop {
         if cancel.is_cancelled() {
@@ -141,9 +169,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                     for (seq, msg) in rows {
                         cursor = seq;
                         match publisher.publish(&msg).await {
-                            Ok(confirm) => {
-                                window.push_back(Box::pin(async move { (seq, confirm.wait().await) }))
-                            }
+                            Ok(confirm) => window.push_back(Box::pin(async move { (seq, confirm.await) })),
                             Err(e) => {
                                 note_failure(&store, &publisher, seq, e, &mut trouble).await;
                                 failed = true;
@@ -153,7 +179,7 @@ pub async fn run<S: OutboxStore>(store: S, publisher: Publisher, wake: Wake, can
                     }
                 }
                 Err(e) => {
-                    let wait = trouble.failed("reading the outbox", &*e);
+                    let wait = trouble.failed("reading the outbox", &e);
                     last_read = None;
                     pause(&cancel, wait).await;
                     continue;
@@ -236,7 +262,7 @@ struct StoreTrouble {
 
 impl StoreTrouble {
     /// The store failed at `what`: how long to wait before reading the outbox again.
-    fn failed(&mut self, what: &str, e: &dyn std::error::Error) -> Duration {
+    fn failed(&mut self, what: &str, e: &StoreError) -> Duration {
         if self.since.is_none() {
             self.since = Some(std::time::Instant::now());
             tracing::warn!(error = %e, "{what} failed; the rows stay in the outbox until the store answers again");
@@ -270,9 +296,9 @@ impl StoreTrouble {
 }
 
 /// Delete the confirmed rows of `settled` and record the failures; `false` if any failed.
-async fn settle<S: OutboxStore>(
-    store: &S,
-    publisher: &Publisher,
+async fn settle<P: Publish>(
+    store: &Db,
+    publisher: &P,
     settled: Vec<(i64, Result<(), PublishError>)>,
     trouble: &mut StoreTrouble,
 ) -> bool {
@@ -288,11 +314,11 @@ async fn settle<S: OutboxStore>(
         }
     }
     if !done.is_empty() {
-        crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+        publisher.before_delete();
         match store.confirmed(done.clone()).await {
             Ok(()) => trouble.over(),
             Err(e) => {
-                trouble.failed("deleting confirmed outbox rows", &*e);
+                trouble.failed("deleting confirmed outbox rows", &e);
                 trouble.undeleted = done;
             }
         }
@@ -300,14 +326,14 @@ async fn settle<S: OutboxStore>(
     ok
 }
 
-async fn note_failure<S: OutboxStore>(
-    store: &S,
-    publisher: &Publisher,
+async fn note_failure<P: Publish>(
+    store: &Db,
+    publisher: &P,
     seq: i64,
     e: PublishError,
     trouble: &mut StoreTrouble,
 ) {
-    if publisher.broker().connected() {
+    if publisher.connected() {
         tracing::warn!(seq, error = %e, "outbox row not confirmed; it stays for another try");
     } else {
         // The broker reports its lost connection itself, once; not again at every try.
@@ -318,7 +344,7 @@ async fn note_failure<S: OutboxStore>(
         publisher.forget_channel().await;
     }
     if let Err(e) = store.failed(seq, e).await {
-        trouble.failed("recording an outbox failure", &*e);
+        trouble.failed("recording an outbox failure", &e);
     }
 }
 
