@@ -125,8 +125,7 @@ impl StoreHealth {
 
     /// A group's fate: writable again when it committed and none of its members met an
     /// outage; unwritable, with the reason, when it or one of them did.
-    fn committed(&self, outcome: Result<(), &rusqlite::Error>) {
-        let member = MEMBER_OUTAGE.with(|m| m.borrow_mut().take());
+    fn committed(&self, outcome: Result<(), &rusqlite::Error>, member: MemberOutage) {
         let mut state = self.0.unwritable.lock().expect("store health");
         match (outcome, member) {
             (Ok(()), None) => *state = None,
@@ -146,8 +145,9 @@ enum Job {
 }
 
 /// A member of a group commit: given the shared transaction (or why there is none), it runs
-/// in a savepoint and returns how to tell its caller the group's fate.
-type Member = Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> Finish + Send>;
+/// in a savepoint and returns how to tell its caller the group's fate, and the outage it met.
+type Member =
+    Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> (Finish, MemberOutage) + Send>;
 
 /// Hands a group member its result once the group's fate is known.
 type Finish = Box<dyn FnOnce(Result<(), &Arc<rusqlite::Error>>) + Send>;
@@ -165,6 +165,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 pub struct Db {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
+    /// The instance this process is: its relay publishes the outbox rows written under this name.
+    pub(crate) owner: Arc<str>,
     /// The relay that gets the rows of each committed transaction handed to it.
     feed: Arc<OnceLock<Wake>>,
     /// Other instances' outbox rows this one watches, to take over those left unpublished.
@@ -181,24 +183,37 @@ impl Drop for Stopped {
     }
 }
 
-thread_local! {
-    /// Outbox rows written on this database thread by the transaction running now.
-    static PUSHED: RefCell<Vec<(i64, Outgoing)>> = const { RefCell::new(Vec::new()) };
+/// Why a member of a group failed for an outage, if it did: a full disk can fail a statement
+/// (a page that cannot be allocated) before it fails a commit.
+type MemberOutage = Option<(rusqlite::ffi::Error, String)>;
+
+/// A transaction of [`Db::transaction`]: rusqlite's [`Transaction`], which it derefs to (SQL
+/// reads as usual), and what the store keeps of it: the instance that owns the outbox rows it
+/// adds ([`outbox::push`]), and those rows, handed to the relay once the group committed.
+pub struct Tx<'a> {
+    tx: &'a Transaction<'a>,
+    owner: &'a str,
+    pushed: RefCell<Vec<(i64, Outgoing)>>,
 }
 
-/// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
-pub(crate) fn note_pushed(seq: i64, msg: &Outgoing) {
-    PUSHED.with(|p| p.borrow_mut().push((seq, msg.clone())));
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Transaction<'a> {
+        self.tx
+    }
 }
 
-thread_local! {
-    /// Why a member of the group committing now failed for an outage, if one did: a full disk
-    /// can fail a statement (a page that cannot be allocated) before it fails a commit.
-    static MEMBER_OUTAGE: RefCell<Option<(rusqlite::ffi::Error, String)>> = const { RefCell::new(None) };
-}
+impl Tx<'_> {
+    /// The instance whose relay publishes the outbox rows of this transaction.
+    pub fn owner(&self) -> &str {
+        self.owner
+    }
 
-fn take_pushed() -> Vec<(i64, Outgoing)> {
-    PUSHED.with(|p| std::mem::take(&mut *p.borrow_mut()))
+    /// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
+    pub(crate) fn pushed(&self, seq: i64, msg: &Outgoing) {
+        self.pushed.borrow_mut().push((seq, msg.clone()));
+    }
 }
 
 /// The instance name a process writes its outbox rows under when it has no other.
@@ -312,33 +327,28 @@ fn serve(
             return;
         }
         match job {
-            Job::Alone(f) => {
-                f(&mut conn);
-                // Rows written here reach the relay through its read of the outbox: whether
-                // they were committed is the job's own business.
-                take_pushed();
-            }
+            Job::Alone(f) => f(&mut conn),
             Job::Member(first) => {
-                let mut finishes = Vec::new();
                 let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
                     Ok(tx) => tx,
                     Err(e) => {
-                        health.committed(Err(&e));
+                        health.committed(Err(&e), None);
                         // Nothing ran: this member hears why; the queue goes on.
                         let e = Arc::new(e);
-                        first(Err(Arc::clone(&e)))(Err(&e));
+                        first(Err(Arc::clone(&e))).0(Err(&e));
                         continue;
                     }
                 };
-                finishes.push(in_savepoint(&tx, first));
+                let mut group = Group::default();
+                group.run(&tx, first);
                 // SQLite rolls the whole transaction back by itself on some errors of a
                 // statement (a full disk, I/O): then the group is lost, and no member may run
                 // after it (it would run outside any transaction).
                 let mut lost = tx.is_autocommit();
-                while !lost && finishes.len() < GROUP_MAX {
+                while !lost && group.finishes.len() < GROUP_MAX {
                     match rx.try_recv() {
                         Ok(Job::Member(f)) => {
-                            finishes.push(in_savepoint(&tx, f));
+                            group.run(&tx, f);
                             lost = tx.is_autocommit();
                         }
                         Ok(alone) => {
@@ -350,12 +360,12 @@ fn serve(
                 }
                 let outcome = if lost {
                     drop(tx);
-                    Err(Arc::new(rolled_back()))
+                    Err(Arc::new(rolled_back(group.outage.as_ref())))
                 } else {
                     tx.commit().map_err(Arc::new)
                 };
-                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e));
-                for finish in finishes {
+                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e), group.outage);
+                for finish in group.finishes {
                     finish(outcome.as_ref().map(|_| ()));
                 }
             }
@@ -363,10 +373,28 @@ fn serve(
     }
 }
 
+/// The members of the group committing now: how to tell each one its fate, and the last
+/// outage one of them met.
+#[derive(Default)]
+struct Group {
+    finishes: Vec<Finish>,
+    outage: MemberOutage,
+}
+
+impl Group {
+    fn run(&mut self, tx: &Transaction<'_>, member: Member) {
+        let (finish, outage) = in_savepoint(tx, member);
+        self.finishes.push(finish);
+        if outage.is_some() {
+            self.outage = outage;
+        }
+    }
+}
+
 /// Why a group's transaction is gone when SQLite rolled it back on a member's error: that
-/// error, for every member.
-fn rolled_back() -> rusqlite::Error {
-    let (code, why) = MEMBER_OUTAGE.with(|m| m.borrow().clone()).unwrap_or_else(|| {
+/// error (the outage a member met), for every member.
+fn rolled_back(outage: Option<&(rusqlite::ffi::Error, String)>) -> rusqlite::Error {
+    let (code, why) = outage.cloned().unwrap_or_else(|| {
         (rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT), "a member's statement failed".into())
     });
     rusqlite::Error::SqliteFailure(code, Some(format!("SQLite rolled the group's transaction back ({why})")))
@@ -389,7 +417,7 @@ impl FileId {
     }
 }
 
-fn in_savepoint(tx: &Transaction<'_>, f: Member) -> Finish {
+fn in_savepoint(tx: &Transaction<'_>, f: Member) -> (Finish, MemberOutage) {
     match tx.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])) {
         Ok(_) => f(Ok(tx)),
         // Cannot isolate it: it does not run, and hears why.
@@ -416,16 +444,6 @@ fn upgrade_base(conn: &Connection) -> rusqlite::Result<()> {
              ALTER TABLE outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
         )?;
     }
-    Ok(())
-}
-
-/// Record this connection's instance name where [`outbox::push`] finds it: a per-connection
-/// temporary table, so the many call sites that push in a transaction need not carry it.
-fn set_owner(conn: &Connection, owner: &str) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS baton_self (owner TEXT NOT NULL); DELETE FROM temp.baton_self;",
-    )?;
-    conn.execute("INSERT INTO temp.baton_self (owner) VALUES (?1)", [owner])?;
     Ok(())
 }
 
@@ -479,7 +497,6 @@ impl Db {
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         configure(&conn).map_err(|e| err(e.to_string()))?;
         migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
-        set_owner(&conn, owner).map_err(|e| err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (alive, watch) = mpsc::channel::<()>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
@@ -500,7 +517,14 @@ impl Db {
             .name(format!("ckpt-{name}"))
             .spawn(move || checkpointer(cp_path, watch))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Db { tx, path: path.to_owned(), feed: Arc::default(), watch: Arc::default(), health })
+        Ok(Db {
+            tx,
+            path: path.to_owned(),
+            owner: owner.into(),
+            feed: Arc::default(),
+            watch: Arc::default(),
+            health,
+        })
     }
 
     /// Run `f` on the database thread and return its result.
@@ -527,57 +551,59 @@ impl Db {
     pub async fn transaction<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
         let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
         let feed = Arc::clone(&self.feed);
-        let job =
-            Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| -> Finish {
-                take_pushed();
-                let tx = match tx {
-                    Ok(tx) => tx,
-                    Err(why) => {
-                        let e = StoreError::Commit(why);
-                        return Box::new(move |_| {
-                            let _ = done.send(Err(e));
-                        });
-                    }
-                };
-                let result = f(tx);
-                if let Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) = &result
-                    && e.is_transient()
-                {
-                    MEMBER_OUTAGE.with(|m| *m.borrow_mut() = Some((*code, e.to_string())));
-                }
-                let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
-                let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
-                    if result.is_err() {
-                        tx.prepare_cached("RELEASE member")?.execute([])?;
-                    }
-                    Ok(())
-                });
-                let pushed = take_pushed();
-                match (result, closed) {
-                    (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
-                        if committed.is_ok()
-                            && let Some(wake) = feed.get()
-                        {
-                            wake.hand(pushed);
-                        }
-                        let _ =
-                            done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
-                    }),
-                    (Err(e), _) => Box::new(move |_| {
+        let owner = Arc::clone(&self.owner);
+        let job = Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| {
+            let tx = match tx {
+                Ok(tx) => tx,
+                Err(why) => {
+                    let e = StoreError::Commit(why);
+                    let finish: Finish = Box::new(move |_| {
                         let _ = done.send(Err(e));
-                    }),
-                    (Ok(_), Err(e)) => {
-                        let e = Arc::new(e);
-                        Box::new(move |_| {
-                            let _ = done.send(Err(StoreError::Commit(e)));
-                        })
-                    }
+                    });
+                    return (finish, None);
                 }
-            }));
+            };
+            let member = Tx { tx, owner: &owner, pushed: RefCell::default() };
+            let result = f(&member);
+            let outage = match &result {
+                Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) if e.is_transient() => {
+                    Some((*code, e.to_string()))
+                }
+                _ => None,
+            };
+            let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
+            let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
+                if result.is_err() {
+                    tx.prepare_cached("RELEASE member")?.execute([])?;
+                }
+                Ok(())
+            });
+            let pushed = member.pushed.into_inner();
+            let finish: Finish = match (result, closed) {
+                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
+                    if committed.is_ok()
+                        && let Some(wake) = feed.get()
+                    {
+                        wake.hand(pushed);
+                    }
+                    let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
+                }),
+                (Err(e), _) => Box::new(move |_| {
+                    let _ = done.send(Err(e));
+                }),
+                (Ok(_), Err(e)) => {
+                    let e = Arc::new(e);
+                    Box::new(move |_| {
+                        let _ = done.send(Err(StoreError::Commit(e)));
+                    })
+                }
+            };
+            (finish, outage)
+        }));
         let closed = || StoreError::Closed(self.path.display().to_string());
         self.tx.send(job).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
@@ -658,6 +684,11 @@ mod tests {
 
     const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
 
+    /// A message for the outbox, its body `n`.
+    fn message(n: u32) -> Outgoing {
+        Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_protocol::TraceParent::new_root(), &n)
+    }
+
     #[tokio::test]
     async fn opens_migrates_once_and_runs_jobs_off_the_runtime() {
         let dir = tempfile::tempdir().unwrap();
@@ -687,39 +718,12 @@ mod tests {
 
     #[tokio::test]
     async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones() {
-        use baton_protocol::Outgoing;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.db");
         let a = Db::open_as(&path, &[], "a").unwrap();
         let b = Db::open_as(&path, &[], "b").unwrap();
-        let msg = |n: u32| {
-            Outgoing::new(
-                "x",
-                "k",
-                "t",
-                uuid::Uuid::nil(),
-                "test",
-                baton_protocol::TraceParent::new_root(),
-                &n,
-            )
-        };
-        let (m1, m2) = (msg(1), msg(2));
-        a.call(move |c| {
-            let tx = c.transaction()?;
-            outbox::push(&tx, &m1)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-        b.call(move |c| {
-            let tx = c.transaction()?;
-            outbox::push(&tx, &m2)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        a.transaction(|tx| outbox::push(tx, &message(1))).await.unwrap();
+        b.transaction(|tx| outbox::push(tx, &message(2))).await.unwrap();
         let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
         b.take_over_after(Duration::from_millis(100));
         assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
@@ -735,10 +739,6 @@ mod tests {
             assert!(watched.elapsed() < Duration::from_secs(5), "taken over within the delay");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // A connection without an instance name cannot push (it would lose the message).
-        let mut raw = rusqlite::Connection::open(&path).unwrap();
-        let tx = raw.transaction().unwrap();
-        assert!(outbox::push(&tx, &msg(3)).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,16 +755,7 @@ mod tests {
                 async move {
                     db.transaction(move |tx| {
                         tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
-                        let msg = baton_protocol::Outgoing::new(
-                            "x",
-                            "k",
-                            "t",
-                            uuid::Uuid::nil(),
-                            "test",
-                            baton_protocol::TraceParent::new_root(),
-                            &i,
-                        );
-                        outbox::push(tx, &msg)?;
+                        outbox::push(tx, &message(i))?;
                         if i == 7 {
                             return Err(StoreError::Corrupt {
                                 table: "things",

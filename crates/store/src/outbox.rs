@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use baton_protocol::Outgoing;
-use rusqlite::{Transaction, params};
+use rusqlite::params;
 
 use crate::relay::PublishError;
-use crate::{Db, StoreError, now_ms};
+use crate::{Db, StoreError, Tx, now_ms};
 
 /// After this many unroutable returns, a row is set aside in `outbox_parked` (kept, with the
 /// reason) so that it stops holding up the rest.
@@ -65,22 +65,12 @@ impl Db {
     }
 }
 
-/// Add a message to the outbox, in the caller's transaction.
-pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
+/// Add a message to the outbox, in the caller's transaction, for this instance's relay.
+pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     let json = serde_json::to_string(msg).expect("outgoing messages serialise");
-    let added = tx
-        .prepare_cached(
-            "INSERT INTO outbox (message, owner, created_at) SELECT ?1, owner, ?2 FROM temp.baton_self",
-        )?
-        .execute(params![json, now_ms()])?;
-    if added != 1 {
-        // Only a connection opened by `Db::open` knows its instance; never lose the message.
-        return Err(StoreError::Corrupt {
-            table: "outbox",
-            cause: "this connection has no instance name".into(),
-        });
-    }
-    crate::note_pushed(tx.last_insert_rowid(), msg);
+    tx.prepare_cached("INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![json, tx.owner(), now_ms()])?;
+    tx.pushed(tx.last_insert_rowid(), msg);
     Ok(())
 }
 
@@ -100,15 +90,13 @@ impl Db {
     /// and those it takes over from other instances (whatever their place).
     pub(crate) async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, StoreError> {
         let watch = std::sync::Arc::clone(&self.watch);
+        let me = std::sync::Arc::clone(&self.owner);
         let rows = self
             .call(move |c| {
                 // Other instances' oldest rows, each watched until it moves or the lease is up.
                 let oldest: Vec<(String, i64)> = c
-                    .prepare_cached(
-                        "SELECT owner, MIN(seq) FROM outbox WHERE owner <> (SELECT owner FROM temp.baton_self)
-                         GROUP BY owner",
-                    )?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .prepare_cached("SELECT owner, MIN(seq) FROM outbox WHERE owner <> ?1 GROUP BY owner")?
+                    .query_map([&*me], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
                 let stuck = watch.lock().expect("outbox watch").stuck(oldest, Instant::now());
                 let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
@@ -117,10 +105,9 @@ impl Db {
                 for owner in stuck {
                     let taken = c
                         .prepare_cached(
-                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE owner = ?1
-                             RETURNING seq, message",
+                            "UPDATE outbox SET owner = ?2 WHERE owner = ?1 RETURNING seq, message",
                         )?
-                        .query_map([&owner], row)?
+                        .query_map([&*owner, &*me], row)?
                         .collect::<Result<Vec<_>, _>>()?;
                     tracing::warn!(
                         rows = taken.len(),
@@ -130,11 +117,10 @@ impl Db {
                     rows.extend(taken);
                 }
                 let mut stmt = c.prepare_cached(
-                    "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
-                     AND seq > ?1 ORDER BY seq LIMIT ?2",
+                    "SELECT seq, message FROM outbox WHERE owner = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
                 )?;
                 let room = limit.saturating_sub(rows.len()).max(1) as i64;
-                rows.extend(stmt.query_map(params![after, room], row)?.collect::<Result<Vec<_>, _>>()?);
+                rows.extend(stmt.query_map(params![after, room, &*me], row)?.collect::<Result<Vec<_>, _>>()?);
                 rows.sort_by_key(|(seq, _)| *seq);
                 rows.dedup_by_key(|(seq, _)| *seq);
                 Ok(rows)
