@@ -685,7 +685,7 @@ mod tests {
     const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
 
     /// A message for the outbox, its body `n`.
-    fn message(n: u32) -> Outgoing {
+    pub(crate) fn message(n: u32) -> Outgoing {
         Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_protocol::TraceParent::new_root(), &n)
     }
 

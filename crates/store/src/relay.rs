@@ -10,9 +10,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -126,53 +126,140 @@ pub const RETRY_PACE: ExponentialBuilder = ExponentialBuilder::new()
 
 type Confirming = Pin<Box<dyn Future<Output = (i64, Result<(), PublishError>)> + Send>>;
 
+/// Where the relay stands between two passes of its loop. Its methods decide what comes next;
+/// the loop does the I/O.
+struct Position {
+    /// The newest row handed to the broker: every row of this relay at or below it is in
+    /// flight, confirmed or failed (one writer per database, so rows commit in sequence order).
+    /// Back to 0 to start over from the oldest row left.
+    cursor: i64,
+    /// A row failed: publish nothing more until the window drains, then start over.
+    failed: bool,
+    /// When the outbox was last read; `None` has the next pass read it.
+    last_read: Option<Instant>,
+    /// The pause before each start-over in a row of failures.
+    pace: ExponentialBuilder,
+    delays: ExponentialBackoff,
+}
+
+/// Where the next rows to publish come from.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// The feed's rows, which continue exactly where the relay stands.
+    Fed(Vec<(i64, Outgoing)>),
+    /// A read of the outbox: up to `limit` rows above `after`.
+    Read { after: i64, limit: usize },
+}
+
+impl Position {
+    fn new(pace: ExponentialBuilder) -> Self {
+        Position { cursor: 0, failed: false, last_read: None, pace, delays: pace.build() }
+    }
+
+    /// Whether to publish more, with `in_flight` rows awaiting their confirms.
+    fn may_publish(&self, in_flight: usize) -> bool {
+        !self.failed && in_flight < WINDOW
+    }
+
+    /// Where to take up to `room` rows from, given what the feed holds at `now`. The feed is
+    /// used only when it continues exactly where the relay stands (then no row can be missing
+    /// in between) and the outbox was read within [`READ_AT_LEAST_EVERY`]; otherwise the
+    /// outbox is read, and that read counts from `now`.
+    fn next(&mut self, mut fed: Vec<(i64, Outgoing)>, room: usize, now: Instant) -> Next {
+        fed.retain(|(seq, _)| *seq > self.cursor);
+        let follows =
+            fed.len() <= room && fed.iter().zip(self.cursor + 1..).all(|((seq, _), next)| *seq == next);
+        let fresh = self.last_read.is_some_and(|t| now.saturating_duration_since(t) < READ_AT_LEAST_EVERY);
+        if self.cursor != 0 && follows && fresh {
+            Next::Fed(fed)
+        } else {
+            self.last_read = Some(now);
+            Next::Read { after: self.cursor, limit: room }
+        }
+    }
+
+    /// Row `seq` was handed to the broker.
+    fn sent(&mut self, seq: i64) {
+        self.cursor = seq;
+    }
+
+    /// A publish or its confirm failed.
+    fn fail(&mut self) {
+        self.failed = true;
+    }
+
+    /// A batch of confirms was settled, `ok` if none of them failed.
+    fn settled(&mut self, ok: bool) {
+        self.failed |= !ok;
+        if !self.failed {
+            self.delays = self.pace.build();
+        }
+    }
+
+    /// With the window drained: after a failure, start over from the oldest row left (the
+    /// failed one among them) after the returned pause.
+    fn start_over(&mut self) -> Option<Duration> {
+        if !self.failed {
+            return None;
+        }
+        self.cursor = 0;
+        self.failed = false;
+        Some(self.delays.next().unwrap_or(Duration::from_secs(5)))
+    }
+
+    /// Read the outbox at the next pass (it could not be read, or the relay idled).
+    fn reread(&mut self) {
+        self.last_read = None;
+    }
+
+    /// A new connection replaced the lost one: the confirms still awaited may never come, so
+    /// the rows they are for go out again, from the oldest.
+    fn reconnected(&mut self) {
+        self.cursor = 0;
+        self.last_read = None;
+    }
+}
+
 /// Run the relay until `cancel`. Rows are published in order on one confirm-mode channel with
 /// up to [`WINDOW`] unconfirmed; each is deleted once confirmed, in batches. Rows come from the
 /// feed ([`Wake::hand`]) when it continues exactly where the relay stands, and otherwise (and at
 /// least every second) from a read of the outbox. A row that fails stays: once the window has
-/// drained, the relay starts over from the oldest row left, after a backoff. Rows left at
-/// shutdown go out at the next start.
+/// drained, the relay starts over from the oldest row left, after a backoff ([`RETRY_PACE`]).
+/// Rows left at shutdown go out at the next start.
 pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: CancellationToken) {
-    let mut delays = RETRY_PACE.build();
+    relay(store, publisher, wake, cancel, RETRY_PACE).await
+}
+
+async fn relay<P: Publish>(
+    store: Db,
+    publisher: P,
+    wake: Wake,
+    cancel: CancellationToken,
+    pace: ExponentialBuilder,
+) {
+    let mut at = Position::new(pace);
     let mut trouble = StoreTrouble::default();
-    // The newest row handed to the broker: every row of this relay at or below it is in flight,
-    // confirmed or failed (one writer per database, so rows commit in sequence order). It goes
-    // back to 0 after a failure, to start over from the oldest row left.
-    let mut cursor = 0i64;
     let mut window: FuturesOrdered<Confirming> = FuturesOrdered::new();
-    // A row failed: publish nothing more until the window drains, then start over.
-    let mut failed = false;
-    let mut last_read: Option<std::time::Instant> = None;
     let mut generation = publisher.replaced();
     generation.borrow_and_update();
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        if !failed && window.len() < WINDOW {
-            let room = WINDOW - window.len();
-            let mut fed = wake.take_fed();
-            fed.retain(|(seq, _)| *seq > cursor);
-            // The feed is used only when it continues exactly where the relay stands: then no
-            // row can be missing in between. Otherwise, and now and then, read the outbox.
-            let follows =
-                fed.len() <= room && fed.iter().zip(cursor + 1..).all(|((seq, _), next)| *seq == next);
-            let fresh = last_read.is_some_and(|t| t.elapsed() < READ_AT_LEAST_EVERY);
-            let rows = if cursor != 0 && follows && fresh {
-                Ok(fed)
-            } else {
-                last_read = Some(std::time::Instant::now());
-                store.pending(cursor, room).await
+        if at.may_publish(window.len()) {
+            let rows = match at.next(wake.take_fed(), WINDOW - window.len(), Instant::now()) {
+                Next::Fed(rows) => Ok(rows),
+                Next::Read { after, limit } => store.pending(after, limit).await,
             };
             match rows {
                 Ok(rows) => {
                     for (seq, msg) in rows {
-                        cursor = seq;
+                        at.sent(seq);
                         match publisher.publish(&msg).await {
                             Ok(confirm) => window.push_back(Box::pin(async move { (seq, confirm.await) })),
                             Err(e) => {
                                 note_failure(&store, &publisher, seq, e, &mut trouble).await;
-                                failed = true;
+                                at.fail();
                                 break;
                             }
                         }
@@ -180,7 +267,7 @@ pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: Cancel
                 }
                 Err(e) => {
                     let wait = trouble.failed("reading the outbox", &e);
-                    last_read = None;
+                    at.reread();
                     pause(&cancel, wait).await;
                     continue;
                 }
@@ -196,18 +283,15 @@ pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: Cancel
                 settle(&store, &publisher, Vec::new(), &mut trouble).await;
                 continue;
             }
-            if failed {
-                // Start over from the oldest row left, which includes the one that failed.
-                cursor = 0;
-                failed = false;
-                pause(&cancel, delays.next().unwrap_or(Duration::from_secs(5))).await;
+            if let Some(wait) = at.start_over() {
+                pause(&cancel, wait).await;
                 continue;
             }
             tokio::select! {
                 _ = wake.0.notify.notified() => {}
                 _ = cancel.cancelled() => break,
                 // A safety net only; commits wake the relay. The next pass reads the outbox.
-                _ = tokio::time::sleep(Duration::from_secs(5)) => last_read = None,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => at.reread(),
             }
             continue;
         }
@@ -218,21 +302,18 @@ pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: Cancel
                 while let Some(Some(more)) = window.next().now_or_never() {
                     settled.push(more);
                 }
-                failed |= !settle(&store, &publisher, settled, &mut trouble).await;
-                if !failed {
-                    delays = RETRY_PACE.build();
-                }
+                at.settled(settle(&store, &publisher, settled, &mut trouble).await);
             }
-            _ = wake.0.notify.notified(), if !failed && window.len() < WINDOW => {}
+            _ = wake.0.notify.notified(), if at.may_publish(window.len()) => {}
             Ok(()) = generation.changed() => {
                 // The connection went down and came back: the confirms still awaited may never
-                // come. Count them as failed now rather than after CONFIRM_TIMEOUT: the rows stay
-                // and go out again on a fresh channel (receivers drop any double).
+                // come. Count them as failed now rather than after the publisher's confirm
+                // timeout: the rows stay and go out again on a fresh channel (receivers drop
+                // any double).
                 tracing::warn!(in_flight = window.len(), "connection back; publishing the unconfirmed rows again");
                 window = FuturesOrdered::new();
                 publisher.forget_channel().await;
-                cursor = 0;
-                last_read = None;
+                at.reconnected();
             }
             _ = cancel.cancelled() => break,
         }
@@ -254,7 +335,7 @@ pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: Cancel
 /// (INFO) when it is over, waited out with a growing pause in between.
 #[derive(Default)]
 struct StoreTrouble {
-    since: Option<std::time::Instant>,
+    since: Option<Instant>,
     waits: Option<backon::ExponentialBackoff>,
     /// Rows the broker confirmed whose delete failed: deleted again later.
     undeleted: Vec<i64>,
@@ -264,7 +345,7 @@ impl StoreTrouble {
     /// The store failed at `what`: how long to wait before reading the outbox again.
     fn failed(&mut self, what: &str, e: &StoreError) -> Duration {
         if self.since.is_none() {
-            self.since = Some(std::time::Instant::now());
+            self.since = Some(Instant::now());
             tracing::warn!(error = %e, "{what} failed; the rows stay in the outbox until the store answers again");
         } else {
             tracing::debug!(error = %e, "{what} failed again");
@@ -352,5 +433,313 @@ async fn pause(cancel: &CancellationToken, d: Duration) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
         _ = cancel.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::future::{self, BoxFuture};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::outbox::{self, PARK_AFTER};
+    use crate::tests::message;
+
+    /// What the fake broker answers to the `nth` publish (from 1) of the message whose body is `n`.
+    type Verdicts = dyn Fn(u32, usize) -> Verdict + Send + Sync;
+
+    #[derive(Clone, Copy)]
+    enum Verdict {
+        Ack,
+        Nack,
+        Return,
+        /// No confirm ever comes (the connection went away with it).
+        Never,
+    }
+
+    /// A broker that answers each publish as `verdicts` says, and remembers every publish.
+    #[derive(Clone)]
+    struct FakeBroker(Arc<Fake>);
+
+    struct Fake {
+        verdicts: Box<Verdicts>,
+        /// The bodies published, in order, a message published twice showing twice.
+        published: Mutex<Vec<u32>>,
+        generation: watch::Sender<u64>,
+        forgotten: AtomicUsize,
+    }
+
+    impl FakeBroker {
+        fn new(verdicts: impl Fn(u32, usize) -> Verdict + Send + Sync + 'static) -> Self {
+            FakeBroker(Arc::new(Fake {
+                verdicts: Box::new(verdicts),
+                published: Mutex::default(),
+                generation: watch::Sender::new(0),
+                forgotten: AtomicUsize::new(0),
+            }))
+        }
+
+        fn published(&self) -> Vec<u32> {
+            self.0.published.lock().unwrap().clone()
+        }
+
+        /// How many times each body was published.
+        fn times(&self) -> HashMap<u32, usize> {
+            self.published().into_iter().fold(HashMap::new(), |mut m, n| {
+                *m.entry(n).or_default() += 1;
+                m
+            })
+        }
+
+        /// The connection was lost and a new one replaced it.
+        fn reconnect(&self) {
+            self.0.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    impl Publish for FakeBroker {
+        type Confirm = BoxFuture<'static, Result<(), PublishError>>;
+
+        async fn publish(&self, msg: &Outgoing) -> Result<Self::Confirm, PublishError> {
+            let n: u32 = msg.body.parse().expect("a test message");
+            let nth = {
+                let mut published = self.0.published.lock().unwrap();
+                published.push(n);
+                published.iter().filter(|m| **m == n).count()
+            };
+            Ok(match (self.0.verdicts)(n, nth) {
+                Verdict::Ack => Box::pin(future::ready(Ok(()))),
+                Verdict::Nack => Box::pin(future::ready(Err(PublishError::Nacked))),
+                Verdict::Return => {
+                    Box::pin(future::ready(Err(PublishError::Returned("312 NO_ROUTE".into()))))
+                }
+                Verdict::Never => Box::pin(future::pending()),
+            })
+        }
+
+        fn connected(&self) -> bool {
+            true
+        }
+
+        fn replaced(&self) -> watch::Receiver<u64> {
+            self.0.generation.subscribe()
+        }
+
+        async fn forget_channel(&self) {
+            self.0.forgotten.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Start-overs within milliseconds, so that a row failing ten times takes no test long.
+    const QUICK: ExponentialBuilder = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(10))
+        .without_max_times();
+
+    /// A relay of `db` publishing to `broker`, stopped (and awaited) when dropped.
+    struct Running {
+        wake: Wake,
+        cancel: CancellationToken,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Running {
+        fn start(db: &Db, broker: &FakeBroker) -> Running {
+            let wake = Wake::default();
+            db.feed(wake.clone());
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(relay(db.clone(), broker.clone(), wake.clone(), cancel.clone(), QUICK));
+            Running { wake, cancel, task: Some(task) }
+        }
+
+        async fn stop(mut self) {
+            self.cancel.cancel();
+            let task = self.task.take().expect("running");
+            tokio::time::timeout(Duration::from_secs(5), task).await.expect("the relay stops").unwrap();
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.cancel.cancel();
+        }
+    }
+
+    /// A relay of instance `a` of a fresh database, publishing to a broker that answers as
+    /// `verdicts` says.
+    fn relay_to(
+        verdicts: impl Fn(u32, usize) -> Verdict + Send + Sync + 'static,
+    ) -> (tempfile::TempDir, Db, FakeBroker, Running) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir, "a");
+        let broker = FakeBroker::new(verdicts);
+        let relay = Running::start(&db, &broker);
+        (dir, db, broker, relay)
+    }
+
+    fn open(dir: &tempfile::TempDir, owner: &str) -> Db {
+        Db::open_as(&dir.path().join("relay.db"), &[], owner).unwrap()
+    }
+
+    /// Commit messages `bodies` to the outbox, in one transaction.
+    async fn push(db: &Db, bodies: impl IntoIterator<Item = u32> + Send + 'static) {
+        db.transaction(move |tx| bodies.into_iter().try_for_each(|n| outbox::push(tx, &message(n))))
+            .await
+            .unwrap();
+    }
+
+    /// The outbox's rows, the parked ones, and the messages counted as published.
+    async fn counts(db: &Db) -> (i64, i64, i64) {
+        db.call(|c| {
+            let parked = c.query_row("SELECT COUNT(*) FROM outbox_parked", [], |r| r.get(0))?;
+            Ok((outbox::len(c)?, parked, outbox::published(c)?))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Wait, at most 10 s, until `done` says so.
+    async fn until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        let started = Instant::now();
+        while !done().await {
+            assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn drained(db: &Db) {
+        until("the outbox to drain", || async { counts(db).await.0 == 0 }).await;
+    }
+
+    #[tokio::test]
+    async fn confirmed_rows_go_out_in_order_and_are_deleted_and_counted() {
+        let (_dir, db, broker, relay) = relay_to(|_, _| Verdict::Ack);
+        push(&db, 0..5).await;
+        push(&db, 5..8).await;
+        drained(&db).await;
+        assert_eq!(broker.published(), (0..8).collect::<Vec<_>>());
+        assert_eq!(counts(&db).await, (0, 0, 8));
+        relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_nacked_row_stays_and_goes_out_again_without_counting_against_it() {
+        let (_dir, db, broker, relay) =
+            relay_to(|n, nth| if n == 1 && nth == 1 { Verdict::Nack } else { Verdict::Ack });
+        push(&db, 0..3).await;
+        drained(&db).await;
+        assert_eq!(broker.times(), HashMap::from([(0, 1), (1, 2), (2, 1)]));
+        assert_eq!(counts(&db).await, (0, 0, 3));
+        relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_returned_row_is_tried_again_and_parked_after_park_after_returns() {
+        let (_dir, db, broker, relay) = relay_to(|n, _| if n == 1 { Verdict::Return } else { Verdict::Ack });
+        push(&db, 0..3).await;
+        drained(&db).await;
+        let times = broker.times();
+        assert_eq!(times[&1], PARK_AFTER as usize, "{times:?}");
+        assert_eq!((times[&0], times[&2]), (1, 1), "the others went out once: {times:?}");
+        assert_eq!(counts(&db).await, (0, 1, 2), "parked, not published");
+        let reason: String = db
+            .call(|c| Ok(c.query_row("SELECT reason FROM outbox_parked", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert!(reason.contains("unroutable"), "{reason}");
+        relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_has_the_unconfirmed_rows_published_again_on_a_fresh_channel() {
+        // The first connection loses every confirm.
+        let (_dir, db, broker, relay) =
+            relay_to(|_, nth| if nth == 1 { Verdict::Never } else { Verdict::Ack });
+        push(&db, 0..3).await;
+        until("three publishes", || async { broker.published().len() == 3 }).await;
+        assert_eq!(counts(&db).await.0, 3, "unconfirmed rows stay");
+        broker.reconnect();
+        drained(&db).await;
+        assert_eq!(broker.published(), vec![0, 1, 2, 0, 1, 2]);
+        assert!(broker.0.forgotten.load(Ordering::SeqCst) >= 1, "the old channel is let go");
+        assert_eq!(counts(&db).await, (0, 0, 3));
+        relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn rows_another_instance_left_unpublished_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = open(&dir, "b");
+        push(&gone, [7, 8]).await;
+        drop(gone);
+        let db = open(&dir, "a");
+        db.take_over_after(Duration::from_millis(100));
+        let broker = FakeBroker::new(|_, _| Verdict::Ack);
+        let relay = Running::start(&db, &broker);
+        push(&db, [1]).await;
+        // Its own row at once; the other instance's once watched for the lease.
+        until("the other instance's rows", || async {
+            relay.wake.wake();
+            broker.published().len() == 3
+        })
+        .await;
+        assert_eq!(broker.published()[0], 1, "{:?}", broker.published());
+        drained(&db).await;
+        assert_eq!(broker.times(), HashMap::from([(1, 1), (7, 1), (8, 1)]));
+        relay.stop().await;
+    }
+
+    /// A row of the feed (every one holds the same message: only the sequence numbers matter).
+    fn row(seq: i64) -> (i64, Outgoing) {
+        static MESSAGE: std::sync::OnceLock<Outgoing> = std::sync::OnceLock::new();
+        (seq, MESSAGE.get_or_init(|| message(0)).clone())
+    }
+
+    #[test]
+    fn the_feed_is_used_only_when_it_follows_the_cursor_and_the_outbox_was_read_within_a_second() {
+        let mut at = Position::new(QUICK);
+        let t0 = Instant::now();
+        assert_eq!(at.next(vec![row(1)], 10, t0), Next::Read { after: 0, limit: 10 }, "first a read");
+        at.sent(3);
+        assert_eq!(
+            at.next(vec![row(2), row(3), row(4)], 10, t0),
+            Next::Fed(vec![row(4)]),
+            "sent rows dropped"
+        );
+        at.sent(4);
+        assert_eq!(at.next(vec![row(6)], 10, t0), Next::Read { after: 4, limit: 10 }, "a gap");
+        assert_eq!(at.next(vec![row(5), row(6)], 1, t0), Next::Read { after: 4, limit: 1 }, "no room");
+        let later = t0 + READ_AT_LEAST_EVERY;
+        assert_eq!(at.next(vec![row(5)], 10, later), Next::Read { after: 4, limit: 10 }, "a second on");
+        assert_eq!(at.next(vec![row(5)], 10, later), Next::Fed(vec![row(5)]), "that read counts");
+        at.reread();
+        assert_eq!(at.next(Vec::new(), 10, later), Next::Read { after: 4, limit: 10 }, "asked to read");
+    }
+
+    #[test]
+    fn a_failure_stops_publishing_until_the_window_drains_then_starts_over_from_the_oldest_row() {
+        let mut at = Position::new(QUICK);
+        let t0 = Instant::now();
+        at.next(Vec::new(), WINDOW, t0);
+        at.sent(5);
+        assert!(at.may_publish(WINDOW - 1) && !at.may_publish(WINDOW), "the window is the bound");
+        assert_eq!(at.start_over(), None, "nothing failed");
+        at.settled(false);
+        assert!(!at.may_publish(0));
+        let pause = at.start_over().expect("a failure starts over");
+        assert!(pause <= Duration::from_millis(10), "{pause:?}");
+        assert!(at.may_publish(0));
+        assert_eq!(at.next(vec![row(6)], 10, t0), Next::Read { after: 0, limit: 10 }, "from the oldest");
+        at.sent(9);
+        at.reconnected();
+        assert_eq!(
+            at.next(vec![row(10)], 10, t0),
+            Next::Read { after: 0, limit: 10 },
+            "again after a new connection"
+        );
     }
 }
