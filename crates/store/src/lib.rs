@@ -228,6 +228,9 @@ const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         message TEXT NOT NULL,
+        -- The instance whose relay publishes the row (instances of a component share the file).
+        owner TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error TEXT
     );
@@ -425,34 +428,28 @@ fn in_savepoint(tx: &Transaction<'_>, f: Member) -> (Finish, MemberOutage) {
     }
 }
 
-/// Columns added to the base tables after their first release, applied where missing (the
-/// numbered migrations of the components come after the base ones, so the base list cannot
-/// grow without renumbering theirs).
-fn upgrade_base(conn: &Connection) -> rusqlite::Result<()> {
-    let has = |col: &str| -> rusqlite::Result<bool> {
-        conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?1)",
-            [col],
-            |r| r.get(0),
-        )
-    };
-    if !has("owner")? {
-        // Which instance's relay publishes the row (competing instances share the database);
-        // rows from before the column existed belong to nobody, so the first relay takes them.
-        conn.execute_batch(
-            "ALTER TABLE outbox ADD COLUMN owner TEXT NOT NULL DEFAULT '';
-             ALTER TABLE outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
-        )?;
-    }
-    Ok(())
-}
-
-fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
+/// Apply the migrations `conn` lacks; the error says why it cannot be opened.
+fn migrate(conn: &mut Connection, component: &[&str]) -> Result<(), String> {
     let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
     // Immediate: it writes after reading, and a deferred one could not wait for another
     // instance migrating the same file (the upgrade to a write lock fails at once).
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let done: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+    let done = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map_err(|e| e.to_string())?;
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > all.len() {
+        // Its tables are not the ones this build knows: reading or writing them could lose data.
+        return Err(format!(
+            "its schema is at version {done}, this build knows {} versions: it was written by another \
+             build of Baton; run that build, or start this one on an empty data dir",
+            all.len()
+        ));
+    }
+    apply_missing(&tx, &all, done).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
+
+/// Apply `all` but the first `done`, and record the version.
+fn apply_missing(tx: &Transaction<'_>, all: &[&str], done: usize) -> rusqlite::Result<()> {
     for (i, sql) in all.iter().enumerate().skip(done) {
         tracing::debug!(migration = i + 1, "applying migration");
         tx.execute_batch(sql)?;
@@ -462,8 +459,7 @@ fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
     if done != all.len() {
         tx.pragma_update(None, "user_version", all.len() as i64)?;
     }
-    upgrade_base(&tx)?;
-    tx.commit()
+    Ok(())
 }
 
 impl Db {
@@ -496,7 +492,7 @@ impl Db {
         }
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         configure(&conn).map_err(|e| err(e.to_string()))?;
-        migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
+        migrate(&mut conn, migrations).map_err(err)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (alive, watch) = mpsc::channel::<()>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
@@ -714,6 +710,15 @@ mod tests {
         assert_eq!(mode, "wal");
         let ro = open_read_only(&path).unwrap();
         assert!(ro.execute("INSERT INTO things (name) VALUES ('b')", []).is_err(), "read-only");
+    }
+
+    #[test]
+    fn a_database_of_a_build_with_more_migrations_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.db");
+        drop(Db::open(&path, EXTRA).unwrap());
+        let Err(e) = Db::open(&path, &[]) else { panic!("opened a database of another build") };
+        assert!(e.to_string().contains("schema is at version 2, this build knows 1"), "{e}");
     }
 
     #[tokio::test]
