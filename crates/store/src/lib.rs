@@ -206,7 +206,7 @@ impl<'a> std::ops::Deref for Tx<'a> {
 
 impl Tx<'_> {
     /// The instance whose relay publishes the outbox rows of this transaction.
-    pub fn owner(&self) -> &str {
+    pub(crate) fn owner(&self) -> &str {
         self.owner
     }
 
