@@ -40,6 +40,20 @@ pub enum HandleError {
     Transient(String),
 }
 
+impl From<baton_store::StoreError> for HandleError {
+    /// An outage is held and retried in place; unreadable data can never be handled; any
+    /// other failure goes back to the queue, whose delivery limit stops a message that
+    /// keeps failing.
+    fn from(e: baton_store::StoreError) -> Self {
+        use baton_store::StoreError;
+        match e {
+            e if e.is_transient() => HandleError::Transient(e.to_string()),
+            e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
+            e => HandleError::Retry(e.to_string()),
+        }
+    }
+}
+
 /// Which queue to consume, and how many unacked deliveries to hold at once.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -496,5 +510,16 @@ mod tests {
         .await;
         assert!(matches!(result, Some(Err(HandleError::Retry(_)))));
         assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_store_outage_is_held_unreadable_data_rejected_and_the_rest_retried() {
+        use baton_store::StoreError;
+        let closed = HandleError::from(StoreError::Closed("records.db".into()));
+        assert!(matches!(closed, HandleError::Transient(_)), "{closed:?}");
+        let corrupt = HandleError::from(StoreError::Corrupt { table: "inbox", cause: "bad json".into() });
+        assert!(matches!(corrupt, HandleError::Reject(_)), "{corrupt:?}");
+        let open = HandleError::from(StoreError::Open { path: "x.db".into(), cause: "denied".into() });
+        assert!(matches!(open, HandleError::Retry(_)), "{open:?}");
     }
 }

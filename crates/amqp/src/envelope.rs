@@ -1,12 +1,12 @@
-//! The envelope of the design, built in exactly one place ([`Outgoing::properties`]) and checked
-//! in exactly one place ([`Envelope::from_delivery`]).
+//! The envelope of the design, built in exactly one place ([`properties`], from an [`Outgoing`]
+//! message) and checked in exactly one place ([`Envelope::from_delivery`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use baton_protocol::MAX_BODY_BYTES;
+pub use baton_protocol::{Outgoing, TraceParent};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Header names Baton sets.
@@ -20,120 +20,27 @@ pub mod headers {
     pub const DEAD_QUEUE: &str = "x-baton-dead-queue";
 }
 
-/// A W3C `traceparent`: the trace of the client request and the id of the current hop.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TraceParent(pub String);
-
-impl TraceParent {
-    /// A new trace, for a request that starts here.
-    pub fn new_root() -> Self {
-        let trace = Uuid::new_v4().simple().to_string();
-        let span = &Uuid::new_v4().simple().to_string()[..16];
-        TraceParent(format!("00-{trace}-{span}-01"))
+/// The AMQP properties of the design for `msg`: persistent, JSON, ids, sender, time, trace.
+pub(crate) fn properties(msg: &Outgoing) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(msg.traceparent.0.as_str().into()));
+    h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(msg.attempt)));
+    if let Some(mode) = &msg.mode {
+        h.insert(headers::MODE.into(), AMQPValue::LongString(mode.as_str().into()));
     }
-
-    /// The same trace, a new hop.
-    pub fn child(&self) -> Self {
-        let parts: Vec<&str> = self.0.split('-').collect();
-        match parts.as_slice() {
-            [v, trace, _, flags] if trace.len() == 32 => {
-                let span = &Uuid::new_v4().simple().to_string()[..16];
-                TraceParent(format!("{v}-{trace}-{span}-{flags}"))
-            }
-            _ => TraceParent::new_root(),
-        }
+    let mut p = BasicProperties::default()
+        .with_message_id(msg.message_id.to_string().into())
+        .with_correlation_id(msg.correlation_id.to_string().into())
+        .with_type(msg.kind.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+        .with_app_id(msg.app_id.as_str().into())
+        .with_headers(h);
+    if let Some(r) = &msg.reply_to {
+        p = p.with_reply_to(r.as_str().into());
     }
-
-    /// The trace id, for logs.
-    pub fn trace_id(&self) -> &str {
-        self.0.split('-').nth(1).unwrap_or("")
-    }
-}
-
-/// A message on its way out: everything needed to publish it, serialisable so that it can wait in
-/// an outbox row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outgoing {
-    pub exchange: String,
-    pub routing_key: String,
-    /// The AMQP `type` property: `records.create`, `space.created`, ...
-    pub kind: String,
-    pub message_id: Uuid,
-    pub correlation_id: Uuid,
-    pub app_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply_to: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-    pub attempt: u32,
-    pub traceparent: TraceParent,
-    /// The JSON body, already serialised.
-    pub body: String,
-}
-
-impl Outgoing {
-    /// A message with a fresh id and the body serialised from `body`.
-    pub fn new(
-        exchange: &str,
-        routing_key: &str,
-        kind: &str,
-        correlation_id: Uuid,
-        app_id: &str,
-        traceparent: TraceParent,
-        body: &impl Serialize,
-    ) -> Self {
-        Outgoing {
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            kind: kind.into(),
-            message_id: Uuid::new_v4(),
-            correlation_id,
-            app_id: app_id.into(),
-            reply_to: None,
-            mode: None,
-            attempt: 1,
-            traceparent,
-            body: serde_json::to_string(body).expect("message bodies serialise"),
-        }
-    }
-
-    pub fn reply_to(mut self, reply_to: impl Into<String>) -> Self {
-        self.reply_to = Some(reply_to.into());
-        self
-    }
-
-    pub fn mode(mut self, mode: impl Into<String>) -> Self {
-        self.mode = Some(mode.into());
-        self
-    }
-
-    pub fn attempt(mut self, attempt: u32) -> Self {
-        self.attempt = attempt;
-        self
-    }
-
-    /// The AMQP properties of the design: persistent, JSON, ids, sender, time, trace.
-    pub fn properties(&self) -> BasicProperties {
-        let mut h = FieldTable::default();
-        h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(self.traceparent.0.as_str().into()));
-        h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.attempt)));
-        if let Some(mode) = &self.mode {
-            h.insert(headers::MODE.into(), AMQPValue::LongString(mode.as_str().into()));
-        }
-        let mut p = BasicProperties::default()
-            .with_message_id(self.message_id.to_string().into())
-            .with_correlation_id(self.correlation_id.to_string().into())
-            .with_type(self.kind.as_str().into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
-            .with_app_id(self.app_id.as_str().into())
-            .with_headers(h);
-        if let Some(r) = &self.reply_to {
-            p = p.with_reply_to(r.as_str().into());
-        }
-        p
-    }
+    p
 }
 
 /// A delivery whose envelope passed the checks; the body is not parsed yet (handlers parse it
@@ -259,7 +166,7 @@ mod tests {
     #[test]
     fn properties_round_trip_through_the_checks() {
         let o = out();
-        let env = Envelope::from_delivery(&o.properties(), o.body.as_bytes(), false).unwrap();
+        let env = Envelope::from_delivery(&properties(&o), o.body.as_bytes(), false).unwrap();
         assert_eq!(env.message_id, o.message_id);
         assert_eq!(env.correlation_id, Some(o.correlation_id));
         assert_eq!(env.kind, "records.create");
@@ -267,30 +174,21 @@ mod tests {
         assert_eq!(env.mode.as_deref(), Some("workflow"));
         assert_eq!(env.attempt, 2);
         assert_eq!(env.traceparent, o.traceparent);
-        assert_eq!(*o.properties().delivery_mode(), Some(2), "persistent");
+        assert_eq!(*properties(&o).delivery_mode(), Some(2), "persistent");
     }
 
     #[test]
     fn bad_envelopes_are_named() {
         let o = out();
-        let no_id = o.properties().with_message_id("".into());
+        let no_id = properties(&o).with_message_id("".into());
         assert!(Envelope::from_delivery(&no_id, b"{}", false).unwrap_err().contains("no message_id"));
-        let bad_id = o.properties().with_message_id("abc".into());
+        let bad_id = properties(&o).with_message_id("abc".into());
         assert!(Envelope::from_delivery(&bad_id, b"{}", false).unwrap_err().contains("not a UUID"));
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(
-            Envelope::from_delivery(&o.properties(), &big, false).unwrap_err().contains("over the limit")
+            Envelope::from_delivery(&properties(&o), &big, false).unwrap_err().contains("over the limit")
         );
-        let xml = o.properties().with_content_type("text/xml".into());
+        let xml = properties(&o).with_content_type("text/xml".into());
         assert!(Envelope::from_delivery(&xml, b"{}", false).unwrap_err().contains("text/xml"));
-    }
-
-    #[test]
-    fn traceparent_child_keeps_the_trace() {
-        let root = TraceParent::new_root();
-        let child = root.child();
-        assert_eq!(root.trace_id(), child.trace_id());
-        assert_ne!(root, child);
-        assert_eq!(child.0.len(), 55);
     }
 }

@@ -50,20 +50,11 @@ impl AmqpError {
     }
 }
 
-/// Why a publish did not count as sent. Every variant leaves the message unsent: the caller
-/// keeps it (the outbox row stays) and tries again.
-#[derive(Debug, Error, Clone)]
-pub enum PublishError {
-    #[error("the broker returned the message as unroutable ({0}): no queue is bound for it")]
-    Returned(String),
-    #[error("the broker refused the message (nack)")]
-    Nacked,
-    #[error("the channel failed before the broker confirmed: {0}")]
-    Channel(String),
-}
+/// Why a publish did not count as sent: the outbox relay's vocabulary, which `baton-store`
+/// owns (it parks a row that keeps being returned). Every variant leaves the message unsent.
+pub use baton_store::relay::PublishError;
 
-impl From<lapin::Error> for PublishError {
-    fn from(e: lapin::Error) -> Self {
-        PublishError::Channel(e.to_string())
-    }
+/// A failure of lapin's under a publish: the channel cannot be trusted after it.
+pub(crate) fn channel_failed(e: lapin::Error) -> PublishError {
+    PublishError::Channel(e.to_string())
 }

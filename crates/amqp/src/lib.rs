@@ -2,17 +2,18 @@
 //!
 //! Owns: the connection ([`Broker`], one per component, and the only reconnect path: lapin's
 //! recovery is off, and reconnects follow one backoff with jitter per component), the topology
-//! of the design ([`topology`]), the message envelope ([`Outgoing`] / [`Envelope`], built and
-//! checked in one place), publishing with publisher confirms in a window ([`Publisher`]),
-//! consuming with ack-after-commit, dead-lettering of bad input and store outages waited out in
-//! place ([`consume`]), and the outbox relay ([`relay`]), which reads the outbox through the
-//! [`relay::OutboxStore`] trait.
+//! of the design ([`topology`]), the message envelope (built from an [`Outgoing`] and checked
+//! as an [`Envelope`], each in one place), publishing with publisher confirms in a window
+//! ([`Publisher`], which is also how `baton-store`'s outbox relay reaches the broker: it
+//! implements `baton_store::relay::Publish`), and consuming with ack-after-commit,
+//! dead-lettering of bad input and store outages waited out in place ([`consume`]).
 //!
 //! Must not touch: SQLite, business rules, saga state. Handlers get an [`Envelope`] and answer
-//! with a [`HandleError`] that says what to do with the delivery; this crate does the acking.
+//! with a [`HandleError`] that says what to do with the delivery (a store's error converts to
+//! one); this crate does the acking.
 //!
 //! Layout: `broker` (connection owner), `topology` (names and declarations), `envelope`,
-//! `publisher`, `consumer`, `relay`, `health` (the broker's readiness check).
+//! `publisher`, `consumer`, `health` (the broker's readiness check).
 
 mod broker;
 mod consumer;
@@ -22,7 +23,6 @@ mod envelope;
 mod error;
 pub mod health;
 mod publisher;
-pub mod relay;
 pub mod tls;
 pub mod topology;
 

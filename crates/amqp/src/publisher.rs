@@ -8,6 +8,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
 
+use crate::error::channel_failed;
 use crate::{Broker, Outgoing, PublishError};
 
 /// How long a publish waits for the broker's confirm before it counts as failed (and is sent
@@ -40,9 +41,10 @@ impl PendingConfirm {
     /// message. A confirm lost with a connection would otherwise be awaited forever, holding
     /// up everything behind it.
     pub async fn wait(self) -> Result<(), PublishError> {
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.0).await.map_err(|_| {
-            PublishError::Channel(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs()))
-        })??;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.0)
+            .await
+            .map_err(|_| PublishError::Channel(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs())))?
+            .map_err(channel_failed)?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
@@ -70,9 +72,10 @@ impl Publisher {
         }
         let ch = self.broker.channel().await.map_err(|e| PublishError::Channel(e.to_string()))?;
         let patience = crate::broker::SETUP_PATIENCE;
-        tokio::time::timeout(patience, ch.confirm_select(ConfirmSelectOptions::default())).await.map_err(
-            |_| PublishError::Channel(format!("no answer to confirm.select within {patience:?}")),
-        )??;
+        tokio::time::timeout(patience, ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .map_err(|_| PublishError::Channel(format!("no answer to confirm.select within {patience:?}")))?
+            .map_err(channel_failed)?;
         *slot = Some(ch.clone());
         Ok(ch)
     }
@@ -85,12 +88,12 @@ impl Publisher {
             msg.routing_key.as_str().into(),
             BasicPublishOptions { mandatory: true, ..Default::default() },
             msg.body.as_bytes(),
-            msg.properties(),
+            crate::envelope::properties(msg),
         );
         // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
         // without a word must not hold the caller forever.
         let sent = match tokio::time::timeout(SEND_TIMEOUT, publish).await {
-            Ok(sent) => sent.map_err(PublishError::from),
+            Ok(sent) => sent.map_err(channel_failed),
             Err(_) => Err(PublishError::Channel(format!(
                 "the publish was not taken within {} s",
                 SEND_TIMEOUT.as_secs()
@@ -151,7 +154,34 @@ impl Publisher {
                 body,
                 props,
             )
-            .await?;
+            .await
+            .map_err(channel_failed)?;
         PendingConfirm(confirm).wait().await
+    }
+}
+
+/// The outbox relay publishes through this: confirms in a window, and a fresh channel after a
+/// failure or a new connection.
+impl baton_store::relay::Publish for Publisher {
+    type Confirm = futures_util::future::BoxFuture<'static, Result<(), PublishError>>;
+
+    async fn publish(&self, msg: &Outgoing) -> Result<Self::Confirm, PublishError> {
+        Ok(Box::pin(Publisher::publish(self, msg).await?.wait()))
+    }
+
+    fn connected(&self) -> bool {
+        self.broker.connected()
+    }
+
+    fn replaced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.broker.generation()
+    }
+
+    async fn forget_channel(&self) {
+        Publisher::forget_channel(self).await
+    }
+
+    fn before_delete(&self) {
+        crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_health::{Health, Kind, running};
@@ -14,7 +13,8 @@ use baton_protocol::{
     Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
     StepCommand, StepError, StepReply,
 };
-use baton_store::{Db, StoreError, inbox, now_ms, outbox};
+use baton_store::relay::{self, Wake};
+use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
 use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
 
 use crate::definitions::{self, SagaClock};
@@ -452,7 +452,7 @@ impl Core {
         }
     }
 
-    fn fire_due(&self, tx: &Transaction<'_>) -> Result<Option<u64>, StoreError> {
+    fn fire_due(&self, tx: &Tx<'_>) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
         let due: Vec<String> = {
             let mut stmt = tx.prepare_cached(
@@ -540,7 +540,7 @@ fn load(tx: &Transaction<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreErr
 /// Carry out a transition's effects and store the new state, in the caller's transaction.
 /// Returns the saga's next wake-up.
 fn apply(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     saga: &Saga,
     effects: Vec<Effect>,
     meta: &Meta,

@@ -2,12 +2,17 @@
 //!
 //! Owns: the JSON schema (version [`SCHEMA`]) of commands, replies and the orchestrator's
 //! `start` request and outcome; the message `type` strings; the shared [`Context`] a space
-//! accumulates as it moves through the steps. Must not touch: AMQP (see `baton-amqp` for the
-//! envelope), SQLite, or any business rule. Keeping bodies here lets the orchestrator, the services
-//! and the gateway agree on the wire without depending on one another.
+//! accumulates as it moves through the steps; the [`Outgoing`] message as data (what an outbox
+//! row holds), with its [`TraceParent`]. Must not touch: AMQP (see `baton-amqp` for the
+//! envelope built from an `Outgoing`), SQLite, or any business rule. Keeping bodies here lets the
+//! orchestrator, the services and the gateway agree on the wire without depending on one another.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+mod outgoing;
+
+pub use outgoing::{Outgoing, TraceParent};
 
 /// Version of every body's schema. A consumer rejects other versions to the dead-letter queue.
 pub const SCHEMA: u32 = 1;

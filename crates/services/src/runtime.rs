@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_amqp::relay::{self, Wake};
 use baton_amqp::topology::{self, EVENTS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
 use baton_faults::FaultPlan;
@@ -19,6 +18,7 @@ use baton_health::{Kind, running};
 use baton_protocol::{
     Action, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, StepReply, events, reply_type,
 };
+use baton_store::relay::{self, Wake};
 use baton_store::{Db, StoreError, inbox, now_ms, outbox, tombstone};
 use rusqlite::{Transaction, params};
 use tokio::task::JoinSet;

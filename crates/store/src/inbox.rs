@@ -1,7 +1,7 @@
 //! The inbox: the id of every message handled, with the replies it produced, so that a
 //! redelivery or a duplicate changes nothing and is answered with the same replies.
 
-use baton_amqp::Outgoing;
+use baton_protocol::Outgoing;
 use rusqlite::{OptionalExtension, Transaction, params};
 use uuid::Uuid;
 

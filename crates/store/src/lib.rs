@@ -3,10 +3,11 @@
 //!
 //! Owns: opening `<data-dir>/<component>.db` (WAL, migrations by `user_version`), the dedicated
 //! thread that runs every statement off the async workers ([`Db::call`]), the [`inbox`],
-//! [`outbox`] and [`tombstone`] tables, and the relay's view of the outbox
-//! ([`baton_amqp::relay::OutboxStore`]), and what the process can tell of the database's
-//! health ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each component
-//! migrates its own through [`Db::open`]) or the broker.
+//! [`outbox`] and [`tombstone`] tables, the outbox [`relay`] (its loop, and the feed that hands
+//! it the rows of each commit), and what the process can tell of the database's health
+//! ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each
+//! component migrates its own through [`Db::open`]) or AMQP: the relay reaches the broker only
+//! through its [`relay::Publish`] trait, which `baton-amqp` implements.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -14,14 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
-use baton_amqp::Outgoing;
-use baton_amqp::relay::Wake;
+use baton_protocol::Outgoing;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub mod inbox;
 pub mod outbox;
+pub mod relay;
 pub mod tombstone;
+
+use relay::Wake;
 
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +125,7 @@ impl StoreHealth {
 
     /// A group's fate: writable again when it committed and none of its members met an
     /// outage; unwritable, with the reason, when it or one of them did.
-    fn committed(&self, outcome: Result<(), &rusqlite::Error>) {
-        let member = MEMBER_OUTAGE.with(|m| m.borrow_mut().take());
+    fn committed(&self, outcome: Result<(), &rusqlite::Error>, member: MemberOutage) {
         let mut state = self.0.unwritable.lock().expect("store health");
         match (outcome, member) {
             (Ok(()), None) => *state = None,
@@ -143,8 +145,9 @@ enum Job {
 }
 
 /// A member of a group commit: given the shared transaction (or why there is none), it runs
-/// in a savepoint and returns how to tell its caller the group's fate.
-type Member = Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> Finish + Send>;
+/// in a savepoint and returns how to tell its caller the group's fate, and the outage it met.
+type Member =
+    Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> (Finish, MemberOutage) + Send>;
 
 /// Hands a group member its result once the group's fate is known.
 type Finish = Box<dyn FnOnce(Result<(), &Arc<rusqlite::Error>>) + Send>;
@@ -162,6 +165,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 pub struct Db {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
+    /// The instance this process is: its relay publishes the outbox rows written under this name.
+    pub(crate) owner: Arc<str>,
     /// The relay that gets the rows of each committed transaction handed to it.
     feed: Arc<OnceLock<Wake>>,
     /// Other instances' outbox rows this one watches, to take over those left unpublished.
@@ -178,24 +183,37 @@ impl Drop for Stopped {
     }
 }
 
-thread_local! {
-    /// Outbox rows written on this database thread by the transaction running now.
-    static PUSHED: RefCell<Vec<(i64, Outgoing)>> = const { RefCell::new(Vec::new()) };
+/// Why a member of a group failed for an outage, if it did: a full disk can fail a statement
+/// (a page that cannot be allocated) before it fails a commit.
+type MemberOutage = Option<(rusqlite::ffi::Error, String)>;
+
+/// A transaction of [`Db::transaction`]: rusqlite's [`Transaction`], which it derefs to (SQL
+/// reads as usual), and what the store keeps of it: the instance that owns the outbox rows it
+/// adds ([`outbox::push`]), and those rows, handed to the relay once the group committed.
+pub struct Tx<'a> {
+    tx: &'a Transaction<'a>,
+    owner: &'a str,
+    pushed: RefCell<Vec<(i64, Outgoing)>>,
 }
 
-/// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
-pub(crate) fn note_pushed(seq: i64, msg: &Outgoing) {
-    PUSHED.with(|p| p.borrow_mut().push((seq, msg.clone())));
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Transaction<'a> {
+        self.tx
+    }
 }
 
-thread_local! {
-    /// Why a member of the group committing now failed for an outage, if one did: a full disk
-    /// can fail a statement (a page that cannot be allocated) before it fails a commit.
-    static MEMBER_OUTAGE: RefCell<Option<(rusqlite::ffi::Error, String)>> = const { RefCell::new(None) };
-}
+impl Tx<'_> {
+    /// The instance whose relay publishes the outbox rows of this transaction.
+    pub(crate) fn owner(&self) -> &str {
+        self.owner
+    }
 
-fn take_pushed() -> Vec<(i64, Outgoing)> {
-    PUSHED.with(|p| std::mem::take(&mut *p.borrow_mut()))
+    /// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
+    pub(crate) fn pushed(&self, seq: i64, msg: &Outgoing) {
+        self.pushed.borrow_mut().push((seq, msg.clone()));
+    }
 }
 
 /// The instance name a process writes its outbox rows under when it has no other.
@@ -210,6 +228,9 @@ const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         message TEXT NOT NULL,
+        -- The instance whose relay publishes the row (instances of a component share the file).
+        owner TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error TEXT
     );
@@ -309,33 +330,28 @@ fn serve(
             return;
         }
         match job {
-            Job::Alone(f) => {
-                f(&mut conn);
-                // Rows written here reach the relay through its read of the outbox: whether
-                // they were committed is the job's own business.
-                take_pushed();
-            }
+            Job::Alone(f) => f(&mut conn),
             Job::Member(first) => {
-                let mut finishes = Vec::new();
                 let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
                     Ok(tx) => tx,
                     Err(e) => {
-                        health.committed(Err(&e));
+                        health.committed(Err(&e), None);
                         // Nothing ran: this member hears why; the queue goes on.
                         let e = Arc::new(e);
-                        first(Err(Arc::clone(&e)))(Err(&e));
+                        first(Err(Arc::clone(&e))).0(Err(&e));
                         continue;
                     }
                 };
-                finishes.push(in_savepoint(&tx, first));
+                let mut group = Group::default();
+                group.run(&tx, first);
                 // SQLite rolls the whole transaction back by itself on some errors of a
                 // statement (a full disk, I/O): then the group is lost, and no member may run
                 // after it (it would run outside any transaction).
                 let mut lost = tx.is_autocommit();
-                while !lost && finishes.len() < GROUP_MAX {
+                while !lost && group.finishes.len() < GROUP_MAX {
                     match rx.try_recv() {
                         Ok(Job::Member(f)) => {
-                            finishes.push(in_savepoint(&tx, f));
+                            group.run(&tx, f);
                             lost = tx.is_autocommit();
                         }
                         Ok(alone) => {
@@ -347,12 +363,12 @@ fn serve(
                 }
                 let outcome = if lost {
                     drop(tx);
-                    Err(Arc::new(rolled_back()))
+                    Err(Arc::new(rolled_back(group.outage.as_ref())))
                 } else {
                     tx.commit().map_err(Arc::new)
                 };
-                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e));
-                for finish in finishes {
+                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e), group.outage);
+                for finish in group.finishes {
                     finish(outcome.as_ref().map(|_| ()));
                 }
             }
@@ -360,10 +376,28 @@ fn serve(
     }
 }
 
+/// The members of the group committing now: how to tell each one its fate, and the last
+/// outage one of them met.
+#[derive(Default)]
+struct Group {
+    finishes: Vec<Finish>,
+    outage: MemberOutage,
+}
+
+impl Group {
+    fn run(&mut self, tx: &Transaction<'_>, member: Member) {
+        let (finish, outage) = in_savepoint(tx, member);
+        self.finishes.push(finish);
+        if outage.is_some() {
+            self.outage = outage;
+        }
+    }
+}
+
 /// Why a group's transaction is gone when SQLite rolled it back on a member's error: that
-/// error, for every member.
-fn rolled_back() -> rusqlite::Error {
-    let (code, why) = MEMBER_OUTAGE.with(|m| m.borrow().clone()).unwrap_or_else(|| {
+/// error (the outage a member met), for every member.
+fn rolled_back(outage: Option<&(rusqlite::ffi::Error, String)>) -> rusqlite::Error {
+    let (code, why) = outage.cloned().unwrap_or_else(|| {
         (rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT), "a member's statement failed".into())
     });
     rusqlite::Error::SqliteFailure(code, Some(format!("SQLite rolled the group's transaction back ({why})")))
@@ -386,7 +420,7 @@ impl FileId {
     }
 }
 
-fn in_savepoint(tx: &Transaction<'_>, f: Member) -> Finish {
+fn in_savepoint(tx: &Transaction<'_>, f: Member) -> (Finish, MemberOutage) {
     match tx.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])) {
         Ok(_) => f(Ok(tx)),
         // Cannot isolate it: it does not run, and hears why.
@@ -394,44 +428,28 @@ fn in_savepoint(tx: &Transaction<'_>, f: Member) -> Finish {
     }
 }
 
-/// Columns added to the base tables after their first release, applied where missing (the
-/// numbered migrations of the components come after the base ones, so the base list cannot
-/// grow without renumbering theirs).
-fn upgrade_base(conn: &Connection) -> rusqlite::Result<()> {
-    let has = |col: &str| -> rusqlite::Result<bool> {
-        conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?1)",
-            [col],
-            |r| r.get(0),
-        )
-    };
-    if !has("owner")? {
-        // Which instance's relay publishes the row (competing instances share the database);
-        // rows from before the column existed belong to nobody, so the first relay takes them.
-        conn.execute_batch(
-            "ALTER TABLE outbox ADD COLUMN owner TEXT NOT NULL DEFAULT '';
-             ALTER TABLE outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
-        )?;
-    }
-    Ok(())
-}
-
-/// Record this connection's instance name where [`outbox::push`] finds it: a per-connection
-/// temporary table, so the many call sites that push in a transaction need not carry it.
-fn set_owner(conn: &Connection, owner: &str) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS baton_self (owner TEXT NOT NULL); DELETE FROM temp.baton_self;",
-    )?;
-    conn.execute("INSERT INTO temp.baton_self (owner) VALUES (?1)", [owner])?;
-    Ok(())
-}
-
-fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
+/// Apply the migrations `conn` lacks; the error says why it cannot be opened.
+fn migrate(conn: &mut Connection, component: &[&str]) -> Result<(), String> {
     let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
     // Immediate: it writes after reading, and a deferred one could not wait for another
     // instance migrating the same file (the upgrade to a write lock fails at once).
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let done: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+    let done = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map_err(|e| e.to_string())?;
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > all.len() {
+        // Its tables are not the ones this build knows: reading or writing them could lose data.
+        return Err(format!(
+            "its schema is at version {done}, this build knows {} versions: it was written by another \
+             build of Baton; run that build, or start this one on an empty data dir",
+            all.len()
+        ));
+    }
+    apply_missing(&tx, &all, done).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
+
+/// Apply `all` but the first `done`, and record the version.
+fn apply_missing(tx: &Transaction<'_>, all: &[&str], done: usize) -> rusqlite::Result<()> {
     for (i, sql) in all.iter().enumerate().skip(done) {
         tracing::debug!(migration = i + 1, "applying migration");
         tx.execute_batch(sql)?;
@@ -441,8 +459,7 @@ fn migrate(conn: &mut Connection, component: &[&str]) -> rusqlite::Result<()> {
     if done != all.len() {
         tx.pragma_update(None, "user_version", all.len() as i64)?;
     }
-    upgrade_base(&tx)?;
-    tx.commit()
+    Ok(())
 }
 
 impl Db {
@@ -475,8 +492,7 @@ impl Db {
         }
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         configure(&conn).map_err(|e| err(e.to_string()))?;
-        migrate(&mut conn, migrations).map_err(|e| err(e.to_string()))?;
-        set_owner(&conn, owner).map_err(|e| err(e.to_string()))?;
+        migrate(&mut conn, migrations).map_err(err)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (alive, watch) = mpsc::channel::<()>();
         let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
@@ -497,7 +513,14 @@ impl Db {
             .name(format!("ckpt-{name}"))
             .spawn(move || checkpointer(cp_path, watch))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Db { tx, path: path.to_owned(), feed: Arc::default(), watch: Arc::default(), health })
+        Ok(Db {
+            tx,
+            path: path.to_owned(),
+            owner: owner.into(),
+            feed: Arc::default(),
+            watch: Arc::default(),
+            health,
+        })
     }
 
     /// Run `f` on the database thread and return its result.
@@ -524,57 +547,59 @@ impl Db {
     pub async fn transaction<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
         let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
         let feed = Arc::clone(&self.feed);
-        let job =
-            Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| -> Finish {
-                take_pushed();
-                let tx = match tx {
-                    Ok(tx) => tx,
-                    Err(why) => {
-                        let e = StoreError::Commit(why);
-                        return Box::new(move |_| {
-                            let _ = done.send(Err(e));
-                        });
-                    }
-                };
-                let result = f(tx);
-                if let Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) = &result
-                    && e.is_transient()
-                {
-                    MEMBER_OUTAGE.with(|m| *m.borrow_mut() = Some((*code, e.to_string())));
-                }
-                let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
-                let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
-                    if result.is_err() {
-                        tx.prepare_cached("RELEASE member")?.execute([])?;
-                    }
-                    Ok(())
-                });
-                let pushed = take_pushed();
-                match (result, closed) {
-                    (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
-                        if committed.is_ok()
-                            && let Some(wake) = feed.get()
-                        {
-                            wake.hand(pushed);
-                        }
-                        let _ =
-                            done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
-                    }),
-                    (Err(e), _) => Box::new(move |_| {
+        let owner = Arc::clone(&self.owner);
+        let job = Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| {
+            let tx = match tx {
+                Ok(tx) => tx,
+                Err(why) => {
+                    let e = StoreError::Commit(why);
+                    let finish: Finish = Box::new(move |_| {
                         let _ = done.send(Err(e));
-                    }),
-                    (Ok(_), Err(e)) => {
-                        let e = Arc::new(e);
-                        Box::new(move |_| {
-                            let _ = done.send(Err(StoreError::Commit(e)));
-                        })
-                    }
+                    });
+                    return (finish, None);
                 }
-            }));
+            };
+            let member = Tx { tx, owner: &owner, pushed: RefCell::default() };
+            let result = f(&member);
+            let outage = match &result {
+                Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) if e.is_transient() => {
+                    Some((*code, e.to_string()))
+                }
+                _ => None,
+            };
+            let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
+            let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
+                if result.is_err() {
+                    tx.prepare_cached("RELEASE member")?.execute([])?;
+                }
+                Ok(())
+            });
+            let pushed = member.pushed.into_inner();
+            let finish: Finish = match (result, closed) {
+                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
+                    if committed.is_ok()
+                        && let Some(wake) = feed.get()
+                    {
+                        wake.hand(pushed);
+                    }
+                    let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
+                }),
+                (Err(e), _) => Box::new(move |_| {
+                    let _ = done.send(Err(e));
+                }),
+                (Ok(_), Err(e)) => {
+                    let e = Arc::new(e);
+                    Box::new(move |_| {
+                        let _ = done.send(Err(StoreError::Commit(e)));
+                    })
+                }
+            };
+            (finish, outage)
+        }));
         let closed = || StoreError::Closed(self.path.display().to_string());
         self.tx.send(job).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
@@ -593,20 +618,6 @@ impl Db {
     /// The readiness of this database: its thread running, its last commit through.
     pub fn health(&self) -> StoreHealth {
         self.health.clone()
-    }
-}
-
-impl From<StoreError> for baton_amqp::HandleError {
-    /// An outage is held and retried in place; unreadable data can never be handled; any
-    /// other failure goes back to the queue, whose delivery limit stops a message that
-    /// keeps failing.
-    fn from(e: StoreError) -> Self {
-        use baton_amqp::HandleError;
-        match e {
-            e if e.is_transient() => HandleError::Transient(e.to_string()),
-            e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
-            e => HandleError::Retry(e.to_string()),
-        }
     }
 }
 
@@ -669,6 +680,11 @@ mod tests {
 
     const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
 
+    /// A message for the outbox, its body `n`.
+    pub(crate) fn message(n: u32) -> Outgoing {
+        Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_protocol::TraceParent::new_root(), &n)
+    }
+
     #[tokio::test]
     async fn opens_migrates_once_and_runs_jobs_off_the_runtime() {
         let dir = tempfile::tempdir().unwrap();
@@ -696,34 +712,23 @@ mod tests {
         assert!(ro.execute("INSERT INTO things (name) VALUES ('b')", []).is_err(), "read-only");
     }
 
+    #[test]
+    fn a_database_of_a_build_with_more_migrations_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.db");
+        drop(Db::open(&path, EXTRA).unwrap());
+        let Err(e) = Db::open(&path, &[]) else { panic!("opened a database of another build") };
+        assert!(e.to_string().contains("schema is at version 2, this build knows 1"), "{e}");
+    }
+
     #[tokio::test]
     async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones() {
-        use baton_amqp::Outgoing;
-        use baton_amqp::relay::OutboxStore;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.db");
         let a = Db::open_as(&path, &[], "a").unwrap();
         let b = Db::open_as(&path, &[], "b").unwrap();
-        let msg = |n: u32| {
-            Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_amqp::TraceParent::new_root(), &n)
-        };
-        let (m1, m2) = (msg(1), msg(2));
-        a.call(move |c| {
-            let tx = c.transaction()?;
-            outbox::push(&tx, &m1)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-        b.call(move |c| {
-            let tx = c.transaction()?;
-            outbox::push(&tx, &m2)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        a.transaction(|tx| outbox::push(tx, &message(1))).await.unwrap();
+        b.transaction(|tx| outbox::push(tx, &message(2))).await.unwrap();
         let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
         b.take_over_after(Duration::from_millis(100));
         assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
@@ -739,17 +744,13 @@ mod tests {
             assert!(watched.elapsed() < Duration::from_secs(5), "taken over within the delay");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // A connection without an instance name cannot push (it would lose the message).
-        let mut raw = rusqlite::Connection::open(&path).unwrap();
-        let tx = raw.transaction().unwrap();
-        assert!(outbox::push(&tx, &msg(3)).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_commit_keeps_every_member_but_the_one_that_failed() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
-        let wake = baton_amqp::relay::Wake::default();
+        let wake = relay::Wake::default();
         db.feed(wake.clone());
         // Hold the thread so that the members below queue up and share one transaction.
         let held = hold_thread(&db).await;
@@ -759,16 +760,7 @@ mod tests {
                 async move {
                     db.transaction(move |tx| {
                         tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
-                        let msg = baton_amqp::Outgoing::new(
-                            "x",
-                            "k",
-                            "t",
-                            uuid::Uuid::nil(),
-                            "test",
-                            baton_amqp::TraceParent::new_root(),
-                            &i,
-                        );
-                        outbox::push(tx, &msg)?;
+                        outbox::push(tx, &message(i))?;
                         if i == 7 {
                             return Err(StoreError::Corrupt {
                                 table: "things",
@@ -843,7 +835,6 @@ mod tests {
         assert!(e.is_transient(), "a full disk is an outage: {e}");
         let why = health.writable().expect_err(&format!("unwritable after {e:?}"));
         assert!(why.contains("full"), "{why}");
-        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Transient(_)));
         db.call(|c| Ok(c.query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))?)).await.unwrap();
         assert!(write(&db).await.is_ok());
         assert_eq!(health.writable(), Ok(()));
@@ -858,7 +849,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!e.is_transient(), "{e}");
-        assert!(matches!(baton_amqp::HandleError::from(e), baton_amqp::HandleError::Retry(_)));
     }
 
     #[tokio::test]

@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use baton_amqp::relay::{BoxError, OutboxStore};
-use baton_amqp::{Outgoing, PublishError};
-use rusqlite::{Transaction, params};
+use baton_protocol::Outgoing;
+use rusqlite::params;
 
-use crate::{Db, StoreError, now_ms};
+use crate::relay::PublishError;
+use crate::{Db, StoreError, Tx, now_ms};
 
 /// After this many unroutable returns, a row is set aside in `outbox_parked` (kept, with the
 /// reason) so that it stops holding up the rest.
@@ -65,22 +65,12 @@ impl Db {
     }
 }
 
-/// Add a message to the outbox, in the caller's transaction.
-pub fn push(tx: &Transaction<'_>, msg: &Outgoing) -> Result<(), StoreError> {
+/// Add a message to the outbox, in the caller's transaction, for this instance's relay.
+pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     let json = serde_json::to_string(msg).expect("outgoing messages serialise");
-    let added = tx
-        .prepare_cached(
-            "INSERT INTO outbox (message, owner, created_at) SELECT ?1, owner, ?2 FROM temp.baton_self",
-        )?
-        .execute(params![json, now_ms()])?;
-    if added != 1 {
-        // Only a connection opened by `Db::open` knows its instance; never lose the message.
-        return Err(StoreError::Corrupt {
-            table: "outbox",
-            cause: "this connection has no instance name".into(),
-        });
-    }
-    crate::note_pushed(tx.last_insert_rowid(), msg);
+    tx.prepare_cached("INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![json, tx.owner(), now_ms()])?;
+    tx.pushed(tx.last_insert_rowid(), msg);
     Ok(())
 }
 
@@ -94,18 +84,19 @@ pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
 }
 
-impl OutboxStore for Db {
-    async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, BoxError> {
+/// The relay's view of the outbox.
+impl Db {
+    /// Up to `limit` of this instance's rows with a sequence number above `after`, oldest first,
+    /// and those it takes over from other instances (whatever their place).
+    pub(crate) async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, StoreError> {
         let watch = std::sync::Arc::clone(&self.watch);
+        let me = std::sync::Arc::clone(&self.owner);
         let rows = self
             .call(move |c| {
                 // Other instances' oldest rows, each watched until it moves or the lease is up.
                 let oldest: Vec<(String, i64)> = c
-                    .prepare_cached(
-                        "SELECT owner, MIN(seq) FROM outbox WHERE owner <> (SELECT owner FROM temp.baton_self)
-                         GROUP BY owner",
-                    )?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .prepare_cached("SELECT owner, MIN(seq) FROM outbox WHERE owner <> ?1 GROUP BY owner")?
+                    .query_map([&*me], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
                 let stuck = watch.lock().expect("outbox watch").stuck(oldest, Instant::now());
                 let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
@@ -114,10 +105,9 @@ impl OutboxStore for Db {
                 for owner in stuck {
                     let taken = c
                         .prepare_cached(
-                            "UPDATE outbox SET owner = (SELECT owner FROM temp.baton_self) WHERE owner = ?1
-                             RETURNING seq, message",
+                            "UPDATE outbox SET owner = ?2 WHERE owner = ?1 RETURNING seq, message",
                         )?
-                        .query_map([&owner], row)?
+                        .query_map([&*owner, &*me], row)?
                         .collect::<Result<Vec<_>, _>>()?;
                     tracing::warn!(
                         rows = taken.len(),
@@ -127,11 +117,10 @@ impl OutboxStore for Db {
                     rows.extend(taken);
                 }
                 let mut stmt = c.prepare_cached(
-                    "SELECT seq, message FROM outbox WHERE owner = (SELECT owner FROM temp.baton_self)
-                     AND seq > ?1 ORDER BY seq LIMIT ?2",
+                    "SELECT seq, message FROM outbox WHERE owner = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
                 )?;
                 let room = limit.saturating_sub(rows.len()).max(1) as i64;
-                rows.extend(stmt.query_map(params![after, room], row)?.collect::<Result<Vec<_>, _>>()?);
+                rows.extend(stmt.query_map(params![after, room, &*me], row)?.collect::<Result<Vec<_>, _>>()?);
                 rows.sort_by_key(|(seq, _)| *seq);
                 rows.dedup_by_key(|(seq, _)| *seq);
                 Ok(rows)
@@ -141,12 +130,13 @@ impl OutboxStore for Db {
             .map(|(seq, json)| {
                 serde_json::from_str(&json)
                     .map(|m| (seq, m))
-                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.to_string() }.into())
+                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.to_string() })
             })
             .collect()
     }
 
-    async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), BoxError> {
+    /// The broker confirmed these rows: delete them.
+    pub(crate) async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         // A member of the group commit: under load it shares the handlers' transaction.
         self.transaction(move |tx| {
             {
@@ -160,11 +150,12 @@ impl OutboxStore for Db {
                 .execute([seqs.len() as i64])?;
             Ok(())
         })
-        .await?;
-        Ok(())
+        .await
     }
 
-    async fn failed(&self, seq: i64, error: PublishError) -> Result<(), BoxError> {
+    /// Publishing this row failed: count the attempt, and set aside (never drop) a row that
+    /// keeps coming back unroutable, so that it does not block the others.
+    pub(crate) async fn failed(&self, seq: i64, error: PublishError) -> Result<(), StoreError> {
         let returned = matches!(error, PublishError::Returned(_));
         let reason = error.to_string();
         self.call(move |c| {
@@ -187,8 +178,7 @@ impl OutboxStore for Db {
             tx.commit()?;
             Ok(())
         })
-        .await?;
-        Ok(())
+        .await
     }
 }
 
@@ -203,7 +193,7 @@ mod tests {
             "records.create",
             uuid::Uuid::new_v4(),
             "records",
-            baton_amqp::TraceParent::new_root(),
+            baton_protocol::TraceParent::new_root(),
             &serde_json::json!({}),
         );
         serde_json::to_string(&msg).unwrap()
