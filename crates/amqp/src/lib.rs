@@ -1,7 +1,8 @@
 //! AMQP plumbing shared by every Baton component; the only crate that speaks lapin.
 //!
 //! Owns: the connection ([`Broker`], one per component, and the only reconnect path: lapin's
-//! recovery is off, and reconnects follow one backoff with jitter per component), the topology
+//! recovery is off, and reconnects follow one backoff with jitter per component, going round
+//! the nodes of a cluster when `AMQP_URL` lists several), the topology
 //! of the design ([`topology`]), the message envelope ([`Outgoing`] / [`Envelope`], built and
 //! checked in one place), publishing with publisher confirms in a window ([`Publisher`]),
 //! consuming with ack-after-commit, dead-lettering of bad input and store outages waited out in
@@ -26,7 +27,7 @@ pub mod relay;
 pub mod tls;
 pub mod topology;
 
-pub use broker::{Broker, redact};
+pub use broker::{Broker, parse_urls, redact};
 pub use consumer::{ConsumerConfig, HandleError, consume};
 pub use envelope::dead_reason;
 pub use envelope::{Envelope, Outgoing, TraceParent, headers};
