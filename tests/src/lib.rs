@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use baton_audit::Report;
 
+pub mod cluster;
 pub mod node;
 
 /// The broker the tests use, without a vhost (`BATON_TEST_AMQP_URL`).
