@@ -221,7 +221,14 @@ async fn open_any(nodes: &[String], from: usize, name: &str) -> Result<(usize, C
         (1, _) | (_, None) => Err(failed.swap_remove(0)),
         (_, Some(_)) => Err(AmqpError::Unreachable {
             url: redact(&nodes.join(",")),
-            cause: failed.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+            cause: failed
+                .iter()
+                .map(|e| match e {
+                    AmqpError::Unreachable { url, cause } => format!("{url}: {cause}"),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
         }),
     }
 }
