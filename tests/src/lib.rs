@@ -459,6 +459,17 @@ pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     .await
 }
 
+/// Wait (bounded, `timeout` for each) until the outbox of every component that has one is
+/// empty: everything committed was published.
+pub async fn every_outbox_drains(env: &TestEnv, timeout: Duration) {
+    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
+        wait_for(&format!("{db}'s outbox to drain"), timeout, || async {
+            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
+        })
+        .await;
+    }
+}
+
 /// A `records.create` command for a new saga and space, answered to `reply_to`, as the
 /// orchestrator would send it.
 pub fn records_create(name: &str, reply_to: &str) -> (baton_protocol::StepCommand, baton_amqp::Outgoing) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use baton_tests::cluster::Cluster;
-use baton_tests::{System, SystemConfig, TestEnv, scalar, wait_for};
+use baton_tests::{System, SystemConfig, TestEnv, wait_for};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -147,12 +147,7 @@ async fn a_cluster_node_killed_and_every_node_restarted_in_turn_loses_nothing() 
     phase(format!("{} requests answered: {by_status:?}", answers.len()));
 
     baton_tests::every_saga_ends(&env, Duration::from_secs(60)).await;
-    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
-        wait_for(&format!("{db}'s outbox to drain"), Duration::from_secs(30), || async {
-            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
-        })
-        .await;
-    }
+    baton_tests::every_outbox_drains(&env, Duration::from_secs(30)).await;
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, by_status.get(&200).copied().unwrap_or(0), "every 200 is a complete space");
