@@ -216,21 +216,17 @@ async fn open_any(nodes: &[String], from: usize, name: &str) -> Result<(usize, C
             }
         }
     }
-    let reachable_later = failed.iter().position(|e| !e.is_refusal());
-    match (nodes.len(), reachable_later) {
-        (1, _) | (_, None) => Err(failed.swap_remove(0)),
-        (_, Some(_)) => Err(AmqpError::Unreachable {
-            url: redact(&nodes.join(",")),
-            cause: failed
-                .iter()
-                .map(|e| match e {
-                    AmqpError::Unreachable { url, cause } => format!("{url}: {cause}"),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-        }),
+    if nodes.len() == 1 || failed.iter().all(AmqpError::is_refusal) {
+        return Err(failed.swap_remove(0));
     }
+    let causes: Vec<String> = failed
+        .iter()
+        .map(|e| match e {
+            AmqpError::Unreachable { url, cause } => format!("{url}: {cause}"),
+            other => other.to_string(),
+        })
+        .collect();
+    Err(AmqpError::Unreachable { url: redact(&nodes.join(",")), cause: causes.join("; ") })
 }
 
 /// Name a failed open by what the operator must do: an access refusal (the broker's
