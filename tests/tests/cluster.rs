@@ -158,3 +158,17 @@ async fn a_cluster_node_killed_and_every_node_restarted_in_turn_loses_nothing() 
     }
     Arc::into_inner(sys).unwrap().stop().await;
 }
+
+/// A list whose first node does not answer: the component connects to the next one, at once
+/// and without a warning (the shared broker stands for the second node).
+#[tokio::test]
+async fn a_list_whose_first_node_is_down_connects_to_the_next() {
+    let env = TestEnv::new().await;
+    let dead = format!("amqp://guest:guest@127.0.0.1:{}/{}", baton_tests::free_port(), env.vhost);
+    let list = format!("{dead},{}", env.amqp_url());
+    let started = std::time::Instant::now();
+    let broker = baton_amqp::Broker::connect(&list, "test").await.expect("the second node answers");
+    broker.channel().await.expect("a channel on the second node");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    broker.close().await;
+}
