@@ -1,8 +1,7 @@
 //! AMQP plumbing shared by every Baton component; the only crate that speaks lapin.
 //!
 //! Owns: the connection ([`Broker`], one per component, and the only reconnect path: lapin's
-//! recovery is off, and reconnects follow one backoff with jitter per component, going round
-//! the nodes of a cluster when `AMQP_URL` lists several), the topology
+//! recovery is off, and reconnects follow one backoff with jitter per component), the topology
 //! of the design ([`topology`]), the message envelope ([`Outgoing`] / [`Envelope`], built and
 //! checked in one place), publishing with publisher confirms in a window ([`Publisher`]),
 //! consuming with ack-after-commit, dead-lettering of bad input and store outages waited out in
