@@ -13,7 +13,8 @@
 #      passwords, and sets their permissions and topic permissions (the routing keys each may
 #      publish on baton.events) from broker/permissions.json;
 #   4. writes each component's URL to <out>/<component>.url (mode 600), e.g.
-#      amqp://baton-records:<password>@127.0.0.1:5672/%2F
+#      amqp://baton-records:<password>@127.0.0.1:5672/%2F; with --amqp-host listing a cluster's
+#      nodes (HOST:PORT,HOST:PORT,...), the comma-separated list of one URL per node.
 #
 # Running it again keeps the passwords already in <out> (--rotate makes new ones). Progress goes
 # to stderr; the list of files and how to use them to stdout.
@@ -31,7 +32,7 @@ SCHEME="amqp"
 ROTATE=0
 
 usage() {
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
         --vhost) VHOST="${2:?--vhost needs a value}"; shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a value}"; shift 2 ;;
         --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
-        --amqp-host) AMQP_HOST="${2:?--amqp-host needs HOST:PORT}"; shift 2 ;;
+        --amqp-host) AMQP_HOST="${2:?--amqp-host needs HOST:PORT (or a list: HOST:PORT,HOST:PORT)}"; shift 2 ;;
         --scheme) SCHEME="${2:?--scheme needs amqp or amqps}"; shift 2 ;;
         --rotate) ROTATE=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -101,7 +102,12 @@ while IFS= read -r entry; do
         say "user $user: may publish $(jq -r '.write' <<<"$topic") on $(jq -r '.exchange' <<<"$topic")"
         mgmt PUT "/topic-permissions/$V/$(url_encode "$user")" -d "$topic" >/dev/null
     done < <(jq -c '.topic // [] | .[] | {exchange, write, read}' <<<"$entry")
-    printf '%s://%s:%s@%s/%s\n' "$SCHEME" "$user" "$password" "$AMQP_HOST" "$V" >"$file.tmp"
+    urls=""
+    IFS=, read -ra hosts <<<"$AMQP_HOST"
+    for host in "${hosts[@]}"; do
+        urls+="${urls:+,}$SCHEME://$user:$password@$host/$V"
+    done
+    printf '%s\n' "$urls" >"$file.tmp"
     chmod 600 "$file.tmp"
     mv "$file.tmp" "$file"
     written+=("$component")

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use baton_audit::Report;
 
+pub mod cluster;
 pub mod node;
 
 /// The broker the tests use, without a vhost (`BATON_TEST_AMQP_URL`).
@@ -456,6 +457,17 @@ pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
         (open == 0).then_some(())
     })
     .await
+}
+
+/// Wait (bounded, `timeout` for each) until the outbox of every component that has one is
+/// empty: everything committed was published.
+pub async fn every_outbox_drains(env: &TestEnv, timeout: Duration) {
+    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
+        wait_for(&format!("{db}'s outbox to drain"), timeout, || async {
+            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
+        })
+        .await;
+    }
 }
 
 /// A `records.create` command for a new saga and space, answered to `reply_to`, as the

@@ -105,12 +105,7 @@ async fn nothing_wrong(env: &TestEnv, mut calls: JoinSet<(u16, serde_json::Value
     .await
     .expect("every request is answered");
     baton_tests::every_saga_ends(env, Duration::from_secs(60)).await;
-    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
-        wait_for(&format!("{db}'s outbox to drain"), Duration::from_secs(30), || async {
-            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
-        })
-        .await;
-    }
+    baton_tests::every_outbox_drains(env, Duration::from_secs(30)).await;
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, statuses.iter().filter(|s| **s == 200).count());

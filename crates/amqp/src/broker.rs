@@ -1,5 +1,5 @@
 //! The connection owner: one AMQP connection per component, handing out channels, and the one
-//! place that reconnects.
+//! place that reconnects, to the same node or, in a cluster, to the next one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,13 +22,22 @@ use crate::topology::{self, QueueSpec};
 /// ([`REFUSED_PACE`]) and quick while it cannot be reached ([`UNREACHABLE_PACE`]). A caller that
 /// comes before the next attempt is due gets the last error at once, so callers may loop on
 /// `channel()` at any pace: the broker sees only the schedule's attempts.
+///
+/// A cluster is given as a list of URLs ([`parse_urls`]). The first node that answers is used;
+/// when its connection is lost, an attempt tries every node once, starting with the one after
+/// it, so a component leaves a dead node at once and comes back to the cluster through any
+/// node that is up. The schedule counts whole rounds of the list: the broker is "unreachable"
+/// only when no node answers.
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    /// The URL list as given (for messages, always through [`redact`]).
     url: String,
+    /// Its nodes, in order ([`parse_urls`]).
+    nodes: Vec<String>,
     name: String,
     link: Mutex<Link>,
     /// Bumped each time a new connection replaces a lost one: consumers then consume again on
@@ -43,6 +52,8 @@ struct Inner {
 /// The connection and what is known of its losses; only `live` and `close` change it.
 struct Link {
     conn: Arc<Connection>,
+    /// The index in [`Inner::nodes`] of the node `conn` goes to: the next round starts after it.
+    node: usize,
     opened_at: Instant,
     /// Set by [`Broker::close`]: nothing reconnects after it.
     closed: bool,
@@ -106,8 +117,13 @@ pub const DECLARE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long closing a channel or a connection may take: a peer in a bad state may never answer.
 pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
-/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs.
+/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs;
+/// every URL of a comma-separated list.
 pub fn redact(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let cred = &url[s + 3..at];
@@ -118,6 +134,42 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// The nodes of `list`: one broker URL, or the URLs of one cluster's nodes separated by commas
+/// (`amqp://u:p@host1:5672/v,amqp://u:p@host2:5672/v`). Every URL must parse, and all must name
+/// the same vhost: a component that fails over must land on the same queues. A comma inside a
+/// password is written `%2C`.
+pub fn parse_urls(list: &str) -> Result<Vec<String>, AmqpError> {
+    let urls: Vec<&str> = list.split(',').map(str::trim).collect();
+    let bad_list = |cause: String| AmqpError::BadUrlList { urls: redact(list), cause };
+    if let Some(i) = urls.iter().position(|u| u.is_empty()) {
+        return Err(bad_list(if urls.len() == 1 {
+            "it is empty".into()
+        } else {
+            format!("URL {} of {} is empty (two commas in a row, or one at an end)", i + 1, urls.len())
+        }));
+    }
+    let mut vhost: Option<(usize, String)> = None;
+    for (i, url) in urls.iter().enumerate() {
+        let uri: AMQPUri = url.parse().map_err(|cause: String| AmqpError::BadUrl {
+            url: redact(url),
+            cause: if urls.len() == 1 { cause } else { format!("URL {} of {}: {cause}", i + 1, urls.len()) },
+        })?;
+        match &vhost {
+            None => vhost = Some((i, uri.vhost)),
+            Some((first, v)) if *v != uri.vhost => {
+                return Err(bad_list(format!(
+                    "URL {} names vhost `{}` and URL {} names `{v}`; the nodes of one cluster share their vhosts",
+                    i + 1,
+                    uri.vhost,
+                    first + 1
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(urls.into_iter().map(str::to_owned).collect())
 }
 
 /// Open one connection: one TCP connection, one handshake, no retry of lapin's (its default
@@ -144,6 +196,37 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
             cause: format!("no AMQP handshake within {} s", CONNECT_PATIENCE.as_secs()),
         }),
     }
+}
+
+/// Open a connection to the first node of `nodes` that answers, trying each once in turn from
+/// `from`: its index and the connection. When none answers, the error says why for each node
+/// when the list has several (their addresses are the operator's next clue); a refusal is
+/// returned only when every node refused, so a cluster that is partly down is retried at the
+/// quick pace of an unreachable broker.
+async fn open_any(nodes: &[String], from: usize, name: &str) -> Result<(usize, Connection), AmqpError> {
+    let mut failed = Vec::with_capacity(nodes.len());
+    for i in (0..nodes.len()).map(|k| (from + k) % nodes.len()) {
+        match open(&nodes[i], name).await {
+            Ok(conn) => return Ok((i, conn)),
+            Err(e) => {
+                if nodes.len() > 1 {
+                    tracing::debug!(component = name, node = %redact(&nodes[i]), error = %e, "a node of the cluster did not answer");
+                }
+                failed.push(e);
+            }
+        }
+    }
+    if nodes.len() == 1 || failed.iter().all(AmqpError::is_refusal) {
+        return Err(failed.swap_remove(0));
+    }
+    let causes: Vec<String> = failed
+        .iter()
+        .map(|e| match e {
+            AmqpError::Unreachable { url, cause } => format!("{url}: {cause}"),
+            other => other.to_string(),
+        })
+        .collect();
+    Err(AmqpError::Unreachable { url: redact(&nodes.join(",")), cause: causes.join("; ") })
 }
 
 /// Name a failed open by what the operator must do: an access refusal (the broker's
@@ -206,13 +289,16 @@ async fn declare_once(conn: &Connection, extra: &[QueueSpec]) -> Result<(), Amqp
 }
 
 impl Broker {
-    /// Connect as component `name` (shown in the management UI's Connections tab). One
-    /// attempt: a component that cannot connect at start says so and stops.
+    /// Connect as component `name` (shown in the management UI's Connections tab) to the first
+    /// node of `url` (one URL, or a comma-separated list: [`parse_urls`]) that answers. One
+    /// round: a component that cannot connect at start says so and stops.
     pub async fn connect(url: &str, name: &str) -> Result<Broker, AmqpError> {
-        let conn = open(url, name).await?;
-        tracing::debug!(url = %redact(url), component = name, "connected to RabbitMQ");
+        let nodes = parse_urls(url)?;
+        let (node, conn) = open_any(&nodes, 0, name).await?;
+        tracing::debug!(url = %redact(&nodes[node]), component = name, "connected to RabbitMQ");
         let link = Link {
             conn: Arc::new(conn),
+            node,
             opened_at: Instant::now(),
             closed: false,
             outage: None,
@@ -220,6 +306,7 @@ impl Broker {
         };
         let inner = Inner {
             url: url.into(),
+            nodes,
             name: name.into(),
             link: Mutex::new(link),
             generation: tokio::sync::watch::Sender::new(0),
@@ -274,6 +361,9 @@ impl Broker {
             tracing::warn!(component = %self.inner.name, "the connection to RabbitMQ was lost; reconnecting");
             link.outage = Some(Outage { since: now, attempts: 0, next_at, last: None, schedule });
         }
+        // From the node after the one just lost: in a cluster, the lost node is the one most
+        // likely still down.
+        let from = (link.node + 1) % self.inner.nodes.len();
         let outage = link.outage.as_mut().expect("set just above");
         if now < outage.next_at {
             let last = outage.last.clone();
@@ -281,10 +371,10 @@ impl Broker {
         }
         outage.attempts += 1;
         let declared = self.inner.declared.lock().expect("declared").clone();
-        let opened = match open(&self.inner.url, &self.inner.name).await {
-            Ok(conn) => match declared {
+        let opened = match open_any(&self.inner.nodes, from, &self.inner.name).await {
+            Ok((node, conn)) => match declared {
                 Some(extra) => match redeclare(&conn, &extra).await {
-                    Ok(()) => Ok(conn),
+                    Ok(()) => Ok((node, conn)),
                     Err(e) => {
                         let _ = tokio::time::timeout(
                             CLOSE_PATIENCE,
@@ -294,14 +384,15 @@ impl Broker {
                         Err(e)
                     }
                 },
-                None => Ok(conn),
+                None => Ok((node, conn)),
             },
             Err(e) => Err(e),
         };
         match opened {
-            Ok(conn) => {
+            Ok((node, conn)) => {
                 let outage = link.outage.take().expect("an outage is under way");
                 let old = std::mem::replace(&mut link.conn, Arc::new(conn));
+                link.node = node;
                 link.opened_at = Instant::now();
                 link.carried = outage.schedule;
                 // Lost already, but let go of its socket now rather than with the last clone.
@@ -311,6 +402,7 @@ impl Broker {
                 self.inner.generation.send_modify(|g| *g += 1);
                 tracing::info!(
                     component = %self.inner.name,
+                    node = %redact(&self.inner.nodes[node]),
                     down_for = ?outage.since.elapsed(),
                     attempts = outage.attempts,
                     "reconnected to RabbitMQ"
@@ -417,6 +509,84 @@ mod tests {
     fn redacts_the_password_only() {
         assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    #[test]
+    fn redacts_every_url_of_a_list() {
+        assert_eq!(
+            redact("amqp://a:s1@h1:5681/v,amqps://b:s2@h2:5682/v, amqp://h3/v"),
+            "amqp://a:***@h1:5681/v,amqps://b:***@h2:5682/v, amqp://h3/v"
+        );
+    }
+
+    #[test]
+    fn one_url_is_a_list_of_one_node() {
+        let nodes = parse_urls("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(nodes, ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+    }
+
+    #[test]
+    fn a_cluster_is_its_nodes_in_order() {
+        let nodes = parse_urls(
+            "amqp://u:p@127.0.0.1:5681/v, amqp://u:p@127.0.0.1:5682/v,amqp://u:p@127.0.0.1:5683/v",
+        )
+        .unwrap();
+        assert_eq!(
+            nodes,
+            ["amqp://u:p@127.0.0.1:5681/v", "amqp://u:p@127.0.0.1:5682/v", "amqp://u:p@127.0.0.1:5683/v"]
+        );
+    }
+
+    fn refusal(list: &str) -> String {
+        let e = parse_urls(list).expect_err(list);
+        assert!(e.is_refusal(), "{e}");
+        let text = e.to_string();
+        assert!(!text.contains("secret"), "a password in the message: {text}");
+        text
+    }
+
+    #[test]
+    fn an_empty_item_is_named_by_its_place() {
+        assert!(refusal("").contains("it is empty"));
+        let text = refusal("amqp://u:secret@h1/v,,amqp://u:secret@h3/v");
+        assert!(text.contains("URL 2 of 3 is empty"), "{text}");
+        assert!(refusal("amqp://u:secret@h1/v,").contains("URL 2 of 2 is empty"));
+    }
+
+    #[test]
+    fn a_bad_url_of_a_list_is_named_by_its_place() {
+        let text = refusal("amqp://u:secret@h1/v,http://u:secret@h2/v");
+        assert!(text.contains("URL 2 of 2"), "{text}");
+        assert!(text.contains("http://u:***@h2/v"), "{text}");
+    }
+
+    #[test]
+    fn the_nodes_of_a_list_share_a_vhost() {
+        let text = refusal("amqp://u:secret@h1/a,amqp://u:secret@h2/b");
+        assert!(text.contains("URL 2 names vhost `b` and URL 1 names `a`"), "{text}");
+        assert!(text.contains("separated by commas"), "{text}");
+    }
+
+    /// A node that does not answer is skipped: the connection goes to the next one, and the
+    /// round starts where it is told to.
+    #[tokio::test]
+    async fn a_round_skips_the_nodes_that_do_not_answer() {
+        let closed = |port: u16| format!("amqp://u:p@127.0.0.1:{port}/v");
+        let (a, b) = (free_closed_port(), free_closed_port());
+        let err = open_any(&[closed(a), closed(b)], 1, "test").await.expect_err("nothing listens");
+        match err {
+            AmqpError::Unreachable { url, cause } => {
+                assert_eq!(url, format!("amqp://u:***@127.0.0.1:{a}/v,amqp://u:***@127.0.0.1:{b}/v"));
+                // Both were tried, the second first.
+                let (first, second) = cause.split_once("; ").expect("one cause per node");
+                assert!(first.contains(&b.to_string()) && second.contains(&a.to_string()), "{cause}");
+            }
+            other => panic!("expected Unreachable, got {other}"),
+        }
+    }
+
+    fn free_closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     /// Whatever the jitter, a refused component makes at most five attempts in its first

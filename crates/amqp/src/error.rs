@@ -10,6 +10,11 @@ pub enum AmqpError {
     Unreachable { url: String, cause: String },
     #[error("AMQP_URL `{url}` is not a valid AMQP URL ({cause}); expected amqp://user:pass@host:5672/vhost")]
     BadUrl { url: String, cause: String },
+    #[error(
+        "AMQP_URL `{urls}` is not a list of broker URLs ({cause}); expected one URL, or the URLs of \
+         one cluster's nodes separated by commas: amqp://user:pass@host1:5672/vhost,amqp://user:pass@host2:5672/vhost"
+    )]
+    BadUrlList { urls: String, cause: String },
     #[error("RabbitMQ at {url} refused the connection ({cause}); check the user, password and vhost")]
     Refused { url: String, cause: String },
     #[error(
@@ -45,6 +50,7 @@ impl AmqpError {
             AmqpError::AccessRefused { .. }
                 | AmqpError::Refused { .. }
                 | AmqpError::BadUrl { .. }
+                | AmqpError::BadUrlList { .. }
                 | AmqpError::Declare { .. }
         )
     }

@@ -26,7 +26,7 @@ mod publisher;
 pub mod tls;
 pub mod topology;
 
-pub use broker::{Broker, redact};
+pub use broker::{Broker, parse_urls, redact};
 pub use consumer::{ConsumerConfig, HandleError, consume};
 pub use envelope::dead_reason;
 pub use envelope::{Envelope, Outgoing, TraceParent, headers};

@@ -143,6 +143,13 @@ pub async fn declare_exchanges(ch: &Channel) -> Result<(), AmqpError> {
 }
 
 /// Declare a durable quorum work queue with its dead-letter queue, and bind both.
+///
+/// On a cluster each quorum queue is replicated on three nodes (a majority of them must be up
+/// for it to take and give messages). The group size is the broker's (`quorum_cluster_size` in
+/// `broker/cluster.advanced.config`), not an `x-quorum-initial-group-size` argument here:
+/// RabbitMQ compares that argument when a queue is declared again, so adding it would make every
+/// queue declared without it refuse every component's start (PRECONDITION_FAILED), and no
+/// policy can set a group size, which is fixed at declaration.
 pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), AmqpError> {
     let dlq = dead_letter_queue(&spec.name);
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };

@@ -62,12 +62,13 @@ pub enum Command {
     Reconcile {
         #[command(flatten)]
         data: DataDir,
-        /// The broker the services listen on.
+        /// The broker the services listen on (a cluster: its nodes' URLs separated by commas).
         #[arg(
             long,
             env = "AMQP_URL",
             default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-            hide_env_values = true
+            hide_env_values = true,
+            value_parser = AmqpUrls
         )]
         amqp_url: String,
         /// Leave alone spaces younger than this: their flow may still be moving.
@@ -270,12 +271,14 @@ pub struct ChaosArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Broker {
-    /// The broker.
+    /// The broker: one URL, or the URLs of a cluster's nodes separated by commas (the first
+    /// that answers is used, the next one when it is lost).
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = AmqpUrls
     )]
     pub amqp_url: String,
     /// Instance name of the orchestrator and the gateway.
@@ -385,6 +388,32 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The owner is normalised as the gateway does, so that `Alice=team` is alice's plan.
 /// A tracing filter, checked here so that a typo is a usage error rather than silence.
+/// `AMQP_URL`: one broker URL or a comma-separated list of one cluster's nodes, checked here so
+/// that a bad list is a usage error (exit 2) before anything starts. A parser of its own rather
+/// than a function: clap's error would quote the value, password and all; this one says what
+/// is wrong with the URLs redacted.
+#[derive(Debug, Clone, Copy)]
+struct AmqpUrls;
+
+impl clap::builder::TypedValueParser for AmqpUrls {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let flag = arg.and_then(|a| a.get_long()).map_or("the broker URL".into(), |l| format!("--{l}"));
+        let refuse = |why: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{flag}: {why}\n"))
+                .with_cmd(cmd)
+        };
+        let s = value.to_str().ok_or_else(|| refuse("not valid UTF-8".into()))?;
+        baton_amqp::parse_urls(s).map(|_| s.to_owned()).map_err(|e| refuse(e.to_string()))
+    }
+}
+
 fn parse_log_filter(s: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_owned()).map_err(|e| {
         format!("`{s}` is not a log filter ({e}); write e.g. info, debug or info,baton_gateway=debug")
@@ -407,12 +436,14 @@ pub struct UpArgs {
     /// Coordination mode.
     #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
     pub mode: CliMode,
-    /// The broker.
+    /// The broker: one URL, or the URLs of a cluster's nodes separated by commas (the first
+    /// that answers is used, the next one when it is lost).
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = AmqpUrls
     )]
     pub amqp_url: String,
     #[command(flatten)]
@@ -543,5 +574,31 @@ mod tests {
         assert!(Cli::try_parse_from(["baton", "workflows", "show", "not-a-uuid"]).is_err());
         let cli = Cli::try_parse_from(["baton", "run", "gateway", "--http", "127.0.0.1:9000"]).unwrap();
         assert!(matches!(cli.command, Command::Run { component: Component::Gateway, .. }));
+    }
+
+    #[test]
+    fn a_cluster_is_given_as_a_list_of_urls() {
+        let list =
+            "amqp://u:p@127.0.0.1:5681/%2f,amqp://u:p@127.0.0.1:5682/%2f,amqp://u:p@127.0.0.1:5683/%2f";
+        let cli = Cli::try_parse_from(["baton", "run", "records", "--amqp-url", list]).unwrap();
+        let Command::Run { args, .. } = cli.command else { panic!("run") };
+        assert_eq!(args.amqp_url, list);
+        for bad in ["amqp://u:p@h1/%2f,,amqp://u:p@h3/%2f", "amqp://u:p@h1/a,amqp://u:p@h2/b", "amqp://h1/v,"]
+        {
+            for argv in [
+                vec!["baton", "up", "--amqp-url", bad],
+                vec!["baton", "dlq", "list", "--amqp-url", bad],
+                vec!["baton", "reconcile", "--amqp-url", bad],
+            ] {
+                let e = Cli::try_parse_from(&argv).expect_err(bad);
+                assert_eq!(e.exit_code(), 2, "{argv:?}");
+                let text = e.to_string();
+                assert!(
+                    text.contains("--amqp-url: ") && text.contains("separated by commas"),
+                    "{argv:?}: {text}"
+                );
+                assert!(!text.contains(":p@"), "the password is shown: {text}");
+            }
+        }
     }
 }

@@ -116,13 +116,17 @@ fn component_url_in(
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<String> {
     let var = format!("BATON_{}_AMQP_URL", component.to_uppercase());
+    // Checked like --amqp-url: one URL, or a cluster's nodes separated by commas.
+    let checked = |url: String, from: &str| {
+        baton_amqp::parse_urls(&url).map(|_| url).with_context(|| format!("{from}: not a broker URL list"))
+    };
     if let Some(url) = env(&var) {
-        return Ok(url);
+        return checked(url, &var);
     }
     if let Some(file) = env(&format!("{var}_FILE")) {
         let url =
             std::fs::read_to_string(&file).with_context(|| format!("{var}_FILE: cannot read {file}"))?;
-        return Ok(url.trim().to_owned());
+        return checked(url.trim().to_owned(), &format!("{var}_FILE ({file})"));
     }
     Ok(shared.to_owned())
 }
@@ -891,6 +895,19 @@ mod tests {
             .expect_err("a missing file is an error, not the shared URL");
         let text = format!("{err:#}");
         assert!(text.contains("BATON_GATEWAY_AMQP_URL_FILE") && text.contains(&file), "{text}");
+    }
+
+    #[test]
+    fn a_component_url_may_list_a_cluster_and_a_bad_list_is_named() {
+        let list = "amqp://baton-records:a@h1:5681/%2F,amqp://baton-records:a@h2:5682/%2F";
+        let url = component_url_in("records", SHARED, lookup(&[("BATON_RECORDS_AMQP_URL", list)]));
+        assert_eq!(url.unwrap(), list);
+
+        let bad = "amqp://baton-records:secret@h1/%2F,";
+        let err = component_url_in("records", SHARED, lookup(&[("BATON_RECORDS_AMQP_URL", bad)]));
+        let text = format!("{:#}", err.expect_err("a trailing comma"));
+        assert!(text.contains("BATON_RECORDS_AMQP_URL") && text.contains("URL 2 of 2 is empty"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
     }
 
     #[test]

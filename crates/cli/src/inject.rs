@@ -123,8 +123,9 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
 }
 
 /// The vhost of an AMQP URL as the management API's paths want it (percent-encoded; the
-/// default vhost `/` is `%2F`).
+/// default vhost `/` is `%2F`). Of a cluster's list, the first URL's: they all name the same.
 pub fn vhost_of(url: &str) -> String {
+    let url = url.split(',').next().unwrap_or(url);
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let path = rest.split_once('/').map_or("", |(_, p)| p);
     let path = path.split(['?', '#']).next().unwrap_or("");
@@ -216,6 +217,7 @@ mod tests {
         assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
         assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "%2F");
         assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
+        assert_eq!(vhost_of("amqp://u:p@h:5681/baton-demo,amqp://u:p@h:5682/baton-demo"), "baton-demo");
     }
 
     #[test]

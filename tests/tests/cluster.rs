@@ -1,0 +1,174 @@
+//! Baton on a three-node RabbitMQ cluster (scripts/cluster.sh) under load: the node that leads
+//! the orchestrator's queues killed, then brought back, then every node restarted in turn.
+//! Every component is given the three nodes' URLs; nothing may be lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use baton_tests::cluster::Cluster;
+use baton_tests::{System, SystemConfig, TestEnv, wait_for};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Clients sending requests one after the other until stopped, each with a name and an owner
+/// of its own (so that every request can succeed).
+struct Load {
+    answered: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    clients: JoinSet<Vec<(u16, serde_json::Value)>>,
+}
+
+impl Load {
+    fn start(sys: &Arc<System>, clients: usize) -> Load {
+        let (answered, stop) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
+        let mut set = JoinSet::new();
+        for c in 0..clients {
+            let (sys, answered, stop) = (Arc::clone(sys), Arc::clone(&answered), stop.clone());
+            set.spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0.. {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let name = format!("c{c}-{i}");
+                    // The gateway's deadline is 30 s: an answer comes before 60 s, whatever happens.
+                    let answer = tokio::time::timeout(Duration::from_secs(60), sys.create(&name, &name))
+                        .await
+                        .unwrap_or_else(|_| panic!("POST /spaces {name} had no answer within 60 s"));
+                    answers.push(answer);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                answers
+            });
+        }
+        Load { answered, stop, clients: set }
+    }
+
+    /// Wait (bounded) until `more` requests beyond those answered now are answered: the
+    /// system still makes progress.
+    async fn progress(&self, more: usize, during: &str) {
+        let target = self.answered.load(Ordering::Relaxed) + more;
+        wait_for(&format!("{more} more answers {during}"), Duration::from_secs(60), || async {
+            (self.answered.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await;
+    }
+
+    /// Stop the clients and return every answer.
+    async fn finish(mut self) -> Vec<(u16, serde_json::Value)> {
+        self.stop.cancel();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(90), async {
+            while let Some(r) = self.clients.join_next().await {
+                all.extend(r.expect("a load client"));
+            }
+        })
+        .await
+        .expect("the load clients finish within 90 s");
+        all
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_and_every_node_restarted_in_turn_loses_nothing() {
+    let t0 = std::time::Instant::now();
+    let phase = |what: String| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let cluster = Cluster::start().await;
+    phase(format!("cluster up: {}", cluster.urls()));
+    let env = TestEnv::on_broker(&cluster.urls());
+    let sys = Arc::new(
+        System::start(&env, SystemConfig { delay: Duration::from_millis(3), ..SystemConfig::default() })
+            .await,
+    );
+    // Every quorum queue the components declared has a member on each of the three nodes.
+    cluster.wait_replicated(Duration::from_secs(30)).await;
+    let load = Load::start(&sys, 4);
+    load.progress(20, "at the start").await;
+
+    // The node that leads the orchestrator's command queue (all components went to node 1,
+    // the first of the list, and it leads what they declared) is killed.
+    let leader = wait_for("the leader of orchestrator.commands", Duration::from_secs(10), || {
+        cluster.leader("orchestrator.commands")
+    })
+    .await;
+    let replies = cluster.leader("orchestrator.main.replies").await;
+    phase(format!("killing node {leader}, which leads orchestrator.commands (and replies: {replies:?})"));
+    cluster.kill(leader).await;
+    let new = wait_for("a new leader of orchestrator.commands", Duration::from_secs(30), || async {
+        cluster.leader("orchestrator.commands").await.filter(|n| *n != leader)
+    })
+    .await;
+    phase(format!("node {new} leads orchestrator.commands now"));
+    load.progress(20, &format!("with node {leader} dead")).await;
+
+    // Brought back: it rejoins, and every queue has its three members again.
+    cluster.start_missing().await;
+    cluster.wait_replicated(Duration::from_secs(60)).await;
+    load.progress(10, &format!("with node {leader} back")).await;
+    phase(format!("node {leader} back, every queue whole again"));
+
+    // A rolling restart: each node stopped cleanly and started again, the next one only once
+    // every queue is whole again (a majority of each queue is up throughout).
+    for n in 1..=baton_tests::cluster::NODES {
+        cluster.stop_node(n).await;
+        load.progress(10, &format!("with node {n} stopped")).await;
+        phase(format!("node {n} stopped"));
+        cluster.start_missing().await;
+        cluster.wait_replicated(Duration::from_secs(60)).await;
+        phase(format!("node {n} restarted, every queue whole again"));
+    }
+    load.progress(10, "after the rolling restart").await;
+
+    let answers = load.finish().await;
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for (status, body) in &answers {
+        *by_status.entry(*status).or_default() += 1;
+        // A definite answer: done, or (while a connection was being replaced) turned away
+        // before anything started, or rolled back after a step could not be reached.
+        let ok = match status {
+            200 => true,
+            503 => {
+                let error = body["error"].as_str().unwrap_or_default();
+                error.contains("not taking new work")
+                    || (body["step"].is_string() && error.contains("did not answer"))
+            }
+            _ => false,
+        };
+        assert!(
+            ok,
+            "{status} {body}\n{}",
+            body["workflow_id"]
+                .as_str()
+                .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                .unwrap_or_default()
+        );
+    }
+    phase(format!("{} requests answered: {by_status:?}", answers.len()));
+
+    baton_tests::every_saga_ends(&env, Duration::from_secs(60)).await;
+    baton_tests::every_outbox_drains(&env, Duration::from_secs(30)).await;
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    assert_eq!(report.complete, by_status.get(&200).copied().unwrap_or(0), "every 200 is a complete space");
+    // Nothing was dead-lettered on the way.
+    for q in baton_amqp::topology::all_queues("main") {
+        let dlq = baton_amqp::topology::dead_letter_queue(&q.name);
+        assert_eq!(env.queue_depth(&dlq).await, Some(0), "{dlq} holds dead letters");
+    }
+    Arc::into_inner(sys).unwrap().stop().await;
+}
+
+/// A list whose first node does not answer: the component connects to the next one, at once
+/// and without a warning (the shared broker stands for the second node).
+#[tokio::test]
+async fn a_list_whose_first_node_is_down_connects_to_the_next() {
+    let env = TestEnv::new().await;
+    let dead = format!("amqp://guest:guest@127.0.0.1:{}/{}", baton_tests::free_port(), env.vhost);
+    let list = format!("{dead},{}", env.amqp_url());
+    let started = std::time::Instant::now();
+    let broker = baton_amqp::Broker::connect(&list, "test").await.expect("the second node answers");
+    broker.channel().await.expect("a channel on the second node");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    broker.close().await;
+}
