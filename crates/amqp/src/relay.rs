@@ -288,7 +288,8 @@ async fn settle<S: OutboxStore>(
         }
     }
     if !done.is_empty() {
-        crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+        #[cfg(feature = "crash-points")]
+        baton_crash::point(baton_crash::AFTER_PUBLISH_BEFORE_DELETE);
         match store.confirmed(done.clone()).await {
             Ok(()) => trouble.over(),
             Err(e) => {

@@ -315,7 +315,9 @@ impl Core {
         }
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
-        let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
+        let index = reply.index.map(|i| i as usize);
+        #[cfg(feature = "crash-points")]
+        let (step, action) = (reply.step, reply.action);
         let input = Reply {
             service: reply.step,
             index,
@@ -326,14 +328,19 @@ impl Core {
             reason: reply.reason,
             data: reply.data,
         };
-        let point = self
+        let _crash_at = self
             .advance(env.message_id, reply.saga_id, move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                (effects, dangerous_instant(saga, step, index, action))
+                #[cfg(feature = "crash-points")]
+                let point = crate::crash_points::dangerous_instant(saga, step, index, action);
+                #[cfg(not(feature = "crash-points"))]
+                let point: Option<&'static str> = None;
+                (effects, point)
             })
             .await?;
-        if let Some(point) = point {
-            baton_amqp::crash::point(point);
+        #[cfg(feature = "crash-points")]
+        if let Some(point) = _crash_at {
+            baton_crash::point(point);
         }
         Ok(())
     }
@@ -487,33 +494,6 @@ fn timer_backoff() -> backon::ExponentialBackoff {
         .with_jitter()
         .without_max_times()
         .build()
-}
-
-/// The crash point a transition stands at, if any (for the crash tests).
-fn dangerous_instant(
-    saga: &Saga,
-    step: Service,
-    index: Option<usize>,
-    action: Action,
-) -> Option<&'static str> {
-    use baton_workflow::{Phase, SagaStatus};
-    let me = match index {
-        Some(i) => saga.actions.get(i),
-        None => saga.actions.iter().find(|a| a.service == step),
-    };
-    let me = me?;
-    match action {
-        Action::Undo if me.phase == Phase::Compensated && saga.status == SagaStatus::Compensating => {
-            Some(baton_amqp::crash::BETWEEN_COMPENSATIONS)
-        }
-        Action::Do
-            if me.phase == Phase::Done
-                && saga.actions.iter().any(|a| a.step == me.step && a.phase == Phase::Running) =>
-        {
-            Some(baton_amqp::crash::MID_PARALLEL_GROUP)
-        }
-        _ => None,
-    }
 }
 
 fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
