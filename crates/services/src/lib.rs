@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_faults::FaultPlan;
-use baton_protocol::{Context, Mode, Outcome, Service};
+use baton_protocol::{Answer, Context, Mode, Outcome, Service};
 use rusqlite::Transaction;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -74,10 +74,10 @@ pub enum StepResult {
     Failed { status: Option<u16>, reason: String },
 }
 
-impl StepResult {
-    /// The answer as a reply or an event carries it: outcome, status, reason and output.
-    pub fn into_parts(self) -> (Outcome, Option<u16>, Option<String>, Context) {
-        match self {
+impl From<StepResult> for Answer {
+    /// The answer as a reply or an event carries it.
+    fn from(result: StepResult) -> Answer {
+        let (outcome, status, reason, data) = match result {
             StepResult::Done(data) => (Outcome::Done, None, None, data),
             StepResult::Refused { status, reason } => {
                 (Outcome::Refused, Some(status), Some(reason), Context::default())
@@ -85,7 +85,8 @@ impl StepResult {
             StepResult::Failed { status, reason } => {
                 (Outcome::Failed, status, Some(reason), Context::default())
             }
-        }
+        };
+        Answer { outcome, status, reason, data }
     }
 }
 

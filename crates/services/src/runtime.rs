@@ -16,7 +16,7 @@ use baton_amqp::topology::{self, EVENTS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
 use baton_health::{Kind, running};
 use baton_protocol::{
-    Action, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, StepReply, events, reply_type,
+    Action, Answer, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, events, reply_type,
 };
 use baton_store::{Db, StoreError, inbox, outbox, tombstone};
 use rusqlite::Transaction;
@@ -215,26 +215,9 @@ impl Handler {
     #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action))]
     async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        let action = if env.kind == service.do_type() {
-            Action::Do
-        } else if Some(env.kind.as_str()) == service.undo_type() {
-            Action::Undo
-        } else {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {}{}",
-                env.kind,
-                topology::command_queue(service.name()),
-                service.do_type(),
-                service.undo_type().map(|u| format!(" and {u}")).unwrap_or_default()
-            )));
-        };
-        let cmd: StepCommand = env.json().map_err(HandleError::Reject)?;
-        if cmd.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; this service reads schema {SCHEMA}",
-                cmd.schema
-            )));
-        }
+        let kinds: Vec<&str> = std::iter::once(service.do_type()).chain(service.undo_type()).collect();
+        let cmd: StepCommand = env.decode(&topology::command_queue(service.name()), &kinds)?;
+        let action = if env.kind == service.do_type() { Action::Do } else { Action::Undo };
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::Reject(format!(
                 "a `{}` message must carry step `{service}` and action `{}`",
@@ -255,20 +238,7 @@ impl Handler {
                 Action::Do => apply(tx, step, ids, &cmd.context)?,
                 Action::Undo => undo(tx, step, ids, &cmd.context)?,
             };
-            let (outcome, status, reason, data) = v.into_parts();
-            let body = StepReply {
-                schema: SCHEMA,
-                saga_id: cmd.saga_id,
-                space_id: cmd.space_id,
-                step: service,
-                action,
-                attempt: cmd.attempt,
-                index: cmd.index,
-                outcome,
-                status,
-                reason,
-                data,
-            };
+            let body = cmd.reply(v.into());
             let reply = Outgoing::new(
                 REPLIES,
                 &reply_to,
@@ -288,21 +258,8 @@ impl Handler {
     #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        if env.kind != service.trigger_event() {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {}",
-                env.kind,
-                topology::event_queue(service.name()),
-                service.trigger_event()
-            )));
-        }
-        let event: SpaceEvent = env.json().map_err(HandleError::Reject)?;
-        if event.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; this service reads schema {SCHEMA}",
-                event.schema
-            )));
-        }
+        let event: SpaceEvent =
+            env.decode(&topology::event_queue(service.name()), &[service.trigger_event()])?;
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
@@ -313,7 +270,7 @@ impl Handler {
         self.in_transaction(message, move |tx, step| {
             // Events mode has no saga: the space is the unit of work, and of its tombstones.
             let ids = Ids { space_id: event.space_id, saga_id: event.space_id };
-            let (outcome, status, reason, data) = apply(tx, step, ids, &event.context)?.into_parts();
+            let Answer { outcome, status, reason, data } = apply(tx, step, ids, &event.context)?.into();
             let mut context = event.context.clone();
             let (kind, body) = match outcome {
                 Outcome::Done => {
