@@ -353,8 +353,8 @@ impl Drop for System {
 }
 
 /// How the harness runs a service against `env`.
-pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::runtime::RunOptions {
-    baton_services::runtime::RunOptions {
+pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::RunOptions {
+    baton_services::RunOptions {
         amqp_url: env.amqp_url(),
         data_dir: env.data_dir().to_owned(),
         mode: cfg.mode,

@@ -16,6 +16,9 @@ fn refusals(dir: &std::path::Path, seed: u64) -> BTreeSet<(String, String)> {
     let mut all = BTreeSet::new();
     for db in ["records", "placement", "entitlements", "routing"] {
         let conn = baton_store::open_read_only(&dir.join(format!("{db}.db"))).unwrap();
+        if !baton_store::has_table(&conn, "faults").unwrap() {
+            continue; // nothing was injected into this service
+        }
         let mut stmt = conn.prepare("SELECT step, key FROM faults WHERE kind = 'refusal'").unwrap();
         all.extend(
             stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))

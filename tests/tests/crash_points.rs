@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_amqp::crash;
+use baton_crash as crash;
 use baton_protocol::Service;
 use baton_services::ServiceConfig;
 use baton_tests::{System, SystemConfig, TestEnv, free_port, scalar, spawn_baton, wait_for};
@@ -76,7 +76,12 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     }
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
-        .unwrap_or_else(|_| panic!("{component} never reached {point}"))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{component} never reached {point}; a `baton` built without the crash-points feature \
+                 has none (build it with `cargo build --workspace`, or `-p baton-cli --features crash-points`)"
+            )
+        })
         .unwrap();
     assert_eq!(status.signal(), Some(9), "{component} died by SIGKILL at {point}");
 

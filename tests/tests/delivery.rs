@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, OUTCOMES, QueueSpec, REPLIES};
 use baton_amqp::{Outgoing, Publisher, TraceParent};
-use baton_protocol::{Action, Context, Outcome, SCHEMA, START, Service, StartSaga, StepCommand, StepReply};
+use baton_protocol::{
+    Action, Context, Outcome, SCHEMA, START, START_REPLY, SagaOutcome, Service, StartSaga, StepCommand,
+    StepReply,
+};
 use baton_tests::{System, SystemConfig, TestEnv, rows_for, scalar, timeline, wait_for};
 use baton_workflow::Workflow;
 use lapin::BasicProperties;
@@ -242,6 +245,54 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
     assert_eq!(status, 200, "{body}");
     for (_, _, queue, _) in &queues {
         assert_eq!(env.queue_depth(queue).await, Some(0), "{queue} is drained, nothing loops");
+    }
+    sys.stop().await;
+}
+
+/// A reply and an outcome written in another schema are dead-lettered with the reason, like a
+/// command is: every handler decodes the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_outcomes_of_another_schema_are_dead_lettered_with_the_reason() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, SystemConfig::default()).await;
+    let id = Uuid::new_v4();
+    let reply = StepReply {
+        schema: SCHEMA + 1,
+        saga_id: id,
+        space_id: id,
+        step: Service::Records,
+        action: Action::Do,
+        attempt: 1,
+        index: Some(0),
+        outcome: Outcome::Done,
+        status: None,
+        reason: None,
+        data: Context::default(),
+    };
+    let outcome =
+        SagaOutcome { schema: SCHEMA + 1, saga_id: id, space_id: id, status: 200, space: None, error: None };
+    for (exchange, key, queue, kind, body) in [
+        (
+            REPLIES,
+            "orchestrator.main",
+            "orchestrator.main.replies",
+            "records.create.reply",
+            serde_json::to_vec(&reply),
+        ),
+        (OUTCOMES, "gateway.main", "gateway.main.outcomes", START_REPLY, serde_json::to_vec(&outcome)),
+    ] {
+        publish_raw(&env, exchange, key, &body.unwrap(), props(kind)).await;
+        let dlq = topology::dead_letter_queue(queue);
+        depth_is(&env, &dlq, 1).await;
+        let dead = env.take_messages(&dlq, 1).await;
+        assert_eq!(
+            dead[0]["properties"]["headers"]["x-baton-dead-reason"],
+            format!(
+                "schema {} of a `{kind}` message is not supported; Baton reads schema {SCHEMA}",
+                SCHEMA + 1
+            ),
+            "{queue}"
+        );
     }
     sys.stop().await;
 }

@@ -377,7 +377,8 @@ where
         };
         match result {
             Ok(()) => {
-                crate::crash::point(crate::crash::AFTER_COMMIT_BEFORE_ACK);
+                #[cfg(feature = "crash-points")]
+                baton_crash::point(baton_crash::AFTER_COMMIT_BEFORE_ACK);
                 if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
                     // Committed but not acked: the redelivery is answered from the inbox.
                     tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");

@@ -1,13 +1,16 @@
 //! The envelope of the design, built in exactly one place ([`properties`], from an [`Outgoing`]
-//! message) and checked in exactly one place ([`Envelope::from_delivery`]).
+//! message) and checked in exactly one place ([`Envelope::from_delivery`]); a body is decoded in
+//! one place too ([`Envelope::decode`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use baton_protocol::MAX_BODY_BYTES;
+use baton_protocol::{Body, MAX_BODY_BYTES, SCHEMA};
 pub use baton_protocol::{Outgoing, TraceParent};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use uuid::Uuid;
+
+use crate::HandleError;
 
 /// Header names Baton sets.
 pub mod headers {
@@ -137,6 +140,40 @@ impl Envelope {
         serde_json::from_slice(&self.body)
             .map_err(|e| format!("body of a `{}` message is not valid: {e}", self.kind))
     }
+
+    /// The body of a message taken from `queue`, which takes the message types `kinds`: its type
+    /// checked, its JSON parsed, its schema checked. Every handler starts here; a message that
+    /// fails is dead-lettered with the reason.
+    pub fn decode<T: Body>(&self, queue: &str, kinds: &[impl AsRef<str>]) -> Result<T, HandleError> {
+        if !kinds.iter().any(|k| k.as_ref() == self.kind) {
+            return Err(HandleError::Reject(format!(
+                "unknown message type `{}` on {queue}; it takes {}",
+                self.kind,
+                listed(kinds)
+            )));
+        }
+        let body: T = self.json().map_err(HandleError::Reject)?;
+        if body.schema() != SCHEMA {
+            return Err(HandleError::Reject(format!(
+                "schema {} of a `{}` message is not supported; Baton reads schema {SCHEMA}",
+                body.schema(),
+                self.kind
+            )));
+        }
+        Ok(body)
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn listed(items: &[impl AsRef<str>]) -> String {
+    match items {
+        [] => "nothing".into(),
+        [one] => one.as_ref().to_owned(),
+        [init @ .., last] => {
+            let init: Vec<&str> = init.iter().map(AsRef::as_ref).collect();
+            format!("{} and {}", init.join(", "), last.as_ref())
+        }
+    }
 }
 
 /// Read the dead-letter reason of a message, for `baton dlq` and tests.
@@ -190,5 +227,29 @@ mod tests {
         );
         let xml = properties(&o).with_content_type("text/xml".into());
         assert!(Envelope::from_delivery(&xml, b"{}", false).unwrap_err().contains("text/xml"));
+    }
+
+    #[test]
+    fn decode_checks_the_type_the_json_and_the_schema() {
+        use baton_protocol::RetrySaga;
+        let o = out();
+        let decode = |kind: &str, body: &str| {
+            let p = properties(&o).with_type(kind.into());
+            let env = Envelope::from_delivery(&p, body.as_bytes(), false).unwrap();
+            env.decode::<RetrySaga>("q", &["a.retry", "b.retry", "c.retry"]).map_err(|e| e.to_string())
+        };
+        let id = Uuid::from_u128(7);
+        let good = format!(r#"{{"schema":1,"saga_id":"{id}"}}"#);
+        assert_eq!(decode("b.retry", &good).unwrap().saga_id, id);
+        assert_eq!(
+            decode("d.retry", &good).unwrap_err(),
+            "unknown message type `d.retry` on q; it takes a.retry, b.retry and c.retry"
+        );
+        assert!(decode("a.retry", "{}").unwrap_err().contains("body of a `a.retry` message is not valid"));
+        let future = format!(r#"{{"schema":2,"saga_id":"{id}"}}"#);
+        assert_eq!(
+            decode("a.retry", &future).unwrap_err(),
+            "schema 2 of a `a.retry` message is not supported; Baton reads schema 1"
+        );
     }
 }

@@ -17,7 +17,6 @@
 
 mod broker;
 mod consumer;
-pub mod crash;
 pub mod dlq;
 mod envelope;
 mod error;

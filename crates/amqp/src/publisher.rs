@@ -182,6 +182,7 @@ impl baton_store::relay::Publish for Publisher {
     }
 
     fn before_delete(&self) {
-        crate::crash::point(crate::crash::AFTER_PUBLISH_BEFORE_DELETE);
+        #[cfg(feature = "crash-points")]
+        baton_crash::point(baton_crash::AFTER_PUBLISH_BEFORE_DELETE);
     }
 }

@@ -143,7 +143,7 @@ fn spawn_component(
     let name = format!("{component:?}").to_lowercase();
     let amqp_url = component_url(&name, &args.amqp_url)?;
     let service = |s: Service| {
-        let opts = baton_services::runtime::RunOptions {
+        let opts = baton_services::RunOptions {
             amqp_url: amqp_url.clone(),
             data_dir: args.data.data_dir.clone(),
             mode: setup.mode,

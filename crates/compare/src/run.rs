@@ -398,6 +398,10 @@ async fn drive(
     let mut injected = injected.lock().expect("faults").clone();
     for db in ["records", "placement", "entitlements", "routing", "notifier"] {
         let Ok(conn) = baton_store::open_read_only(&dir.join(format!("{db}.db"))) else { continue };
+        // The fault plan's decorators create the table only where they injected into a service.
+        if !baton_store::has_table(&conn, "faults")? {
+            continue;
+        }
         let mut stmt = conn.prepare("SELECT kind, COUNT(*) FROM faults GROUP BY kind")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
             let (kind, n) = row?;

@@ -329,6 +329,16 @@ impl FaultPlan {
         self.duplicate > 0.0 && roll(self.seed, &format!("duplicate/{message_key}")) < self.duplicate
     }
 
+    /// Whether the plan injects anything into `step`'s own handling of messages (refusals,
+    /// latency, failing undos, failures, duplicates), beside what the driver of a run does to it.
+    pub fn injects_into(&self, step: Service) -> bool {
+        self.refuse.contains_key(&step)
+            || self.delay_ms.contains_key(&step)
+            || self.undo_fails.contains_key(&step)
+            || self.nack.contains_key(&step)
+            || self.duplicate > 0.0
+    }
+
     pub fn delay(&self, step: Service) -> Duration {
         Duration::from_millis(self.delay_ms.get(&step).copied().unwrap_or(0))
     }
@@ -435,6 +445,9 @@ mod tests {
         assert!(p.undo_fails(Service::Placement, "x") && !p.undo_fails(Service::Records, "x"));
         assert!(p.nacks(Service::Records, "m") && !p.nacks(Service::Routing, "m"));
         assert!(FaultPlan::parse("none", 1).unwrap().is_empty());
+        assert!(p.injects_into(Service::Records) && !p.injects_into(Service::Routing));
+        assert!(FaultPlan::parse("duplicate=0.1", 1).unwrap().injects_into(Service::Notifier));
+        assert!(!FaultPlan::parse("crash.routing=40%+1s", 1).unwrap().injects_into(Service::Routing));
     }
 
     #[test]

@@ -306,29 +306,15 @@ fn refuse(stream: tokio::net::TcpStream, max: usize) {
 impl Gateway {
     /// An outcome arrived: record it, then hand it to the waiting client if there is one.
     async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        if env.kind != START_REPLY {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {START_REPLY}",
-                env.kind,
-                topology::outcome_queue(&self.opts.instance)
-            )));
-        }
-        let outcome: SagaOutcome = env.json().map_err(HandleError::Reject)?;
+        let outcome: SagaOutcome =
+            env.decode(&topology::outcome_queue(&self.opts.instance), &[START_REPLY])?;
         self.record(env.message_id, outcome).await
     }
 
     /// An event that ends a space's flow arrived (events mode): make it an outcome.
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        if env.kind != events::READY && env.kind != events::REJECTED {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {} and {}",
-                env.kind,
-                topology::gateway_event_queue(&self.opts.instance).name,
-                events::READY,
-                events::REJECTED
-            )));
-        }
-        let ev: SpaceEvent = env.json().map_err(HandleError::Reject)?;
+        let queue = topology::gateway_event_queue(&self.opts.instance).name;
+        let ev: SpaceEvent = env.decode(&queue, &[events::READY, events::REJECTED])?;
         let ctx = ev.context;
         let outcome = if env.kind == events::READY {
             SagaOutcome {

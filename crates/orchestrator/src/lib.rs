@@ -14,6 +14,8 @@
 //! Must not touch: the rules of a transition (that is `baton-workflow`), lapin, the services'
 //! databases.
 
+#[cfg(feature = "crash-points")]
+mod crash_points;
 mod definitions;
 pub mod query;
 mod runtime;

@@ -70,6 +70,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         wake: Wake::default(),
         timer: Timer::default(),
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        replies: replies.name.clone(),
+        reply_kinds: reply_kinds(),
         workflows,
         definition_ids,
         clock: SagaClock::start(),
@@ -156,6 +158,9 @@ struct Core {
     wake: Wake,
     timer: Timer,
     reply_key: String,
+    /// This instance's reply queue, and the message types it takes.
+    replies: String,
+    reply_kinds: Vec<String>,
     workflows: HashMap<String, Workflow>,
     /// The `definitions` row of each loaded workflow, stored with every saga it starts.
     definition_ids: HashMap<String, i64>,
@@ -167,6 +172,17 @@ struct Core {
 struct Meta {
     reply_to: Option<String>,
     trace: TraceParent,
+}
+
+/// What an instance's reply queue takes: the replies to every step's commands, and operators'
+/// retries.
+fn reply_kinds() -> Vec<String> {
+    Service::ALL
+        .into_iter()
+        .flat_map(|s| std::iter::once(s.do_type()).chain(s.undo_type()))
+        .map(baton_protocol::reply_type)
+        .chain([RETRY.to_owned()])
+        .collect()
 }
 
 fn corrupt(cause: impl ToString) -> StoreError {
@@ -205,19 +221,7 @@ impl Core {
 
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        if env.kind != START {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on orchestrator.commands; it takes {START}",
-                env.kind
-            )));
-        }
-        let start: StartSaga = env.json().map_err(HandleError::Reject)?;
-        if start.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; expected {SCHEMA}",
-                start.schema
-            )));
-        }
+        let start: StartSaga = env.decode(&topology::command_queue(COMPONENT), &[START])?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
@@ -292,14 +296,7 @@ impl Core {
 
     #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id))]
     async fn on_reply(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        if !env.kind.ends_with(".reply") {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on this orchestrator's reply queue; it takes step replies \
-                 (`<command>.reply`) and {RETRY}",
-                env.kind
-            )));
-        }
-        let reply: StepReply = env.json().map_err(HandleError::Reject)?;
+        let reply: StepReply = env.decode(&self.replies, &self.reply_kinds)?;
         let expected = match reply.action {
             Action::Do => Some(reply.step.do_type()),
             Action::Undo => reply.step.undo_type(),
@@ -315,25 +312,23 @@ impl Core {
         }
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
+        #[cfg(feature = "crash-points")]
         let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
-        let input = Reply {
-            service: reply.step,
-            index,
-            action: reply.action,
-            attempt: reply.attempt,
-            outcome: reply.outcome,
-            status: reply.status,
-            reason: reply.reason,
-            data: reply.data,
-        };
-        let point = self
-            .advance(env.message_id, reply.saga_id, move |saga, wf, now| {
+        let saga_id = reply.saga_id;
+        let input = Reply::from(reply);
+        let _crash_at = self
+            .advance(env.message_id, saga_id, move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                (effects, dangerous_instant(saga, step, index, action))
+                #[cfg(feature = "crash-points")]
+                let point = crate::crash_points::dangerous_instant(saga, step, index, action);
+                #[cfg(not(feature = "crash-points"))]
+                let point: Option<&'static str> = None;
+                (effects, point)
             })
             .await?;
-        if let Some(point) = point {
-            baton_amqp::crash::point(point);
+        #[cfg(feature = "crash-points")]
+        if let Some(point) = _crash_at {
+            baton_crash::point(point);
         }
         Ok(())
     }
@@ -341,7 +336,7 @@ impl Core {
     /// An operator asks to finish a rollback (`baton workflows retry`).
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_retry(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let req: RetrySaga = env.json().map_err(HandleError::Reject)?;
+        let req: RetrySaga = env.decode(&self.replies, &self.reply_kinds)?;
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
         self.advance(env.message_id, req.saga_id, |saga, wf, now| {
             let effects = saga.retry_compensation(wf, now);
@@ -487,33 +482,6 @@ fn timer_backoff() -> backon::ExponentialBackoff {
         .with_jitter()
         .without_max_times()
         .build()
-}
-
-/// The crash point a transition stands at, if any (for the crash tests).
-fn dangerous_instant(
-    saga: &Saga,
-    step: Service,
-    index: Option<usize>,
-    action: Action,
-) -> Option<&'static str> {
-    use baton_workflow::{Phase, SagaStatus};
-    let me = match index {
-        Some(i) => saga.actions.get(i),
-        None => saga.actions.iter().find(|a| a.service == step),
-    };
-    let me = me?;
-    match action {
-        Action::Undo if me.phase == Phase::Compensated && saga.status == SagaStatus::Compensating => {
-            Some(baton_amqp::crash::BETWEEN_COMPENSATIONS)
-        }
-        Action::Do
-            if me.phase == Phase::Done
-                && saga.actions.iter().any(|a| a.step == me.step && a.phase == Phase::Running) =>
-        {
-            Some(baton_amqp::crash::MID_PARALLEL_GROUP)
-        }
-        _ => None,
-    }
 }
 
 fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {

@@ -17,6 +17,24 @@ pub use outgoing::{Outgoing, TraceParent};
 /// Version of every body's schema. A consumer rejects other versions to the dead-letter queue.
 pub const SCHEMA: u32 = 1;
 
+/// A message body: it says which [`SCHEMA`] its sender wrote, so that a consumer can refuse
+/// one it does not read (every body of this crate has one).
+pub trait Body: serde::de::DeserializeOwned {
+    fn schema(&self) -> u32;
+}
+
+macro_rules! bodies {
+    ($($body:ty),*) => {
+        $(impl Body for $body {
+            fn schema(&self) -> u32 {
+                self.schema
+            }
+        })*
+    };
+}
+
+bodies!(StepCommand, StepReply, RetrySaga, StartSaga, SpaceEvent, SagaOutcome);
+
 /// Largest body a consumer accepts; bigger ones are dead-lettered unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -221,6 +239,34 @@ pub struct StepReply {
     pub reason: Option<String>,
     #[serde(default)]
     pub data: Context,
+}
+
+/// A step's answer, as a reply carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub reason: Option<String>,
+    pub data: Context,
+}
+
+impl StepCommand {
+    /// The reply to this command: the same saga, step, action, attempt and index, and `answer`.
+    pub fn reply(&self, answer: Answer) -> StepReply {
+        StepReply {
+            schema: SCHEMA,
+            saga_id: self.saga_id,
+            space_id: self.space_id,
+            step: self.step,
+            action: self.action,
+            attempt: self.attempt,
+            index: self.index,
+            outcome: answer.outcome,
+            status: answer.status,
+            reason: answer.reason,
+            data: answer.data,
+        }
+    }
 }
 
 /// Message type of a reply to a command of type `command_type`.

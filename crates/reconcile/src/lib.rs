@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_amqp::topology::{self, COMMANDS};
-use baton_amqp::{Broker, ConsumerConfig, HandleError, Outgoing, Publisher, TraceParent, consume};
-use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply};
+use baton_amqp::{Broker, ConsumerConfig, Outgoing, Publisher, TraceParent, consume};
+use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply, reply_type};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 use serde::Serialize;
@@ -149,6 +149,9 @@ async fn undo_all(
     let queue = format!("{me}.replies");
     topology::declare_private_reply_queue(&broker.channel().await?, &queue, &me).await?;
     let publisher = Publisher::new(broker.clone());
+    // The replies to the compensations it sends.
+    let kinds: Vec<String> =
+        Service::ALL.into_iter().filter_map(Service::undo_type).map(reply_type).collect();
     let (tx, mut rx) = mpsc::unbounded_channel::<StepReply>();
     let cancel = CancellationToken::new();
     let listener = tokio::spawn(consume(
@@ -156,9 +159,9 @@ async fn undo_all(
         publisher.clone(),
         ConsumerConfig::new(queue.clone(), 256),
         move |env| {
-            let tx = tx.clone();
+            let (tx, queue, kinds) = (tx.clone(), queue.clone(), kinds.clone());
             async move {
-                let reply: StepReply = env.json().map_err(HandleError::Reject)?;
+                let reply: StepReply = env.decode(&queue, &kinds)?;
                 let _ = tx.send(reply);
                 Ok(())
             }

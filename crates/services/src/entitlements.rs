@@ -85,8 +85,9 @@ impl Step for Entitlements {
         Ok(licensed(licence))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>> {
-        Some(tx.execute("DELETE FROM licences WHERE space_id = ?1", [ids.space_id.to_string()]).map(drop))
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+        tx.execute("DELETE FROM licences WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        Ok(StepResult::Done(Context::default()))
     }
 }
 
@@ -118,7 +119,7 @@ mod tests {
             for n in 10..15 {
                 assert!(matches!(e.apply(&tx, ids(n), &ctx("x", "carol"))?, StepResult::Done(_)));
             }
-            e.undo(&tx, ids(1)).unwrap()?;
+            e.undo(&tx, ids(1), &ctx("x", "o"))?;
             assert!(matches!(e.apply(&tx, ids(3), &ctx("x", "alice"))?, StepResult::Done(_)));
             Ok(())
         })

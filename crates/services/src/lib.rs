@@ -2,18 +2,27 @@
 //! drives a rule from a command and answers with a reply.
 //!
 //! Owns: one module per service with its tables and rules ([`records`], [`placement`],
-//! [`entitlements`], [`routing`], [`notifier`]), each behind the [`Step`] trait; and [`runtime`],
+//! [`entitlements`], [`routing`], [`notifier`]), each behind the [`Step`] trait; [`runtime`],
 //! which turns a delivery into one transaction (inbox, tombstone, rule, outbox) and acks after
-//! the commit. The rules are the same code whatever drives them (a command in workflow mode, an
-//! event in events mode). Must not touch: another service's database, saga state, or lapin
-//! (everything AMQP goes through `baton-amqp`).
+//! the commit; and [`faults`], the fault plan's decorators around a rule and around the
+//! runtime's pipeline, which [`run`] puts in place only when the plan injects something. The
+//! rules are the same code whatever drives them (a command in workflow mode, an event in events
+//! mode). Must not touch: another service's database, saga state, or lapin (everything AMQP goes
+//! through `baton-amqp`).
 
-use baton_protocol::{Context, Service};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_faults::FaultPlan;
+use baton_protocol::{Answer, Context, Mode, Outcome, Service};
 use rusqlite::Transaction;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub mod config;
 pub mod entitlements;
+pub mod faults;
 pub mod notifier;
 pub mod placement;
 pub mod records;
@@ -21,7 +30,37 @@ pub mod routing;
 pub mod runtime;
 
 pub use config::ServiceConfig;
-pub use runtime::run;
+
+/// Where and how a service runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub amqp_url: String,
+    pub data_dir: PathBuf,
+    pub mode: Mode,
+    /// Unacked deliveries held at once.
+    pub prefetch: u16,
+    /// Latency added before every message is handled (on top of the plan's).
+    pub delay: Duration,
+    pub faults: FaultPlan,
+    /// This instance's name: several instances of a service compete for its queues and share
+    /// its database; each publishes the outbox rows it wrote. Keep it stable across restarts.
+    pub instance: String,
+    /// Where the service reports its liveness and readiness.
+    pub health: baton_health::Health,
+}
+
+/// Run one service until `cancel`: its rules, behind the fault plan's decorators when the plan
+/// injects anything into this service. Returns once its consumers and relay have stopped.
+pub async fn run(
+    service: Service,
+    cfg: ServiceConfig,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
+    let (step, pipeline) = faults::decorate(step, &opts.faults);
+    runtime::run(step, pipeline, opts, cancel).await
+}
 
 /// How a step ended, as its business rules decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +69,25 @@ pub enum StepResult {
     Done(Context),
     /// A business rule said no; nothing changed.
     Refused { status: u16, reason: String },
+    /// It could not be done, and nothing changed: too late (the step was compensated already)
+    /// or a technical failure (an undo the fault plan fails). The orchestrator retries an undo.
+    Failed { status: Option<u16>, reason: String },
+}
+
+impl From<StepResult> for Answer {
+    /// The answer as a reply or an event carries it.
+    fn from(result: StepResult) -> Answer {
+        let (outcome, status, reason, data) = match result {
+            StepResult::Done(data) => (Outcome::Done, None, None, data),
+            StepResult::Refused { status, reason } => {
+                (Outcome::Refused, Some(status), Some(reason), Context::default())
+            }
+            StepResult::Failed { status, reason } => {
+                (Outcome::Failed, status, Some(reason), Context::default())
+            }
+        };
+        Answer { outcome, status, reason, data }
+    }
 }
 
 /// Which space and saga a step works on.
@@ -53,8 +111,9 @@ pub trait Step: Send + Sync + 'static {
         Ok(())
     }
     fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult>;
-    /// Undo the step; `None` when the service cannot undo (the notifier).
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>>;
+    /// Undo the step for the space `ctx` names: [`StepResult::Done`] once undone, a refusal
+    /// when the service cannot undo (the notifier).
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult>;
 }
 
 /// The rules of `service`, configured.

@@ -54,8 +54,8 @@ impl Step for Notifier {
         Ok(StepResult::Done(Context::default()))
     }
 
-    fn undo(&self, _tx: &Transaction<'_>, _ids: Ids) -> Option<rusqlite::Result<()>> {
-        None
+    fn undo(&self, _tx: &Transaction<'_>, _ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+        Ok(StepResult::Refused { status: 422, reason: "notifier cannot be undone".into() })
     }
 }
 
@@ -80,7 +80,10 @@ mod tests {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
             assert_eq!((n, to.as_str()), (1, "alice@users.baton.local"));
-            assert!(Notifier.undo(&tx, ids(1)).is_none());
+            assert!(matches!(
+                Notifier.undo(&tx, ids(1), &ctx("acme", "alice"))?,
+                StepResult::Refused { status: 422, .. }
+            ));
             Ok(())
         })
         .await

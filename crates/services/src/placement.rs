@@ -72,20 +72,18 @@ impl Step for Placement {
         Ok(placed(shard))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>> {
-        Some((|| {
-            let shard: Option<String> = tx
-                .query_row(
-                    "DELETE FROM placements WHERE space_id = ?1 RETURNING shard",
-                    [ids.space_id.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(shard) = shard {
-                tx.execute("UPDATE shards SET used = used - 1 WHERE name = ?1", [shard])?;
-            }
-            Ok(())
-        })())
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+        let shard: Option<String> = tx
+            .query_row(
+                "DELETE FROM placements WHERE space_id = ?1 RETURNING shard",
+                [ids.space_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(shard) = shard {
+            tx.execute("UPDATE shards SET used = used - 1 WHERE name = ?1", [shard])?;
+        }
+        Ok(StepResult::Done(Context::default()))
     }
 }
 
@@ -110,8 +108,8 @@ mod tests {
             assert_eq!(shard(p.apply(&tx, ids(2), &ctx("b", "o"))?), "s1");
             assert_eq!(shard(p.apply(&tx, ids(3), &ctx("c", "o"))?), "s2");
             assert!(matches!(p.apply(&tx, ids(4), &ctx("d", "o"))?, StepResult::Refused { status: 503, .. }));
-            p.undo(&tx, ids(2)).unwrap()?;
-            p.undo(&tx, ids(2)).unwrap()?;
+            p.undo(&tx, ids(2), &ctx("b", "o"))?;
+            p.undo(&tx, ids(2), &ctx("b", "o"))?;
             assert_eq!(shard(p.apply(&tx, ids(4), &ctx("d", "o"))?), "s1");
             Ok(())
         })

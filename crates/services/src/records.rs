@@ -46,8 +46,9 @@ impl Step for Records {
         Ok(StepResult::Done(Context { key: Some(ctx.name.clone()), ..Default::default() }))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>> {
-        Some(tx.execute("DELETE FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()]).map(drop))
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+        tx.execute("DELETE FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        Ok(StepResult::Done(Context::default()))
     }
 }
 
@@ -70,8 +71,8 @@ mod tests {
             };
             assert_eq!(status, 409);
             assert!(reason.contains("acme"));
-            Records.undo(&tx, ids(1)).unwrap()?;
-            Records.undo(&tx, ids(1)).unwrap()?;
+            Records.undo(&tx, ids(1), &ctx("x", "o"))?;
+            Records.undo(&tx, ids(1), &ctx("x", "o"))?;
             let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", [], |r| r.get(0))?;
             assert_eq!(n, 0);
             assert!(matches!(Records.apply(&tx, ids(2), &ctx("acme", "bob"))?, StepResult::Done(_)));

@@ -73,8 +73,9 @@ impl Step for Routing {
         Ok(routed(key, shard))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids) -> Option<rusqlite::Result<()>> {
-        Some(tx.execute("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()]).map(drop))
+    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+        tx.execute("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        Ok(StepResult::Done(Context::default()))
     }
 }
 
@@ -104,7 +105,7 @@ mod tests {
                 r.apply(&tx, ids(4), &ctx("nokey", "o"))?,
                 StepResult::Refused { status: 422, .. }
             ));
-            r.undo(&tx, ids(2)).unwrap()?;
+            r.undo(&tx, ids(2), &ctx("x", "o"))?;
             assert!(matches!(r.apply(&tx, ids(3), &with("acme"))?, StepResult::Done(_)));
             Ok(())
         })

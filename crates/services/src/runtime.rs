@@ -7,52 +7,56 @@
 //! it still answers commands, which is how `baton reconcile` undoes what a failed flow left.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_amqp::topology::{self, EVENTS, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
-use baton_faults::FaultPlan;
 use baton_health::{Kind, running};
 use baton_protocol::{
-    Action, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, StepReply, events, reply_type,
+    Action, Answer, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, events, reply_type,
 };
 use baton_store::relay::{self, Wake};
-use baton_store::{Db, StoreError, inbox, now_ms, outbox, tombstone};
-use rusqlite::{Transaction, params};
+use baton_store::{Db, StoreError, Tx, inbox, outbox, tombstone};
+use rusqlite::Transaction;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Ids, ServiceConfig, Step, StepResult, step_for};
+use crate::{Ids, RunOptions, Step, StepResult};
 
-/// Where and how a service runs.
+/// What a decorator of the pipeline knows of the message at hand.
 #[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub amqp_url: String,
-    pub data_dir: PathBuf,
-    pub mode: Mode,
-    /// Unacked deliveries held at once.
-    pub prefetch: u16,
-    /// Latency added before every message is handled (on top of the plan's).
-    pub delay: Duration,
-    pub faults: FaultPlan,
-    /// This instance's name: several instances of a service compete for its queues and share
-    /// its database; each publishes the outbox rows it wrote. Keep it stable across restarts.
-    pub instance: String,
-    /// Where the service reports its liveness and readiness.
-    pub health: baton_health::Health,
+pub struct Handling {
+    pub service: Service,
+    pub action: Action,
+    pub message_id: Uuid,
+    /// The space's name: the same for a step in both modes.
+    pub name: String,
 }
 
-/// Run one service until `cancel`; returns once its consumers and relay have stopped.
+/// Where the handling of a message can be decorated (the fault plan's injections, in
+/// [`crate::faults`]); a service runs without one unless its plan injects something.
+pub trait Pipeline: Send + Sync + 'static {
+    /// Before a decoded message is handled: hold it, or fail it (it is requeued).
+    fn before<'a>(
+        &'a self,
+        message: &'a Handling,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandleError>> + Send + 'a>>;
+    /// In the message's transaction, once `out` (what it sends) is in the outbox.
+    fn sent(&self, tx: &Tx<'_>, message: &Handling, out: &[Outgoing]) -> Result<(), StoreError>;
+}
+
+/// Run one service's `step` until `cancel`, its handling decorated by `pipeline` if any;
+/// returns once its consumers and relay have stopped.
 pub async fn run(
-    service: Service,
-    cfg: ServiceConfig,
+    step: Arc<dyn Step>,
+    pipeline: Option<Arc<dyn Pipeline>>,
     opts: RunOptions,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let step: Arc<dyn Step> = Arc::from(step_for(service, &cfg));
+    let service = step.service();
     let health = &opts.health;
     let name = service.name();
     // Registered first (failing until attached), so that a readiness asked while this
@@ -85,8 +89,7 @@ pub async fn run(
         health.check(name, "relay running", Kind::Live),
         relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()),
     ));
-    let delay = opts.delay + opts.faults.delay(service);
-    let handler = Arc::new(Handler { step, db, wake, delay, faults: opts.faults });
+    let handler = Arc::new(Handler { step, db, wake, delay: opts.delay, pipeline });
     let (h, k) = (Arc::clone(&handler), killed.clone());
     tasks.spawn(running(
         health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
@@ -166,70 +169,42 @@ struct Handler {
     db: Db,
     wake: Wake,
     delay: Duration,
-    faults: FaultPlan,
-}
-
-/// Record an injected fault, in the transaction of the message it touched.
-fn record_fault(tx: &Transaction<'_>, kind: &str, step: Service, key: &str) -> Result<(), StoreError> {
-    tx.prepare_cached("INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![kind, step.name(), key, now_ms()])?;
-    Ok(())
-}
-
-/// What a rule decided about a step.
-struct Verdict {
-    outcome: Outcome,
-    status: Option<u16>,
-    reason: Option<String>,
-    data: Context,
-}
-
-impl Verdict {
-    fn done(data: Context) -> Self {
-        Verdict { outcome: Outcome::Done, status: None, reason: None, data }
-    }
-    fn refused(status: u16, reason: String) -> Self {
-        Verdict {
-            outcome: Outcome::Refused,
-            status: Some(status),
-            reason: Some(reason),
-            data: Context::default(),
-        }
-    }
+    pipeline: Option<Arc<dyn Pipeline>>,
 }
 
 impl Handler {
-    /// The shared part of every message: skip a duplicate (answering it as before), otherwise
-    /// let `decide` work in the transaction and return the messages to send, commit them with
-    /// the inbox row, then wake the relay. The plan may deliver a message twice.
-    async fn in_transaction<F>(&self, message_id: Uuid, dup_key: String, decide: F) -> Result<(), HandleError>
+    /// The shared part of every message: let the pipeline's decorator step in, skip a
+    /// duplicate (answering it as before), otherwise let `decide` work in the transaction and
+    /// return the messages to send, commit them with the inbox row, then wake the relay.
+    async fn in_transaction<F>(&self, message: Handling, decide: F) -> Result<(), HandleError>
     where
-        F: FnOnce(&Transaction<'_>, &dyn Step, &FaultPlan) -> Result<Vec<Outgoing>, StoreError>
-            + Send
-            + 'static,
+        F: FnOnce(&Tx<'_>, &dyn Step) -> Result<Vec<Outgoing>, StoreError> + Send + 'static,
     {
+        if let Some(p) = &self.pipeline {
+            p.before(&message).await?;
+        }
+        if message.action == Action::Do && !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let step = Arc::clone(&self.step);
-        let faults = self.faults.clone();
+        let pipeline = self.pipeline.clone();
         self.db
             .transaction(move |tx| {
-                if let Some(replies) = inbox::seen(tx, message_id)? {
+                if let Some(replies) = inbox::seen(tx, message.message_id)? {
                     // A duplicate: answer as before, change nothing.
                     for r in &replies {
                         outbox::push(tx, r)?;
                     }
                     return Ok(());
                 }
-                let out = decide(tx, step.as_ref(), &faults)?;
+                let out = decide(tx, step.as_ref())?;
                 for m in &out {
                     outbox::push(tx, m)?;
                 }
-                if faults.duplicates(&dup_key) {
-                    record_fault(tx, "duplicate", step.service(), &dup_key)?;
-                    for m in &out {
-                        outbox::push(tx, m)?;
-                    }
+                if let Some(p) = &pipeline {
+                    p.sent(tx, &message, &out)?;
                 }
-                inbox::record(tx, message_id, &out)?;
+                inbox::record(tx, message.message_id, &out)?;
                 Ok(())
             })
             .await?;
@@ -237,35 +212,12 @@ impl Handler {
         Ok(())
     }
 
-    async fn pause(&self) {
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
-    }
-
     #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action))]
     async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        let action = if env.kind == service.do_type() {
-            Action::Do
-        } else if Some(env.kind.as_str()) == service.undo_type() {
-            Action::Undo
-        } else {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {}{}",
-                env.kind,
-                topology::command_queue(service.name()),
-                service.do_type(),
-                service.undo_type().map(|u| format!(" and {u}")).unwrap_or_default()
-            )));
-        };
-        let cmd: StepCommand = env.json().map_err(HandleError::Reject)?;
-        if cmd.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; this service reads schema {SCHEMA}",
-                cmd.schema
-            )));
-        }
+        let kinds: Vec<&str> = std::iter::once(service.do_type()).chain(service.undo_type()).collect();
+        let cmd: StepCommand = env.decode(&topology::command_queue(service.name()), &kinds)?;
+        let action = if env.kind == service.do_type() { Action::Do } else { Action::Undo };
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::Reject(format!(
                 "a `{}` message must carry step `{service}` and action `{}`",
@@ -278,43 +230,15 @@ impl Handler {
         })?;
         tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
         tracing::Span::current().record("action", action.as_str());
-        if self.faults.nacks(service, &env.message_id.to_string()) {
-            return Err(HandleError::Retry(format!(
-                "{service} failed on this message (injected by the fault plan)"
-            )));
-        }
-        if action == Action::Do {
-            self.pause().await;
-        }
-        let dup_key = format!("{service}/{}/{}", action.as_str(), cmd.context.name);
-        self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
+        let message =
+            Handling { service, action, message_id: env.message_id, name: cmd.context.name.clone() };
+        self.in_transaction(message, move |tx, step| {
             let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
             let v = match action {
-                Action::Do => apply(tx, step, faults, ids, &cmd.context)?,
-                Action::Undo if faults.undo_fails(service, &cmd.context.name) => {
-                    record_fault(tx, "failed compensation", service, &cmd.context.name)?;
-                    Verdict {
-                        outcome: Outcome::Failed,
-                        status: None,
-                        reason: Some(format!("{service} could not undo (injected by the fault plan)")),
-                        data: Context::default(),
-                    }
-                }
-                Action::Undo => undo(tx, step, ids)?,
+                Action::Do => apply(tx, step, ids, &cmd.context)?,
+                Action::Undo => undo(tx, step, ids, &cmd.context)?,
             };
-            let body = StepReply {
-                schema: SCHEMA,
-                saga_id: cmd.saga_id,
-                space_id: cmd.space_id,
-                step: service,
-                action,
-                attempt: cmd.attempt,
-                index: cmd.index,
-                outcome: v.outcome,
-                status: v.status,
-                reason: v.reason,
-                data: v.data,
-            };
+            let body = cmd.reply(v.into());
             let reply = Outgoing::new(
                 REPLIES,
                 &reply_to,
@@ -334,37 +258,23 @@ impl Handler {
     #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        if env.kind != service.trigger_event() {
-            return Err(HandleError::Reject(format!(
-                "unknown message type `{}` on {}; it takes {}",
-                env.kind,
-                topology::event_queue(service.name()),
-                service.trigger_event()
-            )));
-        }
-        let event: SpaceEvent = env.json().map_err(HandleError::Reject)?;
-        if event.schema != SCHEMA {
-            return Err(HandleError::Reject(format!(
-                "schema {} is not supported; this service reads schema {SCHEMA}",
-                event.schema
-            )));
-        }
+        let event: SpaceEvent =
+            env.decode(&topology::event_queue(service.name()), &[service.trigger_event()])?;
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
-        if self.faults.nacks(service, &env.message_id.to_string()) {
-            return Err(HandleError::Retry(format!(
-                "{service} failed on this message (injected by the fault plan)"
-            )));
-        }
-        self.pause().await;
-        let dup_key = format!("{service}/do/{}", event.context.name);
-        self.in_transaction(env.message_id, dup_key, move |tx, step, faults| {
+        let message = Handling {
+            service,
+            action: Action::Do,
+            message_id: env.message_id,
+            name: event.context.name.clone(),
+        };
+        self.in_transaction(message, move |tx, step| {
             // Events mode has no saga: the space is the unit of work, and of its tombstones.
             let ids = Ids { space_id: event.space_id, saga_id: event.space_id };
-            let v = apply(tx, step, faults, ids, &event.context)?;
+            let Answer { outcome, status, reason, data } = apply(tx, step, ids, &event.context)?.into();
             let mut context = event.context.clone();
-            let (kind, body) = match v.outcome {
+            let (kind, body) = match outcome {
                 Outcome::Done => {
-                    context.merge(&v.data);
+                    context.merge(&data);
                     (
                         service.done_event(),
                         SpaceEvent {
@@ -384,8 +294,8 @@ impl Handler {
                         space_id: event.space_id,
                         context,
                         step: Some(service),
-                        status: Some(v.status.unwrap_or(409)),
-                        reason: v.reason,
+                        status: Some(status.unwrap_or(409)),
+                        reason,
                     },
                 ),
             };
@@ -405,44 +315,25 @@ impl Handler {
     }
 }
 
-/// Do a step: nothing if it was compensated already, an injected refusal if the plan says so,
-/// otherwise the rule.
-fn apply(
-    tx: &Transaction<'_>,
-    step: &dyn Step,
-    faults: &FaultPlan,
-    ids: Ids,
-    ctx: &Context,
-) -> Result<Verdict, StoreError> {
+/// Do a step: nothing if it was compensated already, otherwise the rule.
+fn apply(tx: &Transaction<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
     let service = step.service();
     if tombstone::exists(tx, ids.saga_id, service.name())? {
         tracing::info!("step arrived after its compensation; ignored");
-        return Ok(Verdict {
-            outcome: Outcome::Failed,
+        return Ok(StepResult::Failed {
             status: Some(409),
-            reason: Some(format!("{service} was already compensated for this request")),
-            data: Context::default(),
+            reason: format!("{service} was already compensated for this request"),
         });
     }
-    if faults.refuses(service, &ctx.name) {
-        record_fault(tx, "refusal", service, &ctx.name)?;
-        return Ok(Verdict::refused(503, format!("{service} refused (injected by the fault plan)")));
-    }
-    Ok(match step.apply(tx, ids, ctx)? {
-        StepResult::Done(out) => Verdict::done(out),
-        StepResult::Refused { status, reason } => Verdict::refused(status, reason),
-    })
+    Ok(step.apply(tx, ids, ctx)?)
 }
 
-/// Undo a step and leave a tombstone, so that a late command or event for it is a no-op.
-fn undo(tx: &Transaction<'_>, step: &dyn Step, ids: Ids) -> Result<Verdict, StoreError> {
-    let name = step.service().name();
-    match step.undo(tx, ids) {
-        Some(result) => {
-            result?;
-            tombstone::put(tx, ids.saga_id, name)?;
-            Ok(Verdict::done(Context::default()))
-        }
-        None => Ok(Verdict::refused(422, format!("{name} cannot be undone"))),
+/// Undo a step and, once undone, leave a tombstone, so that a late command or event for it is a
+/// no-op.
+fn undo(tx: &Transaction<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
+    let result = step.undo(tx, ids, ctx)?;
+    if let StepResult::Done(_) = result {
+        tombstone::put(tx, ids.saga_id, step.service().name())?;
     }
+    Ok(result)
 }

@@ -240,13 +240,6 @@ const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
         reason TEXT NOT NULL,
         parked_at INTEGER NOT NULL
     );
-    CREATE TABLE faults (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL,
-        step TEXT NOT NULL,
-        key TEXT NOT NULL,
-        at INTEGER NOT NULL
-    );
     CREATE TABLE relay_stats (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         published INTEGER NOT NULL
@@ -645,6 +638,16 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
             .map_err(|e| StoreError::Open { path: path.display().to_string(), cause: e.to_string() })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
+}
+
+/// Whether the database has the table `name`: a reader of a table that only some runs create
+/// (the fault plan's `faults`) asks first.
+pub fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
 }
 
 #[cfg(test)]

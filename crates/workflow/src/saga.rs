@@ -8,7 +8,7 @@
 //! Times are milliseconds on the runtime's saga clock, which never goes back within a process;
 //! only [`Saga::rearm`] and [`Deadline::of`] deal with times from another clock.
 
-use baton_protocol::{Action, ClientDeadline, Context, Outcome, Service};
+use baton_protocol::{Action, ClientDeadline, Context, Outcome, Service, StepReply};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -137,6 +137,21 @@ pub struct Reply {
     pub status: Option<u16>,
     pub reason: Option<String>,
     pub data: Context,
+}
+
+impl From<StepReply> for Reply {
+    fn from(r: StepReply) -> Reply {
+        Reply {
+            service: r.step,
+            index: r.index.map(|i| i as usize),
+            action: r.action,
+            attempt: r.attempt,
+            outcome: r.outcome,
+            status: r.status,
+            reason: r.reason,
+            data: r.data,
+        }
+    }
 }
 
 /// What happened, for the saga's timeline.

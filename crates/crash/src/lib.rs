@@ -2,7 +2,13 @@
 //!
 //! A component process started with `BATON_CRASH_AT=<point>` (or `<point>:<n>`, the n-th time the
 //! point is reached) sends itself SIGKILL there: no cleanup, no flush, exactly as if the machine
-//! had killed it. Unarmed (the normal case) a crash point costs one atomic load.
+//! had killed it. Unarmed, a crash point costs one atomic load.
+//!
+//! Owns: the names of the points and the arming. Must not touch: anything else. The crates that
+//! have points depend on this one only through their `crash-points` feature, and guard each
+//! point with `#[cfg(feature = "crash-points")]`, so that a release build (`cargo build --release
+//! -p baton-cli`) contains none of them; the test crate turns the feature on for the `baton`
+//! binary it runs.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,7 +57,7 @@ pub fn point(name: &str) {
         return;
     }
     eprintln!("crash point {name} reached: SIGKILL");
-    let _ = std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status();
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     // The signal is on its way; never go past the point.
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
