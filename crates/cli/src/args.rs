@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton_node::Component;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Baton: one business flow over RabbitMQ, coordinated by events or by a saga orchestrator.
@@ -32,7 +33,7 @@ pub enum Command {
     Up(UpArgs),
     /// Run one component as its own process; start several to share a queue's work.
     Run {
-        #[arg(value_enum)]
+        #[arg(value_parser = parse_component, value_name = "COMPONENT")]
         component: Component,
         #[command(flatten)]
         args: UpArgs,
@@ -364,15 +365,12 @@ pub enum CliMode {
     Events,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Component {
-    Records,
-    Placement,
-    Entitlements,
-    Routing,
-    Notifier,
-    Orchestrator,
-    Gateway,
+/// One of [`Component::ALL`], by name.
+fn parse_component(s: &str) -> Result<Component, String> {
+    Component::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Component::ALL.map(Component::name).to_vec();
+        format!("no component `{s}`; one of: {}", names.join(", "))
+    })
 }
 
 /// Baton's one duration grammar, humantime's (`500ms`, `30s`, `2m`, `1h`, `1h 30m`), used by

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use baton_protocol::Service;
+use baton_node::Component;
 use baton_services::ServiceConfig;
 use baton_services::config::parse_pairs;
 use baton_workflow::Workflow;
@@ -17,8 +17,7 @@ use baton_faults::FaultPlan;
 use baton_protocol::Mode;
 
 use crate::args::{
-    BenchArgs, Broker, ChaosArgs, Cli, Command, CompareArgs, Component, DataDir, DlqCommand, UpArgs,
-    WorkflowsCommand,
+    BenchArgs, Broker, ChaosArgs, Cli, Command, CompareArgs, DataDir, DlqCommand, UpArgs, WorkflowsCommand,
 };
 use crate::{inject, shutdown};
 
@@ -91,15 +90,31 @@ fn workflows_of(args: &UpArgs) -> anyhow::Result<Vec<Workflow>> {
 
 type Task = (String, anyhow::Result<()>);
 
-/// What every component of one process shares.
-struct Setup {
-    mode: Mode,
-    cfg: ServiceConfig,
-    workflows: Vec<Workflow>,
-    faults: FaultPlan,
-    deadline: Duration,
-    /// The checks of every component of this process (`/health/live`, `/health/ready`).
-    health: baton_health::Health,
+/// The configuration of the components of this process, from the flags.
+fn node_config(args: &UpArgs, mode: Mode, faults: FaultPlan) -> anyhow::Result<baton_node::Config> {
+    let mut config = baton_node::Config::new(mode, args.amqp_url.clone(), args.data.data_dir.clone());
+    for c in Component::ALL {
+        let url = component_url(c.name(), &args.amqp_url)?;
+        if url != args.amqp_url {
+            config.own_amqp_urls.insert(c, url);
+        }
+    }
+    config.instance = args.instance.clone();
+    config.prefetch = args.prefetch;
+    config.services = service_config(args)?;
+    config.service_delay = args.service_delay;
+    config.faults = faults;
+    config.workflows = workflows_of(args)?;
+    config.workflow = args.workflow.clone();
+    config.http = args.http;
+    config.deadline = args.deadline.unwrap_or(baton_node::default_deadline(mode));
+    config.max_in_flight = args.max_in_flight;
+    config.limits = baton_gateway::HttpLimits {
+        header_timeout: args.http_header_timeout,
+        body_timeout: args.http_body_timeout,
+        max_connections: args.http_max_connections.unwrap_or_else(baton_gateway::default_max_connections),
+    };
+    Ok(config)
 }
 
 /// The broker URL of one component: its own credentials if it has them
@@ -131,83 +146,11 @@ fn component_url_in(
 fn spawn_component(
     set: &mut JoinSet<Task>,
     component: Component,
-    args: &UpArgs,
-    setup: &Setup,
+    config: &baton_node::Config,
     cancel: &CancellationToken,
-) -> anyhow::Result<AbortHandle> {
-    let (cfg, workflows) = (&setup.cfg, &setup.workflows);
-    let name = format!("{component:?}").to_lowercase();
-    let amqp_url = component_url(&name, &args.amqp_url)?;
-    let service = |s: Service| {
-        let opts = baton_services::runtime::RunOptions {
-            amqp_url: amqp_url.clone(),
-            data_dir: args.data.data_dir.clone(),
-            mode: setup.mode,
-            prefetch: args.prefetch,
-            delay: args.service_delay,
-            faults: setup.faults.clone(),
-            instance: args.instance.clone(),
-            health: setup.health.clone(),
-        };
-        baton_services::run(s, cfg.clone(), opts, cancel.clone())
-    };
-    let as_service = match component {
-        Component::Records => Some(Service::Records),
-        Component::Placement => Some(Service::Placement),
-        Component::Entitlements => Some(Service::Entitlements),
-        Component::Routing => Some(Service::Routing),
-        Component::Notifier => Some(Service::Notifier),
-        Component::Orchestrator | Component::Gateway => None,
-    };
-    if let Some(s) = as_service {
-        let fut = service(s);
-        return Ok(set.spawn(async move { (name, fut.await) }));
-    }
-    let handle = match component {
-        Component::Orchestrator => {
-            let opts = baton_orchestrator::Options {
-                amqp_url: amqp_url.clone(),
-                data_dir: args.data.data_dir.clone(),
-                instance: args.instance.clone(),
-                prefetch: args.prefetch,
-                workflows: workflows.to_vec(),
-                health: setup.health.clone(),
-            };
-            set.spawn(baton_orchestrator_task(name, opts, cancel.clone()))
-        }
-        Component::Gateway => {
-            let opts = baton_gateway::Options {
-                amqp_url: amqp_url.clone(),
-                data_dir: args.data.data_dir.clone(),
-                http: args.http,
-                mode: setup.mode,
-                instance: args.instance.clone(),
-                workflow: args.workflow.clone(),
-                deadline: setup.deadline,
-                max_in_flight: args.max_in_flight,
-                limits: baton_gateway::HttpLimits {
-                    header_timeout: args.http_header_timeout,
-                    body_timeout: args.http_body_timeout,
-                    max_connections: args
-                        .http_max_connections
-                        .unwrap_or_else(baton_gateway::default_max_connections),
-                },
-                health: setup.health.clone(),
-            };
-            let cancel = cancel.clone();
-            set.spawn(async move { (name, baton_gateway::run(opts, cancel).await) })
-        }
-        _ => unreachable!("services were spawned above"),
-    };
-    Ok(handle)
-}
-
-async fn baton_orchestrator_task(
-    name: String,
-    opts: baton_orchestrator::Options,
-    cancel: CancellationToken,
-) -> Task {
-    (name, baton_orchestrator::run(opts, cancel).await)
+) -> AbortHandle {
+    let (config, cancel) = (config.clone(), cancel.clone());
+    set.spawn(async move { (component.name().to_owned(), baton_node::run(component, &config, cancel).await) })
 }
 
 /// `up` (every component) or `run` (one of them).
@@ -228,8 +171,8 @@ fn check_port_free(addr: &std::net::SocketAddr) -> anyhow::Result<()> {
 
 async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     let mode = Mode::from(args.mode);
-    if mode == Mode::Events && only == Some(Component::Orchestrator) {
-        bail!("the orchestrator has no part in events mode; run it with --mode workflow");
+    if let Some(c) = only.filter(|c| !c.runs_in(mode)) {
+        bail!("the {c} has no part in {mode} mode; run it with --mode workflow");
     }
     let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
     // Crashes, drops and broker restarts are done to components, by whoever drives them: `up`
@@ -243,18 +186,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             "the plan's crash, drop, restart-broker, poison and disk-full items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
         );
     }
-    let deadline = args.deadline.unwrap_or(match mode {
-        Mode::Workflow => Duration::from_secs(30),
-        Mode::Events => Duration::from_secs(5),
-    });
-    let setup = Setup {
-        mode,
-        cfg: service_config(&args)?,
-        workflows: workflows_of(&args)?,
-        faults,
-        deadline,
-        health: baton_health::Health::default(),
-    };
+    let config = node_config(&args, mode, faults)?;
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
     if only.is_none() || only == Some(Component::Gateway) {
@@ -264,18 +196,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     shutdown::on_signal(cancel.clone());
     let components: Vec<Component> = match only {
         Some(c) => vec![c],
-        None => [
-            Component::Records,
-            Component::Placement,
-            Component::Entitlements,
-            Component::Routing,
-            Component::Notifier,
-            Component::Orchestrator,
-            Component::Gateway,
-        ]
-        .into_iter()
-        .filter(|c| mode == Mode::Workflow || *c != Component::Orchestrator)
-        .collect(),
+        None => Component::of_mode(mode).collect(),
     };
     let mut set = JoinSet::new();
     if let Some(addr) = args.health {
@@ -283,7 +204,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("--health {addr}: cannot listen there; pick a free address"))?;
         tracing::info!(%addr, "serving /health/live and /health/ready");
-        let (health, cancel) = (setup.health.clone(), cancel.clone());
+        let (health, cancel) = (config.health.clone(), cancel.clone());
         set.spawn(async move {
             let served = baton_health::serve(listener, health, cancel).await;
             ("health endpoint".to_owned(), served.context("serving /health"))
@@ -294,7 +215,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
     let mut running: HashMap<Component, AbortHandle> = HashMap::new();
     let mut crashed: HashSet<tokio::task::Id> = HashSet::new();
     for c in &components {
-        running.insert(*c, spawn_component(&mut set, *c, &args, &setup, &cancel)?);
+        running.insert(*c, spawn_component(&mut set, *c, &config, &cancel));
     }
     if only.is_none() || only == Some(Component::Gateway) {
         tracing::info!(
@@ -302,7 +223,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             broker = %baton_amqp::redact(&args.amqp_url),
             data_dir = %args.data.data_dir.display(),
             %mode,
-            faults = %setup.faults,
+            faults = %config.faults,
             "starting; Ctrl-C stops"
         );
     }
@@ -314,7 +235,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             "crashes and connection drops happen at their shares of every fault window, from now until Ctrl-C"
         );
         inject::spawn_driver(
-            &setup.faults,
+            &config.faults,
             args.fault_window,
             baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
             inject::vhost_of(&args.amqp_url),
@@ -362,7 +283,7 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
             },
             Some(order) = orders.recv(), if !cancel.is_cancelled() => {
                 let inject::Order::Crash { component, down, round } = order;
-                let name = format!("{component:?}").to_lowercase();
+                let name = component.name();
                 match running.remove(&component) {
                     Some(task) => {
                         task.abort();
@@ -390,17 +311,9 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
                 }
             }
             Some(Ok(component)) = restarts.join_next(), if !restarts.is_empty() && !cancel.is_cancelled() => {
-                let name = format!("{component:?}").to_lowercase();
-                match spawn_component(&mut set, component, &args, &setup, &cancel) {
-                    Ok(task) => {
-                        running.insert(component, task);
-                        tracing::warn!(fault = "crash", component = %name, "component restarted after its crash");
-                    }
-                    Err(e) => {
-                        failure.get_or_insert(e.context(format!("restarting {name}")));
-                        cancel.cancel();
-                    }
-                }
+                let name = component.name();
+                running.insert(component, spawn_component(&mut set, component, &config, &cancel));
+                tracing::warn!(fault = "crash", component = %name, "component restarted after its crash");
             }
             _ = cancel.cancelled(), if grace_until.is_none() => {
                 grace_until = Some(tokio::time::Instant::now() + shutdown::GRACE);

@@ -23,11 +23,11 @@ use std::time::Duration;
 use anyhow::bail;
 use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
-use baton_protocol::{Mode, Service};
+use baton_protocol::Mode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::Component;
+use baton_node::Component;
 
 /// What the driver asks of `up`'s loop, which owns the components' tasks.
 #[derive(Debug)]
@@ -62,18 +62,7 @@ impl Injected {
 
 /// The component a plan's crash item names, if `up` can crash it.
 fn crashable(name: &str) -> Option<Component> {
-    match name {
-        "orchestrator" => return Some(Component::Orchestrator),
-        "gateway" => return Some(Component::Gateway),
-        _ => {}
-    }
-    Some(match Service::parse(name)? {
-        Service::Records => Component::Records,
-        Service::Placement => Component::Placement,
-        Service::Entitlements => Component::Entitlements,
-        Service::Routing => Component::Routing,
-        Service::Notifier => Component::Notifier,
-    })
+    Component::parse(name)
 }
 
 /// Whether the plan holds items that whoever drives the components carries out (crashes,

@@ -396,7 +396,7 @@ async fn drive(
     // The broker confirmed each relay's messages; the gateway published one per request.
     let messages = sum(dir, "SELECT published FROM relay_stats") + sum(dir, "SELECT COUNT(*) FROM requests");
     let mut injected = injected.lock().expect("faults").clone();
-    for db in ["records", "placement", "entitlements", "routing", "notifier"] {
+    for db in baton_protocol::Service::ALL {
         let Ok(conn) = baton_store::open_read_only(&dir.join(format!("{db}.db"))) else { continue };
         let mut stmt = conn.prepare("SELECT kind, COUNT(*) FROM faults GROUP BY kind")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
@@ -537,7 +537,7 @@ async fn quiesce(
             } else {
                 "-".into()
             };
-            let outboxes: Vec<String> = baton_store::COMPONENTS
+            let outboxes: Vec<String> = baton_protocol::Component::ALL
                 .iter()
                 .filter_map(|c| {
                     let conn = baton_store::open_read_only(&dir.join(format!("{c}.db"))).ok()?;
