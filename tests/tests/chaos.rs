@@ -9,8 +9,9 @@
 use std::time::Duration;
 
 use baton_audit::Kind;
-use baton_compare::{ModeRun, Options, chaos, mgmt::Mgmt, report};
+use baton_compare::{ModeRun, Options, chaos, report};
 use baton_faults::FaultPlan;
+use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 use baton_tests::baton_bin;
 use baton_tests::node::Node;

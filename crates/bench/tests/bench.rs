@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_bench::{Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table};
-use baton_compare::mgmt::Mgmt;
+use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 
 /// The `baton` binary next to this test executable (`target/<profile>/baton`).

@@ -233,8 +233,8 @@ pub struct RunBroker {
 }
 
 impl RunBroker {
-    pub fn mgmt(&self) -> baton_compare::mgmt::Mgmt {
-        baton_compare::mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+    pub fn mgmt(&self) -> baton_mgmt::Mgmt {
+        baton_mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
     }
 }
 

@@ -237,8 +237,8 @@ async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
         inject::spawn_driver(
             &config.faults,
             args.fault_window,
-            baton_compare::mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
-            inject::vhost_of(&args.amqp_url),
+            baton_mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
+            baton_mgmt::vhost_of(&args.amqp_url),
             order_tx,
             injected.clone(),
             cancel.clone(),

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
-use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
+use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,15 +111,6 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
     Ok(())
 }
 
-/// The vhost of an AMQP URL as the management API's paths want it (percent-encoded; the
-/// default vhost `/` is `%2F`).
-pub fn vhost_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let path = rest.split_once('/').map_or("", |(_, p)| p);
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    if path.is_empty() { "%2F".into() } else { path.to_owned() }
-}
-
 enum Point {
     Crash { component: Component, down: Duration },
     Drop,
@@ -199,13 +190,6 @@ async fn drop_connections(mgmt: Mgmt, vhost: String, injected: Injected, round: 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_vhost_comes_from_the_url() {
-        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
-        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "%2F");
-        assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
-    }
 
     #[test]
     fn up_refuses_what_it_cannot_do() {

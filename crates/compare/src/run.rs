@@ -470,7 +470,7 @@ async fn broker_ctl(ctl: &[String], arg: &str) -> anyhow::Result<()> {
 /// happened in time.
 async fn quiesce(
     amqp_url: &str,
-    mgmt: &crate::mgmt::Mgmt,
+    mgmt: &baton_mgmt::Mgmt,
     vhost: &str,
     dir: &Path,
     mode: Mode,
