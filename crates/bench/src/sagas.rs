@@ -469,11 +469,8 @@ async fn settle(dir: &Path, mode: Mode, timeout: Duration) -> bool {
         let outbox = sum_async(dir, "SELECT COUNT(*) FROM outbox").await;
         let working = match mode {
             Mode::Workflow => {
-                sum_async(
-                    dir,
-                    "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
-                )
-                .await
+                let sagas = baton_orchestrator::Sagas::in_data_dir(dir);
+                tokio::task::spawn_blocking(move || sagas.in_flight().ok()).await.ok().flatten()
             }
             Mode::Events => Some(0),
         };

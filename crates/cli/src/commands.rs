@@ -372,15 +372,16 @@ fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn orchestrator_db(data: &DataDir) -> anyhow::Result<rusqlite::Connection> {
-    let path = data.data_dir.join("orchestrator.db");
-    if !path.exists() {
+/// The sagas of the orchestrator of `data`; an error that says where to point when it has none.
+fn sagas(data: &DataDir) -> anyhow::Result<baton_orchestrator::Sagas> {
+    let sagas = baton_orchestrator::Sagas::in_data_dir(&data.data_dir);
+    if !sagas.exists() {
         bail!(
             "{} does not exist; point --data-dir (or BATON_DATA_DIR) at the data dir the orchestrator uses",
-            path.display()
+            sagas.path().display()
         );
     }
-    Ok(baton_store::open_read_only(&path)?)
+    Ok(sagas)
 }
 
 /// A step's phase as `workflows show` prints it: a step still `pending` in a saga that goes no
@@ -393,8 +394,7 @@ fn shown_phase<'a>(saga_status: &str, phase: &'a str) -> &'a str {
 fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkflowsCommand::List { data, state, limit, json } => {
-            let conn = orchestrator_db(&data)?;
-            let rows = baton_orchestrator::query::list(&conn, state.as_deref(), limit)?;
+            let rows = sagas(&data)?.list(state.as_deref(), limit)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -415,8 +415,7 @@ fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
         }
         WorkflowsCommand::Retry { .. } => unreachable!("retry is async, dispatched before"),
         WorkflowsCommand::Show { id, data, json } => {
-            let conn = orchestrator_db(&data)?;
-            let Some(view) = baton_orchestrator::query::describe(&conn, id)? else {
+            let Some(view) = sagas(&data)?.describe(id)? else {
                 bail!("no workflow {id} in {}", data.data_dir.display());
             };
             if json {
@@ -620,8 +619,7 @@ async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
 
 async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyhow::Result<ExitCode> {
     let status = |data: &DataDir| -> anyhow::Result<String> {
-        let conn = orchestrator_db(data)?;
-        let view = baton_orchestrator::query::describe(&conn, id)?;
+        let view = sagas(data)?.describe(id)?;
         Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))?.status)
     };
     let before = status(&data)?;

@@ -501,7 +501,7 @@ async fn quiesce(
         let _ = ch.close(200, "probed".into()).await;
         let outbox = sum(dir, "SELECT COUNT(*) FROM outbox");
         let working = if mode == Mode::Workflow {
-            sum(dir, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')")
+            baton_orchestrator::Sagas::in_data_dir(dir).in_flight().unwrap_or(0)
         } else {
             0
         };

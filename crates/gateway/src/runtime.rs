@@ -47,6 +47,8 @@ pub struct Options {
     /// The liveness and readiness of every component of this process, which `/health/live`
     /// and `/health/ready` answer; the gateway adds its own checks.
     pub health: baton_health::Health,
+    /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
+    pub sagas: baton_orchestrator::Sagas,
 }
 
 /// How long a client may take and how many connections it may hold: without them, connections

@@ -127,6 +127,7 @@ impl Config {
             max_in_flight: self.max_in_flight,
             limits: self.limits,
             health: self.health.clone(),
+            sagas: baton_orchestrator::Sagas::in_data_dir(&self.data_dir),
         }
     }
 }

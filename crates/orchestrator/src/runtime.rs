@@ -182,14 +182,8 @@ impl Core {
             .db
             .transaction(move |tx| {
                 let now = core.clock.now();
-                let ids: Vec<String> = tx
-                    .prepare(
-                        "SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
-                    )?
-                    .query_map([], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                for id in &ids {
-                    let id = Uuid::parse_str(id).map_err(corrupt)?;
+                let ids = crate::query::in_flight_ids(tx)?;
+                for &id in &ids {
                     let Some((mut saga, meta)) = load(tx, id)? else { continue };
                     let Some(wf) = core.workflows.get(&saga.workflow) else { continue };
                     saga.rearm(wf, now);
