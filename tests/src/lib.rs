@@ -493,6 +493,20 @@ pub fn spawn_baton(env: &TestEnv, args: &[&str], envs: &[(&str, &str)], log: &st
         .expect("start a baton process")
 }
 
+/// Send `sig` to the process `pid` (`Signal::TERM`, `Signal::INT`...); a negative `pid` is a
+/// process group.
+pub fn signal(pid: i32, sig: rustix::process::Signal) -> std::io::Result<()> {
+    use rustix::process::{Pid, kill_process, kill_process_group};
+    let target = Pid::from_raw(pid.abs()).ok_or_else(|| std::io::Error::other(format!("no pid {pid}")))?;
+    if pid < 0 { kill_process_group(target, sig) } else { kill_process(target, sig) }?;
+    Ok(())
+}
+
+/// The pid of a running child, for [`signal`].
+pub fn pid_of(child: &tokio::process::Child) -> i32 {
+    child.id().and_then(|pid| i32::try_from(pid).ok()).expect("the process is running")
+}
+
 /// The `baton` binary built next to the tests (`cargo build` puts it in target/<profile>).
 pub fn baton_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -148,9 +148,8 @@ async fn one_consumer_each(probe: &baton_amqp::Broker, queues: impl IntoIterator
 
 /// Stop `baton up` with SIGTERM; it must exit cleanly. Returns its summary of the faults.
 async fn stop_up(mut up: tokio::process::Child, env: &TestEnv) -> String {
-    let pid = up.id().expect("baton up is running").to_string();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-    assert!(sent.success());
+    baton_tests::signal(baton_tests::pid_of(&up), rustix::process::Signal::TERM)
+        .expect("SIGTERM to baton up");
     let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
         .await
         .expect("baton up stops within 30 s")

@@ -449,8 +449,10 @@ impl Fleet {
             })
             .collect();
         for (_, c) in &children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let pid = c.id().and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?));
+            if let Some(pid) = pid {
+                // It may have exited meanwhile: the wait below says so.
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
         for (name, mut c) in children {
