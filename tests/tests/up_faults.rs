@@ -1,5 +1,6 @@
-//! `baton up --faults` carries out the plan's crashes and connection drops itself: a crashed
-//! component's tasks are aborted (its consumers leave their queues, the gateway's port closes,
+//! `baton up --faults` carries out the plan's crashes and connection drops itself: with crash
+//! items every component runs as a `baton run` child of `up`, and a crashed one is killed with
+//! SIGKILL (its consumers leave their queues, the gateway's port closes,
 //! nothing of it stays behind), it comes back after its pause, and under load across the faults
 //! every saga still ends and the audit is clean.
 
@@ -169,7 +170,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
     let (up, http) = start_up(&env, "crash.routing=3%+3s,drop=10%").await;
     let load = Load::start(&http);
 
-    // The crash: routing's consumer leaves its queue while it is down (its tasks were aborted,
+    // The crash: routing's consumer leaves its queue while it is down (its process was killed,
     // not left running behind), and comes back with the restart.
     let probe = env.broker().await;
     log_says(&env, "fault injected: component crashed", Duration::from_secs(60)).await;

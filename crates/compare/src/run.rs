@@ -73,7 +73,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     std::fs::write(&plan_file, opts.faults.to_json())?;
     let port = free_port()?;
     let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
-    let fleet = Arc::new(Fleet::new(
+    let services = baton_protocol::Service::ALL.map(baton_protocol::Service::name);
+    let fleet = Fleet::new(
         &opts.baton_bin,
         [
             "--mode".into(),
@@ -82,20 +83,24 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
             amqp_url.clone(),
             "--data-dir".into(),
             dir.display().to_string(),
-            "--http".into(),
-            format!("127.0.0.1:{port}"),
-            "--faults".into(),
-            format!("@{}", plan_file.display()),
-            "--seed".into(),
-            opts.seed.to_string(),
             "--log".into(),
             "warn".into(),
         ]
-        .into_iter()
-        .chain(deadline.into_iter().flatten())
-        .collect(),
+        .into(),
         &dir,
-    ));
+    )
+    .with_args_for(
+        &["gateway"],
+        ["--http".into(), format!("127.0.0.1:{port}")]
+            .into_iter()
+            .chain(deadline.into_iter().flatten())
+            .collect(),
+    )
+    .with_args_for(
+        &services,
+        vec!["--faults".into(), format!("@{}", plan_file.display()), "--seed".into(), opts.seed.to_string()],
+    );
+    let fleet = Arc::new(fleet);
     // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
     let clock = if mode == Mode::Workflow && !opts.faults.clock_jumps.is_empty() {
         Some(FakeClock::new(&dir)?)

@@ -14,8 +14,8 @@ use crate::args::{Cli, Command, WorkflowsCommand};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Up(args) => up::up(args, None).await,
-        Command::Run { component, args } => up::up(args, Some(component)).await,
+        Command::Up(args) => up::up(args).await,
+        Command::Run { component } => up::run(component).await,
         Command::CreateSpace { name, owner, gateway } => tools::create_space(&gateway, &name, &owner).await,
         Command::Audit { data, json } => tools::audit(&data, json),
         Command::Reconcile { data, amqp_url, older_than, every, json } => {

@@ -1,7 +1,9 @@
 //! `baton up` (every component) and `baton run` (one of them): the flags made into a
-//! [`baton_node::Config`], and the components run, crashed and restarted until Ctrl-C.
+//! [`baton_node::Config`], and the components run until Ctrl-C. With crash items in its fault
+//! plan, `up` runs each component as a `baton run` child instead, so that a crash is a SIGKILL
+//! of a real process (as `compare` and `chaos` do it), and starts it again after its pause.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -12,13 +14,13 @@ use baton_services::ServiceConfig;
 use baton_services::config::parse_pairs;
 use baton_workflow::Workflow;
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::UpArgs;
+use crate::args::{DriverArgs, RunCommand, RunParts, ServiceArgs, UpArgs, WorkflowFiles};
 use crate::{inject, shutdown};
 
-fn service_config(args: &UpArgs) -> anyhow::Result<ServiceConfig> {
+fn service_config(args: &ServiceArgs) -> anyhow::Result<ServiceConfig> {
     let mut cfg = ServiceConfig::default();
     if let Some(s) = &args.shards {
         cfg.shards = parse_pairs(s, "shard").map_err(|e| anyhow!(e))?;
@@ -36,41 +38,54 @@ fn service_config(args: &UpArgs) -> anyhow::Result<ServiceConfig> {
     Ok(cfg)
 }
 
-fn workflows_of(args: &UpArgs) -> anyhow::Result<Vec<Workflow>> {
-    let all = Workflow::bundled_and(&args.workflow_files)?;
-    if !all.iter().any(|w| w.name == args.workflow) {
+/// The bundled workflows and those of the files; `workflow`, when given, must be one of them.
+fn workflows_of(files: &WorkflowFiles, workflow: Option<&str>) -> anyhow::Result<Vec<Workflow>> {
+    let all = Workflow::bundled_and(&files.workflow_files)?;
+    if let Some(wanted) = workflow.filter(|w| !all.iter().any(|known| known.name == *w)) {
         let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
-        bail!("--workflow {}: no such workflow; known: {}", args.workflow, names.join(", "));
+        bail!("--workflow {wanted}: no such workflow; known: {}", names.join(", "));
     }
     Ok(all)
 }
 
 type Task = (String, anyhow::Result<()>);
 
-/// The configuration of the components of this process, from the flags.
-fn node_config(args: &UpArgs, mode: Mode, faults: FaultPlan) -> anyhow::Result<baton_node::Config> {
-    let mut config = baton_node::Config::new(mode, args.amqp_url.clone(), args.data.data_dir.clone());
+/// The configuration of the components of this process, from the flags they take; what a
+/// component takes no flag for keeps [`baton_node::Config::new`]'s default.
+fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::Result<baton_node::Config> {
+    let node = parts.node;
+    let mut config = baton_node::Config::new(mode, node.amqp_url.clone(), node.data.data_dir.clone());
     for c in Component::ALL {
-        let url = component_url(c.name(), &args.amqp_url)?;
-        if url != args.amqp_url {
+        let url = component_url(c.name(), &node.amqp_url)?;
+        if url != node.amqp_url {
             config.own_amqp_urls.insert(c, url);
         }
     }
-    config.instance = args.instance.clone();
-    config.prefetch = args.prefetch;
-    config.services = service_config(args)?;
-    config.service_delay = args.service_delay;
+    config.instance = node.instance.clone();
     config.faults = faults;
-    config.workflows = workflows_of(args)?;
-    config.workflow = args.workflow.clone();
-    config.http = args.http;
-    config.deadline = args.deadline.unwrap_or(baton_node::default_deadline(mode));
-    config.max_in_flight = args.max_in_flight;
-    config.limits = baton_gateway::HttpLimits {
-        header_timeout: args.http_header_timeout,
-        body_timeout: args.http_body_timeout,
-        max_connections: args.http_max_connections.unwrap_or_else(baton_gateway::default_max_connections),
-    };
+    if let Some(consumers) = parts.consumers {
+        config.prefetch = consumers.prefetch;
+    }
+    if let Some(services) = parts.services {
+        config.services = service_config(services)?;
+        config.service_delay = services.service_delay;
+    }
+    if let Some(files) = parts.workflows {
+        config.workflows = workflows_of(files, parts.gateway.map(|g| g.workflow.as_str()))?;
+    }
+    if let Some(gateway) = parts.gateway {
+        config.workflow = gateway.workflow.clone();
+        config.http = gateway.http;
+        config.deadline = gateway.deadline.unwrap_or(baton_node::default_deadline(mode));
+        config.max_in_flight = gateway.max_in_flight;
+        config.limits = baton_gateway::HttpLimits {
+            header_timeout: gateway.http_header_timeout,
+            body_timeout: gateway.http_body_timeout,
+            max_connections: gateway
+                .http_max_connections
+                .unwrap_or_else(baton_gateway::default_max_connections),
+        };
+    }
     Ok(config)
 }
 
@@ -99,18 +114,6 @@ fn component_url_in(
     Ok(shared.to_owned())
 }
 
-/// Start `component` as a task of `set`; its handle aborts it (a crash in `up`).
-fn spawn_component(
-    set: &mut JoinSet<Task>,
-    component: Component,
-    config: &baton_node::Config,
-    cancel: &CancellationToken,
-) -> AbortHandle {
-    let (config, cancel) = (config.clone(), cancel.clone());
-    set.spawn(async move { (component.name().to_owned(), baton_node::run(component, &config, cancel).await) })
-}
-
-/// `up` (every component) or `run` (one of them).
 /// Fail before anything starts when the gateway's address is taken (by the demo, say), rather
 /// than after every service has connected.
 fn check_port_free(addr: &std::net::SocketAddr) -> anyhow::Result<()> {
@@ -126,28 +129,45 @@ fn check_port_free(addr: &std::net::SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-pub(super) async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<ExitCode> {
-    let mode = Mode::from(args.mode);
+/// `baton up`: every component of the mode.
+pub(super) async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    start(args.parts(Component::Gateway), Some(&args.driver)).await
+}
+
+/// `baton run <component>`.
+pub(super) async fn run(cmd: RunCommand) -> anyhow::Result<ExitCode> {
+    start(cmd.parts(), None).await
+}
+
+/// Run the components (every one of the mode with a fault driver, as `up`; else the one of
+/// `parts`, as `run`) until Ctrl-C or one fails.
+async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Result<ExitCode> {
+    let node = parts.node;
+    let mode = Mode::from(node.mode);
+    let only = driver.is_none().then_some(parts.component);
     if let Some(c) = only.filter(|c| !c.runs_in(mode)) {
         bail!("the {c} has no part in {mode} mode; run it with --mode workflow");
     }
-    let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
+    let faults = match parts.services {
+        Some(s) => FaultPlan::parse(&s.faults, s.seed).map_err(|e| anyhow!("--faults: {e}"))?,
+        None => FaultPlan::default(),
+    };
     // Crashes, drops and broker restarts are done to components, by whoever drives them: `up`
     // for its own components, `compare` and `chaos` for their processes (which they start with
     // the whole plan), never a `baton run` process to itself.
-    let drives_faults = only.is_none() && inject::has_driven_items(&faults);
-    if only.is_none() {
-        inject::check(&faults, args.fault_window, mode)?;
+    let drives_faults = driver.is_some() && inject::has_driven_items(&faults);
+    if let Some(driver) = driver {
+        inject::check(&faults, driver.fault_window, mode)?;
     } else if inject::has_driven_items(&faults) {
         tracing::info!(
             "the plan's crash, drop, restart-broker, poison and disk-full items are carried out by whoever drives the components (baton up, compare, chaos), not by `baton run`: ignored here"
         );
     }
-    let config = node_config(&args, mode, faults)?;
-    std::fs::create_dir_all(&args.data.data_dir)
-        .with_context(|| format!("cannot create the data dir {}", args.data.data_dir.display()))?;
+    let config = node_config(&parts, mode, faults)?;
+    std::fs::create_dir_all(&node.data.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", node.data.data_dir.display()))?;
     if only.is_none() || only == Some(Component::Gateway) {
-        check_port_free(&args.http)?;
+        check_port_free(&config.http)?;
     }
     let cancel = CancellationToken::new();
     shutdown::on_signal(cancel.clone());
@@ -155,8 +175,65 @@ pub(super) async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<
         Some(c) => vec![c],
         None => Component::of_mode(mode).collect(),
     };
-    let mut set = JoinSet::new();
-    if let Some(addr) = args.health {
+    // A crash is a SIGKILL of a real process, as `compare` and `chaos` do it: with crash items,
+    // every component runs as a `baton run` child of this one.
+    let as_processes = driver.is_some() && !config.faults.crashes.is_empty();
+    if as_processes && node.health.is_some() {
+        bail!(
+            "--health with crash items: each component then runs as a process of its own, and the \
+             gateway's /health/ready answers for itself only; drop --health or the crash items"
+        );
+    }
+    if only.is_none() || only == Some(Component::Gateway) {
+        tracing::info!(
+            api = %format!("http://{}", config.http),
+            broker = %baton_amqp::redact(&node.amqp_url),
+            data_dir = %node.data.data_dir.display(),
+            %mode,
+            faults = %config.faults,
+            "starting; Ctrl-C stops"
+        );
+    }
+    let (order_tx, orders) = mpsc::unbounded_channel::<inject::Order>();
+    let injected = inject::Injected::default();
+    if let Some(driver) = driver.filter(|_| drives_faults) {
+        tracing::info!(
+            window = ?driver.fault_window,
+            "crashes and connection drops happen at their shares of every fault window, from now until Ctrl-C"
+        );
+        inject::spawn_driver(
+            &config.faults,
+            driver.fault_window,
+            baton_mgmt::Mgmt::new(&driver.mgmt_url, &driver.mgmt_user, &driver.mgmt_password),
+            baton_mgmt::vhost_of(&node.amqp_url),
+            order_tx,
+            injected.clone(),
+            cancel.clone(),
+        );
+    } else {
+        drop(order_tx);
+    }
+    let ran = if as_processes {
+        in_processes(&components, &node.data.data_dir, orders, &injected, &cancel).await
+    } else {
+        in_this_process(&config, &components, node.health, &cancel).await
+    };
+    if !injected.is_empty() {
+        tracing::warn!(injected = %injected.summary(), "faults injected by this run");
+    }
+    ran
+}
+
+/// Run `components` as tasks of this process until `cancel` (then wait for them, within the
+/// grace period) or until one fails or stops on its own.
+async fn in_this_process(
+    config: &baton_node::Config,
+    components: &[Component],
+    health: Option<std::net::SocketAddr>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let mut set: JoinSet<Task> = JoinSet::new();
+    if let Some(addr) = health {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--health {addr}: cannot listen there; pick a free address"))?;
@@ -167,44 +244,10 @@ pub(super) async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<
             ("health endpoint".to_owned(), served.context("serving /health"))
         });
     }
-    // The task of each running component, to crash it; and the tasks aborted on purpose, whose
-    // end is no failure.
-    let mut running: HashMap<Component, AbortHandle> = HashMap::new();
-    let mut crashed: HashSet<tokio::task::Id> = HashSet::new();
-    for c in &components {
-        running.insert(*c, spawn_component(&mut set, *c, &config, &cancel));
+    for &c in components {
+        let (config, cancel) = (config.clone(), cancel.clone());
+        set.spawn(async move { (c.name().to_owned(), baton_node::run(c, &config, cancel).await) });
     }
-    if only.is_none() || only == Some(Component::Gateway) {
-        tracing::info!(
-            api = %format!("http://{}", args.http),
-            broker = %baton_amqp::redact(&args.amqp_url),
-            data_dir = %args.data.data_dir.display(),
-            %mode,
-            faults = %config.faults,
-            "starting; Ctrl-C stops"
-        );
-    }
-    let (order_tx, mut orders) = mpsc::unbounded_channel::<inject::Order>();
-    let injected = inject::Injected::default();
-    if drives_faults {
-        tracing::info!(
-            window = ?args.fault_window,
-            "crashes and connection drops happen at their shares of every fault window, from now until Ctrl-C"
-        );
-        inject::spawn_driver(
-            &config.faults,
-            args.fault_window,
-            baton_mgmt::Mgmt::new(&args.mgmt_url, &args.mgmt_user, &args.mgmt_password),
-            baton_mgmt::vhost_of(&args.amqp_url),
-            order_tx,
-            injected.clone(),
-            cancel.clone(),
-        );
-    } else {
-        drop(order_tx);
-    }
-    // Crashed components waiting out their pause before they start again.
-    let mut restarts: JoinSet<Component> = JoinSet::new();
     let mut failure: Option<anyhow::Error> = None;
     let mut grace_until: Option<tokio::time::Instant> = None;
     loop {
@@ -215,66 +258,26 @@ pub(super) async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<
             }
         };
         tokio::select! {
-            next = set.join_next_with_id() => match next {
+            next = set.join_next() => match next {
                 None => break,
-                Some(Ok((id, _))) if crashed.remove(&id) => {}
-                Some(Err(join)) if crashed.remove(&join.id()) => {}
-                Some(Ok((id, (name, result)))) => {
-                    running.retain(|_, h| h.id() != id);
-                    match result {
-                        Ok(()) if !cancel.is_cancelled() => {
-                            failure.get_or_insert_with(|| anyhow!("{name} stopped on its own"));
-                            cancel.cancel();
-                        }
-                        Ok(()) => {}
-                        Err(e) => {
-                            failure.get_or_insert(e.context(format!("{name} failed")));
-                            cancel.cancel();
-                        }
+                Some(Ok((name, result))) => match result {
+                    Ok(()) if !cancel.is_cancelled() => {
+                        failure.get_or_insert_with(|| anyhow!("{name} stopped on its own"));
+                        cancel.cancel();
                     }
-                }
+                    Ok(()) => {}
+                    Err(e) => {
+                        failure.get_or_insert(e.context(format!("{name} failed")));
+                        cancel.cancel();
+                    }
+                },
                 Some(Err(join)) => {
                     failure.get_or_insert_with(|| anyhow!("a component task died: {join}"));
                     cancel.cancel();
                 }
             },
-            Some(order) = orders.recv(), if !cancel.is_cancelled() => {
-                let inject::Order::Crash { component, down, round } = order;
-                let name = component.name();
-                match running.remove(&component) {
-                    Some(task) => {
-                        task.abort();
-                        crashed.insert(task.id());
-                        let total = injected.add(&format!("crash {name}"), 1);
-                        tracing::warn!(
-                            fault = "crash",
-                            component = %name,
-                            down_ms = down.as_millis() as u64,
-                            crashes = total,
-                            round,
-                            "fault injected: component crashed (its tasks aborted, no cleanup)"
-                        );
-                        restarts.spawn(async move {
-                            tokio::time::sleep(down).await;
-                            component
-                        });
-                    }
-                    None => tracing::warn!(
-                        fault = "crash",
-                        component = %name,
-                        round,
-                        "the plan crashes a component that is still down from its last crash; skipped"
-                    ),
-                }
-            }
-            Some(Ok(component)) = restarts.join_next(), if !restarts.is_empty() && !cancel.is_cancelled() => {
-                let name = component.name();
-                running.insert(component, spawn_component(&mut set, component, &config, &cancel));
-                tracing::warn!(fault = "crash", component = %name, "component restarted after its crash");
-            }
             _ = cancel.cancelled(), if grace_until.is_none() => {
                 grace_until = Some(tokio::time::Instant::now() + shutdown::GRACE);
-                restarts.abort_all();
             }
             _ = grace => {
                 tracing::warn!(grace = ?shutdown::GRACE, "components did not stop within the grace period; aborting them");
@@ -283,18 +286,126 @@ pub(super) async fn up(args: UpArgs, only: Option<Component>) -> anyhow::Result<
             }
         }
     }
-    if !injected.is_empty() {
-        tracing::warn!(injected = %injected.summary(), "faults injected by this run");
+    failure.map_or(Ok(ExitCode::SUCCESS), Err)
+}
+
+/// Run `components` as `baton run <component>` children (through `baton-fleet`, their logs on
+/// this process's stderr) with the flags of this command line that each takes, crash them
+/// (SIGKILL) and start them again as `orders` say, until `cancel` or until one exits on its own.
+async fn in_processes(
+    components: &[Component],
+    data_dir: &std::path::Path,
+    mut orders: mpsc::UnboundedReceiver<inject::Order>,
+    injected: &inject::Injected,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let bin = std::env::current_exe().context("finding the baton binary")?;
+    let typed: Vec<String> = std::env::args().skip(1).collect();
+    let mut fleet = baton_fleet::Fleet::new(&bin, Vec::new(), data_dir).with_stderr_inherited();
+    for &c in components {
+        fleet = fleet.with_args_for(&[c.name()], forwarded(&typed, c));
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
+    for &c in components {
+        fleet.spawn(&baton_fleet::Process::new(c.name()))?;
     }
+    tracing::info!("every component runs as a `baton run` process of its own, to be crashed for real");
+    let mut down: HashSet<Component> = HashSet::new();
+    let mut restarts: JoinSet<Component> = JoinSet::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut failure: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(e) = fleet.check_alive() {
+                    failure = Some(match e {
+                        baton_fleet::FleetError::Exited { name, status, .. } => {
+                            anyhow!("{name} stopped on its own ({status}); its log is above")
+                        }
+                        e => e.into(),
+                    });
+                    break;
+                }
+            }
+            Some(order) = orders.recv() => {
+                let inject::Order::Crash { component, down: pause, round } = order;
+                let name = component.name();
+                if !down.insert(component) {
+                    tracing::warn!(
+                        fault = "crash",
+                        component = %name,
+                        round,
+                        "the plan crashes a component that is still down from its last crash; skipped"
+                    );
+                    continue;
+                }
+                fleet.crash(name).await;
+                let total = injected.add(&format!("crash {name}"), 1);
+                tracing::warn!(
+                    fault = "crash",
+                    component = %name,
+                    down_ms = pause.as_millis() as u64,
+                    crashes = total,
+                    round,
+                    "fault injected: component crashed (its process killed with SIGKILL, no cleanup)"
+                );
+                restarts.spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    component
+                });
+            }
+            Some(Ok(component)) = restarts.join_next(), if !restarts.is_empty() => {
+                fleet.restart(component.name())?;
+                down.remove(&component);
+                tracing::warn!(fault = "crash", component = %component.name(), "component restarted after its crash");
+            }
+        }
+    }
+    restarts.abort_all();
+    fleet.stop().await;
+    failure.map_or(Ok(ExitCode::SUCCESS), Err)
+}
+
+/// The flags of `typed` (this command line, after the program's name) that `run <component>`
+/// takes, in their order, with their values: a child gets what was given for it, and the rest
+/// (the environment, which it inherits, and the defaults) is the same as here.
+fn forwarded(typed: &[String], component: Component) -> Vec<String> {
+    let root = <crate::Cli as clap::CommandFactory>::command();
+    let longs = |cmd: &clap::Command| -> Vec<(String, bool)> {
+        cmd.get_arguments()
+            .filter_map(|a| Some((a.get_long()?.to_owned(), a.get_action().takes_values())))
+            .collect()
+    };
+    let global = longs(&root);
+    let up = root.find_subcommand("up").map(longs).unwrap_or_default();
+    let run = root
+        .find_subcommand("run")
+        .and_then(|run| run.find_subcommand(component.name()))
+        .map(longs)
+        .unwrap_or_default();
+    let known = |list: &[(String, bool)], name: &str| list.iter().find(|(l, _)| l == name).map(|(_, v)| *v);
+    let mut out = Vec::new();
+    let mut tokens = typed.iter();
+    while let Some(token) = tokens.next() {
+        // Not a flag: the subcommand (`up`) itself.
+        let Some(flag) = token.strip_prefix("--") else { continue };
+        let (name, inline) = match flag.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (flag, false),
+        };
+        let takes_value = known(&up, name).or_else(|| known(&global, name)).unwrap_or(false);
+        let value = if takes_value && !inline { tokens.next() } else { None };
+        if known(&run, name).is_some() || known(&global, name).is_some() {
+            out.push(token.clone());
+            out.extend(value.cloned());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::component_url_in;
+    use super::{Component, component_url_in, forwarded};
     use std::collections::HashMap;
 
     const SHARED: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -333,5 +444,43 @@ mod tests {
             .expect_err("a missing file is an error, not the shared URL");
         let text = format!("{err:#}");
         assert!(text.contains("BATON_GATEWAY_AMQP_URL_FILE") && text.contains(&file), "{text}");
+    }
+
+    #[test]
+    fn a_child_of_up_gets_the_flags_its_component_takes_with_their_values() {
+        let typed: Vec<String> = [
+            "--log",
+            "warn",
+            "up",
+            "--mode",
+            "events",
+            "--http",
+            "127.0.0.1:1",
+            "--plans",
+            "free:2",
+            "--fault-window",
+            "1m",
+            "--owner-plan=alice=free",
+            "--amqp-url",
+            "amqp://x",
+            "--prefetch",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec();
+        let shared = ["--log", "warn", "--mode", "events"];
+        assert_eq!(
+            forwarded(&typed, Component::Records),
+            [
+                &shared[..],
+                &["--plans", "free:2", "--owner-plan=alice=free", "--amqp-url", "amqp://x"],
+                &["--prefetch", "8"]
+            ]
+            .concat()
+        );
+        assert_eq!(
+            forwarded(&typed, Component::Gateway),
+            [&shared[..], &["--http", "127.0.0.1:1", "--amqp-url", "amqp://x"]].concat()
+        );
     }
 }
