@@ -78,10 +78,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
-    // The relay, the timer and the consumers (with their handlers) live in this set, owned by
-    // this future: when it is dropped (its task aborted, as `baton up` does to crash the
-    // orchestrator), so are they, and the connection closes. The sagas they were driving are in
-    // the database; the next incarnation picks them up (`resume`, the replies kept on its queue).
+    // The relay, the timer and the consumers (with their handlers), waited for until they have
+    // stopped. After a crash the sagas they were driving are in the database; the next
+    // incarnation picks them up (`resume`, the replies kept on its queue).
     let mut tasks = JoinSet::new();
     let live = |what: &str| health.check(COMPONENT, what, Kind::Live);
     tasks.spawn(running(
