@@ -411,50 +411,15 @@ pub struct UpArgs {
 #[derive(Debug, Subcommand)]
 pub enum RunCommand {
     /// The records service (`records.db`): a space's name and owner.
-    Records {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        consumers: ConsumerArgs,
-        #[command(flatten)]
-        services: ServiceArgs,
-    },
+    Records(ServiceRun),
     /// The placement service (`placement.db`): the shard a space lives on (--shards).
-    Placement {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        consumers: ConsumerArgs,
-        #[command(flatten)]
-        services: ServiceArgs,
-    },
+    Placement(ServiceRun),
     /// The entitlements service (`entitlements.db`): an owner's quota (--plans, --owner-plan).
-    Entitlements {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        consumers: ConsumerArgs,
-        #[command(flatten)]
-        services: ServiceArgs,
-    },
+    Entitlements(ServiceRun),
     /// The routing service (`routing.db`): a space's route key (--reserved).
-    Routing {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        consumers: ConsumerArgs,
-        #[command(flatten)]
-        services: ServiceArgs,
-    },
+    Routing(ServiceRun),
     /// The notifier service (`notifier.db`): the welcome email.
-    Notifier {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        consumers: ConsumerArgs,
-        #[command(flatten)]
-        services: ServiceArgs,
-    },
+    Notifier(ServiceRun),
     /// The saga orchestrator (`orchestrator.db`; workflow mode only).
     Orchestrator {
         #[command(flatten)]
@@ -475,6 +440,30 @@ pub enum RunCommand {
     },
 }
 
+/// The flags of `run <service>`.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceRun {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub consumers: ConsumerArgs,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+}
+
+impl ServiceRun {
+    fn parts(&self, component: Component) -> RunParts<'_> {
+        RunParts {
+            component,
+            node: &self.node,
+            consumers: Some(&self.consumers),
+            services: Some(&self.services),
+            workflows: None,
+            gateway: None,
+        }
+    }
+}
+
 /// The parts of `run`'s flags, each of a component that uses it.
 pub struct RunParts<'a> {
     pub component: Component,
@@ -487,30 +476,12 @@ pub struct RunParts<'a> {
 
 impl RunCommand {
     pub fn parts(&self) -> RunParts<'_> {
-        let service = |component, node, consumers, services| RunParts {
-            component,
-            node,
-            consumers: Some(consumers),
-            services: Some(services),
-            workflows: None,
-            gateway: None,
-        };
         match self {
-            RunCommand::Records { node, consumers, services } => {
-                service(Component::Records, node, consumers, services)
-            }
-            RunCommand::Placement { node, consumers, services } => {
-                service(Component::Placement, node, consumers, services)
-            }
-            RunCommand::Entitlements { node, consumers, services } => {
-                service(Component::Entitlements, node, consumers, services)
-            }
-            RunCommand::Routing { node, consumers, services } => {
-                service(Component::Routing, node, consumers, services)
-            }
-            RunCommand::Notifier { node, consumers, services } => {
-                service(Component::Notifier, node, consumers, services)
-            }
+            RunCommand::Records(run) => run.parts(Component::Records),
+            RunCommand::Placement(run) => run.parts(Component::Placement),
+            RunCommand::Entitlements(run) => run.parts(Component::Entitlements),
+            RunCommand::Routing(run) => run.parts(Component::Routing),
+            RunCommand::Notifier(run) => run.parts(Component::Notifier),
             RunCommand::Orchestrator { node, consumers, workflows } => RunParts {
                 component: Component::Orchestrator,
                 node,

@@ -317,6 +317,10 @@ async fn in_processes(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {
+                // A Ctrl-C reaches the children too (one process group): their exit is no failure.
+                if cancel.is_cancelled() {
+                    break;
+                }
                 if let Err(e) = fleet.check_alive() {
                     failure = Some(match e {
                         baton_fleet::FleetError::Exited { name, status, .. } => {
