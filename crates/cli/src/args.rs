@@ -26,10 +26,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Up` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run every component in this process, each with its own connection, until Ctrl-C; with
-    /// --faults, also crash components and drop connections as the plan says (see --fault-window).
+    /// Run every component, each with its own connection, until Ctrl-C (in this process; with
+    /// crash items in --faults, each as a `baton run` process of its own); with --faults, also
+    /// crash components and drop connections as the plan says (see --fault-window).
     Up(UpArgs),
     /// Run one component as its own process; start several to share a queue's work.
     Run {
