@@ -232,21 +232,28 @@ async fn in_this_process(
     health: Option<std::net::SocketAddr>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
+    // Bound before anything starts (a bad address fails the start), served once the components
+    // are spawned: each registers its checks as it starts, so that an early question finds them.
+    let listener = match health {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--health {addr}: cannot listen there; pick a free address"))?,
+        ),
+        None => None,
+    };
     let mut set: JoinSet<Task> = JoinSet::new();
-    if let Some(addr) = health {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--health {addr}: cannot listen there; pick a free address"))?;
-        tracing::info!(%addr, "serving /health/live and /health/ready");
+    for &c in components {
+        let (config, cancel) = (config.clone(), cancel.clone());
+        set.spawn(async move { (c.name().to_owned(), baton_node::run(c, &config, cancel).await) });
+    }
+    if let Some(listener) = listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /health/live and /health/ready");
         let (health, cancel) = (config.health.clone(), cancel.clone());
         set.spawn(async move {
             let served = baton_health::serve(listener, health, cancel).await;
             ("health endpoint".to_owned(), served.context("serving /health"))
         });
-    }
-    for &c in components {
-        let (config, cancel) = (config.clone(), cancel.clone());
-        set.spawn(async move { (c.name().to_owned(), baton_node::run(c, &config, cancel).await) });
     }
     let mut failure: Option<anyhow::Error> = None;
     let mut grace_until: Option<tokio::time::Instant> = None;
