@@ -223,7 +223,15 @@ pub struct RunBroker {
     /// The broker, without a vhost (each run gets a fresh one).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
     pub amqp_url: String,
-    /// RabbitMQ's management API, used to make the vhosts and drop connections.
+    #[command(flatten)]
+    pub mgmt: MgmtArgs,
+}
+
+/// RabbitMQ's management API and its login.
+#[derive(Debug, Clone, Args)]
+pub struct MgmtArgs {
+    /// RabbitMQ's management API: it makes the vhosts of a run, and closes the connections of a
+    /// `drop`.
     #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
     pub mgmt_url: String,
     /// The management API's user (it needs the administrator tag to make vhosts).
@@ -234,9 +242,15 @@ pub struct RunBroker {
     pub mgmt_password: String,
 }
 
+impl MgmtArgs {
+    pub fn client(&self) -> baton_mgmt::Mgmt {
+        baton_mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+    }
+}
+
 impl RunBroker {
     pub fn mgmt(&self) -> baton_mgmt::Mgmt {
-        baton_mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+        self.mgmt.client()
     }
 }
 
@@ -396,12 +410,9 @@ fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
 /// Flags of `up`: every component's, and those of the fault driver.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
+    /// Those of every component, the consumers and the services.
     #[command(flatten)]
-    pub node: NodeArgs,
-    #[command(flatten)]
-    pub consumers: ConsumerArgs,
-    #[command(flatten)]
-    pub services: ServiceArgs,
+    pub common: ServiceRun,
     #[command(flatten)]
     pub workflows: WorkflowFiles,
     #[command(flatten)]
@@ -509,12 +520,9 @@ impl UpArgs {
     /// Every part, as `up` runs every component.
     pub fn parts(&self, component: Component) -> RunParts<'_> {
         RunParts {
-            component,
-            node: &self.node,
-            consumers: Some(&self.consumers),
-            services: Some(&self.services),
             workflows: Some(&self.workflows),
             gateway: Some(&self.gateway),
+            ..self.common.parts(component)
         }
     }
 }
@@ -640,13 +648,8 @@ pub struct DriverArgs {
     /// into every minute, for 6 s.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub fault_window: Duration,
-    /// RabbitMQ's management API, which closes the connections of a `drop`.
-    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
-    pub mgmt_url: String,
-    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
-    pub mgmt_user: String,
-    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest", hide_env_values = true)]
-    pub mgmt_password: String,
+    #[command(flatten)]
+    pub mgmt: MgmtArgs,
 }
 
 impl From<CliMode> for baton_protocol::Mode {

@@ -204,7 +204,7 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
         inject::spawn_driver(
             &config.faults,
             driver.fault_window,
-            baton_mgmt::Mgmt::new(&driver.mgmt_url, &driver.mgmt_user, &driver.mgmt_password),
+            driver.mgmt.client(),
             baton_mgmt::vhost_of(&node.amqp_url),
             order_tx,
             injected.clone(),
