@@ -400,11 +400,7 @@ async fn whole_system(mode: Mode) {
     })
     .await;
     assert!(users_seen.iter().all(|u| u != "guest"), "no component runs as guest: {users_seen:?}");
-    let mut components = vec!["records", "placement", "entitlements", "routing", "notifier", "gateway"];
-    if mode == Mode::Workflow {
-        components.push("orchestrator");
-    }
-    for component in components {
+    for component in baton_protocol::Component::of_mode(mode) {
         assert!(
             users_seen.iter().any(|u| u.ends_with(&format!("-{component}"))),
             "{component} connected: {users_seen:?}"

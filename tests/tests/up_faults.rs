@@ -214,11 +214,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
     assert!(report.is_clean(), "{:#?}", report.violations);
     let ok = statuses.iter().filter(|(_, _, s)| *s == 200).count();
     assert_eq!(report.complete, ok, "one complete space per 200");
-    one_consumer_each(
-        &probe,
-        ["records", "placement", "entitlements", "routing", "notifier"].map(|s| format!("{s}.commands")),
-    )
-    .await;
+    one_consumer_each(&probe, baton_protocol::Service::ALL.map(|s| format!("{s}.commands"))).await;
 
     // A clean stop after the faults, with the count of what was injected.
     let summary = stop_up(up, &env).await;
