@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_faults::FaultPlan;
-use baton_protocol::{Mode, Service};
+use baton_protocol::{Component, Mode, Service};
 use baton_services::ServiceConfig;
 use baton_workflow::Workflow;
 use serde_json::Value;
@@ -247,20 +247,16 @@ impl System {
     pub async fn start(env: &TestEnv, cfg: SystemConfig) -> System {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for s in Service::ALL.into_iter().filter(|s| cfg.with_services && !cfg.skip.contains(s)) {
-            tasks.spawn(baton_services::run(
-                s,
-                cfg.services.clone(),
-                service_options(env, &cfg),
-                cancel.clone(),
-            ));
-        }
-        if cfg.with_orchestrator && cfg.mode == Mode::Workflow {
-            let opts = baton_orchestrator::Options {
-                health: cfg.health.clone(),
-                ..orchestrator_options(env, &cfg.workflows)
-            };
-            tasks.spawn(baton_orchestrator::run(opts, cancel.clone()));
+        let config = node_config(env, &cfg);
+        let started = Component::of_mode(cfg.mode).filter(|c| match c.service() {
+            Some(s) => cfg.with_services && !cfg.skip.contains(&s),
+            None if *c == Component::Orchestrator => cfg.with_orchestrator,
+            // Started below, on a port bound first.
+            None => false,
+        });
+        for c in started {
+            let (config, cancel) = (config.clone(), cancel.clone());
+            tasks.spawn(async move { baton_node::run(c, &config, cancel).await });
         }
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         if !cfg.with_gateway {
@@ -269,18 +265,7 @@ impl System {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = listener.local_addr().unwrap();
-        let opts = baton_gateway::Options {
-            amqp_url: env.amqp_url(),
-            data_dir: env.data_dir().to_owned(),
-            http,
-            mode: cfg.mode,
-            instance: "main".into(),
-            workflow: cfg.workflow.clone(),
-            deadline: cfg.deadline,
-            max_in_flight: cfg.max_in_flight,
-            limits: baton_gateway::HttpLimits::default(),
-            health: cfg.health.clone(),
-        };
+        let opts = baton_node::Config { http, ..config }.gateway_options();
         tasks.spawn(baton_gateway::serve(listener, opts, cancel.clone()));
         let sys = System { http, cancel, tasks, client };
         sys.wait_healthy().await;
@@ -352,18 +337,26 @@ impl Drop for System {
     }
 }
 
+/// How the harness configures the components it runs against `env`: as `baton up` would, with
+/// a smaller prefetch.
+pub fn node_config(env: &TestEnv, cfg: &SystemConfig) -> baton_node::Config {
+    let mut config = baton_node::Config::new(cfg.mode, env.amqp_url(), env.data_dir());
+    config.prefetch = 32;
+    config.services = cfg.services.clone();
+    config.service_delay = cfg.delay;
+    config.faults = cfg.faults.clone();
+    config.workflows = cfg.workflows.clone();
+    config.workflow = cfg.workflow.clone();
+    config.deadline = cfg.deadline;
+    config.max_in_flight = cfg.max_in_flight;
+    config.health = cfg.health.clone();
+    config
+}
+
 /// How the harness runs a service against `env`.
 pub fn service_options(env: &TestEnv, cfg: &SystemConfig) -> baton_services::RunOptions {
-    baton_services::RunOptions {
-        amqp_url: env.amqp_url(),
-        data_dir: env.data_dir().to_owned(),
-        mode: cfg.mode,
-        prefetch: 32,
-        delay: cfg.delay,
-        faults: cfg.faults.clone(),
-        instance: baton_store::DEFAULT_OWNER.into(),
-        health: cfg.health.clone(),
-    }
+    // The component only picks the broker URL, which is the same for every service here.
+    node_config(env, cfg).service_options(Component::Records)
 }
 
 /// One service started on its own (stop it by cancelling the token).
@@ -373,23 +366,16 @@ pub fn spawn_service(
     cfg: &SystemConfig,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(baton_services::run(
-        service,
-        cfg.services.clone(),
-        service_options(env, cfg),
-        cancel.clone(),
-    ));
+    let (config, token) = (node_config(env, cfg), cancel.clone());
+    let task = tokio::spawn(async move { baton_node::run(service.into(), &config, token).await });
     (cancel, task)
 }
 
 pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orchestrator::Options {
+    let cfg = SystemConfig { workflows: workflows.to_vec(), ..SystemConfig::default() };
     baton_orchestrator::Options {
-        amqp_url: env.amqp_url(),
-        data_dir: env.data_dir().to_owned(),
-        instance: "main".into(),
-        prefetch: 32,
-        workflows: workflows.to_vec(),
         health: baton_health::Health::default(),
+        ..node_config(env, &cfg).orchestrator_options()
     }
 }
 
@@ -517,6 +503,20 @@ pub fn spawn_baton(env: &TestEnv, args: &[&str], envs: &[(&str, &str)], log: &st
         .kill_on_drop(true)
         .spawn()
         .expect("start a baton process")
+}
+
+/// Send `sig` to the process `pid` (`Signal::TERM`, `Signal::INT`...); a negative `pid` is a
+/// process group.
+pub fn signal(pid: i32, sig: rustix::process::Signal) -> std::io::Result<()> {
+    use rustix::process::{Pid, kill_process, kill_process_group};
+    let target = Pid::from_raw(pid.abs()).ok_or_else(|| std::io::Error::other(format!("no pid {pid}")))?;
+    if pid < 0 { kill_process_group(target, sig) } else { kill_process(target, sig) }?;
+    Ok(())
+}
+
+/// The pid of a running child, for [`signal`].
+pub fn pid_of(child: &tokio::process::Child) -> i32 {
+    child.id().and_then(|pid| i32::try_from(pid).ok()).expect("the process is running")
 }
 
 /// The `baton` binary built next to the tests (`cargo build` puts it in target/<profile>).

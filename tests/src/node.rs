@@ -250,8 +250,8 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // rabbitmq-server traps SIGTERM and stops the node cleanly.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        let _ = crate::signal(pid, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -260,7 +260,7 @@ impl Drop for Node {
             std::thread::sleep(Duration::from_millis(100));
         }
         // Whatever is left of the group (the VM, if the script died first; erl_child_setup).
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(Stdio::null()).status();
+        let _ = crate::signal(-pid, rustix::process::Signal::KILL);
         let _ = self.child.wait();
     }
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::{System, SystemConfig, TestEnv, amqp_base, baton_bin, free_port, mgmt_base, wait_for};
+use rustix::process::Signal;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Components of a workflow-mode system, one connection each.
@@ -204,10 +205,9 @@ async fn healthy(http: &str) {
     .await;
 }
 
-fn signal(child: &tokio::process::Child, sig: &str) {
-    let pid = child.id().expect("baton up is running").to_string();
-    let sent = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill");
-    assert!(sent.success(), "kill {sig} {pid}");
+fn signal(child: &tokio::process::Child, sig: Signal) {
+    let pid = baton_tests::pid_of(child);
+    baton_tests::signal(pid, sig).unwrap_or_else(|e| panic!("signal {sig:?} to {pid}: {e}"));
 }
 
 /// The grace period of `baton up` (10 s), and a little for the process to end.
@@ -240,7 +240,7 @@ async fn stopping_while_the_vhost_is_gone_ends_within_the_grace_period() {
         health(&http).await.filter(|(s, _)| *s == 503).map(|_| ())
     })
     .await;
-    signal(&up, "-TERM");
+    signal(&up, Signal::TERM);
     let status = exits(&mut up, STOPS_WITHIN).await;
     let log = std::fs::read_to_string(&path).unwrap();
     assert!(status.success(), "baton up stopped cleanly: {status}\n{log}");
@@ -251,7 +251,7 @@ async fn stopping_while_the_vhost_is_gone_ends_within_the_grace_period() {
 }
 
 /// Stop `baton up --log debug` whose stderr's reader is gone, with `sig`: it must end cleanly.
-async fn stops_with_a_dead_stderr(sig: &str) {
+async fn stops_with_a_dead_stderr(sig: Signal) {
     let env = TestEnv::new().await;
     let (mut up, http) = start_up(&env, &env.amqp_url(), "debug", Stdio::piped());
     healthy(&http).await;
@@ -273,12 +273,12 @@ async fn stops_with_a_dead_stderr(sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_baton_up_whose_stderr_reader_is_gone() {
-    stops_with_a_dead_stderr("-INT").await;
+    stops_with_a_dead_stderr(Signal::INT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_baton_up_whose_stderr_reader_is_gone() {
-    stops_with_a_dead_stderr("-TERM").await;
+    stops_with_a_dead_stderr(Signal::TERM).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +295,7 @@ async fn a_normal_start_logs_no_error_no_warning_and_no_escape_codes() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    signal(&up, "-TERM");
+    signal(&up, Signal::TERM);
     let status = exits(&mut up, STOPS_WITHIN).await;
     let log = std::fs::read_to_string(&path).unwrap();
     assert!(status.success(), "{status}\n{log}");

@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use baton_audit::Kind;
-use baton_compare::{ModeRun, Options, chaos, mgmt::Mgmt, report};
+use baton_compare::{ModeRun, Options, chaos, report};
 use baton_faults::FaultPlan;
-use baton_protocol::Mode;
+use baton_mgmt::Mgmt;
+use baton_protocol::{Component, Mode};
 use baton_tests::baton_bin;
 use baton_tests::node::Node;
 
@@ -49,7 +50,8 @@ fn is_root() -> bool {
 }
 
 /// Every fault of the plan was carried out: each crash, the restart, drops, bad messages.
-fn every_fault_was_injected(run: &ModeRun, components: &[&str], summary: &str) {
+fn every_fault_was_injected(run: &ModeRun, mode: Mode, summary: &str) {
+    let components = Component::of_mode(mode);
     for component in components {
         assert_eq!(run.injected.get(&format!("crash {component}")), Some(&1), "{summary}");
     }
@@ -83,11 +85,7 @@ fn every_fault_was_injected(run: &ModeRun, components: &[&str], summary: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
     let (run, summary) = run(Mode::Workflow, 40).await;
-    every_fault_was_injected(
-        &run,
-        &["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"],
-        &summary,
-    );
+    every_fault_was_injected(&run, Mode::Workflow, &summary);
     assert_eq!(run.injected.get("clock jumps"), Some(&2), "back an hour and forward again: {summary}");
     assert!(run.audit.is_clean(), "{summary}\n{:#?}", run.audit.violations);
 }
@@ -95,11 +93,7 @@ async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_mode_loses_nothing_and_reconcile_repairs_all_it_can() {
     let (run, summary) = run(Mode::Events, 40).await;
-    every_fault_was_injected(
-        &run,
-        &["records", "placement", "entitlements", "routing", "notifier", "gateway"],
-        &summary,
-    );
+    every_fault_was_injected(&run, Mode::Events, &summary);
     // Choreography leaves the refused requests' earlier rows behind: the plan must show it.
     let before = run.audit.by_kind();
     assert!(before.get(&Kind::LeftAfterFailure).is_some_and(|n| *n > 0), "{summary}");

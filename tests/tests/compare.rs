@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use baton_audit::Kind;
-use baton_compare::{Options, compare, mgmt::Mgmt, report};
+use baton_compare::{Options, compare, report};
 use baton_faults::FaultPlan;
+use baton_mgmt::Mgmt;
 use baton_protocol::{Mode, Service};
 use baton_tests::{amqp_base, baton_bin, mgmt_base};
 

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use baton_compare::{Options, chaos, compare, mgmt::Mgmt, report};
+use baton_compare::{Options, chaos, compare, report};
 use baton_faults::FaultPlan;
+use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 use baton_tests::{amqp_base, baton_bin, mgmt_base};
 

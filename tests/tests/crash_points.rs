@@ -48,16 +48,13 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     };
     let mut sys = System::start(&env, cfg).await;
     let port = free_port().to_string();
-    let args = [
-        "run",
-        component,
-        "--plans",
-        "free:2",
-        "--workflow",
-        workflow,
-        "--http",
-        &format!("127.0.0.1:{port}"),
-    ];
+    let http = format!("127.0.0.1:{port}");
+    // Each component takes its own flags only.
+    let args: Vec<&str> = match component {
+        "gateway" => vec!["run", component, "--workflow", workflow, "--http", &http],
+        "orchestrator" => vec!["run", component],
+        _ => vec!["run", component, "--plans", "free:2"],
+    };
     // Replies leave in batches, so a component may publish only a couple of them: die at the
     // first batch, but only after a few commits.
     let nth = if point == crash::AFTER_PUBLISH_BEFORE_DELETE { 1 } else { 3 };

@@ -29,10 +29,12 @@ async fn up_on_a_taken_port_says_so_before_starting_anything() {
 #[tokio::test]
 async fn help_never_prints_a_secret_from_the_environment() {
     for (var, value, args) in [
-        ("BATON_MGMT_PASSWORD", "s3cret-mgmt", ["compare", "-h"]),
-        ("BATON_MGMT_PASSWORD", "s3cret-mgmt", ["chaos", "--help"]),
-        ("AMQP_URL", "amqp://u:s3cret-amqp@127.0.0.1:5672/v", ["up", "--help"]),
-        ("AMQP_URL", "amqp://u:s3cret-amqp@127.0.0.1:5672/v", ["run", "--help"]),
+        ("BATON_MGMT_PASSWORD", "s3cret-mgmt", &["compare", "-h"][..]),
+        ("BATON_MGMT_PASSWORD", "s3cret-mgmt", &["chaos", "--help"]),
+        ("BATON_MGMT_PASSWORD", "s3cret-mgmt", &["up", "--help"]),
+        ("AMQP_URL", "amqp://u:s3cret-amqp@127.0.0.1:5672/v", &["up", "--help"]),
+        ("AMQP_URL", "amqp://u:s3cret-amqp@127.0.0.1:5672/v", &["run", "records", "--help"]),
+        ("AMQP_URL", "amqp://u:s3cret-amqp@127.0.0.1:5672/v", &["run", "gateway", "--help"]),
     ] {
         let out = tokio::process::Command::new(baton_bin()).env(var, value).args(args).output();
         let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("help is quick").unwrap();
@@ -139,4 +141,17 @@ async fn completions_into_a_pipe_closed_early_do_not_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[tokio::test]
+async fn run_refuses_a_flag_its_component_does_not_use() {
+    for args in
+        [&["run", "records", "--http", "127.0.0.1:9"][..], &["run", "orchestrator", "--workflow", "x"]]
+    {
+        let out = tokio::process::Command::new(baton_bin()).args(args).output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("refused at once").unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error: {err}");
+        assert!(err.contains("unexpected argument"), "{args:?}: {err}");
+    }
 }

@@ -224,18 +224,8 @@ async fn gateway(env: &TestEnv, limits: HttpLimits) -> Gateway {
     let mut sys = System::start(env, cfg.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap();
-    let opts = baton_gateway::Options {
-        amqp_url: env.amqp_url(),
-        data_dir: env.data_dir().to_owned(),
-        http,
-        mode: cfg.mode,
-        instance: "main".into(),
-        workflow: cfg.workflow,
-        deadline: cfg.deadline,
-        max_in_flight: cfg.max_in_flight,
-        limits,
-        health: cfg.health.clone(),
-    };
+    let opts =
+        baton_gateway::Options { http, limits, ..baton_tests::node_config(env, &cfg).gateway_options() };
     let cancel = CancellationToken::new();
     tokio::spawn(baton_gateway::serve(listener, opts, cancel.clone()));
     sys.use_gateway(http).await;

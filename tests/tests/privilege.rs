@@ -348,15 +348,9 @@ async fn whole_system(mode: Mode) {
     let http = listener.local_addr().unwrap();
     let gateway = baton_gateway::Options {
         amqp_url: users.url("gateway"),
-        data_dir: env.data_dir().to_owned(),
         http,
-        mode,
-        instance: "main".into(),
-        workflow: cfg.workflow.clone(),
-        deadline: cfg.deadline,
         max_in_flight: 100,
-        limits: baton_gateway::HttpLimits::default(),
-        health: cfg.health.clone(),
+        ..baton_tests::node_config(&env, &cfg).gateway_options()
     };
     tasks.spawn(baton_gateway::serve(listener, gateway, cancel.clone()));
 
@@ -406,11 +400,7 @@ async fn whole_system(mode: Mode) {
     })
     .await;
     assert!(users_seen.iter().all(|u| u != "guest"), "no component runs as guest: {users_seen:?}");
-    let mut components = vec!["records", "placement", "entitlements", "routing", "notifier", "gateway"];
-    if mode == Mode::Workflow {
-        components.push("orchestrator");
-    }
-    for component in components {
+    for component in baton_protocol::Component::of_mode(mode) {
         assert!(
             users_seen.iter().any(|u| u.ends_with(&format!("-{component}"))),
             "{component} connected: {users_seen:?}"

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_amqp::Publisher;
-use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
+use baton_mgmt::Mgmt;
 use baton_protocol::Service;
 use baton_tests::{
     System, SystemConfig, TestEnv, baton_bin, mgmt_base, rows_for, scalar, spawn_baton, spawn_service,

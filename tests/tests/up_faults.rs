@@ -1,5 +1,6 @@
-//! `baton up --faults` carries out the plan's crashes and connection drops itself: a crashed
-//! component's tasks are aborted (its consumers leave their queues, the gateway's port closes,
+//! `baton up --faults` carries out the plan's crashes and connection drops itself: with crash
+//! items every component runs as a `baton run` child of `up`, and a crashed one is killed with
+//! SIGKILL (its consumers leave their queues, the gateway's port closes,
 //! nothing of it stays behind), it comes back after its pause, and under load across the faults
 //! every saga still ends and the audit is clean.
 
@@ -148,9 +149,8 @@ async fn one_consumer_each(probe: &baton_amqp::Broker, queues: impl IntoIterator
 
 /// Stop `baton up` with SIGTERM; it must exit cleanly. Returns its summary of the faults.
 async fn stop_up(mut up: tokio::process::Child, env: &TestEnv) -> String {
-    let pid = up.id().expect("baton up is running").to_string();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-    assert!(sent.success());
+    baton_tests::signal(baton_tests::pid_of(&up), rustix::process::Signal::TERM)
+        .expect("SIGTERM to baton up");
     let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
         .await
         .expect("baton up stops within 30 s")
@@ -170,7 +170,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
     let (up, http) = start_up(&env, "crash.routing=3%+3s,drop=10%").await;
     let load = Load::start(&http);
 
-    // The crash: routing's consumer leaves its queue while it is down (its tasks were aborted,
+    // The crash: routing's consumer leaves its queue while it is down (its process was killed,
     // not left running behind), and comes back with the restart.
     let probe = env.broker().await;
     log_says(&env, "fault injected: component crashed", Duration::from_secs(60)).await;
@@ -214,11 +214,7 @@ async fn up_crashes_routing_and_drops_connections_and_every_saga_still_ends() {
     assert!(report.is_clean(), "{:#?}", report.violations);
     let ok = statuses.iter().filter(|(_, _, s)| *s == 200).count();
     assert_eq!(report.complete, ok, "one complete space per 200");
-    one_consumer_each(
-        &probe,
-        ["records", "placement", "entitlements", "routing", "notifier"].map(|s| format!("{s}.commands")),
-    )
-    .await;
+    one_consumer_each(&probe, baton_protocol::Service::ALL.map(|s| format!("{s}.commands"))).await;
 
     // A clean stop after the faults, with the count of what was injected.
     let summary = stop_up(up, &env).await;

@@ -118,21 +118,20 @@ pub const DECLARE_PATIENCE: Duration = Duration::from_secs(30);
 pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs;
-/// every URL of a comma-separated list.
+/// every URL of a comma-separated list. A URL too broken to parse keeps only what follows its
+/// last `@`, which holds no secret.
 pub fn redact(url: &str) -> String {
     url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
 }
 
 fn redact_one(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => match parsed.set_password(Some("***")) {
+            Ok(()) => parsed.to_string(),
+            Err(()) => "(a URL whose password cannot be hidden)".into(),
+        },
+        Ok(_) => url.to_owned(),
+        Err(_) => url.rsplit_once('@').map_or_else(|| url.to_owned(), |(_, host)| format!("***@{host}")),
     }
 }
 
@@ -509,6 +508,8 @@ mod tests {
     fn redacts_the_password_only() {
         assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(redact("amqps://u:p%40ss@host:5671/v?x=1"), "amqps://u:***@host:5671/v?x=1");
+        assert_eq!(redact("amqp://u:secret@[::1/v"), "***@[::1/v");
     }
 
     #[test]

@@ -140,9 +140,8 @@ impl Outage {
 /// jitter ([`RESTART_PACE`]). On cancel, stops taking deliveries and waits for the handlers
 /// already running, so each of them still acks after its commit.
 ///
-/// The handlers' tasks belong to this future (a `JoinSet`): if it is dropped instead (the task
-/// running it aborted, as `baton up` does to crash a component), they are aborted with it, give
-/// up their deliveries unacked and let go of the connection, as a killed process would.
+/// The handlers' tasks belong to this future (a `JoinSet`): if it is dropped instead, they are
+/// aborted with it and give up their deliveries unacked.
 pub async fn consume<H, Fut>(
     broker: Broker,
     publisher: Publisher,

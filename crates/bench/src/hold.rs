@@ -70,8 +70,7 @@ async fn orchestrator_counts(dir: &Path) -> Option<(i64, i64)> {
     tokio::task::spawn_blocking(move || {
         let db = baton_store::open_read_only(&path).ok()?;
         let count = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).ok();
-        let sagas =
-            count("SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')")?;
+        let sagas = baton_orchestrator::query::in_flight_count(&db).ok()?;
         Some((sagas, count("SELECT COUNT(*) FROM outbox")?))
     })
     .await
@@ -101,20 +100,20 @@ pub(crate) async fn measure(opts: &Options, workflow: &Workflow, say: &Say) -> a
         &amqp_url,
         "--data-dir",
         &dir.display().to_string(),
-        "--workflow",
-        &opts.workflow,
-        "--service-delay",
-        &format!("{}s", SERVICE_DELAY.as_secs()),
         "--log",
         "warn",
     ]
     .map(String::from)
     .to_vec();
-    args.extend(opts.workflow_file_args());
-    // Last, so that it replaces the workflow of its name.
-    args.extend(["--workflow-file".to_owned(), wf_file.display().to_string()]);
     args.extend(opts.component_args.iter().cloned());
-    let fleet = Fleet::new(&opts.baton_bin, args, &dir);
+    let mut files = opts.workflow_file_args();
+    // Last, so that it replaces the workflow of its name.
+    files.extend(["--workflow-file".to_owned(), wf_file.display().to_string()]);
+    let services = baton_protocol::Service::ALL.map(baton_protocol::Service::name);
+    let fleet = Fleet::new(&opts.baton_bin, args, &dir)
+        .with_args_for(&["gateway"], vec!["--workflow".into(), opts.workflow.clone()])
+        .with_args_for(&["orchestrator", "gateway"], files)
+        .with_args_for(&services, vec!["--service-delay".into(), format!("{}s", SERVICE_DELAY.as_secs())]);
     let result = hold(opts, &amqp_url, &dir, &fleet, say).await;
     // Nothing of the phase is kept: no graceful stop waiting on sleeping handlers.
     fleet.crash_all().await;

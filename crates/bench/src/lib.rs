@@ -34,8 +34,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use baton_compare::mgmt::Mgmt;
 use baton_fleet::cpu_ms;
+use baton_mgmt::Mgmt;
 use baton_protocol::{Mode, Service};
 use baton_workflow::Workflow;
 use serde::Serialize;

@@ -144,6 +144,13 @@ pub(crate) async fn run_mode(
         &amqp_url,
         "--data-dir",
         &dir.display().to_string(),
+        "--log",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(opts.component_args.iter().cloned());
+    let gateway: Vec<String> = [
         "--http",
         &format!("127.0.0.1:{port}"),
         "--workflow",
@@ -152,14 +159,12 @@ pub(crate) async fn run_mode(
         // load is measured as slow, not turned into a 504.
         "--deadline",
         &format!("{}ms", REPLY_TIMEOUT.as_millis()),
-        "--log",
-        "warn",
     ]
     .map(String::from)
     .to_vec();
-    args.extend(opts.workflow_file_args());
-    args.extend(opts.component_args.iter().cloned());
-    let fleet = Fleet::new(&opts.baton_bin, args, &dir);
+    let fleet = Fleet::new(&opts.baton_bin, args, &dir)
+        .with_args_for(&["gateway"], gateway)
+        .with_args_for(&["orchestrator", "gateway"], opts.workflow_file_args());
     let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
@@ -469,11 +474,8 @@ async fn settle(dir: &Path, mode: Mode, timeout: Duration) -> bool {
         let outbox = sum_async(dir, "SELECT COUNT(*) FROM outbox").await;
         let working = match mode {
             Mode::Workflow => {
-                sum_async(
-                    dir,
-                    "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
-                )
-                .await
+                let sagas = baton_orchestrator::Sagas::in_data_dir(dir);
+                tokio::task::spawn_blocking(move || sagas.in_flight().ok()).await.ok().flatten()
             }
             Mode::Events => Some(0),
         };

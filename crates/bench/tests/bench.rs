@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_bench::{Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table};
-use baton_compare::mgmt::Mgmt;
+use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 
 /// The `baton` binary next to this test executable (`target/<profile>/baton`).
@@ -178,7 +178,7 @@ async fn two_instances_after_a_prefill_count_only_the_measured_sagas() {
     // Five services twice, the orchestrator and the gateway once, each its own process and log.
     let names: Vec<String> = m.components.iter().map(|c| c.name()).collect();
     assert_eq!(names.len(), 12, "{names:?}");
-    for s in ["records", "placement", "entitlements", "routing", "notifier"] {
+    for s in baton_protocol::Service::ALL {
         for i in ["i1", "i2"] {
             let name = format!("{s}-{i}");
             assert!(names.contains(&name), "{name} in {names:?}");

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton_node::Component;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Baton: one business flow over RabbitMQ, coordinated by events or by a saga orchestrator.
@@ -25,17 +26,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Up` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run every component in this process, each with its own connection, until Ctrl-C; with
-    /// --faults, also crash components and drop connections as the plan says (see --fault-window).
+    /// Run every component, each with its own connection, until Ctrl-C (in this process; with
+    /// crash items in --faults, each as a `baton run` process of its own); with --faults, also
+    /// crash components and drop connections as the plan says (see --fault-window).
     Up(UpArgs),
     /// Run one component as its own process; start several to share a queue's work.
     Run {
-        #[arg(value_enum)]
-        component: Component,
-        #[command(flatten)]
-        args: UpArgs,
+        #[command(subcommand)]
+        component: RunCommand,
     },
     /// Create one space through the gateway and print the outcome as JSON.
     CreateSpace {
@@ -131,41 +133,41 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
     /// Requests sent through each mode's gateway.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, help_heading = "Load")]
     pub requests: usize,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, help_heading = "Load")]
     pub concurrency: usize,
     /// The fault plan, the same for both modes: `none`, a compact plan such as
     /// `refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%` (the default), or
     /// `@plan.json`.
-    #[arg(long, default_value = baton_faults::FaultPlan::DEFAULT)]
+    #[arg(long, default_value = baton_faults::FaultPlan::DEFAULT, help_heading = "Faults")]
     pub faults: String,
-    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+    #[arg(long, env = "BATON_SEED", default_value_t = 1, help_heading = "Faults")]
     pub seed: u64,
     /// Where to write the HTML report.
-    #[arg(long, default_value = "reports/compare.html")]
+    #[arg(long, default_value = "reports/compare.html", help_heading = "Output")]
     pub report: PathBuf,
     /// Share of requests drawn to be refused by a business rule.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, help_heading = "Load")]
     pub refusal_rate: f64,
     #[command(flatten)]
     pub broker: RunBroker,
     /// Where the two data dirs go.
-    #[arg(long, default_value = "data/compare")]
+    #[arg(long, default_value = "data/compare", help_heading = "Output")]
     pub out_dir: PathBuf,
     /// Keep the two vhosts afterwards, to look at them in the management UI.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub keep_vhosts: bool,
     /// Longest wait for each mode to settle after the load.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, help_heading = "Load")]
     pub settle_timeout: Duration,
     /// Print the results as JSON instead of the table.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
     /// How long each gateway waits for an outcome before a 504, the same in both modes
     /// (default: each mode's own, 30s in workflow mode and 5s in events mode).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, help_heading = "Gateway")]
     pub deadline: Option<Duration>,
 }
 
@@ -217,11 +219,20 @@ pub struct BenchArgs {
 
 /// The broker a compare or chaos run makes its fresh vhosts on.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Broker")]
 pub struct RunBroker {
     /// The broker, without a vhost (each run gets a fresh one).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
     pub amqp_url: String,
-    /// RabbitMQ's management API, used to make the vhosts and drop connections.
+    #[command(flatten)]
+    pub mgmt: MgmtArgs,
+}
+
+/// RabbitMQ's management API and its login.
+#[derive(Debug, Clone, Args)]
+pub struct MgmtArgs {
+    /// RabbitMQ's management API: it makes the vhosts of a run, and closes the connections of a
+    /// `drop`.
     #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
     pub mgmt_url: String,
     /// The management API's user (it needs the administrator tag to make vhosts).
@@ -232,9 +243,15 @@ pub struct RunBroker {
     pub mgmt_password: String,
 }
 
+impl MgmtArgs {
+    pub fn client(&self) -> baton_mgmt::Mgmt {
+        baton_mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+    }
+}
+
 impl RunBroker {
-    pub fn mgmt(&self) -> baton_compare::mgmt::Mgmt {
-        baton_compare::mgmt::Mgmt::new(&self.mgmt_url, &self.mgmt_user, &self.mgmt_password)
+    pub fn mgmt(&self) -> baton_mgmt::Mgmt {
+        self.mgmt.client()
     }
 }
 
@@ -243,29 +260,29 @@ pub struct ChaosArgs {
     #[arg(long, value_enum, default_value = "workflow")]
     pub mode: CliMode,
     /// How long to run the load.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, help_heading = "Load")]
     pub duration: Duration,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, help_heading = "Load")]
     pub concurrency: usize,
     /// The fault plan; times are shares of the duration.
-    #[arg(long, default_value = baton_faults::FaultPlan::CHAOS)]
+    #[arg(long, default_value = baton_faults::FaultPlan::CHAOS, help_heading = "Faults")]
     pub faults: String,
-    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
+    #[arg(long, env = "BATON_SEED", default_value_t = 1, help_heading = "Faults")]
     pub seed: u64,
     /// How to stop and start the broker for `restart-broker` (`stop_app`, `start_app` are
     /// appended); without it the restart is skipped.
-    #[arg(long, value_delimiter = ' ', num_args = 1.., value_name = "COMMAND")]
+    #[arg(long, value_delimiter = ' ', num_args = 1.., value_name = "COMMAND", help_heading = "Faults")]
     pub broker_ctl: Option<Vec<String>>,
     /// Share of requests drawn to be refused by a business rule.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, help_heading = "Load")]
     pub refusal_rate: f64,
     #[command(flatten)]
     pub broker: RunBroker,
-    #[arg(long, default_value = "data/chaos")]
+    #[arg(long, default_value = "data/chaos", help_heading = "Output")]
     pub out_dir: PathBuf,
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub keep_vhost: bool,
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
 }
 
@@ -367,17 +384,6 @@ pub enum CliMode {
     Events,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Component {
-    Records,
-    Placement,
-    Entitlements,
-    Routing,
-    Notifier,
-    Orchestrator,
-    Gateway,
-}
-
 /// Baton's one duration grammar, humantime's (`500ms`, `30s`, `2m`, `1h`, `1h 30m`), used by
 /// every flag and the fault plans alike; a bare number is refused rather than guessed at.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -430,9 +436,129 @@ fn parse_owner_plan(s: &str) -> Result<(String, String), String> {
     Ok((owner, plan.to_owned()))
 }
 
-/// Flags of `up` and `run`.
+/// Flags of `up`: every component's, and those of the fault driver.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
+    /// Those of every component, the consumers and the services.
+    #[command(flatten)]
+    pub common: ServiceRun,
+    #[command(flatten)]
+    pub workflows: WorkflowFiles,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub driver: DriverArgs,
+}
+
+/// `baton run <component>`: each component with the flags it uses, and no others.
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// The records service (`records.db`): a space's name and owner.
+    Records(ServiceRun),
+    /// The placement service (`placement.db`): the shard a space lives on (--shards).
+    Placement(ServiceRun),
+    /// The entitlements service (`entitlements.db`): an owner's quota (--plans, --owner-plan).
+    Entitlements(ServiceRun),
+    /// The routing service (`routing.db`): a space's route key (--reserved).
+    Routing(ServiceRun),
+    /// The notifier service (`notifier.db`): the welcome email.
+    Notifier(ServiceRun),
+    /// The saga orchestrator (`orchestrator.db`; workflow mode only).
+    Orchestrator {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(flatten)]
+        consumers: ConsumerArgs,
+        #[command(flatten)]
+        workflows: WorkflowFiles,
+    },
+    /// The HTTP gateway (`gateway.db`).
+    Gateway {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(flatten)]
+        workflows: WorkflowFiles,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+}
+
+/// The flags of `run <service>`.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceRun {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub consumers: ConsumerArgs,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+}
+
+impl ServiceRun {
+    fn parts(&self, component: Component) -> RunParts<'_> {
+        RunParts {
+            component,
+            node: &self.node,
+            consumers: Some(&self.consumers),
+            services: Some(&self.services),
+            workflows: None,
+            gateway: None,
+        }
+    }
+}
+
+/// The parts of `run`'s flags, each of a component that uses it.
+pub struct RunParts<'a> {
+    pub component: Component,
+    pub node: &'a NodeArgs,
+    pub consumers: Option<&'a ConsumerArgs>,
+    pub services: Option<&'a ServiceArgs>,
+    pub workflows: Option<&'a WorkflowFiles>,
+    pub gateway: Option<&'a GatewayArgs>,
+}
+
+impl RunCommand {
+    pub fn parts(&self) -> RunParts<'_> {
+        match self {
+            RunCommand::Records(run) => run.parts(Component::Records),
+            RunCommand::Placement(run) => run.parts(Component::Placement),
+            RunCommand::Entitlements(run) => run.parts(Component::Entitlements),
+            RunCommand::Routing(run) => run.parts(Component::Routing),
+            RunCommand::Notifier(run) => run.parts(Component::Notifier),
+            RunCommand::Orchestrator { node, consumers, workflows } => RunParts {
+                component: Component::Orchestrator,
+                node,
+                consumers: Some(consumers),
+                services: None,
+                workflows: Some(workflows),
+                gateway: None,
+            },
+            RunCommand::Gateway { node, workflows, gateway } => RunParts {
+                component: Component::Gateway,
+                node,
+                consumers: None,
+                services: None,
+                workflows: Some(workflows),
+                gateway: Some(gateway),
+            },
+        }
+    }
+}
+
+impl UpArgs {
+    /// Every part, as `up` runs every component.
+    pub fn parts(&self, component: Component) -> RunParts<'_> {
+        RunParts {
+            workflows: Some(&self.workflows),
+            gateway: Some(&self.gateway),
+            ..self.common.parts(component)
+        }
+    }
+}
+
+/// Flags of every component.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
     /// Coordination mode.
     #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
     pub mode: CliMode,
@@ -443,71 +569,36 @@ pub struct UpArgs {
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true,
-        value_parser = AmqpUrls
+        value_parser = AmqpUrls,
+        help_heading = "Broker"
     )]
     pub amqp_url: String,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Storage")]
     pub data: DataDir,
-    /// Address of the HTTP gateway.
-    #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
-    pub http: SocketAddr,
     /// Instance name: the orchestrator's and the gateway's reply queues are named after it, and
     /// several instances of a service (competing consumers on one data dir) each publish the
     /// outbox rows they wrote. Keep it stable across restarts.
-    #[arg(long, env = "BATON_INSTANCE", default_value = "main")]
+    #[arg(long, env = "BATON_INSTANCE", default_value = "main", help_heading = "Broker")]
     pub instance: String,
-    /// The workflow each request runs: create-space, or create-space-parallel.
-    #[arg(long, env = "BATON_WORKFLOW", default_value = "create-space")]
-    pub workflow: String,
-    /// Extra workflow definition files (JSON) for the orchestrator, validated at start.
-    #[arg(long = "workflow-file", value_name = "FILE")]
-    pub workflow_files: Vec<PathBuf>,
-    /// How long a client waits for an outcome before a 504 (default: 30s in workflow mode, 5s
-    /// in events mode).
-    #[arg(long, value_parser = parse_duration)]
-    pub deadline: Option<Duration>,
-    /// A fault plan to inject (the same in both modes), e.g.
-    /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`. `baton up` also
-    /// carries out its `crash.<component>=P%+DOWN` items (any service, the orchestrator or the
-    /// gateway: its tasks aborted, no cleanup, started again after DOWN) and `drop=P%` items
-    /// (every connection of the vhost closed through the management API) at P% of every
-    /// --fault-window; it refuses restart-broker, poison, clock and disk-full (use `baton chaos`).
-    /// `baton run` ignores crash, drop, restart-broker, poison, clock and disk-full items: its
-    /// driver carries them out.
-    #[arg(long, env = "BATON_FAULTS", default_value = "none")]
-    pub faults: String,
-    /// `baton up` only: the window the plan's crash and drop points are shares of. It starts when
-    /// the components start and repeats until Ctrl-C: with 60s, `crash.routing=40%+6s` crashes
-    /// routing 24 s into every minute, for 6 s.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub fault_window: Duration,
-    /// `baton up` only: RabbitMQ's management API, which closes the connections of a `drop`.
-    #[arg(long, env = "BATON_MGMT_URL", default_value = "http://127.0.0.1:15672")]
-    pub mgmt_url: String,
-    #[arg(long, env = "BATON_MGMT_USER", default_value = "guest")]
-    pub mgmt_user: String,
-    #[arg(long, env = "BATON_MGMT_PASSWORD", default_value = "guest", hide_env_values = true)]
-    pub mgmt_password: String,
-    /// The seed of the fault plan's decisions.
-    #[arg(long, env = "BATON_SEED", default_value_t = 1)]
-    pub seed: u64,
-    /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
-    #[arg(long, default_value_t = 1024)]
-    pub max_in_flight: usize,
-    /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
-    /// connection may sit idle between requests. Past it the gateway closes the connection.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub http_header_timeout: Duration,
-    /// How long an HTTP client may take to send the whole body of a request; past it, a 408.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub http_body_timeout: Duration,
-    /// HTTP connections the gateway keeps open at once; one more gets a 503 at once (default:
-    /// the open-file limit, `ulimit -n`, less an eighth of it for the rest of the process).
-    #[arg(long, value_name = "N")]
-    pub http_max_connections: Option<usize>,
+    /// Also serve GET /health/live and /health/ready (and /health) on this address, for the
+    /// components of this process: what `baton run <service|orchestrator>` needs, having no
+    /// gateway of its own.
+    #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
+    pub health: Option<SocketAddr>,
+}
+
+/// Flags of the components that consume work queues (the services and the orchestrator).
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
     /// Unacked deliveries each consumer holds.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, help_heading = "Broker")]
     pub prefetch: u16,
+}
+
+/// Flags of the five services.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Services")]
+pub struct ServiceArgs {
     /// Shards and their capacities (placement).
     #[arg(long, env = "BATON_SHARDS", value_name = "NAME:CAPACITY,...")]
     pub shards: Option<String>,
@@ -523,11 +614,73 @@ pub struct UpArgs {
     /// Latency injected before every command a service handles.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     pub service_delay: Duration,
-    /// Also serve GET /health/live and /health/ready (and /health) on this address, for the
-    /// components of this process: what `baton run <service|orchestrator>` needs, having no
-    /// gateway of its own.
-    #[arg(long, env = "BATON_HEALTH", value_name = "ADDR")]
-    pub health: Option<SocketAddr>,
+    /// A fault plan to inject (the same in both modes), e.g.
+    /// `refuse=0.05,delay.routing=20ms,duplicate=0.02`, `none`, or `@plan.json`. `baton up` also
+    /// carries out its `crash.<component>=P%+DOWN` items (any service, the orchestrator or the
+    /// gateway: then every component runs as a `baton run` process of its own, killed with
+    /// SIGKILL and started again after DOWN) and `drop=P%` items (every connection of the vhost
+    /// closed through the management API) at P% of every --fault-window; it refuses
+    /// restart-broker, poison, clock and disk-full (use `baton chaos`). `baton run` ignores
+    /// crash, drop, restart-broker, poison, clock and disk-full items: its driver carries them
+    /// out.
+    #[arg(long, env = "BATON_FAULTS", default_value = "none", help_heading = "Faults")]
+    pub faults: String,
+    /// The seed of the fault plan's decisions.
+    #[arg(long, env = "BATON_SEED", default_value_t = 1, help_heading = "Faults")]
+    pub seed: u64,
+}
+
+/// Workflow definitions, which the orchestrator runs and the gateway names.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Workflows")]
+pub struct WorkflowFiles {
+    /// Extra workflow definition files (JSON), validated at start.
+    #[arg(long = "workflow-file", value_name = "FILE")]
+    pub workflow_files: Vec<PathBuf>,
+}
+
+/// Flags of the gateway.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Gateway")]
+pub struct GatewayArgs {
+    /// Address of the HTTP gateway.
+    #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// The workflow each request runs: create-space, create-space-parallel, or one named in a
+    /// --workflow-file.
+    #[arg(long, env = "BATON_WORKFLOW", default_value = "create-space", help_heading = "Workflows")]
+    pub workflow: String,
+    /// How long a client waits for an outcome before a 504 (default: 30s in workflow mode, 5s
+    /// in events mode).
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
+    /// connection may sit idle between requests. Past it the gateway closes the connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// How long an HTTP client may take to send the whole body of a request; past it, a 408.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+    /// HTTP connections the gateway keeps open at once; one more gets a 503 at once (default:
+    /// the open-file limit, `ulimit -n`, less an eighth of it for the rest of the process).
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
+}
+
+/// Flags of `up`'s fault driver, which crashes components and drops connections.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Faults")]
+pub struct DriverArgs {
+    /// The window the plan's crash and drop points are shares of. It starts when the components
+    /// start and repeats until Ctrl-C: with 60s, `crash.routing=40%+6s` crashes routing 24 s
+    /// into every minute, for 6 s.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub fault_window: Duration,
+    #[command(flatten)]
+    pub mgmt: MgmtArgs,
 }
 
 impl From<CliMode> for baton_protocol::Mode {
@@ -568,12 +721,28 @@ mod tests {
     }
 
     #[test]
+    fn run_takes_only_the_flags_of_its_component() {
+        let usage = |args: &[&str]| Cli::try_parse_from(args).map(|_| ()).unwrap_err().kind();
+        use clap::error::ErrorKind::UnknownArgument;
+        assert_eq!(usage(&["baton", "run", "records", "--http", "127.0.0.1:1"]), UnknownArgument);
+        assert_eq!(usage(&["baton", "run", "records", "--workflow", "x"]), UnknownArgument);
+        assert_eq!(usage(&["baton", "run", "gateway", "--plans", "free:2"]), UnknownArgument);
+        assert_eq!(usage(&["baton", "run", "gateway", "--prefetch", "8"]), UnknownArgument);
+        assert_eq!(usage(&["baton", "run", "orchestrator", "--fault-window", "1m"]), UnknownArgument);
+        assert!(
+            Cli::try_parse_from(["baton", "run", "routing", "--reserved", "a,b", "--prefetch", "8"]).is_ok()
+        );
+        assert!(Cli::try_parse_from(["baton", "run", "orchestrator", "--workflow-file", "w.json"]).is_ok());
+        assert!(Cli::try_parse_from(["baton", "up", "--http", "127.0.0.1:1", "--plans", "free:2"]).is_ok());
+    }
+
+    #[test]
     fn bad_flags_are_refused() {
         assert!(Cli::try_parse_from(["baton", "up", "--mode", "chaos"]).is_err());
         assert!(Cli::try_parse_from(["baton", "run", "nobody"]).is_err());
         assert!(Cli::try_parse_from(["baton", "workflows", "show", "not-a-uuid"]).is_err());
         let cli = Cli::try_parse_from(["baton", "run", "gateway", "--http", "127.0.0.1:9000"]).unwrap();
-        assert!(matches!(cli.command, Command::Run { component: Component::Gateway, .. }));
+        assert!(matches!(cli.command, Command::Run { component: RunCommand::Gateway { .. } }));
     }
 
     #[test]
@@ -581,8 +750,8 @@ mod tests {
         let list =
             "amqp://u:p@127.0.0.1:5681/%2f,amqp://u:p@127.0.0.1:5682/%2f,amqp://u:p@127.0.0.1:5683/%2f";
         let cli = Cli::try_parse_from(["baton", "run", "records", "--amqp-url", list]).unwrap();
-        let Command::Run { args, .. } = cli.command else { panic!("run") };
-        assert_eq!(args.amqp_url, list);
+        let Command::Run { component: RunCommand::Records(run) } = cli.command else { panic!("run") };
+        assert_eq!(run.node.amqp_url, list);
         for bad in ["amqp://u:p@h1/%2f,,amqp://u:p@h3/%2f", "amqp://u:p@h1/a,amqp://u:p@h2/b", "amqp://h1/v,"]
         {
             for argv in [

@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
-use baton_compare::mgmt::Mgmt;
 use baton_faults::FaultPlan;
-use baton_protocol::{Mode, Service};
+use baton_mgmt::Mgmt;
+use baton_protocol::Mode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::Component;
+use baton_node::Component;
 
 /// What the driver asks of `up`'s loop, which owns the components' tasks.
 #[derive(Debug)]
@@ -62,18 +62,7 @@ impl Injected {
 
 /// The component a plan's crash item names, if `up` can crash it.
 fn crashable(name: &str) -> Option<Component> {
-    match name {
-        "orchestrator" => return Some(Component::Orchestrator),
-        "gateway" => return Some(Component::Gateway),
-        _ => {}
-    }
-    Some(match Service::parse(name)? {
-        Service::Records => Component::Records,
-        Service::Placement => Component::Placement,
-        Service::Entitlements => Component::Entitlements,
-        Service::Routing => Component::Routing,
-        Service::Notifier => Component::Notifier,
-    })
+    Component::parse(name)
 }
 
 /// Whether the plan holds items that whoever drives the components carries out (crashes,
@@ -120,16 +109,6 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
         bail!("--fault-window must be longer than 0");
     }
     Ok(())
-}
-
-/// The vhost of an AMQP URL as the management API's paths want it (percent-encoded; the
-/// default vhost `/` is `%2F`). Of a cluster's list, the first URL's: they all name the same.
-pub fn vhost_of(url: &str) -> String {
-    let url = url.split(',').next().unwrap_or(url);
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let path = rest.split_once('/').map_or("", |(_, p)| p);
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    if path.is_empty() { "%2F".into() } else { path.to_owned() }
 }
 
 enum Point {
@@ -211,14 +190,6 @@ async fn drop_connections(mgmt: Mgmt, vhost: String, injected: Injected, round: 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_vhost_comes_from_the_url() {
-        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
-        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "%2F");
-        assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
-        assert_eq!(vhost_of("amqp://u:p@h:5681/baton-demo,amqp://u:p@h:5682/baton-demo"), "baton-demo");
-    }
 
     #[test]
     fn up_refuses_what_it_cannot_do() {

@@ -9,7 +9,6 @@
 //! operator would, through `baton-fleet` (which spawns, crashes, restarts and stops them).
 
 pub mod clock;
-pub mod mgmt;
 pub mod poison;
 pub mod report;
 mod run;
@@ -38,7 +37,7 @@ pub struct Options {
     pub baton_bin: PathBuf,
     /// The broker without a vhost: `amqp://guest:guest@127.0.0.1:5672`.
     pub amqp_base: String,
-    pub mgmt: mgmt::Mgmt,
+    pub mgmt: baton_mgmt::Mgmt,
     /// Where each mode's data dir goes (`<out>/workflow`, `<out>/events`).
     pub out_dir: PathBuf,
     pub requests: usize,
@@ -65,7 +64,7 @@ pub struct Options {
 impl Options {
     /// A comparison of the defaults of `baton compare`: 500 requests at concurrency 16, seed 1,
     /// 10 % natural refusals, the default fault plan, a minute to settle, no progress bar.
-    pub fn new(baton_bin: PathBuf, amqp_base: String, mgmt: mgmt::Mgmt, out_dir: PathBuf) -> Options {
+    pub fn new(baton_bin: PathBuf, amqp_base: String, mgmt: baton_mgmt::Mgmt, out_dir: PathBuf) -> Options {
         Options {
             baton_bin,
             amqp_base,

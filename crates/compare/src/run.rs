@@ -73,7 +73,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     std::fs::write(&plan_file, opts.faults.to_json())?;
     let port = free_port()?;
     let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
-    let fleet = Arc::new(Fleet::new(
+    let services = baton_protocol::Service::ALL.map(baton_protocol::Service::name);
+    let fleet = Fleet::new(
         &opts.baton_bin,
         [
             "--mode".into(),
@@ -82,20 +83,24 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
             amqp_url.clone(),
             "--data-dir".into(),
             dir.display().to_string(),
-            "--http".into(),
-            format!("127.0.0.1:{port}"),
-            "--faults".into(),
-            format!("@{}", plan_file.display()),
-            "--seed".into(),
-            opts.seed.to_string(),
             "--log".into(),
             "warn".into(),
         ]
-        .into_iter()
-        .chain(deadline.into_iter().flatten())
-        .collect(),
+        .into(),
         &dir,
-    ));
+    )
+    .with_args_for(
+        &["gateway"],
+        ["--http".into(), format!("127.0.0.1:{port}")]
+            .into_iter()
+            .chain(deadline.into_iter().flatten())
+            .collect(),
+    )
+    .with_args_for(
+        &services,
+        vec!["--faults".into(), format!("@{}", plan_file.display()), "--seed".into(), opts.seed.to_string()],
+    );
+    let fleet = Arc::new(fleet);
     // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
     let clock = if mode == Mode::Workflow && !opts.faults.clock_jumps.is_empty() {
         Some(FakeClock::new(&dir)?)
@@ -396,7 +401,7 @@ async fn drive(
     // The broker confirmed each relay's messages; the gateway published one per request.
     let messages = sum(dir, "SELECT published FROM relay_stats") + sum(dir, "SELECT COUNT(*) FROM requests");
     let mut injected = injected.lock().expect("faults").clone();
-    for db in ["records", "placement", "entitlements", "routing", "notifier"] {
+    for db in baton_protocol::Service::ALL {
         let Ok(conn) = baton_store::open_read_only(&dir.join(format!("{db}.db"))) else { continue };
         // The fault plan's decorators create the table only where they injected into a service.
         if !baton_store::has_table(&conn, "faults")? {
@@ -474,7 +479,7 @@ async fn broker_ctl(ctl: &[String], arg: &str) -> anyhow::Result<()> {
 /// happened in time.
 async fn quiesce(
     amqp_url: &str,
-    mgmt: &crate::mgmt::Mgmt,
+    mgmt: &baton_mgmt::Mgmt,
     vhost: &str,
     dir: &Path,
     mode: Mode,
@@ -505,7 +510,7 @@ async fn quiesce(
         let _ = ch.close(200, "probed".into()).await;
         let outbox = sum(dir, "SELECT COUNT(*) FROM outbox");
         let working = if mode == Mode::Workflow {
-            sum(dir, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')")
+            baton_orchestrator::Sagas::in_data_dir(dir).in_flight().unwrap_or(0)
         } else {
             0
         };
@@ -541,7 +546,7 @@ async fn quiesce(
             } else {
                 "-".into()
             };
-            let outboxes: Vec<String> = baton_store::COMPONENTS
+            let outboxes: Vec<String> = baton_protocol::Component::ALL
                 .iter()
                 .filter_map(|c| {
                     let conn = baton_store::open_read_only(&dir.join(format!("{c}.db"))).ok()?;

@@ -151,6 +151,11 @@ fn restart_pause(n: u32) -> Duration {
 pub struct Fleet {
     bin: PathBuf,
     args: Vec<String>,
+    /// Flags only some components take (`baton run <component>` refuses the others'), with
+    /// the components that take them.
+    only_for: Vec<(Vec<String>, Vec<String>)>,
+    /// The processes write to this process's stderr rather than to their logs.
+    stderr_inherited: bool,
     dir: PathBuf,
     members: Mutex<Vec<Member>>,
     /// A supervisor runs: an exit is its to handle, and only giving up is an error.
@@ -174,6 +179,8 @@ impl Fleet {
         Fleet {
             bin: bin.to_owned(),
             args,
+            only_for: Vec::new(),
+            stderr_inherited: false,
             dir: dir.to_owned(),
             members: Mutex::new(Vec::new()),
             supervised: AtomicBool::new(false),
@@ -193,6 +200,20 @@ impl Fleet {
             fleet.spawn(p)?;
         }
         Ok(fleet)
+    }
+
+    /// This fleet with `args` added to the command line of the processes of `components` only
+    /// (e.g. `--http` for the gateway): `baton run <component>` takes only the flags it uses.
+    pub fn with_args_for(mut self, components: &[&str], args: Vec<String>) -> Fleet {
+        self.only_for.push((components.iter().map(|c| (*c).to_owned()).collect(), args));
+        self
+    }
+
+    /// This fleet with its processes writing to this process's stderr (`baton up`, whose user
+    /// reads one stream) rather than to a log each.
+    pub fn with_stderr_inherited(mut self) -> Fleet {
+        self.stderr_inherited = true;
+        self
     }
 
     /// The dir of the logs.
@@ -235,14 +256,24 @@ impl Fleet {
 
     /// `baton run <component> <args>`, its stderr appended to its log.
     fn launch(&self, process: &Process) -> Result<Child, FleetError> {
-        let path = self.log_path(&process.name());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| FleetError::Log { path, source })?;
+        let log = if self.stderr_inherited {
+            Stdio::inherit()
+        } else {
+            let path = self.log_path(&process.name());
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| FleetError::Log { path, source })?;
+            Stdio::from(file)
+        };
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run").arg(&process.component).args(&self.args);
+        for (components, args) in &self.only_for {
+            if components.contains(&process.component) {
+                cmd.args(args);
+            }
+        }
         if let Some(i) = &process.instance {
             cmd.arg("--instance").arg(i);
         }
@@ -449,8 +480,10 @@ impl Fleet {
             })
             .collect();
         for (_, c) in &children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let pid = c.id().and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?));
+            if let Some(pid) = pid {
+                // It may have exited meanwhile: the wait below says so.
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
         for (name, mut c) in children {
@@ -506,19 +539,24 @@ mod tests {
         let bin = fake_bin(dir.path());
         let procs =
             [Process::instance("records", "i1"), Process::instance("records", "i2"), Process::new("gateway")];
-        let fleet = Fleet::start(&bin, vec!["--mode".into(), "workflow".into()], dir.path(), &procs).unwrap();
-        // The script writes its line at once; wait for it, with a bound.
-        let log = fleet.log_path("records-i2");
-        for _ in 0..100 {
-            if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("args")) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let fleet = Fleet::new(&bin, vec!["--mode".into(), "workflow".into()], dir.path())
+            .with_args_for(&["gateway"], vec!["--http".into(), "127.0.0.1:1".into()]);
+        for p in &procs {
+            fleet.spawn(p).unwrap();
         }
-        assert_eq!(
-            std::fs::read_to_string(&log).unwrap().trim(),
-            "args: run records --mode workflow --instance i2"
-        );
+        // The script writes its line at once; wait for it, with a bound.
+        let args_of = async |name: &str| {
+            let log = fleet.log_path(name);
+            for _ in 0..100 {
+                if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("args")) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            std::fs::read_to_string(&log).unwrap().trim().to_owned()
+        };
+        assert_eq!(args_of("records-i2").await, "args: run records --mode workflow --instance i2");
+        assert_eq!(args_of("gateway").await, "args: run gateway --mode workflow --http 127.0.0.1:1");
         fleet.check_alive().unwrap();
         let usage = fleet.usage();
         let names: Vec<String> = usage.iter().map(ComponentUsage::name).collect();

@@ -180,16 +180,9 @@ async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) ->
         Ok(id) => id,
         Err(r) => return r,
     };
-    let path = gw.opts.data_dir.join("orchestrator.db");
-    let found = tokio::task::spawn_blocking(move || {
-        if !path.exists() {
-            return Ok(None);
-        }
-        let conn = baton_store::open_read_only(&path)?;
-        baton_orchestrator::query::describe(&conn, id)
-    })
-    .await
-    .expect("the read task does not panic");
+    let sagas = gw.opts.sagas.clone();
+    let found =
+        tokio::task::spawn_blocking(move || sagas.describe(id)).await.expect("the read task does not panic");
     match found {
         Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no workflow {id} in this data dir's orchestrator")),

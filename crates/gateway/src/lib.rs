@@ -5,8 +5,8 @@
 //! /health`), input validation (owners normalised to one spelling per person), what a client
 //! may hold of it (header and body timeouts, a connection limit), `gateway.db` (every request,
 //! what its client was told, and what eventually happened: the audit compares the two), and
-//! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands requests to the orchestrator and reads the
-//! orchestrator's database read-only for `GET /workflows/{id}`) or any service's database.
+//! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands requests to the orchestrator and reads its
+//! sagas for `GET /workflows/{id}` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
 
 mod api;
 mod input;

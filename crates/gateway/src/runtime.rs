@@ -47,6 +47,8 @@ pub struct Options {
     /// The liveness and readiness of every component of this process, which `/health/live`
     /// and `/health/ready` answer; the gateway adds its own checks.
     pub health: baton_health::Health,
+    /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
+    pub sagas: baton_orchestrator::Sagas,
 }
 
 /// How long a client may take and how many connections it may hold: without them, connections
@@ -105,30 +107,14 @@ pub(crate) struct Gateway {
     pub reply_key: String,
 }
 
-/// How long `run` keeps trying to bind a port that is in use: a gateway restarted in the same
-/// process (`baton up` after a crash) may find the port of its previous self not yet released.
-const BIND_PATIENCE: Duration = Duration::from_secs(3);
-
 /// Bind `opts.http` and serve until `cancel`.
 pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    let patience = tokio::time::Instant::now() + BIND_PATIENCE;
-    let listener = loop {
-        match TcpListener::bind(opts.http).await {
-            Ok(l) => break l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < patience => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = cancel.cancelled() => return Ok(()),
-                }
-            }
-            Err(e) => {
-                return Err(anyhow::anyhow!(
-                    "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
-                    opts.http
-                ));
-            }
-        }
-    };
+    let listener = TcpListener::bind(opts.http).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
+            opts.http
+        )
+    })?;
     serve(listener, opts, cancel).await
 }
 
@@ -153,9 +139,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         db,
         pending: Mutex::new(HashMap::new()),
     });
-    // The consumer (with its handlers) and the HTTP connections live in sets owned by this
-    // future: when it is dropped (its task aborted, as `baton up` does to crash the gateway), so
-    // are they, the listener with them (its port is free again) and the broker connection.
+    // The consumer (with its handlers), waited for once the HTTP side has stopped.
     let mut tasks = JoinSet::new();
     let g = Arc::clone(&gw);
     let queue = match gw.opts.mode {
@@ -198,13 +182,15 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     Ok(())
 }
 
-/// Serve HTTP/1 on `listener` until `cancel`, as `axum::serve` with a graceful shutdown does
-/// (stop accepting, let each connection finish the request it is on, wait for them all), but
-/// with every connection's task in a set owned by this future, not detached: dropped, it takes
-/// them all down, so that nothing of a crashed gateway answers on a kept-alive connection.
-/// Each connection holds one of `limits.max_connections` permits until it closes.
+/// Serve HTTP/1 on `listener` until `cancel`, then stop accepting, let each connection finish
+/// the request it is on and wait for them all, as `axum::serve(..).with_graceful_shutdown(..)`
+/// does. Not `axum::serve` itself: it builds each connection with no timer, so hyper's
+/// `header_read_timeout` cannot be set through it, and nothing else can time a request's
+/// headers (before them there is no request for a tower layer to time; a read timeout on the
+/// socket would also cut a client that waits for a slow outcome). Each connection holds one of
+/// `limits.max_connections` permits until it closes; one more gets a 503 at once.
 async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, cancel: &CancellationToken) {
-    let mut conns = JoinSet::new();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
@@ -214,11 +200,6 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "an HTTP connection's task died");
-                }
-            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
@@ -236,21 +217,11 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
                         continue;
                     };
                     let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                    let cancel = cancel.clone();
                     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    conns.spawn(async move {
+                    let conn = graceful.watch(conn);
+                    // Watched by `graceful`, which the shutdown below waits on.
+                    tokio::spawn(async move {
                         let _permit = permit;
-                        let conn = conn.with_upgrades();
-                        let mut conn = std::pin::pin!(conn);
-                        tokio::select! {
-                            r = conn.as_mut() => {
-                                if let Err(e) = r {
-                                    tracing::trace!(error = %e, "failed to serve a connection");
-                                }
-                                return;
-                            }
-                            _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
-                        }
                         if let Err(e) = conn.await {
                             tracing::trace!(error = %e, "failed to serve a connection");
                         }
@@ -275,11 +246,7 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
         }
     }
     drop(listener);
-    while let Some(done) = conns.join_next().await {
-        if let Err(e) = done {
-            tracing::error!(error = %e, "an HTTP connection's task died");
-        }
-    }
+    graceful.shutdown().await;
 }
 
 /// Answer a connection past the limit with a 503 and close it, without waiting on the client:

@@ -8,6 +8,8 @@ use baton_store::{Db, StoreError, now_ms};
 use baton_workflow::{Saga, Workflow};
 use rusqlite::params;
 
+use crate::query::IN_FLIGHT;
+
 /// The clock of every saga transition: the wall clock read once at start-up, advanced by the
 /// monotonic clock. A wall clock set back or forward while the process runs moves no timer;
 /// the times persisted from another process are brought back within bounds by
@@ -85,10 +87,10 @@ pub async fn check_and_record(
         .transaction(move |tx| {
             // (workflow, definition body or none for sagas older than the table, saga ids)
             let mut groups: HashMap<(String, Option<String>), Vec<String>> = HashMap::new();
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare(&format!(
                 "SELECT s.workflow, d.body, s.saga_id FROM sagas s LEFT JOIN definitions d ON d.id = s.definition
-                 WHERE s.status IN ('running', 'compensating', 'succeeded') ORDER BY s.created_at",
-            )?;
+                 WHERE s.{IN_FLIGHT} ORDER BY s.created_at"
+            ))?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get(2)?)))?;
             for row in rows {
                 let (wf, body, id) = row?;

@@ -22,6 +22,7 @@ mod runtime;
 mod schema;
 
 pub use definitions::{Changed, DefinitionsChanged};
+pub use query::Sagas;
 pub use runtime::{Options, request_retry, run};
 pub use schema::MIGRATIONS;
 

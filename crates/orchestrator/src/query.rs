@@ -1,5 +1,9 @@
-//! The read model of sagas: what `GET /workflows/{id}` and `baton workflows` show. Reads
-//! `orchestrator.db` through any connection (read-only ones included).
+//! The read model of sagas: what `GET /workflows/{id}` and `baton workflows` show, and how many
+//! sagas are in flight. Reads `orchestrator.db` through any connection (read-only ones
+//! included); [`Sagas`] is how other components and processes read it, without knowing its file
+//! or its tables.
+
+use std::path::{Path, PathBuf};
 
 use baton_workflow::Saga;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -7,6 +11,78 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use baton_store::StoreError;
+
+/// The statuses of a saga still in flight, as SQL: started and not yet answered and ended
+/// (`succeeded` still has its answer to send); `compensation_failed` waits for an operator.
+pub(crate) const IN_FLIGHT: &str = "status IN ('running', 'compensating', 'succeeded')";
+
+/// The read-only view of a data dir's `orchestrator.db`, for the gateway (`GET /workflows/{id}`),
+/// the CLI and the runs' checks. Cheap to clone; each call opens the file read-only (WAL lets it
+/// read while the orchestrator writes), and blocks: call it off the async workers.
+#[derive(Debug, Clone)]
+pub struct Sagas {
+    path: PathBuf,
+}
+
+impl Sagas {
+    /// The sagas of the orchestrator keeping its database in `data_dir`.
+    pub fn in_data_dir(data_dir: &Path) -> Sagas {
+        Sagas { path: data_dir.join(format!("{}.db", crate::COMPONENT)) }
+    }
+
+    /// The database file, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the orchestrator has made its database yet.
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn open(&self) -> Result<Option<Connection>, StoreError> {
+        if !self.exists() {
+            return Ok(None);
+        }
+        baton_store::open_read_only(&self.path).map(Some)
+    }
+
+    /// The saga `id`; `None` when there is no such saga, or no database yet.
+    pub fn describe(&self, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
+        match self.open()? {
+            Some(conn) => describe(&conn, id),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest sagas, as [`list`]; none without a database.
+    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+        match self.open()? {
+            Some(conn) => list(&conn, status, limit),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Sagas in flight; 0 without a database.
+    pub fn in_flight(&self) -> Result<i64, StoreError> {
+        match self.open()? {
+            Some(conn) => in_flight_count(&conn),
+            None => Ok(0),
+        }
+    }
+}
+
+/// How many sagas are in flight.
+pub fn in_flight_count(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row(&format!("SELECT COUNT(*) FROM sagas WHERE {IN_FLIGHT}"), [], |r| r.get(0))?)
+}
+
+/// The ids of the sagas in flight.
+pub fn in_flight_ids(conn: &Connection) -> Result<Vec<Uuid>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"))?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    ids.iter().map(|id| Uuid::parse_str(id).map_err(corrupt)).collect()
+}
 
 /// One line of a saga's timeline.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

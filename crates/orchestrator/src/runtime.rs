@@ -80,10 +80,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
-    // The relay, the timer and the consumers (with their handlers) live in this set, owned by
-    // this future: when it is dropped (its task aborted, as `baton up` does to crash the
-    // orchestrator), so are they, and the connection closes. The sagas they were driving are in
-    // the database; the next incarnation picks them up (`resume`, the replies kept on its queue).
+    // The relay, the timer and the consumers (with their handlers), waited for until they have
+    // stopped. After a crash the sagas they were driving are in the database; the next
+    // incarnation picks them up (`resume`, the replies kept on its queue).
     let mut tasks = JoinSet::new();
     let live = |what: &str| health.check(COMPONENT, what, Kind::Live);
     tasks.spawn(running(
@@ -198,14 +197,8 @@ impl Core {
             .db
             .transaction(move |tx| {
                 let now = core.clock.now();
-                let ids: Vec<String> = tx
-                    .prepare(
-                        "SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating', 'succeeded')",
-                    )?
-                    .query_map([], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                for id in &ids {
-                    let id = Uuid::parse_str(id).map_err(corrupt)?;
+                let ids = crate::query::in_flight_ids(tx)?;
+                for &id in &ids {
                     let Some((mut saga, meta)) = load(tx, id)? else { continue };
                     let Some(wf) = core.workflows.get(&saga.workflow) else { continue };
                     saga.rearm(wf, now);

@@ -143,6 +143,86 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Every process-level part of Baton: the five services, the orchestrator and the gateway.
+/// Each keeps `<data-dir>/<name>.db`, is `baton run <name>`, and is named so in logs and fault
+/// plans; this is the one list of them (which run in which mode is [`Component::runs_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Component {
+    Records,
+    Placement,
+    Entitlements,
+    Routing,
+    Notifier,
+    Orchestrator,
+    Gateway,
+}
+
+impl Component {
+    /// In the order `baton up` starts them: the services, then who sends them work.
+    pub const ALL: [Component; 7] = [
+        Component::Records,
+        Component::Placement,
+        Component::Entitlements,
+        Component::Routing,
+        Component::Notifier,
+        Component::Orchestrator,
+        Component::Gateway,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Orchestrator => "orchestrator",
+            Component::Gateway => "gateway",
+            c => c.service().map_or("", Service::name),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Component> {
+        Component::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The service this component is, if it is one.
+    pub fn service(self) -> Option<Service> {
+        match self {
+            Component::Records => Some(Service::Records),
+            Component::Placement => Some(Service::Placement),
+            Component::Entitlements => Some(Service::Entitlements),
+            Component::Routing => Some(Service::Routing),
+            Component::Notifier => Some(Service::Notifier),
+            Component::Orchestrator | Component::Gateway => None,
+        }
+    }
+
+    /// Whether it has a part in `mode`: the orchestrator has none in events mode.
+    pub fn runs_in(self, mode: Mode) -> bool {
+        self != Component::Orchestrator || mode == Mode::Workflow
+    }
+
+    /// The components of a system running in `mode`, in start order.
+    pub fn of_mode(mode: Mode) -> impl Iterator<Item = Component> {
+        Component::ALL.into_iter().filter(move |c| c.runs_in(mode))
+    }
+}
+
+impl From<Service> for Component {
+    fn from(s: Service) -> Component {
+        match s {
+            Service::Records => Component::Records,
+            Service::Placement => Component::Placement,
+            Service::Entitlements => Component::Entitlements,
+            Service::Routing => Component::Routing,
+            Service::Notifier => Component::Notifier,
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Whether a command does a step or undoes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -391,6 +471,19 @@ mod tests {
         }
         assert_eq!(Service::parse("nope"), None);
         assert_eq!(Service::Notifier.undo_type(), None);
+    }
+
+    #[test]
+    fn component_names_round_trip_and_the_orchestrator_runs_only_in_workflow_mode() {
+        for c in Component::ALL {
+            assert_eq!(Component::parse(c.name()), Some(c));
+        }
+        for s in Service::ALL {
+            assert_eq!(Component::from(s).service(), Some(s));
+            assert_eq!(Component::from(s).name(), s.name());
+        }
+        assert_eq!(Component::of_mode(Mode::Workflow).count(), 7);
+        assert!(!Component::of_mode(Mode::Events).any(|c| c == Component::Orchestrator));
     }
 
     #[test]

@@ -77,39 +77,33 @@ pub async fn run(
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
     db.feed(wake.clone());
-    // The relay and the consumers live in this set, owned by this future: when the future is
-    // dropped (its task aborted, as `baton up` does to crash a service), so are they, and their
-    // channels close. Handlers already running on a delivery (their tasks belong to the
-    // consumer) stop at their next await point through `killed`, so that nothing of a crashed
-    // service carries on behind its restarted self.
+    // The relay and the consumers, waited for until they have stopped.
     let mut tasks = JoinSet::new();
-    let killed = CancellationToken::new();
-    let _kill_on_drop = killed.clone().drop_guard();
     tasks.spawn(running(
         health.check(name, "relay running", Kind::Live),
         relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()),
     ));
     let handler = Arc::new(Handler { step, db, wake, delay: opts.delay, pipeline });
-    let (h, k) = (Arc::clone(&handler), killed.clone());
+    let h = Arc::clone(&handler);
     tasks.spawn(running(
         health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
         consume(
             broker.clone(),
             publisher.clone(),
             cfg_commands,
-            move |env| unless_killed(k.clone(), Arc::clone(&h).on_command(env)),
+            move |env| Arc::clone(&h).on_command(env),
             cancel.clone(),
         ),
     ));
     if let Some(cfg_events) = cfg_events {
-        let (h, k) = (Arc::clone(&handler), killed.clone());
+        let h = Arc::clone(&handler);
         tasks.spawn(running(
             health.check(name, &format!("consumer of {} running", cfg_events.queue), Kind::Live),
             consume(
                 broker.clone(),
                 publisher,
                 cfg_events,
-                move |env| unless_killed(k.clone(), Arc::clone(&h).on_event(env)),
+                move |env| Arc::clone(&h).on_event(env),
                 cancel.clone(),
             ),
         ));
@@ -134,20 +128,6 @@ fn consumer_config(
 ) -> ConsumerConfig {
     let attached = health.check(component, &format!("consuming {queue}"), Kind::Ready);
     ConsumerConfig::new(queue, prefetch).attached(attached)
-}
-
-/// Run a handler unless the service it belongs to is gone (its `run` future dropped): then
-/// give up on the delivery at once, uncommitted, as a killed process would. The broker
-/// redelivers it to the service's next incarnation.
-async fn unless_killed(
-    killed: CancellationToken,
-    handle: impl Future<Output = Result<(), HandleError>>,
-) -> Result<(), HandleError> {
-    tokio::select! {
-        biased;
-        _ = killed.cancelled() => Err(HandleError::Retry("the service crashed under this delivery".into())),
-        r = handle => r,
-    }
 }
 
 /// Open, migrate and configure a service's database (`<data-dir>/<service>.db`).

@@ -614,15 +614,12 @@ impl Db {
     }
 }
 
-/// The components that keep a database in a data dir (`<data-dir>/<component>.db`).
-pub const COMPONENTS: [&str; 7] =
-    ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"];
 
 /// Sum one number over the component databases of `dir` that answer `sql`, read-only (a table
 /// lives in some of them only: `sagas` in the orchestrator's, `requests` in the gateway's);
 /// `None` when none does.
 pub fn sum_over(dir: &Path, sql: &str) -> Option<i64> {
-    COMPONENTS
+    baton_protocol::Component::ALL
         .iter()
         .map(|c| dir.join(format!("{c}.db")))
         .filter(|path| path.exists())

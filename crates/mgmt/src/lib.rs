@@ -1,4 +1,9 @@
 //! The few calls of RabbitMQ's management HTTP API that Baton needs: vhosts and connections.
+//!
+//! Owns: [`Mgmt`], the client of that API (over `http://` or `https://`), and the words its
+//! failures are explained in. Used by `baton up` (connection drops), compare, chaos and bench
+//! (fresh vhosts) and the tests. Must not touch: AMQP itself (see `baton-amqp`), or what a run
+//! does with the vhosts.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ pub struct Mgmt {
 
 impl Mgmt {
     pub fn new(url: &str, user: &str, password: &str) -> Mgmt {
+        // Only a TLS backend that cannot start fails here (no certificates to trust at all).
         let http = reqwest::Client::builder().timeout(TIMEOUT).build().expect("an HTTP client");
         Mgmt { url: url.trim_end_matches('/').into(), user: user.into(), password: password.into(), http }
     }
@@ -154,6 +160,16 @@ impl Mgmt {
     }
 }
 
+/// The vhost of an AMQP URL as the management API's paths want it: its path, still
+/// percent-encoded (the default vhost `/` is `%2F`, as is a URL without a path). Of a cluster's
+/// comma-separated list, the first URL's: they all name the same vhost.
+pub fn vhost_of(amqp_url: &str) -> String {
+    let amqp_url = amqp_url.split(',').next().unwrap_or(amqp_url);
+    let path =
+        url::Url::parse(amqp_url).map(|u| u.path().trim_start_matches('/').to_owned()).unwrap_or_default();
+    if path.is_empty() { "%2F".into() } else { path }
+}
+
 /// Why a request to the management API at `url` got no answer, in words a user can act on.
 fn explain(url: &str, e: &reqwest::Error) -> String {
     if e.is_timeout() {
@@ -174,20 +190,55 @@ fn explain(url: &str, e: &reqwest::Error) -> String {
 /// How long one call of the management API may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Percent-encode a path segment (connection names hold spaces, `:` and `>`).
+/// Percent-encode a path segment (connection names hold spaces, `:` and `>`): everything but
+/// RFC 3986's unreserved characters.
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const SEGMENT: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vhost_comes_from_the_url() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "%2F");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/"), "%2F");
+        assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
+        assert_eq!(vhost_of("amqp://u:p@host/baton%20test#frag"), "baton%20test");
+        assert_eq!(vhost_of("amqp://u:p@h:5681/baton-demo,amqp://u:p@h:5682/baton-demo"), "baton-demo");
+    }
+
     #[test]
     fn connection_names_are_encoded() {
         assert_eq!(super::encode("127.0.0.1:5 -> 127.0.0.1:5672"), "127.0.0.1%3A5%20-%3E%20127.0.0.1%3A5672");
+    }
+
+    /// A server of the test's own that is no TLS server: the client must open a TLS handshake
+    /// to it (its first byte is a TLS handshake record), and fail on the answer, rather than
+    /// refuse the scheme.
+    #[tokio::test]
+    async fn an_https_url_is_spoken_to_in_tls() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let first = conn.read_u8().await.unwrap();
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+            first
+        });
+        let mgmt = Mgmt::new(&format!("https://{addr}"), "guest", "guest");
+        let err = tokio::time::timeout(Duration::from_secs(20), mgmt.delete_vhost("v"))
+            .await
+            .expect("the call ends")
+            .expect_err("a server that speaks no TLS is an error");
+        let text = format!("{err:#}");
+        assert!(!text.contains("scheme"), "https is spoken, not refused: {text}");
+        let first = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        assert_eq!(first, 0x16, "the client opened with a TLS handshake record");
     }
 }
