@@ -445,10 +445,19 @@ pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     .await
 }
 
+/// The components that publish through an outbox (every one but the gateway, which publishes a
+/// request's start itself), by name, which is also their database's.
+pub fn publishers() -> impl Iterator<Item = &'static str> {
+    baton_protocol::Component::ALL
+        .into_iter()
+        .filter(|c| *c != baton_protocol::Component::Gateway)
+        .map(|c| c.name())
+}
+
 /// Wait (bounded, `timeout` for each) until the outbox of every component that has one is
 /// empty: everything committed was published.
 pub async fn every_outbox_drains(env: &TestEnv, timeout: Duration) {
-    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
+    for db in publishers() {
         wait_for(&format!("{db}'s outbox to drain"), timeout, || async {
             (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
         })

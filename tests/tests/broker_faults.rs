@@ -10,9 +10,6 @@ use baton_tests::node::Node;
 use baton_tests::{System, SystemConfig, TestEnv, scalar, spawn_service, wait_for};
 use tokio::task::JoinSet;
 
-/// The components with an outbox, by database.
-const OUTBOXES: [&str; 6] = ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"];
-
 /// Rows waiting in each component's outbox, read through read-only connections (0 for a
 /// component whose database or outbox is not made yet: one starting up).
 fn outbox_rows(env: &TestEnv) -> Vec<(&'static str, i64)> {
@@ -24,12 +21,12 @@ fn outbox_rows(env: &TestEnv) -> Vec<(&'static str, i64)> {
         let conn = baton_store::open_read_only(&path).ok()?;
         conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).ok()
     };
-    OUTBOXES.iter().map(|db| (*db, count(db).unwrap_or(0))).collect()
+    baton_tests::publishers().map(|db| (db, count(db).unwrap_or(0))).collect()
 }
 
 /// The most rows seen waiting in each outbox, sampled every 50 ms for `span`.
 async fn sample_outboxes(env: &TestEnv, span: Duration) -> Vec<(&'static str, i64)> {
-    let mut most: Vec<(&'static str, i64)> = OUTBOXES.iter().map(|db| (*db, 0)).collect();
+    let mut most: Vec<(&'static str, i64)> = baton_tests::publishers().map(|db| (db, 0)).collect();
     let end = tokio::time::Instant::now() + span;
     while tokio::time::Instant::now() < end {
         for (m, (_, n)) in most.iter_mut().zip(outbox_rows(env)) {

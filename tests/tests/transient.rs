@@ -180,12 +180,7 @@ async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_r
     assert!(created > 0, "{by_status:?}");
 
     baton_tests::every_saga_ends(&env, Duration::from_secs(90)).await;
-    for db in ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"] {
-        wait_for(&format!("{db}'s outbox to drain"), Duration::from_secs(30), || async {
-            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
-        })
-        .await;
-    }
+    baton_tests::every_outbox_drains(&env, Duration::from_secs(30)).await;
     assert_eq!(dead_letters(&env).await, vec![], "nothing is dead-lettered for a passing outage");
     let report = env.audit();
     // A 504 whose saga finished later is reported by the audit; anything else is a violation.

@@ -348,9 +348,8 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
     let ok = statuses.iter().filter(|(_, _, s)| *s == 200).count() + 1;
     // Each 200 is a complete space; a request the crashed gateway left unanswered may be one too.
     assert!(report.complete >= ok, "one complete space per 200: {} < {ok}", report.complete);
-    let queues = ["records", "placement", "entitlements", "routing", "notifier", "orchestrator"]
+    let queues = baton_tests::publishers()
         .map(|s| format!("{s}.commands"))
-        .into_iter()
         .chain([replies.to_owned(), "gateway.main.outcomes".to_owned()]);
     one_consumer_each(&probe, queues).await;
 

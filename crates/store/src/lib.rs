@@ -614,7 +614,6 @@ impl Db {
     }
 }
 
-
 /// Sum one number over the component databases of `dir` that answer `sql`, read-only (a table
 /// lives in some of them only: `sagas` in the orchestrator's, `requests` in the gateway's);
 /// `None` when none does.
