@@ -169,7 +169,8 @@ async fn a_compensation_that_keeps_failing_stops_visibly_and_an_operator_finishe
     let id = body["workflow_id"].as_str().unwrap().to_owned();
     let failed = {
         let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).unwrap();
-        baton_orchestrator::query::list(&conn, Some("compensation_failed"), 10).unwrap()
+        baton_orchestrator::query::list(&conn, Some(baton_workflow::SagaStatus::CompensationFailed), 10)
+            .unwrap()
     };
     assert_eq!(failed.iter().map(|w| w.id.to_string()).collect::<Vec<_>>(), std::slice::from_ref(&id));
     // The operator finds it with the real binary.

@@ -261,3 +261,48 @@ async fn bad_http_input_gets_one_sentence_and_a_4xx() {
     assert_eq!(s, 404);
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sagas_are_listed_newest_first_a_page_at_a_time_and_filtered() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, SystemConfig::default()).await;
+    let mut ids = Vec::new();
+    for name in ["one", "two", "three"] {
+        let (status, body) = sys.create(name, "alice").await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["workflow_id"].as_str().unwrap().to_owned());
+    }
+    // `admin` is a reserved route: rolled back.
+    let (status, refused) = sys.create("admin", "bob").await;
+    assert_eq!(status, 409, "{refused}");
+    let refused_id = refused["workflow_id"].as_str().unwrap().to_owned();
+
+    // Newest first, two at a time, then the rest with the cursor.
+    let (status, first) = sys.get("/workflows?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    let listed = |page: &Value| -> Vec<String> {
+        page["workflows"].as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(listed(&first), [refused_id.clone(), ids[2].clone()]);
+    let cursor = first["next_cursor"].as_str().expect("a next page");
+    let (status, second) = sys.get(&format!("/workflows?limit=2&cursor={cursor}")).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(listed(&second), [ids[1].clone(), ids[0].clone()]);
+    assert!(second["next_cursor"].is_null(), "the last page: {second}");
+
+    // Filters: a state, a space, a workflow, a time.
+    let (_, rolled_back) = sys.get("/workflows?state=rolled_back").await;
+    assert_eq!(listed(&rolled_back), [refused_id.as_str()]);
+    let space = refused["space_id"].as_str().expect("a refusal names its space");
+    let (_, of_space) = sys.get(&format!("/workflows?space={space}")).await;
+    assert_eq!(listed(&of_space), [refused_id.as_str()]);
+    let (_, of_workflow) = sys.get("/workflows?workflow=create-space-parallel").await;
+    assert_eq!(listed(&of_workflow), Vec::<String>::new());
+    let (_, future) = sys.get("/workflows?since=2999-01-01T00:00:00Z").await;
+    assert_eq!(listed(&future), Vec::<String>::new());
+
+    // A typo is a 400 that names it, not an empty page.
+    let (status, err) = sys.get("/workflows?state=rolledback").await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("rolled_back"), "{err}");
+}

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,12 +14,14 @@ use uuid::Uuid;
 use baton_health::Kind;
 
 use crate::input::{MAX_BODY, check_headers, validate};
+use crate::listing::Listing;
 use crate::runtime::{Gateway, Refusal};
 
 pub(crate) fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/spaces", post(create_space))
         .route("/spaces/{id}", get(get_space))
+        .route("/workflows", get(list_workflows))
         .route("/workflows/{id}", get(get_workflow))
         .route("/health", get(ready))
         .route("/health/ready", get(ready))
@@ -27,7 +29,7 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows/{id}, GET /health/live \
+                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, GET /health/live \
                  or GET /health/ready"
                     .into(),
             )
@@ -186,6 +188,23 @@ async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) ->
     match found {
         Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no workflow {id} in this data dir's orchestrator")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /workflows?state=&workflow=&space=&since=&limit=&cursor=`: a page of sagas, newest first,
+/// with the cursor of the next page (`null` on the last). A bad parameter is a 400 that names it.
+async fn list_workflows(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
+    let asked = match Listing::parse(query.as_deref().unwrap_or("")) {
+        Ok(asked) => asked,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let sagas = gw.opts.sagas.clone();
+    let page = tokio::task::spawn_blocking(move || sagas.page(&asked.filter, asked.limit, asked.after))
+        .await
+        .expect("the read task does not panic");
+    match page {
+        Ok(page) => (StatusCode::OK, axum::Json(page)).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

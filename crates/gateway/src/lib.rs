@@ -1,15 +1,17 @@
 //! The HTTP gateway: the only door for clients.
 //!
-//! Owns: the HTTP API (`POST /spaces`, `GET /spaces/{id}`, `GET /workflows/{id}`, and the
+//! Owns: the HTTP API (`POST /spaces`, `GET /spaces/{id}`, `GET /workflows` (a page of sagas,
+//! newest first, with a cursor), `GET /workflows/{id}`, and the
 //! health of every component of its process: `GET /health/live`, `GET /health/ready` = `GET
 //! /health`), input validation (owners normalised to one spelling per person), what a client
 //! may hold of it (header and body timeouts, a connection limit), `gateway.db` (every request,
 //! what its client was told, and what eventually happened: the audit compares the two), and
 //! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands requests to the orchestrator and reads its
-//! sagas for `GET /workflows/{id}` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
+//! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
 
 mod api;
 mod input;
+mod listing;
 mod runtime;
 
 pub use input::{CreateSpace, Invalid, normalise_owner, validate};

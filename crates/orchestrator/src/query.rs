@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use baton_workflow::Saga;
+use baton_workflow::{Saga, SagaStatus};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -56,10 +56,18 @@ impl Sagas {
     }
 
     /// The latest sagas, as [`list`]; none without a database.
-    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+    pub fn list(&self, status: Option<SagaStatus>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
         match self.open()? {
             Some(conn) => list(&conn, status, limit),
             None => Ok(Vec::new()),
+        }
+    }
+
+    /// A page of sagas, as [`page`]; an empty last page without a database.
+    pub fn page(&self, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
+        match self.open()? {
+            Some(conn) => page(&conn, filter, limit, after),
+            None => Ok(Page { workflows: Vec::new(), next_cursor: None }),
         }
     }
 
@@ -192,30 +200,96 @@ pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, Sto
     }))
 }
 
-/// The latest sagas, optionally of one status (`running`, `compensation_failed`, ...).
-pub fn list(
+/// Which sagas a page of [`page`] holds; every field left `None` matches every saga.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only sagas in this state.
+    pub status: Option<SagaStatus>,
+    /// Only sagas of this workflow (`create-space`, ...).
+    pub workflow: Option<String>,
+    /// Only the saga of this space.
+    pub space_id: Option<Uuid>,
+    /// Only sagas started at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<i64>,
+}
+
+/// Where the next page of [`page`] starts: right after the last saga of the page before, in
+/// its order (newest first, ties broken by id). Written as `<created_at_ms>.<saga id>` so that a
+/// client passes it back as it got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at_ms: i64,
+    pub id: Uuid,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at_ms, self.id.simple())
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cursor, String> {
+        let bad =
+            || format!("`{s}` is not a cursor; pass back the `next_cursor` of the previous page as it came");
+        let (at, id) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Cursor {
+            created_at_ms: at.parse().map_err(|_| bad())?,
+            id: Uuid::parse_str(id).map_err(|_| bad())?,
+        })
+    }
+}
+
+/// One page of sagas, newest first, and where the next one starts (`None`: this is the last).
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub workflows: Vec<WorkflowSummary>,
+    pub next_cursor: Option<String>,
+}
+
+/// Up to `limit` sagas matching `filter`, newest first, starting after `after`.
+pub fn page(
     conn: &Connection,
-    status: Option<&str>,
+    filter: &Filter,
     limit: usize,
-) -> Result<Vec<WorkflowSummary>, StoreError> {
+    after: Option<Cursor>,
+) -> Result<Page, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
-         WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at DESC, saga_id LIMIT ?2",
+         WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2) AND (?3 IS NULL OR space_id = ?3)
+           AND (?4 IS NULL OR created_at >= ?4)
+           AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
+         ORDER BY created_at DESC, saga_id DESC LIMIT ?7",
     )?;
     let rows = stmt
-        .query_map(params![status, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        })?
+        .query_map(
+            params![
+                filter.status.map(SagaStatus::as_str),
+                filter.workflow,
+                filter.space_id.map(|s| s.to_string()),
+                filter.since_ms,
+                after.map(|c| c.created_at_ms),
+                after.map(|c| c.id.to_string()),
+                // One more than asked: whether there is a next page.
+                limit.saturating_add(1) as i64
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )?
         .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
+    let mut workflows = rows
+        .into_iter()
         .map(|(id, space, workflow, status, answer, created, updated)| {
             Ok(WorkflowSummary {
                 id: Uuid::parse_str(&id).map_err(corrupt)?,
@@ -227,7 +301,22 @@ pub fn list(
                 updated_at_ms: updated,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let next_cursor = (workflows.len() > limit).then(|| {
+        workflows.truncate(limit);
+        let last = workflows.last().expect("a page past its limit has a last saga");
+        Cursor { created_at_ms: last.created_at_ms, id: last.id }.to_string()
+    });
+    Ok(Page { workflows, next_cursor })
+}
+
+/// The latest sagas, optionally of one state (the first page of [`page`]).
+pub fn list(
+    conn: &Connection,
+    status: Option<SagaStatus>,
+    limit: usize,
+) -> Result<Vec<WorkflowSummary>, StoreError> {
+    Ok(page(conn, &Filter { status, ..Filter::default() }, limit, None)?.workflows)
 }
 
 /// Sagas by status, for quiescence checks and summaries.

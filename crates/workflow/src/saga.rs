@@ -55,6 +55,14 @@ impl SagaStatus {
         }
     }
 
+    /// The state named `name` as [`SagaStatus::as_str`] writes it; the error names them all.
+    pub fn parse(name: &str) -> Result<SagaStatus, String> {
+        SagaStatus::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| {
+            let all: Vec<&str> = SagaStatus::ALL.map(SagaStatus::as_str).into();
+            format!("`{name}` is not a saga state; the states are {}", all.join(", "))
+        })
+    }
+
     /// A terminal saga never changes again (short of an operator's retry).
     pub fn is_terminal(self) -> bool {
         matches!(self, SagaStatus::Completed | SagaStatus::RolledBack | SagaStatus::CompensationFailed)

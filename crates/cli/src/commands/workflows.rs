@@ -29,7 +29,13 @@ fn shown_phase<'a>(saga_status: &str, phase: &'a str) -> &'a str {
 pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkflowsCommand::List { data, state, limit, json } => {
-            let rows = sagas(&data)?.list(state.as_deref(), limit)?;
+            // The flag's parser already took only a state's name.
+            let state = state
+                .as_deref()
+                .map(baton_workflow::SagaStatus::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let rows = sagas(&data)?.list(state, limit)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
