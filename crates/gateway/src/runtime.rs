@@ -105,6 +105,9 @@ pub(crate) struct Gateway {
     pub pending: Mutex<HashMap<Uuid, oneshot::Sender<SagaOutcome>>>,
     pub slots: Semaphore,
     pub reply_key: String,
+    /// The queue its outcomes arrive on (this mode's), named once for the reasons of rejected
+    /// messages.
+    pub incoming: String,
 }
 
 /// Bind `opts.http` and serve until `cancel`.
@@ -130,8 +133,13 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let event_queue = topology::gateway_event_queue(&opts.instance);
     broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
     let publisher = Publisher::new(broker.clone());
+    let incoming = match opts.mode {
+        Mode::Workflow => outcomes.name.clone(),
+        Mode::Events => event_queue.name.clone(),
+    };
     let gw = Arc::new(Gateway {
         slots: Semaphore::new(opts.max_in_flight),
+        incoming,
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
         opts,
         broker: broker.clone(),
@@ -142,10 +150,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     // The consumer (with its handlers), waited for once the HTTP side has stopped.
     let mut tasks = JoinSet::new();
     let g = Arc::clone(&gw);
-    let queue = match gw.opts.mode {
-        Mode::Workflow => outcomes.name.clone(),
-        Mode::Events => event_queue.name.clone(),
-    };
+    let queue = gw.incoming.clone();
     let health = &gw.opts.health;
     let cfg = ConsumerConfig::new(queue.clone(), 256).attached(health.check(
         COMPONENT,
@@ -273,15 +278,13 @@ fn refuse(stream: tokio::net::TcpStream, max: usize) {
 impl Gateway {
     /// An outcome arrived: record it, then hand it to the waiting client if there is one.
     async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let outcome: SagaOutcome =
-            env.decode(&topology::outcome_queue(&self.opts.instance), &[START_REPLY])?;
+        let outcome: SagaOutcome = env.decode(&self.incoming, &[START_REPLY])?;
         self.record(env.message_id, outcome).await
     }
 
     /// An event that ends a space's flow arrived (events mode): make it an outcome.
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let queue = topology::gateway_event_queue(&self.opts.instance).name;
-        let ev: SpaceEvent = env.decode(&queue, &[events::READY, events::REJECTED])?;
+        let ev: SpaceEvent = env.decode(&self.incoming, &[events::READY, events::REJECTED])?;
         let ctx = ev.context;
         let outcome = if env.kind == events::READY {
             SagaOutcome {

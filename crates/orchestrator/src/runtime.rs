@@ -70,6 +70,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         wake: Wake::default(),
         timer: Timer::default(),
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        commands: topology::command_queue(COMPONENT),
         replies: replies.name.clone(),
         reply_kinds: reply_kinds(),
         workflows,
@@ -158,6 +159,8 @@ struct Core {
     timer: Timer,
     reply_key: String,
     /// This instance's reply queue, and the message types it takes.
+    /// The queues it consumes, named once for the reasons of rejected messages.
+    commands: String,
     replies: String,
     reply_kinds: Vec<String>,
     workflows: HashMap<String, Workflow>,
@@ -214,7 +217,7 @@ impl Core {
 
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let start: StartSaga = env.decode(&topology::command_queue(COMPONENT), &[START])?;
+        let start: StartSaga = env.decode(&self.commands, &[START])?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };

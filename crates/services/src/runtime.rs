@@ -83,7 +83,17 @@ pub async fn run(
         health.check(name, "relay running", Kind::Live),
         relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()),
     ));
-    let handler = Arc::new(Handler { step, db, wake, delay: opts.delay, pipeline });
+    let service = step.service();
+    let handler = Arc::new(Handler {
+        commands: topology::command_queue(service.name()),
+        events: topology::event_queue(service.name()),
+        command_kinds: std::iter::once(service.do_type()).chain(service.undo_type()).collect(),
+        step,
+        db,
+        wake,
+        delay: opts.delay,
+        pipeline,
+    });
     let h = Arc::clone(&handler);
     tasks.spawn(running(
         health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
@@ -145,6 +155,11 @@ pub async fn open_db(step: Arc<dyn Step>, data_dir: &std::path::Path, instance: 
 }
 
 struct Handler {
+    /// The queues it consumes and the command types it takes, named once rather than per
+    /// message (only a rejected message's reason uses the names).
+    commands: String,
+    events: String,
+    command_kinds: Vec<&'static str>,
     step: Arc<dyn Step>,
     db: Db,
     wake: Wake,
@@ -195,8 +210,7 @@ impl Handler {
     #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action))]
     async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        let kinds: Vec<&str> = std::iter::once(service.do_type()).chain(service.undo_type()).collect();
-        let cmd: StepCommand = env.decode(&topology::command_queue(service.name()), &kinds)?;
+        let cmd: StepCommand = env.decode(&self.commands, &self.command_kinds)?;
         let action = if env.kind == service.do_type() { Action::Do } else { Action::Undo };
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::Reject(format!(
@@ -238,8 +252,7 @@ impl Handler {
     #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
-        let event: SpaceEvent =
-            env.decode(&topology::event_queue(service.name()), &[service.trigger_event()])?;
+        let event: SpaceEvent = env.decode(&self.events, &[service.trigger_event()])?;
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
