@@ -1,29 +1,37 @@
-//! SQLite storage of every component: one database file each, and the inbox, outbox and
-//! tombstone tables that make its message handling exactly-once in effect.
+//! The storage port of every component: one API, two backends. SQLite (a file per component
+//! in the data dir) is the embedded default; PostgreSQL (a schema per component in one
+//! database) lets the state outlive any one machine and be shared by several instances.
 //!
-//! Owns: opening `<data-dir>/<component>.db` (WAL, migrations by `user_version`), the dedicated
-//! thread that runs every statement off the async workers ([`Db::call`]), the [`inbox`],
-//! [`outbox`] and [`tombstone`] tables, the outbox [`relay`] (its loop, and the feed that hands
-//! it the rows of each commit), and what the process can tell of the database's health
-//! ([`StoreHealth`]: thread alive, last commit through). Must not touch: business tables (each
-//! component migrates its own through [`Db::open`]) or AMQP: the relay reaches the broker only
-//! through its [`relay::Publish`] trait, which `baton-amqp` implements.
+//! Owns: opening a component's store at a [`Location`] and migrating it (versions counted the
+//! same way on both backends), the dedicated thread that runs every statement off the async
+//! workers ([`Db::call`], [`Db::transaction`] with its group commit), the SQL values that cross
+//! the port ([`sql`]), the [`inbox`], [`outbox`] and [`tombstone`] tables that make message
+//! handling exactly-once in effect, the outbox [`relay`], and what the process can tell of the
+//! store's health ([`StoreHealth`]). Must not touch: business tables (each component migrates
+//! its own through [`Db::open`]) or AMQP: the relay reaches the broker only through its
+//! [`relay::Publish`] trait, which `baton-amqp` implements.
 
 use std::cell::RefCell;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::Duration;
-
-use baton_protocol::Outgoing;
-
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
+pub mod scratch;
+pub mod sql;
 pub mod tombstone;
 
+mod conn;
+mod pg;
+mod sqlite;
+
+pub use conn::Tx;
+pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
+
+use conn::Conn;
 use relay::Wake;
 
 /// Storage errors, by what the caller does next.
@@ -33,6 +41,17 @@ pub enum StoreError {
     /// so, otherwise a failure of this statement (a constraint, a bug).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed: an outage (connection lost, server restarting, a conflict with
+    /// another instance's transaction) when [`StoreError::is_transient`] says so, otherwise a
+    /// failure of this statement.
+    #[error("database error: {}", pg_message(.0))]
+    Postgres(#[from] postgres::Error),
+    /// A query that must return a row returned none.
+    #[error("the query returned no row")]
+    NoRows,
+    /// A column or a parameter is not of the type the code expects: a bug, or a foreign write.
+    #[error("unexpected SQL type: {0}")]
+    Type(String),
     /// The database thread is gone: the component is shutting down, crashed, or its database
     /// file was removed under it.
     #[error("the database thread of {0} has stopped")]
@@ -40,43 +59,125 @@ pub enum StoreError {
     /// A stored value could not be decoded: a bug or a foreign write, never retried blindly.
     #[error("stored data in {table} is unreadable: {cause}")]
     Corrupt { table: &'static str, cause: String },
-    #[error("cannot open the database {path}: {cause}")]
+    #[error("cannot open the store {path}: {cause}")]
     Open { path: String, cause: String },
     /// The shared transaction of a group commit failed: none of its members took effect.
     #[error("committing a group of transactions failed: {0}")]
-    Commit(#[source] Arc<rusqlite::Error>),
+    Commit(#[source] Arc<StoreError>),
+    /// The database rolled the group's transaction back on a member's error (SQLite does on a
+    /// full disk): none of its members took effect.
+    #[error("the database rolled the group's transaction back ({why})")]
+    RolledBack { why: String, outage: bool },
 }
 
-impl StoreError {
-    /// Whether this is an outage of the store rather than a fault of the work: the same work
-    /// succeeds once the disk has room, the lock is free or the I/O error has passed, so it is
-    /// retried in place and never counted against a message.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Sqlite(e) => is_outage(e),
-            StoreError::Commit(e) => is_outage(e),
-            StoreError::Closed(_) => true,
-            StoreError::Corrupt { .. } | StoreError::Open { .. } => false,
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            use std::error::Error;
+            e.source().map_or_else(|| e.to_string(), |s| format!("{e}: {s}"))
         }
     }
 }
 
-/// SQLite's codes for a store that cannot work right now, whatever the statement.
-fn is_outage(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            DiskFull
-                | DatabaseBusy
-                | DatabaseLocked
-                | SystemIoFailure
-                | CannotOpen
-                | ReadOnly
-                | OutOfMemory
-                | FileLockingProtocolFailed
-        )
-    )
+impl StoreError {
+    /// Whether this is an outage of the store rather than a fault of the work: the same work
+    /// succeeds once the disk has room, the lock is free, the connection is back or the
+    /// conflicting transaction is done, so it is retried in place and never counted against a
+    /// message.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => sqlite::is_outage(e),
+            StoreError::Postgres(e) => pg::is_outage(e),
+            StoreError::Commit(e) => e.is_transient(),
+            StoreError::RolledBack { outage, .. } => *outage,
+            StoreError::Closed(_) => true,
+            StoreError::NoRows
+            | StoreError::Type(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Open { .. } => false,
+        }
+    }
+}
+
+/// Where the components keep their state: the same for every component of a deployment.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file per component in this directory (`<dir>/<component>.db`).
+    Dir(PathBuf),
+    /// A schema per component in this PostgreSQL database (`postgres://user@host:port/db`).
+    Postgres(String),
+}
+
+impl Location {
+    /// PostgreSQL when `database_url` is given, the data dir's SQLite files otherwise.
+    pub fn new(data_dir: &Path, database_url: Option<&str>) -> Location {
+        match database_url {
+            Some(url) if !url.trim().is_empty() => Location::Postgres(url.trim().to_owned()),
+            _ => Location::Dir(data_dir.to_owned()),
+        }
+    }
+
+    /// Check a database URL before anything starts: the reason is a sentence for the user.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Location::Dir(_) => Ok(()),
+            Location::Postgres(url) => pg::config(url).map(|_| ()),
+        }
+    }
+
+    /// The SQLite file of `component`, when the store is a data dir.
+    pub fn sqlite_file(&self, component: &str) -> Option<PathBuf> {
+        match self {
+            Location::Dir(dir) => Some(dir.join(format!("{component}.db"))),
+            Location::Postgres(_) => None,
+        }
+    }
+
+    /// What to name in messages and logs: the directory, or the URL without its password.
+    fn name_of(&self, component: &str) -> String {
+        match self {
+            Location::Dir(dir) => dir.join(format!("{component}.db")).display().to_string(),
+            Location::Postgres(_) => format!("{self} schema {component}"),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    /// The data dir, or the database URL with its password hidden.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Dir(dir) => write!(f, "{}", dir.display()),
+            Location::Postgres(url) => match url::Url::parse(url) {
+                Ok(mut u) if u.password().is_some() => {
+                    let _ = u.set_password(Some("***"));
+                    write!(f, "{u}")
+                }
+                Ok(u) => write!(f, "{u}"),
+                Err(_) => write!(f, "(a PostgreSQL URL that does not parse)"),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How many of `all` migrations are done, given the recorded version; an error when the store
+/// was written by a build that knows more of them.
+fn migrations_to_apply(done: i64, all: usize) -> Result<usize, String> {
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > all {
+        // Its tables are not the ones this build knows: reading or writing them could lose data.
+        return Err(format!(
+            "its schema is at version {done}, this build knows {all} versions: it was written by another \
+             build of Baton; run that build, or start this one on an empty store"
+        ));
+    }
+    Ok(done)
 }
 
 /// What a process can tell of its database without a query: the readiness checks. Holds no
@@ -125,46 +226,55 @@ impl StoreHealth {
 
     /// A group's fate: writable again when it committed and none of its members met an
     /// outage; unwritable, with the reason, when it or one of them did.
-    fn committed(&self, outcome: Result<(), &rusqlite::Error>, member: MemberOutage) {
+    fn committed(&self, outcome: Result<(), &StoreError>, member: &MemberOutage) {
         let mut state = self.0.unwritable.lock().expect("store health");
         match (outcome, member) {
             (Ok(()), None) => *state = None,
-            (Ok(()), Some((_, why))) => *state = Some(format!("writes fail: {why}")),
-            (Err(e), _) if is_outage(e) => *state = Some(format!("commits fail: {e}")),
+            (Ok(()), Some(why)) => *state = Some(format!("writes fail: {why}")),
+            (Err(e), _) if e.is_transient() => *state = Some(format!("commits fail: {e}")),
             (Err(_), _) => {}
         }
     }
 }
 
-/// Work for the database thread: a job with the connection to itself, or a member of a group
-/// commit, which runs in a savepoint of the shared transaction and returns what to do once
-/// that transaction committed (or failed).
-enum Job {
-    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
-    Member(Member),
+/// A member of a group commit, or a job run alone: given the transaction (or why there is
+/// none), it runs and returns how to tell its caller the transaction's fate, and the outage it
+/// met.
+type Member = Box<dyn FnOnce(Result<&Tx<'_>, Arc<StoreError>>) -> Ran + Send>;
+
+/// What running a member left: how to tell its caller, the outage it met, and whether it
+/// could not close its savepoint (the transaction can no longer be trusted: the group is lost).
+struct Ran {
+    finish: Finish,
+    outage: MemberOutage,
+    broken: bool,
 }
 
-/// A member of a group commit: given the shared transaction (or why there is none), it runs
-/// in a savepoint and returns how to tell its caller the group's fate, and the outage it met.
-type Member =
-    Box<dyn FnOnce(Result<&Transaction<'_>, Arc<rusqlite::Error>>) -> (Finish, MemberOutage) + Send>;
+/// Work for the database thread, in its own transaction or sharing one with the others queued.
+struct Job {
+    member: Member,
+    /// Run in a transaction of its own ([`Db::call`]), not in a group.
+    alone: bool,
+}
 
 /// Hands a group member its result once the group's fate is known.
-type Finish = Box<dyn FnOnce(Result<(), &Arc<rusqlite::Error>>) + Send>;
+type Finish = Box<dyn FnOnce(Result<(), &Arc<StoreError>>) + Send>;
+
+/// Why a member of a group failed for an outage, if it did: a full disk can fail a statement
+/// (a page that cannot be allocated) before it fails a commit.
+type MemberOutage = Option<String>;
 
 /// Members committed together at most (a bound on how long the first one waits).
 pub const GROUP_MAX: usize = 128;
 
-/// How often the checkpointer moves the WAL into the database file (off the writer's thread).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-
-/// A component's database. Cheap to clone; all clones feed one thread, which owns the
-/// connection and runs the jobs in order, so a transaction never spans an `.await` and writes
-/// never contend for the lock.
+/// A component's store. Cheap to clone; all clones feed one thread, which owns the connection
+/// and runs the jobs in order, so a transaction never spans an `.await` and writes never
+/// contend for the lock within a process.
 #[derive(Clone)]
 pub struct Db {
     tx: mpsc::Sender<Job>,
-    path: PathBuf,
+    /// What to call this store in errors: its file, or its schema.
+    name: Arc<str>,
     /// The instance this process is: its relay publishes the outbox rows written under this name.
     pub(crate) owner: Arc<str>,
     /// The relay that gets the rows of each committed transaction handed to it.
@@ -183,39 +293,6 @@ impl Drop for Stopped {
     }
 }
 
-/// Why a member of a group failed for an outage, if it did: a full disk can fail a statement
-/// (a page that cannot be allocated) before it fails a commit.
-type MemberOutage = Option<(rusqlite::ffi::Error, String)>;
-
-/// A transaction of [`Db::transaction`]: rusqlite's [`Transaction`], which it derefs to (SQL
-/// reads as usual), and what the store keeps of it: the instance that owns the outbox rows it
-/// adds ([`outbox::push`]), and those rows, handed to the relay once the group committed.
-pub struct Tx<'a> {
-    tx: &'a Transaction<'a>,
-    owner: &'a str,
-    pushed: RefCell<Vec<(i64, Outgoing)>>,
-}
-
-impl<'a> std::ops::Deref for Tx<'a> {
-    type Target = Transaction<'a>;
-
-    fn deref(&self) -> &Transaction<'a> {
-        self.tx
-    }
-}
-
-impl Tx<'_> {
-    /// The instance whose relay publishes the outbox rows of this transaction.
-    pub(crate) fn owner(&self) -> &str {
-        self.owner
-    }
-
-    /// Note a row [`outbox::push`] wrote, for the relay's feed once it is committed.
-    pub(crate) fn pushed(&self, seq: i64, msg: &Outgoing) {
-        self.pushed.borrow_mut().push((seq, msg.clone()));
-    }
-}
-
 /// The instance name a process writes its outbox rows under when it has no other.
 pub const DEFAULT_OWNER: &str = "main";
 
@@ -228,7 +305,7 @@ const BASE_MIGRATIONS: &[&str] = &["CREATE TABLE inbox (
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         message TEXT NOT NULL,
-        -- The instance whose relay publishes the row (instances of a component share the file).
+        -- The instance whose relay publishes the row (instances of a component share the store).
         owner TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
@@ -257,52 +334,15 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    // First, so that instances opening one file together wait for each other's locks.
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // WAL + NORMAL: a committed transaction survives a process crash; a power loss may lose the
-    // last ones (docs/reliability.md).
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Checkpoints (and their fsync) run on the checkpointer's own connection, not in the middle
-    // of a commit; this high mark only bounds the WAL should the checkpointer fall behind.
-    conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
-    Ok(())
-}
-
-/// Copy the WAL into the database now and then, on a connection of its own, so that the
-/// writer's commits never wait for a checkpoint's fsync. PASSIVE: it never blocks the writer;
-/// the writer restarts the WAL from the top once a checkpoint has caught up. Stops when the
-/// database is dropped (`alive` hangs up).
-fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>) {
-    let Ok(conn) = Connection::open(&path) else { return };
-    let _ = conn.busy_timeout(Duration::from_secs(1));
-    loop {
-        match alive.recv_timeout(CHECKPOINT_EVERY) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            _ => return,
-        }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, path = %path.display(), "checkpoint skipped");
-        }
-    }
-}
-
 /// The database thread: runs jobs in order; members that queue up behind each other share
 /// one transaction (group commit), each in its own savepoint, so one member's failure undoes
 /// only its own work, and each hears back only after the shared commit.
 ///
-/// It stops when its file is removed or replaced under it: what it wrote from then on would
-/// go to a file nobody opens again. Its callers then get [`StoreError::Closed`], and
-/// [`StoreHealth`] says it stopped.
-fn serve(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    path: &Path,
-    file: Option<FileId>,
-    health: &StoreHealth,
-) {
+/// It stops when its SQLite file is removed or replaced under it: what it wrote from then on
+/// would go to a file nobody opens again. Its callers then get [`StoreError::Closed`], and
+/// [`StoreHealth`] says it stopped. A lost PostgreSQL connection is opened again before the
+/// next job; the jobs meanwhile fail as outages, retried by their callers.
+fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &StoreHealth) {
     let mut next = None;
     loop {
         let job = match next.take() {
@@ -312,9 +352,9 @@ fn serve(
                 Err(_) => return,
             },
         };
-        if file.is_some() && FileId::of(path) != file {
+        if conn.gone() {
             tracing::error!(
-                path = %path.display(),
+                store = %name,
                 "the database file was removed or replaced while open; its thread stops so that \
                  nothing is written where nobody reads; restart the component"
             );
@@ -322,49 +362,49 @@ fn serve(
             health.0.stopped.store(true, Ordering::Release);
             return;
         }
-        match job {
-            Job::Alone(f) => f(&mut conn),
-            Job::Member(first) => {
-                let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-                    Ok(tx) => tx,
-                    Err(e) => {
-                        health.committed(Err(&e), None);
-                        // Nothing ran: this member hears why; the queue goes on.
-                        let e = Arc::new(e);
-                        first(Err(Arc::clone(&e))).0(Err(&e));
-                        continue;
-                    }
-                };
-                let mut group = Group::default();
-                group.run(&tx, first);
-                // SQLite rolls the whole transaction back by itself on some errors of a
-                // statement (a full disk, I/O): then the group is lost, and no member may run
-                // after it (it would run outside any transaction).
-                let mut lost = tx.is_autocommit();
-                while !lost && group.finishes.len() < GROUP_MAX {
-                    match rx.try_recv() {
-                        Ok(Job::Member(f)) => {
-                            group.run(&tx, f);
-                            lost = tx.is_autocommit();
-                        }
-                        Ok(alone) => {
-                            next = Some(alone);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+        if let Err(e) = conn.ensure_open().and_then(|()| conn.begin()) {
+            health.committed(Err(&e), &None);
+            // Nothing ran: this member hears why; the queue goes on.
+            let e = Arc::new(e);
+            ((job.member)(Err(Arc::clone(&e))).finish)(Err(&e));
+            continue;
+        }
+        let mut group = Group::default();
+        group.run(&conn, owner, job.member);
+        // SQLite rolls the whole transaction back by itself on some errors of a statement (a
+        // full disk, I/O), and a PostgreSQL connection can be lost: then the group is lost, and
+        // no member may run after it (it would run outside any transaction).
+        let mut lost = group.broken || !conn.in_transaction();
+        while !job.alone && !lost && group.finishes.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(Job { member, alone: false }) => {
+                    group.run(&conn, owner, member);
+                    lost = group.broken || !conn.in_transaction();
                 }
-                let outcome = if lost {
-                    drop(tx);
-                    Err(Arc::new(rolled_back(group.outage.as_ref())))
-                } else {
-                    tx.commit().map_err(Arc::new)
-                };
-                health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e), group.outage);
-                for finish in group.finishes {
-                    finish(outcome.as_ref().map(|_| ()));
+                Ok(alone) => {
+                    next = Some(alone);
+                    break;
                 }
+                Err(_) => break,
             }
+        }
+        let outcome = if lost {
+            let why = group.outage.clone();
+            Err(Arc::new(StoreError::RolledBack {
+                outage: why.is_some(),
+                why: why.unwrap_or_else(|| "a member's statement failed".into()),
+            }))
+        } else {
+            conn.batch("COMMIT").map_err(|e| {
+                if conn.in_transaction() {
+                    let _ = conn.batch("ROLLBACK");
+                }
+                Arc::new(e)
+            })
+        };
+        health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e), &group.outage);
+        for finish in group.finishes {
+            finish(outcome.as_ref().map(|_| ()));
         }
     }
 }
@@ -375,160 +415,131 @@ fn serve(
 struct Group {
     finishes: Vec<Finish>,
     outage: MemberOutage,
+    /// A savepoint could not be set or closed: the transaction may be aborted, and a commit
+    /// would not say so (PostgreSQL answers COMMIT with a rollback).
+    broken: bool,
 }
 
 impl Group {
-    fn run(&mut self, tx: &Transaction<'_>, member: Member) {
-        let (finish, outage) = in_savepoint(tx, member);
-        self.finishes.push(finish);
-        if outage.is_some() {
-            self.outage = outage;
+    fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
+        let ran = match conn.execute("SAVEPOINT member", Vec::new()) {
+            Ok(_) => {
+                let tx = Tx { conn, owner, pushed: RefCell::default() };
+                member(Ok(&tx))
+            }
+            // Cannot isolate it: it does not run, and hears why.
+            Err(e) => {
+                self.broken = true;
+                member(Err(Arc::new(e)))
+            }
+        };
+        self.finishes.push(ran.finish);
+        self.broken |= ran.broken;
+        if ran.outage.is_some() {
+            self.outage = ran.outage;
         }
     }
-}
-
-/// Why a group's transaction is gone when SQLite rolled it back on a member's error: that
-/// error (the outage a member met), for every member.
-fn rolled_back(outage: Option<&(rusqlite::ffi::Error, String)>) -> rusqlite::Error {
-    let (code, why) = outage.cloned().unwrap_or_else(|| {
-        (rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT), "a member's statement failed".into())
-    });
-    rusqlite::Error::SqliteFailure(code, Some(format!("SQLite rolled the group's transaction back ({why})")))
-}
-
-/// Which file a path names (device and inode), to notice it was removed or replaced.
-#[derive(PartialEq, Eq, Clone, Copy)]
-struct FileId(u64, u64);
-
-impl FileId {
-    #[cfg(unix)]
-    fn of(path: &Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path).ok().map(|m| FileId(m.dev(), m.ino()))
-    }
-
-    #[cfg(not(unix))]
-    fn of(_: &Path) -> Option<FileId> {
-        None
-    }
-}
-
-fn in_savepoint(tx: &Transaction<'_>, f: Member) -> (Finish, MemberOutage) {
-    match tx.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])) {
-        Ok(_) => f(Ok(tx)),
-        // Cannot isolate it: it does not run, and hears why.
-        Err(e) => f(Err(Arc::new(e))),
-    }
-}
-
-/// Apply the migrations `conn` lacks; the error says why it cannot be opened.
-fn migrate(conn: &mut Connection, component: &[&str]) -> Result<(), String> {
-    let all: Vec<&str> = BASE_MIGRATIONS.iter().chain(component).copied().collect();
-    // Immediate: it writes after reading, and a deferred one could not wait for another
-    // instance migrating the same file (the upgrade to a write lock fails at once).
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
-    let done = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map_err(|e| e.to_string())?;
-    let done = usize::try_from(done).unwrap_or(usize::MAX);
-    if done > all.len() {
-        // Its tables are not the ones this build knows: reading or writing them could lose data.
-        return Err(format!(
-            "its schema is at version {done}, this build knows {} versions: it was written by another \
-             build of Baton; run that build, or start this one on an empty data dir",
-            all.len()
-        ));
-    }
-    apply_missing(&tx, &all, done).map_err(|e| e.to_string())?;
-    tx.commit().map_err(|e| e.to_string())
-}
-
-/// Apply `all` but the first `done`, and record the version.
-fn apply_missing(tx: &Transaction<'_>, all: &[&str], done: usize) -> rusqlite::Result<()> {
-    for (i, sql) in all.iter().enumerate().skip(done) {
-        tracing::debug!(migration = i + 1, "applying migration");
-        tx.execute_batch(sql)?;
-    }
-    // Written only when it changes: opening an up-to-date database writes nothing, so a
-    // component restarted while its disk is full starts (and waits for room like the others).
-    if done != all.len() {
-        tx.pragma_update(None, "user_version", all.len() as i64)?;
-    }
-    Ok(())
 }
 
 impl Db {
-    /// Open (creating it and its folder if needed) and migrate a component's database: the base
-    /// tables, then `migrations` of the component, each applied once, in order.
-    pub fn open(path: &Path, migrations: &'static [&'static str]) -> Result<Db, StoreError> {
-        Db::open_as(path, migrations, DEFAULT_OWNER)
-    }
-
-    /// [`Db::open_as`] from async code: opening migrates and may wait on another instance's
-    /// lock, so it runs on a blocking thread, not on an async worker.
-    pub async fn open_async(
-        path: PathBuf,
+    /// Open (creating it if needed) and migrate `component`'s store at `location`, for
+    /// instance `owner`: the base tables, then `migrations` of the component, each applied
+    /// once, in order. The outbox rows an instance writes are published by its own relay, so
+    /// several instances can share one store without sending every message once per instance;
+    /// keep the name stable across restarts.
+    ///
+    /// It connects and migrates on the database thread, and may wait on another instance's
+    /// lock: call it from async code as `open(..).await`.
+    pub async fn open(
+        location: &Location,
+        component: &str,
         migrations: &'static [&'static str],
-        owner: String,
+        owner: &str,
     ) -> Result<Db, StoreError> {
-        let display = path.display().to_string();
-        tokio::task::spawn_blocking(move || Db::open_as(&path, migrations, &owner))
-            .await
-            .map_err(|e| StoreError::Open { path: display, cause: e.to_string() })?
+        let all: Vec<&'static str> = BASE_MIGRATIONS.iter().chain(migrations).copied().collect();
+        Db::start(location, component, owner, move |location, component| match location {
+            Location::Dir(dir) => {
+                sqlite::open(&dir.join(format!("{component}.db")), &all).map(|c| Some(Conn::Sqlite(c)))
+            }
+            Location::Postgres(url) => {
+                let config = pg::config(url)?;
+                Ok(pg::open(&config, component, &all, false)?.map(|c| Conn::Postgres(RefCell::new(c))))
+            }
+        })
+        .await?
+        .ok_or_else(|| StoreError::Open { path: location.name_of(component), cause: "not created".into() })
     }
 
-    /// [`Db::open`] for instance `owner` of a component: the outbox rows it writes are published
-    /// by its own relay, so several instances can share one database without sending every
-    /// message once per instance. Keep the name stable across restarts.
-    pub fn open_as(path: &Path, migrations: &'static [&'static str], owner: &str) -> Result<Db, StoreError> {
-        let err = |cause: String| StoreError::Open { path: path.display().to_string(), cause };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        }
-        let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
-        configure(&conn).map_err(|e| err(e.to_string()))?;
-        migrate(&mut conn, migrations).map_err(err)?;
+    /// Open `component`'s store at `location` to read it (audits, reports, another component's
+    /// queries), never migrating or writing it: WAL (SQLite) and MVCC (PostgreSQL) let it read
+    /// while the owner writes. `None` when that component has no store there yet.
+    pub async fn reader(location: &Location, component: &str) -> Result<Option<Db>, StoreError> {
+        Db::start(location, component, DEFAULT_OWNER, |location, component| match location {
+            Location::Dir(dir) => {
+                Ok(sqlite::open_reader(&dir.join(format!("{component}.db")))?.map(Conn::Sqlite))
+            }
+            Location::Postgres(url) => {
+                let config = pg::config(url)?;
+                Ok(pg::open(&config, component, &[], true)?.map(|c| Conn::Postgres(RefCell::new(c))))
+            }
+        })
+        .await
+    }
+
+    /// Start the database thread on the connection `connect` makes there.
+    async fn start(
+        location: &Location,
+        component: &str,
+        owner: &str,
+        connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
+    ) -> Result<Option<Db>, StoreError> {
+        let name: Arc<str> = location.name_of(component).into();
+        let err = |cause: String| StoreError::Open { path: name.to_string(), cause };
         let (tx, rx) = mpsc::channel::<Job>();
-        let (alive, watch) = mpsc::channel::<()>();
-        let name = path.file_stem().map_or_else(|| "db".into(), |s| s.to_string_lossy().into_owned());
+        let (opened, open) = tokio::sync::oneshot::channel();
         let health = StoreHealth::default();
-        let (h, db_path, file) = (health.clone(), path.to_owned(), FileId::of(path));
+        let (h, thread_name, thread_owner) = (health.clone(), Arc::clone(&name), owner.to_owned());
+        let (location, component) = (location.clone(), component.to_owned());
         std::thread::Builder::new()
-            .name(format!("db-{name}"))
+            .name(format!("db-{component}"))
             .spawn(move || {
-                // Runs until every `Db` clone is dropped; the checkpointer stops with it. The
-                // guard marks it stopped however it ends, a panic included.
-                let _alive = alive;
+                // The guard marks it stopped however it ends, a panic included.
                 let _stopped = Stopped(h.clone());
-                serve(conn, rx, &db_path, file, &h);
+                let conn = match connect(&location, &component) {
+                    Ok(Some(conn)) => conn,
+                    other => {
+                        let _ = opened.send(other.map(|_| false));
+                        return;
+                    }
+                };
+                // Runs until every `Db` clone is dropped; the checkpointer stops with it.
+                let (_alive, watch) = mpsc::channel::<()>();
+                if let Conn::Sqlite(c) = &conn {
+                    let path = c.path().to_owned();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("ckpt-{component}"))
+                        .spawn(move || sqlite::checkpointer(path, watch));
+                }
+                let _ = opened.send(Ok(true));
+                serve(conn, rx, &thread_name, &thread_owner, &h);
             })
             .map_err(|e| err(e.to_string()))?;
-        let cp_path = path.to_owned();
-        std::thread::Builder::new()
-            .name(format!("ckpt-{name}"))
-            .spawn(move || checkpointer(cp_path, watch))
-            .map_err(|e| err(e.to_string()))?;
-        Ok(Db {
-            tx,
-            path: path.to_owned(),
-            owner: owner.into(),
-            feed: Arc::default(),
-            watch: Arc::default(),
-            health,
-        })
+        match open.await.map_err(|_| err("the database thread failed while opening".into()))? {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(cause) => return Err(err(cause)),
+        }
+        Ok(Some(Db { tx, name, owner: owner.into(), feed: Arc::default(), watch: Arc::default(), health }))
     }
 
-    /// Run `f` on the database thread and return its result.
+    /// Run `f` on the database thread, in a transaction of its own, and return its result once
+    /// committed (`f`'s error rolls its work back).
     pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let job = Job::Alone(Box::new(move |conn| {
-            let _ = done.send(f(conn));
-        }));
-        let closed = || StoreError::Closed(self.path.display().to_string());
-        self.tx.send(job).map_err(|_| closed())?;
-        wait.await.map_err(|_| closed())?
+        self.submit(f, true).await
     }
 
     /// Run `f` in a transaction and return its result once it is committed: what a message
@@ -542,10 +553,17 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
+        self.submit(f, false).await
+    }
+
+    async fn submit<R, F>(&self, f: F, alone: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
         let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
         let feed = Arc::clone(&self.feed);
-        let owner = Arc::clone(&self.owner);
-        let job = Job::Member(Box::new(move |tx: Result<&Transaction<'_>, Arc<rusqlite::Error>>| {
+        let member: Member = Box::new(move |tx: Result<&Tx<'_>, Arc<StoreError>>| {
             let tx = match tx {
                 Ok(tx) => tx,
                 Err(why) => {
@@ -553,27 +571,26 @@ impl Db {
                     let finish: Finish = Box::new(move |_| {
                         let _ = done.send(Err(e));
                     });
-                    return (finish, None);
+                    return Ran { finish, outage: None, broken: false };
                 }
             };
-            let member = Tx { tx, owner: &owner, pushed: RefCell::default() };
-            let result = f(&member);
+            let result = f(tx);
             let outage = match &result {
-                Err(e @ StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _))) if e.is_transient() => {
-                    Some((*code, e.to_string()))
-                }
+                Err(e) if e.is_transient() => Some(e.to_string()),
                 _ => None,
             };
-            let closing = if result.is_ok() { "RELEASE member" } else { "ROLLBACK TO member" };
-            let closed = tx.prepare_cached(closing).and_then(|mut s| s.execute([])).and_then(|_| {
-                if result.is_err() {
-                    tx.prepare_cached("RELEASE member")?.execute([])?;
-                }
-                Ok(())
-            });
-            let pushed = member.pushed.into_inner();
+            let closed = if result.is_ok() {
+                tx.conn.execute("RELEASE member", Vec::new()).map(|_| ())
+            } else {
+                tx.conn
+                    .execute("ROLLBACK TO member", Vec::new())
+                    .and_then(|_| tx.conn.execute("RELEASE member", Vec::new()))
+                    .map(|_| ())
+            };
+            let pushed = tx.pushed.take();
+            let broken = closed.is_err();
             let finish: Finish = match (result, closed) {
-                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<rusqlite::Error>>| {
+                (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<StoreError>>| {
                     if committed.is_ok()
                         && let Some(wake) = feed.get()
                     {
@@ -591,10 +608,10 @@ impl Db {
                     })
                 }
             };
-            (finish, outage)
-        }));
-        let closed = || StoreError::Closed(self.path.display().to_string());
-        self.tx.send(job).map_err(|_| closed())?;
+            Ran { finish, outage, broken }
+        });
+        let closed = || StoreError::Closed(self.name.to_string());
+        self.tx.send(Job { member, alone }).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
     }
 
@@ -604,8 +621,9 @@ impl Db {
         let _ = self.feed.set(wake);
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The store's name in messages: its file, or its schema.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The readiness of this database: its thread running, its last commit through.
@@ -614,41 +632,50 @@ impl Db {
     }
 }
 
-/// Sum one number over the component databases of `dir` that answer `sql`, read-only (a table
-/// lives in some of them only: `sagas` in the orchestrator's, `requests` in the gateway's);
-/// `None` when none does.
-pub fn sum_over(dir: &Path, sql: &str) -> Option<i64> {
-    baton_protocol::Component::ALL
-        .iter()
-        .map(|c| dir.join(format!("{c}.db")))
-        .filter(|path| path.exists())
-        .filter_map(|path| open_read_only(&path).ok()?.query_row(sql, [], |r| r.get::<_, i64>(0)).ok())
-        .fold(None, |total, n| Some(total.unwrap_or(0) + n))
+/// Sum one number over the components' stores at `location` that answer `sql`, read-only (a
+/// table lives in some of them only: `sagas` in the orchestrator's, `requests` in the
+/// gateway's); `None` when none does.
+pub async fn sum_over(location: &Location, sql: &'static str) -> Option<i64> {
+    let mut total = None;
+    for component in baton_protocol::Component::ALL {
+        let Ok(Some(db)) = Db::reader(location, component.name()).await else { continue };
+        if let Ok(n) = db.call(move |tx| tx.query_row(sql, (), |r| r.get::<i64>(0))).await {
+            total = Some(total.unwrap_or(0) + n);
+        }
+    }
+    total
 }
 
-/// Open a component's database read-only, for audits, reports and queries from other processes.
-/// WAL lets these read while the owner writes.
-pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|e| StoreError::Open { path: path.display().to_string(), cause: e.to_string() })?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(conn)
-}
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
 
-/// Whether the database has the table `name`: a reader of a table that only some runs create
-/// (the fault plan's `faults`) asks first.
-pub fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-        [name],
-        |r| r.get(0),
-    )
+    /// A fresh store of each backend: a SQLite data dir, and a PostgreSQL database of its own
+    /// on the tests' server (dropped afterwards).
+    pub(crate) struct Stores {
+        dir: tempfile::TempDir,
+        pg: scratch::ScratchDatabase,
+    }
+
+    impl Stores {
+        pub(crate) fn new() -> Stores {
+            let pg = scratch::ScratchDatabase::create(&scratch::test_server(), "baton_store")
+                .expect("the tests' PostgreSQL server (scripts/test.sh starts it)");
+            Stores { dir: tempfile::tempdir().unwrap(), pg }
+        }
+
+        pub(crate) fn each(&self) -> [Location; 2] {
+            [Location::Dir(self.dir.path().to_owned()), self.pg.location().clone()]
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::Stores;
     use super::*;
+    use baton_protocol::Outgoing;
+    use std::time::Duration;
 
     /// The database thread, busy until [`Held::release`]: commands sent meanwhile queue up.
     struct Held {
@@ -677,147 +704,227 @@ mod tests {
         Held { release, busy }
     }
 
-    const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"];
+    const EXTRA: &[&str] = &["CREATE TABLE things (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT)"];
 
     /// A message for the outbox, its body `n`.
     pub(crate) fn message(n: u32) -> Outgoing {
         Outgoing::new("x", "k", "t", uuid::Uuid::nil(), "test", baton_protocol::TraceParent::new_root(), &n)
     }
 
+    async fn count(db: &Db, sql: &'static str) -> i64 {
+        db.call(move |c| c.query_row(sql, (), |r| r.get(0))).await.unwrap()
+    }
+
     #[tokio::test]
-    async fn opens_migrates_once_and_runs_jobs_off_the_runtime() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/records.db");
-        let db = Db::open(&path, EXTRA).unwrap();
-        db.call(|c| Ok(c.execute("INSERT INTO things (name) VALUES ('a')", [])?)).await.unwrap();
-        let thread = db.call(|_| Ok(std::thread::current().name().map(String::from))).await.unwrap();
-        assert_eq!(thread.as_deref(), Some("db-records"));
-        drop(db);
-        // Reopening applies nothing twice and keeps the data.
-        let db = Db::open(&path, EXTRA).unwrap();
-        let (n, version): (i64, i64) = db
+    async fn opens_migrates_once_and_runs_jobs_off_the_runtime_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let db = Db::open(&at, "records", EXTRA, DEFAULT_OWNER).await.unwrap();
+            db.call(|c| c.execute("INSERT INTO things (name) VALUES ('a')", ())).await.unwrap();
+            let thread = db.call(|_| Ok(std::thread::current().name().map(String::from))).await.unwrap();
+            assert_eq!(thread.as_deref(), Some("db-records"));
+            drop(db);
+            // Reopening applies nothing twice and keeps the data.
+            let db = Db::open(&at, "records", EXTRA, DEFAULT_OWNER).await.unwrap();
+            assert_eq!(count(&db, "SELECT COUNT(*) FROM things").await, 1, "{at}");
+            // A reader reads, and cannot write.
+            let ro = Db::reader(&at, "records").await.unwrap().expect("the store exists");
+            assert_eq!(count(&ro, "SELECT COUNT(*) FROM things").await, 1);
+            assert!(
+                ro.call(|c| c.execute("INSERT INTO things (name) VALUES ('b')", ())).await.is_err(),
+                "read-only"
+            );
+            assert!(Db::reader(&at, "nobody").await.unwrap().is_none(), "no store, no reader");
+        }
+        let Location::Dir(dir) = &stores.each()[0] else { unreachable!() };
+        let db = Db::open(&Location::Dir(dir.clone()), "records", EXTRA, DEFAULT_OWNER).await.unwrap();
+        let (version, mode): (i64, String) = db
             .call(|c| {
-                let n = c.query_row("SELECT COUNT(*) FROM things", [], |r| r.get(0))?;
-                let v = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-                Ok((n, v))
+                let v = c.query_row("PRAGMA user_version", (), |r| r.get(0))?;
+                Ok((v, c.query_row("PRAGMA journal_mode", (), |r| r.get(0))?))
             })
             .await
             .unwrap();
-        assert_eq!((n, version), (1, 2));
-        let mode: String =
-            db.call(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?)).await.unwrap();
-        assert_eq!(mode, "wal");
-        let ro = open_read_only(&path).unwrap();
-        assert!(ro.execute("INSERT INTO things (name) VALUES ('b')", []).is_err(), "read-only");
-    }
-
-    #[test]
-    fn a_database_of_a_build_with_more_migrations_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("records.db");
-        drop(Db::open(&path, EXTRA).unwrap());
-        let Err(e) = Db::open(&path, &[]) else { panic!("opened a database of another build") };
-        assert!(e.to_string().contains("schema is at version 2, this build knows 1"), "{e}");
+        assert_eq!((version, mode.as_str()), (2, "wal"));
     }
 
     #[tokio::test]
-    async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("svc.db");
-        let a = Db::open_as(&path, &[], "a").unwrap();
-        let b = Db::open_as(&path, &[], "b").unwrap();
-        a.transaction(|tx| outbox::push(tx, &message(1))).await.unwrap();
-        b.transaction(|tx| outbox::push(tx, &message(2))).await.unwrap();
-        let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
-        b.take_over_after(Duration::from_millis(100));
-        assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
-        assert_eq!(seqs(b.pending(0, 10).await.unwrap()), vec![2]);
-        // `a` is gone and `b` has seen its row wait past the take-over delay: `b` publishes it too.
-        let watched = std::time::Instant::now();
-        loop {
-            let rows = seqs(b.pending(0, 10).await.unwrap());
-            if rows == vec![1, 2] {
-                break;
+    async fn a_store_of_a_build_with_more_migrations_is_refused_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            drop(Db::open(&at, "records", EXTRA, DEFAULT_OWNER).await.unwrap());
+            let Err(e) = Db::open(&at, "records", &[], DEFAULT_OWNER).await else {
+                panic!("opened a store of another build")
+            };
+            assert!(e.to_string().contains("schema is at version 2, this build knows 1"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let a = Db::open(&at, "svc", &[], "a").await.unwrap();
+            let b = Db::open(&at, "svc", &[], "b").await.unwrap();
+            a.transaction(|tx| outbox::push(tx, &message(1))).await.unwrap();
+            b.transaction(|tx| outbox::push(tx, &message(2))).await.unwrap();
+            let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+            b.take_over_after(Duration::from_millis(100));
+            assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
+            assert_eq!(seqs(b.pending(0, 10).await.unwrap()), vec![2]);
+            // `a` is gone and `b` has seen its row wait past the take-over delay: `b` publishes it too.
+            let watched = std::time::Instant::now();
+            loop {
+                let rows = seqs(b.pending(0, 10).await.unwrap());
+                if rows == vec![1, 2] {
+                    break;
+                }
+                assert_eq!(rows, vec![2], "nothing else meanwhile");
+                assert!(watched.elapsed() < Duration::from_secs(5), "taken over within the delay");
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert_eq!(rows, vec![2], "nothing else meanwhile");
-            assert!(watched.elapsed() < Duration::from_secs(5), "taken over within the delay");
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_group_commit_keeps_every_member_but_the_one_that_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
-        let wake = relay::Wake::default();
-        db.feed(wake.clone());
-        // Hold the thread so that the members below queue up and share one transaction.
-        let held = hold_thread(&db).await;
-        let members: Vec<_> = (0..20)
-            .map(|i| {
-                let db = db.clone();
-                async move {
-                    db.transaction(move |tx| {
-                        tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
-                        outbox::push(tx, &message(i))?;
-                        if i == 7 {
-                            return Err(StoreError::Corrupt {
-                                table: "things",
-                                cause: "member 7 fails".into(),
-                            });
-                        }
-                        Ok(i)
-                    })
-                    .await
-                }
-            })
-            .collect();
-        let all = tokio::spawn(futures_util::future::join_all(members));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        held.release().await;
-        let results = tokio::time::timeout(Duration::from_secs(10), all).await.unwrap().unwrap();
-        for (i, r) in results.iter().enumerate() {
-            assert_eq!(r.is_ok(), i != 7, "member {i}: {r:?}");
+    async fn a_group_commit_keeps_every_member_but_the_one_that_failed_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let db = Db::open(&at, "g", EXTRA, DEFAULT_OWNER).await.unwrap();
+            let wake = relay::Wake::default();
+            db.feed(wake.clone());
+            // Hold the thread so that the members below queue up and share one transaction.
+            let held = hold_thread(&db).await;
+            let members: Vec<_> = (0..20)
+                .map(|i| {
+                    let db = db.clone();
+                    async move {
+                        db.transaction(move |tx| {
+                            tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
+                            outbox::push(tx, &message(i))?;
+                            if i == 7 {
+                                return Err(StoreError::Corrupt {
+                                    table: "things",
+                                    cause: "member 7 fails".into(),
+                                });
+                            }
+                            Ok(i)
+                        })
+                        .await
+                    }
+                })
+                .collect();
+            let all = tokio::spawn(futures_util::future::join_all(members));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            held.release().await;
+            let results = tokio::time::timeout(Duration::from_secs(10), all).await.unwrap().unwrap();
+            for (i, r) in results.iter().enumerate() {
+                assert_eq!(r.is_ok(), i != 7, "member {i}: {r:?}");
+            }
+            let names: Vec<String> = db
+                .call(|c| c.query_map("SELECT name FROM things ORDER BY id", (), |r| r.get(0)))
+                .await
+                .unwrap();
+            assert_eq!(names.len(), 19, "{at}");
+            assert!(!names.contains(&"t7".to_owned()));
+            // The relay was handed exactly the committed rows, in order, and they are the outbox's.
+            let fed: Vec<i64> = wake.take_fed().into_iter().map(|(seq, _)| seq).collect();
+            let stored: Vec<i64> = db
+                .call(|c| c.query_map("SELECT seq FROM outbox ORDER BY seq", (), |r| r.get(0)))
+                .await
+                .unwrap();
+            assert_eq!(fed, stored);
+            assert_eq!(fed.len(), 19);
         }
-        let names: Vec<String> = db
-            .call(|c| {
-                let mut s = c.prepare("SELECT name FROM things ORDER BY id")?;
-                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(names.len(), 19);
-        assert!(!names.contains(&"t7".to_owned()));
-        // The relay was handed exactly the committed rows, in order, and they are the outbox's.
-        let fed: Vec<i64> = wake.take_fed().into_iter().map(|(seq, _)| seq).collect();
-        let stored: Vec<i64> = db
-            .call(|c| {
-                let mut s = c.prepare("SELECT seq FROM outbox ORDER BY seq")?;
-                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(fed, stored);
-        assert_eq!(fed.len(), 19);
-        // A member may not commit on its own, and a plain call afterwards runs as before.
-        let n: i64 =
-            db.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM things", [], |r| r.get(0))?)).await.unwrap();
-        assert_eq!(n, 19);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_instances_never_lose_an_update_on_postgres() {
+        // Two instances (two connections) add to one counter at once: under SERIALIZABLE one
+        // of a conflicting pair fails as an outage, and is retried, as the handlers do.
+        let stores = Stores::new();
+        let at = stores.each()[1].clone();
+        let migrations: &'static [&'static str] = &[
+            "CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL); INSERT INTO counter VALUES (1, 0)",
+        ];
+        let a = Db::open(&at, "c", migrations, "a").await.unwrap();
+        let b = Db::open(&at, "c", migrations, "b").await.unwrap();
+        let add = |db: Db| async move {
+            let mut retries = 0;
+            for _ in 0..100 {
+                loop {
+                    let r = db
+                        .transaction(|tx| {
+                            let n: i64 =
+                                tx.query_row("SELECT n FROM counter WHERE id = 1", (), |r| r.get(0))?;
+                            tx.execute("UPDATE counter SET n = ?1 WHERE id = 1", [n + 1])
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => break,
+                        Err(e) if e.is_transient() => retries += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            retries
+        };
+        let (ra, rb) = tokio::join!(tokio::spawn(add(a.clone())), tokio::spawn(add(b)));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(count(&a, "SELECT n FROM counter").await, 200, "no update lost ({ra} + {rb} retries)");
     }
 
     #[tokio::test]
-    async fn a_full_disk_is_an_outage_said_by_the_health_until_a_commit_goes_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("full.db"), EXTRA).unwrap();
-        let health = db.health();
-        // Cap the file at its current size, as a full disk does: the next write fails.
+    async fn a_lost_postgres_connection_is_an_outage_then_opened_again() {
+        let stores = Stores::new();
+        let at = stores.each()[1].clone();
+        let db = Db::open(&at, "records", EXTRA, DEFAULT_OWNER).await.unwrap();
+        let pid: i64 = db
+            .call(|c| c.query_row("SELECT CAST(pg_backend_pid() AS INTEGER)", (), |r| r.get(0)))
+            .await
+            .unwrap();
+        // Another session kills this one's backend, as a restarting server or a failover does.
+        let killer = Db::open(&at, "killer", &[], DEFAULT_OWNER).await.unwrap();
+        killer
+            .call(move |c| c.query_row("SELECT pg_terminate_backend(?1)", [pid], |_| Ok(())))
+            .await
+            .unwrap();
+        let e = db.call(|c| c.execute("INSERT INTO things (name) VALUES ('a')", ())).await.unwrap_err();
+        assert!(e.is_transient(), "a lost connection is an outage: {e}");
+        // The next job finds the connection opened again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match db.call(|c| c.execute("INSERT INTO things (name) VALUES ('b')", ())).await {
+                Ok(_) => break,
+                Err(e) => assert!(e.is_transient() && std::time::Instant::now() < deadline, "{e}"),
+            }
+        }
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM things").await, 1);
+        assert_eq!(db.health().thread_alive(), Ok(()));
+    }
+
+    /// Cap a SQLite file at its current size, as a full disk does: the next write fails.
+    async fn fill(db: &Db) {
         db.call(|c| {
-            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            let pages: i64 = c.sqlite().query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.sqlite().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
             Ok(())
         })
         .await
         .unwrap();
+    }
+
+    async fn sqlite(name: &str) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Location::Dir(dir.path().to_owned()), name, EXTRA, DEFAULT_OWNER).await.unwrap();
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_an_outage_said_by_the_health_until_a_commit_goes_through() {
+        let (_dir, db) = sqlite("full").await;
+        let health = db.health();
+        fill(&db).await;
         let big = "x".repeat(64 * 1024);
         let write = |db: &Db| {
             let big = big.clone();
@@ -834,15 +941,17 @@ mod tests {
         assert!(e.is_transient(), "a full disk is an outage: {e}");
         let why = health.writable().expect_err(&format!("unwritable after {e:?}"));
         assert!(why.contains("full"), "{why}");
-        db.call(|c| Ok(c.query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))?)).await.unwrap();
+        db.call(|c| Ok(c.sqlite().query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))?))
+            .await
+            .unwrap();
         assert!(write(&db).await.is_ok());
         assert_eq!(health.writable(), Ok(()));
         assert_eq!(health.thread_alive(), Ok(()));
         // A broken rule is not an outage: it is not retried in place.
         let e = db
             .transaction(|tx| {
-                tx.execute("INSERT INTO things (id, name) VALUES (1, 'a')", [])?;
-                tx.execute("INSERT INTO things (id, name) VALUES (1, 'b')", [])?;
+                tx.execute("INSERT INTO things (id, name) VALUES (1, 'a')", ())?;
+                tx.execute("INSERT INTO things (id, name) VALUES (1, 'b')", ())?;
                 Ok(())
             })
             .await
@@ -852,13 +961,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_database_thread_stops_when_its_file_is_removed_under_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gone.db");
-        let db = Db::open(&path, EXTRA).unwrap();
+        let (dir, db) = sqlite("gone").await;
         assert_eq!(db.health().thread_alive(), Ok(()));
-        std::fs::remove_file(&path).unwrap();
-        let e =
-            db.call(|c| Ok(c.execute("INSERT INTO things (name) VALUES ('lost')", [])?)).await.unwrap_err();
+        std::fs::remove_file(dir.path().join("gone.db")).unwrap();
+        let e = db.call(|c| c.execute("INSERT INTO things (name) VALUES ('lost')", ())).await.unwrap_err();
         assert!(matches!(e, StoreError::Closed(_)), "{e}");
         assert!(e.is_transient());
         assert!(db.health().thread_alive().is_err());
@@ -866,15 +972,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_member_runs_outside_the_group_after_a_full_disk_rolled_it_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("g.db"), EXTRA).unwrap();
-        db.call(|c| {
-            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        let (_dir, db) = sqlite("g").await;
+        fill(&db).await;
         // Hold the thread so that the members below share one transaction.
         let held = hold_thread(&db).await;
         let member = |name: String| {
@@ -896,13 +995,8 @@ mod tests {
         assert!(big.as_ref().is_err_and(StoreError::is_transient), "{big:?}");
         // The small one (it fits) was not run in the lost transaction, where it would have been
         // committed on its own and then told it failed: it ran in a group of its own.
-        let names: Vec<String> = db
-            .call(|c| {
-                let mut s = c.prepare("SELECT name FROM things")?;
-                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
-            })
-            .await
-            .unwrap();
+        let names: Vec<String> =
+            db.call(|c| c.query_map("SELECT name FROM things", (), |r| r.get(0))).await.unwrap();
         assert!(small.is_ok(), "{small:?}");
         assert_eq!(names, vec!["small".to_owned()]);
     }

@@ -5,10 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use baton_protocol::Outgoing;
-use rusqlite::params;
 
 use crate::relay::PublishError;
-use crate::{Db, StoreError, Tx, now_ms};
+use crate::{Db, StoreError, Tx, now_ms, params};
 
 /// After this many unroutable returns, a row is set aside in `outbox_parked` (kept, with the
 /// reason) so that it stops holding up the rest.
@@ -68,20 +67,23 @@ impl Db {
 /// Add a message to the outbox, in the caller's transaction, for this instance's relay.
 pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     let json = serde_json::to_string(msg).expect("outgoing messages serialise");
-    tx.prepare_cached("INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![json, tx.owner(), now_ms()])?;
-    tx.pushed(tx.last_insert_rowid(), msg);
+    let seq = tx.query_row(
+        "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3) RETURNING seq",
+        params![json, tx.owner(), now_ms()],
+        |r| r.get(0),
+    )?;
+    tx.pushed(seq, msg);
     Ok(())
 }
 
 /// Messages this database's relay has had confirmed by the broker, ever.
-pub fn published(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT published FROM relay_stats", [], |r| r.get(0))?)
+pub fn published(tx: &Tx<'_>) -> Result<i64, StoreError> {
+    tx.query_row("SELECT published FROM relay_stats", (), |r| r.get(0))
 }
 
 /// Rows waiting in the outbox (for quiescence checks and `/health`).
-pub fn len(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+pub fn len(tx: &Tx<'_>) -> Result<i64, StoreError> {
+    tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0))
 }
 
 /// The relay's view of the outbox.
@@ -94,21 +96,21 @@ impl Db {
         let rows = self
             .call(move |c| {
                 // Other instances' oldest rows, each watched until it moves or the lease is up.
-                let oldest: Vec<(String, i64)> = c
-                    .prepare_cached("SELECT owner, MIN(seq) FROM outbox WHERE owner <> ?1 GROUP BY owner")?
-                    .query_map([&*me], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
+                let oldest: Vec<(String, i64)> = c.query_map(
+                    "SELECT owner, MIN(seq) FROM outbox WHERE owner <> ?1 GROUP BY owner",
+                    [&*me],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 let stuck = watch.lock().expect("outbox watch").stuck(oldest, Instant::now());
-                let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
+                let row = |r: &crate::Row| Ok((r.get::<i64>(0)?, r.get::<String>(1)?));
                 // Taken-over rows come back whatever their place: they may sit below `after`.
                 let mut rows: Vec<(i64, String)> = Vec::new();
                 for owner in stuck {
-                    let taken = c
-                        .prepare_cached(
-                            "UPDATE outbox SET owner = ?2 WHERE owner = ?1 RETURNING seq, message",
-                        )?
-                        .query_map([&*owner, &*me], row)?
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let taken = c.query_map(
+                        "UPDATE outbox SET owner = ?2 WHERE owner = ?1 RETURNING seq, message",
+                        [&*owner, &*me],
+                        row,
+                    )?;
                     tracing::warn!(
                         rows = taken.len(),
                         instance = %owner,
@@ -116,11 +118,12 @@ impl Db {
                     );
                     rows.extend(taken);
                 }
-                let mut stmt = c.prepare_cached(
-                    "SELECT seq, message FROM outbox WHERE owner = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
-                )?;
                 let room = limit.saturating_sub(rows.len()).max(1) as i64;
-                rows.extend(stmt.query_map(params![after, room, &*me], row)?.collect::<Result<Vec<_>, _>>()?);
+                rows.extend(c.query_map(
+                    "SELECT seq, message FROM outbox WHERE owner = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
+                    params![after, room, &*me],
+                    row,
+                )?);
                 rows.sort_by_key(|(seq, _)| *seq);
                 rows.dedup_by_key(|(seq, _)| *seq);
                 Ok(rows)
@@ -139,15 +142,11 @@ impl Db {
     pub(crate) async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         // A member of the group commit: under load it shares the handlers' transaction.
         self.transaction(move |tx| {
-            {
-                let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                for seq in &seqs {
-                    stmt.execute([seq])?;
-                }
+            for seq in &seqs {
+                tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
             }
             // Counted here, where it is certain: what the broker confirmed.
-            tx.prepare_cached("UPDATE relay_stats SET published = published + ?1")?
-                .execute([seqs.len() as i64])?;
+            tx.execute("UPDATE relay_stats SET published = published + ?1", [seqs.len() as i64])?;
             Ok(())
         })
         .await
@@ -158,8 +157,7 @@ impl Db {
     pub(crate) async fn failed(&self, seq: i64, error: PublishError) -> Result<(), StoreError> {
         let returned = matches!(error, PublishError::Returned(_));
         let reason = error.to_string();
-        self.call(move |c| {
-            let tx = c.transaction()?;
+        self.call(move |tx| {
             tx.execute(
                 "UPDATE outbox SET attempts = attempts + ?2, last_error = ?3 WHERE seq = ?1",
                 params![seq, i64::from(returned), reason],
@@ -175,7 +173,6 @@ impl Db {
                 )?;
                 tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -206,8 +203,7 @@ mod tests {
             c.execute(
                 "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3)",
                 params![m, owner, now_ms() + skew_ms],
-            )?;
-            Ok(())
+            )
         })
         .await
         .unwrap();
@@ -216,7 +212,7 @@ mod tests {
     #[tokio::test]
     async fn another_instances_rows_are_taken_over_after_the_lease_whatever_their_time_stamps_say() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_as(&dir.path().join("records.db"), &[], "a").unwrap();
+        let db = Db::open(&crate::Location::Dir(dir.path().to_owned()), "records", &[], "a").await.unwrap();
         let lease = Duration::from_millis(300);
         db.take_over_after(lease);
         // One stamped an hour ahead (its writer's clock, or this one, jumped), one an hour behind.
@@ -232,7 +228,7 @@ mod tests {
         }
         assert!(watched.elapsed() >= lease, "not before the lease");
         let owners: i64 = db
-            .call(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox WHERE owner = 'a'", [], |r| r.get(0))?))
+            .call(|c| c.query_row("SELECT COUNT(*) FROM outbox WHERE owner = 'a'", (), |r| r.get(0)))
             .await
             .unwrap();
         assert_eq!(owners, 2);

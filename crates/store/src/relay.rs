@@ -571,18 +571,18 @@ mod tests {
 
     /// A relay of instance `a` of a fresh database, publishing to a broker that answers as
     /// `verdicts` says.
-    fn relay_to(
+    async fn relay_to(
         verdicts: impl Fn(u32, usize) -> Verdict + Send + Sync + 'static,
     ) -> (tempfile::TempDir, Db, FakeBroker, Running) {
         let dir = tempfile::tempdir().unwrap();
-        let db = open(&dir, "a");
+        let db = open(&dir, "a").await;
         let broker = FakeBroker::new(verdicts);
         let relay = Running::start(&db, &broker);
         (dir, db, broker, relay)
     }
 
-    fn open(dir: &tempfile::TempDir, owner: &str) -> Db {
-        Db::open_as(&dir.path().join("relay.db"), &[], owner).unwrap()
+    async fn open(dir: &tempfile::TempDir, owner: &str) -> Db {
+        Db::open(&crate::Location::Dir(dir.path().to_owned()), "relay", &[], owner).await.unwrap()
     }
 
     /// Commit messages `bodies` to the outbox, in one transaction.
@@ -595,7 +595,7 @@ mod tests {
     /// The outbox's rows, the parked ones, and the messages counted as published.
     async fn counts(db: &Db) -> (i64, i64, i64) {
         db.call(|c| {
-            let parked = c.query_row("SELECT COUNT(*) FROM outbox_parked", [], |r| r.get(0))?;
+            let parked = c.query_row("SELECT COUNT(*) FROM outbox_parked", (), |r| r.get(0))?;
             Ok((outbox::len(c)?, parked, outbox::published(c)?))
         })
         .await
@@ -617,7 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn confirmed_rows_go_out_in_order_and_are_deleted_and_counted() {
-        let (_dir, db, broker, relay) = relay_to(|_, _| Verdict::Ack);
+        let (_dir, db, broker, relay) = relay_to(|_, _| Verdict::Ack).await;
         push(&db, 0..5).await;
         push(&db, 5..8).await;
         drained(&db).await;
@@ -629,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_nacked_row_stays_and_goes_out_again_without_counting_against_it() {
         let (_dir, db, broker, relay) =
-            relay_to(|n, nth| if n == 1 && nth == 1 { Verdict::Nack } else { Verdict::Ack });
+            relay_to(|n, nth| if n == 1 && nth == 1 { Verdict::Nack } else { Verdict::Ack }).await;
         push(&db, 0..3).await;
         drained(&db).await;
         assert_eq!(broker.times(), HashMap::from([(0, 1), (1, 2), (2, 1)]));
@@ -639,17 +639,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_returned_row_is_tried_again_and_parked_after_park_after_returns() {
-        let (_dir, db, broker, relay) = relay_to(|n, _| if n == 1 { Verdict::Return } else { Verdict::Ack });
+        let (_dir, db, broker, relay) =
+            relay_to(|n, _| if n == 1 { Verdict::Return } else { Verdict::Ack }).await;
         push(&db, 0..3).await;
         drained(&db).await;
         let times = broker.times();
         assert_eq!(times[&1], PARK_AFTER as usize, "{times:?}");
         assert_eq!((times[&0], times[&2]), (1, 1), "the others went out once: {times:?}");
         assert_eq!(counts(&db).await, (0, 1, 2), "parked, not published");
-        let reason: String = db
-            .call(|c| Ok(c.query_row("SELECT reason FROM outbox_parked", [], |r| r.get(0))?))
-            .await
-            .unwrap();
+        let reason: String =
+            db.call(|c| c.query_row("SELECT reason FROM outbox_parked", (), |r| r.get(0))).await.unwrap();
         assert!(reason.contains("unroutable"), "{reason}");
         relay.stop().await;
     }
@@ -658,7 +657,7 @@ mod tests {
     async fn a_new_connection_has_the_unconfirmed_rows_published_again_on_a_fresh_channel() {
         // The first connection loses every confirm.
         let (_dir, db, broker, relay) =
-            relay_to(|_, nth| if nth == 1 { Verdict::Never } else { Verdict::Ack });
+            relay_to(|_, nth| if nth == 1 { Verdict::Never } else { Verdict::Ack }).await;
         push(&db, 0..3).await;
         until("three publishes", || async { broker.published().len() == 3 }).await;
         assert_eq!(counts(&db).await.0, 3, "unconfirmed rows stay");
@@ -673,10 +672,10 @@ mod tests {
     #[tokio::test]
     async fn rows_another_instance_left_unpublished_are_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        let gone = open(&dir, "b");
+        let gone = open(&dir, "b").await;
         push(&gone, [7, 8]).await;
         drop(gone);
-        let db = open(&dir, "a");
+        let db = open(&dir, "a").await;
         db.take_over_after(Duration::from_millis(100));
         let broker = FakeBroker::new(|_, _| Verdict::Ack);
         let relay = Running::start(&db, &broker);

@@ -1,0 +1,179 @@
+//! One connection of either backend, and [`Tx`], the transaction the components write through.
+//!
+//! Both backends run their statements on the component's database thread, synchronously, so a
+//! transaction never spans an `.await` and the group commit works the same on both.
+
+use std::cell::RefCell;
+
+use baton_protocol::Outgoing;
+
+use crate::sql::{Params, Row, Value};
+use crate::{StoreError, pg, sqlite};
+
+/// A connection of one backend.
+pub(crate) enum Conn {
+    Sqlite(sqlite::SqliteConn),
+    Postgres(RefCell<pg::PgConn>),
+}
+
+impl Conn {
+    pub(crate) fn execute(&self, sql: &str, values: Vec<Value>) -> Result<usize, StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.execute(sql, values),
+            Conn::Postgres(c) => c.borrow_mut().execute(sql, values),
+        }
+    }
+
+    pub(crate) fn query(&self, sql: &str, values: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.query(sql, values),
+            Conn::Postgres(c) => c.borrow_mut().query(sql, values),
+        }
+    }
+
+    /// Statements without parameters, one after the other (migrations, transaction control).
+    pub(crate) fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.batch(sql),
+            Conn::Postgres(c) => c.borrow_mut().batch(sql),
+        }
+    }
+
+    /// Start a transaction: one that writes takes the write lock at once on SQLite (so that
+    /// instances sharing a file wait for each other instead of failing), and is SERIALIZABLE on
+    /// PostgreSQL, where instances on several machines write the same rows: a conflict fails
+    /// one of them with a serialization error, an outage retried in place, never a lost update.
+    pub(crate) fn begin(&self) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.begin(),
+            Conn::Postgres(c) => c.borrow_mut().begin(),
+        }
+    }
+
+    /// Whether the transaction begun is still open: SQLite rolls it back by itself on some
+    /// errors (a full disk), and a PostgreSQL connection can be lost.
+    pub(crate) fn in_transaction(&self) -> bool {
+        match self {
+            Conn::Sqlite(c) => c.in_transaction(),
+            Conn::Postgres(c) => c.borrow().in_transaction(),
+        }
+    }
+
+    /// Reopen a connection that was lost (PostgreSQL), before the next job.
+    pub(crate) fn ensure_open(&self) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(_) => Ok(()),
+            Conn::Postgres(c) => c.borrow_mut().ensure_open(),
+        }
+    }
+
+    /// Whether the database is gone for good: the SQLite file removed or replaced under it.
+    pub(crate) fn gone(&self) -> bool {
+        match self {
+            Conn::Sqlite(c) => c.gone(),
+            Conn::Postgres(_) => false,
+        }
+    }
+
+    pub(crate) fn has_table(&self, name: &str) -> Result<bool, StoreError> {
+        let sql = match self {
+            Conn::Sqlite(_) => {
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)"
+            }
+            Conn::Postgres(_) => {
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = ?1)"
+            }
+        };
+        first(self.query(sql, vec![Value::Text(name.to_owned())])?)?.get(0)
+    }
+
+    pub(crate) fn has_column(&self, table: &str, column: &str) -> Result<bool, StoreError> {
+        let sql = match self {
+            Conn::Sqlite(_) => "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            Conn::Postgres(_) => {
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = ?1 AND column_name = ?2)"
+            }
+        };
+        first(self.query(sql, vec![Value::Text(table.to_owned()), Value::Text(column.to_owned())])?)?.get(0)
+    }
+}
+
+fn first(rows: Vec<Row>) -> Result<Row, StoreError> {
+    rows.into_iter().next().ok_or(StoreError::NoRows)
+}
+
+/// A transaction of [`crate::Db::transaction`] or [`crate::Db::call`], on either backend: the
+/// SQL of the portable subset ([`crate::sql`]), and what the store keeps of it: the instance
+/// that owns the outbox rows it adds ([`crate::outbox::push`]), and those rows, handed to the
+/// relay once the transaction committed.
+pub struct Tx<'a> {
+    pub(crate) conn: &'a Conn,
+    pub(crate) owner: &'a str,
+    pub(crate) pushed: RefCell<Vec<(i64, Outgoing)>>,
+}
+
+impl Tx<'_> {
+    /// Run one statement; the rows it changed.
+    pub fn execute(&self, sql: &str, params: impl Params) -> Result<usize, StoreError> {
+        self.conn.execute(sql, params.values())
+    }
+
+    /// The first row of a query, mapped by `f`; [`StoreError::NoRows`] when there is none (see
+    /// [`crate::OptionalExtension::optional`]).
+    pub fn query_row<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnOnce(&Row) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&first(self.conn.query(sql, params.values())?)?)
+    }
+
+    /// Every row of a query, each mapped by `f`.
+    pub fn query_map<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnMut(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.conn.query(sql, params.values())?.iter().map(f).collect()
+    }
+
+    /// Statements without parameters, separated by `;`.
+    pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn.batch(sql)
+    }
+
+    /// Whether the component's store has the table `name`: a reader of a table that only some
+    /// runs create (the fault plan's `faults`) asks first.
+    pub fn has_table(&self, name: &str) -> Result<bool, StoreError> {
+        self.conn.has_table(name)
+    }
+
+    /// Whether `table` has `column` (a reader of stores written by older builds asks first).
+    pub fn has_column(&self, table: &str, column: &str) -> Result<bool, StoreError> {
+        self.conn.has_column(table, column)
+    }
+
+    /// The instance whose relay publishes the outbox rows of this transaction.
+    pub(crate) fn owner(&self) -> &str {
+        self.owner
+    }
+
+    /// Note a row [`crate::outbox::push`] wrote, for the relay's feed once it is committed.
+    pub(crate) fn pushed(&self, seq: i64, msg: &Outgoing) {
+        self.pushed.borrow_mut().push((seq, msg.clone()));
+    }
+
+    /// The SQLite connection under this transaction, for the tests of SQLite's own behaviour
+    /// (a full disk, made with its pragmas).
+    #[cfg(test)]
+    pub(crate) fn sqlite(&self) -> &rusqlite::Connection {
+        match self.conn {
+            Conn::Sqlite(c) => &c.conn,
+            Conn::Postgres(_) => panic!("not a SQLite store"),
+        }
+    }
+}
