@@ -1,4 +1,5 @@
-//! The cross-service invariant of the design, checked over a data dir.
+//! The cross-service invariant of the design, checked over the components' stores (a data dir's
+//! SQLite files, or a PostgreSQL database's schemas).
 //!
 //! A space the client was told succeeded (200) has exactly one record, placement, licence, route
 //! and email; a space the client was told failed has none of them; a space nobody got a definite
@@ -9,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
+use baton_store::{Db, FromValue, Location};
 
 use baton_protocol::Service;
 use serde::Serialize;
@@ -122,12 +123,14 @@ impl Report {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("{0} has no Baton databases (records.db, ...); point --data-dir at the data dir of a run")]
+    #[error(
+        "{0} has no Baton stores (records, ...); point --data-dir (or --database-url) at the store of a run"
+    )]
     Empty(String),
     #[error(transparent)]
     Store(#[from] baton_store::StoreError),
-    #[error("reading {db}: {source}")]
-    Read { db: String, source: rusqlite::Error },
+    #[error("reading the store of {db}: {source}")]
+    Read { db: String, source: baton_store::StoreError },
 }
 
 const TABLES: [(Service, &str); 5] = [
@@ -161,19 +164,26 @@ impl SpaceRows {
     }
 }
 
-/// Read every space of `dir`: which services hold a row for it, and what its client was told.
-pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
-    if !TABLES.iter().any(|(s, _)| dir.join(format!("{}.db", s.name())).exists()) {
-        return Err(AuditError::Empty(dir.display().to_string()));
+/// Read every space at `at`: which services hold a row for it, and what its client was told.
+pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
+    let mut any = false;
+    for (service, _) in TABLES {
+        any |= Db::reader(at, service.name()).await?.is_some();
     }
+    if !any {
+        return Err(AuditError::Empty(at.to_string()));
+    }
+    let dir = at;
     let mut spaces: BTreeMap<String, SpaceRows> = BTreeMap::new();
     for (service, table) in TABLES {
         let time = if service == Service::Notifier { "sent_at" } else { "created_at" };
         for (id, saga, at) in rows3::<String, String, i64>(
             dir,
-            &format!("{}.db", service.name()),
-            &format!("SELECT space_id, saga_id, {time} FROM {table}"),
-        )? {
+            service.name(),
+            format!("SELECT space_id, saga_id, {time} FROM {table}"),
+        )
+        .await?
+        {
             let s = space(&mut spaces, id);
             s.present.insert(service);
             s.saga_id.get_or_insert(saga);
@@ -184,9 +194,11 @@ pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
     // the gateway has none (a saga started without it).
     for (id, status, state) in rows3::<String, i64, String>(
         dir,
-        "orchestrator.db",
-        "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas",
-    )? {
+        "orchestrator",
+        "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas".into(),
+    )
+    .await?
+    {
         let s = space(&mut spaces, id);
         s.told = u16::try_from(status).ok();
         s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
@@ -194,23 +206,28 @@ pub fn scan(dir: &Path) -> Result<Vec<SpaceRows>, AuditError> {
     }
     // Forward commands sent at or after the deadline, both times on the clock of the process that
     // started the saga (a later process's clock may differ by a jump: see `Saga::rearm`).
-    if has_column(dir, "orchestrator.db", "sagas", "deadline_at")? {
+    if has_column(dir, "orchestrator", "sagas", "deadline_at").await? {
         for (id, n, _) in rows3::<String, i64, String>(
             dir,
-            "orchestrator.db",
+            "orchestrator",
             "SELECT s.space_id, COUNT(*), '' FROM sagas s JOIN history h ON h.saga_id = s.saga_id
              WHERE s.deadline_at IS NOT NULL AND h.event = 'sent' AND h.action = 'do'
                AND h.step <> 'notifier' AND h.at >= s.deadline_at
-             GROUP BY s.space_id",
-        )? {
+             GROUP BY s.space_id"
+                .into(),
+        )
+        .await?
+        {
             space(&mut spaces, id).steps_after_deadline = n as u32;
         }
     }
     for (id, status, _) in rows3::<String, i64, String>(
         dir,
-        "gateway.db",
-        "SELECT space_id, COALESCE(told_status, -1), '' FROM requests",
-    )? {
+        "gateway",
+        "SELECT space_id, COALESCE(told_status, -1), '' FROM requests".into(),
+    )
+    .await?
+    {
         let s = space(&mut spaces, id);
         if let Ok(t) = u16::try_from(status) {
             s.told = Some(t);
@@ -232,33 +249,24 @@ fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows
     })
 }
 
-fn rows3<A, B, C>(dir: &Path, db: &str, sql: &str) -> Result<Vec<(A, B, C)>, AuditError>
+/// The rows of a three-column query on `component`'s store; none when it has no store.
+async fn rows3<A, B, C>(at: &Location, component: &str, sql: String) -> Result<Vec<(A, B, C)>, AuditError>
 where
-    A: rusqlite::types::FromSql,
-    B: rusqlite::types::FromSql,
-    C: rusqlite::types::FromSql,
+    A: FromValue + Send + 'static,
+    B: FromValue + Send + 'static,
+    C: FromValue + Send + 'static,
 {
-    let path = dir.join(db);
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let conn = baton_store::open_read_only(&path)?;
-    let read = |e| AuditError::Read { db: db.into(), source: e };
-    let mut stmt = conn.prepare(sql).map_err(read)?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(read)?;
-    rows.collect::<Result<_, _>>().map_err(read)
+    let Some(db) = Db::reader(at, component).await? else { return Ok(Vec::new()) };
+    db.call(move |tx| tx.query_map(&sql, (), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+        .await
+        .map_err(|e| AuditError::Read { db: component.into(), source: e })
 }
 
-fn has_column(dir: &Path, db: &str, table: &str, column: &str) -> Result<bool, AuditError> {
-    let path = dir.join(db);
-    if !path.exists() {
-        return Ok(false);
-    }
-    let conn = baton_store::open_read_only(&path)?;
-    conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2", [table, column], |r| {
-        r.get(0)
-    })
-    .map_err(|e| AuditError::Read { db: db.into(), source: e })
+async fn has_column(at: &Location, component: &str, table: &'static str, column: &'static str) -> Result<bool, AuditError> {
+    let Some(db) = Db::reader(at, component).await? else { return Ok(false) };
+    db.call(move |tx| tx.has_column(table, column))
+        .await
+        .map_err(|e| AuditError::Read { db: component.into(), source: e })
 }
 
 /// The verdict on one space, if something is wrong with it.
@@ -286,8 +294,8 @@ pub fn judge(s: &SpaceRows) -> Option<Kind> {
 }
 
 /// Check the invariant over `dir`.
-pub fn audit(dir: &Path) -> Result<Report, AuditError> {
-    let spaces = scan(dir)?;
+pub async fn audit(at: &Location) -> Result<Report, AuditError> {
+    let spaces = scan(at).await?;
     let mut report = Report { spaces: spaces.len(), ..Default::default() };
     for s in spaces {
         if s.is_complete() {
@@ -322,23 +330,22 @@ pub fn audit(dir: &Path) -> Result<Report, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rusqlite::Connection;
+    use baton_store::scratch::{ScratchDatabase, test_server};
 
-    fn make(dir: &Path, db: &str, ddl: &str, ids: &[&str]) {
-        let c = Connection::open(dir.join(db)).unwrap();
-        c.execute_batch(ddl).unwrap();
-        for id in ids {
-            c.execute("INSERT INTO t VALUES (?1)", [id]).unwrap();
-        }
+    /// `component`'s store at `at`, made of `ddl` (leaked: a store's migrations are static).
+    async fn make(at: &Location, component: &str, ddl: String) {
+        let ddl: &'static str = Box::leak(ddl.into_boxed_str());
+        let migrations: &'static [&'static str] = Box::leak(vec![ddl].into_boxed_slice());
+        Db::open(at, component, migrations, "test").await.unwrap();
     }
 
-    fn fixture(dir: &Path) {
+    async fn fixture(at: &Location) {
         let tables = [
-            ("records.db", "spaces"),
-            ("placement.db", "placements"),
-            ("entitlements.db", "licences"),
-            ("routing.db", "routes"),
-            ("notifier.db", "emails"),
+            ("records", "spaces"),
+            ("placement", "placements"),
+            ("entitlements", "licences"),
+            ("routing", "routes"),
+            ("notifier", "emails"),
         ];
         // ok: everything; failed: told 403 and a record left; half: no answer, record + placement.
         let present: [&[&str]; 5] = [
@@ -350,67 +357,92 @@ mod tests {
         ];
         for ((db, table), ids) in tables.iter().zip(present) {
             let time = if *table == "emails" { "sent_at" } else { "created_at" };
-            let ddl = format!(
-                "CREATE TABLE t (space_id TEXT); CREATE VIEW {table} AS SELECT space_id, 's' AS saga_id, 1 AS {time} FROM t;"
-            );
-            make(dir, db, &ddl, ids);
+            let values = ids.iter().map(|id| format!("('{id}')")).collect::<Vec<_>>().join(", ");
+            make(
+                at,
+                db,
+                format!(
+                    "CREATE TABLE t (space_id TEXT); INSERT INTO t VALUES {values};
+                     CREATE VIEW {table} AS SELECT space_id, 's' AS saga_id, 1 AS {time} FROM t;"
+                ),
+            )
+            .await;
         }
-        let g = Connection::open(dir.join("gateway.db")).unwrap();
-        g.execute_batch(
+        make(
+            at,
+            "gateway",
             "CREATE TABLE requests (space_id TEXT, told_status INTEGER);
              INSERT INTO requests VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
-                                         ('late', 504);",
+                                         ('late', 504);"
+                .into(),
         )
-        .unwrap();
+        .await;
     }
 
-    #[test]
-    fn finds_each_kind_of_violation_and_nothing_else() {
+    /// A fresh SQLite data dir and a fresh PostgreSQL database.
+    fn stores() -> (tempfile::TempDir, ScratchDatabase, [Location; 2]) {
         let dir = tempfile::tempdir().unwrap();
-        fixture(dir.path());
-        let r = audit(dir.path()).unwrap();
-        let got: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
-        assert_eq!(
-            got,
-            vec![
-                ("told-ok", Kind::MissingAfterSuccess),
-                ("failed", Kind::LeftAfterFailure),
-                ("half", Kind::Partial),
-                ("late", Kind::TimedOutNothing)
-            ]
-        );
-        assert_eq!(r.spaces, 6);
-        assert_eq!(r.orphans[&Service::Records], 3);
-        assert_eq!(r.orphans[&Service::Placement], 2);
-        assert_eq!(r.emails_without_space, 0);
-        assert_eq!(r.complete, 1);
-        let line = r.violations[0].to_string();
-        assert!(line.contains("lacks email"), "{line}");
+        let pg = ScratchDatabase::create(&test_server(), "baton_audit").expect("the tests' PostgreSQL server");
+        let each = [Location::Dir(dir.path().to_owned()), pg.location().clone()];
+        (dir, pg, each)
     }
 
-    #[test]
-    fn a_compensable_step_sent_at_or_after_the_deadline_is_reported_and_notify_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        fixture(dir.path());
-        let o = Connection::open(dir.path().join("orchestrator.db")).unwrap();
-        o.execute_batch(
-            "CREATE TABLE sagas (saga_id TEXT, space_id TEXT, status TEXT, answer_status INTEGER, deadline_at INTEGER);
-             CREATE TABLE history (saga_id TEXT, at INTEGER, step TEXT, action TEXT, event TEXT);
-             INSERT INTO sagas VALUES ('s-ok', 'ok', 'completed', 200, 1000), ('s-late', 'half', 'rolled_back', 504, 1000);
-             INSERT INTO history VALUES ('s-ok', 900, 'routing', 'do', 'sent'), ('s-ok', 1200, 'notifier', 'do', 'sent'),
-                                        ('s-late', 999, 'records', 'do', 'sent'), ('s-late', 1000, 'placement', 'do', 'sent'),
-                                        ('s-late', 1100, 'records', 'undo', 'sent');",
-        )
-        .unwrap();
-        let r = audit(dir.path()).unwrap();
-        let kinds: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
-        assert!(kinds.contains(&("half", Kind::StepAfterDeadline)), "{kinds:?}");
-        assert!(!kinds.iter().any(|(id, _)| *id == "ok"), "a late notify is the saga completing: {kinds:?}");
+    #[tokio::test]
+    async fn finds_each_kind_of_violation_and_nothing_else_on_both_backends() {
+        let (_dir, _pg, each) = stores();
+        for at in each {
+            fixture(&at).await;
+            let r = audit(&at).await.unwrap();
+            let got: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("told-ok", Kind::MissingAfterSuccess),
+                    ("failed", Kind::LeftAfterFailure),
+                    ("half", Kind::Partial),
+                    ("late", Kind::TimedOutNothing)
+                ],
+                "{at}"
+            );
+            assert_eq!(r.spaces, 6);
+            assert_eq!(r.orphans[&Service::Records], 3);
+            assert_eq!(r.orphans[&Service::Placement], 2);
+            assert_eq!(r.emails_without_space, 0);
+            assert_eq!(r.complete, 1);
+            let line = r.violations[0].to_string();
+            assert!(line.contains("lacks email"), "{line}");
+        }
     }
 
-    #[test]
-    fn an_empty_dir_is_an_error_not_a_clean_audit() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(audit(dir.path()), Err(AuditError::Empty(_))));
+    #[tokio::test]
+    async fn a_compensable_step_sent_at_or_after_the_deadline_is_reported_and_notify_is_not() {
+        let (_dir, _pg, each) = stores();
+        for at in each {
+            fixture(&at).await;
+            make(
+                &at,
+                "orchestrator",
+                "CREATE TABLE sagas (saga_id TEXT, space_id TEXT, status TEXT, answer_status INTEGER, deadline_at INTEGER);
+                 CREATE TABLE history (saga_id TEXT, at INTEGER, step TEXT, action TEXT, event TEXT);
+                 INSERT INTO sagas VALUES ('s-ok', 'ok', 'completed', 200, 1000), ('s-late', 'half', 'rolled_back', 504, 1000);
+                 INSERT INTO history VALUES ('s-ok', 900, 'routing', 'do', 'sent'), ('s-ok', 1200, 'notifier', 'do', 'sent'),
+                                            ('s-late', 999, 'records', 'do', 'sent'), ('s-late', 1000, 'placement', 'do', 'sent'),
+                                            ('s-late', 1100, 'records', 'undo', 'sent');"
+                    .into(),
+            )
+            .await;
+            let r = audit(&at).await.unwrap();
+            let kinds: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
+            assert!(kinds.contains(&("half", Kind::StepAfterDeadline)), "{at}: {kinds:?}");
+            assert!(!kinds.iter().any(|(id, _)| *id == "ok"), "a late notify is the saga completing: {kinds:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_store_is_an_error_not_a_clean_audit() {
+        let (_dir, _pg, each) = stores();
+        for at in each {
+            assert!(matches!(audit(&at).await, Err(AuditError::Empty(_))), "{at}");
+        }
     }
 }

@@ -69,7 +69,7 @@ async fn orchestrator_counts(dir: &Path) -> Option<(i64, i64)> {
     let path = dir.join(format!("{ORCHESTRATOR}.db"));
     tokio::task::spawn_blocking(move || {
         let db = baton_store::open_read_only(&path).ok()?;
-        let count = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).ok();
+        let count = |sql: &str| db.query_row(sql, (), |r| r.get::<_, i64>(0)).ok();
         let sagas = baton_orchestrator::query::in_flight_count(&db).ok()?;
         Some((sagas, count("SELECT COUNT(*) FROM outbox")?))
     })

@@ -550,7 +550,7 @@ async fn quiesce(
                 .iter()
                 .filter_map(|c| {
                     let conn = baton_store::open_read_only(&dir.join(format!("{c}.db"))).ok()?;
-                    let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).ok()?;
+                    let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0)).ok()?;
                     (n > 0).then(|| format!("{c} {n}"))
                 })
                 .collect();

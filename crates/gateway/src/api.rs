@@ -148,26 +148,26 @@ async fn get_space(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Re
     let row = gw
         .db
         .call(move |c| {
-            use rusqlite::OptionalExtension;
-            Ok(c.query_row(
+            use baton_store::OptionalExtension;
+            c.query_row(
                 "SELECT saga_id, name, owner, mode, requested_at, told_status, outcome_status, outcome FROM requests WHERE space_id = ?1",
                 [id.to_string()],
                 |r| {
                     Ok(json!({
                         "id": id,
-                        "workflow_id": r.get::<_, String>(0)?,
-                        "name": r.get::<_, String>(1)?,
-                        "owner": r.get::<_, String>(2)?,
-                        "mode": r.get::<_, String>(3)?,
-                        "requested_at_ms": r.get::<_, i64>(4)?,
-                        "told_status": r.get::<_, Option<i64>>(5)?,
-                        "outcome_status": r.get::<_, Option<i64>>(6)?,
-                        "outcome": r.get::<_, Option<String>>(7)?
+                        "workflow_id": r.get::<String>(0)?,
+                        "name": r.get::<String>(1)?,
+                        "owner": r.get::<String>(2)?,
+                        "mode": r.get::<String>(3)?,
+                        "requested_at_ms": r.get::<i64>(4)?,
+                        "told_status": r.get::<Option<i64>>(5)?,
+                        "outcome_status": r.get::<Option<i64>>(6)?,
+                        "outcome": r.get::<Option<String>>(7)?
                             .and_then(|s| serde_json::from_str::<Value>(&s).ok()),
                     }))
                 },
             )
-            .optional()?)
+            .optional()
         })
         .await;
     match row {
@@ -182,12 +182,9 @@ async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) ->
         Ok(id) => id,
         Err(r) => return r,
     };
-    let sagas = gw.opts.sagas.clone();
-    let found =
-        tokio::task::spawn_blocking(move || sagas.describe(id)).await.expect("the read task does not panic");
-    match found {
+    match gw.opts.sagas.describe(id).await {
         Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no workflow {id} in this data dir's orchestrator")),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no workflow {id} in the orchestrator's store")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -199,11 +196,7 @@ async fn list_workflows(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuer
         Ok(asked) => asked,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let sagas = gw.opts.sagas.clone();
-    let page = tokio::task::spawn_blocking(move || sagas.page(&asked.filter, asked.limit, asked.after))
-        .await
-        .expect("the read task does not panic");
-    match page {
+    match gw.opts.sagas.page(&asked.filter, asked.limit, asked.after).await {
         Ok(page) => (StatusCode::OK, axum::Json(page)).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

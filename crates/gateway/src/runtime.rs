@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use baton_protocol::{
     StepError, events,
 };
 use baton_store::{Db, StoreError, inbox, now_ms};
-use rusqlite::params;
+use baton_store::params;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
@@ -29,7 +28,8 @@ use crate::{COMPONENT, CreateSpace, MIGRATIONS};
 #[derive(Debug, Clone)]
 pub struct Options {
     pub amqp_url: String,
-    pub data_dir: PathBuf,
+    /// Where the gateway keeps its requests: a SQLite file in a data dir, or a PostgreSQL schema.
+    pub store: baton_store::Location,
     pub http: SocketAddr,
     pub mode: Mode,
     /// This instance's name: outcomes come back on `gateway.<instance>.outcomes` (workflow mode)
@@ -124,8 +124,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
 /// Serve on an already bound listener (tests bind port 0) until `cancel`.
 pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
     opts.limits.check()?;
-    let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
-        .await?;
+    let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(&opts.health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use baton_store::{Db, StoreError, now_ms};
 use baton_workflow::{Saga, Workflow};
-use rusqlite::params;
+use baton_store::params;
 
 use crate::query::IN_FLIGHT;
 
@@ -87,16 +87,17 @@ pub async fn check_and_record(
         .transaction(move |tx| {
             // (workflow, definition body or none for sagas older than the table, saga ids)
             let mut groups: HashMap<(String, Option<String>), Vec<String>> = HashMap::new();
-            let mut stmt = tx.prepare(&format!(
-                "SELECT s.workflow, d.body, s.saga_id FROM sagas s LEFT JOIN definitions d ON d.id = s.definition
-                 WHERE s.{IN_FLIGHT} ORDER BY s.created_at"
-            ))?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get(2)?)))?;
-            for row in rows {
-                let (wf, body, id) = row?;
+            let rows: Vec<(String, Option<String>, String)> = tx.query_map(
+                &format!(
+                    "SELECT s.workflow, d.body, s.saga_id FROM sagas s LEFT JOIN definitions d ON d.id = s.definition
+                     WHERE s.{IN_FLIGHT} ORDER BY s.created_at"
+                ),
+                (),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            for (wf, body, id) in rows {
                 groups.entry((wf, body)).or_default().push(id);
             }
-            drop(stmt);
             let mut changed = Vec::new();
             for ((name, body), ids) in groups {
                 let why = match (loaded.get(&name), body) {

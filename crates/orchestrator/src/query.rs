@@ -1,12 +1,12 @@
 //! The read model of sagas: what `GET /workflows/{id}` and `baton workflows` show, and how many
-//! sagas are in flight. Reads `orchestrator.db` through any connection (read-only ones
-//! included); [`Sagas`] is how other components and processes read it, without knowing its file
-//! or its tables.
+//! sagas are in flight. Reads the orchestrator's store through any transaction (a reader's
+//! included); [`Sagas`] is how other components and processes read it, without knowing its
+//! backend or its tables.
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use baton_workflow::{Saga, SagaStatus};
-use rusqlite::{Connection, OptionalExtension, params};
+use baton_store::{Db, Location, OptionalExtension, Tx, params};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -16,79 +16,99 @@ use baton_store::StoreError;
 /// (`succeeded` still has its answer to send); `compensation_failed` waits for an operator.
 pub(crate) const IN_FLIGHT: &str = "status IN ('running', 'compensating', 'succeeded')";
 
-/// The read-only view of a data dir's `orchestrator.db`, for the gateway (`GET /workflows/{id}`),
-/// the CLI and the runs' checks. Cheap to clone; each call opens the file read-only (WAL lets it
-/// read while the orchestrator writes), and blocks: call it off the async workers.
-#[derive(Debug, Clone)]
+/// The read-only view of the orchestrator's store, for the gateway (`GET /workflows/{id}`), the
+/// CLI and the runs' checks, on either backend. Cheap to clone; it opens a reader the first
+/// time the orchestrator's store is there, and keeps it.
+#[derive(Clone)]
 pub struct Sagas {
-    path: PathBuf,
+    location: Location,
+    reader: Arc<tokio::sync::Mutex<Option<Db>>>,
+}
+
+impl std::fmt::Debug for Sagas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sagas").field("location", &self.location).finish_non_exhaustive()
+    }
 }
 
 impl Sagas {
-    /// The sagas of the orchestrator keeping its database in `data_dir`.
-    pub fn in_data_dir(data_dir: &Path) -> Sagas {
-        Sagas { path: data_dir.join(format!("{}.db", crate::COMPONENT)) }
+    /// The sagas of the orchestrator keeping its state at `location`.
+    pub fn at(location: &Location) -> Sagas {
+        Sagas { location: location.clone(), reader: Arc::default() }
     }
 
-    /// The database file, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the orchestrator's store is, for messages.
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
-    /// Whether the orchestrator has made its database yet.
-    pub fn exists(&self) -> bool {
-        self.path.exists()
-    }
-
-    fn open(&self) -> Result<Option<Connection>, StoreError> {
-        if !self.exists() {
-            return Ok(None);
+    /// A reader of the orchestrator's store; `None` while the orchestrator has not made it.
+    async fn reader(&self) -> Result<Option<Db>, StoreError> {
+        let mut reader = self.reader.lock().await;
+        if reader.is_none() {
+            *reader = Db::reader(&self.location, crate::COMPONENT).await?;
         }
-        baton_store::open_read_only(&self.path).map(Some)
+        Ok(reader.clone())
     }
 
-    /// The saga `id`; `None` when there is no such saga, or no database yet.
-    pub fn describe(&self, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
-        match self.open()? {
-            Some(conn) => describe(&conn, id),
-            None => Ok(None),
-        }
-    }
-
-    /// The latest sagas, as [`list`]; none without a database.
-    pub fn list(&self, status: Option<SagaStatus>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
-        match self.open()? {
-            Some(conn) => list(&conn, status, limit),
-            None => Ok(Vec::new()),
+    /// Run `f` on the store, or answer `none` when there is no store yet.
+    async fn read<R: Send + 'static>(
+        &self,
+        none: R,
+        f: impl FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        match self.reader().await? {
+            Some(db) => db.call(f).await,
+            None => Ok(none),
         }
     }
 
-    /// A page of sagas, as [`page`]; an empty last page without a database.
-    pub fn page(&self, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
-        match self.open()? {
-            Some(conn) => page(&conn, filter, limit, after),
-            None => Ok(Page { workflows: Vec::new(), next_cursor: None }),
-        }
+    /// Whether the orchestrator has made its store yet.
+    pub async fn exists(&self) -> bool {
+        matches!(self.reader().await, Ok(Some(_)))
     }
 
-    /// Sagas in flight; 0 without a database.
-    pub fn in_flight(&self) -> Result<i64, StoreError> {
-        match self.open()? {
-            Some(conn) => in_flight_count(&conn),
-            None => Ok(0),
-        }
+    /// The saga `id`; `None` when there is no such saga, or no store yet.
+    pub async fn describe(&self, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
+        self.read(None, move |tx| describe(tx, id)).await
+    }
+
+    /// The latest sagas, as [`list`]; none without a store.
+    pub async fn list(&self, status: Option<SagaStatus>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+        self.read(Vec::new(), move |tx| list(tx, status, limit)).await
+    }
+
+    /// A page of sagas, as [`page`]; an empty last page without a store.
+    pub async fn page(&self, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
+        let filter = filter.clone();
+        self.read(Page { workflows: Vec::new(), next_cursor: None }, move |tx| page(tx, &filter, limit, after))
+            .await
+    }
+
+    /// Sagas in flight; 0 without a store.
+    pub async fn in_flight(&self) -> Result<i64, StoreError> {
+        self.read(0, in_flight_count).await
+    }
+
+    /// The ids of the sagas in flight; none without a store.
+    pub async fn in_flight_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        self.read(Vec::new(), in_flight_ids).await
+    }
+
+    /// Sagas by status; none without a store.
+    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(Vec::new(), count_by_status).await
     }
 }
 
 /// How many sagas are in flight.
-pub fn in_flight_count(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row(&format!("SELECT COUNT(*) FROM sagas WHERE {IN_FLIGHT}"), [], |r| r.get(0))?)
+pub fn in_flight_count(conn: &Tx<'_>) -> Result<i64, StoreError> {
+    conn.query_row(&format!("SELECT COUNT(*) FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get(0))
 }
 
 /// The ids of the sagas in flight.
-pub fn in_flight_ids(conn: &Connection) -> Result<Vec<Uuid>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"))?;
-    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+pub fn in_flight_ids(conn: &Tx<'_>) -> Result<Vec<Uuid>, StoreError> {
+    let ids = conn.query_map(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get::<String>(0))?;
     ids.iter().map(|id| Uuid::parse_str(id).map_err(corrupt)).collect()
 }
 
@@ -146,7 +166,7 @@ fn corrupt(e: impl ToString) -> StoreError {
 }
 
 /// The saga `id`, if this database has it.
-pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
+pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
     let row: Option<(String, i64, i64, Option<i64>)> = conn
         .query_row(
             "SELECT state, created_at, updated_at, answer_status FROM sagas WHERE saga_id = ?1",
@@ -156,11 +176,10 @@ pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, Sto
         .optional()?;
     let Some((state, created, updated, answer)) = row else { return Ok(None) };
     let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
-    let mut stmt = conn.prepare_cached(
+    let history = conn.query_map(
         "SELECT at, step, action, attempt, event, detail FROM history WHERE saga_id = ?1 ORDER BY id",
-    )?;
-    let history = stmt
-        .query_map([id.to_string()], |r| {
+        [id.to_string()],
+        |r| {
             Ok(HistoryRow {
                 at_ms: r.get(0)?,
                 step: r.get(1)?,
@@ -169,8 +188,8 @@ pub fn describe(conn: &Connection, id: Uuid) -> Result<Option<WorkflowView>, Sto
                 event: r.get(4)?,
                 detail: r.get(5)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+        },
+    )?;
     let steps = saga
         .actions
         .iter()
@@ -251,21 +270,18 @@ pub struct Page {
 
 /// Up to `limit` sagas matching `filter`, newest first, starting after `after`.
 pub fn page(
-    conn: &Connection,
+    conn: &Tx<'_>,
     filter: &Filter,
     limit: usize,
     after: Option<Cursor>,
 ) -> Result<Page, StoreError> {
-    let mut stmt = conn.prepare_cached(
+    let rows: Vec<(String, String, String, String, Option<i64>, i64, i64)> = conn.query_map(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
          WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2) AND (?3 IS NULL OR space_id = ?3)
            AND (?4 IS NULL OR created_at >= ?4)
            AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
          ORDER BY created_at DESC, saga_id DESC LIMIT ?7",
-    )?;
-    let rows = stmt
-        .query_map(
-            params![
+        params![
                 filter.status.map(SagaStatus::as_str),
                 filter.workflow,
                 filter.space_id.map(|s| s.to_string()),
@@ -277,17 +293,16 @@ pub fn page(
             ],
             |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
                     r.get(2)?,
                     r.get(3)?,
-                    r.get::<_, Option<i64>>(4)?,
+                    r.get(4)?,
                     r.get(5)?,
                     r.get(6)?,
                 ))
             },
-        )?
-        .collect::<Result<Vec<_>, _>>()?;
+    )?;
     let mut workflows = rows
         .into_iter()
         .map(|(id, space, workflow, status, answer, created, updated)| {
@@ -312,7 +327,7 @@ pub fn page(
 
 /// The latest sagas, optionally of one state (the first page of [`page`]).
 pub fn list(
-    conn: &Connection,
+    conn: &Tx<'_>,
     status: Option<SagaStatus>,
     limit: usize,
 ) -> Result<Vec<WorkflowSummary>, StoreError> {
@@ -320,8 +335,8 @@ pub fn list(
 }
 
 /// Sagas by status, for quiescence checks and summaries.
-pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status")?;
-    Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
+pub fn count_by_status(conn: &Tx<'_>) -> Result<Vec<(String, i64)>, StoreError> {
+    conn.query_map("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status", (), |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
 }

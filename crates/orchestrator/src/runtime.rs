@@ -1,7 +1,6 @@
 //! Handlers, timer and start-up of the orchestrator.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
 use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
 
 use crate::definitions::{self, SagaClock};
-use rusqlite::{OptionalExtension, Transaction, params};
+use baton_store::{OptionalExtension, params};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +29,8 @@ use crate::{COMPONENT, MIGRATIONS};
 #[derive(Debug, Clone)]
 pub struct Options {
     pub amqp_url: String,
-    pub data_dir: PathBuf,
+    /// Where the sagas are kept: shared by every instance, which can then continue any saga.
+    pub store: baton_store::Location,
     /// This instance's name: its reply queue is `orchestrator.<instance>.replies`. Keep it
     /// stable across restarts, so that the instance finds the replies of the sagas it owns.
     pub instance: String,
@@ -52,8 +52,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // still starting does not pass without it.
     let commands = consumer(topology::command_queue(COMPONENT));
     let reply_consumer = consumer(topology::instance_reply_queue(COMPONENT, &opts.instance).name);
-    let db = Db::open_async(opts.data_dir.join(format!("{COMPONENT}.db")), MIGRATIONS, opts.instance.clone())
-        .await?;
+    let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
@@ -207,7 +206,7 @@ impl Core {
                     saga.rearm(wf, now);
                     apply(tx, &saga, Vec::new(), &meta, &core.reply_key, now)?;
                 }
-                let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
+                let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
                 Ok((ids.len() as i64, next))
             })
             .await?;
@@ -445,12 +444,11 @@ impl Core {
 
     fn fire_due(&self, tx: &Tx<'_>) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
-        let due: Vec<String> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
-            )?;
-            stmt.query_map([now as i64], |r| r.get(0))?.collect::<Result<_, _>>()?
-        };
+        let due: Vec<String> = tx.query_map(
+            "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
+            [now as i64],
+            |r| r.get(0),
+        )?;
         for id in due {
             let id = Uuid::parse_str(&id).map_err(corrupt)?;
             let Some((mut saga, meta)) = load(tx, id)? else { continue };
@@ -462,7 +460,7 @@ impl Core {
             let effects = saga.on_tick(wf, now);
             apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
         }
-        let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
+        let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
         Ok(next.map(|n| n as u64))
     }
 }
@@ -480,13 +478,13 @@ fn timer_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
+fn saga_exists(tx: &Tx<'_>, id: Uuid) -> Result<bool, StoreError> {
     Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| {
         r.get(0)
     })?)
 }
 
-fn load(tx: &Transaction<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
+fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
     let row: Option<(String, Option<String>, String)> = tx
         .query_row(
             "SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1",
@@ -565,10 +563,9 @@ fn apply(
                 }
             }
             Effect::History { service, action, attempt, event, detail } => {
-                tx.prepare_cached(
+                tx.execute(
                     "INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
+                    params![
                     saga.id.to_string(),
                     now as i64,
                     service.map(Service::name),
@@ -576,25 +573,26 @@ fn apply(
                     attempt,
                     event.as_str(),
                     detail
-                ])?;
+                ],
+                )?;
             }
         }
     }
     let state = serde_json::to_string(saga).expect("saga state serialises");
     let wake = saga.wake_at();
-    tx.prepare_cached(
+    tx.execute(
         "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
                           answer_status = COALESCE(?6, answer_status)
          WHERE saga_id = ?1",
-    )?
-    .execute(params![
+        params![
         saga.id.to_string(),
         state,
         saga.status.as_str(),
         wake.map(|w| w as i64),
         now as i64,
         answer_status
-    ])?;
+    ],
+    )?;
     Ok(wake)
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use baton_protocol::{Context, Service};
-use rusqlite::{OptionalExtension, Transaction, params};
+use baton_store::{OptionalExtension, Tx, params};
 
 use crate::{Ids, Step, StepResult};
 
@@ -31,7 +31,7 @@ impl Step for Entitlements {
         CREATE INDEX licences_by_owner ON licences (owner);"]
     }
 
-    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
         for (name, quota) in &self.plans {
             tx.execute(
                 "INSERT INTO plans (name, quota) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET quota = excluded.quota",
@@ -47,7 +47,7 @@ impl Step for Entitlements {
         Ok(())
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let licensed = |l: String| StepResult::Done(Context { licence: Some(l), ..Default::default() });
         let mine: Option<String> = tx
             .query_row("SELECT licence FROM licences WHERE space_id = ?1", [ids.space_id.to_string()], |r| {
@@ -85,7 +85,7 @@ impl Step for Entitlements {
         Ok(licensed(licence))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         tx.execute("DELETE FROM licences WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
@@ -104,8 +104,7 @@ mod tests {
             owner_plans: [("carol".to_string(), "team".to_string())].into(),
         };
         let (_d, db) = db(&e).await;
-        db.call(move |c| {
-            let tx = c.transaction()?;
+        db.call(move |tx| {
             e.configure(&tx)?;
             for n in 1..=2 {
                 assert!(matches!(e.apply(&tx, ids(n), &ctx("x", "alice"))?, StepResult::Done(_)));

@@ -16,7 +16,7 @@ use baton_amqp::{HandleError, Outgoing};
 use baton_faults::FaultPlan;
 use baton_protocol::{Action, Context, Service};
 use baton_store::{StoreError, now_ms, outbox};
-use rusqlite::{Transaction, params};
+use baton_store::{Tx, params};
 
 use crate::runtime::{Handling, Pipeline};
 use crate::{Ids, Step, StepResult};
@@ -43,9 +43,8 @@ pub fn decorate(step: Arc<dyn Step>, plan: &FaultPlan) -> (Arc<dyn Step>, Option
 }
 
 /// Record an injected fault, in the transaction of the message it touched.
-fn record(tx: &Transaction<'_>, kind: &str, step: Service, key: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![kind, step.name(), key, now_ms()])?;
+fn record(tx: &Tx<'_>, kind: &str, step: Service, key: &str) -> Result<(), baton_store::StoreError> {
+    tx.execute("INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)", params![kind, step.name(), key, now_ms()])?;
     Ok(())
 }
 
@@ -68,12 +67,12 @@ impl Step for FaultyStep {
     /// Creates the `faults` table (if a former run under a plan has not), then the rule's own
     /// configuration. Outside the numbered migrations, so that a database can run with a plan
     /// and without one in turn.
-    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
         tx.execute_batch(TABLE)?;
         self.inner.configure(tx)
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let service = self.service();
         if self.plan.refuses(service, &ctx.name) {
             record(tx, "refusal", service, &ctx.name)?;
@@ -85,7 +84,7 @@ impl Step for FaultyStep {
         self.inner.apply(tx, ids, ctx)
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let service = self.service();
         if self.plan.undo_fails(service, &ctx.name) {
             record(tx, "failed compensation", service, &ctx.name)?;
@@ -145,9 +144,8 @@ mod tests {
     use crate::records::Records;
     use crate::testing::*;
 
-    fn kinds(tx: &Transaction<'_>) -> rusqlite::Result<Vec<String>> {
-        let mut stmt = tx.prepare("SELECT kind FROM faults ORDER BY id")?;
-        stmt.query_map([], |r| r.get(0))?.collect()
+    fn kinds(tx: &Tx<'_>) -> Result<Vec<String>, baton_store::StoreError> {
+        tx.query_map("SELECT kind FROM faults ORDER BY id", (), |r| r.get(0))
     }
 
     #[test]
@@ -164,14 +162,13 @@ mod tests {
         let plan = FaultPlan::parse("refuse.records=1,fail-undo.records=1", 1).unwrap();
         let (step, _) = decorate(Arc::new(Records), &plan);
         let (_d, db) = db(step.as_ref()).await;
-        db.call(move |c| {
-            let tx = c.transaction()?;
-            assert!(!baton_store::has_table(&tx, "faults")?, "no table before the decorator's");
+        db.call(move |tx| {
+            assert!(!tx.has_table("faults")?, "no table before the decorator's");
             step.configure(&tx)?;
             step.configure(&tx)?;
             let refused = step.apply(&tx, ids(1), &ctx("acme", "alice"))?;
             assert!(matches!(refused, StepResult::Refused { status: 503, ref reason } if reason.contains("injected")));
-            let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", [], |r| r.get(0))?;
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0))?;
             assert_eq!(n, 0, "the rule did not run");
             let failed = step.undo(&tx, ids(1), &ctx("acme", "alice"))?;
             assert!(matches!(failed, StepResult::Failed { status: None, .. }));

@@ -10,13 +10,12 @@
 //! mode). Must not touch: another service's database, saga state, or lapin (everything AMQP goes
 //! through `baton-amqp`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_faults::FaultPlan;
 use baton_protocol::{Answer, Context, Mode, Outcome, Service};
-use rusqlite::Transaction;
+use baton_store::Tx;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -35,7 +34,8 @@ pub use config::ServiceConfig;
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub amqp_url: String,
-    pub data_dir: PathBuf,
+    /// Where the service keeps its state: a SQLite file in a data dir, or a PostgreSQL schema.
+    pub store: baton_store::Location,
     pub mode: Mode,
     /// Unacked deliveries held at once.
     pub prefetch: u16,
@@ -106,14 +106,14 @@ pub trait Step: Send + Sync + 'static {
     /// The service's own tables, applied after the common ones.
     fn migrations(&self) -> &'static [&'static str];
     /// Bring configured reference data (shards, plans, reserved keys) into the database.
-    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
         let _ = tx;
         Ok(())
     }
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult>;
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError>;
     /// Undo the step for the space `ctx` names: [`StepResult::Done`] once undone, a refusal
     /// when the service cannot undo (the notifier).
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult>;
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError>;
 }
 
 /// The rules of `service`, configured.
@@ -154,7 +154,8 @@ pub(crate) mod testing {
     /// A service's database in a temporary dir, migrated and configured.
     pub async fn db(step: &dyn Step) -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("svc.db"), step.migrations()).unwrap();
+        let at = baton_store::Location::Dir(dir.path().to_owned());
+        let db = Db::open(&at, "svc", step.migrations(), baton_store::DEFAULT_OWNER).await.unwrap();
         (dir, db)
     }
 

@@ -2,7 +2,7 @@
 //! be undone, which is why every workflow puts it last.
 
 use baton_protocol::{Context, Service};
-use rusqlite::{Transaction, params};
+use baton_store::{Tx, params};
 
 use crate::{Ids, Step, StepResult};
 
@@ -29,7 +29,7 @@ impl Step for Notifier {
         )"]
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let subject = format!("Your space {} is ready", ctx.name);
         let body = format!(
             "Hello {},\n\nyour space `{}` is ready{}{}.\n",
@@ -40,8 +40,8 @@ impl Step for Notifier {
         );
         // One email per space, whatever the retries: the primary key makes the send idempotent.
         tx.execute(
-            "INSERT OR IGNORE INTO emails (space_id, recipient, subject, body, sent_at, saga_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO emails (space_id, recipient, subject, body, sent_at, saga_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
             params![
                 ids.space_id.to_string(),
                 recipient(&ctx.owner),
@@ -54,7 +54,7 @@ impl Step for Notifier {
         Ok(StepResult::Done(Context::default()))
     }
 
-    fn undo(&self, _tx: &Transaction<'_>, _ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, _tx: &Tx<'_>, _ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         Ok(StepResult::Refused { status: 422, reason: "notifier cannot be undone".into() })
     }
 }
@@ -67,8 +67,7 @@ mod tests {
     #[tokio::test]
     async fn one_email_per_space() {
         let (_d, db) = db(&Notifier).await;
-        db.call(|c| {
-            let tx = c.transaction()?;
+        db.call(|tx| {
             for _ in 0..3 {
                 assert_eq!(
                     Notifier.apply(&tx, ids(1), &ctx("acme", "alice"))?,
@@ -76,7 +75,7 @@ mod tests {
                 );
             }
             let (n, to): (i64, String) =
-                tx.query_row("SELECT COUNT(*), MAX(recipient) FROM emails", [], |r| {
+                tx.query_row("SELECT COUNT(*), MAX(recipient) FROM emails", (), |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
             assert_eq!((n, to.as_str()), (1, "alice@users.baton.local"));

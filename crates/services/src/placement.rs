@@ -1,7 +1,7 @@
 //! placement (B): a slot on the shard with the most room. Refuses when no shard has room (503).
 
 use baton_protocol::{Context, Service};
-use rusqlite::{OptionalExtension, Transaction, params};
+use baton_store::{OptionalExtension, Tx, params};
 
 use crate::{Ids, Step, StepResult};
 
@@ -30,7 +30,7 @@ impl Step for Placement {
         );"]
     }
 
-    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
         for (name, capacity) in &self.shards {
             tx.execute(
                 "INSERT INTO shards (name, capacity) VALUES (?1, ?2)
@@ -41,7 +41,7 @@ impl Step for Placement {
         Ok(())
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let placed = |shard: String| StepResult::Done(Context { shard: Some(shard), ..Default::default() });
         let mine: Option<String> = tx
             .query_row("SELECT shard FROM placements WHERE space_id = ?1", [ids.space_id.to_string()], |r| {
@@ -53,8 +53,7 @@ impl Step for Placement {
         }
         let roomiest: Option<String> = tx
             .query_row(
-                "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1",
-                [],
+                "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1", (),
                 |r| r.get(0),
             )
             .optional()?;
@@ -72,7 +71,7 @@ impl Step for Placement {
         Ok(placed(shard))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let shard: Option<String> = tx
             .query_row(
                 "DELETE FROM placements WHERE space_id = ?1 RETURNING shard",
@@ -96,8 +95,7 @@ mod tests {
     async fn spreads_over_shards_refuses_when_full_and_releases() {
         let p = Placement { shards: vec![("s1".into(), 1), ("s2".into(), 2)] };
         let (_d, db) = db(&p).await;
-        db.call(move |c| {
-            let tx = c.transaction()?;
+        db.call(move |tx| {
             p.configure(&tx)?;
             let shard = |r: StepResult| match r {
                 StepResult::Done(c) => c.shard.unwrap(),

@@ -1,7 +1,7 @@
 //! records (A): the space record. Refuses a name already taken (409).
 
 use baton_protocol::{Context, Service};
-use rusqlite::{OptionalExtension, Transaction, params};
+use baton_store::{OptionalExtension, Tx, params};
 
 use crate::{Ids, Step, StepResult};
 
@@ -23,7 +23,7 @@ impl Step for Records {
         )"]
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let mine: Option<String> = tx
             .query_row("SELECT key FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()], |r| r.get(0))
             .optional()?;
@@ -46,7 +46,7 @@ impl Step for Records {
         Ok(StepResult::Done(Context { key: Some(ctx.name.clone()), ..Default::default() }))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         tx.execute("DELETE FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
@@ -60,8 +60,7 @@ mod tests {
     #[tokio::test]
     async fn creates_once_refuses_a_taken_name_and_deletes() {
         let (_d, db) = db(&Records).await;
-        db.call(|c| {
-            let tx = c.transaction()?;
+        db.call(|tx| {
             let first = Records.apply(&tx, ids(1), &ctx("acme", "alice"))?;
             assert_eq!(first, StepResult::Done(Context { key: Some("acme".into()), ..Default::default() }));
             assert_eq!(Records.apply(&tx, ids(1), &ctx("acme", "alice"))?, first, "idempotent");
@@ -73,7 +72,7 @@ mod tests {
             assert!(reason.contains("acme"));
             Records.undo(&tx, ids(1), &ctx("x", "o"))?;
             Records.undo(&tx, ids(1), &ctx("x", "o"))?;
-            let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", [], |r| r.get(0))?;
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0))?;
             assert_eq!(n, 0);
             assert!(matches!(Records.apply(&tx, ids(2), &ctx("acme", "bob"))?, StepResult::Done(_)));
             Ok(())

@@ -1,7 +1,7 @@
 //! routing (D): publishes the route `key -> shard`. Refuses a reserved or taken key (409).
 
 use baton_protocol::{Context, Service};
-use rusqlite::{OptionalExtension, Transaction, params};
+use baton_store::{OptionalExtension, Tx, params};
 
 use crate::{Ids, Step, StepResult, need};
 
@@ -25,15 +25,15 @@ impl Step for Routing {
         );"]
     }
 
-    fn configure(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        tx.execute("DELETE FROM reserved", [])?;
+    fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
+        tx.execute("DELETE FROM reserved", ())?;
         for key in &self.reserved {
-            tx.execute("INSERT OR IGNORE INTO reserved (key) VALUES (?1)", [key])?;
+            tx.execute("INSERT INTO reserved (key) VALUES (?1) ON CONFLICT DO NOTHING", [key])?;
         }
         Ok(())
     }
 
-    fn apply(&self, tx: &Transaction<'_>, ids: Ids, ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn apply(&self, tx: &Tx<'_>, ids: Ids, ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let routed = |key: &str, shard: &str| {
             StepResult::Done(Context { route: Some(format!("{key} -> {shard}")), ..Default::default() })
         };
@@ -73,7 +73,7 @@ impl Step for Routing {
         Ok(routed(key, shard))
     }
 
-    fn undo(&self, tx: &Transaction<'_>, ids: Ids, _ctx: &Context) -> rusqlite::Result<StepResult> {
+    fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         tx.execute("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
@@ -88,8 +88,7 @@ mod tests {
     async fn reserved_and_taken_keys_are_refused() {
         let r = Routing { reserved: vec!["admin".into()] };
         let (_d, db) = db(&r).await;
-        db.call(move |c| {
-            let tx = c.transaction()?;
+        db.call(move |tx| {
             r.configure(&tx)?;
             let with =
                 |key: &str| Context { key: Some(key.into()), shard: Some("s1".into()), ..ctx(key, "o") };

@@ -19,7 +19,7 @@ use baton_protocol::{
 };
 use baton_store::relay::{self, Wake};
 use baton_store::{Db, StoreError, Tx, inbox, outbox, tombstone};
-use rusqlite::Transaction;
+
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -64,7 +64,7 @@ pub async fn run(
     let cfg_commands = consumer_config(health, name, topology::command_queue(name), opts.prefetch);
     let cfg_events = (opts.mode == Mode::Events)
         .then(|| consumer_config(health, name, topology::event_queue(name), opts.prefetch));
-    let db = open_db(Arc::clone(&step), &opts.data_dir, &opts.instance).await?;
+    let db = open_db(Arc::clone(&step), &opts.store, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()
     } else {
@@ -140,14 +140,12 @@ fn consumer_config(
     ConsumerConfig::new(queue, prefetch).attached(attached)
 }
 
-/// Open, migrate and configure a service's database (`<data-dir>/<service>.db`).
-pub async fn open_db(step: Arc<dyn Step>, data_dir: &std::path::Path, instance: &str) -> anyhow::Result<Db> {
-    let path = data_dir.join(format!("{}.db", step.service().name()));
-    let db = Db::open_async(path, step.migrations(), instance.to_owned()).await?;
-    db.call(move |c| {
-        let tx = c.transaction()?;
+/// Open, migrate and configure a service's store (`<data-dir>/<service>.db`, or the schema of
+/// its name).
+pub async fn open_db(step: Arc<dyn Step>, store: &baton_store::Location, instance: &str) -> anyhow::Result<Db> {
+    let db = Db::open(store, step.service().name(), step.migrations(), instance).await?;
+    db.call(move |tx| {
         step.configure(&tx)?;
-        tx.commit()?;
         Ok(())
     })
     .await?;
@@ -309,7 +307,7 @@ impl Handler {
 }
 
 /// Do a step: nothing if it was compensated already, otherwise the rule.
-fn apply(tx: &Transaction<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
+fn apply(tx: &Tx<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
     let service = step.service();
     if tombstone::exists(tx, ids.saga_id, service.name())? {
         tracing::info!("step arrived after its compensation; ignored");
@@ -323,7 +321,7 @@ fn apply(tx: &Transaction<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Resu
 
 /// Undo a step and, once undone, leave a tombstone, so that a late command or event for it is a
 /// no-op.
-fn undo(tx: &Transaction<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
+fn undo(tx: &Tx<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
     let result = step.undo(tx, ids, ctx)?;
     if let StepResult::Done(_) = result {
         tombstone::put(tx, ids.saga_id, step.service().name())?;
