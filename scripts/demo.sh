@@ -219,7 +219,7 @@ cat <<EOT
 
  RabbitMQ management UI   $BATON_MGMT_URL   (login guest / guest)
    Select the virtual host '$VHOST' (top right), then open the Queues tab:
-   <service>.commands, orchestrator.main.replies, gateway.main.outcomes, their consumers,
+   <service>.commands, orchestrator.replies, gateway.main.outcomes, their consumers,
    and the .dlq queues (docs/operations.md explains what to look at).
 
  Logs: $LOG        Databases: $DATA_DIR/*.db

@@ -92,7 +92,7 @@ async fn a_cluster_node_killed_and_every_node_restarted_in_turn_loses_nothing() 
         cluster.leader("orchestrator.commands")
     })
     .await;
-    let replies = cluster.leader("orchestrator.main.replies").await;
+    let replies = cluster.leader("orchestrator.replies").await;
     phase(format!("killing node {leader}, which leads orchestrator.commands (and replies: {replies:?})"));
     cluster.kill(leader).await;
     let new = wait_for("a new leader of orchestrator.commands", Duration::from_secs(30), || async {

@@ -140,7 +140,7 @@ async fn a_duplicate_reply_advances_the_saga_once() {
     };
     let reply = Outgoing::new(
         REPLIES,
-        "orchestrator.main",
+        "orchestrator",
         "records.create.reply",
         saga_id,
         "records",
@@ -153,7 +153,7 @@ async fn a_duplicate_reply_advances_the_saga_once() {
     let resent = Outgoing { message_id: Uuid::new_v4(), ..reply };
     publisher.publish_confirmed(&resent).await.unwrap();
     depth_is(&env, "placement.commands", 1).await;
-    depth_is(&env, "orchestrator.main.replies", 0).await;
+    depth_is(&env, "orchestrator.replies", 0).await;
     let view = wait_for("the three replies to be handled", WAIT, || async {
         let (_, v) = sys.get(&format!("/workflows/{saga_id}")).await;
         let t = timeline(&v);
@@ -227,8 +227,8 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
     queues.push((COMMANDS, "orchestrator".into(), "orchestrator.commands".into(), START));
     queues.push((
         REPLIES,
-        "orchestrator.main".into(),
-        "orchestrator.main.replies".into(),
+        "orchestrator".into(),
+        "orchestrator.replies".into(),
         "records.create.reply",
     ));
     queues.push((
@@ -274,8 +274,8 @@ async fn replies_and_outcomes_of_another_schema_are_dead_lettered_with_the_reaso
     for (exchange, key, queue, kind, body) in [
         (
             REPLIES,
-            "orchestrator.main",
-            "orchestrator.main.replies",
+            "orchestrator",
+            "orchestrator.replies",
             "records.create.reply",
             serde_json::to_vec(&reply),
         ),

@@ -241,7 +241,7 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
         );
         assert_refused(
             &format!("{} consuming the orchestrator's replies", s.name()),
-            consume(&broker, "orchestrator.main.replies").await,
+            consume(&broker, "orchestrator.replies").await,
         );
         // Sending commands (as the orchestrator does) is refused: no write on baton.commands.
         assert_refused(
@@ -304,7 +304,7 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
     let records = connect(&users.url("records"), "records").await;
     let mut reply = command("records");
     reply.exchange = REPLIES.into();
-    reply.routing_key = "orchestrator.main".into();
+    reply.routing_key = "orchestrator".into();
     publish(&records, &reply).await.expect("per-exchange permissions let records reply with any key");
     let forged = probe(REPLIES, "gateway.main", baton_protocol::START_REPLY);
     let err = publish(&records, &forged).await.expect_err("no gateway queue is bound to baton.replies");

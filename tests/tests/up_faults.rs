@@ -254,7 +254,7 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
 
     // The orchestrator's crash: its consumers leave both its queues while it is down.
     let probe = env.broker().await;
-    let (commands, replies) = ("orchestrator.commands", "orchestrator.main.replies");
+    let (commands, replies) = ("orchestrator.commands", "orchestrator.replies");
     wait_for("the orchestrator's crash", Duration::from_secs(60), || async {
         logged(&env, "fault injected: component crashed", "orchestrator").then_some(())
     })

@@ -41,15 +41,15 @@ pub fn event_queue(service: &str) -> String {
     format!("{service}.events")
 }
 
-/// The routing key on [`REPLIES`] of one instance of a component: `orchestrator.main`.
+/// The routing key of one instance of a component: `gateway.main` (its outcomes, on [`OUTCOMES`]).
 pub fn reply_key(component: &str, instance: &str) -> String {
     format!("{component}.{instance}")
 }
 
-/// `orchestrator.main.replies`
-pub fn reply_queue(component: &str, instance: &str) -> String {
-    format!("{component}.{instance}.replies")
-}
+/// `orchestrator.replies`: the one queue where the replies to every orchestrator instance's
+/// commands come, consumed by all instances at once, since any instance can continue any saga
+/// (they share the store).
+pub const ORCHESTRATOR_REPLIES: &str = "orchestrator.replies";
 
 /// `<queue>.dlq`, both the dead-letter queue's name and its routing key on [`DLX`].
 pub fn dead_letter_queue(queue: &str) -> String {
@@ -104,13 +104,10 @@ pub fn gateway_outcome_queue(instance: &str) -> QueueSpec {
     QueueSpec { name: outcome_queue(instance), exchange: OUTCOMES, keys: vec![reply_key(GATEWAY, instance)] }
 }
 
-/// The reply queue of one instance of a component.
-pub fn instance_reply_queue(component: &str, instance: &str) -> QueueSpec {
-    QueueSpec {
-        name: reply_queue(component, instance),
-        exchange: REPLIES,
-        keys: vec![reply_key(component, instance)],
-    }
+/// The orchestrators' shared reply queue, bound to [`REPLIES`] with the key the orchestrator
+/// puts in its commands' `reply_to`: `orchestrator`.
+pub fn orchestrator_reply_queue() -> QueueSpec {
+    QueueSpec { name: ORCHESTRATOR_REPLIES.into(), exchange: REPLIES, keys: vec![ORCHESTRATOR.into()] }
 }
 
 fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -193,10 +190,10 @@ pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), Am
     Ok(())
 }
 
-/// Every work queue of a deployment whose orchestrator and gateway run as `instance`.
+/// Every work queue of a deployment whose gateway runs as `instance`.
 pub fn all_queues(instance: &str) -> Vec<QueueSpec> {
     let mut qs = shared_queues();
-    qs.push(instance_reply_queue(ORCHESTRATOR, instance));
+    qs.push(orchestrator_reply_queue());
     qs.push(gateway_outcome_queue(instance));
     qs.push(gateway_event_queue(instance));
     qs
@@ -228,7 +225,8 @@ mod tests {
     #[test]
     fn names_read_well() {
         assert_eq!(command_queue("records"), "records.commands");
-        assert_eq!(reply_queue("orchestrator", "main"), "orchestrator.main.replies");
+        assert_eq!(orchestrator_reply_queue().name, "orchestrator.replies");
+        assert_eq!(orchestrator_reply_queue().keys, ["orchestrator"]);
         assert_eq!(reply_key("gateway", "main"), "gateway.main");
         assert_eq!(gateway_outcome_queue("main").name, "gateway.main.outcomes");
         assert_eq!(gateway_outcome_queue("main").exchange, OUTCOMES);

@@ -139,7 +139,7 @@ async fn hold(opts: &Options, amqp_url: &str, dir: &Path, fleet: &Fleet, say: &S
     let mut queues: Vec<(String, u32)> =
         Service::ALL.iter().map(|s| (topology::command_queue(s.name()), 1)).collect();
     queues.push((topology::command_queue(ORCHESTRATOR), 1));
-    queues.push((topology::reply_queue(ORCHESTRATOR, "main"), 1));
+    queues.push((topology::ORCHESTRATOR_REPLIES.to_owned(), 1));
     fleet.wait_consumers(amqp_url, &queues, READY_TIMEOUT).await?;
 
     let run = crate::short_id();

@@ -217,7 +217,7 @@ fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
     match mode {
         Mode::Workflow => {
             qs.push(topology::command_queue(ORCHESTRATOR));
-            qs.push(topology::reply_queue(ORCHESTRATOR, "main"));
+            qs.push(topology::ORCHESTRATOR_REPLIES.to_owned());
             qs.push(topology::outcome_queue("main"));
         }
         Mode::Events => qs.push(topology::gateway_event_queue("main").name),
@@ -543,7 +543,7 @@ mod tests {
     #[test]
     fn each_mode_waits_for_its_own_consumers() {
         let names = |mode| work_queues(mode, 1).into_iter().map(|(q, _)| q).collect::<Vec<_>>();
-        assert!(names(Mode::Workflow).contains(&"orchestrator.main.replies".to_string()));
+        assert!(names(Mode::Workflow).contains(&"orchestrator.replies".to_string()));
         assert!(names(Mode::Events).contains(&"gateway.main.events".to_string()));
         assert!(!names(Mode::Events).iter().any(|q| q.starts_with("orchestrator")));
     }

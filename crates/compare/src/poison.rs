@@ -38,7 +38,7 @@ fn targets(mode: Mode) -> Vec<Target> {
             });
             t.push(Target {
                 exchange: REPLIES,
-                key: topology::reply_key(topology::ORCHESTRATOR, "main"),
+                key: topology::ORCHESTRATOR.to_owned(),
                 kind: "records.create.reply",
             });
             t

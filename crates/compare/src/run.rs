@@ -421,7 +421,7 @@ async fn drive(
         let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
         let queues: Vec<_> = topology::all_queues("main")
             .into_iter()
-            .filter(|q| mode == Mode::Workflow || q.name != "orchestrator.main.replies")
+            .filter(|q| mode == Mode::Workflow || q.name != "orchestrator.replies")
             .collect();
         // Look at every dead letter (up to a bound) to tell the run's own bad messages apart.
         let all = baton_amqp::dlq::list(&broker, &queues, 500).await?;
@@ -491,7 +491,7 @@ async fn quiesce(
         .into_iter()
         .map(|q| q.name)
         // Events mode has no orchestrator, so nobody declared its reply queue.
-        .filter(|q| mode == Mode::Workflow || q != "orchestrator.main.replies")
+        .filter(|q| mode == Mode::Workflow || q != "orchestrator.replies")
         .collect();
     let deadline = Instant::now() + timeout;
     let mut last: Option<(i64, Instant)> = None;

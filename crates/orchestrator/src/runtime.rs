@@ -51,12 +51,12 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // Registered first (failing until attached): a readiness asked while the orchestrator is
     // still starting does not pass without it.
     let commands = consumer(topology::command_queue(COMPONENT));
-    let reply_consumer = consumer(topology::instance_reply_queue(COMPONENT, &opts.instance).name);
+    let reply_consumer = consumer(topology::ORCHESTRATOR_REPLIES.into());
     let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(health, COMPONENT);
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
-    let replies = topology::instance_reply_queue(COMPONENT, &opts.instance);
+    let replies = topology::orchestrator_reply_queue();
     broker.declare_topology(std::slice::from_ref(&replies)).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
@@ -68,7 +68,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         db: db.clone(),
         wake: Wake::default(),
         timer: Timer::default(),
-        reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        reply_key: topology::ORCHESTRATOR.into(),
         commands: topology::command_queue(COMPONENT),
         replies: replies.name.clone(),
         reply_kinds: reply_kinds(),
@@ -616,21 +616,19 @@ fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) ->
         .mode("workflow")
 }
 
-/// Ask orchestrator instance `instance` to finish the rollback of saga `saga_id` (an operator's
-/// `baton workflows retry`). The request goes to the instance's own queue, since that instance
-/// owns the saga.
-pub async fn request_retry(amqp_url: &str, instance: &str, saga_id: Uuid) -> anyhow::Result<()> {
+/// Ask the orchestrators to finish the rollback of saga `saga_id` (an operator's `baton
+/// workflows retry`), on their shared queue: whichever instance is alive takes it.
+pub async fn request_retry(amqp_url: &str, saga_id: Uuid) -> anyhow::Result<()> {
     let broker = Broker::connect(amqp_url, "operator").await?;
     let publisher = Publisher::new(broker.clone());
     let body = RetrySaga { schema: SCHEMA, saga_id };
-    let key = topology::reply_key(COMPONENT, instance);
-    let msg = Outgoing::new(REPLIES, &key, RETRY, saga_id, "operator", TraceParent::new_root(), &body);
+    let msg = Outgoing::new(REPLIES, topology::ORCHESTRATOR, RETRY, saga_id, "operator", TraceParent::new_root(), &body);
     let sent = publisher.publish_confirmed(&msg).await;
     broker.close().await;
     sent.map_err(|e| {
         anyhow::anyhow!(
-            "could not send the retry to orchestrator instance `{instance}` ({e}); is its queue {} there?",
-            topology::reply_queue(COMPONENT, instance)
+            "could not send the retry to the orchestrators ({e}); is their queue {} there?",
+            topology::ORCHESTRATOR_REPLIES
         )
     })
 }

@@ -8,7 +8,6 @@
 //! (it reads them read-only through `baton-audit`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_amqp::topology::{self, COMMANDS};
@@ -25,7 +24,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub amqp_url: String,
-    pub data_dir: PathBuf,
+    /// The components' stores: a data dir's SQLite files, or a PostgreSQL database.
+    pub store: baton_store::Location,
     /// Leave alone spaces whose oldest row is younger than this: their flow may still be moving.
     pub older_than: Duration,
     /// How long to wait for the next confirmation of a compensation before giving up on the rest.
@@ -90,8 +90,7 @@ fn now_ms() -> i64 {
 /// One run: scan, undo, wait for the confirmations.
 pub async fn reconcile(opts: &Options) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let dir = opts.data_dir.clone();
-    let spaces = tokio::task::spawn_blocking(move || baton_audit::scan(&dir)).await??;
+    let spaces = baton_audit::scan(&opts.store).await?;
     let mut summary = Summary {
         spaces_scanned: spaces.len(),
         scan_ms: started.elapsed().as_millis() as u64,

@@ -103,7 +103,7 @@ pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyh
     if before != "compensation_failed" {
         bail!("workflow {id} is {before}, not compensation_failed: there is no rollback to finish");
     }
-    baton_orchestrator::request_retry(&broker.amqp_url, &broker.instance, id).await?;
+    baton_orchestrator::request_retry(&broker.amqp_url, id).await?;
     eprintln!(
         "asked orchestrator `{}` to finish the rollback of {id}; waiting (up to 60 s)",
         broker.instance
