@@ -370,9 +370,28 @@ pub enum WorkflowsCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct DataDir {
-    /// Where the components keep their databases (<data-dir>/<component>.db).
+    /// Where the components keep their databases (<data-dir>/<component>.db), and their logs.
     #[arg(long, env = "BATON_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Keep every component's state in this PostgreSQL database instead, a schema per
+    /// component (postgres://user@host:port/db), so that instances on several machines share
+    /// it. The SQLite files of --data-dir are then not used.
+    #[arg(long, env = "BATON_DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DataDir {
+    /// Where the components keep their state: PostgreSQL when a database URL is given.
+    pub fn store(&self) -> baton_store::Location {
+        baton_store::Location::new(&self.data_dir, self.database_url.as_deref())
+    }
+}
+
+/// A PostgreSQL URL, checked before anything starts.
+fn parse_database_url(s: &str) -> Result<String, String> {
+    let url = s.trim().to_owned();
+    baton_store::Location::Postgres(url.clone()).check()?;
+    Ok(url)
 }
 
 /// How the components coordinate.

@@ -59,6 +59,12 @@ pub struct Options {
     pub broker_ctl: Option<Vec<String>>,
     /// The gateways' deadline, the same in both modes; `None` keeps each mode's own.
     pub deadline: Option<Duration>,
+    /// A PostgreSQL server to keep the components' state on (each mode in a database of its
+    /// own, created and dropped by the run) instead of SQLite files in the mode's data dir.
+    pub database_url: Option<String>,
+    /// Processes of the orchestrator and of each service (competing consumers sharing their
+    /// store); the gateway runs once, the load's one address.
+    pub instances: usize,
 }
 
 impl Options {
@@ -81,6 +87,8 @@ impl Options {
             duration: None,
             broker_ctl: None,
             deadline: None,
+            database_url: None,
+            instances: 1,
         }
     }
 }

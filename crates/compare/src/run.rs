@@ -1,7 +1,7 @@
 //! One mode's run.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use baton_store::Location;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,8 +40,13 @@ enum Fault {
     },
 }
 
-fn sum(dir: &Path, sql: &str) -> i64 {
-    baton_store::sum_over(dir, sql).unwrap_or(0)
+async fn sum(store: &Location, sql: &str) -> i64 {
+    baton_store::sum_over(store, sql).await.unwrap_or(0)
+}
+
+/// The processes of `component`: the default instance, then `i2`, `i3`...
+fn instances(component: &'static str, n: usize) -> impl Iterator<Item = Process> {
+    (1..=n.max(1)).map(move |i| if i == 1 { Process::new(component) } else { Process::instance(component, format!("i{i}")) })
 }
 
 /// Run one mode from a fresh vhost and data dir to its audited results.
@@ -52,6 +57,15 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    // The components' state: SQLite files in the data dir, or a database of this run's own.
+    let scratch = match &opts.database_url {
+        Some(url) => Some(
+            baton_store::scratch::ScratchDatabase::create(url, &format!("baton_compare_{mode}"))
+                .context("creating the run's PostgreSQL database (the user needs CREATEDB)")?,
+        ),
+        None => None,
+    };
+    let store = scratch.as_ref().map_or_else(|| Location::Dir(dir.clone()), |s| s.location().clone());
     opts.mgmt.fresh_vhost(&vhost).await?;
     // A full disk needs a filesystem of the run's own to fill.
     let fs = if opts.faults.disk_full.is_empty() {
@@ -86,7 +100,9 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
             "--log".into(),
             "warn".into(),
         ]
-        .into(),
+        .into_iter()
+        .chain(scratch.iter().flat_map(|s| ["--database-url".to_owned(), s.url().to_owned()]))
+        .collect(),
         &dir,
     )
     .with_args_for(
@@ -107,10 +123,11 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     } else {
         None
     };
-    let mut components: Vec<Process> = Service::ALL.iter().map(|s| Process::new(s.name())).collect();
+    let mut components: Vec<Process> =
+        Service::ALL.iter().flat_map(|s| instances(s.name(), opts.instances)).collect();
     if mode == Mode::Workflow {
         let env = clock.as_ref().map(FakeClock::env).unwrap_or_default();
-        components.push(Process::new("orchestrator").with_env(env));
+        components.extend(instances("orchestrator", opts.instances).map(|p| p.with_env(env.clone())));
     }
     components.push(Process::new("gateway"));
     let started: anyhow::Result<()> = components.iter().try_for_each(|c| fleet.spawn(c)).map_err(Into::into);
@@ -119,7 +136,7 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let supervisor = fleet.supervise();
     let result = match started {
         Ok(()) => tokio::select! {
-            r = drive(opts, mode, &vhost, &amqp_url, port, &fleet, clock, fs.clone()) => r,
+            r = drive(opts, mode, &vhost, &amqp_url, port, &fleet, &store, clock, fs.clone()) => r,
             e = fleet.failed() => Err(anyhow::Error::from(e).context(format!("the {mode} run stopped"))),
         },
         Err(e) => Err(e),
@@ -150,6 +167,7 @@ async fn drive(
     amqp_url: &str,
     port: u16,
     fleet: &Arc<Fleet>,
+    store: &Location,
     clock: Option<FakeClock>,
     fs: Option<crate::tmpfs::DataDirFs>,
 ) -> anyhow::Result<ModeRun> {
@@ -396,27 +414,30 @@ async fn drive(
     // still for longer than that before the run counts as settled.
     let slowest = opts.faults.delay_ms.values().copied().max().unwrap_or(0);
     let stillness = Duration::from_secs(1) + Duration::from_millis(slowest);
-    let quiescent = quiesce(amqp_url, &opts.mgmt, vhost, dir, mode, stillness, opts.quiesce_timeout).await?;
+    let quiescent = quiesce(amqp_url, &opts.mgmt, vhost, store, mode, stillness, opts.quiesce_timeout).await?;
     let quiesce_ms = started.elapsed().as_millis() as u64;
     // The broker confirmed each relay's messages; the gateway published one per request.
-    let messages = sum(dir, "SELECT published FROM relay_stats") + sum(dir, "SELECT COUNT(*) FROM requests");
+    let messages = sum(store, "SELECT published FROM relay_stats").await + sum(store, "SELECT COUNT(*) FROM requests").await;
     let mut injected = injected.lock().expect("faults").clone();
     for db in baton_protocol::Service::ALL {
-        let Ok(conn) = baton_store::open_read_only(&dir.join(format!("{db}.db"))) else { continue };
-        // The fault plan's decorators create the table only where they injected into a service.
-        if !baton_store::has_table(&conn, "faults")? {
-            continue;
-        }
-        let mut stmt = conn.prepare("SELECT kind, COUNT(*) FROM faults GROUP BY kind")?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-            let (kind, n) = row?;
+        let Ok(Some(reader)) = baton_store::Db::reader(store, db.name()).await else { continue };
+        let counted: Vec<(String, i64)> = reader
+            .call(|tx| {
+                // The fault plan's decorators create the table only where they injected into a service.
+                if !tx.has_table("faults")? {
+                    return Ok(Vec::new());
+                }
+                tx.query_map("SELECT kind, COUNT(*) FROM faults GROUP BY kind", (), |r| Ok((r.get(0)?, r.get(1)?)))
+            })
+            .await?;
+        for (kind, n) in counted {
             *injected.entry(kind).or_default() += n as usize;
         }
     }
     // What did not get through: sagas still open, messages still in an outbox, dead letters.
-    let unfinished = sum(dir, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')");
+    let unfinished = sum(store, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')").await;
     let left_in_outbox =
-        sum(dir, "SELECT COUNT(*) FROM outbox") + sum(dir, "SELECT COUNT(*) FROM outbox_parked");
+        sum(store, "SELECT COUNT(*) FROM outbox").await + sum(store, "SELECT COUNT(*) FROM outbox_parked").await;
     let dead_letters = {
         let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
         let queues: Vec<_> = topology::all_queues("main")
@@ -428,16 +449,16 @@ async fn drive(
         broker.close().await;
         all.into_iter().filter(|q| q.count > 0).collect()
     };
-    let audit = baton_audit::audit(dir)?;
+    let audit = baton_audit::audit(store).await?;
     let (reconcile, audit_after_reconcile) = if mode == Mode::Events {
         let r = baton_reconcile::reconcile(&baton_reconcile::Options {
             amqp_url: amqp_url.to_owned(),
-            data_dir: dir.to_owned(),
+            store: store.clone(),
             older_than: Duration::ZERO,
             timeout: Duration::from_secs(60),
         })
         .await?;
-        (Some(r), Some(baton_audit::audit(dir)?))
+        (Some(r), Some(baton_audit::audit(store).await?))
     } else {
         (None, None)
     };
@@ -481,7 +502,7 @@ async fn quiesce(
     amqp_url: &str,
     mgmt: &baton_mgmt::Mgmt,
     vhost: &str,
-    dir: &Path,
+    store: &Location,
     mode: Mode,
     stillness: Duration,
     timeout: Duration,
@@ -508,13 +529,13 @@ async fn quiesce(
             }
         }
         let _ = ch.close(200, "probed".into()).await;
-        let outbox = sum(dir, "SELECT COUNT(*) FROM outbox");
+        let outbox = sum(store, "SELECT COUNT(*) FROM outbox").await;
         let working = if mode == Mode::Workflow {
-            baton_orchestrator::Sagas::in_data_dir(dir).in_flight().unwrap_or(0)
+            baton_orchestrator::Sagas::at(store).in_flight().await.unwrap_or(0)
         } else {
             0
         };
-        let handled = sum(dir, "SELECT COUNT(*) FROM inbox");
+        let handled = sum(store, "SELECT COUNT(*) FROM inbox").await;
         if ready == 0 && outbox == 0 && working == 0 {
             match last {
                 Some((h, since)) if h == handled && since.elapsed() >= stillness => {
@@ -535,25 +556,24 @@ async fn quiesce(
         if Instant::now() > deadline {
             // Say what is still moving: the one clue a failed CI run leaves.
             let sagas = if mode == Mode::Workflow {
-                ["running", "compensating", "succeeded", "compensation_failed"]
-                    .map(|s| {
-                        format!(
-                            "{s} {}",
-                            sum(dir, &format!("SELECT COUNT(*) FROM sagas WHERE status = '{s}'"))
-                        )
-                    })
-                    .join(", ")
+                let mut counts = Vec::new();
+                for s in ["running", "compensating", "succeeded", "compensation_failed"] {
+                    let n = sum(store, &format!("SELECT COUNT(*) FROM sagas WHERE status = '{s}'")).await;
+                    counts.push(format!("{s} {n}"));
+                }
+                counts.join(", ")
             } else {
                 "-".into()
             };
-            let outboxes: Vec<String> = baton_protocol::Component::ALL
-                .iter()
-                .filter_map(|c| {
-                    let conn = baton_store::open_read_only(&dir.join(format!("{c}.db"))).ok()?;
-                    let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0)).ok()?;
-                    (n > 0).then(|| format!("{c} {n}"))
-                })
-                .collect();
+            let mut outboxes: Vec<String> = Vec::new();
+            for c in baton_protocol::Component::ALL {
+                let Ok(Some(reader)) = baton_store::Db::reader(store, c.name()).await else { continue };
+                if let Ok(n) = reader.call(|tx| tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get::<i64>(0))).await
+                    && n > 0
+                {
+                    outboxes.push(format!("{c} {n}"));
+                }
+            }
             tracing::warn!(
                 ready_in_queues = ready,
                 outbox_rows = %outboxes.join(", "),

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -33,8 +32,8 @@ pub struct Config {
     pub amqp_url: String,
     /// Broker URLs of the components that connect with credentials of their own.
     pub own_amqp_urls: HashMap<Component, String>,
-    /// Where each component keeps `<component>.db`.
-    pub data_dir: PathBuf,
+    /// Where each component keeps its state: `<data-dir>/<component>.db`, or a PostgreSQL schema.
+    pub store: baton_store::Location,
     /// This instance's name (reply queues, outbox ownership); stable across restarts.
     pub instance: String,
     /// Unacked deliveries each consumer holds.
@@ -61,13 +60,13 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults of `baton up` for `mode`, on `amqp_url` and `data_dir`.
-    pub fn new(mode: Mode, amqp_url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Config {
+    /// The defaults of `baton up` for `mode`, on `amqp_url` and `store`.
+    pub fn new(mode: Mode, amqp_url: impl Into<String>, store: baton_store::Location) -> Config {
         Config {
             mode,
             amqp_url: amqp_url.into(),
             own_amqp_urls: HashMap::new(),
-            data_dir: data_dir.into(),
+            store,
             instance: baton_store::DEFAULT_OWNER.into(),
             prefetch: 64,
             services: ServiceConfig::default(),
@@ -92,7 +91,7 @@ impl Config {
     pub fn service_options(&self, component: Component) -> baton_services::RunOptions {
         baton_services::RunOptions {
             amqp_url: self.amqp_url_of(component).to_owned(),
-            data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             mode: self.mode,
             prefetch: self.prefetch,
             delay: self.service_delay,
@@ -106,7 +105,7 @@ impl Config {
     pub fn orchestrator_options(&self) -> baton_orchestrator::Options {
         baton_orchestrator::Options {
             amqp_url: self.amqp_url_of(Component::Orchestrator).to_owned(),
-            data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             instance: self.instance.clone(),
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
@@ -118,7 +117,7 @@ impl Config {
     pub fn gateway_options(&self) -> baton_gateway::Options {
         baton_gateway::Options {
             amqp_url: self.amqp_url_of(Component::Gateway).to_owned(),
-            data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             http: self.http,
             mode: self.mode,
             instance: self.instance.clone(),
@@ -127,7 +126,7 @@ impl Config {
             max_in_flight: self.max_in_flight,
             limits: self.limits,
             health: self.health.clone(),
-            sagas: baton_orchestrator::Sagas::in_data_dir(&self.data_dir),
+            sagas: baton_orchestrator::Sagas::at(&self.store),
         }
     }
 }

@@ -635,11 +635,12 @@ impl Db {
 /// Sum one number over the components' stores at `location` that answer `sql`, read-only (a
 /// table lives in some of them only: `sagas` in the orchestrator's, `requests` in the
 /// gateway's); `None` when none does.
-pub async fn sum_over(location: &Location, sql: &'static str) -> Option<i64> {
+pub async fn sum_over(location: &Location, sql: &str) -> Option<i64> {
     let mut total = None;
     for component in baton_protocol::Component::ALL {
         let Ok(Some(db)) = Db::reader(location, component.name()).await else { continue };
-        if let Ok(n) = db.call(move |tx| tx.query_row(sql, (), |r| r.get::<i64>(0))).await {
+        let sql = sql.to_owned();
+        if let Ok(n) = db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await {
             total = Some(total.unwrap_or(0) + n);
         }
     }

@@ -25,8 +25,8 @@ pub(super) async fn create_space(gateway: &str, name: &str, owner: &str) -> anyh
     Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-pub(super) fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
-    let report = baton_audit::audit(&data.data_dir)?;
+pub(super) async fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
+    let report = baton_audit::audit(&data.store()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -37,7 +37,7 @@ pub(super) fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
     eprintln!(
         "audited {} spaces in {}: {} complete, {} in flight, {} violation{}",
         report.spaces,
-        data.data_dir.display(),
+        data.store(),
         report.complete,
         report.in_flight,
         report.violations.len(),
@@ -55,7 +55,7 @@ pub(super) async fn reconcile(
 ) -> anyhow::Result<ExitCode> {
     let opts = baton_reconcile::Options {
         amqp_url: super::up::component_url("reconcile", &amqp_url)?,
-        data_dir: data.data_dir,
+        store: data.store(),
         older_than,
         timeout: Duration::from_secs(60),
     };

@@ -54,7 +54,7 @@ type Task = (String, anyhow::Result<()>);
 /// component takes no flag for keeps [`baton_node::Config::new`]'s default.
 fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::Result<baton_node::Config> {
     let node = parts.node;
-    let mut config = baton_node::Config::new(mode, node.amqp_url.clone(), node.data.data_dir.clone());
+    let mut config = baton_node::Config::new(mode, node.amqp_url.clone(), node.data.store());
     for c in Component::ALL {
         let url = component_url(c.name(), &node.amqp_url)?;
         if url != node.amqp_url {
@@ -192,7 +192,7 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
         tracing::info!(
             api = %format!("http://{}", config.http),
             broker = %baton_amqp::redact(&node.amqp_url),
-            data_dir = %node.data.data_dir.display(),
+            store = %node.data.store(),
             %mode,
             faults = %config.faults,
             "starting; Ctrl-C stops"

@@ -1,4 +1,4 @@
-//! `baton workflows`: the sagas of a data dir's orchestrator, read-only, and the retry of one.
+//! `baton workflows`: the sagas of the orchestrator's store, read-only, and the retry of one.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,12 +8,13 @@ use anyhow::{anyhow, bail};
 use crate::args::{Broker, DataDir, WorkflowsCommand};
 
 /// The sagas of the orchestrator of `data`; an error that says where to point when it has none.
-fn sagas(data: &DataDir) -> anyhow::Result<baton_orchestrator::Sagas> {
-    let sagas = baton_orchestrator::Sagas::in_data_dir(&data.data_dir);
-    if !sagas.exists() {
+async fn sagas(data: &DataDir) -> anyhow::Result<baton_orchestrator::Sagas> {
+    let sagas = baton_orchestrator::Sagas::at(&data.store());
+    if !sagas.exists().await {
         bail!(
-            "{} does not exist; point --data-dir (or BATON_DATA_DIR) at the data dir the orchestrator uses",
-            sagas.path().display()
+            "the orchestrator has no store at {}; point --data-dir (BATON_DATA_DIR) or --database-url \
+             (BATON_DATABASE_URL) at the one the orchestrator uses",
+            sagas.location()
         );
     }
     Ok(sagas)
@@ -26,7 +27,7 @@ fn shown_phase<'a>(saga_status: &str, phase: &'a str) -> &'a str {
     if phase == "pending" && !goes_forward { "not run" } else { phase }
 }
 
-pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkflowsCommand::List { data, state, limit, json } => {
             // The flag's parser already took only a state's name.
@@ -35,7 +36,7 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
                 .map(baton_workflow::SagaStatus::parse)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let rows = sagas(&data)?.list(state, limit)?;
+            let rows = sagas(&data).await?.list(state, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -56,8 +57,8 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
         }
         WorkflowsCommand::Retry { .. } => unreachable!("retry is async, dispatched before"),
         WorkflowsCommand::Show { id, data, json } => {
-            let Some(view) = sagas(&data)?.describe(id)? else {
-                bail!("no workflow {id} in {}", data.data_dir.display());
+            let Some(view) = sagas(&data).await?.describe(id).await? else {
+                bail!("no workflow {id} in {}", data.store());
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -95,22 +96,20 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyhow::Result<ExitCode> {
-    let status = |data: &DataDir| -> anyhow::Result<String> {
-        let view = sagas(data)?.describe(id)?;
-        Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))?.status)
+    let sagas = sagas(&data).await?;
+    let status = || async {
+        let view = sagas.describe(id).await?;
+        anyhow::Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.store()))?.status)
     };
-    let before = status(&data)?;
+    let before = status().await?;
     if before != "compensation_failed" {
         bail!("workflow {id} is {before}, not compensation_failed: there is no rollback to finish");
     }
     baton_orchestrator::request_retry(&broker.amqp_url, id).await?;
-    eprintln!(
-        "asked orchestrator `{}` to finish the rollback of {id}; waiting (up to 60 s)",
-        broker.instance
-    );
+    eprintln!("asked the orchestrators to finish the rollback of {id}; waiting (up to 60 s)");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let now = status(&data)?;
+        let now = status().await?;
         // Once retried, the saga leaves compensation_failed for compensating, and then ends.
         if now == "rolled_back" {
             println!("{id}: rolled_back");
