@@ -56,16 +56,43 @@ where
     }
 }
 
-/// A vhost and a data dir of one test.
+/// The store the tests' components use: SQLite files in the test's data dir, unless
+/// `BATON_TEST_STORE=postgres` puts every test's state in a PostgreSQL database of its own
+/// (on `BATON_TEST_DATABASE_URL`'s server), to run the same tests on that backend.
+pub fn on_postgres() -> bool {
+    std::env::var("BATON_TEST_STORE").is_ok_and(|v| v.eq_ignore_ascii_case("postgres"))
+}
+
+/// Run `f` to its end from synchronous code, on a thread and a runtime of its own (the
+/// harness's readers are called from async tests and from plain ones alike).
+pub fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime").block_on(f)
+    })
+    .join()
+    .expect("the reader thread")
+}
+
+/// A vhost and a data dir (and, on PostgreSQL, a database) of one test.
 pub struct TestEnv {
     pub vhost: String,
     pub data: tempfile::TempDir,
+    /// The test's own PostgreSQL database, when the tests run on that backend.
+    pg: Option<baton_store::scratch::ScratchDatabase>,
     http: reqwest::Client,
     probe: tokio::sync::OnceCell<baton_amqp::Broker>,
     /// A broker of the test's own (a [`node::Node`]) instead of a vhost on the shared one.
     own_broker: Option<String>,
     /// Where to reach the shared broker instead of [`amqp_base`] (a test's proxy in front of it).
     via: Option<String>,
+}
+
+/// A database of the test's own when the tests run on PostgreSQL.
+fn scratch_database() -> Option<baton_store::scratch::ScratchDatabase> {
+    on_postgres().then(|| {
+        baton_store::scratch::ScratchDatabase::create(&baton_store::scratch::test_server(), "baton_test")
+            .expect("a database on the tests' PostgreSQL server (scripts/test.sh starts it)")
+    })
 }
 
 /// Create `vhost` through the management API and give guest every permission on it.
@@ -98,6 +125,7 @@ impl TestEnv {
         TestEnv {
             vhost,
             data: tempfile::tempdir().unwrap(),
+            pg: scratch_database(),
             http,
             probe: tokio::sync::OnceCell::new(),
             own_broker: None,
@@ -112,6 +140,7 @@ impl TestEnv {
         TestEnv {
             vhost: "/".into(),
             data: tempfile::tempdir().unwrap(),
+            pg: scratch_database(),
             http: reqwest::Client::new(),
             probe: tokio::sync::OnceCell::new(),
             own_broker: Some(url.into()),
@@ -136,9 +165,27 @@ impl TestEnv {
         self.data.path()
     }
 
-    /// The audit of this test's data dir.
+    /// Where this test's components keep their state.
+    pub fn store(&self) -> baton_store::Location {
+        match &self.pg {
+            Some(db) => db.location().clone(),
+            None => baton_store::Location::Dir(self.data_dir().to_owned()),
+        }
+    }
+
+    /// The flags that point a `baton` process at this test's store.
+    pub fn store_args(&self) -> Vec<String> {
+        let mut args = vec!["--data-dir".to_owned(), self.data_dir().display().to_string()];
+        if let Some(db) = &self.pg {
+            args.extend(["--database-url".to_owned(), db.url().to_owned()]);
+        }
+        args
+    }
+
+    /// The audit of this test's stores.
     pub fn audit(&self) -> Report {
-        baton_audit::audit(self.data_dir()).expect("audit runs")
+        let at = self.store();
+        block_on(async move { baton_audit::audit(&at).await }).expect("audit runs")
     }
 
     /// Messages ready in a queue of this vhost, read at once through a passive declare (the
@@ -340,7 +387,7 @@ impl Drop for System {
 /// How the harness configures the components it runs against `env`: as `baton up` would, with
 /// a smaller prefetch.
 pub fn node_config(env: &TestEnv, cfg: &SystemConfig) -> baton_node::Config {
-    let mut config = baton_node::Config::new(cfg.mode, env.amqp_url(), env.data_dir());
+    let mut config = baton_node::Config::new(cfg.mode, env.amqp_url(), env.store());
     config.prefetch = 32;
     config.services = cfg.services.clone();
     config.service_delay = cfg.delay;
@@ -380,7 +427,7 @@ pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orch
 }
 
 /// Rows a service holds for a space: `SELECT COUNT(*) FROM <table> WHERE space_id = ?`.
-pub fn rows_for(dir: &Path, service: Service, space_id: &str) -> i64 {
+pub fn rows_for(at: &baton_store::Location, service: Service, space_id: &str) -> i64 {
     let table = match service {
         Service::Records => "spaces",
         Service::Placement => "placements",
@@ -388,45 +435,63 @@ pub fn rows_for(dir: &Path, service: Service, space_id: &str) -> i64 {
         Service::Routing => "routes",
         Service::Notifier => "emails",
     };
-    let path = dir.join(format!("{}.db", service.name()));
-    let conn = baton_store::open_read_only(&path).expect("service database");
-    conn.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE space_id = ?1"), [space_id], |r| r.get(0))
-        .unwrap()
+    scalar(at, service.name(), &format!("SELECT COUNT(*) FROM {table} WHERE space_id = '{space_id}'"))
 }
 
-/// One scalar from a component's database.
-pub fn scalar(dir: &Path, db: &str, sql: &str) -> i64 {
-    let conn = baton_store::open_read_only(&dir.join(db)).expect("database");
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+/// One scalar from a component's store (read through the store's port, on either backend).
+pub fn scalar(at: &baton_store::Location, component: &str, sql: &str) -> i64 {
+    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
+    block_on(async move {
+        let db = baton_store::Db::reader(&at, &component)
+            .await
+            .expect("the store opens")
+            .expect("the store exists");
+        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await
+    })
+    .unwrap()
 }
 
-/// A saga's timeline from the orchestrator's database (time relative to its start, step,
-/// action, attempt, event, detail), one line each: what a failed assertion should show.
-pub fn saga_story(dir: &Path, saga_id: &str) -> String {
-    let Ok(conn) = baton_store::open_read_only(&dir.join("orchestrator.db")) else {
-        return "(no orchestrator database)".into();
-    };
-    let rows = conn
-        .prepare(
-            "SELECT at - (SELECT MIN(at) FROM history WHERE saga_id = ?1), COALESCE(step, '-'),
-                    COALESCE(action, '-'), attempt, event, COALESCE(detail, '')
-             FROM history WHERE saga_id = ?1 ORDER BY id",
-        )
-        .and_then(|mut s| {
-            s.query_map([saga_id], |r| {
-                Ok(format!(
-                    "{:>6} ms {} {} #{} {} {}",
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()
-        });
-    match rows {
+/// A component's SQLite file, read-only: for the tests of what only SQLite has (its files).
+pub fn sqlite(dir: &Path, component: &str) -> rusqlite::Result<rusqlite::Connection> {
+    let path = dir.join(format!("{component}.db"));
+    if !path.exists() {
+        return Err(rusqlite::Error::InvalidPath(path));
+    }
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// A saga's timeline from the orchestrator's store (time relative to its start, step, action,
+/// attempt, event, detail), one line each: what a failed assertion should show.
+pub fn saga_story(at: &baton_store::Location, saga_id: &str) -> String {
+    let (at, saga_id) = (at.clone(), saga_id.to_owned());
+    let read = block_on(async move {
+        let Some(db) = baton_store::Db::reader(&at, "orchestrator").await? else {
+            return Ok(vec!["(no orchestrator store)".to_owned()]);
+        };
+        db.call(move |tx| {
+            tx.query_map(
+                "SELECT at - (SELECT MIN(at) FROM history WHERE saga_id = ?1), COALESCE(step, '-'),
+                        COALESCE(action, '-'), attempt, event, COALESCE(detail, '')
+                 FROM history WHERE saga_id = ?1 ORDER BY id",
+                [saga_id],
+                |r| {
+                    Ok(format!(
+                        "{:>6} ms {} {} #{} {} {}",
+                        r.get::<i64>(0)?,
+                        r.get::<String>(1)?,
+                        r.get::<String>(2)?,
+                        r.get::<i64>(3)?,
+                        r.get::<String>(4)?,
+                        r.get::<String>(5)?
+                    ))
+                },
+            )
+        })
+        .await
+    });
+    match read {
         Ok(lines) => lines.join("\n"),
         Err(e) => format!("(history unreadable: {e})"),
     }
@@ -436,8 +501,8 @@ pub fn saga_story(dir: &Path, saga_id: &str) -> String {
 pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     wait_for("every saga to end", timeout, || async {
         let open = scalar(
-            env.data_dir(),
-            "orchestrator.db",
+            &env.store(),
+            "orchestrator",
             "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')",
         );
         (open == 0).then_some(())
@@ -459,7 +524,7 @@ pub fn publishers() -> impl Iterator<Item = &'static str> {
 pub async fn every_outbox_drains(env: &TestEnv, timeout: Duration) {
     for db in publishers() {
         wait_for(&format!("{db}'s outbox to drain"), timeout, || async {
-            (scalar(env.data_dir(), &format!("{db}.db"), "SELECT COUNT(*) FROM outbox") == 0).then_some(())
+            (scalar(&env.store(), db, "SELECT COUNT(*) FROM outbox") == 0).then_some(())
         })
         .await;
     }
@@ -504,8 +569,7 @@ pub fn spawn_baton(env: &TestEnv, args: &[&str], envs: &[(&str, &str)], log: &st
     tokio::process::Command::new(baton_bin())
         .args(args)
         .args(["--amqp-url", &env.amqp_url(), "--log", "warn"])
-        .arg("--data-dir")
-        .arg(env.data_dir())
+        .args(env.store_args())
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(log)

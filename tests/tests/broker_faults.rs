@@ -14,11 +14,7 @@ use tokio::task::JoinSet;
 /// component whose database or outbox is not made yet: one starting up).
 fn outbox_rows(env: &TestEnv) -> Vec<(&'static str, i64)> {
     let count = |db: &str| -> Option<i64> {
-        let path = env.data_dir().join(format!("{db}.db"));
-        if !path.exists() {
-            return None;
-        }
-        let conn = baton_store::open_read_only(&path).ok()?;
+        let conn = baton_tests::sqlite(env.data_dir(), db).ok()?;
         conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).ok()
     };
     baton_tests::publishers().map(|db| (db, count(db).unwrap_or(0))).collect()
@@ -85,7 +81,7 @@ async fn nothing_wrong(env: &TestEnv, mut calls: JoinSet<(u16, serde_json::Value
                 "{s} {body}\n{}",
                 body["workflow_id"]
                     .as_str()
-                    .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                    .map(|id| baton_tests::saga_story(&env.store(), id))
                     .unwrap_or_default()
             );
             if s == 503 {
@@ -187,7 +183,7 @@ async fn a_memory_alarm_blocks_publishers_for_a_while_and_the_outboxes_drain_aft
         (rows.iter().any(|(db, n)| *db == "notifier" && *n > 0)).then_some(rows)
     })
     .await;
-    let emails = scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails");
+    let emails = scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails");
     let more = sample_outboxes(&env, Duration::from_secs(2)).await;
     eprintln!("outbox rows during the alarm: {waiting:?}, then at most {more:?}; {emails} emails committed");
     let (s, _) = health(&sys).await;

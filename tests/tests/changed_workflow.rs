@@ -13,7 +13,7 @@ const IN_FLIGHT: usize = 5;
 
 /// A count from the orchestrator's database; 0 while the database or its tables are not made yet.
 fn count(env: &TestEnv, sql: &str) -> i64 {
-    baton_store::open_read_only(&env.data_dir().join("orchestrator.db"))
+    baton_tests::sqlite(env.data_dir(), "orchestrator")
         .ok()
         .and_then(|c| c.query_row(sql, [], |r| r.get(0)).ok())
         .unwrap_or(0)
@@ -70,7 +70,7 @@ async fn a_changed_definition_under_sagas_in_flight_is_refused_and_the_original_
     let log = std::fs::read_to_string(env.data_dir().join("orchestrator-2.log")).unwrap();
     assert_eq!(status.code(), Some(2), "exit 2 for a refusal to start: {log}");
     assert!(log.contains("workflow `create-space` changed under 5 saga(s) in flight"), "{log}");
-    let one: String = baton_store::open_read_only(&env.data_dir().join("orchestrator.db"))
+    let one: String = baton_tests::sqlite(env.data_dir(), "orchestrator")
         .unwrap()
         .query_row("SELECT saga_id FROM sagas ORDER BY created_at LIMIT 1", [], |r| r.get(0))
         .unwrap();
@@ -95,7 +95,7 @@ async fn a_changed_definition_under_sagas_in_flight_is_refused_and_the_original_
     tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer");
     assert_eq!(statuses, vec![200; IN_FLIGHT]);
     every_saga_ends(&env, Duration::from_secs(30)).await;
-    assert_eq!(scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
+    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, IN_FLIGHT);

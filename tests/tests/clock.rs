@@ -86,7 +86,7 @@ fn workflow_file(dir: &Path) -> PathBuf {
 
 /// History events of routing's `do` for the sagas of spaces named `<prefix>-*`.
 fn routing_events(env: &TestEnv, prefix: &str, event: &str) -> i64 {
-    let Ok(conn) = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")) else { return 0 };
+    let Ok(conn) = baton_tests::sqlite(env.data_dir(), "orchestrator") else { return 0 };
     conn.query_row(
         "SELECT COUNT(DISTINCT h.saga_id) FROM history h JOIN sagas s USING (saga_id)
          WHERE h.step = 'routing' AND h.action = 'do' AND h.event = ?1
@@ -198,7 +198,7 @@ async fn saga_timers_survive_the_orchestrators_clock_jumping_back_and_forward() 
     let failed: Vec<&(String, u16)> = outcomes.iter().filter(|(_, s)| *s != 200).collect();
     assert!(failed.is_empty(), "every request succeeds once routing is back: {failed:#?}");
     every_saga_ends(&env, Duration::from_secs(60)).await;
-    assert_eq!(scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"), 3 * N as i64);
+    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), 3 * N as i64);
     // The audit counts a 504 as a client left not knowing (`timed_out_nothing`): the c-* ones,
     // with nothing of their spaces anywhere, and nothing else.
     let report = env.audit();

@@ -140,7 +140,7 @@ async fn a_cluster_node_killed_and_every_node_restarted_in_turn_loses_nothing() 
             "{status} {body}\n{}",
             body["workflow_id"]
                 .as_str()
-                .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                .map(|id| baton_tests::saga_story(&env.store(), id))
                 .unwrap_or_default()
         );
     }

@@ -16,8 +16,9 @@ use baton_tests::{amqp_base, baton_bin, mgmt_base};
 fn refusals(dir: &std::path::Path, seed: u64) -> BTreeSet<(String, String)> {
     let mut all = BTreeSet::new();
     for db in ["records", "placement", "entitlements", "routing"] {
-        let conn = baton_store::open_read_only(&dir.join(format!("{db}.db"))).unwrap();
-        if !baton_store::has_table(&conn, "faults").unwrap() {
+        let conn = baton_tests::sqlite(dir, db).unwrap();
+        let has = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'faults')";
+        if !conn.query_row(has, [], |r| r.get::<_, bool>(0)).unwrap() {
             continue; // nothing was injected into this service
         }
         let mut stmt = conn.prepare("SELECT step, key FROM faults WHERE kind = 'refusal'").unwrap();

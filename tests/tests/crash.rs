@@ -12,13 +12,13 @@ fn orchestrator(env: &TestEnv, log: &str) -> Child {
 }
 
 fn count(env: &TestEnv, sql: &str) -> i64 {
-    scalar(env.data_dir(), "orchestrator.db", sql)
+    scalar(&env.store(), "orchestrator", sql)
 }
 
 /// [`count`], or `None` while the orchestrator has not made its database and tables yet (the
 /// file appears before its tables do).
 fn count_once_made(env: &TestEnv, sql: &str) -> Option<i64> {
-    let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).ok()?;
+    let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
     conn.query_row(sql, [], |r| r.get(0)).ok()
 }
 
@@ -89,11 +89,7 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
         "one saga per request, none twice"
     );
     assert_eq!(count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'completed'"), 24);
-    assert_eq!(
-        scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"),
-        24,
-        "one email per success"
-    );
+    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), 24, "one email per success");
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, 24);

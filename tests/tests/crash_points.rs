@@ -30,7 +30,7 @@ fn count(env: &TestEnv, sql: &str) -> i64 {
     if !env.data_dir().join("orchestrator.db").exists() {
         return 0;
     }
-    scalar(env.data_dir(), "orchestrator.db", sql)
+    scalar(&env.store(), "orchestrator", sql)
 }
 
 /// Run the load with `component` as a process armed to die at `point`, restart it, and check.
@@ -107,7 +107,7 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     if component != "gateway" {
         assert_eq!(completed, 6, "{component}@{point}");
     }
-    let emails = scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails");
+    let emails = scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails");
     assert_eq!(emails, completed, "one email per success");
     let report = env.audit();
     assert!(report.is_clean(), "{component}@{point}: {:#?}", report.violations);

@@ -43,7 +43,7 @@ async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid)
 
 /// One value of the saga's row (status, answer_status, ...), if the saga exists yet.
 fn saga_field(env: &TestEnv, saga: Uuid, expr: &str) -> Option<String> {
-    let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).ok()?;
+    let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
     conn.query_row(
         &format!("SELECT CAST({expr} AS TEXT) FROM sagas WHERE saga_id = ?1"),
         [saga.to_string()],
@@ -62,7 +62,7 @@ async fn wait_status(env: &TestEnv, saga: Uuid, status: &str, timeout: Duration)
     assert!(
         reached.is_ok(),
         "saga {saga} is not {status} after {timeout:?}:\n{}",
-        saga_story(env.data_dir(), &saga.to_string())
+        saga_story(&env.store(), &saga.to_string())
     );
 }
 
@@ -74,22 +74,22 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     let (saga, space) = start_saga(&env, "acme", Duration::from_millis(2_000)).await;
     // Routing does not answer; the deadline passes before its 3 s timeout.
     wait_status(&env, saga, "compensating", Duration::from_secs(20)).await;
-    let story = saga_story(env.data_dir(), &saga.to_string());
+    let story = saga_story(&env.store(), &saga.to_string());
     assert!(story.contains("deadline_passed"), "{story}");
     // Routing comes back: it gets its command, then its compensation, and undoes it.
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
     wait_status(&env, saga, "rolled_back", Duration::from_secs(30)).await;
-    let story = saga_story(env.data_dir(), &saga.to_string());
+    let story = saga_story(&env.store(), &saga.to_string());
     assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("504"), "{story}");
     let reason = saga_field(&env, saga, "json_extract(state, '$.failure.reason')").unwrap();
     assert!(reason.contains("deadline") && reason.contains("routing"), "{reason}");
     // Nothing left anywhere, once routing has handled both the command and its undo.
     wait_for("routing to undo its route", Duration::from_secs(10), || async {
-        (rows_for(env.data_dir(), Service::Routing, &space.to_string()) == 0).then_some(())
+        (rows_for(&env.store(), Service::Routing, &space.to_string()) == 0).then_some(())
     })
     .await;
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, &space.to_string()), 0, "{s} left a row: {story}");
+        assert_eq!(rows_for(&env.store(), s, &space.to_string()), 0, "{s} left a row: {story}");
     }
     let report = env.audit();
     let mine: Vec<Kind> =
@@ -124,7 +124,7 @@ async fn a_deadline_passing_after_the_last_compensable_step_lets_the_saga_comple
     wait_status(&env, saga, "succeeded", Duration::from_secs(20)).await;
     // The email is still unsent when the deadline passes: notify timed out after it.
     wait_for("notify to time out after the deadline", Duration::from_secs(20), || async {
-        let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).ok()?;
+        let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
         let n: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM history h JOIN sagas s USING (saga_id)
@@ -141,7 +141,7 @@ async fn a_deadline_passing_after_the_last_compensable_step_lets_the_saga_comple
     wait_status(&env, saga, "completed", Duration::from_secs(40)).await;
     assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("200"));
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, &space.to_string()), 1, "{s} holds the space's row");
+        assert_eq!(rows_for(&env.store(), s, &space.to_string()), 1, "{s} holds the space's row");
     }
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);

@@ -55,8 +55,8 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
     assert_eq!(got[0]["properties"]["message_id"], got[1]["properties"]["message_id"]);
     let reply: StepReply = serde_json::from_value(payload(&got[0])).unwrap();
     assert_eq!(reply.outcome, Outcome::Done);
-    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 1);
-    assert_eq!(scalar(env.data_dir(), "records.db", "SELECT COUNT(*) FROM inbox"), 1);
+    assert_eq!(rows_for(&env.store(), Service::Records, &space_id.to_string()), 1);
+    assert_eq!(scalar(&env.store(), "records", "SELECT COUNT(*) FROM inbox"), 1);
 
     // A retry (a new message id for the same step) is idempotent too.
     let retry = Outgoing { message_id: Uuid::new_v4(), ..msg.clone() };
@@ -64,7 +64,7 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
     depth_is(&env, &replies, 1).await;
     let again: StepReply = serde_json::from_value(payload(&env.take_messages(&replies, 1).await[0])).unwrap();
     assert_eq!((again.outcome, again.data), (Outcome::Done, reply.data));
-    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 1);
+    assert_eq!(rows_for(&env.store(), Service::Records, &space_id.to_string()), 1);
 
     // After the compensation, a late command is a no-op (the tombstone).
     let undo = StepCommand { action: Action::Undo, ..cmd.clone() };
@@ -83,7 +83,7 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
         .expect("a reply to the late command");
     assert_eq!(late_reply.outcome, Outcome::Failed, "{late_reply:?}");
     assert!(late_reply.reason.unwrap().contains("already compensated"));
-    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 0);
+    assert_eq!(rows_for(&env.store(), Service::Records, &space_id.to_string()), 0);
     sys.stop().await;
 }
 
@@ -225,12 +225,7 @@ async fn malformed_messages_on_every_work_queue_are_dead_lettered_with_the_reaso
         .map(|s| (COMMANDS, s.name().to_string(), topology::command_queue(s.name()), s.do_type()))
         .collect();
     queues.push((COMMANDS, "orchestrator".into(), "orchestrator.commands".into(), START));
-    queues.push((
-        REPLIES,
-        "orchestrator".into(),
-        "orchestrator.replies".into(),
-        "records.create.reply",
-    ));
+    queues.push((REPLIES, "orchestrator".into(), "orchestrator.replies".into(), "records.create.reply"));
     queues.push((
         OUTCOMES,
         "gateway.main".into(),
@@ -272,13 +267,7 @@ async fn replies_and_outcomes_of_another_schema_are_dead_lettered_with_the_reaso
     let outcome =
         SagaOutcome { schema: SCHEMA + 1, saga_id: id, space_id: id, status: 200, space: None, error: None };
     for (exchange, key, queue, kind, body) in [
-        (
-            REPLIES,
-            "orchestrator",
-            "orchestrator.replies",
-            "records.create.reply",
-            serde_json::to_vec(&reply),
-        ),
+        (REPLIES, "orchestrator", "orchestrator.replies", "records.create.reply", serde_json::to_vec(&reply)),
         (OUTCOMES, "gateway.main", "gateway.main.outcomes", START_REPLY, serde_json::to_vec(&outcome)),
     ] {
         publish_raw(&env, exchange, key, &body.unwrap(), props(kind)).await;

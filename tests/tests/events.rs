@@ -15,7 +15,7 @@ fn events() -> SystemConfig {
 async fn reconcile(env: &TestEnv) -> baton_reconcile::Summary {
     let opts = baton_reconcile::Options {
         amqp_url: env.amqp_url(),
-        data_dir: env.data_dir().to_owned(),
+        store: env.store(),
         older_than: Duration::ZERO,
         timeout: Duration::from_secs(20),
     };
@@ -32,7 +32,7 @@ async fn events_success_creates_all_five_rows() {
     let id = body["id"].as_str().unwrap();
     assert_eq!(body["route"], format!("evt -> {}", body["shard"].as_str().unwrap()));
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, id), 1, "{s}");
+        assert_eq!(rows_for(&env.store(), s, id), 1, "{s}");
     }
     let (_, health) = sys.get("/health").await;
     assert_eq!(health["mode"], "events");
@@ -97,7 +97,7 @@ async fn routing_down_gives_a_504_then_the_space_completes_when_it_returns() {
     .await;
     assert_eq!(space["told_status"], 504, "the client was told it timed out");
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, &id), 1, "{s}");
+        assert_eq!(rows_for(&env.store(), s, &id), 1, "{s}");
     }
     let report = env.audit();
     assert_eq!(report.violations.iter().map(|v| v.kind).collect::<Vec<_>>(), [Kind::TimedOutButCompleted]);

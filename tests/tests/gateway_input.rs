@@ -82,7 +82,7 @@ async fn input_that_should_be_refused_is_refused_with_its_status_and_a_sentence(
     let (status, body) = post(&sys, &[("content-type", "application/json; charset=utf-8")], good).await;
     assert_eq!(status, 200, "{body}");
     // Nothing refused reached the system: one request, the good one.
-    assert_eq!(scalar(env.data_dir(), "gateway.db", "SELECT COUNT(*) FROM requests"), 1);
+    assert_eq!(scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests"), 1);
     // A method a path does not take: 405 with a sentence, not an empty body.
     let r = client().get(format!("http://{}/spaces", sys.http)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 405);
@@ -117,7 +117,7 @@ async fn one_owner_however_spelled_is_one_owner_for_the_quota() {
         assert_eq!(status, 403, "{owner:?} is andré, who has three spaces: {body}");
     }
     // Each service holds the one spelling.
-    let owners = scalar(env.data_dir(), "records.db", "SELECT COUNT(DISTINCT owner) FROM spaces");
+    let owners = scalar(&env.store(), "records", "SELECT COUNT(DISTINCT owner) FROM spaces");
     assert_eq!(owners, 2, "records holds two owners");
     sys.stop().await;
 }

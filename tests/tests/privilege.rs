@@ -422,7 +422,7 @@ async fn whole_system(mode: Mode) {
     }
     if mode == Mode::Events {
         for s in Service::ALL {
-            assert_eq!(rows_for(env.data_dir(), s, &space_id), 1, "{s} holds the space that succeeded");
+            assert_eq!(rows_for(&env.store(), s, &space_id), 1, "{s} holds the space that succeeded");
         }
     }
 }

@@ -37,6 +37,8 @@ async fn baton(args: &[&str], env: &TestEnv, data: bool) -> String {
     cmd.args(["--log", "warn"]).args(args).kill_on_drop(true);
     if data {
         cmd.arg(env.data_dir());
+        // The store's other flag, when the tests run on PostgreSQL.
+        cmd.args(env.store_args().into_iter().skip(2));
     } else {
         cmd.arg(env.amqp_url());
     }
@@ -135,8 +137,8 @@ async fn a_step_that_answers_after_its_timeout_is_undone_and_its_late_work_is_a_
         assert!(r["data"]["route"].is_null(), "no route was made: {r}");
     }
     let space = view["space_id"].as_str().unwrap();
-    assert_eq!(rows_for(env.data_dir(), Service::Routing, space), 0, "the late command changed nothing");
-    assert_eq!(scalar(env.data_dir(), "routing.db", "SELECT COUNT(*) FROM tombstones"), 1);
+    assert_eq!(rows_for(&env.store(), Service::Routing, space), 0, "the late command changed nothing");
+    assert_eq!(scalar(&env.store(), "routing", "SELECT COUNT(*) FROM tombstones"), 1);
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
     sys.stop().await;
@@ -167,11 +169,10 @@ async fn a_compensation_that_keeps_failing_stops_visibly_and_an_operator_finishe
         "{error}"
     );
     let id = body["workflow_id"].as_str().unwrap().to_owned();
-    let failed = {
-        let conn = baton_store::open_read_only(&env.data_dir().join("orchestrator.db")).unwrap();
-        baton_orchestrator::query::list(&conn, Some(baton_workflow::SagaStatus::CompensationFailed), 10)
-            .unwrap()
-    };
+    let failed = baton_orchestrator::Sagas::at(&env.store())
+        .list(Some(baton_workflow::SagaStatus::CompensationFailed), 10)
+        .await
+        .unwrap();
     assert_eq!(failed.iter().map(|w| w.id.to_string()).collect::<Vec<_>>(), std::slice::from_ref(&id));
     // The operator finds it with the real binary.
     let out = baton(&["workflows", "list", "--state", "compensation_failed", "--data-dir"], &env, true).await;
@@ -239,7 +240,7 @@ async fn a_compensation_that_keeps_failing_stops_visibly_and_an_operator_finishe
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, view["space_id"].as_str().unwrap()), 0, "{s}");
+        assert_eq!(rows_for(&env.store(), s, view["space_id"].as_str().unwrap()), 0, "{s}");
     }
     stop_fixed.cancel();
     fixed_task.await.unwrap().unwrap();
@@ -300,7 +301,7 @@ async fn a_message_its_handler_keeps_failing_on_is_dead_lettered_at_the_delivery
         (env.queue_depth("test.op.replies").await == Some(1)).then_some(())
     })
     .await;
-    assert_eq!(rows_for(env.data_dir(), Service::Records, &space_id.to_string()), 1);
+    assert_eq!(rows_for(&env.store(), Service::Records, &space_id.to_string()), 1);
     assert_eq!(env.queue_depth("records.commands.dlq").await, Some(0));
     let out = baton(&["dlq", "list", "--amqp-url"], &env, false).await;
     assert!(!out.contains("records.commands.dlq"), "nothing left dead: {out}");
@@ -451,7 +452,7 @@ async fn a_flood_of_thousands_is_turned_away_and_the_gateways_memory_stays_bound
     assert!(by_status.get(&429).copied().unwrap_or(0) > REQUESTS / 2, "{by_status:?}");
     // The gateway recorded only the requests it took, and is still healthy.
     // (A 503 after the admission, a publish the broker refused, would have a row too.)
-    let recorded = scalar(env.data_dir(), "gateway.db", "SELECT COUNT(*) FROM requests") as usize;
+    let recorded = scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests") as usize;
     let late_503 = by_status.get(&503).copied().unwrap_or(0);
     assert!(
         (taken + MAX_IN_FLIGHT..=taken + MAX_IN_FLIGHT + late_503).contains(&recorded),
@@ -500,13 +501,13 @@ async fn connections_closed_by_the_broker_mid_load_are_recovered_and_nothing_is_
             "true answers only: {s} {body}\n{}",
             body["workflow_id"]
                 .as_str()
-                .map(|id| baton_tests::saga_story(env.data_dir(), id))
+                .map(|id| baton_tests::saga_story(&env.store(), id))
                 .unwrap_or_default()
         );
         statuses.push(s);
     }
     baton_tests::every_saga_ends(&env, Duration::from_secs(30)).await;
-    assert_eq!(scalar(env.data_dir(), "orchestrator.db", "SELECT COUNT(*) FROM sagas"), 60);
+    assert_eq!(scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM sagas"), 60);
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
     assert_eq!(report.complete, statuses.iter().filter(|s| **s == 200).count());

@@ -123,7 +123,7 @@ async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_r
     let stop = CancellationToken::new();
     let mut clients = load(&sys, 6, &stop);
     wait_for("some spaces created before the disk fills", Duration::from_secs(30), || async {
-        (scalar(env.data_dir(), "records.db", "SELECT COUNT(*) FROM spaces") >= 10).then_some(())
+        (scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces") >= 10).then_some(())
     })
     .await;
 
@@ -155,9 +155,9 @@ async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_r
     .await;
     // A little more load after the outage, then every client's answers.
     wait_for("new spaces created after the outage", Duration::from_secs(30), || async {
-        let n = scalar(env.data_dir(), "records.db", "SELECT COUNT(*) FROM spaces");
+        let n = scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        (scalar(env.data_dir(), "records.db", "SELECT COUNT(*) FROM spaces") > n).then_some(())
+        (scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces") > n).then_some(())
     })
     .await;
     stop.cancel();

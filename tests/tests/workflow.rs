@@ -22,7 +22,7 @@ fn compensated(view: &Value) -> Vec<String> {
 
 /// A refused saga never reached the notifier: no line of its timeline names it (nothing was
 /// sent to it, no reply came from it), and it holds no email for the space.
-fn never_notified(dir: &std::path::Path, view: &Value) {
+fn never_notified(dir: &baton_store::Location, view: &Value) {
     let t = timeline(view);
     assert!(!t.iter().any(|(s, _, _)| s == "notifier"), "the notifier appears in a refused saga: {t:?}");
     let space_id = view["space_id"].as_str().unwrap();
@@ -48,7 +48,7 @@ async fn success_writes_one_row_in_each_of_the_five_databases() {
     })
     .await;
     for s in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), s, &id), 1, "{s} holds one row for the space");
+        assert_eq!(rows_for(&env.store(), s, &id), 1, "{s} holds one row for the space");
     }
     let (status, space) = sys.get(&format!("/spaces/{id}")).await;
     assert_eq!(status, 200);
@@ -85,10 +85,10 @@ async fn refused_and_rolled_back(
     let view = workflow(&sys, &body).await;
     assert_eq!(view["status"], "rolled_back");
     assert_eq!(compensated(&view), undone, "compensations in reverse order");
-    never_notified(env.data_dir(), &view);
+    never_notified(&env.store(), &view);
     let space_id = view["space_id"].as_str().unwrap();
     for svc in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
+        assert_eq!(rows_for(&env.store(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
     }
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
@@ -174,9 +174,9 @@ async fn parallel_group_runs_placement_and_entitlements_concurrently() {
     assert_eq!(body["step"], "entitlements");
     let view = workflow(&sys, &body).await;
     assert_eq!(compensated(&view), ["placement", "records"]);
-    never_notified(env.data_dir(), &view);
+    never_notified(&env.store(), &view);
     let space_id = view["space_id"].as_str().unwrap();
-    assert_eq!(rows_for(env.data_dir(), Service::Placement, space_id), 0);
+    assert_eq!(rows_for(&env.store(), Service::Placement, space_id), 0);
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);
     sys.stop().await;
@@ -217,10 +217,10 @@ async fn parallel_group_refused_by_placement_undoes_entitlements_its_partner() {
     );
     // Placement refused, so it holds nothing and is not compensated.
     assert!(at("placement", "undo", "sent").is_none(), "{t:?}");
-    never_notified(env.data_dir(), &view);
+    never_notified(&env.store(), &view);
     let space_id = view["space_id"].as_str().unwrap();
     for svc in Service::ALL {
-        assert_eq!(rows_for(env.data_dir(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
+        assert_eq!(rows_for(&env.store(), svc, space_id), 0, "{svc} keeps nothing of a failed space");
     }
     let report = env.audit();
     assert!(report.is_clean(), "{:?}", report.violations);

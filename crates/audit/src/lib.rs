@@ -8,9 +8,9 @@
 //! each client was told and the orchestrator's saga states and history, all read-only, and the
 //! list of violations. Must not touch: anything that writes.
 
+use baton_store::{Db, FromValue, Location};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use baton_store::{Db, FromValue, Location};
 
 use baton_protocol::Service;
 use serde::Serialize;
@@ -262,7 +262,12 @@ where
         .map_err(|e| AuditError::Read { db: component.into(), source: e })
 }
 
-async fn has_column(at: &Location, component: &str, table: &'static str, column: &'static str) -> Result<bool, AuditError> {
+async fn has_column(
+    at: &Location,
+    component: &str,
+    table: &'static str,
+    column: &'static str,
+) -> Result<bool, AuditError> {
     let Some(db) = Db::reader(at, component).await? else { return Ok(false) };
     db.call(move |tx| tx.has_column(table, column))
         .await
@@ -382,7 +387,8 @@ mod tests {
     /// A fresh SQLite data dir and a fresh PostgreSQL database.
     fn stores() -> (tempfile::TempDir, ScratchDatabase, [Location; 2]) {
         let dir = tempfile::tempdir().unwrap();
-        let pg = ScratchDatabase::create(&test_server(), "baton_audit").expect("the tests' PostgreSQL server");
+        let pg =
+            ScratchDatabase::create(&test_server(), "baton_audit").expect("the tests' PostgreSQL server");
         let each = [Location::Dir(dir.path().to_owned()), pg.location().clone()];
         (dir, pg, each)
     }
@@ -432,9 +438,13 @@ mod tests {
             )
             .await;
             let r = audit(&at).await.unwrap();
-            let kinds: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
+            let kinds: Vec<(&str, Kind)> =
+                r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
             assert!(kinds.contains(&("half", Kind::StepAfterDeadline)), "{at}: {kinds:?}");
-            assert!(!kinds.iter().any(|(id, _)| *id == "ok"), "a late notify is the saga completing: {kinds:?}");
+            assert!(
+                !kinds.iter().any(|(id, _)| *id == "ok"),
+                "a late notify is the saga completing: {kinds:?}"
+            );
         }
     }
 

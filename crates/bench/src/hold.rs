@@ -66,16 +66,14 @@ fn patient(mut wf: Workflow) -> Workflow {
 
 /// Unfinished sagas and outbox rows in the orchestrator's database, read-only.
 async fn orchestrator_counts(dir: &Path) -> Option<(i64, i64)> {
-    let path = dir.join(format!("{ORCHESTRATOR}.db"));
-    tokio::task::spawn_blocking(move || {
-        let db = baton_store::open_read_only(&path).ok()?;
-        let count = |sql: &str| db.query_row(sql, (), |r| r.get::<_, i64>(0)).ok();
-        let sagas = baton_orchestrator::query::in_flight_count(&db).ok()?;
-        Some((sagas, count("SELECT COUNT(*) FROM outbox")?))
+    let db =
+        baton_store::Db::reader(&baton_store::Location::Dir(dir.to_owned()), ORCHESTRATOR).await.ok()??;
+    db.call(|tx| {
+        let sagas = baton_orchestrator::query::in_flight_count(tx)?;
+        Ok((sagas, tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0))?))
     })
     .await
     .ok()
-    .flatten()
 }
 
 /// Hold `opts.hold` sagas in flight in a fleet of their own and read the orchestrator's RSS.

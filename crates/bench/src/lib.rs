@@ -88,10 +88,13 @@ pub struct Options {
     /// Workflow definition files (JSON) given to every component (`--workflow-file`), each
     /// adding a workflow or replacing the bundled one of its name.
     pub workflow_files: Vec<PathBuf>,
-    /// Processes of each of the five services (competing consumers on the same queues, sharing
-    /// the data dir, each its own `--instance i<n>` when more than one); the orchestrator and the
-    /// gateway run once.
+    /// Processes of each of the five services and of the orchestrator (competing consumers on
+    /// the same queues, sharing their store, each its own `--instance i<n>` when more than
+    /// one); the gateway runs once.
     pub instances: usize,
+    /// A PostgreSQL server for the components' state (each mode in a database of its own,
+    /// created and dropped by the run) instead of SQLite files in the mode's data dir.
+    pub database_url: Option<String>,
     /// Create-space sagas run through HTTP before a mode is measured, not counted, so that the
     /// databases already hold that many spaces.
     pub prefill: usize,
@@ -126,6 +129,7 @@ impl Options {
             workflow: "create-space".into(),
             workflow_files: Vec::new(),
             instances: 1,
+            database_url: None,
             prefill: 0,
             hold: 10_000,
             component_args: Vec::new(),

@@ -12,6 +12,7 @@ use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR};
 use baton_amqp::{Outgoing, TraceParent};
 use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
 use baton_protocol::{Context, Mode, SCHEMA, START, SagaOutcome, Service, StartSaga};
+use baton_store::Location;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -112,12 +113,23 @@ fn waves(mode: Mode, instances: usize) -> Vec<Vec<Process>> {
             })
             .collect()
     };
+    let orchestrator = |i: usize| match instances {
+        1 => Process::new(ORCHESTRATOR),
+        _ => Process::instance(ORCHESTRATOR, format!("i{i}")),
+    };
     let mut first = of(1);
     if mode == Mode::Workflow {
-        first.push(Process::new(ORCHESTRATOR));
+        first.push(orchestrator(1));
     }
     first.push(Process::new("gateway"));
-    std::iter::once(first).chain((2..=instances).map(of)).collect()
+    let more = (2..=instances).map(|i| {
+        let mut wave = of(i);
+        if mode == Mode::Workflow {
+            wave.push(orchestrator(i));
+        }
+        wave
+    });
+    std::iter::once(first).chain(more).collect()
 }
 
 /// Run one mode from a fresh vhost and data dir to its figures (ratios not filled in yet).
@@ -134,6 +146,14 @@ pub(crate) async fn run_mode(
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scratch = match &opts.database_url {
+        Some(url) => Some(
+            baton_store::scratch::ScratchDatabase::create(url, &format!("baton_bench_{mode}"))
+                .context("creating the run's PostgreSQL database (the user needs CREATEDB)")?,
+        ),
+        None => None,
+    };
+    let store = scratch.as_ref().map_or_else(|| Location::Dir(dir.clone()), |s| s.location().clone());
     opts.mgmt.fresh_vhost(&vhost).await?;
     let amqp_url = crate::amqp_url(opts, &vhost);
     let port = free_port()?;
@@ -150,6 +170,9 @@ pub(crate) async fn run_mode(
     .map(String::from)
     .to_vec();
     args.extend(opts.component_args.iter().cloned());
+    if let Some(s) = &scratch {
+        args.extend(["--database-url".to_owned(), s.url().to_owned()]);
+    }
     let gateway: Vec<String> = [
         "--http",
         &format!("127.0.0.1:{port}"),
@@ -165,14 +188,14 @@ pub(crate) async fn run_mode(
     let fleet = Fleet::new(&opts.baton_bin, args, &dir)
         .with_args_for(&["gateway"], gateway)
         .with_args_for(&["orchestrator", "gateway"], opts.workflow_file_args());
-    let result = drive(opts, mode, &amqp_url, &dir, port, &fleet, say).await;
+    let result = drive(opts, mode, &amqp_url, &dir, &store, port, &fleet, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.clean_up_vhost(&vhost).await;
     }
     let (runs, components, settled) = result?;
     let (sagas, messages_per_saga, messages_counted) =
-        count_messages(&dir, mode, steps, runs.direct_sent, runs.baseline).await;
+        count_messages(&store, mode, steps, runs.direct_sent, runs.baseline).await;
     Ok(ModeReport {
         mode,
         vhost,
@@ -208,7 +231,7 @@ struct Runs {
 }
 
 /// The queues that have consumers once every component of `mode` is up, with how many: one per
-/// process of the service (`instances`), one for the orchestrator's and the gateway's.
+/// process of a service or of the orchestrator (`instances`), one for the gateway's.
 fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
     let mut qs: Vec<String> = match mode {
         Mode::Workflow => Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect(),
@@ -222,9 +245,10 @@ fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
         }
         Mode::Events => qs.push(topology::gateway_event_queue("main").name),
     }
-    let services = Service::ALL.len();
-    let per_service = u32::try_from(instances).unwrap_or(u32::MAX);
-    qs.into_iter().enumerate().map(|(i, q)| (q, if i < services { per_service } else { 1 })).collect()
+    // Every queue but the gateway's (the last) has one consumer per instance.
+    let last = qs.len() - 1;
+    let each = u32::try_from(instances).unwrap_or(u32::MAX);
+    qs.into_iter().enumerate().map(|(i, q)| (q, if i < last { each } else { 1 })).collect()
 }
 
 /// A space name of 63 characters at most, unique within the mode: `b<run>-<phase>-<i>`.
@@ -302,6 +326,7 @@ async fn drive(
     mode: Mode,
     amqp_url: &str,
     dir: &Path,
+    store: &Location,
     port: u16,
     fleet: &Fleet,
     say: &Say,
@@ -341,10 +366,10 @@ async fn drive(
     let (prefill, baseline) = if opts.prefill > 0 {
         let p = run_prefill(opts.prefill, mode, via_http("p".into()), say).await?;
         fleet.check_alive()?;
-        if !settle(dir, mode, Duration::from_secs(120)).await {
+        if !settle(store, mode, Duration::from_secs(120)).await {
             tracing::warn!(%mode, "work was still going on 120 s after the prefill");
         }
-        (Some(p), counts(dir).await)
+        (Some(p), counts(store).await)
     } else {
         (None, Some(Counts::default()))
     };
@@ -355,7 +380,7 @@ async fn drive(
         .with_context(|| format!("{mode}: create-space through HTTP failed"))?;
     let http_sequential = Latency::of(&samples, &format!("{mode}, HTTP, one at a time"));
     fleet.check_alive()?;
-    settle(dir, mode, Duration::from_secs(30)).await;
+    settle(store, mode, Duration::from_secs(30)).await;
 
     let mut http_loaded = Vec::new();
     for &w in &opts.windows {
@@ -365,7 +390,7 @@ async fn drive(
         let cpu = fleet.cpu_ms() - cpu;
         http_loaded.push(Throughput::of(&samples, w, took, cpu, &format!("{mode}, HTTP, {w} in flight")));
         fleet.check_alive()?;
-        settle(dir, mode, Duration::from_secs(30)).await;
+        settle(store, mode, Duration::from_secs(30)).await;
     }
 
     let (mut direct_sequential, mut direct_loaded, mut direct_sent) = (None, None, 0u64);
@@ -390,7 +415,7 @@ async fn drive(
             Ok(samples) => {
                 direct_sent += (opts.warmup + samples.len()) as u64;
                 direct_sequential = Some(Latency::of(&samples, "orchestrator, one at a time"));
-                settle(dir, mode, Duration::from_secs(30)).await;
+                settle(store, mode, Duration::from_secs(30)).await;
                 let w = opts.in_flight;
                 say(&format!("{mode}: orchestrator, {w} in flight for {} s", opts.duration.as_secs_f64()));
                 let cpu = fleet.cpu_ms();
@@ -406,7 +431,7 @@ async fn drive(
         fleet.check_alive()?;
     }
 
-    let settled = settle(dir, mode, Duration::from_secs(60)).await;
+    let settled = settle(store, mode, Duration::from_secs(60)).await;
     if !settled {
         tracing::warn!(%mode, "work was still going on 60 s after the last run");
     }
@@ -461,22 +486,18 @@ where
     })
 }
 
-async fn sum_async(dir: &Path, sql: &'static str) -> Option<i64> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || baton_store::sum_over(&dir, sql)).await.ok().flatten()
+async fn sum_async(store: &Location, sql: &'static str) -> Option<i64> {
+    baton_store::sum_over(store, sql).await
 }
 
 /// Wait (at most `timeout`) until every outbox is empty and, in workflow mode, no saga is still
 /// working, so that one run's tail does not weigh on the next. Returns whether that happened.
-async fn settle(dir: &Path, mode: Mode, timeout: Duration) -> bool {
+async fn settle(store: &Location, mode: Mode, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        let outbox = sum_async(dir, "SELECT COUNT(*) FROM outbox").await;
+        let outbox = sum_async(store, "SELECT COUNT(*) FROM outbox").await;
         let working = match mode {
-            Mode::Workflow => {
-                let sagas = baton_orchestrator::Sagas::in_data_dir(dir);
-                tokio::task::spawn_blocking(move || sagas.in_flight().ok()).await.ok().flatten()
-            }
+            Mode::Workflow => baton_orchestrator::Sagas::at(store).in_flight().await.ok(),
             Mode::Events => Some(0),
         };
         if outbox == Some(0) && working == Some(0) {
@@ -497,22 +518,22 @@ struct Counts {
     requests: i64,
 }
 
-async fn counts(dir: &Path) -> Option<Counts> {
-    let published = sum_async(dir, "SELECT published FROM relay_stats").await?;
-    let requests = sum_async(dir, "SELECT COUNT(*) FROM requests").await?;
+async fn counts(store: &Location) -> Option<Counts> {
+    let published = sum_async(store, "SELECT published FROM relay_stats").await?;
+    let requests = sum_async(store, "SELECT COUNT(*) FROM requests").await?;
     Some(Counts { published, requests })
 }
 
 /// Sagas started, messages per saga, and where that figure comes from; what the databases
 /// counted before the measured runs (`baseline`) is taken off.
 async fn count_messages(
-    dir: &Path,
+    store: &Location,
     mode: Mode,
     steps: usize,
     direct_sent: u64,
     baseline: Option<Counts>,
 ) -> (u64, f64, MessageCount) {
-    let now = counts(dir).await;
+    let now = counts(store).await;
     let requests = |c: Counts, b: Counts| (c.requests - b.requests).max(0) as u64;
     match (now, baseline) {
         (Some(c), Some(b)) if requests(c, b) + direct_sent > 0 => {
@@ -566,9 +587,11 @@ mod tests {
         );
         assert_eq!(two[1], ["records-i2", "placement-i2", "entitlements-i2", "routing-i2", "notifier-i2"]);
         for (q, wants) in work_queues(Mode::Workflow, 3) {
-            let service = Service::ALL.iter().any(|s| q == topology::command_queue(s.name()));
-            assert_eq!(wants, if service { 3 } else { 1 }, "{q}");
+            let gateway = q.starts_with("gateway.");
+            assert_eq!(wants, if gateway { 1 } else { 3 }, "{q}");
         }
+        let three = names(waves(Mode::Workflow, 3));
+        assert_eq!(three[2].last().map(String::as_str), Some("orchestrator-i3"), "{three:?}");
     }
 
     #[test]

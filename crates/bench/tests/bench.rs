@@ -170,22 +170,27 @@ async fn two_instances_after_a_prefill_count_only_the_measured_sagas() {
     let measured = 2 * (opts.warmup + opts.sequential) + loaded.iter().map(|t| t.completed).sum::<usize>();
     assert_eq!(m.sagas, measured as u64, "sagas counted");
     // ... while the databases hold both: every request succeeded, so one space each.
-    let records = baton_store::open_read_only(&m.data_dir.join("records.db")).expect("records.db");
-    let spaces: i64 = records.query_row("SELECT COUNT(*) FROM spaces", [], |r| r.get(0)).expect("spaces");
+    let at = baton_store::Location::Dir(m.data_dir.clone());
+    let records =
+        baton_store::Db::reader(&at, "records").await.expect("records.db").expect("records.db exists");
+    let spaces: i64 = records
+        .call(|tx| tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0)))
+        .await
+        .expect("spaces");
     assert_eq!(spaces as u64, m.sagas + 20, "spaces in records.db");
     sane_messages(m);
 
-    // Five services twice, the orchestrator and the gateway once, each its own process and log.
+    // Five services and the orchestrator twice, the gateway once, each its own process and log.
     let names: Vec<String> = m.components.iter().map(|c| c.name()).collect();
-    assert_eq!(names.len(), 12, "{names:?}");
-    for s in baton_protocol::Service::ALL {
+    assert_eq!(names.len(), 13, "{names:?}");
+    for s in baton_protocol::Service::ALL.map(|s| s.name()).into_iter().chain(["orchestrator"]) {
         for i in ["i1", "i2"] {
             let name = format!("{s}-{i}");
             assert!(names.contains(&name), "{name} in {names:?}");
             assert!(m.data_dir.join(format!("{name}.log")).exists(), "{name}.log");
         }
     }
-    assert!(names.contains(&"orchestrator".to_string()) && names.contains(&"gateway".to_string()));
+    assert!(names.contains(&"gateway".to_string()));
     for c in &m.components {
         assert!(c.cpu_ms > 0.0 && c.peak_rss_kb > 0, "{c:?}");
     }

@@ -132,6 +132,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
+    #[command(flatten)]
+    pub scale: ScaleArgs,
     /// Requests sent through each mode's gateway.
     #[arg(long, default_value_t = 500, help_heading = "Load")]
     pub requests: usize,
@@ -196,10 +198,14 @@ pub struct BenchArgs {
     /// chosen workflow's steps.
     #[arg(long = "workflow-file", value_name = "FILE")]
     pub workflow_files: Vec<PathBuf>,
-    /// Processes of each of the five services, competing for their queues on one data dir
-    /// (each its own --instance i1, i2...); the orchestrator and the gateway run once.
-    #[arg(long, default_value_t = 1)]
+    /// Processes of each of the five services and of the orchestrator, competing for their
+    /// queues on one store (each its own --instance i1, i2...); the gateway runs once.
+    #[arg(long, default_value_t = 1, value_parser = parse_instances)]
     pub instances: usize,
+    /// Keep the components' state in PostgreSQL (a database per mode, created and dropped on
+    /// this server) instead of SQLite files.
+    #[arg(long, value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]
@@ -257,6 +263,8 @@ impl RunBroker {
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
+    #[command(flatten)]
+    pub scale: ScaleArgs,
     #[arg(long, value_enum, default_value = "workflow")]
     pub mode: CliMode,
     /// How long to run the load.
@@ -368,6 +376,19 @@ pub enum WorkflowsCommand {
     },
 }
 
+/// Where and how many: the store's backend and the processes of each component of a run.
+#[derive(Debug, Clone, Args)]
+pub struct ScaleArgs {
+    /// Keep the components' state in PostgreSQL (a database per mode, created and dropped on
+    /// this server; the user needs CREATEDB) instead of SQLite files in the data dirs.
+    #[arg(long, value_parser = parse_database_url, hide_env_values = true, help_heading = "Scale")]
+    pub database_url: Option<String>,
+    /// Processes of the orchestrator and of each service, competing for their queues on one
+    /// store (each its own --instance); the gateway runs once.
+    #[arg(long, default_value_t = 1, value_parser = parse_instances, help_heading = "Scale")]
+    pub instances: usize,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DataDir {
     /// Where the components keep their databases (<data-dir>/<component>.db), and their logs.
@@ -384,6 +405,14 @@ impl DataDir {
     /// Where the components keep their state: PostgreSQL when a database URL is given.
     pub fn store(&self) -> baton_store::Location {
         baton_store::Location::new(&self.data_dir, self.database_url.as_deref())
+    }
+}
+
+/// Processes of a component: 1 to 16.
+fn parse_instances(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=16) => Ok(n),
+        _ => Err(format!("`{s}` is not a number of processes; give 1 to 16")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! One mode's run.
 
-use std::collections::BTreeMap;
 use baton_store::Location;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,9 @@ async fn sum(store: &Location, sql: &str) -> i64 {
 
 /// The processes of `component`: the default instance, then `i2`, `i3`...
 fn instances(component: &'static str, n: usize) -> impl Iterator<Item = Process> {
-    (1..=n.max(1)).map(move |i| if i == 1 { Process::new(component) } else { Process::instance(component, format!("i{i}")) })
+    (1..=n.max(1)).map(move |i| {
+        if i == 1 { Process::new(component) } else { Process::instance(component, format!("i{i}")) }
+    })
 }
 
 /// Run one mode from a fresh vhost and data dir to its audited results.
@@ -414,10 +416,12 @@ async fn drive(
     // still for longer than that before the run counts as settled.
     let slowest = opts.faults.delay_ms.values().copied().max().unwrap_or(0);
     let stillness = Duration::from_secs(1) + Duration::from_millis(slowest);
-    let quiescent = quiesce(amqp_url, &opts.mgmt, vhost, store, mode, stillness, opts.quiesce_timeout).await?;
+    let quiescent =
+        quiesce(amqp_url, &opts.mgmt, vhost, store, mode, stillness, opts.quiesce_timeout).await?;
     let quiesce_ms = started.elapsed().as_millis() as u64;
     // The broker confirmed each relay's messages; the gateway published one per request.
-    let messages = sum(store, "SELECT published FROM relay_stats").await + sum(store, "SELECT COUNT(*) FROM requests").await;
+    let messages = sum(store, "SELECT published FROM relay_stats").await
+        + sum(store, "SELECT COUNT(*) FROM requests").await;
     let mut injected = injected.lock().expect("faults").clone();
     for db in baton_protocol::Service::ALL {
         let Ok(Some(reader)) = baton_store::Db::reader(store, db.name()).await else { continue };
@@ -427,7 +431,9 @@ async fn drive(
                 if !tx.has_table("faults")? {
                     return Ok(Vec::new());
                 }
-                tx.query_map("SELECT kind, COUNT(*) FROM faults GROUP BY kind", (), |r| Ok((r.get(0)?, r.get(1)?)))
+                tx.query_map("SELECT kind, COUNT(*) FROM faults GROUP BY kind", (), |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
             })
             .await?;
         for (kind, n) in counted {
@@ -435,9 +441,10 @@ async fn drive(
         }
     }
     // What did not get through: sagas still open, messages still in an outbox, dead letters.
-    let unfinished = sum(store, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')").await;
-    let left_in_outbox =
-        sum(store, "SELECT COUNT(*) FROM outbox").await + sum(store, "SELECT COUNT(*) FROM outbox_parked").await;
+    let unfinished =
+        sum(store, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')").await;
+    let left_in_outbox = sum(store, "SELECT COUNT(*) FROM outbox").await
+        + sum(store, "SELECT COUNT(*) FROM outbox_parked").await;
     let dead_letters = {
         let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
         let queues: Vec<_> = topology::all_queues("main")
@@ -568,7 +575,9 @@ async fn quiesce(
             let mut outboxes: Vec<String> = Vec::new();
             for c in baton_protocol::Component::ALL {
                 let Ok(Some(reader)) = baton_store::Db::reader(store, c.name()).await else { continue };
-                if let Ok(n) = reader.call(|tx| tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get::<i64>(0))).await
+                if let Ok(n) = reader
+                    .call(|tx| tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get::<i64>(0)))
+                    .await
                     && n > 0
                 {
                     outboxes.push(format!("{c} {n}"));

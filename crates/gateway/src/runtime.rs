@@ -14,8 +14,8 @@ use baton_protocol::{
     ClientDeadline, Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga,
     StepError, events,
 };
-use baton_store::{Db, StoreError, inbox, now_ms};
 use baton_store::params;
+use baton_store::{Db, StoreError, inbox, now_ms};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;

@@ -163,7 +163,8 @@ mod tests {
 
     #[test]
     fn a_component_with_credentials_of_its_own_uses_them() {
-        let mut cfg = Config::new(Mode::Workflow, "amqp://shared", "/tmp/x");
+        let mut cfg =
+            Config::new(Mode::Workflow, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
         cfg.own_amqp_urls.insert(Component::Routing, "amqp://routing".into());
         assert_eq!(cfg.service_options(Component::Routing).amqp_url, "amqp://routing");
         assert_eq!(cfg.service_options(Component::Records).amqp_url, "amqp://shared");
@@ -172,7 +173,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_orchestrator_is_refused_in_events_mode() {
-        let cfg = Config::new(Mode::Events, "amqp://shared", "/tmp/x");
+        let cfg = Config::new(Mode::Events, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
         let err = run(Component::Orchestrator, &cfg, CancellationToken::new()).await.unwrap_err();
         assert!(err.to_string().contains("events mode"), "{err}");
     }

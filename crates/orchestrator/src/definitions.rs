@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
+use baton_store::params;
 use baton_store::{Db, StoreError, now_ms};
 use baton_workflow::{Saga, Workflow};
-use baton_store::params;
 
 use crate::query::IN_FLIGHT;
 

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use baton_workflow::{Saga, SagaStatus};
 use baton_store::{Db, Location, OptionalExtension, Tx, params};
+use baton_workflow::{Saga, SagaStatus};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -74,15 +74,26 @@ impl Sagas {
     }
 
     /// The latest sagas, as [`list`]; none without a store.
-    pub async fn list(&self, status: Option<SagaStatus>, limit: usize) -> Result<Vec<WorkflowSummary>, StoreError> {
+    pub async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        limit: usize,
+    ) -> Result<Vec<WorkflowSummary>, StoreError> {
         self.read(Vec::new(), move |tx| list(tx, status, limit)).await
     }
 
     /// A page of sagas, as [`page`]; an empty last page without a store.
-    pub async fn page(&self, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        after: Option<Cursor>,
+    ) -> Result<Page, StoreError> {
         let filter = filter.clone();
-        self.read(Page { workflows: Vec::new(), next_cursor: None }, move |tx| page(tx, &filter, limit, after))
-            .await
+        self.read(Page { workflows: Vec::new(), next_cursor: None }, move |tx| {
+            page(tx, &filter, limit, after)
+        })
+        .await
     }
 
     /// Sagas in flight; 0 without a store.
@@ -108,7 +119,8 @@ pub fn in_flight_count(conn: &Tx<'_>) -> Result<i64, StoreError> {
 
 /// The ids of the sagas in flight.
 pub fn in_flight_ids(conn: &Tx<'_>) -> Result<Vec<Uuid>, StoreError> {
-    let ids = conn.query_map(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get::<String>(0))?;
+    let ids =
+        conn.query_map(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get::<String>(0))?;
     ids.iter().map(|id| Uuid::parse_str(id).map_err(corrupt)).collect()
 }
 
@@ -269,12 +281,7 @@ pub struct Page {
 }
 
 /// Up to `limit` sagas matching `filter`, newest first, starting after `after`.
-pub fn page(
-    conn: &Tx<'_>,
-    filter: &Filter,
-    limit: usize,
-    after: Option<Cursor>,
-) -> Result<Page, StoreError> {
+pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
     let rows: Vec<(String, String, String, String, Option<i64>, i64, i64)> = conn.query_map(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
          WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2) AND (?3 IS NULL OR space_id = ?3)
@@ -282,26 +289,26 @@ pub fn page(
            AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
          ORDER BY created_at DESC, saga_id DESC LIMIT ?7",
         params![
-                filter.status.map(SagaStatus::as_str),
-                filter.workflow,
-                filter.space_id.map(|s| s.to_string()),
-                filter.since_ms,
-                after.map(|c| c.created_at_ms),
-                after.map(|c| c.id.to_string()),
-                // One more than asked: whether there is a next page.
-                limit.saturating_add(1) as i64
-            ],
-            |r| {
-                Ok((
-                    r.get::<String>(0)?,
-                    r.get::<String>(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            },
+            filter.status.map(SagaStatus::as_str),
+            filter.workflow,
+            filter.space_id.map(|s| s.to_string()),
+            filter.since_ms,
+            after.map(|c| c.created_at_ms),
+            after.map(|c| c.id.to_string()),
+            // One more than asked: whether there is a next page.
+            limit.saturating_add(1) as i64
+        ],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        },
     )?;
     let mut workflows = rows
         .into_iter()

@@ -585,13 +585,13 @@ fn apply(
                           answer_status = COALESCE(?6, answer_status)
          WHERE saga_id = ?1",
         params![
-        saga.id.to_string(),
-        state,
-        saga.status.as_str(),
-        wake.map(|w| w as i64),
-        now as i64,
-        answer_status
-    ],
+            saga.id.to_string(),
+            state,
+            saga.status.as_str(),
+            wake.map(|w| w as i64),
+            now as i64,
+            answer_status
+        ],
     )?;
     Ok(wake)
 }
@@ -622,7 +622,15 @@ pub async fn request_retry(amqp_url: &str, saga_id: Uuid) -> anyhow::Result<()> 
     let broker = Broker::connect(amqp_url, "operator").await?;
     let publisher = Publisher::new(broker.clone());
     let body = RetrySaga { schema: SCHEMA, saga_id };
-    let msg = Outgoing::new(REPLIES, topology::ORCHESTRATOR, RETRY, saga_id, "operator", TraceParent::new_root(), &body);
+    let msg = Outgoing::new(
+        REPLIES,
+        topology::ORCHESTRATOR,
+        RETRY,
+        saga_id,
+        "operator",
+        TraceParent::new_root(),
+        &body,
+    );
     let sent = publisher.publish_confirmed(&msg).await;
     broker.close().await;
     sent.map_err(|e| {

@@ -44,7 +44,10 @@ pub fn decorate(step: Arc<dyn Step>, plan: &FaultPlan) -> (Arc<dyn Step>, Option
 
 /// Record an injected fault, in the transaction of the message it touched.
 fn record(tx: &Tx<'_>, kind: &str, step: Service, key: &str) -> Result<(), baton_store::StoreError> {
-    tx.execute("INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)", params![kind, step.name(), key, now_ms()])?;
+    tx.execute(
+        "INSERT INTO faults (kind, step, key, at) VALUES (?1, ?2, ?3, ?4)",
+        params![kind, step.name(), key, now_ms()],
+    )?;
     Ok(())
 }
 

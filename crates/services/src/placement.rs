@@ -53,7 +53,8 @@ impl Step for Placement {
         }
         let roomiest: Option<String> = tx
             .query_row(
-                "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1", (),
+                "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1",
+                (),
                 |r| r.get(0),
             )
             .optional()?;

@@ -142,7 +142,11 @@ fn consumer_config(
 
 /// Open, migrate and configure a service's store (`<data-dir>/<service>.db`, or the schema of
 /// its name).
-pub async fn open_db(step: Arc<dyn Step>, store: &baton_store::Location, instance: &str) -> anyhow::Result<Db> {
+pub async fn open_db(
+    step: Arc<dyn Step>,
+    store: &baton_store::Location,
+    instance: &str,
+) -> anyhow::Result<Db> {
     let db = Db::open(store, step.service().name(), step.migrations(), instance).await?;
     db.call(move |tx| {
         step.configure(&tx)?;

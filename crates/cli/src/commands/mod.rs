@@ -17,7 +17,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::up(args).await,
         Command::Run { component } => up::run(component).await,
         Command::CreateSpace { name, owner, gateway } => tools::create_space(&gateway, &name, &owner).await,
-        Command::Audit { data, json } => tools::audit(&data, json),
+        Command::Audit { data, json } => tools::audit(&data, json).await,
         Command::Reconcile { data, amqp_url, older_than, every, json } => {
             tools::reconcile(data, amqp_url, older_than, every, json).await
         }
@@ -30,7 +30,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflows { command: WorkflowsCommand::Retry { id, data, broker } } => {
             workflows::retry(id, data, broker).await
         }
-        Command::Workflows { command } => workflows::workflows(command),
+        Command::Workflows { command } => workflows::workflows(command).await,
         Command::Dlq { command } => dlq::dlq(command).await,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a failed write, and a reader such

@@ -34,6 +34,8 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         duration: None,
         broker_ctl: None,
         deadline: args.deadline,
+        database_url: args.scale.database_url.clone(),
+        instances: args.scale.instances,
     };
     eprintln!(
         "comparing workflow and events: {} requests at concurrency {}, faults: {}",
@@ -76,6 +78,8 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         duration: Some(args.duration),
         broker_ctl: args.broker_ctl.clone(),
         deadline: None,
+        database_url: args.scale.database_url.clone(),
+        instances: args.scale.instances,
     };
     eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
     if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {
@@ -111,6 +115,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.workflow = args.workflow.clone();
     opts.workflow_files = args.workflow_files.clone();
     opts.instances = args.instances;
+    opts.database_url = args.database_url.clone();
     opts.prefill = args.prefill;
     opts.hold = args.hold;
     opts.progress = true;
