@@ -451,6 +451,15 @@ pub fn scalar(at: &baton_store::Location, component: &str, sql: &str) -> i64 {
     .unwrap()
 }
 
+/// [`scalar`], or `None` while the component has not made its store or its tables yet.
+pub fn try_scalar(at: &baton_store::Location, component: &str, sql: &str) -> Option<i64> {
+    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
+    block_on(async move {
+        let db = baton_store::Db::reader(&at, &component).await.ok()??;
+        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await.ok()
+    })
+}
+
 /// A component's SQLite file, read-only: for the tests of what only SQLite has (its files).
 pub fn sqlite(dir: &Path, component: &str) -> rusqlite::Result<rusqlite::Connection> {
     let path = dir.join(format!("{component}.db"));

@@ -18,8 +18,7 @@ fn count(env: &TestEnv, sql: &str) -> i64 {
 /// [`count`], or `None` while the orchestrator has not made its database and tables yet (the
 /// file appears before its tables do).
 fn count_once_made(env: &TestEnv, sql: &str) -> Option<i64> {
-    let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
-    conn.query_row(sql, [], |r| r.get(0)).ok()
+    baton_tests::try_scalar(&env.store(), "orchestrator", sql)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

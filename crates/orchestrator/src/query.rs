@@ -284,9 +284,9 @@ pub struct Page {
 pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
     let rows: Vec<(String, String, String, String, Option<i64>, i64, i64)> = conn.query_map(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
-         WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2) AND (?3 IS NULL OR space_id = ?3)
-           AND (?4 IS NULL OR created_at >= ?4)
-           AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
+         WHERE (CAST(?1 AS TEXT) IS NULL OR status = ?1) AND (CAST(?2 AS TEXT) IS NULL OR workflow = ?2)
+           AND (CAST(?3 AS TEXT) IS NULL OR space_id = ?3) AND (CAST(?4 AS INTEGER) IS NULL OR created_at >= ?4)
+           AND (CAST(?5 AS INTEGER) IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
          ORDER BY created_at DESC, saga_id DESC LIMIT ?7",
         params![
             filter.status.map(SagaStatus::as_str),
