@@ -1,7 +1,7 @@
 //! The saga runtime: carries out the decisions of `baton-workflow`'s state machine durably.
 //!
 //! Owns: `orchestrator.db` (saga instances with their state, the definition each started on,
-//! the history of each saga, inbox and outbox), the handlers of `orchestrator.commands` (start a saga) and of this instance's
+//! the history of each saga, inbox and outbox), the handlers of `orchestrator.commands` (start a saga, or cancel one) and of this instance's
 //! reply queue (advance a saga), the timer that fires timeouts and retries, and the read model
 //! behind `GET /workflows/{id}` and `baton workflows` ([`query`]). Every transition is one
 //! transaction: new state, history rows and outgoing commands commit together, then the delivery
@@ -23,7 +23,7 @@ mod schema;
 
 pub use definitions::{Changed, DefinitionsChanged};
 pub use query::Sagas;
-pub use runtime::{Options, request_retry, run};
+pub use runtime::{Options, cancel_message, request_cancel, request_retry, run};
 pub use schema::MIGRATIONS;
 
 /// The component name: `orchestrator.db`, `app_id`, the command queue's routing key.

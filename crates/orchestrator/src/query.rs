@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use baton_workflow::{Saga, SagaStatus};
+use baton_workflow::{HistoryEvent, Saga, SagaStatus};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -127,6 +127,25 @@ pub struct WorkflowView {
     pub context: baton_protocol::Context,
     pub steps: Vec<StepView>,
     pub history: Vec<HistoryRow>,
+}
+
+impl WorkflowView {
+    /// Why a cancel cannot stop this saga, or `None` when it can
+    /// ([`baton_workflow::why_not_cancellable`]).
+    pub fn why_not_cancellable(&self) -> Option<String> {
+        let status = SagaStatus::parse(&self.status).ok()?;
+        baton_workflow::why_not_cancellable(self.id, status, self.count(HistoryEvent::CancelRequested) > 0)
+    }
+
+    /// Lines of the timeline with `event`.
+    pub fn count(&self, event: HistoryEvent) -> usize {
+        self.history.iter().filter(|h| h.event == event.as_str()).count()
+    }
+
+    /// The detail of the last line of the timeline with `event`.
+    pub fn last_detail(&self, event: HistoryEvent) -> Option<&str> {
+        self.history.iter().rev().find(|h| h.event == event.as_str()).and_then(|h| h.detail.as_deref())
+    }
 }
 
 /// A line of `baton workflows list`.

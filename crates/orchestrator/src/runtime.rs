@@ -10,8 +10,8 @@ use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_health::{Health, Kind, running};
 use baton_protocol::{
-    Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
-    StepCommand, StepError, StepReply,
+    Action, CANCEL, CancelSaga, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service,
+    Space, StartSaga, StepCommand, StepError, StepReply,
 };
 use baton_store::relay::{self, Wake};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
@@ -98,7 +98,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
             broker.clone(),
             publisher.clone(),
             commands,
-            move |env| Arc::clone(&c).on_start(env),
+            move |env| {
+                let c = Arc::clone(&c);
+                async move { if env.kind == CANCEL { c.on_cancel(env).await } else { c.on_start(env).await } }
+            },
             cancel.clone(),
         ),
     ));
@@ -176,6 +179,10 @@ struct Meta {
     trace: TraceParent,
 }
 
+/// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels (there,
+/// rather than on an instance's own queue, so that whichever instance is alive handles them).
+const COMMAND_KINDS: [&str; 2] = [START, CANCEL];
+
 /// What an instance's reply queue takes: the replies to every step's commands, and operators'
 /// retries.
 fn reply_kinds() -> Vec<String> {
@@ -217,7 +224,7 @@ impl Core {
 
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let start: StartSaga = env.decode(&self.commands, &[START])?;
+        let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
@@ -343,6 +350,23 @@ impl Core {
                 );
             }
             (effects, None::<()>)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// An operator cancels a running saga (`POST /workflows/{id}/cancel`, `baton workflows
+    /// cancel`): [`Saga::cancel`] undoes what it did, or records why it cannot.
+    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
+    async fn on_cancel(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let req: CancelSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
+        tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
+        self.advance(env.message_id, req.saga_id, move |saga, wf, now| {
+            match saga.why_not_cancellable() {
+                Some(why) => tracing::info!(%why, by = %req.by, "cancel refused"),
+                None => tracing::info!(by = %req.by, "saga cancelled; undoing its steps"),
+            }
+            (saga.cancel(wf, &req.by, now), None::<()>)
         })
         .await?;
         Ok(())
@@ -615,6 +639,30 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
 /// orchestrator's broker user may publish there, so no service can forge an outcome.
 fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
     Outgoing::new(OUTCOMES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
+        .mode("workflow")
+}
+
+/// Ask the orchestrator to cancel saga `saga_id` (`baton workflows cancel`; the gateway sends
+/// the same message for `POST /workflows/{id}/cancel`). It goes to `orchestrator.commands`,
+/// which every instance consumes: whichever is alive handles it.
+pub async fn request_cancel(amqp_url: &str, saga_id: Uuid, by: &str) -> anyhow::Result<()> {
+    let broker = Broker::connect(amqp_url, "operator").await?;
+    let publisher = Publisher::new(broker.clone());
+    let sent = publisher.publish_confirmed(&cancel_message(saga_id, by, "operator")).await;
+    broker.close().await;
+    sent.map_err(|e| {
+        anyhow::anyhow!(
+            "could not send the cancel to the orchestrator ({e}); is its queue {} there?",
+            topology::command_queue(COMPONENT)
+        )
+    })
+}
+
+/// The message that cancels saga `saga_id`, sent by `app_id`, on `baton.commands` to
+/// `orchestrator.commands`.
+pub fn cancel_message(saga_id: Uuid, by: &str, app_id: &str) -> Outgoing {
+    let body = CancelSaga { schema: SCHEMA, saga_id, by: by.to_owned() };
+    Outgoing::new(COMMANDS, topology::ORCHESTRATOR, CANCEL, saga_id, app_id, TraceParent::new_root(), &body)
         .mode("workflow")
 }
 

@@ -1,7 +1,8 @@
 //! The saga state machine: a saga's state, and one pure function per input.
 //!
 //! Inputs are [`Saga::start`], [`Saga::on_reply`], [`Saga::on_tick`] (the clock, as a number),
-//! [`Saga::retry_compensation`] (an operator) and [`Saga::rearm`] (a restart). Each returns the
+//! [`Saga::retry_compensation`] and [`Saga::cancel`] (an operator) and [`Saga::rearm`] (a
+//! restart). Each returns the
 //! [`Effect`]s the runtime must carry out, in order, in the same transaction that stores the new
 //! state. Nothing here sleeps, reads a clock or touches a queue.
 //!
@@ -31,17 +32,21 @@ pub enum SagaStatus {
     RolledBack,
     /// A compensation kept failing: an operator must look (`baton workflows retry`).
     CompensationFailed,
+    /// An operator cancelled it while it ran: every completed step was undone, and the client
+    /// was told 409 (the request was cancelled).
+    Cancelled,
 }
 
 impl SagaStatus {
     /// Every state, in the order a saga meets them.
-    pub const ALL: [SagaStatus; 6] = [
+    pub const ALL: [SagaStatus; 7] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Succeeded,
         SagaStatus::Completed,
         SagaStatus::RolledBack,
         SagaStatus::CompensationFailed,
+        SagaStatus::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +57,7 @@ impl SagaStatus {
             SagaStatus::Completed => "completed",
             SagaStatus::RolledBack => "rolled_back",
             SagaStatus::CompensationFailed => "compensation_failed",
+            SagaStatus::Cancelled => "cancelled",
         }
     }
 
@@ -65,8 +71,39 @@ impl SagaStatus {
 
     /// A terminal saga never changes again (short of an operator's retry).
     pub fn is_terminal(self) -> bool {
-        matches!(self, SagaStatus::Completed | SagaStatus::RolledBack | SagaStatus::CompensationFailed)
+        matches!(
+            self,
+            SagaStatus::Completed
+                | SagaStatus::RolledBack
+                | SagaStatus::CompensationFailed
+                | SagaStatus::Cancelled
+        )
     }
+}
+
+/// Why a cancel cannot stop saga `id` in `status` (`cancelled`: a cancel already stopped it),
+/// or `None` when it can: only a `running` saga has steps left that a cancel keeps from
+/// starting. One sentence, for the operator's 409 and the saga's timeline.
+pub fn why_not_cancellable(id: Uuid, status: SagaStatus, cancelled: bool) -> Option<String> {
+    let why = match status {
+        SagaStatus::Running => return None,
+        SagaStatus::Compensating if cancelled => {
+            "it is already cancelled; its completed steps are being undone"
+        }
+        SagaStatus::Compensating => {
+            "it is already rolling back after a failure, and ends rolled_back by itself"
+        }
+        SagaStatus::Succeeded => {
+            "it succeeded (the client was told 200) and its email, which cannot be undone, is on its way"
+        }
+        SagaStatus::Completed => "it completed: the space exists and its email was sent",
+        SagaStatus::RolledBack => "it has already ended rolled_back: nothing of it is left to undo",
+        SagaStatus::CompensationFailed => {
+            "its rollback stopped in compensation_failed; finish it with `baton workflows retry`"
+        }
+        SagaStatus::Cancelled => "it is already cancelled",
+    };
+    Some(format!("saga {id} cannot be cancelled: {why}"))
 }
 
 /// Where one action stands.
@@ -184,6 +221,13 @@ pub enum HistoryEvent {
     DeadlinePassed,
     /// The loaded workflow no longer has this saga's steps: nothing is done.
     DefinitionChanged,
+    /// An operator cancelled the saga: no step starts any more, the done ones are undone.
+    CancelRequested,
+    /// A cancel came for a saga that cannot be cancelled (it has ended, or is past its last
+    /// compensable step); the detail says why, and nothing changed.
+    CancelRefused,
+    /// Every step of a cancelled saga is undone.
+    Cancelled,
 }
 
 impl HistoryEvent {
@@ -205,6 +249,9 @@ impl HistoryEvent {
             HistoryEvent::OperatorRetry => "operator_retry",
             HistoryEvent::DeadlinePassed => "deadline_passed",
             HistoryEvent::DefinitionChanged => "definition_changed",
+            HistoryEvent::CancelRequested => "cancel_requested",
+            HistoryEvent::CancelRefused => "cancel_refused",
+            HistoryEvent::Cancelled => "cancelled",
         }
     }
 }
@@ -243,6 +290,9 @@ pub struct Saga {
     /// Past it, no new compensable step starts: the saga rolls back and answers 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Deadline>,
+    /// An operator cancelled it: its rollback ends `cancelled` rather than `rolled_back`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
 }
 
 /// Collects effects during one transition.
@@ -297,6 +347,7 @@ impl Saga {
             failure: None,
             answered: false,
             deadline,
+            cancelled: false,
         };
         let mut out = Out(Vec::new());
         out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
@@ -579,6 +630,50 @@ impl Saga {
         out.0
     }
 
+    /// An operator cancels the saga (`reason` says who and how). A running saga starts no
+    /// further step: every step done, and every one in flight (its late reply is ignored and
+    /// its late command finds the tombstone), is undone in reverse order, and the saga ends
+    /// `cancelled`, answering 409. Any other saga is left as it is, with a `cancel_refused` line
+    /// that says why ([`Saga::why_not_cancellable`]).
+    pub fn cancel(&mut self, wf: &Workflow, reason: &str, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.refuse_changed(wf);
+        }
+        let mut out = Out(Vec::new());
+        if let Some(why) = self.why_not_cancellable() {
+            out.history(None, None, HistoryEvent::CancelRefused, Some(why));
+            return out.0;
+        }
+        // The step it stops at: the first of the current group not done yet.
+        let current = (0..self.actions.len())
+            .filter(|&i| self.actions[i].step == self.step)
+            .find(|&i| self.actions[i].phase != Phase::Done)
+            .or_else(|| self.actions.iter().position(|a| a.step == self.step))
+            .unwrap_or(0);
+        let Some(service) = self.actions.get(current).map(|a| a.service) else { return out.0 };
+        out.history(
+            Some(&self.actions[current]),
+            None,
+            HistoryEvent::CancelRequested,
+            Some(reason.to_owned()),
+        );
+        self.cancelled = true;
+        let failure = Failure {
+            service,
+            status: 409,
+            reason: format!(
+                "the request was cancelled ({reason}) before {service} finished; every step it had done was undone"
+            ),
+        };
+        self.begin_compensation(wf, failure, now, &mut out);
+        out.0
+    }
+
+    /// Why a cancel cannot stop this saga, or `None` when it can (it is `running`).
+    pub fn why_not_cancellable(&self) -> Option<String> {
+        why_not_cancellable(self.id, self.status, self.cancelled)
+    }
+
     fn enter_step(&mut self, wf: &Workflow, step: usize, now: u64, out: &mut Out) {
         self.step = step;
         let Some(def) = wf.steps.get(step) else {
@@ -761,8 +856,13 @@ impl Saga {
                 }
             }
             None => {
-                self.status = SagaStatus::RolledBack;
-                out.history(None, None, HistoryEvent::RolledBack, None);
+                if self.cancelled {
+                    self.status = SagaStatus::Cancelled;
+                    out.history(None, None, HistoryEvent::Cancelled, None);
+                } else {
+                    self.status = SagaStatus::RolledBack;
+                    out.history(None, None, HistoryEvent::RolledBack, None);
+                }
                 if !self.answered {
                     self.answered = true;
                     let failure = self.failure.clone();
