@@ -55,6 +55,9 @@ pub struct Config {
     pub deadline: Duration,
     /// Requests the gateway lets wait at once.
     pub max_in_flight: usize,
+    /// How long the gateway keeps an `Idempotency-Key`: a retry within it gets the first
+    /// request's outcome.
+    pub idempotency_ttl: Duration,
     pub limits: HttpLimits,
     /// The checks of every component of this process.
     pub health: Health,
@@ -78,6 +81,7 @@ impl Config {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             deadline: default_deadline(mode),
             max_in_flight: 1024,
+            idempotency_ttl: baton_gateway::DEFAULT_IDEMPOTENCY_TTL,
             limits: HttpLimits::default(),
             health: Health::default(),
         }
@@ -125,6 +129,7 @@ impl Config {
             workflow: self.workflow.clone(),
             deadline: self.deadline,
             max_in_flight: self.max_in_flight,
+            idempotency_ttl: self.idempotency_ttl,
             limits: self.limits,
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::in_data_dir(&self.data_dir),
