@@ -102,6 +102,11 @@ pub enum Command {
         /// Print every answer as JSON instead of the summary.
         #[arg(long)]
         json: bool,
+        /// Send each request with an `Idempotency-Key`, and send one answered 504 (or not at all)
+        /// again with it, up to N times (3 when no N is given): the retry gets the first request's
+        /// outcome, or waits on its saga.
+        #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N")]
+        retry_timeouts: Option<u32>,
     },
     /// Run both modes on the same load and fault plan, each in a fresh vhost and data dir;
     /// print the table side by side and write an HTML report.
@@ -123,7 +128,7 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// Look at sagas: the list, or the timeline of one.
+    /// Look at sagas: the list, or the timeline of one; retry a rollback, cancel a saga.
     Workflows {
         #[command(subcommand)]
         command: WorkflowsCommand,
@@ -169,6 +174,11 @@ pub struct CompareArgs {
     /// (default: each mode's own, 30s in workflow mode and 5s in events mode).
     #[arg(long, value_parser = parse_duration, help_heading = "Gateway")]
     pub deadline: Option<Duration>,
+    /// Send each request with an `Idempotency-Key`, and send one answered 504 (or not at all)
+    /// again with it, up to N times (3 when no N is given): the retry gets the first request's
+    /// outcome, or waits on its saga.
+    #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N", help_heading = "Load")]
+    pub retry_timeouts: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -351,6 +361,20 @@ pub enum WorkflowsCommand {
     /// fixed; waits for the new state.
     Retry {
         id: uuid::Uuid,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        broker: Broker,
+    },
+    /// Cancel a running saga: no further step starts, the completed ones are undone in reverse
+    /// order, its client is told 409, and it ends `cancelled`; waits for that (up to 60 s). Exit 1
+    /// when the saga cannot be cancelled (it ended, or is past its last compensable step).
+    Cancel {
+        /// The workflow id (as in `workflow_id` of a response).
+        id: uuid::Uuid,
+        /// Coordination mode: the events mode has no saga to cancel.
+        #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
+        mode: CliMode,
         #[command(flatten)]
         data: DataDir,
         #[command(flatten)]
@@ -657,6 +681,11 @@ pub struct GatewayArgs {
     /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// How long the gateway keeps an `Idempotency-Key` of POST /spaces: a retry with the same
+    /// key and body within it gets the first request's outcome (or waits on its saga); past it
+    /// the key is forgotten and counts as new.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
     /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
     /// connection may sit idle between requests. Past it the gateway closes the connection.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -376,6 +376,7 @@ async fn drive(
         refusal_rate: opts.refusal_rate,
         timeout: Duration::from_secs(60),
         stop_after: opts.duration,
+        retry_timeouts: opts.retry_timeouts,
     };
     let outcome = baton_load::run(&spec, on_sent, on_done).await;
     if let Some(timer) = timer {
@@ -414,7 +415,8 @@ async fn drive(
         }
     }
     // What did not get through: sagas still open, messages still in an outbox, dead letters.
-    let unfinished = sum(dir, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')");
+    let unfinished =
+        sum(dir, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back', 'cancelled')");
     let left_in_outbox =
         sum(dir, "SELECT COUNT(*) FROM outbox") + sum(dir, "SELECT COUNT(*) FROM outbox_parked");
     let dead_letters = {

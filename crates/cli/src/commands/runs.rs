@@ -34,6 +34,7 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         duration: None,
         broker_ctl: None,
         deadline: args.deadline,
+        retry_timeouts: args.retry_timeouts,
     };
     eprintln!(
         "comparing workflow and events: {} requests at concurrency {}, faults: {}",
@@ -76,6 +77,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         duration: Some(args.duration),
         broker_ctl: args.broker_ctl.clone(),
         deadline: None,
+        retry_timeouts: None,
     };
     eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
     if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {

@@ -118,6 +118,7 @@ pub(super) async fn load(
     seed: u64,
     refusal_rate: f64,
     json: bool,
+    retry_timeouts: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&refusal_rate) {
         bail!("--refusal-rate {refusal_rate}: give a share between 0 and 1");
@@ -133,6 +134,7 @@ pub(super) async fn load(
         refusal_rate,
         timeout: Duration::from_secs(60),
         stop_after: None,
+        retry_timeouts,
     };
     let probe = reqwest::Client::new().get(format!("{}/health", gateway.trim_end_matches('/'))).send().await;
     if probe.is_err() {
@@ -163,5 +165,16 @@ pub(super) async fn load(
         st.p50_ms, st.p95_ms, st.p99_ms, st.max_ms
     );
     println!("throughput    {:.0} requests/s over {} ms", st.per_second, outcome.elapsed_ms);
+    if retry_timeouts.is_some() {
+        println!(
+            "retries       {} of {} timed-out requests retried ({} retries), {} answered by a retry; retried ones took p50 {:.1} ms, max {:.1} ms",
+            st.retried,
+            st.first_timeouts,
+            st.retries,
+            st.fixed_by_retry,
+            st.retried_p50_ms,
+            st.retried_max_ms
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,11 +1,14 @@
-//! `baton workflows`: the sagas of a data dir's orchestrator, read-only, and the retry of one.
+//! `baton workflows`: the sagas of a data dir's orchestrator, read-only, and the retry or the
+//! cancel of one.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 
-use crate::args::{Broker, DataDir, WorkflowsCommand};
+use baton_workflow::HistoryEvent;
+
+use crate::args::{Broker, CliMode, DataDir, WorkflowsCommand};
 
 /// The sagas of the orchestrator of `data`; an error that says where to point when it has none.
 fn sagas(data: &DataDir) -> anyhow::Result<baton_orchestrator::Sagas> {
@@ -54,7 +57,9 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        WorkflowsCommand::Retry { .. } => unreachable!("retry is async, dispatched before"),
+        WorkflowsCommand::Retry { .. } | WorkflowsCommand::Cancel { .. } => {
+            unreachable!("retry and cancel are async, dispatched before")
+        }
         WorkflowsCommand::Show { id, data, json } => {
             let Some(view) = sagas(&data)?.describe(id)? else {
                 bail!("no workflow {id} in {}", data.data_dir.display());
@@ -119,6 +124,53 @@ pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyh
         if tokio::time::Instant::now() > deadline {
             println!("{id}: {now}");
             eprintln!("the rollback did not finish within 60 s; `baton workflows show {id}` tells why");
+            return Ok(ExitCode::from(1));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `baton workflows cancel`: ask the orchestrator (through `orchestrator.commands`, whichever
+/// instance is alive) to cancel a running saga, then wait for it to end `cancelled`.
+pub(super) async fn cancel(
+    id: uuid::Uuid,
+    mode: CliMode,
+    data: DataDir,
+    broker: Broker,
+) -> anyhow::Result<ExitCode> {
+    if matches!(mode, CliMode::Events) {
+        bail!(
+            "the events mode has no saga to cancel: each service reacts to the previous one's event and nobody \
+             undoes a flow once it started (`baton reconcile` cleans up afterwards); cancelling needs the workflow mode"
+        );
+    }
+    let read = |data: &DataDir| -> anyhow::Result<baton_orchestrator::query::WorkflowView> {
+        sagas(data)?.describe(id)?.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))
+    };
+    let before = read(&data)?;
+    if let Some(why) = before.why_not_cancellable() {
+        eprintln!("{why}");
+        println!("{id}: {}", before.status);
+        return Ok(ExitCode::from(1));
+    }
+    let refused = before.count(HistoryEvent::CancelRefused);
+    baton_orchestrator::request_cancel(&broker.amqp_url, id, "baton workflows cancel").await?;
+    eprintln!("asked the orchestrator to cancel {id}; waiting (up to 60 s) while its steps are undone");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = read(&data)?;
+        if now.count(HistoryEvent::CancelRefused) > refused {
+            eprintln!("{}", now.last_detail(HistoryEvent::CancelRefused).unwrap_or("it cannot be cancelled"));
+            println!("{id}: {}", now.status);
+            return Ok(ExitCode::from(1));
+        }
+        if now.status == "cancelled" {
+            println!("{id}: cancelled");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("{id}: {}", now.status);
+            eprintln!("the cancel did not finish within 60 s; `baton workflows show {id}` tells why");
             return Ok(ExitCode::from(1));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
