@@ -81,7 +81,11 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
         });
         row("504s answered by a retry", &|r| r.stats.fixed_by_retry.to_string());
         row("retried requests: latency p50 / max (ms)", &|r| {
-            format!("{:.1} / {:.1}", r.stats.retried_p50_ms, r.stats.retried_max_ms)
+            if r.stats.retried == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1} / {:.1}", r.stats.retried_p50_ms, r.stats.retried_max_ms)
+            }
         });
     }
     row("504s whose space later completed", &|r| r.timeouts_split().0.to_string());

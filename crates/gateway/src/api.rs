@@ -398,3 +398,31 @@ async fn health(gw: &Gateway, question: Kind) -> Response {
     extra.insert("workflow".into(), json!(gw.opts.workflow));
     baton_health::answer(&report, question, extra)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(keys: &[&str]) -> header::HeaderMap {
+        let mut h = header::HeaderMap::new();
+        for k in keys {
+            h.append("idempotency-key", header::HeaderValue::from_str(k).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn an_idempotency_key_is_one_header_of_visible_ascii() {
+        assert_eq!(idempotency_key(&headers(&[])), Ok(None));
+        let uuid = "0192f0c4-6b1e-7c3a-9f00-1a2b3c4d5e6f";
+        assert_eq!(idempotency_key(&headers(&[uuid])), Ok(Some(uuid.to_owned())));
+        assert!(idempotency_key(&headers(&["a", "b"])).unwrap_err().contains("twice"));
+        for bad in ["", "two words", &"k".repeat(MAX_KEY + 1)] {
+            assert!(idempotency_key(&headers(&[bad])).unwrap_err().contains("1 to 255"), "{bad:?}");
+        }
+        assert_eq!(
+            idempotency_key(&headers(&[&"k".repeat(MAX_KEY)])).map(|k| k.map(|k| k.len())),
+            Ok(Some(MAX_KEY))
+        );
+    }
+}

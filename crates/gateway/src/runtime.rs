@@ -453,7 +453,58 @@ impl Gateway {
         // Waiting before reading: an outcome arriving in between is either in the row read
         // below or handed to this waiter.
         let (me, rx) = self.wait(saga_id);
-        let stored = self
+        // Gone once it has answered (or its sender was dropped): then only the row is read.
+        let mut rx = Some(rx);
+        let deadline = tokio::time::Instant::now() + self.opts.deadline;
+        let mut logged = false;
+        loop {
+            // The row too, and again while waiting: the outcome may come to another gateway
+            // instance on this data dir (the one that sent the request), which records it.
+            let stored = match self.stored_outcome(saga_id).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.forget(saga_id, me);
+                    return Err(Refusal::Unavailable(format!("the gateway's database failed: {e}")));
+                }
+            };
+            let outcome = match stored {
+                Some(outcome) => Some(outcome),
+                None => {
+                    if !logged {
+                        tracing::debug!(%saga_id, "a retry waits on the running request of its idempotency key");
+                        logged = true;
+                    }
+                    let next = (tokio::time::Instant::now() + REPLAY_POLL).min(deadline);
+                    match rx.as_mut() {
+                        Some(waiting) => tokio::select! {
+                            got = waiting => {
+                                rx = None;
+                                got.ok()
+                            }
+                            _ = tokio::time::sleep_until(next) => None,
+                        },
+                        None => {
+                            tokio::time::sleep_until(next).await;
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(outcome) = outcome {
+                self.forget(saga_id, me);
+                self.tell(saga_id, outcome.status).await;
+                return Ok(outcome);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.forget(saga_id, me);
+                return Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline });
+            }
+        }
+    }
+
+    /// The outcome recorded for `saga_id`, if one came.
+    async fn stored_outcome(&self, saga_id: Uuid) -> Result<Option<SagaOutcome>, StoreError> {
+        let json = self
             .db
             .call(move |c| {
                 use rusqlite::OptionalExtension;
@@ -465,30 +516,8 @@ impl Gateway {
                 .optional()?
                 .flatten())
             })
-            .await;
-        let stored = match stored {
-            Ok(s) => s.and_then(|json| serde_json::from_str::<SagaOutcome>(&json).ok()),
-            Err(e) => {
-                self.forget(saga_id, me);
-                return Err(Refusal::Unavailable(format!("the gateway's database failed: {e}")));
-            }
-        };
-        if let Some(outcome) = stored {
-            self.forget(saga_id, me);
-            self.tell(saga_id, outcome.status).await;
-            return Ok(outcome);
-        }
-        tracing::debug!(%saga_id, "a retry waits on the running request of its idempotency key");
-        match tokio::time::timeout(self.opts.deadline, rx).await {
-            Ok(Ok(outcome)) => {
-                self.tell(saga_id, outcome.status).await;
-                Ok(outcome)
-            }
-            _ => {
-                self.forget(saga_id, me);
-                Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline })
-            }
-        }
+            .await?;
+        Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
     }
 
     /// Send a new request (its row is written) and wait for its outcome, up to the deadline.
@@ -584,6 +613,10 @@ impl Gateway {
         }
     }
 }
+
+/// How often a retry waiting on a running request reads its row, for an outcome recorded by
+/// another gateway instance.
+const REPLAY_POLL: Duration = Duration::from_millis(500);
 
 /// What a request's `Idempotency-Key` says of it.
 enum Seen {
