@@ -169,3 +169,29 @@ async fn a_key_older_than_its_time_to_live_is_a_new_request() {
     assert_eq!((status, replayed), (409, true));
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_create_space_run_again_with_its_key_prints_the_first_outcome() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, config(Mode::Workflow)).await;
+    let gateway = format!("http://{}", sys.http);
+    let run = || {
+        let gateway = gateway.clone();
+        async move {
+            let out = tokio::process::Command::new(baton_tests::baton_bin())
+                .args(["create-space", "--name", "cli", "--owner", "frank", "--idempotency-key", "k-cli"])
+                .args(["--gateway", &gateway, "--log", "warn"])
+                .output()
+                .await
+                .unwrap();
+            let printed: Value = serde_json::from_slice(&out.stdout).expect("the outcome as JSON");
+            (out.status.code(), printed)
+        }
+    };
+    let (code, first) = run().await;
+    assert_eq!((code, first["status"].as_i64()), (Some(0), Some(200)), "{first}");
+    let (code, again) = run().await;
+    assert_eq!(code, Some(0), "the same space, not a 409 for its name: {again}");
+    assert_eq!(again, first);
+    sys.stop().await;
+}

@@ -50,6 +50,11 @@ pub enum Command {
         /// The gateway's base URL.
         #[arg(long, env = "BATON_GATEWAY", default_value = "http://127.0.0.1:8080")]
         gateway: String,
+        /// Send it with this `Idempotency-Key`: run the command again with the same key (and
+        /// name and owner) after a 504 or a lost answer, and it prints the first request's
+        /// outcome instead of making a second one.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// Check the cross-service invariant over a data dir: exit 1 and one line per violation.
     Audit {

@@ -16,7 +16,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up::up(args).await,
         Command::Run { component } => up::run(component).await,
-        Command::CreateSpace { name, owner, gateway } => tools::create_space(&gateway, &name, &owner).await,
+        Command::CreateSpace { name, owner, gateway, idempotency_key } => {
+            tools::create_space(&gateway, &name, &owner, idempotency_key.as_deref()).await
+        }
         Command::Audit { data, json } => tools::audit(&data, json),
         Command::Reconcile { data, amqp_url, older_than, every, json } => {
             tools::reconcile(data, amqp_url, older_than, every, json).await

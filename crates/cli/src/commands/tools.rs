@@ -9,15 +9,21 @@ use tokio_util::sync::CancellationToken;
 use crate::args::DataDir;
 use crate::shutdown;
 
-pub(super) async fn create_space(gateway: &str, name: &str, owner: &str) -> anyhow::Result<ExitCode> {
+pub(super) async fn create_space(
+    gateway: &str,
+    name: &str,
+    owner: &str,
+    key: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let url = format!("{}/spaces", gateway.trim_end_matches('/'));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-    let resp =
-        client.post(&url).json(&serde_json::json!({ "name": name, "owner": owner })).send().await.map_err(
-            |e| {
-                anyhow!("no gateway answered at {gateway} ({e}); start one with `baton up` or pass --gateway")
-            },
-        )?;
+    let mut post = client.post(&url).json(&serde_json::json!({ "name": name, "owner": owner }));
+    if let Some(key) = key {
+        post = post.header("idempotency-key", key);
+    }
+    let resp = post.send().await.map_err(|e| {
+        anyhow!("no gateway answered at {gateway} ({e}); start one with `baton up` or pass --gateway")
+    })?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.context("the gateway's answer is not JSON")?;
     let printed = serde_json::json!({ "status": status.as_u16(), "body": body });
