@@ -33,7 +33,8 @@ async fn saga_of(env: &TestEnv, name: &str) -> String {
 async fn wait_event(sys: &System, saga: &str, step: Option<&str>, event: &str) {
     wait_for(&format!("{event} in saga {saga}"), Duration::from_secs(30), || async {
         let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
-        if view.is_null() {
+        // Not there yet (404) while the start waits for the orchestrator.
+        if !view["history"].is_array() {
             return None;
         }
         timeline(&view).iter().any(|(s, _, e)| e == event && step.is_none_or(|st| st == s)).then_some(())
@@ -208,5 +209,63 @@ async fn in_events_mode_cancel_is_a_409_that_names_the_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("events mode"), "{stderr}");
+    sys.stop().await;
+}
+
+/// Run the orchestrator alone as instance `instance` (stop it by cancelling the token).
+fn spawn_orchestrator(
+    env: &TestEnv,
+    cfg: &SystemConfig,
+    instance: &str,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut config = baton_tests::node_config(env, cfg);
+    config.instance = instance.into();
+    let token = cancel.clone();
+    let task = tokio::spawn(async move {
+        baton_node::run(baton_protocol::Component::Orchestrator, &config, token).await
+    });
+    (cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instance_that_starts() {
+    let env = TestEnv::new().await;
+    let cfg =
+        SystemConfig { skip: vec![Service::Routing], with_orchestrator: false, ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let (first, first_task) = spawn_orchestrator(&env, &cfg, "main");
+    let url = format!("http://{}/spaces", sys.http);
+    let waiting = tokio::spawn(async move {
+        client().post(url).json(&serde_json::json!({"name": "gone", "owner": "gina"})).send().await
+    });
+    let saga = saga_of(&env, "gone").await;
+    wait_event(&sys, &saga, Some("routing"), "sent").await;
+    first.cancel();
+    first_task.await.unwrap().unwrap();
+    // Nobody consumes orchestrator.commands now: the cancel waits there.
+    let id = uuid::Uuid::parse_str(&saga).unwrap();
+    baton_orchestrator::request_cancel(&env.amqp_url(), id, "baton workflows cancel").await.unwrap();
+    // Another instance, under another name, takes it up; routing comes back for the undo.
+    let (second, second_task) = spawn_orchestrator(&env, &cfg, "second");
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    wait_for("the saga to end cancelled", Duration::from_secs(40), || async {
+        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        (view["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let story = saga_story(env.data_dir(), &saga);
+    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let space = view["space_id"].as_str().unwrap().to_owned();
+    for s in Service::ALL {
+        assert_eq!(rows_for(env.data_dir(), s, &space), 0, "{s} left a row: {story}");
+    }
+    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409, "{story}");
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    for (token, task) in [(routing, routing_task), (second, second_task)] {
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
     sys.stop().await;
 }
