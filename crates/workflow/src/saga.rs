@@ -662,7 +662,7 @@ impl Saga {
             service,
             status: 409,
             reason: format!(
-                "the request was cancelled ({reason}) before {service} finished; every step it had done was undone"
+                "the request was cancelled by an operator ({reason}) before {service} finished; every step it had done was undone"
             ),
         };
         self.begin_compensation(wf, failure, now, &mut out);
