@@ -98,9 +98,6 @@ async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
         Ok(r) => r,
         Err(invalid) => return error(status(invalid.status), invalid.message),
     };
-    if let Err(reason) = gw.ready().await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("not taking new work: {reason}"));
-    }
     let Ok(_slot) = gw.slots.try_acquire() else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,

@@ -417,6 +417,30 @@ impl Gateway {
         };
         let (name, owner, mode) = (req.name.clone(), req.owner.clone(), self.opts.mode.as_str());
         let ttl_ms = i64::try_from(self.opts.idempotency_ttl.as_millis()).unwrap_or(i64::MAX);
+        // A retry needs only the gateway's database: a client that retries because the broker
+        // is away still learns an outcome that was recorded. New work needs the broker.
+        let known = match &key {
+            Some(key) => {
+                let key = key.clone();
+                let since = now_ms().saturating_sub(ttl_ms);
+                self.db.transaction(move |tx| idempotency::find(tx, &key, since)).await
+            }
+            None => Ok(None),
+        };
+        match known {
+            Ok(Some(first)) if first.name == req.name && first.owner == req.owner => {}
+            Ok(Some(first)) => return (Err(Refusal::KeyReused(first)), false),
+            Ok(None) => {
+                if let Err(reason) = self.ready().await {
+                    return (Err(Refusal::Unavailable(format!("not taking new work: {reason}"))), false);
+                }
+            }
+            Err(e) => {
+                return (Err(Refusal::Unavailable(format!("the gateway's database failed: {e}"))), false);
+            }
+        }
+        // Looked up again in the transaction that records a new request: two tries of one key
+        // at once make one request.
         let seen = self
             .db
             .transaction(move |tx| {
