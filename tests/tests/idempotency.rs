@@ -195,3 +195,24 @@ async fn baton_create_space_run_again_with_its_key_prints_the_first_outcome() {
     assert_eq!(again, first);
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_of_one_key_sent_at_once_make_one_request() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, config(Mode::Workflow)).await;
+    let http = sys.http;
+    let tries: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { create(http, "burst", "hana", Some("k-burst")).await }))
+        .collect();
+    let mut ids = Vec::new();
+    for t in tries {
+        let (status, body, _) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one space: {ids:?}");
+    assert_eq!(scalar(env.data_dir(), "gateway.db", "SELECT COUNT(*) FROM requests"), 1);
+    assert_eq!(scalar(env.data_dir(), "gateway.db", "SELECT replays FROM idempotency_keys"), 5);
+    sys.stop().await;
+}
