@@ -211,6 +211,8 @@ pub struct SystemConfig {
     pub max_in_flight: usize,
     /// The checks of every component started, answered by the gateway's `/health/ready`.
     pub health: baton_health::Health,
+    /// Every component's retention.
+    pub retain: Duration,
 }
 
 impl Default for SystemConfig {
@@ -229,6 +231,7 @@ impl Default for SystemConfig {
             with_gateway: true,
             max_in_flight: 1_000,
             health: baton_health::Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 }
@@ -350,6 +353,7 @@ pub fn node_config(env: &TestEnv, cfg: &SystemConfig) -> baton_node::Config {
     config.deadline = cfg.deadline;
     config.max_in_flight = cfg.max_in_flight;
     config.health = cfg.health.clone();
+    config.retain = cfg.retain;
     config
 }
 

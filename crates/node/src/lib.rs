@@ -58,6 +58,9 @@ pub struct Config {
     pub limits: HttpLimits,
     /// The checks of every component of this process.
     pub health: Health,
+    /// How long each component keeps what it only needs for a while (finished sagas, inbox
+    /// rows, tombstones, idempotency keys); also the oldest message it handles.
+    pub retain: Duration,
 }
 
 impl Config {
@@ -80,6 +83,7 @@ impl Config {
             max_in_flight: 1024,
             limits: HttpLimits::default(),
             health: Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 
@@ -99,6 +103,7 @@ impl Config {
             faults: self.faults.clone(),
             instance: self.instance.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -111,6 +116,7 @@ impl Config {
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -128,6 +134,7 @@ impl Config {
             limits: self.limits,
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::in_data_dir(&self.data_dir),
+            retain: self.retain,
         }
     }
 }
