@@ -28,7 +28,9 @@ fn count(env: &TestEnv, sql: &str) -> i64 {
 fn sent_to(env: &TestEnv, step: &str) -> i64 {
     count(
         env,
-        &format!("SELECT COUNT(DISTINCT saga_id) FROM history WHERE step = '{step}' AND event = 'sent' AND action = 'do'"),
+        &format!(
+            "SELECT COUNT(DISTINCT saga_id) FROM history WHERE step = '{step}' AND event = 'sent' AND action = 'do'"
+        ),
     )
 }
 
@@ -133,7 +135,10 @@ async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_ve
     assert_eq!(statuses, vec![200; IN_FLIGHT]);
     all_well(&env, IN_FLIGHT, &["orchestrator-1.log", "orchestrator-2.log"]).await;
     assert_eq!(scalar(env.data_dir(), "notifier.db", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
-    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")), IN_FLIGHT as i64);
+    assert_eq!(
+        count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")),
+        IN_FLIGHT as i64
+    );
 
     // Both versions are stored; v1 has its sagas, done.
     let versions = baton_orchestrator::Sagas::in_data_dir(env.data_dir()).versions().unwrap();
@@ -246,7 +251,9 @@ async fn a_downgrade_and_two_restarts_on_different_versions() {
         logs.push(log);
         for i in 0..2 {
             let sys2 = Arc::clone(&sys);
-            calls.spawn(async move { sys2.create(&format!("r{round}-{i}"), &format!("owner-{round}-{i}")).await });
+            calls.spawn(
+                async move { sys2.create(&format!("r{round}-{i}"), &format!("owner-{round}-{i}")).await },
+            );
         }
         wait_for("the round's sagas to wait at routing", Duration::from_secs(30), || async {
             (sent_to(&env, "routing") == 2 * (round as i64 + 1)).then_some(())
@@ -322,6 +329,10 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
     .await;
     // Other sagas are not held up.
     assert_eq!(sys.create("other", "bob").await.0, 200);
+    // The audit names it for the operator.
+    let report = env.audit();
+    let kinds: Vec<_> = report.violations.iter().map(|v| v.kind).collect();
+    assert_eq!(kinds, vec![baton_audit::Kind::DefinitionMissing], "{:#?}", report.violations);
     let versions = baton_orchestrator::Sagas::in_data_dir(env.data_dir()).versions().unwrap();
     let lost = versions.iter().find(|v| v.hash == v1).expect("the missing version is listed by its hash");
     assert_eq!(lost.stuck, 1, "{versions:?}");
