@@ -1,7 +1,8 @@
 //! Retention: with a tiny `--retain`, 20,000 sagas leave the databases no bigger than a few
 //! thousand do. Finished sagas and their history, inbox rows and tombstones are purged in the
 //! background while the load runs, and nothing that was still needed is lost: every request
-//! succeeds, nothing is dead-lettered, and the audit is clean.
+//! gets its answer (a fifth are refused by a rule and rolled back), nothing is dead-lettered,
+//! and the audit is clean.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,30 +16,30 @@ struct Measure {
     history: i64,
     inbox: i64,
     tombstones: i64,
-    /// Every component's database file and its WAL, in bytes.
+    /// Every component's database file, in bytes (the WAL apart: its size is the checkpoints'
+    /// lag, not what the database holds).
     bytes: u64,
     /// The orchestrator's alone.
     orchestrator_bytes: u64,
+    /// Every WAL, in bytes.
+    wal_bytes: u64,
 }
 
 fn measure(env: &TestEnv) -> Measure {
     let dir = env.data_dir();
     let sum = |sql: &str| baton_store::sum_over(dir, sql).unwrap_or(0);
-    let size = |db: &str| {
-        ["", "-wal"]
-            .iter()
-            .filter_map(|ext| std::fs::metadata(dir.join(format!("{db}.db{ext}"))).ok())
-            .map(|m| m.len())
-            .sum::<u64>()
-    };
-    let all = baton_protocol::Component::ALL.iter().map(|c| size(c.name())).sum();
+    let size = |file: String| std::fs::metadata(dir.join(file)).map_or(0, |m| m.len());
+    let names = || baton_protocol::Component::ALL.iter().map(|c| c.name());
+    let all = names().map(|c| size(format!("{c}.db"))).sum();
+    let wal = names().map(|c| size(format!("{c}.db-wal"))).sum();
     Measure {
         sagas: sum("SELECT COUNT(*) FROM sagas"),
         history: sum("SELECT COUNT(*) FROM history"),
         inbox: sum("SELECT COUNT(*) FROM inbox"),
         tombstones: sum("SELECT COUNT(*) FROM tombstones"),
         bytes: all,
-        orchestrator_bytes: size("orchestrator"),
+        orchestrator_bytes: size("orchestrator.db".into()),
+        wal_bytes: wal,
     }
 }
 
@@ -50,11 +51,11 @@ fn total() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_sagas_with_a_tiny_retention_leave_the_databases_bounded() {
     let env = TestEnv::new().await;
-    let retain = Duration::from_secs(5);
+    let retain = Duration::from_secs(2);
     let cfg = SystemConfig { retain, deadline: Duration::from_secs(30), ..SystemConfig::default() };
     let sys = System::start(&env, cfg).await;
     let total = total();
-    let rounds = 4;
+    let rounds = 8;
     let started = Instant::now();
     let mut measures = Vec::new();
     for round in 0..rounds {
@@ -63,17 +64,21 @@ async fn many_sagas_with_a_tiny_retention_leave_the_databases_bounded() {
             requests: total / rounds,
             concurrency: 64,
             seed: round as u64 + 1,
-            refusal_rate: 0.0,
+            // A fifth refused by a rule (reserved route, taken name, full plan): their
+            // compensations leave tombstones for the purge too.
+            refusal_rate: 0.2,
             timeout: Duration::from_secs(60),
             stop_after: None,
         };
         let out = baton_load::run(&spec, Arc::new(|_| {}), Arc::new(|_| {})).await;
-        let failed: Vec<_> = out.samples.iter().filter(|s| s.status != 200).take(5).collect();
-        assert!(failed.is_empty(), "round {round}: every request succeeds: {failed:?}");
+        // Succeeded, or refused by the rule it was drawn to meet; never a timeout or a 5xx.
+        let failed: Vec<_> =
+            out.samples.iter().filter(|s| !matches!(s.status, 200 | 403 | 409)).take(5).collect();
+        assert!(failed.is_empty(), "round {round}: every request gets its answer: {failed:?}");
         let m = measure(&env);
         eprintln!(
             "after {:>6} sagas ({:>5.1} s, {:>4.0}/s this round): sagas {:>6}, history {:>7}, inbox {:>6}, \
-             tombstones {:>5}, orchestrator.db {:>6} KiB, all databases {:>6} KiB",
+             tombstones {:>5}, orchestrator.db {:>6} KiB, all databases {:>6} KiB, WALs {:>6} KiB",
             (round + 1) * total / rounds,
             started.elapsed().as_secs_f64(),
             (total / rounds) as f64 / (out.elapsed_ms.max(1) as f64 / 1000.0),
@@ -82,32 +87,34 @@ async fn many_sagas_with_a_tiny_retention_leave_the_databases_bounded() {
             m.inbox,
             m.tombstones,
             m.orchestrator_bytes / 1024,
-            m.bytes / 1024
+            m.bytes / 1024,
+            m.wal_bytes / 1024
         );
         measures.push(m);
     }
     every_saga_ends(&env, Duration::from_secs(30)).await;
     // Once the load stops, the purge catches up with all of it.
-    wait_for("the purge to empty the sagas", retain * 4, || async {
+    wait_for("the purge to empty the sagas", retain * 10, || async {
         (measure(&env).sagas == 0).then_some(())
     })
     .await;
     let end = measure(&env);
-    eprintln!("{} s after the load: {end:?}", retain.as_secs() * 4);
+    eprintln!("after the load: {end:?}");
 
-    let (first, last) = (measures[0], measures[rounds - 1]);
-    // What the retention manages stays near what a few seconds of load hold, whatever the total.
+    // What the retention manages stays near what a few seconds of load hold, whatever the total:
+    // the last round holds no more than twice the second (the first may not have purged yet).
+    let (steady, last) = (measures[1], measures[rounds - 1]);
     for m in &measures {
-        assert!(m.sagas < (total / rounds) as i64, "{m:?}");
-        assert!(m.inbox < (total / rounds * 5) as i64, "{m:?}");
+        assert!(m.sagas < (total / 4) as i64, "{m:?}");
     }
-    // The orchestrator's database, nearly all retention-managed, stops growing after the first
-    // round; the services' keep their business rows (a space is not purged), so the whole grows
-    // by those alone.
+    assert!(last.sagas <= steady.sagas * 2 && last.inbox <= steady.inbox * 2, "{steady:?} then {last:?}");
+    // The orchestrator's database, nearly all retention-managed, stops growing once the purge
+    // runs (freed pages are reused); the services' keep their business rows (a space is not
+    // purged), so the whole grows by those alone.
     assert!(
-        last.orchestrator_bytes <= first.orchestrator_bytes * 3 / 2,
+        last.orchestrator_bytes <= steady.orchestrator_bytes * 3 / 2,
         "orchestrator.db grew from {} to {} bytes",
-        first.orchestrator_bytes,
+        steady.orchestrator_bytes,
         last.orchestrator_bytes
     );
     assert_eq!(end.tombstones, 0);

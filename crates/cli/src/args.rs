@@ -208,6 +208,10 @@ pub struct BenchArgs {
     /// whose services never answer), to read its RSS; 0 skips that phase.
     #[arg(long, default_value_t = 10_000)]
     pub hold: usize,
+    /// Every component's `--retain` (their default, 7 days, when not given): with a short one,
+    /// the prefill's sagas, inbox rows and tombstones are purged while the modes are measured.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retain: Option<Duration>,
     #[command(flatten)]
     pub broker: RunBroker,
     #[arg(long, default_value = "data/bench")]
