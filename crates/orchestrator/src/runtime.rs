@@ -212,10 +212,11 @@ impl Core {
     /// process's times may be off by any clock jump), count them and arm the timer.
     async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
         let core = Arc::clone(self);
-        let (n, next): (i64, Option<i64>) = self
+        let (n, next, missing): (i64, Option<i64>, usize) = self
             .db
             .transaction(move |tx| {
                 let now = core.clock.now();
+                let mut missing = 0;
                 let ids = crate::query::in_flight_ids(tx)?;
                 for &id in &ids {
                     let Some((mut saga, meta)) = load(tx, id)? else { continue };
@@ -224,14 +225,25 @@ impl Core {
                             saga.rearm(&wf, now);
                             Vec::new()
                         }
-                        Err(why) => saga.definition_missing(why),
+                        Err(why) => {
+                            missing += 1;
+                            saga.definition_missing(why)
+                        }
                     };
                     apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 }
                 let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
-                Ok((ids.len() as i64, next))
+                Ok((ids.len() as i64, next, missing))
             })
             .await?;
+        if missing > 0 {
+            tracing::warn!(
+                sagas = missing,
+                "sagas in flight stopped as definition_missing: the definitions they started on are not in the store; \
+                 start an orchestrator with those workflow files, then `baton workflows retry <id>` \
+                 (`baton workflows list --state definition_missing` lists them)"
+            );
+        }
         self.timer.schedule(next.map(|n: i64| n as u64));
         Ok(n)
     }
