@@ -370,7 +370,7 @@ pub fn versions(conn: &Connection) -> Result<Vec<Version>, StoreError> {
                 SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END)
          FROM sagas s WHERE NOT EXISTS (SELECT 1 FROM definitions d WHERE d.hash = s.definition_hash)
          GROUP BY s.workflow, s.definition_hash
-         ORDER BY 1, 3 DESC"
+         ORDER BY 1, 3 DESC NULLS LAST"
     ))?;
     let rows = stmt.query_map([], |r| {
         Ok(Version {
@@ -383,4 +383,51 @@ pub fn versions(conn: &Connection) -> Result<Vec<Version>, StoreError> {
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `orchestrator.db` with two versions of create-space: `old` with a saga running, one
+    /// completed and one stuck; `new` with none; and a saga pinned to a hash no longer stored.
+    async fn store() -> (tempfile::TempDir, Sagas) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = baton_store::Db::open(&dir.path().join("orchestrator.db"), crate::MIGRATIONS).unwrap();
+        db.transaction(|tx| {
+            tx.execute_batch(
+                "INSERT INTO definitions (workflow, body, hash, first_seen) VALUES
+                   ('create-space', 'a', 'old', 1000), ('create-space', 'b', 'new', 2000);
+                 INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at, definition_hash) VALUES
+                   ('s1', 'p1', 'create-space', 'running', '{}', '', 1, 1, 'old'),
+                   ('s2', 'p2', 'create-space', 'completed', '{}', '', 1, 1, 'old'),
+                   ('s3', 'p3', 'create-space', 'definition_missing', '{}', '', 1, 1, 'old'),
+                   ('s4', 'p4', 'create-space', 'definition_missing', '{}', '', 1, 1, 'gone');",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let sagas = Sagas::in_data_dir(dir.path());
+        (dir, sagas)
+    }
+
+    #[tokio::test]
+    async fn versions_count_each_definitions_sagas_newest_first_and_list_a_hash_no_longer_stored() {
+        let (_dir, sagas) = store().await;
+        let got: Vec<_> = sagas
+            .versions()
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.hash, v.first_seen_ms, v.running, v.done, v.stuck))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("new".into(), Some(2000), 0, 0, 0),
+                ("old".into(), Some(1000), 1, 1, 1),
+                ("gone".into(), None, 0, 0, 1),
+            ]
+        );
+    }
 }
