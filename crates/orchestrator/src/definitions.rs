@@ -149,3 +149,57 @@ pub async fn record(
     }
     Ok(hashes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the build before versions: definitions by id only, a saga in flight on
+    /// one. Opened by this build, the saga gets its definition's hash and finds it by hash.
+    #[tokio::test]
+    async fn a_saga_from_before_the_hashes_is_pinned_to_the_hash_of_the_definition_it_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orchestrator.db");
+        let before: &'static [&'static str] = &crate::MIGRATIONS[..1];
+        let wf = Workflow::create_space();
+        {
+            let db = Db::open(&path, before).unwrap();
+            let body = wf.body();
+            db.transaction(move |tx| {
+                tx.execute("INSERT INTO definitions (workflow, body) VALUES ('create-space', ?1)", [&body])?;
+                tx.execute(
+                    "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at, definition)
+                     VALUES ('s1', 'p1', 'create-space', 'running', '{}', '', 1, 1, 1)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        }
+        let db = Db::open(&path, crate::MIGRATIONS).unwrap();
+        let loaded = HashMap::from([("create-space".to_owned(), wf.clone())]);
+        let hashes = record(&db, &loaded).await.unwrap();
+        assert_eq!(hashes["create-space"], wf.hash());
+        let (pinned, rows) = db
+            .call(|c| {
+                let pinned: Option<String> =
+                    c.query_row("SELECT definition_hash FROM sagas WHERE saga_id = 's1'", [], |r| r.get(0))?;
+                let rows: i64 = c.query_row("SELECT COUNT(*) FROM definitions", [], |r| r.get(0))?;
+                Ok((pinned, rows))
+            })
+            .await
+            .unwrap();
+        assert_eq!(pinned.as_deref(), Some(wf.hash().as_str()));
+        assert_eq!(rows, 1, "the same definition is not stored twice");
+        // Read back by hash from the store (not from the loaded ones), and a hash unknown.
+        let cache = Definitions::default();
+        let hash = wf.hash();
+        let (found, unknown) = db
+            .call(move |c| Ok((cache.get(c, Some(&hash))?, cache.get(c, Some("0123456789abcdef"))?)))
+            .await
+            .unwrap();
+        assert_eq!(*found.unwrap(), wf);
+        assert_eq!(unknown.unwrap_err(), "no definition with hash 0123456789ab is stored");
+    }
+}
