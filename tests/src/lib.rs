@@ -213,6 +213,8 @@ pub struct SystemConfig {
     pub idempotency_ttl: Duration,
     /// The checks of every component started, answered by the gateway's `/health/ready`.
     pub health: baton_health::Health,
+    /// Every component's retention.
+    pub retain: Duration,
 }
 
 impl Default for SystemConfig {
@@ -232,6 +234,7 @@ impl Default for SystemConfig {
             max_in_flight: 1_000,
             idempotency_ttl: baton_gateway::DEFAULT_IDEMPOTENCY_TTL,
             health: baton_health::Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 }
@@ -354,6 +357,7 @@ pub fn node_config(env: &TestEnv, cfg: &SystemConfig) -> baton_node::Config {
     config.max_in_flight = cfg.max_in_flight;
     config.idempotency_ttl = cfg.idempotency_ttl;
     config.health = cfg.health.clone();
+    config.retain = cfg.retain;
     config
 }
 

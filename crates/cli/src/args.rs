@@ -223,6 +223,10 @@ pub struct BenchArgs {
     /// whose services never answer), to read its RSS; 0 skips that phase.
     #[arg(long, default_value_t = 10_000)]
     pub hold: usize,
+    /// Every component's `--retain` (their default, 7 days, when not given): with a short one,
+    /// the prefill's sagas, inbox rows and tombstones are purged while the modes are measured.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retain: Option<Duration>,
     #[command(flatten)]
     pub broker: RunBroker,
     #[arg(long, default_value = "data/bench")]
@@ -363,7 +367,8 @@ pub enum WorkflowsCommand {
         json: bool,
     },
     /// Finish the rollback of a saga that stopped in compensation_failed, once the cause is
-    /// fixed; waits for the new state.
+    /// fixed, or go on with one stopped in definition_missing, once an orchestrator has stored
+    /// its definition again; waits for the new state.
     Retry {
         id: uuid::Uuid,
         #[command(flatten)]
@@ -384,6 +389,15 @@ pub enum WorkflowsCommand {
         data: DataDir,
         #[command(flatten)]
         broker: Broker,
+    },
+    /// Every stored version of each workflow: its content hash, when it was first seen, and
+    /// how many sagas started on it are running, done, or waiting for an operator.
+    Versions {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// One saga: its steps and its timeline.
     Show {
@@ -614,6 +628,12 @@ pub struct NodeArgs {
     /// gateway of its own.
     #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
     pub health: Option<SocketAddr>,
+    /// How long each component keeps finished sagas and their history, inbox rows, tombstones
+    /// and idempotency keys before a background task purges them; a message older than this is
+    /// dead-lettered on arrival, since what made it a no-op may be gone (docs/reliability.md).
+    #[arg(long, env = "BATON_RETAIN", default_value = "7days", value_parser = humantime::parse_duration,
+          help_heading = "Storage")]
+    pub retain: std::time::Duration,
 }
 
 /// Flags of the components that consume work queues (the services and the orchestrator).

@@ -53,6 +53,10 @@ pub struct Options {
     pub health: baton_health::Health,
     /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
     pub sagas: baton_orchestrator::Sagas,
+    /// How long inbox rows (and idempotency keys) are kept; older messages are dead-lettered on
+    /// arrival ([`baton_store::retention`]). The requests themselves are kept: they are what
+    /// `GET /spaces/{id}`, the audit and `baton reconcile` know a client was told.
+    pub retain: Duration,
 }
 
 /// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as
@@ -167,10 +171,17 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let g = Arc::clone(&gw);
     let queue = gw.incoming.clone();
     let health = &gw.opts.health;
-    let cfg = ConsumerConfig::new(queue.clone(), 256).attached(health.check(
-        COMPONENT,
-        &format!("consuming {queue}"),
-        Kind::Ready,
+    let cfg = ConsumerConfig::new(queue.clone(), 256)
+        .attached(health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready))
+        .max_age(gw.opts.retain);
+    tasks.spawn(running(
+        health.check(COMPONENT, "retention running", Kind::Live),
+        baton_store::retention::run(
+            gw.db.clone(),
+            baton_store::retention::Retention::new(gw.opts.retain),
+            Vec::new(),
+            cancel.clone(),
+        ),
     ));
     let alive = health.check(COMPONENT, &format!("consumer of {queue} running"), Kind::Live);
     match gw.opts.mode {

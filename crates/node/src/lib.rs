@@ -61,6 +61,9 @@ pub struct Config {
     pub limits: HttpLimits,
     /// The checks of every component of this process.
     pub health: Health,
+    /// How long each component keeps what it only needs for a while (finished sagas, inbox
+    /// rows, tombstones, idempotency keys); also the oldest message it handles.
+    pub retain: Duration,
 }
 
 impl Config {
@@ -84,6 +87,7 @@ impl Config {
             idempotency_ttl: baton_gateway::DEFAULT_IDEMPOTENCY_TTL,
             limits: HttpLimits::default(),
             health: Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 
@@ -103,6 +107,7 @@ impl Config {
             faults: self.faults.clone(),
             instance: self.instance.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -115,6 +120,7 @@ impl Config {
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -133,6 +139,7 @@ impl Config {
             limits: self.limits,
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::in_data_dir(&self.data_dir),
+            retain: self.retain,
         }
     }
 }

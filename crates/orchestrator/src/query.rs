@@ -71,6 +71,14 @@ impl Sagas {
         }
     }
 
+    /// Every stored definition with its sagas, as [`versions`]; none without a database.
+    pub fn versions(&self) -> Result<Vec<Version>, StoreError> {
+        match self.open()? {
+            Some(conn) => versions(&conn),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Sagas in flight; 0 without a database.
     pub fn in_flight(&self) -> Result<i64, StoreError> {
         match self.open()? {
@@ -343,4 +351,102 @@ pub fn count_by_status(conn: &Connection) -> Result<Vec<(String, i64)>, StoreErr
     let mut stmt =
         conn.prepare_cached("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status")?;
     Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// One stored definition of a workflow, and its sagas: a line of `baton workflows versions`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Version {
+    pub workflow: String,
+    /// The content hash every saga started on it is pinned to.
+    pub hash: String,
+    /// When an orchestrator first loaded it (ms since the Unix epoch; `None` for a definition
+    /// stored before versions were recorded).
+    pub first_seen_ms: Option<i64>,
+    /// Sagas started on it still in flight (running, compensating, or succeeded with the email
+    /// on its way).
+    pub running: i64,
+    /// Sagas started on it that ended (completed, rolled back) and are still retained.
+    pub done: i64,
+    /// Sagas started on it waiting for an operator (`compensation_failed`, `definition_missing`).
+    pub stuck: i64,
+}
+
+/// Every stored definition, each workflow's newest first, with how many sagas it has in each
+/// kind of state. Sagas pinned to a hash no longer stored show under that hash with no body.
+pub fn versions(conn: &Connection) -> Result<Vec<Version>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT d.workflow, d.hash, d.first_seen,
+                COALESCE(SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END), 0)
+         FROM definitions d LEFT JOIN sagas s ON s.definition_hash = d.hash
+         WHERE d.hash IS NOT NULL
+         GROUP BY d.workflow, d.hash, d.first_seen
+         UNION ALL
+         SELECT s.workflow, COALESCE(s.definition_hash, ''), NULL,
+                SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END),
+                SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END),
+                SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END)
+         FROM sagas s WHERE NOT EXISTS (SELECT 1 FROM definitions d WHERE d.hash = s.definition_hash)
+         GROUP BY s.workflow, s.definition_hash
+         ORDER BY 1, 3 DESC NULLS LAST"
+    ))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Version {
+            workflow: r.get(0)?,
+            hash: r.get(1)?,
+            first_seen_ms: r.get(2)?,
+            running: r.get(3)?,
+            done: r.get(4)?,
+            stuck: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `orchestrator.db` with two versions of create-space: `old` with a saga running, one
+    /// completed and one stuck; `new` with none; and a saga pinned to a hash no longer stored.
+    async fn store() -> (tempfile::TempDir, Sagas) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = baton_store::Db::open(&dir.path().join("orchestrator.db"), crate::MIGRATIONS).unwrap();
+        db.transaction(|tx| {
+            tx.execute_batch(
+                "INSERT INTO definitions (workflow, body, hash, first_seen) VALUES
+                   ('create-space', 'a', 'old', 1000), ('create-space', 'b', 'new', 2000);
+                 INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at, definition_hash) VALUES
+                   ('s1', 'p1', 'create-space', 'running', '{}', '', 1, 1, 'old'),
+                   ('s2', 'p2', 'create-space', 'completed', '{}', '', 1, 1, 'old'),
+                   ('s3', 'p3', 'create-space', 'definition_missing', '{}', '', 1, 1, 'old'),
+                   ('s4', 'p4', 'create-space', 'definition_missing', '{}', '', 1, 1, 'gone');",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let sagas = Sagas::in_data_dir(dir.path());
+        (dir, sagas)
+    }
+
+    #[tokio::test]
+    async fn versions_count_each_definitions_sagas_newest_first_and_list_a_hash_no_longer_stored() {
+        let (_dir, sagas) = store().await;
+        let got: Vec<_> = sagas
+            .versions()
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.hash, v.first_seen_ms, v.running, v.done, v.stuck))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("new".into(), Some(2000), 0, 0, 0),
+                ("old".into(), Some(1000), 1, 1, 1),
+                ("gone".into(), None, 0, 0, 1),
+            ]
+        );
+    }
 }

@@ -14,10 +14,11 @@ use baton_protocol::{
     Space, StartSaga, StepCommand, StepError, StepReply,
 };
 use baton_store::relay::{self, Wake};
+use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
 use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
 
-use crate::definitions::{self, SagaClock};
+use crate::definitions::{self, Definitions, SagaClock};
 use rusqlite::{OptionalExtension, Transaction, params};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -39,6 +40,9 @@ pub struct Options {
     pub workflows: Vec<Workflow>,
     /// Where the orchestrator reports its liveness and readiness.
     pub health: Health,
+    /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
+    /// messages are dead-lettered on arrival ([`baton_store::retention`]).
+    pub retain: Duration,
 }
 
 /// Run the orchestrator until `cancel`.
@@ -46,7 +50,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let health = &opts.health;
     let consumer = |queue: String| {
         let attached = health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready);
-        ConsumerConfig::new(queue, opts.prefetch).attached(attached)
+        ConsumerConfig::new(queue, opts.prefetch).attached(attached).max_age(opts.retain)
     };
     // Registered first (failing until attached): a readiness asked while the orchestrator is
     // still starting does not pass without it.
@@ -62,9 +66,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
-    // Before anything is consumed: a saga must never be driven by a definition it was not
-    // started on.
-    let definition_ids = definitions::check_and_record(&db, &workflows).await?;
+    // Before anything is consumed: the sagas it starts are pinned to these hashes, and any
+    // orchestrator sharing the store can read them back to finish those sagas.
+    let current = definitions::record(&db, &workflows).await?;
+    let known = Definitions::with(&workflows);
     let core = Arc::new(Core {
         db: db.clone(),
         wake: Wake::default(),
@@ -74,10 +79,12 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         replies: replies.name.clone(),
         reply_kinds: reply_kinds(),
         workflows,
-        definition_ids,
+        current,
+        definitions: known,
         clock: SagaClock::start(),
     });
     db.feed(core.wake.clone());
+    let db_purge = db.clone();
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
@@ -91,6 +98,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()),
     ));
     tasks.spawn(running(live("timer running"), Arc::clone(&core).timer_loop(cancel.clone())));
+    tasks.spawn(running(
+        live("retention running"),
+        retention::run(db_purge, Retention::new(opts.retain), purges(), cancel.clone()),
+    ));
     let c = Arc::clone(&core);
     tasks.spawn(running(
         live(&format!("consumer of {} running", commands.queue)),
@@ -166,9 +177,12 @@ struct Core {
     commands: String,
     replies: String,
     reply_kinds: Vec<String>,
+    /// The workflows new sagas start on, by name.
     workflows: HashMap<String, Workflow>,
-    /// The `definitions` row of each loaded workflow, stored with every saga it starts.
-    definition_ids: HashMap<String, i64>,
+    /// The content hash of each loaded workflow, pinned to every saga it starts.
+    current: HashMap<String, String>,
+    /// Every definition a saga in flight may run on, read from the store by hash.
+    definitions: Definitions,
     /// Every time a transition sees; never the wall clock, which may jump.
     clock: SagaClock,
 }
@@ -177,6 +191,8 @@ struct Core {
 struct Meta {
     reply_to: Option<String>,
     trace: TraceParent,
+    /// The hash of the definition the saga started on.
+    definition: Option<String>,
 }
 
 /// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels (there,
@@ -203,21 +219,38 @@ impl Core {
     /// process's times may be off by any clock jump), count them and arm the timer.
     async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
         let core = Arc::clone(self);
-        let (n, next): (i64, Option<i64>) = self
+        let (n, next, missing): (i64, Option<i64>, usize) = self
             .db
             .transaction(move |tx| {
                 let now = core.clock.now();
+                let mut missing = 0;
                 let ids = crate::query::in_flight_ids(tx)?;
                 for &id in &ids {
                     let Some((mut saga, meta)) = load(tx, id)? else { continue };
-                    let Some(wf) = core.workflows.get(&saga.workflow) else { continue };
-                    saga.rearm(wf, now);
-                    apply(tx, &saga, Vec::new(), &meta, &core.reply_key, now)?;
+                    let effects = match core.definitions.get(tx, meta.definition.as_deref())? {
+                        Ok(wf) => {
+                            saga.rearm(&wf, now);
+                            Vec::new()
+                        }
+                        Err(why) => {
+                            missing += 1;
+                            saga.definition_missing(why)
+                        }
+                    };
+                    apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 }
                 let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
-                Ok((ids.len() as i64, next))
+                Ok((ids.len() as i64, next, missing))
             })
             .await?;
+        if missing > 0 {
+            tracing::warn!(
+                sagas = missing,
+                "sagas in flight stopped as definition_missing: the definitions they started on are not in the store; \
+                 start an orchestrator with those workflow files, then `baton workflows retry <id>` \
+                 (`baton workflows list --state definition_missing` lists them)"
+            );
+        }
         self.timer.schedule(next.map(|n: i64| n as u64));
         Ok(n)
     }
@@ -227,9 +260,9 @@ impl Core {
         let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
-        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
+        let definition = self.current.get(&start.workflow).cloned();
+        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone(), definition };
         let reply_key = self.reply_key.clone();
-        let definition = self.definition_ids.get(&start.workflow).copied();
         let clock = self.clock;
         let wake_at = self
             .db
@@ -274,7 +307,7 @@ impl Core {
                     Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
                 tx.execute(
                     "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at,
-                                        definition, deadline_at)
+                                        definition_hash, deadline_at)
                      VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8)",
                     params![
                         saga.id.to_string(),
@@ -283,7 +316,7 @@ impl Core {
                         meta.reply_to,
                         meta.trace.0,
                         now as i64,
-                        definition,
+                        meta.definition,
                         saga.deadline.map(|d| d.at_ms as i64)
                     ],
                 )?;
@@ -395,17 +428,18 @@ impl Core {
                 let Some((mut saga, meta)) = load(tx, saga_id)? else {
                     return Ok(Err(format!("saga {saga_id} is not one of this orchestrator instance's")));
                 };
-                let Some(wf) = core.workflows.get(&saga.workflow) else {
-                    return Ok(Err(format!(
-                        "saga {} runs workflow `{}`, which is not loaded",
-                        saga.id, saga.workflow
-                    )));
-                };
                 // Recorded only once the message is known to be handled here: a message rejected
                 // to the DLQ must still count as new when an operator replays it.
                 inbox::record(tx, message_id, &[])?;
                 let now = core.clock.now();
-                let (effects, extra) = step(&mut saga, wf, now);
+                let (effects, extra) = match core.definitions.get(tx, meta.definition.as_deref())? {
+                    Ok(wf) => step(&mut saga, &wf, now),
+                    // Stopped for an operator, and the message is handled: never a DLQ.
+                    Err(why) => {
+                        tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                        (saga.definition_missing(why), None)
+                    }
+                };
                 let wake = apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 Ok(Ok((wake, extra)))
             })
@@ -478,17 +512,32 @@ impl Core {
         for id in due {
             let id = Uuid::parse_str(&id).map_err(corrupt)?;
             let Some((mut saga, meta)) = load(tx, id)? else { continue };
-            let Some(wf) = self.workflows.get(&saga.workflow) else {
-                tracing::error!(saga_id = %id, workflow = %saga.workflow, "workflow not loaded; saga left as it is");
-                tx.execute("UPDATE sagas SET wake_at = NULL WHERE saga_id = ?1", [id.to_string()])?;
-                continue;
+            let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+                Ok(wf) => saga.on_tick(&wf, now),
+                Err(why) => {
+                    tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                    saga.definition_missing(why)
+                }
             };
-            let effects = saga.on_tick(wf, now);
             apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
         }
         let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", [], |r| r.get(0))?;
         Ok(next.map(|n| n as u64))
     }
+}
+
+/// What the orchestrator purges beside the base tables: sagas that ended (completed, rolled
+/// back) with their history, history first. Sagas waiting for an operator
+/// (`compensation_failed`, `definition_missing`) are kept whatever their age.
+fn purges() -> Vec<retention::Purge> {
+    // The same batch for both statements: same transaction, same order.
+    const FINISHED: &str = "SELECT saga_id FROM sagas WHERE status IN ('completed', 'rolled_back')
+                              AND updated_at < ?1 ORDER BY updated_at, saga_id LIMIT ?2";
+    vec![retention::Purge::with_dependents(
+        "finished sagas and their history",
+        vec![format!("DELETE FROM history WHERE saga_id IN ({FINISHED})")],
+        format!("DELETE FROM sagas WHERE saga_id IN ({FINISHED})"),
+    )]
 }
 
 /// The longest pause between two timer rounds that failed.
@@ -511,16 +560,13 @@ fn saga_exists(tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
 }
 
 fn load(tx: &Transaction<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
-    let row: Option<(String, Option<String>, String)> = tx
-        .query_row(
-            "SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1",
-            [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+    let row: Option<(String, Option<String>, String, Option<String>)> = tx
+        .prepare_cached("SELECT state, reply_to, traceparent, definition_hash FROM sagas WHERE saga_id = ?1")?
+        .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    row.map(|(state, reply_to, trace)| {
+    row.map(|(state, reply_to, trace, definition)| {
         let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
-        Ok((saga, Meta { reply_to, trace: TraceParent(trace) }))
+        Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition }))
     })
     .transpose()
 }

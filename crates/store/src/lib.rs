@@ -22,6 +22,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
+pub mod retention;
 pub mod tombstone;
 
 use relay::Wake;

@@ -35,11 +35,15 @@ pub enum SagaStatus {
     /// An operator cancelled it while it ran: every completed step was undone, and the client
     /// was told 409 (the request was cancelled).
     Cancelled,
+    /// The definition the saga started on cannot be found (or no longer fits it): it stopped
+    /// where it stood, nothing sent, until an operator makes the definition available again and
+    /// runs `baton workflows retry`.
+    DefinitionMissing,
 }
 
 impl SagaStatus {
     /// Every state, in the order a saga meets them.
-    pub const ALL: [SagaStatus; 7] = [
+    pub const ALL: [SagaStatus; 8] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Succeeded,
@@ -47,6 +51,7 @@ impl SagaStatus {
         SagaStatus::RolledBack,
         SagaStatus::CompensationFailed,
         SagaStatus::Cancelled,
+        SagaStatus::DefinitionMissing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +63,7 @@ impl SagaStatus {
             SagaStatus::RolledBack => "rolled_back",
             SagaStatus::CompensationFailed => "compensation_failed",
             SagaStatus::Cancelled => "cancelled",
+            SagaStatus::DefinitionMissing => "definition_missing",
         }
     }
 
@@ -77,6 +83,7 @@ impl SagaStatus {
                 | SagaStatus::RolledBack
                 | SagaStatus::CompensationFailed
                 | SagaStatus::Cancelled
+                | SagaStatus::DefinitionMissing
         )
     }
 }
@@ -102,6 +109,9 @@ pub fn why_not_cancellable(id: Uuid, status: SagaStatus, cancelled: bool) -> Opt
             "its rollback stopped in compensation_failed; finish it with `baton workflows retry`"
         }
         SagaStatus::Cancelled => "it is already cancelled",
+        SagaStatus::DefinitionMissing => {
+            "it stopped because its definition cannot be found; make it available and run `baton workflows retry`"
+        }
     };
     Some(format!("saga {id} cannot be cancelled: {why}"))
 }
@@ -228,6 +238,10 @@ pub enum HistoryEvent {
     CancelRefused,
     /// Every step of a cancelled saga is undone.
     Cancelled,
+    /// The saga's own definition cannot be found: it stops until an operator's retry.
+    DefinitionMissing,
+    /// An operator's retry found the definition again: the saga goes on where it stopped.
+    Resumed,
 }
 
 impl HistoryEvent {
@@ -252,6 +266,8 @@ impl HistoryEvent {
             HistoryEvent::CancelRequested => "cancel_requested",
             HistoryEvent::CancelRefused => "cancel_refused",
             HistoryEvent::Cancelled => "cancelled",
+            HistoryEvent::DefinitionMissing => "definition_missing",
+            HistoryEvent::Resumed => "resumed",
         }
     }
 }
@@ -293,6 +309,9 @@ pub struct Saga {
     /// An operator cancelled it: its rollback ends `cancelled` rather than `rolled_back`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancelled: bool,
+    /// While [`SagaStatus::DefinitionMissing`]: the status it stopped in, to go on from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<SagaStatus>,
 }
 
 /// Collects effects during one transition.
@@ -348,6 +367,7 @@ impl Saga {
             answered: false,
             deadline,
             cancelled: false,
+            parked: None,
         };
         let mut out = Out(Vec::new());
         out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
@@ -357,6 +377,10 @@ impl Saga {
 
     /// The earliest time at which [`Saga::on_tick`] has something to do.
     pub fn wake_at(&self) -> Option<u64> {
+        if self.status == SagaStatus::DefinitionMissing {
+            // Its waits are kept for the resume, but nothing fires without the definition.
+            return None;
+        }
         let deadline = self.deadline.filter(|_| self.status == SagaStatus::Running).map(|d| d.at_ms);
         self.actions.iter().filter_map(|a| a.due_ms).chain(deadline).min()
     }
@@ -399,23 +423,37 @@ impl Saga {
         }
     }
 
-    /// What a saga does when its workflow lacks its steps: nothing but say so, and stop waking.
-    fn refuse_changed(&mut self, wf: &Workflow) -> Vec<Effect> {
-        for a in &mut self.actions {
-            a.due_ms = None;
+    /// The saga's definition cannot be found (`why`): stop where it stands, send nothing, keep
+    /// its waits for the resume, and say so. Never answers the client: what would become of its
+    /// space is not known (the client's own deadline answers it 504). Asked again while already
+    /// stopped (an operator's retry that still finds nothing), it only says so again.
+    pub fn definition_missing(&mut self, why: String) -> Vec<Effect> {
+        if self.status != SagaStatus::DefinitionMissing {
+            self.parked = Some(self.status);
+            self.status = SagaStatus::DefinitionMissing;
         }
         vec![Effect::History {
             service: None,
             action: None,
             attempt: 0,
-            event: HistoryEvent::DefinitionChanged,
+            event: HistoryEvent::DefinitionMissing,
             detail: Some(format!(
-                "workflow `{}` now has {} actions where this saga has {}; run it with its original definition",
-                wf.name,
-                wf.actions().count(),
-                self.actions.len()
+                "{why}; the saga waits: make its definition available (start an orchestrator with the \
+                 workflow file it started on) and run `baton workflows retry {}`",
+                self.id
             )),
         }]
+    }
+
+    /// `wf` does not have this saga's actions (a stored definition that does not match the
+    /// saga, which a content hash should rule out): stop rather than be driven by it.
+    fn misfit(&mut self, wf: &Workflow) -> Vec<Effect> {
+        self.definition_missing(format!(
+            "workflow `{}` as found has {} actions where this saga has {}",
+            wf.name,
+            wf.actions().count(),
+            self.actions.len()
+        ))
     }
 
     fn past_deadline(&self, now: u64) -> bool {
@@ -445,8 +483,19 @@ impl Saga {
 
     /// A service replied.
     pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
+        if self.status == SagaStatus::DefinitionMissing {
+            // Dropped, not acted on: after the resume, the step's timeout sends it again and
+            // the service answers the same (its rules are idempotent per space).
+            return vec![Effect::History {
+                service: Some(reply.service),
+                action: Some(reply.action),
+                attempt: reply.attempt,
+                event: HistoryEvent::LateReplyIgnored,
+                detail: Some("the saga waits for its definition and an operator's retry".into()),
+            }];
+        }
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
         let found = match reply.index {
@@ -564,8 +613,11 @@ impl Saga {
 
     /// Time passed: fire every timeout and retry that is due at `now`.
     pub fn on_tick(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        if self.status == SagaStatus::DefinitionMissing {
+            return Vec::new();
+        }
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
         if self.status == SagaStatus::Running && self.past_deadline(now) {
@@ -609,12 +661,24 @@ impl Saga {
         out.0
     }
 
-    /// An operator asks to finish a rollback that stopped in `compensation_failed`.
+    /// An operator asks to finish a rollback that stopped in `compensation_failed`, or to go on
+    /// with a saga stopped in `definition_missing` now that `wf`, its definition, is found.
     pub fn retry_compensation(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
+        if self.status == SagaStatus::DefinitionMissing {
+            self.status = self.parked.take().unwrap_or(SagaStatus::Running);
+            self.rearm(wf, now);
+            out.history(
+                None,
+                None,
+                HistoryEvent::Resumed,
+                Some(format!("definition found again; going on as {}", self.status.as_str())),
+            );
+            return out.0;
+        }
         if self.status != SagaStatus::CompensationFailed {
             return out.0;
         }
@@ -637,7 +701,7 @@ impl Saga {
     /// that says why ([`Saga::why_not_cancellable`]).
     pub fn cancel(&mut self, wf: &Workflow, reason: &str, now: u64) -> Vec<Effect> {
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
         if let Some(why) = self.why_not_cancellable() {

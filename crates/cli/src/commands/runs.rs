@@ -115,6 +115,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.instances = args.instances;
     opts.prefill = args.prefill;
     opts.hold = args.hold;
+    if let Some(retain) = args.retain {
+        opts.component_args.extend(["--retain".into(), humantime::format_duration(retain).to_string()]);
+    }
     opts.progress = true;
     let report = baton_bench::run(&opts).await?;
     if args.json {

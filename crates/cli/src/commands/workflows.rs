@@ -60,6 +60,7 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
         WorkflowsCommand::Retry { .. } | WorkflowsCommand::Cancel { .. } => {
             unreachable!("retry and cancel are async, dispatched before")
         }
+        WorkflowsCommand::Versions { data, json } => versions(&data, json),
         WorkflowsCommand::Show { id, data, json } => {
             let Some(view) = sagas(&data)?.describe(id)? else {
                 bail!("no workflow {id} in {}", data.data_dir.display());
@@ -100,30 +101,47 @@ pub(super) fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyhow::Result<ExitCode> {
-    let status = |data: &DataDir| -> anyhow::Result<String> {
+    // The status, and how many times the saga said its definition is missing.
+    let state = |data: &DataDir| -> anyhow::Result<(String, usize)> {
         let view = sagas(data)?.describe(id)?;
-        Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))?.status)
+        let view = view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.data_dir.display()))?;
+        let missing = view.history.iter().filter(|h| h.event == "definition_missing").count();
+        Ok((view.status, missing))
     };
-    let before = status(&data)?;
-    if before != "compensation_failed" {
-        bail!("workflow {id} is {before}, not compensation_failed: there is no rollback to finish");
+    let (before, missing_before) = state(&data)?;
+    let waiting_for_definition = before == "definition_missing";
+    if before != "compensation_failed" && !waiting_for_definition {
+        bail!(
+            "workflow {id} is {before}, neither compensation_failed nor definition_missing: there is nothing to retry"
+        );
     }
     baton_orchestrator::request_retry(&broker.amqp_url, &broker.instance, id).await?;
-    eprintln!(
-        "asked orchestrator `{}` to finish the rollback of {id}; waiting (up to 60 s)",
-        broker.instance
-    );
+    let what = if waiting_for_definition { "go on with" } else { "finish the rollback of" };
+    eprintln!("asked orchestrator `{}` to {what} {id}; waiting (up to 60 s)", broker.instance);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let now = status(&data)?;
-        // Once retried, the saga leaves compensation_failed for compensating, and then ends.
-        if now == "rolled_back" {
+        let (now, missing) = state(&data)?;
+        if waiting_for_definition {
+            if now != "definition_missing" {
+                println!("{id}: {now} (resumed on its definition)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if missing > missing_before {
+                println!("{id}: definition_missing");
+                eprintln!(
+                    "its definition is still missing: start an orchestrator with the workflow file it started on \
+                     (`baton workflows versions` lists the stored ones), then retry; `baton workflows show {id}` says which"
+                );
+                return Ok(ExitCode::from(1));
+            }
+        } else if now == "rolled_back" {
+            // Once retried, the saga leaves compensation_failed for compensating, and then ends.
             println!("{id}: rolled_back");
             return Ok(ExitCode::SUCCESS);
         }
         if tokio::time::Instant::now() > deadline {
             println!("{id}: {now}");
-            eprintln!("the rollback did not finish within 60 s; `baton workflows show {id}` tells why");
+            eprintln!("the retry did not finish within 60 s; `baton workflows show {id}` tells why");
             return Ok(ExitCode::from(1));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -175,6 +193,35 @@ pub(super) async fn cancel(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `baton workflows versions`: every stored definition and its sagas.
+fn versions(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = sagas(data)?.versions()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<22}  {:<12}  {:<24}  {:>8}  {:>8}  {:>6}",
+        "WORKFLOW", "HASH", "FIRST SEEN (UTC)", "RUNNING", "DONE", "STUCK"
+    );
+    for v in &rows {
+        let hash = if v.hash.is_empty() { "(none)" } else { v.hash.get(..12).unwrap_or(&v.hash) };
+        let seen = v
+            .first_seen_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                humantime::format_rfc3339_seconds(at).to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<22}  {:<12}  {:<24}  {:>8}  {:>8}  {:>6}",
+            v.workflow, hash, seen, v.running, v.done, v.stuck
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -596,19 +596,51 @@ fn rearm_bounds_a_retry_wait_by_its_retry_delay() {
 }
 
 #[test]
-fn a_saga_whose_workflow_lost_its_steps_is_left_alone_and_nothing_panics() {
+fn a_saga_given_a_workflow_without_its_steps_stops_as_definition_missing_and_nothing_panics() {
     let wf = Workflow::create_space();
     let mut saga = run_until(&wf, Routing);
     let shorter = WorkflowBuilder::new("create-space").step("rec", [Records]).build().unwrap();
     assert!(!saga.fits(&shorter));
     let fx = saga.on_reply(&shorter, Reply { index: Some(3), ..done(Routing, Action::Do) }, T0 + 2);
-    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
-    let fx = saga.on_tick(&shorter, T0 + 10_000);
-    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.status, SagaStatus::DefinitionMissing);
+    assert!(saga.status.is_terminal());
+    assert!(answers(&fx).is_empty(), "the client is not told an outcome nobody knows");
+    assert!(saga.on_tick(&shorter, T0 + 10_000).is_empty());
     assert_eq!(saga.wake_at(), None, "it does not wake again to do nothing");
     assert!(saga.retry_compensation(&shorter, T0).iter().all(|e| !matches!(e, Effect::Send { .. })));
-    saga.rearm(&shorter, T0);
+    assert_eq!(saga.status, SagaStatus::DefinitionMissing);
+}
+
+#[test]
+fn a_saga_stopped_for_its_definition_goes_on_where_it_stood_once_retried_with_it() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Routing);
+    let fx = saga.definition_missing("no definition with hash abc".into());
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.parked, Some(SagaStatus::Running));
+    // A reply meanwhile is dropped, not acted on.
+    let fx = saga.on_reply(&wf, Reply { index: Some(3), ..done(Routing, Action::Do) }, T0 + 2);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert_eq!(phase(&saga, Routing), Phase::Running);
+    // Retried twice without it: it says so again and stays.
+    let again = saga.definition_missing("still none".into());
+    assert_eq!(events(&again), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.parked, Some(SagaStatus::Running));
+    // With it: running again, routing's wait counted from now, then its timeout resends it.
+    let later = T0 + 60_000;
+    let fx = saga.retry_compensation(&wf, later);
+    assert_eq!(events(&fx), vec![HistoryEvent::Resumed]);
     assert_eq!(saga.status, SagaStatus::Running);
+    assert_eq!(saga.parked, None);
+    let due = saga.wake_at().expect("routing's wait is armed again");
+    assert!(due > later && due <= later + 3_000, "{due}");
+    let fx = saga.on_tick(&wf, due);
+    assert_eq!(events(&fx), vec![HistoryEvent::TimedOut, HistoryEvent::RetryScheduled]);
+    let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
+    assert_eq!(sends(&fx), vec![(Routing, Action::Do, 2)]);
+    saga.on_reply(&wf, Reply { index: Some(3), attempt: 2, ..done(Routing, Action::Do) }, due + 1_000);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
 }
 
 #[test]
