@@ -256,8 +256,12 @@ pub struct SystemConfig {
     /// Start the in-process gateway (off when a test runs it as a process of its own).
     pub with_gateway: bool,
     pub max_in_flight: usize,
+    /// How long the gateway keeps an `Idempotency-Key`.
+    pub idempotency_ttl: Duration,
     /// The checks of every component started, answered by the gateway's `/health/ready`.
     pub health: baton_health::Health,
+    /// Every component's retention.
+    pub retain: Duration,
 }
 
 impl Default for SystemConfig {
@@ -275,7 +279,9 @@ impl Default for SystemConfig {
             skip: Vec::new(),
             with_gateway: true,
             max_in_flight: 1_000,
+            idempotency_ttl: baton_gateway::DEFAULT_IDEMPOTENCY_TTL,
             health: baton_health::Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 }
@@ -396,7 +402,9 @@ pub fn node_config(env: &TestEnv, cfg: &SystemConfig) -> baton_node::Config {
     config.workflow = cfg.workflow.clone();
     config.deadline = cfg.deadline;
     config.max_in_flight = cfg.max_in_flight;
+    config.idempotency_ttl = cfg.idempotency_ttl;
     config.health = cfg.health.clone();
+    config.retain = cfg.retain;
     config
 }
 
@@ -506,13 +514,14 @@ pub fn saga_story(at: &baton_store::Location, saga_id: &str) -> String {
     }
 }
 
-/// Wait (bounded) until no saga of `env` is still open: every one completed or rolled back.
+/// Wait (bounded) until no saga of `env` is still open: every one completed, rolled back or
+/// cancelled.
 pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     wait_for("every saga to end", timeout, || async {
         let open = scalar(
             &env.store(),
             "orchestrator",
-            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')",
+            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back', 'cancelled')",
         );
         (open == 0).then_some(())
     })

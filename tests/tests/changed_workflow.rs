@@ -1,5 +1,8 @@
-//! An orchestrator restarted with a changed definition under sagas in flight refuses to start,
-//! naming them; restarted with the definition they started on, it finishes them.
+//! Versioned workflows: an orchestrator restarted with a changed definition (fewer steps,
+//! another structure, an older version) starts new sagas on it and finishes each saga in flight
+//! on the definition it started on, compensations included; a saga whose definition is gone
+//! stops as `definition_missing` (no panic, no DLQ, nothing else held up) until an operator
+//! brings it back and retries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +11,8 @@ use baton_protocol::Service;
 use baton_tests::{
     System, SystemConfig, TestEnv, every_saga_ends, scalar, spawn_baton, spawn_service, wait_for,
 };
+use baton_workflow::Workflow;
+use serde_json::Value;
 
 const IN_FLIGHT: usize = 5;
 
@@ -19,21 +24,79 @@ fn count(env: &TestEnv, sql: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// `create-space` with its routing step removed, as an operator might edit it.
-fn without_routing(env: &TestEnv) -> std::path::PathBuf {
-    let text = include_str!("../../crates/workflow/workflows/create-space.json");
-    let mut wf: serde_json::Value = serde_json::from_str(text).unwrap();
-    wf["steps"].as_array_mut().unwrap().retain(|s| s["name"] != "publish-route");
-    assert_eq!(wf["steps"].as_array().unwrap().len(), 4);
-    let path = env.data_dir().join("create-space-without-routing.json");
-    std::fs::write(&path, wf.to_string()).unwrap();
-    path
+/// Sagas that sent `step`'s command.
+fn sent_to(env: &TestEnv, step: &str) -> i64 {
+    count(
+        env,
+        &format!(
+            "SELECT COUNT(DISTINCT saga_id) FROM history WHERE step = '{step}' AND event = 'sent' AND action = 'do'"
+        ),
+    )
 }
 
+/// A `create-space` written to `<data-dir>/<file>`, from `base` (a bundled file's text) changed
+/// by `edit`; returns the path and the definition's hash.
+fn variant(env: &TestEnv, file: &str, base: &str, edit: impl Fn(&mut Value)) -> (std::path::PathBuf, String) {
+    let mut wf: Value = serde_json::from_str(base).unwrap();
+    wf["name"] = "create-space".into();
+    edit(&mut wf);
+    let path = env.data_dir().join(file);
+    std::fs::write(&path, wf.to_string()).unwrap();
+    let hash = Workflow::from_json(&wf.to_string()).expect("a valid variant").hash();
+    (path, hash)
+}
+
+const SEQUENTIAL: &str = include_str!("../../crates/workflow/workflows/create-space.json");
+const PARALLEL: &str = include_str!("../../crates/workflow/workflows/create-space-parallel.json");
+
+/// Every action of `wf` waits `ms` for its reply: a service that is down holds its sagas there.
+fn patient(ms: u64) -> impl Fn(&mut Value) {
+    move |wf| {
+        for step in wf["steps"].as_array_mut().unwrap() {
+            for action in step["actions"].as_array_mut().unwrap() {
+                if action["compensable"] != false {
+                    action["timeout_ms"] = ms.into();
+                }
+            }
+        }
+    }
+}
+
+/// An orchestrator process (instance `main`) on the bundled workflows and `file`, if given.
+fn orchestrator(env: &TestEnv, file: Option<&std::path::Path>, log: &str) -> tokio::process::Child {
+    let mut args = vec!["run", "orchestrator", "--instance", "main"];
+    if let Some(f) = file {
+        args.extend(["--workflow-file", f.to_str().unwrap()]);
+    }
+    spawn_baton(env, &args, &[], log)
+}
+
+async fn stop(mut child: tokio::process::Child) {
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
+
+/// What the system must show at the end of each test: every saga ended, the audit is clean, no
+/// reply went to the orchestrator's DLQ and no orchestrator panicked.
+async fn all_well(env: &TestEnv, complete: usize, logs: &[&str]) {
+    every_saga_ends(env, Duration::from_secs(60)).await;
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    assert_eq!(report.complete, complete);
+    assert_eq!(env.queue_depth("orchestrator.replies.dlq").await, Some(0), "no reply dead-lettered");
+    for log in logs {
+        let text = std::fs::read_to_string(env.data_dir().join(log)).unwrap_or_default();
+        assert!(!text.contains("panicked"), "{log}: {text}");
+    }
+}
+
+/// The issue's reproduction: a routing step that waits long, requests in flight, a restart with
+/// a file that has fewer steps. Before versions, the orchestrator's database thread panicked
+/// (or, with only routing removed, the sagas completed without a route and the audit found
+/// `missing_after_success`); now they finish on the definition they started on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_definition_under_sagas_in_flight_is_refused_and_the_original_finishes_them() {
+async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_version() {
     let env = TestEnv::new().await;
-    // Routing is down: the sagas wait at its step.
     let cfg = SystemConfig {
         with_orchestrator: false,
         skip: vec![Service::Routing],
@@ -41,50 +104,26 @@ async fn a_changed_definition_under_sagas_in_flight_is_refused_and_the_original_
         ..SystemConfig::default()
     };
     let sys = Arc::new(System::start(&env, cfg.clone()).await);
-    let args = ["run", "orchestrator", "--instance", "main"];
-    let mut first = spawn_baton(&env, &args, &[], "orchestrator-1.log");
+    let (long, v1) = variant(&env, "v1.json", SEQUENTIAL, |wf| {
+        wf["steps"][3]["actions"][0]["timeout_ms"] = 120_000.into();
+    });
+    let first = orchestrator(&env, Some(&long), "orchestrator-1.log");
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..IN_FLIGHT {
         let sys = Arc::clone(&sys);
         calls.spawn(async move { sys.create(&format!("space-{i}"), &format!("owner-{i}")).await });
     }
     wait_for("every saga to wait at routing", Duration::from_secs(30), || async {
-        let at_routing = count(
-            &env,
-            "SELECT COUNT(DISTINCT saga_id) FROM history WHERE step = 'routing' AND event = 'sent'",
-        );
-        (at_routing == IN_FLIGHT as i64).then_some(())
+        (sent_to(&env, "routing") == IN_FLIGHT as i64).then_some(())
     })
     .await;
-    first.start_kill().unwrap();
-    first.wait().await.unwrap();
+    stop(first).await;
 
-    // Restarted with routing removed from create-space: it refuses, and says what to do.
-    let file = without_routing(&env);
-    let changed = [&args[..], &["--workflow-file", file.to_str().unwrap()]].concat();
-    let mut refused = spawn_baton(&env, &changed, &[], "orchestrator-2.log");
-    let status = tokio::time::timeout(Duration::from_secs(30), refused.wait())
-        .await
-        .expect("the orchestrator exits on its own")
-        .unwrap();
-    let log = std::fs::read_to_string(env.data_dir().join("orchestrator-2.log")).unwrap();
-    assert_eq!(status.code(), Some(2), "exit 2 for a refusal to start: {log}");
-    assert!(log.contains("workflow `create-space` changed under 5 saga(s) in flight"), "{log}");
-    let one: String = baton_tests::sqlite(env.data_dir(), "orchestrator")
-        .unwrap()
-        .query_row("SELECT saga_id FROM sagas ORDER BY created_at LIMIT 1", [], |r| r.get(0))
-        .unwrap();
-    assert!(log.contains(&one), "the error names the sagas: {log}");
-    assert!(log.contains("baton workflows list --state running"), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'running'"),
-        IN_FLIGHT as i64,
-        "the refused start changed no saga"
-    );
-
-    // With the original definition, it starts and finishes them once routing is back.
-    let mut second = spawn_baton(&env, &args, &[], "orchestrator-3.log");
+    // Restarted with routing and notify removed: fewer steps than the sagas in flight have.
+    let (short, v2) = variant(&env, "v2.json", SEQUENTIAL, |wf| {
+        wf["steps"].as_array_mut().unwrap().truncate(3);
+    });
+    let second = orchestrator(&env, Some(&short), "orchestrator-2.log");
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
     let mut statuses = Vec::new();
     let all = async {
@@ -94,22 +133,235 @@ async fn a_changed_definition_under_sagas_in_flight_is_refused_and_the_original_
     };
     tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer");
     assert_eq!(statuses, vec![200; IN_FLIGHT]);
-    every_saga_ends(&env, Duration::from_secs(30)).await;
+    all_well(&env, IN_FLIGHT, &["orchestrator-1.log", "orchestrator-2.log"]).await;
     assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
-    let report = env.audit();
-    assert!(report.is_clean(), "{:#?}", report.violations);
-    assert_eq!(report.complete, IN_FLIGHT);
-    let log = std::fs::read_to_string(env.data_dir().join("orchestrator-3.log")).unwrap();
-    assert!(
-        !log.contains("ERROR") && !log.contains("WARN"),
-        "a normal start logs no error or warning: {log}"
+    assert_eq!(
+        count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")),
+        IN_FLIGHT as i64
     );
 
-    second.start_kill().unwrap();
-    let _ = second.wait().await;
+    // Both versions are stored; v1 has its sagas, done.
+    let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
+    let of = |h: &str| versions.iter().find(|v| v.hash == h).cloned().expect("version listed");
+    assert_eq!((of(&v1).running, of(&v1).done), (0, IN_FLIGHT as i64), "{versions:?}");
+    assert_eq!((of(&v2).running, of(&v2).done), (0, 0));
+    assert!(of(&v1).first_seen_ms <= of(&v2).first_seen_ms);
+
+    stop(second).await;
     routing.cancel();
     routing_task.await.unwrap().unwrap();
     Arc::into_inner(sys).expect("no request holds the system").stop().await;
+}
+
+/// An upgrade (sequential steps to placement and entitlements in parallel) with a saga in
+/// flight at every step: each finishes on the sequential version, new ones run the parallel one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_with_a_saga_in_flight_at_every_step() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig {
+        with_orchestrator: false,
+        skip: Service::ALL.to_vec(),
+        deadline: Duration::from_secs(120),
+        ..SystemConfig::default()
+    };
+    let sys = Arc::new(System::start(&env, cfg.clone()).await);
+    let (old, v1) = variant(&env, "v1.json", SEQUENTIAL, patient(120_000));
+    let (new, v2) = variant(&env, "v2.json", PARALLEL, |_| {});
+    let first = orchestrator(&env, Some(&old), "orchestrator-1.log");
+    let mut up: Vec<_> = [Service::Records, Service::Placement, Service::Entitlements, Service::Routing]
+        .into_iter()
+        .map(|s| spawn_service(&env, s, &cfg))
+        .collect();
+    // The furthest first: a saga at the notifier, then each service stopped in turn, backwards,
+    // and one saga sent to wait at it.
+    let mut calls = tokio::task::JoinSet::new();
+    let steps = ["notifier", "routing", "entitlements", "placement", "records"];
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 {
+            let (cancel, task) = up.pop().expect("a service still up");
+            cancel.cancel();
+            task.await.unwrap().unwrap();
+        }
+        let sys2 = Arc::clone(&sys);
+        calls.spawn(async move { sys2.create(&format!("old-{i}"), &format!("owner-old-{i}")).await });
+        wait_for(&format!("a saga to wait at {step}"), Duration::from_secs(30), || async {
+            (sent_to(&env, step) == (i + 1) as i64).then_some(())
+        })
+        .await;
+    }
+    assert!(up.is_empty());
+    stop(first).await;
+
+    let second = orchestrator(&env, Some(&new), "orchestrator-2.log");
+    let services: Vec<_> = Service::ALL.into_iter().map(|s| spawn_service(&env, s, &cfg)).collect();
+    for i in 0..3 {
+        let sys2 = Arc::clone(&sys);
+        calls.spawn(async move { sys2.create(&format!("new-{i}"), &format!("owner-new-{i}")).await });
+    }
+    let mut statuses = Vec::new();
+    let all = async {
+        while let Some(r) = calls.join_next().await {
+            statuses.push(r.unwrap().0);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), all).await.expect("every client gets an answer");
+    assert_eq!(statuses, vec![200; 8]);
+    all_well(&env, 8, &["orchestrator-1.log", "orchestrator-2.log"]).await;
+    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")), 5);
+    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v2}'")), 3);
+    // The old ones ran sequentially to the end: entitlements was sent only after placement's
+    // reply, which the parallel version would not wait for.
+    let parallel_in_old = count(
+        &env,
+        &format!(
+            "SELECT COUNT(*) FROM sagas s WHERE s.definition_hash = '{v1}' AND
+               (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'entitlements' AND h.event = 'sent')
+             < (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'placement' AND h.event = 'done')"
+        ),
+    );
+    assert_eq!(parallel_in_old, 0, "an old saga ran on the new structure");
+
+    stop(second).await;
+    for (cancel, task) in services {
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+    Arc::into_inner(sys).expect("no request holds the system").stop().await;
+}
+
+/// A downgrade, and two restarts on different versions: sagas started on the new version, then
+/// on the old one after a downgrade, then the new one again; each finishes on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_and_two_restarts_on_different_versions() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig {
+        with_orchestrator: false,
+        skip: vec![Service::Routing],
+        deadline: Duration::from_secs(120),
+        ..SystemConfig::default()
+    };
+    let sys = Arc::new(System::start(&env, cfg.clone()).await);
+    let (new, v2) = variant(&env, "v2.json", PARALLEL, patient(120_000));
+    let (old, v1) = variant(&env, "v1.json", SEQUENTIAL, patient(120_000));
+    let mut calls = tokio::task::JoinSet::new();
+    let mut logs = Vec::new();
+    for (round, file) in [&new, &old, &new].into_iter().enumerate() {
+        let log = format!("orchestrator-{round}.log");
+        let orch = orchestrator(&env, Some(file), &log);
+        logs.push(log);
+        for i in 0..2 {
+            let sys2 = Arc::clone(&sys);
+            calls.spawn(
+                async move { sys2.create(&format!("r{round}-{i}"), &format!("owner-{round}-{i}")).await },
+            );
+        }
+        wait_for("the round's sagas to wait at routing", Duration::from_secs(30), || async {
+            (sent_to(&env, "routing") == 2 * (round as i64 + 1)).then_some(())
+        })
+        .await;
+        if round < 2 {
+            stop(orch).await;
+        } else {
+            let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+            let mut statuses = Vec::new();
+            let all = async {
+                while let Some(r) = calls.join_next().await {
+                    statuses.push(r.unwrap().0);
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer");
+            assert_eq!(statuses, vec![200; 6]);
+            let logs: Vec<&str> = logs.iter().map(String::as_str).collect();
+            all_well(&env, 6, &logs).await;
+            stop(orch).await;
+            routing.cancel();
+            routing_task.await.unwrap().unwrap();
+        }
+    }
+    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v2}'")), 4);
+    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")), 2);
+    let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
+    let create_space: Vec<_> = versions.iter().filter(|v| v.workflow == "create-space").collect();
+    assert_eq!(create_space.len(), 2, "both files (the bundled one is replaced by them): {versions:?}");
+    Arc::into_inner(sys).expect("no request holds the system").stop().await;
+}
+
+/// A saga whose definition was removed from the store stops as `definition_missing` (its reply
+/// is handled, not dead-lettered; other sagas go on); once an orchestrator stores it again, an
+/// operator's `baton workflows retry` resumes it and it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resumes_it() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig {
+        with_orchestrator: false,
+        skip: vec![Service::Routing],
+        deadline: Duration::from_secs(120),
+        ..SystemConfig::default()
+    };
+    let sys = Arc::new(System::start(&env, cfg.clone()).await);
+    let (file, v1) = variant(&env, "v1.json", SEQUENTIAL, patient(8_000));
+    let first = orchestrator(&env, Some(&file), "orchestrator-1.log");
+    let call = {
+        let sys = Arc::clone(&sys);
+        tokio::spawn(async move { sys.create("lost", "alice").await })
+    };
+    wait_for("the saga to wait at routing", Duration::from_secs(30), || async {
+        (sent_to(&env, "routing") == 1).then_some(())
+    })
+    .await;
+    stop(first).await;
+    let rw = rusqlite::Connection::open(env.data_dir().join("orchestrator.db")).unwrap();
+    assert_eq!(rw.execute("DELETE FROM definitions WHERE hash = ?1", [&v1]).unwrap(), 1);
+    drop(rw);
+    let saga: String = scalar_text(&env, "SELECT saga_id FROM sagas");
+
+    // On the bundled workflows only: the saga's definition is nowhere.
+    let second = orchestrator(&env, None, "orchestrator-2.log");
+    wait_for("the saga to stop as definition_missing", Duration::from_secs(30), || async {
+        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'definition_missing'") == 1).then_some(())
+    })
+    .await;
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    // Its routing reply is handled (said again in its history), never dead-lettered.
+    wait_for("the reply to be handled", Duration::from_secs(30), || async {
+        (count(&env, "SELECT COUNT(*) FROM history WHERE event = 'definition_missing'") >= 2).then_some(())
+    })
+    .await;
+    // Other sagas are not held up.
+    assert_eq!(sys.create("other", "bob").await.0, 200);
+    // The audit names it for the operator.
+    let report = env.audit();
+    let kinds: Vec<_> = report.violations.iter().map(|v| v.kind).collect();
+    assert_eq!(kinds, vec![baton_audit::Kind::DefinitionMissing], "{:#?}", report.violations);
+    let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
+    let lost = versions.iter().find(|v| v.hash == v1).expect("the missing version is listed by its hash");
+    assert_eq!(lost.stuck, 1, "{versions:?}");
+    // A retry while it is still missing says so and changes nothing.
+    let mut retry = spawn_baton(&env, &["workflows", "retry", &saga], &[], "retry-1.log");
+    let code = tokio::time::timeout(Duration::from_secs(70), retry.wait()).await.unwrap().unwrap();
+    let log = std::fs::read_to_string(env.data_dir().join("retry-1.log")).unwrap();
+    assert_eq!(code.code(), Some(1), "{log}");
+    assert!(log.contains("still missing"), "{log}");
+    stop(second).await;
+
+    // An orchestrator with the file stores the definition again; the retry resumes the saga.
+    let third = orchestrator(&env, Some(&file), "orchestrator-3.log");
+    let mut retry = spawn_baton(&env, &["workflows", "retry", &saga], &[], "retry-2.log");
+    let code = tokio::time::timeout(Duration::from_secs(70), retry.wait()).await.unwrap().unwrap();
+    let log = std::fs::read_to_string(env.data_dir().join("retry-2.log")).unwrap();
+    assert_eq!(code.code(), Some(0), "{log}");
+    let _ = call.await;
+    all_well(&env, 2, &["orchestrator-1.log", "orchestrator-2.log", "orchestrator-3.log"]).await;
+    assert_eq!(scalar_text(&env, &format!("SELECT status FROM sagas WHERE saga_id = '{saga}'")), "completed");
+
+    stop(third).await;
+    routing.cancel();
+    routing_task.await.unwrap().unwrap();
+    Arc::into_inner(sys).expect("no request holds the system").stop().await;
+}
+
+fn scalar_text(env: &TestEnv, sql: &str) -> String {
+    baton_tests::sqlite(env.data_dir(), "orchestrator").unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,7 @@ async fn a_component_that_exits_on_its_own_is_started_again_and_shown_in_the_tab
         seed: opts.seed,
         refusal_rate: opts.refusal_rate,
         plan: opts.faults.to_string(),
+        retry_timeouts: None,
         runs: vec![run],
     });
     let row = table.lines().find(|l| l.starts_with("components that exited")).expect("the row");

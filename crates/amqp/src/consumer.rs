@@ -61,12 +61,28 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     /// Passed while this consumer is attached to its queue (readiness).
     pub attached: Option<baton_health::Check>,
+    /// A message older than this (by its AMQP `timestamp`, the time it was committed to its
+    /// sender's outbox) is dead-lettered on arrival: the retention may have purged the inbox
+    /// row or tombstone that would make it a no-op.
+    pub max_age: Option<Duration>,
     outage: Outage,
 }
 
 impl ConsumerConfig {
     pub fn new(queue: impl Into<String>, prefetch: u16) -> ConsumerConfig {
-        ConsumerConfig { queue: queue.into(), prefetch, attached: None, outage: Outage::default() }
+        ConsumerConfig {
+            queue: queue.into(),
+            prefetch,
+            attached: None,
+            max_age: None,
+            outage: Outage::default(),
+        }
+    }
+
+    /// Dead-letter messages older than `max_age` on arrival (the component's retention).
+    pub fn max_age(mut self, max_age: Duration) -> ConsumerConfig {
+        self.max_age = Some(max_age);
+        self
     }
 
     /// Report through `check` whether this consumer is attached to its queue.
@@ -298,7 +314,12 @@ where
                 Some(Ok(delivery)) => {
                     let handler = Arc::clone(handler);
                     let publisher = publisher.clone();
-                    let on = On { queue: cfg.queue.clone(), outage: cfg.outage.clone(), cancel: cancel.clone() };
+                    let on = On {
+                        queue: cfg.queue.clone(),
+                        outage: cfg.outage.clone(),
+                        max_age: cfg.max_age,
+                        cancel: cancel.clone(),
+                    };
                     handlers.spawn(process(delivery, on, publisher, handler));
                 }
                 Some(Err(e)) => {
@@ -351,7 +372,22 @@ async fn retire(ch: lapin::Channel, consumer: lapin::Consumer, queue: String) {
 struct On {
     queue: String,
     outage: Outage,
+    max_age: Option<Duration>,
     cancel: CancellationToken,
+}
+
+/// Why a message stamped `sent_secs` (AMQP `timestamp`) is too old to handle at `now_secs`, if
+/// it is. A second of slack for the stamp's rounding.
+fn too_old(sent_secs: Option<u64>, now_secs: u64, max_age: Option<Duration>) -> Option<String> {
+    let (sent, max) = (sent_secs?, max_age?);
+    let age = now_secs.saturating_sub(sent);
+    (age > max.as_secs() + 1).then(|| {
+        format!(
+            "the message is {age} s old, older than the retention ({} s): the inbox row or tombstone that \
+             would make it a no-op may be purged already, so it is not handled",
+            max.as_secs()
+        )
+    })
 }
 
 async fn process<H, Fut>(delivery: Delivery, on: On, publisher: Publisher, handler: Arc<H>)
@@ -368,6 +404,10 @@ where
         };
         tracing::Span::current().record("message_id", tracing::field::display(env.message_id));
         tracing::Span::current().record("kind", env.kind.as_str());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Some(reason) = too_old(*delivery.properties.timestamp(), now, on.max_age) {
+            return dead_letter(&publisher, &queue, delivery, &reason).await;
+        }
         let Some(result) = until_through(&on, || handler(env.clone())).await else {
             // Shutting down in the middle of an outage: the delivery goes back with the
             // channel, unacked and not nacked, so it does not count against the message.
@@ -465,7 +505,18 @@ mod tests {
     use super::*;
 
     fn on() -> On {
-        On { queue: "q".into(), outage: Outage::default(), cancel: CancellationToken::new() }
+        On { queue: "q".into(), outage: Outage::default(), max_age: None, cancel: CancellationToken::new() }
+    }
+
+    #[test]
+    fn a_message_older_than_the_retention_is_refused_with_its_age_and_others_pass() {
+        let day = Some(Duration::from_secs(86_400));
+        assert_eq!(too_old(Some(1_000), 1_000 + 86_400, day), None);
+        let why = too_old(Some(1_000), 1_000 + 86_402, day).expect("too old");
+        assert!(why.contains("86402 s old") && why.contains("retention (86400 s)"), "{why}");
+        assert_eq!(too_old(None, 1_000_000, day), None, "unstamped: nothing to judge by");
+        assert_eq!(too_old(Some(1), 1_000_000, None), None, "no retention: no bound");
+        assert_eq!(too_old(Some(2_000), 1_000, day), None, "a sender's clock ahead is not an age");
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,7 +37,11 @@ pub(crate) fn properties(msg: &Outgoing) -> BasicProperties {
         .with_type(msg.kind.as_str().into())
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+        .with_timestamp(
+            msg.created_at_ms
+                .and_then(|ms| u64::try_from(ms / 1000).ok())
+                .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
+        )
         .with_app_id(msg.app_id.as_str().into())
         .with_headers(h);
     if let Some(r) = &msg.reply_to {

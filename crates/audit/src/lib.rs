@@ -27,6 +27,9 @@ pub enum Kind {
     Partial,
     /// The rollback stopped: an operator must retry it.
     CompensationFailed,
+    /// Its saga stopped because the definition it started on cannot be found: an operator must
+    /// make it available again and retry it.
+    DefinitionMissing,
     /// Told 504 (no outcome in time), yet the space was completed afterwards: the client
     /// believes it may not exist.
     TimedOutButCompleted,
@@ -44,6 +47,7 @@ impl Kind {
             Kind::LeftAfterFailure => "left_after_failure",
             Kind::Partial => "partial",
             Kind::CompensationFailed => "compensation_failed",
+            Kind::DefinitionMissing => "definition_missing",
             Kind::TimedOutButCompleted => "timed_out_but_completed",
             Kind::TimedOutNothing => "timed_out_nothing",
             Kind::StepAfterDeadline => "step_after_deadline",
@@ -154,6 +158,8 @@ pub struct SpaceRows {
     /// A saga is still working on it (running, compensating, or its email is on its way).
     pub in_flight: bool,
     pub compensation_failed: bool,
+    /// Its saga waits for its definition and an operator.
+    pub definition_missing: bool,
     /// Compensable steps its saga sent at or after its client's deadline.
     pub steps_after_deadline: u32,
 }
@@ -203,6 +209,7 @@ pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
         s.told = u16::try_from(status).ok();
         s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
         s.compensation_failed = state == "compensation_failed";
+        s.definition_missing = state == "definition_missing";
     }
     // Forward commands sent at or after the deadline, both times on the clock of the process that
     // started the saga (a later process's clock may differ by a jump: see `Saga::rearm`).
@@ -245,6 +252,7 @@ fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows
         oldest_ms: None,
         in_flight: false,
         compensation_failed: false,
+        definition_missing: false,
         steps_after_deadline: 0,
     })
 }
@@ -279,6 +287,9 @@ pub fn judge(s: &SpaceRows) -> Option<Kind> {
     let complete = s.is_complete();
     if s.compensation_failed {
         return Some(Kind::CompensationFailed);
+    }
+    if s.definition_missing {
+        return Some(Kind::DefinitionMissing);
     }
     if s.steps_after_deadline > 0 {
         return Some(Kind::StepAfterDeadline);

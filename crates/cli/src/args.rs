@@ -50,6 +50,11 @@ pub enum Command {
         /// The gateway's base URL.
         #[arg(long, env = "BATON_GATEWAY", default_value = "http://127.0.0.1:8080")]
         gateway: String,
+        /// Send it with this `Idempotency-Key`: run the command again with the same key (and
+        /// name and owner) after a 504 or a lost answer, and it prints the first request's
+        /// outcome instead of making a second one.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// Check the cross-service invariant over a data dir: exit 1 and one line per violation.
     Audit {
@@ -102,6 +107,11 @@ pub enum Command {
         /// Print every answer as JSON instead of the summary.
         #[arg(long)]
         json: bool,
+        /// Send each request with an `Idempotency-Key`, and send one answered 504 (or not at all)
+        /// again with it, up to N times (3 when no N is given): the retry gets the first request's
+        /// outcome, or waits on its saga.
+        #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N")]
+        retry_timeouts: Option<u32>,
     },
     /// Run both modes on the same load and fault plan, each in a fresh vhost and data dir;
     /// print the table side by side and write an HTML report.
@@ -123,7 +133,7 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// Look at sagas: the list, or the timeline of one.
+    /// Look at sagas: the list, or the timeline of one; retry a rollback, cancel a saga.
     Workflows {
         #[command(subcommand)]
         command: WorkflowsCommand,
@@ -171,6 +181,11 @@ pub struct CompareArgs {
     /// (default: each mode's own, 30s in workflow mode and 5s in events mode).
     #[arg(long, value_parser = parse_duration, help_heading = "Gateway")]
     pub deadline: Option<Duration>,
+    /// Send each request with an `Idempotency-Key`, and send one answered 504 (or not at all)
+    /// again with it, up to N times (3 when no N is given): the retry gets the first request's
+    /// outcome, or waits on its saga.
+    #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N", help_heading = "Load")]
+    pub retry_timeouts: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -214,6 +229,10 @@ pub struct BenchArgs {
     /// whose services never answer), to read its RSS; 0 skips that phase.
     #[arg(long, default_value_t = 10_000)]
     pub hold: usize,
+    /// Every component's `--retain` (their default, 7 days, when not given): with a short one,
+    /// the prefill's sagas, inbox rows and tombstones are purged while the modes are measured.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retain: Option<Duration>,
     #[command(flatten)]
     pub broker: RunBroker,
     #[arg(long, default_value = "data/bench")]
@@ -356,13 +375,37 @@ pub enum WorkflowsCommand {
         json: bool,
     },
     /// Finish the rollback of a saga that stopped in compensation_failed, once the cause is
-    /// fixed; waits for the new state.
+    /// fixed, or go on with one stopped in definition_missing, once an orchestrator has stored
+    /// its definition again; waits for the new state.
     Retry {
         id: uuid::Uuid,
         #[command(flatten)]
         data: DataDir,
         #[command(flatten)]
         broker: Broker,
+    },
+    /// Cancel a running saga: no further step starts, the completed ones are undone in reverse
+    /// order, its client is told 409, and it ends `cancelled`; waits for that (up to 60 s). Exit 1
+    /// when the saga cannot be cancelled (it ended, or is past its last compensable step).
+    Cancel {
+        /// The workflow id (as in `workflow_id` of a response).
+        id: uuid::Uuid,
+        /// Coordination mode: the events mode has no saga to cancel.
+        #[arg(long, env = "BATON_MODE", value_enum, default_value = "workflow")]
+        mode: CliMode,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        broker: Broker,
+    },
+    /// Every stored version of each workflow: its content hash, when it was first seen, and
+    /// how many sagas started on it are running, done, or waiting for an operator.
+    Versions {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// One saga: its steps and its timeline.
     Show {
@@ -633,6 +676,12 @@ pub struct NodeArgs {
     /// gateway of its own.
     #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
     pub health: Option<SocketAddr>,
+    /// How long each component keeps finished sagas and their history, inbox rows, tombstones
+    /// and idempotency keys before a background task purges them; a message older than this is
+    /// dead-lettered on arrival, since what made it a no-op may be gone (docs/reliability.md).
+    #[arg(long, env = "BATON_RETAIN", default_value = "7days", value_parser = humantime::parse_duration,
+          help_heading = "Storage")]
+    pub retain: std::time::Duration,
 }
 
 /// Flags of the components that consume work queues (the services and the orchestrator).
@@ -705,6 +754,11 @@ pub struct GatewayArgs {
     /// Requests the gateway lets wait for an outcome at once; more get a 429 at once.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// How long the gateway keeps an `Idempotency-Key` of POST /spaces: a retry with the same
+    /// key and body within it gets the first request's outcome (or waits on its saga); past it
+    /// the key is forgotten and counts as new.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
     /// How long an HTTP client may take to send a request's headers; also how long a kept-alive
     /// connection may sit idle between requests. Past it the gateway closes the connection.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -65,6 +65,9 @@ pub struct Options {
     /// Processes of the orchestrator and of each service (competing consumers sharing their
     /// store); the gateway runs once, the load's one address.
     pub instances: usize,
+    /// Send each request with an `Idempotency-Key` and retry one answered 504 (or not at all)
+    /// with it, up to this many times ([`baton_load::Spec::retry_timeouts`]).
+    pub retry_timeouts: Option<u32>,
 }
 
 impl Options {
@@ -89,6 +92,7 @@ impl Options {
             deadline: None,
             database_url: None,
             instances: 1,
+            retry_timeouts: None,
         }
     }
 }
@@ -115,7 +119,7 @@ pub struct ModeRun {
     pub audit_after_reconcile: Option<baton_audit::Report>,
     /// Faults actually injected, by kind.
     pub injected: BTreeMap<String, usize>,
-    /// Sagas neither completed nor rolled back once the system settled.
+    /// Sagas neither completed, rolled back nor cancelled once the system settled.
     pub unfinished: i64,
     /// Messages still waiting in an outbox (or set aside as unroutable) once it settled.
     pub left_in_outbox: i64,
@@ -166,6 +170,8 @@ pub struct Comparison {
     pub seed: u64,
     pub refusal_rate: f64,
     pub plan: String,
+    /// Timed-out requests were retried with their key, up to this many times.
+    pub retry_timeouts: Option<u32>,
     pub runs: Vec<ModeRun>,
 }
 
@@ -181,6 +187,7 @@ pub async fn compare(opts: &Options) -> anyhow::Result<Comparison> {
         seed: opts.seed,
         refusal_rate: opts.refusal_rate,
         plan: opts.faults.to_string(),
+        retry_timeouts: opts.retry_timeouts,
         runs,
     })
 }

@@ -75,6 +75,19 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
         row(&label, &move |r| r.audit.orphans.get(&s).copied().unwrap_or(0).to_string());
     }
     row("emails for spaces that do not exist", &|r| r.audit.emails_without_space.to_string());
+    if c.retry_timeouts.is_some() {
+        row("504s before retries / retried (retries sent)", &|r| {
+            format!("{} / {} ({})", r.stats.first_timeouts, r.stats.retried, r.stats.retries)
+        });
+        row("504s answered by a retry", &|r| r.stats.fixed_by_retry.to_string());
+        row("retried requests: latency p50 / max (ms)", &|r| {
+            if r.stats.retried == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1} / {:.1}", r.stats.retried_p50_ms, r.stats.retried_max_ms)
+            }
+        });
+    }
     row("504s whose space later completed", &|r| r.timeouts_split().0.to_string());
     row("504s whose space never completed", &|r| r.timeouts_split().1.to_string());
     row("audit violations", &|r| r.audit.violations.len().to_string());

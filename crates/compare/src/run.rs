@@ -396,6 +396,7 @@ async fn drive(
         refusal_rate: opts.refusal_rate,
         timeout: Duration::from_secs(60),
         stop_after: opts.duration,
+        retry_timeouts: opts.retry_timeouts,
     };
     let outcome = baton_load::run(&spec, on_sent, on_done).await;
     if let Some(timer) = timer {
@@ -441,8 +442,11 @@ async fn drive(
         }
     }
     // What did not get through: sagas still open, messages still in an outbox, dead letters.
-    let unfinished =
-        sum(store, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')").await;
+    let unfinished = sum(
+        store,
+        "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back', 'cancelled')",
+    )
+    .await;
     let left_in_outbox = sum(store, "SELECT COUNT(*) FROM outbox").await
         + sum(store, "SELECT COUNT(*) FROM outbox_parked").await;
     let dead_letters = {

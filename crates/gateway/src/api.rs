@@ -1,6 +1,7 @@
 //! The HTTP routes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -12,6 +13,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use baton_health::Kind;
+use baton_protocol::Mode;
+use baton_workflow::{HistoryEvent, SagaStatus};
 
 use crate::input::{MAX_BODY, check_headers, validate};
 use crate::listing::Listing;
@@ -23,14 +26,15 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/spaces/{id}", get(get_space))
         .route("/workflows", get(list_workflows))
         .route("/workflows/{id}", get(get_workflow))
+        .route("/workflows/{id}/cancel", post(cancel_workflow))
         .route("/health", get(ready))
         .route("/health/ready", get(ready))
         .route("/health/live", get(live))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, GET /health/live \
-                 or GET /health/ready"
+                "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, \
+                 POST /workflows/{id}/cancel, GET /health/live or GET /health/ready"
                     .into(),
             )
         })
@@ -62,6 +66,10 @@ async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
     if let Err(invalid) = check_headers(req.headers()) {
         return error(status(invalid.status), invalid.message);
     }
+    let key = match idempotency_key(req.headers()) {
+        Ok(key) => key,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
     // The whole body within the timeout, not each piece of it: a client sending a byte now
     // and then must not hold the connection for ever.
     let limit = gw.opts.limits.body_timeout;
@@ -90,16 +98,45 @@ async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
         Ok(r) => r,
         Err(invalid) => return error(status(invalid.status), invalid.message),
     };
-    if let Err(reason) = gw.ready().await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("not taking new work: {reason}"));
-    }
     let Ok(_slot) = gw.slots.try_acquire() else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
             format!("{} requests are already waiting for an outcome; retry shortly", gw.opts.max_in_flight),
         );
     };
-    match gw.create(req).await {
+    let (answer, replayed) = gw.create(req, key).await;
+    let mut response = answer_of(answer);
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The `Idempotency-Key` of a request, if it has one: 1 to 255 visible ASCII characters, given
+/// once. Otherwise one sentence that says what is wrong.
+fn idempotency_key(headers: &header::HeaderMap) -> Result<Option<String>, String> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err("Idempotency-Key is given twice; give it once".into());
+    }
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=MAX_KEY).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_owned())).ok_or_else(|| {
+        format!(
+            "Idempotency-Key must be 1 to {MAX_KEY} visible ASCII characters without spaces (a UUID is a good one)"
+        )
+    })
+}
+
+/// The longest `Idempotency-Key` taken.
+const MAX_KEY: usize = 255;
+
+/// The HTTP answer to a request's outcome, or to why it has none.
+fn answer_of(answer: Result<baton_protocol::SagaOutcome, Refusal>) -> Response {
+    match answer {
         Ok(outcome) if outcome.status == 200 => match outcome.space {
             Some(space) => (StatusCode::OK, axum::Json(space)).into_response(),
             None => error(StatusCode::INTERNAL_SERVER_ERROR, "the orchestrator answered 200 without a space".into()),
@@ -128,6 +165,20 @@ async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
                 "status": 504,
                 "space_id": space_id,
                 "workflow_id": (saga_id != space_id).then_some(saga_id),
+            })),
+        )
+            .into_response(),
+        Err(Refusal::KeyReused(first)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({
+                "error": format!(
+                    "this Idempotency-Key was first used for another request (name `{}`, owner `{}`); send a new \
+                     request with a new key, or this one's retry with its own body",
+                    first.name, first.owner
+                ),
+                "status": 422,
+                "space_id": first.space_id,
+                "workflow_id": (first.saga_id != first.space_id).then_some(first.saga_id),
             })),
         )
             .into_response(),
@@ -189,6 +240,119 @@ async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) ->
     }
 }
 
+/// How long `POST /workflows/{id}/cancel` waits for the saga to end `cancelled` before it
+/// answers 202 (its compensations are still running, or the orchestrator is away).
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// `POST /workflows/{id}/cancel`: stop a running saga. The cancel travels as a message to
+/// `orchestrator.commands` (whichever orchestrator instance is alive handles it); the answer waits
+/// for the saga to end: 200 `cancelled`, 202 while its steps are still being undone, 409 with
+/// why when it cannot be cancelled (it ended, or is past its last compensable step), 409 in
+/// events mode, which has no saga.
+async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    if gw.opts.mode == Mode::Events {
+        let message = "this gateway runs the events mode, which has no saga to cancel: each service reacts to \
+                       the previous one's event and nobody undoes a flow once it started (baton reconcile cleans \
+                       up afterwards); cancelling needs the workflow mode";
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({ "error": message, "status": 409, "mode": "events" })),
+        )
+            .into_response();
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let view = match describe(&gw, id).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            return error(StatusCode::NOT_FOUND, format!("no workflow {id} in this data dir's orchestrator"));
+        }
+        Err(r) => return r,
+    };
+    if let Some(why) = view.why_not_cancellable() {
+        return refused_cancel(why, &view);
+    }
+    let (asked, refused) =
+        (view.count(HistoryEvent::CancelRequested), view.count(HistoryEvent::CancelRefused));
+    let msg =
+        baton_orchestrator::cancel_message(id, &format!("POST /workflows/{id}/cancel"), crate::COMPONENT);
+    if let Err(e) = gw.publisher.publish_confirmed(&msg).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not hand the cancel to RabbitMQ ({e}); nothing was cancelled, try again"),
+        );
+    }
+    let until = tokio::time::Instant::now() + CANCEL_WAIT;
+    let mut last = view;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match describe(&gw, id).await {
+            Ok(Some(view)) => last = view,
+            Ok(None) => {}
+            Err(r) => return r,
+        }
+        // The saga ended, or went on, before the cancel reached it.
+        if last.count(HistoryEvent::CancelRefused) > refused {
+            let why =
+                last.last_detail(HistoryEvent::CancelRefused).unwrap_or("it cannot be cancelled").to_owned();
+            return refused_cancel(why, &last);
+        }
+        if last.status == SagaStatus::Cancelled.as_str() {
+            return cancel_answer(StatusCode::OK, "cancelled: every step it had done was undone", &last);
+        }
+        if tokio::time::Instant::now() >= until {
+            let what = if last.count(HistoryEvent::CancelRequested) > asked {
+                format!(
+                    "cancel accepted; its completed steps are still being undone after {} ms (GET /workflows/{id} tells when it is cancelled)",
+                    CANCEL_WAIT.as_millis()
+                )
+            } else {
+                format!(
+                    "cancel sent, but no orchestrator handled it within {} ms; it will when one runs (GET /workflows/{id} tells)",
+                    CANCEL_WAIT.as_millis()
+                )
+            };
+            return cancel_answer(StatusCode::ACCEPTED, &what, &last);
+        }
+    }
+}
+
+/// The saga `id`, read through the orchestrator's store; an error is the response.
+async fn describe(
+    gw: &Gateway,
+    id: Uuid,
+) -> Result<Option<baton_orchestrator::query::WorkflowView>, Response> {
+    gw.opts.sagas.describe(id).await.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// A 409 for a saga a cancel cannot stop, with why and where it stands.
+fn refused_cancel(why: String, view: &baton_orchestrator::query::WorkflowView) -> Response {
+    (
+        StatusCode::CONFLICT,
+        axum::Json(json!({
+            "error": why,
+            "status": 409,
+            "workflow_id": view.id,
+            "space_id": view.space_id,
+            "state": view.status,
+        })),
+    )
+        .into_response()
+}
+
+/// The answer to a cancel that was accepted: what became of it, and the saga as it stands.
+fn cancel_answer(
+    code: StatusCode,
+    message: &str,
+    view: &baton_orchestrator::query::WorkflowView,
+) -> Response {
+    let mut body = serde_json::to_value(view).unwrap_or(Value::Null);
+    body["message"] = json!(message);
+    (code, axum::Json(body)).into_response()
+}
+
 /// `GET /workflows?state=&workflow=&space=&since=&limit=&cursor=`: a page of sagas, newest first,
 /// with the cursor of the next page (`null` on the last). A bad parameter is a 400 that names it.
 async fn list_workflows(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
@@ -219,4 +383,32 @@ async fn health(gw: &Gateway, question: Kind) -> Response {
     extra.insert("mode".into(), json!(gw.opts.mode));
     extra.insert("workflow".into(), json!(gw.opts.workflow));
     baton_health::answer(&report, question, extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(keys: &[&str]) -> header::HeaderMap {
+        let mut h = header::HeaderMap::new();
+        for k in keys {
+            h.append("idempotency-key", header::HeaderValue::from_str(k).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn an_idempotency_key_is_one_header_of_visible_ascii() {
+        assert_eq!(idempotency_key(&headers(&[])), Ok(None));
+        let uuid = "0192f0c4-6b1e-7c3a-9f00-1a2b3c4d5e6f";
+        assert_eq!(idempotency_key(&headers(&[uuid])), Ok(Some(uuid.to_owned())));
+        assert!(idempotency_key(&headers(&["a", "b"])).unwrap_err().contains("twice"));
+        for bad in ["", "two words", &"k".repeat(MAX_KEY + 1)] {
+            assert!(idempotency_key(&headers(&[bad])).unwrap_err().contains("1 to 255"), "{bad:?}");
+        }
+        assert_eq!(
+            idempotency_key(&headers(&[&"k".repeat(MAX_KEY)])).map(|k| k.map(|k| k.len())),
+            Ok(Some(MAX_KEY))
+        );
+    }
 }

@@ -1,12 +1,15 @@
 //! The HTTP gateway: the only door for clients.
 //!
-//! Owns: the HTTP API (`POST /spaces`, `GET /spaces/{id}`, `GET /workflows` (a page of sagas,
-//! newest first, with a cursor), `GET /workflows/{id}`, and the
+//! Owns: the HTTP API (`POST /spaces`, with an optional `Idempotency-Key`, `GET /spaces/{id}`,
+//! `GET /workflows` (a page of sagas, newest first, with a cursor), `GET /workflows/{id}`,
+//! `POST /workflows/{id}/cancel` (sent to the orchestrator as a message), and the
 //! health of every component of its process: `GET /health/live`, `GET /health/ready` = `GET
 //! /health`), input validation (owners normalised to one spelling per person), what a client
 //! may hold of it (header and body timeouts, a connection limit), `gateway.db` (every request,
-//! what its client was told, and what eventually happened: the audit compares the two), and
-//! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands requests to the orchestrator and reads its
+//! what its client was told, and what eventually happened: the audit compares the two; the
+//! clients' idempotency keys, each with the request it first came with), and
+//! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands
+//! requests and cancels to the orchestrator and reads its
 //! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
 
 mod api;
@@ -15,13 +18,14 @@ mod listing;
 mod runtime;
 
 pub use input::{CreateSpace, Invalid, normalise_owner, validate};
-pub use runtime::{HttpLimits, Options, default_max_connections, run, serve};
+pub use runtime::{DEFAULT_IDEMPOTENCY_TTL, HttpLimits, Options, default_max_connections, run, serve};
 
 /// The component name: `gateway.db`, `app_id`, the outcome queue `gateway.<instance>.outcomes`.
 pub const COMPONENT: &str = "gateway";
 
 /// The gateway's tables, after the common ones.
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE requests (
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE requests (
         space_id TEXT PRIMARY KEY,
         saga_id TEXT NOT NULL UNIQUE,
         name TEXT NOT NULL,
@@ -33,4 +37,17 @@ pub const MIGRATIONS: &[&str] = &["CREATE TABLE requests (
         outcome_status INTEGER,
         outcome TEXT,
         outcome_at INTEGER
-    );"];
+    );",
+    // A client's `Idempotency-Key` on POST /spaces, and the request it first came with: a retry
+    // with the same key and body is that request again. Kept `--idempotency-ttl`.
+    "CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        space_id TEXT NOT NULL,
+        saga_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        replays INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
+];

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct Options {
     /// Requests waiting for an outcome at once; beyond, new ones get a 429 at once instead of
     /// queueing without bound.
     pub max_in_flight: usize,
+    /// How long an `Idempotency-Key` is kept ([`DEFAULT_IDEMPOTENCY_TTL`]): a retry with it
+    /// within that time is the first request again; past it the key counts as new.
+    pub idempotency_ttl: Duration,
     /// What a slow or idle client may hold of the gateway.
     pub limits: HttpLimits,
     /// The liveness and readiness of every component of this process, which `/health/live`
@@ -49,7 +53,15 @@ pub struct Options {
     pub health: baton_health::Health,
     /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
     pub sagas: baton_orchestrator::Sagas,
+    /// How long inbox rows (and idempotency keys) are kept; older messages are dead-lettered on
+    /// arrival ([`baton_store::retention`]). The requests themselves are kept: they are what
+    /// `GET /spaces/{id}`, the audit and `baton reconcile` know a client was told.
+    pub retain: Duration,
 }
+
+/// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as
+/// payment APIs do, long enough for any client's retries.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a client may take and how many connections it may hold: without them, connections
 /// that never finish their request pile up until the process runs out of file descriptors.
@@ -97,12 +109,18 @@ pub fn default_max_connections() -> usize {
     soft.saturating_sub((soft / 8).max(256)).max(64)
 }
 
+/// A client waiting for an outcome: its number, and where to hand the outcome.
+pub(crate) type Waiter = (u64, oneshot::Sender<SagaOutcome>);
+
 pub(crate) struct Gateway {
     pub opts: Options,
     pub broker: Broker,
     pub publisher: Publisher,
     pub db: Db,
-    pub pending: Mutex<HashMap<Uuid, oneshot::Sender<SagaOutcome>>>,
+    /// The clients waiting for each saga's outcome (the first request, and the retries of it
+    /// that carry its `Idempotency-Key`), each under a number of its own.
+    pub pending: Mutex<HashMap<Uuid, Vec<Waiter>>>,
+    pub waiters: AtomicU64,
     pub slots: Semaphore,
     pub reply_key: String,
     /// The queue its outcomes arrive on (this mode's), named once for the reasons of rejected
@@ -145,16 +163,24 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         publisher: publisher.clone(),
         db,
         pending: Mutex::new(HashMap::new()),
+        waiters: AtomicU64::new(0),
     });
     // The consumer (with its handlers), waited for once the HTTP side has stopped.
     let mut tasks = JoinSet::new();
     let g = Arc::clone(&gw);
     let queue = gw.incoming.clone();
     let health = &gw.opts.health;
-    let cfg = ConsumerConfig::new(queue.clone(), 256).attached(health.check(
-        COMPONENT,
-        &format!("consuming {queue}"),
-        Kind::Ready,
+    let cfg = ConsumerConfig::new(queue.clone(), 256)
+        .attached(health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready))
+        .max_age(gw.opts.retain);
+    tasks.spawn(running(
+        health.check(COMPONENT, "retention running", Kind::Live),
+        baton_store::retention::run(
+            gw.db.clone(),
+            baton_store::retention::Retention::new(gw.opts.retain),
+            Vec::new(),
+            cancel.clone(),
+        ),
     ));
     let alive = health.check(COMPONENT, &format!("consumer of {queue} running"), Kind::Live);
     match gw.opts.mode {
@@ -345,10 +371,29 @@ impl Gateway {
             })
             .await
             .map_err(|e: StoreError| HandleError::from(e))?;
-        if let Some(tx) = self.pending.lock().expect("pending map").remove(&saga_id) {
-            let _ = tx.send(outcome);
+        for (_, tx) in self.pending.lock().expect("pending map").remove(&saga_id).unwrap_or_default() {
+            let _ = tx.send(outcome.clone());
         }
         Ok(())
+    }
+
+    /// Wait for the outcome of `saga_id` (with every other client waiting for it).
+    fn wait(&self, saga_id: Uuid) -> (u64, oneshot::Receiver<SagaOutcome>) {
+        let (tx, rx) = oneshot::channel();
+        let me = self.waiters.fetch_add(1, Ordering::Relaxed);
+        self.pending.lock().expect("pending map").entry(saga_id).or_default().push((me, tx));
+        (me, rx)
+    }
+
+    /// Stop waiting for `saga_id` (waiter `me`).
+    fn forget(&self, saga_id: Uuid, me: u64) {
+        let mut pending = self.pending.lock().expect("pending map");
+        if let Some(waiting) = pending.get_mut(&saga_id) {
+            waiting.retain(|(w, _)| *w != me);
+            if waiting.is_empty() {
+                pending.remove(&saga_id);
+            }
+        }
     }
 
     /// Whether to take new work: the broker is there. A connection being recovered (a dropped
@@ -365,8 +410,15 @@ impl Gateway {
         }
     }
 
-    /// Hand a request to the orchestrator and wait for its outcome, up to the deadline.
-    pub(crate) async fn create(&self, req: CreateSpace) -> Result<SagaOutcome, Refusal> {
+    /// Hand a request to the orchestrator and wait for its outcome, up to the deadline. With an
+    /// `Idempotency-Key` already seen (within its time to live) for the same body, it is that
+    /// request again: its outcome, or a wait on the same saga ([`Gateway::replay`]); for another
+    /// body, a refusal. Returns whether the answer is a replay.
+    pub(crate) async fn create(
+        &self,
+        req: CreateSpace,
+        key: Option<String>,
+    ) -> (Result<SagaOutcome, Refusal>, bool) {
         let space_id = Uuid::new_v4();
         // The id the outcome comes back under: the saga's, or in events mode the space's.
         let saga_id = match self.opts.mode {
@@ -374,16 +426,136 @@ impl Gateway {
             Mode::Events => space_id,
         };
         let (name, owner, mode) = (req.name.clone(), req.owner.clone(), self.opts.mode.as_str());
-        self.db
-            .call(move |c| {
-                c.execute(
+        let ttl_ms = i64::try_from(self.opts.idempotency_ttl.as_millis()).unwrap_or(i64::MAX);
+        // A retry needs only the gateway's database: a client that retries because the broker
+        // is away still learns an outcome that was recorded. New work needs the broker.
+        let known = match &key {
+            Some(key) => {
+                let key = key.clone();
+                let since = now_ms().saturating_sub(ttl_ms);
+                self.db.transaction(move |tx| idempotency::find(tx, &key, since)).await
+            }
+            None => Ok(None),
+        };
+        match known {
+            Ok(Some(first)) if first.name == req.name && first.owner == req.owner => {}
+            Ok(Some(first)) => return (Err(Refusal::KeyReused(first)), false),
+            Ok(None) => {
+                if let Err(reason) = self.ready().await {
+                    return (Err(Refusal::Unavailable(format!("not taking new work: {reason}"))), false);
+                }
+            }
+            Err(e) => {
+                return (Err(Refusal::Unavailable(format!("the gateway's database failed: {e}"))), false);
+            }
+        }
+        // Looked up again in the transaction that records a new request: two tries of one key
+        // at once make one request.
+        let seen = self
+            .db
+            .transaction(move |tx| {
+                let now = now_ms();
+                if let Some(key) = &key {
+                    if let Some(first) = idempotency::find(tx, key, now.saturating_sub(ttl_ms))? {
+                        if first.name == name && first.owner == owner {
+                            idempotency::replayed(tx, key)?;
+                            return Ok(Seen::Again(first));
+                        }
+                        return Ok(Seen::OtherBody(first));
+                    }
+                    idempotency::remember(tx, key, space_id, saga_id, &name, &owner, now)?;
+                }
+                tx.execute(
                     "INSERT INTO requests (space_id, saga_id, name, owner, mode, requested_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![space_id.to_string(), saga_id.to_string(), name, owner, mode, now_ms()],
+                    params![space_id.to_string(), saga_id.to_string(), name, owner, mode, now],
                 )?;
-                Ok(())
+                Ok(Seen::New)
             })
-            .await
-            .map_err(|e| Refusal::Unavailable(format!("the gateway's database failed: {e}")))?;
+            .await;
+        match seen {
+            Ok(Seen::New) => (self.start(req, space_id, saga_id).await, false),
+            Ok(Seen::Again(first)) => (self.replay(first.space_id, first.saga_id).await, true),
+            Ok(Seen::OtherBody(first)) => (Err(Refusal::KeyReused(first)), false),
+            Err(e) => (Err(Refusal::Unavailable(format!("the gateway's database failed: {e}"))), false),
+        }
+    }
+
+    /// The request of an `Idempotency-Key` again: the outcome its space got, or, while it is
+    /// still running, a wait for it beside the first client, up to the deadline. What the
+    /// client is told is recorded: a client that was told 504 now knows.
+    async fn replay(&self, space_id: Uuid, saga_id: Uuid) -> Result<SagaOutcome, Refusal> {
+        // Waiting before reading: an outcome arriving in between is either in the row read
+        // below or handed to this waiter.
+        let (me, rx) = self.wait(saga_id);
+        // Gone once it has answered (or its sender was dropped): then only the row is read.
+        let mut rx = Some(rx);
+        let deadline = tokio::time::Instant::now() + self.opts.deadline;
+        let mut logged = false;
+        loop {
+            // The row too, and again while waiting: the outcome may come to another gateway
+            // instance on this data dir (the one that sent the request), which records it.
+            let stored = match self.stored_outcome(saga_id).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.forget(saga_id, me);
+                    return Err(Refusal::Unavailable(format!("the gateway's database failed: {e}")));
+                }
+            };
+            let outcome = match stored {
+                Some(outcome) => Some(outcome),
+                None => {
+                    if !logged {
+                        tracing::debug!(%saga_id, "a retry waits on the running request of its idempotency key");
+                        logged = true;
+                    }
+                    let next = (tokio::time::Instant::now() + REPLAY_POLL).min(deadline);
+                    match rx.as_mut() {
+                        Some(waiting) => tokio::select! {
+                            got = waiting => {
+                                rx = None;
+                                got.ok()
+                            }
+                            _ = tokio::time::sleep_until(next) => None,
+                        },
+                        None => {
+                            tokio::time::sleep_until(next).await;
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(outcome) = outcome {
+                self.forget(saga_id, me);
+                self.tell(saga_id, outcome.status).await;
+                return Ok(outcome);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.forget(saga_id, me);
+                return Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline });
+            }
+        }
+    }
+
+    /// The outcome recorded for `saga_id`, if one came.
+    async fn stored_outcome(&self, saga_id: Uuid) -> Result<Option<SagaOutcome>, StoreError> {
+        let json = self
+            .db
+            .call(move |c| {
+                use baton_store::OptionalExtension;
+                Ok(c.query_row(
+                    "SELECT outcome FROM requests WHERE saga_id = ?1",
+                    [saga_id.to_string()],
+                    |r| r.get::<Option<String>>(0),
+                )
+                .optional()?
+                .flatten())
+            })
+            .await?;
+        Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
+    }
+
+    /// Send a new request (its row is written) and wait for its outcome, up to the deadline.
+    async fn start(&self, req: CreateSpace, space_id: Uuid, saga_id: Uuid) -> Result<SagaOutcome, Refusal> {
         let input = Context { name: req.name, owner: req.owner, ..Default::default() };
         let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let trace = TraceParent::new_root();
@@ -415,16 +587,17 @@ impl Gateway {
                     .mode("events")
             }
         };
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending map").insert(saga_id, tx);
+        let (me, rx) = self.wait(saga_id);
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.publisher.publish_confirmed(&msg).await {
                 Ok(()) => break,
                 // The broker said no for sure: nothing was started.
                 Err(e @ (PublishError::Returned(_) | PublishError::Nacked)) => {
-                    self.pending.lock().expect("pending map").remove(&saga_id);
+                    self.forget(saga_id, me);
                     self.tell(saga_id, 503).await;
+                    // Nothing started: a retry with the same key starts it anew.
+                    self.forget_key(saga_id).await;
                     return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {e}")));
                 }
                 // The channel failed before the confirm: the message may or may not have gone
@@ -443,10 +616,17 @@ impl Gateway {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
             _ => {
-                self.pending.lock().expect("pending map").remove(&saga_id);
+                self.forget(saga_id, me);
                 self.tell(saga_id, 504).await;
                 Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline })
             }
+        }
+    }
+
+    /// Forget the idempotency key of a request that never started, so that its retry starts it.
+    async fn forget_key(&self, saga_id: Uuid) {
+        if let Err(e) = self.db.transaction(move |tx| idempotency::forget(tx, saga_id)).await {
+            tracing::error!(error = %e, %saga_id, "forgetting the idempotency key of a request that did not start failed");
         }
     }
 
@@ -468,6 +648,90 @@ impl Gateway {
     }
 }
 
+/// How often a retry waiting on a running request reads its row, for an outcome recorded by
+/// another gateway instance.
+const REPLAY_POLL: Duration = Duration::from_millis(500);
+
+/// What a request's `Idempotency-Key` says of it.
+enum Seen {
+    /// No key, or one not seen within its time to live: a new request.
+    New,
+    /// The key's request again, with the same body.
+    Again(idempotency::First),
+    /// The key came first with another body.
+    OtherBody(idempotency::First),
+}
+
+/// The `idempotency_keys` table: a key, and the request it first came with.
+pub(crate) mod idempotency {
+    use baton_store::{OptionalExtension, params};
+    use baton_store::{StoreError, Tx};
+    use uuid::Uuid;
+
+    /// The request a key first came with.
+    #[derive(Debug, Clone)]
+    pub(crate) struct First {
+        pub space_id: Uuid,
+        pub saga_id: Uuid,
+        pub name: String,
+        pub owner: String,
+    }
+
+    /// The request `key` came with, if it came at or after `since` (ms).
+    pub(crate) fn find(tx: &Tx<'_>, key: &str, since: i64) -> Result<Option<First>, StoreError> {
+        let row: Option<(String, String, String, String)> = tx
+            .query_row(
+                "SELECT space_id, saga_id, name, owner FROM idempotency_keys WHERE key = ?1 AND created_at >= ?2",
+                params![key, since],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let corrupt =
+            |e: uuid::Error| StoreError::Corrupt { table: "idempotency_keys", cause: e.to_string() };
+        row.map(|(space, saga, name, owner)| {
+            Ok(First {
+                space_id: Uuid::parse_str(&space).map_err(corrupt)?,
+                saga_id: Uuid::parse_str(&saga).map_err(corrupt)?,
+                name,
+                owner,
+            })
+        })
+        .transpose()
+    }
+
+    /// Remember `key` for a new request (over an expired one of the same key).
+    pub(crate) fn remember(
+        tx: &Tx<'_>,
+        key: &str,
+        space_id: Uuid,
+        saga_id: Uuid,
+        name: &str,
+        owner: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO idempotency_keys (key, space_id, saga_id, name, owner, created_at, replays)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
+             ON CONFLICT (key) DO UPDATE SET space_id = excluded.space_id, saga_id = excluded.saga_id,
+                 name = excluded.name, owner = excluded.owner, created_at = excluded.created_at, replays = 0",
+            params![key, space_id.to_string(), saga_id.to_string(), name, owner, now],
+        )?;
+        Ok(())
+    }
+
+    /// Count a retry of `key`.
+    pub(crate) fn replayed(tx: &Tx<'_>, key: &str) -> Result<(), StoreError> {
+        tx.execute("UPDATE idempotency_keys SET replays = replays + 1 WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    /// Forget the key of the request of `saga_id` (it never started).
+    pub(crate) fn forget(tx: &Tx<'_>, saga_id: Uuid) -> Result<(), StoreError> {
+        tx.execute("DELETE FROM idempotency_keys WHERE saga_id = ?1", [saga_id.to_string()])?;
+        Ok(())
+    }
+}
+
 /// When this gateway will answer 504, for the saga: the budget left now, and the wall-clock
 /// instant it ends at.
 fn client_deadline(deadline: tokio::time::Instant) -> ClientDeadline {
@@ -480,5 +744,11 @@ fn client_deadline(deadline: tokio::time::Instant) -> ClientDeadline {
 /// Why a request got no outcome.
 pub(crate) enum Refusal {
     Unavailable(String),
-    Deadline { space_id: Uuid, saga_id: Uuid, after: Duration },
+    Deadline {
+        space_id: Uuid,
+        saga_id: Uuid,
+        after: Duration,
+    },
+    /// The `Idempotency-Key` came first with another body.
+    KeyReused(idempotency::First),
 }

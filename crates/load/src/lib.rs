@@ -2,8 +2,9 @@
 //! from a seed so that both modes get exactly the same requests, with natural refusals (reserved
 //! route keys, a name taken, an owner over quota) at a chosen rate.
 //!
-//! Owns: the request plan ([`plan`]), sending it ([`run`]) and the statistics of the answers
-//! ([`Stats`]). Must not touch: the broker or any database; it only speaks HTTP.
+//! Owns: the request plan ([`plan`]), sending it ([`run`]), with each timed-out request sent
+//! again under its `Idempotency-Key` when asked ([`Spec::retry_timeouts`]), and the statistics
+//! of the answers ([`Stats`]). Must not touch: the broker or any database; it only speaks HTTP.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub struct Spec {
     pub timeout: Duration,
     /// Stop sending new requests after this long, even if the plan has more (a timed run).
     pub stop_after: Option<Duration>,
+    /// Send every request with an `Idempotency-Key`, and send one answered 504 (or not at
+    /// all) again with it, up to this many times: the retry learns what became of the first.
+    pub retry_timeouts: Option<u32>,
 }
 
 /// The requests of a run: the same for the same seed, whatever the mode.
@@ -84,7 +88,12 @@ pub struct Sample {
     pub status: u16,
     /// The step that refused, when the body names one.
     pub step: Option<String>,
+    /// From the first send to the last answer, retries included.
     pub latency_us: u64,
+    /// The first answer, before any retry (the same as `status` when there was none).
+    pub first_status: u16,
+    /// Times the request was sent again with its key.
+    pub retries: u32,
 }
 
 /// Everything a run measured.
@@ -110,11 +119,20 @@ pub async fn run(
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let url = format!("{}/spaces", spec.gateway.trim_end_matches('/'));
+    // Keys of their own to this run: another run on the same gateway must not replay these.
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let retry_timeouts = spec.retry_timeouts;
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..spec.concurrency.max(1) {
-        let (client, requests, next, done, url) =
-            (client.clone(), Arc::clone(&requests), Arc::clone(&next), Arc::clone(&done), url.clone());
+        let (client, requests, next, done, url, run_id) = (
+            client.clone(),
+            Arc::clone(&requests),
+            Arc::clone(&next),
+            Arc::clone(&done),
+            url.clone(),
+            run_id.clone(),
+        );
         let (on_sent, on_done) = (Arc::clone(&on_sent), Arc::clone(&on_done));
         let stop_after = spec.stop_after;
         workers.spawn(async move {
@@ -127,30 +145,22 @@ pub async fn run(
                 }
                 on_sent(i + 1);
                 let t = Instant::now();
-                let resp = client
-                    .post(&url)
-                    .json(&serde_json::json!({"name": req.name, "owner": req.owner}))
-                    .send()
-                    .await;
-                let (status, step) = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let body: serde_json::Value = r.json().await.unwrap_or_default();
-                        (status, body.get("step").and_then(|s| s.as_str()).map(String::from))
-                    }
-                    Err(_) => {
-                        // Nobody answers (the gateway is down): back off as a client would,
-                        // rather than count a thousand refused connections a second.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        (0, None)
-                    }
-                };
+                let key = retry_timeouts.map(|_| format!("load-{run_id}-{i}"));
+                let (mut status, mut step) = send(&client, &url, req, key.as_deref()).await;
+                let first_status = status;
+                let mut retries = 0;
+                while matches!(status, 0 | 504) && retry_timeouts.is_some_and(|max| retries < max) {
+                    retries += 1;
+                    (status, step) = send(&client, &url, req, key.as_deref()).await;
+                }
                 samples.push(Sample {
                     index: i,
                     intent: req.intent,
                     status,
                     step,
                     latency_us: t.elapsed().as_micros() as u64,
+                    first_status,
+                    retries,
                 });
                 on_done(done.fetch_add(1, Ordering::SeqCst) + 1);
             }
@@ -163,6 +173,33 @@ pub async fn run(
     }
     samples.sort_by_key(|s| s.index);
     Outcome { samples, elapsed_ms: started.elapsed().as_millis() as u64 }
+}
+
+/// Send one request (with `key` as its `Idempotency-Key`): the status (0 when no answer came)
+/// and the step that refused, if the body names one.
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    req: &Request,
+    key: Option<&str>,
+) -> (u16, Option<String>) {
+    let mut post = client.post(url).json(&serde_json::json!({"name": req.name, "owner": req.owner}));
+    if let Some(key) = key {
+        post = post.header("idempotency-key", key);
+    }
+    match post.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body.get("step").and_then(|s| s.as_str()).map(String::from))
+        }
+        Err(_) => {
+            // Nobody answers (the gateway is down): back off as a client would, rather than
+            // count a thousand refused connections a second.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (0, None)
+        }
+    }
 }
 
 /// Answers counted and latencies summed up.
@@ -180,6 +217,16 @@ pub struct Stats {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub per_second: f64,
+    /// Requests first answered 504 (or not at all), before any retry.
+    pub first_timeouts: usize,
+    /// Requests sent again with their key at least once, and the retries sent in all.
+    pub retried: usize,
+    pub retries: usize,
+    /// Requests first answered 504 (or not at all) that a retry got a definite answer for.
+    pub fixed_by_retry: usize,
+    /// Latency of the retried requests, from the first send to the last answer.
+    pub retried_p50_ms: f64,
+    pub retried_max_ms: f64,
 }
 
 /// The value below which `q` of the sorted values fall (nearest rank).
@@ -205,7 +252,21 @@ impl Stats {
             per_second: outcome.samples.len() as f64 / (outcome.elapsed_ms.max(1) as f64 / 1000.0),
             ..Stats::default()
         };
+        let mut retried: Vec<u64> =
+            outcome.samples.iter().filter(|s| s.retries > 0).map(|s| s.latency_us).collect();
+        retried.sort_unstable();
+        st.retried = retried.len();
+        st.retried_p50_ms = ms(percentile(&retried, 0.50));
+        st.retried_max_ms = ms(retried.last().copied().unwrap_or(0));
         for s in &outcome.samples {
+            let timed_out = |status: u16| matches!(status, 0 | 504);
+            st.retries += s.retries as usize;
+            if timed_out(s.first_status) {
+                st.first_timeouts += 1;
+                if !timed_out(s.status) {
+                    st.fixed_by_retry += 1;
+                }
+            }
             *st.by_status.entry(s.status).or_default() += 1;
             match s.status {
                 0 => st.no_answer += 1,
@@ -232,6 +293,7 @@ mod tests {
             refusal_rate: rate,
             timeout: Duration::from_secs(1),
             stop_after: None,
+            retry_timeouts: None,
         }
     }
 
@@ -256,6 +318,32 @@ mod tests {
         }
         assert!(per_owner.values().all(|n| *n <= 3));
         assert!(plan(&spec(0.0)).iter().all(|r| r.intent == Intent::Plain));
+    }
+
+    #[test]
+    fn retries_are_counted_and_what_they_fixed() {
+        let sample = |first_status, status, retries, latency_us| Sample {
+            index: 0,
+            intent: Intent::Plain,
+            status,
+            step: None,
+            latency_us,
+            first_status,
+            retries,
+        };
+        let outcome = Outcome {
+            samples: vec![
+                sample(200, 200, 0, 1_000),
+                sample(504, 200, 1, 9_000),
+                sample(504, 504, 3, 20_000),
+                sample(0, 409, 2, 5_000),
+            ],
+            elapsed_ms: 1000,
+        };
+        let st = Stats::of(&outcome);
+        assert_eq!((st.first_timeouts, st.retried, st.retries, st.fixed_by_retry), (3, 3, 6, 2));
+        assert_eq!((st.ok, st.timeouts, st.client_errors), (2, 1, 1));
+        assert_eq!((st.retried_p50_ms, st.retried_max_ms), (9.0, 20.0));
     }
 
     #[test]

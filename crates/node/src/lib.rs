@@ -54,9 +54,15 @@ pub struct Config {
     pub deadline: Duration,
     /// Requests the gateway lets wait at once.
     pub max_in_flight: usize,
+    /// How long the gateway keeps an `Idempotency-Key`: a retry within it gets the first
+    /// request's outcome.
+    pub idempotency_ttl: Duration,
     pub limits: HttpLimits,
     /// The checks of every component of this process.
     pub health: Health,
+    /// How long each component keeps what it only needs for a while (finished sagas, inbox
+    /// rows, tombstones, idempotency keys); also the oldest message it handles.
+    pub retain: Duration,
 }
 
 impl Config {
@@ -77,8 +83,10 @@ impl Config {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             deadline: default_deadline(mode),
             max_in_flight: 1024,
+            idempotency_ttl: baton_gateway::DEFAULT_IDEMPOTENCY_TTL,
             limits: HttpLimits::default(),
             health: Health::default(),
+            retain: baton_store::retention::DEFAULT_RETAIN,
         }
     }
 
@@ -98,6 +106,7 @@ impl Config {
             faults: self.faults.clone(),
             instance: self.instance.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -110,6 +119,7 @@ impl Config {
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
             health: self.health.clone(),
+            retain: self.retain,
         }
     }
 
@@ -124,9 +134,11 @@ impl Config {
             workflow: self.workflow.clone(),
             deadline: self.deadline,
             max_in_flight: self.max_in_flight,
+            idempotency_ttl: self.idempotency_ttl,
             limits: self.limits,
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::at(&self.store),
+            retain: self.retain,
         }
     }
 }

@@ -1,12 +1,16 @@
-//! The saga clock, and the check that every saga in flight runs the definition it started on.
+//! The saga clock, and the versions of the workflows: every definition an orchestrator loads is
+//! stored by content hash, each saga is pinned to the hash it started on, and a saga's
+//! definition is read back from the store by that hash, never from the files loaded now. So an
+//! orchestrator restarted (or running beside another) with a changed file starts new sagas on
+//! the new version and finishes the others, compensations included, on theirs.
 
 use std::collections::HashMap;
-use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use baton_store::params;
 use baton_store::{Db, StoreError, now_ms};
-use baton_workflow::{Saga, Workflow};
+use baton_store::{OptionalExtension, Tx, params};
+use baton_workflow::Workflow;
 
 use crate::query::IN_FLIGHT;
 
@@ -31,144 +35,169 @@ impl SagaClock {
     }
 }
 
-/// Sagas in flight whose workflow is no longer loaded as they were started on.
-#[derive(Debug)]
-pub struct Changed {
-    pub workflow: String,
-    pub in_flight: usize,
-    /// A few of their ids.
-    pub examples: Vec<String>,
-    /// What differs.
-    pub why: String,
-}
+/// The definitions a process has read, by hash: the loaded ones, and the older ones its sagas
+/// in flight started on, read from the store once each. A definition never changes under its
+/// hash, so a cached one is never stale.
+#[derive(Default)]
+pub struct Definitions(Mutex<HashMap<String, Arc<Workflow>>>);
 
-/// The orchestrator refuses to start: definitions changed under sagas in flight.
-#[derive(Debug, thiserror::Error)]
-pub struct DefinitionsChanged(pub Vec<Changed>);
+impl Definitions {
+    /// The definitions `loaded`, already known.
+    pub fn with(loaded: &HashMap<String, Workflow>) -> Definitions {
+        let known = loaded.values().map(|wf| (wf.hash(), Arc::new(wf.clone()))).collect();
+        Definitions(Mutex::new(known))
+    }
 
-impl fmt::Display for DefinitionsChanged {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, c) in self.0.iter().enumerate() {
-            if i > 0 {
-                write!(f, "; ")?;
-            }
-            let more = if c.in_flight > c.examples.len() { ", ..." } else { "" };
-            write!(
-                f,
-                "workflow `{}` changed under {} saga(s) in flight ({}{more}): {}",
-                c.workflow,
-                c.in_flight,
-                c.examples.join(", "),
-                c.why
-            )?;
+    /// The definition stored under `hash`, or why there is none (to tell the operator). Reads
+    /// the store only the first time a hash is asked for.
+    pub fn get(
+        &self,
+        conn: &Tx<'_>,
+        hash: Option<&str>,
+    ) -> Result<Result<Arc<Workflow>, String>, StoreError> {
+        let Some(hash) = hash else {
+            return Ok(Err("the saga names no definition".into()));
+        };
+        if let Some(wf) = self.0.lock().expect("definitions cache").get(hash) {
+            return Ok(Ok(Arc::clone(wf)));
         }
-        write!(
-            f,
-            ". Refusing to start, since they would run on a definition they were not started on. Start this \
-             orchestrator with the definition they started on (the previous --workflow-file) until \
-             `baton workflows list --state running` (and --state compensating, --state succeeded) shows \
-             none of them, then restart it with the new one"
-        )
+        let body: Option<String> = conn
+            .query_row("SELECT body FROM definitions WHERE hash = ?1", [hash], |r| r.get(0))
+            .optional()?;
+        let Some(body) = body else {
+            return Ok(Err(format!("no definition with hash {} is stored", short(hash))));
+        };
+        let wf = match Workflow::from_json(&body) {
+            Ok(wf) if wf.hash() == hash => Arc::new(wf),
+            Ok(_) => {
+                return Ok(Err(format!(
+                    "the definition stored under {} does not match its hash",
+                    short(hash)
+                )));
+            }
+            Err(e) => {
+                return Ok(Err(format!("the definition stored under {} is unreadable ({e})", short(hash))));
+            }
+        };
+        self.0.lock().expect("definitions cache").insert(hash.to_owned(), Arc::clone(&wf));
+        Ok(Ok(wf))
     }
 }
 
-/// How many saga ids an error names.
-const EXAMPLES: usize = 5;
+/// The first 12 characters of a hash, as messages and `baton workflows versions` show it.
+pub fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
 
-/// Refuse (with [`DefinitionsChanged`]) when a saga in flight was started on a definition other
-/// than the loaded one of its workflow, or on a workflow not loaded; otherwise record the loaded
-/// definitions and return the id of each, to store with the sagas it starts.
-pub async fn check_and_record(
+/// Store the loaded definitions (each once, by hash, with when it was first seen) and return
+/// the hash of each, to pin the sagas it starts to. Databases from before the hashes get theirs
+/// filled in. Says how many sagas in flight run another version than the loaded one: they
+/// finish on theirs.
+pub async fn record(
     db: &Db,
     workflows: &HashMap<String, Workflow>,
-) -> anyhow::Result<HashMap<String, i64>> {
+) -> Result<HashMap<String, String>, StoreError> {
     let loaded = workflows.clone();
-    let verdict = db
+    let (hashes, older) = db
         .transaction(move |tx| {
-            // (workflow, definition body or none for sagas older than the table, saga ids)
-            let mut groups: HashMap<(String, Option<String>), Vec<String>> = HashMap::new();
-            let rows: Vec<(String, Option<String>, String)> = tx.query_map(
+            // Rows of earlier builds: hash what they hold.
+            let unhashed: Vec<(i64, String)> = tx
+                .query_map("SELECT id, body FROM definitions WHERE hash IS NULL", (), |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for (id, body) in unhashed {
+                if let Ok(wf) = Workflow::from_json(&body) {
+                    tx.execute("UPDATE definitions SET hash = ?2 WHERE id = ?1", params![id, wf.hash()])?;
+                }
+            }
+            tx.execute(
+                "UPDATE sagas SET definition_hash = (SELECT d.hash FROM definitions d WHERE d.id = sagas.definition)
+                 WHERE definition_hash IS NULL AND definition IS NOT NULL", (),
+            )?;
+            let now = now_ms();
+            let mut hashes = HashMap::new();
+            for (name, wf) in &loaded {
+                let hash = wf.hash();
+                tx.execute(
+                    "INSERT INTO definitions (workflow, body, hash, first_seen) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                    params![name, wf.body(), hash, now],
+                )?;
+                hashes.insert(name.clone(), hash);
+            }
+            let mut older = Vec::new();
+            let rows: Vec<(String, Option<String>, i64)> = tx.query_map(
                 &format!(
-                    "SELECT s.workflow, d.body, s.saga_id FROM sagas s LEFT JOIN definitions d ON d.id = s.definition
-                     WHERE s.{IN_FLIGHT} ORDER BY s.created_at"
+                    "SELECT workflow, definition_hash, COUNT(*) FROM sagas WHERE {IN_FLIGHT} GROUP BY workflow, definition_hash"
                 ),
                 (),
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            for (wf, body, id) in rows {
-                groups.entry((wf, body)).or_default().push(id);
-            }
-            let mut changed = Vec::new();
-            for ((name, body), ids) in groups {
-                let why = match (loaded.get(&name), body) {
-                    (None, _) => Some(format!("no workflow `{name}` is loaded now")),
-                    (Some(wf), Some(body)) => match Workflow::from_json(&body) {
-                        Ok(old) if old == *wf => None,
-                        Ok(old) => Some(difference(&old, wf)),
-                        Err(e) => Some(format!("the stored definition is unreadable ({e})")),
-                    },
-                    // Started before definitions were recorded: each saga's own steps decide.
-                    (Some(wf), None) => {
-                        let mut misfit = None;
-                        for id in &ids {
-                            let state: String =
-                                tx.query_row("SELECT state FROM sagas WHERE saga_id = ?1", [id], |r| r.get(0))?;
-                            let saga: Saga = serde_json::from_str(&state).map_err(|e| StoreError::Corrupt {
-                                table: "sagas",
-                                cause: e.to_string(),
-                            })?;
-                            if !saga.fits(wf) {
-                                misfit = Some(format!(
-                                    "they have {} actions, the loaded definition {}",
-                                    saga.actions.len(),
-                                    wf.actions().count()
-                                ));
-                                break;
-                            }
-                        }
-                        misfit
-                    }
-                };
-                if let Some(why) = why {
-                    changed.push(Changed {
-                        workflow: name,
-                        in_flight: ids.len(),
-                        examples: ids.into_iter().take(EXAMPLES).collect(),
-                        why,
-                    });
+            for (name, hash, n) in rows {
+                if hashes.get(&name) != hash.as_ref() {
+                    older.push((name, hash, n));
                 }
             }
-            if !changed.is_empty() {
-                changed.sort_by(|a, b| a.workflow.cmp(&b.workflow));
-                return Ok(Err(DefinitionsChanged(changed)));
-            }
-            let mut ids = HashMap::new();
-            for (name, wf) in &loaded {
-                let body = serde_json::to_string(wf).expect("a workflow serialises");
-                tx.execute(
-                    "INSERT INTO definitions (workflow, body) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    params![name, body],
-                )?;
-                let id: i64 = tx.query_row(
-                    "SELECT id FROM definitions WHERE workflow = ?1 AND body = ?2",
-                    params![name, body],
-                    |r| r.get(0),
-                )?;
-                ids.insert(name.clone(), id);
-            }
-            Ok(Ok(ids))
+            Ok((hashes, older))
         })
         .await?;
-    Ok(verdict?)
+    for (workflow, hash, sagas) in older {
+        tracing::info!(
+            %workflow, version = hash.as_deref().map_or("none", short), sagas,
+            "sagas in flight run another version of this workflow than the loaded one; they finish on theirs"
+        );
+    }
+    Ok(hashes)
 }
 
-/// One phrase on how two definitions of a workflow differ.
-fn difference(old: &Workflow, new: &Workflow) -> String {
-    let names = |w: &Workflow| w.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
-    let (a, b) = (names(old), names(new));
-    if a == b {
-        format!("its steps ({a}) are the same but their actions or policies differ")
-    } else {
-        format!("they were started on steps [{a}], the loaded definition has [{b}]")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the build before versions: definitions by id only, a saga in flight on
+    /// one. Opened by this build, the saga gets its definition's hash and finds it by hash.
+    #[tokio::test]
+    async fn a_saga_from_before_the_hashes_is_pinned_to_the_hash_of_the_definition_it_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = baton_store::Location::Dir(dir.path().to_owned());
+        let before: &'static [&'static str] = &crate::MIGRATIONS[..1];
+        let wf = Workflow::create_space();
+        {
+            let db = Db::open(&path, crate::COMPONENT, before, baton_store::DEFAULT_OWNER).await.unwrap();
+            let body = wf.body();
+            db.transaction(move |tx| {
+                tx.execute("INSERT INTO definitions (workflow, body) VALUES ('create-space', ?1)", [&body])?;
+                tx.execute(
+                    "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at, definition)
+                     VALUES ('s1', 'p1', 'create-space', 'running', '{}', '', 1, 1, 1)", (),
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        }
+        let db =
+            Db::open(&path, crate::COMPONENT, crate::MIGRATIONS, baton_store::DEFAULT_OWNER).await.unwrap();
+        let loaded = HashMap::from([("create-space".to_owned(), wf.clone())]);
+        let hashes = record(&db, &loaded).await.unwrap();
+        assert_eq!(hashes["create-space"], wf.hash());
+        let (pinned, rows) = db
+            .call(|c| {
+                let pinned: Option<String> =
+                    c.query_row("SELECT definition_hash FROM sagas WHERE saga_id = 's1'", (), |r| r.get(0))?;
+                let rows: i64 = c.query_row("SELECT COUNT(*) FROM definitions", (), |r| r.get(0))?;
+                Ok((pinned, rows))
+            })
+            .await
+            .unwrap();
+        assert_eq!(pinned.as_deref(), Some(wf.hash().as_str()));
+        assert_eq!(rows, 1, "the same definition is not stored twice");
+        // Read back by hash from the store (not from the loaded ones), and a hash unknown.
+        let cache = Definitions::default();
+        let hash = wf.hash();
+        let (found, unknown) = db
+            .call(move |c| Ok((cache.get(c, Some(&hash))?, cache.get(c, Some("0123456789abcdef"))?)))
+            .await
+            .unwrap();
+        assert_eq!(*found.unwrap(), wf);
+        assert_eq!(unknown.unwrap_err(), "no definition with hash 0123456789ab is stored");
     }
 }

@@ -1,12 +1,12 @@
 //! The read model of sagas: what `GET /workflows/{id}` and `baton workflows` show, and how many
-//! sagas are in flight. Reads the orchestrator's store through any transaction (a reader's
-//! included); [`Sagas`] is how other components and processes read it, without knowing its
-//! backend or its tables.
+//! sagas are in flight. Reads `orchestrator.db` through any connection (read-only ones
+//! included); [`Sagas`] is how other components and processes read it, without knowing its file
+//! or its tables.
 
 use std::sync::Arc;
 
 use baton_store::{Db, Location, OptionalExtension, Tx, params};
-use baton_workflow::{Saga, SagaStatus};
+use baton_workflow::{HistoryEvent, Saga, SagaStatus};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -96,6 +96,11 @@ impl Sagas {
         .await
     }
 
+    /// Every stored definition with its sagas, as [`versions`]; none without a store.
+    pub async fn versions(&self) -> Result<Vec<Version>, StoreError> {
+        self.read(Vec::new(), versions).await
+    }
+
     /// Sagas in flight; 0 without a store.
     pub async fn in_flight(&self) -> Result<i64, StoreError> {
         self.read(0, in_flight_count).await
@@ -159,6 +164,25 @@ pub struct WorkflowView {
     pub context: baton_protocol::Context,
     pub steps: Vec<StepView>,
     pub history: Vec<HistoryRow>,
+}
+
+impl WorkflowView {
+    /// Why a cancel cannot stop this saga, or `None` when it can
+    /// ([`baton_workflow::why_not_cancellable`]).
+    pub fn why_not_cancellable(&self) -> Option<String> {
+        let status = SagaStatus::parse(&self.status).ok()?;
+        baton_workflow::why_not_cancellable(self.id, status, self.count(HistoryEvent::CancelRequested) > 0)
+    }
+
+    /// Lines of the timeline with `event`.
+    pub fn count(&self, event: HistoryEvent) -> usize {
+        self.history.iter().filter(|h| h.event == event.as_str()).count()
+    }
+
+    /// The detail of the last line of the timeline with `event`.
+    pub fn last_detail(&self, event: HistoryEvent) -> Option<&str> {
+        self.history.iter().rev().find(|h| h.event == event.as_str()).and_then(|h| h.detail.as_deref())
+    }
 }
 
 /// A line of `baton workflows list`.
@@ -298,17 +322,7 @@ pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>)
             // One more than asked: whether there is a next page.
             limit.saturating_add(1) as i64
         ],
-        |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        },
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
     )?;
     let mut workflows = rows
         .into_iter()
@@ -346,4 +360,115 @@ pub fn count_by_status(conn: &Tx<'_>) -> Result<Vec<(String, i64)>, StoreError> 
     conn.query_map("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status", (), |r| {
         Ok((r.get(0)?, r.get(1)?))
     })
+}
+
+/// One stored definition of a workflow, and its sagas: a line of `baton workflows versions`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Version {
+    pub workflow: String,
+    /// The content hash every saga started on it is pinned to.
+    pub hash: String,
+    /// When an orchestrator first loaded it (ms since the Unix epoch; `None` for a definition
+    /// stored before versions were recorded).
+    pub first_seen_ms: Option<i64>,
+    /// Sagas started on it still in flight (running, compensating, or succeeded with the email
+    /// on its way).
+    pub running: i64,
+    /// Sagas started on it that ended (completed, rolled back) and are still retained.
+    pub done: i64,
+    /// Sagas started on it waiting for an operator (`compensation_failed`, `definition_missing`).
+    pub stuck: i64,
+}
+
+/// Every stored definition, each workflow's newest first, with how many sagas it has in each
+/// kind of state. Sagas pinned to a hash no longer stored show under that hash with no body.
+pub fn versions(conn: &Tx<'_>) -> Result<Vec<Version>, StoreError> {
+    conn.query_map(
+        &format!(
+        "SELECT d.workflow, d.hash, d.first_seen,
+                CAST(COALESCE(SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END), 0) AS INTEGER),
+                CAST(COALESCE(SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END), 0) AS INTEGER),
+                CAST(COALESCE(SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END), 0) AS INTEGER)
+         FROM definitions d LEFT JOIN sagas s ON s.definition_hash = d.hash
+         WHERE d.hash IS NOT NULL
+         GROUP BY d.workflow, d.hash, d.first_seen
+         UNION ALL
+         SELECT s.workflow, COALESCE(s.definition_hash, ''), NULL,
+                CAST(SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END) AS INTEGER),
+                CAST(SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END) AS INTEGER),
+                CAST(SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END) AS INTEGER)
+         FROM sagas s WHERE NOT EXISTS (SELECT 1 FROM definitions d WHERE d.hash = s.definition_hash)
+         GROUP BY s.workflow, s.definition_hash
+         ORDER BY 1, 3 DESC NULLS LAST"
+        ),
+        (),
+        |r| {
+        Ok(Version {
+            workflow: r.get(0)?,
+            hash: r.get(1)?,
+            first_seen_ms: r.get(2)?,
+            running: r.get(3)?,
+            done: r.get(4)?,
+            stuck: r.get(5)?,
+        })
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `orchestrator.db` with two versions of create-space: `old` with a saga running, one
+    /// completed and one stuck; `new` with none; and a saga pinned to a hash no longer stored.
+    async fn store(at: &Location) -> Sagas {
+        let db = Db::open(at, crate::COMPONENT, crate::MIGRATIONS, baton_store::DEFAULT_OWNER).await.unwrap();
+        db.transaction(|tx| {
+            tx.execute_batch(
+                "INSERT INTO definitions (workflow, body, hash, first_seen) VALUES
+                   ('create-space', 'a', 'old', 1000), ('create-space', 'b', 'new', 2000);
+                 INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at, definition_hash) VALUES
+                   ('s1', 'p1', 'create-space', 'running', '{}', '', 1, 1, 'old'),
+                   ('s2', 'p2', 'create-space', 'completed', '{}', '', 1, 1, 'old'),
+                   ('s3', 'p3', 'create-space', 'definition_missing', '{}', '', 1, 1, 'old'),
+                   ('s4', 'p4', 'create-space', 'definition_missing', '{}', '', 1, 1, 'gone');",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        Sagas::at(at)
+    }
+
+    #[tokio::test]
+    async fn versions_count_each_definitions_sagas_newest_first_and_list_a_hash_no_longer_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = baton_store::scratch::ScratchDatabase::create(
+            &baton_store::scratch::test_server(),
+            "baton_query",
+        )
+        .expect("the tests' PostgreSQL server");
+        for at in [Location::Dir(dir.path().to_owned()), pg.location().clone()] {
+            versions_on(&at).await;
+        }
+    }
+
+    async fn versions_on(at: &Location) {
+        let sagas = store(at).await;
+        let got: Vec<_> = sagas
+            .versions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.hash, v.first_seen_ms, v.running, v.done, v.stuck))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("new".into(), Some(2000), 0, 0, 0),
+                ("old".into(), Some(1000), 1, 1, 1),
+                ("gone".into(), None, 0, 0, 1),
+            ]
+        );
+    }
 }

@@ -9,14 +9,15 @@ use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
 use baton_health::{Health, Kind, running};
 use baton_protocol::{
-    Action, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service, Space, StartSaga,
-    StepCommand, StepError, StepReply,
+    Action, CANCEL, CancelSaga, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service,
+    Space, StartSaga, StepCommand, StepError, StepReply,
 };
 use baton_store::relay::{self, Wake};
+use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
 use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
 
-use crate::definitions::{self, SagaClock};
+use crate::definitions::{self, Definitions, SagaClock};
 use baton_store::{OptionalExtension, params};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -31,7 +32,7 @@ pub struct Options {
     pub amqp_url: String,
     /// Where the sagas are kept: shared by every instance, which can then continue any saga.
     pub store: baton_store::Location,
-    /// This instance's name: its reply queue is `orchestrator.<instance>.replies`. Keep it
+    /// This instance's name: the owner of the outbox rows it writes. Keep it
     /// stable across restarts, so that the instance finds the replies of the sagas it owns.
     pub instance: String,
     pub prefetch: u16,
@@ -39,6 +40,9 @@ pub struct Options {
     pub workflows: Vec<Workflow>,
     /// Where the orchestrator reports its liveness and readiness.
     pub health: Health,
+    /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
+    /// messages are dead-lettered on arrival ([`baton_store::retention`]).
+    pub retain: Duration,
 }
 
 /// Run the orchestrator until `cancel`.
@@ -46,7 +50,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let health = &opts.health;
     let consumer = |queue: String| {
         let attached = health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready);
-        ConsumerConfig::new(queue, opts.prefetch).attached(attached)
+        ConsumerConfig::new(queue, opts.prefetch).attached(attached).max_age(opts.retain)
     };
     // Registered first (failing until attached): a readiness asked while the orchestrator is
     // still starting does not pass without it.
@@ -61,9 +65,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
-    // Before anything is consumed: a saga must never be driven by a definition it was not
-    // started on.
-    let definition_ids = definitions::check_and_record(&db, &workflows).await?;
+    // Before anything is consumed: the sagas it starts are pinned to these hashes, and any
+    // orchestrator sharing the store can read them back to finish those sagas.
+    let current = definitions::record(&db, &workflows).await?;
+    let known = Definitions::with(&workflows);
     let core = Arc::new(Core {
         db: db.clone(),
         wake: Wake::default(),
@@ -73,10 +78,12 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         replies: replies.name.clone(),
         reply_kinds: reply_kinds(),
         workflows,
-        definition_ids,
+        current,
+        definitions: known,
         clock: SagaClock::start(),
     });
     db.feed(core.wake.clone());
+    let db_purge = db.clone();
     let in_flight = core.resume().await?;
     tracing::info!(instance = %opts.instance, in_flight, "orchestrator running");
 
@@ -90,6 +97,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         relay::run(db, publisher.clone(), core.wake.clone(), cancel.clone()),
     ));
     tasks.spawn(running(live("timer running"), Arc::clone(&core).timer_loop(cancel.clone())));
+    tasks.spawn(running(
+        live("retention running"),
+        retention::run(db_purge, Retention::new(opts.retain), purges(), cancel.clone()),
+    ));
     let c = Arc::clone(&core);
     tasks.spawn(running(
         live(&format!("consumer of {} running", commands.queue)),
@@ -97,7 +108,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
             broker.clone(),
             publisher.clone(),
             commands,
-            move |env| Arc::clone(&c).on_start(env),
+            move |env| {
+                let c = Arc::clone(&c);
+                async move { if env.kind == CANCEL { c.on_cancel(env).await } else { c.on_start(env).await } }
+            },
             cancel.clone(),
         ),
     ));
@@ -162,9 +176,12 @@ struct Core {
     commands: String,
     replies: String,
     reply_kinds: Vec<String>,
+    /// The workflows new sagas start on, by name.
     workflows: HashMap<String, Workflow>,
-    /// The `definitions` row of each loaded workflow, stored with every saga it starts.
-    definition_ids: HashMap<String, i64>,
+    /// The content hash of each loaded workflow, pinned to every saga it starts.
+    current: HashMap<String, String>,
+    /// Every definition a saga in flight may run on, read from the store by hash.
+    definitions: Definitions,
     /// Every time a transition sees; never the wall clock, which may jump.
     clock: SagaClock,
 }
@@ -173,7 +190,13 @@ struct Core {
 struct Meta {
     reply_to: Option<String>,
     trace: TraceParent,
+    /// The hash of the definition the saga started on.
+    definition: Option<String>,
 }
+
+/// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels (there,
+/// rather than on an instance's own queue, so that whichever instance is alive handles them).
+const COMMAND_KINDS: [&str; 2] = [START, CANCEL];
 
 /// What an instance's reply queue takes: the replies to every step's commands, and operators'
 /// retries.
@@ -195,33 +218,50 @@ impl Core {
     /// process's times may be off by any clock jump), count them and arm the timer.
     async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
         let core = Arc::clone(self);
-        let (n, next): (i64, Option<i64>) = self
+        let (n, next, missing): (i64, Option<i64>, usize) = self
             .db
             .transaction(move |tx| {
                 let now = core.clock.now();
+                let mut missing = 0;
                 let ids = crate::query::in_flight_ids(tx)?;
                 for &id in &ids {
                     let Some((mut saga, meta)) = load(tx, id)? else { continue };
-                    let Some(wf) = core.workflows.get(&saga.workflow) else { continue };
-                    saga.rearm(wf, now);
-                    apply(tx, &saga, Vec::new(), &meta, &core.reply_key, now)?;
+                    let effects = match core.definitions.get(tx, meta.definition.as_deref())? {
+                        Ok(wf) => {
+                            saga.rearm(&wf, now);
+                            Vec::new()
+                        }
+                        Err(why) => {
+                            missing += 1;
+                            saga.definition_missing(why)
+                        }
+                    };
+                    apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 }
                 let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
-                Ok((ids.len() as i64, next))
+                Ok((ids.len() as i64, next, missing))
             })
             .await?;
+        if missing > 0 {
+            tracing::warn!(
+                sagas = missing,
+                "sagas in flight stopped as definition_missing: the definitions they started on are not in the store; \
+                 start an orchestrator with those workflow files, then `baton workflows retry <id>` \
+                 (`baton workflows list --state definition_missing` lists them)"
+            );
+        }
         self.timer.schedule(next.map(|n: i64| n as u64));
         Ok(n)
     }
 
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let start: StartSaga = env.decode(&self.commands, &[START])?;
+        let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
-        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone() };
+        let definition = self.current.get(&start.workflow).cloned();
+        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone(), definition };
         let reply_key = self.reply_key.clone();
-        let definition = self.definition_ids.get(&start.workflow).copied();
         let clock = self.clock;
         let wake_at = self
             .db
@@ -266,7 +306,7 @@ impl Core {
                     Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
                 tx.execute(
                     "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at,
-                                        definition, deadline_at)
+                                        definition_hash, deadline_at)
                      VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8)",
                     params![
                         saga.id.to_string(),
@@ -275,7 +315,7 @@ impl Core {
                         meta.reply_to,
                         meta.trace.0,
                         now as i64,
-                        definition,
+                        meta.definition,
                         saga.deadline.map(|d| d.at_ms as i64)
                     ],
                 )?;
@@ -347,6 +387,23 @@ impl Core {
         Ok(())
     }
 
+    /// An operator cancels a running saga (`POST /workflows/{id}/cancel`, `baton workflows
+    /// cancel`): [`Saga::cancel`] undoes what it did, or records why it cannot.
+    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
+    async fn on_cancel(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let req: CancelSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
+        tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
+        self.advance(env.message_id, req.saga_id, move |saga, wf, now| {
+            match saga.why_not_cancellable() {
+                Some(why) => tracing::info!(%why, by = %req.by, "cancel refused"),
+                None => tracing::info!(by = %req.by, "saga cancelled; undoing its steps"),
+            }
+            (saga.cancel(wf, &req.by, now), None::<()>)
+        })
+        .await?;
+        Ok(())
+    }
+
     /// One transition of one saga for message `message_id`, in one transaction: skip a
     /// duplicate, load the saga, let `step` decide, carry out its effects, store the new state;
     /// then arm the timer and wake the relay. Returns what `step` returned beside its effects.
@@ -370,17 +427,18 @@ impl Core {
                 let Some((mut saga, meta)) = load(tx, saga_id)? else {
                     return Ok(Err(format!("saga {saga_id} is not one of this orchestrator instance's")));
                 };
-                let Some(wf) = core.workflows.get(&saga.workflow) else {
-                    return Ok(Err(format!(
-                        "saga {} runs workflow `{}`, which is not loaded",
-                        saga.id, saga.workflow
-                    )));
-                };
                 // Recorded only once the message is known to be handled here: a message rejected
                 // to the DLQ must still count as new when an operator replays it.
                 inbox::record(tx, message_id, &[])?;
                 let now = core.clock.now();
-                let (effects, extra) = step(&mut saga, wf, now);
+                let (effects, extra) = match core.definitions.get(tx, meta.definition.as_deref())? {
+                    Ok(wf) => step(&mut saga, &wf, now),
+                    // Stopped for an operator, and the message is handled: never a DLQ.
+                    Err(why) => {
+                        tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                        (saga.definition_missing(why), None)
+                    }
+                };
                 let wake = apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 Ok(Ok((wake, extra)))
             })
@@ -444,25 +502,42 @@ impl Core {
 
     fn fire_due(&self, tx: &Tx<'_>) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
-        let due: Vec<String> = tx.query_map(
-            "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
-            [now as i64],
-            |r| r.get(0),
-        )?;
+        let due: Vec<String> = {
+            tx.query_map(
+                "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
+                [now as i64],
+                |r| r.get(0),
+            )?
+        };
         for id in due {
             let id = Uuid::parse_str(&id).map_err(corrupt)?;
             let Some((mut saga, meta)) = load(tx, id)? else { continue };
-            let Some(wf) = self.workflows.get(&saga.workflow) else {
-                tracing::error!(saga_id = %id, workflow = %saga.workflow, "workflow not loaded; saga left as it is");
-                tx.execute("UPDATE sagas SET wake_at = NULL WHERE saga_id = ?1", [id.to_string()])?;
-                continue;
+            let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+                Ok(wf) => saga.on_tick(&wf, now),
+                Err(why) => {
+                    tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                    saga.definition_missing(why)
+                }
             };
-            let effects = saga.on_tick(wf, now);
             apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
         }
         let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
         Ok(next.map(|n| n as u64))
     }
+}
+
+/// What the orchestrator purges beside the base tables: sagas that ended (completed, rolled
+/// back) with their history, history first. Sagas waiting for an operator
+/// (`compensation_failed`, `definition_missing`) are kept whatever their age.
+fn purges() -> Vec<retention::Purge> {
+    // The same batch for both statements: same transaction, same order.
+    const FINISHED: &str = "SELECT saga_id FROM sagas WHERE status IN ('completed', 'rolled_back')
+                              AND updated_at < ?1 ORDER BY updated_at, saga_id LIMIT ?2";
+    vec![retention::Purge::with_dependents(
+        "finished sagas and their history",
+        vec![format!("DELETE FROM history WHERE saga_id IN ({FINISHED})")],
+        format!("DELETE FROM sagas WHERE saga_id IN ({FINISHED})"),
+    )]
 }
 
 /// The longest pause between two timer rounds that failed.
@@ -485,16 +560,16 @@ fn saga_exists(tx: &Tx<'_>, id: Uuid) -> Result<bool, StoreError> {
 }
 
 fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
-    let row: Option<(String, Option<String>, String)> = tx
+    let row: Option<(String, Option<String>, String, Option<String>)> = tx
         .query_row(
-            "SELECT state, reply_to, traceparent FROM sagas WHERE saga_id = ?1",
+            "SELECT state, reply_to, traceparent, definition_hash FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    row.map(|(state, reply_to, trace)| {
+    row.map(|(state, reply_to, trace, definition)| {
         let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
-        Ok((saga, Meta { reply_to, trace: TraceParent(trace) }))
+        Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition }))
     })
     .transpose()
 }
@@ -563,9 +638,7 @@ fn apply(
                 }
             }
             Effect::History { service, action, attempt, event, detail } => {
-                tx.execute(
-                    "INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
+                tx.execute("INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
                     saga.id.to_string(),
                     now as i64,
                     service.map(Service::name),
@@ -573,8 +646,7 @@ fn apply(
                     attempt,
                     event.as_str(),
                     detail
-                ],
-                )?;
+                ])?;
             }
         }
     }
@@ -613,6 +685,30 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
 /// orchestrator's broker user may publish there, so no service can forge an outcome.
 fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
     Outgoing::new(OUTCOMES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
+        .mode("workflow")
+}
+
+/// Ask the orchestrator to cancel saga `saga_id` (`baton workflows cancel`; the gateway sends
+/// the same message for `POST /workflows/{id}/cancel`). It goes to `orchestrator.commands`,
+/// which every instance consumes: whichever is alive handles it.
+pub async fn request_cancel(amqp_url: &str, saga_id: Uuid, by: &str) -> anyhow::Result<()> {
+    let broker = Broker::connect(amqp_url, "operator").await?;
+    let publisher = Publisher::new(broker.clone());
+    let sent = publisher.publish_confirmed(&cancel_message(saga_id, by, "operator")).await;
+    broker.close().await;
+    sent.map_err(|e| {
+        anyhow::anyhow!(
+            "could not send the cancel to the orchestrator ({e}); is its queue {} there?",
+            topology::command_queue(COMPONENT)
+        )
+    })
+}
+
+/// The message that cancels saga `saga_id`, sent by `app_id`, on `baton.commands` to
+/// `orchestrator.commands`.
+pub fn cancel_message(saga_id: Uuid, by: &str, app_id: &str) -> Outgoing {
+    let body = CancelSaga { schema: SCHEMA, saga_id, by: by.to_owned() };
+    Outgoing::new(COMMANDS, topology::ORCHESTRATOR, CANCEL, saga_id, app_id, TraceParent::new_root(), &body)
         .mode("workflow")
 }
 

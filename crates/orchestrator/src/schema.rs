@@ -1,7 +1,10 @@
 /// The orchestrator's tables, after the common inbox/outbox/tombstones. Each saga names the
-/// exact definition it was started on (so that a start-up with a changed one is refused), and
-/// the client's deadline as set at its start, for the audit.
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE definitions (
+/// exact definition it was started on, by content hash (`definition_hash`: it runs and is undone
+/// on that one whatever definition is loaded later), and the client's deadline as set at its
+/// start, for the audit. The second migration added the hashes and `first_seen`; the index on
+/// `updated_at` lets the retention find the oldest finished sagas without a scan.
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE definitions (
         id INTEGER PRIMARY KEY,
         workflow TEXT NOT NULL,
         body TEXT NOT NULL,
@@ -35,4 +38,11 @@ pub const MIGRATIONS: &[&str] = &["CREATE TABLE definitions (
         event TEXT NOT NULL,
         detail TEXT
     );
-    CREATE INDEX history_by_saga ON history (saga_id, id);"];
+    CREATE INDEX history_by_saga ON history (saga_id, id);",
+    "ALTER TABLE definitions ADD COLUMN hash TEXT;
+    ALTER TABLE definitions ADD COLUMN first_seen INTEGER;
+    CREATE UNIQUE INDEX definitions_by_hash ON definitions (hash);
+    ALTER TABLE sagas ADD COLUMN definition_hash TEXT;
+    CREATE INDEX sagas_by_definition ON sagas (definition_hash);
+    CREATE INDEX sagas_by_updated ON sagas (updated_at);",
+];

@@ -33,7 +33,7 @@ macro_rules! bodies {
     };
 }
 
-bodies!(StepCommand, StepReply, RetrySaga, StartSaga, SpaceEvent, SagaOutcome);
+bodies!(StepCommand, StepReply, RetrySaga, CancelSaga, StartSaga, SpaceEvent, SagaOutcome);
 
 /// Largest body a consumer accepts; bigger ones are dead-lettered unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -368,6 +368,21 @@ pub const RETRY: &str = "orchestrator.retry";
 pub struct RetrySaga {
     pub schema: u32,
     pub saga_id: Uuid,
+}
+
+/// Type of an operator's request to cancel a running saga (`POST /workflows/{id}/cancel`,
+/// `baton workflows cancel`). It goes to `orchestrator.commands`, which every orchestrator
+/// instance consumes, so it is handled whichever instance is alive.
+pub const CANCEL: &str = "orchestrator.cancel";
+
+/// Body of [`CANCEL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelSaga {
+    pub schema: u32,
+    pub saga_id: Uuid,
+    /// Who asked, and how (`POST /workflows/{id}/cancel`, `baton workflows cancel`): it goes
+    /// into the saga's timeline and the client's 409.
+    pub by: String,
 }
 
 /// The gateway asks the orchestrator to run a workflow for one space.

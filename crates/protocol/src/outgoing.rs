@@ -54,6 +54,11 @@ pub struct Outgoing {
     pub traceparent: TraceParent,
     /// The JSON body, already serialised.
     pub body: String,
+    /// When the message was committed to its outbox (ms since the epoch): its AMQP
+    /// `timestamp`, which a republish keeps, so that a receiver can tell its true age against
+    /// the retention. `None` for one published without an outbox (stamped when published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at_ms: Option<i64>,
 }
 
 impl Outgoing {
@@ -79,6 +84,7 @@ impl Outgoing {
             attempt: 1,
             traceparent,
             body: serde_json::to_string(body).expect("message bodies serialise"),
+            created_at_ms: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub struct RunOptions {
     pub instance: String,
     /// Where the service reports its liveness and readiness.
     pub health: baton_health::Health,
+    /// How long inbox rows and tombstones are kept; older messages are dead-lettered on
+    /// arrival ([`baton_store::retention`]).
+    pub retain: Duration,
 }
 
 /// Run one service until `cancel`: its rules, behind the fault plan's decorators when the plan

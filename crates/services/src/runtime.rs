@@ -18,6 +18,7 @@ use baton_protocol::{
     Action, Answer, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, events, reply_type,
 };
 use baton_store::relay::{self, Wake};
+use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, outbox, tombstone};
 
 use tokio::task::JoinSet;
@@ -61,9 +62,11 @@ pub async fn run(
     let name = service.name();
     // Registered first (failing until attached), so that a readiness asked while this
     // service is still starting does not pass without it.
-    let cfg_commands = consumer_config(health, name, topology::command_queue(name), opts.prefetch);
-    let cfg_events = (opts.mode == Mode::Events)
-        .then(|| consumer_config(health, name, topology::event_queue(name), opts.prefetch));
+    let cfg_commands =
+        consumer_config(health, name, topology::command_queue(name), opts.prefetch).max_age(opts.retain);
+    let cfg_events = (opts.mode == Mode::Events).then(|| {
+        consumer_config(health, name, topology::event_queue(name), opts.prefetch).max_age(opts.retain)
+    });
     let db = open_db(Arc::clone(&step), &opts.store, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()
@@ -82,6 +85,10 @@ pub async fn run(
     tasks.spawn(running(
         health.check(name, "relay running", Kind::Live),
         relay::run(db.clone(), publisher.clone(), wake.clone(), cancel.clone()),
+    ));
+    tasks.spawn(running(
+        health.check(name, "retention running", Kind::Live),
+        retention::run(db.clone(), Retention::new(opts.retain), Vec::new(), cancel.clone()),
     ));
     let service = step.service();
     let handler = Arc::new(Handler {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
+pub mod retention;
 pub mod scratch;
 pub mod sql;
 pub mod tombstone;

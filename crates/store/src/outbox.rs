@@ -66,10 +66,13 @@ impl Db {
 
 /// Add a message to the outbox, in the caller's transaction, for this instance's relay.
 pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
+    let now = now_ms();
+    // Stamped with its commit time, which every publish of it (a republish too) carries.
+    let msg = &Outgoing { created_at_ms: Some(now), ..msg.clone() };
     let json = serde_json::to_string(msg).expect("outgoing messages serialise");
     let seq = tx.query_row(
         "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3) RETURNING seq",
-        params![json, tx.owner(), now_ms()],
+        params![json, tx.owner(), now],
         |r| r.get(0),
     )?;
     tx.pushed(seq, msg);

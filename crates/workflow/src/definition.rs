@@ -162,6 +162,20 @@ impl Workflow {
         Ok(all)
     }
 
+    /// The definition as stored and hashed: its JSON with every default spelled out, so that
+    /// two files that mean the same workflow give the same body.
+    pub fn body(&self) -> String {
+        serde_json::to_string(self).expect("a workflow serialises")
+    }
+
+    /// The content hash that pins a saga to this exact definition: SHA-256 of [`Workflow::body`],
+    /// in hex. Any change of a step, an action or a policy gives another hash.
+    pub fn hash(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.body().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Action `idx` of the flattened list of [`Workflow::actions`].
     pub fn action(&self, idx: usize) -> Option<&ActionDef> {
         self.actions().nth(idx).map(|(_, a)| a)
@@ -419,6 +433,18 @@ mod tests {
             {"name":"rec","actions":[{"service":"records","command":"records.create","compensation":"records.delete","timeout_ms":10}]}]}"#;
         let err = Workflow::from_json(text).unwrap_err();
         assert!(err.to_string().contains("step `rec`"), "{err}");
+    }
+
+    #[test]
+    fn the_hash_follows_the_content_not_the_spelling() {
+        let wf = Workflow::create_space();
+        assert_eq!(wf.hash().len(), 64);
+        // The body read back (defaults spelled out) is the same definition.
+        assert_eq!(Workflow::from_json(&wf.body()).unwrap().hash(), wf.hash());
+        let mut slower = wf.clone();
+        slower.steps[0].actions[0].timeout_ms += 1;
+        assert_ne!(slower.hash(), wf.hash(), "a policy change is another version");
+        assert_ne!(Workflow::create_space_parallel().hash(), wf.hash());
     }
 
     #[test]

@@ -12,4 +12,6 @@ pub mod saga;
 pub use definition::{
     ActionDef, DefinitionError, FileError, RetryPolicy, StepDef, Workflow, WorkflowBuilder,
 };
-pub use saga::{Deadline, Effect, Failure, HistoryEvent, Phase, Reply, Saga, SagaStatus};
+pub use saga::{
+    Deadline, Effect, Failure, HistoryEvent, Phase, Reply, Saga, SagaStatus, why_not_cancellable,
+};

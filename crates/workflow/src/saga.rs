@@ -1,7 +1,8 @@
 //! The saga state machine: a saga's state, and one pure function per input.
 //!
 //! Inputs are [`Saga::start`], [`Saga::on_reply`], [`Saga::on_tick`] (the clock, as a number),
-//! [`Saga::retry_compensation`] (an operator) and [`Saga::rearm`] (a restart). Each returns the
+//! [`Saga::retry_compensation`] and [`Saga::cancel`] (an operator) and [`Saga::rearm`] (a
+//! restart). Each returns the
 //! [`Effect`]s the runtime must carry out, in order, in the same transaction that stores the new
 //! state. Nothing here sleeps, reads a clock or touches a queue.
 //!
@@ -31,17 +32,26 @@ pub enum SagaStatus {
     RolledBack,
     /// A compensation kept failing: an operator must look (`baton workflows retry`).
     CompensationFailed,
+    /// An operator cancelled it while it ran: every completed step was undone, and the client
+    /// was told 409 (the request was cancelled).
+    Cancelled,
+    /// The definition the saga started on cannot be found (or no longer fits it): it stopped
+    /// where it stood, nothing sent, until an operator makes the definition available again and
+    /// runs `baton workflows retry`.
+    DefinitionMissing,
 }
 
 impl SagaStatus {
     /// Every state, in the order a saga meets them.
-    pub const ALL: [SagaStatus; 6] = [
+    pub const ALL: [SagaStatus; 8] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Succeeded,
         SagaStatus::Completed,
         SagaStatus::RolledBack,
         SagaStatus::CompensationFailed,
+        SagaStatus::Cancelled,
+        SagaStatus::DefinitionMissing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +62,8 @@ impl SagaStatus {
             SagaStatus::Completed => "completed",
             SagaStatus::RolledBack => "rolled_back",
             SagaStatus::CompensationFailed => "compensation_failed",
+            SagaStatus::Cancelled => "cancelled",
+            SagaStatus::DefinitionMissing => "definition_missing",
         }
     }
 
@@ -65,8 +77,43 @@ impl SagaStatus {
 
     /// A terminal saga never changes again (short of an operator's retry).
     pub fn is_terminal(self) -> bool {
-        matches!(self, SagaStatus::Completed | SagaStatus::RolledBack | SagaStatus::CompensationFailed)
+        matches!(
+            self,
+            SagaStatus::Completed
+                | SagaStatus::RolledBack
+                | SagaStatus::CompensationFailed
+                | SagaStatus::Cancelled
+                | SagaStatus::DefinitionMissing
+        )
     }
+}
+
+/// Why a cancel cannot stop saga `id` in `status` (`cancelled`: a cancel already stopped it),
+/// or `None` when it can: only a `running` saga has steps left that a cancel keeps from
+/// starting. One sentence, for the operator's 409 and the saga's timeline.
+pub fn why_not_cancellable(id: Uuid, status: SagaStatus, cancelled: bool) -> Option<String> {
+    let why = match status {
+        SagaStatus::Running => return None,
+        SagaStatus::Compensating if cancelled => {
+            "it is already cancelled; its completed steps are being undone"
+        }
+        SagaStatus::Compensating => {
+            "it is already rolling back after a failure, and ends rolled_back by itself"
+        }
+        SagaStatus::Succeeded => {
+            "it succeeded (the client was told 200) and its email, which cannot be undone, is on its way"
+        }
+        SagaStatus::Completed => "it completed: the space exists and its email was sent",
+        SagaStatus::RolledBack => "it has already ended rolled_back: nothing of it is left to undo",
+        SagaStatus::CompensationFailed => {
+            "its rollback stopped in compensation_failed; finish it with `baton workflows retry`"
+        }
+        SagaStatus::Cancelled => "it is already cancelled",
+        SagaStatus::DefinitionMissing => {
+            "it stopped because its definition cannot be found; make it available and run `baton workflows retry`"
+        }
+    };
+    Some(format!("saga {id} cannot be cancelled: {why}"))
 }
 
 /// Where one action stands.
@@ -184,6 +231,17 @@ pub enum HistoryEvent {
     DeadlinePassed,
     /// The loaded workflow no longer has this saga's steps: nothing is done.
     DefinitionChanged,
+    /// An operator cancelled the saga: no step starts any more, the done ones are undone.
+    CancelRequested,
+    /// A cancel came for a saga that cannot be cancelled (it has ended, or is past its last
+    /// compensable step); the detail says why, and nothing changed.
+    CancelRefused,
+    /// Every step of a cancelled saga is undone.
+    Cancelled,
+    /// The saga's own definition cannot be found: it stops until an operator's retry.
+    DefinitionMissing,
+    /// An operator's retry found the definition again: the saga goes on where it stopped.
+    Resumed,
 }
 
 impl HistoryEvent {
@@ -205,6 +263,11 @@ impl HistoryEvent {
             HistoryEvent::OperatorRetry => "operator_retry",
             HistoryEvent::DeadlinePassed => "deadline_passed",
             HistoryEvent::DefinitionChanged => "definition_changed",
+            HistoryEvent::CancelRequested => "cancel_requested",
+            HistoryEvent::CancelRefused => "cancel_refused",
+            HistoryEvent::Cancelled => "cancelled",
+            HistoryEvent::DefinitionMissing => "definition_missing",
+            HistoryEvent::Resumed => "resumed",
         }
     }
 }
@@ -243,6 +306,12 @@ pub struct Saga {
     /// Past it, no new compensable step starts: the saga rolls back and answers 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Deadline>,
+    /// An operator cancelled it: its rollback ends `cancelled` rather than `rolled_back`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
+    /// While [`SagaStatus::DefinitionMissing`]: the status it stopped in, to go on from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<SagaStatus>,
 }
 
 /// Collects effects during one transition.
@@ -297,6 +366,8 @@ impl Saga {
             failure: None,
             answered: false,
             deadline,
+            cancelled: false,
+            parked: None,
         };
         let mut out = Out(Vec::new());
         out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
@@ -306,6 +377,10 @@ impl Saga {
 
     /// The earliest time at which [`Saga::on_tick`] has something to do.
     pub fn wake_at(&self) -> Option<u64> {
+        if self.status == SagaStatus::DefinitionMissing {
+            // Its waits are kept for the resume, but nothing fires without the definition.
+            return None;
+        }
         let deadline = self.deadline.filter(|_| self.status == SagaStatus::Running).map(|d| d.at_ms);
         self.actions.iter().filter_map(|a| a.due_ms).chain(deadline).min()
     }
@@ -348,23 +423,37 @@ impl Saga {
         }
     }
 
-    /// What a saga does when its workflow lacks its steps: nothing but say so, and stop waking.
-    fn refuse_changed(&mut self, wf: &Workflow) -> Vec<Effect> {
-        for a in &mut self.actions {
-            a.due_ms = None;
+    /// The saga's definition cannot be found (`why`): stop where it stands, send nothing, keep
+    /// its waits for the resume, and say so. Never answers the client: what would become of its
+    /// space is not known (the client's own deadline answers it 504). Asked again while already
+    /// stopped (an operator's retry that still finds nothing), it only says so again.
+    pub fn definition_missing(&mut self, why: String) -> Vec<Effect> {
+        if self.status != SagaStatus::DefinitionMissing {
+            self.parked = Some(self.status);
+            self.status = SagaStatus::DefinitionMissing;
         }
         vec![Effect::History {
             service: None,
             action: None,
             attempt: 0,
-            event: HistoryEvent::DefinitionChanged,
+            event: HistoryEvent::DefinitionMissing,
             detail: Some(format!(
-                "workflow `{}` now has {} actions where this saga has {}; run it with its original definition",
-                wf.name,
-                wf.actions().count(),
-                self.actions.len()
+                "{why}; the saga waits: make its definition available (start an orchestrator with the \
+                 workflow file it started on) and run `baton workflows retry {}`",
+                self.id
             )),
         }]
+    }
+
+    /// `wf` does not have this saga's actions (a stored definition that does not match the
+    /// saga, which a content hash should rule out): stop rather than be driven by it.
+    fn misfit(&mut self, wf: &Workflow) -> Vec<Effect> {
+        self.definition_missing(format!(
+            "workflow `{}` as found has {} actions where this saga has {}",
+            wf.name,
+            wf.actions().count(),
+            self.actions.len()
+        ))
     }
 
     fn past_deadline(&self, now: u64) -> bool {
@@ -394,8 +483,19 @@ impl Saga {
 
     /// A service replied.
     pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
+        if self.status == SagaStatus::DefinitionMissing {
+            // Dropped, not acted on: after the resume, the step's timeout sends it again and
+            // the service answers the same (its rules are idempotent per space).
+            return vec![Effect::History {
+                service: Some(reply.service),
+                action: Some(reply.action),
+                attempt: reply.attempt,
+                event: HistoryEvent::LateReplyIgnored,
+                detail: Some("the saga waits for its definition and an operator's retry".into()),
+            }];
+        }
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
         let found = match reply.index {
@@ -513,8 +613,11 @@ impl Saga {
 
     /// Time passed: fire every timeout and retry that is due at `now`.
     pub fn on_tick(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        if self.status == SagaStatus::DefinitionMissing {
+            return Vec::new();
+        }
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
         if self.status == SagaStatus::Running && self.past_deadline(now) {
@@ -558,12 +661,24 @@ impl Saga {
         out.0
     }
 
-    /// An operator asks to finish a rollback that stopped in `compensation_failed`.
+    /// An operator asks to finish a rollback that stopped in `compensation_failed`, or to go on
+    /// with a saga stopped in `definition_missing` now that `wf`, its definition, is found.
     pub fn retry_compensation(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
         if !self.fits(wf) {
-            return self.refuse_changed(wf);
+            return self.misfit(wf);
         }
         let mut out = Out(Vec::new());
+        if self.status == SagaStatus::DefinitionMissing {
+            self.status = self.parked.take().unwrap_or(SagaStatus::Running);
+            self.rearm(wf, now);
+            out.history(
+                None,
+                None,
+                HistoryEvent::Resumed,
+                Some(format!("definition found again; going on as {}", self.status.as_str())),
+            );
+            return out.0;
+        }
         if self.status != SagaStatus::CompensationFailed {
             return out.0;
         }
@@ -577,6 +692,50 @@ impl Saga {
         }
         self.advance_compensation(wf, now, &mut out);
         out.0
+    }
+
+    /// An operator cancels the saga (`reason` says who and how). A running saga starts no
+    /// further step: every step done, and every one in flight (its late reply is ignored and
+    /// its late command finds the tombstone), is undone in reverse order, and the saga ends
+    /// `cancelled`, answering 409. Any other saga is left as it is, with a `cancel_refused` line
+    /// that says why ([`Saga::why_not_cancellable`]).
+    pub fn cancel(&mut self, wf: &Workflow, reason: &str, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.misfit(wf);
+        }
+        let mut out = Out(Vec::new());
+        if let Some(why) = self.why_not_cancellable() {
+            out.history(None, None, HistoryEvent::CancelRefused, Some(why));
+            return out.0;
+        }
+        // The step it stops at: the first of the current group not done yet.
+        let current = (0..self.actions.len())
+            .filter(|&i| self.actions[i].step == self.step)
+            .find(|&i| self.actions[i].phase != Phase::Done)
+            .or_else(|| self.actions.iter().position(|a| a.step == self.step))
+            .unwrap_or(0);
+        let Some(service) = self.actions.get(current).map(|a| a.service) else { return out.0 };
+        out.history(
+            Some(&self.actions[current]),
+            None,
+            HistoryEvent::CancelRequested,
+            Some(reason.to_owned()),
+        );
+        self.cancelled = true;
+        let failure = Failure {
+            service,
+            status: 409,
+            reason: format!(
+                "the request was cancelled by an operator ({reason}) before {service} finished; every step it had done was undone"
+            ),
+        };
+        self.begin_compensation(wf, failure, now, &mut out);
+        out.0
+    }
+
+    /// Why a cancel cannot stop this saga, or `None` when it can (it is `running`).
+    pub fn why_not_cancellable(&self) -> Option<String> {
+        why_not_cancellable(self.id, self.status, self.cancelled)
     }
 
     fn enter_step(&mut self, wf: &Workflow, step: usize, now: u64, out: &mut Out) {
@@ -761,8 +920,13 @@ impl Saga {
                 }
             }
             None => {
-                self.status = SagaStatus::RolledBack;
-                out.history(None, None, HistoryEvent::RolledBack, None);
+                if self.cancelled {
+                    self.status = SagaStatus::Cancelled;
+                    out.history(None, None, HistoryEvent::Cancelled, None);
+                } else {
+                    self.status = SagaStatus::RolledBack;
+                    out.history(None, None, HistoryEvent::RolledBack, None);
+                }
                 if !self.answered {
                     self.answered = true;
                     let failure = self.failure.clone();

@@ -16,19 +16,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up::up(args).await,
         Command::Run { component } => up::run(component).await,
-        Command::CreateSpace { name, owner, gateway } => tools::create_space(&gateway, &name, &owner).await,
+        Command::CreateSpace { name, owner, gateway, idempotency_key } => {
+            tools::create_space(&gateway, &name, &owner, idempotency_key.as_deref()).await
+        }
         Command::Audit { data, json } => tools::audit(&data, json).await,
         Command::Reconcile { data, amqp_url, older_than, every, json } => {
             tools::reconcile(data, amqp_url, older_than, every, json).await
         }
-        Command::Load { requests, concurrency, gateway, seed, refusal_rate, json } => {
-            tools::load(requests, concurrency, gateway, seed, refusal_rate, json).await
+        Command::Load { requests, concurrency, gateway, seed, refusal_rate, json, retry_timeouts } => {
+            tools::load(requests, concurrency, gateway, seed, refusal_rate, json, retry_timeouts).await
         }
         Command::Compare(args) => runs::compare(args).await,
         Command::Chaos(args) => runs::chaos(args).await,
         Command::Bench(args) => runs::bench(args).await,
         Command::Workflows { command: WorkflowsCommand::Retry { id, data, broker } } => {
             workflows::retry(id, data, broker).await
+        }
+        Command::Workflows { command: WorkflowsCommand::Cancel { id, mode, data, broker } } => {
+            workflows::cancel(id, mode, data, broker).await
         }
         Command::Workflows { command } => workflows::workflows(command).await,
         Command::Dlq { command } => dlq::dlq(command).await,

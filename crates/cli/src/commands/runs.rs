@@ -36,6 +36,7 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         deadline: args.deadline,
         database_url: args.scale.database_url.clone(),
         instances: args.scale.instances,
+        retry_timeouts: args.retry_timeouts,
     };
     eprintln!(
         "comparing workflow and events: {} requests at concurrency {}, faults: {}",
@@ -80,6 +81,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         deadline: None,
         database_url: args.scale.database_url.clone(),
         instances: args.scale.instances,
+        retry_timeouts: None,
     };
     eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
     if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {
@@ -118,6 +120,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.database_url = args.database_url.clone();
     opts.prefill = args.prefill;
     opts.hold = args.hold;
+    if let Some(retain) = args.retain {
+        opts.component_args.extend(["--retain".into(), humantime::format_duration(retain).to_string()]);
+    }
     opts.progress = true;
     let report = baton_bench::run(&opts).await?;
     if args.json {

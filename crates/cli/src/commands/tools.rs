@@ -9,15 +9,21 @@ use tokio_util::sync::CancellationToken;
 use crate::args::DataDir;
 use crate::shutdown;
 
-pub(super) async fn create_space(gateway: &str, name: &str, owner: &str) -> anyhow::Result<ExitCode> {
+pub(super) async fn create_space(
+    gateway: &str,
+    name: &str,
+    owner: &str,
+    key: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let url = format!("{}/spaces", gateway.trim_end_matches('/'));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-    let resp =
-        client.post(&url).json(&serde_json::json!({ "name": name, "owner": owner })).send().await.map_err(
-            |e| {
-                anyhow!("no gateway answered at {gateway} ({e}); start one with `baton up` or pass --gateway")
-            },
-        )?;
+    let mut post = client.post(&url).json(&serde_json::json!({ "name": name, "owner": owner }));
+    if let Some(key) = key {
+        post = post.header("idempotency-key", key);
+    }
+    let resp = post.send().await.map_err(|e| {
+        anyhow!("no gateway answered at {gateway} ({e}); start one with `baton up` or pass --gateway")
+    })?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.context("the gateway's answer is not JSON")?;
     let printed = serde_json::json!({ "status": status.as_u16(), "body": body });
@@ -118,6 +124,7 @@ pub(super) async fn load(
     seed: u64,
     refusal_rate: f64,
     json: bool,
+    retry_timeouts: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&refusal_rate) {
         bail!("--refusal-rate {refusal_rate}: give a share between 0 and 1");
@@ -133,6 +140,7 @@ pub(super) async fn load(
         refusal_rate,
         timeout: Duration::from_secs(60),
         stop_after: None,
+        retry_timeouts,
     };
     let probe = reqwest::Client::new().get(format!("{}/health", gateway.trim_end_matches('/'))).send().await;
     if probe.is_err() {
@@ -163,5 +171,16 @@ pub(super) async fn load(
         st.p50_ms, st.p95_ms, st.p99_ms, st.max_ms
     );
     println!("throughput    {:.0} requests/s over {} ms", st.per_second, outcome.elapsed_ms);
+    if retry_timeouts.is_some() {
+        println!(
+            "retries       {} of {} timed-out requests retried ({} retries), {} answered by a retry; retried ones took p50 {:.1} ms, max {:.1} ms",
+            st.retried,
+            st.first_timeouts,
+            st.retries,
+            st.fixed_by_retry,
+            st.retried_p50_ms,
+            st.retried_max_ms
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

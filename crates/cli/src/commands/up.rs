@@ -62,6 +62,7 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
         }
     }
     config.instance = node.instance.clone();
+    config.retain = node.retain;
     config.faults = faults;
     if let Some(consumers) = parts.consumers {
         config.prefetch = consumers.prefetch;
@@ -78,6 +79,7 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
         config.http = gateway.http;
         config.deadline = gateway.deadline.unwrap_or(baton_node::default_deadline(mode));
         config.max_in_flight = gateway.max_in_flight;
+        config.idempotency_ttl = gateway.idempotency_ttl;
         config.limits = baton_gateway::HttpLimits {
             header_timeout: gateway.http_header_timeout,
             body_timeout: gateway.http_body_timeout,

@@ -1,11 +1,14 @@
-//! `baton workflows`: the sagas of the orchestrator's store, read-only, and the retry of one.
+//! `baton workflows`: the sagas of the orchestrator's store, read-only, and the retry or the
+//! cancel of one.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 
-use crate::args::{Broker, DataDir, WorkflowsCommand};
+use baton_workflow::HistoryEvent;
+
+use crate::args::{Broker, CliMode, DataDir, WorkflowsCommand};
 
 /// The sagas of the orchestrator of `data`; an error that says where to point when it has none.
 async fn sagas(data: &DataDir) -> anyhow::Result<baton_orchestrator::Sagas> {
@@ -55,7 +58,10 @@ pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        WorkflowsCommand::Retry { .. } => unreachable!("retry is async, dispatched before"),
+        WorkflowsCommand::Retry { .. } | WorkflowsCommand::Cancel { .. } => {
+            unreachable!("retry and cancel are async, dispatched before")
+        }
+        WorkflowsCommand::Versions { data, json } => versions(&data, json).await,
         WorkflowsCommand::Show { id, data, json } => {
             let Some(view) = sagas(&data).await?.describe(id).await? else {
                 bail!("no workflow {id} in {}", data.store());
@@ -96,32 +102,130 @@ pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode>
 }
 
 pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyhow::Result<ExitCode> {
+    // The status, and how many times the saga said its definition is missing.
     let sagas = sagas(&data).await?;
-    let status = || async {
+    let state = || async {
         let view = sagas.describe(id).await?;
-        anyhow::Ok(view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.store()))?.status)
+        let view = view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.store()))?;
+        let missing = view.history.iter().filter(|h| h.event == "definition_missing").count();
+        anyhow::Ok((view.status, missing))
     };
-    let before = status().await?;
-    if before != "compensation_failed" {
-        bail!("workflow {id} is {before}, not compensation_failed: there is no rollback to finish");
+    let (before, missing_before) = state().await?;
+    let waiting_for_definition = before == "definition_missing";
+    if before != "compensation_failed" && !waiting_for_definition {
+        bail!(
+            "workflow {id} is {before}, neither compensation_failed nor definition_missing: there is nothing to retry"
+        );
     }
     baton_orchestrator::request_retry(&broker.amqp_url, id).await?;
-    eprintln!("asked the orchestrators to finish the rollback of {id}; waiting (up to 60 s)");
+    let what = if waiting_for_definition { "go on with" } else { "finish the rollback of" };
+    eprintln!("asked the orchestrators to {what} {id}; waiting (up to 60 s)");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let now = status().await?;
-        // Once retried, the saga leaves compensation_failed for compensating, and then ends.
-        if now == "rolled_back" {
+        let (now, missing) = state().await?;
+        if waiting_for_definition {
+            if now != "definition_missing" {
+                println!("{id}: {now} (resumed on its definition)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if missing > missing_before {
+                println!("{id}: definition_missing");
+                eprintln!(
+                    "its definition is still missing: start an orchestrator with the workflow file it started on \
+                     (`baton workflows versions` lists the stored ones), then retry; `baton workflows show {id}` says which"
+                );
+                return Ok(ExitCode::from(1));
+            }
+        } else if now == "rolled_back" {
+            // Once retried, the saga leaves compensation_failed for compensating, and then ends.
             println!("{id}: rolled_back");
             return Ok(ExitCode::SUCCESS);
         }
         if tokio::time::Instant::now() > deadline {
             println!("{id}: {now}");
-            eprintln!("the rollback did not finish within 60 s; `baton workflows show {id}` tells why");
+            eprintln!("the retry did not finish within 60 s; `baton workflows show {id}` tells why");
             return Ok(ExitCode::from(1));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `baton workflows cancel`: ask the orchestrator (through `orchestrator.commands`, whichever
+/// instance is alive) to cancel a running saga, then wait for it to end `cancelled`.
+pub(super) async fn cancel(
+    id: uuid::Uuid,
+    mode: CliMode,
+    data: DataDir,
+    broker: Broker,
+) -> anyhow::Result<ExitCode> {
+    if matches!(mode, CliMode::Events) {
+        bail!(
+            "the events mode has no saga to cancel: each service reacts to the previous one's event and nobody \
+             undoes a flow once it started (`baton reconcile` cleans up afterwards); cancelling needs the workflow mode"
+        );
+    }
+    let sagas = sagas(&data).await?;
+    let read = || async {
+        let view = sagas.describe(id).await?;
+        view.ok_or_else(|| anyhow!("no workflow {id} in {}", data.store()))
+    };
+    let before = read().await?;
+    if let Some(why) = before.why_not_cancellable() {
+        eprintln!("{why}");
+        println!("{id}: {}", before.status);
+        return Ok(ExitCode::from(1));
+    }
+    let refused = before.count(HistoryEvent::CancelRefused);
+    baton_orchestrator::request_cancel(&broker.amqp_url, id, "baton workflows cancel").await?;
+    eprintln!("asked the orchestrator to cancel {id}; waiting (up to 60 s) while its steps are undone");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = read().await?;
+        if now.count(HistoryEvent::CancelRefused) > refused {
+            eprintln!("{}", now.last_detail(HistoryEvent::CancelRefused).unwrap_or("it cannot be cancelled"));
+            println!("{id}: {}", now.status);
+            return Ok(ExitCode::from(1));
+        }
+        if now.status == "cancelled" {
+            println!("{id}: cancelled");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("{id}: {}", now.status);
+            eprintln!("the cancel did not finish within 60 s; `baton workflows show {id}` tells why");
+            return Ok(ExitCode::from(1));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `baton workflows versions`: every stored definition and its sagas.
+async fn versions(data: &DataDir, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = sagas(data).await?.versions().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<22}  {:<12}  {:<24}  {:>8}  {:>8}  {:>6}",
+        "WORKFLOW", "HASH", "FIRST SEEN (UTC)", "RUNNING", "DONE", "STUCK"
+    );
+    for v in &rows {
+        let hash = if v.hash.is_empty() { "(none)" } else { v.hash.get(..12).unwrap_or(&v.hash) };
+        let seen = v
+            .first_seen_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                humantime::format_rfc3339_seconds(at).to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<22}  {:<12}  {:<24}  {:>8}  {:>8}  {:>6}",
+            v.workflow, hash, seen, v.running, v.done, v.stuck
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -596,17 +596,151 @@ fn rearm_bounds_a_retry_wait_by_its_retry_delay() {
 }
 
 #[test]
-fn a_saga_whose_workflow_lost_its_steps_is_left_alone_and_nothing_panics() {
+fn a_saga_given_a_workflow_without_its_steps_stops_as_definition_missing_and_nothing_panics() {
     let wf = Workflow::create_space();
     let mut saga = run_until(&wf, Routing);
     let shorter = WorkflowBuilder::new("create-space").step("rec", [Records]).build().unwrap();
     assert!(!saga.fits(&shorter));
     let fx = saga.on_reply(&shorter, Reply { index: Some(3), ..done(Routing, Action::Do) }, T0 + 2);
-    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
-    let fx = saga.on_tick(&shorter, T0 + 10_000);
-    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionChanged]);
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.status, SagaStatus::DefinitionMissing);
+    assert!(saga.status.is_terminal());
+    assert!(answers(&fx).is_empty(), "the client is not told an outcome nobody knows");
+    assert!(saga.on_tick(&shorter, T0 + 10_000).is_empty());
     assert_eq!(saga.wake_at(), None, "it does not wake again to do nothing");
     assert!(saga.retry_compensation(&shorter, T0).iter().all(|e| !matches!(e, Effect::Send { .. })));
-    saga.rearm(&shorter, T0);
+    assert_eq!(saga.status, SagaStatus::DefinitionMissing);
+}
+
+#[test]
+fn a_saga_stopped_for_its_definition_goes_on_where_it_stood_once_retried_with_it() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Routing);
+    let fx = saga.definition_missing("no definition with hash abc".into());
+    assert_eq!(events(&fx), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.parked, Some(SagaStatus::Running));
+    // A reply meanwhile is dropped, not acted on.
+    let fx = saga.on_reply(&wf, Reply { index: Some(3), ..done(Routing, Action::Do) }, T0 + 2);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    assert_eq!(phase(&saga, Routing), Phase::Running);
+    // Retried twice without it: it says so again and stays.
+    let again = saga.definition_missing("still none".into());
+    assert_eq!(events(&again), vec![HistoryEvent::DefinitionMissing]);
+    assert_eq!(saga.parked, Some(SagaStatus::Running));
+    // With it: running again, routing's wait counted from now, then its timeout resends it.
+    let later = T0 + 60_000;
+    let fx = saga.retry_compensation(&wf, later);
+    assert_eq!(events(&fx), vec![HistoryEvent::Resumed]);
     assert_eq!(saga.status, SagaStatus::Running);
+    assert_eq!(saga.parked, None);
+    let due = saga.wake_at().expect("routing's wait is armed again");
+    assert!(due > later && due <= later + 3_000, "{due}");
+    let fx = saga.on_tick(&wf, due);
+    assert_eq!(events(&fx), vec![HistoryEvent::TimedOut, HistoryEvent::RetryScheduled]);
+    let fx = saga.on_tick(&wf, saga.wake_at().unwrap());
+    assert_eq!(sends(&fx), vec![(Routing, Action::Do, 2)]);
+    saga.on_reply(&wf, Reply { index: Some(3), attempt: 2, ..done(Routing, Action::Do) }, due + 1_000);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+}
+
+#[test]
+fn cancel_undoes_the_step_in_flight_and_the_done_ones_in_reverse_order_and_answers_409() {
+    let wf = Workflow::create_space();
+    // Records, placement and entitlements done; routing's command is out.
+    let mut saga = run_until(&wf, Routing);
+    let fx = saga.cancel(&wf, "POST /workflows/{id}/cancel", T0 + 10);
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    assert!(saga.cancelled);
+    assert_eq!(events(&fx)[0], HistoryEvent::CancelRequested);
+    // Routing may have routed by now: it is undone first, like a step that timed out.
+    assert_eq!(sends(&fx), vec![(Routing, Action::Undo, 1)]);
+    assert!(answers(&fx).is_empty(), "no answer before the rollback finished");
+    // Its late reply changes nothing: it is being undone.
+    let fx = saga.on_reply(&wf, done(Routing, Action::Do), T0 + 11);
+    assert_eq!(events(&fx), vec![HistoryEvent::LateReplyIgnored]);
+    let mut undone = Vec::new();
+    let mut last = Vec::new();
+    for s in [Routing, Entitlements, Placement, Records] {
+        last = saga.on_reply(&wf, done(s, Action::Undo), T0 + 12);
+        undone.extend(sends(&last));
+    }
+    assert_eq!(
+        undone,
+        vec![(Entitlements, Action::Undo, 1), (Placement, Action::Undo, 1), (Records, Action::Undo, 1)]
+    );
+    assert_eq!(saga.status, SagaStatus::Cancelled);
+    assert!(saga.status.is_terminal());
+    assert_eq!(answers(&last), vec![(409, Some(Routing))]);
+    assert!(events(&last).contains(&HistoryEvent::Cancelled));
+    let reason = &saga.failure.as_ref().unwrap().reason;
+    assert!(reason.contains("cancelled") && reason.contains("POST"), "{reason}");
+    assert_eq!(phase(&saga, Notifier), Phase::Pending, "no email for a cancelled space");
+    assert_eq!(saga.wake_at(), None);
+}
+
+#[test]
+fn cancel_at_the_first_step_undoes_the_command_in_flight() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.cancel(&wf, "by test", T0 + 1);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+    let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 2);
+    assert_eq!(answers(&fx), vec![(409, Some(Records))]);
+    assert_eq!(saga.status, SagaStatus::Cancelled);
+}
+
+#[test]
+fn a_saga_that_cannot_be_cancelled_is_left_as_it_is_and_says_why() {
+    let wf = Workflow::create_space();
+    // Past its last compensable step: the email is committed.
+    let mut saga = run_until(&wf, Notifier);
+    saga.on_reply(&wf, done(Routing, Action::Do), T0 + 2);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    let before = saga.clone();
+    let fx = saga.cancel(&wf, "by test", T0 + 3);
+    assert_eq!(events(&fx), vec![HistoryEvent::CancelRefused]);
+    assert!(sends(&fx).is_empty() && answers(&fx).is_empty());
+    assert_eq!(saga, before);
+    assert!(saga.why_not_cancellable().unwrap().contains("succeeded"));
+    // Rolled back after a refusal, then asked again.
+    let mut saga = run_until(&wf, Placement);
+    saga.on_reply(&wf, refused(Placement, 503), T0 + 2);
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    assert!(saga.why_not_cancellable().unwrap().contains("rolling back"));
+    saga.on_reply(&wf, done(Records, Action::Undo), T0 + 3);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+    let fx = saga.cancel(&wf, "by test", T0 + 4);
+    assert_eq!(events(&fx), vec![HistoryEvent::CancelRefused]);
+    assert!(saga.why_not_cancellable().unwrap().contains("rolled_back"));
+    // Cancelled twice: the second finds it cancelling.
+    let mut saga = run_until(&wf, Entitlements);
+    saga.cancel(&wf, "first", T0 + 2);
+    let fx = saga.cancel(&wf, "second", T0 + 3);
+    assert_eq!(events(&fx), vec![HistoryEvent::CancelRefused]);
+    assert!(saga.why_not_cancellable().unwrap().contains("already cancelled"));
+}
+
+#[test]
+fn a_cancelled_saga_whose_rollback_failed_ends_cancelled_after_the_operators_retry() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Placement);
+    saga.cancel(&wf, "by test", T0 + 2);
+    // Placement's undo is sent first (it was in flight); it keeps failing.
+    let mut now = T0 + 3;
+    for attempt in 1..=crate::definition::COMPENSATION_RETRY.attempts {
+        saga.on_reply(&wf, failed(Placement, Action::Undo, attempt), now);
+        now += 60_000;
+        saga.on_tick(&wf, now);
+    }
+    assert_eq!(saga.status, SagaStatus::CompensationFailed);
+    saga.retry_compensation(&wf, now);
+    saga.on_reply(&wf, done(Placement, Action::Undo), now + 1);
+    saga.on_reply(&wf, done(Records, Action::Undo), now + 2);
+    assert_eq!(saga.status, SagaStatus::Cancelled);
+}
+
+#[test]
+fn saga_states_parse_from_their_names_and_cancelled_is_one() {
+    assert_eq!(SagaStatus::parse("cancelled"), Ok(SagaStatus::Cancelled));
+    assert!(SagaStatus::parse("canceled").unwrap_err().contains("cancelled"));
 }

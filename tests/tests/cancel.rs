@@ -1,0 +1,271 @@
+//! Cancelling a saga, against the real broker: `POST /workflows/{id}/cancel` (and the CLI's
+//! path, `request_cancel`) stops a running saga, undoes its completed steps in reverse order,
+//! tells its waiting client 409 and ends it `cancelled`; a step whose reply arrives after the
+//! cancel is undone too; a finished saga, or the events mode, answers 409 with why.
+
+use std::time::Duration;
+
+use baton_protocol::{Mode, Service};
+use baton_tests::{System, SystemConfig, TestEnv, rows_for, saga_story, spawn_service, timeline, wait_for};
+use serde_json::Value;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// `POST <path>` on the system's gateway: the status and the JSON body.
+async fn post(sys: &System, path: &str) -> (u16, Value) {
+    let r = client().post(format!("http://{}{path}", sys.http)).send().await.expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The saga of the request for space `name`, once the gateway has recorded it.
+async fn saga_of(env: &TestEnv, name: &str) -> String {
+    wait_for(&format!("the request for {name}"), Duration::from_secs(20), || async {
+        let conn = baton_tests::sqlite(env.data_dir(), "gateway").ok()?;
+        conn.query_row("SELECT saga_id FROM requests WHERE name = ?1", [name], |r| r.get(0)).ok()
+    })
+    .await
+}
+
+/// Wait until the saga's timeline has `event` (for `step`, when given).
+async fn wait_event(sys: &System, saga: &str, step: Option<&str>, event: &str) {
+    wait_for(&format!("{event} in saga {saga}"), Duration::from_secs(30), || async {
+        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        // Not there yet (404) while the start waits for the orchestrator.
+        if !view["history"].is_array() {
+            return None;
+        }
+        timeline(&view).iter().any(|(s, _, e)| e == event && step.is_none_or(|st| st == s)).then_some(())
+    })
+    .await
+}
+
+/// The compensations of a saga, in the order they completed.
+fn compensated(view: &Value) -> Vec<String> {
+    timeline(view).into_iter().filter(|(_, _, e)| e == "compensated").map(|(s, _, _)| s).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_mid_saga_undoes_the_done_steps_in_reverse_and_tells_the_waiting_client_409() {
+    let env = TestEnv::new().await;
+    // Routing is not running: the saga waits there, with three steps done.
+    let cfg = SystemConfig { skip: vec![Service::Routing], ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let url = format!("http://{}/spaces", sys.http);
+    let waiting = tokio::spawn(async move {
+        let r = client().post(url).json(&serde_json::json!({"name": "acme", "owner": "alice"})).send().await;
+        let r = r.expect("the client gets an answer");
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    let saga = saga_of(&env, "acme").await;
+    wait_event(&sys, &saga, Some("routing"), "sent").await;
+    let cancel = {
+        let (http, saga) = (sys.http, saga.clone());
+        tokio::spawn(async move {
+            let r = client().post(format!("http://{http}/workflows/{saga}/cancel")).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    wait_event(&sys, &saga, None, "cancel_requested").await;
+    // Routing comes back, handles its command late, then its compensation.
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    let (status, body) = cancel.await.unwrap();
+    let story = saga_story(&env.store(), &saga);
+    assert_eq!(status, 200, "{body}\n{story}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    let (status, answer) = waiting.await.unwrap();
+    assert_eq!(status, 409, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("cancelled") && error.contains("undone"), "{error}");
+    assert_eq!(answer["workflow_id"], saga.as_str());
+    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["answer_status"], 409);
+    assert_eq!(compensated(&view), ["routing", "entitlements", "placement", "records"], "{story}");
+    assert!(!timeline(&view).iter().any(|(s, _, _)| s == "notifier"), "no email: {story}");
+    let space = view["space_id"].as_str().unwrap().to_owned();
+    for s in Service::ALL {
+        assert_eq!(rows_for(&env.store(), s, &space), 0, "{s} left a row: {story}");
+    }
+    let (_, listed) = sys.get("/workflows?state=cancelled").await;
+    assert_eq!(listed["workflows"][0]["id"], saga.as_str(), "{listed}");
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    routing.cancel();
+    routing_task.await.unwrap().unwrap();
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_reply_arrives_after_the_cancel_is_undone_too() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { skip: vec![Service::Routing], ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let url = format!("http://{}/spaces", sys.http);
+    let waiting = tokio::spawn(async move {
+        client().post(url).json(&serde_json::json!({"name": "late", "owner": "bob"})).send().await
+    });
+    let saga = saga_of(&env, "late").await;
+    wait_event(&sys, &saga, Some("routing"), "sent").await;
+    // The CLI's path: a message on orchestrator.commands, whichever instance consumes it.
+    let id = uuid::Uuid::parse_str(&saga).unwrap();
+    baton_orchestrator::request_cancel(&env.amqp_url(), id, "baton workflows cancel").await.unwrap();
+    wait_event(&sys, &saga, None, "cancel_requested").await;
+    // Only now does routing run: its route command was sent before the cancel, and its reply
+    // comes after it.
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    wait_for("the saga to end cancelled", Duration::from_secs(30), || async {
+        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        (view["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let story = saga_story(&env.store(), &saga);
+    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let t = timeline(&view);
+    assert!(
+        t.iter().any(|(s, a, e)| s == "routing" && a == "do" && e == "late_reply_ignored"),
+        "routing's reply came after the cancel: {story}"
+    );
+    assert_eq!(compensated(&view)[0], "routing", "{story}");
+    let space = view["space_id"].as_str().unwrap().to_owned();
+    for s in Service::ALL {
+        assert_eq!(rows_for(&env.store(), s, &space), 0, "{s} left a row: {story}");
+    }
+    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409);
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    routing.cancel();
+    routing_task.await.unwrap().unwrap();
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_finished_saga_is_a_409_that_says_why() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, SystemConfig::default()).await;
+    let (status, done) = sys.create("acme", "alice").await;
+    assert_eq!(status, 200, "{done}");
+    let saga = done["workflow_id"].as_str().unwrap().to_owned();
+    wait_for("the saga to complete", Duration::from_secs(20), || async {
+        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        (view["status"] == "completed").then_some(())
+    })
+    .await;
+    let (status, body) = post(&sys, &format!("/workflows/{saga}/cancel")).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("completed"), "{body}");
+    assert_eq!(body["state"], "completed");
+    // Refused at routing: it rolled back by itself.
+    let (status, refused) = sys.create("admin", "bob").await;
+    assert_eq!(status, 409, "{refused}");
+    let rolled_back = refused["workflow_id"].as_str().unwrap();
+    let (status, body) = post(&sys, &format!("/workflows/{rolled_back}/cancel")).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("rolled_back"), "{body}");
+    // Nothing changed, and nothing was sent.
+    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    assert_eq!(view["status"], "completed");
+    let (status, body) = post(&sys, &format!("/workflows/{}/cancel", uuid::Uuid::new_v4())).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = post(&sys, "/workflows/not-a-uuid/cancel").await;
+    assert_eq!(status, 400);
+    // The CLI says the same, with exit 1.
+    let out = tokio::process::Command::new(baton_tests::baton_bin())
+        .args(["workflows", "cancel", &saga, "--amqp-url", &env.amqp_url(), "--log", "warn"])
+        .arg("--data-dir")
+        .arg(env.data_dir())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be cancelled") && stderr.contains("completed"), "{stderr}");
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_events_mode_cancel_is_a_409_that_names_the_mode() {
+    let env = TestEnv::new().await;
+    let cfg =
+        SystemConfig { mode: Mode::Events, deadline: Duration::from_secs(10), ..SystemConfig::default() };
+    let sys = System::start(&env, cfg).await;
+    let (status, body) = sys.create("evt", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&sys, &format!("/workflows/{}/cancel", body["id"].as_str().unwrap())).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["mode"], "events");
+    assert!(body["error"].as_str().unwrap().contains("events mode"), "{body}");
+    let out = tokio::process::Command::new(baton_tests::baton_bin())
+        .args(["workflows", "cancel", &uuid::Uuid::new_v4().to_string(), "--mode", "events", "--log", "warn"])
+        .arg("--data-dir")
+        .arg(env.data_dir())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("events mode"), "{stderr}");
+    sys.stop().await;
+}
+
+/// Run the orchestrator alone as instance `instance` (stop it by cancelling the token).
+fn spawn_orchestrator(
+    env: &TestEnv,
+    cfg: &SystemConfig,
+    instance: &str,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut config = baton_tests::node_config(env, cfg);
+    config.instance = instance.into();
+    let token = cancel.clone();
+    let task = tokio::spawn(async move {
+        baton_node::run(baton_protocol::Component::Orchestrator, &config, token).await
+    });
+    (cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instance_that_starts() {
+    let env = TestEnv::new().await;
+    let cfg =
+        SystemConfig { skip: vec![Service::Routing], with_orchestrator: false, ..SystemConfig::default() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let (first, first_task) = spawn_orchestrator(&env, &cfg, "main");
+    let url = format!("http://{}/spaces", sys.http);
+    let waiting = tokio::spawn(async move {
+        client().post(url).json(&serde_json::json!({"name": "gone", "owner": "gina"})).send().await
+    });
+    let saga = saga_of(&env, "gone").await;
+    wait_event(&sys, &saga, Some("routing"), "sent").await;
+    first.cancel();
+    first_task.await.unwrap().unwrap();
+    // Nobody consumes orchestrator.commands now: the cancel waits there.
+    let id = uuid::Uuid::parse_str(&saga).unwrap();
+    baton_orchestrator::request_cancel(&env.amqp_url(), id, "baton workflows cancel").await.unwrap();
+    // Another instance, under another name, takes it up; routing comes back for the undo.
+    let (second, second_task) = spawn_orchestrator(&env, &cfg, "second");
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    wait_for("the saga to end cancelled", Duration::from_secs(40), || async {
+        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        (view["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let story = saga_story(&env.store(), &saga);
+    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let space = view["space_id"].as_str().unwrap().to_owned();
+    for s in Service::ALL {
+        assert_eq!(rows_for(&env.store(), s, &space), 0, "{s} left a row: {story}");
+    }
+    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409, "{story}");
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    for (token, task) in [(routing, routing_task), (second, second_task)] {
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+    sys.stop().await;
+}

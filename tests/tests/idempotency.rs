@@ -1,0 +1,214 @@
+//! Client retries with an `Idempotency-Key` on `POST /spaces`, in both modes, against the real
+//! broker: a retry with the same key and body is the first request again (its outcome, or a
+//! wait on the same saga), never a second space nor a 409 for its own name; the same key with
+//! another body is a 422. In events mode it is how a client told 504 learns what happened.
+
+use std::time::Duration;
+
+use baton_protocol::{Mode, Service};
+use baton_tests::{System, SystemConfig, TestEnv, rows_for, scalar, spawn_service, wait_for};
+use serde_json::{Value, json};
+
+/// `POST /spaces` with `key` as its `Idempotency-Key`: status, body, and whether the gateway
+/// says it replayed.
+async fn create(
+    http: std::net::SocketAddr,
+    name: &str,
+    owner: &str,
+    key: Option<&str>,
+) -> (u16, Value, bool) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let mut post = client.post(format!("http://{http}/spaces")).json(&json!({"name": name, "owner": owner}));
+    if let Some(key) = key {
+        post = post.header("Idempotency-Key", key);
+    }
+    let r = post.send().await.expect("POST /spaces");
+    let replayed = r.headers().get("idempotent-replayed").is_some();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null), replayed)
+}
+
+fn config(mode: Mode) -> SystemConfig {
+    let deadline = if mode == Mode::Events { Duration::from_secs(10) } else { Duration::from_secs(30) };
+    SystemConfig { mode, deadline, ..SystemConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_key_gets_the_first_outcome_and_another_body_a_422_in_both_modes() {
+    for mode in [Mode::Workflow, Mode::Events] {
+        let env = TestEnv::new().await;
+        let sys = System::start(&env, config(mode)).await;
+        let (status, first, replayed) = create(sys.http, "acme", "alice", Some("k-acme")).await;
+        assert_eq!((status, replayed), (200, false), "{mode}: {first}");
+        // The retry: the same space, not a 409 for the name it took.
+        let (status, again, replayed) = create(sys.http, "acme", "alice", Some("k-acme")).await;
+        assert_eq!((status, replayed), (200, true), "{mode}: {again}");
+        assert_eq!(again, first, "{mode}: the first outcome, as it was");
+        // The owner in another spelling is the same request.
+        let (status, _, replayed) = create(sys.http, "acme", "ALICE ", Some("k-acme")).await;
+        assert_eq!((status, replayed), (200, true), "{mode}");
+        let id = first["id"].as_str().unwrap();
+        for s in Service::ALL {
+            assert_eq!(rows_for(&env.store(), s, id), 1, "{mode}: one {s} row");
+        }
+        // A refusal is replayed as the refusal, with its ids.
+        let (status, refused, _) = create(sys.http, "admin", "bob", Some("k-admin")).await;
+        assert_eq!(status, 409, "{mode}: {refused}");
+        let (status, again, replayed) = create(sys.http, "admin", "bob", Some("k-admin")).await;
+        assert_eq!((status, replayed), (409, true), "{mode}: {again}");
+        assert_eq!(again["space_id"], refused["space_id"]);
+        // The same key for another request.
+        let (status, body, _) = create(sys.http, "other", "alice", Some("k-acme")).await;
+        assert_eq!(status, 422, "{mode}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("Idempotency-Key") && error.contains("acme"), "{error}");
+        assert_eq!(body["space_id"], first["id"]);
+        // Without a key, the same body is a new request, refused for the name.
+        let (status, body, _) = create(sys.http, "acme", "alice", None).await;
+        assert_eq!(status, 409, "{mode}: {body}");
+        // A key that is not one.
+        let (status, body, _) = create(sys.http, "spaced", "alice", Some("two words")).await;
+        assert_eq!(status, 400, "{mode}: {body}");
+        assert_eq!(scalar(&env.store(), "gateway", "SELECT SUM(replays) FROM idempotency_keys"), 3);
+        // The request without a key (acme again, told 409) left nothing; in events mode the
+        // refusal at routing leaves admin's earlier rows, as every refusal there does.
+        let report = env.audit();
+        let left: Vec<_> = report
+            .violations
+            .iter()
+            .filter(|v| !(mode == Mode::Events && Some(v.space_id.as_str()) == refused["space_id"].as_str()))
+            .collect();
+        assert!(left.is_empty(), "{mode}: {left:#?}");
+        sys.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_while_the_request_runs_waits_on_it_in_both_modes() {
+    for mode in [Mode::Workflow, Mode::Events] {
+        let env = TestEnv::new().await;
+        let cfg = SystemConfig { skip: vec![Service::Routing], ..config(mode) };
+        let sys = System::start(&env, cfg.clone()).await;
+        let http = sys.http;
+        let first = tokio::spawn(async move { create(http, "slow", "carol", Some("k-slow")).await });
+        wait_for("the first request to be recorded", Duration::from_secs(20), || async {
+            (scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests") == 1).then_some(())
+        })
+        .await;
+        // The client gave up on its connection and retries while the flow waits at routing.
+        let retry = tokio::spawn(async move { create(http, "slow", "carol", Some("k-slow")).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+        let (s1, b1, _) = first.await.unwrap();
+        let (s2, b2, replayed) = retry.await.unwrap();
+        assert_eq!((s1, s2, replayed), (200, 200, true), "{mode}: {b1} {b2}");
+        assert_eq!(b1, b2, "{mode}");
+        assert_eq!(scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests"), 1, "{mode}");
+        if mode == Mode::Workflow {
+            assert_eq!(scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM sagas"), 1, "one saga");
+        }
+        let report = env.audit();
+        assert!(report.is_clean(), "{mode}: {:#?}", report.violations);
+        routing.cancel();
+        routing_task.await.unwrap().unwrap();
+        sys.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_events_mode_a_client_told_504_learns_with_its_key_what_became_of_its_space() {
+    let env = TestEnv::new().await;
+    // Routing is down: the flow stops there, and the client gets a 504 at the 2 s deadline.
+    let cfg = SystemConfig {
+        skip: vec![Service::Routing],
+        deadline: Duration::from_secs(2),
+        ..config(Mode::Events)
+    };
+    let sys = System::start(&env, cfg.clone()).await;
+    let (status, timed_out, _) = create(sys.http, "late", "dave", Some("k-late")).await;
+    assert_eq!(status, 504, "{timed_out}");
+    let id = timed_out["space_id"].as_str().unwrap().to_owned();
+    // A retry while it is still stuck waits, and is told 504 again.
+    let (status, _, replayed) = create(sys.http, "late", "dave", Some("k-late")).await;
+    assert_eq!((status, replayed), (504, true));
+    let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
+    wait_for("the space to complete", Duration::from_secs(20), || async {
+        (rows_for(&env.store(), Service::Notifier, &id) == 1).then_some(())
+    })
+    .await;
+    let (status, learned, replayed) = create(sys.http, "late", "dave", Some("k-late")).await;
+    assert_eq!((status, replayed), (200, true), "{learned}");
+    assert_eq!(learned["id"].as_str(), Some(id.as_str()));
+    let (_, space) = sys.get(&format!("/spaces/{id}")).await;
+    assert_eq!((space["told_status"].as_i64(), space["outcome_status"].as_i64()), (Some(200), Some(200)));
+    // The client knows now: the 504 is no longer a violation.
+    let report = env.audit();
+    assert!(report.is_clean(), "{:#?}", report.violations);
+    routing.cancel();
+    routing_task.await.unwrap().unwrap();
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_older_than_its_time_to_live_is_a_new_request() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { idempotency_ttl: Duration::from_secs(1), ..config(Mode::Workflow) };
+    let sys = System::start(&env, cfg).await;
+    let (status, _, _) = create(sys.http, "once", "erin", Some("k-once")).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Forgotten: a new request, refused for the name the first one took.
+    let (status, body, replayed) = create(sys.http, "once", "erin", Some("k-once")).await;
+    assert_eq!((status, replayed), (409, false), "{body}");
+    assert_eq!(body["step"], "records");
+    // And the key now stands for that second request.
+    let (status, _, replayed) = create(sys.http, "once", "erin", Some("k-once")).await;
+    assert_eq!((status, replayed), (409, true));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_create_space_run_again_with_its_key_prints_the_first_outcome() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, config(Mode::Workflow)).await;
+    let gateway = format!("http://{}", sys.http);
+    let run = || {
+        let gateway = gateway.clone();
+        async move {
+            let out = tokio::process::Command::new(baton_tests::baton_bin())
+                .args(["create-space", "--name", "cli", "--owner", "frank", "--idempotency-key", "k-cli"])
+                .args(["--gateway", &gateway, "--log", "warn"])
+                .output()
+                .await
+                .unwrap();
+            let printed: Value = serde_json::from_slice(&out.stdout).expect("the outcome as JSON");
+            (out.status.code(), printed)
+        }
+    };
+    let (code, first) = run().await;
+    assert_eq!((code, first["status"].as_i64()), (Some(0), Some(200)), "{first}");
+    let (code, again) = run().await;
+    assert_eq!(code, Some(0), "the same space, not a 409 for its name: {again}");
+    assert_eq!(again, first);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_of_one_key_sent_at_once_make_one_request() {
+    let env = TestEnv::new().await;
+    let sys = System::start(&env, config(Mode::Workflow)).await;
+    let http = sys.http;
+    let tries: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { create(http, "burst", "hana", Some("k-burst")).await }))
+        .collect();
+    let mut ids = Vec::new();
+    for t in tries {
+        let (status, body, _) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one space: {ids:?}");
+    assert_eq!(scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests"), 1);
+    assert_eq!(scalar(&env.store(), "gateway", "SELECT replays FROM idempotency_keys"), 5);
+    sys.stop().await;
+}
