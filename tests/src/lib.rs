@@ -133,6 +133,23 @@ impl TestEnv {
         }
     }
 
+    /// [`TestEnv::new`], its state in a PostgreSQL database of its own whatever
+    /// `BATON_TEST_STORE` says: for the tests of what only a shared store allows (several
+    /// orchestrators on several machines).
+    pub async fn on_postgres() -> TestEnv {
+        let mut env = TestEnv::new().await;
+        if env.pg.is_none() {
+            env.pg = Some(
+                baton_store::scratch::ScratchDatabase::create(
+                    &baton_store::scratch::test_server(),
+                    "baton_test",
+                )
+                .expect("a database on the tests' PostgreSQL server (scripts/test.sh starts it)"),
+            );
+        }
+        env
+    }
+
     /// A data dir for a test that runs against a broker of its own (`url`, e.g. a
     /// [`node::Node`]'s): no vhost is made on the shared broker.
     pub fn on_broker(url: &str) -> TestEnv {
@@ -465,6 +482,15 @@ pub fn try_scalar(at: &baton_store::Location, component: &str, sql: &str) -> Opt
     block_on(async move {
         let db = baton_store::Db::reader(&at, &component).await.ok()??;
         db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await.ok()
+    })
+}
+
+/// The text in the first row of `sql` on a component's store, or `None` while there is none.
+pub fn try_text(at: &baton_store::Location, component: &str, sql: &str) -> Option<String> {
+    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
+    block_on(async move {
+        let db = baton_store::Db::reader(&at, &component).await.ok()??;
+        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<String>(0))).await.ok()
     })
 }
 

@@ -23,8 +23,12 @@ async fn post(sys: &System, path: &str) -> (u16, Value) {
 /// The saga of the request for space `name`, once the gateway has recorded it.
 async fn saga_of(env: &TestEnv, name: &str) -> String {
     wait_for(&format!("the request for {name}"), Duration::from_secs(20), || async {
-        let conn = baton_tests::sqlite(env.data_dir(), "gateway").ok()?;
-        conn.query_row("SELECT saga_id FROM requests WHERE name = ?1", [name], |r| r.get(0)).ok()
+        // Names in these tests are plain words.
+        baton_tests::try_text(
+            &env.store(),
+            "gateway",
+            &format!("SELECT saga_id FROM requests WHERE name = '{name}'"),
+        )
     })
     .await
 }
@@ -174,8 +178,7 @@ async fn cancelling_a_finished_saga_is_a_409_that_says_why() {
     // The CLI says the same, with exit 1.
     let out = tokio::process::Command::new(baton_tests::baton_bin())
         .args(["workflows", "cancel", &saga, "--amqp-url", &env.amqp_url(), "--log", "warn"])
-        .arg("--data-dir")
-        .arg(env.data_dir())
+        .args(env.store_args())
         .output()
         .await
         .unwrap();

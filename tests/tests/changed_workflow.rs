@@ -18,10 +18,7 @@ const IN_FLIGHT: usize = 5;
 
 /// A count from the orchestrator's database; 0 while the database or its tables are not made yet.
 fn count(env: &TestEnv, sql: &str) -> i64 {
-    baton_tests::sqlite(env.data_dir(), "orchestrator")
-        .ok()
-        .and_then(|c| c.query_row(sql, [], |r| r.get(0)).ok())
-        .unwrap_or(0)
+    baton_tests::try_scalar(&env.store(), "orchestrator", sql).unwrap_or(0)
 }
 
 /// Sagas that sent `step`'s command.
@@ -310,8 +307,14 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
     })
     .await;
     stop(first).await;
-    let rw = rusqlite::Connection::open(env.data_dir().join("orchestrator.db")).unwrap();
-    assert_eq!(rw.execute("DELETE FROM definitions WHERE hash = ?1", [&v1]).unwrap(), 1);
+    // The operator's mistake, through the store (either backend).
+    let rw = baton_store::Db::open(&env.store(), "orchestrator", baton_orchestrator::MIGRATIONS, "operator")
+        .await
+        .unwrap();
+    let hash = v1.clone();
+    let deleted =
+        rw.call(move |tx| tx.execute("DELETE FROM definitions WHERE hash = ?1", [hash])).await.unwrap();
+    assert_eq!(deleted, 1);
     drop(rw);
     let saga: String = scalar_text(&env, "SELECT saga_id FROM sagas");
 
@@ -361,7 +364,7 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
 }
 
 fn scalar_text(env: &TestEnv, sql: &str) -> String {
-    baton_tests::sqlite(env.data_dir(), "orchestrator").unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+    baton_tests::try_text(&env.store(), "orchestrator", sql).expect("a row")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

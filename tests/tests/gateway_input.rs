@@ -136,8 +136,8 @@ async fn a_refusal_names_the_space_and_the_workflow_to_look_up() {
     assert_eq!((status, view["status"].as_str()), (200, Some("rolled_back")), "{view}");
     // The step that never ran says so.
     let out = std::process::Command::new(baton_bin())
-        .args(["workflows", "show", workflow_id.as_str(), "--data-dir"])
-        .arg(env.data_dir())
+        .args(["workflows", "show", workflow_id.as_str()])
+        .args(env.store_args())
         .output()
         .expect("baton workflows show");
     let text = String::from_utf8_lossy(&out.stdout);

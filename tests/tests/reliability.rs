@@ -62,7 +62,7 @@ async fn tap_replies(env: &TestEnv, name: &str) {
         &baton_amqp::topology::QueueSpec {
             name: name.into(),
             exchange: baton_amqp::topology::REPLIES,
-            keys: vec![baton_amqp::topology::reply_key("orchestrator", "main")],
+            keys: vec![baton_amqp::topology::ORCHESTRATOR.into()],
         },
     )
     .await
@@ -224,8 +224,8 @@ async fn a_compensation_that_keeps_failing_stops_visibly_and_an_operator_finishe
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(baton_bin())
-            .args(["workflows", "retry", &id, "--amqp-url", &env.amqp_url(), "--data-dir"])
-            .arg(env.data_dir())
+            .args(["workflows", "retry", &id, "--amqp-url", &env.amqp_url()])
+            .args(env.store_args())
             .output(),
     )
     .await

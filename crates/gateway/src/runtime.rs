@@ -354,7 +354,7 @@ impl Gateway {
         let json = serde_json::to_string(&outcome).expect("outcomes serialise");
         let (saga_id, status) = (outcome.saga_id, outcome.status);
         self.db
-            .transaction(move |tx| {
+            .transaction_retrying(move |tx| {
                 if inbox::seen(tx, message_id)?.is_some() {
                     return Ok(());
                 }
@@ -433,7 +433,7 @@ impl Gateway {
             Some(key) => {
                 let key = key.clone();
                 let since = now_ms().saturating_sub(ttl_ms);
-                self.db.transaction(move |tx| idempotency::find(tx, &key, since)).await
+                self.db.transaction_retrying(move |tx| idempotency::find(tx, &key, since)).await
             }
             None => Ok(None),
         };
@@ -453,7 +453,7 @@ impl Gateway {
         // at once make one request.
         let seen = self
             .db
-            .transaction(move |tx| {
+            .transaction_retrying(move |tx| {
                 let now = now_ms();
                 if let Some(key) = &key {
                     if let Some(first) = idempotency::find(tx, key, now.saturating_sub(ttl_ms))? {
@@ -540,7 +540,7 @@ impl Gateway {
     async fn stored_outcome(&self, saga_id: Uuid) -> Result<Option<SagaOutcome>, StoreError> {
         let json = self
             .db
-            .call(move |c| {
+            .transaction_retrying(move |c| {
                 use baton_store::OptionalExtension;
                 Ok(c.query_row(
                     "SELECT outcome FROM requests WHERE saga_id = ?1",
@@ -625,7 +625,7 @@ impl Gateway {
 
     /// Forget the idempotency key of a request that never started, so that its retry starts it.
     async fn forget_key(&self, saga_id: Uuid) {
-        if let Err(e) = self.db.transaction(move |tx| idempotency::forget(tx, saga_id)).await {
+        if let Err(e) = self.db.transaction_retrying(move |tx| idempotency::forget(tx, saga_id)).await {
             tracing::error!(error = %e, %saga_id, "forgetting the idempotency key of a request that did not start failed");
         }
     }
@@ -634,7 +634,7 @@ impl Gateway {
     async fn tell(&self, saga_id: Uuid, status: u16) {
         let r = self
             .db
-            .call(move |c| {
+            .transaction_retrying(move |c| {
                 c.execute(
                     "UPDATE requests SET told_status = ?2, told_at = ?3 WHERE saga_id = ?1",
                     params![saga_id.to_string(), status, now_ms()],

@@ -557,6 +557,36 @@ impl Db {
         self.submit(f, false).await
     }
 
+    /// [`Db::transaction`] for a caller with no delivery to hold and hand back (an HTTP
+    /// request): an outage that passes at once (on PostgreSQL, a conflict with another
+    /// instance's transaction; on SQLite, a lock) is tried again here, a few times over about a
+    /// second, before it is the caller's.
+    pub async fn transaction_retrying<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&Tx<'_>) -> Result<R, StoreError> + Clone + Send + 'static,
+    {
+        use backon::BackoffBuilder;
+        let mut waits = backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(5))
+            .with_max_delay(std::time::Duration::from_millis(200))
+            .with_max_times(8)
+            .with_jitter()
+            .build();
+        loop {
+            match self.transaction(f.clone()).await {
+                Err(e) if e.is_transient() && !matches!(e, StoreError::Closed(_)) => match waits.next() {
+                    Some(wait) => {
+                        tracing::debug!(store = %self.name, error = %e, "an outage of the store; trying again");
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(e),
+                },
+                done => return done,
+            }
+        }
+    }
+
     async fn submit<R, F>(&self, f: F, alone: bool) -> Result<R, StoreError>
     where
         R: Send + 'static,
