@@ -207,6 +207,44 @@ ensure_rabbitmq() {
     say "RabbitMQ is running; management API answers at $BATON_MGMT_URL"
 }
 
+# The PostgreSQL server the tests create their databases on (trust auth for postgres on loopback).
+BATON_TEST_DATABASE_URL="${BATON_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+pg_ok() {
+    psql "$BATON_TEST_DATABASE_URL" -Atqc 'SELECT 1' >/dev/null 2>&1
+}
+
+# ensure_postgres: a PostgreSQL server answering at $BATON_TEST_DATABASE_URL, installed from
+# Debian's packages and started when it is not (its loopback connections trusted for the
+# postgres user, as the tests' throw-away databases need).
+ensure_postgres() {
+    if pg_ok; then
+        say "PostgreSQL answers at $BATON_TEST_DATABASE_URL"
+        return 0
+    fi
+    if ! has pg_ctlcluster; then
+        if can_apt; then
+            say "PostgreSQL is not installed; installing postgresql from Debian's packages"
+            apt_install postgresql postgresql-client
+        else
+            die "PostgreSQL is not installed. On Debian or Ubuntu: sudo apt-get install -y postgresql, then run this script again."
+        fi
+    fi
+    is_root || die "PostgreSQL does not answer at $BATON_TEST_DATABASE_URL; start it (sudo pg_ctlcluster <version> main start) and let postgres connect over 127.0.0.1 (trust), then run this script again."
+    local version
+    version="$(ls /usr/lib/postgresql | sort -n | tail -1)"
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    if [ -f "$hba" ] && ! grep -q '^host all postgres 127.0.0.1/32 trust' "$hba"; then
+        say "trusting the postgres user's loopback connections in $hba (the tests' throw-away databases)"
+        sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    fi
+    say "starting PostgreSQL $version (pg_ctlcluster $version main restart)"
+    pg_ctlcluster "$version" main restart >&2 || service postgresql restart >&2 \
+        || die "PostgreSQL did not start; see /var/log/postgresql/."
+    wait_until "$BATON_WAIT_SECS" "PostgreSQL to answer at $BATON_TEST_DATABASE_URL (see /var/log/postgresql/)" pg_ok
+    say "PostgreSQL answers at $BATON_TEST_DATABASE_URL"
+}
+
 # install_broker_settings: on a node this script has just installed (and only when it has no
 # configuration of its own yet), put Baton's broker/rabbitmq.conf and enabled_plugins in
 # /etc/rabbitmq: loopback listeners, the management plugin, a 1 MiB message limit. The node the

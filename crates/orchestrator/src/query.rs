@@ -304,9 +304,12 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// A row of [`page`]'s query: id, space, workflow, status, answer, created, updated.
+type SummaryRow = (String, String, String, String, Option<i64>, i64, i64);
+
 /// Up to `limit` sagas matching `filter`, newest first, starting after `after`.
 pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
-    let rows: Vec<(String, String, String, String, Option<i64>, i64, i64)> = conn.query_map(
+    let rows: Vec<SummaryRow> = conn.query_map(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas
          WHERE (CAST(?1 AS TEXT) IS NULL OR status = ?1) AND (CAST(?2 AS TEXT) IS NULL OR workflow = ?2)
            AND (CAST(?3 AS TEXT) IS NULL OR space_id = ?3) AND (CAST(?4 AS INTEGER) IS NULL OR created_at >= ?4)

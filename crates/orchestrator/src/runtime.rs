@@ -554,9 +554,7 @@ fn timer_backoff() -> backon::ExponentialBackoff {
 }
 
 fn saga_exists(tx: &Tx<'_>, id: Uuid) -> Result<bool, StoreError> {
-    Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| {
-        r.get(0)
-    })?)
+    tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| r.get(0))
 }
 
 fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {

@@ -10,7 +10,9 @@ use baton_protocol::Outgoing;
 use crate::sql::{Params, Row, Value};
 use crate::{StoreError, pg, sqlite};
 
-/// A connection of one backend.
+/// A connection of one backend. One per database thread, never moved around: the size of the
+/// larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Conn {
     Sqlite(sqlite::SqliteConn),
     Postgres(RefCell<pg::PgConn>),
