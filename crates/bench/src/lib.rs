@@ -95,6 +95,9 @@ pub struct Options {
     /// A PostgreSQL server for the components' state (each mode in a database of its own,
     /// created and dropped by the run) instead of SQLite files in the mode's data dir.
     pub database_url: Option<String>,
+    /// After the modes, workflow mode again with 1, 2 and 3 orchestrators (and as many of each
+    /// service) on SQLite and on this PostgreSQL server: the scaling table.
+    pub scaling: Option<String>,
     /// Create-space sagas run through HTTP before a mode is measured, not counted, so that the
     /// databases already hold that many spaces.
     pub prefill: usize,
@@ -130,6 +133,7 @@ impl Options {
             workflow_files: Vec::new(),
             instances: 1,
             database_url: None,
+            scaling: None,
             prefill: 0,
             hold: 10_000,
             component_args: Vec::new(),
@@ -280,6 +284,22 @@ impl Ratios {
     }
 }
 
+/// Workflow mode on one backend with `instances` orchestrators and as many of each service.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScaleRow {
+    /// `sqlite` or `postgres`.
+    pub backend: String,
+    pub instances: usize,
+    /// Through HTTP, one at a time.
+    pub sequential: Latency,
+    /// Through HTTP, the first window's in flight.
+    pub loaded: Throughput,
+    pub ratios: Ratios,
+}
+
+/// The backends and instance counts of the scaling table.
+pub const SCALING_INSTANCES: [usize; 3] = [1, 2, 3];
+
 /// Everything one bench measured.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
@@ -289,6 +309,8 @@ pub struct Report {
     pub modes: Vec<ModeReport>,
     /// The orchestrator with `settings.hold` sagas in flight, when asked for.
     pub hold: Option<Hold>,
+    /// Workflow mode by backend and number of instances, when asked for (`--scaling`).
+    pub scaling: Vec<ScaleRow>,
     /// CPU time of the bench process itself (load generator, the floor's requester and echo
     /// responder), over the whole run.
     pub bench_cpu_ms: f64,
@@ -320,6 +342,33 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         0 => None,
         _ => Some(hold::measure(opts, &workflow, &say).await?),
     };
+    let mut scaling = Vec::new();
+    if let Some(url) = &opts.scaling {
+        for (backend, database_url) in [("sqlite", None), ("postgres", Some(url.clone()))] {
+            for instances in SCALING_INSTANCES {
+                say(&format!("scaling: workflow mode on {backend} with {instances} orchestrator(s)"));
+                let row_opts = Options {
+                    instances,
+                    database_url: database_url.clone(),
+                    windows: opts.windows.iter().take(1).copied().collect(),
+                    prefill: 0,
+                    out_dir: opts.out_dir.join(format!("scaling-{backend}-{instances}")),
+                    ..opts.clone()
+                };
+                let mut m =
+                    sagas::run_mode(&row_opts, Mode::Workflow, steps(&workflow, Mode::Workflow), &say).await?;
+                m.ratios = Ratios::of(&floor, &m);
+                let loaded = m.http_loaded.first().cloned().unwrap_or_default();
+                scaling.push(ScaleRow {
+                    backend: backend.into(),
+                    instances,
+                    sequential: m.http_sequential,
+                    loaded,
+                    ratios: m.ratios,
+                });
+            }
+        }
+    }
     Ok(Report {
         machine,
         settings: Settings {
@@ -339,6 +388,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         floor,
         modes,
         hold,
+        scaling,
         bench_cpu_ms: cpu_ms("self").unwrap_or(0.0) - cpu,
         elapsed_s: started.elapsed().as_secs_f64(),
     })

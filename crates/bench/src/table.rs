@@ -136,6 +136,33 @@ pub fn table(r: &Report) -> String {
         out,
         "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
     );
+    if !r.scaling.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nscaling, workflow mode through HTTP: N orchestrators and N of each service sharing one store \
+             (one gateway), next to the floor above"
+        );
+        let _ = writeln!(
+            out,
+            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}",
+            "backend", "instances", "p50 1-at-a-time", "vs floor", "sagas/s", "p99 loaded", "msgs vs floor"
+        );
+        for row in &r.scaling {
+            let rate = row.ratios.http_messages.first().map_or(0.0, |m| m.of_floor);
+            let _ = writeln!(
+                out,
+                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>11.2}",
+                row.backend,
+                row.instances,
+                row.sequential.p50_ms,
+                row.ratios.http_latency,
+                row.loaded.per_second,
+                row.loaded.in_flight,
+                row.loaded.p99_ms,
+                rate
+            );
+        }
+    }
     if let Some(h) = &r.hold {
         let _ = writeln!(
             out,

@@ -221,6 +221,11 @@ pub struct BenchArgs {
     /// this server) instead of SQLite files.
     #[arg(long, value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// After the modes, measure workflow mode with 1, 2 and 3 orchestrators (and as many of
+    /// each service) on SQLite and on the PostgreSQL server at this URL (a database per run,
+    /// created and dropped): the instance and backend table.
+    #[arg(long, value_name = "POSTGRES_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub scaling: Option<String>,
     /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]

@@ -118,6 +118,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.workflow_files = args.workflow_files.clone();
     opts.instances = args.instances;
     opts.database_url = args.database_url.clone();
+    opts.scaling = args.scaling.clone();
     opts.prefill = args.prefill;
     opts.hold = args.hold;
     if let Some(retain) = args.retain {
