@@ -356,7 +356,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     ..opts.clone()
                 };
                 let mut m =
-                    sagas::run_mode(&row_opts, Mode::Workflow, steps(&workflow, Mode::Workflow), &say).await?;
+                    sagas::run_mode(&row_opts, Mode::Workflow, steps(&workflow, Mode::Workflow), &say)
+                        .await?;
                 m.ratios = Ratios::of(&floor, &m);
                 let loaded = m.http_loaded.first().cloned().unwrap_or_default();
                 scaling.push(ScaleRow {

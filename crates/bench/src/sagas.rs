@@ -321,6 +321,8 @@ async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> R
     }
 }
 
+// The parts of one mode's run, each used all through it; a struct of them would only be unpacked.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     opts: &Options,
     mode: Mode,

@@ -105,21 +105,21 @@ mod tests {
         };
         let (_d, db) = db(&e).await;
         db.call(move |tx| {
-            e.configure(&tx)?;
+            e.configure(tx)?;
             for n in 1..=2 {
-                assert!(matches!(e.apply(&tx, ids(n), &ctx("x", "alice"))?, StepResult::Done(_)));
+                assert!(matches!(e.apply(tx, ids(n), &ctx("x", "alice"))?, StepResult::Done(_)));
             }
-            assert!(matches!(e.apply(&tx, ids(1), &ctx("x", "alice"))?, StepResult::Done(_)), "idempotent");
-            let StepResult::Refused { status, reason } = e.apply(&tx, ids(3), &ctx("x", "alice"))? else {
+            assert!(matches!(e.apply(tx, ids(1), &ctx("x", "alice"))?, StepResult::Done(_)), "idempotent");
+            let StepResult::Refused { status, reason } = e.apply(tx, ids(3), &ctx("x", "alice"))? else {
                 panic!("over quota must be refused")
             };
             assert_eq!(status, 403);
             assert!(reason.contains("free plan, which allows 2 spaces"), "{reason}");
             for n in 10..15 {
-                assert!(matches!(e.apply(&tx, ids(n), &ctx("x", "carol"))?, StepResult::Done(_)));
+                assert!(matches!(e.apply(tx, ids(n), &ctx("x", "carol"))?, StepResult::Done(_)));
             }
-            e.undo(&tx, ids(1), &ctx("x", "o"))?;
-            assert!(matches!(e.apply(&tx, ids(3), &ctx("x", "alice"))?, StepResult::Done(_)));
+            e.undo(tx, ids(1), &ctx("x", "o"))?;
+            assert!(matches!(e.apply(tx, ids(3), &ctx("x", "alice"))?, StepResult::Done(_)));
             Ok(())
         })
         .await

@@ -167,15 +167,15 @@ mod tests {
         let (_d, db) = db(step.as_ref()).await;
         db.call(move |tx| {
             assert!(!tx.has_table("faults")?, "no table before the decorator's");
-            step.configure(&tx)?;
-            step.configure(&tx)?;
-            let refused = step.apply(&tx, ids(1), &ctx("acme", "alice"))?;
+            step.configure(tx)?;
+            step.configure(tx)?;
+            let refused = step.apply(tx, ids(1), &ctx("acme", "alice"))?;
             assert!(matches!(refused, StepResult::Refused { status: 503, ref reason } if reason.contains("injected")));
             let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0))?;
             assert_eq!(n, 0, "the rule did not run");
-            let failed = step.undo(&tx, ids(1), &ctx("acme", "alice"))?;
+            let failed = step.undo(tx, ids(1), &ctx("acme", "alice"))?;
             assert!(matches!(failed, StepResult::Failed { status: None, .. }));
-            assert_eq!(kinds(&tx)?, ["refusal", "failed compensation"]);
+            assert_eq!(kinds(tx)?, ["refusal", "failed compensation"]);
             Ok(())
         })
         .await

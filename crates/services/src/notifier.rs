@@ -70,7 +70,7 @@ mod tests {
         db.call(|tx| {
             for _ in 0..3 {
                 assert_eq!(
-                    Notifier.apply(&tx, ids(1), &ctx("acme", "alice"))?,
+                    Notifier.apply(tx, ids(1), &ctx("acme", "alice"))?,
                     StepResult::Done(Context::default())
                 );
             }
@@ -80,7 +80,7 @@ mod tests {
                 })?;
             assert_eq!((n, to.as_str()), (1, "alice@users.baton.local"));
             assert!(matches!(
-                Notifier.undo(&tx, ids(1), &ctx("acme", "alice"))?,
+                Notifier.undo(tx, ids(1), &ctx("acme", "alice"))?,
                 StepResult::Refused { status: 422, .. }
             ));
             Ok(())

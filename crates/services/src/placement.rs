@@ -97,19 +97,19 @@ mod tests {
         let p = Placement { shards: vec![("s1".into(), 1), ("s2".into(), 2)] };
         let (_d, db) = db(&p).await;
         db.call(move |tx| {
-            p.configure(&tx)?;
+            p.configure(tx)?;
             let shard = |r: StepResult| match r {
                 StepResult::Done(c) => c.shard.unwrap(),
                 other => panic!("expected a placement, got {other:?}"),
             };
-            assert_eq!(shard(p.apply(&tx, ids(1), &ctx("a", "o"))?), "s2");
-            assert_eq!(shard(p.apply(&tx, ids(1), &ctx("a", "o"))?), "s2", "idempotent");
-            assert_eq!(shard(p.apply(&tx, ids(2), &ctx("b", "o"))?), "s1");
-            assert_eq!(shard(p.apply(&tx, ids(3), &ctx("c", "o"))?), "s2");
-            assert!(matches!(p.apply(&tx, ids(4), &ctx("d", "o"))?, StepResult::Refused { status: 503, .. }));
-            p.undo(&tx, ids(2), &ctx("b", "o"))?;
-            p.undo(&tx, ids(2), &ctx("b", "o"))?;
-            assert_eq!(shard(p.apply(&tx, ids(4), &ctx("d", "o"))?), "s1");
+            assert_eq!(shard(p.apply(tx, ids(1), &ctx("a", "o"))?), "s2");
+            assert_eq!(shard(p.apply(tx, ids(1), &ctx("a", "o"))?), "s2", "idempotent");
+            assert_eq!(shard(p.apply(tx, ids(2), &ctx("b", "o"))?), "s1");
+            assert_eq!(shard(p.apply(tx, ids(3), &ctx("c", "o"))?), "s2");
+            assert!(matches!(p.apply(tx, ids(4), &ctx("d", "o"))?, StepResult::Refused { status: 503, .. }));
+            p.undo(tx, ids(2), &ctx("b", "o"))?;
+            p.undo(tx, ids(2), &ctx("b", "o"))?;
+            assert_eq!(shard(p.apply(tx, ids(4), &ctx("d", "o"))?), "s1");
             Ok(())
         })
         .await

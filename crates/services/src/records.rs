@@ -61,20 +61,20 @@ mod tests {
     async fn creates_once_refuses_a_taken_name_and_deletes() {
         let (_d, db) = db(&Records).await;
         db.call(|tx| {
-            let first = Records.apply(&tx, ids(1), &ctx("acme", "alice"))?;
+            let first = Records.apply(tx, ids(1), &ctx("acme", "alice"))?;
             assert_eq!(first, StepResult::Done(Context { key: Some("acme".into()), ..Default::default() }));
-            assert_eq!(Records.apply(&tx, ids(1), &ctx("acme", "alice"))?, first, "idempotent");
-            let StepResult::Refused { status, reason } = Records.apply(&tx, ids(2), &ctx("acme", "bob"))?
+            assert_eq!(Records.apply(tx, ids(1), &ctx("acme", "alice"))?, first, "idempotent");
+            let StepResult::Refused { status, reason } = Records.apply(tx, ids(2), &ctx("acme", "bob"))?
             else {
                 panic!("a taken name must be refused")
             };
             assert_eq!(status, 409);
             assert!(reason.contains("acme"));
-            Records.undo(&tx, ids(1), &ctx("x", "o"))?;
-            Records.undo(&tx, ids(1), &ctx("x", "o"))?;
+            Records.undo(tx, ids(1), &ctx("x", "o"))?;
+            Records.undo(tx, ids(1), &ctx("x", "o"))?;
             let n: i64 = tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0))?;
             assert_eq!(n, 0);
-            assert!(matches!(Records.apply(&tx, ids(2), &ctx("acme", "bob"))?, StepResult::Done(_)));
+            assert!(matches!(Records.apply(tx, ids(2), &ctx("acme", "bob"))?, StepResult::Done(_)));
             Ok(())
         })
         .await

@@ -89,23 +89,23 @@ mod tests {
         let r = Routing { reserved: vec!["admin".into()] };
         let (_d, db) = db(&r).await;
         db.call(move |tx| {
-            r.configure(&tx)?;
+            r.configure(tx)?;
             let with =
                 |key: &str| Context { key: Some(key.into()), shard: Some("s1".into()), ..ctx(key, "o") };
-            assert!(matches!(r.apply(&tx, ids(1), &with("admin"))?, StepResult::Refused { status: 409, .. }));
-            let done = r.apply(&tx, ids(2), &with("acme"))?;
+            assert!(matches!(r.apply(tx, ids(1), &with("admin"))?, StepResult::Refused { status: 409, .. }));
+            let done = r.apply(tx, ids(2), &with("acme"))?;
             assert_eq!(
                 done,
                 StepResult::Done(Context { route: Some("acme -> s1".into()), ..Default::default() })
             );
-            assert_eq!(r.apply(&tx, ids(2), &with("acme"))?, done, "idempotent");
-            assert!(matches!(r.apply(&tx, ids(3), &with("acme"))?, StepResult::Refused { status: 409, .. }));
+            assert_eq!(r.apply(tx, ids(2), &with("acme"))?, done, "idempotent");
+            assert!(matches!(r.apply(tx, ids(3), &with("acme"))?, StepResult::Refused { status: 409, .. }));
             assert!(matches!(
-                r.apply(&tx, ids(4), &ctx("nokey", "o"))?,
+                r.apply(tx, ids(4), &ctx("nokey", "o"))?,
                 StepResult::Refused { status: 422, .. }
             ));
-            r.undo(&tx, ids(2), &ctx("x", "o"))?;
-            assert!(matches!(r.apply(&tx, ids(3), &with("acme"))?, StepResult::Done(_)));
+            r.undo(tx, ids(2), &ctx("x", "o"))?;
+            assert!(matches!(r.apply(tx, ids(3), &with("acme"))?, StepResult::Done(_)));
             Ok(())
         })
         .await

@@ -156,7 +156,7 @@ pub async fn open_db(
 ) -> anyhow::Result<Db> {
     let db = Db::open(store, step.service().name(), step.migrations(), instance).await?;
     db.call(move |tx| {
-        step.configure(&tx)?;
+        step.configure(tx)?;
         Ok(())
     })
     .await?;
@@ -327,7 +327,7 @@ fn apply(tx: &Tx<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepRe
             reason: format!("{service} was already compensated for this request"),
         });
     }
-    Ok(step.apply(tx, ids, ctx)?)
+    step.apply(tx, ids, ctx)
 }
 
 /// Undo a step and, once undone, leave a tombstone, so that a late command or event for it is a
