@@ -252,7 +252,9 @@ async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instanc
     // Another instance, under another name, takes it up; routing comes back for the undo.
     let (second, second_task) = spawn_orchestrator(&env, &cfg, "second");
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
-    wait_for("the saga to end cancelled", Duration::from_secs(40), || async {
+    // Bounded by the outbox lease: a command the stopped instance committed and had not
+    // published yet is taken over by the other after 30 s (TAKE_OVER_AFTER), then undone.
+    wait_for("the saga to end cancelled", Duration::from_secs(90), || async {
         let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
         (view["status"] == "cancelled").then_some(())
     })
