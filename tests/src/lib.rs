@@ -476,22 +476,28 @@ pub fn scalar(at: &baton_store::Location, component: &str, sql: &str) -> i64 {
     .unwrap()
 }
 
-/// [`scalar`], or `None` while the component has not made its store or its tables yet.
-pub fn try_scalar(at: &baton_store::Location, component: &str, sql: &str) -> Option<i64> {
+/// The first column of the first row of `sql` on a component's store, as `T`, or `None` while
+/// the component has not made its store or its tables yet.
+pub fn try_value<T: baton_store::FromValue + Send + 'static>(
+    at: &baton_store::Location,
+    component: &str,
+    sql: &str,
+) -> Option<T> {
     let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
     block_on(async move {
         let db = baton_store::Db::reader(&at, &component).await.ok()??;
-        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await.ok()
+        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<T>(0))).await.ok()
     })
+}
+
+/// [`scalar`], or `None` while the component has not made its store or its tables yet.
+pub fn try_scalar(at: &baton_store::Location, component: &str, sql: &str) -> Option<i64> {
+    try_value(at, component, sql)
 }
 
 /// The text in the first row of `sql` on a component's store, or `None` while there is none.
 pub fn try_text(at: &baton_store::Location, component: &str, sql: &str) -> Option<String> {
-    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
-    block_on(async move {
-        let db = baton_store::Db::reader(&at, &component).await.ok()??;
-        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<String>(0))).await.ok()
-    })
+    try_value(at, component, sql)
 }
 
 /// A component's SQLite file, read-only: for the tests of what only SQLite has (its files).

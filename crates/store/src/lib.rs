@@ -45,7 +45,7 @@ pub enum StoreError {
     /// PostgreSQL failed: an outage (connection lost, server restarting, a conflict with
     /// another instance's transaction) when [`StoreError::is_transient`] says so, otherwise a
     /// failure of this statement.
-    #[error("database error: {}", pg_message(.0))]
+    #[error("database error: {}", pg::describe(.0))]
     Postgres(#[from] postgres::Error),
     /// A query that must return a row returned none.
     #[error("the query returned no row")]
@@ -69,16 +69,6 @@ pub enum StoreError {
     /// full disk): none of its members took effect.
     #[error("the database rolled the group's transaction back ({why})")]
     RolledBack { why: String, outage: bool },
-}
-
-fn pg_message(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => {
-            use std::error::Error;
-            e.source().map_or_else(|| e.to_string(), |s| format!("{e}: {s}"))
-        }
-    }
 }
 
 impl StoreError {

@@ -125,7 +125,7 @@ fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), String
 }
 
 /// A driver error as a sentence, with the server's message and code when it sent one.
-fn describe(e: &postgres::Error) -> String {
+pub(crate) fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => e.source().map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
