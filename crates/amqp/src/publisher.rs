@@ -112,14 +112,14 @@ impl Publisher {
     /// Publish and wait for the broker's confirm.
     pub async fn publish_confirmed(&self, msg: &Outgoing) -> Result<(), PublishError> {
         let result = self.publish(msg).await?.wait().await;
-        if matches!(result, Err(PublishError::Channel(_))) {
+        if matches!(result, Err(PublishError::Channel(_) | PublishError::Nacked)) {
             self.forget_channel().await;
         }
         result
     }
 
     /// Drop the channel in use, so that the next publish opens a fresh one (after a confirm
-    /// that never came, the old channel cannot be trusted).
+    /// that never came, or a nack, the old channel cannot be trusted).
     pub async fn forget_channel(&self) {
         self.chan.lock().await.take();
     }

@@ -590,28 +590,31 @@ impl Gateway {
         let (me, rx) = self.wait(saga_id);
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.publisher.publish_confirmed(&msg).await {
+            let refused = match self.publisher.publish_confirmed(&msg).await {
                 Ok(()) => break,
-                // The broker said no for sure: nothing was started.
-                Err(e @ (PublishError::Returned(_) | PublishError::Nacked)) => {
-                    self.forget(saga_id, me);
-                    self.tell(saga_id, 503).await;
-                    // Nothing started: a retry with the same key starts it anew.
-                    self.forget_key(saga_id).await;
-                    return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {e}")));
-                }
-                // The channel failed before the confirm: the message may or may not have gone
-                // out. Send it again under the same id (the receiver's inbox drops the double)
-                // rather than tell the client it failed when it may be running.
-                Err(e) => {
-                    if tokio::time::Instant::now() + backoff >= deadline {
-                        break;
-                    }
+                // No queue is bound for it: nothing started, and sending it again cannot help.
+                Err(e @ PublishError::Returned(_)) => e,
+                // A nack (a cluster still electing the queue's leader after losing a node) or a
+                // channel that failed before the confirm (the message may or may not have gone
+                // out): sent again on a fresh channel under the same id, while the deadline
+                // allows; the receiver's inbox drops a double.
+                Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::warn!(error = %e, %saga_id, "publish not confirmed; sending it again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
                 }
-            }
+                // Out of time, refused to the end: nothing started.
+                Err(e @ PublishError::Nacked) => e,
+                // Out of time after a failed channel: the request may be running; the client
+                // hears the deadline below, as for any request without an outcome.
+                Err(_) => break,
+            };
+            self.forget(saga_id, me);
+            self.tell(saga_id, 503).await;
+            // Nothing started: a retry with the same key starts it anew.
+            self.forget_key(saga_id).await;
+            return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {refused}")));
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),

@@ -35,6 +35,10 @@ pub enum PublishError {
     /// Counted against the row: after [`crate::outbox::PARK_AFTER`] of these it is set aside.
     #[error("the broker returned the message as unroutable ({0}): no queue is bound for it")]
     Returned(String),
+    /// The broker could not take the message: after a node of a cluster is lost, a channel
+    /// opened while its quorum queues elected new leaders can go on refusing every publish to
+    /// one of them, until that node is back. The relay forgets the channel, as after
+    /// [`PublishError::Channel`].
     #[error("the broker refused the message (nack)")]
     Nacked,
     /// The channel cannot be trusted after this: the relay forgets it.
@@ -420,8 +424,9 @@ async fn note_failure<P: Publish>(
         // The broker reports its lost connection itself, once; not again at every try.
         tracing::debug!(seq, error = %e, "outbox row not sent while the connection is lost; it stays");
     }
-    if matches!(e, PublishError::Channel(_)) {
-        // After a channel failure the channel cannot be trusted: the next publish opens another.
+    if matches!(e, PublishError::Channel(_) | PublishError::Nacked) {
+        // After a channel failure or a nack the channel cannot be trusted: the next publish
+        // opens another.
         publisher.forget_channel().await;
     }
     if let Err(e) = store.failed(seq, e).await {
@@ -627,13 +632,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_nacked_row_stays_and_goes_out_again_without_counting_against_it() {
+    async fn a_nacked_row_stays_and_goes_out_again_on_a_fresh_channel_without_counting_against_it() {
         let (_dir, db, broker, relay) =
             relay_to(|n, nth| if n == 1 && nth == 1 { Verdict::Nack } else { Verdict::Ack }).await;
         push(&db, 0..3).await;
         drained(&db).await;
         assert_eq!(broker.times(), HashMap::from([(0, 1), (1, 2), (2, 1)]));
         assert_eq!(counts(&db).await, (0, 0, 3));
+        // The channel that nacked is not used again (a cluster's channel can go on refusing).
+        assert_eq!(broker.0.forgotten.load(Ordering::SeqCst), 1);
         relay.stop().await;
     }
 
