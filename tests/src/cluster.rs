@@ -150,6 +150,34 @@ impl Cluster {
         self.number(q["leader"].as_str()?)
     }
 
+    /// One line per queue of the default vhost (dead-letter queues only when they hold
+    /// messages): its ready and unacked messages, consumers and leader. Printed when a test
+    /// stops making progress, to show where the messages wait.
+    pub async fn queue_snapshot(&self) -> String {
+        let Some(qs) = self
+            .mgmt_get("/queues/%2f?columns=name,messages_ready,messages_unacknowledged,consumers,leader")
+            .await
+        else {
+            return "(no management API answers)".into();
+        };
+        let lines = qs.as_array().into_iter().flatten().filter_map(|q| {
+            let n = |k: &str| q[k].as_u64().unwrap_or(0);
+            let name = q["name"].as_str()?;
+            let busy = n("messages_ready") + n("messages_unacknowledged") > 0;
+            (busy || !name.ends_with(".dlq")).then(|| {
+                format!(
+                    "{name}: ready {} unacked {} consumers {} leader {}",
+                    n("messages_ready"),
+                    n("messages_unacknowledged"),
+                    n("consumers"),
+                    q["leader"].as_str().unwrap_or("?")
+                )
+            })
+        });
+        let all: Vec<String> = lines.collect();
+        all.join("\n")
+    }
+
     /// Quorum queues of the default vhost that do not have a member online on every node, with
     /// their members online; empty once the whole cluster serves every queue.
     pub async fn under_replicated(&self) -> Option<Vec<(String, Vec<String>)>> {
