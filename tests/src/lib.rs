@@ -231,6 +231,14 @@ impl TestEnv {
         r.json().await.unwrap()
     }
 
+    /// Apply a policy of this vhost to the queues whose names match `pattern`.
+    pub async fn set_policy(&self, name: &str, pattern: &str, definition: Value) {
+        let url = format!("{}/api/policies/{}/{name}", mgmt_base(), self.vhost);
+        let body = serde_json::json!({"pattern": pattern, "definition": definition, "apply-to": "queues", "priority": 10});
+        let r = self.http.put(url).basic_auth("guest", Some("guest")).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "policy {name}: {}", r.status());
+    }
+
     /// Connect to this vhost as a test client.
     pub async fn broker(&self) -> baton_amqp::Broker {
         baton_amqp::Broker::connect(&self.amqp_url(), "test").await.expect("test connection")

@@ -182,6 +182,33 @@ async fn a_504_names_the_space_and_the_workflow_that_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_broker_keeps_refusing_is_sent_again_until_the_deadline_then_answered_503() {
+    let env = TestEnv::new().await;
+    // No orchestrator: the first start stays in orchestrator.commands, which then refuses
+    // (nacks) every further publish, as a queue without a leader does (a quorum queue takes
+    // publishes until it is over its limit).
+    let cfg =
+        SystemConfig { with_orchestrator: false, deadline: Duration::from_secs(3), ..Default::default() };
+    let sys = System::start(&env, cfg).await;
+    env.set_policy(
+        "full",
+        "^orchestrator\\.commands$",
+        serde_json::json!({"max-length": 0, "overflow": "reject-publish"}),
+    )
+    .await;
+    let (status, body) = sys.create("first", "dora").await;
+    assert_eq!(status, 504, "taken, and no orchestrator answers: {body}");
+    let started = std::time::Instant::now();
+    let (status, body) = sys.create("second", "dora").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nack"), "{body}");
+    // Sent again while the deadline allowed, not refused at the first nack.
+    assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(env.queue_depth("orchestrator.commands").await, Some(1), "the refused start never went in");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_of_a_saga_carries_the_clients_deadline() {
     let env = TestEnv::new().await;
     // No orchestrator: the start stays in its queue to be read.
