@@ -184,9 +184,11 @@ impl PgConn {
         Ok(self.client.batch_execute(&to_postgres(sql))?)
     }
 
-    pub(crate) fn begin(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn begin(&mut self, relaxed: bool) -> Result<(), StoreError> {
         let sql = if self.read_only {
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        } else if relaxed {
+            "BEGIN ISOLATION LEVEL READ COMMITTED"
         } else {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         };
