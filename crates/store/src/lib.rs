@@ -91,6 +91,19 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether another instance's transaction conflicted with this one (a serialization
+    /// failure or a deadlock on PostgreSQL): a transient error that needs no pause, since the
+    /// other transaction is done and a second try reads its work.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => pg::is_conflict(e),
+            StoreError::Commit(e) => e.is_conflict(),
+            _ => false,
+        }
+    }
+}
+
 /// Where the components keep their state: the same for every component of a deployment.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Location {
@@ -911,7 +924,9 @@ mod tests {
                         .await;
                     match r {
                         Ok(_) => break,
-                        Err(e) if e.is_transient() => retries += 1,
+                        // A conflict with the other instance, to run again (and transient, so
+                        // that callers who only know outages retry it too).
+                        Err(e) if e.is_conflict() && e.is_transient() => retries += 1,
                         Err(e) => panic!("{e}"),
                     }
                 }
