@@ -506,15 +506,19 @@ impl Core {
             }
             // Forget the fired deadline; the round below computes the next one.
             self.timer.next.store(0, Ordering::Release);
-            let core = Arc::clone(&self);
-            let round = self.db.transaction(move |tx| core.fire_due(tx)).await;
-            match round {
+            match self.fire_due().await {
                 Ok(next) => {
                     if let Some((since, _)) = trouble.take() {
                         tracing::info!(after = ?since.elapsed(), "timer rounds commit again");
                     }
                     self.timer.schedule(next);
                     self.wake.wake();
+                }
+                // Another instance moved one of the due sagas on at the same moment: the next
+                // round, 10 ms later, finds what is still due.
+                Err(e) if e.is_conflict() && trouble.is_none() => {
+                    tracing::debug!(error = %e, "a timer round conflicted with another instance; another round");
+                    self.timer.schedule(Some(self.clock.now() + 10));
                 }
                 Err(e) => {
                     let (_, waits) = trouble.get_or_insert_with(|| {
@@ -533,29 +537,48 @@ impl Core {
         }
     }
 
-    fn fire_due(&self, tx: &Tx<'_>) -> Result<Option<u64>, StoreError> {
+    /// One timer round: which sagas are due, and then when the next one is, are read apart
+    /// ([`Db::read_committed`]: on PostgreSQL a read over every saga's wake time would make
+    /// the round conflict with every other instance's transitions); each due saga is fired in
+    /// a transaction of its own (members of one group commit), which reads it again: a saga
+    /// another instance moved on meanwhile has nothing due, so no timer fires twice.
+    async fn fire_due(self: &Arc<Self>) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
-        let due: Vec<String> = {
-            tx.query_map(
-                "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
-                [now as i64],
-                |r| r.get(0),
-            )?
-        };
-        for id in due {
-            let id = Uuid::parse_str(&id).map_err(corrupt)?;
-            let Some((mut saga, meta)) = load(tx, id)? else { continue };
-            let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
-                Ok(wf) => saga.on_tick(&wf, now),
-                Err(why) => {
-                    tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                    saga.definition_missing(why)
-                }
-            };
-            apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
-        }
-        let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
+        let due: Vec<String> = self
+            .db
+            .read_committed(move |tx| {
+                tx.query_map(
+                    "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
+                    [now as i64],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        let fired = due.into_iter().map(|id| {
+            let core = Arc::clone(self);
+            self.db.transaction(move |tx| core.fire(tx, &id, now))
+        });
+        futures_util::future::try_join_all(fired).await?;
+        let next: Option<i64> = self
+            .db
+            .read_committed(|tx| tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0)))
+            .await?;
         Ok(next.map(|n| n as u64))
+    }
+
+    /// Fire saga `id`'s timers due at `now`, if it is still there and still has any.
+    fn fire(&self, tx: &Tx<'_>, id: &str, now: u64) -> Result<(), StoreError> {
+        let id = Uuid::parse_str(id).map_err(corrupt)?;
+        let Some((mut saga, meta)) = load(tx, id)? else { return Ok(()) };
+        let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+            Ok(wf) => saga.on_tick(&wf, now),
+            Err(why) => {
+                tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                saga.definition_missing(why)
+            }
+        };
+        apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
+        Ok(())
     }
 }
 

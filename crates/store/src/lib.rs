@@ -594,6 +594,19 @@ impl Db {
         }
     }
 
+    /// [`Db::call`] for a read that only schedules work, such as which sagas' timers are due:
+    /// on PostgreSQL at READ COMMITTED, outside the serialization checks, since a read over
+    /// many rows would otherwise make every other instance's commit that touches one of them
+    /// conflict. Each piece of work it finds must be checked again in the transaction that
+    /// does it.
+    pub async fn read_committed<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.relaxed(true, f).await
+    }
+
     /// [`Db::transaction`] for the relay's bookkeeping of its own outbox rows (what to publish,
     /// what was confirmed). On PostgreSQL it runs on its own at READ COMMITTED: its scan of
     /// every instance's rows and its one shared counter would otherwise make every handler's
