@@ -137,6 +137,14 @@ async fn three_orchestrators_on_postgres_lose_nothing_when_one_is_killed_and_ano
     let report = env.audit();
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert_eq!(report.complete, ok, "every space told 200 is whole");
+    // Nothing was dead-lettered: a reply reaching an instance whose group transaction began
+    // before another instance committed the saga's start is looked for again, not refused.
+    let mut shared = baton_amqp::topology::shared_queues();
+    shared.push(baton_amqp::topology::orchestrator_reply_queue());
+    for q in shared {
+        let dlq = baton_amqp::topology::dead_letter_queue(&q.name);
+        assert_eq!(env.queue_depth(&dlq).await, Some(0), "{dlq} holds dead letters");
+    }
     // The survivors handled sagas the killed one had begun: replies are not tied to an instance.
     for p in procs.iter_mut().chain(orchestrators.iter_mut().flatten()) {
         let _ = p.start_kill();

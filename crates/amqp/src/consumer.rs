@@ -38,6 +38,12 @@ pub enum HandleError {
     /// meanwhile.
     #[error("{0}")]
     Transient(String),
+    /// Another instance's transaction conflicted with this one's (several instances on one
+    /// PostgreSQL database): nothing took effect. Run the handler again at once, a few times
+    /// with short jittered pauses, without pausing the consumer; one that keeps conflicting is
+    /// then waited out as a [`HandleError::Transient`].
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<baton_store::StoreError> for HandleError {
@@ -47,6 +53,7 @@ impl From<baton_store::StoreError> for HandleError {
     fn from(e: baton_store::StoreError) -> Self {
         use baton_store::StoreError;
         match e {
+            e if e.is_conflict() => HandleError::Conflict(e.to_string()),
             e if e.is_transient() => HandleError::Transient(e.to_string()),
             e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
             e => HandleError::Retry(e.to_string()),
@@ -94,6 +101,12 @@ impl ConsumerConfig {
 
 /// The first wait before a handler that hit an outage runs again, and the longest.
 const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
+
+/// The pauses before a handler that conflicted with another instance runs again (jittered,
+/// so that two instances do not collide again in step), and how many such tries before the
+/// conflicts count as an outage.
+const CONFLICT_BACKOFF: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
+const CONFLICT_RETRIES: usize = 10;
 
 /// The handlers of one consumer that are waiting out an outage: while there is any, the
 /// consumer takes no new delivery (there would be no store to commit it to).
@@ -424,7 +437,7 @@ where
                 }
             }
             Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
-            Err(HandleError::Retry(reason) | HandleError::Transient(reason)) => {
+            Err(HandleError::Retry(reason) | HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
                 tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
                 let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
             }
@@ -434,7 +447,8 @@ where
     .await
 }
 
-/// Run the handler until it returns anything but [`HandleError::Transient`], waiting between
+/// Run the handler until it returns anything but [`HandleError::Transient`] (or
+/// [`HandleError::Conflict`], first tried again at once a few times), waiting between
 /// tries with exponential backoff and jitter (capped, never giving up: the limit is for
 /// poison, not for outages). While it waits, this consumer takes no new delivery. `None` when
 /// the component shuts down first.
@@ -449,10 +463,27 @@ where
         .with_jitter()
         .without_max_times()
         .build();
+    let mut conflicts = backon::ExponentialBuilder::default()
+        .with_min_delay(CONFLICT_BACKOFF.0)
+        .with_max_delay(CONFLICT_BACKOFF.1)
+        .with_jitter()
+        .with_max_times(CONFLICT_RETRIES)
+        .build();
     let mut holding = false;
     let result = loop {
-        match run().await {
-            Err(HandleError::Transient(reason)) => {
+        let result = run().await;
+        if let Err(HandleError::Conflict(reason)) = &result
+            && !holding
+            && let Some(wait) = conflicts.next()
+        {
+            tracing::debug!(%reason, "conflict with another instance's transaction; running the delivery again");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = on.cancel.cancelled() => break None,
+            }
+        }
+        match result {
+            Err(HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
                 if !holding {
                     holding = true;
                     on.outage.hold(&on.queue, &reason);
@@ -540,6 +571,44 @@ mod tests {
         assert!(!*paused.borrow(), "resumed once through");
         // Six pauses from 50 ms doubling (with jitter), capped at 5 s: well over a second.
         assert!(started.elapsed() >= Duration::from_millis(50 * 63), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_conflict_is_run_again_at_once_without_pausing_the_consumer_then_waited_out() {
+        let on = on();
+        let paused = on.outage.0.paused.subscribe();
+        let (tries, started) = (Arc::new(AtomicUsize::new(0)), tokio::time::Instant::now());
+        let (t, p) = (Arc::clone(&tries), paused.clone());
+        let result = until_through(&on, move || {
+            let n = t.fetch_add(1, Ordering::SeqCst);
+            let paused_now = *p.borrow();
+            async move {
+                assert!(!paused_now, "a few conflicts do not pause the consumer");
+                if n < 3 { Err(HandleError::Conflict("could not serialize access".into())) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert!(matches!(result, Some(Ok(()))));
+        assert_eq!(tries.load(Ordering::SeqCst), 4);
+        assert!(started.elapsed() < Duration::from_millis(200), "{:?}", started.elapsed());
+
+        // One that keeps conflicting past the quick tries is held like an outage.
+        let on = self::on();
+        let paused = on.outage.0.paused.subscribe();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let (t, p) = (Arc::clone(&tries), paused.clone());
+        let result = until_through(&on, move || {
+            let n = t.fetch_add(1, Ordering::SeqCst);
+            let paused_now = *p.borrow();
+            async move {
+                assert_eq!(paused_now, n > CONFLICT_RETRIES, "paused once the quick tries are used up");
+                if n <= CONFLICT_RETRIES + 2 { Err(HandleError::Conflict("deadlock".into())) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert!(matches!(result, Some(Ok(()))));
+        assert_eq!(tries.load(Ordering::SeqCst), CONFLICT_RETRIES + 4);
+        assert!(!*paused.borrow(), "resumed once through");
     }
 
     #[tokio::test(start_paused = true)]

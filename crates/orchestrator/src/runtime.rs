@@ -407,6 +407,11 @@ impl Core {
     /// One transition of one saga for message `message_id`, in one transaction: skip a
     /// duplicate, load the saga, let `step` decide, carry out its effects, store the new state;
     /// then arm the timer and wake the relay. Returns what `step` returned beside its effects.
+    ///
+    /// A saga not found in a group commit's transaction is looked for again in a transaction
+    /// of its own before the message is dead-lettered: on PostgreSQL a group's snapshot dates
+    /// from its first member, and another instance may have committed the saga's start since
+    /// (the reply in hand proves it did).
     async fn advance<T, F>(
         self: &Arc<Self>,
         message_id: Uuid,
@@ -418,36 +423,64 @@ impl Core {
         F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>) + Send + 'static,
     {
         let core = Arc::clone(self);
-        let (wake_at, extra) = self
+        let first = self
             .db
-            .transaction(move |tx| {
-                if inbox::seen(tx, message_id)?.is_some() {
-                    return Ok(Ok((None, None)));
-                }
-                let Some((mut saga, meta)) = load(tx, saga_id)? else {
-                    return Ok(Err(format!("saga {saga_id} is not one of this orchestrator instance's")));
-                };
-                // Recorded only once the message is known to be handled here: a message rejected
-                // to the DLQ must still count as new when an operator replays it.
-                inbox::record(tx, message_id, &[])?;
-                let now = core.clock.now();
-                let (effects, extra) = match core.definitions.get(tx, meta.definition.as_deref())? {
-                    Ok(wf) => step(&mut saga, &wf, now),
-                    // Stopped for an operator, and the message is handled: never a DLQ.
-                    Err(why) => {
-                        tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                        (saga.definition_missing(why), None)
-                    }
-                };
-                let wake = apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
-                Ok(Ok((wake, extra)))
-            })
+            .transaction(move |tx| core.transition(tx, message_id, saga_id, step))
             .await
-            .map_err(HandleError::from)?
-            .map_err(HandleError::Reject)?;
+            .map_err(HandleError::from)?;
+        let (wake_at, extra) = match first {
+            Ok(done) => done,
+            Err(step) => {
+                let core = Arc::clone(self);
+                self.db
+                    .call(move |tx| core.transition(tx, message_id, saga_id, step))
+                    .await
+                    .map_err(HandleError::from)?
+                    .map_err(|_| {
+                        HandleError::Reject(format!(
+                            "saga {saga_id} is not one of this orchestrator instance's"
+                        ))
+                    })?
+            }
+        };
         self.timer.schedule(wake_at);
         self.wake.wake();
         Ok(extra)
+    }
+
+    /// [`Core::advance`]'s transaction: the timer's new deadline and what `step` returned, or
+    /// `step` back when the saga is not in this transaction's view.
+    #[allow(clippy::type_complexity)]
+    fn transition<T, F>(
+        &self,
+        tx: &Tx<'_>,
+        message_id: Uuid,
+        saga_id: Uuid,
+        step: F,
+    ) -> Result<Result<(Option<u64>, Option<T>), F>, StoreError>
+    where
+        F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>),
+    {
+        if inbox::seen(tx, message_id)?.is_some() {
+            return Ok(Ok((None, None)));
+        }
+        let Some((mut saga, meta)) = load(tx, saga_id)? else {
+            return Ok(Err(step));
+        };
+        // Recorded only once the message is known to be handled here: a message rejected to
+        // the DLQ must still count as new when an operator replays it.
+        inbox::record(tx, message_id, &[])?;
+        let now = self.clock.now();
+        let (effects, extra) = match self.definitions.get(tx, meta.definition.as_deref())? {
+            Ok(wf) => step(&mut saga, &wf, now),
+            // Stopped for an operator, and the message is handled: never a DLQ.
+            Err(why) => {
+                tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                (saga.definition_missing(why), None)
+            }
+        };
+        let wake = apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
+        Ok(Ok((wake, extra)))
     }
 
     /// Fire due timeouts and retries, all due sagas in one transaction per round. A round the
@@ -473,15 +506,19 @@ impl Core {
             }
             // Forget the fired deadline; the round below computes the next one.
             self.timer.next.store(0, Ordering::Release);
-            let core = Arc::clone(&self);
-            let round = self.db.transaction(move |tx| core.fire_due(tx)).await;
-            match round {
+            match self.fire_due().await {
                 Ok(next) => {
                     if let Some((since, _)) = trouble.take() {
                         tracing::info!(after = ?since.elapsed(), "timer rounds commit again");
                     }
                     self.timer.schedule(next);
                     self.wake.wake();
+                }
+                // Another instance moved one of the due sagas on at the same moment: the next
+                // round, 10 ms later, finds what is still due.
+                Err(e) if e.is_conflict() && trouble.is_none() => {
+                    tracing::debug!(error = %e, "a timer round conflicted with another instance; another round");
+                    self.timer.schedule(Some(self.clock.now() + 10));
                 }
                 Err(e) => {
                     let (_, waits) = trouble.get_or_insert_with(|| {
@@ -500,29 +537,48 @@ impl Core {
         }
     }
 
-    fn fire_due(&self, tx: &Tx<'_>) -> Result<Option<u64>, StoreError> {
+    /// One timer round: which sagas are due, and then when the next one is, are read apart
+    /// ([`Db::read_committed`]: on PostgreSQL a read over every saga's wake time would make
+    /// the round conflict with every other instance's transitions); each due saga is fired in
+    /// a transaction of its own (members of one group commit), which reads it again: a saga
+    /// another instance moved on meanwhile has nothing due, so no timer fires twice.
+    async fn fire_due(self: &Arc<Self>) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
-        let due: Vec<String> = {
-            tx.query_map(
-                "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
-                [now as i64],
-                |r| r.get(0),
-            )?
-        };
-        for id in due {
-            let id = Uuid::parse_str(&id).map_err(corrupt)?;
-            let Some((mut saga, meta)) = load(tx, id)? else { continue };
-            let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
-                Ok(wf) => saga.on_tick(&wf, now),
-                Err(why) => {
-                    tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                    saga.definition_missing(why)
-                }
-            };
-            apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
-        }
-        let next: Option<i64> = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
+        let due: Vec<String> = self
+            .db
+            .read_committed(move |tx| {
+                tx.query_map(
+                    "SELECT saga_id FROM sagas WHERE wake_at <= ?1 ORDER BY wake_at LIMIT 1000",
+                    [now as i64],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        let fired = due.into_iter().map(|id| {
+            let core = Arc::clone(self);
+            self.db.transaction(move |tx| core.fire(tx, &id, now))
+        });
+        futures_util::future::try_join_all(fired).await?;
+        let next: Option<i64> = self
+            .db
+            .read_committed(|tx| tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0)))
+            .await?;
         Ok(next.map(|n| n as u64))
+    }
+
+    /// Fire saga `id`'s timers due at `now`, if it is still there and still has any.
+    fn fire(&self, tx: &Tx<'_>, id: &str, now: u64) -> Result<(), StoreError> {
+        let id = Uuid::parse_str(id).map_err(corrupt)?;
+        let Some((mut saga, meta)) = load(tx, id)? else { return Ok(()) };
+        let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+            Ok(wf) => saga.on_tick(&wf, now),
+            Err(why) => {
+                tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
+                saga.definition_missing(why)
+            }
+        };
+        apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
+        Ok(())
     }
 }
 

@@ -45,11 +45,16 @@ impl Conn {
     /// instances sharing a file wait for each other instead of failing), and is SERIALIZABLE on
     /// PostgreSQL, where instances on several machines write the same rows: a conflict fails
     /// one of them with a serialization error, an outage retried in place, never a lost update.
-    pub(crate) fn begin(&self) -> Result<(), StoreError> {
+    /// `relaxed`: READ COMMITTED on PostgreSQL ([`crate::Db::relaxed`]); no difference on SQLite.
+    pub(crate) fn begin(&self, relaxed: bool) -> Result<(), StoreError> {
         match self {
             Conn::Sqlite(c) => c.begin(),
-            Conn::Postgres(c) => c.borrow_mut().begin(),
+            Conn::Postgres(c) => c.borrow_mut().begin(relaxed),
         }
+    }
+
+    pub(crate) fn is_postgres(&self) -> bool {
+        matches!(self, Conn::Postgres(_))
     }
 
     /// Whether the transaction begun is still open: SQLite rolls it back by itself on some

@@ -91,6 +91,19 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether another instance's transaction conflicted with this one (a serialization
+    /// failure or a deadlock on PostgreSQL): a transient error that needs no pause, since the
+    /// other transaction is done and a second try reads its work.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => pg::is_conflict(e),
+            StoreError::Commit(e) => e.is_conflict(),
+            _ => false,
+        }
+    }
+}
+
 /// Where the components keep their state: the same for every component of a deployment.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Location {
@@ -246,6 +259,9 @@ struct Job {
     member: Member,
     /// Run in a transaction of its own ([`Db::call`]), not in a group.
     alone: bool,
+    /// The relay's bookkeeping of its own rows: on PostgreSQL it runs alone at READ COMMITTED
+    /// (see [`Db::relaxed`]); on SQLite, where one writer at a time is the rule, as any other job.
+    relaxed: bool,
 }
 
 /// Hands a group member its result once the group's fate is known.
@@ -353,7 +369,8 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             health.0.stopped.store(true, Ordering::Release);
             return;
         }
-        if let Err(e) = conn.ensure_open().and_then(|()| conn.begin()) {
+        let on_its_own = job.alone || (job.relaxed && conn.is_postgres());
+        if let Err(e) = conn.ensure_open().and_then(|()| conn.begin(job.relaxed)) {
             health.committed(Err(&e), &None);
             // Nothing ran: this member hears why; the queue goes on.
             let e = Arc::new(e);
@@ -366,9 +383,9 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
         // full disk, I/O), and a PostgreSQL connection can be lost: then the group is lost, and
         // no member may run after it (it would run outside any transaction).
         let mut lost = group.broken || !conn.in_transaction();
-        while !job.alone && !lost && group.finishes.len() < GROUP_MAX {
+        while !on_its_own && !lost && group.finishes.len() < GROUP_MAX {
             match rx.try_recv() {
-                Ok(Job { member, alone: false }) => {
+                Ok(Job { member, alone: false, relaxed }) if !(relaxed && conn.is_postgres()) => {
                     group.run(&conn, owner, member);
                     lost = group.broken || !conn.in_transaction();
                 }
@@ -577,7 +594,43 @@ impl Db {
         }
     }
 
+    /// [`Db::call`] for a read that only schedules work, such as which sagas' timers are due:
+    /// on PostgreSQL at READ COMMITTED, outside the serialization checks, since a read over
+    /// many rows would otherwise make every other instance's commit that touches one of them
+    /// conflict. Each piece of work it finds must be checked again in the transaction that
+    /// does it.
+    pub async fn read_committed<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.relaxed(true, f).await
+    }
+
+    /// [`Db::transaction`] for the relay's bookkeeping of its own outbox rows (what to publish,
+    /// what was confirmed). On PostgreSQL it runs on its own at READ COMMITTED: its scan of
+    /// every instance's rows and its one shared counter would otherwise make every handler's
+    /// SERIALIZABLE commit conflict with another instance's relay, and what it reads and writes
+    /// is safe at that level (its own rows, row locks on the counter and on rows taken over).
+    /// `alone`: in a transaction of its own on SQLite too (a read of what is committed, as
+    /// [`Db::call`]); otherwise a member of the group commit there.
+    pub(crate) async fn relaxed<R, F>(&self, alone: bool, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.send(f, alone, true).await
+    }
+
     async fn submit<R, F>(&self, f: F, alone: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.send(f, alone, false).await
+    }
+
+    async fn send<R, F>(&self, f: F, alone: bool, relaxed: bool) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
@@ -632,7 +685,7 @@ impl Db {
             Ran { finish, outage, broken }
         });
         let closed = || StoreError::Closed(self.name.to_string());
-        self.tx.send(Job { member, alone }).map_err(|_| closed())?;
+        self.tx.send(Job { member, alone, relaxed }).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
     }
 
@@ -884,7 +937,9 @@ mod tests {
                         .await;
                     match r {
                         Ok(_) => break,
-                        Err(e) if e.is_transient() => retries += 1,
+                        // A conflict with the other instance, to run again (and transient, so
+                        // that callers who only know outages retry it too).
+                        Err(e) if e.is_conflict() && e.is_transient() => retries += 1,
                         Err(e) => panic!("{e}"),
                     }
                 }

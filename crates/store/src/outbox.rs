@@ -97,7 +97,8 @@ impl Db {
         let watch = std::sync::Arc::clone(&self.watch);
         let me = std::sync::Arc::clone(&self.owner);
         let rows = self
-            .call(move |c| {
+            // A read of what is committed: never rows of a group still open.
+            .relaxed(true, move |c| {
                 // Other instances' oldest rows, each watched until it moves or the lease is up.
                 let oldest: Vec<(String, i64)> = c.query_map(
                     "SELECT owner, MIN(seq) FROM outbox WHERE owner <> ?1 GROUP BY owner",
@@ -143,8 +144,8 @@ impl Db {
 
     /// The broker confirmed these rows: delete them.
     pub(crate) async fn confirmed(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
-        // A member of the group commit: under load it shares the handlers' transaction.
-        self.transaction(move |tx| {
+        // On SQLite a member of the group commit: under load it shares the handlers' transaction.
+        self.relaxed(false, move |tx| {
             for seq in &seqs {
                 tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
             }
@@ -160,7 +161,7 @@ impl Db {
     pub(crate) async fn failed(&self, seq: i64, error: PublishError) -> Result<(), StoreError> {
         let returned = matches!(error, PublishError::Returned(_));
         let reason = error.to_string();
-        self.call(move |tx| {
+        self.relaxed(true, move |tx| {
             tx.execute(
                 "UPDATE outbox SET attempts = attempts + ?2, last_error = ?3 WHERE seq = ?1",
                 params![seq, i64::from(returned), reason],

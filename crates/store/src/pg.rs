@@ -154,6 +154,12 @@ pub(crate) fn is_outage(e: &postgres::Error) -> bool {
         .contains(code)
 }
 
+/// A serialization failure or a deadlock: another transaction won, and this one can run again.
+pub(crate) fn is_conflict(e: &postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED].contains(c))
+}
+
 impl PgConn {
     fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
         if let Some(s) = self.prepared.get(sql) {
@@ -184,9 +190,11 @@ impl PgConn {
         Ok(self.client.batch_execute(&to_postgres(sql))?)
     }
 
-    pub(crate) fn begin(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn begin(&mut self, relaxed: bool) -> Result<(), StoreError> {
         let sql = if self.read_only {
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        } else if relaxed {
+            "BEGIN ISOLATION LEVEL READ COMMITTED"
         } else {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         };
