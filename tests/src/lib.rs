@@ -216,6 +216,16 @@ impl TestEnv {
         Some(u64::from(q.message_count()))
     }
 
+    /// Consumers on a queue of this vhost (None if it does not exist).
+    pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
+        let broker = self.probe.get_or_init(|| self.broker()).await;
+        let ch = broker.channel().await.ok()?;
+        let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(queue.into(), opts, lapin::types::FieldTable::default()).await.ok()?;
+        let _ = ch.close(200, "probed".into()).await;
+        Some(q.consumer_count())
+    }
+
     /// Take up to `count` messages from a queue (they are removed), with headers and payload.
     pub async fn take_messages(&self, queue: &str, count: u32) -> Vec<Value> {
         let url = format!("{}/api/queues/{}/{}/get", mgmt_base(), self.vhost, queue);

@@ -61,7 +61,17 @@ fn patient(ms: u64) -> impl Fn(&mut Value) {
 
 /// An orchestrator process (instance `main`) on the bundled workflows and `file`, if given.
 fn orchestrator(env: &TestEnv, file: Option<&std::path::Path>, log: &str) -> tokio::process::Child {
-    let mut args = vec!["run", "orchestrator", "--instance", "main"];
+    orchestrator_as(env, "main", file, log)
+}
+
+/// An orchestrator process of instance `instance` on the bundled workflows and `file`, if given.
+fn orchestrator_as(
+    env: &TestEnv,
+    instance: &str,
+    file: Option<&std::path::Path>,
+    log: &str,
+) -> tokio::process::Child {
+    let mut args = vec!["run", "orchestrator", "--instance", instance];
     if let Some(f) = file {
         args.extend(["--workflow-file", f.to_str().unwrap()]);
     }
@@ -280,6 +290,63 @@ async fn a_downgrade_and_two_restarts_on_different_versions() {
     let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
     let create_space: Vec<_> = versions.iter().filter(|v| v.workflow == "create-space").collect();
     assert_eq!(create_space.len(), 2, "both files (the bundled one is replaced by them): {versions:?}");
+    Arc::into_inner(sys).expect("no request holds the system").stop().await;
+}
+
+/// The middle of a rolling upgrade: two orchestrator instances at once, one on the sequential
+/// version and one on the parallel one, competing for the same starts and the same replies.
+/// Each saga runs to its end on the version of the instance that started it, whichever instance
+/// handles its replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_different_versions_at_once() {
+    const REQUESTS: usize = 12;
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { with_orchestrator: false, ..SystemConfig::default() };
+    let sys = Arc::new(System::start(&env, cfg).await);
+    let (old, v1) = variant(&env, "v1.json", SEQUENTIAL, |_| {});
+    let (new, v2) = variant(&env, "v2.json", PARALLEL, |_| {});
+    let a = orchestrator_as(&env, "a", Some(&old), "orchestrator-a.log");
+    let b = orchestrator_as(&env, "b", Some(&new), "orchestrator-b.log");
+    // Both take starts and replies before the first request.
+    for queue in ["orchestrator.commands", "orchestrator.replies"] {
+        wait_for(&format!("two consumers on {queue}"), Duration::from_secs(30), || async {
+            (env.queue_consumers(queue).await == Some(2)).then_some(())
+        })
+        .await;
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let sys = Arc::clone(&sys);
+        calls.spawn(async move { sys.create(&format!("both-{i}"), &format!("owner-{i}")).await.0 });
+    }
+    let statuses = tokio::time::timeout(Duration::from_secs(60), calls.join_all())
+        .await
+        .expect("every client gets an answer");
+    assert_eq!(statuses, vec![200; REQUESTS]);
+    all_well(&env, REQUESTS, &["orchestrator-a.log", "orchestrator-b.log"]).await;
+
+    let on =
+        |hash: &str| count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{hash}'"));
+    let (old_sagas, new_sagas) = (on(&v1), on(&v2));
+    assert_eq!(old_sagas + new_sagas, REQUESTS as i64);
+    assert!(old_sagas > 0 && new_sagas > 0, "both instances started sagas: {old_sagas} old, {new_sagas} new");
+    // Entitlements sent before placement's reply: the parallel structure. Every new saga ran it,
+    // no old one did.
+    let parallel = |hash: &str| {
+        count(
+            &env,
+            &format!(
+                "SELECT COUNT(*) FROM sagas s WHERE s.definition_hash = '{hash}' AND
+                   (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'entitlements' AND h.event = 'sent')
+                 < (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'placement' AND h.event = 'done')"
+            ),
+        )
+    };
+    assert_eq!(parallel(&v1), 0, "an old saga ran on the new structure");
+    assert_eq!(parallel(&v2), new_sagas, "a new saga ran on the old structure");
+
+    stop(a).await;
+    stop(b).await;
     Arc::into_inner(sys).expect("no request holds the system").stop().await;
 }
 
