@@ -208,22 +208,21 @@ impl TestEnv {
     /// Messages ready in a queue of this vhost, read at once through a passive declare (the
     /// management API's figures lag by seconds); `None` if the queue does not exist.
     pub async fn queue_depth(&self, queue: &str) -> Option<u64> {
-        let broker = self.probe.get_or_init(|| self.broker()).await;
-        let ch = broker.channel().await.ok()?;
-        let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let q = ch.queue_declare(queue.into(), opts, lapin::types::FieldTable::default()).await.ok()?;
-        let _ = ch.close(200, "probed".into()).await;
-        Some(u64::from(q.message_count()))
+        self.probe_queue(queue).await.map(|q| u64::from(q.message_count()))
     }
 
-    /// Consumers on a queue of this vhost (None if it does not exist).
+    /// Consumers on a queue of this vhost, read as [`TestEnv::queue_depth`] is.
     pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
+        self.probe_queue(queue).await.map(|q| q.consumer_count())
+    }
+
+    async fn probe_queue(&self, queue: &str) -> Option<lapin::Queue> {
         let broker = self.probe.get_or_init(|| self.broker()).await;
         let ch = broker.channel().await.ok()?;
         let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
         let q = ch.queue_declare(queue.into(), opts, lapin::types::FieldTable::default()).await.ok()?;
         let _ = ch.close(200, "probed".into()).await;
-        Some(q.consumer_count())
+        Some(q)
     }
 
     /// Take up to `count` messages from a queue (they are removed), with headers and payload.
