@@ -249,17 +249,35 @@ async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instanc
     // Nobody consumes orchestrator.commands now: the cancel waits there.
     let id = uuid::Uuid::parse_str(&saga).unwrap();
     baton_orchestrator::request_cancel(&env.amqp_url(), id, "baton workflows cancel").await.unwrap();
-    // Another instance, under another name, takes it up; routing comes back for the undo.
+    // Another instance, under another name, takes it up. Routing comes back for the undo only
+    // then: up before, it could answer the routing command first, and the saga would succeed
+    // before the cancel is read (replies and cancels come through different queues).
     let (second, second_task) = spawn_orchestrator(&env, &cfg, "second");
+    wait_event(&sys, &saga, None, "cancel_requested").await;
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
-    // Bounded by the outbox lease: a command the stopped instance committed and had not
-    // published yet is taken over by the other after 30 s (TAKE_OVER_AFTER), then undone.
-    wait_for("the saga to end cancelled", Duration::from_secs(90), || async {
-        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
-        (view["status"] == "cancelled").then_some(())
+    // A routing command the stopped instance committed and had not published yet goes out
+    // after the outbox lease (30 s), to find the tombstone: the saga does not wait for it.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+            if view["status"] == "cancelled" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
     let story = saga_story(&env.store(), &saga);
+    assert!(
+        ended.is_ok(),
+        "the saga did not end cancelled within 60 s; the orchestrator's outbox holds {:?} rows, {:?} of them the stopped instance's:\n{story}",
+        baton_tests::try_scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM outbox"),
+        baton_tests::try_scalar(
+            &env.store(),
+            "orchestrator",
+            "SELECT COUNT(*) FROM outbox WHERE owner = 'main'"
+        ),
+    );
     let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
     let space = view["space_id"].as_str().unwrap().to_owned();
     for s in Service::ALL {
