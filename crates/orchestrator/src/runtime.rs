@@ -483,9 +483,9 @@ impl Core {
         Ok(Ok((wake, extra)))
     }
 
-    /// Fire due timeouts and retries, all due sagas in one transaction per round. A round the
-    /// store cannot commit (a full disk) is tried again with a growing pause, said once when
-    /// the trouble starts and once when it is over.
+    /// Fire due timeouts and retries in rounds ([`Core::fire_due`]). A round the store cannot
+    /// commit (a full disk) is tried again with a growing pause, said once when the trouble
+    /// starts and once when it is over.
     async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
         let mut trouble: Option<(std::time::Instant, backon::ExponentialBackoff)> = None;
         loop {
