@@ -145,6 +145,15 @@ async fn three_orchestrators_on_postgres_lose_nothing_when_one_is_killed_and_ano
         let dlq = baton_amqp::topology::dead_letter_queue(&q.name);
         assert_eq!(env.queue_depth(&dlq).await, Some(0), "{dlq} holds dead letters");
     }
+    // Every process but the killed one still runs: none stopped on a conflict with another
+    // instance (at their start, the instances of a component write the same rows).
+    let exited: Vec<String> = procs
+        .iter_mut()
+        .chain(orchestrators.iter_mut().flatten())
+        .enumerate()
+        .filter_map(|(i, p)| p.try_wait().unwrap().map(|status| format!("process {i}: {status}")))
+        .collect();
+    assert!(exited.is_empty(), "{exited:?}; their logs are in {}", env.data_dir().display());
     // The survivors handled sagas the killed one had begun: replies are not tied to an instance.
     for p in procs.iter_mut().chain(orchestrators.iter_mut().flatten()) {
         let _ = p.start_kill();

@@ -98,8 +98,9 @@ pub async fn record(
     workflows: &HashMap<String, Workflow>,
 ) -> Result<HashMap<String, String>, StoreError> {
     let loaded = workflows.clone();
+    // Retried on a conflict: instances starting together record the same definitions.
     let (hashes, older) = db
-        .transaction(move |tx| {
+        .transaction_retrying(move |tx| {
             // Rows of earlier builds: hash what they hold.
             let unhashed: Vec<(i64, String)> = tx
                 .query_map("SELECT id, body FROM definitions WHERE hash IS NULL", (), |r| Ok((r.get(0)?, r.get(1)?)))?;

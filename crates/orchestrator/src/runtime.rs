@@ -215,32 +215,33 @@ fn corrupt(cause: impl ToString) -> StoreError {
 
 impl Core {
     /// Re-arm the sagas in flight on this process's clock ([`Saga::rearm`]: the previous
-    /// process's times may be off by any clock jump), count them and arm the timer.
+    /// process's times may be off by any clock jump), count them and arm the timer. Each saga
+    /// is re-armed in a transaction of its own, retried on a conflict: other instances may be
+    /// moving the same sagas on meanwhile (one transaction over them all would conflict with
+    /// every one of their commits, and a failed start is a lost instance).
     async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
-        let core = Arc::clone(self);
-        let (n, next, missing): (i64, Option<i64>, usize) = self
-            .db
-            .transaction(move |tx| {
+        let ids = self.db.read_committed(|tx| crate::query::in_flight_ids(tx)).await?;
+        let rearmed = ids.iter().map(|&id| {
+            let core = Arc::clone(self);
+            self.db.transaction_retrying(move |tx| {
                 let now = core.clock.now();
-                let mut missing = 0;
-                let ids = crate::query::in_flight_ids(tx)?;
-                for &id in &ids {
-                    let Some((mut saga, meta)) = load(tx, id)? else { continue };
-                    let effects = match core.definitions.get(tx, meta.definition.as_deref())? {
-                        Ok(wf) => {
-                            saga.rearm(&wf, now);
-                            Vec::new()
-                        }
-                        Err(why) => {
-                            missing += 1;
-                            saga.definition_missing(why)
-                        }
-                    };
-                    apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
-                }
-                let next = tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0))?;
-                Ok((ids.len() as i64, next, missing))
+                let Some((mut saga, meta)) = load(tx, id)? else { return Ok(false) };
+                let (effects, missing) = match core.definitions.get(tx, meta.definition.as_deref())? {
+                    Ok(wf) => {
+                        saga.rearm(&wf, now);
+                        (Vec::new(), false)
+                    }
+                    Err(why) => (saga.definition_missing(why), true),
+                };
+                apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
+                Ok(missing)
             })
+        });
+        let missing = futures_util::future::try_join_all(rearmed).await?.into_iter().filter(|m| *m).count();
+        let n = ids.len() as i64;
+        let next: Option<i64> = self
+            .db
+            .read_committed(|tx| tx.query_row("SELECT MIN(wake_at) FROM sagas", (), |r| r.get(0)))
             .await?;
         if missing > 0 {
             tracing::warn!(
@@ -487,7 +488,10 @@ impl Core {
     /// commit (a full disk) is tried again with a growing pause, said once when the trouble
     /// starts and once when it is over.
     async fn timer_loop(self: Arc<Self>, cancel: CancellationToken) {
-        let mut trouble: Option<(std::time::Instant, backon::ExponentialBackoff)> = None;
+        // Since when rounds fail, their pauses, and whether that was said (a conflict with
+        // another instance is not worth a warning; it is waited out all the same, with growing
+        // pauses, so that rounds and handlers conflicting again and again do not spin).
+        let mut trouble: Option<(std::time::Instant, backon::ExponentialBackoff, bool)> = None;
         loop {
             let next = self.timer.next.load(Ordering::Acquire);
             let now = self.clock.now();
@@ -508,27 +512,23 @@ impl Core {
             self.timer.next.store(0, Ordering::Release);
             match self.fire_due().await {
                 Ok(next) => {
-                    if let Some((since, _)) = trouble.take() {
+                    if let Some((since, _, true)) = trouble.take() {
                         tracing::info!(after = ?since.elapsed(), "timer rounds commit again");
                     }
                     self.timer.schedule(next);
                     self.wake.wake();
                 }
-                // Another instance moved one of the due sagas on at the same moment: the next
-                // round, 10 ms later, finds what is still due.
-                Err(e) if e.is_conflict() && trouble.is_none() => {
-                    tracing::debug!(error = %e, "a timer round conflicted with another instance; another round");
-                    self.timer.schedule(Some(self.clock.now() + 10));
-                }
                 Err(e) => {
-                    let (_, waits) = trouble.get_or_insert_with(|| {
+                    let (_, waits, said) =
+                        trouble.get_or_insert_with(|| (std::time::Instant::now(), timer_backoff(), false));
+                    if !*said && !e.is_conflict() {
+                        *said = true;
                         if e.is_transient() {
                             tracing::warn!(error = %e, "a timer round cannot commit; trying again with a growing pause");
                         } else {
                             tracing::error!(error = %e, "a timer round failed; trying again with a growing pause");
                         }
-                        (std::time::Instant::now(), timer_backoff())
-                    });
+                    }
                     let wait = waits.next().unwrap_or(TIMER_RETRY_MAX);
                     tracing::debug!(error = %e, retry_in = ?wait, "timer round failed");
                     self.timer.schedule(Some(self.clock.now() + wait.as_millis() as u64));

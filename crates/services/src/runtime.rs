@@ -155,7 +155,9 @@ pub async fn open_db(
     instance: &str,
 ) -> anyhow::Result<Db> {
     let db = Db::open(store, step.service().name(), step.migrations(), instance).await?;
-    db.call(move |tx| {
+    // Retried on a conflict: instances starting together on PostgreSQL write the same rows,
+    // and a start that failed on it would lose an instance.
+    db.transaction_retrying(move |tx| {
         step.configure(tx)?;
         Ok(())
     })

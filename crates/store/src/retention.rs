@@ -153,14 +153,23 @@ pub async fn purge_once(db: &Db, retention: Retention, purges: &[Purge]) -> Resu
 /// again at the next; it never stops the component.
 pub async fn run(db: Db, retention: Retention, extra: Vec<Purge>, cancel: CancellationToken) {
     let purges: Vec<Purge> = base().into_iter().chain(extra).collect();
-    let indexed = db
-        .call(|c| {
+    let index = || {
+        db.call(|c| {
             for sql in INDEXES {
                 c.execute(sql, ())?;
             }
             Ok(())
         })
-        .await;
+    };
+    // Instances starting together on PostgreSQL race to create an index (IF NOT EXISTS is not
+    // atomic there: the loser fails on a duplicate key); a second try finds it made.
+    let indexed = match index().await {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            index().await
+        }
+    };
     if let Err(e) = indexed {
         tracing::warn!(error = %e, "could not index the tables the retention purges; purging without");
     }
