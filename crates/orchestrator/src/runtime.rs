@@ -220,7 +220,7 @@ impl Core {
     /// moving the same sagas on meanwhile (one transaction over them all would conflict with
     /// every one of their commits, and a failed start is a lost instance).
     async fn resume(self: &Arc<Self>) -> Result<i64, StoreError> {
-        let ids = self.db.read_committed(|tx| crate::query::in_flight_ids(tx)).await?;
+        let ids = self.db.read_committed(crate::query::in_flight_ids).await?;
         let rearmed = ids.iter().map(|&id| {
             let core = Arc::clone(self);
             self.db.transaction_retrying(move |tx| {
