@@ -124,6 +124,9 @@ struct OutageInner {
 struct OutageState {
     holding: usize,
     since: Option<Instant>,
+    /// Whether the pause was said at WARN (an outage), not only at DEBUG (conflicts with
+    /// another instance, which pass by themselves): its end is said at the same level.
+    said: bool,
 }
 
 impl Default for Outage {
@@ -136,18 +139,24 @@ impl Default for Outage {
 }
 
 impl Outage {
-    /// A handler starts waiting out an outage: the first one pauses the consumer, and says so.
-    fn hold(&self, queue: &str, reason: &str) {
+    /// A handler starts waiting out an outage: the first one pauses the consumer, and says so
+    /// (at DEBUG when it is a streak of conflicts with another instance: no operator need act).
+    fn hold(&self, queue: &str, reason: &str, conflict: bool) {
         let mut s = self.0.state.lock().expect("outage");
         s.holding += 1;
         if s.holding == 1 {
             s.since = Some(Instant::now());
+            s.said = !conflict;
             self.0.paused.send_replace(true);
-            tracing::warn!(
-                %queue,
-                %reason,
-                "store cannot commit; holding the deliveries in hand and taking no new ones until it can"
-            );
+            if conflict {
+                tracing::debug!(%queue, %reason, "conflicts with another instance go on; holding the deliveries in hand meanwhile");
+            } else {
+                tracing::warn!(
+                    %queue,
+                    %reason,
+                    "store cannot commit; holding the deliveries in hand and taking no new ones until it can"
+                );
+            }
         }
     }
 
@@ -159,7 +168,11 @@ impl Outage {
         if s.holding == 0 {
             let after = s.since.take().map(|t| t.elapsed()).unwrap_or_default();
             self.0.paused.send_replace(false);
-            tracing::info!(%queue, paused_for = ?after, "store commits again; consuming resumed");
+            if s.said {
+                tracing::info!(%queue, paused_for = ?after, "store commits again; consuming resumed");
+            } else {
+                tracing::debug!(%queue, paused_for = ?after, "through the conflicts; consuming resumed");
+            }
         }
     }
 }
@@ -483,10 +496,12 @@ where
             }
         }
         match result {
-            Err(HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
+            Err(e @ (HandleError::Transient(_) | HandleError::Conflict(_))) => {
+                let conflict = matches!(e, HandleError::Conflict(_));
+                let reason = e.to_string();
                 if !holding {
                     holding = true;
-                    on.outage.hold(&on.queue, &reason);
+                    on.outage.hold(&on.queue, &reason, conflict);
                 }
                 tracing::debug!(%reason, "store outage; trying the delivery again after a pause");
                 let wait = waits.next().unwrap_or(OUTAGE_BACKOFF.1);
