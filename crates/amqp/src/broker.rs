@@ -57,6 +57,9 @@ struct Link {
     opened_at: Instant,
     /// Set by [`Broker::close`]: nothing reconnects after it.
     closed: bool,
+    /// Set by [`Broker::abandon`]: the connection still looks open but stopped answering (a
+    /// confirm that never came); the next call replaces it, from the next node of the list.
+    abandoned: bool,
     /// Set while the connection is lost and not yet replaced.
     outage: Option<Outage>,
     /// The schedule of the outage that the current connection ended. A connection lost soon
@@ -117,6 +120,13 @@ pub const DECLARE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long closing a channel or a connection may take: a peer in a bad state may never answer.
 pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
+/// The AMQP heartbeat asked for, in seconds, unless the URL names one (`?heartbeat=N`). Each
+/// side counts the other gone after two heartbeats without a frame: a frozen broker node is
+/// left within about 10 s (lapin closes the connection and the next URL of the list is tried),
+/// and a frozen component's deliveries go back to the queue for the others as soon. RabbitMQ's
+/// own default is 60 s, which let a stalled process hold its unacked deliveries for minutes.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
+
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs;
 /// every URL of a comma-separated list. A URL too broken to parse keeps only what follows its
 /// last `@`, which holds no secret.
@@ -175,7 +185,9 @@ pub fn parse_urls(list: &str) -> Result<Vec<String>, AmqpError> {
 /// backoff makes no retry, and its recovery is off), so that a failure comes back here at once
 /// and nothing is left retrying in lapin's thread.
 async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
-    let uri: AMQPUri = url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
+    let mut uri: AMQPUri =
+        url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     // amqps: the system's roots, plus the CA named by `?cacertfile=` or BATON_AMQP_CA_FILE.
     let tls = crate::tls::config(url, &uri)?;
     let runtime = lapin::runtime::default_runtime()
@@ -300,6 +312,7 @@ impl Broker {
             node,
             opened_at: Instant::now(),
             closed: false,
+            abandoned: false,
             outage: None,
             carried: None,
         };
@@ -331,7 +344,41 @@ impl Broker {
     /// Whether the connection is up now (false while it is lost or being replaced): a caller
     /// whose channel failed uses it to leave the loss to the broker's own report.
     pub fn connected(&self) -> bool {
-        self.inner.link.try_lock().is_ok_and(|link| link.conn.status().connected())
+        self.inner.link.try_lock().is_ok_and(|link| link.conn.status().connected() && !link.abandoned)
+    }
+
+    /// The connection of generation `generation` stopped answering (a publisher confirm
+    /// that never came) although it looks open: a node that froze keeps its sockets open,
+    /// and heartbeats only notice it after two intervals. Give it up now, so that the next
+    /// call connects to the next node of the list and every consumer on it starts again
+    /// there. Not while the broker blocks publishers (an alarm holds confirms back on a node
+    /// that is well), and not if the connection was replaced since.
+    pub async fn abandon(&self, generation: u64, why: &str) {
+        let mut link = self.inner.link.lock().await;
+        if link.closed || link.abandoned || *self.inner.generation.borrow() != generation {
+            return;
+        }
+        let status = link.conn.status();
+        if !status.connected() || status.blocked() {
+            return;
+        }
+        link.abandoned = true;
+        tracing::warn!(
+            component = %self.inner.name,
+            node = %redact(&self.inner.nodes[link.node]),
+            %why,
+            "RabbitMQ stopped answering on this connection; leaving it for the next node"
+        );
+        // Closed in the background: a frozen peer never answers the close.
+        let conn = Arc::clone(&link.conn);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, conn.close(320, "stopped answering".into())).await;
+        });
+    }
+
+    /// The generation of the connection in use: see [`Broker::abandon`].
+    pub fn current_generation(&self) -> u64 {
+        *self.inner.generation.borrow()
     }
 
     /// The connection, reopened first if it is lost and an attempt is due; otherwise the last
@@ -344,7 +391,7 @@ impl Broker {
             return Err(AmqpError::Closed);
         }
         let status = link.conn.status();
-        if status.connected() {
+        if status.connected() && !link.abandoned {
             return Ok(Arc::clone(&link.conn));
         }
         let now = Instant::now();
@@ -392,6 +439,7 @@ impl Broker {
                 let outage = link.outage.take().expect("an outage is under way");
                 let old = std::mem::replace(&mut link.conn, Arc::new(conn));
                 link.node = node;
+                link.abandoned = false;
                 link.opened_at = Instant::now();
                 link.carried = outage.schedule;
                 // Lost already, but let go of its socket now rather than with the last clone.

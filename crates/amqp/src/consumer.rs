@@ -72,8 +72,21 @@ pub struct ConsumerConfig {
     /// sender's outbox) is dead-lettered on arrival: the retention may have purged the inbox
     /// row or tombstone that would make it a no-op.
     pub max_age: Option<Duration>,
+    /// The watchdog's bound: one try of the handler that takes longer is a stall ([`STALL_AFTER`]).
+    pub stall_after: Duration,
     outage: Outage,
+    /// Bumped by a handler that outlived [`ConsumerConfig::stall_after`]; the consumer loop
+    /// watches it.
+    stalls: Arc<tokio::sync::watch::Sender<u64>>,
 }
+
+/// How long one try of a handler may take before the consumer counts itself stalled: its
+/// channel is closed, so that every delivery it holds goes back to the queue for another
+/// instance, and it reports itself not attached (not ready) until the stalled handlers have
+/// returned. Heartbeats catch a frozen process; this catches a live one whose store stopped
+/// answering (a stuck disk, a database thread that never returns). A healthy try takes
+/// milliseconds; a store outage makes each try fail fast and is waited out in place instead.
+pub const STALL_AFTER: Duration = Duration::from_secs(10);
 
 impl ConsumerConfig {
     pub fn new(queue: impl Into<String>, prefetch: u16) -> ConsumerConfig {
@@ -82,8 +95,16 @@ impl ConsumerConfig {
             prefetch,
             attached: None,
             max_age: None,
+            stall_after: STALL_AFTER,
             outage: Outage::default(),
+            stalls: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// Count a try of the handler longer than `bound` as a stall instead of [`STALL_AFTER`].
+    pub fn stall_after(mut self, bound: Duration) -> ConsumerConfig {
+        self.stall_after = bound;
+        self
     }
 
     /// Dead-letter messages older than `max_age` on arrival (the component's retention).
@@ -314,8 +335,10 @@ where
     };
     let stopped = |why: String| Stop { why, consumed: true, replaced: false };
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
-    let _attached = Attached::new(cfg.attached.clone());
+    let attached = Attached::new(cfg.attached.clone());
     let mut paused = cfg.outage.0.paused.subscribe();
+    let mut stalls = cfg.stalls.subscribe();
+    stalls.borrow_and_update();
     loop {
         let pause = *paused.borrow_and_update();
         tokio::select! {
@@ -336,6 +359,31 @@ where
             // Paused by an outage of the store: the deliveries already sent stay with lapin,
             // unacked, until it is over.
             Ok(()) = paused.changed() => {}
+            Ok(()) = stalls.changed() => {
+                // A handler outlived the watchdog: every delivery this channel holds goes back
+                // to the queue (for another instance), and none is taken until the stalled
+                // handlers have returned.
+                let why = format!(
+                    "a handler of {} has held its delivery for more than {:?}; its deliveries went back to the queue",
+                    cfg.queue, cfg.stall_after
+                );
+                tokio::spawn(retire(ch, consumer, cfg.queue.clone()));
+                drop(attached);
+                if let Some(c) = &cfg.attached {
+                    c.fail(&why);
+                }
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        done = handlers.join_next() => match done {
+                            Some(done) => reaped(&cfg.queue, done),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::info!(queue = %cfg.queue, "the stalled handlers returned; consuming again");
+                return Err(Stop { why, consumed: true, replaced: false });
+            }
             next = consumer.next(), if !pause => match next {
                 Some(Ok(delivery)) => {
                     let handler = Arc::clone(handler);
@@ -345,6 +393,8 @@ where
                         outage: cfg.outage.clone(),
                         max_age: cfg.max_age,
                         cancel: cancel.clone(),
+                        stall_after: cfg.stall_after,
+                        stalls: Arc::clone(&cfg.stalls),
                     };
                     handlers.spawn(process(delivery, on, publisher, handler));
                 }
@@ -400,6 +450,26 @@ struct On {
     outage: Outage,
     max_age: Option<Duration>,
     cancel: CancellationToken,
+    stall_after: Duration,
+    stalls: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// One try of a handler, under the watchdog: past [`On::stall_after`] the consumer is told (it
+/// gives its deliveries back), and the try is still awaited, since its transaction may yet
+/// commit (its ack then fails, and the redelivery finds the inbox row).
+async fn watched<Fut: Future>(on: &On, attempt: Fut) -> Fut::Output {
+    tokio::pin!(attempt);
+    tokio::select! {
+        done = &mut attempt => return done,
+        _ = tokio::time::sleep(on.stall_after) => {}
+    }
+    tracing::warn!(
+        queue = %on.queue,
+        bound = ?on.stall_after,
+        "a handler has held its delivery past the watchdog's bound; giving this consumer's deliveries back to the queue"
+    );
+    on.stalls.send_modify(|n| *n += 1);
+    attempt.await
 }
 
 /// Why a message stamped `sent_secs` (AMQP `timestamp`) is too old to handle at `now_secs`, if
@@ -484,7 +554,7 @@ where
         .build();
     let mut holding = false;
     let result = loop {
-        let result = run().await;
+        let result = watched(on, run()).await;
         if let Err(HandleError::Conflict(reason)) = &result
             && !holding
             && let Some(wait) = conflicts.next()
@@ -551,7 +621,29 @@ mod tests {
     use super::*;
 
     fn on() -> On {
-        On { queue: "q".into(), outage: Outage::default(), max_age: None, cancel: CancellationToken::new() }
+        On {
+            queue: "q".into(),
+            outage: Outage::default(),
+            max_age: None,
+            cancel: CancellationToken::new(),
+            stall_after: STALL_AFTER,
+            stalls: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_past_the_watchdog_bound_tells_the_consumer_and_is_still_awaited() {
+        let on = on();
+        let stalls = on.stalls.subscribe();
+        let quick = watched(&on, async { 1 }).await;
+        assert_eq!((quick, *stalls.borrow()), (1, 0), "a quick try is no stall");
+        let slow = watched(&on, async {
+            tokio::time::sleep(STALL_AFTER + Duration::from_secs(5)).await;
+            2
+        })
+        .await;
+        assert_eq!(slow, 2, "the stalled try still finishes: its commit may yet land");
+        assert_eq!(*stalls.borrow(), 1, "the consumer is told once");
     }
 
     #[test]

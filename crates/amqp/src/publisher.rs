@@ -23,28 +23,40 @@ pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
-    chan: Arc<Mutex<Option<Channel>>>,
+    /// The channel, and the generation of the connection it was opened on.
+    chan: Arc<Mutex<Option<(Channel, u64)>>>,
 }
 
 /// The broker's verdict on one published message, still to come.
 #[must_use = "a publish is not done until its confirm says so"]
-pub struct PendingConfirm(PublisherConfirm);
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    /// The connection it went out on: given up if the confirm never comes.
+    on: Option<(Broker, u64)>,
+}
 
 impl From<PublisherConfirm> for PendingConfirm {
-    fn from(c: PublisherConfirm) -> Self {
-        PendingConfirm(c)
+    fn from(confirm: PublisherConfirm) -> Self {
+        PendingConfirm { confirm, on: None }
     }
 }
 
 impl PendingConfirm {
     /// Wait for the confirm, at most [`CONFIRM_TIMEOUT`]. `Ok` only for an ack of a routed
     /// message. A confirm lost with a connection would otherwise be awaited forever, holding
-    /// up everything behind it.
+    /// up everything behind it; one that does not come in time counts as a failed connection
+    /// ([`Broker::abandon`]): a frozen node is left for the next one of the list.
     pub async fn wait(self) -> Result<(), PublishError> {
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.0)
-            .await
-            .map_err(|_| PublishError::Channel(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs())))?
-            .map_err(channel_failed)?;
+        let confirmation = match tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await {
+            Ok(c) => c.map_err(channel_failed)?,
+            Err(_) => {
+                let why = format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs());
+                if let Some((broker, generation)) = &self.on {
+                    broker.abandon(*generation, &why).await;
+                }
+                return Err(PublishError::Channel(why));
+            }
+        };
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
@@ -63,26 +75,29 @@ impl Publisher {
         Publisher { broker, chan: Arc::new(Mutex::new(None)) }
     }
 
-    async fn channel(&self) -> Result<Channel, PublishError> {
+    async fn channel(&self) -> Result<(Channel, u64), PublishError> {
         let mut slot = self.chan.lock().await;
-        if let Some(ch) = slot.as_ref()
+        if let Some((ch, generation)) = slot.as_ref()
             && ch.status().connected()
+            && *generation == self.broker.current_generation()
         {
-            return Ok(ch.clone());
+            return Ok((ch.clone(), *generation));
         }
         let ch = self.broker.channel().await.map_err(|e| PublishError::Channel(e.to_string()))?;
+        // Read after the channel: `channel()` may have replaced the connection.
+        let generation = self.broker.current_generation();
         let patience = crate::broker::SETUP_PATIENCE;
         tokio::time::timeout(patience, ch.confirm_select(ConfirmSelectOptions::default()))
             .await
             .map_err(|_| PublishError::Channel(format!("no answer to confirm.select within {patience:?}")))?
             .map_err(channel_failed)?;
-        *slot = Some(ch.clone());
-        Ok(ch)
+        *slot = Some((ch.clone(), generation));
+        Ok((ch, generation))
     }
 
     /// Publish without waiting for the confirm; the returned future carries it.
     pub async fn publish(&self, msg: &Outgoing) -> Result<PendingConfirm, PublishError> {
-        let ch = self.channel().await?;
+        let (ch, generation) = self.channel().await?;
         let publish = ch.basic_publish(
             msg.exchange.as_str().into(),
             msg.routing_key.as_str().into(),
@@ -94,13 +109,14 @@ impl Publisher {
         // without a word must not hold the caller forever.
         let sent = match tokio::time::timeout(SEND_TIMEOUT, publish).await {
             Ok(sent) => sent.map_err(channel_failed),
-            Err(_) => Err(PublishError::Channel(format!(
-                "the publish was not taken within {} s",
-                SEND_TIMEOUT.as_secs()
-            ))),
+            Err(_) => {
+                let why = format!("the publish was not taken within {} s", SEND_TIMEOUT.as_secs());
+                self.broker.abandon(generation, &why).await;
+                Err(PublishError::Channel(why))
+            }
         };
         match sent {
-            Ok(confirm) => Ok(PendingConfirm(confirm)),
+            Ok(confirm) => Ok(PendingConfirm { confirm, on: Some((self.broker.clone(), generation)) }),
             Err(e) => {
                 // Next publish starts on a fresh channel.
                 self.chan.lock().await.take();
@@ -145,7 +161,7 @@ impl Publisher {
         headers.insert(crate::headers::DEAD_QUEUE.into(), AMQPValue::LongString(queue.into()));
         let props = properties.clone().with_headers(headers).with_delivery_mode(2);
         let dlq = crate::topology::dead_letter_queue(queue);
-        let ch = self.channel().await?;
+        let (ch, _) = self.channel().await?;
         let confirm = ch
             .basic_publish(
                 crate::topology::DLX.into(),
@@ -156,7 +172,7 @@ impl Publisher {
             )
             .await
             .map_err(channel_failed)?;
-        PendingConfirm(confirm).wait().await
+        PendingConfirm::from(confirm).wait().await
     }
 }
 

@@ -63,3 +63,25 @@ pub fn point(name: &str) {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
+
+/// A stall point: while the file named by `BATON_STALL_FILE` exists, a thread that reaches
+/// [`stall`] waits there, alive but doing nothing, as a thread stuck on a disk or a database
+/// that stopped answering would. Tests create the file to stall a process's database thread
+/// while its connections live, and remove it to let it go on. Unarmed, it costs one load.
+pub fn stall(name: &str) {
+    static FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(file) = FILE.get_or_init(|| std::env::var_os("BATON_STALL_FILE").map(Into::into)) else {
+        return;
+    };
+    if !file.exists() {
+        return;
+    }
+    tracing::warn!(point = name, file = %file.display(), "stall point reached: waiting while the file exists");
+    while file.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    tracing::warn!(point = name, "stall point released");
+}
+
+/// The database thread of a store, before each transaction ([`stall`]).
+pub const DB_THREAD: &str = "db-thread";

@@ -155,6 +155,7 @@ fn answer_of(answer: Result<baton_protocol::SagaOutcome, Refusal>) -> Response {
             (status(outcome.status), axum::Json(body)).into_response()
         }
         Err(Refusal::Unavailable(msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
+        Err(Refusal::NoRoom(msg)) => error(StatusCode::INSUFFICIENT_STORAGE, msg),
         Err(Refusal::Deadline { space_id, saga_id, after }) => (
             StatusCode::GATEWAY_TIMEOUT,
             axum::Json(json!({

@@ -419,6 +419,9 @@ impl Gateway {
         req: CreateSpace,
         key: Option<String>,
     ) -> (Result<SagaOutcome, Refusal>, bool) {
+        // Counted from the request's arrival, and kept here: no database write, connection
+        // attempt, publish or confirm below may hold the answer past it.
+        let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let space_id = Uuid::new_v4();
         // The id the outcome comes back under: the saga's, or in events mode the space's.
         let saga_id = match self.opts.mode {
@@ -433,7 +436,11 @@ impl Gateway {
             Some(key) => {
                 let key = key.clone();
                 let since = now_ms().saturating_sub(ttl_ms);
-                self.db.transaction_retrying(move |tx| idempotency::find(tx, &key, since)).await
+                let find = self.db.transaction_retrying(move |tx| idempotency::find(tx, &key, since));
+                match tokio::time::timeout_at(deadline, find).await {
+                    Ok(found) => found,
+                    Err(_) => return (Err(self.store_too_slow()), false),
+                }
             }
             None => Ok(None),
         };
@@ -441,19 +448,15 @@ impl Gateway {
             Ok(Some(first)) if first.name == req.name && first.owner == req.owner => {}
             Ok(Some(first)) => return (Err(Refusal::KeyReused(first)), false),
             Ok(None) => {
-                if let Err(reason) = self.ready().await {
-                    return (Err(Refusal::Unavailable(format!("not taking new work: {reason}"))), false);
+                if let Err(refusal) = self.take_new_work(deadline).await {
+                    return (Err(refusal), false);
                 }
             }
-            Err(e) => {
-                return (Err(Refusal::Unavailable(format!("the gateway's database failed: {e}"))), false);
-            }
+            Err(e) => return (Err(Refusal::store_failed(&e)), false),
         }
         // Looked up again in the transaction that records a new request: two tries of one key
         // at once make one request.
-        let seen = self
-            .db
-            .transaction_retrying(move |tx| {
+        let record = self.db.transaction_retrying(move |tx| {
                 let now = now_ms();
                 if let Some(key) = &key {
                     if let Some(first) = idempotency::find(tx, key, now.saturating_sub(ttl_ms))? {
@@ -470,35 +473,71 @@ impl Gateway {
                     params![space_id.to_string(), saga_id.to_string(), name, owner, mode, now],
                 )?;
                 Ok(Seen::New)
-            })
-            .await;
+            });
+        // Nothing is published before this commits: past the deadline, nothing started.
+        let seen = match tokio::time::timeout_at(deadline, record).await {
+            Ok(seen) => seen,
+            Err(_) => return (Err(self.store_too_slow()), false),
+        };
         match seen {
-            Ok(Seen::New) => (self.start(req, space_id, saga_id).await, false),
-            Ok(Seen::Again(first)) => (self.replay(first.space_id, first.saga_id).await, true),
+            Ok(Seen::New) => (self.start(req, space_id, saga_id, deadline).await, false),
+            Ok(Seen::Again(first)) => (self.replay(first.space_id, first.saga_id, deadline).await, true),
             Ok(Seen::OtherBody(first)) => (Err(Refusal::KeyReused(first)), false),
-            Err(e) => (Err(Refusal::Unavailable(format!("the gateway's database failed: {e}"))), false),
+            Err(e) => (Err(Refusal::store_failed(&e)), false),
         }
+    }
+
+    /// Whether to take new work, decided before the deadline: the broker is there, and the
+    /// gateway's store has room to record it (a full disk is answered at once, with nothing
+    /// started, rather than by a request that waits out its deadline).
+    async fn take_new_work(&self, deadline: tokio::time::Instant) -> Result<(), Refusal> {
+        if let Some(why) = self.db.out_of_room() {
+            return Err(Refusal::NoRoom(why));
+        }
+        match tokio::time::timeout_at(deadline, self.ready()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(Refusal::Unavailable(format!("not taking new work: {reason}"))),
+            Err(_) => {
+                Err(Refusal::Unavailable("not taking new work: RabbitMQ did not answer in time".into()))
+            }
+        }
+    }
+
+    /// The gateway's own store did not answer before the deadline: nothing was published.
+    fn store_too_slow(&self) -> Refusal {
+        Refusal::Unavailable(format!(
+            "the gateway's database did not answer within {} ms; nothing was started",
+            self.opts.deadline.as_millis()
+        ))
     }
 
     /// The request of an `Idempotency-Key` again: the outcome its space got, or, while it is
     /// still running, a wait for it beside the first client, up to the deadline. What the
     /// client is told is recorded: a client that was told 504 now knows.
-    async fn replay(&self, space_id: Uuid, saga_id: Uuid) -> Result<SagaOutcome, Refusal> {
+    async fn replay(
+        &self,
+        space_id: Uuid,
+        saga_id: Uuid,
+        deadline: tokio::time::Instant,
+    ) -> Result<SagaOutcome, Refusal> {
         // Waiting before reading: an outcome arriving in between is either in the row read
         // below or handed to this waiter.
         let (me, rx) = self.wait(saga_id);
         // Gone once it has answered (or its sender was dropped): then only the row is read.
         let mut rx = Some(rx);
-        let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let mut logged = false;
         loop {
             // The row too, and again while waiting: the outcome may come to another gateway
             // instance on this data dir (the one that sent the request), which records it.
-            let stored = match self.stored_outcome(saga_id).await {
-                Ok(stored) => stored,
-                Err(e) => {
+            let stored = match tokio::time::timeout_at(deadline, self.stored_outcome(saga_id)).await {
+                Ok(Ok(stored)) => stored,
+                Ok(Err(e)) => {
                     self.forget(saga_id, me);
-                    return Err(Refusal::Unavailable(format!("the gateway's database failed: {e}")));
+                    return Err(Refusal::store_failed(&e));
+                }
+                Err(_) => {
+                    self.forget(saga_id, me);
+                    return Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline });
                 }
             };
             let outcome = match stored {
@@ -526,7 +565,7 @@ impl Gateway {
             };
             if let Some(outcome) = outcome {
                 self.forget(saga_id, me);
-                self.tell(saga_id, outcome.status).await;
+                self.tell(saga_id, outcome.status);
                 return Ok(outcome);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -555,9 +594,14 @@ impl Gateway {
     }
 
     /// Send a new request (its row is written) and wait for its outcome, up to the deadline.
-    async fn start(&self, req: CreateSpace, space_id: Uuid, saga_id: Uuid) -> Result<SagaOutcome, Refusal> {
+    async fn start(
+        &self,
+        req: CreateSpace,
+        space_id: Uuid,
+        saga_id: Uuid,
+        deadline: tokio::time::Instant,
+    ) -> Result<SagaOutcome, Refusal> {
         let input = Context { name: req.name, owner: req.owner, ..Default::default() };
-        let deadline = tokio::time::Instant::now() + self.opts.deadline;
         let trace = TraceParent::new_root();
         tracing::debug!(%saga_id, %space_id, trace_id = trace.trace_id(), mode = %self.opts.mode, "request accepted");
         let msg = match self.opts.mode {
@@ -568,7 +612,7 @@ impl Gateway {
                     space_id,
                     workflow: self.opts.workflow.clone(),
                     input,
-                    deadline: Some(client_deadline(deadline)),
+                    deadline: Some(saga_deadline(deadline)),
                 };
                 Outgoing::new(COMMANDS, topology::ORCHESTRATOR, START, saga_id, COMPONENT, trace, &start)
                     .reply_to(self.reply_key.as_str())
@@ -590,7 +634,14 @@ impl Gateway {
         let (me, rx) = self.wait(saga_id);
         let mut backoff = Duration::from_millis(50);
         loop {
-            let refused = match self.publisher.publish_confirmed(&msg).await {
+            // Bounded by the deadline too: a connection attempt to a node that froze, or a
+            // confirm that never comes, must not hold the client past it.
+            let published =
+                match tokio::time::timeout_at(deadline, self.publisher.publish_confirmed(&msg)).await {
+                    Ok(published) => published,
+                    Err(_) => break,
+                };
+            let refused = match published {
                 Ok(()) => break,
                 // No queue is bound for it: nothing started, and sending it again cannot help.
                 Err(e @ PublishError::Returned(_)) => e,
@@ -611,7 +662,7 @@ impl Gateway {
                 Err(_) => break,
             };
             self.forget(saga_id, me);
-            self.tell(saga_id, 503).await;
+            self.tell(saga_id, 503);
             // Nothing started: a retry with the same key starts it anew.
             self.forget_key(saga_id).await;
             return Err(Refusal::Unavailable(format!("could not hand the request to RabbitMQ: {refused}")));
@@ -620,7 +671,7 @@ impl Gateway {
             Ok(Ok(outcome)) => Ok(outcome),
             _ => {
                 self.forget(saga_id, me);
-                self.tell(saga_id, 504).await;
+                self.tell(saga_id, 504);
                 Err(Refusal::Deadline { space_id, saga_id, after: self.opts.deadline })
             }
         }
@@ -633,21 +684,24 @@ impl Gateway {
         }
     }
 
-    /// Record what the client was told when it was not the outcome itself.
-    async fn tell(&self, saga_id: Uuid, status: u16) {
-        let r = self
-            .db
-            .transaction_retrying(move |c| {
-                c.execute(
-                    "UPDATE requests SET told_status = ?2, told_at = ?3 WHERE saga_id = ?1",
-                    params![saga_id.to_string(), status, now_ms()],
-                )?;
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, %saga_id, "recording the answer failed");
-        }
+    /// Record what the client was told when it was not the outcome itself. In the
+    /// background: the answer goes out now, whatever the database is doing.
+    fn tell(&self, saga_id: Uuid, status: u16) {
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let r = db
+                .transaction_retrying(move |c| {
+                    c.execute(
+                        "UPDATE requests SET told_status = ?2, told_at = ?3 WHERE saga_id = ?1",
+                        params![saga_id.to_string(), status, now_ms()],
+                    )?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, %saga_id, "recording the answer failed");
+            }
+        });
     }
 }
 
@@ -735,18 +789,42 @@ pub(crate) mod idempotency {
     }
 }
 
-/// When this gateway will answer 504, for the saga: the budget left now, and the wall-clock
-/// instant it ends at.
-fn client_deadline(deadline: tokio::time::Instant) -> ClientDeadline {
-    let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
+/// When the saga must give up, for a client this gateway answers 504 at `deadline`: a margin
+/// before it ([`saga_margin`]), so that a saga that gives up has time to roll back and tell
+/// the client so (a definite answer) before the gateway's own timer would. As the budget left
+/// now, and the wall-clock instant it ends at.
+fn saga_deadline(deadline: tokio::time::Instant) -> ClientDeadline {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let budget = left.saturating_sub(saga_margin(left));
     let budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
     let now = u64::try_from(now_ms()).unwrap_or(0);
     ClientDeadline { at_ms: now.saturating_add(budget_ms), budget_ms }
 }
 
+/// How long before the client's deadline a saga gives up: a sixth of the budget, between 200 ms
+/// and 5 s (5 s of a 30 s deadline), which is what a rollback of four steps takes on a broker
+/// that is slow but there.
+fn saga_margin(budget: Duration) -> Duration {
+    (budget / 6).clamp(Duration::from_millis(200), Duration::from_secs(5)).min(budget / 2)
+}
+
+impl Refusal {
+    /// The gateway's own store failed before anything was published: nothing started. A full
+    /// disk is a 507 (free some space), anything else a 503 (try again).
+    fn store_failed(e: &StoreError) -> Refusal {
+        if e.is_disk_full() {
+            Refusal::NoRoom(format!("the gateway's disk is full ({e}); nothing was started; free some space"))
+        } else {
+            Refusal::Unavailable(format!("the gateway's database failed: {e}; nothing was started"))
+        }
+    }
+}
+
 /// Why a request got no outcome.
 pub(crate) enum Refusal {
     Unavailable(String),
+    /// The store has no room to record new work (a full disk): 507, nothing started.
+    NoRoom(String),
     Deadline {
         space_id: Uuid,
         saga_id: Uuid,

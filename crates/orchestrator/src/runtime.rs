@@ -299,7 +299,7 @@ impl Core {
                     tracing::warn!(
                         saga_id = %start.saga_id, late_ms = wall_now - d.at_ms,
                         "a start arrived past its client's deadline: it waited in a queue, or this host's \
-                         clock is ahead of the gateway's; it starts no step and answers 504"
+                         clock is ahead of the gateway's; it starts no step and answers 503"
                     );
                 }
                 let deadline = start.deadline.map(|d| Deadline::of(d, now, wall_now));

@@ -21,6 +21,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod relay;
 pub mod retention;
+pub mod room;
 pub mod scratch;
 pub mod sql;
 pub mod tombstone;
@@ -92,6 +93,18 @@ impl StoreError {
 }
 
 impl StoreError {
+    /// Whether the disk under the store is full: the work is refused with a 507 at the door,
+    /// and the store gives its reserve back ([`room::Room`]) for the work in flight.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => sqlite::is_disk_full(e),
+            StoreError::Postgres(e) => pg::is_disk_full(e),
+            StoreError::Commit(e) => e.is_disk_full(),
+            StoreError::RolledBack { why, .. } => why.contains("full"),
+            _ => false,
+        }
+    }
+
     /// Whether another instance's transaction conflicted with this one (a serialization
     /// failure or a deadlock on PostgreSQL): a transient error that needs no pause, since the
     /// other transaction is done and a second try reads its work.
@@ -289,6 +302,8 @@ pub struct Db {
     /// Other instances' outbox rows this one watches, to take over those left unpublished.
     pub(crate) watch: Arc<std::sync::Mutex<outbox::Watch>>,
     health: StoreHealth,
+    /// The reserve on the data dir's disk (SQLite stores a component writes).
+    room: Option<Arc<room::Room>>,
 }
 
 /// Marks the database thread stopped when dropped.
@@ -359,6 +374,8 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 Err(_) => return,
             },
         };
+        #[cfg(feature = "crash-points")]
+        baton_crash::stall(baton_crash::DB_THREAD);
         if conn.gone() {
             tracing::error!(
                 store = %name,
@@ -465,7 +482,11 @@ impl Db {
         owner: &str,
     ) -> Result<Db, StoreError> {
         let all: Vec<&'static str> = BASE_MIGRATIONS.iter().chain(migrations).copied().collect();
-        Db::start(location, component, owner, move |location, component| match location {
+        let room = match location {
+            Location::Dir(dir) => Some(Arc::new(room::Room::keep(dir, component))),
+            Location::Postgres(_) => None,
+        };
+        Db::start(location, component, owner, room, move |location, component| match location {
             Location::Dir(dir) => {
                 sqlite::open(&dir.join(format!("{component}.db")), &all).map(|c| Some(Conn::Sqlite(c)))
             }
@@ -482,7 +503,7 @@ impl Db {
     /// queries), never migrating or writing it: WAL (SQLite) and MVCC (PostgreSQL) let it read
     /// while the owner writes. `None` when that component has no store there yet.
     pub async fn reader(location: &Location, component: &str) -> Result<Option<Db>, StoreError> {
-        Db::start(location, component, DEFAULT_OWNER, |location, component| match location {
+        Db::start(location, component, DEFAULT_OWNER, None, |location, component| match location {
             Location::Dir(dir) => {
                 Ok(sqlite::open_reader(&dir.join(format!("{component}.db")))?.map(Conn::Sqlite))
             }
@@ -499,6 +520,7 @@ impl Db {
         location: &Location,
         component: &str,
         owner: &str,
+        room: Option<Arc<room::Room>>,
         connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
@@ -508,6 +530,7 @@ impl Db {
         let health = StoreHealth::default();
         let (h, thread_name, thread_owner) = (health.clone(), Arc::clone(&name), owner.to_owned());
         let (location, component) = (location.clone(), component.to_owned());
+        let thread_room = room.clone();
         std::thread::Builder::new()
             .name(format!("db-{component}"))
             .spawn(move || {
@@ -526,7 +549,7 @@ impl Db {
                     let path = c.path().to_owned();
                     let _ = std::thread::Builder::new()
                         .name(format!("ckpt-{component}"))
-                        .spawn(move || sqlite::checkpointer(path, watch));
+                        .spawn(move || sqlite::checkpointer(path, watch, thread_room));
                 }
                 let _ = opened.send(Ok(true));
                 serve(conn, rx, &thread_name, &thread_owner, &h);
@@ -537,7 +560,15 @@ impl Db {
             Ok(false) => return Ok(None),
             Err(cause) => return Err(err(cause)),
         }
-        Ok(Some(Db { tx, name, owner: owner.into(), feed: Arc::default(), watch: Arc::default(), health }))
+        Ok(Some(Db {
+            tx,
+            name,
+            owner: owner.into(),
+            feed: Arc::default(),
+            watch: Arc::default(),
+            health,
+            room,
+        }))
     }
 
     /// Run `f` on the database thread, in a transaction of its own, and return its result once
@@ -686,7 +717,20 @@ impl Db {
         });
         let closed = || StoreError::Closed(self.name.to_string());
         self.tx.send(Job { member, alone, relaxed }).map_err(|_| closed())?;
-        wait.await.map_err(|_| closed())?
+        let result = wait.await.map_err(|_| closed())?;
+        if let Err(e) = &result
+            && e.is_disk_full()
+            && let Some(room) = &self.room
+        {
+            room.release();
+        }
+        result
+    }
+
+    /// Why this store should take no new work, if its disk is (nearly) full: see
+    /// [`room::Room::short`]. `None` on PostgreSQL, whose server answers for its own disk.
+    pub fn out_of_room(&self) -> Option<String> {
+        self.room.as_ref()?.short()
     }
 
     /// Hand the outbox rows of every committed [`Db::transaction`] to this relay, which then

@@ -14,9 +14,11 @@ use crate::{Db, StoreError, Tx, now_ms, params};
 pub const PARK_AFTER: i64 = 10;
 
 /// Another instance whose oldest row this one has seen unpublished for this long is gone (or
-/// stuck): its rows are taken over, since a message must not wait for it. Should it come back
-/// and publish them too, the receiver's inbox drops the second copy.
-pub const TAKE_OVER_AFTER: Duration = Duration::from_secs(30);
+/// stuck, or frozen): its rows are taken over, since a message must not wait for it. A live
+/// instance publishes a row within milliseconds of its commit, so a few seconds tell a stalled
+/// one apart; should it come back and publish them too, the receiver's inbox drops the second
+/// copy.
+pub const TAKE_OVER_AFTER: Duration = Duration::from_secs(5);
 
 /// Other instances' oldest unpublished rows as this process saw them, and since when, on its
 /// monotonic clock. The rows' `created_at` comes from another process's wall clock and cannot

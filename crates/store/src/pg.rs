@@ -154,6 +154,11 @@ pub(crate) fn is_outage(e: &postgres::Error) -> bool {
         .contains(code)
 }
 
+/// The server's disk is full (or its quota spent).
+pub(crate) fn is_disk_full(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| [SqlState::DISK_FULL, SqlState::INSUFFICIENT_RESOURCES].contains(c))
+}
+
 /// A serialization failure or a deadlock: another transaction won, and this one can run again.
 pub(crate) fn is_conflict(e: &postgres::Error) -> bool {
     e.code()

@@ -2,13 +2,14 @@
 //! `user_version`), the embedded default with nothing to install.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::StoreError;
+use crate::room::Room;
 use crate::sql::{Row, Value};
 
 /// How often the checkpointer moves the WAL into the database file (off the writer's thread).
@@ -129,13 +130,17 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// writer's commits never wait for a checkpoint's fsync. PASSIVE: it never blocks the writer;
 /// the writer restarts the WAL from the top once a checkpoint has caught up. Stops when the
 /// database is dropped (`alive` hangs up).
-pub(crate) fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>) {
+pub(crate) fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>, room: Option<Arc<Room>>) {
     let Ok(conn) = Connection::open(&path) else { return };
     let _ = conn.busy_timeout(Duration::from_secs(1));
     loop {
         match alive.recv_timeout(CHECKPOINT_EVERY) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
+        }
+        // The disk reserve given back on a full disk is made again here once there is room.
+        if let Some(room) = &room {
+            room.renew();
         }
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, path = %path.display(), "checkpoint skipped");
@@ -162,6 +167,11 @@ fn migrate(conn: &mut Connection, all: &[&str]) -> Result<(), String> {
         tx.pragma_update(None, "user_version", all.len() as i64).map_err(|e| e.to_string())?;
     }
     tx.commit().map_err(|e| e.to_string())
+}
+
+/// SQLite's code for a full disk.
+pub(crate) fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 /// SQLite's codes for a store that cannot work right now, whatever the statement.

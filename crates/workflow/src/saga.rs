@@ -303,7 +303,7 @@ pub struct Saga {
     pub failure: Option<Failure>,
     /// Whether the client's answer was already emitted (it is emitted once).
     pub answered: bool,
-    /// Past it, no new compensable step starts: the saga rolls back and answers 504.
+    /// Past it, no new compensable step starts: the saga rolls back and answers 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Deadline>,
     /// An operator cancelled it: its rollback ends `cancelled` rather than `rolled_back`.
@@ -461,23 +461,25 @@ impl Saga {
     }
 
     /// The client's deadline passed while compensable steps remain: start nothing more, undo
-    /// what was done, and answer 504 naming the step it stopped before.
+    /// what was done, and answer 503 naming the step it stopped before. A definite answer:
+    /// the gateway gives the saga a deadline a margin before its own, so that the client hears
+    /// "nothing was done" rather than a 504 that leaves it guessing.
     fn deadline_passed(&mut self, wf: &Workflow, idx: usize, started: bool, now: u64, out: &mut Out) {
         let a = &self.actions[idx];
         let late = self.deadline.map_or(0, |d| now.saturating_sub(d.at_ms));
         let reason = if started {
             format!(
-                "the client's deadline passed ({late} ms ago) while {} was not done (attempt {}); every step was undone",
+                "the saga's deadline passed ({late} ms ago) while {} was not done (attempt {}); every step was undone",
                 a.service, a.attempt
             )
         } else {
             format!(
-                "the client's deadline passed ({late} ms ago) before {} started; every earlier step was undone",
+                "the saga's deadline passed ({late} ms ago) before {} started; every earlier step was undone",
                 a.service
             )
         };
         out.history(Some(a), None, HistoryEvent::DeadlinePassed, Some(reason.clone()));
-        let failure = Failure { service: a.service, status: 504, reason };
+        let failure = Failure { service: a.service, status: 503, reason };
         self.begin_compensation(wf, failure, now, out);
     }
 

@@ -488,7 +488,7 @@ fn a_running_saga_wakes_at_its_deadline_and_a_finished_one_does_not() {
 }
 
 #[test]
-fn a_deadline_passing_while_a_step_runs_undoes_every_step_and_answers_504_naming_it() {
+fn a_deadline_passing_while_a_step_runs_undoes_every_step_and_answers_503_naming_it() {
     let wf = Workflow::create_space();
     let (mut saga, _) = with_deadline(&wf, 1_000);
     saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
@@ -502,7 +502,7 @@ fn a_deadline_passing_while_a_step_runs_undoes_every_step_and_answers_504_naming
     saga.on_reply(&wf, done(Entitlements, Action::Undo), T0 + 1_001);
     saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 1_002);
     let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 1_003);
-    assert_eq!(answers(&fx), vec![(504, Some(Entitlements))]);
+    assert_eq!(answers(&fx), vec![(503, Some(Entitlements))]);
     let reason = answer_reason(&fx);
     assert!(reason.contains("deadline") && reason.contains("entitlements"), "{reason}");
     assert_eq!(saga.status, SagaStatus::RolledBack);
@@ -518,7 +518,7 @@ fn no_step_starts_after_the_deadline_even_on_a_late_success() {
     assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)], "entitlements is never sent");
     saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 1_501);
     let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 1_502);
-    assert_eq!(answers(&fx), vec![(504, Some(Entitlements))]);
+    assert_eq!(answers(&fx), vec![(503, Some(Entitlements))]);
     assert!(answer_reason(&fx).contains("before entitlements started"), "{}", answer_reason(&fx));
     assert_eq!(phase(&saga, Entitlements), Phase::Pending);
 }
@@ -534,7 +534,7 @@ fn no_retry_is_sent_after_the_deadline() {
     let fx = saga.on_tick(&wf, T0 + 3_100);
     assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)], "the unanswered create is undone, not retried");
     let fx = saga.on_reply(&wf, done(Records, Action::Undo), T0 + 3_101);
-    assert_eq!(answers(&fx), vec![(504, Some(Records))]);
+    assert_eq!(answers(&fx), vec![(503, Some(Records))]);
 }
 
 #[test]
@@ -552,11 +552,11 @@ fn a_saga_past_its_last_compensable_step_completes_despite_its_deadline() {
 }
 
 #[test]
-fn a_start_past_its_deadline_sends_nothing_and_answers_504_at_once() {
+fn a_start_past_its_deadline_sends_nothing_and_answers_503_at_once() {
     let wf = Workflow::create_space();
     let (saga, fx) = with_deadline(&wf, 0);
     assert!(sends(&fx).is_empty());
-    assert_eq!(answers(&fx), vec![(504, Some(Records))]);
+    assert_eq!(answers(&fx), vec![(503, Some(Records))]);
     assert_eq!(saga.status, SagaStatus::RolledBack);
 }
 
