@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about,
     propagate_version = true,
-    after_help = "Exit codes: 0 ok; 1 the command ran and found problems (audit violations, a refused \
-                  space, a reconcile that could not undo everything); 2 bad usage, or it could not run."
+    after_help = "Exit codes: 0 ok; 1 the command ran and found problems (audit inconsistencies, a \
+                  refused space, a reconcile that could not undo everything); 2 bad usage, or it could not run."
 )]
 pub struct Cli {
     /// Log filter (logs go to stderr), e.g. `debug` or `info,baton_orchestrator=debug`; the
@@ -56,7 +56,8 @@ pub enum Command {
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
     },
-    /// Check the cross-service invariant over a data dir: exit 1 and one line per violation.
+    /// Check the cross-service invariant over a data dir: one line per inconsistent space and
+    /// per uncertain one (told 504, all or nothing); exit 1 only for an inconsistency.
     Audit {
         #[command(flatten)]
         data: DataDir,
