@@ -173,6 +173,36 @@ async fn a_key_older_than_its_time_to_live_is_a_new_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_retention_purged_the_saga_still_gets_the_first_outcome() {
+    let env = TestEnv::new().await;
+    // A retention far shorter than the key's time to live (a day).
+    let cfg = SystemConfig { retain: Duration::from_secs(1), ..config(Mode::Workflow) };
+    let sys = System::start(&env, cfg).await;
+    let (status, first, _) = create(sys.http, "kept", "kim", Some("k-kept")).await;
+    assert_eq!(status, 200, "{first}");
+    // The retention has run past the request: its saga, and the gateway's inbox row of the
+    // outcome (written after the key), are purged.
+    wait_for(
+        "the retention to purge the saga and the outcome's inbox row",
+        Duration::from_secs(30),
+        || async {
+            let sagas = scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM sagas");
+            let inbox = scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM inbox");
+            (sagas == 0 && inbox == 0).then_some(())
+        },
+    )
+    .await;
+    let (status, again, replayed) = create(sys.http, "kept", "kim", Some("k-kept")).await;
+    assert_eq!((status, replayed), (200, true), "the first outcome, not a 409 for its own name: {again}");
+    assert_eq!(again, first);
+    assert_eq!(scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests"), 1, "no second request");
+    // The key is kept for its time to live, whatever the retention.
+    assert_eq!(scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM idempotency_keys"), 1);
+    assert_eq!(rows_for(&env.store(), Service::Records, first["id"].as_str().unwrap()), 1);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baton_create_space_run_again_with_its_key_prints_the_first_outcome() {
     let env = TestEnv::new().await;
     let sys = System::start(&env, config(Mode::Workflow)).await;

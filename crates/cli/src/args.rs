@@ -682,9 +682,10 @@ pub struct NodeArgs {
     /// gateway of its own.
     #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
     pub health: Option<SocketAddr>,
-    /// How long each component keeps finished sagas and their history, inbox rows, tombstones
-    /// and idempotency keys before a background task purges them; a message older than this is
+    /// How long each component keeps finished sagas and their history, inbox rows and
+    /// tombstones before a background task purges them; a message older than this is
     /// dead-lettered on arrival, since what made it a no-op may be gone (docs/reliability.md).
+    /// Idempotency keys are kept for --idempotency-ttl instead, whatever this is.
     #[arg(long, env = "BATON_RETAIN", default_value = "7days", value_parser = humantime::parse_duration,
           help_heading = "Storage")]
     pub retain: std::time::Duration,
