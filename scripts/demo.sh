@@ -177,14 +177,14 @@ create_space admin bob "409 at routing: 'admin' is a reserved route; records, pl
 echo
 
 # The client gets its 200 once the email is committed to the orchestrator's outbox, not sent;
-# give the notifier a few seconds before declaring a missing email a violation.
+# give the notifier a few seconds before declaring a missing email an inconsistency.
 say "checking the cross-service invariant (baton audit; retried for up to 30 s while the last emails go out)"
 deadline=$((SECONDS + 30))
 audit_clean=1
 until "$BATON" audit --data-dir "$DATA_DIR" >"$DATA_DIR/audit.txt" 2>&1; do
     if [ "$SECONDS" -ge "$deadline" ]; then
         cat "$DATA_DIR/audit.txt"
-        warn "baton audit still reports the violations above after 30 s."
+        warn "baton audit still reports the inconsistencies above after 30 s."
         audit_clean=0
         break
     fi

@@ -88,7 +88,8 @@ async fn stop(mut child: tokio::process::Child) {
 async fn all_well(env: &TestEnv, complete: usize, logs: &[&str]) {
     every_saga_ends(env, Duration::from_secs(60)).await;
     let report = env.audit();
-    assert!(report.is_clean(), "{:#?}", report.violations);
+    assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
+    assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);
     assert_eq!(report.complete, complete);
     assert_eq!(env.queue_depth("orchestrator.replies.dlq").await, Some(0), "no reply dead-lettered");
     for log in logs {
@@ -401,8 +402,9 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
     assert_eq!(sys.create("other", "bob").await.0, 200);
     // The audit names it for the operator.
     let report = env.audit();
-    let kinds: Vec<_> = report.violations.iter().map(|v| v.kind).collect();
-    assert_eq!(kinds, vec![baton_audit::Kind::DefinitionMissing], "{:#?}", report.violations);
+    let kinds: Vec<_> = report.inconsistencies.iter().map(|v| v.kind).collect();
+    assert_eq!(kinds, vec![baton_audit::Kind::DefinitionMissing], "{:#?}", report.inconsistencies);
+    assert!(report.uncertain.is_empty(), "{:#?}", report.uncertain);
     let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
     let lost = versions.iter().find(|v| v.hash == v1).expect("the missing version is listed by its hash");
     assert_eq!(lost.stuck, 1, "{versions:?}");

@@ -68,10 +68,10 @@ async fn compare_shows_what_each_mode_leaves_behind() {
         assert!(r.injected.get("refusal").is_some_and(|n| *n > 0), "{}: {:?}", r.mode, r.injected);
     }
     // The workflow column: whatever the faults, nothing left inconsistent.
-    assert!(wf.audit.is_clean(), "workflow: {:?}", wf.audit.violations);
+    assert!(wf.audit.is_consistent(), "workflow: {:?}", wf.audit.inconsistencies);
     assert!(wf.reconcile.is_none());
     // The events column: refusals after the first step leave rows nobody undoes...
-    assert!(!ev.audit.is_clean(), "events mode leaves data behind under this plan");
+    assert!(!ev.audit.is_consistent(), "events mode leaves data behind under this plan");
     // ...at least one row for each step before the one that refused: the plan's refusals and the
     // natural ones, counted from what the clients were told.
     let refused_after = |steps: &[&str]| {
@@ -90,16 +90,20 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     // While routing was down, some clients got no answer in time; their spaces completed later.
     assert!(ev.stats.timeouts > 0, "{:?}", ev.stats);
     assert!(ev.timeouts_split().0 > 0, "{:?}", ev.audit.by_kind());
+    // Those are uncertain, not inconsistent: the audit keeps them apart.
+    assert!(ev.audit.uncertain.len() >= ev.timeouts_split().0, "{:?}", ev.audit.by_kind());
+    assert!(ev.audit.uncertain.iter().all(|v| v.told == Some(504)), "{:?}", ev.audit.uncertain);
     // ...until reconcile undoes them.
     let fixed = ev.reconcile.as_ref().unwrap();
     assert!(fixed.fixed() > 0 && fixed.failed.is_empty(), "{fixed}");
     // What reconcile cannot change is what the clients were told: a 504 stays a 504.
     let after = ev.audit_after_reconcile.as_ref().unwrap();
     assert!(after.orphans.is_empty(), "no row left behind: {:?}", after.orphans);
+    assert!(after.is_consistent(), "{:?}", after.inconsistencies);
     assert!(
-        after.violations.iter().all(|v| matches!(v.kind, Kind::TimedOutButCompleted | Kind::TimedOutNothing)),
+        after.uncertain.iter().all(|v| matches!(v.kind, Kind::TimedOutButCompleted | Kind::TimedOutNothing)),
         "{:?}",
-        after.violations
+        after.uncertain
     );
     // Half the messages: one event per step instead of a command and a reply.
     assert!(
@@ -125,6 +129,21 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     let table = report::table(&c);
     assert!(
         table.contains("workflow") && table.contains("events") && table.contains("orphaned records"),
+        "{table}"
+    );
+    // Both classes of the audit, a row each, with every mode's figure.
+    let cells = |label: &str| -> Vec<String> {
+        let line =
+            table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label}: {table}"));
+        line[label.len()..].split_whitespace().map(str::to_owned).collect()
+    };
+    let counts = |f: fn(&baton_audit::Report) -> usize| {
+        c.runs.iter().map(|r| f(&r.audit).to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(cells("audit: inconsistent spaces"), counts(|a| a.inconsistencies.len()), "{table}");
+    assert_eq!(
+        cells("audit: uncertain spaces (told 504, all or nothing)"),
+        counts(|a| a.uncertain.len()),
         "{table}"
     );
     let html = report::html(&c);

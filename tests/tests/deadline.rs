@@ -41,6 +41,18 @@ async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid)
     (saga_id, space_id)
 }
 
+/// `baton audit` over the test's store: its exit code, and what it printed (both streams).
+async fn baton_audit(env: &TestEnv) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(baton_tests::baton_bin())
+        .arg("audit")
+        .args(env.store_args())
+        .output()
+        .await
+        .expect("baton audit runs");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), said)
+}
+
 /// One value of the saga's row (status, answer_status, ...), if the saga exists yet.
 fn saga_field(env: &TestEnv, saga: Uuid, expr: &str) -> Option<String> {
     let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
@@ -92,10 +104,15 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
         assert_eq!(rows_for(&env.store(), s, &space.to_string()), 0, "{s} left a row: {story}");
     }
     let report = env.audit();
+    // Told 504 with nothing left is the contract: consistent, and uncertain for the client.
+    assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
     let mine: Vec<Kind> =
-        report.violations.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
-    // Told 503 (rolled back) with nothing left: consistent, nothing to report.
-    assert!(mine.is_empty(), "{:#?}", report.violations);
+        report.inconsistencies.iter().chain(&report.uncertain).filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
+    // Told 503 (rolled back, a definite answer) with nothing left: nothing to report.
+    assert!(mine.is_empty(), "{:#?} {:#?}", report.inconsistencies, report.uncertain);
+    let (code, said) = baton_audit(&env).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains(" 0 inconsistencies, 0 uncertain "), "{said}");
     routing.cancel();
     routing_task.await.unwrap().unwrap();
     sys.stop().await;
@@ -111,8 +128,15 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     drop(conn);
     let report = env.audit();
     let mine: Vec<Kind> =
-        report.violations.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
-    assert_eq!(mine, vec![Kind::StepAfterDeadline], "{:#?}", report.violations);
+        report.inconsistencies.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
+    assert_eq!(mine, vec![Kind::StepAfterDeadline], "{:#?}", report.inconsistencies);
+    assert!(report.uncertain.is_empty(), "a broken deadline is not only uncertain: {:#?}", report.uncertain);
+    let (code, said) = baton_audit(&env).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("inconsistent: step_after_deadline") && said.contains(" 1 inconsistency, 0 uncertain "),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +168,8 @@ async fn a_deadline_passing_after_the_last_compensable_step_lets_the_saga_comple
         assert_eq!(rows_for(&env.store(), s, &space.to_string()), 1, "{s} holds the space's row");
     }
     let report = env.audit();
-    assert!(report.is_clean(), "{:#?}", report.violations);
+    assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
+    assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);
     notifier.cancel();
     notifier_task.await.unwrap().unwrap();
     sys.stop().await;

@@ -129,7 +129,8 @@ async fn many_sagas_with_a_tiny_retention_leave_the_databases_bounded() {
     );
     // Nothing still needed was purged, and no message was too old for the bound.
     let report = env.audit();
-    assert!(report.is_clean(), "{:#?}", report.violations);
+    assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
+    assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);
     let queues = publishers()
         .map(|c| format!("{c}.commands.dlq"))
         .chain(["orchestrator.replies.dlq".into(), "gateway.main.outcomes.dlq".into()]);

@@ -4,9 +4,12 @@
 //! A space the client was told succeeded (200) has exactly one record, placement, licence, route
 //! and email; a space the client was told failed has none of them; a space nobody got a definite
 //! answer for must be all or nothing; a saga starts no compensable step once its client's
-//! deadline passed. Owns: reading the five services' databases, the gateway's record of what
-//! each client was told and the orchestrator's saga states and history, all read-only, and the
-//! list of violations. Must not touch: anything that writes.
+//! deadline passed. A space that breaks it is an inconsistency. A client told 504 whose space
+//! ended consistent (nothing, or all five) is not one: it is uncertain, counted apart, since
+//! what the client was left not knowing is real but nothing needs repair. Owns: reading the
+//! five services' databases, the gateway's record of what each client was told and the
+//! orchestrator's saga states and history, all read-only, and the findings in those two
+//! classes. Must not touch: anything that writes.
 
 use baton_store::{Db, FromValue, Location};
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,10 +33,11 @@ pub enum Kind {
     /// Its saga stopped because the definition it started on cannot be found: an operator must
     /// make it available again and retry it.
     DefinitionMissing,
-    /// Told 504 (no outcome in time), yet the space was completed afterwards: the client
-    /// believes it may not exist.
+    /// Told 504 (no outcome in time), and the space was completed afterwards: consistent, but
+    /// the client believes it may not exist. Uncertain.
     TimedOutButCompleted,
-    /// Told 504, and nothing of the space exists: the client cannot know.
+    /// Told 504, and nothing of the space exists: consistent, but the client cannot know.
+    /// Uncertain.
     TimedOutNothing,
     /// Its saga started a compensable step at or after its client's deadline: a 504 could
     /// then leave a space half made (workflow mode's contract is nothing, or all five).
@@ -53,11 +57,44 @@ impl Kind {
             Kind::StepAfterDeadline => "step_after_deadline",
         }
     }
+
+    /// Whether this breaks the invariant, or only leaves a client not knowing.
+    pub fn class(self) -> Class {
+        match self {
+            Kind::TimedOutButCompleted | Kind::TimedOutNothing => Class::Uncertain,
+            Kind::MissingAfterSuccess
+            | Kind::LeftAfterFailure
+            | Kind::Partial
+            | Kind::CompensationFailed
+            | Kind::DefinitionMissing
+            | Kind::StepAfterDeadline => Class::Inconsistent,
+        }
+    }
 }
 
-/// One violation: a space, what is wrong, and the rows it has.
+/// The two classes of finding: only an inconsistency fails an audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Partial state, or state that contradicts what the client was told: something to repair.
+    Inconsistent,
+    /// The client was told 504 and the space ended consistent (nothing, or complete): the
+    /// client does not know which, but nothing is wrong in the stores.
+    Uncertain,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Inconsistent => "inconsistent",
+            Class::Uncertain => "uncertain",
+        }
+    }
+}
+
+/// One finding: a space, what is wrong or unknown about it, and the rows it has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Violation {
+pub struct Finding {
     pub space_id: String,
     pub kind: Kind,
     pub told: Option<u16>,
@@ -65,7 +102,7 @@ pub struct Violation {
     pub missing: Vec<Service>,
 }
 
-impl fmt::Display for Violation {
+impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names = |v: &[Service]| {
             if v.is_empty() {
@@ -103,7 +140,12 @@ pub struct Report {
     pub spaces: usize,
     pub complete: usize,
     pub in_flight: usize,
-    pub violations: Vec<Violation>,
+    /// Spaces that break the invariant (partial, or contradicting what their client was told):
+    /// each fails the audit.
+    pub inconsistencies: Vec<Finding>,
+    /// Spaces whose client was told 504 and that ended consistent (nothing, or complete): the
+    /// client does not know, but nothing is wrong. They do not fail the audit.
+    pub uncertain: Vec<Finding>,
     /// Rows left behind by spaces that did not complete, per service (emails included).
     pub orphans: BTreeMap<Service, usize>,
     /// Emails sent for spaces whose record does not exist.
@@ -111,14 +153,15 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn is_clean(&self) -> bool {
-        self.violations.is_empty()
+    /// No inconsistency (uncertain spaces may remain): the audit passes.
+    pub fn is_consistent(&self) -> bool {
+        self.inconsistencies.is_empty()
     }
 
-    /// Violations counted by kind.
+    /// Findings of both classes counted by kind (a kind belongs to one class: [`Kind::class`]).
     pub fn by_kind(&self) -> BTreeMap<Kind, usize> {
         let mut m = BTreeMap::new();
-        for v in &self.violations {
+        for v in self.inconsistencies.iter().chain(&self.uncertain) {
             *m.entry(v.kind).or_default() += 1;
         }
         m
@@ -309,7 +352,7 @@ pub fn judge(s: &SpaceRows) -> Option<Kind> {
     }
 }
 
-/// Check the invariant over `dir`.
+/// Check the invariant over `at`.
 pub async fn audit(at: &Location) -> Result<Report, AuditError> {
     let spaces = scan(at).await?;
     let mut report = Report { spaces: spaces.len(), ..Default::default() };
@@ -330,16 +373,22 @@ pub async fn audit(at: &Location) -> Result<Report, AuditError> {
         }
         if let Some(kind) = judge(&s) {
             let missing = Service::ALL.into_iter().filter(|x| !s.present.contains(x)).collect();
-            report.violations.push(Violation {
+            let finding = Finding {
                 space_id: s.space_id,
                 kind,
                 told: s.told,
                 present: s.present.into_iter().collect(),
                 missing,
-            });
+            };
+            match kind.class() {
+                Class::Inconsistent => report.inconsistencies.push(finding),
+                Class::Uncertain => report.uncertain.push(finding),
+            }
         }
     }
-    report.violations.sort_by(|a, b| (a.kind, &a.space_id).cmp(&(b.kind, &b.space_id)));
+    for list in [&mut report.inconsistencies, &mut report.uncertain] {
+        list.sort_by(|a, b| (a.kind, &a.space_id).cmp(&(b.kind, &b.space_id)));
+    }
     Ok(report)
 }
 
@@ -363,13 +412,14 @@ mod tests {
             ("routing", "routes"),
             ("notifier", "emails"),
         ];
-        // ok: everything; failed: told 403 and a record left; half: no answer, record + placement.
+        // ok: everything; failed: told 403 and a record left; half: no answer, record + placement;
+        // late: told 504, nothing; late-done: told 504, everything; late-half: told 504, a record.
         let present: [&[&str]; 5] = [
-            &["ok", "failed", "half", "told-ok"],
-            &["ok", "half", "told-ok"],
-            &["ok", "told-ok"],
-            &["ok", "told-ok"],
-            &["ok"],
+            &["ok", "failed", "half", "told-ok", "late-done", "late-half"],
+            &["ok", "half", "told-ok", "late-done"],
+            &["ok", "told-ok", "late-done"],
+            &["ok", "told-ok", "late-done"],
+            &["ok", "late-done"],
         ];
         for ((db, table), ids) in tables.iter().zip(present) {
             let time = if *table == "emails" { "sent_at" } else { "created_at" };
@@ -389,7 +439,7 @@ mod tests {
             "gateway",
             "CREATE TABLE requests (space_id TEXT, told_status INTEGER);
              INSERT INTO requests VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
-                                         ('late', 504);"
+                                         ('late', 504), ('late-done', 504), ('late-half', 504);"
                 .into(),
         )
         .await;
@@ -405,28 +455,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn finds_each_kind_of_violation_and_nothing_else_on_both_backends() {
+    async fn finds_each_inconsistency_and_each_uncertain_504_apart_on_both_backends() {
         let (_dir, _pg, each) = stores();
         for at in each {
             fixture(&at).await;
             let r = audit(&at).await.unwrap();
-            let got: Vec<(&str, Kind)> = r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
-            assert_eq!(
-                got,
-                vec![
-                    ("told-ok", Kind::MissingAfterSuccess),
-                    ("failed", Kind::LeftAfterFailure),
-                    ("half", Kind::Partial),
-                    ("late", Kind::TimedOutNothing)
-                ],
-                "{at}"
-            );
-            assert_eq!(r.spaces, 6);
-            assert_eq!(r.orphans[&Service::Records], 3);
+            let ids = |v: &[Finding]| v.iter().map(|v| (v.space_id.clone(), v.kind)).collect::<Vec<_>>();
+            let got = ids(&r.inconsistencies);
+            let want = [
+                ("told-ok", Kind::MissingAfterSuccess),
+                ("failed", Kind::LeftAfterFailure),
+                ("half", Kind::Partial),
+                ("late-half", Kind::Partial),
+            ];
+            assert_eq!(got, want.map(|(id, k)| (id.to_owned(), k)), "{at}");
+            // Told 504 and consistent (nothing, or all five): uncertain, not inconsistent.
+            let got = ids(&r.uncertain);
+            let want = [("late-done", Kind::TimedOutButCompleted), ("late", Kind::TimedOutNothing)];
+            assert_eq!(got, want.map(|(id, k)| (id.to_owned(), k)), "{at}");
+            assert!(!r.is_consistent());
+            assert_eq!(r.spaces, 8);
+            assert_eq!(r.orphans[&Service::Records], 4);
             assert_eq!(r.orphans[&Service::Placement], 2);
             assert_eq!(r.emails_without_space, 0);
-            assert_eq!(r.complete, 1);
-            let line = r.violations[0].to_string();
+            assert_eq!(r.complete, 2);
+            let line = r.inconsistencies[0].to_string();
             assert!(line.contains("lacks email"), "{line}");
         }
     }
@@ -450,13 +503,38 @@ mod tests {
             .await;
             let r = audit(&at).await.unwrap();
             let kinds: Vec<(&str, Kind)> =
-                r.violations.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
+                r.inconsistencies.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();
             assert!(kinds.contains(&("half", Kind::StepAfterDeadline)), "{at}: {kinds:?}");
             assert!(
                 !kinds.iter().any(|(id, _)| *id == "ok"),
                 "a late notify is the saga completing: {kinds:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_504_is_uncertain_only_when_the_space_ended_all_or_nothing() {
+        let rows = |told: Option<u16>, present: &[Service]| SpaceRows {
+            space_id: "s".into(),
+            saga_id: None,
+            present: present.iter().copied().collect(),
+            told,
+            oldest_ms: None,
+            in_flight: false,
+            compensation_failed: false,
+            definition_missing: false,
+            steps_after_deadline: 0,
+        };
+        let class = |s: &SpaceRows| judge(s).map(Kind::class);
+        assert_eq!(class(&rows(Some(504), &[])), Some(Class::Uncertain));
+        assert_eq!(class(&rows(Some(504), &Service::ALL)), Some(Class::Uncertain));
+        assert_eq!(class(&rows(Some(504), &[Service::Records])), Some(Class::Inconsistent));
+        assert_eq!(class(&rows(Some(409), &[Service::Records])), Some(Class::Inconsistent));
+        assert_eq!(class(&rows(Some(200), &[])), Some(Class::Inconsistent));
+        assert_eq!(class(&rows(Some(409), &[])), None);
+        // A 504 whose saga broke the deadline rule is inconsistent even when it ended empty.
+        let late = SpaceRows { steps_after_deadline: 1, ..rows(Some(504), &[]) };
+        assert_eq!(class(&late), Some(Class::Inconsistent));
     }
 
     #[tokio::test]

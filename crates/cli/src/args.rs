@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about,
     propagate_version = true,
-    after_help = "Exit codes: 0 ok; 1 the command ran and found problems (audit violations, a refused \
-                  space, a reconcile that could not undo everything); 2 bad usage, or it could not run."
+    after_help = "Exit codes: 0 ok; 1 the command ran and found problems (audit inconsistencies, a \
+                  refused space, a reconcile that could not undo everything); 2 bad usage, or it could not run."
 )]
 pub struct Cli {
     /// Log filter (logs go to stderr), e.g. `debug` or `info,baton_orchestrator=debug`; the
@@ -56,7 +56,8 @@ pub enum Command {
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
     },
-    /// Check the cross-service invariant over a data dir: exit 1 and one line per violation.
+    /// Check the cross-service invariant over a data dir: one line per inconsistent space and
+    /// per uncertain one (told 504, all or nothing); exit 1 only for an inconsistency.
     Audit {
         #[command(flatten)]
         data: DataDir,
@@ -681,9 +682,10 @@ pub struct NodeArgs {
     /// gateway of its own.
     #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
     pub health: Option<SocketAddr>,
-    /// How long each component keeps finished sagas and their history, inbox rows, tombstones
-    /// and idempotency keys before a background task purges them; a message older than this is
+    /// How long each component keeps finished sagas and their history, inbox rows and
+    /// tombstones before a background task purges them; a message older than this is
     /// dead-lettered on arrival, since what made it a no-op may be gone (docs/reliability.md).
+    /// Idempotency keys are kept for --idempotency-ttl instead, whatever this is.
     #[arg(long, env = "BATON_RETAIN", default_value = "7days", value_parser = humantime::parse_duration,
           help_heading = "Storage")]
     pub retain: std::time::Duration,

@@ -27,7 +27,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
             // One sentence, with its causes, never a backtrace.
             say(format_args!("error: {e:#}"));
             // 2: could not run (as clap's usage errors). 1 is kept for a check that ran and
-            // found problems (audit violations, a refused space), which commands return as Ok.
+            // found problems (audit inconsistencies, a refused space), which commands return as Ok.
             std::process::ExitCode::from(2)
         }
     }

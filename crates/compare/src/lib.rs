@@ -152,12 +152,8 @@ impl ModeRun {
 
     /// Requests answered 504 whose space completed later, and those whose space never did.
     pub fn timeouts_split(&self) -> (usize, usize) {
-        let completed = self
-            .audit
-            .violations
-            .iter()
-            .filter(|v| v.kind == baton_audit::Kind::TimedOutButCompleted)
-            .count();
+        let completed =
+            self.audit.uncertain.iter().filter(|v| v.kind == baton_audit::Kind::TimedOutButCompleted).count();
         (completed, self.stats.timeouts.saturating_sub(completed))
     }
 }

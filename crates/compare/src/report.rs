@@ -90,7 +90,8 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
     }
     row("504s whose space later completed", &|r| r.timeouts_split().0.to_string());
     row("504s whose space never completed", &|r| r.timeouts_split().1.to_string());
-    row("audit violations", &|r| r.audit.violations.len().to_string());
+    row("audit: inconsistent spaces", &|r| r.audit.inconsistencies.len().to_string());
+    row("audit: uncertain spaces (told 504, all or nothing)", &|r| r.audit.uncertain.len().to_string());
     row("reconcile: spaces scanned / scan (ms)", &|r| {
         r.reconcile
             .as_ref()
@@ -102,8 +103,11 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
     row("reconcile: took (ms)", &|r| {
         r.reconcile.as_ref().map_or_else(|| "-".into(), |s| s.took_ms.to_string())
     });
-    row("audit violations after reconcile", &|r| {
-        r.audit_after_reconcile.as_ref().map_or_else(|| "-".into(), |a| a.violations.len().to_string())
+    row("audit after reconcile: inconsistent", &|r| {
+        r.audit_after_reconcile.as_ref().map_or_else(|| "-".into(), |a| a.inconsistencies.len().to_string())
+    });
+    row("audit after reconcile: uncertain", &|r| {
+        r.audit_after_reconcile.as_ref().map_or_else(|| "-".into(), |a| a.uncertain.len().to_string())
     });
     let kinds: std::collections::BTreeSet<&String> = c.runs.iter().flat_map(|r| r.injected.keys()).collect();
     for kind in kinds {
@@ -341,22 +345,30 @@ pub fn chaos_summary(r: &ModeRun, plan: &str, seconds: u64) -> String {
         "faults injected  {}",
         if injected.is_empty() { "none".into() } else { injected.join(", ") }
     );
-    let by_kind: Vec<String> =
-        r.audit.by_kind().iter().map(|(k, n)| format!("{}: {n}", k.as_str())).collect();
+    let by_kind = |list: &[baton_audit::Finding]| {
+        let mut n: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in list {
+            *n.entry(f.kind.as_str()).or_default() += 1;
+        }
+        let kinds: Vec<String> = n.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) }
+    };
     let _ = writeln!(
         out,
-        "audit            {} violation{}{} ({} spaces, {} complete)",
-        r.audit.violations.len(),
-        if r.audit.violations.len() == 1 { "" } else { "s" },
-        if by_kind.is_empty() { String::new() } else { format!(": {}", by_kind.join(", ")) },
+        "audit            {} inconsistent{}, {} uncertain{} ({} spaces, {} complete)",
+        r.audit.inconsistencies.len(),
+        by_kind(&r.audit.inconsistencies),
+        r.audit.uncertain.len(),
+        by_kind(&r.audit.uncertain),
         r.audit.spaces,
         r.audit.complete
     );
     if let Some(rec) = &r.reconcile {
-        let after = r.audit_after_reconcile.as_ref().map_or(0, |a| a.violations.len());
+        let (after, unsure) =
+            r.audit_after_reconcile.as_ref().map_or((0, 0), |a| (a.inconsistencies.len(), a.uncertain.len()));
         let _ = writeln!(
             out,
-            "reconcile        scanned {} spaces in {} ms, undid {} rows of {} spaces, {} ms in all; {after} violations after",
+            "reconcile        scanned {} spaces in {} ms, undid {} rows of {} spaces, {} ms in all; {after} inconsistent, {unsure} uncertain after",
             rec.spaces_scanned,
             rec.scan_ms,
             rec.fixed(),

@@ -248,8 +248,9 @@ const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// `POST /workflows/{id}/cancel`: stop a running saga. The cancel travels as a message to
 /// `orchestrator.commands` (whichever orchestrator instance is alive handles it); the answer waits
 /// for the saga to end: 200 `cancelled`, 202 while its steps are still being undone, 409 with
-/// why when it cannot be cancelled (it ended, or is past its last compensable step), 409 in
-/// events mode, which has no saga.
+/// why when it cannot be cancelled (it ended otherwise, or is past its last compensable step),
+/// 409 in events mode, which has no saga. It is idempotent: a cancel of a saga already being
+/// cancelled, or cancelled, gets the same success as the one that stopped it.
 async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     if gw.opts.mode == Mode::Events {
         let message = "this gateway runs the events mode, which has no saga to cancel: each service reacts to \
@@ -277,13 +278,16 @@ async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>)
     }
     let (asked, refused) =
         (view.count(HistoryEvent::CancelRequested), view.count(HistoryEvent::CancelRefused));
-    let msg =
-        baton_orchestrator::cancel_message(id, &format!("POST /workflows/{id}/cancel"), crate::COMPONENT);
-    if let Err(e) = gw.publisher.publish_confirmed(&msg).await {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("could not hand the cancel to RabbitMQ ({e}); nothing was cancelled, try again"),
-        );
+    // A cancel already stopped it: nothing to send, only its end to wait for.
+    if asked == 0 {
+        let msg =
+            baton_orchestrator::cancel_message(id, &format!("POST /workflows/{id}/cancel"), crate::COMPONENT);
+        if let Err(e) = gw.publisher.publish_confirmed(&msg).await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("could not hand the cancel to RabbitMQ ({e}); nothing was cancelled, try again"),
+            );
+        }
     }
     let until = tokio::time::Instant::now() + CANCEL_WAIT;
     let mut last = view;
@@ -304,7 +308,7 @@ async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>)
             return cancel_answer(StatusCode::OK, "cancelled: every step it had done was undone", &last);
         }
         if tokio::time::Instant::now() >= until {
-            let what = if last.count(HistoryEvent::CancelRequested) > asked {
+            let what = if last.count(HistoryEvent::CancelRequested) > 0 {
                 format!(
                     "cancel accepted; its completed steps are still being undone after {} ms (GET /workflows/{id} tells when it is cancelled)",
                     CANCEL_WAIT.as_millis()

@@ -53,9 +53,11 @@ pub struct Options {
     pub health: baton_health::Health,
     /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
     pub sagas: baton_orchestrator::Sagas,
-    /// How long inbox rows (and idempotency keys) are kept; older messages are dead-lettered on
-    /// arrival ([`baton_store::retention`]). The requests themselves are kept: they are what
-    /// `GET /spaces/{id}`, the audit and `baton reconcile` know a client was told.
+    /// How long inbox rows are kept; older messages are dead-lettered on arrival
+    /// ([`baton_store::retention`]). Idempotency keys are kept for `idempotency_ttl` instead,
+    /// whatever this is, and the requests themselves are kept: they are what a retry is
+    /// answered from, and what `GET /spaces/{id}`, the audit and `baton reconcile` know a
+    /// client was told.
     pub retain: Duration,
 }
 
@@ -178,7 +180,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         baton_store::retention::run(
             gw.db.clone(),
             baton_store::retention::Retention::new(gw.opts.retain),
-            Vec::new(),
+            vec![idempotency::purge(gw.opts.idempotency_ttl)],
             cancel.clone(),
         ),
     ));
@@ -780,6 +782,20 @@ pub(crate) mod idempotency {
     pub(crate) fn replayed(tx: &Tx<'_>, key: &str) -> Result<(), StoreError> {
         tx.execute("UPDATE idempotency_keys SET replays = replays + 1 WHERE key = ?1", [key])?;
         Ok(())
+    }
+
+    /// The retention's purge of keys older than their time to live, `ttl`: kept that long
+    /// whatever the retention, since the requests their retries are answered from are kept.
+    pub(crate) fn purge(ttl: std::time::Duration) -> baton_store::retention::Purge {
+        baton_store::retention::Purge {
+            if_table: Some("idempotency_keys"),
+            ..baton_store::retention::Purge::new(
+                "idempotency keys",
+                "DELETE FROM idempotency_keys WHERE key IN
+                   (SELECT key FROM idempotency_keys WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+            )
+        }
+        .kept_for(ttl)
     }
 
     /// Forget the key of the request of `saga_id` (it never started).

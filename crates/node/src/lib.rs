@@ -61,7 +61,8 @@ pub struct Config {
     /// The checks of every component of this process.
     pub health: Health,
     /// How long each component keeps what it only needs for a while (finished sagas, inbox
-    /// rows, tombstones, idempotency keys); also the oldest message it handles.
+    /// rows, tombstones; idempotency keys are kept for `idempotency_ttl`); also the oldest
+    /// message it handles.
     pub retain: Duration,
 }
 

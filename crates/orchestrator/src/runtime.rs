@@ -389,7 +389,8 @@ impl Core {
     }
 
     /// An operator cancels a running saga (`POST /workflows/{id}/cancel`, `baton workflows
-    /// cancel`): [`Saga::cancel`] undoes what it did, or records why it cannot.
+    /// cancel`): [`Saga::cancel`] undoes what it did, leaves a saga already cancelled as it is,
+    /// or records why it cannot.
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_cancel(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let req: CancelSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
@@ -397,6 +398,9 @@ impl Core {
         self.advance(env.message_id, req.saga_id, move |saga, wf, now| {
             match saga.why_not_cancellable() {
                 Some(why) => tracing::info!(%why, by = %req.by, "cancel refused"),
+                None if saga.cancelled => {
+                    tracing::info!(by = %req.by, "saga already cancelled; nothing more to do")
+                }
                 None => tracing::info!(by = %req.by, "saga cancelled; undoing its steps"),
             }
             (saga.cancel(wf, &req.by, now), None::<()>)

@@ -1,7 +1,9 @@
-//! Retention: what a component keeps only for a while (inbox rows, tombstones, idempotency keys,
-//! finished sagas and their history) is deleted once older than the retention, by a background
-//! task, in small batches, each its own short transaction, so a purge never holds up the
-//! handlers' commits for long.
+//! Retention: what a component keeps only for a while (inbox rows, tombstones, finished sagas
+//! and their history) is deleted once older than the retention, by a background task, in small
+//! batches, each its own short transaction, so a purge never holds up the handlers' commits for
+//! long. A purge may keep its rows for a time of its own instead ([`Purge::keep`]): the
+//! gateway's idempotency keys live for their time to live, whatever the retention, since a
+//! client's retry within it must get the first answer, never start a second request.
 //!
 //! Why deleting them is safe is the bound every consumer enforces (`baton-amqp`'s consumer
 //! dead-letters a message older than the retention on arrival): a duplicate of a handled
@@ -63,11 +65,18 @@ pub struct Purge {
     pub sql: Vec<String>,
     /// Only when the database has this table (another component's feature may add it).
     pub if_table: Option<&'static str>,
+    /// How long its rows are kept, instead of the retention.
+    pub keep: Option<Duration>,
 }
 
 impl Purge {
     pub fn new(what: &'static str, sql: impl Into<String>) -> Purge {
-        Purge { what, sql: vec![sql.into()], if_table: None }
+        Purge { what, sql: vec![sql.into()], if_table: None, keep: None }
+    }
+
+    /// The same purge, keeping its rows for `keep` whatever the retention.
+    pub fn kept_for(self, keep: Duration) -> Purge {
+        Purge { keep: Some(keep), ..self }
     }
 
     /// A purge whose `dependents` statements delete, first, the rows that hang off the batch
@@ -75,12 +84,11 @@ impl Purge {
     pub fn with_dependents(what: &'static str, dependents: Vec<String>, sql: impl Into<String>) -> Purge {
         let mut all = dependents;
         all.push(sql.into());
-        Purge { what, sql: all, if_table: None }
+        Purge { what, sql: all, if_table: None, keep: None }
     }
 }
 
-/// What every component purges: inbox rows, tombstones, and the gateway's idempotency keys
-/// where that table exists (keyed by `created_at`, milliseconds).
+/// What every component purges: inbox rows and tombstones.
 pub fn base() -> Vec<Purge> {
     vec![
         Purge::new(
@@ -93,15 +101,6 @@ pub fn base() -> Vec<Purge> {
             "DELETE FROM tombstones WHERE (saga_id, step) IN
                (SELECT saga_id, step FROM tombstones WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
         ),
-        Purge {
-            what: "idempotency keys",
-            sql: vec![
-                "DELETE FROM idempotency_keys WHERE key IN
-                   (SELECT key FROM idempotency_keys WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)"
-                    .into(),
-            ],
-            if_table: Some("idempotency_keys"),
-        },
     ]
 }
 
@@ -112,12 +111,14 @@ const INDEXES: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS tombstones_by_created ON tombstones (created_at)",
 ];
 
-/// Delete, batch by batch, every row of `purges` older than the retention as of now; returns
-/// how many rows each deleted. One transaction per batch.
+/// Delete, batch by batch, every row of `purges` older than the retention (or the purge's own
+/// [`Purge::keep`]) as of now; returns how many rows each deleted. One transaction per batch.
 pub async fn purge_once(db: &Db, retention: Retention, purges: &[Purge]) -> Result<Vec<i64>, StoreError> {
-    let cutoff = now_ms() - retention.retain.as_millis().min(i64::MAX as u128) as i64;
+    let now = now_ms();
     let mut deleted = Vec::with_capacity(purges.len());
     for purge in purges {
+        let keep = purge.keep.unwrap_or(retention.retain);
+        let cutoff = now.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64);
         let mut total = 0;
         loop {
             let p = purge.clone();
@@ -239,11 +240,18 @@ mod tests {
             "things",
             "DELETE FROM things WHERE id IN (SELECT id FROM things WHERE at < ?1 LIMIT ?2)",
         );
-        let purges: Vec<Purge> = base().into_iter().chain([things]).collect();
+        // Kept for longer than the retention: none of them is old enough.
+        let kept = Purge::new(
+            "kept things",
+            "DELETE FROM things WHERE id IN (SELECT id FROM things WHERE at < ?1 LIMIT ?2)",
+        )
+        .kept_for(Duration::from_secs(120));
+        // Its table does not exist here: skipped, not an error.
+        let absent = Purge { if_table: Some("absent"), ..Purge::new("absent", "DELETE FROM absent") };
+        let purges: Vec<Purge> = base().into_iter().chain([kept, absent, things]).collect();
         let retention = Retention { retain: Duration::from_secs(30), batch: 100 };
         let deleted = purge_once(&db, retention, &purges).await.unwrap();
-        // The idempotency keys' table does not exist here: skipped, not an error.
-        assert_eq!(deleted, vec![1_100, 1_100, 0, 1_100]);
+        assert_eq!(deleted, vec![1_100, 1_100, 0, 0, 1_100]);
         let left = db
             .call(|c| {
                 let n = |t: &str| c.query_row(&format!("SELECT COUNT(*) FROM {t}"), (), |r| r.get::<i64>(0));

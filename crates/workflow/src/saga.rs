@@ -88,15 +88,15 @@ impl SagaStatus {
     }
 }
 
-/// Why a cancel cannot stop saga `id` in `status` (`cancelled`: a cancel already stopped it),
-/// or `None` when it can: only a `running` saga has steps left that a cancel keeps from
-/// starting. One sentence, for the operator's 409 and the saga's timeline.
+/// Why a cancel of saga `id` in `status` (`cancelled`: a cancel already stopped it) is refused,
+/// or `None` when it is answered with success: a `running` saga, which it stops, and one a
+/// cancel already stopped (its steps being undone, or `cancelled`), since a cancel is
+/// idempotent: two operators, or one retrying, each learn that the saga is cancelled. One
+/// sentence, for the operator's 409 and the saga's timeline.
 pub fn why_not_cancellable(id: Uuid, status: SagaStatus, cancelled: bool) -> Option<String> {
     let why = match status {
-        SagaStatus::Running => return None,
-        SagaStatus::Compensating if cancelled => {
-            "it is already cancelled; its completed steps are being undone"
-        }
+        SagaStatus::Running | SagaStatus::Cancelled => return None,
+        SagaStatus::Compensating if cancelled => return None,
         SagaStatus::Compensating => {
             "it is already rolling back after a failure, and ends rolled_back by itself"
         }
@@ -108,7 +108,6 @@ pub fn why_not_cancellable(id: Uuid, status: SagaStatus, cancelled: bool) -> Opt
         SagaStatus::CompensationFailed => {
             "its rollback stopped in compensation_failed; finish it with `baton workflows retry`"
         }
-        SagaStatus::Cancelled => "it is already cancelled",
         SagaStatus::DefinitionMissing => {
             "it stopped because its definition cannot be found; make it available and run `baton workflows retry`"
         }
@@ -699,8 +698,9 @@ impl Saga {
     /// An operator cancels the saga (`reason` says who and how). A running saga starts no
     /// further step: every step done, and every one in flight (its late reply is ignored and
     /// its late command finds the tombstone), is undone in reverse order, and the saga ends
-    /// `cancelled`, answering 409. Any other saga is left as it is, with a `cancel_refused` line
-    /// that says why ([`Saga::why_not_cancellable`]).
+    /// `cancelled`, answering 409. A saga a cancel already stopped is left as it is, without a
+    /// refusal: the cancel is done, or being done. Any other saga is left as it is, with a
+    /// `cancel_refused` line that says why ([`Saga::why_not_cancellable`]).
     pub fn cancel(&mut self, wf: &Workflow, reason: &str, now: u64) -> Vec<Effect> {
         if !self.fits(wf) {
             return self.misfit(wf);
@@ -708,6 +708,9 @@ impl Saga {
         let mut out = Out(Vec::new());
         if let Some(why) = self.why_not_cancellable() {
             out.history(None, None, HistoryEvent::CancelRefused, Some(why));
+            return out.0;
+        }
+        if self.cancelled {
             return out.0;
         }
         // The step it stops at: the first of the current group not done yet.
@@ -735,7 +738,8 @@ impl Saga {
         out.0
     }
 
-    /// Why a cancel cannot stop this saga, or `None` when it can (it is `running`).
+    /// Why a cancel of this saga is refused, or `None` when it succeeds (it is `running`, or a
+    /// cancel already stopped it).
     pub fn why_not_cancellable(&self) -> Option<String> {
         why_not_cancellable(self.id, self.status, self.cancelled)
     }

@@ -98,7 +98,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
             baton_compare::report::chaos_summary(&run, &opts.faults.to_string(), args.duration.as_secs())
         );
     }
-    let ok = run.nothing_lost() && (mode == Mode::Events || run.audit.is_clean());
+    let ok = run.nothing_lost() && (mode == Mode::Events || run.audit.is_consistent());
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

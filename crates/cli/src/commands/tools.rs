@@ -36,20 +36,22 @@ pub(super) async fn audit(data: &DataDir, json: bool) -> anyhow::Result<ExitCode
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for v in &report.violations {
-            println!("{v}");
+        for v in report.inconsistencies.iter().chain(&report.uncertain) {
+            println!("{}: {v}", v.kind.class().as_str());
         }
     }
+    let n = report.inconsistencies.len();
     eprintln!(
-        "audited {} spaces in {}: {} complete, {} in flight, {} violation{}",
+        "audited {} spaces in {}: {} complete, {} in flight, {n} inconsistenc{}, {} uncertain (told 504, all or nothing: the client does not know which)",
         report.spaces,
         data.store(),
         report.complete,
         report.in_flight,
-        report.violations.len(),
-        if report.violations.len() == 1 { "" } else { "s" }
+        if n == 1 { "y" } else { "ies" },
+        report.uncertain.len(),
     );
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    // Only an inconsistency is something to repair; an uncertain space is not.
+    Ok(if report.is_consistent() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 pub(super) async fn reconcile(

@@ -151,7 +151,9 @@ pub(super) async fn retry(id: uuid::Uuid, data: DataDir, broker: Broker) -> anyh
 }
 
 /// `baton workflows cancel`: ask the orchestrator (through `orchestrator.commands`, whichever
-/// instance is alive) to cancel a running saga, then wait for it to end `cancelled`.
+/// instance is alive) to cancel a running saga, then wait for it to end `cancelled`. A saga a
+/// cancel already stopped is waited for the same way, without asking again: a cancel is
+/// idempotent.
 pub(super) async fn cancel(
     id: uuid::Uuid,
     mode: CliMode,
@@ -176,8 +178,12 @@ pub(super) async fn cancel(
         return Ok(ExitCode::from(1));
     }
     let refused = before.count(HistoryEvent::CancelRefused);
-    baton_orchestrator::request_cancel(&broker.amqp_url, id, "baton workflows cancel").await?;
-    eprintln!("asked the orchestrator to cancel {id}; waiting (up to 60 s) while its steps are undone");
+    if before.count(HistoryEvent::CancelRequested) == 0 {
+        baton_orchestrator::request_cancel(&broker.amqp_url, id, "baton workflows cancel").await?;
+        eprintln!("asked the orchestrator to cancel {id}; waiting (up to 60 s) while its steps are undone");
+    } else if before.status != "cancelled" {
+        eprintln!("{id} is already being cancelled; waiting (up to 60 s) while its steps are undone");
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let now = read().await?;

@@ -712,12 +712,47 @@ fn a_saga_that_cannot_be_cancelled_is_left_as_it_is_and_says_why() {
     let fx = saga.cancel(&wf, "by test", T0 + 4);
     assert_eq!(events(&fx), vec![HistoryEvent::CancelRefused]);
     assert!(saga.why_not_cancellable().unwrap().contains("rolled_back"));
-    // Cancelled twice: the second finds it cancelling.
+}
+
+#[test]
+fn a_second_cancel_while_the_first_is_undoing_changes_nothing_and_is_not_refused() {
+    let wf = Workflow::create_space();
     let mut saga = run_until(&wf, Entitlements);
     saga.cancel(&wf, "first", T0 + 2);
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    let before = saga.clone();
     let fx = saga.cancel(&wf, "second", T0 + 3);
-    assert_eq!(events(&fx), vec![HistoryEvent::CancelRefused]);
-    assert!(saga.why_not_cancellable().unwrap().contains("already cancelled"));
+    assert!(fx.is_empty(), "no refusal, no second rollback: {fx:?}");
+    assert_eq!(saga, before);
+    assert_eq!(saga.why_not_cancellable(), None, "both callers are told it is being cancelled");
+}
+
+#[test]
+fn a_cancel_of_a_cancelled_saga_changes_nothing_and_is_not_refused() {
+    let wf = Workflow::create_space();
+    let mut saga = run_until(&wf, Placement);
+    saga.cancel(&wf, "first", T0 + 2);
+    saga.on_reply(&wf, done(Placement, Action::Undo), T0 + 3);
+    saga.on_reply(&wf, done(Records, Action::Undo), T0 + 4);
+    assert_eq!(saga.status, SagaStatus::Cancelled);
+    let before = saga.clone();
+    let fx = saga.cancel(&wf, "again", T0 + 5);
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(saga, before);
+    assert_eq!(saga.why_not_cancellable(), None);
+}
+
+#[test]
+fn only_a_saga_that_ended_otherwise_or_rolls_back_on_its_own_refuses_a_cancel() {
+    use SagaStatus::*;
+    let id = Uuid::nil();
+    let refused = |status, cancelled| why_not_cancellable(id, status, cancelled).is_some();
+    assert!(!refused(Running, false));
+    assert!(!refused(Compensating, true));
+    assert!(!refused(Cancelled, true));
+    for status in [Compensating, Succeeded, Completed, RolledBack, CompensationFailed, DefinitionMissing] {
+        assert!(refused(status, false), "{status:?}");
+    }
 }
 
 #[test]
