@@ -247,7 +247,7 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
 
 /// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues), bounded.
 async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-    // Every component declares the whole topology at start. When two declare the same new
+    // Every component creates what is missing at start. When two declare the same new
     // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
     // node … is down or inaccessible") while the other's creation is under way (seen on CI).
     // That is no failure of the topology: declare again, on a fresh channel, a few times.
