@@ -35,7 +35,7 @@ async fn start_saga(env: &TestEnv, name: &str, budget: Duration) -> (Uuid, Uuid)
         deadline: Some(ClientDeadline { at_ms: baton_store::now_ms() as u64 + budget_ms, budget_ms }),
     };
     let msg =
-        Outgoing::new(COMMANDS, "orchestrator", START, saga_id, "test", TraceParent::new_root(), &start);
+        Outgoing::new(COMMANDS, "orchestrator", START, saga_id, "gateway", TraceParent::new_root(), &start);
     Publisher::new(broker.clone()).publish_confirmed(&msg).await.expect("the start is confirmed");
     broker.close().await;
     (saga_id, space_id)

@@ -116,7 +116,7 @@ async fn a_duplicate_reply_advances_the_saga_once() {
         topology::ORCHESTRATOR,
         START,
         saga_id,
-        "test",
+        "gateway",
         TraceParent::new_root(),
         &start,
     )

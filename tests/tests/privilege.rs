@@ -9,12 +9,18 @@ use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS, OUTCOMES, REPLIES, command_queue};
 use baton_amqp::{Broker, Outgoing, Publisher, TraceParent};
-use baton_protocol::{Mode, Service, events};
+use baton_protocol::{
+    Action, Context, Mode, Outcome, SCHEMA, SagaOutcome, Service, StepCommand, StepReply, events,
+};
 use baton_tests::{
     SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, rows_for, service_options, wait_for,
 };
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -78,6 +84,11 @@ impl Users {
             }
         }
         users
+    }
+
+    /// The broker user of a component.
+    fn name(&self, component: &str) -> &str {
+        self.users.iter().find(|(c, _, _)| c == component).map(|(_, n, _)| n.as_str()).expect("a user")
     }
 
     /// The AMQP URL of a component's user on the test's vhost.
@@ -297,15 +308,15 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
     publish(&notifier, &event(events::READY)).await.expect("the notifier publishes space.ready");
     notifier.close().await;
 
-    // What remains, and docs/security.md says so: baton.replies is direct, and write permission
-    // is per exchange, so a service may still publish a reply to the orchestrator with any key
-    // (forge another service's reply). But nothing of the gateway's is bound there any more:
-    // a would-be outcome on baton.replies is returned unroutable.
+    // baton.replies is direct, and write permission is per exchange, so the broker takes a
+    // service's reply with any key: the orchestrator refuses one that is not from the step's
+    // service (a_forged_reply_is_refused_by_the_orchestrator_...). Nothing of the gateway's is
+    // bound there: a would-be outcome on baton.replies is returned unroutable.
     let records = connect(&users.url("records"), "records").await;
     let mut reply = command("records");
     reply.exchange = REPLIES.into();
     reply.routing_key = "orchestrator".into();
-    publish(&records, &reply).await.expect("per-exchange permissions let records reply with any key");
+    publish(&records, &reply).await.expect("per-exchange permissions let records publish with any key");
     let forged = probe(REPLIES, "gateway.main", baton_protocol::START_REPLY);
     let err = publish(&records, &forged).await.expect_err("no gateway queue is bound to baton.replies");
     assert!(err.contains("unroutable"), "returned as unroutable: {err}");
@@ -324,65 +335,106 @@ async fn the_events_mode_runs_with_one_user_per_component() {
     whole_system(Mode::Events).await;
 }
 
+/// The components of `cfg.mode` but `skip`, each under its own user of `users`, in this process.
+struct Running {
+    http: std::net::SocketAddr,
+    cancel: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+    client: reqwest::Client,
+    /// The config the services were started with (to start a skipped one later).
+    cfg: SystemConfig,
+}
+
+impl Running {
+    async fn start(env: &TestEnv, users: &Users, cfg: SystemConfig, skip: &[Service]) -> Running {
+        let cancel = CancellationToken::new();
+        let mut running = Running {
+            http: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            cancel,
+            tasks: JoinSet::new(),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            cfg,
+        };
+        for s in Service::ALL.into_iter().filter(|s| !skip.contains(s)) {
+            running.start_service(env, users, s);
+        }
+        let cfg = &running.cfg;
+        if cfg.mode == Mode::Workflow {
+            let mut orchestrator = orchestrator_options(env, &cfg.workflows);
+            orchestrator.amqp_url = users.url("orchestrator");
+            orchestrator.health = cfg.health.clone();
+            running.tasks.spawn(baton_orchestrator::run(orchestrator, running.cancel.clone()));
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        let gateway = baton_gateway::Options {
+            amqp_url: users.url("gateway"),
+            http,
+            max_in_flight: 100,
+            ..baton_tests::node_config(env, cfg).gateway_options()
+        };
+        running.tasks.spawn(baton_gateway::serve(listener, gateway, running.cancel.clone()));
+        running.http = http;
+        let health = format!("http://{http}/health");
+        wait_for("the gateway's /health", Duration::from_secs(20), || {
+            let (c, url) = (running.client.clone(), health.clone());
+            async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        if let Some(Ok(Err(e))) = running.tasks.try_join_next() {
+            panic!("a component stopped at start-up: {e:#}");
+        }
+        running
+    }
+
+    fn start_service(&mut self, env: &TestEnv, users: &Users, s: Service) {
+        let mut opts = service_options(env, &self.cfg);
+        opts.amqp_url = users.url(s.name());
+        self.tasks.spawn(baton_services::run(s, self.cfg.services.clone(), opts, self.cancel.clone()));
+    }
+
+    /// `POST /spaces` (a future of its own, so that it can wait in a task).
+    fn create(&self, name: &str) -> impl std::future::Future<Output = (u16, Value)> + Send + 'static {
+        let (c, url) = (self.client.clone(), format!("http://{}/spaces", self.http));
+        let body = serde_json::json!({"name": name, "owner": "ada"});
+        async move {
+            let r = c.post(url).json(&body).send().await.expect("POST /spaces");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    }
+
+    /// Stop every component; each must have run cleanly.
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        let all = async {
+            while let Some(r) = self.tasks.join_next().await {
+                r.expect("component task").expect("component ran cleanly");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all).await.expect("components stop within 20 s");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 async fn whole_system(mode: Mode) {
     let env = TestEnv::new().await;
     let users = Users::create(&env).await;
     import_topology(&env).await;
 
     let cfg = SystemConfig { mode, deadline: Duration::from_secs(20), ..SystemConfig::default() };
-    let cancel = CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    for s in Service::ALL {
-        let mut opts = service_options(&env, &cfg);
-        opts.amqp_url = users.url(s.name());
-        tasks.spawn(baton_services::run(s, cfg.services.clone(), opts, cancel.clone()));
-    }
-    if mode == Mode::Workflow {
-        let mut orchestrator = orchestrator_options(&env, &cfg.workflows);
-        orchestrator.amqp_url = users.url("orchestrator");
-        orchestrator.health = cfg.health.clone();
-        tasks.spawn(baton_orchestrator::run(orchestrator, cancel.clone()));
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = listener.local_addr().unwrap();
-    let gateway = baton_gateway::Options {
-        amqp_url: users.url("gateway"),
-        http,
-        max_in_flight: 100,
-        ..baton_tests::node_config(&env, &cfg).gateway_options()
-    };
-    tasks.spawn(baton_gateway::serve(listener, gateway, cancel.clone()));
-
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let health = format!("http://{http}/health");
-    wait_for("the gateway's /health", Duration::from_secs(20), || {
-        let (c, url) = (client.clone(), health.clone());
-        async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-    })
-    .await;
-    if let Some(Ok(Err(e))) = tasks.try_join_next() {
-        panic!("a component stopped at start-up: {e:#}");
-    }
-
-    let create = |name: &'static str| {
-        let c = client.clone();
-        async move {
-            let r = c
-                .post(format!("http://{http}/spaces"))
-                .json(&serde_json::json!({"name": name, "owner": "ada"}))
-                .send()
-                .await
-                .expect("POST /spaces");
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let (status, body) = create("least-privilege").await;
+    let running = Running::start(&env, &users, cfg, &[]).await;
+    let client = running.client.clone();
+    let (status, body) = running.create("least-privilege").await;
     assert_eq!(status, 200, "{mode}: {body}");
     let space_id = body["id"].as_str().expect("the space's id").to_owned();
     // A refusal at routing: in events mode routing emits space.rejected, which its user may.
-    let (status, body) = create("admin").await;
+    let (status, body) = running.create("admin").await;
     assert_eq!((status, body["step"].as_str()), (409, Some("routing")), "{mode}: {body}");
 
     // Every component connected as its own user (the management API lists connections after
@@ -407,13 +459,7 @@ async fn whole_system(mode: Mode) {
         );
     }
 
-    cancel.cancel();
-    let all = async {
-        while let Some(r) = tasks.join_next().await {
-            r.expect("component task").expect("component ran cleanly");
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), all).await.expect("components stop within 20 s");
+    running.stop().await;
     // Workflow mode rolls the refusal back; events mode leaves the steps before routing behind,
     // by design (reconcile's job), so only the space that succeeded is checked there.
     let report = env.audit();
@@ -540,4 +586,269 @@ async fn broker_users_script_writes_urls_that_work_and_are_limited() {
     );
     assert_refused("records consuming placement.commands", consume(&records, "placement.commands").await);
     records.close().await;
+}
+
+/// Look at the first message of `queue` and leave it there (the management API's get with
+/// requeue): the command it holds.
+async fn peek(env: &TestEnv, queue: &str) -> StepCommand {
+    let r = client()
+        .post(format!("{}/api/queues/{}/{queue}/get", mgmt_base(), env.vhost))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}))
+        .send()
+        .await
+        .expect("management API");
+    let list: Value = r.json().await.expect("a JSON list");
+    let payload = list[0]["payload"].as_str().unwrap_or_else(|| panic!("a message in {queue}: {list}"));
+    serde_json::from_str(payload).expect("a JSON payload")
+}
+
+/// The reply routing would give to `cmd`, claiming to be routing by its `app_id`, whoever
+/// publishes it: a route the real routing never made.
+fn forged_reply(cmd: &StepCommand, app_id: &str) -> Outgoing {
+    let body = StepReply {
+        schema: SCHEMA,
+        saga_id: cmd.saga_id,
+        space_id: cmd.space_id,
+        step: Service::Routing,
+        action: Action::Do,
+        attempt: cmd.attempt,
+        index: cmd.index,
+        outcome: Outcome::Done,
+        status: None,
+        reason: None,
+        data: Context { route: Some("forged.example".into()), ..Default::default() },
+    };
+    let kind = baton_protocol::reply_type(Service::Routing.do_type());
+    Outgoing::new(REPLIES, topology::ORCHESTRATOR, &kind, cmd.saga_id, app_id, TraceParent::new_root(), &body)
+}
+
+/// The one dead-lettered message of `queue`'s DLQ, once there: its reason.
+async fn dead_reason_of(env: &TestEnv, queue: &str) -> String {
+    let dlq = topology::dead_letter_queue(queue);
+    wait_for(&format!("a message in {dlq}"), WAIT, || async {
+        (env.queue_depth(&dlq).await == Some(1)).then_some(())
+    })
+    .await;
+    let dead = env.take_messages(&dlq, 1).await;
+    dead[0]["properties"]["headers"]["x-baton-dead-reason"].as_str().expect("a reason").to_owned()
+}
+
+/// Records' broker user sends the orchestrator routing's reply (with `app_id` routing) for a
+/// saga that waits on routing: the broker takes it (records may write baton.replies), the
+/// orchestrator dead-letters it, naming both users, and the client is answered only once the
+/// real routing replied, with the real route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_reply_is_refused_by_the_orchestrator_and_the_saga_ends_by_the_real_one() {
+    let env = TestEnv::new().await;
+    let users = Users::create(&env).await;
+    import_topology(&env).await;
+    let cfg = SystemConfig { deadline: Duration::from_secs(60), ..SystemConfig::default() };
+    let mut running = Running::start(&env, &users, cfg, &[Service::Routing]).await;
+    let request = tokio::spawn(running.create("forged-reply"));
+    wait_for("the saga to wait on routing", WAIT, || async {
+        (env.queue_depth("routing.commands").await == Some(1)).then_some(())
+    })
+    .await;
+    let cmd = peek(&env, "routing.commands").await;
+
+    let records = connect(&users.url("records"), "records").await;
+    publish(&records, &forged_reply(&cmd, "routing")).await.expect("the broker takes records' reply");
+    records.close().await;
+    assert_eq!(
+        dead_reason_of(&env, topology::ORCHESTRATOR_REPLIES).await,
+        format!(
+            "a `routing.route.reply` message came from records (broker user {}), but only routing \
+             (broker user {}) may send it",
+            users.name("records"),
+            users.name("routing")
+        )
+    );
+    assert!(!request.is_finished(), "the client is not answered on a forged reply");
+
+    running.start_service(&env, &users, Service::Routing);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .expect("an answer within 30 s of routing's start")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let route = body["route"].as_str().expect("a route");
+    assert_ne!(route, "forged.example", "the route is the real routing's: {body}");
+    running.stop().await;
+    let report = env.audit();
+    assert!(
+        report.violations.is_empty(),
+        "one route for the space, made by routing: {:?}",
+        report.violations
+    );
+}
+
+/// A publisher cannot claim another broker user: records' connection sending a message whose
+/// `user_id` is routing's closes the channel with PRECONDITION_FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_user_id_is_refused_by_the_broker() {
+    let env = TestEnv::new().await;
+    let users = Users::create(&env).await;
+    import_topology(&env).await;
+    let records = connect(&users.url("records"), "records").await;
+    let ch = records.channel().await.expect("a channel");
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let cmd = StepCommand {
+        schema: SCHEMA,
+        saga_id: Uuid::new_v4(),
+        space_id: Uuid::new_v4(),
+        step: Service::Routing,
+        action: Action::Do,
+        attempt: 1,
+        index: Some(3),
+        context: Context::default(),
+    };
+    let msg = forged_reply(&cmd, "routing");
+    let props = BasicProperties::default()
+        .with_message_id(msg.message_id.to_string().into())
+        .with_type(msg.kind.as_str().into())
+        .with_app_id("routing".into())
+        .with_user_id(users.name("routing").into());
+    let sent = async {
+        let confirm = ch
+            .basic_publish(
+                REPLIES.into(),
+                topology::ORCHESTRATOR.into(),
+                BasicPublishOptions::default(),
+                msg.body.as_bytes(),
+                props,
+            )
+            .await?;
+        confirm.await
+    };
+    let err = tokio::time::timeout(WAIT, sent)
+        .await
+        .expect("a verdict within 15 s")
+        .expect_err("a user_id of another user is refused");
+    let err = err.to_string();
+    assert!(err.contains("PRECONDITION_FAILED") && err.contains("user_id"), "{err}");
+    assert_eq!(env.queue_depth(topology::ORCHESTRATOR_REPLIES).await, Some(0), "nothing reached it");
+    records.close().await;
+}
+
+/// The binding detour is closed: records' user may not bind the orchestrator's command queue
+/// to baton.events (where it may publish, so it could start a saga of its own), nor any other
+/// component's queue anywhere, nor declare or delete one, nor bind its own event queue to an
+/// event it does not react to. Each is refused with ACCESS_REFUSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_start_by_binding_is_refused_by_the_broker() {
+    let env = TestEnv::new().await;
+    let users = Users::create(&env).await;
+    import_topology(&env).await;
+    let records = connect(&users.url("records"), "records").await;
+    let bind = |queue: &'static str, exchange: &'static str, key: &'static str| {
+        let records = records.clone();
+        async move {
+            let ch = records.channel().await.map_err(|e| e.to_string())?;
+            let opts = QueueBindOptions::default();
+            let bound = ch.queue_bind(queue.into(), exchange.into(), key.into(), opts, FieldTable::default());
+            tokio::time::timeout(WAIT, bound).await.expect("an answer within 15 s").map_err(|e| e.to_string())
+        }
+    };
+    assert_refused(
+        "records binding orchestrator.commands to baton.events",
+        bind("orchestrator.commands", EVENTS, events::CREATED).await,
+    );
+    assert_refused(
+        "records binding placement.commands to baton.commands",
+        bind("placement.commands", COMMANDS, "records").await,
+    );
+    assert_refused(
+        "records binding its event queue to space.ready",
+        bind("records.events", EVENTS, events::READY).await,
+    );
+    bind("records.events", EVENTS, events::REQUESTED)
+        .await
+        .expect("records binds its own queue to its trigger");
+    let ch = records.channel().await.unwrap();
+    let deleted = ch.queue_delete("orchestrator.commands".into(), QueueDeleteOptions::default()).await;
+    assert_refused("records deleting orchestrator.commands", deleted.map_err(|e| e.to_string()));
+    let ch = records.channel().await.unwrap();
+    let declared = ch
+        .queue_declare("orchestrator.commands".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await;
+    assert_refused("records declaring orchestrator.commands", declared.map_err(|e| e.to_string()));
+    let ch = records.channel().await.unwrap();
+    let deleted = ch.exchange_delete(EVENTS.into(), ExchangeDeleteOptions::default()).await;
+    assert_refused("records deleting baton.events", deleted.map_err(|e| e.to_string()));
+    // And so the one route it had: a space.created it may publish reaches no command queue.
+    let mut start = event(events::CREATED);
+    start.kind = baton_protocol::START.into();
+    publish(&records, &start).await.expect("records may publish space.created");
+    assert_eq!(env.queue_depth("orchestrator.commands").await, Some(0), "no start reached the orchestrator");
+    records.close().await;
+}
+
+/// With one shared broker user (the demo's guest), the sender is known by its `app_id`: a
+/// reply that says it comes from records is refused as routing's, and an outcome that does not
+/// come from the orchestrator is refused by the gateway; the saga still ends by routing's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_user_a_reply_from_another_component_is_refused_by_name() {
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig {
+        skip: vec![Service::Routing],
+        deadline: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let sys = baton_tests::System::start(&env, cfg).await;
+    let http = sys.http;
+    let request = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(format!("http://{http}/spaces"))
+            .json(&json!({"name": "by-name", "owner": "ada"}))
+            .send()
+            .await
+            .expect("POST /spaces");
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+    });
+    wait_for("the saga to wait on routing", WAIT, || async {
+        (env.queue_depth("routing.commands").await == Some(1)).then_some(())
+    })
+    .await;
+    let cmd = peek(&env, "routing.commands").await;
+    let guest = env.broker().await;
+    publish(&guest, &forged_reply(&cmd, "records")).await.expect("guest may publish anything");
+    assert_eq!(
+        dead_reason_of(&env, topology::ORCHESTRATOR_REPLIES).await,
+        "a `routing.route.reply` message came from records (by its app_id), but only routing \
+         (by app_id: the components share broker user guest) may send it"
+    );
+    let outcome = SagaOutcome {
+        schema: SCHEMA,
+        saga_id: cmd.saga_id,
+        space_id: cmd.space_id,
+        status: 200,
+        space: None,
+        error: None,
+    };
+    let forged = Outgoing::new(
+        OUTCOMES,
+        "gateway.main",
+        baton_protocol::START_REPLY,
+        cmd.saga_id,
+        "records",
+        TraceParent::new_root(),
+        &outcome,
+    );
+    publish(&guest, &forged).await.expect("guest may publish an outcome");
+    let reason = dead_reason_of(&env, "gateway.main.outcomes").await;
+    assert!(reason.contains("came from records (by its app_id), but only orchestrator"), "{reason}");
+    assert!(!request.is_finished(), "the client is not answered on a forged reply or outcome");
+    guest.close().await;
+
+    let routing = baton_tests::spawn_service(&env, Service::Routing, &SystemConfig::default());
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .expect("an answer within 30 s of routing's start")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["route"].as_str(), Some("forged.example"), "{body}");
+    routing.0.cancel();
+    routing.1.await.unwrap().expect("routing ran cleanly");
+    sys.stop().await;
 }

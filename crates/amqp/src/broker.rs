@@ -257,9 +257,9 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
     }
 }
 
-/// Declare the exchanges, the shared work queues and `extra` on `conn`, bounded.
+/// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues), bounded.
 async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-    // Every component declares the whole topology at start. When two declare the same new
+    // Every component creates what is missing at start. When two declare the same new
     // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
     // node … is down or inaccessible") while the other's creation is under way (seen on CI).
     // That is no failure of the topology: declare again, on a fresh channel, a few times.
@@ -282,16 +282,7 @@ fn created_concurrently(e: &AmqpError) -> bool {
 }
 
 async fn declare_once(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-    let declare = async {
-        let ch = conn.create_channel().await?;
-        topology::declare_exchanges(&ch).await?;
-        for q in topology::shared_queues().iter().chain(extra) {
-            topology::declare_work_queue(&ch, q).await?;
-        }
-        let _ = ch.close(200, "declared".into()).await;
-        Ok(())
-    };
-    match tokio::time::timeout(DECLARE_PATIENCE, declare).await {
+    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra)).await {
         Ok(done) => done,
         Err(_) => {
             Err(AmqpError::NoAnswer { what: "the topology's declarations", secs: DECLARE_PATIENCE.as_secs() })
@@ -520,8 +511,8 @@ impl Broker {
         }
     }
 
-    /// Declare the exchanges, the shared work queues and `extra` (this instance's own queues),
-    /// now and on every new connection after this one.
+    /// Declare and bind `extra` (this instance's own queues) and make sure the rest of the
+    /// topology exists ([`topology::declare`]), now and on every new connection after this one.
     pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
         let conn = self.live().await?;
         redeclare(&conn, extra).await?;

@@ -92,8 +92,13 @@ pub async fn list(broker: &Broker, queues: &[QueueSpec], peek: u16) -> Result<Ve
 
 /// Move up to `max` messages from `<queue>.dlq` back to `queue`, each confirmed before its
 /// dead copy is acked. The dead-letter headers go; a replay counter comes. Returns how many.
+///
+/// A replayed message is the replaying user's publish (its `user_id`, which the broker checks):
+/// under one user per component, a reply, start or outcome replayed by an operator is not its
+/// component's, and its consumer dead-letters it again ([`crate::Identity`]).
 pub async fn replay(broker: &Broker, queue: &str, max: usize) -> Result<usize, AmqpError> {
     let dlq = topology::dead_letter_queue(queue);
+    let user = crate::identity::broker_user(broker.url());
     let ch = broker.channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut moved = 0;
@@ -109,6 +114,7 @@ pub async fn replay(broker: &Broker, queue: &str, max: usize) -> Result<usize, A
                 match k.as_str() {
                     headers::DEAD_REASON
                     | headers::DEAD_QUEUE
+                    | headers::DEAD_USER
                     | "x-death"
                     | "x-first-death-exchange"
                     | "x-first-death-queue"
@@ -128,7 +134,7 @@ pub async fn replay(broker: &Broker, queue: &str, max: usize) -> Result<usize, A
                 queue.into(),
                 BasicPublishOptions { mandatory: true, ..Default::default() },
                 &m.delivery.data,
-                props.clone().with_headers(h),
+                props.clone().with_headers(h).with_user_id(user.as_str().into()),
             )
             .await?;
         PendingConfirm::from(confirm)

@@ -1,6 +1,7 @@
 //! The envelope of the design, built in exactly one place ([`properties`], from an [`Outgoing`]
 //! message) and checked in exactly one place ([`Envelope::from_delivery`]); a body is decoded in
-//! one place too ([`Envelope::decode`]).
+//! one place too ([`Envelope::decode`]). Who sent it is judged in one place as well,
+//! [`crate::Identity::expect`], from the `user_id` set here.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,10 +22,15 @@ pub mod headers {
     pub const DEAD_REASON: &str = "x-baton-dead-reason";
     /// The queue it was dead-lettered from.
     pub const DEAD_QUEUE: &str = "x-baton-dead-queue";
+    /// The broker user that sent it (its `user_id`): the dead copy is published by the
+    /// component that dead-lettered it, under that component's own user.
+    pub const DEAD_USER: &str = "x-baton-dead-user-id";
 }
 
-/// The AMQP properties of the design for `msg`: persistent, JSON, ids, sender, time, trace.
-pub(crate) fn properties(msg: &Outgoing) -> BasicProperties {
+/// The AMQP properties of the design for `msg`, sent as broker user `user`: persistent, JSON,
+/// ids, sender (`app_id`, and `user_id`, which the broker checks against the connection's user),
+/// time, trace.
+pub(crate) fn properties(msg: &Outgoing, user: &str) -> BasicProperties {
     let mut h = FieldTable::default();
     h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(msg.traceparent.0.as_str().into()));
     h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(msg.attempt)));
@@ -43,6 +49,7 @@ pub(crate) fn properties(msg: &Outgoing) -> BasicProperties {
                 .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
         )
         .with_app_id(msg.app_id.as_str().into())
+        .with_user_id(user.into())
         .with_headers(h);
     if let Some(r) = &msg.reply_to {
         p = p.with_reply_to(r.as_str().into());
@@ -58,6 +65,8 @@ pub struct Envelope {
     pub correlation_id: Option<Uuid>,
     pub kind: String,
     pub app_id: Option<String>,
+    /// The broker user that published it, checked by the broker ([`crate::Identity`]).
+    pub user_id: Option<String>,
     pub reply_to: Option<String>,
     pub mode: Option<String>,
     pub attempt: u32,
@@ -130,6 +139,7 @@ impl Envelope {
             correlation_id,
             kind,
             app_id: short(properties.app_id()),
+            user_id: short(properties.user_id()),
             reply_to: short(properties.reply_to()),
             mode: header_string(properties, headers::MODE),
             attempt,
@@ -170,12 +180,21 @@ impl Envelope {
 
 /// `a`, `a and b`, `a, b and c`.
 fn listed(items: &[impl AsRef<str>]) -> String {
+    joined(items, "and")
+}
+
+/// `a`, `a or b`, `a, b or c`.
+pub(crate) fn listed_or(items: &[impl AsRef<str>]) -> String {
+    joined(items, "or")
+}
+
+fn joined(items: &[impl AsRef<str>], word: &str) -> String {
     match items {
         [] => "nothing".into(),
         [one] => one.as_ref().to_owned(),
         [init @ .., last] => {
             let init: Vec<&str> = init.iter().map(AsRef::as_ref).collect();
-            format!("{} and {}", init.join(", "), last.as_ref())
+            format!("{} {word} {}", init.join(", "), last.as_ref())
         }
     }
 }
@@ -207,7 +226,8 @@ mod tests {
     #[test]
     fn properties_round_trip_through_the_checks() {
         let o = out();
-        let env = Envelope::from_delivery(&properties(&o), o.body.as_bytes(), false).unwrap();
+        let env =
+            Envelope::from_delivery(&properties(&o, "baton-orchestrator"), o.body.as_bytes(), false).unwrap();
         assert_eq!(env.message_id, o.message_id);
         assert_eq!(env.correlation_id, Some(o.correlation_id));
         assert_eq!(env.kind, "records.create");
@@ -215,21 +235,24 @@ mod tests {
         assert_eq!(env.mode.as_deref(), Some("workflow"));
         assert_eq!(env.attempt, 2);
         assert_eq!(env.traceparent, o.traceparent);
-        assert_eq!(*properties(&o).delivery_mode(), Some(2), "persistent");
+        assert_eq!(env.user_id.as_deref(), Some("baton-orchestrator"), "the sender's broker user");
+        assert_eq!(*properties(&o, "baton-orchestrator").delivery_mode(), Some(2), "persistent");
     }
 
     #[test]
     fn bad_envelopes_are_named() {
         let o = out();
-        let no_id = properties(&o).with_message_id("".into());
+        let no_id = properties(&o, "baton-orchestrator").with_message_id("".into());
         assert!(Envelope::from_delivery(&no_id, b"{}", false).unwrap_err().contains("no message_id"));
-        let bad_id = properties(&o).with_message_id("abc".into());
+        let bad_id = properties(&o, "baton-orchestrator").with_message_id("abc".into());
         assert!(Envelope::from_delivery(&bad_id, b"{}", false).unwrap_err().contains("not a UUID"));
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(
-            Envelope::from_delivery(&properties(&o), &big, false).unwrap_err().contains("over the limit")
+            Envelope::from_delivery(&properties(&o, "baton-orchestrator"), &big, false)
+                .unwrap_err()
+                .contains("over the limit")
         );
-        let xml = properties(&o).with_content_type("text/xml".into());
+        let xml = properties(&o, "baton-orchestrator").with_content_type("text/xml".into());
         assert!(Envelope::from_delivery(&xml, b"{}", false).unwrap_err().contains("text/xml"));
     }
 
@@ -238,7 +261,7 @@ mod tests {
         use baton_protocol::RetrySaga;
         let o = out();
         let decode = |kind: &str, body: &str| {
-            let p = properties(&o).with_type(kind.into());
+            let p = properties(&o, "baton-orchestrator").with_type(kind.into());
             let env = Envelope::from_delivery(&p, body.as_bytes(), false).unwrap();
             env.decode::<RetrySaga>("q", &["a.retry", "b.retry", "c.retry"]).map_err(|e| e.to_string())
         };

@@ -6,14 +6,16 @@
 //! as an [`Envelope`], each in one place), publishing with publisher confirms in a window
 //! ([`Publisher`], which is also how `baton-store`'s outbox relay reaches the broker: it
 //! implements `baton_store::relay::Publish`), and consuming with ack-after-commit,
-//! dead-lettering of bad input and store outages waited out in place ([`consume`]).
+//! dead-lettering of bad input and store outages waited out in place ([`consume`]), and who
+//! sent a message ([`Identity`]: the broker user in `user_id`, or the `app_id` on a shared user).
 //!
 //! Must not touch: SQLite, business rules, saga state. Handlers get an [`Envelope`] and answer
 //! with a [`HandleError`] that says what to do with the delivery (a store's error converts to
 //! one); this crate does the acking.
 //!
 //! Layout: `broker` (connection owner), `topology` (names and declarations), `envelope`,
-//! `publisher`, `consumer`, `health` (the broker's readiness check).
+//! `identity` (the sender check), `publisher`, `consumer`, `health` (the broker's readiness
+//! check).
 
 mod broker;
 mod consumer;
@@ -21,6 +23,7 @@ pub mod dlq;
 mod envelope;
 mod error;
 pub mod health;
+mod identity;
 mod publisher;
 pub mod tls;
 pub mod topology;
@@ -30,4 +33,5 @@ pub use consumer::{ConsumerConfig, HandleError, consume};
 pub use envelope::dead_reason;
 pub use envelope::{Envelope, Outgoing, TraceParent, headers};
 pub use error::{AmqpError, PublishError};
+pub use identity::{Identity, Sender, broker_user};
 pub use publisher::{PendingConfirm, Publisher};

@@ -1,6 +1,7 @@
 //! Publishing with publisher confirms: persistent, `mandatory`, and a returned or nacked message
 //! counts as a failure. A caller may publish many messages and then await their confirms (the
-//! window), instead of waiting for each in turn.
+//! window), instead of waiting for each in turn. Every message carries the publisher's broker
+//! user as its `user_id`, which the broker checks: it names the sender ([`crate::Identity`]).
 
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
+    /// The broker user of the connection: every message's `user_id`.
+    user: Arc<str>,
     /// The channel, and the generation of the connection it was opened on.
     chan: Arc<Mutex<Option<(Channel, u64)>>>,
 }
@@ -72,7 +75,8 @@ impl PendingConfirm {
 
 impl Publisher {
     pub fn new(broker: Broker) -> Self {
-        Publisher { broker, chan: Arc::new(Mutex::new(None)) }
+        let user = crate::identity::broker_user(broker.url()).into();
+        Publisher { broker, user, chan: Arc::new(Mutex::new(None)) }
     }
 
     async fn channel(&self) -> Result<(Channel, u64), PublishError> {
@@ -103,7 +107,7 @@ impl Publisher {
             msg.routing_key.as_str().into(),
             BasicPublishOptions { mandatory: true, ..Default::default() },
             msg.body.as_bytes(),
-            crate::envelope::properties(msg),
+            crate::envelope::properties(msg, &self.user),
         );
         // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
         // without a word must not hold the caller forever.
@@ -143,11 +147,17 @@ impl Publisher {
     pub fn broker(&self) -> &Broker {
         &self.broker
     }
+
+    /// The broker user this publisher sends as (every message's `user_id`).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
 }
 
 impl Publisher {
     /// Publish a copy of a delivery to the dead-letter exchange, with the reason in a header,
-    /// and wait for the confirm.
+    /// and wait for the confirm. The copy is this component's publish: its `user_id` is this
+    /// publisher's user (the broker would refuse the sender's), the sender's is kept in a header.
     pub(crate) async fn dead_letter(
         &self,
         queue: &str,
@@ -159,7 +169,14 @@ impl Publisher {
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(crate::headers::DEAD_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(crate::headers::DEAD_QUEUE.into(), AMQPValue::LongString(queue.into()));
-        let props = properties.clone().with_headers(headers).with_delivery_mode(2);
+        if let Some(sender) = properties.user_id() {
+            headers.insert(crate::headers::DEAD_USER.into(), AMQPValue::LongString(sender.as_str().into()));
+        }
+        let props = properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_user_id(self.user.as_ref().into());
         let dlq = crate::topology::dead_letter_queue(queue);
         let (ch, _) = self.channel().await?;
         let confirm = ch

@@ -1,6 +1,10 @@
-//! The names and the declarations of the design's topology. Every component declares all of it
-//! at start-up (declarations are idempotent), so a publish is routable whichever component
-//! started first.
+//! The names and the declarations of the design's topology. At start-up every component
+//! declares and binds its own queues, and makes sure the rest exists ([`declare`]): the
+//! exchanges and the other components' queues are checked with passive declarations, which need
+//! no permission, and created only where missing. So a publish is routable whichever component
+//! started first, and under one broker user per component (`broker/permissions.json`) none may
+//! declare, bind or delete another's queue: there the operator's import
+//! (`broker/definitions.json`) has made them.
 //!
 //! One exchange more than the design's four: [`OUTCOMES`], where the orchestrator answers the
 //! gateway. Write permission is per exchange, so keeping the outcomes off [`REPLIES`] (where
@@ -9,7 +13,7 @@
 use baton_protocol::Service;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::AmqpError;
 
@@ -118,24 +122,87 @@ fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
+/// The five exchanges and their kinds.
+const EXCHANGES: [(&str, ExchangeKind); 5] = [
+    (COMMANDS, ExchangeKind::Direct),
+    (REPLIES, ExchangeKind::Direct),
+    (OUTCOMES, ExchangeKind::Direct),
+    (EVENTS, ExchangeKind::Topic),
+    (DLX, ExchangeKind::Direct),
+];
+
+async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), AmqpError> {
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|source| AmqpError::Declare { what: format!("exchange {name}"), source })
+}
+
 /// Declare the five exchanges.
 pub async fn declare_exchanges(ch: &Channel) -> Result<(), AmqpError> {
-    for (name, kind) in [
-        (COMMANDS, ExchangeKind::Direct),
-        (REPLIES, ExchangeKind::Direct),
-        (OUTCOMES, ExchangeKind::Direct),
-        (EVENTS, ExchangeKind::Topic),
-        (DLX, ExchangeKind::Direct),
-    ] {
-        ch.exchange_declare(
-            name.into(),
-            kind,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| AmqpError::Declare { what: format!("exchange {name}"), source })?;
+    for (name, kind) in EXCHANGES {
+        declare_exchange(ch, name, kind).await?;
     }
+    Ok(())
+}
+
+/// The component a queue belongs to: the first part of its name (`records.commands`,
+/// `gateway.main.outcomes`, `orchestrator.replies`). Its broker user alone may declare it.
+pub fn owner(queue: &str) -> &str {
+    queue.split('.').next().unwrap_or(queue)
+}
+
+/// The shared work queues of `component` ([`shared_queues`]): a service's command and event
+/// queues, the orchestrator's command queue.
+pub fn queues_of(component: &str) -> Vec<QueueSpec> {
+    shared_queues().into_iter().filter(|q| owner(&q.name) == component).collect()
+}
+
+/// A passive declaration (no permission needed): whether the exchange or queue exists. A
+/// missing one closes the channel (404), so `ch` is replaced by a fresh one then.
+async fn present(conn: &Connection, ch: &mut Channel, exchange: bool, name: &str) -> Result<bool, AmqpError> {
+    let passive = if exchange {
+        let opts = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        ch.exchange_declare(name.into(), ExchangeKind::Direct, opts, FieldTable::default()).await
+    } else {
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        ch.queue_declare(name.into(), opts, FieldTable::default()).await.map(drop)
+    };
+    match passive {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => {
+            *ch = conn.create_channel().await?;
+            Ok(false)
+        }
+        Err(source) => Err(AmqpError::Declare { what: format!("checking {name}"), source }),
+    }
+}
+
+/// A component's topology on `conn`: its `own` queues declared and bound (idempotent, and all
+/// its permissions allow); the exchanges and every other shared queue checked passively, and
+/// declared only if missing (on a fresh vhost with a user that may: `guest`; a component under
+/// its own user is refused, and the operator's import of `broker/definitions.json` is the fix).
+pub async fn declare(conn: &Connection, own: &[QueueSpec]) -> Result<(), AmqpError> {
+    let mut ch = conn.create_channel().await?;
+    for (name, kind) in EXCHANGES {
+        if !present(conn, &mut ch, true, name).await? {
+            declare_exchange(&ch, name, kind).await?;
+        }
+    }
+    for q in shared_queues().iter().filter(|q| own.iter().all(|o| o.name != q.name)) {
+        let dlq = dead_letter_queue(&q.name);
+        if !(present(conn, &mut ch, false, &q.name).await? && present(conn, &mut ch, false, &dlq).await?) {
+            declare_work_queue(&ch, q).await?;
+        }
+    }
+    for q in own {
+        declare_work_queue(&ch, q).await?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
     Ok(())
 }
 
@@ -236,6 +303,11 @@ mod tests {
             all_queues("main").iter().all(|q| !(q.exchange == REPLIES && q.name.starts_with("gateway.")))
         );
         assert_eq!(dead_letter_queue("records.commands"), "records.commands.dlq");
+        assert_eq!(owner("gateway.main.outcomes"), "gateway");
+        assert_eq!(owner(ORCHESTRATOR_REPLIES), "orchestrator");
+        let own = |c: &str| queues_of(c).into_iter().map(|q| q.name).collect::<Vec<_>>();
+        assert_eq!(own("records"), ["records.commands", "records.events"]);
+        assert_eq!(own("orchestrator"), ["orchestrator.commands"]);
         let names: Vec<String> = shared_queues().into_iter().map(|q| q.name).collect();
         assert_eq!(
             names,

@@ -299,9 +299,12 @@ pub(crate) fn start_message(rpc: &Rpc, workflow: &str, name: String, owner: Stri
         input: Context { name, owner, ..Default::default() },
         deadline: None,
     };
-    let msg = Outgoing::new(COMMANDS, ORCHESTRATOR, START, saga_id, "bench", TraceParent::new_root(), &start)
-        .reply_to(rpc.key())
-        .mode(Mode::Workflow.as_str());
+    // Sent as the gateway (`app_id`), which the bench stands in for: the orchestrator takes a
+    // start only from a gateway, by name on the shared user the bench's vhosts use.
+    let msg =
+        Outgoing::new(COMMANDS, ORCHESTRATOR, START, saga_id, "gateway", TraceParent::new_root(), &start)
+            .reply_to(rpc.key())
+            .mode(Mode::Workflow.as_str());
     (saga_id, msg)
 }
 

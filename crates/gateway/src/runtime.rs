@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS};
 use baton_amqp::{
-    Broker, ConsumerConfig, Envelope, HandleError, Outgoing, PublishError, Publisher, TraceParent, consume,
+    Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, PublishError, Publisher, TraceParent,
+    consume,
 };
 use baton_health::{Kind, running};
 use baton_protocol::{
@@ -125,6 +126,9 @@ pub(crate) struct Gateway {
     pub waiters: AtomicU64,
     pub slots: Semaphore,
     pub reply_key: String,
+    /// Who sent a message: an outcome is taken only from an orchestrator, an event that ends a
+    /// flow only from a service that may emit it.
+    pub identity: Identity,
     /// The queue its outcomes arrive on (this mode's), named once for the reasons of rejected
     /// messages.
     pub incoming: String,
@@ -160,6 +164,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
         slots: Semaphore::new(opts.max_in_flight),
         incoming,
         reply_key: topology::reply_key(COMPONENT, &opts.instance),
+        identity: Identity::of_url(COMPONENT, broker.url()),
         opts,
         broker: broker.clone(),
         publisher: publisher.clone(),
@@ -306,12 +311,14 @@ impl Gateway {
     /// An outcome arrived: record it, then hand it to the waiting client if there is one.
     async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let outcome: SagaOutcome = env.decode(&self.incoming, &[START_REPLY])?;
+        self.identity.expect(&env, &["orchestrator"])?;
         self.record(env.message_id, outcome).await
     }
 
     /// An event that ends a space's flow arrived (events mode): make it an outcome.
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let ev: SpaceEvent = env.decode(&self.incoming, &[events::READY, events::REJECTED])?;
+        self.identity.expect(&env, &events::emitters(&env.kind))?;
         let ctx = ev.context;
         let outcome = if env.kind == events::READY {
             SagaOutcome {

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
-use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, TraceParent, consume};
+use baton_amqp::{
+    Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, Publisher, TraceParent, consume,
+};
 use baton_health::{Health, Kind, running};
 use baton_protocol::{
     Action, CANCEL, CancelSaga, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service,
@@ -61,7 +63,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
-    broker.declare_topology(std::slice::from_ref(&replies)).await?;
+    let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
+    broker.declare_topology(&own).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
@@ -77,6 +80,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
         commands: topology::command_queue(COMPONENT),
         replies: replies.name.clone(),
         reply_kinds: reply_kinds(),
+        identity: Identity::of_url(COMPONENT, broker.url()),
         workflows,
         current,
         definitions: known,
@@ -176,6 +180,9 @@ struct Core {
     commands: String,
     replies: String,
     reply_kinds: Vec<String>,
+    /// Who sent a message: a start is taken only from a gateway, a step's reply only from that
+    /// step's service.
+    identity: Identity,
     /// The workflows new sagas start on, by name.
     workflows: HashMap<String, Workflow>,
     /// The content hash of each loaded workflow, pinned to every saga it starts.
@@ -193,6 +200,10 @@ struct Meta {
     /// The hash of the definition the saga started on.
     definition: Option<String>,
 }
+
+/// The only sender of starts: the gateway (`baton_gateway::COMPONENT`, which this crate may not
+/// depend on).
+const GATEWAY: &str = topology::GATEWAY;
 
 /// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels (there,
 /// rather than on an instance's own queue, so that whichever instance is alive handles them).
@@ -258,6 +269,7 @@ impl Core {
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
+        self.identity.expect(&env, &[GATEWAY])?;
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let definition = self.current.get(&start.workflow).cloned();
@@ -346,6 +358,7 @@ impl Core {
                 reply.action.as_str()
             )));
         }
+        self.identity.expect(&env, &[reply.step.name()])?;
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
         #[cfg(feature = "crash-points")]

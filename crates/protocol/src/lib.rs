@@ -419,6 +419,19 @@ pub mod events {
     pub const READY: &str = "space.ready";
     pub const REJECTED: &str = "space.rejected";
     pub const ALL: [&str; 7] = [REQUESTED, CREATED, PLACED, LICENSED, ROUTED, READY, REJECTED];
+
+    /// The components that may emit `event` (by name): the gateway `space.requested`, each
+    /// service its done event, any service `space.rejected`. The same rule as the topic
+    /// permissions of `broker/permissions.json`; receivers check it by sender
+    /// (`baton_amqp::Identity`).
+    pub fn emitters(event: &str) -> Vec<&'static str> {
+        use crate::Service;
+        match event {
+            REQUESTED => vec!["gateway"],
+            REJECTED => Service::ALL.iter().map(|s| s.name()).collect(),
+            e => Service::ALL.iter().filter(|s| s.done_event() == e).map(|s| s.name()).collect(),
+        }
+    }
 }
 
 /// An event of the `events` mode: where a space got to, with everything it has so far. A
@@ -476,6 +489,19 @@ pub struct SagaOutcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_event_has_its_emitters() {
+        use super::{Service, events};
+        assert_eq!(events::emitters(events::REQUESTED), ["gateway"]);
+        assert_eq!(events::emitters(events::READY), ["notifier"]);
+        assert_eq!(events::emitters(events::PLACED), ["placement"]);
+        assert_eq!(events::emitters(events::REJECTED).len(), 5);
+        for s in Service::ALL {
+            assert_eq!(events::emitters(s.done_event()), [s.name()]);
+        }
+        assert!(events::emitters("space.exploded").is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use baton_amqp::topology::{self, COMMANDS};
-use baton_amqp::{Broker, ConsumerConfig, Outgoing, Publisher, TraceParent, consume};
+use baton_amqp::{Broker, ConsumerConfig, Identity, Outgoing, Publisher, TraceParent, consume};
 use baton_protocol::{Action, Context, Outcome, SCHEMA, Service, StepCommand, StepReply, reply_type};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
@@ -152,15 +152,18 @@ async fn undo_all(
     let kinds: Vec<String> =
         Service::ALL.into_iter().filter_map(Service::undo_type).map(reply_type).collect();
     let (tx, mut rx) = mpsc::unbounded_channel::<StepReply>();
+    // A reply counts only from the service whose step it answers.
+    let identity = Identity::of_url("reconcile", &opts.amqp_url);
     let cancel = CancellationToken::new();
     let listener = tokio::spawn(consume(
         broker.clone(),
         publisher.clone(),
         ConsumerConfig::new(queue.clone(), 256),
         move |env| {
-            let (tx, queue, kinds) = (tx.clone(), queue.clone(), kinds.clone());
+            let (tx, queue, kinds, identity) = (tx.clone(), queue.clone(), kinds.clone(), identity.clone());
             async move {
                 let reply: StepReply = env.decode(&queue, &kinds)?;
+                identity.expect(&env, &[reply.step.name()])?;
                 let _ = tx.send(reply);
                 Ok(())
             }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_amqp::topology::{self, EVENTS, REPLIES};
-use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
+use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, Publisher, consume};
 use baton_health::{Kind, running};
 use baton_protocol::{
     Action, Answer, Context, Mode, Outcome, SCHEMA, Service, SpaceEvent, StepCommand, events, reply_type,
@@ -76,7 +76,8 @@ pub async fn run(
     db.health().register(health, name);
     let broker = Broker::connect(&opts.amqp_url, &conn_name).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
-    broker.declare_topology(&[]).await?;
+    broker.declare_topology(&topology::queues_of(name)).await?;
+    let identity = Identity::of_url(name, broker.url());
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
     db.feed(wake.clone());
@@ -95,6 +96,7 @@ pub async fn run(
         commands: topology::command_queue(service.name()),
         events: topology::event_queue(service.name()),
         command_kinds: std::iter::once(service.do_type()).chain(service.undo_type()).collect(),
+        identity,
         step,
         db,
         wake,
@@ -171,6 +173,9 @@ struct Handler {
     commands: String,
     events: String,
     command_kinds: Vec<&'static str>,
+    /// Who sent an event ([`Identity`]): in events mode a service takes its trigger only from
+    /// the component that emits it.
+    identity: Identity,
     step: Arc<dyn Step>,
     db: Db,
     wake: Wake,
@@ -264,6 +269,7 @@ impl Handler {
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
         let event: SpaceEvent = env.decode(&self.events, &[service.trigger_event()])?;
+        self.identity.expect(&env, &events::emitters(&env.kind))?;
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
