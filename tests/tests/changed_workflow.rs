@@ -132,15 +132,33 @@ async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_ve
     });
     let second = orchestrator(&env, Some(&short), "orchestrator-2.log");
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
-    let mut statuses = Vec::new();
+    let (mut statuses, mut workflow_ids) = (Vec::new(), Vec::new());
     let all = async {
         while let Some(r) = calls.join_next().await {
-            statuses.push(r.unwrap().0);
+            let (status, body) = r.unwrap();
+            statuses.push(status);
+            workflow_ids.push(body["workflow_id"].as_str().unwrap_or_default().to_owned());
         }
     };
     tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer");
     assert_eq!(statuses, vec![200; IN_FLIGHT]);
     all_well(&env, IN_FLIGHT, &["orchestrator-1.log", "orchestrator-2.log"]).await;
+    // Each saga shows the version it ran on, finished by the second orchestrator or not: in the
+    // API and in `baton workflows show`.
+    let id = &workflow_ids[0];
+    let (status, view) = sys.get(&format!("/workflows/{id}")).await;
+    assert_eq!((status, view["definition_hash"].as_str()), (200, Some(v1.as_str())), "{view}");
+    let out = std::process::Command::new(baton_tests::baton_bin())
+        .args(["workflows", "show", id.as_str()])
+        .args(env.store_args())
+        .output()
+        .expect("baton workflows show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("definition {}", &v1[..12])),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
     assert_eq!(
         count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")),
