@@ -206,7 +206,9 @@ fn corrupt(e: impl ToString) -> StoreError {
 
 /// The saga `id`, if this database has it.
 pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
-    let row: Option<(String, i64, i64, Option<i64>, Option<String>)> = conn
+    /// state, created_at, updated_at, answer_status, definition_hash
+    type Row = (String, i64, i64, Option<i64>, Option<String>);
+    let row: Option<Row> = conn
         .query_row(
             "SELECT state, created_at, updated_at, answer_status, definition_hash FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
