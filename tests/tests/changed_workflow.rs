@@ -323,14 +323,31 @@ async fn two_instances_on_different_versions_at_once() {
     let sys = Arc::new(System::start(&env, cfg).await);
     let (old, v1) = variant(&env, "v1.json", SEQUENTIAL, |_| {});
     let (new, v2) = variant(&env, "v2.json", PARALLEL, |_| {});
-    let a = orchestrator_as(&env, "a", Some(&old), "orchestrator-a.log");
-    let b = orchestrator_as(&env, "b", Some(&new), "orchestrator-b.log");
-    // Both take starts and replies before the first request.
+    let mut a = orchestrator_as(&env, "a", Some(&old), "orchestrator-a.log");
+    let mut b = orchestrator_as(&env, "b", Some(&new), "orchestrator-b.log");
+    // Both take starts and replies before the first request. If they do not, say whether an
+    // orchestrator exited and what each logged: a timeout alone (CI, once) told nothing.
+    let started = tokio::time::Instant::now();
     for queue in ["orchestrator.commands", "orchestrator.replies"] {
-        wait_for(&format!("two consumers on {queue}"), Duration::from_secs(30), || async {
-            (env.queue_consumers(queue).await == Some(2)).then_some(())
-        })
-        .await;
+        while env.queue_consumers(queue).await != Some(2) {
+            if started.elapsed() > Duration::from_secs(30) {
+                let logs: Vec<String> = ["a", "b"]
+                    .iter()
+                    .map(|i| {
+                        let log = env.data_dir().join(format!("orchestrator-{i}.log"));
+                        format!("orchestrator-{i}.log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
+                    })
+                    .collect();
+                panic!(
+                    "no two consumers on {queue} after 30 s ({:?} now); exited: a {:?}, b {:?}\n{}",
+                    env.queue_consumers(queue).await,
+                    a.try_wait(),
+                    b.try_wait(),
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..REQUESTS {
