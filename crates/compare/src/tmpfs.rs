@@ -100,15 +100,12 @@ pub fn remove_stale_mount(dir: &Path) -> anyhow::Result<()> {
 /// the last one if several are stacked there.
 fn mounted_at(mounts: &str, dir: &Path) -> Option<String> {
     let want = dir.to_str()?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
-            // Spaces and the like are written octal-escaped (`\040`).
-            (unescape(at) == want).then(|| fstype.to_owned())
-        })
-        .last()
+    mounts.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
+        // Spaces and the like are written octal-escaped (`\040`).
+        (unescape(at) == want).then(|| fstype.to_owned())
+    })
 }
 
 fn unescape(field: &str) -> String {
