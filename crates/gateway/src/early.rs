@@ -46,7 +46,8 @@ pub(crate) fn head_too_large() -> String {
 /// head is incomplete in its buffer, so one that arrives in pieces can pass it (hyper issue
 /// 4081); the router checks again with this.
 pub(crate) fn head_size(req: &axum::http::Request<axum::body::Body>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + " HTTP/1.1\r\n".len() + 1;
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
     line + req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + 2
 }
 
