@@ -174,7 +174,9 @@ ensure_rabbitmq() {
     fi
 
     # Running?
+    local was_running=1
     if ! rabbit_ping; then
+        was_running=0
         if ! can_admin_rabbit; then
             die "RabbitMQ is installed but not running (or not reachable). Start it with: sudo rabbitmq-server -detached (or sudo systemctl start rabbitmq-server), then run this script again."
         fi
@@ -190,14 +192,21 @@ ensure_rabbitmq() {
         say "RabbitMQ is up"
     fi
 
-    # Management plugin.
+    # Management plugin. A broker that was already running is someone's: it is changed only when
+    # its plugin is off, and that is said before it is done.
     if ! mgmt_ok; then
-        if can_admin_rabbit; then
-            say "enabling the management plugin (rabbitmq-plugins enable rabbitmq_management)"
+        if ! can_admin_rabbit; then
+            warn "cannot check the management plugin as $(id -un); if it is off, run: sudo rabbitmq-plugins enable rabbitmq_management"
+        elif rabbitmq-plugins -q is_enabled rabbitmq_management >/dev/null 2>&1; then
+            say "the management plugin is enabled; its API at $BATON_MGMT_URL does not answer yet"
+        else
+            if [ "$was_running" -eq 1 ]; then
+                say "RabbitMQ was already running, without its management plugin, which Baton needs: enabling it on that broker now (rabbitmq-plugins enable rabbitmq_management; it stays enabled, 'rabbitmq-plugins disable rabbitmq_management' turns it off again)"
+            else
+                say "enabling the management plugin (rabbitmq-plugins enable rabbitmq_management)"
+            fi
             rabbitmq-plugins enable rabbitmq_management >&2 \
                 || die "could not enable the management plugin; run 'rabbitmq-plugins enable rabbitmq_management' by hand to see why."
-        else
-            warn "cannot check the management plugin as $(id -un); if it is off, run: sudo rabbitmq-plugins enable rabbitmq_management"
         fi
         say "waiting up to ${BATON_WAIT_SECS} s for the management API at $BATON_MGMT_URL"
         wait_until "$BATON_WAIT_SECS" \

@@ -133,15 +133,33 @@ async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_ve
     });
     let second = orchestrator(&env, Some(&short), "orchestrator-2.log");
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
-    let mut statuses = Vec::new();
+    let (mut statuses, mut workflow_ids) = (Vec::new(), Vec::new());
     let all = async {
         while let Some(r) = calls.join_next().await {
-            statuses.push(r.unwrap().0);
+            let (status, body) = r.unwrap();
+            statuses.push(status);
+            workflow_ids.push(body["workflow_id"].as_str().unwrap_or_default().to_owned());
         }
     };
     tokio::time::timeout(Duration::from_secs(60), all).await.expect("every client gets an answer");
     assert_eq!(statuses, vec![200; IN_FLIGHT]);
     all_well(&env, IN_FLIGHT, &["orchestrator-1.log", "orchestrator-2.log"]).await;
+    // Each saga shows the version it ran on, finished by the second orchestrator or not: in the
+    // API and in `baton workflows show`.
+    let id = &workflow_ids[0];
+    let (status, view) = sys.get(&format!("/workflows/{id}")).await;
+    assert_eq!((status, view["definition_hash"].as_str()), (200, Some(v1.as_str())), "{view}");
+    let out = std::process::Command::new(baton_tests::baton_bin())
+        .args(["workflows", "show", id.as_str()])
+        .args(env.store_args())
+        .output()
+        .expect("baton workflows show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("definition {}", &v1[..12])),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
     assert_eq!(
         count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")),
@@ -306,14 +324,31 @@ async fn two_instances_on_different_versions_at_once() {
     let sys = Arc::new(System::start(&env, cfg).await);
     let (old, v1) = variant(&env, "v1.json", SEQUENTIAL, |_| {});
     let (new, v2) = variant(&env, "v2.json", PARALLEL, |_| {});
-    let a = orchestrator_as(&env, "a", Some(&old), "orchestrator-a.log");
-    let b = orchestrator_as(&env, "b", Some(&new), "orchestrator-b.log");
-    // Both take starts and replies before the first request.
+    let mut a = orchestrator_as(&env, "a", Some(&old), "orchestrator-a.log");
+    let mut b = orchestrator_as(&env, "b", Some(&new), "orchestrator-b.log");
+    // Both take starts and replies before the first request. If they do not, say whether an
+    // orchestrator exited and what each logged: a timeout alone (CI, once) told nothing.
+    let started = tokio::time::Instant::now();
     for queue in ["orchestrator.commands", "orchestrator.replies"] {
-        wait_for(&format!("two consumers on {queue}"), Duration::from_secs(30), || async {
-            (env.queue_consumers(queue).await == Some(2)).then_some(())
-        })
-        .await;
+        while env.queue_consumers(queue).await != Some(2) {
+            if started.elapsed() > Duration::from_secs(30) {
+                let logs: Vec<String> = ["a", "b"]
+                    .iter()
+                    .map(|i| {
+                        let log = env.data_dir().join(format!("orchestrator-{i}.log"));
+                        format!("orchestrator-{i}.log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
+                    })
+                    .collect();
+                panic!(
+                    "no two consumers on {queue} after 30 s ({:?} now); exited: a {:?}, b {:?}\n{}",
+                    env.queue_consumers(queue).await,
+                    a.try_wait(),
+                    b.try_wait(),
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..REQUESTS {

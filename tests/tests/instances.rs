@@ -2,7 +2,8 @@
 //! every one a `baton run` process of its own sharing one PostgreSQL database, under load. One
 //! orchestrator is SIGKILLed mid-load and another restarted; the others go on with every saga
 //! (replies come to one shared queue, and any instance can continue any saga from the store).
-//! Every request gets a definite answer, no saga is left open, and the audit is clean.
+//! Every request gets a definite answer, no saga is left open, and the audit is clean. The
+//! services run under a fault plan, whose table two instances create at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,9 +32,12 @@ async fn ready(client: &reqwest::Client, gateway: &str) {
 async fn three_orchestrators_on_postgres_lose_nothing_when_one_is_killed_and_another_restarted() {
     let env = TestEnv::on_postgres().await;
     let mut procs: Vec<Child> = Vec::new();
+    // Under a fault plan (delays only: every answer stays definite), so that both instances of
+    // each service create the decorators' `faults` table at the same moment, as `baton compare
+    // --instances 2` does.
     for s in baton_protocol::Service::ALL {
         for i in ["i1", "i2"] {
-            procs.push(run(&env, s.name(), i, &[]));
+            procs.push(run(&env, s.name(), i, &["--faults", "delay=1ms"]));
         }
     }
     let mut orchestrators: Vec<Option<Child>> =

@@ -21,12 +21,21 @@ pub struct FakeClock {
 }
 
 impl FakeClock {
-    /// A clock at the true time, its file in `dir`; fails, saying how to fix it, without
-    /// libfaketime (`BATON_LIBFAKETIME` names it when it is elsewhere).
-    pub fn new(dir: &Path) -> anyhow::Result<FakeClock> {
+    /// libfaketime, if this machine has it (`BATON_LIBFAKETIME` names it when it is elsewhere).
+    pub fn library() -> Option<PathBuf> {
         let named = std::env::var("BATON_LIBFAKETIME").ok().filter(|s| !s.is_empty());
-        let lib = named.iter().map(String::as_str).chain(LIBFAKETIME).map(PathBuf::from).find(|p| p.exists());
-        let Some(lib) = lib else {
+        named.iter().map(String::as_str).chain(LIBFAKETIME).map(PathBuf::from).find(|p| p.exists())
+    }
+
+    /// What a run says when it skips the plan's clock items for want of libfaketime.
+    pub const MISSING: &str = "the plan jumps the orchestrator's clock, which needs libfaketime (the Debian \
+                               package `faketime`, or BATON_LIBFAKETIME naming its libfaketimeMT.so.1): \
+                               clock items skipped";
+
+    /// A clock at the true time, its file in `dir`; fails, saying how to fix it, without
+    /// libfaketime ([`FakeClock::library`]).
+    pub fn new(dir: &Path) -> anyhow::Result<FakeClock> {
+        let Some(lib) = FakeClock::library() else {
             bail!(
                 "the fault plan jumps the orchestrator's clock, which needs libfaketime: install the Debian \
                  package `faketime`, set BATON_LIBFAKETIME to its libfaketimeMT.so.1, or drop the clock items"

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -39,8 +40,19 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
             )
         })
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(head_within_limit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(gw)
+}
+
+/// 431 for a head over [`crate::early::MAX_HEAD`] that got past hyper's own check.
+async fn head_within_limit(req: Request, next: axum::middleware::Next) -> Response {
+    if crate::early::head_size(&req) > crate::early::MAX_HEAD {
+        let mut r = error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, crate::early::head_too_large());
+        r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return r;
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -188,12 +200,19 @@ fn answer_of(answer: Result<baton_protocol::SagaOutcome, Refusal>) -> Response {
 
 // The error is the response itself, built once where the input is read.
 #[allow(clippy::result_large_err)]
-fn parse_id(id: &str) -> Result<Uuid, Response> {
-    Uuid::parse_str(id).map_err(|_| error(StatusCode::BAD_REQUEST, format!("`{id}` is not a UUID")))
+fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, Response> {
+    // axum's own rejection (an id not UTF-8 once percent-decoded) is plain text.
+    let Path(id) = id.map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "the id in the path is not UTF-8 once percent-decoded; an id is a UUID".into(),
+        )
+    })?;
+    Uuid::parse_str(&id).map_err(|_| error(StatusCode::BAD_REQUEST, format!("`{id}` is not a UUID")))
 }
 
-async fn get_space(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
+async fn get_space(State(gw): State<Arc<Gateway>>, id: Result<Path<String>, PathRejection>) -> Response {
+    let id = match parse_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -229,8 +248,8 @@ async fn get_space(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn get_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
+async fn get_workflow(State(gw): State<Arc<Gateway>>, id: Result<Path<String>, PathRejection>) -> Response {
+    let id = match parse_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -251,7 +270,10 @@ const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// why when it cannot be cancelled (it ended otherwise, or is past its last compensable step),
 /// 409 in events mode, which has no saga. It is idempotent: a cancel of a saga already being
 /// cancelled, or cancelled, gets the same success as the one that stopped it.
-async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+async fn cancel_workflow(
+    State(gw): State<Arc<Gateway>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
     if gw.opts.mode == Mode::Events {
         let message = "this gateway runs the events mode, which has no saga to cancel: each service reacts to \
                        the previous one's event and nobody undoes a flow once it started (baton reconcile cleans \
@@ -262,7 +284,7 @@ async fn cancel_workflow(State(gw): State<Arc<Gateway>>, Path(id): Path<String>)
         )
             .into_response();
     }
-    let id = match parse_id(&id) {
+    let id = match parse_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };

@@ -97,8 +97,10 @@ pub fn validate(body: &[u8]) -> Result<CreateSpace, Invalid> {
         .map_err(|e| invalid(400, format!("{e}; give each field once")))?;
     let field = |name: &str| -> Result<String, Invalid> {
         match obj.get(name) {
-            None | Some(serde_json::Value::Null) => {
-                Err(invalid(422, format!("the field `{name}` is missing; {EXPECTED}")))
+            None => Err(invalid(422, format!("the field `{name}` is missing; {EXPECTED}"))),
+            // Given, so not missing: the client wrote `null` where a string belongs.
+            Some(serde_json::Value::Null) => {
+                Err(invalid(422, format!("the field `{name}` is null; it must be a string; {EXPECTED}")))
             }
             Some(serde_json::Value::String(s)) => Ok(s.clone()),
             Some(_) => Err(invalid(422, format!("the field `{name}` must be a string; {EXPECTED}"))),
@@ -247,6 +249,12 @@ mod tests {
         assert_eq!(err("[1]").status, 422);
         assert!(err(r#"{"name":"a"}"#).message.contains("`owner` is missing"));
         assert!(err(r#"{"name":1,"owner":"o"}"#).message.contains("must be a string"));
+        assert!(
+            err(r#"{"name":null,"owner":"o"}"#).message.contains("`name` is null"),
+            "{}",
+            err(r#"{"name":null,"owner":"o"}"#).message
+        );
+        assert!(err(r#"{"name":"a","owner":null}"#).message.contains("`owner` is null"));
         assert!(err(r#"{"name":"","owner":"o"}"#).message.contains("1 to 63"));
         // 40 characters, 80 bytes: the length is right, the letters are not.
         let wide = format!(r#"{{"name":"{}","owner":"o"}}"#, "é".repeat(40));

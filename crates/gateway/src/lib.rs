@@ -13,6 +13,7 @@
 //! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
 
 mod api;
+mod early;
 mod input;
 mod listing;
 mod runtime;

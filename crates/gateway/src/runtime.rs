@@ -230,7 +230,11 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(crate::early::MAX_HEAD)
+        .max_headers(crate::early::MAX_HEADERS);
     // Refusals are warned of at most every 10 s, with how many there were: a flood at the
     // limit would otherwise write a line per connection.
     let (mut refused, mut warned) = (0u64, None::<tokio::time::Instant>);
@@ -254,7 +258,7 @@ async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, canc
                         continue;
                     };
                     let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(crate::early::JsonErrors::new(stream)), service);
                     let conn = graceful.watch(conn);
                     // Watched by `graceful`, which the shutdown below waits on.
                     tokio::spawn(async move {

@@ -4,11 +4,12 @@
 //!
 //! Owns: the request plan ([`plan`]), sending it ([`run`]), with each timed-out request sent
 //! again under its `Idempotency-Key` when asked ([`Spec::retry_timeouts`]), and the statistics
-//! of the answers ([`Stats`]). Must not touch: the broker or any database; it only speaks HTTP.
+//! of the answers ([`Stats`]), and what `baton load` shows of its progress ([`Progress`]).
+//! Must not touch: the broker or any database; it only speaks HTTP.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_faults::roll;
@@ -280,6 +281,52 @@ impl Stats {
     }
 }
 
+/// What `baton load` writes of its progress on stderr. On a terminal, one line redrawn in
+/// place (`\r`) as the percentage moves, and a newline at the end; elsewhere (a log file, a
+/// pipe, CI) a whole line at most every [`Progress::EVERY`], so that a file holds no hundred
+/// fragments of a line and a short run writes nothing.
+pub struct Progress {
+    total: usize,
+    tty: bool,
+    started: Instant,
+    /// The percentage drawn last, and when the last line was written.
+    shown: Mutex<(Option<usize>, Instant)>,
+}
+
+impl Progress {
+    /// How often a line is written when stderr is not a terminal.
+    pub const EVERY: Duration = Duration::from_secs(5);
+
+    pub fn new(total: usize, tty: bool, now: Instant) -> Progress {
+        Progress { total: total.max(1), tty, started: now, shown: Mutex::new((None, now)) }
+    }
+
+    /// What to write once `done` requests are answered, at `now`, if anything.
+    pub fn after(&self, done: usize, now: Instant) -> Option<String> {
+        let pct = done * 100 / self.total;
+        let mut shown = self.shown.lock().expect("progress");
+        let line = format!("load: {done}/{} requests ({pct}%)", self.total);
+        if self.tty {
+            // Answers arrive out of order: draw each percentage once, never going back.
+            if shown.0.is_some_and(|p| p >= pct) {
+                return None;
+            }
+            shown.0 = Some(pct);
+            return Some(format!("\r{line}"));
+        }
+        if now.duration_since(shown.1) < Progress::EVERY || done >= self.total {
+            return None;
+        }
+        *shown = (Some(pct), now);
+        Some(format!("{line}, {} s\n", now.duration_since(self.started).as_secs()))
+    }
+
+    /// What to write at the end: the newline that closes a line drawn in place.
+    pub fn finish(&self) -> Option<&'static str> {
+        (self.tty && self.shown.lock().expect("progress").0.is_some()).then_some("\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +400,34 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99);
         assert_eq!(percentile(&v, 1.0), 100);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn progress_off_a_terminal_is_a_whole_line_every_few_seconds_and_nothing_for_a_short_run() {
+        let t0 = Instant::now();
+        let p = Progress::new(1000, false, t0);
+        // A run of 2 s: 1000 answers, not one line.
+        let written: Vec<String> =
+            (1..=1000).filter_map(|n| p.after(n, t0 + Duration::from_millis(2 * n as u64))).collect();
+        assert!(written.is_empty(), "{written:?}");
+        assert_eq!(p.finish(), None);
+        // A run of 20 s: a line every 5 s, each whole.
+        let p = Progress::new(1000, false, t0);
+        let written: Vec<String> =
+            (1..=1000).filter_map(|n| p.after(n, t0 + Duration::from_millis(20 * n as u64))).collect();
+        assert_eq!(written.len(), 3, "{written:?}");
+        assert!(written.iter().all(|l| l.ends_with('\n') && !l.contains('\r')), "{written:?}");
+        assert_eq!(written[0], "load: 250/1000 requests (25%), 5 s\n");
+    }
+
+    #[test]
+    fn progress_on_a_terminal_is_redrawn_in_place_once_per_percent() {
+        let t0 = Instant::now();
+        let p = Progress::new(1000, true, t0);
+        let written: Vec<String> = (1..=1000).filter_map(|n| p.after(n, t0)).collect();
+        assert_eq!(written.len(), 101, "0 % to 100 %");
+        assert!(written.iter().all(|l| l.starts_with('\r') && !l.contains('\n')));
+        assert_eq!(p.after(500, t0), None, "an answer out of order draws nothing");
+        assert_eq!(p.finish(), Some("\n"));
     }
 }

@@ -156,6 +156,9 @@ pub struct WorkflowView {
     pub id: Uuid,
     pub space_id: Uuid,
     pub workflow: String,
+    /// The version of the definition it runs on: the content hash `baton workflows versions`
+    /// lists (`None` for a saga from before versions were recorded).
+    pub definition_hash: Option<String>,
     pub status: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -203,14 +206,16 @@ fn corrupt(e: impl ToString) -> StoreError {
 
 /// The saga `id`, if this database has it.
 pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
-    let row: Option<(String, i64, i64, Option<i64>)> = conn
+    /// state, created_at, updated_at, answer_status, definition_hash
+    type Row = (String, i64, i64, Option<i64>, Option<String>);
+    let row: Option<Row> = conn
         .query_row(
-            "SELECT state, created_at, updated_at, answer_status FROM sagas WHERE saga_id = ?1",
+            "SELECT state, created_at, updated_at, answer_status, definition_hash FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
-    let Some((state, created, updated, answer)) = row else { return Ok(None) };
+    let Some((state, created, updated, answer, definition_hash)) = row else { return Ok(None) };
     let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
     let history = conn.query_map(
         "SELECT at, step, action, attempt, event, detail FROM history WHERE saga_id = ?1 ORDER BY id",
@@ -244,6 +249,7 @@ pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreEr
         id: saga.id,
         space_id: saga.space_id,
         workflow: saga.workflow.clone(),
+        definition_hash,
         status: saga.status.as_str().into(),
         created_at_ms: created,
         updated_at_ms: updated,

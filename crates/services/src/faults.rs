@@ -67,11 +67,11 @@ impl Step for FaultyStep {
         self.inner.migrations()
     }
 
-    /// Creates the `faults` table (if a former run under a plan has not), then the rule's own
-    /// configuration. Outside the numbered migrations, so that a database can run with a plan
-    /// and without one in turn.
+    /// Creates the `faults` table (if a former run under a plan, or another instance starting
+    /// now, has not), then the rule's own configuration. Outside the numbered migrations, so
+    /// that a database can run with a plan and without one in turn.
     fn configure(&self, tx: &Tx<'_>) -> Result<(), baton_store::StoreError> {
-        tx.execute_batch(TABLE)?;
+        tx.create_if_missing(TABLE)?;
         self.inner.configure(tx)
     }
 

@@ -153,6 +153,22 @@ impl Tx<'_> {
         self.conn.batch(sql)
     }
 
+    /// Run `ddl` (statements that create what is missing: `CREATE TABLE IF NOT EXISTS`...) for
+    /// a table outside the numbered migrations, one that only some runs need, under the guard
+    /// the migrations take. On PostgreSQL, `IF NOT EXISTS` does not keep two instances creating
+    /// the table at the same moment from failing ("relation already exists", a duplicate key in
+    /// `pg_type`): the schema's advisory lock, held to the end of the transaction, makes the
+    /// second wait and then find it. SQLite's write lock already serializes them.
+    pub fn create_if_missing(&self, ddl: &str) -> Result<(), StoreError> {
+        if let Conn::Postgres(_) = self.conn {
+            self.conn.query(
+                &format!("SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext('{}' || current_schema()))) AS held", crate::pg::SCHEMA_LOCK),
+                Vec::new(),
+            )?;
+        }
+        self.conn.batch(ddl)
+    }
+
     /// Whether the component's store has the table `name`: a reader of a table that only some
     /// runs create (the fault plan's `faults`) asks first.
     pub fn has_table(&self, name: &str) -> Result<bool, StoreError> {

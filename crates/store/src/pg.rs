@@ -93,11 +93,15 @@ pub(crate) fn open(
     }))
 }
 
+/// The prefix of the advisory lock's key, with the schema's name, that migrations (and
+/// [`crate::Tx::create_if_missing`]) hold.
+pub(crate) const SCHEMA_LOCK: &str = "baton schema ";
+
 /// Apply the migrations the schema lacks, counted in a table of its own as SQLite counts them
 /// in `user_version`. Instances starting together wait for each other on an advisory lock.
 fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), String> {
     let mut tx = client.transaction().map_err(|e| describe(&e))?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('baton schema ' || $1))", &[&schema])
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1 || $2))", &[&SCHEMA_LOCK, &schema])
         .map_err(|e| describe(&e))?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {s};

@@ -89,6 +89,14 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
             "(no --broker-ctl: the planned broker restart is skipped; e.g. --broker-ctl \"rabbitmqctl -n rabbit@localhost\")"
         );
     }
+    if mode == Mode::Workflow
+        && !opts.faults.clock_jumps.is_empty()
+        && baton_compare::clock::FakeClock::library().is_none()
+    {
+        eprintln!(
+            "(no libfaketime: the planned clock jumps are skipped; install the Debian package `faketime`)"
+        );
+    }
     let run = baton_compare::chaos(&opts, mode).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&run)?);

@@ -148,16 +148,18 @@ pub(super) async fn load(
     if probe.is_err() {
         bail!("no gateway answered at {gateway}; start one with `baton up` or pass --gateway");
     }
-    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = std::sync::Arc::new(baton_load::Progress::new(requests, tty, std::time::Instant::now()));
     let shown = std::sync::Arc::clone(&progress);
     let on_done: std::sync::Arc<dyn Fn(usize) + Send + Sync> = std::sync::Arc::new(move |n| {
-        let pct = n * 100 / requests.max(1);
-        if shown.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
-            eprint!("\rload: {n}/{requests} requests ({pct}%)");
+        if let Some(text) = shown.after(n, std::time::Instant::now()) {
+            eprint!("{text}");
         }
     });
     let outcome = baton_load::run(&spec, std::sync::Arc::new(|_| {}), on_done).await;
-    eprintln!();
+    if let Some(end) = progress.finish() {
+        eprint!("{end}");
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(ExitCode::SUCCESS);

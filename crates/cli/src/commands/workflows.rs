@@ -71,6 +71,10 @@ pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode>
                 return Ok(ExitCode::SUCCESS);
             }
             println!("workflow {} ({}) for space {}: {}", view.id, view.workflow, view.space_id, view.status);
+            // The version, as `baton workflows versions` shows it.
+            let hash =
+                view.definition_hash.as_deref().map_or("(none recorded)", |h| h.get(..12).unwrap_or(h));
+            println!("definition {hash}");
             if let Some(f) = &view.failure {
                 println!("failed at {} ({}): {}", f.service, f.status, f.reason);
             }
