@@ -19,8 +19,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-say "step 1/4: checking the Rust toolchain"
+say "step 1/4: checking the Rust toolchain, then formatting and lints (cargo fmt --check, clippy -D warnings)"
 ensure_rust
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 say "step 2/4: checking the local RabbitMQ and PostgreSQL, and the tools of some tests (jq, openssl, faketime)"
 ensure_rabbitmq

@@ -106,8 +106,13 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     let report = env.audit();
     // Told 504 with nothing left is the contract: consistent, and uncertain for the client.
     assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
-    let mine: Vec<Kind> =
-        report.inconsistencies.iter().chain(&report.uncertain).filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
+    let mine: Vec<Kind> = report
+        .inconsistencies
+        .iter()
+        .chain(&report.uncertain)
+        .filter(|v| v.space_id == space.to_string())
+        .map(|v| v.kind)
+        .collect();
     // Told 503 (rolled back, a definite answer) with nothing left: nothing to report.
     assert!(mine.is_empty(), "{:#?} {:#?}", report.inconsistencies, report.uncertain);
     let (code, said) = baton_audit(&env).await;

@@ -677,9 +677,10 @@ async fn a_forged_reply_is_refused_by_the_orchestrator_and_the_saga_ends_by_the_
     running.stop().await;
     let report = env.audit();
     assert!(
-        report.violations.is_empty(),
-        "one route for the space, made by routing: {:?}",
-        report.violations
+        report.inconsistencies.is_empty() && report.uncertain.is_empty(),
+        "one route for the space, made by routing: {:?} {:?}",
+        report.inconsistencies,
+        report.uncertain
     );
 }
 
