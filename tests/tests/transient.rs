@@ -113,7 +113,7 @@ async fn dead_letters(env: &TestEnv) -> Vec<(String, u64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_readiness_says_which_store() {
+async fn a_full_disk_under_load_is_answered_507_at_once_and_nothing_is_lost() {
     let env = TestEnv::new().await;
     let Some(tmpfs) = Tmpfs::mount(env.data_dir(), "48m") else { return };
     let cfg = SystemConfig { delay: Duration::from_millis(2), ..SystemConfig::default() };
@@ -128,18 +128,22 @@ async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_r
     .await;
 
     let filler = tmpfs.fill();
-    let failing =
-        wait_for("/health/ready to name a store that cannot write", Duration::from_secs(30), || async {
-            let (status, body) = get(&sys, "/health/ready").await;
-            let failing: Vec<String> = body["failing"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default();
-            (status == 503 && failing.iter().any(|f| f.contains("store writable"))).then_some(failing)
+    // New work is refused at once with a 507 (nothing started), while each store's reserve,
+    // given back on the first full write, lets the work in flight finish.
+    let mut probe = 0;
+    let refused =
+        wait_for("a new request refused with 507 while the disk is full", Duration::from_secs(30), || {
+            probe += 1;
+            let name = format!("probe-{probe}");
+            let sys = Arc::clone(&sys);
+            async move {
+                let (status, body) = sys.create(&name, &name).await;
+                (status == 507).then_some(body)
+            }
         })
         .await;
-    eprintln!("readiness during the outage: {failing:?}");
-    assert!(failing.iter().all(|f| f.contains("store writable") || f.contains("consuming")), "{failing:?}");
+    eprintln!("during the outage: {refused}");
+    assert!(refused["error"].as_str().is_some_and(|e| e.contains("free some space")), "{refused}");
     // Liveness is about dead loops and threads, not a full disk: the process must not be
     // restarted for it.
     let (live, body) = get(&sys, "/health/live").await;
@@ -172,7 +176,8 @@ async fn a_full_disk_under_load_is_waited_out_nothing_is_dead_lettered_and_the_r
     let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
     for (status, body) in &answers {
         *by_status.entry(*status).or_default() += 1;
-        assert!([200, 403, 409, 503, 504].contains(status), "not a definite answer: {status} {body}");
+        // A full disk is a 507 at once (nothing started), never a request left to time out.
+        assert!([200, 403, 409, 503, 507].contains(status), "not a definite answer: {status} {body}");
     }
     eprintln!("answers: {by_status:?}");
     assert_eq!(depth_during, vec![], "dead-lettered during the outage");
