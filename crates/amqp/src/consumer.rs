@@ -515,8 +515,13 @@ where
                 #[cfg(feature = "crash-points")]
                 baton_crash::point(baton_crash::AFTER_COMMIT_BEFORE_ACK);
                 if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
-                    // Committed but not acked: the redelivery is answered from the inbox.
-                    tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");
+                    // Committed but not acked: the redelivery is answered from the inbox. At
+                    // shutdown the connection may close under the ack: expected, no news.
+                    if on.cancel.is_cancelled() {
+                        tracing::debug!(error = %e, "ack lost to the shutdown after commit; the redelivery will be deduplicated");
+                    } else {
+                        tracing::warn!(error = %e, "ack failed after commit; the redelivery will be deduplicated");
+                    }
                 }
             }
             Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
