@@ -54,6 +54,14 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config, String> {
     Ok(config)
 }
 
+/// Set on every session. A process frozen in the middle of a transaction (SIGSTOP, a VM
+/// stall) would hold its row locks for as long as it is frozen, and stall every other instance
+/// that touches those rows: the server ends such a session after a few idle seconds, which
+/// frees its locks and rolls its work back (the frozen instance finds its connection gone when
+/// it wakes, and its deliveries were redelivered to the others). A lock still waited for after
+/// `lock_timeout` fails the statement, which is retried, rather than hold the database thread.
+const SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'; SET lock_timeout = '10s'";
+
 /// A schema name is a component's name: plain lower-case words, quoted all the same.
 fn quoted(schema: &str) -> String {
     format!("\"{}\"", schema.replace('"', "\"\""))
@@ -82,7 +90,9 @@ pub(crate) fn open(
     } else {
         migrate(&mut client, schema, migrations)?;
     }
-    client.batch_execute(&format!("SET search_path TO {}", quoted(schema))).map_err(|e| describe(&e))?;
+    client
+        .batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(schema)))
+        .map_err(|e| describe(&e))?;
     Ok(Some(PgConn {
         client,
         config: config.clone(),
@@ -154,6 +164,8 @@ pub(crate) fn is_outage(e: &postgres::Error) -> bool {
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
             SqlState::LOCK_NOT_AVAILABLE,
+            // This session was ended for idling in a transaction: it was frozen (see [`SESSION`]).
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
         ]
         .contains(code)
 }
@@ -222,7 +234,7 @@ impl PgConn {
             return Ok(());
         }
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&format!("SET search_path TO {}", quoted(&self.schema)))?;
+        client.batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(&self.schema)))?;
         tracing::info!(schema = %self.schema, "reconnected to PostgreSQL");
         self.client = client;
         self.prepared.clear();
