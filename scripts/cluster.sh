@@ -7,6 +7,8 @@
 #   scripts/cluster.sh status                 # which nodes run, and what the cluster says
 #   scripts/cluster.sh stop [N]               # stop every node (or node N) cleanly; data kept
 #   scripts/cluster.sh kill N                 # SIGKILL node N, as a crash (start brings it back)
+#   scripts/cluster.sh freeze N               # SIGSTOP node N, as a stalled machine (thaw N
+#                                             # lets it go on: SIGCONT)
 #   scripts/cluster.sh ctl N ARGS...          # rabbitmqctl ARGS against node N
 #   scripts/cluster.sh purge                  # stop every node and delete the cluster's data
 #
@@ -43,7 +45,7 @@ BIN=/usr/lib/rabbitmq/bin
 [ -x "$BIN/rabbitmq-server" ] || BIN="$(dirname "$(command -v rabbitmq-server || echo /usr/sbin/rabbitmq-server)")"
 
 usage() {
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 node() { printf '%s%s@localhost' "$NAME" "$1"; }
@@ -265,6 +267,17 @@ case "$cmd" in
             kill -KILL "$pid"
         else
             say "node $(node "$1") is not running"
+        fi
+        ;;
+    freeze | thaw)
+        node_number "${1:-}"
+        sig=STOP
+        [ "$cmd" = thaw ] && sig=CONT
+        if pid="$(pid_of "$1")"; then
+            say "${cmd}ing node $(node "$1") (SIG$sig to pid $pid)"
+            kill "-$sig" "$pid"
+        else
+            die "node $(node "$1") is not running"
         fi
         ;;
     ctl)

@@ -24,6 +24,9 @@ pub struct Cluster {
     mgmt: u16,
     dist: u16,
     http: reqwest::Client,
+    /// Nodes frozen by [`Cluster::freeze`]: their management API is not asked (it would not
+    /// answer), and Drop lets them go on before stopping them.
+    frozen: std::sync::Mutex<Vec<usize>>,
 }
 
 /// `scripts/cluster.sh`, found from this crate's directory.
@@ -63,6 +66,7 @@ impl Cluster {
             mgmt,
             dist,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            frozen: std::sync::Mutex::new(Vec::new()),
         };
         let urls = cluster.script(&["start"]).await;
         assert_eq!(urls.trim(), cluster.urls(), "the script prints the AMQP_URL to use");
@@ -109,7 +113,7 @@ impl Cluster {
     }
 
     /// The number of the node named `name`.
-    fn number(&self, name: &str) -> Option<usize> {
+    pub fn number(&self, name: &str) -> Option<usize> {
         (1..=NODES).find(|n| self.node(*n) == name)
     }
 
@@ -123,15 +127,28 @@ impl Cluster {
         self.script(&["stop", &n.to_string()]).await;
     }
 
+    /// SIGSTOP node `n`: its VM stops answering with its sockets open, as a stalled machine.
+    pub async fn freeze(&self, n: usize) {
+        self.script(&["freeze", &n.to_string()]).await;
+        self.frozen.lock().unwrap().push(n);
+    }
+
+    /// SIGCONT node `n`.
+    pub async fn thaw(&self, n: usize) {
+        self.script(&["thaw", &n.to_string()]).await;
+        self.frozen.lock().unwrap().retain(|f| *f != n);
+    }
+
     /// Start the nodes that are down (the script's `start` is idempotent).
     pub async fn start_missing(&self) {
         self.script(&["start"]).await;
     }
 
-    /// `GET /api<path>` from the first node whose management API answers.
+    /// `GET /api<path>` from the first node not frozen whose management API answers.
     pub async fn mgmt_get(&self, path: &str) -> Option<Value> {
-        for n in 0..NODES as u16 {
-            let url = format!("http://127.0.0.1:{}/api{path}", self.mgmt + n);
+        let frozen = self.frozen.lock().unwrap().clone();
+        for n in (1..=NODES).filter(|n| !frozen.contains(n)) {
+            let url = format!("http://127.0.0.1:{}/api{path}", self.mgmt + n as u16 - 1);
             let Ok(r) = self.http.get(url).basic_auth("guest", Some("guest")).send().await else {
                 continue;
             };
@@ -223,6 +240,9 @@ impl Drop for Cluster {
         // rabbitmq-server stops a node cleanly on SIGTERM; all three at once, then whatever is
         // left is killed.
         let pids = self.pids();
+        for p in &pids {
+            let _ = std::process::Command::new("kill").args(["-CONT", p]).status();
+        }
         let alive = |p: &String| {
             std::process::Command::new("kill")
                 .args(["-0", p])

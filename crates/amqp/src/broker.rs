@@ -365,6 +365,13 @@ impl Broker {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(CLOSE_PATIENCE, conn.close(320, "stopped answering".into())).await;
         });
+        drop(link);
+        // Replaced now rather than at the next use: the consumers on the abandoned connection
+        // wait for deliveries that will not come, and move only once a new generation exists.
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let _ = broker.live().await;
+        });
     }
 
     /// The generation of the connection in use: see [`Broker::abandon`].
