@@ -361,24 +361,16 @@ impl Core {
         self.identity.expect(&env, &[reply.step.name()])?;
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
-        #[cfg(feature = "crash-points")]
         let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
         let saga_id = reply.saga_id;
         let input = Reply::from(reply);
-        let _crash_at = self
+        let crash_at = self
             .advance(env.message_id, saga_id, move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                #[cfg(feature = "crash-points")]
-                let point = crate::crash_points::dangerous_instant(saga, step, index, action);
-                #[cfg(not(feature = "crash-points"))]
-                let point: Option<&'static str> = None;
-                (effects, point)
+                (effects, crate::crash_points::dangerous_instant(saga, step, index, action))
             })
             .await?;
-        #[cfg(feature = "crash-points")]
-        if let Some(point) = _crash_at {
-            baton_crash::point(point);
-        }
+        baton_crash::crash_point!(crash_at);
         Ok(())
     }
 

@@ -374,8 +374,7 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 Err(_) => return,
             },
         };
-        #[cfg(feature = "crash-points")]
-        baton_crash::stall(baton_crash::DB_THREAD);
+        baton_crash::stall_point!(baton_crash::DB_THREAD);
         if conn.gone() {
             tracing::error!(
                 store = %name,
