@@ -460,6 +460,7 @@ impl Core {
 
     /// [`Core::advance`]'s transaction: the timer's new deadline and what `step` returned, or
     /// `step` back when the saga is not in this transaction's view.
+    // The nested result reads as the doc above says; an alias would only hide `step` coming back.
     #[allow(clippy::type_complexity)]
     fn transition<T, F>(
         &self,
