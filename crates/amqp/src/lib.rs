@@ -37,4 +37,4 @@ pub use envelope::{Envelope, Outgoing, TraceParent, headers};
 pub use error::{AmqpError, PublishError};
 pub use identity::{Identity, Sender, broker_user};
 pub use publisher::{PendingConfirm, Publisher};
-pub use url::{parse_urls, redact};
+pub use url::{AmqpUrl, parse_urls, redact};

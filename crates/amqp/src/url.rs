@@ -1,9 +1,55 @@
 //! Broker URLs: a comma-separated list of a cluster's nodes, and how a URL is shown without its
 //! password.
 
+use std::fmt;
+
 use lapin::uri::AMQPUri;
 
 use crate::AmqpError;
+
+/// A broker URL, or the comma-separated URLs of a cluster's nodes ([`parse_urls`]), which may
+/// hold passwords. Its `Debug` and `Display` show it with every password hidden ([`redact`]),
+/// so a config that derives `Debug` or a log line that prints it never leaks one; only
+/// [`AmqpUrl::expose`] gives the URL itself, to connect with.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    pub fn new(url: impl Into<String>) -> AmqpUrl {
+        AmqpUrl(url.into())
+    }
+
+    /// The URL with its password, for [`crate::Broker::connect`] and the sender check; never
+    /// for a message or a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for AmqpUrl {
+    fn from(url: String) -> AmqpUrl {
+        AmqpUrl(url)
+    }
+}
+
+impl From<&str> for AmqpUrl {
+    fn from(url: &str) -> AmqpUrl {
+        AmqpUrl(url.to_owned())
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    /// The URL with every password as `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AmqpUrl").field(&redact(&self.0)).finish()
+    }
+}
 
 /// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`, for messages and logs;
 /// every URL of a comma-separated list. A URL too broken to parse keeps only what follows its
@@ -92,6 +138,30 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_amqp_url_never_shows_its_password() {
+        let url = AmqpUrl::from("amqp://a:secret1@h1:5672/v,amqps://b:secret2@h2:5671/v");
+        let shown = [url.to_string(), format!("{url:?}"), format!("{:?}", Some(&url)), format!("{url:#?}")];
+        for text in &shown {
+            assert!(!text.contains("secret"), "a password shown: {text}");
+        }
+        assert_eq!(shown[0], "amqp://a:***@h1:5672/v,amqps://b:***@h2:5671/v");
+        assert_eq!(shown[1], r#"AmqpUrl("amqp://a:***@h1:5672/v,amqps://b:***@h2:5671/v")"#);
+        assert_eq!(url.expose(), "amqp://a:secret1@h1:5672/v,amqps://b:secret2@h2:5671/v");
+    }
+
+    #[test]
+    fn a_config_that_derives_debug_hides_it_too() {
+        #[derive(Debug)]
+        #[allow(dead_code)] // Read only through its Debug.
+        struct Config {
+            amqp_url: AmqpUrl,
+        }
+        let cfg = Config { amqp_url: "amqp://guest:hunter2@127.0.0.1/%2f".into() };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2") && text.contains("guest:***@127.0.0.1"), "{text}");
+    }
 
     #[test]
     fn redacts_the_password_only() {

@@ -8,7 +8,8 @@ use baton_protocol::Mode;
 /// How a gateway runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub amqp_url: String,
+    /// The broker (its password never shown).
+    pub amqp_url: baton_amqp::AmqpUrl,
     /// Where the gateway keeps its requests: a SQLite file in a data dir, or a PostgreSQL schema.
     pub store: baton_store::Location,
     pub http: SocketAddr,

@@ -36,7 +36,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     opts.limits.check()?;
     let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(&opts.health, COMPONENT);
-    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);
     let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);

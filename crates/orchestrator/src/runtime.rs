@@ -31,7 +31,8 @@ use crate::{COMPONENT, MIGRATIONS};
 /// How an orchestrator instance runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub amqp_url: String,
+    /// The broker (its password never shown).
+    pub amqp_url: baton_amqp::AmqpUrl,
     /// Where the sagas are kept: shared by every instance, which can then continue any saga.
     pub store: baton_store::Location,
     /// This instance's name: the owner of the outbox rows it writes. Keep it
@@ -60,7 +61,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let reply_consumer = consumer(topology::ORCHESTRATOR_REPLIES.into());
     let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(health, COMPONENT);
-    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
     let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
