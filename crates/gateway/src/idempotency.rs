@@ -22,7 +22,7 @@ pub(crate) fn find(tx: &Tx<'_>, key: &str, since: i64) -> Result<Option<First>, 
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let corrupt = |e: uuid::Error| StoreError::Corrupt { table: "idempotency_keys", cause: e.to_string() };
+    let corrupt = |e: uuid::Error| StoreError::Corrupt { table: "idempotency_keys", cause: e.into() };
     row.map(|(space, saga, name, owner)| {
         Ok(First {
             space_id: Uuid::parse_str(&space).map_err(corrupt)?,

@@ -221,8 +221,8 @@ fn reply_kinds() -> Vec<String> {
         .collect()
 }
 
-fn corrupt(cause: impl ToString) -> StoreError {
-    StoreError::Corrupt { table: "sagas", cause: cause.to_string() }
+fn corrupt(cause: impl Into<baton_store::Cause>) -> StoreError {
+    StoreError::Corrupt { table: "sagas", cause: cause.into() }
 }
 
 impl Core {

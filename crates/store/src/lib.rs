@@ -36,6 +36,10 @@ pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
 use conn::Conn;
 use relay::Wake;
 
+/// The error under a [`StoreError`] that has no type of its own here (a decoder's, a URL
+/// parser's, or a sentence): kept as the error's `source`, and shown in its message too.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,9 +64,19 @@ pub enum StoreError {
     Closed(String),
     /// A stored value could not be decoded: a bug or a foreign write, never retried blindly.
     #[error("stored data in {table} is unreadable: {cause}")]
-    Corrupt { table: &'static str, cause: String },
+    Corrupt {
+        table: &'static str,
+        #[source]
+        cause: Cause,
+    },
+    /// The store could not be opened (a bad database URL, a file that cannot be created, a
+    /// schema written by another build).
     #[error("cannot open the store {path}: {cause}")]
-    Open { path: String, cause: String },
+    Open {
+        path: String,
+        #[source]
+        cause: Cause,
+    },
     /// The shared transaction of a group commit failed: none of its members took effect.
     #[error("committing a group of transactions failed: {0}")]
     Commit(#[source] Arc<StoreError>),
@@ -523,7 +537,7 @@ impl Db {
         connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
-        let err = |cause: String| StoreError::Open { path: name.to_string(), cause };
+        let err = |cause: String| StoreError::Open { path: name.to_string(), cause: cause.into() };
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened, open) = tokio::sync::oneshot::channel();
         let health = StoreHealth::default();
