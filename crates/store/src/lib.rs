@@ -501,7 +501,7 @@ impl Db {
         };
         Db::start(location, component, owner, room, move |location, component| match location {
             Location::Dir(dir) => {
-                sqlite::open(&dir.join(format!("{component}.db")), &all).map(|c| Some(Conn::Sqlite(c)))
+                Ok(Some(Conn::Sqlite(sqlite::open(&dir.join(format!("{component}.db")), &all)?)))
             }
             Location::Postgres(url) => {
                 let config = pg::config(url)?;
@@ -534,10 +534,10 @@ impl Db {
         component: &str,
         owner: &str,
         room: Option<Arc<room::Room>>,
-        connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
+        connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, Cause> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
-        let err = |cause: String| StoreError::Open { path: name.to_string(), cause: cause.into() };
+        let err = |cause: Cause| StoreError::Open { path: name.to_string(), cause };
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened, open) = tokio::sync::oneshot::channel();
         let health = StoreHealth::default();
@@ -567,7 +567,7 @@ impl Db {
                 let _ = opened.send(Ok(true));
                 serve(conn, rx, &thread_name, &thread_owner, &h);
             })
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         match open.await.map_err(|_| err("the database thread failed while opening".into()))? {
             Ok(true) => {}
             Ok(false) => return Ok(None),
