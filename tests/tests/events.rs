@@ -14,7 +14,7 @@ fn events() -> SystemConfig {
 
 async fn reconcile(env: &TestEnv) -> baton_reconcile::Summary {
     let opts = baton_reconcile::Options {
-        amqp_url: env.amqp_url(),
+        amqp_url: env.amqp_url().into(),
         store: env.store(),
         older_than: Duration::ZERO,
         timeout: Duration::from_secs(20),

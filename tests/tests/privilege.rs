@@ -361,14 +361,14 @@ impl Running {
         let cfg = &running.cfg;
         if cfg.mode == Mode::Workflow {
             let mut orchestrator = orchestrator_options(env, &cfg.workflows);
-            orchestrator.amqp_url = users.url("orchestrator");
+            orchestrator.amqp_url = users.url("orchestrator").into();
             orchestrator.health = cfg.health.clone();
             running.tasks.spawn(baton_orchestrator::run(orchestrator, running.cancel.clone()));
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = listener.local_addr().unwrap();
         let gateway = baton_gateway::Options {
-            amqp_url: users.url("gateway"),
+            amqp_url: users.url("gateway").into(),
             http,
             max_in_flight: 100,
             ..baton_tests::node_config(env, cfg).gateway_options()
@@ -389,7 +389,7 @@ impl Running {
 
     fn start_service(&mut self, env: &TestEnv, users: &Users, s: Service) {
         let mut opts = service_options(env, &self.cfg);
-        opts.amqp_url = users.url(s.name());
+        opts.amqp_url = users.url(s.name()).into();
         self.tasks.spawn(baton_services::run(s, self.cfg.services.clone(), opts, self.cancel.clone()));
     }
 

@@ -512,8 +512,7 @@ where
         };
         match result {
             Ok(()) => {
-                #[cfg(feature = "crash-points")]
-                baton_crash::point(baton_crash::AFTER_COMMIT_BEFORE_ACK);
+                baton_crash::crash_point!(baton_crash::AFTER_COMMIT_BEFORE_ACK);
                 if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
                     // Committed but not acked: the redelivery is answered from the inbox. At
                     // shutdown the connection may close under the ack: expected, no news.

@@ -7,7 +7,10 @@ use baton_health::{Health, Kind};
 use crate::Broker;
 
 /// Keeps the "broker connected" check of a component answering; drop it with the component.
-pub struct BrokerWatch(#[allow(dead_code)] Arc<Broker>);
+pub struct BrokerWatch {
+    /// Held, never read: the check fails once this reference is gone.
+    _broker: Arc<Broker>,
+}
 
 /// Register `component`'s readiness check "broker connected" (connected, and not blocked by a
 /// resource alarm). The check holds no connection of its own: once the returned guard is
@@ -24,5 +27,5 @@ pub fn watch_broker(health: &Health, component: &str, broker: &Broker) -> Broker
             }
         }
     });
-    BrokerWatch(held)
+    BrokerWatch { _broker: held }
 }

@@ -13,7 +13,8 @@
 //! with a [`HandleError`] that says what to do with the delivery (a store's error converts to
 //! one); this crate does the acking.
 //!
-//! Layout: `broker` (connection owner), `topology` (names and declarations), `envelope`,
+//! Layout: `broker` (connection owner), `url` (URL lists and their redaction), `tls`, `topology`
+//! (names and declarations), `envelope`,
 //! `identity` (the sender check), `publisher`, `consumer`, `health` (the broker's readiness
 //! check).
 
@@ -27,11 +28,13 @@ mod identity;
 mod publisher;
 pub mod tls;
 pub mod topology;
+mod url;
 
-pub use broker::{Broker, parse_urls, redact};
+pub use broker::Broker;
 pub use consumer::{ConsumerConfig, HandleError, consume};
 pub use envelope::dead_reason;
 pub use envelope::{Envelope, Outgoing, TraceParent, headers};
 pub use error::{AmqpError, PublishError};
 pub use identity::{Identity, Sender, broker_user};
 pub use publisher::{PendingConfirm, Publisher};
+pub use url::{AmqpUrl, parse_urls, redact};

@@ -215,7 +215,6 @@ impl baton_store::relay::Publish for Publisher {
     }
 
     fn before_delete(&self) {
-        #[cfg(feature = "crash-points")]
-        baton_crash::point(baton_crash::AFTER_PUBLISH_BEFORE_DELETE);
+        baton_crash::crash_point!(baton_crash::AFTER_PUBLISH_BEFORE_DELETE);
     }
 }

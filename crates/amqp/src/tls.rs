@@ -17,7 +17,7 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::AmqpError;
-use crate::broker::redact;
+use crate::url::{query_param, redact};
 
 /// The environment variable naming the PEM file of a CA to trust for `amqps://`.
 pub const CA_FILE_ENV: &str = "BATON_AMQP_CA_FILE";
@@ -66,36 +66,6 @@ pub(crate) fn explain(url: &str, cause: String) -> String {
     } else {
         cause
     }
-}
-
-/// The decoded value of query parameter `name`, if the URL has it.
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let (_, query) = url.split_once('?')?;
-    let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

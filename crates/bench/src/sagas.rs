@@ -188,7 +188,15 @@ pub(crate) async fn run_mode(
     let fleet = Fleet::new(&opts.baton_bin, args, &dir)
         .with_args_for(&["gateway"], gateway)
         .with_args_for(&["orchestrator", "gateway"], opts.workflow_file_args());
-    let result = drive(opts, mode, &amqp_url, &dir, &store, port, &fleet, say).await;
+    let stage = Stage {
+        mode,
+        amqp_url: &amqp_url,
+        dir: &dir,
+        store: &store,
+        gateway: format!("http://127.0.0.1:{port}"),
+        fleet: &fleet,
+    };
+    let result = drive(opts, &stage, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.clean_up_vhost(&vhost).await;
@@ -324,19 +332,22 @@ async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> R
     }
 }
 
-// The parts of one mode's run, each used all through it; a struct of them would only be unpacked.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    opts: &Options,
+/// One mode's system, as [`drive`] runs it: its processes, where they keep their state, and
+/// how to reach them.
+struct Stage<'a> {
     mode: Mode,
-    amqp_url: &str,
-    dir: &Path,
-    store: &Location,
-    port: u16,
-    fleet: &Fleet,
-    say: &Say,
-) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
-    let gateway = format!("http://127.0.0.1:{port}");
+    amqp_url: &'a str,
+    /// The data dir, which also holds the processes' logs.
+    dir: &'a Path,
+    store: &'a Location,
+    /// The gateway's base URL, `http://127.0.0.1:<port>`.
+    gateway: String,
+    fleet: &'a Fleet,
+}
+
+/// Start one mode's processes, wave after wave, each wave once the one before it consumes.
+async fn start_waves(opts: &Options, stage: &Stage<'_>, say: &Say) -> anyhow::Result<()> {
+    let Stage { mode, amqp_url, dir, fleet, .. } = *stage;
     for (i, wave) in waves(mode, opts.instances).iter().enumerate() {
         let names: Vec<String> = wave.iter().map(Process::name).collect();
         say(&format!("{mode}: starting {} (logs in {})", names.join(", "), dir.display()));
@@ -345,11 +356,24 @@ async fn drive(
         }
         let queues = work_queues(mode, i + 1);
         if i == 0 {
-            fleet.wait_ready(&gateway, amqp_url, &queues, READY_TIMEOUT).await?;
+            fleet.wait_ready(&stage.gateway, amqp_url, &queues, READY_TIMEOUT).await?;
         } else {
             fleet.wait_consumers(amqp_url, &queues, READY_TIMEOUT).await?;
         }
     }
+    Ok(())
+}
+
+/// Start the processes of `stage`, then measure: the prefill, HTTP one at a time and in flight,
+/// then (workflow mode) sagas started straight into the orchestrator.
+async fn drive(
+    opts: &Options,
+    stage: &Stage<'_>,
+    say: &Say,
+) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
+    let Stage { mode, store, fleet, .. } = *stage;
+    start_waves(opts, stage, say).await?;
+    let gateway = &stage.gateway;
     let run = crate::short_id();
     let widest = opts.windows.iter().copied().max().unwrap_or(1).max(PREFILL_IN_FLIGHT);
     let http = Arc::new(Http {
@@ -398,43 +422,11 @@ async fn drive(
         settle(store, mode, Duration::from_secs(30)).await;
     }
 
-    let (mut direct_sequential, mut direct_loaded, mut direct_sent) = (None, None, 0u64);
-    if mode == Mode::Workflow {
-        let rpc = Arc::new(Rpc::start(amqp_url, "bench", &format!("bench.{run}")).await?);
-        let direct = |phase: &'static str| {
-            let (rpc, run, workflow) = (Arc::clone(&rpc), run.clone(), opts.workflow.clone());
-            move |i: usize| {
-                let (rpc, workflow) = (Arc::clone(&rpc), workflow.clone());
-                let (name, owner) = (space_name(&run, phase, i), owner(&run, phase, i));
-                async move { start_saga(&rpc, &workflow, name, owner).await }
-            }
-        };
-        say(&format!(
-            "{mode}: orchestrator, one at a time ({} after {} warm-up)",
-            opts.sequential, opts.warmup
-        ));
-        let samples = one_at_a_time(opts.warmup, opts.sequential, direct("d"))
-            .await
-            .with_context(|| format!("{mode}: sagas started straight into the orchestrator failed"));
-        let loaded = match samples {
-            Ok(samples) => {
-                direct_sent += (opts.warmup + samples.len()) as u64;
-                direct_sequential = Some(Latency::of(&samples, "orchestrator, one at a time"));
-                settle(store, mode, Duration::from_secs(30)).await;
-                let w = opts.in_flight;
-                say(&format!("{mode}: orchestrator, {w} in flight for {} s", opts.duration.as_secs_f64()));
-                let cpu = fleet.cpu_ms();
-                let (samples, took) = closed_loop(w, opts.duration, direct("l")).await;
-                let cpu = fleet.cpu_ms() - cpu;
-                direct_sent += samples.len() as u64;
-                Ok(Throughput::of(&samples, w, took, cpu, &format!("orchestrator, {w} in flight")))
-            }
-            Err(e) => Err(e),
-        };
-        rpc.stop().await;
-        direct_loaded = Some(loaded?);
-        fleet.check_alive()?;
-    }
+    let direct = if mode == Mode::Workflow { Some(direct_runs(opts, stage, &run, say).await?) } else { None };
+    let (direct_sequential, direct_loaded, direct_sent) = match direct {
+        Some(d) => (d.sequential, Some(d.loaded), d.sent),
+        None => (None, None, 0),
+    };
 
     let settled = settle(store, mode, Duration::from_secs(60)).await;
     if !settled {
@@ -451,6 +443,53 @@ async fn drive(
         baseline,
     };
     Ok((runs, usage, settled))
+}
+
+/// What the sagas started straight into the orchestrator measured (workflow mode).
+struct Direct {
+    sequential: Option<Latency>,
+    loaded: Throughput,
+    /// Starts published, for the message count.
+    sent: u64,
+}
+
+/// Start sagas straight into the orchestrator, over AMQP: one at a time, then
+/// `opts.in_flight` at once.
+async fn direct_runs(opts: &Options, stage: &Stage<'_>, run: &str, say: &Say) -> anyhow::Result<Direct> {
+    let Stage { mode, amqp_url, store, fleet, .. } = *stage;
+    let (mut direct_sequential, mut direct_sent) = (None, 0u64);
+    let rpc = Arc::new(Rpc::start(amqp_url, "bench", &format!("bench.{run}")).await?);
+    let direct = |phase: &'static str| {
+        let (rpc, run, workflow) = (Arc::clone(&rpc), run.to_owned(), opts.workflow.clone());
+        move |i: usize| {
+            let (rpc, workflow) = (Arc::clone(&rpc), workflow.clone());
+            let (name, owner) = (space_name(&run, phase, i), owner(&run, phase, i));
+            async move { start_saga(&rpc, &workflow, name, owner).await }
+        }
+    };
+    say(&format!("{mode}: orchestrator, one at a time ({} after {} warm-up)", opts.sequential, opts.warmup));
+    let samples = one_at_a_time(opts.warmup, opts.sequential, direct("d"))
+        .await
+        .with_context(|| format!("{mode}: sagas started straight into the orchestrator failed"));
+    let loaded = match samples {
+        Ok(samples) => {
+            direct_sent += (opts.warmup + samples.len()) as u64;
+            direct_sequential = Some(Latency::of(&samples, "orchestrator, one at a time"));
+            settle(store, mode, Duration::from_secs(30)).await;
+            let w = opts.in_flight;
+            say(&format!("{mode}: orchestrator, {w} in flight for {} s", opts.duration.as_secs_f64()));
+            let cpu = fleet.cpu_ms();
+            let (samples, took) = closed_loop(w, opts.duration, direct("l")).await;
+            let cpu = fleet.cpu_ms() - cpu;
+            direct_sent += samples.len() as u64;
+            Ok(Throughput::of(&samples, w, took, cpu, &format!("orchestrator, {w} in flight")))
+        }
+        Err(e) => Err(e),
+    };
+    rpc.stop().await;
+    let direct_loaded = loaded?;
+    fleet.check_alive()?;
+    Ok(Direct { sequential: direct_sequential, loaded: direct_loaded, sent: direct_sent })
 }
 
 /// Run `n` create-space sagas through `create` with [`PREFILL_IN_FLIGHT`] in flight, printing

@@ -35,6 +35,22 @@ fn throughput_row(out: &mut String, label: &str, t: &Throughput, msgs: f64, rati
 /// The report as a table.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
+    heading(&mut out, r);
+    out.push('\n');
+    out.push_str(HEADER);
+    out.push('\n');
+    runs(&mut out, r);
+    out.push('\n');
+    notes(&mut out, r);
+    scaling(&mut out, r);
+    hold(&mut out, r);
+    out.push('\n');
+    components(&mut out, r);
+    out
+}
+
+/// The machine and the settings of the run.
+fn heading(out: &mut String, r: &Report) {
     let [l1, l5, _] = r.machine.load_average;
     let _ = writeln!(
         out,
@@ -61,30 +77,25 @@ pub fn table(r: &Report) -> String {
             String::new()
         },
     );
-    out.push('\n');
-    out.push_str(HEADER);
-    out.push('\n');
+}
+
+/// The floor's rows, then each mode's: one at a time, then loaded.
+fn runs(out: &mut String, r: &Report) {
     let f = &r.floor;
-    latency_row(&mut out, "floor  round trip", &f.sequential, None);
-    throughput_row(&mut out, "floor  round trip", &f.loaded, f.messages_per_second, Some(1.0));
+    latency_row(out, "floor  round trip", &f.sequential, None);
+    throughput_row(out, "floor  round trip", &f.loaded, f.messages_per_second, Some(1.0));
     for m in &r.modes {
         let mode = m.mode.as_str();
-        latency_row(&mut out, &format!("{mode:<8} HTTP"), &m.http_sequential, Some(m.ratios.http_latency));
+        latency_row(out, &format!("{mode:<8} HTTP"), &m.http_sequential, Some(m.ratios.http_latency));
         for (t, rate) in m.http_loaded.iter().zip(&m.ratios.http_messages) {
-            throughput_row(
-                &mut out,
-                &format!("{mode:<8} HTTP"),
-                t,
-                rate.messages_per_second,
-                Some(rate.of_floor),
-            );
+            throughput_row(out, &format!("{mode:<8} HTTP"), t, rate.messages_per_second, Some(rate.of_floor));
         }
         if let Some(l) = &m.direct_sequential {
-            latency_row(&mut out, &format!("{mode:<8} orchestrator"), l, m.ratios.direct_latency);
+            latency_row(out, &format!("{mode:<8} orchestrator"), l, m.ratios.direct_latency);
         }
         if let (Some(t), Some(rate)) = (&m.direct_loaded, &m.ratios.direct_messages) {
             throughput_row(
-                &mut out,
+                out,
                 &format!("{mode:<8} orchestrator"),
                 t,
                 rate.messages_per_second,
@@ -92,7 +103,11 @@ pub fn table(r: &Report) -> String {
             );
         }
     }
-    out.push('\n');
+}
+
+/// How the ratios are taken, the prefills, and how messages were counted.
+fn notes(out: &mut String, r: &Report) {
+    let f = &r.floor;
     let steps: Vec<String> = r.modes.iter().map(|m| format!("{} in {} mode", m.steps, m.mode)).collect();
     let _ = writeln!(
         out,
@@ -136,6 +151,10 @@ pub fn table(r: &Report) -> String {
         out,
         "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
     );
+}
+
+/// The scaling rows, when the run measured them.
+fn scaling(out: &mut String, r: &Report) {
     if !r.scaling.is_empty() {
         let _ = writeln!(
             out,
@@ -163,6 +182,10 @@ pub fn table(r: &Report) -> String {
             );
         }
     }
+}
+
+/// The orchestrator's RSS with many sagas in flight, when measured.
+fn hold(out: &mut String, r: &Report) {
     if let Some(h) = &r.hold {
         let _ = writeln!(
             out,
@@ -180,7 +203,10 @@ pub fn table(r: &Report) -> String {
             }
         );
     }
-    out.push('\n');
+}
+
+/// What each component cost.
+fn components(out: &mut String, r: &Report) {
     let _ = writeln!(out, "{:<24} {:>9} {:>12}", "component", "CPU s", "peak RSS MB");
     for m in &r.modes {
         for c in &m.components {
@@ -194,5 +220,4 @@ pub fn table(r: &Report) -> String {
         }
     }
     let _ = writeln!(out, "{:<24} {:>9.2}", "bench (this process)", r.bench_cpu_ms / 1000.0);
-    out
 }

@@ -25,12 +25,28 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One sentence, with its causes, never a backtrace.
-            say(format_args!("error: {e:#}"));
+            say(format_args!("error: {}", sentence(&e)));
             // 2: could not run (as clap's usage errors). 1 is kept for a check that ran and
             // found problems (audit inconsistencies, a refused space), which commands return as Ok.
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes as one line, as `{:#}` prints them, but with a cause left out when
+/// the message before it already ends with it: the store's and the broker's errors keep their
+/// cause as `source` and also say it in their own message.
+fn sentence(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if out.is_empty() {
+            out = cause;
+        } else if !out.ends_with(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 /// One line to stderr, whatever became of it: `eprintln!` panics when stderr is a closed pipe,
@@ -67,7 +83,21 @@ fn quiet_lapin(spec: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::quiet_lapin;
+    use super::{quiet_lapin, sentence};
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let source: baton_store::Cause = "unable to open database file".into();
+        let e =
+            anyhow::Error::new(baton_store::StoreError::Open { path: "/x/gateway.db".into(), cause: source })
+                .context("starting the gateway");
+        assert_eq!(
+            sentence(&e),
+            "starting the gateway: cannot open the store /x/gateway.db: unable to open database file"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(sentence(&e), "outer: inner");
+    }
 
     #[test]
     fn lapin_is_quiet_unless_named() {

@@ -473,7 +473,7 @@ async fn drive(
     let audit = baton_audit::audit(store).await?;
     let (reconcile, audit_after_reconcile) = if mode == Mode::Events {
         let r = baton_reconcile::reconcile(&baton_reconcile::Options {
-            amqp_url: amqp_url.to_owned(),
+            amqp_url: amqp_url.into(),
             store: store.clone(),
             older_than: Duration::ZERO,
             timeout: Duration::from_secs(60),

@@ -4,14 +4,66 @@
 //! point is reached) sends itself SIGKILL there: no cleanup, no flush, exactly as if the machine
 //! had killed it. Unarmed, a crash point costs one atomic load.
 //!
-//! Owns: the names of the points and the arming. Must not touch: anything else. The crates that
-//! have points depend on this one only through their `crash-points` feature, and guard each
-//! point with `#[cfg(feature = "crash-points")]`, so that a release build (`cargo build --release
-//! -p baton-cli`) contains none of them; the test crate turns the feature on for the `baton`
-//! binary it runs.
+//! Owns: the names of the points and the arming. Must not touch: anything else. A point is one
+//! line, [`crash_point!`] or [`stall_point!`]; as fail-rs's `fail_point!`, each macro is defined
+//! twice, and without this crate's `crash-points` feature it compiles to nothing (its argument
+//! is type-checked, never evaluated), so that a release build (`cargo build --release -p
+//! baton-cli`) contains none of them. The crates that have points forward their own
+//! `crash-points` feature to this one's; the test crate turns it on for the `baton` binary it
+//! runs.
 
+#[cfg(feature = "crash-points")]
 use std::sync::OnceLock;
+#[cfg(feature = "crash-points")]
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether this build has its crash points: code that works out where it stands only for a
+/// crash point may skip that work when it is `false`.
+pub const ENABLED: bool = cfg!(feature = "crash-points");
+
+/// Die here, with SIGKILL, when the point named (a `&str`, or an `Option<&str>`: `None` is no
+/// point) is armed by `BATON_CRASH_AT` and its turn has come. Nothing without the feature.
+#[cfg(feature = "crash-points")]
+#[macro_export]
+macro_rules! crash_point {
+    ($point:expr) => {
+        $crate::point($point)
+    };
+}
+
+/// Die here, with SIGKILL, when the point named (a `&str`, or an `Option<&str>`: `None` is no
+/// point) is armed by `BATON_CRASH_AT` and its turn has come. Nothing without the feature.
+#[cfg(not(feature = "crash-points"))]
+#[macro_export]
+macro_rules! crash_point {
+    ($point:expr) => {
+        if false {
+            let _ = $point;
+        }
+    };
+}
+
+/// Wait here while the file named by `BATON_STALL_FILE` exists ([`stall`]). Nothing without
+/// the feature.
+#[cfg(feature = "crash-points")]
+#[macro_export]
+macro_rules! stall_point {
+    ($point:expr) => {
+        $crate::stall($point)
+    };
+}
+
+/// Wait here while the file named by `BATON_STALL_FILE` exists (`stall`). Nothing without
+/// the feature.
+#[cfg(not(feature = "crash-points"))]
+#[macro_export]
+macro_rules! stall_point {
+    ($point:expr) => {
+        if false {
+            let _ = $point;
+        }
+    };
+}
 
 /// After the handler's transaction committed, before the delivery is acked.
 pub const AFTER_COMMIT_BEFORE_ACK: &str = "after-commit-before-ack";
@@ -25,12 +77,14 @@ pub const MID_PARALLEL_GROUP: &str = "mid-parallel-group";
 pub const ALL: [&str; 4] =
     [AFTER_COMMIT_BEFORE_ACK, AFTER_PUBLISH_BEFORE_DELETE, BETWEEN_COMPENSATIONS, MID_PARALLEL_GROUP];
 
+#[cfg(feature = "crash-points")]
 struct Armed {
     point: String,
     at: u64,
     seen: AtomicU64,
 }
 
+#[cfg(feature = "crash-points")]
 fn armed() -> Option<&'static Armed> {
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
     ARMED
@@ -50,8 +104,10 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// Die here, with SIGKILL, if this point is armed and its turn has come.
-pub fn point(name: &str) {
+/// Die here, with SIGKILL, if this point is armed and its turn has come ([`crash_point!`]).
+#[cfg(feature = "crash-points")]
+pub fn point<'a>(name: impl Into<Option<&'a str>>) {
+    let Some(name) = name.into() else { return };
     let Some(a) = armed() else { return };
     if a.point != name || a.seen.fetch_add(1, Ordering::SeqCst) + 1 != a.at {
         return;
@@ -68,6 +124,7 @@ pub fn point(name: &str) {
 /// [`stall`] waits there, alive but doing nothing, as a thread stuck on a disk or a database
 /// that stopped answering would. Tests create the file to stall a process's database thread
 /// while its connections live, and remove it to let it go on. Unarmed, it costs one load.
+#[cfg(feature = "crash-points")]
 pub fn stall(name: &str) {
     static FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
     let Some(file) = FILE.get_or_init(|| std::env::var_os("BATON_STALL_FILE").map(Into::into)) else {

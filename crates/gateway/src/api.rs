@@ -17,9 +17,9 @@ use baton_health::Kind;
 use baton_protocol::Mode;
 use baton_workflow::{HistoryEvent, SagaStatus};
 
+use crate::gateway::{Gateway, Refusal};
 use crate::input::{MAX_BODY, check_headers, validate};
 use crate::listing::Listing;
-use crate::runtime::{Gateway, Refusal};
 
 pub(crate) fn router(gw: Arc<Gateway>) -> Router {
     Router::new()

@@ -11,15 +11,25 @@
 //! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands
 //! requests and cancels to the orchestrator and reads its
 //! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
+//!
+//! Layout: `server` (start-up, the accept loop with its limits, shutdown), `options`, `api`
+//! (the routes), `gateway` (the request logic: start, wait, replay, record outcomes; and
+//! `Refusal`, why a request got no outcome), `idempotency` (the
+//! `idempotency_keys` table), `input` (validation), `early` (errors hyper answers before a
+//! route), `listing` (`GET /workflows`).
 
 mod api;
 mod early;
+mod gateway;
+mod idempotency;
 mod input;
 mod listing;
-mod runtime;
+mod options;
+mod server;
 
 pub use input::{CreateSpace, Invalid, normalise_owner, validate};
-pub use runtime::{DEFAULT_IDEMPOTENCY_TTL, HttpLimits, Options, default_max_connections, run, serve};
+pub use options::{DEFAULT_IDEMPOTENCY_TTL, HttpLimits, Options, default_max_connections};
+pub use server::{run, serve};
 
 /// The component name: `gateway.db`, `app_id`, the outcome queue `gateway.<instance>.outcomes`.
 pub const COMPONENT: &str = "gateway";

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::bail;
+use baton_amqp::AmqpUrl;
 use baton_faults::FaultPlan;
 use baton_gateway::HttpLimits;
 use baton_health::Health;
@@ -29,9 +30,9 @@ pub use baton_protocol::{Component, Mode};
 pub struct Config {
     pub mode: Mode,
     /// The broker, for every component without credentials of its own.
-    pub amqp_url: String,
+    pub amqp_url: AmqpUrl,
     /// Broker URLs of the components that connect with credentials of their own.
-    pub own_amqp_urls: HashMap<Component, String>,
+    pub own_amqp_urls: HashMap<Component, AmqpUrl>,
     /// Where each component keeps its state: `<data-dir>/<component>.db`, or a PostgreSQL schema.
     pub store: baton_store::Location,
     /// This instance's name (reply queues, outbox ownership); stable across restarts.
@@ -68,7 +69,7 @@ pub struct Config {
 
 impl Config {
     /// The defaults of `baton up` for `mode`, on `amqp_url` and `store`.
-    pub fn new(mode: Mode, amqp_url: impl Into<String>, store: baton_store::Location) -> Config {
+    pub fn new(mode: Mode, amqp_url: impl Into<AmqpUrl>, store: baton_store::Location) -> Config {
         Config {
             mode,
             amqp_url: amqp_url.into(),
@@ -92,14 +93,14 @@ impl Config {
     }
 
     /// The broker URL `component` connects with.
-    pub fn amqp_url_of(&self, component: Component) -> &str {
+    pub fn amqp_url_of(&self, component: Component) -> &AmqpUrl {
         self.own_amqp_urls.get(&component).unwrap_or(&self.amqp_url)
     }
 
     /// How a service runs under this config.
     pub fn service_options(&self, component: Component) -> baton_services::RunOptions {
         baton_services::RunOptions {
-            amqp_url: self.amqp_url_of(component).to_owned(),
+            amqp_url: self.amqp_url_of(component).clone(),
             store: self.store.clone(),
             mode: self.mode,
             prefetch: self.prefetch,
@@ -114,7 +115,7 @@ impl Config {
     /// How the orchestrator runs under this config.
     pub fn orchestrator_options(&self) -> baton_orchestrator::Options {
         baton_orchestrator::Options {
-            amqp_url: self.amqp_url_of(Component::Orchestrator).to_owned(),
+            amqp_url: self.amqp_url_of(Component::Orchestrator).clone(),
             store: self.store.clone(),
             instance: self.instance.clone(),
             prefetch: self.prefetch,
@@ -127,7 +128,7 @@ impl Config {
     /// How the gateway runs under this config.
     pub fn gateway_options(&self) -> baton_gateway::Options {
         baton_gateway::Options {
-            amqp_url: self.amqp_url_of(Component::Gateway).to_owned(),
+            amqp_url: self.amqp_url_of(Component::Gateway).clone(),
             store: self.store.clone(),
             http: self.http,
             mode: self.mode,
@@ -179,9 +180,9 @@ mod tests {
         let mut cfg =
             Config::new(Mode::Workflow, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
         cfg.own_amqp_urls.insert(Component::Routing, "amqp://routing".into());
-        assert_eq!(cfg.service_options(Component::Routing).amqp_url, "amqp://routing");
-        assert_eq!(cfg.service_options(Component::Records).amqp_url, "amqp://shared");
-        assert_eq!(cfg.gateway_options().amqp_url, "amqp://shared");
+        assert_eq!(cfg.service_options(Component::Routing).amqp_url.expose(), "amqp://routing");
+        assert_eq!(cfg.service_options(Component::Records).amqp_url.expose(), "amqp://shared");
+        assert_eq!(cfg.gateway_options().amqp_url.expose(), "amqp://shared");
     }
 
     #[tokio::test]

@@ -16,7 +16,6 @@
 //! Must not touch: the rules of a transition (that is `baton-workflow`), lapin, the services'
 //! databases.
 
-#[cfg(feature = "crash-points")]
 mod crash_points;
 mod definitions;
 pub mod query;

@@ -200,8 +200,8 @@ pub struct WorkflowSummary {
     pub updated_at_ms: i64,
 }
 
-fn corrupt(e: impl ToString) -> StoreError {
-    StoreError::Corrupt { table: "sagas", cause: e.to_string() }
+fn corrupt(e: impl Into<baton_store::Cause>) -> StoreError {
+    StoreError::Corrupt { table: "sagas", cause: e.into() }
 }
 
 /// The saga `id`, if this database has it.

@@ -31,7 +31,8 @@ use crate::{COMPONENT, MIGRATIONS};
 /// How an orchestrator instance runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub amqp_url: String,
+    /// The broker (its password never shown).
+    pub amqp_url: baton_amqp::AmqpUrl,
     /// Where the sagas are kept: shared by every instance, which can then continue any saga.
     pub store: baton_store::Location,
     /// This instance's name: the owner of the outbox rows it writes. Keep it
@@ -60,7 +61,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let reply_consumer = consumer(topology::ORCHESTRATOR_REPLIES.into());
     let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(health, COMPONENT);
-    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
+    let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
     let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
@@ -220,8 +221,8 @@ fn reply_kinds() -> Vec<String> {
         .collect()
 }
 
-fn corrupt(cause: impl ToString) -> StoreError {
-    StoreError::Corrupt { table: "sagas", cause: cause.to_string() }
+fn corrupt(cause: impl Into<baton_store::Cause>) -> StoreError {
+    StoreError::Corrupt { table: "sagas", cause: cause.into() }
 }
 
 impl Core {
@@ -361,24 +362,16 @@ impl Core {
         self.identity.expect(&env, &[reply.step.name()])?;
         tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
         tracing::Span::current().record("step", reply.step.name());
-        #[cfg(feature = "crash-points")]
         let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
         let saga_id = reply.saga_id;
         let input = Reply::from(reply);
-        let _crash_at = self
+        let crash_at = self
             .advance(env.message_id, saga_id, move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                #[cfg(feature = "crash-points")]
-                let point = crate::crash_points::dangerous_instant(saga, step, index, action);
-                #[cfg(not(feature = "crash-points"))]
-                let point: Option<&'static str> = None;
-                (effects, point)
+                (effects, crate::crash_points::dangerous_instant(saga, step, index, action))
             })
             .await?;
-        #[cfg(feature = "crash-points")]
-        if let Some(point) = _crash_at {
-            baton_crash::point(point);
-        }
+        baton_crash::crash_point!(crash_at);
         Ok(())
     }
 
@@ -468,6 +461,7 @@ impl Core {
 
     /// [`Core::advance`]'s transaction: the timer's new deadline and what `step` returned, or
     /// `step` back when the saga is not in this transaction's view.
+    // The nested result reads as the doc above says; an alias would only hide `step` coming back.
     #[allow(clippy::type_complexity)]
     fn transition<T, F>(
         &self,

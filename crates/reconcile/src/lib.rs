@@ -23,7 +23,8 @@ use uuid::Uuid;
 /// Where to look and how patient to be.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub amqp_url: String,
+    /// The broker (its password never shown).
+    pub amqp_url: baton_amqp::AmqpUrl,
     /// The components' stores: a data dir's SQLite files, or a PostgreSQL database.
     pub store: baton_store::Location,
     /// Leave alone spaces whose oldest row is younger than this: their flow may still be moving.
@@ -142,7 +143,7 @@ async fn undo_all(
     todo: &[(Uuid, Uuid, Service)],
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
-    let broker = Broker::connect(&opts.amqp_url, "reconcile").await?;
+    let broker = Broker::connect(opts.amqp_url.expose(), "reconcile").await?;
     broker.declare_topology(&[]).await?;
     let me = format!("reconcile.{}", &Uuid::new_v4().simple().to_string()[..8]);
     let queue = format!("{me}.replies");
@@ -153,7 +154,7 @@ async fn undo_all(
         Service::ALL.into_iter().filter_map(Service::undo_type).map(reply_type).collect();
     let (tx, mut rx) = mpsc::unbounded_channel::<StepReply>();
     // A reply counts only from the service whose step it answers.
-    let identity = Identity::of_url("reconcile", &opts.amqp_url);
+    let identity = Identity::of_url("reconcile", opts.amqp_url.expose());
     let cancel = CancellationToken::new();
     let listener = tokio::spawn(consume(
         broker.clone(),

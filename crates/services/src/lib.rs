@@ -33,7 +33,8 @@ pub use config::ServiceConfig;
 /// Where and how a service runs.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub amqp_url: String,
+    /// The broker (its password never shown).
+    pub amqp_url: baton_amqp::AmqpUrl,
     /// Where the service keeps its state: a SQLite file in a data dir, or a PostgreSQL schema.
     pub store: baton_store::Location,
     pub mode: Mode,

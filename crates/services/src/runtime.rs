@@ -74,7 +74,7 @@ pub async fn run(
         format!("{service} {}", opts.instance)
     };
     db.health().register(health, name);
-    let broker = Broker::connect(&opts.amqp_url, &conn_name).await?;
+    let broker = Broker::connect(opts.amqp_url.expose(), &conn_name).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
     broker.declare_topology(&topology::queues_of(name)).await?;
     let identity = Identity::of_url(name, broker.url());

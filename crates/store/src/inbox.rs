@@ -14,7 +14,7 @@ pub fn seen(tx: &Tx<'_>, message_id: Uuid) -> Result<Option<Vec<Outgoing>>, Stor
         .optional()?;
     stored
         .map(|s| {
-            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt { table: "inbox", cause: e.to_string() })
+            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt { table: "inbox", cause: e.into() })
         })
         .transpose()
 }

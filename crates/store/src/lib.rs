@@ -36,6 +36,10 @@ pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
 use conn::Conn;
 use relay::Wake;
 
+/// The error under a [`StoreError`] that has no type of its own here (a decoder's, a URL
+/// parser's, or a sentence): kept as the error's `source`, and shown in its message too.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,9 +64,19 @@ pub enum StoreError {
     Closed(String),
     /// A stored value could not be decoded: a bug or a foreign write, never retried blindly.
     #[error("stored data in {table} is unreadable: {cause}")]
-    Corrupt { table: &'static str, cause: String },
+    Corrupt {
+        table: &'static str,
+        #[source]
+        cause: Cause,
+    },
+    /// The store could not be opened (a bad database URL, a file that cannot be created, a
+    /// schema written by another build).
     #[error("cannot open the store {path}: {cause}")]
-    Open { path: String, cause: String },
+    Open {
+        path: String,
+        #[source]
+        cause: Cause,
+    },
     /// The shared transaction of a group commit failed: none of its members took effect.
     #[error("committing a group of transactions failed: {0}")]
     Commit(#[source] Arc<StoreError>),
@@ -374,8 +388,7 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 Err(_) => return,
             },
         };
-        #[cfg(feature = "crash-points")]
-        baton_crash::stall(baton_crash::DB_THREAD);
+        baton_crash::stall_point!(baton_crash::DB_THREAD);
         if conn.gone() {
             tracing::error!(
                 store = %name,
@@ -488,7 +501,7 @@ impl Db {
         };
         Db::start(location, component, owner, room, move |location, component| match location {
             Location::Dir(dir) => {
-                sqlite::open(&dir.join(format!("{component}.db")), &all).map(|c| Some(Conn::Sqlite(c)))
+                Ok(Some(Conn::Sqlite(sqlite::open(&dir.join(format!("{component}.db")), &all)?)))
             }
             Location::Postgres(url) => {
                 let config = pg::config(url)?;
@@ -521,10 +534,10 @@ impl Db {
         component: &str,
         owner: &str,
         room: Option<Arc<room::Room>>,
-        connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
+        connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, Cause> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
-        let err = |cause: String| StoreError::Open { path: name.to_string(), cause };
+        let err = |cause: Cause| StoreError::Open { path: name.to_string(), cause };
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened, open) = tokio::sync::oneshot::channel();
         let health = StoreHealth::default();
@@ -554,7 +567,7 @@ impl Db {
                 let _ = opened.send(Ok(true));
                 serve(conn, rx, &thread_name, &thread_owner, &h);
             })
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         match open.await.map_err(|_| err("the database thread failed while opening".into()))? {
             Ok(true) => {}
             Ok(false) => return Ok(None),

@@ -139,7 +139,7 @@ impl Db {
             .map(|(seq, json)| {
                 serde_json::from_str(&json)
                     .map(|m| (seq, m))
-                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.to_string() })
+                    .map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.into() })
             })
             .collect()
     }

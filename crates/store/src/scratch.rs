@@ -25,7 +25,7 @@ impl ScratchDatabase {
     pub fn create(url: &str, prefix: &str) -> Result<ScratchDatabase, StoreError> {
         let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple()).to_ascii_lowercase();
         let mut db_url = url::Url::parse(url)
-            .map_err(|e| StoreError::Open { path: "(database URL)".into(), cause: e.to_string() })?;
+            .map_err(|e| StoreError::Open { path: "(database URL)".into(), cause: e.into() })?;
         db_url.set_path(&format!("/{name}"));
         admin(url, format!("CREATE DATABASE \"{name}\""))?;
         Ok(ScratchDatabase { server: url.to_owned(), name, location: Location::Postgres(db_url.to_string()) })
@@ -56,8 +56,8 @@ impl Drop for ScratchDatabase {
 /// Run one statement on the server, from a thread of its own: the blocking driver must not run
 /// on an async worker, and this may be called from one.
 fn admin(url: &str, sql: String) -> Result<(), StoreError> {
-    let config =
-        crate::pg::config(url).map_err(|cause| StoreError::Open { path: "(database URL)".into(), cause })?;
+    let config = crate::pg::config(url)
+        .map_err(|cause| StoreError::Open { path: "(database URL)".into(), cause: cause.into() })?;
     std::thread::spawn(move || -> Result<(), StoreError> {
         let mut client = config.connect(postgres::NoTls)?;
         client.batch_execute(&sql)?;

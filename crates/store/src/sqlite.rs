@@ -8,9 +8,9 @@ use std::time::Duration;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::StoreError;
 use crate::room::Room;
 use crate::sql::{Row, Value};
+use crate::{Cause, StoreError};
 
 /// How often the checkpointer moves the WAL into the database file (off the writer's thread).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
@@ -88,12 +88,12 @@ impl SqliteConn {
 }
 
 /// Open (creating it and its folder if needed) and migrate a component's database file.
-pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<SqliteConn, String> {
+pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<SqliteConn, Cause> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir)?;
     }
-    let mut conn = Connection::open(path).map_err(|e| e.to_string())?;
-    configure(&conn).map_err(|e| e.to_string())?;
+    let mut conn = Connection::open(path)?;
+    configure(&conn)?;
     migrate(&mut conn, migrations)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(SqliteConn { conn, path: path.to_owned(), file: FileId::of(path), read_only: false })
@@ -101,14 +101,15 @@ pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<SqliteConn, Strin
 
 /// Open a component's database read-only, for audits, reports and queries from other
 /// processes: WAL lets these read while the owner writes. `None` when there is no such file.
-pub(crate) fn open_reader(path: &Path) -> Result<Option<SqliteConn>, String> {
+pub(crate) fn open_reader(path: &Path) -> Result<Option<SqliteConn>, Cause> {
     if !path.exists() {
         return Ok(None);
     }
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
     Ok(Some(SqliteConn { conn, path: path.to_owned(), file: None, read_only: true }))
 }
 
@@ -149,13 +150,11 @@ pub(crate) fn checkpointer(path: PathBuf, alive: mpsc::Receiver<()>, room: Optio
 }
 
 /// Apply the migrations `conn` lacks; the error says why it cannot be opened.
-fn migrate(conn: &mut Connection, all: &[&str]) -> Result<(), String> {
+fn migrate(conn: &mut Connection, all: &[&str]) -> Result<(), Cause> {
     // Immediate: it writes after reading, and a deferred one could not wait for another
     // instance migrating the same file (the upgrade to a write lock fails at once).
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
-    let done = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map_err(|e| e.to_string())?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let done = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?;
     let done = crate::migrations_to_apply(done, all.len())?;
     for (i, sql) in all.iter().enumerate().skip(done) {
         tracing::debug!(migration = i + 1, "applying migration");
@@ -164,9 +163,9 @@ fn migrate(conn: &mut Connection, all: &[&str]) -> Result<(), String> {
     // Written only when it changes: opening an up-to-date database writes nothing, so a
     // component restarted while its disk is full starts (and waits for room like the others).
     if done != all.len() {
-        tx.pragma_update(None, "user_version", all.len() as i64).map_err(|e| e.to_string())?;
+        tx.pragma_update(None, "user_version", all.len() as i64)?;
     }
-    tx.commit().map_err(|e| e.to_string())
+    Ok(tx.commit()?)
 }
 
 /// SQLite's code for a full disk.

@@ -516,87 +516,12 @@ impl Saga {
         let phase = self.actions[idx].phase;
         let Some(def) = wf.action(idx).cloned() else { return out.0 };
         match (reply.action, phase) {
-            (Action::Do, Phase::Running | Phase::RetryWait) => match reply.outcome {
-                Outcome::Done => {
-                    let a = &mut self.actions[idx];
-                    a.phase = Phase::Done;
-                    a.due_ms = None;
-                    self.context.merge(&reply.data);
-                    out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Done, None);
-                    let step = self.actions[idx].step;
-                    if self.actions.iter().filter(|a| a.step == step).all(|a| a.phase == Phase::Done) {
-                        self.enter_step(wf, step + 1, now, &mut out);
-                    }
-                }
-                Outcome::Refused if def.compensable => {
-                    let a = &mut self.actions[idx];
-                    a.phase = Phase::Refused;
-                    a.due_ms = None;
-                    let reason = reply.reason.unwrap_or_else(|| format!("{} refused", reply.service));
-                    out.history(
-                        Some(&self.actions[idx]),
-                        Some(Action::Do),
-                        HistoryEvent::Refused,
-                        Some(reason.clone()),
-                    );
-                    let failure =
-                        Failure { service: reply.service, status: reply.status.unwrap_or(409), reason };
-                    self.begin_compensation(wf, failure, now, &mut out);
-                }
-                // A technical failure, or a refusal from a step that cannot refuse: retry.
-                Outcome::Refused | Outcome::Failed => {
-                    if reply.attempt != self.actions[idx].attempt {
-                        out.history(
-                            Some(&self.actions[idx]),
-                            Some(Action::Do),
-                            HistoryEvent::LateReplyIgnored,
-                            Some(format!("failure of attempt {} superseded", reply.attempt)),
-                        );
-                        return out.0;
-                    }
-                    let reason = reply.reason.unwrap_or_else(|| format!("{} failed", reply.service));
-                    out.history(
-                        Some(&self.actions[idx]),
-                        Some(Action::Do),
-                        HistoryEvent::Failed,
-                        Some(reason.clone()),
-                    );
-                    self.retry_or_fail(wf, idx, reason, now, &mut out);
-                }
-            },
-            (Action::Undo, Phase::Compensating | Phase::CompensationRetryWait) => match reply.outcome {
-                Outcome::Done => {
-                    let a = &mut self.actions[idx];
-                    a.phase = Phase::Compensated;
-                    a.due_ms = None;
-                    out.history(
-                        Some(&self.actions[idx]),
-                        Some(Action::Undo),
-                        HistoryEvent::Compensated,
-                        None,
-                    );
-                    self.advance_compensation(wf, now, &mut out);
-                }
-                Outcome::Refused | Outcome::Failed => {
-                    if reply.attempt != self.actions[idx].undo_attempt {
-                        out.history(
-                            Some(&self.actions[idx]),
-                            Some(Action::Undo),
-                            HistoryEvent::LateReplyIgnored,
-                            Some(format!("failure of attempt {} superseded", reply.attempt)),
-                        );
-                        return out.0;
-                    }
-                    let reason = reply.reason.unwrap_or_else(|| format!("{} could not undo", reply.service));
-                    out.history(
-                        Some(&self.actions[idx]),
-                        Some(Action::Undo),
-                        HistoryEvent::Failed,
-                        Some(reason.clone()),
-                    );
-                    self.retry_undo_or_give_up(wf, idx, reason, now, &mut out);
-                }
-            },
+            (Action::Do, Phase::Running | Phase::RetryWait) => {
+                self.on_do_reply(wf, idx, def.compensable, reply, now, &mut out);
+            }
+            (Action::Undo, Phase::Compensating | Phase::CompensationRetryWait) => {
+                self.on_undo_reply(wf, idx, reply, now, &mut out);
+            }
             (action, phase) => {
                 out.0.push(Effect::History {
                     service: Some(reply.service),
@@ -610,6 +535,100 @@ impl Saga {
             }
         }
         out.0
+    }
+
+    /// The reply to a step's action `idx` while it runs or waits to retry: done (the next step
+    /// when its whole group is), refused (compensate, when the step may refuse), or failed
+    /// (retry, unless a later attempt superseded it).
+    fn on_do_reply(
+        &mut self,
+        wf: &Workflow,
+        idx: usize,
+        compensable: bool,
+        reply: Reply,
+        now: u64,
+        out: &mut Out,
+    ) {
+        match reply.outcome {
+            Outcome::Done => {
+                let a = &mut self.actions[idx];
+                a.phase = Phase::Done;
+                a.due_ms = None;
+                self.context.merge(&reply.data);
+                out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Done, None);
+                let step = self.actions[idx].step;
+                if self.actions.iter().filter(|a| a.step == step).all(|a| a.phase == Phase::Done) {
+                    self.enter_step(wf, step + 1, now, out);
+                }
+            }
+            Outcome::Refused if compensable => {
+                let a = &mut self.actions[idx];
+                a.phase = Phase::Refused;
+                a.due_ms = None;
+                let reason = reply.reason.unwrap_or_else(|| format!("{} refused", reply.service));
+                out.history(
+                    Some(&self.actions[idx]),
+                    Some(Action::Do),
+                    HistoryEvent::Refused,
+                    Some(reason.clone()),
+                );
+                let failure = Failure { service: reply.service, status: reply.status.unwrap_or(409), reason };
+                self.begin_compensation(wf, failure, now, out);
+            }
+            // A technical failure, or a refusal from a step that cannot refuse: retry.
+            Outcome::Refused | Outcome::Failed => {
+                if reply.attempt != self.actions[idx].attempt {
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Do),
+                        HistoryEvent::LateReplyIgnored,
+                        Some(format!("failure of attempt {} superseded", reply.attempt)),
+                    );
+                    return;
+                }
+                let reason = reply.reason.unwrap_or_else(|| format!("{} failed", reply.service));
+                out.history(
+                    Some(&self.actions[idx]),
+                    Some(Action::Do),
+                    HistoryEvent::Failed,
+                    Some(reason.clone()),
+                );
+                self.retry_or_fail(wf, idx, reason, now, out);
+            }
+        }
+    }
+
+    /// The reply to the undo of action `idx` while it compensates or waits to retry: done (the
+    /// rollback goes on), or failed (retry, or give up and wait for an operator).
+    fn on_undo_reply(&mut self, wf: &Workflow, idx: usize, reply: Reply, now: u64, out: &mut Out) {
+        match reply.outcome {
+            Outcome::Done => {
+                let a = &mut self.actions[idx];
+                a.phase = Phase::Compensated;
+                a.due_ms = None;
+                out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Compensated, None);
+                self.advance_compensation(wf, now, out);
+            }
+            Outcome::Refused | Outcome::Failed => {
+                if reply.attempt != self.actions[idx].undo_attempt {
+                    out.history(
+                        Some(&self.actions[idx]),
+                        Some(Action::Undo),
+                        HistoryEvent::LateReplyIgnored,
+                        Some(format!("failure of attempt {} superseded", reply.attempt)),
+                    );
+                    return;
+                }
+                let reason = reply.reason.unwrap_or_else(|| format!("{} could not undo", reply.service));
+                out.history(
+                    Some(&self.actions[idx]),
+                    Some(Action::Undo),
+                    HistoryEvent::Failed,
+                    Some(reason.clone()),
+                );
+                self.retry_undo_or_give_up(wf, idx, reason, now, out);
+            }
+        }
     }
 
     /// Time passed: fire every timeout and retry that is due at `now`.

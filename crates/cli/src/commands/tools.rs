@@ -62,7 +62,7 @@ pub(super) async fn reconcile(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = baton_reconcile::Options {
-        amqp_url: super::up::component_url("reconcile", &amqp_url)?,
+        amqp_url: super::up::component_url("reconcile", &amqp_url)?.into(),
         store: data.store(),
         older_than,
         timeout: Duration::from_secs(60),

@@ -58,7 +58,7 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
     for c in Component::ALL {
         let url = component_url(c.name(), &node.amqp_url)?;
         if url != node.amqp_url {
-            config.own_amqp_urls.insert(c, url);
+            config.own_amqp_urls.insert(c, url.into());
         }
     }
     config.instance = node.instance.clone();

@@ -1,116 +1,27 @@
-//! The gateway's state, its reply consumer and its start-up.
+//! The gateway's request logic: a request handed to the orchestrator (or, in events mode,
+//! published as the first event) and its outcome awaited, retries of an `Idempotency-Key`
+//! answered from the first request, and outcomes recorded as they arrive.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS};
-use baton_amqp::{
-    Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, PublishError, Publisher, TraceParent,
-    consume,
-};
-use baton_health::{Kind, running};
+use baton_amqp::{Broker, Envelope, HandleError, Identity, Outgoing, PublishError, Publisher, TraceParent};
 use baton_protocol::{
     ClientDeadline, Context, Mode, SCHEMA, START, START_REPLY, SagaOutcome, Space, SpaceEvent, StartSaga,
     StepError, events,
 };
 use baton_store::params;
 use baton_store::{Db, StoreError, inbox, now_ms};
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{COMPONENT, CreateSpace, MIGRATIONS};
-
-/// How a gateway runs.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub amqp_url: String,
-    /// Where the gateway keeps its requests: a SQLite file in a data dir, or a PostgreSQL schema.
-    pub store: baton_store::Location,
-    pub http: SocketAddr,
-    pub mode: Mode,
-    /// This instance's name: outcomes come back on `gateway.<instance>.outcomes` (workflow mode)
-    /// and `gateway.<instance>.events` (events mode).
-    pub instance: String,
-    /// The workflow every request runs (`create-space` or `create-space-parallel`).
-    pub workflow: String,
-    /// How long a client waits for an outcome before a 504.
-    pub deadline: Duration,
-    /// Requests waiting for an outcome at once; beyond, new ones get a 429 at once instead of
-    /// queueing without bound.
-    pub max_in_flight: usize,
-    /// How long an `Idempotency-Key` is kept ([`DEFAULT_IDEMPOTENCY_TTL`]): a retry with it
-    /// within that time is the first request again; past it the key counts as new.
-    pub idempotency_ttl: Duration,
-    /// What a slow or idle client may hold of the gateway.
-    pub limits: HttpLimits,
-    /// The liveness and readiness of every component of this process, which `/health/live`
-    /// and `/health/ready` answer; the gateway adds its own checks.
-    pub health: baton_health::Health,
-    /// The orchestrator's sagas, read-only, for `GET /workflows/{id}`.
-    pub sagas: baton_orchestrator::Sagas,
-    /// How long inbox rows are kept; older messages are dead-lettered on arrival
-    /// ([`baton_store::retention`]). Idempotency keys are kept for `idempotency_ttl` instead,
-    /// whatever this is, and the requests themselves are kept: they are what a retry is
-    /// answered from, and what `GET /spaces/{id}`, the audit and `baton reconcile` know a
-    /// client was told.
-    pub retain: Duration,
-}
-
-/// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as
-/// payment APIs do, long enough for any client's retries.
-pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// How long a client may take and how many connections it may hold: without them, connections
-/// that never finish their request pile up until the process runs out of file descriptors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpLimits {
-    /// Time to send a request's headers, counted from when the gateway waits for them: on a
-    /// kept-alive connection that is as soon as the previous answer is sent, so it is also how
-    /// long such a connection may sit idle. Past it the connection is closed.
-    pub header_timeout: Duration,
-    /// Time to send the whole body of a `POST /spaces`, counted once the headers are in; past
-    /// it the client gets a 408 and the connection is closed.
-    pub body_timeout: Duration,
-    /// Connections open at once; one more gets a 503 at once and is closed.
-    pub max_connections: usize,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(10),
-            max_connections: default_max_connections(),
-        }
-    }
-}
-
-impl HttpLimits {
-    /// One sentence for a limit that would refuse everything.
-    fn check(&self) -> anyhow::Result<()> {
-        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
-            anyhow::bail!("the HTTP header and body timeouts must be longer than zero");
-        }
-        if self.max_connections == 0 {
-            anyhow::bail!("the HTTP connection limit must be at least 1");
-        }
-        Ok(())
-    }
-}
-
-/// The process's open-file limit less a reserve for the databases, the broker and the
-/// connections being refused: an eighth of it, at least 256.
-pub fn default_max_connections() -> usize {
-    let soft = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
-    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
-    soft.saturating_sub((soft / 8).max(256)).max(64)
-}
+use crate::idempotency;
+use crate::options::Options;
+use crate::{COMPONENT, CreateSpace};
 
 /// A client waiting for an outcome: its number, and where to hand the outcome.
 pub(crate) type Waiter = (u64, oneshot::Sender<SagaOutcome>);
@@ -134,193 +45,16 @@ pub(crate) struct Gateway {
     pub incoming: String,
 }
 
-/// Bind `opts.http` and serve until `cancel`.
-pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(opts.http).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {} ({e}); is another gateway running there? pick another with --http",
-            opts.http
-        )
-    })?;
-    serve(listener, opts, cancel).await
-}
-
-/// Serve on an already bound listener (tests bind port 0) until `cancel`.
-pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
-    opts.limits.check()?;
-    let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
-    db.health().register(&opts.health, COMPONENT);
-    let broker = Broker::connect(&opts.amqp_url, &format!("{COMPONENT} {}", opts.instance)).await?;
-    let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);
-    let outcomes = topology::gateway_outcome_queue(&opts.instance);
-    let event_queue = topology::gateway_event_queue(&opts.instance);
-    broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
-    let publisher = Publisher::new(broker.clone());
-    let incoming = match opts.mode {
-        Mode::Workflow => outcomes.name.clone(),
-        Mode::Events => event_queue.name.clone(),
-    };
-    let gw = Arc::new(Gateway {
-        slots: Semaphore::new(opts.max_in_flight),
-        incoming,
-        reply_key: topology::reply_key(COMPONENT, &opts.instance),
-        identity: Identity::of_url(COMPONENT, broker.url()),
-        opts,
-        broker: broker.clone(),
-        publisher: publisher.clone(),
-        db,
-        pending: Mutex::new(HashMap::new()),
-        waiters: AtomicU64::new(0),
-    });
-    // The consumer (with its handlers), waited for once the HTTP side has stopped.
-    let mut tasks = JoinSet::new();
-    let g = Arc::clone(&gw);
-    let queue = gw.incoming.clone();
-    let health = &gw.opts.health;
-    let cfg = ConsumerConfig::new(queue.clone(), 256)
-        .attached(health.check(COMPONENT, &format!("consuming {queue}"), Kind::Ready))
-        .max_age(gw.opts.retain);
-    tasks.spawn(running(
-        health.check(COMPONENT, "retention running", Kind::Live),
-        baton_store::retention::run(
-            gw.db.clone(),
-            baton_store::retention::Retention::new(gw.opts.retain),
-            vec![idempotency::purge(gw.opts.idempotency_ttl)],
-            cancel.clone(),
-        ),
-    ));
-    let alive = health.check(COMPONENT, &format!("consumer of {queue} running"), Kind::Live);
-    match gw.opts.mode {
-        Mode::Workflow => tasks.spawn(running(
-            alive,
-            consume(
-                broker.clone(),
-                publisher,
-                cfg,
-                move |env| Arc::clone(&g).on_outcome(env),
-                cancel.clone(),
-            ),
-        )),
-        Mode::Events => tasks.spawn(running(
-            alive,
-            consume(broker.clone(), publisher, cfg, move |env| Arc::clone(&g).on_event(env), cancel.clone()),
-        )),
-    };
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "gateway listening");
-    let app = crate::api::router(Arc::clone(&gw));
-    http(listener, app, gw.opts.limits, &cancel).await;
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done {
-            tracing::error!(error = %e, "a task of the gateway died");
-        }
-    }
-    broker.close().await;
-    Ok(())
-}
-
-/// Serve HTTP/1 on `listener` until `cancel`, then stop accepting, let each connection finish
-/// the request it is on and wait for them all, as `axum::serve(..).with_graceful_shutdown(..)`
-/// does. Not `axum::serve` itself: it builds each connection with no timer, so hyper's
-/// `header_read_timeout` cannot be set through it, and nothing else can time a request's
-/// headers (before them there is no request for a tower layer to time; a read timeout on the
-/// socket would also cut a client that waits for a slow outcome). Each connection holds one of
-/// `limits.max_connections` permits until it closes; one more gets a 503 at once.
-async fn http(listener: TcpListener, app: axum::Router, limits: HttpLimits, cancel: &CancellationToken) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(crate::early::MAX_HEAD)
-        .max_headers(crate::early::MAX_HEADERS);
-    // Refusals are warned of at most every 10 s, with how many there were: a flood at the
-    // limit would otherwise write a line per connection.
-    let (mut refused, mut warned) = (0u64, None::<tokio::time::Instant>);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                        refused += 1;
-                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                            tracing::warn!(
-                                max = limits.max_connections,
-                                refused,
-                                "HTTP connection limit reached; new connections get a 503 until some close"
-                            );
-                            (refused, warned) = (0, Some(tokio::time::Instant::now()));
-                        }
-                        tracing::debug!(%peer, "connection refused: too many open");
-                        refuse(stream, limits.max_connections);
-                        continue;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(crate::early::JsonErrors::new(stream)), service);
-                    let conn = graceful.watch(conn);
-                    // Watched by `graceful`, which the shutdown below waits on.
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = conn.await {
-                            tracing::trace!(error = %e, "failed to serve a connection");
-                        }
-                    });
-                }
-                // As axum's listener: errors of one connection are skipped; others (too many
-                // open files) get a pause, so as not to spin.
-                Err(e) if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::ConnectionReset
-                ) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "accepting an HTTP connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = cancel.cancelled() => break,
-                    }
-                }
-            }
-        }
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// Answer a connection past the limit with a 503 and close it, without waiting on the client:
-/// the answer fits a fresh socket's send buffer, so a write that would block is skipped (the
-/// client then sees the connection closed, which says the same). What the client already sent
-/// is read first, so that the close does not reset the connection and lose the answer.
-fn refuse(stream: tokio::net::TcpStream, max: usize) {
-    let body = format!(
-        r#"{{"error":"the gateway has {max} connections open, its limit; retry shortly","status":503}}"#
-    );
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         retry-after: 1\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // Plain non-blocking system calls: tokio's `try_*` would say "would block" until the
-    // reactor has seen the new socket, and this one is never polled.
-    let Ok(mut stream) = stream.into_std() else { return };
-    let mut sink = [0u8; 4096];
-    while matches!(std::io::Read::read(&mut stream, &mut sink), Ok(n) if n > 0) {}
-    let _ = std::io::Write::write(&mut stream, answer.as_bytes());
-}
-
 impl Gateway {
     /// An outcome arrived: record it, then hand it to the waiting client if there is one.
-    async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+    pub(crate) async fn on_outcome(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let outcome: SagaOutcome = env.decode(&self.incoming, &[START_REPLY])?;
         self.identity.expect(&env, &["orchestrator"])?;
         self.record(env.message_id, outcome).await
     }
 
     /// An event that ends a space's flow arrived (events mode): make it an outcome.
-    async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+    pub(crate) async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let ev: SpaceEvent = env.decode(&self.incoming, &[events::READY, events::REJECTED])?;
         self.identity.expect(&env, &events::emitters(&env.kind))?;
         let ctx = ev.context;
@@ -730,90 +464,6 @@ enum Seen {
     Again(idempotency::First),
     /// The key came first with another body.
     OtherBody(idempotency::First),
-}
-
-/// The `idempotency_keys` table: a key, and the request it first came with.
-pub(crate) mod idempotency {
-    use baton_store::{OptionalExtension, params};
-    use baton_store::{StoreError, Tx};
-    use uuid::Uuid;
-
-    /// The request a key first came with.
-    #[derive(Debug, Clone)]
-    pub(crate) struct First {
-        pub space_id: Uuid,
-        pub saga_id: Uuid,
-        pub name: String,
-        pub owner: String,
-    }
-
-    /// The request `key` came with, if it came at or after `since` (ms).
-    pub(crate) fn find(tx: &Tx<'_>, key: &str, since: i64) -> Result<Option<First>, StoreError> {
-        let row: Option<(String, String, String, String)> = tx
-            .query_row(
-                "SELECT space_id, saga_id, name, owner FROM idempotency_keys WHERE key = ?1 AND created_at >= ?2",
-                params![key, since],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let corrupt =
-            |e: uuid::Error| StoreError::Corrupt { table: "idempotency_keys", cause: e.to_string() };
-        row.map(|(space, saga, name, owner)| {
-            Ok(First {
-                space_id: Uuid::parse_str(&space).map_err(corrupt)?,
-                saga_id: Uuid::parse_str(&saga).map_err(corrupt)?,
-                name,
-                owner,
-            })
-        })
-        .transpose()
-    }
-
-    /// Remember `key` for a new request (over an expired one of the same key).
-    pub(crate) fn remember(
-        tx: &Tx<'_>,
-        key: &str,
-        space_id: Uuid,
-        saga_id: Uuid,
-        name: &str,
-        owner: &str,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        tx.execute(
-            "INSERT INTO idempotency_keys (key, space_id, saga_id, name, owner, created_at, replays)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
-             ON CONFLICT (key) DO UPDATE SET space_id = excluded.space_id, saga_id = excluded.saga_id,
-                 name = excluded.name, owner = excluded.owner, created_at = excluded.created_at, replays = 0",
-            params![key, space_id.to_string(), saga_id.to_string(), name, owner, now],
-        )?;
-        Ok(())
-    }
-
-    /// Count a retry of `key`.
-    pub(crate) fn replayed(tx: &Tx<'_>, key: &str) -> Result<(), StoreError> {
-        tx.execute("UPDATE idempotency_keys SET replays = replays + 1 WHERE key = ?1", [key])?;
-        Ok(())
-    }
-
-    /// The retention's purge of keys older than their time to live, `ttl`: kept that long
-    /// whatever the retention, since the requests their retries are answered from are kept.
-    pub(crate) fn purge(ttl: std::time::Duration) -> baton_store::retention::Purge {
-        baton_store::retention::Purge {
-            if_table: Some("idempotency_keys"),
-            ..baton_store::retention::Purge::new(
-                "idempotency keys",
-                "DELETE FROM idempotency_keys WHERE key IN
-                   (SELECT key FROM idempotency_keys WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
-            )
-        }
-        .kept_for(ttl)
-    }
-
-    /// Forget the key of the request of `saga_id` (it never started).
-    pub(crate) fn forget(tx: &Tx<'_>, saga_id: Uuid) -> Result<(), StoreError> {
-        tx.execute("DELETE FROM idempotency_keys WHERE saga_id = ?1", [saga_id.to_string()])?;
-        Ok(())
-    }
 }
 
 /// When the saga must give up, for a client this gateway answers 504 at `deadline`: a margin
