@@ -147,7 +147,9 @@ start() {
     has rabbitmq-server || [ -x "$BIN/rabbitmq-server" ] \
         || die "RabbitMQ is not installed. On Debian or Ubuntu: sudo apt-get install -y rabbitmq-server, then run this script again."
     mkdir -p "$DIR/home"
-    : >"$DIR/rabbitmq-env.conf"
+    # Erlang schedulers that do not spin while idle: three nodes on a machine of a few cores
+    # would otherwise take CPU from everything else running beside them.
+    echo 'SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"' >"$DIR/rabbitmq-env.conf"
     echo "[rabbitmq_management]." >"$DIR/enabled_plugins"
     cp "$ROOT/broker/cluster.advanced.config" "$DIR/advanced.config"
     # All at once: nodes that stopped together wait at boot for the one that stopped last.

@@ -33,7 +33,9 @@ start)
         exit 0
     fi
     mkdir -p "$DIR/home" "$DIR/log" "$DIR/mnesia"
-    : >"$DIR/rabbitmq-env.conf"
+    # Erlang schedulers that do not spin while idle: a second node on a machine of a few cores
+    # would otherwise take CPU from everything else running beside it.
+    echo 'SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"' >"$DIR/rabbitmq-env.conf"
     echo "[rabbitmq_management]." >"$DIR/enabled_plugins"
     cat >"$DIR/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:$PORT

@@ -83,7 +83,7 @@ pub enum StoreError {
     /// The database rolled the group's transaction back on a member's error (SQLite does on a
     /// full disk): none of its members took effect.
     #[error("the database rolled the group's transaction back ({why})")]
-    RolledBack { why: String, outage: bool },
+    RolledBack { why: String, outage: bool, disk_full: bool },
 }
 
 impl StoreError {
@@ -114,7 +114,7 @@ impl StoreError {
             StoreError::Sqlite(e) => sqlite::is_disk_full(e),
             StoreError::Postgres(e) => pg::is_disk_full(e),
             StoreError::Commit(e) => e.is_disk_full(),
-            StoreError::RolledBack { why, .. } => why.contains("full"),
+            StoreError::RolledBack { disk_full, .. } => *disk_full,
             _ => false,
         }
     }
@@ -296,7 +296,21 @@ type Finish = Box<dyn FnOnce(Result<(), &Arc<StoreError>>) + Send>;
 
 /// Why a member of a group failed for an outage, if it did: a full disk can fail a statement
 /// (a page that cannot be allocated) before it fails a commit.
-type MemberOutage = Option<String>;
+type MemberOutage = Option<Outage>;
+
+/// An outage a member met: its sentence, and whether it was a full disk (so that the group's
+/// [`StoreError::RolledBack`] says so without its text being read).
+#[derive(Clone, Debug)]
+struct Outage {
+    why: String,
+    disk_full: bool,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
 
 /// Members committed together at most (a bound on how long the first one waits).
 pub const GROUP_MAX: usize = 128;
@@ -427,10 +441,11 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             }
         }
         let outcome = if lost {
-            let why = group.outage.clone();
+            let outage = group.outage.clone();
             Err(Arc::new(StoreError::RolledBack {
-                outage: why.is_some(),
-                why: why.unwrap_or_else(|| "a member's statement failed".into()),
+                outage: outage.is_some(),
+                disk_full: outage.as_ref().is_some_and(|o| o.disk_full),
+                why: outage.map_or_else(|| "a member's statement failed".into(), |o| o.why),
             }))
         } else {
             conn.batch("COMMIT").map_err(|e| {
@@ -694,7 +709,9 @@ impl Db {
             };
             let result = f(tx);
             let outage = match &result {
-                Err(e) if e.is_transient() => Some(e.to_string()),
+                Err(e) if e.is_transient() => {
+                    Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() })
+                }
                 _ => None,
             };
             let closed = if result.is_ok() {
