@@ -1,6 +1,9 @@
 //! One mode's run.
 
-use baton_store::Location;
+use baton_gateway::read::Requests;
+use baton_orchestrator::Sagas;
+use baton_services::read::Holdings;
+use baton_store::{Location, StoreCounts};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,10 +41,6 @@ enum Fault {
     DiskFull {
         for_: Duration,
     },
-}
-
-async fn sum(store: &Location, sql: &str) -> i64 {
-    baton_store::sum_over(store, sql).await.unwrap_or(0)
 }
 
 /// The processes of `component`: the default instance, then `i2`, `i3`...
@@ -431,34 +430,18 @@ async fn drive(
         quiesce(amqp_url, &opts.mgmt, vhost, store, mode, stillness, opts.quiesce_timeout).await?;
     let quiesce_ms = started.elapsed().as_millis() as u64;
     // The broker confirmed each relay's messages; the gateway published one per request.
-    let messages = sum(store, "SELECT published FROM relay_stats").await
-        + sum(store, "SELECT COUNT(*) FROM requests").await;
+    let counts = StoreCounts::total(store).await?;
+    let messages = counts.published + Requests::at(store).count().await?;
     let mut injected = injected.lock().expect("faults").clone();
-    for db in baton_protocol::Service::ALL {
-        let Ok(Some(reader)) = baton_store::Db::reader(store, db.name()).await else { continue };
-        let counted: Vec<(String, i64)> = reader
-            .call(|tx| {
-                // The fault plan's decorators create the table only where they injected into a service.
-                if !tx.has_table("faults")? {
-                    return Ok(Vec::new());
-                }
-                tx.query_map("SELECT kind, COUNT(*) FROM faults GROUP BY kind", (), |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-            })
-            .await?;
-        for (kind, n) in counted {
-            *injected.entry(kind).or_default() += n as usize;
+    for service in Service::ALL {
+        for (kind, n) in Holdings::at(store, service).injected_by_kind().await? {
+            *injected.entry(kind).or_default() += n;
         }
     }
     // What did not get through: sagas still open, messages still in an outbox, dead letters.
-    let unfinished = sum(
-        store,
-        "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back', 'cancelled')",
-    )
-    .await;
-    let left_in_outbox = sum(store, "SELECT COUNT(*) FROM outbox").await
-        + sum(store, "SELECT COUNT(*) FROM outbox_parked").await;
+    let by_status = Sagas::at(store).counts_by_status().await?;
+    let unfinished = by_status.iter().filter(|(s, _)| !s.is_settled()).map(|(_, n)| n).sum();
+    let left_in_outbox = counts.unsent();
     let dead_letters = {
         let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
         let queues: Vec<_> = topology::all_queues("main")
@@ -550,13 +533,13 @@ async fn quiesce(
             }
         }
         let _ = ch.close(200, "probed".into()).await;
-        let outbox = sum(store, "SELECT COUNT(*) FROM outbox").await;
+        let counts = StoreCounts::total(store).await.unwrap_or_default();
+        let (outbox, handled) = (counts.outbox, counts.handled);
         let working = if mode == Mode::Workflow {
             baton_orchestrator::Sagas::at(store).in_flight().await.unwrap_or(0)
         } else {
             0
         };
-        let handled = sum(store, "SELECT COUNT(*) FROM inbox").await;
         if ready == 0 && outbox == 0 && working == 0 {
             match last {
                 Some((h, since)) if h == handled && since.elapsed() >= stillness => {
@@ -577,24 +560,18 @@ async fn quiesce(
         if Instant::now() > deadline {
             // Say what is still moving: the one clue a failed CI run leaves.
             let sagas = if mode == Mode::Workflow {
-                let mut counts = Vec::new();
-                for s in ["running", "compensating", "succeeded", "compensation_failed"] {
-                    let n = sum(store, &format!("SELECT COUNT(*) FROM sagas WHERE status = '{s}'")).await;
-                    counts.push(format!("{s} {n}"));
-                }
-                counts.join(", ")
+                let counts = Sagas::at(store).counts_by_status().await.unwrap_or_default();
+                let open = counts.iter().filter(|(s, _)| !s.is_settled());
+                open.map(|(s, n)| format!("{} {n}", s.as_str())).collect::<Vec<_>>().join(", ")
             } else {
                 "-".into()
             };
             let mut outboxes: Vec<String> = Vec::new();
             for c in baton_protocol::Component::ALL {
-                let Ok(Some(reader)) = baton_store::Db::reader(store, c.name()).await else { continue };
-                if let Ok(n) = reader
-                    .call(|tx| tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get::<i64>(0)))
-                    .await
-                    && n > 0
+                if let Ok(Some(n)) = StoreCounts::of(store, c).await
+                    && n.outbox > 0
                 {
-                    outboxes.push(format!("{c} {n}"));
+                    outboxes.push(format!("{c} {}", n.outbox));
                 }
             }
             tracing::warn!(

@@ -16,6 +16,7 @@ mod api;
 mod early;
 mod input;
 mod listing;
+pub mod read;
 mod runtime;
 
 pub use input::{CreateSpace, Invalid, normalise_owner, validate};
