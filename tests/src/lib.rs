@@ -468,16 +468,11 @@ pub fn orchestrator_options(env: &TestEnv, workflows: &[Workflow]) -> baton_orch
     }
 }
 
-/// Rows a service holds for a space: `SELECT COUNT(*) FROM <table> WHERE space_id = ?`.
+/// Rows a service holds for a space, through the services' read model.
 pub fn rows_for(at: &baton_store::Location, service: Service, space_id: &str) -> i64 {
-    let table = match service {
-        Service::Records => "spaces",
-        Service::Placement => "placements",
-        Service::Entitlements => "licences",
-        Service::Routing => "routes",
-        Service::Notifier => "emails",
-    };
-    scalar(at, service.name(), &format!("SELECT COUNT(*) FROM {table} WHERE space_id = '{space_id}'"))
+    let (at, space_id) = (at.clone(), space_id.to_owned());
+    block_on(async move { baton_services::read::Holdings::at(&at, service).for_space(&space_id).await })
+        .expect("the service's store reads") as i64
 }
 
 /// One scalar from a component's store (read through the store's port, on either backend).
@@ -531,34 +526,25 @@ pub fn sqlite(dir: &Path, component: &str) -> rusqlite::Result<rusqlite::Connect
 /// A saga's timeline from the orchestrator's store (time relative to its start, step, action,
 /// attempt, event, detail), one line each: what a failed assertion should show.
 pub fn saga_story(at: &baton_store::Location, saga_id: &str) -> String {
-    let (at, saga_id) = (at.clone(), saga_id.to_owned());
-    let read = block_on(async move {
-        let Some(db) = baton_store::Db::reader(&at, "orchestrator").await? else {
-            return Ok(vec!["(no orchestrator store)".to_owned()]);
-        };
-        db.call(move |tx| {
-            tx.query_map(
-                "SELECT at - (SELECT MIN(at) FROM history WHERE saga_id = ?1), COALESCE(step, '-'),
-                        COALESCE(action, '-'), attempt, event, COALESCE(detail, '')
-                 FROM history WHERE saga_id = ?1 ORDER BY id",
-                [saga_id],
-                |r| {
-                    Ok(format!(
-                        "{:>6} ms {} {} #{} {} {}",
-                        r.get::<i64>(0)?,
-                        r.get::<String>(1)?,
-                        r.get::<String>(2)?,
-                        r.get::<i64>(3)?,
-                        r.get::<String>(4)?,
-                        r.get::<String>(5)?
-                    ))
-                },
-            )
-        })
-        .await
-    });
-    match read {
-        Ok(lines) => lines.join("\n"),
+    let Ok(id) = uuid::Uuid::parse_str(saga_id) else { return format!("(`{saga_id}` is no saga id)") };
+    let at = at.clone();
+    match block_on(async move { baton_orchestrator::Sagas::at(&at).describe(id).await }) {
+        Ok(Some(view)) => {
+            let start = view.history.first().map_or(0, |h| h.at_ms);
+            let line = |h: &baton_orchestrator::query::HistoryRow| {
+                format!(
+                    "{:>6} ms {} {} #{} {} {}",
+                    h.at_ms - start,
+                    h.step.as_deref().unwrap_or("-"),
+                    h.action.as_deref().unwrap_or("-"),
+                    h.attempt,
+                    h.event,
+                    h.detail.as_deref().unwrap_or("")
+                )
+            };
+            view.history.iter().map(line).collect::<Vec<_>>().join("\n")
+        }
+        Ok(None) => "(no such saga in the orchestrator's store)".to_owned(),
         Err(e) => format!("(history unreadable: {e})"),
     }
 }
@@ -567,12 +553,8 @@ pub fn saga_story(at: &baton_store::Location, saga_id: &str) -> String {
 /// cancelled.
 pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     wait_for("every saga to end", timeout, || async {
-        let open = scalar(
-            &env.store(),
-            "orchestrator",
-            "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back', 'cancelled')",
-        );
-        (open == 0).then_some(())
+        let counts = baton_orchestrator::Sagas::at(&env.store()).counts_by_status().await.ok()?;
+        counts.iter().all(|(s, n)| s.is_settled() || *n == 0).then_some(())
     })
     .await
 }
@@ -591,7 +573,9 @@ pub fn publishers() -> impl Iterator<Item = &'static str> {
 pub async fn every_outbox_drains(env: &TestEnv, timeout: Duration) {
     for db in publishers() {
         wait_for(&format!("{db}'s outbox to drain"), timeout, || async {
-            (scalar(&env.store(), db, "SELECT COUNT(*) FROM outbox") == 0).then_some(())
+            let component = baton_protocol::Component::parse(db).expect("a component");
+            let c = baton_store::StoreCounts::of(&env.store(), component).await.ok()??;
+            (c.outbox == 0).then_some(())
         })
         .await;
     }

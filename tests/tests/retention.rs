@@ -28,19 +28,19 @@ struct Measure {
 fn measure(env: &TestEnv) -> Measure {
     let dir = env.data_dir();
     let store = env.store();
-    let sum = |sql: &str| {
-        let (store, sql) = (store.clone(), sql.to_owned());
-        baton_tests::block_on(async move { baton_store::sum_over(&store, &sql).await }).unwrap_or(0)
-    };
+    let (kept, counts) = baton_tests::block_on(async move {
+        let kept = baton_orchestrator::Sagas::at(&store).retained().await.expect("the orchestrator's store");
+        (kept, baton_store::StoreCounts::total(&store).await.expect("the stores"))
+    });
     let size = |file: String| std::fs::metadata(dir.join(file)).map_or(0, |m| m.len());
     let names = || baton_protocol::Component::ALL.iter().map(|c| c.name());
     let all = names().map(|c| size(format!("{c}.db"))).sum();
     let wal = names().map(|c| size(format!("{c}.db-wal"))).sum();
     Measure {
-        sagas: sum("SELECT COUNT(*) FROM sagas"),
-        history: sum("SELECT COUNT(*) FROM history"),
-        inbox: sum("SELECT COUNT(*) FROM inbox"),
-        tombstones: sum("SELECT COUNT(*) FROM tombstones"),
+        sagas: kept.sagas,
+        history: kept.history,
+        inbox: counts.handled,
+        tombstones: counts.tombstones,
         bytes: all,
         orchestrator_bytes: size("orchestrator.db".into()),
         wal_bytes: wal,

@@ -6,16 +6,21 @@
 //! answer for must be all or nothing; a saga starts no compensable step once its client's
 //! deadline passed. A space that breaks it is an inconsistency. A client told 504 whose space
 //! ended consistent (nothing, or all five) is not one: it is uncertain, counted apart, since
-//! what the client was left not knowing is real but nothing needs repair. Owns: reading the
-//! five services' databases, the gateway's record of what each client was told and the
-//! orchestrator's saga states and history, all read-only, and the findings in those two
-//! classes. Must not touch: anything that writes.
+//! what the client was left not knowing is real but nothing needs repair. Owns: the findings
+//! in those two classes, from what the components' read models say: which spaces each service
+//! holds ([`baton_services::read`]), what the gateway told each client
+//! ([`baton_gateway::read`]) and the orchestrator's saga states ([`baton_orchestrator::Sagas`]).
+//! Must not touch: anything that writes, or any component's tables (it names none).
 
-use baton_store::{Db, FromValue, Location};
+use baton_store::Location;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use baton_gateway::read::Requests;
+use baton_orchestrator::Sagas;
 use baton_protocol::Service;
+use baton_services::read::Holdings;
+use baton_workflow::SagaStatus;
 use serde::Serialize;
 
 /// What is wrong with one space.
@@ -180,14 +185,6 @@ pub enum AuditError {
     Read { db: String, source: baton_store::StoreError },
 }
 
-const TABLES: [(Service, &str); 5] = [
-    (Service::Records, "spaces"),
-    (Service::Placement, "placements"),
-    (Service::Entitlements, "licences"),
-    (Service::Routing, "routes"),
-    (Service::Notifier, "emails"),
-];
-
 /// What one space has, across the databases, and what its client was told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpaceRows {
@@ -213,73 +210,45 @@ impl SpaceRows {
     }
 }
 
-/// Read every space at `at`: which services hold a row for it, and what its client was told.
+/// Read every space at `at`: which services hold a row for it, and what its client was told,
+/// through each component's read model.
 pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
+    let read = |db: &str| {
+        let db = db.to_owned();
+        move |source| AuditError::Read { db, source }
+    };
     let mut any = false;
-    for (service, _) in TABLES {
-        any |= Db::reader(at, service.name()).await?.is_some();
+    for service in Service::ALL {
+        any |= Holdings::at(at, service).exists().await.map_err(read(service.name()))?;
     }
     if !any {
         return Err(AuditError::Empty(at.to_string()));
     }
-    let dir = at;
     let mut spaces: BTreeMap<String, SpaceRows> = BTreeMap::new();
-    for (service, table) in TABLES {
-        let time = if service == Service::Notifier { "sent_at" } else { "created_at" };
-        for (id, saga, at) in rows3::<String, String, i64>(
-            dir,
-            service.name(),
-            format!("SELECT space_id, saga_id, {time} FROM {table}"),
-        )
-        .await?
-        {
-            let s = space(&mut spaces, id);
+    for service in Service::ALL {
+        for held in Holdings::at(at, service).all().await.map_err(read(service.name()))? {
+            let s = space(&mut spaces, held.space_id);
             s.present.insert(service);
-            s.saga_id.get_or_insert(saga);
-            s.oldest_ms = Some(s.oldest_ms.map_or(at, |o| o.min(at)));
+            s.saga_id.get_or_insert(held.saga_id);
+            s.oldest_ms = Some(s.oldest_ms.map_or(held.at_ms, |o| o.min(held.at_ms)));
         }
     }
     // What each client was told: the gateway's record first, the orchestrator's answer where
     // the gateway has none (a saga started without it).
-    for (id, status, state) in rows3::<String, i64, String>(
-        dir,
-        "orchestrator",
-        "SELECT space_id, COALESCE(answer_status, -1), status FROM sagas".into(),
-    )
-    .await?
-    {
-        let s = space(&mut spaces, id);
-        s.told = u16::try_from(status).ok();
-        s.in_flight = ["running", "compensating", "succeeded"].contains(&state.as_str());
-        s.compensation_failed = state == "compensation_failed";
-        s.definition_missing = state == "definition_missing";
+    let sagas = Sagas::at(at);
+    for saga in sagas.answers().await.map_err(read("orchestrator"))? {
+        let s = space(&mut spaces, saga.space_id);
+        s.told = saga.answer_status;
+        s.in_flight = saga.status.is_in_flight();
+        s.compensation_failed = saga.status == SagaStatus::CompensationFailed;
+        s.definition_missing = saga.status == SagaStatus::DefinitionMissing;
     }
-    // Forward commands sent at or after the deadline, both times on the clock of the process that
-    // started the saga (a later process's clock may differ by a jump: see `Saga::rearm`).
-    if has_column(dir, "orchestrator", "sagas", "deadline_at").await? {
-        for (id, n, _) in rows3::<String, i64, String>(
-            dir,
-            "orchestrator",
-            "SELECT s.space_id, COUNT(*), '' FROM sagas s JOIN history h ON h.saga_id = s.saga_id
-             WHERE s.deadline_at IS NOT NULL AND h.event = 'sent' AND h.action = 'do'
-               AND h.step <> 'notifier' AND h.at >= s.deadline_at
-             GROUP BY s.space_id"
-                .into(),
-        )
-        .await?
-        {
-            space(&mut spaces, id).steps_after_deadline = n as u32;
-        }
+    for (id, n) in sagas.steps_after_deadline().await.map_err(read("orchestrator"))? {
+        space(&mut spaces, id).steps_after_deadline = n;
     }
-    for (id, status, _) in rows3::<String, i64, String>(
-        dir,
-        "gateway",
-        "SELECT space_id, COALESCE(told_status, -1), '' FROM requests".into(),
-    )
-    .await?
-    {
-        let s = space(&mut spaces, id);
-        if let Ok(t) = u16::try_from(status) {
+    for request in Requests::at(at).told().await.map_err(read("gateway"))? {
+        let s = space(&mut spaces, request.space_id);
+        if let Some(t) = request.status {
             s.told = Some(t);
         }
     }
@@ -298,31 +267,6 @@ fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows
         definition_missing: false,
         steps_after_deadline: 0,
     })
-}
-
-/// The rows of a three-column query on `component`'s store; none when it has no store.
-async fn rows3<A, B, C>(at: &Location, component: &str, sql: String) -> Result<Vec<(A, B, C)>, AuditError>
-where
-    A: FromValue + Send + 'static,
-    B: FromValue + Send + 'static,
-    C: FromValue + Send + 'static,
-{
-    let Some(db) = Db::reader(at, component).await? else { return Ok(Vec::new()) };
-    db.call(move |tx| tx.query_map(&sql, (), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
-        .await
-        .map_err(|e| AuditError::Read { db: component.into(), source: e })
-}
-
-async fn has_column(
-    at: &Location,
-    component: &str,
-    table: &'static str,
-    column: &'static str,
-) -> Result<bool, AuditError> {
-    let Some(db) = Db::reader(at, component).await? else { return Ok(false) };
-    db.call(move |tx| tx.has_column(table, column))
-        .await
-        .map_err(|e| AuditError::Read { db: component.into(), source: e })
 }
 
 /// The verdict on one space, if something is wrong with it.
@@ -395,6 +339,7 @@ pub async fn audit(at: &Location) -> Result<Report, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_store::Db;
     use baton_store::scratch::{ScratchDatabase, test_server};
 
     /// `component`'s store at `at`, made of `ddl` (leaked: a store's migrations are static).
@@ -437,9 +382,10 @@ mod tests {
         make(
             at,
             "gateway",
-            "CREATE TABLE requests (space_id TEXT, told_status INTEGER);
-             INSERT INTO requests VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
-                                         ('late', 504), ('late-done', 504), ('late-half', 504);"
+            "CREATE TABLE t (space_id TEXT, told_status INTEGER);
+             INSERT INTO t VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
+                                  ('late', 504), ('late-done', 504), ('late-half', 504);
+             CREATE VIEW requests AS SELECT space_id, 's' AS saga_id, space_id AS name, told_status FROM t;"
                 .into(),
         )
         .await;

@@ -70,7 +70,7 @@ async fn orchestrator_counts(dir: &Path) -> Option<(i64, i64)> {
         baton_store::Db::reader(&baton_store::Location::Dir(dir.to_owned()), ORCHESTRATOR).await.ok()??;
     db.call(|tx| {
         let sagas = baton_orchestrator::query::in_flight_count(tx)?;
-        Ok((sagas, tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0))?))
+        Ok((sagas, baton_store::outbox::len(tx)?))
     })
     .await
     .ok()

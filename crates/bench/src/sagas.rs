@@ -530,16 +530,12 @@ where
     })
 }
 
-async fn sum_async(store: &Location, sql: &'static str) -> Option<i64> {
-    baton_store::sum_over(store, sql).await
-}
-
 /// Wait (at most `timeout`) until every outbox is empty and, in workflow mode, no saga is still
 /// working, so that one run's tail does not weigh on the next. Returns whether that happened.
 async fn settle(store: &Location, mode: Mode, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        let outbox = sum_async(store, "SELECT COUNT(*) FROM outbox").await;
+        let outbox = baton_store::StoreCounts::total(store).await.ok().map(|c| c.outbox);
         let working = match mode {
             Mode::Workflow => baton_orchestrator::Sagas::at(store).in_flight().await.ok(),
             Mode::Events => Some(0),
@@ -563,8 +559,8 @@ struct Counts {
 }
 
 async fn counts(store: &Location) -> Option<Counts> {
-    let published = sum_async(store, "SELECT published FROM relay_stats").await?;
-    let requests = sum_async(store, "SELECT COUNT(*) FROM requests").await?;
+    let published = baton_store::StoreCounts::total(store).await.ok()?.published;
+    let requests = baton_gateway::read::Requests::at(store).count().await.ok()?;
     Some(Counts { published, requests })
 }
 

@@ -171,12 +171,8 @@ async fn two_instances_after_a_prefill_count_only_the_measured_sagas() {
     assert_eq!(m.sagas, measured as u64, "sagas counted");
     // ... while the databases hold both: every request succeeded, so one space each.
     let at = baton_store::Location::Dir(m.data_dir.clone());
-    let records =
-        baton_store::Db::reader(&at, "records").await.expect("records.db").expect("records.db exists");
-    let spaces: i64 = records
-        .call(|tx| tx.query_row("SELECT COUNT(*) FROM spaces", (), |r| r.get(0)))
-        .await
-        .expect("spaces");
+    let records = baton_services::read::Holdings::at(&at, baton_protocol::Service::Records);
+    let spaces = records.all().await.expect("records.db").len();
     assert_eq!(spaces as u64, m.sagas + 20, "spaces in records.db");
     sane_messages(m);
 

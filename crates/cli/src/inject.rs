@@ -1,4 +1,5 @@
-//! The crashes and connection drops of a fault plan, carried out by `baton up` itself.
+//! The crashes and connection drops of a fault plan, carried out by `baton up` itself through
+//! `baton-fleet`'s `FaultDriver`, the one `baton compare` and `baton chaos` use.
 //!
 //! `baton compare` and `baton chaos` place a plan's points at shares of the requests sent (or
 //! of the run's duration). `baton up` has neither: it runs until Ctrl-C. Here the points are
@@ -7,58 +8,23 @@
 //! 24 s into every minute and comes back 6 s later, and every connection of the vhost is closed
 //! 42 s into every minute.
 //!
-//! A crash aborts the component's task without any cleanup: the task owns everything the
-//! component runs (relay, consumers and their handlers, the orchestrator's timer, the gateway's
-//! HTTP listener and connections: `JoinSet`s in each `run`), so they go with it, their channels
-//! close and the broker hands their unacked deliveries to the next incarnation, which `up`
-//! starts after the pause exactly as at start (database opened again, fresh connection, the
-//! gateway's port bound again). The orchestrator's next incarnation resumes the sagas in flight
-//! from its database. A drop closes every connection of the vhost through the management API,
+//! With crash items every component runs as a `baton run` process of its own, and a crash is a
+//! SIGKILL of it: no cleanup, its channels close and the broker hands its unacked deliveries to
+//! the next incarnation, started after the pause exactly as at start (database opened again,
+//! fresh connection, the gateway's port bound again). The orchestrator's next incarnation
+//! resumes the sagas in flight from its database. A drop closes every connection of the vhost through the management API,
 //! as `baton compare` does.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use baton_faults::FaultPlan;
+use baton_fleet::{Fault, FaultDriver, Fleet, Reach};
 use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use baton_node::Component;
-
-/// What the driver asks of `up`'s loop, which owns the components' tasks.
-#[derive(Debug)]
-pub enum Order {
-    /// Abort `component`'s task now; start it again after `down`.
-    Crash { component: Component, down: Duration, round: u64 },
-}
-
-/// What was injected so far, by kind (`crash routing`, `connections dropped`).
-#[derive(Debug, Clone, Default)]
-pub struct Injected(Arc<Mutex<BTreeMap<String, usize>>>);
-
-impl Injected {
-    /// Add `n` to `kind`; returns the new total.
-    pub fn add(&self, kind: &str, n: usize) -> usize {
-        let mut all = self.0.lock().expect("injected faults");
-        let total = all.entry(kind.to_owned()).or_default();
-        *total += n;
-        *total
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.lock().expect("injected faults").is_empty()
-    }
-
-    /// `crash routing 2, connections dropped 14`.
-    pub fn summary(&self) -> String {
-        let all = self.0.lock().expect("injected faults");
-        all.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
-    }
-}
 
 /// The component a plan's crash item names, if `up` can crash it.
 fn crashable(name: &str) -> Option<Component> {
@@ -111,80 +77,21 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
     Ok(())
 }
 
-enum Point {
-    Crash { component: Component, down: Duration },
-    Drop,
-}
-
-/// Fire the plan's crashes (as orders to `up`'s loop) and drops (itself) at their shares of
-/// every `window`, from now until `cancel`.
-pub fn spawn_driver(
+/// Start the driver of the plan's crashes and drops: each at its share of every `window`, from
+/// now until the driver is stopped. Crashes need `fleet`, the components as processes.
+pub fn start_driver(
     plan: &FaultPlan,
+    mode: Mode,
     window: Duration,
-    mgmt: Mgmt,
-    vhost: String,
-    orders: mpsc::UnboundedSender<Order>,
-    injected: Injected,
-    cancel: CancellationToken,
-) {
+    fleet: Option<Arc<Fleet>>,
+    (mgmt, vhost): (Mgmt, String),
+) -> FaultDriver {
+    let driver = FaultDriver::start(Reach { fleet, mgmt, vhost, broker_ctl: None, hooks: None });
     let at = |pct: u32| window.mul_f64(f64::from(pct) / 100.0);
-    let mut points: Vec<(Duration, Point)> = Vec::new();
-    for c in &plan.crashes {
-        let component = crashable(&c.component).expect("checked before the start");
-        points.push((at(c.at_percent), Point::Crash { component, down: Duration::from_millis(c.down_ms) }));
-    }
-    points.extend(plan.connection_drops.iter().map(|p| (at(*p), Point::Drop)));
-    if points.is_empty() {
-        return;
-    }
-    points.sort_by_key(|(when, _)| *when);
-    tokio::spawn(async move {
-        let mut start = tokio::time::Instant::now();
-        for round in 1u64.. {
-            for (when, point) in &points {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(start + *when) => {}
-                    _ = cancel.cancelled() => return,
-                }
-                match point {
-                    Point::Crash { component, down } => {
-                        let order = Order::Crash { component: *component, down: *down, round };
-                        if orders.send(order).is_err() {
-                            return;
-                        }
-                    }
-                    Point::Drop => {
-                        let (mgmt, vhost, injected) = (mgmt.clone(), vhost.clone(), injected.clone());
-                        tokio::spawn(drop_connections(mgmt, vhost, injected, round));
-                    }
-                }
-            }
-            start += window;
-        }
-    });
-}
-
-/// Close every connection of `vhost` through the management API.
-async fn drop_connections(mgmt: Mgmt, vhost: String, injected: Injected, round: u64) {
-    match mgmt.drop_connections_once_listed(&vhost).await {
-        Ok(0) => {
-            tracing::warn!(fault = "drop", %vhost, round, "the management API listed no connection to drop")
-        }
-        Ok(n) => {
-            let total = injected.add("connections dropped", n);
-            tracing::warn!(
-                fault = "drop",
-                %vhost,
-                connections = n,
-                total,
-                round,
-                "fault injected: the broker closed every connection of the vhost"
-            );
-        }
-        Err(e) => {
-            tracing::error!(fault = "drop", %vhost, error = %format!("{e:#}"), "dropping connections through the management API failed");
-        }
-    }
+    let points = Fault::points(plan, mode).into_iter().map(|(pct, f)| (at(pct), f)).collect();
+    // Runs until the driver stops: nobody waits for it.
+    drop(driver.on_schedule(points, Some(window)));
+    driver
 }
 
 #[cfg(test)]

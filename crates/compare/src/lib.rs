@@ -6,9 +6,12 @@
 //! data dir's disk full on a tmpfs of its own), the wait for quiescence, the audit, the reconcile of
 //! the events run, and the results ([`Comparison`]) with their table and HTML report
 //! ([`report`]). Must not touch: component internals; it drives them from the outside, as an
-//! operator would, through `baton-fleet` (which spawns, crashes, restarts and stops them).
+//! operator would, through `baton-fleet` (which spawns, crashes, restarts and stops them, and
+//! whose `FaultDriver` fires the plan's faults: `hooks` gives it the ones only a comparison
+//! can inject), and reads their stores through their read models.
 
 pub mod clock;
+mod hooks;
 pub mod poison;
 pub mod report;
 mod run;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use baton_protocol::Service;
+use baton_protocol::{Component, Service};
 use serde::{Deserialize, Serialize};
 
 /// A component crash: at `at_percent` of the requests sent, kill `component`, restart it after
@@ -132,6 +132,21 @@ fn parse_percent(s: &str) -> Option<u32> {
     s.strip_suffix('%')?.parse().ok().filter(|p| *p <= 100)
 }
 
+/// A rate between 0 and 1.
+fn parse_rate(s: &str) -> Option<f64> {
+    s.parse().ok().filter(|r| (0.0..=1.0).contains(r))
+}
+
+/// `PERCENT+DURATION` (`40%+1s`): a point of the run and how long (in ms); the problem, one
+/// phrase, when it is not one (`example` shows the form, `span` what the duration is).
+fn point_and_span(value: &str, example: &str, span: &str) -> Result<(u32, u64), String> {
+    let (at, d) =
+        value.split_once('+').ok_or_else(|| format!("expected PERCENT+DURATION, e.g. {example}"))?;
+    let at = parse_percent(at).ok_or("a point such as 40% of the requests sent, or of the run")?;
+    let d = parse_duration(d).ok_or(span)?;
+    Ok((at, d.as_millis() as u64))
+}
+
 /// The steps a `refuse` or `delay` item without a step applies to.
 fn targets(step: Option<&str>, item: &str, allow_notifier: bool) -> Result<Vec<Service>, PlanError> {
     match step {
@@ -188,123 +203,91 @@ impl FaultPlan {
             return Ok(plan);
         }
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let err = |problem: &str| PlanError { item: item.into(), problem: problem.into() };
-            let (key, value) = item.split_once('=').ok_or_else(|| err("expected key=value"))?;
-            let (kind, step) = match key.split_once('.') {
-                Some((k, s)) => (k, Some(s)),
-                None => (key, None),
-            };
-            match kind {
-                "refuse" => {
-                    let rate: f64 = value
-                        .parse()
-                        .ok()
-                        .filter(|r| (0.0..=1.0).contains(r))
-                        .ok_or_else(|| err("a rate between 0 and 1"))?;
-                    for s in targets(step, item, false)? {
-                        plan.refuse.insert(s, rate);
-                    }
-                }
-                "delay" => {
-                    let d = parse_duration(value).ok_or_else(|| err("a duration such as 5ms or 1s"))?;
-                    for s in targets(step, item, true)? {
-                        plan.delay_ms.insert(s, d.as_millis() as u64);
-                    }
-                }
-                "fail-undo" | "nack" => {
-                    let rate: f64 = value
-                        .parse()
-                        .ok()
-                        .filter(|r| (0.0..=1.0).contains(r))
-                        .ok_or_else(|| err("a rate between 0 and 1"))?;
-                    let map = if kind == "nack" { &mut plan.nack } else { &mut plan.undo_fails };
-                    for s in targets(step, item, kind == "nack")? {
-                        map.insert(s, rate);
-                    }
-                }
-                "duplicate" => {
-                    plan.duplicate = value
-                        .parse()
-                        .ok()
-                        .filter(|r| (0.0..=1.0).contains(r))
-                        .ok_or_else(|| err("a rate between 0 and 1"))?;
-                }
-                "crash" => {
-                    let component = step.ok_or_else(|| err("name the component: crash.routing=40%+1s"))?;
-                    let known = [
-                        "records",
-                        "placement",
-                        "entitlements",
-                        "routing",
-                        "notifier",
-                        "orchestrator",
-                        "gateway",
-                    ];
-                    if !known.contains(&component) {
-                        return Err(err(
-                            "crash one of records, placement, entitlements, routing, notifier, orchestrator, gateway",
-                        ));
-                    }
-                    let (at, down) =
-                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+1s"))?;
-                    plan.crashes.push(Crash {
-                        component: component.into(),
-                        at_percent: parse_percent(at)
-                            .ok_or_else(|| err("a point such as 40% of the requests sent"))?,
-                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 1s"))?.as_millis()
-                            as u64,
-                    });
-                }
-                "clock" => {
-                    let sign =
-                        value.find(['+', '-']).ok_or_else(|| err("expected PERCENT±OFFSET, e.g. 45%-1h"))?;
-                    let (at, offset) = value.split_at(sign);
-                    plan.clock_jumps.push(ClockJump {
-                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 45% of the run"))?,
-                        offset_s: parse_offset(offset)
-                            .ok_or_else(|| err("an offset from the true time such as -1h, +30m or +0"))?,
-                    });
-                }
-                "poison" => {
-                    plan.poison =
-                        value.parse().ok().ok_or_else(|| err("a number of bad messages, such as 20"))?;
-                }
-                "drop" => plan
-                    .connection_drops
-                    .push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?),
-                "restart-broker" => {
-                    let (at, down) =
-                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DOWNTIME, e.g. 40%+3s"))?;
-                    plan.broker_restarts.push(Restart {
-                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the run"))?,
-                        down_ms: parse_duration(down).ok_or_else(|| err("a downtime such as 3s"))?.as_millis()
-                            as u64,
-                    });
-                }
-                "disk-full" => {
-                    if step.is_some() {
-                        return Err(err(
-                            "the components share one data dir, so a full disk is full for all of them: \
-                             write disk-full=40%+5s",
-                        ));
-                    }
-                    let (at, dur) =
-                        value.split_once('+').ok_or_else(|| err("expected PERCENT+DURATION, e.g. 40%+5s"))?;
-                    plan.disk_full.push(DiskFull {
-                        at_percent: parse_percent(at).ok_or_else(|| err("a point such as 40% of the run"))?,
-                        for_ms: parse_duration(dur).ok_or_else(|| err("a duration such as 5s"))?.as_millis()
-                            as u64,
-                    });
-                }
-                _ => {
-                    return Err(err(
-                        "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker, \
-                         poison, clock or disk-full",
-                    ));
-                }
-            }
+            plan.add(item)?;
         }
         Ok(plan)
+    }
+
+    /// Add one item of the compact form (`refuse.routing=0.5`) to the plan.
+    fn add(&mut self, item: &str) -> Result<(), PlanError> {
+        let err = |problem: &str| PlanError { item: item.into(), problem: problem.into() };
+        let (key, value) = item.split_once('=').ok_or_else(|| err("expected key=value"))?;
+        let (kind, step) = match key.split_once('.') {
+            Some((k, s)) => (k, Some(s)),
+            None => (key, None),
+        };
+        let rate = || parse_rate(value).ok_or_else(|| err("a rate between 0 and 1"));
+        match kind {
+            "refuse" | "fail-undo" | "nack" => {
+                let rate = rate()?;
+                let map = match kind {
+                    "refuse" => &mut self.refuse,
+                    "nack" => &mut self.nack,
+                    _ => &mut self.undo_fails,
+                };
+                // The notifier never refuses, and has no undo to fail; a nack may hit it.
+                for s in targets(step, item, kind == "nack")? {
+                    map.insert(s, rate);
+                }
+            }
+            "delay" => {
+                let d = parse_duration(value).ok_or_else(|| err("a duration such as 5ms or 1s"))?;
+                for s in targets(step, item, true)? {
+                    self.delay_ms.insert(s, d.as_millis() as u64);
+                }
+            }
+            "duplicate" => self.duplicate = rate()?,
+            "crash" => {
+                let component = step.ok_or_else(|| err("name the component: crash.routing=40%+1s"))?;
+                if Component::parse(component).is_none() {
+                    let all: Vec<&str> = Component::ALL.map(Component::name).into();
+                    return Err(err(&format!("crash one of {}", all.join(", "))));
+                }
+                let (at_percent, down) =
+                    point_and_span(value, "40%+1s", "a downtime such as 1s").map_err(|p| err(&p))?;
+                self.crashes.push(Crash { component: component.into(), at_percent, down_ms: down });
+            }
+            "clock" => {
+                let sign =
+                    value.find(['+', '-']).ok_or_else(|| err("expected PERCENT±OFFSET, e.g. 45%-1h"))?;
+                let (at, offset) = value.split_at(sign);
+                self.clock_jumps.push(ClockJump {
+                    at_percent: parse_percent(at).ok_or_else(|| err("a point such as 45% of the run"))?,
+                    offset_s: parse_offset(offset)
+                        .ok_or_else(|| err("an offset from the true time such as -1h, +30m or +0"))?,
+                });
+            }
+            "poison" => {
+                self.poison =
+                    value.parse().ok().ok_or_else(|| err("a number of bad messages, such as 20"))?;
+            }
+            "drop" => {
+                self.connection_drops.push(parse_percent(value).ok_or_else(|| err("a point such as 70%"))?)
+            }
+            "restart-broker" => {
+                let (at_percent, down_ms) =
+                    point_and_span(value, "40%+3s", "a downtime such as 3s").map_err(|p| err(&p))?;
+                self.broker_restarts.push(Restart { at_percent, down_ms });
+            }
+            "disk-full" => {
+                if step.is_some() {
+                    return Err(err(
+                        "the components share one data dir, so a full disk is full for all of them: \
+                         write disk-full=40%+5s",
+                    ));
+                }
+                let (at_percent, for_ms) =
+                    point_and_span(value, "40%+5s", "a duration such as 5s").map_err(|p| err(&p))?;
+                self.disk_full.push(DiskFull { at_percent, for_ms });
+            }
+            _ => {
+                return Err(err(
+                    "unknown fault; use refuse, delay, duplicate, fail-undo, nack, crash, drop, restart-broker, \
+                     poison, clock or disk-full",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the plan refuses `step` for the space named `name`, beyond the rules.

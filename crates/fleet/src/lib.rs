@@ -8,14 +8,16 @@
 //! stop (SIGTERM, then SIGKILL after 10 s), the check that none died on its own, the wait until
 //! they are ready (the gateway answers `/health`, every work queue has its consumers), the tails
 //! of their logs for an error message, and what each cost from `/proc` (CPU time, RSS now and at
-//! its peak).
+//! its peak), and the one [`FaultDriver`] that crashes them, drops their connections and
+//! restarts their broker at a plan's points.
 //!
 //! Must not touch: component internals, the load, the figures. It runs the components from the
 //! outside, as an operator would, and reports what `/proc` says; callers decide what it means.
 //!
-//! Layout: this file ([`Fleet`], [`Process`], [`FleetError`]), `ready` (the readiness waits),
-//! `usage` ([`ComponentUsage`], `/proc`).
+//! Layout: this file ([`Fleet`], [`Process`], [`FleetError`]), `driver` ([`FaultDriver`]),
+//! `ready` (the readiness waits), `usage` ([`ComponentUsage`], `/proc`).
 
+pub mod driver;
 mod ready;
 mod usage;
 
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+pub use driver::{Fault, FaultDriver, Hooks, Injected, Injection, OnCount, Reach};
 pub use usage::{ComponentUsage, cpu_ms, peak_rss_kb, rss_kb};
 
 /// How long a graceful stop waits for each process before it kills it.

@@ -25,6 +25,7 @@ mod idempotency;
 mod input;
 mod listing;
 mod options;
+pub mod read;
 mod server;
 
 pub use input::{CreateSpace, Invalid, normalise_owner, validate};

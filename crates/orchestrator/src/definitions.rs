@@ -12,7 +12,7 @@ use baton_store::{Db, StoreError, now_ms};
 use baton_store::{OptionalExtension, Tx, params};
 use baton_workflow::Workflow;
 
-use crate::query::IN_FLIGHT;
+use crate::query::in_flight;
 
 /// The clock of every saga transition: the wall clock read once at start-up, advanced by the
 /// monotonic clock. A wall clock set back or forward while the process runs moves no timer;
@@ -127,7 +127,8 @@ pub async fn record(
             let mut older = Vec::new();
             let rows: Vec<(String, Option<String>, i64)> = tx.query_map(
                 &format!(
-                    "SELECT workflow, definition_hash, COUNT(*) FROM sagas WHERE {IN_FLIGHT} GROUP BY workflow, definition_hash"
+                    "SELECT workflow, definition_hash, COUNT(*) FROM sagas WHERE {} GROUP BY workflow, definition_hash",
+                    in_flight("status")
                 ),
                 (),
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),

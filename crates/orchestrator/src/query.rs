@@ -3,6 +3,7 @@
 //! included); [`Sagas`] is how other components and processes read it, without knowing its file
 //! or its tables.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use baton_store::{Db, Location, OptionalExtension, Tx, params};
@@ -12,9 +13,10 @@ use uuid::Uuid;
 
 use baton_store::StoreError;
 
-/// The statuses of a saga still in flight, as SQL: started and not yet answered and ended
-/// (`succeeded` still has its answer to send); `compensation_failed` waits for an operator.
-pub(crate) const IN_FLIGHT: &str = "status IN ('running', 'compensating', 'succeeded')";
+/// The statuses of a saga still in flight ([`SagaStatus::is_in_flight`]), as SQL on `column`.
+pub(crate) fn in_flight(column: &str) -> String {
+    SagaStatus::sql_in(column, SagaStatus::is_in_flight)
+}
 
 /// The read-only view of the orchestrator's store, for the gateway (`GET /workflows/{id}`), the
 /// CLI and the runs' checks, on either backend. Cheap to clone; it opens a reader the first
@@ -111,21 +113,45 @@ impl Sagas {
         self.read(Vec::new(), in_flight_ids).await
     }
 
-    /// Sagas by status; none without a store.
-    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        self.read(Vec::new(), count_by_status).await
+    /// Sagas by status (only the states some saga is in); none without a store.
+    pub async fn counts_by_status(&self) -> Result<BTreeMap<SagaStatus, i64>, StoreError> {
+        self.read(BTreeMap::new(), counts_by_status).await
+    }
+
+    /// Every saga's space, state and the answer its client got; none without a store.
+    pub async fn answers(&self) -> Result<Vec<Answered>, StoreError> {
+        self.read(Vec::new(), answers).await
+    }
+
+    /// How many sagas and lines of history the store keeps (retention's concern); nothing
+    /// without a store.
+    pub async fn retained(&self) -> Result<Retained, StoreError> {
+        self.read(Retained::default(), |tx| {
+            let count =
+                |table: &str| tx.query_row(&format!("SELECT COUNT(*) FROM {table}"), (), |r| r.get(0));
+            Ok(Retained { sagas: count("sagas")?, history: count("history")? })
+        })
+        .await
+    }
+
+    /// Per space, the compensable steps its saga sent at or after its client's deadline; none
+    /// without a store.
+    pub async fn steps_after_deadline(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+        self.read(BTreeMap::new(), steps_after_deadline).await
     }
 }
 
 /// How many sagas are in flight.
 pub fn in_flight_count(conn: &Tx<'_>) -> Result<i64, StoreError> {
-    conn.query_row(&format!("SELECT COUNT(*) FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get(0))
+    conn.query_row(&format!("SELECT COUNT(*) FROM sagas WHERE {}", in_flight("status")), (), |r| r.get(0))
 }
 
 /// The ids of the sagas in flight.
 pub fn in_flight_ids(conn: &Tx<'_>) -> Result<Vec<Uuid>, StoreError> {
     let ids =
-        conn.query_map(&format!("SELECT saga_id FROM sagas WHERE {IN_FLIGHT}"), (), |r| r.get::<String>(0))?;
+        conn.query_map(&format!("SELECT saga_id FROM sagas WHERE {}", in_flight("status")), (), |r| {
+            r.get::<String>(0)
+        })?;
     ids.iter().map(|id| Uuid::parse_str(id).map_err(corrupt)).collect()
 }
 
@@ -365,10 +391,65 @@ pub fn list(
 }
 
 /// Sagas by status, for quiescence checks and summaries.
-pub fn count_by_status(conn: &Tx<'_>) -> Result<Vec<(String, i64)>, StoreError> {
-    conn.query_map("SELECT status, COUNT(*) FROM sagas GROUP BY status ORDER BY status", (), |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
+pub fn counts_by_status(conn: &Tx<'_>) -> Result<BTreeMap<SagaStatus, i64>, StoreError> {
+    let rows: Vec<(String, i64)> =
+        conn.query_map("SELECT status, COUNT(*) FROM sagas GROUP BY status", (), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    rows.into_iter().map(|(s, n)| Ok((SagaStatus::parse(&s).map_err(corrupt)?, n))).collect()
+}
+
+/// How many rows the orchestrator keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retained {
+    pub sagas: i64,
+    pub history: i64,
+}
+
+/// One saga's space, state, and the answer its client got (`None`: none sent yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered {
+    pub saga_id: String,
+    pub space_id: String,
+    pub status: SagaStatus,
+    pub answer_status: Option<u16>,
+}
+
+/// Every saga's space, state and answer.
+pub fn answers(conn: &Tx<'_>) -> Result<Vec<Answered>, StoreError> {
+    let rows: Vec<(String, String, String, Option<i64>)> =
+        conn.query_map("SELECT saga_id, space_id, status, answer_status FROM sagas", (), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+    rows.into_iter()
+        .map(|(saga_id, space_id, status, answer)| {
+            Ok(Answered {
+                saga_id,
+                space_id,
+                status: SagaStatus::parse(&status).map_err(corrupt)?,
+                answer_status: answer.and_then(|a| u16::try_from(a).ok()),
+            })
+        })
+        .collect()
+}
+
+/// Per space, the forward commands to compensable steps its saga sent at or after its
+/// client's deadline, both times on the clock of the process that started the saga (a later
+/// process's clock may differ by a jump: see `Saga::rearm`). The email is no compensable step:
+/// a late one is the saga completing. Empty for a store older than deadlines.
+pub fn steps_after_deadline(conn: &Tx<'_>) -> Result<BTreeMap<String, u32>, StoreError> {
+    if !conn.has_column("sagas", "deadline_at")? {
+        return Ok(BTreeMap::new());
+    }
+    let rows: Vec<(String, i64)> = conn.query_map(
+        "SELECT s.space_id, COUNT(*) FROM sagas s JOIN history h ON h.saga_id = s.saga_id
+         WHERE s.deadline_at IS NOT NULL AND h.event = 'sent' AND h.action = 'do'
+           AND h.step <> 'notifier' AND h.at >= s.deadline_at
+         GROUP BY s.space_id",
+        (),
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(rows.into_iter().map(|(space, n)| (space, n as u32)).collect())
 }
 
 /// One stored definition of a workflow, and its sagas: a line of `baton workflows versions`.
@@ -383,7 +464,7 @@ pub struct Version {
     /// Sagas started on it still in flight (running, compensating, or succeeded with the email
     /// on its way).
     pub running: i64,
-    /// Sagas started on it that ended (completed, rolled back) and are still retained.
+    /// Sagas started on it that ended (completed, rolled back, cancelled) and are still retained.
     pub done: i64,
     /// Sagas started on it waiting for an operator (`compensation_failed`, `definition_missing`).
     pub stuck: i64,
@@ -392,34 +473,37 @@ pub struct Version {
 /// Every stored definition, each workflow's newest first, with how many sagas it has in each
 /// kind of state. Sagas pinned to a hash no longer stored show under that hash with no body.
 pub fn versions(conn: &Tx<'_>) -> Result<Vec<Version>, StoreError> {
+    let running = SagaStatus::sql_in("s.status", SagaStatus::is_in_flight);
+    let done = SagaStatus::sql_in("s.status", SagaStatus::is_settled);
+    let stuck = SagaStatus::sql_in("s.status", SagaStatus::needs_operator);
     conn.query_map(
         &format!(
-        "SELECT d.workflow, d.hash, d.first_seen,
-                CAST(COALESCE(SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END), 0) AS INTEGER),
-                CAST(COALESCE(SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END), 0) AS INTEGER),
-                CAST(COALESCE(SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END), 0) AS INTEGER)
+            "SELECT d.workflow, d.hash, d.first_seen,
+                CAST(COALESCE(SUM(CASE WHEN {running} THEN 1 ELSE 0 END), 0) AS INTEGER),
+                CAST(COALESCE(SUM(CASE WHEN {done} THEN 1 ELSE 0 END), 0) AS INTEGER),
+                CAST(COALESCE(SUM(CASE WHEN {stuck} THEN 1 ELSE 0 END), 0) AS INTEGER)
          FROM definitions d LEFT JOIN sagas s ON s.definition_hash = d.hash
          WHERE d.hash IS NOT NULL
          GROUP BY d.workflow, d.hash, d.first_seen
          UNION ALL
          SELECT s.workflow, COALESCE(s.definition_hash, ''), NULL,
-                CAST(SUM(CASE WHEN s.{IN_FLIGHT} THEN 1 ELSE 0 END) AS INTEGER),
-                CAST(SUM(CASE WHEN s.status IN ('completed', 'rolled_back') THEN 1 ELSE 0 END) AS INTEGER),
-                CAST(SUM(CASE WHEN s.status IN ('compensation_failed', 'definition_missing') THEN 1 ELSE 0 END) AS INTEGER)
+                CAST(SUM(CASE WHEN {running} THEN 1 ELSE 0 END) AS INTEGER),
+                CAST(SUM(CASE WHEN {done} THEN 1 ELSE 0 END) AS INTEGER),
+                CAST(SUM(CASE WHEN {stuck} THEN 1 ELSE 0 END) AS INTEGER)
          FROM sagas s WHERE NOT EXISTS (SELECT 1 FROM definitions d WHERE d.hash = s.definition_hash)
          GROUP BY s.workflow, s.definition_hash
          ORDER BY 1, 3 DESC NULLS LAST"
         ),
         (),
         |r| {
-        Ok(Version {
-            workflow: r.get(0)?,
-            hash: r.get(1)?,
-            first_seen_ms: r.get(2)?,
-            running: r.get(3)?,
-            done: r.get(4)?,
-            stuck: r.get(5)?,
-        })
+            Ok(Version {
+                workflow: r.get(0)?,
+                hash: r.get(1)?,
+                first_seen_ms: r.get(2)?,
+                running: r.get(3)?,
+                done: r.get(4)?,
+                stuck: r.get(5)?,
+            })
         },
     )
 }

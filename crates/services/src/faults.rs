@@ -51,6 +51,26 @@ fn record(tx: &Tx<'_>, kind: &str, step: Service, key: &str) -> Result<(), baton
     Ok(())
 }
 
+/// One injected fault, as recorded: its kind (`refusal`, `failed compensation`...), the step
+/// and the space's name (or the message) it touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    pub kind: String,
+    pub step: String,
+    pub key: String,
+}
+
+/// Every fault injected into the store of `tx`, oldest first; none when no decorator ever ran
+/// there (the table is theirs).
+pub fn injections(tx: &Tx<'_>) -> Result<Vec<Injection>, StoreError> {
+    if !tx.has_table("faults")? {
+        return Ok(Vec::new());
+    }
+    tx.query_map("SELECT kind, step, key FROM faults ORDER BY id", (), |r| {
+        Ok(Injection { kind: r.get(0)?, step: r.get(1)?, key: r.get(2)? })
+    })
+}
+
 /// A service's rule under a fault plan: a planned refusal instead of the step, a planned
 /// failure instead of its undo; the rule itself otherwise.
 pub struct FaultyStep {
@@ -148,7 +168,7 @@ mod tests {
     use crate::testing::*;
 
     fn kinds(tx: &Tx<'_>) -> Result<Vec<String>, baton_store::StoreError> {
-        tx.query_map("SELECT kind FROM faults ORDER BY id", (), |r| r.get(0))
+        Ok(injections(tx)?.into_iter().map(|i| i.kind).collect())
     }
 
     #[test]

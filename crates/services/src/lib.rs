@@ -4,8 +4,9 @@
 //! Owns: one module per service with its tables and rules ([`records`], [`placement`],
 //! [`entitlements`], [`routing`], [`notifier`]), each behind the [`Step`] trait; [`runtime`],
 //! which turns a delivery into one transaction (inbox, tombstone, rule, outbox) and acks after
-//! the commit; and [`faults`], the fault plan's decorators around a rule and around the
-//! runtime's pipeline, which [`run`] puts in place only when the plan injects something. The
+//! the commit; [`faults`], the fault plan's decorators around a rule and around the
+//! runtime's pipeline, which [`run`] puts in place only when the plan injects something; and
+//! [`read`], the read model through which everyone else reads the services' stores. The
 //! rules are the same code whatever drives them (a command in workflow mode, an event in events
 //! mode). Must not touch: another service's database, saga state, or lapin (everything AMQP goes
 //! through `baton-amqp`).
@@ -24,6 +25,7 @@ pub mod entitlements;
 pub mod faults;
 pub mod notifier;
 pub mod placement;
+pub mod read;
 pub mod records;
 pub mod routing;
 pub mod runtime;

@@ -6,9 +6,10 @@
 //! same way on both backends), the dedicated thread that runs every statement off the async
 //! workers ([`Db::call`], [`Db::transaction`] with its group commit), the SQL values that cross
 //! the port ([`sql`]), the [`inbox`], [`outbox`] and [`tombstone`] tables that make message
-//! handling exactly-once in effect, the outbox [`relay`], and what the process can tell of the
-//! store's health ([`StoreHealth`]). Must not touch: business tables (each component migrates
-//! its own through [`Db::open`]) or AMQP: the relay reaches the broker only through its
+//! handling exactly-once in effect and their read model ([`StoreCounts`]), the outbox
+//! [`relay`], and what the process can tell of the store's health ([`StoreHealth`]). Must not
+//! touch: business tables (each component migrates its own through [`Db::open`] and owns
+//! their read model) or AMQP: the relay reaches the broker only through its
 //! [`relay::Publish`] trait, which `baton-amqp` implements.
 
 use std::cell::RefCell;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
+pub mod counts;
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
@@ -31,6 +33,7 @@ mod pg;
 mod sqlite;
 
 pub use conn::Tx;
+pub use counts::StoreCounts;
 pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
 
 use conn::Conn;
@@ -778,21 +781,6 @@ impl Db {
     pub fn health(&self) -> StoreHealth {
         self.health.clone()
     }
-}
-
-/// Sum one number over the components' stores at `location` that answer `sql`, read-only (a
-/// table lives in some of them only: `sagas` in the orchestrator's, `requests` in the
-/// gateway's); `None` when none does.
-pub async fn sum_over(location: &Location, sql: &str) -> Option<i64> {
-    let mut total = None;
-    for component in baton_protocol::Component::ALL {
-        let Ok(Some(db)) = Db::reader(location, component.name()).await else { continue };
-        let sql = sql.to_owned();
-        if let Ok(n) = db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await {
-            total = Some(total.unwrap_or(0) + n);
-        }
-    }
-    total
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::definition::Workflow;
 
 /// Where a saga stands, as an operator sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SagaStatus {
     /// Compensable steps are still running.
@@ -73,6 +73,30 @@ impl SagaStatus {
             let all: Vec<&str> = SagaStatus::ALL.map(SagaStatus::as_str).into();
             format!("`{name}` is not a saga state; the states are {}", all.join(", "))
         })
+    }
+
+    /// Still in flight: started and not yet answered and ended (`succeeded` still has its
+    /// email to send).
+    pub fn is_in_flight(self) -> bool {
+        matches!(self, SagaStatus::Running | SagaStatus::Compensating | SagaStatus::Succeeded)
+    }
+
+    /// Ended for good, as asked or rolled back: nobody, operator included, has more to do.
+    pub fn is_settled(self) -> bool {
+        matches!(self, SagaStatus::Completed | SagaStatus::RolledBack | SagaStatus::Cancelled)
+    }
+
+    /// Stopped until an operator acts (`baton workflows retry`).
+    pub fn needs_operator(self) -> bool {
+        matches!(self, SagaStatus::CompensationFailed | SagaStatus::DefinitionMissing)
+    }
+
+    /// The states for which `pred` holds, as an SQL condition on `column`:
+    /// `status IN ('running', 'compensating')`.
+    pub fn sql_in(column: &str, pred: fn(SagaStatus) -> bool) -> String {
+        let names: Vec<String> =
+            SagaStatus::ALL.into_iter().filter(|s| pred(*s)).map(|s| format!("'{}'", s.as_str())).collect();
+        format!("{column} IN ({})", names.join(", "))
     }
 
     /// A terminal saga never changes again (short of an operator's retry).

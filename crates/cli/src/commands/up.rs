@@ -3,8 +3,8 @@
 //! plan, `up` runs each component as a `baton run` child instead, so that a crash is a SIGKILL
 //! of a real process (as `compare` and `chaos` do it), and starts it again after its pause.
 
-use std::collections::HashSet;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
 use baton_faults::FaultPlan;
@@ -13,7 +13,6 @@ use baton_protocol::Mode;
 use baton_services::ServiceConfig;
 use baton_services::config::parse_pairs;
 use baton_workflow::Workflow;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -200,32 +199,30 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
             "starting; Ctrl-C stops"
         );
     }
-    let (order_tx, orders) = mpsc::unbounded_channel::<inject::Order>();
-    let injected = inject::Injected::default();
-    if let Some(driver) = driver.filter(|_| drives_faults) {
+    let fleet =
+        if as_processes { Some(Arc::new(process_fleet(&components, &node.data.data_dir)?)) } else { None };
+    let fault_driver = driver.filter(|_| drives_faults).map(|driver| {
         tracing::info!(
             window = ?driver.fault_window,
             "crashes and connection drops happen at their shares of every fault window, from now until Ctrl-C"
         );
-        inject::spawn_driver(
-            &config.faults,
-            driver.fault_window,
-            driver.mgmt.client(),
-            baton_mgmt::vhost_of(&node.amqp_url),
-            order_tx,
-            injected.clone(),
-            cancel.clone(),
-        );
-    } else {
-        drop(order_tx);
-    }
-    let ran = if as_processes {
-        in_processes(&components, &node.data.data_dir, orders, &injected, &cancel).await
-    } else {
-        in_this_process(&config, &components, node.health, &cancel).await
+        let reach = (driver.mgmt.client(), baton_mgmt::vhost_of(&node.amqp_url));
+        inject::start_driver(&config.faults, mode, driver.fault_window, fleet.clone(), reach)
+    });
+    let ran = match &fleet {
+        Some(fleet) => in_processes(fleet, &cancel).await,
+        None => in_this_process(&config, &components, node.health, &cancel).await,
     };
-    if !injected.is_empty() {
-        tracing::warn!(injected = %injected.summary(), "faults injected by this run");
+    // No restart after the stop below: the driver is stopped first.
+    if let Some(driver) = fault_driver {
+        let injected = driver.stop().await;
+        if !injected.is_empty() {
+            let summary: Vec<String> = injected.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            tracing::warn!(injected = %summary.join(", "), "faults injected by this run");
+        }
+    }
+    if let Some(fleet) = fleet {
+        fleet.stop().await;
     }
     ran
 }
@@ -302,16 +299,9 @@ async fn in_this_process(
     failure.map_or(Ok(ExitCode::SUCCESS), Err)
 }
 
-/// Run `components` as `baton run <component>` children (through `baton-fleet`, their logs on
-/// this process's stderr) with the flags of this command line that each takes, crash them
-/// (SIGKILL) and start them again as `orders` say, until `cancel` or until one exits on its own.
-async fn in_processes(
-    components: &[Component],
-    data_dir: &std::path::Path,
-    mut orders: mpsc::UnboundedReceiver<inject::Order>,
-    injected: &inject::Injected,
-    cancel: &CancellationToken,
-) -> anyhow::Result<ExitCode> {
+/// `components` as `baton run <component>` children (through `baton-fleet`, their logs on
+/// this process's stderr), each with the flags of this command line that it takes, started.
+fn process_fleet(components: &[Component], data_dir: &std::path::Path) -> anyhow::Result<baton_fleet::Fleet> {
     let bin = std::env::current_exe().context("finding the baton binary")?;
     let typed: Vec<String> = std::env::args().skip(1).collect();
     let mut fleet = baton_fleet::Fleet::new(&bin, Vec::new(), data_dir).with_stderr_inherited();
@@ -322,65 +312,32 @@ async fn in_processes(
         fleet.spawn(&baton_fleet::Process::new(c.name()))?;
     }
     tracing::info!("every component runs as a `baton run` process of its own, to be crashed for real");
-    let mut down: HashSet<Component> = HashSet::new();
-    let mut restarts: JoinSet<Component> = JoinSet::new();
+    Ok(fleet)
+}
+
+/// Watch the processes of `fleet` (which the fault driver crashes and starts again) until
+/// `cancel`, or until one exits on its own.
+async fn in_processes(fleet: &baton_fleet::Fleet, cancel: &CancellationToken) -> anyhow::Result<ExitCode> {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-    let mut failure: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => return Ok(ExitCode::SUCCESS),
             _ = tick.tick() => {
                 // A Ctrl-C reaches the children too (one process group): their exit is no failure.
                 if cancel.is_cancelled() {
-                    break;
+                    return Ok(ExitCode::SUCCESS);
                 }
                 if let Err(e) = fleet.check_alive() {
-                    failure = Some(match e {
+                    return Err(match e {
                         baton_fleet::FleetError::Exited { name, status, .. } => {
                             anyhow!("{name} stopped on its own ({status}); its log is above")
                         }
                         e => e.into(),
                     });
-                    break;
                 }
-            }
-            Some(order) = orders.recv() => {
-                let inject::Order::Crash { component, down: pause, round } = order;
-                let name = component.name();
-                if !down.insert(component) {
-                    tracing::warn!(
-                        fault = "crash",
-                        component = %name,
-                        round,
-                        "the plan crashes a component that is still down from its last crash; skipped"
-                    );
-                    continue;
-                }
-                fleet.crash(name).await;
-                let total = injected.add(&format!("crash {name}"), 1);
-                tracing::warn!(
-                    fault = "crash",
-                    component = %name,
-                    down_ms = pause.as_millis() as u64,
-                    crashes = total,
-                    round,
-                    "fault injected: component crashed (its process killed with SIGKILL, no cleanup)"
-                );
-                restarts.spawn(async move {
-                    tokio::time::sleep(pause).await;
-                    component
-                });
-            }
-            Some(Ok(component)) = restarts.join_next(), if !restarts.is_empty() => {
-                fleet.restart(component.name())?;
-                down.remove(&component);
-                tracing::warn!(fault = "crash", component = %component.name(), "component restarted after its crash");
             }
         }
     }
-    restarts.abort_all();
-    fleet.stop().await;
-    failure.map_or(Ok(ExitCode::SUCCESS), Err)
 }
 
 /// The flags of `typed` (this command line, after the program's name) that `run <component>`
