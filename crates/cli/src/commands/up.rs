@@ -184,6 +184,12 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
     // A crash is a SIGKILL of a real process, as `compare` and `chaos` do it: with crash items,
     // every component runs as a `baton run` child of this one.
     let as_processes = driver.is_some() && !config.faults.crashes.is_empty();
+    if as_processes && node.metrics.is_some() {
+        bail!(
+            "--metrics with crash items: each component then runs as a process of its own, which \
+             cannot share one address; drop --metrics (the gateway still serves /metrics) or the crash items"
+        );
+    }
     if as_processes && node.health.is_some() {
         bail!(
             "--health with crash items: each component then runs as a process of its own, and the \
@@ -222,7 +228,7 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
     let ran = if as_processes {
         in_processes(&components, &node.data.data_dir, orders, &injected, &cancel).await
     } else {
-        in_this_process(&config, &components, node.health, &cancel).await
+        in_this_process(&config, &components, node.health, node.metrics, &cancel).await
     };
     if !injected.is_empty() {
         tracing::warn!(injected = %injected.summary(), "faults injected by this run");
@@ -236,6 +242,7 @@ async fn in_this_process(
     config: &baton_node::Config,
     components: &[Component],
     health: Option<std::net::SocketAddr>,
+    metrics: Option<std::net::SocketAddr>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     // Bound before anything starts (a bad address fails the start), served once the components
@@ -248,7 +255,20 @@ async fn in_this_process(
         ),
         None => None,
     };
+    let metrics = match metrics {
+        Some(addr) => Some(baton_metrics::bind(addr).await.map_err(|e| anyhow!(e))?),
+        None => None,
+    };
     let mut set: JoinSet<Task> = JoinSet::new();
+    if let Some(listener) = metrics {
+        baton_metrics::install(&config.instance);
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+        let (health, cancel) = (config.health.clone(), cancel.clone());
+        set.spawn(async move {
+            let served = baton_metrics::serve(listener, health, cancel).await;
+            ("metrics endpoint".to_owned(), served.context("serving /metrics"))
+        });
+    }
     for &c in components {
         let (config, cancel) = (config.clone(), cancel.clone());
         set.spawn(async move { (c.name().to_owned(), baton_node::run(c, &config, cancel).await) });
