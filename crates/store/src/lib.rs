@@ -449,7 +449,7 @@ impl Group {
     fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
         let ran = match conn.execute("SAVEPOINT member", Vec::new()) {
             Ok(_) => {
-                let tx = Tx { conn, owner, pushed: RefCell::default() };
+                let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
             // Cannot isolate it: it does not run, and hears why.
@@ -693,6 +693,7 @@ impl Db {
                     .map(|_| ())
             };
             let pushed = tx.pushed.take();
+            let after_commit = tx.committed.take();
             let broken = closed.is_err();
             let finish: Finish = match (result, closed) {
                 (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<StoreError>>| {
@@ -700,6 +701,9 @@ impl Db {
                         && let Some(wake) = feed.get()
                     {
                         wake.hand(pushed);
+                    }
+                    if committed.is_ok() {
+                        after_commit.into_iter().for_each(|f| f());
                     }
                     let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
                 }),
