@@ -137,6 +137,18 @@ async fn every_component_counts_what_it_did_under_its_instance_and_component() {
             1.0,
             "{component}: {text}"
         );
+        // Each sent replies (or commands) through its outbox, every row confirmed by now.
+        let of = [("instance", INSTANCE), ("component", component.as_str())];
+        let confirmed = value(&text, "baton_relay_published_total", &[of[0], of[1], ("result", "confirmed")]);
+        assert!(confirmed >= 3.0, "{component} published {confirmed} rows: {text}");
+        assert!(
+            text.contains(&format!(
+                "baton_outbox_depth{{instance=\"{INSTANCE}\",component=\"{component}\"}}"
+            )),
+            "{component}: {text}"
+        );
+        assert!(text.contains("baton_outbox_oldest_unpublished_seconds{"), "{component}: {text}");
+        assert_eq!(value(&text, "baton_dead_lettered_total", &of), 0.0, "{component}: {text}");
     }
     drop(procs);
 }

@@ -13,8 +13,11 @@
 //!
 //! Layout: `lib.rs` (recorder and endpoint), `names.rs` (the series and their help).
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -41,6 +44,47 @@ const BUCKETS: &[f64] =
 const UPKEEP: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+type Collect = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What sets gauges at each scrape (the outbox's depth), by name, each with the id of its
+/// [`Collector`]: a restarted component's replaces its old one.
+static COLLECTORS: Mutex<BTreeMap<String, (u64, Collect)>> = Mutex::new(BTreeMap::new());
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A collector registered by [`on_scrape`]; dropping it removes it (unless another took its
+/// name since).
+#[must_use = "the collector is removed when this is dropped"]
+pub struct Collector {
+    name: String,
+    id: u64,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let mut all = COLLECTORS.lock().expect("metrics collectors");
+        if all.get(&self.name).is_some_and(|(id, _)| *id == self.id) {
+            all.remove(&self.name);
+        }
+    }
+}
+
+/// Run `collect` at each scrape, before the exposition is rendered, under `name`, while the
+/// returned [`Collector`] is held; a scrape waits for it [`COLLECT_PATIENCE`] at most.
+pub fn on_scrape<F, Fut>(name: &str, collect: F) -> Collector
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let collect: Collect = Arc::new(move || Box::pin(collect()));
+    COLLECTORS.lock().expect("metrics collectors").insert(name.to_owned(), (id, collect));
+    Collector { name: name.to_owned(), id }
+}
+
+/// How long a scrape waits for the collectors.
+const COLLECT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Install the process's recorder, every series labelled `instance`; later calls (a second
 /// component of the process, a restarted one) keep the first. Returns whether metrics are
@@ -74,6 +118,10 @@ pub fn install(instance: &str) -> bool {
 /// [`install`].
 pub async fn render(health: &Health) -> Option<String> {
     let handle = HANDLE.get()?;
+    let collectors: Vec<Collect> =
+        COLLECTORS.lock().expect("metrics collectors").values().map(|(_, c)| Arc::clone(c)).collect();
+    let collected = futures_util::future::join_all(collectors.iter().map(|c| c()));
+    let _ = tokio::time::timeout(COLLECT_PATIENCE, collected).await;
     let report = health.report().await;
     let mut ready: std::collections::BTreeMap<&str, bool> = Default::default();
     for c in &report.checks {
@@ -179,8 +227,10 @@ pub fn tombstone_hit(component: &str) {
     counter!(TOMBSTONE_HITS, "component" => component.to_owned()).increment(1);
 }
 
-/// A delivery of `queue` rejected to the dead-letter exchange, for `reason` (a short class).
-pub fn dead_lettered(component: &str, queue: &str, reason: &str) {
+/// A delivery of `queue` dead-lettered, for `reason` (a class: `invalid`, `too_old`,
+/// `rejected`); the component is the queue's owner, the first part of its name.
+pub fn dead_lettered(queue: &str, reason: &str) {
+    let component = queue.split('.').next().unwrap_or(queue);
     counter!(DEAD_LETTERED, "component" => component.to_owned(), "queue" => queue.to_owned(),
         "reason" => reason.to_owned())
     .increment(1);

@@ -295,6 +295,8 @@ pub struct Db {
     tx: mpsc::Sender<Job>,
     /// What to call this store in errors: its file, or its schema.
     name: Arc<str>,
+    /// The component it is the store of, for the metrics.
+    pub(crate) component: Arc<str>,
     /// The instance this process is: its relay publishes the outbox rows written under this name.
     pub(crate) owner: Arc<str>,
     /// The relay that gets the rows of each committed transaction handed to it.
@@ -524,6 +526,7 @@ impl Db {
         connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, String> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
+        let component_name: Arc<str> = component.into();
         let err = |cause: String| StoreError::Open { path: name.to_string(), cause };
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened, open) = tokio::sync::oneshot::channel();
@@ -563,6 +566,7 @@ impl Db {
         Ok(Some(Db {
             tx,
             name,
+            component: component_name,
             owner: owner.into(),
             feed: Arc::default(),
             watch: Arc::default(),
@@ -615,6 +619,9 @@ impl Db {
             match self.transaction(f.clone()).await {
                 Err(e) if e.is_transient() && !matches!(e, StoreError::Closed(_)) => match waits.next() {
                     Some(wait) => {
+                        if e.is_conflict() {
+                            baton_metrics::store_conflict_retried(&self.component);
+                        }
                         tracing::debug!(store = %self.name, error = %e, "an outage of the store; trying again");
                         tokio::time::sleep(wait).await;
                     }

@@ -260,8 +260,11 @@ async fn in_this_process(
         None => None,
     };
     let mut set: JoinSet<Task> = JoinSet::new();
-    if let Some(listener) = metrics {
+    // Before any component starts, so that each registers what it collects at a scrape.
+    if metrics.is_some() || components.contains(&Component::Gateway) {
         baton_metrics::install(&config.instance);
+    }
+    if let Some(listener) = metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
         let (health, cancel) = (config.health.clone(), cancel.clone());
         set.spawn(async move {
