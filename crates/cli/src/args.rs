@@ -87,6 +87,10 @@ pub enum Command {
         /// --every a failed run is the command's error.
         #[arg(long, value_parser = parse_duration)]
         every: Option<Duration>,
+        /// With --every: serve GET /metrics (Prometheus) on this address, with what the runs
+        /// found and fixed.
+        #[arg(long, value_name = "ADDR", requires = "every")]
+        metrics: Option<SocketAddr>,
         #[arg(long)]
         json: bool,
     },
