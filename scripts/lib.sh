@@ -158,7 +158,8 @@ ensure_rabbitmq() {
     ensure_curl
 
     if mgmt_ok; then
-        say "RabbitMQ is running; management API answers at $BATON_MGMT_URL"
+        ensure_rabbit_prometheus
+    say "RabbitMQ is running; management API answers at $BATON_MGMT_URL"
         return 0
     fi
 
@@ -213,6 +214,7 @@ ensure_rabbitmq() {
             "the management API at $BATON_MGMT_URL/api/overview to answer with login $BATON_MGMT_USER (is the plugin on? does the guest user exist?)" \
             mgmt_ok
     fi
+    ensure_rabbit_prometheus
     say "RabbitMQ is running; management API answers at $BATON_MGMT_URL"
 }
 
@@ -258,13 +260,23 @@ ensure_postgres() {
 # configuration of its own yet), put Baton's broker/rabbitmq.conf and enabled_plugins in
 # /etc/rabbitmq: loopback listeners, the management plugin, a 1 MiB message limit. The node the
 # package started is stopped, so that the start below reads them.
+# RabbitMQ's own Prometheus endpoint (:15692/metrics, rabbitmq_prometheus), beside each Baton
+# component's /metrics. Not needed to run Baton: a failure to enable it is only said.
+ensure_rabbit_prometheus() {
+    can_admin_rabbit || return 0
+    rabbitmq-plugins -q is_enabled rabbitmq_prometheus >/dev/null 2>&1 && return 0
+    say "enabling RabbitMQ's Prometheus endpoint (rabbitmq-plugins enable rabbitmq_prometheus; :15692/metrics)"
+    rabbitmq-plugins enable rabbitmq_prometheus >&2 \
+        || warn "could not enable rabbitmq_prometheus; RabbitMQ's own metrics stay off"
+}
+
 install_broker_settings() {
     local broker
     broker="$(cd "$(dirname "${BASH_SOURCE[0]}")/../broker" && pwd)"
     if [ -e /etc/rabbitmq/rabbitmq.conf ] || [ ! -d /etc/rabbitmq ]; then
         return 0
     fi
-    say "installing Baton's broker settings in /etc/rabbitmq (loopback only, management plugin, 1 MiB messages)"
+    say "installing Baton's broker settings in /etc/rabbitmq (loopback only, management and Prometheus plugins, 1 MiB messages)"
     install -m 644 "$broker/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
     install -m 644 "$broker/enabled_plugins" /etc/rabbitmq/enabled_plugins
     if rabbit_ping; then

@@ -496,13 +496,13 @@ where
     async move {
         let env = match Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered) {
             Ok(env) => env,
-            Err(reason) => return dead_letter(&publisher, &queue, delivery, &reason).await,
+            Err(reason) => return dead_letter(&publisher, &queue, delivery, &reason, "invalid").await,
         };
         tracing::Span::current().record("message_id", tracing::field::display(env.message_id));
         tracing::Span::current().record("kind", env.kind.as_str());
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if let Some(reason) = too_old(*delivery.properties.timestamp(), now, on.max_age) {
-            return dead_letter(&publisher, &queue, delivery, &reason).await;
+            return dead_letter(&publisher, &queue, delivery, &reason, "too_old").await;
         }
         let Some(result) = until_through(&on, || handler(env.clone())).await else {
             // Shutting down in the middle of an outage: the delivery goes back with the
@@ -523,7 +523,7 @@ where
                     }
                 }
             }
-            Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason).await,
+            Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason, "rejected").await,
             Err(HandleError::Retry(reason) | HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
                 tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
                 let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
@@ -595,8 +595,10 @@ where
 
 /// Publish the delivery to `<queue>.dlq` with the reason, then ack it. If that publish fails,
 /// reject without requeue so the broker dead-letters it itself: never lost, never looping.
-async fn dead_letter(publisher: &Publisher, queue: &str, delivery: Delivery, reason: &str) {
+/// `class` is the reason's kind, for the metrics: `invalid`, `too_old` or `rejected`.
+async fn dead_letter(publisher: &Publisher, queue: &str, delivery: Delivery, reason: &str, class: &str) {
     tracing::warn!(%reason, "dead-lettering a message");
+    baton_metrics::dead_lettered(queue, class);
     match publisher.dead_letter(queue, &delivery.properties, &delivery.data, reason).await {
         Ok(()) => {
             let _ = settle(delivery.acker.ack(BasicAckOptions::default())).await;

@@ -87,6 +87,10 @@ pub enum Command {
         /// --every a failed run is the command's error.
         #[arg(long, value_parser = parse_duration)]
         every: Option<Duration>,
+        /// With --every: serve GET /metrics (Prometheus) on this address, with what the runs
+        /// found and fixed.
+        #[arg(long, value_name = "ADDR", requires = "every")]
+        metrics: Option<SocketAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -682,6 +686,10 @@ pub struct NodeArgs {
     /// gateway of its own.
     #[arg(long, env = "BATON_HEALTH", value_name = "ADDR", help_heading = "Health")]
     pub health: Option<SocketAddr>,
+    /// Serve GET /metrics (Prometheus) on this address, for the components of this process;
+    /// unset, none is served. The gateway also serves /metrics on its own --http address.
+    #[arg(long, env = "BATON_METRICS", value_name = "ADDR", help_heading = "Metrics")]
+    pub metrics: Option<SocketAddr>,
     /// How long each component keeps finished sagas and their history, inbox rows and
     /// tombstones before a background task purges them; a message older than this is
     /// dead-lettered on arrival, since what made it a no-op may be gone (docs/reliability.md).

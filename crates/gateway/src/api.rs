@@ -31,11 +31,15 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/health", get(ready))
         .route("/health/ready", get(ready))
         .route("/health/live", get(live))
+        .route(
+            "/metrics",
+            get(|State(gw): State<Arc<Gateway>>| async move { baton_metrics::answer(&gw.opts.health).await }),
+        )
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
                 "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, \
-                 POST /workflows/{id}/cancel, GET /health/live or GET /health/ready"
+                 POST /workflows/{id}/cancel, GET /health/live, GET /health/ready or GET /metrics"
                     .into(),
             )
         })
@@ -75,6 +79,13 @@ fn status(code: u16) -> StatusCode {
 }
 
 async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let response = answer_create(&gw, req).await;
+    baton_metrics::request(gw.opts.mode.as_str(), response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn answer_create(gw: &Gateway, req: Request) -> Response {
     if let Err(invalid) = check_headers(req.headers()) {
         return error(status(invalid.status), invalid.message);
     }
@@ -119,6 +130,7 @@ async fn create_space(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
     let (answer, replayed) = gw.create(req, key).await;
     let mut response = answer_of(answer);
     if replayed {
+        baton_metrics::idempotent_replay();
         response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
     }
     response

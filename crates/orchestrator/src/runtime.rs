@@ -17,7 +17,7 @@ use baton_protocol::{
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
-use baton_workflow::{Deadline, Effect, Reply, Saga, Workflow};
+use baton_workflow::{Deadline, Effect, HistoryEvent, Reply, Saga, Workflow};
 
 use crate::definitions::{self, Definitions, SagaClock};
 use baton_store::{OptionalExtension, params};
@@ -474,6 +474,7 @@ impl Core {
         F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>),
     {
         if inbox::seen(tx, message_id)?.is_some() {
+            tx.on_commit(|| baton_metrics::inbox_duplicate(COMPONENT));
             return Ok(Ok((None, None)));
         }
         let Some((mut saga, meta)) = load(tx, saga_id)? else {
@@ -703,6 +704,7 @@ fn apply(
                 }
             }
             Effect::History { service, action, attempt, event, detail } => {
+                observe(tx, saga, meta, service, action, event, now)?;
                 tx.execute("INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
                     saga.id.to_string(),
                     now as i64,
@@ -731,6 +733,43 @@ fn apply(
         ],
     )?;
     Ok(wake)
+}
+
+/// Count a history event in the metrics once its transaction commits; a step's reply (or its
+/// compensation's) also times it from the command's last `sent` row.
+fn observe(
+    tx: &Tx<'_>,
+    saga: &Saga,
+    meta: &Meta,
+    service: Option<Service>,
+    action: Option<Action>,
+    event: HistoryEvent,
+    now: u64,
+) -> Result<(), StoreError> {
+    let (workflow, version) =
+        (saga.workflow.clone(), meta.definition.as_deref().map_or("", |h| &h[..h.len().min(12)]).to_owned());
+    let replied = matches!(
+        event,
+        HistoryEvent::Done | HistoryEvent::Refused | HistoryEvent::Failed | HistoryEvent::Compensated
+    );
+    let took = match (service, action) {
+        (Some(s), Some(a)) if replied => tx
+            .query_row(
+                "SELECT MAX(at) FROM history WHERE saga_id = ?1 AND step = ?2 AND action = ?3 AND event = 'sent'",
+                params![saga.id.to_string(), s.name(), a.as_str()],
+                |r| r.get::<Option<i64>>(0),
+            )?
+            .map(|sent| std::time::Duration::from_millis(now.saturating_sub(sent as u64))),
+        _ => None,
+    };
+    tx.on_commit(move || {
+        let service = service.map(Service::name);
+        baton_metrics::saga_event(&workflow, &version, service, event.as_str());
+        if let (Some(service), Some(action), Some(took)) = (service, action, took) {
+            baton_metrics::step_duration(&workflow, service, action.as_str(), took);
+        }
+    });
+    Ok(())
 }
 
 fn space(saga: &Saga, ctx: &Context) -> Space {

@@ -54,6 +54,16 @@ impl Summary {
     pub fn fixed(&self) -> usize {
         self.fixed_rows.values().sum()
     }
+
+    /// Add this run's findings to the metrics (`baton reconcile --every --metrics`).
+    fn count_in_metrics(&self) {
+        baton_metrics::reconcile_findings("spaces_scanned", self.spaces_scanned as u64);
+        baton_metrics::reconcile_findings("spaces_left_behind", self.found as u64);
+        baton_metrics::reconcile_findings("rows_found", self.found_rows.values().sum::<usize>() as u64);
+        baton_metrics::reconcile_findings("rows_fixed", self.fixed() as u64);
+        baton_metrics::reconcile_findings("compensations_failed", self.failed.len() as u64);
+        baton_metrics::reconcile_findings("emails_sent_in_vain", self.emails_sent_in_vain as u64);
+    }
 }
 
 impl std::fmt::Display for Summary {
@@ -131,6 +141,7 @@ pub async fn reconcile(opts: &Options) -> anyhow::Result<Summary> {
         undo_all(opts, &todo, &mut summary).await?;
     }
     summary.took_ms = started.elapsed().as_millis() as u64;
+    summary.count_in_metrics();
     Ok(summary)
 }
 

@@ -203,6 +203,8 @@ impl Handler {
             .transaction(move |tx| {
                 if let Some(replies) = inbox::seen(tx, message.message_id)? {
                     // A duplicate: answer as before, change nothing.
+                    let service = step.service().name();
+                    tx.on_commit(move || baton_metrics::inbox_duplicate(service));
                     for r in &replies {
                         outbox::push(tx, r)?;
                     }
@@ -330,6 +332,7 @@ fn apply(tx: &Tx<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepRe
     let service = step.service();
     if tombstone::exists(tx, ids.saga_id, service.name())? {
         tracing::info!("step arrived after its compensation; ignored");
+        tx.on_commit(move || baton_metrics::tombstone_hit(service.name()));
         return Ok(StepResult::Failed {
             status: Some(409),
             reason: format!("{service} was already compensated for this request"),

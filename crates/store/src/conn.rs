@@ -119,7 +119,12 @@ pub struct Tx<'a> {
     pub(crate) conn: &'a Conn,
     pub(crate) owner: &'a str,
     pub(crate) pushed: RefCell<Vec<(i64, Outgoing)>>,
+    /// What to run once this transaction is committed ([`Tx::on_commit`]).
+    pub(crate) committed: RefCell<Vec<AfterCommit>>,
 }
+
+/// Work run once a transaction is committed: never for one rolled back or tried again.
+pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
 
 impl Tx<'_> {
     /// Run one statement; the rows it changed.
@@ -183,6 +188,12 @@ impl Tx<'_> {
     /// The instance whose relay publishes the outbox rows of this transaction.
     pub(crate) fn owner(&self) -> &str {
         self.owner
+    }
+
+    /// Run `f` once this transaction is committed, and not at all if it is rolled back (a
+    /// conflict retried runs it once, for the try that committed): what metrics count.
+    pub fn on_commit(&self, f: impl FnOnce() + Send + 'static) {
+        self.committed.borrow_mut().push(Box::new(f));
     }
 
     /// Note a row [`crate::outbox::push`] wrote, for the relay's feed once it is committed.

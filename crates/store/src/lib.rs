@@ -326,6 +326,8 @@ pub struct Db {
     tx: mpsc::Sender<Job>,
     /// What to call this store in errors: its file, or its schema.
     name: Arc<str>,
+    /// The component it is the store of, for the metrics.
+    pub(crate) component: Arc<str>,
     /// The instance this process is: its relay publishes the outbox rows written under this name.
     pub(crate) owner: Arc<str>,
     /// The relay that gets the rows of each committed transaction handed to it.
@@ -480,7 +482,7 @@ impl Group {
     fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
         let ran = match conn.execute("SAVEPOINT member", Vec::new()) {
             Ok(_) => {
-                let tx = Tx { conn, owner, pushed: RefCell::default() };
+                let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
             // Cannot isolate it: it does not run, and hears why.
@@ -555,6 +557,7 @@ impl Db {
         connect: impl FnOnce(&Location, &str) -> Result<Option<Conn>, Cause> + Send + 'static,
     ) -> Result<Option<Db>, StoreError> {
         let name: Arc<str> = location.name_of(component).into();
+        let component_name: Arc<str> = component.into();
         let err = |cause: Cause| StoreError::Open { path: name.to_string(), cause };
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened, open) = tokio::sync::oneshot::channel();
@@ -594,6 +597,7 @@ impl Db {
         Ok(Some(Db {
             tx,
             name,
+            component: component_name,
             owner: owner.into(),
             feed: Arc::default(),
             watch: Arc::default(),
@@ -646,6 +650,9 @@ impl Db {
             match self.transaction(f.clone()).await {
                 Err(e) if e.is_transient() && !matches!(e, StoreError::Closed(_)) => match waits.next() {
                     Some(wait) => {
+                        if e.is_conflict() {
+                            baton_metrics::store_conflict_retried(&self.component);
+                        }
                         tracing::debug!(store = %self.name, error = %e, "an outage of the store; trying again");
                         tokio::time::sleep(wait).await;
                     }
@@ -726,6 +733,7 @@ impl Db {
                     .map(|_| ())
             };
             let pushed = tx.pushed.take();
+            let after_commit = tx.committed.take();
             let broken = closed.is_err();
             let finish: Finish = match (result, closed) {
                 (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<StoreError>>| {
@@ -733,6 +741,9 @@ impl Db {
                         && let Some(wake) = feed.get()
                     {
                         wake.hand(pushed);
+                    }
+                    if committed.is_ok() {
+                        after_commit.into_iter().for_each(|f| f());
                     }
                     let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
                 }),

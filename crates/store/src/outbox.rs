@@ -93,11 +93,27 @@ pub fn len(tx: &Tx<'_>) -> Result<i64, StoreError> {
 
 /// The relay's view of the outbox.
 impl Db {
+    /// Set the outbox gauges of the metrics: this instance's rows not yet confirmed, and the
+    /// age of the oldest. A store that does not answer leaves them as they were.
+    pub(crate) async fn outbox_gauges(self) {
+        let me = std::sync::Arc::clone(&self.owner);
+        let read = self.read_committed(move |c| {
+            c.query_row("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE owner = ?1", [&*me], |r| {
+                Ok((r.get::<i64>(0)?, r.get::<Option<i64>>(1)?))
+            })
+        });
+        if let Ok((depth, oldest)) = read.await {
+            let age = oldest.map_or(0, |at| crate::now_ms().saturating_sub(at).max(0));
+            baton_metrics::outbox(&self.component, depth as u64, Duration::from_millis(age as u64));
+        }
+    }
+
     /// Up to `limit` of this instance's rows with a sequence number above `after`, oldest first,
     /// and those it takes over from other instances (whatever their place).
     pub(crate) async fn pending(&self, after: i64, limit: usize) -> Result<Vec<(i64, Outgoing)>, StoreError> {
         let watch = std::sync::Arc::clone(&self.watch);
         let me = std::sync::Arc::clone(&self.owner);
+        let component = std::sync::Arc::clone(&self.component);
         let rows = self
             // A read of what is committed: never rows of a group still open.
             .relaxed(true, move |c| {
@@ -122,6 +138,8 @@ impl Db {
                         instance = %owner,
                         "took over outbox rows another instance left unpublished"
                     );
+                    let (component, n) = (std::sync::Arc::clone(&component), taken.len() as u64);
+                    c.on_commit(move || baton_metrics::outbox_taken_over(&component, n));
                     rows.extend(taken);
                 }
                 let room = limit.saturating_sub(rows.len()).max(1) as i64;

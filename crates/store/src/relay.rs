@@ -231,6 +231,10 @@ impl Position {
 /// drained, the relay starts over from the oldest row left, after a backoff ([`RETRY_PACE`]).
 /// Rows left at shutdown go out at the next start.
 pub async fn run<P: Publish>(store: Db, publisher: P, wake: Wake, cancel: CancellationToken) {
+    let watched = store.clone();
+    let _gauges = baton_metrics::on_scrape(&format!("outbox of {}", store.component), move || {
+        watched.clone().outbox_gauges()
+    });
     relay(store, publisher, wake, cancel, RETRY_PACE).await
 }
 
@@ -401,7 +405,10 @@ async fn settle<P: Publish>(
     if !done.is_empty() {
         publisher.before_delete();
         match store.confirmed(done.clone()).await {
-            Ok(()) => trouble.over(),
+            Ok(()) => {
+                baton_metrics::relay(&store.component, "confirmed", done.len() as u64);
+                trouble.over()
+            }
             Err(e) => {
                 trouble.failed("deleting confirmed outbox rows", &e);
                 trouble.undeleted = done;
@@ -424,6 +431,8 @@ async fn note_failure<P: Publish>(
         // The broker reports its lost connection itself, once; not again at every try.
         tracing::debug!(seq, error = %e, "outbox row not sent while the connection is lost; it stays");
     }
+    let result = if matches!(e, PublishError::Channel(_)) { "failed" } else { "nacked" };
+    baton_metrics::relay(&store.component, result, 1);
     if matches!(e, PublishError::Channel(_) | PublishError::Nacked) {
         // After a channel failure or a nack the channel cannot be trusted: the next publish
         // opens another.

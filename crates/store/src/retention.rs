@@ -144,6 +144,7 @@ pub async fn purge_once(db: &Db, retention: Retention, purges: &[Purge]) -> Resu
             // Let the handlers' transactions in between two batches.
             tokio::task::yield_now().await;
         }
+        baton_metrics::purged(&db.component, purge.what, total as u64);
         deleted.push(total);
     }
     Ok(deleted)

@@ -20,8 +20,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             tools::create_space(&gateway, &name, &owner, idempotency_key.as_deref()).await
         }
         Command::Audit { data, json } => tools::audit(&data, json).await,
-        Command::Reconcile { data, amqp_url, older_than, every, json } => {
-            tools::reconcile(data, amqp_url, older_than, every, json).await
+        Command::Reconcile { data, amqp_url, older_than, every, metrics, json } => {
+            tools::reconcile(data, amqp_url, older_than, every, metrics, json).await
         }
         Command::Load { requests, concurrency, gateway, seed, refusal_rate, json, retry_timeouts } => {
             tools::load(requests, concurrency, gateway, seed, refusal_rate, json, retry_timeouts).await

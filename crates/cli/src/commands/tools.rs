@@ -59,6 +59,7 @@ pub(super) async fn reconcile(
     amqp_url: String,
     older_than: Duration,
     every: Option<Duration>,
+    metrics: Option<std::net::SocketAddr>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = baton_reconcile::Options {
@@ -69,6 +70,16 @@ pub(super) async fn reconcile(
     };
     let cancel = CancellationToken::new();
     shutdown::on_signal(cancel.clone());
+    // Stopped with the command, whichever way it returns.
+    let _metrics = match metrics {
+        Some(addr) => {
+            let listener = baton_metrics::bind(addr).await.map_err(|e| anyhow!(e))?;
+            baton_metrics::install("reconcile");
+            let served = baton_metrics::serve(listener, baton_health::Health::default(), cancel.clone());
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(served)))
+        }
+        None => None,
+    };
     let mut failed_in_a_row = 0u32;
     loop {
         // Ctrl-C during a run abandons it: the compensations it sent are idempotent, and the

@@ -183,6 +183,12 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
     // A crash is a SIGKILL of a real process, as `compare` and `chaos` do it: with crash items,
     // every component runs as a `baton run` child of this one.
     let as_processes = driver.is_some() && !config.faults.crashes.is_empty();
+    if as_processes && node.metrics.is_some() {
+        bail!(
+            "--metrics with crash items: each component then runs as a process of its own, which \
+             cannot share one address; drop --metrics (the gateway still serves /metrics) or the crash items"
+        );
+    }
     if as_processes && node.health.is_some() {
         bail!(
             "--health with crash items: each component then runs as a process of its own, and the \
@@ -211,7 +217,7 @@ async fn start(parts: RunParts<'_>, driver: Option<&DriverArgs>) -> anyhow::Resu
     });
     let ran = match &fleet {
         Some(fleet) => in_processes(fleet, &cancel).await,
-        None => in_this_process(&config, &components, node.health, &cancel).await,
+        None => in_this_process(&config, &components, node.health, node.metrics, &cancel).await,
     };
     // No restart after the stop below: the driver is stopped first.
     if let Some(driver) = fault_driver {
@@ -233,6 +239,7 @@ async fn in_this_process(
     config: &baton_node::Config,
     components: &[Component],
     health: Option<std::net::SocketAddr>,
+    metrics: Option<std::net::SocketAddr>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     // Bound before anything starts (a bad address fails the start), served once the components
@@ -245,7 +252,23 @@ async fn in_this_process(
         ),
         None => None,
     };
+    let metrics = match metrics {
+        Some(addr) => Some(baton_metrics::bind(addr).await.map_err(|e| anyhow!(e))?),
+        None => None,
+    };
     let mut set: JoinSet<Task> = JoinSet::new();
+    // Before any component starts, so that each registers what it collects at a scrape.
+    if metrics.is_some() || components.contains(&Component::Gateway) {
+        baton_metrics::install(&config.instance);
+    }
+    if let Some(listener) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+        let (health, cancel) = (config.health.clone(), cancel.clone());
+        set.spawn(async move {
+            let served = baton_metrics::serve(listener, health, cancel).await;
+            ("metrics endpoint".to_owned(), served.context("serving /metrics"))
+        });
+    }
     for &c in components {
         let (config, cancel) = (config.clone(), cancel.clone());
         set.spawn(async move { (c.name().to_owned(), baton_node::run(c, &config, cancel).await) });
