@@ -17,7 +17,7 @@ use baton_protocol::{
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
-use baton_workflow::{Deadline, Effect, HistoryEvent, Reply, Saga, Workflow};
+use baton_workflow::{Deadline, Effect, HistoryEvent, Reply, Saga, SagaStatus, Workflow};
 
 use crate::definitions::{self, Definitions, SagaClock};
 use baton_store::{OptionalExtension, params};
@@ -594,17 +594,19 @@ impl Core {
     }
 }
 
-/// What the orchestrator purges beside the base tables: sagas that ended (completed, rolled
-/// back) with their history, history first. Sagas waiting for an operator
+/// What the orchestrator purges beside the base tables: sagas that ended for good (completed,
+/// rolled back, cancelled) with their history, history first. Sagas waiting for an operator
 /// (`compensation_failed`, `definition_missing`) are kept whatever their age.
 fn purges() -> Vec<retention::Purge> {
     // The same batch for both statements: same transaction, same order.
-    const FINISHED: &str = "SELECT saga_id FROM sagas WHERE status IN ('completed', 'rolled_back')
-                              AND updated_at < ?1 ORDER BY updated_at, saga_id LIMIT ?2";
+    let settled = SagaStatus::sql_in("status", SagaStatus::is_settled);
+    let finished = format!(
+        "SELECT saga_id FROM sagas WHERE {settled} AND updated_at < ?1 ORDER BY updated_at, saga_id LIMIT ?2"
+    );
     vec![retention::Purge::with_dependents(
         "finished sagas and their history",
-        vec![format!("DELETE FROM history WHERE saga_id IN ({FINISHED})")],
-        format!("DELETE FROM sagas WHERE saga_id IN ({FINISHED})"),
+        vec![format!("DELETE FROM history WHERE saga_id IN ({finished})")],
+        format!("DELETE FROM sagas WHERE saga_id IN ({finished})"),
     )]
 }
 
