@@ -492,14 +492,30 @@ where
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
     let queue = on.queue.clone();
-    let span = tracing::info_span!("delivery", %queue, message_id = tracing::field::Empty, kind = tracing::field::Empty);
+    let envelope = Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered);
+    // The consume is a span of its own, the child of the sender's publish (the message's
+    // `traceparent`): its trace id is in every log line of the handling.
+    let span = tracing::info_span!(
+        "delivery",
+        %queue,
+        message_id = tracing::field::Empty,
+        kind = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        otel.name = format!("consume {queue}"),
+        otel.kind = "consumer",
+    );
+    if let Ok(env) = &envelope {
+        baton_telemetry::follow(&span, &env.traceparent);
+        span.record("message_id", tracing::field::display(env.message_id));
+        span.record("kind", env.kind.as_str());
+        let own = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| env.traceparent.clone());
+        span.record("trace_id", own.trace_id());
+    }
     async move {
-        let env = match Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered) {
+        let env = match envelope {
             Ok(env) => env,
             Err(reason) => return dead_letter(&publisher, &queue, delivery, &reason, "invalid").await,
         };
-        tracing::Span::current().record("message_id", tracing::field::display(env.message_id));
-        tracing::Span::current().record("kind", env.kind.as_str());
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if let Some(reason) = too_old(*delivery.properties.timestamp(), now, on.max_age) {
             return dead_letter(&publisher, &queue, delivery, &reason, "too_old").await;

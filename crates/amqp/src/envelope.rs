@@ -29,10 +29,10 @@ pub mod headers {
 
 /// The AMQP properties of the design for `msg`, sent as broker user `user`: persistent, JSON,
 /// ids, sender (`app_id`, and `user_id`, which the broker checks against the connection's user),
-/// time, trace.
-pub(crate) fn properties(msg: &Outgoing, user: &str) -> BasicProperties {
+/// time, and `trace`: the hop of the publish, whose parent is the message's own `traceparent`.
+pub(crate) fn properties(msg: &Outgoing, user: &str, trace: &TraceParent) -> BasicProperties {
     let mut h = FieldTable::default();
-    h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(msg.traceparent.0.as_str().into()));
+    h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString(trace.0.as_str().into()));
     h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(msg.attempt)));
     if let Some(mode) = &msg.mode {
         h.insert(headers::MODE.into(), AMQPValue::LongString(mode.as_str().into()));
@@ -226,8 +226,12 @@ mod tests {
     #[test]
     fn properties_round_trip_through_the_checks() {
         let o = out();
-        let env =
-            Envelope::from_delivery(&properties(&o, "baton-orchestrator"), o.body.as_bytes(), false).unwrap();
+        let env = Envelope::from_delivery(
+            &properties(&o, "baton-orchestrator", &o.traceparent),
+            o.body.as_bytes(),
+            false,
+        )
+        .unwrap();
         assert_eq!(env.message_id, o.message_id);
         assert_eq!(env.correlation_id, Some(o.correlation_id));
         assert_eq!(env.kind, "records.create");
@@ -236,23 +240,27 @@ mod tests {
         assert_eq!(env.attempt, 2);
         assert_eq!(env.traceparent, o.traceparent);
         assert_eq!(env.user_id.as_deref(), Some("baton-orchestrator"), "the sender's broker user");
-        assert_eq!(*properties(&o, "baton-orchestrator").delivery_mode(), Some(2), "persistent");
+        assert_eq!(
+            *properties(&o, "baton-orchestrator", &o.traceparent).delivery_mode(),
+            Some(2),
+            "persistent"
+        );
     }
 
     #[test]
     fn bad_envelopes_are_named() {
         let o = out();
-        let no_id = properties(&o, "baton-orchestrator").with_message_id("".into());
+        let no_id = properties(&o, "baton-orchestrator", &o.traceparent).with_message_id("".into());
         assert!(Envelope::from_delivery(&no_id, b"{}", false).unwrap_err().contains("no message_id"));
-        let bad_id = properties(&o, "baton-orchestrator").with_message_id("abc".into());
+        let bad_id = properties(&o, "baton-orchestrator", &o.traceparent).with_message_id("abc".into());
         assert!(Envelope::from_delivery(&bad_id, b"{}", false).unwrap_err().contains("not a UUID"));
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(
-            Envelope::from_delivery(&properties(&o, "baton-orchestrator"), &big, false)
+            Envelope::from_delivery(&properties(&o, "baton-orchestrator", &o.traceparent), &big, false)
                 .unwrap_err()
                 .contains("over the limit")
         );
-        let xml = properties(&o, "baton-orchestrator").with_content_type("text/xml".into());
+        let xml = properties(&o, "baton-orchestrator", &o.traceparent).with_content_type("text/xml".into());
         assert!(Envelope::from_delivery(&xml, b"{}", false).unwrap_err().contains("text/xml"));
     }
 
@@ -261,7 +269,7 @@ mod tests {
         use baton_protocol::RetrySaga;
         let o = out();
         let decode = |kind: &str, body: &str| {
-            let p = properties(&o, "baton-orchestrator").with_type(kind.into());
+            let p = properties(&o, "baton-orchestrator", &o.traceparent).with_type(kind.into());
             let env = Envelope::from_delivery(&p, body.as_bytes(), false).unwrap();
             env.decode::<RetrySaga>("q", &["a.retry", "b.retry", "c.retry"]).map_err(|e| e.to_string())
         };

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::error::channel_failed;
-use crate::{Broker, Outgoing, PublishError};
+use crate::{Broker, Outgoing, PublishError, TraceParent};
 
 /// How long a publish waits for the broker's confirm before it counts as failed (and is sent
 /// again: the receiver's inbox drops the double).
@@ -99,15 +100,32 @@ impl Publisher {
         Ok((ch, generation))
     }
 
-    /// Publish without waiting for the confirm; the returned future carries it.
+    /// Publish without waiting for the confirm; the returned future carries it. The publish is
+    /// a span of its own, a child of the hop that made the message (its `traceparent`), and
+    /// the message carries this span's context on: the receiver's span is its child.
     pub async fn publish(&self, msg: &Outgoing) -> Result<PendingConfirm, PublishError> {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("publish {}", msg.kind),
+            otel.kind = "producer",
+            exchange = %msg.exchange,
+            kind = %msg.kind,
+            message_id = %msg.message_id,
+            trace_id = msg.traceparent.trace_id(),
+        );
+        baton_telemetry::follow(&span, &msg.traceparent);
+        let trace = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| msg.traceparent.clone());
+        self.send(msg, &trace).instrument(span).await
+    }
+
+    async fn send(&self, msg: &Outgoing, trace: &TraceParent) -> Result<PendingConfirm, PublishError> {
         let (ch, generation) = self.channel().await?;
         let publish = ch.basic_publish(
             msg.exchange.as_str().into(),
             msg.routing_key.as_str().into(),
             BasicPublishOptions { mandatory: true, ..Default::default() },
             msg.body.as_bytes(),
-            crate::envelope::properties(msg, &self.user),
+            crate::envelope::properties(msg, &self.user, trace),
         );
         // Bounded like the confirm: a connection the broker blocks (an alarm) or that died
         // without a word must not hold the caller forever.

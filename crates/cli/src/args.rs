@@ -22,8 +22,23 @@ pub struct Cli {
     /// flag beats RUST_LOG, which beats the default.
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_log_filter)]
     pub log: String,
+    /// How log lines are written: `text`, or `json` (one object per line, for a log
+    /// collector). Colour only when stderr is a terminal.
+    #[arg(long, global = true, env = "BATON_LOG_FORMAT", default_value = "text", value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: baton_telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The name this process's spans are exported under (`OTEL_SERVICE_NAME` beats it): the
+    /// component that `run` starts, `baton` for anything else.
+    pub fn service_name(&self) -> String {
+        match &self.command {
+            Command::Run { component } => component.parts().component.to_string(),
+            _ => "baton".into(),
+        }
+    }
 }
 
 // Parsed once per process: the size of `Up` does not matter.
@@ -525,6 +540,10 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_owned()).map_err(|e| {
         format!("`{s}` is not a log filter ({e}); write e.g. info, debug or info,baton_gateway=debug")
     })
+}
+
+fn parse_log_format(s: &str) -> Result<baton_telemetry::LogFormat, String> {
+    s.parse()
 }
 
 fn parse_owner_plan(s: &str) -> Result<(String, String), String> {

@@ -13,7 +13,8 @@ pub use args::Cli;
 
 /// Run a parsed command line; the exit code says how it went.
 pub fn main(cli: Cli) -> std::process::ExitCode {
-    init_tracing(&cli.log);
+    // Dropped last, outside the runtime: the spans still waiting go out before the exit.
+    let _telemetry = baton_telemetry::init(&quiet_lapin(&cli.log), cli.log_format, &cli.service_name());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -54,24 +55,6 @@ fn sentence(e: &anyhow::Error) -> String {
 fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Logs go to stderr, in colour only when it is a terminal (a log file gets no escape codes),
-/// and a log line that cannot be written is dropped: logging never takes the process down.
-fn init_tracing(spec: &str) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    // `--log` (or RUST_LOG through clap) was checked when the flags were parsed.
-    let filter = EnvFilter::try_new(quiet_lapin(spec)).unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        // Its default reports a failed write with `eprintln!`, which panics when the write
-        // failed because stderr is gone (EPIPE): that panic used to kill the signal task.
-        .log_internal_errors(false)
-        .with_target(false)
-        .try_init();
 }
 
 /// lapin logs at ERROR what it also returns to Baton, which reports it once with what to do

@@ -6,11 +6,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use baton_health::Kind;
@@ -46,7 +47,37 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(head_within_limit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(traced))
         .with_state(gw)
+}
+
+/// A request is a span, the root of its trace or the child of the client's `traceparent`
+/// header; the message it sends follows it. Its trace id is in every log line of the request.
+/// The probes and the scrape are not traced: they would bury the requests.
+async fn traced(req: Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    if path.starts_with("/health") || path == "/metrics" {
+        return next.run(req).await;
+    }
+    let route = req.extensions().get::<MatchedPath>().map_or(path, MatchedPath::as_str).to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{} {route}", req.method()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+        baton_telemetry::follow(&span, &baton_protocol::TraceParent(parent.to_owned()));
+    }
+    if let Some(own) = baton_telemetry::traceparent_of(&span) {
+        span.record("trace_id", own.trace_id());
+    }
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// 431 for a head over [`crate::early::MAX_HEAD`] that got past hyper's own check.

@@ -189,6 +189,9 @@ pub struct WorkflowView {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub answer_status: Option<u16>,
+    /// The trace of the request that started it (W3C trace id, 32 hex digits): the one its
+    /// spans are exported under, and its log lines carry.
+    pub trace_id: String,
     pub failure: Option<baton_workflow::Failure>,
     pub context: baton_protocol::Context,
     pub steps: Vec<StepView>,
@@ -232,16 +235,17 @@ fn corrupt(e: impl Into<baton_store::Cause>) -> StoreError {
 
 /// The saga `id`, if this database has it.
 pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
-    /// state, created_at, updated_at, answer_status, definition_hash
-    type Row = (String, i64, i64, Option<i64>, Option<String>);
+    /// state, created_at, updated_at, answer_status, definition_hash, traceparent
+    type Row = (String, i64, i64, Option<i64>, Option<String>, String);
     let row: Option<Row> = conn
         .query_row(
-            "SELECT state, created_at, updated_at, answer_status, definition_hash FROM sagas WHERE saga_id = ?1",
+            "SELECT state, created_at, updated_at, answer_status, definition_hash, traceparent
+             FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()?;
-    let Some((state, created, updated, answer, definition_hash)) = row else { return Ok(None) };
+    let Some((state, created, updated, answer, definition_hash, trace)) = row else { return Ok(None) };
     let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
     let history = conn.query_map(
         "SELECT at, step, action, attempt, event, detail FROM history WHERE saga_id = ?1 ORDER BY id",
@@ -280,6 +284,7 @@ pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreEr
         created_at_ms: created,
         updated_at_ms: updated,
         answer_status: answer.map(|a| a as u16),
+        trace_id: baton_protocol::TraceParent(trace).trace_id().to_owned(),
         failure: saga.failure.clone(),
         context: saga.context.clone(),
         steps,

@@ -245,7 +245,7 @@ impl Core {
                     }
                     Err(why) => (saga.definition_missing(why), true),
                 };
-                apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
+                apply(tx, &saga, effects, &meta, &meta.trace, &core.reply_key, now)?;
                 Ok(missing)
             })
         });
@@ -267,7 +267,7 @@ impl Core {
         Ok(n)
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
+    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id, otel.name = "saga start"))]
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         self.identity.expect(&env, &[GATEWAY])?;
@@ -275,6 +275,7 @@ impl Core {
         let wf = self.workflows.get(&start.workflow).cloned();
         let definition = self.current.get(&start.workflow).cloned();
         let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone(), definition };
+        let hop = baton_telemetry::traceparent(|| env.traceparent.child());
         let reply_key = self.reply_key.clone();
         let clock = self.clock;
         let wake_at = self
@@ -301,7 +302,7 @@ impl Core {
                         }),
                     };
                     if let Some(to) = &meta.reply_to {
-                        outbox::push(tx, &answer_message(to, &outcome, &meta.trace))?;
+                        outbox::push(tx, &answer_message(to, &outcome, &hop))?;
                     }
                     return Ok(None);
                 };
@@ -333,7 +334,7 @@ impl Core {
                         saga.deadline.map(|d| d.at_ms as i64)
                     ],
                 )?;
-                let wake = apply(tx, &saga, effects, &meta, &reply_key, now)?;
+                let wake = apply(tx, &saga, effects, &meta, &hop, &reply_key, now)?;
                 Ok(wake)
             })
             .await
@@ -343,7 +344,7 @@ impl Core {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id))]
+    #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id, otel.name = format!("saga {}", env.kind)))]
     async fn on_reply(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let reply: StepReply = env.decode(&self.replies, &self.reply_kinds)?;
         let expected = match reply.action {
@@ -366,7 +367,7 @@ impl Core {
         let saga_id = reply.saga_id;
         let input = Reply::from(reply);
         let crash_at = self
-            .advance(env.message_id, saga_id, move |saga, wf, now| {
+            .advance(env.message_id, saga_id, hop(&env), move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
                 (effects, crate::crash_points::dangerous_instant(saga, step, index, action))
             })
@@ -380,7 +381,7 @@ impl Core {
     async fn on_retry(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let req: RetrySaga = env.decode(&self.replies, &self.reply_kinds)?;
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
-        self.advance(env.message_id, req.saga_id, |saga, wf, now| {
+        self.advance(env.message_id, req.saga_id, hop(&env), |saga, wf, now| {
             let effects = saga.retry_compensation(wf, now);
             if effects.is_empty() {
                 tracing::info!(
@@ -401,7 +402,7 @@ impl Core {
     async fn on_cancel(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let req: CancelSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
-        self.advance(env.message_id, req.saga_id, move |saga, wf, now| {
+        self.advance(env.message_id, req.saga_id, hop(&env), move |saga, wf, now| {
             match saga.why_not_cancellable() {
                 Some(why) => tracing::info!(%why, by = %req.by, "cancel refused"),
                 None if saga.cancelled => {
@@ -418,6 +419,7 @@ impl Core {
     /// One transition of one saga for message `message_id`, in one transaction: skip a
     /// duplicate, load the saga, let `step` decide, carry out its effects, store the new state;
     /// then arm the timer and wake the relay. Returns what `step` returned beside its effects.
+    /// `hop` is the handling's trace context: the parent of the commands and answer it sends.
     ///
     /// A saga not found in a group commit's transaction is looked for again in a transaction
     /// of its own before the message is dead-lettered: on PostgreSQL a group's snapshot dates
@@ -427,6 +429,7 @@ impl Core {
         self: &Arc<Self>,
         message_id: Uuid,
         saga_id: Uuid,
+        hop: TraceParent,
         step: F,
     ) -> Result<Option<T>, HandleError>
     where
@@ -434,9 +437,10 @@ impl Core {
         F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>) + Send + 'static,
     {
         let core = Arc::clone(self);
+        let again = hop.clone();
         let first = self
             .db
-            .transaction(move |tx| core.transition(tx, message_id, saga_id, step))
+            .transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, step))
             .await
             .map_err(HandleError::from)?;
         let (wake_at, extra) = match first {
@@ -444,7 +448,7 @@ impl Core {
             Err(step) => {
                 let core = Arc::clone(self);
                 self.db
-                    .call(move |tx| core.transition(tx, message_id, saga_id, step))
+                    .call(move |tx| core.transition(tx, message_id, saga_id, &again, step))
                     .await
                     .map_err(HandleError::from)?
                     .map_err(|_| {
@@ -468,6 +472,7 @@ impl Core {
         tx: &Tx<'_>,
         message_id: Uuid,
         saga_id: Uuid,
+        hop: &TraceParent,
         step: F,
     ) -> Result<Result<(Option<u64>, Option<T>), F>, StoreError>
     where
@@ -492,7 +497,7 @@ impl Core {
                 (saga.definition_missing(why), None)
             }
         };
-        let wake = apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
+        let wake = apply(tx, &saga, effects, &meta, hop, &self.reply_key, now)?;
         Ok(Ok((wake, extra)))
     }
 
@@ -589,7 +594,8 @@ impl Core {
                 saga.definition_missing(why)
             }
         };
-        apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
+        // A timer's retry or compensation follows the saga's start: no message is at hand.
+        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now)?;
         Ok(())
     }
 }
@@ -643,12 +649,16 @@ fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
 }
 
 /// Carry out a transition's effects and store the new state, in the caller's transaction.
-/// Returns the saga's next wake-up.
+/// `hop` is the trace context the effects follow: every command is sent from a span of its own
+/// step ([`step_trace`]), the answer from `hop` itself. Returns the saga's next wake-up.
+// Each argument is a different part of the transition; a struct would only name them twice.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     tx: &Tx<'_>,
     saga: &Saga,
     effects: Vec<Effect>,
     meta: &Meta,
+    hop: &TraceParent,
     reply_key: &str,
     now: u64,
 ) -> Result<Option<u64>, StoreError> {
@@ -678,7 +688,7 @@ fn apply(
                     kind,
                     saga.id,
                     COMPONENT,
-                    meta.trace.child(),
+                    step_trace(hop, saga, service, action, attempt),
                     &body,
                 )
                 .reply_to(reply_key)
@@ -702,7 +712,7 @@ fn apply(
                     }),
                 };
                 if let Some(to) = &meta.reply_to {
-                    outbox::push(tx, &answer_message(to, &outcome, &meta.trace))?;
+                    outbox::push(tx, &answer_message(to, &outcome, hop))?;
                 }
             }
             Effect::History { service, action, attempt, event, detail } => {
@@ -788,10 +798,39 @@ fn space(saga: &Saga, ctx: &Context) -> Space {
 }
 
 /// The saga's outcome for whoever started it (the gateway), on `baton.outcomes`: only the
-/// orchestrator's broker user may publish there, so no service can forge an outcome.
-fn answer_message(reply_to: &str, outcome: &SagaOutcome, trace: &TraceParent) -> Outgoing {
-    Outgoing::new(OUTCOMES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, trace.child(), outcome)
+/// orchestrator's broker user may publish there, so no service can forge an outcome. `hop`
+/// is the span it is sent from.
+fn answer_message(reply_to: &str, outcome: &SagaOutcome, hop: &TraceParent) -> Outgoing {
+    Outgoing::new(OUTCOMES, reply_to, START_REPLY, outcome.saga_id, COMPONENT, hop.clone(), outcome)
         .mode("workflow")
+}
+
+/// The trace context of the handling in progress: the parent of what it sends.
+fn hop(env: &Envelope) -> TraceParent {
+    baton_telemetry::traceparent(|| env.traceparent.child())
+}
+
+/// The span of one command of a saga, a child of `hop`: a step, a retry of one (a later
+/// attempt) or a compensation. It ends at once; the command, and so the service's handling and
+/// its reply, are its children, and the next step's span follows that reply.
+fn step_trace(hop: &TraceParent, saga: &Saga, service: Service, action: Action, attempt: u32) -> TraceParent {
+    let what = match (action, attempt) {
+        (Action::Do, 1) => "step",
+        (Action::Do, _) => "retry",
+        (Action::Undo, 1) => "compensate",
+        (Action::Undo, _) => "compensate retry",
+    };
+    let span = tracing::info_span!(
+        parent: None,
+        "saga_step",
+        otel.name = format!("saga {what} {service}"),
+        saga_id = %saga.id,
+        step = service.name(),
+        action = action.as_str(),
+        attempt,
+    );
+    baton_telemetry::follow(&span, hop);
+    baton_telemetry::traceparent_of(&span).unwrap_or_else(|| hop.child())
 }
 
 /// Ask the orchestrator to cancel saga `saga_id` (`baton workflows cancel`; the gateway sends
@@ -814,8 +853,8 @@ pub async fn request_cancel(amqp_url: &str, saga_id: Uuid, by: &str) -> anyhow::
 /// `orchestrator.commands`.
 pub fn cancel_message(saga_id: Uuid, by: &str, app_id: &str) -> Outgoing {
     let body = CancelSaga { schema: SCHEMA, saga_id, by: by.to_owned() };
-    Outgoing::new(COMMANDS, topology::ORCHESTRATOR, CANCEL, saga_id, app_id, TraceParent::new_root(), &body)
-        .mode("workflow")
+    let trace = baton_telemetry::traceparent(TraceParent::new_root);
+    Outgoing::new(COMMANDS, topology::ORCHESTRATOR, CANCEL, saga_id, app_id, trace, &body).mode("workflow")
 }
 
 /// Ask the orchestrators to finish the rollback of saga `saga_id` (an operator's `baton

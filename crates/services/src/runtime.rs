@@ -225,7 +225,7 @@ impl Handler {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action))]
+    #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action, otel.name = format!("handle {}", env.kind)))]
     async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
         let cmd: StepCommand = env.decode(&self.commands, &self.command_kinds)?;
@@ -244,6 +244,8 @@ impl Handler {
         tracing::Span::current().record("action", action.as_str());
         let message =
             Handling { service, action, message_id: env.message_id, name: cmd.context.name.clone() };
+        // The reply is this handling's child.
+        let trace = baton_telemetry::traceparent(|| env.traceparent.child());
         self.in_transaction(message, move |tx, step| {
             let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
             let v = match action {
@@ -257,7 +259,7 @@ impl Handler {
                 &reply_type(&env.kind),
                 cmd.saga_id,
                 service.name(),
-                env.traceparent.child(),
+                trace,
                 &body,
             )
             .attempt(cmd.attempt)
@@ -267,7 +269,7 @@ impl Handler {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
+    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service(), otel.name = format!("handle {}", env.kind)))]
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
         let event: SpaceEvent = env.decode(&self.events, &[service.trigger_event()])?;
@@ -279,6 +281,7 @@ impl Handler {
             message_id: env.message_id,
             name: event.context.name.clone(),
         };
+        let trace = baton_telemetry::traceparent(|| env.traceparent.child());
         self.in_transaction(message, move |tx, step| {
             // Events mode has no saga: the space is the unit of work, and of its tombstones.
             let ids = Ids { space_id: event.space_id, saga_id: event.space_id };
@@ -311,16 +314,8 @@ impl Handler {
                     },
                 ),
             };
-            let msg = Outgoing::new(
-                EVENTS,
-                kind,
-                kind,
-                event.space_id,
-                service.name(),
-                env.traceparent.child(),
-                &body,
-            )
-            .mode("events");
+            let msg = Outgoing::new(EVENTS, kind, kind, event.space_id, service.name(), trace, &body)
+                .mode("events");
             Ok(vec![msg])
         })
         .await

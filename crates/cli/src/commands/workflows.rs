@@ -75,6 +75,7 @@ pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode>
             let hash =
                 view.definition_hash.as_deref().map_or("(none recorded)", |h| h.get(..12).unwrap_or(h));
             println!("definition {hash}");
+            println!("trace {}", view.trace_id);
             if let Some(f) = &view.failure {
                 println!("failed at {} ({}): {}", f.service, f.status, f.reason);
             }

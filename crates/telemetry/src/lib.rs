@@ -1,0 +1,258 @@
+//! Logs and traces of a process, set up once.
+//!
+//! Owns: the process's tracing subscriber ([`init`]: log lines on stderr as text or JSON, and
+//! the OpenTelemetry layer that gives every span a trace context), the OTLP export that the
+//! standard `OTEL_*` variables turn on and its flush at exit ([`Telemetry`]), and the one
+//! translation between a message's W3C `traceparent` and a span's context ([`follow`],
+//! [`traceparent`]), so that the spans of one request form one tree across processes.
+//! Must not touch: which spans exist or what they say; each component opens its own.
+//!
+//! Every span gets a trace context whether or not anything is exported: the `traceparent` of
+//! every message, and so the trace id in logs and in `GET /workflows/{id}`, is the span's own.
+//! Only with `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set are
+//! spans sent, over OTLP/HTTP with protobuf bodies, in batches (`OTEL_BSP_*`).
+
+use std::io::IsTerminal;
+use std::str::FromStr;
+
+use baton_protocol::TraceParent;
+use opentelemetry::Context;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::{Level, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One line of text per event, its spans' fields before it.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields`, `span` and `spans`.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{s}` is not a log format; write text or json")),
+        }
+    }
+}
+
+/// The export, while the process runs: dropping it (or [`Telemetry::shutdown`]) sends the
+/// spans still waiting. Hold it in `main`, outside any async runtime.
+#[must_use = "dropping it stops the export"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// Whether spans are sent to a collector.
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Send the spans still waiting and stop the export.
+    pub fn shutdown(self) {}
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if self.exporting {
+            // A collector that is gone costs the export timeout at most; nothing to report.
+            let _ = self.provider.shutdown();
+        }
+    }
+}
+
+/// Set up logging and tracing for this process: log lines filtered by `filter` (an
+/// `EnvFilter` directive, already checked) on stderr, colour only when stderr is a terminal;
+/// every span at INFO or above recorded for its trace context; spans exported when the
+/// `OTEL_*` variables say where, as `service` unless `OTEL_SERVICE_NAME` names it. A second
+/// call leaves the first subscriber in place.
+pub fn init(filter: &str, format: LogFormat, service: &str) -> Telemetry {
+    let (provider, exporting) = provider(service);
+    let tracer = provider.tracer("baton");
+    // Spans whatever the log filter, so that `--log warn` keeps the traces whole; events only
+    // when they say something went wrong.
+    let otel =
+        tracing_opentelemetry::layer().with_tracer(tracer).with_threads(false).with_filter(filter_fn(|m| {
+            if m.is_span() { *m.level() <= Level::INFO } else { *m.level() <= Level::WARN }
+        }));
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    // A failed write is not reported: its default `eprintln!` panics when stderr is a closed
+    // pipe (EPIPE), which used to kill the signal task.
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .log_internal_errors(false)
+            .with_target(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
+            .with_target(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let _ = Registry::default().with(fmt).with(otel).try_init();
+    Telemetry { provider, exporting }
+}
+
+/// The tracer provider: with a batch exporter when the environment names a collector.
+fn provider(service: &str) -> (SdkTracerProvider, bool) {
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !set("OTEL_SERVICE_NAME") {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let builder = SdkTracerProvider::builder().with_resource(resource.build());
+    if !export_asked() {
+        return (builder.build(), false);
+    }
+    match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), true),
+        Err(e) => {
+            // Before the subscriber exists: said on stderr, and the process runs without it.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "warning: traces are not exported: {e}");
+            (builder.build(), false)
+        }
+    }
+}
+
+fn set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
+}
+
+/// Whether the environment asks for an export: a collector's address, and no
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+fn export_asked() -> bool {
+    let is = |var: &str, value: &str| std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case(value));
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// The span context a `traceparent` names, if it is well formed (version 00 or a later one,
+/// 32 and 16 lowercase hex digits, neither all zeros, two hex digits of flags).
+pub fn span_context(tp: &TraceParent) -> Option<SpanContext> {
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let mut parts = tp.0.trim().split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()? & TraceFlags::SAMPLED.to_u8());
+    let cx = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        flags,
+        true,
+        TraceState::default(),
+    );
+    cx.is_valid().then_some(cx)
+}
+
+/// Make the hop `parent` names the parent of `span`, a span opened for what a message or a
+/// request asks, before it is first entered. A malformed `parent` leaves `span` a root.
+pub fn follow(span: &Span, parent: &TraceParent) {
+    if let Some(cx) = span_context(parent) {
+        let _ = span.set_parent(Context::new().with_remote_span_context(cx));
+    }
+}
+
+/// The `traceparent` of `span`, for a message sent from within it: `None` when no trace
+/// layer records it (no [`init`] in this process, or a span filtered out).
+pub fn traceparent_of(span: &Span) -> Option<TraceParent> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| {
+        TraceParent(format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+    })
+}
+
+/// The `traceparent` for a message sent from the current span, or `fallback()` when no
+/// trace layer records one.
+pub fn traceparent(fallback: impl FnOnce() -> TraceParent) -> TraceParent {
+    traceparent_of(&Span::current()).unwrap_or_else(fallback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(s: &str) -> TraceParent {
+        TraceParent(s.into())
+    }
+
+    #[test]
+    fn a_well_formed_traceparent_names_its_trace_and_hop() {
+        let cx = span_context(&tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")).unwrap();
+        assert_eq!(cx.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(cx.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(cx.is_sampled() && cx.is_remote());
+        let root = TraceParent::new_root();
+        assert_eq!(span_context(&root).unwrap().trace_id().to_string(), root.trace_id());
+    }
+
+    #[test]
+    fn a_malformed_traceparent_names_nothing() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(span_context(&tp(bad)).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_span_follows_its_parent_and_passes_its_own_hop_on() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            Registry::default().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+            let span = tracing::info_span!("consume");
+            follow(&span, &parent);
+            let own = span.in_scope(|| traceparent(TraceParent::new_root));
+            assert_eq!(own.trace_id(), parent.trace_id());
+            assert_ne!(own, parent);
+            assert_eq!(span_context(&own).map(|c| c.is_valid()), Some(true));
+        });
+        assert_eq!(traceparent_of(&tracing::info_span!("unrecorded")), None);
+    }
+
+    #[test]
+    fn log_formats_are_named_text_and_json() {
+        assert_eq!("json".parse(), Ok(LogFormat::Json));
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert!("yaml".parse::<LogFormat>().unwrap_err().contains("text or json"));
+    }
+}
