@@ -351,7 +351,7 @@ impl Gateway {
         let input = Context { name: req.name, owner: req.owner, ..Default::default() };
         // The request's span (`api::traced`) is the start's parent.
         let trace = baton_telemetry::traceparent(TraceParent::new_root);
-        tracing::debug!(%saga_id, %space_id, trace_id = trace.trace_id(), mode = %self.opts.mode, "request accepted");
+        tracing::debug!(%saga_id, %space_id, mode = %self.opts.mode, "request accepted");
         let msg = match self.opts.mode {
             Mode::Workflow => {
                 let start = StartSaga {

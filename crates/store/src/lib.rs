@@ -706,6 +706,9 @@ impl Db {
     {
         let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
         let feed = Arc::clone(&self.feed);
+        // The caller's span on the database thread too: what `f` logs carries its fields (the
+        // message, the trace id).
+        let span = tracing::Span::current();
         let member: Member = Box::new(move |tx: Result<&Tx<'_>, Arc<StoreError>>| {
             let tx = match tx {
                 Ok(tx) => tx,
@@ -717,7 +720,7 @@ impl Db {
                     return Ran { finish, outage: None, broken: false };
                 }
             };
-            let result = f(tx);
+            let result = span.in_scope(|| f(tx));
             let outage = match &result {
                 Err(e) if e.is_transient() => {
                     Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() })
