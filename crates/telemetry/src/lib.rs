@@ -50,22 +50,12 @@ impl FromStr for LogFormat {
     }
 }
 
-/// The export, while the process runs: dropping it (or [`Telemetry::shutdown`]) sends the
-/// spans still waiting. Hold it in `main`, outside any async runtime.
+/// The export, while the process runs: dropping it sends the spans still waiting. Hold it in
+/// `main`, and drop it outside any async runtime (the export's HTTP client blocks).
 #[must_use = "dropping it stops the export"]
 pub struct Telemetry {
     provider: SdkTracerProvider,
     exporting: bool,
-}
-
-impl Telemetry {
-    /// Whether spans are sent to a collector.
-    pub fn exporting(&self) -> bool {
-        self.exporting
-    }
-
-    /// Send the spans still waiting and stop the export.
-    pub fn shutdown(self) {}
 }
 
 impl Drop for Telemetry {
