@@ -3,7 +3,8 @@
 //! request's spans come from every process it went through and form one tree: the HTTP
 //! request at its root, the publishes, consumes, handlings and saga steps below it, linked
 //! across processes by the messages' `traceparent` headers. A client's own `traceparent` is
-//! honoured: the request joins its trace, which `GET /workflows/{id}` names.
+//! honoured: the request joins its trace, which `GET /workflows/{id}` names, and so do the
+//! request's log lines, in `--log-format json` too.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -229,4 +230,52 @@ async fn a_flow_of_events_is_one_trace_across_every_process() {
         );
     }
     drop(procs);
+}
+
+/// `--log-format json`: every line of a process's stderr (not a terminal) is one JSON object,
+/// without escape codes, and a line logged for a request carries its trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_requests_trace_id() {
+    let env = TestEnv::new().await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let log = env.data_dir().join("gateway.json.log");
+    let mut gateway = tokio::process::Command::new(baton_tests::baton_bin())
+        .args(["--log", "info,baton_gateway=debug", "--log-format", "json", "run", "gateway"])
+        .args(["--http", &http, "--deadline", "1s", "--amqp-url", &env.amqp_url()])
+        .args(env.store_args())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the gateway");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let gateway_url = format!("http://{http}");
+    wait_for("the gateway to be ready", Duration::from_secs(30), || async {
+        let r = client.get(format!("{gateway_url}/health/ready")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // No orchestrator: the request waits out its deadline, logged at debug under its span.
+    let trace_id = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let r = client
+        .post(format!("{gateway_url}/spaces"))
+        .header("traceparent", format!("00-{trace_id}-051581bf3cb55c13-01"))
+        .json(&serde_json::json!({"name": "logged", "owner": "carol"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let _ = gateway.kill().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\x1b'), "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["fields"]["message"].is_string()), "{text}");
+    let accepted = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request accepted")
+        .unwrap_or_else(|| panic!("the request's line: {text}"));
+    assert_eq!(accepted["span"]["trace_id"], trace_id, "{accepted}");
 }
