@@ -19,6 +19,7 @@
 //! route), `listing` (`GET /workflows`).
 
 mod api;
+mod console;
 mod early;
 mod gateway;
 mod idempotency;
@@ -62,4 +63,8 @@ pub const MIGRATIONS: &[&str] = &[
         replays INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
+    // The console's list of requests, newest first, and its search by name or owner.
+    "CREATE INDEX requests_by_time ON requests (requested_at, space_id);
+    CREATE INDEX requests_by_name ON requests (name);
+    CREATE INDEX requests_by_owner ON requests (owner);",
 ];
