@@ -40,7 +40,8 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
             error(
                 StatusCode::NOT_FOUND,
                 "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, \
-                 POST /workflows/{id}/cancel, GET /health/live, GET /health/ready or GET /metrics"
+                 POST /workflows/{id}/cancel, POST /workflows/{id}/retry, GET /health/live, GET /health/ready, \
+                 GET /metrics, or the console at GET /"
                     .into(),
             )
         })
