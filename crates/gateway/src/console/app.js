@@ -479,6 +479,11 @@ function spacesPage(main, params) {
   }, params.get('before') ? 0 : 3000);
 }
 
+function outcomeReason(e) {
+  if (typeof e === 'string') return e;
+  return e.reason || e.error || e.message || JSON.stringify(e);
+}
+
 // What each link of a space's chain did: holds its row, was undone later, handled the event
 // and stopped the chain (a refusal), or never saw it.
 function linkState(l) {
@@ -504,7 +509,7 @@ function spacePage(main, id) {
       h('dt', null, 'Mode'), h('dd', null, req.mode), h('dt', null, 'Requested'), h('dd', null, when(req.requested_at_ms)),
       h('dt', null, 'Client told'), h('dd', null, req.told_status ?? 'nothing (no answer)'),
       h('dt', null, 'Outcome'), h('dd', null, req.outcome_status ?? 'none yet',
-        req.outcome && req.outcome.error ? ` — ${req.outcome.error.reason || req.outcome.error.message || ''}` : ''),
+        req.outcome && req.outcome.error ? ` — ${outcomeReason(req.outcome.error)}` : ''),
       req.mode === 'workflow' && req.saga_id !== req.space_id ? [h('dt', null, 'Saga'), h('dd', null, h('a', { href: '#/saga/' + req.saga_id }, req.saga_id))] : null)
       : h('p', { class: 'muted' }, 'This gateway took no request for this space; the chain below is what the services hold.'));
     const states = sp.links.map(linkState);
