@@ -101,6 +101,13 @@ ensure_tool() {
     fi
 }
 
+# ensure_chromium: the console's browser test (tests/tests/console.rs) drives Debian's chromium
+# through chromedriver; both come from Debian's packages.
+ensure_chromium() {
+    ensure_tool chromium chromium "by the console's browser test, to render its pages headless"
+    ensure_tool chromedriver chromium-driver "by the console's browser test, to drive chromium"
+}
+
 # ensure_jq: scripts/broker-users.sh reads broker/permissions.json with jq (and a test runs it).
 ensure_jq() {
     ensure_tool jq jq "by scripts/broker-users.sh to read broker/permissions.json"

@@ -25,16 +25,17 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-say "step 2/4: checking the local RabbitMQ and PostgreSQL, and the tools of some tests (jq, openssl, faketime)"
+say "step 2/4: checking the local RabbitMQ and PostgreSQL, and the tools of some tests (jq, openssl, faketime, chromium)"
 ensure_rabbitmq
 ensure_postgres
 export BATON_TEST_DATABASE_URL
 ensure_jq
 ensure_tool openssl openssl "by the TLS test, to make its certificates"
 ensure_tool faketime faketime "by the clock-jump test, to move a component's clock"
+ensure_chromium
 
 # The test binaries run a second time on PostgreSQL.
-POSTGRES_TESTS='binary(workflow) | binary(events) | binary(delivery) | binary(crash) | binary(crash_points) | binary(reliability) | binary(cancel) | binary(idempotency) | binary(changed_workflow) | binary(gateway_input)'
+POSTGRES_TESTS='binary(workflow) | binary(console) | binary(events) | binary(delivery) | binary(crash) | binary(crash_points) | binary(reliability) | binary(cancel) | binary(idempotency) | binary(changed_workflow) | binary(gateway_input)'
 
 # Where the tests find the broker; a test appends its own vhost to the AMQP URL.
 export BATON_TEST_AMQP_URL="${BATON_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"

@@ -29,6 +29,7 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/workflows", get(list_workflows))
         .route("/workflows/{id}", get(get_workflow))
         .route("/workflows/{id}/cancel", post(cancel_workflow))
+        .merge(crate::console::routes())
         .route("/health", get(ready))
         .route("/health/ready", get(ready))
         .route("/health/live", get(live))
@@ -40,7 +41,8 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
             error(
                 StatusCode::NOT_FOUND,
                 "no such route; try POST /spaces, GET /spaces/{id}, GET /workflows, GET /workflows/{id}, \
-                 POST /workflows/{id}/cancel, GET /health/live, GET /health/ready or GET /metrics"
+                 POST /workflows/{id}/cancel, POST /workflows/{id}/retry, GET /health/live, GET /health/ready, \
+                 GET /metrics, or the console at GET /"
                     .into(),
             )
         })
@@ -423,7 +425,7 @@ fn cancel_answer(
     (code, axum::Json(body)).into_response()
 }
 
-/// `GET /workflows?state=&workflow=&space=&since=&limit=&cursor=`: a page of sagas, newest first,
+/// `GET /workflows?state=&workflow=&version=&space=&since=&limit=&cursor=`: a page of sagas, newest first,
 /// with the cursor of the next page (`null` on the last). A bad parameter is a 400 that names it.
 async fn list_workflows(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
     let asked = match Listing::parse(query.as_deref().unwrap_or("")) {

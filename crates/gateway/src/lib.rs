@@ -1,8 +1,9 @@
 //! The HTTP gateway: the only door for clients.
 //!
-//! Owns: the HTTP API (`POST /spaces`, with an optional `Idempotency-Key`, `GET /spaces/{id}`,
+//! Owns: the console (`/`, module `console`: a web UI over the same API), the HTTP API (`POST /spaces`, with an optional `Idempotency-Key`, `GET /spaces/{id}`,
 //! `GET /workflows` (a page of sagas, newest first, with a cursor), `GET /workflows/{id}`,
-//! `POST /workflows/{id}/cancel` (sent to the orchestrator as a message), and the
+//! `POST /workflows/{id}/cancel` and `POST /workflows/{id}/retry` (sent to the orchestrator as
+//! messages), and the
 //! health of every component of its process: `GET /health/live`, `GET /health/ready` = `GET
 //! /health`), input validation (owners normalised to one spelling per person), what a client
 //! may hold of it (header and body timeouts, a connection limit), `gateway.db` (every request,
@@ -10,15 +11,17 @@
 //! clients' idempotency keys, each with the request it first came with), and
 //! this instance's reply queue, where outcomes arrive. Must not touch: saga state (it hands
 //! requests and cancels to the orchestrator and reads its
-//! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database.
+//! sagas for `GET /workflows` through the [`baton_orchestrator::Sagas`] it is given) or any service's database
+//! (the console reads them through `baton_services::read`).
 //!
 //! Layout: `server` (start-up, the accept loop with its limits, shutdown), `options`, `api`
 //! (the routes), `gateway` (the request logic: start, wait, replay, record outcomes; and
 //! `Refusal`, why a request got no outcome), `idempotency` (the
 //! `idempotency_keys` table), `input` (validation), `early` (errors hyper answers before a
-//! route), `listing` (`GET /workflows`).
+//! route), `listing` (`GET /workflows`), `console` (the web UI, its assets and its read-only routes).
 
 mod api;
+mod console;
 mod early;
 mod gateway;
 mod idempotency;
@@ -62,4 +65,8 @@ pub const MIGRATIONS: &[&str] = &[
         replays INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
+    // The console's list of requests, newest first, and its search by name or owner.
+    "CREATE INDEX requests_by_time ON requests (requested_at, space_id);
+    CREATE INDEX requests_by_name ON requests (name);
+    CREATE INDEX requests_by_owner ON requests (owner);",
 ];

@@ -1,4 +1,4 @@
-//! The query of `GET /workflows`: which sagas, how many, and from where. Pure: it turns the query
+//! The query of `GET /workflows` (and of the console's list): which sagas, how many, and from where. Pure: it turns the query
 //! string into the orchestrator's [`Filter`], or one sentence that says what was wrong.
 
 use std::time::UNIX_EPOCH;
@@ -21,7 +21,7 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// Read `state`, `workflow`, `space`, `since`, `limit` and `cursor` from a query string
+    /// Read `state`, `workflow`, `version`, `space`, `since`, `limit` and `cursor` from a query string
     /// (percent-encoded, as it came). An unknown or repeated parameter is an error, so that a typo
     /// is not silently a filter left out.
     pub fn parse(query: &str) -> Result<Listing, String> {
@@ -34,6 +34,7 @@ impl Listing {
             match &*key {
                 "state" => asked.filter.status = Some(SagaStatus::parse(&value)?),
                 "workflow" => asked.filter.workflow = Some(value.to_string()),
+                "version" => asked.filter.version = Some(value.to_string()),
                 "space" => {
                     let id = Uuid::parse_str(&value)
                         .map_err(|_| format!("space `{value}` is not a UUID (a space's `id`)"))?;
@@ -49,8 +50,8 @@ impl Listing {
                 "cursor" => asked.after = Some(value.parse()?),
                 other => {
                     return Err(format!(
-                        "`{other}` is not a parameter of GET /workflows; it takes state, workflow, space, since, \
-                         limit and cursor"
+                        "`{other}` is not a parameter of GET /workflows; it takes state, workflow, version, space, \
+                         since, limit and cursor"
                     ));
                 }
             }

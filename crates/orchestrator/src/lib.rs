@@ -23,7 +23,7 @@ mod runtime;
 mod schema;
 
 pub use query::Sagas;
-pub use runtime::{Options, cancel_message, request_cancel, request_retry, run};
+pub use runtime::{Options, cancel_message, request_cancel, request_retry, retry_message, run};
 pub use schema::MIGRATIONS;
 
 /// The component name: `orchestrator.db`, `app_id`, the command queue's routing key.

@@ -303,6 +303,8 @@ pub struct Filter {
     pub space_id: Option<Uuid>,
     /// Only sagas started at or after this time (ms since the Unix epoch).
     pub since_ms: Option<i64>,
+    /// Only sagas pinned to this version of their definition (its content hash).
+    pub version: Option<String>,
 }
 
 /// Where the next page of [`page`] starts: right after the last saga of the page before, in
@@ -351,6 +353,7 @@ pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>)
          WHERE (CAST(?1 AS TEXT) IS NULL OR status = ?1) AND (CAST(?2 AS TEXT) IS NULL OR workflow = ?2)
            AND (CAST(?3 AS TEXT) IS NULL OR space_id = ?3) AND (CAST(?4 AS INTEGER) IS NULL OR created_at >= ?4)
            AND (CAST(?5 AS INTEGER) IS NULL OR created_at < ?5 OR (created_at = ?5 AND saga_id < ?6))
+           AND (CAST(?8 AS TEXT) IS NULL OR definition_hash = ?8)
          ORDER BY created_at DESC, saga_id DESC LIMIT ?7",
         params![
             filter.status.map(SagaStatus::as_str),
@@ -360,7 +363,8 @@ pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>)
             after.map(|c| c.created_at_ms),
             after.map(|c| c.id.to_string()),
             // One more than asked: whether there is a next page.
-            limit.saturating_add(1) as i64
+            limit.saturating_add(1) as i64,
+            filter.version
         ],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
     )?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
+use baton_amqp::topology::{self, COMMANDS, OUTCOMES};
 use baton_amqp::{
     Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, Publisher, TraceParent, consume,
 };
@@ -115,7 +115,13 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
             commands,
             move |env| {
                 let c = Arc::clone(&c);
-                async move { if env.kind == CANCEL { c.on_cancel(env).await } else { c.on_start(env).await } }
+                async move {
+                    match env.kind.as_str() {
+                        CANCEL => c.on_cancel(env).await,
+                        RETRY => c.on_retry(env, Arrived::Commands).await,
+                        _ => c.on_start(env).await,
+                    }
+                }
             },
             cancel.clone(),
         ),
@@ -129,7 +135,13 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
             reply_consumer,
             move |env| {
                 let c = Arc::clone(&c);
-                async move { if env.kind == RETRY { c.on_retry(env).await } else { c.on_reply(env).await } }
+                async move {
+                    if env.kind == RETRY {
+                        c.on_retry(env, Arrived::Replies).await
+                    } else {
+                        c.on_reply(env).await
+                    }
+                }
             },
             cancel.clone(),
         ),
@@ -206,9 +218,18 @@ struct Meta {
 /// depend on).
 const GATEWAY: &str = topology::GATEWAY;
 
-/// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels (there,
-/// rather than on an instance's own queue, so that whichever instance is alive handles them).
-const COMMAND_KINDS: [&str; 2] = [START, CANCEL];
+/// What `orchestrator.commands` takes: the gateway's starts, and operators' cancels and retries
+/// (there, rather than on an instance's own queue, so that whichever instance is alive handles
+/// them).
+const COMMAND_KINDS: [&str; 3] = [START, CANCEL, RETRY];
+
+/// The queue an operator's retry came on: `orchestrator.commands` (the CLI and the console), or
+/// the shared reply queue (where retries were sent before).
+#[derive(Debug, Clone, Copy)]
+enum Arrived {
+    Commands,
+    Replies,
+}
 
 /// What an instance's reply queue takes: the replies to every step's commands, and operators'
 /// retries.
@@ -378,8 +399,11 @@ impl Core {
 
     /// An operator asks to finish a rollback (`baton workflows retry`).
     #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id))]
-    async fn on_retry(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let req: RetrySaga = env.decode(&self.replies, &self.reply_kinds)?;
+    async fn on_retry(self: Arc<Self>, env: Envelope, arrived: Arrived) -> Result<(), HandleError> {
+        let req: RetrySaga = match arrived {
+            Arrived::Commands => env.decode(&self.commands, &COMMAND_KINDS)?,
+            Arrived::Replies => env.decode(&self.replies, &self.reply_kinds)?,
+        };
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
         self.advance(env.message_id, req.saga_id, hop(&env), |saga, wf, now| {
             let effects = saga.retry_compensation(wf, now);
@@ -857,27 +881,26 @@ pub fn cancel_message(saga_id: Uuid, by: &str, app_id: &str) -> Outgoing {
     Outgoing::new(COMMANDS, topology::ORCHESTRATOR, CANCEL, saga_id, app_id, trace, &body).mode("workflow")
 }
 
+/// The message that asks the orchestrators to finish the rollback of saga `saga_id`, or go on
+/// with it once its definition is back, sent by `app_id` (the CLI's `operator`, or the console's
+/// gateway).
+pub fn retry_message(saga_id: Uuid, app_id: &str) -> Outgoing {
+    let body = RetrySaga { schema: SCHEMA, saga_id };
+    Outgoing::new(COMMANDS, topology::ORCHESTRATOR, RETRY, saga_id, app_id, TraceParent::new_root(), &body)
+        .mode("workflow")
+}
+
 /// Ask the orchestrators to finish the rollback of saga `saga_id` (an operator's `baton
-/// workflows retry`), on their shared queue: whichever instance is alive takes it.
+/// workflows retry`), on `orchestrator.commands`: whichever instance is alive takes it.
 pub async fn request_retry(amqp_url: &str, saga_id: Uuid) -> anyhow::Result<()> {
     let broker = Broker::connect(amqp_url, "operator").await?;
     let publisher = Publisher::new(broker.clone());
-    let body = RetrySaga { schema: SCHEMA, saga_id };
-    let msg = Outgoing::new(
-        REPLIES,
-        topology::ORCHESTRATOR,
-        RETRY,
-        saga_id,
-        "operator",
-        TraceParent::new_root(),
-        &body,
-    );
-    let sent = publisher.publish_confirmed(&msg).await;
+    let sent = publisher.publish_confirmed(&retry_message(saga_id, "operator")).await;
     broker.close().await;
     sent.map_err(|e| {
         anyhow::anyhow!(
             "could not send the retry to the orchestrators ({e}); is their queue {} there?",
-            topology::ORCHESTRATOR_REPLIES
+            topology::command_queue(COMPONENT)
         )
     })
 }

@@ -45,4 +45,7 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE sagas ADD COLUMN definition_hash TEXT;
     CREATE INDEX sagas_by_definition ON sagas (definition_hash);
     CREATE INDEX sagas_by_updated ON sagas (updated_at);",
+    // The console's and `GET /workflows`'s pages, newest first: a walk of this index that stops
+    // at the page's LIMIT, however many sagas the store keeps.
+    "CREATE INDEX sagas_by_created ON sagas (created_at, saga_id);",
 ];

@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use baton_protocol::Service;
-use baton_store::{Db, Location, StoreError, Tx};
+use baton_protocol::{Outgoing, Service};
+use baton_store::inbox::Handled;
+use baton_store::{Db, Location, OptionalExtension, StoreError, Tx};
+use uuid::Uuid;
 
 use crate::faults::{Injection, injections};
 
@@ -38,6 +40,35 @@ pub fn held(tx: &Tx<'_>, service: Service) -> Result<Vec<Held>, StoreError> {
         Ok(Held { space_id: r.get(0)?, saga_id: r.get(1)?, at_ms: r.get(2)? })
     })
 }
+
+/// The row `service` holds for the space `space_id`, if any.
+pub fn held_for(tx: &Tx<'_>, service: Service, space_id: Uuid) -> Result<Option<Held>, StoreError> {
+    let (table, time) = table(service);
+    tx.query_row(
+        &format!("SELECT space_id, saga_id, {time} FROM {table} WHERE space_id = ?1"),
+        [space_id.to_string()],
+        |r| Ok(Held { space_id: r.get(0)?, saga_id: r.get(1)?, at_ms: r.get(2)? }),
+    )
+    .optional()
+}
+
+/// What one service did for one space: its link in the space's chain of events.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    /// The row it holds for the space now.
+    pub held: Option<Held>,
+    /// The messages it handled that produced a message about the space, oldest first.
+    pub handled: Vec<Handled>,
+    /// Its messages about the space not yet published (or parked).
+    pub waiting: Vec<Outgoing>,
+    /// Its steps for the space that were undone (by a compensation), and when.
+    pub undone: Vec<(String, i64)>,
+}
+
+/// Messages handled a space's chain shows from one service, at most.
+const LINK_MESSAGES: usize = 50;
+/// How far from a tombstone its compensation's message is looked for.
+const UNDO_SLACK_MS: i64 = 5_000;
 
 /// The read-only view of one service's store at a location.
 #[derive(Debug, Clone)]
@@ -76,6 +107,37 @@ impl Holdings {
     /// How many rows the service holds for the space `space_id` (0 or 1 when all is well).
     pub async fn for_space(&self, space_id: &str) -> Result<usize, StoreError> {
         Ok(self.all().await?.iter().filter(|h| h.space_id == space_id).count())
+    }
+
+    /// What the service did for the space `space_id`, looking for the messages it handled
+    /// within `window` (ms since the epoch, on the inbox's time index); `None` without a store.
+    pub async fn link(&self, space_id: Uuid, window: (i64, i64)) -> Result<Option<Link>, StoreError> {
+        let service = self.service;
+        self.read(move |tx| {
+            let undone = baton_store::tombstone::of_saga(tx, space_id)?;
+            // The undo came later (reconcile's compensation): look around its tombstone too.
+            let mut handled = baton_store::inbox::handled_for(tx, space_id, window, LINK_MESSAGES)?;
+            for (_, at) in &undone {
+                for h in baton_store::inbox::handled_for(
+                    tx,
+                    space_id,
+                    (at - UNDO_SLACK_MS, at + UNDO_SLACK_MS),
+                    LINK_MESSAGES,
+                )? {
+                    if !handled.iter().any(|seen| seen.message_id == h.message_id) {
+                        handled.push(h);
+                    }
+                }
+            }
+            handled.sort_by_key(|h| h.at_ms);
+            Ok(Link {
+                held: held_for(tx, service, space_id)?,
+                handled,
+                waiting: baton_store::outbox::waiting_for(tx, space_id)?,
+                undone,
+            })
+        })
+        .await
     }
 
     /// The faults a plan injected into the service, oldest first.

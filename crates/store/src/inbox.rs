@@ -28,3 +28,37 @@ pub fn record(tx: &Tx<'_>, message_id: Uuid, replies: &[Outgoing]) -> Result<(),
     )?;
     Ok(())
 }
+
+/// One message handled, and the replies it produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handled {
+    pub message_id: String,
+    /// When it was handled (ms since the epoch).
+    pub at_ms: i64,
+    pub replies: Vec<Outgoing>,
+}
+
+/// The messages handled from `from_ms` to `to_ms` (on the `inbox_by_received` index) whose
+/// replies carry `correlation_id` (a saga's id, or in events mode a space's), oldest first, at
+/// most `limit`. For the console's chain of one space: messages with no reply do not show.
+pub fn handled_for(
+    tx: &Tx<'_>,
+    correlation_id: Uuid,
+    (from_ms, to_ms): (i64, i64),
+    limit: usize,
+) -> Result<Vec<Handled>, StoreError> {
+    let rows: Vec<(String, i64, String)> = tx.query_map(
+        "SELECT message_id, received_at, replies FROM inbox
+         WHERE received_at >= ?1 AND received_at <= ?2 AND replies LIKE ?3
+         ORDER BY received_at LIMIT ?4",
+        params![from_ms, to_ms, format!("%\"correlation_id\":\"{correlation_id}\"%"), limit as i64],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    rows.into_iter()
+        .map(|(message_id, at_ms, replies)| {
+            let replies = serde_json::from_str(&replies)
+                .map_err(|e| StoreError::Corrupt { table: "inbox", cause: e.into() })?;
+            Ok(Handled { message_id, at_ms, replies })
+        })
+        .collect()
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use baton_protocol::Outgoing;
+use uuid::Uuid;
 
 use crate::relay::PublishError;
 use crate::{Db, StoreError, Tx, now_ms, params};
@@ -89,6 +90,23 @@ pub fn published(tx: &Tx<'_>) -> Result<i64, StoreError> {
 /// Rows waiting in the outbox (for quiescence checks and `/health`).
 pub fn len(tx: &Tx<'_>) -> Result<i64, StoreError> {
     tx.query_row("SELECT COUNT(*) FROM outbox", (), |r| r.get(0))
+}
+
+/// The messages for `correlation_id` still waiting in the outbox, then those parked (not
+/// publishable), oldest first: where a chain of events is held up. Both tables are short.
+pub fn waiting_for(tx: &Tx<'_>, correlation_id: Uuid) -> Result<Vec<Outgoing>, StoreError> {
+    let like = format!("%\"correlation_id\":\"{correlation_id}\"%");
+    let rows: Vec<String> = tx.query_map(
+        "SELECT message FROM (SELECT seq, message FROM outbox WHERE message LIKE ?1
+         UNION ALL SELECT seq, message FROM outbox_parked WHERE message LIKE ?1) AS w ORDER BY seq",
+        params![like],
+        |r| r.get(0),
+    )?;
+    rows.iter()
+        .map(|m| {
+            serde_json::from_str(m).map_err(|e| StoreError::Corrupt { table: "outbox", cause: e.into() })
+        })
+        .collect()
 }
 
 /// The relay's view of the outbox.

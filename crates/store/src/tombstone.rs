@@ -21,3 +21,12 @@ pub fn put(tx: &Tx<'_>, saga_id: Uuid, step: &str) -> Result<(), StoreError> {
     )?;
     Ok(())
 }
+
+/// The steps compensated for `saga_id` (a space's id in events mode), and when.
+pub fn of_saga(tx: &Tx<'_>, saga_id: Uuid) -> Result<Vec<(String, i64)>, StoreError> {
+    tx.query_map(
+        "SELECT step, created_at FROM tombstones WHERE saga_id = ?1 ORDER BY created_at",
+        [saga_id.to_string()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
