@@ -352,7 +352,7 @@ impl Core {
         }
         .map(baton_protocol::reply_type);
         if expected.as_deref() != Some(env.kind.as_str()) {
-            return Err(HandleError::Reject(format!(
+            return Err(HandleError::reject(format!(
                 "message type `{}` does not match its body (a {} {} reply)",
                 env.kind,
                 reply.step,
@@ -448,7 +448,7 @@ impl Core {
                     .await
                     .map_err(HandleError::from)?
                     .map_err(|_| {
-                        HandleError::Reject(format!(
+                        HandleError::reject(format!(
                             "saga {saga_id} is not one of this orchestrator instance's"
                         ))
                     })?

@@ -43,6 +43,10 @@ use relay::Wake;
 /// parser's, or a sentence): kept as the error's `source`, and shown in its message too.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A [`Cause`] that can be cloned, for errors that are cloned (a failure kept and returned to
+/// every caller until the next attempt).
+pub type SharedCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
