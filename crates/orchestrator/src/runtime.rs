@@ -243,7 +243,7 @@ impl Core {
                         saga.rearm(&wf, now);
                         (Vec::new(), false)
                     }
-                    Err(why) => (saga.definition_missing(why), true),
+                    Err(why) => (saga.definition_missing(why.to_string()), true),
                 };
                 apply(tx, &saga, effects, &meta, &core.reply_key, now)?;
                 Ok(missing)
@@ -488,8 +488,8 @@ impl Core {
             Ok(wf) => step(&mut saga, &wf, now),
             // Stopped for an operator, and the message is handled: never a DLQ.
             Err(why) => {
-                tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                (saga.definition_missing(why), None)
+                tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, why = &why as &dyn std::error::Error, "saga stopped: its definition is missing");
+                (saga.definition_missing(why.to_string()), None)
             }
         };
         let wake = apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
@@ -585,8 +585,8 @@ impl Core {
         let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
             Ok(wf) => saga.on_tick(&wf, now),
             Err(why) => {
-                tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                saga.definition_missing(why)
+                tracing::warn!(saga_id = %id, workflow = %saga.workflow, why = &why as &dyn std::error::Error, "saga stopped: its definition is missing");
+                saga.definition_missing(why.to_string())
             }
         };
         apply(tx, &saga, effects, &meta, &self.reply_key, now)?;
