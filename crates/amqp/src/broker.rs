@@ -10,6 +10,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
 use crate::AmqpError;
+use crate::error::cause;
 use crate::topology::{self, QueueSpec};
 use crate::url::{parse_urls, redact};
 
@@ -133,12 +134,12 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
 /// and nothing is left retrying in lapin's thread.
 async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let mut uri: AMQPUri =
-        url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: e })?;
+        url.parse().map_err(|e: String| AmqpError::BadUrl { url: redact(url), cause: cause(e) })?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     // amqps: the system's roots, plus the CA named by `?cacertfile=` or BATON_AMQP_CA_FILE.
     let tls = crate::tls::config(url, &uri)?;
     let runtime = lapin::runtime::default_runtime()
-        .map_err(|e| AmqpError::Refused { url: redact(url), cause: e.to_string() })?;
+        .map_err(|e| AmqpError::Refused { url: redact(url), cause: cause(e) })?;
     let props = ConnectionProperties::default().with_connection_name(format!("baton {name}").into());
     let who = (uri.authority.userinfo.username.clone(), uri.vhost.clone(), uri.scheme == AMQPScheme::AMQPS);
     match tokio::time::timeout(
@@ -151,7 +152,7 @@ async fn open(url: &str, name: &str) -> Result<Connection, AmqpError> {
         Ok(Err(e)) => Err(classify(url, who, e)),
         Err(_) => Err(AmqpError::Unreachable {
             url: redact(url),
-            cause: format!("no AMQP handshake within {} s", CONNECT_PATIENCE.as_secs()),
+            cause: cause(format!("no AMQP handshake within {} s", CONNECT_PATIENCE.as_secs())),
         }),
     }
 }
@@ -184,7 +185,7 @@ async fn open_any(nodes: &[String], from: usize, name: &str) -> Result<(usize, C
             other => other.to_string(),
         })
         .collect();
-    Err(AmqpError::Unreachable { url: redact(&nodes.join(",")), cause: causes.join("; ") })
+    Err(AmqpError::Unreachable { url: redact(&nodes.join(",")), cause: cause(causes.join("; ")) })
 }
 
 /// Name a failed open by what the operator must do: an access refusal (the broker's
@@ -194,13 +195,16 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
     use lapin::ErrorKind;
     let url_shown = redact(url);
     match e.kind() {
-        ErrorKind::ProtocolError(p) if matches!(p.get_id(), 403 | 530) => {
-            AmqpError::AccessRefused { url: url_shown, user, vhost, cause: p.get_message().to_string() }
-        }
+        ErrorKind::ProtocolError(p) if matches!(p.get_id(), 403 | 530) => AmqpError::AccessRefused {
+            url: url_shown,
+            user,
+            vhost,
+            cause: cause(p.get_message().to_string()),
+        },
         ErrorKind::IOError(io) if !(tls && io.to_string().contains("certificate")) => {
-            AmqpError::Unreachable { url: url_shown, cause: io.to_string() }
+            AmqpError::Unreachable { url: url_shown, cause: io.clone() }
         }
-        _ => AmqpError::Refused { url: url_shown, cause: crate::tls::explain(url, e.to_string()) },
+        _ => AmqpError::Refused { url: url_shown, cause: crate::tls::explain(url, e) },
     }
 }
 
@@ -508,6 +512,7 @@ mod tests {
             AmqpError::Unreachable { url, cause } => {
                 assert_eq!(url, format!("amqp://u:***@127.0.0.1:{a}/v,amqp://u:***@127.0.0.1:{b}/v"));
                 // Both were tried, the second first.
+                let cause = cause.to_string();
                 let (first, second) = cause.split_once("; ").expect("one cause per node");
                 assert!(first.contains(&b.to_string()) && second.contains(&a.to_string()), "{cause}");
             }

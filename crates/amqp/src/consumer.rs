@@ -18,32 +18,48 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use baton_store::Cause;
+
 use crate::{Broker, Envelope, Publisher};
 
-/// What the handler wants done with a delivery it could not handle.
+/// What the handler wants done with a delivery it could not handle. Each variant carries the
+/// cause (a store's error, a publisher's, or a sentence for bad input) and shows as it: its
+/// message is the dead-letter reason or the log line.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// The message can never be handled (wrong shape, unknown type): dead-letter it with this
     /// reason.
-    #[error("{0}")]
-    Reject(String),
+    #[error(transparent)]
+    Reject(Cause),
     /// The handler failed on this message (a failure injected by a fault plan, the component
     /// crashed under it, an unexpected error): requeue it. The quorum queue's delivery limit
     /// dead-letters a message that keeps failing.
-    #[error("{0}")]
-    Retry(String),
+    #[error(transparent)]
+    Retry(Cause),
     /// An outage, not a fault of the message (the disk is full, the database is locked, the
     /// database thread is gone): hold the delivery and run the handler again with backoff
     /// until it goes through, never using up the delivery limit; take no new delivery
     /// meanwhile.
-    #[error("{0}")]
-    Transient(String),
+    #[error(transparent)]
+    Transient(Cause),
     /// Another instance's transaction conflicted with this one's (several instances on one
     /// PostgreSQL database): nothing took effect. Run the handler again at once, a few times
     /// with short jittered pauses, without pausing the consumer; one that keeps conflicting is
     /// then waited out as a [`HandleError::Transient`].
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(Cause),
+}
+
+impl HandleError {
+    /// Dead-letter the message because of `cause` (a sentence that says what is wrong with it).
+    pub fn reject(cause: impl Into<Cause>) -> HandleError {
+        HandleError::Reject(cause.into())
+    }
+
+    /// Requeue the message because of `cause`.
+    pub fn retry(cause: impl Into<Cause>) -> HandleError {
+        HandleError::Retry(cause.into())
+    }
 }
 
 impl From<baton_store::StoreError> for HandleError {
@@ -53,10 +69,10 @@ impl From<baton_store::StoreError> for HandleError {
     fn from(e: baton_store::StoreError) -> Self {
         use baton_store::StoreError;
         match e {
-            e if e.is_conflict() => HandleError::Conflict(e.to_string()),
-            e if e.is_transient() => HandleError::Transient(e.to_string()),
-            e @ StoreError::Corrupt { .. } => HandleError::Reject(e.to_string()),
-            e => HandleError::Retry(e.to_string()),
+            e if e.is_conflict() => HandleError::Conflict(Box::new(e)),
+            e if e.is_transient() => HandleError::Transient(Box::new(e)),
+            e @ StoreError::Corrupt { .. } => HandleError::Reject(Box::new(e)),
+            e => HandleError::Retry(Box::new(e)),
         }
     }
 }
@@ -539,9 +555,14 @@ where
                     }
                 }
             }
-            Err(HandleError::Reject(reason)) => dead_letter(&publisher, &queue, delivery, &reason, "rejected").await,
+            Err(HandleError::Reject(reason)) => {
+                dead_letter(&publisher, &queue, delivery, &reason.to_string(), "rejected").await
+            }
             Err(HandleError::Retry(reason) | HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
-                tracing::warn!(%reason, "handler failed; requeueing (the delivery limit stops a loop)");
+                tracing::warn!(
+                    reason = &*reason as &dyn std::error::Error,
+                    "handler failed; requeueing (the delivery limit stops a loop)"
+                );
                 let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
             }
         }
@@ -629,11 +650,20 @@ async fn dead_letter(publisher: &Publisher, queue: &str, delivery: Delivery, rea
 
 /// An ack or nack, bounded: on a channel that died under it, the broker requeues the delivery
 /// anyway, and a handler task must not wait forever (it would hold up the shutdown).
-async fn settle<T>(f: impl Future<Output = lapin::Result<T>>) -> Result<(), String> {
+async fn settle<T>(f: impl Future<Output = lapin::Result<T>>) -> Result<(), Unsettled> {
     match tokio::time::timeout(Duration::from_secs(5), f).await {
-        Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-        Err(_) => Err("no answer to the ack within 5 s".into()),
+        Ok(r) => r.map(drop).map_err(Unsettled::Failed),
+        Err(_) => Err(Unsettled::NoAnswer),
     }
+}
+
+/// An ack or nack that did not go through: the broker requeues the delivery with the channel.
+#[derive(Debug, thiserror::Error)]
+enum Unsettled {
+    #[error(transparent)]
+    Failed(lapin::Error),
+    #[error("no answer to the ack within 5 s")]
+    NoAnswer,
 }
 
 #[cfg(test)]

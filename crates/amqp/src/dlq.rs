@@ -140,7 +140,7 @@ pub async fn replay(broker: &Broker, queue: &str, max: usize) -> Result<usize, A
         PendingConfirm::from(confirm)
             .wait()
             .await
-            .map_err(|e| AmqpError::Replay { queue: queue.to_owned(), cause: e.to_string() })?;
+            .map_err(|e| AmqpError::Replay { queue: queue.to_owned(), cause: e })?;
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         moved += 1;
     }

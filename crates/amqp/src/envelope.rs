@@ -150,9 +150,8 @@ impl Envelope {
     }
 
     /// Parse the body as `T`; the error is the dead-letter reason.
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| format!("body of a `{}` message is not valid: {e}", self.kind))
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, BadBody> {
+        serde_json::from_slice(&self.body).map_err(|source| BadBody { kind: self.kind.clone(), source })
     }
 
     /// The body of a message taken from `queue`, which takes the message types `kinds`: its type
@@ -160,15 +159,15 @@ impl Envelope {
     /// fails is dead-lettered with the reason.
     pub fn decode<T: Body>(&self, queue: &str, kinds: &[impl AsRef<str>]) -> Result<T, HandleError> {
         if !kinds.iter().any(|k| k.as_ref() == self.kind) {
-            return Err(HandleError::Reject(format!(
+            return Err(HandleError::reject(format!(
                 "unknown message type `{}` on {queue}; it takes {}",
                 self.kind,
                 listed(kinds)
             )));
         }
-        let body: T = self.json().map_err(HandleError::Reject)?;
+        let body: T = self.json().map_err(HandleError::reject)?;
         if body.schema() != SCHEMA {
-            return Err(HandleError::Reject(format!(
+            return Err(HandleError::reject(format!(
                 "schema {} of a `{}` message is not supported; Baton reads schema {SCHEMA}",
                 body.schema(),
                 self.kind
@@ -176,6 +175,16 @@ impl Envelope {
         }
         Ok(body)
     }
+}
+
+/// A body that is not the JSON its message type names: bad input, dead-lettered with this
+/// reason.
+#[derive(Debug, thiserror::Error)]
+#[error("body of a `{kind}` message is not valid: {source}")]
+pub struct BadBody {
+    pub kind: String,
+    #[source]
+    pub source: serde_json::Error,
 }
 
 /// `a`, `a and b`, `a, b and c`.

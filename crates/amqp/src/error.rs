@@ -1,5 +1,15 @@
 use thiserror::Error;
 
+/// The error under an [`AmqpError`] whose type varies (lapin's, the URL parser's sentence, an
+/// I/O error): kept as the error's `source`, and shown in its message too. Shared, since the
+/// last connection error is returned to every caller until the next attempt.
+pub use baton_store::SharedCause as Cause;
+
+/// A [`Cause`] of `e`: an error, or a sentence.
+pub(crate) fn cause(e: impl Into<baton_store::Cause>) -> Cause {
+    Cause::from(e.into())
+}
+
 /// Errors of the connection and of declarations: the component cannot work without the broker.
 #[derive(Debug, Error, Clone)]
 pub enum AmqpError {
@@ -7,22 +17,44 @@ pub enum AmqpError {
         "could not reach RabbitMQ at {url} ({cause}); start one with `rabbitmq-server -detached` \
          (or `scripts/demo.sh`, which starts it for you), or point AMQP_URL at a running broker"
     )]
-    Unreachable { url: String, cause: String },
+    Unreachable {
+        url: String,
+        #[source]
+        cause: Cause,
+    },
     #[error("AMQP_URL `{url}` is not a valid AMQP URL ({cause}); expected amqp://user:pass@host:5672/vhost")]
-    BadUrl { url: String, cause: String },
+    BadUrl {
+        url: String,
+        #[source]
+        cause: Cause,
+    },
     #[error(
         "AMQP_URL `{urls}` is not a list of broker URLs ({cause}); expected one URL, or the URLs of \
          one cluster's nodes separated by commas: amqp://user:pass@host1:5672/vhost,amqp://user:pass@host2:5672/vhost"
     )]
-    BadUrlList { urls: String, cause: String },
+    BadUrlList {
+        urls: String,
+        #[source]
+        cause: Cause,
+    },
     #[error("RabbitMQ at {url} refused the connection ({cause}); check the user, password and vhost")]
-    Refused { url: String, cause: String },
+    Refused {
+        url: String,
+        #[source]
+        cause: Cause,
+    },
     #[error(
         "RabbitMQ at {url} refused user `{user}` on vhost `{vhost}` ({cause}); check the user's \
          password, that the vhost exists (`rabbitmqctl add_vhost {vhost}`) and that the user may use \
          it (`rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'`), or fix AMQP_URL"
     )]
-    AccessRefused { url: String, user: String, vhost: String, cause: String },
+    AccessRefused {
+        url: String,
+        user: String,
+        vhost: String,
+        #[source]
+        cause: Cause,
+    },
     #[error("the connection to RabbitMQ at {url} is lost; reconnecting")]
     Reconnecting { url: String },
     #[error("the connection to RabbitMQ is closed: this component is shutting down")]
@@ -34,7 +66,11 @@ pub enum AmqpError {
         source: lapin::Error,
     },
     #[error("replaying onto {queue} failed ({cause}); the message stays in the dead-letter queue")]
-    Replay { queue: String, cause: String },
+    Replay {
+        queue: String,
+        #[source]
+        cause: PublishError,
+    },
     #[error("AMQP channel error: {0}")]
     Channel(#[from] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {secs} s; the caller retries on a fresh channel")]
@@ -62,5 +98,5 @@ pub use baton_store::relay::PublishError;
 
 /// A failure of lapin's under a publish: the channel cannot be trusted after it.
 pub(crate) fn channel_failed(e: lapin::Error) -> PublishError {
-    PublishError::Channel(e.to_string())
+    PublishError::channel(e)
 }

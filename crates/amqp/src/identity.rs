@@ -114,7 +114,7 @@ impl Identity {
             return Ok(());
         }
         let may: Vec<String> = allowed.iter().map(|c| self.named(c)).collect();
-        Err(HandleError::Reject(format!(
+        Err(HandleError::reject(format!(
             "a `{}` message came from {sender}, but only {} may send it",
             env.kind,
             crate::envelope::listed_or(&may)

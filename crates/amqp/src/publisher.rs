@@ -58,7 +58,7 @@ impl PendingConfirm {
                 if let Some((broker, generation)) = &self.on {
                     broker.abandon(*generation, &why).await;
                 }
-                return Err(PublishError::Channel(why));
+                return Err(PublishError::channel(why));
             }
         };
         match confirmation {
@@ -67,9 +67,7 @@ impl PendingConfirm {
                 Err(PublishError::Returned(format!("{} {}", returned.reply_code, returned.reply_text)))
             }
             Confirmation::Nack(None) => Err(PublishError::Nacked),
-            Confirmation::NotRequested => {
-                Err(PublishError::Channel("publisher confirms were not enabled".into()))
-            }
+            Confirmation::NotRequested => Err(PublishError::channel("publisher confirms were not enabled")),
         }
     }
 }
@@ -88,13 +86,13 @@ impl Publisher {
         {
             return Ok((ch.clone(), *generation));
         }
-        let ch = self.broker.channel().await.map_err(|e| PublishError::Channel(e.to_string()))?;
+        let ch = self.broker.channel().await.map_err(PublishError::channel)?;
         // Read after the channel: `channel()` may have replaced the connection.
         let generation = self.broker.current_generation();
         let patience = crate::broker::SETUP_PATIENCE;
         tokio::time::timeout(patience, ch.confirm_select(ConfirmSelectOptions::default()))
             .await
-            .map_err(|_| PublishError::Channel(format!("no answer to confirm.select within {patience:?}")))?
+            .map_err(|_| PublishError::channel(format!("no answer to confirm.select within {patience:?}")))?
             .map_err(channel_failed)?;
         *slot = Some((ch.clone(), generation));
         Ok((ch, generation))
@@ -134,7 +132,7 @@ impl Publisher {
             Err(_) => {
                 let why = format!("the publish was not taken within {} s", SEND_TIMEOUT.as_secs());
                 self.broker.abandon(generation, &why).await;
-                Err(PublishError::Channel(why))
+                Err(PublishError::channel(why))
             }
         };
         match sent {

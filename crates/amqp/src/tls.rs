@@ -13,10 +13,13 @@
 //! The CA is added to the system's roots, not substituted for them. Plain `amqp://` URLs ignore
 //! both.
 
+use std::sync::Arc;
+
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::AmqpError;
+use crate::error::Cause;
 use crate::url::{query_param, redact};
 
 /// The environment variable naming the PEM file of a CA to trust for `amqps://`.
@@ -41,7 +44,7 @@ pub(crate) fn config(url: &str, uri: &AMQPUri) -> Result<OwnedTLSConfig, AmqpErr
     let Some(path) = ca_file(url, env.as_deref()) else {
         return Ok(OwnedTLSConfig::default());
     };
-    let bad = |cause: String| AmqpError::BadUrl { url: redact(url), cause };
+    let bad = |cause: String| AmqpError::BadUrl { url: redact(url), cause: crate::error::cause(cause) };
     let pem = std::fs::read_to_string(&path).map_err(|e| {
         bad(format!("cannot read the CA file {path} (from `{CA_FILE_PARAM}` or {CA_FILE_ENV}): {e}"))
     })?;
@@ -55,18 +58,20 @@ pub(crate) fn config(url: &str, uri: &AMQPUri) -> Result<OwnedTLSConfig, AmqpErr
 }
 
 /// A connection error, with what to do about it when it is about the broker's certificate.
-pub(crate) fn explain(url: &str, cause: String) -> String {
-    let about_cert = cause.contains("certificate") || cause.contains("UnknownIssuer");
-    if url.starts_with("amqps://") && about_cert {
-        format!(
-            "{cause}. The broker's TLS certificate is not trusted: name the PEM of its CA with \
-             {CA_FILE_ENV}=/path/ca.pem or `?{CA_FILE_PARAM}=/path/ca.pem` in the URL, and \
-             connect with a host name the certificate lists"
-        )
-    } else {
-        cause
-    }
+pub(crate) fn explain(url: &str, e: lapin::Error) -> Cause {
+    let text = e.to_string();
+    let about_cert = text.contains("certificate") || text.contains("UnknownIssuer");
+    if url.starts_with("amqps://") && about_cert { Arc::new(Untrusted(e)) } else { Arc::new(e) }
 }
+
+/// The broker's certificate is not trusted: the handshake's error, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0}. The broker's TLS certificate is not trusted: name the PEM of its CA with \
+     {CA_FILE_ENV}=/path/ca.pem or `?{CA_FILE_PARAM}=/path/ca.pem` in the URL, and connect with a \
+     host name the certificate lists"
+)]
+struct Untrusted(#[source] lapin::Error);
 
 #[cfg(test)]
 mod tests {

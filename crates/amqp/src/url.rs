@@ -75,7 +75,8 @@ fn redact_one(url: &str) -> String {
 /// password is written `%2C`.
 pub fn parse_urls(list: &str) -> Result<Vec<String>, AmqpError> {
     let urls: Vec<&str> = list.split(',').map(str::trim).collect();
-    let bad_list = |cause: String| AmqpError::BadUrlList { urls: redact(list), cause };
+    let bad_list =
+        |cause: String| AmqpError::BadUrlList { urls: redact(list), cause: crate::error::cause(cause) };
     if let Some(i) = urls.iter().position(|u| u.is_empty()) {
         return Err(bad_list(if urls.len() == 1 {
             "it is empty".into()
@@ -87,7 +88,11 @@ pub fn parse_urls(list: &str) -> Result<Vec<String>, AmqpError> {
     for (i, url) in urls.iter().enumerate() {
         let uri: AMQPUri = url.parse().map_err(|cause: String| AmqpError::BadUrl {
             url: redact(url),
-            cause: if urls.len() == 1 { cause } else { format!("URL {} of {}: {cause}", i + 1, urls.len()) },
+            cause: crate::error::cause(if urls.len() == 1 {
+                cause
+            } else {
+                format!("URL {} of {}: {cause}", i + 1, urls.len())
+            }),
         })?;
         match &vhost {
             None => vhost = Some((i, uri.vhost)),

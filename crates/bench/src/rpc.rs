@@ -73,7 +73,7 @@ impl Rpc {
                 let p = Arc::clone(&p);
                 async move {
                     let id = env.correlation_id.ok_or_else(|| {
-                        HandleError::Reject("a reply without a correlation_id cannot be matched".into())
+                        HandleError::reject("a reply without a correlation_id cannot be matched")
                     })?;
                     // A reply nobody waits for any more (its request timed out) is dropped.
                     if let Some(tx) = p.lock().expect("pending replies").remove(&id) {
@@ -159,7 +159,7 @@ impl Echo {
                 let p = p.clone();
                 async move {
                     let to = env.reply_to.clone().ok_or_else(|| {
-                        HandleError::Reject("an echo request without reply_to cannot be answered".into())
+                        HandleError::reject("an echo request without reply_to cannot be answered")
                     })?;
                     let correlation = env.correlation_id.unwrap_or(env.message_id);
                     let mut reply = Outgoing::new(
@@ -172,8 +172,8 @@ impl Echo {
                         &(),
                     );
                     reply.body = String::from_utf8(env.body)
-                        .map_err(|_| HandleError::Reject("an echo body is not UTF-8".into()))?;
-                    p.publish_confirmed(&reply).await.map_err(|e| HandleError::Retry(e.to_string()))
+                        .map_err(|_| HandleError::reject("an echo body is not UTF-8"))?;
+                    p.publish_confirmed(&reply).await.map_err(HandleError::retry)
                 }
             },
             cancel.clone(),

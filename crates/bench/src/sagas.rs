@@ -320,7 +320,7 @@ pub(crate) fn start_message(rpc: &Rpc, workflow: &str, name: String, owner: Stri
 async fn start_saga(rpc: &Rpc, workflow: &str, name: String, owner: String) -> Result<(), String> {
     let (saga_id, msg) = start_message(rpc, workflow, name, owner);
     let env = rpc.call(&msg, REPLY_TIMEOUT).await?;
-    let outcome: SagaOutcome = env.json()?;
+    let outcome: SagaOutcome = env.json().map_err(|e| e.to_string())?;
     if outcome.status == 200 {
         Ok(())
     } else {

@@ -487,7 +487,7 @@ fn parse_instances(s: &str) -> Result<usize, String> {
 /// A PostgreSQL URL, checked before anything starts.
 fn parse_database_url(s: &str) -> Result<String, String> {
     let url = s.trim().to_owned();
-    baton_store::Location::Postgres(url.clone()).check()?;
+    baton_store::Location::Postgres(url.clone()).check().map_err(|e| e.to_string())?;
     Ok(url)
 }
 

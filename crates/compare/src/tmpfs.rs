@@ -31,14 +31,14 @@ pub struct Mounted {
 impl Mounted {
     /// Mount a tmpfs of [`SIZE`] on `dir` (empty, as a run's fresh data dir is); why not when
     /// this process may not.
-    pub fn mount(dir: &Path) -> Result<Mounted, String> {
+    pub fn mount(dir: &Path) -> Result<Mounted, MountError> {
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={SIZE}"), "tmpfs"])
             .arg(dir)
             .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
+            .map_err(MountError::Spawn)?;
         if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+            return Err(MountError::Refused(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
         }
         Ok(Mounted { fs: Some(DataDirFs { dir: dir.to_owned() }) })
     }
@@ -52,6 +52,16 @@ impl Mounted {
     pub fn unmount_keeping(mut self) -> anyhow::Result<()> {
         self.fs.take().expect("mounted until dropped").unmount_keeping()
     }
+}
+
+/// Why the data dir could not get a tmpfs of its own: the run goes on without disk-full.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot run mount: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// What `mount` said (not root, no tmpfs).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Drop for Mounted {

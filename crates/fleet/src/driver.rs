@@ -329,16 +329,35 @@ impl Executor {
     }
 }
 
-/// Run the broker control command with one more argument (`stop_app`, `start_app`); the error
-/// is one sentence.
-async fn broker_ctl(ctl: &[String], arg: &str) -> Result<(), String> {
-    let (cmd, args) = ctl.split_first().ok_or("an empty --broker-ctl")?;
-    let out =
-        Command::new(cmd).args(args).arg(arg).output().await.map_err(|e| format!("running {cmd}: {e}"))?;
+/// Run the broker control command with one more argument (`stop_app`, `start_app`).
+async fn broker_ctl(ctl: &[String], arg: &str) -> Result<(), CtlError> {
+    let (cmd, args) = ctl.split_first().ok_or(CtlError::Empty)?;
+    let out = Command::new(cmd)
+        .args(args)
+        .arg(arg)
+        .output()
+        .await
+        .map_err(|source| CtlError::Spawn { cmd: cmd.clone(), source })?;
     if !out.status.success() {
-        return Err(format!("{} {arg}: {}", ctl.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(CtlError::Failed { line: format!("{} {arg}", ctl.join(" ")), stderr });
     }
     Ok(())
+}
+
+/// The broker control command did not do its part: the fault is logged and the run goes on.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("an empty --broker-ctl")]
+    Empty,
+    #[error("running {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{line}: {stderr}")]
+    Failed { line: String, stderr: String },
 }
 
 #[cfg(test)]

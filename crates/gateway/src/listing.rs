@@ -32,7 +32,7 @@ impl Listing {
                 return Err(format!("`{key}` is given twice; give each parameter once"));
             }
             match &*key {
-                "state" => asked.filter.status = Some(SagaStatus::parse(&value)?),
+                "state" => asked.filter.status = Some(SagaStatus::parse(&value).map_err(|e| e.to_string())?),
                 "workflow" => asked.filter.workflow = Some(value.to_string()),
                 "version" => asked.filter.version = Some(value.to_string()),
                 "space" => {

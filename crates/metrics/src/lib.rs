@@ -156,10 +156,17 @@ pub async fn serve(listener: TcpListener, health: Health, cancel: CancellationTo
 }
 
 /// Bind `addr` for [`serve`], with a sentence naming the flag when it cannot be.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("--metrics {addr}: cannot listen there ({e}); pick a free address"))
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+}
+
+/// The metrics address is taken or not ours: the user picks another.
+#[derive(Debug, thiserror::Error)]
+#[error("--metrics {addr}: cannot listen there ({source}); pick a free address")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
 }
 
 // --- The gateway ---

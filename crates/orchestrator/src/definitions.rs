@@ -54,9 +54,9 @@ impl Definitions {
         &self,
         conn: &Tx<'_>,
         hash: Option<&str>,
-    ) -> Result<Result<Arc<Workflow>, String>, StoreError> {
+    ) -> Result<Result<Arc<Workflow>, Missing>, StoreError> {
         let Some(hash) = hash else {
-            return Ok(Err("the saga names no definition".into()));
+            return Ok(Err(Missing::Unnamed));
         };
         if let Some(wf) = self.0.lock().expect("definitions cache").get(hash) {
             return Ok(Ok(Arc::clone(wf)));
@@ -65,23 +65,34 @@ impl Definitions {
             .query_row("SELECT body FROM definitions WHERE hash = ?1", [hash], |r| r.get(0))
             .optional()?;
         let Some(body) = body else {
-            return Ok(Err(format!("no definition with hash {} is stored", short(hash))));
+            return Ok(Err(Missing::NotStored { hash: short(hash).to_owned() }));
         };
         let wf = match Workflow::from_json(&body) {
             Ok(wf) if wf.hash() == hash => Arc::new(wf),
-            Ok(_) => {
-                return Ok(Err(format!(
-                    "the definition stored under {} does not match its hash",
-                    short(hash)
-                )));
-            }
-            Err(e) => {
-                return Ok(Err(format!("the definition stored under {} is unreadable ({e})", short(hash))));
-            }
+            Ok(_) => return Ok(Err(Missing::Mismatch { hash: short(hash).to_owned() })),
+            Err(source) => return Ok(Err(Missing::Unreadable { hash: short(hash).to_owned(), source })),
         };
         self.0.lock().expect("definitions cache").insert(hash.to_owned(), Arc::clone(&wf));
         Ok(Ok(wf))
     }
+}
+
+/// Why a saga's definition cannot be had: the saga stops for an operator (never retried, never
+/// dead-lettered), with this as its reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("the saga names no definition")]
+    Unnamed,
+    #[error("no definition with hash {hash} is stored")]
+    NotStored { hash: String },
+    #[error("the definition stored under {hash} does not match its hash")]
+    Mismatch { hash: String },
+    #[error("the definition stored under {hash} is unreadable ({source})")]
+    Unreadable {
+        hash: String,
+        #[source]
+        source: baton_workflow::DefinitionError,
+    },
 }
 
 /// The first 12 characters of a hash, as messages and `baton workflows versions` show it.
@@ -200,6 +211,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*found.unwrap(), wf);
-        assert_eq!(unknown.unwrap_err(), "no definition with hash 0123456789ab is stored");
+        assert_eq!(unknown.unwrap_err().to_string(), "no definition with hash 0123456789ab is stored");
     }
 }

@@ -264,7 +264,7 @@ impl Core {
                         saga.rearm(&wf, now);
                         (Vec::new(), false)
                     }
-                    Err(why) => (saga.definition_missing(why), true),
+                    Err(why) => (saga.definition_missing(why.to_string()), true),
                 };
                 apply(tx, &saga, effects, &meta, &meta.trace, &core.reply_key, now)?;
                 Ok(missing)
@@ -374,7 +374,7 @@ impl Core {
         }
         .map(baton_protocol::reply_type);
         if expected.as_deref() != Some(env.kind.as_str()) {
-            return Err(HandleError::Reject(format!(
+            return Err(HandleError::reject(format!(
                 "message type `{}` does not match its body (a {} {} reply)",
                 env.kind,
                 reply.step,
@@ -476,7 +476,7 @@ impl Core {
                     .await
                     .map_err(HandleError::from)?
                     .map_err(|_| {
-                        HandleError::Reject(format!(
+                        HandleError::reject(format!(
                             "saga {saga_id} is not one of this orchestrator instance's"
                         ))
                     })?
@@ -517,8 +517,8 @@ impl Core {
             Ok(wf) => step(&mut saga, &wf, now),
             // Stopped for an operator, and the message is handled: never a DLQ.
             Err(why) => {
-                tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                (saga.definition_missing(why), None)
+                tracing::warn!(saga_id = %saga.id, workflow = %saga.workflow, why = &why as &dyn std::error::Error, "saga stopped: its definition is missing");
+                (saga.definition_missing(why.to_string()), None)
             }
         };
         let wake = apply(tx, &saga, effects, &meta, hop, &self.reply_key, now)?;
@@ -614,8 +614,8 @@ impl Core {
         let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
             Ok(wf) => saga.on_tick(&wf, now),
             Err(why) => {
-                tracing::warn!(saga_id = %id, workflow = %saga.workflow, %why, "saga stopped: its definition is missing");
-                saga.definition_missing(why)
+                tracing::warn!(saga_id = %id, workflow = %saga.workflow, why = &why as &dyn std::error::Error, "saga stopped: its definition is missing");
+                saga.definition_missing(why.to_string())
             }
         };
         // A timer's retry or compensation follows the saga's start: no message is at hand.

@@ -29,22 +29,30 @@ impl Default for ServiceConfig {
 }
 
 /// Parse `name:number,name:number`, as the `--shards` and `--plans` flags take it.
-pub fn parse_pairs(text: &str, what: &str) -> Result<Vec<(String, i64)>, String> {
+pub fn parse_pairs(text: &str, what: &str) -> Result<Vec<(String, i64)>, BadPair> {
     text.split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|item| {
-            let (name, n) = item.split_once(':').ok_or_else(|| {
-                format!("{what} `{item}` is not of the form name:number (e.g. shard-1:250000)")
+            let (name, n) = item
+                .split_once(':')
+                .ok_or_else(|| BadPair::NotAPair { what: what.to_owned(), item: item.to_owned() })?;
+            let n: i64 = n.trim().parse().ok().filter(|n| *n >= 0).ok_or_else(|| BadPair::NotANumber {
+                what: what.to_owned(),
+                item: item.to_owned(),
+                n: n.to_owned(),
             })?;
-            let n: i64 = n
-                .trim()
-                .parse()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| format!("{what} `{item}`: `{n}` is not a whole number of 0 or more"))?;
             Ok((name.trim().to_owned(), n))
         })
         .collect()
+}
+
+/// An item of a `name:number` list that is not one: the user fixes the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPair {
+    #[error("{what} `{item}` is not of the form name:number (e.g. shard-1:250000)")]
+    NotAPair { what: String, item: String },
+    #[error("{what} `{item}`: `{n}` is not a whole number of 0 or more")]
+    NotANumber { what: String, item: String, n: String },
 }
 
 #[cfg(test)]
@@ -54,7 +62,7 @@ mod tests {
     #[test]
     fn pairs_parse_and_errors_say_what_is_expected() {
         assert_eq!(parse_pairs("a:1, b:2", "shard").unwrap(), vec![("a".into(), 1), ("b".into(), 2)]);
-        assert!(parse_pairs("a", "shard").unwrap_err().contains("name:number"));
-        assert!(parse_pairs("a:-1", "shard").unwrap_err().contains("whole number"));
+        assert!(parse_pairs("a", "shard").unwrap_err().to_string().contains("name:number"));
+        assert!(parse_pairs("a:-1", "shard").unwrap_err().to_string().contains("whole number"));
     }
 }

@@ -135,7 +135,7 @@ impl Pipeline for FaultyPipeline {
         Box::pin(async move {
             let service = message.service;
             if self.plan.nacks(service, &message.message_id.to_string()) {
-                return Err(HandleError::Retry(format!(
+                return Err(HandleError::retry(format!(
                     "{service} failed on this message (injected by the fault plan)"
                 )));
             }

@@ -231,14 +231,14 @@ impl Handler {
         let cmd: StepCommand = env.decode(&self.commands, &self.command_kinds)?;
         let action = if env.kind == service.do_type() { Action::Do } else { Action::Undo };
         if cmd.step != service || cmd.action != action {
-            return Err(HandleError::Reject(format!(
+            return Err(HandleError::reject(format!(
                 "a `{}` message must carry step `{service}` and action `{}`",
                 env.kind,
                 action.as_str()
             )));
         }
         let reply_to = env.reply_to.clone().ok_or_else(|| {
-            HandleError::Reject(format!("a `{}` command needs a reply_to to answer to", env.kind))
+            HandleError::reject(format!("a `{}` command needs a reply_to to answer to", env.kind))
         })?;
         tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
         tracing::Span::current().record("action", action.as_str());

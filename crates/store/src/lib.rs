@@ -34,6 +34,7 @@ mod sqlite;
 
 pub use conn::Tx;
 pub use counts::StoreCounts;
+pub use pg::OpenError;
 pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
 
 use conn::Conn;
@@ -42,6 +43,10 @@ use relay::Wake;
 /// The error under a [`StoreError`] that has no type of its own here (a decoder's, a URL
 /// parser's, or a sentence): kept as the error's `source`, and shown in its message too.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A [`Cause`] that can be cloned, for errors that are cloned (a failure kept and returned to
+/// every caller until the next attempt).
+pub type SharedCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Storage errors, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +158,7 @@ impl Location {
     }
 
     /// Check a database URL before anything starts: the reason is a sentence for the user.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), OpenError> {
         match self {
             Location::Dir(_) => Ok(()),
             Location::Postgres(url) => pg::config(url).map(|_| ()),
@@ -202,16 +207,25 @@ impl fmt::Debug for Location {
 
 /// How many of `all` migrations are done, given the recorded version; an error when the store
 /// was written by a build that knows more of them.
-fn migrations_to_apply(done: i64, all: usize) -> Result<usize, String> {
+fn migrations_to_apply(done: i64, all: usize) -> Result<usize, NewerSchema> {
     let done = usize::try_from(done).unwrap_or(usize::MAX);
     if done > all {
         // Its tables are not the ones this build knows: reading or writing them could lose data.
-        return Err(format!(
-            "its schema is at version {done}, this build knows {all} versions: it was written by another \
-             build of Baton; run that build, or start this one on an empty store"
-        ));
+        return Err(NewerSchema { done, all });
     }
     Ok(done)
+}
+
+/// A store written by a build that knows more migrations than this one: its tables are not
+/// the ones this build knows, so it is refused (the cause under [`StoreError::Open`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "its schema is at version {done}, this build knows {all} versions: it was written by another \
+     build of Baton; run that build, or start this one on an empty store"
+)]
+pub struct NewerSchema {
+    pub done: usize,
+    pub all: usize,
 }
 
 /// What a process can tell of its database without a query: the readiness checks. Holds no

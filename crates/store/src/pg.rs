@@ -39,10 +39,8 @@ pub(crate) struct PgConn {
 
 /// The connection settings of `url`, with the store's timeouts where the URL sets none; the
 /// error says what is wrong with it (never the password).
-pub(crate) fn config(url: &str) -> Result<postgres::Config, String> {
-    let mut config = postgres::Config::from_str(url).map_err(|e| {
-        format!("the database URL is not a PostgreSQL URL ({e}): expected postgres://user@host:port/db")
-    })?;
+pub(crate) fn config(url: &str) -> Result<postgres::Config, OpenError> {
+    let mut config = postgres::Config::from_str(url).map_err(OpenError::BadUrl)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -74,15 +72,14 @@ pub(crate) fn open(
     schema: &str,
     migrations: &[&str],
     read_only: bool,
-) -> Result<Option<PgConn>, String> {
-    let mut client = config.connect(NoTls).map_err(|e| describe(&e))?;
+) -> Result<Option<PgConn>, OpenError> {
+    let mut client = config.connect(NoTls)?;
     if read_only {
         let exists: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
                 &[&schema],
-            )
-            .map_err(|e| describe(&e))?
+            )?
             .get(0);
         if !exists {
             return Ok(None);
@@ -90,9 +87,7 @@ pub(crate) fn open(
     } else {
         migrate(&mut client, schema, migrations)?;
     }
-    client
-        .batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(schema)))
-        .map_err(|e| describe(&e))?;
+    client.batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(schema)))?;
     Ok(Some(PgConn {
         client,
         config: config.clone(),
@@ -109,33 +104,57 @@ pub(crate) const SCHEMA_LOCK: &str = "baton schema ";
 
 /// Apply the migrations the schema lacks, counted in a table of its own as SQLite counts them
 /// in `user_version`. Instances starting together wait for each other on an advisory lock.
-fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), String> {
-    let mut tx = client.transaction().map_err(|e| describe(&e))?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1 || $2))", &[&SCHEMA_LOCK, &schema])
-        .map_err(|e| describe(&e))?;
+fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), OpenError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1 || $2))", &[&SCHEMA_LOCK, &schema])?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {s};
          SET LOCAL search_path TO {s};
          CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);",
         s = quoted(schema)
-    ))
-    .map_err(|e| describe(&e))?;
-    let done: Option<i64> =
-        tx.query_opt("SELECT version FROM schema_version", &[]).map_err(|e| describe(&e))?.map(|r| r.get(0));
+    ))?;
+    let done: Option<i64> = tx.query_opt("SELECT version FROM schema_version", &[])?.map(|r| r.get(0));
     let applied = crate::migrations_to_apply(done.unwrap_or(0), all.len())?;
     for (i, sql) in all.iter().enumerate().skip(applied) {
         tracing::debug!(migration = i + 1, schema, "applying migration");
-        tx.batch_execute(&to_postgres(sql))
-            .map_err(|e| format!("migration {} failed: {}", i + 1, describe(&e)))?;
+        tx.batch_execute(&to_postgres(sql)).map_err(|source| OpenError::Migration { n: i + 1, source })?;
     }
     let version = all.len() as i64;
     match done {
         None => tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&version]),
         Some(v) if v != version => tx.execute("UPDATE schema_version SET version = $1", &[&version]),
         Some(_) => Ok(0),
-    }
-    .map_err(|e| describe(&e))?;
-    tx.commit().map_err(|e| describe(&e))
+    }?;
+    Ok(tx.commit()?)
+}
+
+/// Why a store could not be opened: the cause under [`crate::StoreError::Open`], or why
+/// [`crate::Location::check`] refused a database URL.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The URL does not parse: the user must fix it.
+    #[error("the database URL is not a PostgreSQL URL ({0}): expected postgres://user@host:port/db")]
+    BadUrl(#[source] postgres::Error),
+    /// The server could not be reached, or refused a statement of the opening.
+    #[error("{}", describe(.0))]
+    Driver(#[from] postgres::Error),
+    /// A migration failed: the schema stays at the version before it.
+    #[error("migration {n} failed: {}", describe(.source))]
+    Migration {
+        n: usize,
+        #[source]
+        source: postgres::Error,
+    },
+    /// A migration of a SQLite store failed: the file stays at the version before it.
+    #[error("migration {n} failed: {source}")]
+    SqliteMigration {
+        n: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The schema was written by a build that knows more migrations.
+    #[error(transparent)]
+    NewerSchema(#[from] crate::NewerSchema),
 }
 
 /// A driver error as a sentence, with the server's message and code when it sent one.

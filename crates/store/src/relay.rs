@@ -43,7 +43,14 @@ pub enum PublishError {
     Nacked,
     /// The channel cannot be trusted after this: the relay forgets it.
     #[error("the channel failed before the broker confirmed: {0}")]
-    Channel(String),
+    Channel(#[source] crate::SharedCause),
+}
+
+impl PublishError {
+    /// A failed channel, because of `cause`: the client's error, or a sentence.
+    pub fn channel(cause: impl Into<crate::Cause>) -> PublishError {
+        PublishError::Channel(Arc::from(cause.into()))
+    }
 }
 
 /// What the relay needs of a broker: `baton-amqp` implements it for its `Publisher`, the

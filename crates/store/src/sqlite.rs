@@ -158,7 +158,7 @@ fn migrate(conn: &mut Connection, all: &[&str]) -> Result<(), Cause> {
     let done = crate::migrations_to_apply(done, all.len())?;
     for (i, sql) in all.iter().enumerate().skip(done) {
         tracing::debug!(migration = i + 1, "applying migration");
-        tx.execute_batch(sql).map_err(|e| format!("migration {} failed: {e}", i + 1))?;
+        tx.execute_batch(sql).map_err(|source| crate::OpenError::SqliteMigration { n: i + 1, source })?;
     }
     // Written only when it changes: opening an up-to-date database writes nothing, so a
     // component restarted while its disk is full starts (and waits for room like the others).

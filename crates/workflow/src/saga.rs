@@ -41,6 +41,11 @@ pub enum SagaStatus {
     DefinitionMissing,
 }
 
+/// A name that is no saga state: bad input from a user, or a foreign write to the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a saga state; the states are {all}", all = SagaStatus::ALL.map(SagaStatus::as_str).join(", "))]
+pub struct UnknownState(pub String);
+
 impl SagaStatus {
     /// Every state, in the order a saga meets them.
     pub const ALL: [SagaStatus; 8] = [
@@ -68,11 +73,8 @@ impl SagaStatus {
     }
 
     /// The state named `name` as [`SagaStatus::as_str`] writes it; the error names them all.
-    pub fn parse(name: &str) -> Result<SagaStatus, String> {
-        SagaStatus::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| {
-            let all: Vec<&str> = SagaStatus::ALL.map(SagaStatus::as_str).into();
-            format!("`{name}` is not a saga state; the states are {}", all.join(", "))
-        })
+    pub fn parse(name: &str) -> Result<SagaStatus, UnknownState> {
+        SagaStatus::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| UnknownState(name.to_owned()))
     }
 
     /// Still in flight: started and not yet answered and ended (`succeeded` still has its

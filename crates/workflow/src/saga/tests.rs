@@ -777,5 +777,5 @@ fn a_cancelled_saga_whose_rollback_failed_ends_cancelled_after_the_operators_ret
 #[test]
 fn saga_states_parse_from_their_names_and_cancelled_is_one() {
     assert_eq!(SagaStatus::parse("cancelled"), Ok(SagaStatus::Cancelled));
-    assert!(SagaStatus::parse("canceled").unwrap_err().contains("cancelled"));
+    assert!(SagaStatus::parse("canceled").unwrap_err().to_string().contains("cancelled"));
 }
