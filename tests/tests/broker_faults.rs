@@ -14,8 +14,9 @@ use tokio::task::JoinSet;
 /// whose store is not made yet: one starting up).
 fn outbox_rows(env: &TestEnv) -> Vec<(&'static str, i64)> {
     let count = |db: &str| {
-        let component = baton_protocol::Component::parse(db).expect("a component");
-        baton_tests::store_counts(&env.store(), component).outbox
+        let (at, component) = (env.store(), baton_protocol::Component::parse(db).expect("a component"));
+        let counts = baton_tests::block_on(async move { baton_store::StoreCounts::of(&at, component).await });
+        counts.ok().flatten().map_or(0, |c| c.outbox)
     };
     baton_tests::publishers().map(|db| (db, count(db))).collect()
 }
