@@ -320,6 +320,76 @@ impl Default for SystemConfig {
     }
 }
 
+/// A client of one gateway's HTTP API, cheap to clone into a task of its own: the requests the
+/// tests make (create a space, read a workflow, cancel one), each with a 60 s timeout.
+#[derive(Clone)]
+pub struct Api {
+    pub http: SocketAddr,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(http: SocketAddr) -> Api {
+        Api { http, client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap() }
+    }
+
+    /// `POST /spaces`: the status and the JSON body.
+    pub async fn create(&self, name: &str, owner: &str) -> (u16, Value) {
+        let (status, body, _) = self.create_keyed(name, owner, None).await;
+        (status, body)
+    }
+
+    /// `POST /spaces` with `key` as its `Idempotency-Key`: the status, the JSON body, and
+    /// whether the gateway says it replayed.
+    pub async fn create_keyed(&self, name: &str, owner: &str, key: Option<&str>) -> (u16, Value, bool) {
+        let mut post = self
+            .client
+            .post(format!("http://{}/spaces", self.http))
+            .json(&serde_json::json!({"name": name, "owner": owner}));
+        if let Some(key) = key {
+            post = post.header("Idempotency-Key", key);
+        }
+        let r = post.send().await.expect("POST /spaces");
+        let replayed = r.headers().get("idempotent-replayed").is_some();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null), replayed)
+    }
+
+    /// Wait (bounded) until the gateway's `/health` answers.
+    pub async fn wait_healthy(&self) {
+        let url = format!("http://{}/health", self.http);
+        wait_for("the gateway's /health", Duration::from_secs(20), || {
+            let c = self.client.clone();
+            let url = url.clone();
+            async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// `GET <path>`: the status and the JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(format!("http://{}{path}", self.http)).send().await.expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /workflows/{id}`: the status and the saga as JSON.
+    pub async fn workflow(&self, id: &str) -> (u16, Value) {
+        self.get(&format!("/workflows/{id}")).await
+    }
+
+    /// `POST <path>`, without a body: the status and the JSON body.
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        let r = self.client.post(format!("http://{}{path}", self.http)).send().await.expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /workflows/{id}/cancel`: the status and the JSON body.
+    pub async fn cancel(&self, id: &str) -> (u16, Value) {
+        self.post(&format!("/workflows/{id}/cancel")).await
+    }
+}
+
 /// Every component of the workflow mode running in this process against a [`TestEnv`].
 pub struct System {
     pub http: SocketAddr,
@@ -366,26 +436,17 @@ impl System {
     }
 
     async fn wait_healthy(&self) {
-        let url = format!("http://{}/health", self.http);
-        wait_for("the gateway's /health", Duration::from_secs(20), || {
-            let c = self.client.clone();
-            let url = url.clone();
-            async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-        })
-        .await;
+        self.api().wait_healthy().await
+    }
+
+    /// A client of the system's gateway, to clone into a task of its own.
+    pub fn api(&self) -> Api {
+        Api { http: self.http, client: self.client.clone() }
     }
 
     /// `POST /spaces`: the status and the JSON body.
     pub async fn create(&self, name: &str, owner: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("http://{}/spaces", self.http))
-            .json(&serde_json::json!({"name": name, "owner": owner}))
-            .send()
-            .await
-            .expect("POST /spaces");
-        let status = r.status().as_u16();
-        (status, r.json().await.expect("a JSON body"))
+        self.api().create(name, owner).await
     }
 
     /// `POST /spaces`, where the gateway may die: the status, or 0 when no answer came.
@@ -401,9 +462,7 @@ impl System {
 
     /// `GET <path>`: the status and the JSON body.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(format!("http://{}{path}", self.http)).send().await.expect("GET");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.api().get(path).await
     }
 
     /// Stop every component and wait for them (bounded).
@@ -475,52 +534,63 @@ pub fn rows_for(at: &baton_store::Location, service: Service, space_id: &str) ->
         .expect("the service's store reads") as i64
 }
 
-/// One scalar from a component's store (read through the store's port, on either backend).
-pub fn scalar(at: &baton_store::Location, component: &str, sql: &str) -> i64 {
-    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
-    block_on(async move {
-        let db = baton_store::Db::reader(&at, &component)
-            .await
-            .expect("the store opens")
-            .expect("the store exists");
-        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<i64>(0))).await
-    })
-    .unwrap()
+/// Rows a service holds, for every space, through the services' read model.
+pub fn held(at: &baton_store::Location, service: Service) -> usize {
+    let at = at.clone();
+    block_on(async move { baton_services::read::Holdings::at(&at, service).all().await })
+        .expect("the service's store reads")
+        .len()
 }
 
-/// The first column of the first row of `sql` on a component's store, as `T`, or `None` while
-/// the component has not made its store or its tables yet.
-pub fn try_value<T: baton_store::FromValue + Send + 'static>(
-    at: &baton_store::Location,
-    component: &str,
-    sql: &str,
-) -> Option<T> {
-    let (at, component, sql) = (at.clone(), component.to_owned(), sql.to_owned());
-    block_on(async move {
-        let db = baton_store::Db::reader(&at, &component).await.ok()??;
-        db.call(move |tx| tx.query_row(&sql, (), |r| r.get::<T>(0))).await.ok()
-    })
+/// Every saga of the orchestrator's store, oldest first, through its read model; none while
+/// the orchestrator has not made its store (or its tables) yet.
+pub fn sagas(at: &baton_store::Location) -> Vec<baton_orchestrator::query::WorkflowView> {
+    let at = at.clone();
+    block_on(async move { baton_orchestrator::Sagas::at(&at).all().await }).unwrap_or_default()
 }
 
-/// [`scalar`], or `None` while the component has not made its store or its tables yet.
-pub fn try_scalar(at: &baton_store::Location, component: &str, sql: &str) -> Option<i64> {
-    try_value(at, component, sql)
+/// How many sagas are in each of `statuses`, through the orchestrator's read model; `None`
+/// while the orchestrator has not made its store (or its tables) yet.
+pub fn sagas_in(at: &baton_store::Location, statuses: &[baton_workflow::SagaStatus]) -> Option<i64> {
+    let at = at.clone();
+    let counts = block_on(async move {
+        let sagas = baton_orchestrator::Sagas::at(&at);
+        if !sagas.exists().await {
+            return None;
+        }
+        sagas.counts_by_status().await.ok()
+    })?;
+    Some(counts.iter().filter(|(s, _)| statuses.contains(s)).map(|(_, n)| n).sum())
 }
 
-/// The text in the first row of `sql` on a component's store, or `None` while there is none.
-pub fn try_text(at: &baton_store::Location, component: &str, sql: &str) -> Option<String> {
-    try_value(at, component, sql)
+/// How many sagas the orchestrator's store keeps (0 while it has no store).
+pub fn saga_count(at: &baton_store::Location) -> i64 {
+    let at = at.clone();
+    block_on(async move { baton_orchestrator::Sagas::at(&at).retained().await })
+        .expect("the orchestrator's store reads")
+        .sagas
 }
 
-/// A component's SQLite file, read-only: for the tests of what only SQLite has (its files).
-pub fn sqlite(dir: &Path, component: &str) -> rusqlite::Result<rusqlite::Connection> {
-    let path = dir.join(format!("{component}.db"));
-    if !path.exists() {
-        return Err(rusqlite::Error::InvalidPath(path));
-    }
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+/// How many requests the gateway took, through its read model (0 while it has no store).
+pub fn requests(at: &baton_store::Location) -> i64 {
+    let at = at.clone();
+    block_on(async move { baton_gateway::read::Requests::at(&at).count().await })
+        .expect("the gateway's store reads")
+}
+
+/// What the gateway's idempotency keys hold, through its read model.
+pub fn idempotency_keys(at: &baton_store::Location) -> baton_gateway::read::Keys {
+    let at = at.clone();
+    block_on(async move { baton_gateway::read::Requests::at(&at).keys().await })
+        .expect("the gateway's store reads")
+}
+
+/// What a component's own tables (inbox, outbox, tombstones) hold; zeros while it has no store.
+pub fn store_counts(at: &baton_store::Location, component: Component) -> baton_store::StoreCounts {
+    let at = at.clone();
+    block_on(async move { baton_store::StoreCounts::of(&at, component).await })
+        .expect("the component's store reads")
+        .unwrap_or_default()
 }
 
 /// A saga's timeline from the orchestrator's store (time relative to its start, step, action,

@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use baton_protocol::Service;
 use baton_tests::node::Node;
-use baton_tests::{System, SystemConfig, TestEnv, scalar, spawn_service, wait_for};
+use baton_tests::{System, SystemConfig, TestEnv, held, spawn_service, wait_for};
 use tokio::task::JoinSet;
 
-/// Rows waiting in each component's outbox, read through read-only connections (0 for a
-/// component whose database or outbox is not made yet: one starting up).
+/// Rows waiting in each component's outbox, through the stores' read model (0 for a component
+/// whose store is not made yet: one starting up).
 fn outbox_rows(env: &TestEnv) -> Vec<(&'static str, i64)> {
-    let count = |db: &str| -> Option<i64> {
-        let conn = baton_tests::sqlite(env.data_dir(), db).ok()?;
-        conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).ok()
+    let count = |db: &str| {
+        let (at, component) = (env.store(), baton_protocol::Component::parse(db).expect("a component"));
+        let counts = baton_tests::block_on(async move { baton_store::StoreCounts::of(&at, component).await });
+        counts.ok().flatten().map_or(0, |c| c.outbox)
     };
-    baton_tests::publishers().map(|db| (db, count(db).unwrap_or(0))).collect()
+    baton_tests::publishers().map(|db| (db, count(db))).collect()
 }
 
 /// The most rows seen waiting in each outbox, sampled every 50 ms for `span`.
@@ -190,7 +191,7 @@ async fn a_memory_alarm_blocks_publishers_for_a_while_and_the_outboxes_drain_aft
         (rows.iter().any(|(db, n)| *db == "notifier" && *n > 0)).then_some(rows)
     })
     .await;
-    let emails = scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails");
+    let emails = held(&env.store(), Service::Notifier);
     let more = sample_outboxes(&env, Duration::from_secs(2)).await;
     eprintln!("outbox rows during the alarm: {waiting:?}, then at most {more:?}; {emails} emails committed");
     let (s, _) = health(&sys).await;

@@ -11,26 +11,12 @@ use baton_protocol::{Mode, Service};
 use baton_tests::{System, SystemConfig, TestEnv, rows_for, saga_story, spawn_service, timeline, wait_for};
 use serde_json::Value;
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-/// `POST <path>` on the system's gateway: the status and the JSON body.
-async fn post(sys: &System, path: &str) -> (u16, Value) {
-    let r = client().post(format!("http://{}{path}", sys.http)).send().await.expect("POST");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The saga of the request for space `name`, once the gateway has recorded it.
 async fn saga_of(env: &TestEnv, name: &str) -> String {
+    let requests = baton_gateway::read::Requests::at(&env.store());
     wait_for(&format!("the request for {name}"), Duration::from_secs(20), || async {
-        // Names in these tests are plain words.
-        baton_tests::try_text(
-            &env.store(),
-            "gateway",
-            &format!("SELECT saga_id FROM requests WHERE name = '{name}'"),
-        )
+        let told = requests.told().await.ok()?;
+        told.into_iter().find(|t| t.name == name).map(|t| t.saga_id)
     })
     .await
 }
@@ -38,7 +24,7 @@ async fn saga_of(env: &TestEnv, name: &str) -> String {
 /// Wait until the saga's timeline has `event` (for `step`, when given).
 async fn wait_event(sys: &System, saga: &str, step: Option<&str>, event: &str) {
     wait_for(&format!("{event} in saga {saga}"), Duration::from_secs(30), || async {
-        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        let (_, view) = sys.api().workflow(saga).await;
         // Not there yet (404) while the start waits for the orchestrator.
         if !view["history"].is_array() {
             return None;
@@ -59,20 +45,13 @@ async fn a_cancel_mid_saga_undoes_the_done_steps_in_reverse_and_tells_the_waitin
     // Routing is not running: the saga waits there, with three steps done.
     let cfg = SystemConfig { skip: vec![Service::Routing], ..SystemConfig::default() };
     let sys = System::start(&env, cfg.clone()).await;
-    let url = format!("http://{}/spaces", sys.http);
-    let waiting = tokio::spawn(async move {
-        let r = client().post(url).json(&serde_json::json!({"name": "acme", "owner": "alice"})).send().await;
-        let r = r.expect("the client gets an answer");
-        (r.status().as_u16(), r.json::<Value>().await.unwrap())
-    });
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("acme", "alice").await });
     let saga = saga_of(&env, "acme").await;
     wait_event(&sys, &saga, Some("routing"), "sent").await;
     let cancel = {
-        let (http, saga) = (sys.http, saga.clone());
-        tokio::spawn(async move {
-            let r = client().post(format!("http://{http}/workflows/{saga}/cancel")).send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        })
+        let (api, saga) = (sys.api(), saga.clone());
+        tokio::spawn(async move { api.cancel(&saga).await })
     };
     wait_event(&sys, &saga, None, "cancel_requested").await;
     // Routing comes back, handles its command late, then its compensation.
@@ -86,7 +65,7 @@ async fn a_cancel_mid_saga_undoes_the_done_steps_in_reverse_and_tells_the_waitin
     let error = answer["error"].as_str().unwrap();
     assert!(error.contains("cancelled") && error.contains("undone"), "{error}");
     assert_eq!(answer["workflow_id"], saga.as_str());
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let (_, view) = sys.api().workflow(&saga).await;
     assert_eq!(view["status"], "cancelled");
     assert_eq!(view["answer_status"], 409);
     assert_eq!(compensated(&view), ["routing", "entitlements", "placement", "records"], "{story}");
@@ -111,20 +90,15 @@ async fn concurrent_cancels_of_one_running_saga_all_answer_success_with_its_stat
     // Routing is not running: the saga waits there, and its rollback waits for routing's undo.
     let cfg = SystemConfig { skip: vec![Service::Routing], ..SystemConfig::default() };
     let sys = System::start(&env, cfg.clone()).await;
-    let url = format!("http://{}/spaces", sys.http);
-    let waiting = tokio::spawn(async move {
-        client().post(url).json(&serde_json::json!({"name": "twice", "owner": "tess"})).send().await
-    });
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("twice", "tess").await });
     let saga = saga_of(&env, "twice").await;
     wait_event(&sys, &saga, Some("routing"), "sent").await;
     // Four operators at once: each reads the saga running and sends its cancel.
     let cancels: Vec<_> = (0..4)
         .map(|_| {
-            let (http, saga) = (sys.http, saga.clone());
-            tokio::spawn(async move {
-                let r = client().post(format!("http://{http}/workflows/{saga}/cancel")).send().await.unwrap();
-                (r.status().as_u16(), r.json::<Value>().await.unwrap())
-            })
+            let (api, saga) = (sys.api(), saga.clone());
+            tokio::spawn(async move { api.cancel(&saga).await })
         })
         .collect();
     wait_event(&sys, &saga, None, "cancel_requested").await;
@@ -136,14 +110,14 @@ async fn concurrent_cancels_of_one_running_saga_all_answer_success_with_its_stat
         assert_eq!(body["id"], saga.as_str(), "{body}");
     }
     // One cancel did it; the others were not refused.
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let (_, view) = sys.api().workflow(&saga).await;
     let events: Vec<String> = timeline(&view).into_iter().map(|(_, _, e)| e).collect();
     assert_eq!(events.iter().filter(|e| *e == "cancel_requested").count(), 1, "{}", story());
     assert!(!events.iter().any(|e| e == "cancel_refused"), "{}", story());
     assert_eq!(compensated(&view), ["routing", "entitlements", "placement", "records"], "{}", story());
-    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409);
+    assert_eq!(waiting.await.unwrap().0, 409);
     // Once more, after it ended cancelled: the same success, at once, and nothing sent.
-    let (status, body) = post(&sys, &format!("/workflows/{saga}/cancel")).await;
+    let (status, body) = sys.api().cancel(&saga).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("cancelled")), "{body}");
     let out = tokio::process::Command::new(baton_tests::baton_bin())
         .args(["workflows", "cancel", &saga, "--amqp-url", &env.amqp_url(), "--log", "warn"])
@@ -154,7 +128,7 @@ async fn concurrent_cancels_of_one_running_saga_all_answer_success_with_its_stat
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("cancelled"), "{said}");
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let (_, view) = sys.api().workflow(&saga).await;
     let events: Vec<String> = timeline(&view).into_iter().map(|(_, _, e)| e).collect();
     assert!(!events.iter().any(|e| e == "cancel_refused"), "{}", story());
     let report = env.audit();
@@ -169,10 +143,8 @@ async fn a_step_whose_reply_arrives_after_the_cancel_is_undone_too() {
     let env = TestEnv::new().await;
     let cfg = SystemConfig { skip: vec![Service::Routing], ..SystemConfig::default() };
     let sys = System::start(&env, cfg.clone()).await;
-    let url = format!("http://{}/spaces", sys.http);
-    let waiting = tokio::spawn(async move {
-        client().post(url).json(&serde_json::json!({"name": "late", "owner": "bob"})).send().await
-    });
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("late", "bob").await });
     let saga = saga_of(&env, "late").await;
     wait_event(&sys, &saga, Some("routing"), "sent").await;
     // The CLI's path: a message on orchestrator.commands, whichever instance consumes it.
@@ -183,12 +155,12 @@ async fn a_step_whose_reply_arrives_after_the_cancel_is_undone_too() {
     // comes after it.
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
     wait_for("the saga to end cancelled", Duration::from_secs(30), || async {
-        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        let (_, view) = sys.api().workflow(&saga).await;
         (view["status"] == "cancelled").then_some(())
     })
     .await;
     let story = saga_story(&env.store(), &saga);
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let (_, view) = sys.api().workflow(&saga).await;
     let t = timeline(&view);
     assert!(
         t.iter().any(|(s, a, e)| s == "routing" && a == "do" && e == "late_reply_ignored"),
@@ -199,7 +171,7 @@ async fn a_step_whose_reply_arrives_after_the_cancel_is_undone_too() {
     for s in Service::ALL {
         assert_eq!(rows_for(&env.store(), s, &space), 0, "{s} left a row: {story}");
     }
-    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409);
+    assert_eq!(waiting.await.unwrap().0, 409);
     let report = env.audit();
     assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);
@@ -216,11 +188,11 @@ async fn cancelling_a_finished_saga_is_a_409_that_says_why() {
     assert_eq!(status, 200, "{done}");
     let saga = done["workflow_id"].as_str().unwrap().to_owned();
     wait_for("the saga to complete", Duration::from_secs(20), || async {
-        let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+        let (_, view) = sys.api().workflow(&saga).await;
         (view["status"] == "completed").then_some(())
     })
     .await;
-    let (status, body) = post(&sys, &format!("/workflows/{saga}/cancel")).await;
+    let (status, body) = sys.api().cancel(&saga).await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("completed"), "{body}");
     assert_eq!(body["state"], "completed");
@@ -228,15 +200,15 @@ async fn cancelling_a_finished_saga_is_a_409_that_says_why() {
     let (status, refused) = sys.create("admin", "bob").await;
     assert_eq!(status, 409, "{refused}");
     let rolled_back = refused["workflow_id"].as_str().unwrap();
-    let (status, body) = post(&sys, &format!("/workflows/{rolled_back}/cancel")).await;
+    let (status, body) = sys.api().cancel(rolled_back).await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("rolled_back"), "{body}");
     // Nothing changed, and nothing was sent.
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    let (_, view) = sys.api().workflow(&saga).await;
     assert_eq!(view["status"], "completed");
-    let (status, body) = post(&sys, &format!("/workflows/{}/cancel", uuid::Uuid::new_v4())).await;
+    let (status, body) = sys.api().cancel(&uuid::Uuid::new_v4().to_string()).await;
     assert_eq!(status, 404, "{body}");
-    let (status, _) = post(&sys, "/workflows/not-a-uuid/cancel").await;
+    let (status, _) = sys.api().cancel("not-a-uuid").await;
     assert_eq!(status, 400);
     // The CLI says the same, with exit 1.
     let out = tokio::process::Command::new(baton_tests::baton_bin())
@@ -262,7 +234,7 @@ async fn in_events_mode_cancel_is_a_409_that_names_the_mode() {
     let sys = System::start(&env, cfg).await;
     let (status, body) = sys.create("evt", "alice").await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = post(&sys, &format!("/workflows/{}/cancel", body["id"].as_str().unwrap())).await;
+    let (status, body) = sys.api().cancel(body["id"].as_str().unwrap()).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["mode"], "events");
     assert!(body["error"].as_str().unwrap().contains("events mode"), "{body}");
@@ -302,10 +274,8 @@ async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instanc
         SystemConfig { skip: vec![Service::Routing], with_orchestrator: false, ..SystemConfig::default() };
     let sys = System::start(&env, cfg.clone()).await;
     let (first, first_task) = spawn_orchestrator(&env, &cfg, "main");
-    let url = format!("http://{}/spaces", sys.http);
-    let waiting = tokio::spawn(async move {
-        client().post(url).json(&serde_json::json!({"name": "gone", "owner": "gina"})).send().await
-    });
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("gone", "gina").await });
     let saga = saga_of(&env, "gone").await;
     wait_event(&sys, &saga, Some("routing"), "sent").await;
     first.cancel();
@@ -323,7 +293,7 @@ async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instanc
     // after the outbox lease (30 s), to find the tombstone: the saga does not wait for it.
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+            let (_, view) = sys.api().workflow(&saga).await;
             if view["status"] == "cancelled" {
                 return;
             }
@@ -332,22 +302,22 @@ async fn a_cancel_sent_while_no_orchestrator_runs_is_handled_by_the_next_instanc
     })
     .await;
     let story = saga_story(&env.store(), &saga);
-    assert!(
-        ended.is_ok(),
-        "the saga did not end cancelled within 60 s; the orchestrator's outbox holds {:?} rows, {:?} of them the stopped instance's:\n{story}",
-        baton_tests::try_scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM outbox"),
-        baton_tests::try_scalar(
-            &env.store(),
-            "orchestrator",
-            "SELECT COUNT(*) FROM outbox WHERE owner = 'main'"
-        ),
-    );
-    let (_, view) = sys.get(&format!("/workflows/{saga}")).await;
+    if ended.is_err() {
+        let orchestrator = baton_protocol::Component::Orchestrator;
+        let all = baton_store::StoreCounts::of(&env.store(), orchestrator).await;
+        let stopped = baton_store::StoreCounts::outbox_of(&env.store(), orchestrator, "main").await;
+        panic!(
+            "the saga did not end cancelled within 60 s; the orchestrator's outbox holds {:?} rows, {:?} of them the stopped instance's:\n{story}",
+            all.map(|c| c.map(|c| c.outbox)),
+            stopped
+        );
+    }
+    let (_, view) = sys.api().workflow(&saga).await;
     let space = view["space_id"].as_str().unwrap().to_owned();
     for s in Service::ALL {
         assert_eq!(rows_for(&env.store(), s, &space), 0, "{s} left a row: {story}");
     }
-    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 409, "{story}");
+    assert_eq!(waiting.await.unwrap().0, 409, "{story}");
     let report = env.audit();
     assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);

@@ -7,28 +7,48 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_orchestrator::query::WorkflowView;
 use baton_protocol::Service;
 use baton_tests::{
-    System, SystemConfig, TestEnv, every_saga_ends, scalar, spawn_baton, spawn_service, wait_for,
+    System, SystemConfig, TestEnv, every_saga_ends, held, sagas, spawn_baton, spawn_service, wait_for,
 };
 use baton_workflow::Workflow;
 use serde_json::Value;
 
 const IN_FLIGHT: usize = 5;
 
-/// A count from the orchestrator's database; 0 while the database or its tables are not made yet.
-fn count(env: &TestEnv, sql: &str) -> i64 {
-    baton_tests::try_scalar(&env.store(), "orchestrator", sql).unwrap_or(0)
+/// Sagas that sent `step`'s command, through the orchestrator's read model.
+fn sent_to(env: &TestEnv, step: &str) -> usize {
+    sagas(&env.store()).iter().filter(|v| has(v, step, "do", "sent")).count()
 }
 
-/// Sagas that sent `step`'s command.
-fn sent_to(env: &TestEnv, step: &str) -> i64 {
-    count(
-        env,
-        &format!(
-            "SELECT COUNT(DISTINCT saga_id) FROM history WHERE step = '{step}' AND event = 'sent' AND action = 'do'"
-        ),
-    )
+/// Whether the saga's timeline has `event` for `step`'s `action`.
+fn has(view: &WorkflowView, step: &str, action: &str, event: &str) -> bool {
+    view.history
+        .iter()
+        .any(|h| h.step.as_deref() == Some(step) && h.action.as_deref() == Some(action) && h.event == event)
+}
+
+/// Lines of `event` in the timelines of every saga (for any step).
+fn with_event(env: &TestEnv, event: &str) -> usize {
+    sagas(&env.store()).iter().map(|v| v.history.iter().filter(|h| h.event == event).count()).sum()
+}
+
+/// Sagas started on the definition with content hash `hash`.
+fn on_version(env: &TestEnv, hash: &str) -> usize {
+    sagas(&env.store()).iter().filter(|v| v.definition_hash.as_deref() == Some(hash)).count()
+}
+
+/// Sagas started on `hash` that ran the parallel structure: entitlements sent before
+/// placement's reply, which the sequential version waits for.
+fn ran_in_parallel(env: &TestEnv, hash: &str) -> usize {
+    let parallel = |v: &WorkflowView| {
+        let first = |step: &str, event: &str| {
+            v.history.iter().position(|h| h.step.as_deref() == Some(step) && h.event == event)
+        };
+        matches!((first("entitlements", "sent"), first("placement", "done")), (Some(e), Some(p)) if e < p)
+    };
+    sagas(&env.store()).iter().filter(|v| v.definition_hash.as_deref() == Some(hash) && parallel(v)).count()
 }
 
 /// A `create-space` written to `<data-dir>/<file>`, from `base` (a bundled file's text) changed
@@ -122,7 +142,7 @@ async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_ve
         calls.spawn(async move { sys.create(&format!("space-{i}"), &format!("owner-{i}")).await });
     }
     wait_for("every saga to wait at routing", Duration::from_secs(30), || async {
-        (sent_to(&env, "routing") == IN_FLIGHT as i64).then_some(())
+        (sent_to(&env, "routing") == IN_FLIGHT).then_some(())
     })
     .await;
     stop(first).await;
@@ -160,11 +180,8 @@ async fn a_restart_with_fewer_steps_finishes_the_sagas_in_flight_on_their_own_ve
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), IN_FLIGHT as i64);
-    assert_eq!(
-        count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")),
-        IN_FLIGHT as i64
-    );
+    assert_eq!(held(&env.store(), Service::Notifier), IN_FLIGHT);
+    assert_eq!(on_version(&env, &v1), IN_FLIGHT);
 
     // Both versions are stored; v1 has its sagas, done.
     let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
@@ -211,7 +228,7 @@ async fn an_upgrade_with_a_saga_in_flight_at_every_step() {
         let sys2 = Arc::clone(&sys);
         calls.spawn(async move { sys2.create(&format!("old-{i}"), &format!("owner-old-{i}")).await });
         wait_for(&format!("a saga to wait at {step}"), Duration::from_secs(30), || async {
-            (sent_to(&env, step) == (i + 1) as i64).then_some(())
+            (sent_to(&env, step) == i + 1).then_some(())
         })
         .await;
     }
@@ -233,18 +250,11 @@ async fn an_upgrade_with_a_saga_in_flight_at_every_step() {
     tokio::time::timeout(Duration::from_secs(90), all).await.expect("every client gets an answer");
     assert_eq!(statuses, vec![200; 8]);
     all_well(&env, 8, &["orchestrator-1.log", "orchestrator-2.log"]).await;
-    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")), 5);
-    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v2}'")), 3);
+    assert_eq!(on_version(&env, &v1), 5);
+    assert_eq!(on_version(&env, &v2), 3);
     // The old ones ran sequentially to the end: entitlements was sent only after placement's
     // reply, which the parallel version would not wait for.
-    let parallel_in_old = count(
-        &env,
-        &format!(
-            "SELECT COUNT(*) FROM sagas s WHERE s.definition_hash = '{v1}' AND
-               (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'entitlements' AND h.event = 'sent')
-             < (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'placement' AND h.event = 'done')"
-        ),
-    );
+    let parallel_in_old = ran_in_parallel(&env, &v1);
     assert_eq!(parallel_in_old, 0, "an old saga ran on the new structure");
 
     stop(second).await;
@@ -282,7 +292,7 @@ async fn a_downgrade_and_two_restarts_on_different_versions() {
             );
         }
         wait_for("the round's sagas to wait at routing", Duration::from_secs(30), || async {
-            (sent_to(&env, "routing") == 2 * (round as i64 + 1)).then_some(())
+            (sent_to(&env, "routing") == 2 * (round + 1)).then_some(())
         })
         .await;
         if round < 2 {
@@ -304,8 +314,8 @@ async fn a_downgrade_and_two_restarts_on_different_versions() {
             routing_task.await.unwrap().unwrap();
         }
     }
-    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v2}'")), 4);
-    assert_eq!(count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{v1}'")), 2);
+    assert_eq!(on_version(&env, &v2), 4);
+    assert_eq!(on_version(&env, &v1), 2);
     let versions = baton_orchestrator::Sagas::at(&env.store()).versions().await.unwrap();
     let create_space: Vec<_> = versions.iter().filter(|v| v.workflow == "create-space").collect();
     assert_eq!(create_space.len(), 2, "both files (the bundled one is replaced by them): {versions:?}");
@@ -361,25 +371,13 @@ async fn two_instances_on_different_versions_at_once() {
     assert_eq!(statuses, vec![200; REQUESTS]);
     all_well(&env, REQUESTS, &["orchestrator-a.log", "orchestrator-b.log"]).await;
 
-    let on =
-        |hash: &str| count(&env, &format!("SELECT COUNT(*) FROM sagas WHERE definition_hash = '{hash}'"));
-    let (old_sagas, new_sagas) = (on(&v1), on(&v2));
-    assert_eq!(old_sagas + new_sagas, REQUESTS as i64);
+    let (old_sagas, new_sagas) = (on_version(&env, &v1), on_version(&env, &v2));
+    assert_eq!(old_sagas + new_sagas, REQUESTS);
     assert!(old_sagas > 0 && new_sagas > 0, "both instances started sagas: {old_sagas} old, {new_sagas} new");
     // Entitlements sent before placement's reply: the parallel structure. Every new saga ran it,
     // no old one did.
-    let parallel = |hash: &str| {
-        count(
-            &env,
-            &format!(
-                "SELECT COUNT(*) FROM sagas s WHERE s.definition_hash = '{hash}' AND
-                   (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'entitlements' AND h.event = 'sent')
-                 < (SELECT MIN(id) FROM history h WHERE h.saga_id = s.saga_id AND h.step = 'placement' AND h.event = 'done')"
-            ),
-        )
-    };
-    assert_eq!(parallel(&v1), 0, "an old saga ran on the new structure");
-    assert_eq!(parallel(&v2), new_sagas, "a new saga ran on the old structure");
+    assert_eq!(ran_in_parallel(&env, &v1), 0, "an old saga ran on the new structure");
+    assert_eq!(ran_in_parallel(&env, &v2), new_sagas, "a new saga ran on the old structure");
 
     stop(a).await;
     stop(b).await;
@@ -410,27 +408,24 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
     })
     .await;
     stop(first).await;
-    // The operator's mistake, through the store (either backend).
-    let rw = baton_store::Db::open(&env.store(), "orchestrator", baton_orchestrator::MIGRATIONS, "operator")
-        .await
-        .unwrap();
-    let hash = v1.clone();
-    let deleted =
-        rw.call(move |tx| tx.execute("DELETE FROM definitions WHERE hash = ?1", [hash])).await.unwrap();
+    // The operator's mistake, made through the orchestrator's test support (either backend).
+    let deleted = baton_orchestrator::testing::forget_definition(&env.store(), &v1).await.unwrap();
     assert_eq!(deleted, 1);
-    drop(rw);
-    let saga: String = scalar_text(&env, "SELECT saga_id FROM sagas");
+    let all = sagas(&env.store());
+    assert_eq!(all.len(), 1);
+    let saga = all[0].id.to_string();
 
     // On the bundled workflows only: the saga's definition is nowhere.
     let second = orchestrator(&env, None, "orchestrator-2.log");
     wait_for("the saga to stop as definition_missing", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'definition_missing'") == 1).then_some(())
+        let missing = sagas(&env.store()).iter().filter(|v| v.status == "definition_missing").count();
+        (missing == 1).then_some(())
     })
     .await;
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
     // Its routing reply is handled (said again in its history), never dead-lettered.
     wait_for("the reply to be handled", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM history WHERE event = 'definition_missing'") >= 2).then_some(())
+        (with_event(&env, "definition_missing") >= 2).then_some(())
     })
     .await;
     // Other sagas are not held up.
@@ -459,16 +454,13 @@ async fn a_saga_whose_definition_was_removed_stops_visibly_and_an_operator_resum
     assert_eq!(code.code(), Some(0), "{log}");
     let _ = call.await;
     all_well(&env, 2, &["orchestrator-1.log", "orchestrator-2.log", "orchestrator-3.log"]).await;
-    assert_eq!(scalar_text(&env, &format!("SELECT status FROM sagas WHERE saga_id = '{saga}'")), "completed");
+    let ended = sagas(&env.store()).into_iter().find(|v| v.id.to_string() == saga).expect("the saga is kept");
+    assert_eq!(ended.status, "completed");
 
     stop(third).await;
     routing.cancel();
     routing_task.await.unwrap().unwrap();
     Arc::into_inner(sys).expect("no request holds the system").stop().await;
-}
-
-fn scalar_text(env: &TestEnv, sql: &str) -> String {
-    baton_tests::try_text(&env.store(), "orchestrator", sql).expect("a row")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,8 +476,7 @@ async fn an_unchanged_definition_starts_normally_over_sagas_in_flight() {
         tokio::spawn(async move { sys.try_create("acme", "alice").await })
     };
     wait_for("the saga to wait at routing", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM history WHERE step = 'routing' AND event = 'sent'") > 0)
-            .then_some(())
+        (sent_to(&env, "routing") > 0).then_some(())
     })
     .await;
     first.start_kill().unwrap();
@@ -496,8 +487,10 @@ async fn an_unchanged_definition_starts_normally_over_sagas_in_flight() {
     let same = [&args[..], &["--workflow-file", file.to_str().unwrap()]].concat();
     let mut second = spawn_baton(&env, &same, &[], "orchestrator-2.log");
     wait_for("the restarted orchestrator to time routing out", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM history WHERE step = 'routing' AND event = 'timed_out'") > 0)
-            .then_some(())
+        let timed_out = |v: &WorkflowView| {
+            v.history.iter().any(|h| h.step.as_deref() == Some("routing") && h.event == "timed_out")
+        };
+        sagas(&env.store()).iter().any(timed_out).then_some(())
     })
     .await;
     assert!(second.try_wait().unwrap().is_none(), "it is still running");

@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_protocol::Service;
-use baton_tests::{
-    System, SystemConfig, TestEnv, every_saga_ends, scalar, spawn_baton, spawn_service, wait_for,
-};
+use baton_tests::{System, SystemConfig, TestEnv, every_saga_ends, spawn_baton, spawn_service, wait_for};
 
 /// Requests per phase.
 const N: usize = 8;
@@ -86,15 +84,13 @@ fn workflow_file(dir: &Path) -> PathBuf {
 
 /// History events of routing's `do` for the sagas of spaces named `<prefix>-*`.
 fn routing_events(env: &TestEnv, prefix: &str, event: &str) -> i64 {
-    let Ok(conn) = baton_tests::sqlite(env.data_dir(), "orchestrator") else { return 0 };
-    conn.query_row(
-        "SELECT COUNT(DISTINCT h.saga_id) FROM history h JOIN sagas s USING (saga_id)
-         WHERE h.step = 'routing' AND h.action = 'do' AND h.event = ?1
-           AND json_extract(s.state, '$.context.name') LIKE ?2 || '-%'",
-        [event, prefix],
-        |r| r.get(0),
-    )
-    .unwrap_or(0)
+    let of_routing = |h: &baton_orchestrator::query::HistoryRow| {
+        h.step.as_deref() == Some("routing") && h.action.as_deref() == Some("do") && h.event == event
+    };
+    baton_tests::sagas(&env.store())
+        .iter()
+        .filter(|v| v.context.name.starts_with(&format!("{prefix}-")) && v.history.iter().any(of_routing))
+        .count() as i64
 }
 
 fn spawn_requests(
@@ -199,7 +195,7 @@ async fn saga_timers_survive_the_orchestrators_clock_jumping_back_and_forward() 
     let failed: Vec<&(String, u16)> = outcomes.iter().filter(|(_, s)| *s != 200).collect();
     assert!(failed.is_empty(), "every request succeeds once routing is back: {failed:#?}");
     every_saga_ends(&env, Duration::from_secs(60)).await;
-    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), 3 * N as i64);
+    assert_eq!(baton_tests::held(&env.store(), Service::Notifier), 3 * N);
     // The c-* clients were told 503 (rolled back, nothing done), and nothing of their spaces
     // exists anywhere: consistent, and nobody was left not knowing.
     let report = env.audit();

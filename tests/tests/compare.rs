@@ -14,19 +14,16 @@ use baton_tests::{amqp_base, baton_bin, mgmt_base};
 /// `(step, name)` of every refusal the plan injected into a plain request (one that competes
 /// with no other for a name or a quota, so it reaches the same steps in both modes).
 fn refusals(dir: &std::path::Path, seed: u64) -> BTreeSet<(String, String)> {
+    let at = baton_store::Location::Dir(dir.to_owned());
     let mut all = BTreeSet::new();
-    for db in ["records", "placement", "entitlements", "routing"] {
-        let conn = baton_tests::sqlite(dir, db).unwrap();
-        let has = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'faults')";
-        if !conn.query_row(has, [], |r| r.get::<_, bool>(0)).unwrap() {
-            continue; // nothing was injected into this service
-        }
-        let mut stmt = conn.prepare("SELECT step, key FROM faults WHERE kind = 'refusal'").unwrap();
+    for service in [Service::Records, Service::Placement, Service::Entitlements, Service::Routing] {
+        let holdings = baton_services::read::Holdings::at(&at, service);
+        let injected = baton_tests::block_on(async move { holdings.injections().await }).unwrap();
         all.extend(
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                .unwrap()
-                .map(Result::unwrap)
-                .filter(|(_, name)| name.starts_with(&format!("s{seed}-"))),
+            injected
+                .into_iter()
+                .filter(|i| i.kind == "refusal" && i.key.starts_with(&format!("s{seed}-")))
+                .map(|i| (i.step, i.key)),
         );
     }
     all

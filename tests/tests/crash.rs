@@ -3,22 +3,19 @@
 
 use std::time::Duration;
 
+use baton_protocol::Service;
 use baton_services::ServiceConfig;
-use baton_tests::{System, SystemConfig, TestEnv, scalar, spawn_baton, wait_for};
+use baton_tests::{System, SystemConfig, TestEnv, held, saga_count, spawn_baton, wait_for};
+use baton_workflow::SagaStatus;
 use tokio::process::Child;
 
 fn orchestrator(env: &TestEnv, log: &str) -> Child {
     spawn_baton(env, &["run", "orchestrator", "--instance", "main"], &[], log)
 }
 
-fn count(env: &TestEnv, sql: &str) -> i64 {
-    scalar(&env.store(), "orchestrator", sql)
-}
-
-/// [`count`], or `None` while the orchestrator has not made its database and tables yet (the
-/// file appears before its tables do).
-fn count_once_made(env: &TestEnv, sql: &str) -> Option<i64> {
-    baton_tests::try_scalar(&env.store(), "orchestrator", sql)
+/// Sagas in one of `statuses`, or `None` while the orchestrator has not made its store yet.
+fn sagas_in(env: &TestEnv, statuses: &[SagaStatus]) -> Option<i64> {
+    baton_tests::sagas_in(&env.store(), statuses)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,15 +48,13 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
     }
 
     wait_for("sagas in flight to kill the orchestrator under", Duration::from_secs(20), || async {
-        (count_once_made(&env, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating')")?
-            >= 5)
-            .then_some(())
+        (sagas_in(&env, &[SagaStatus::Running, SagaStatus::Compensating])? >= 5).then_some(())
     })
     .await;
     child.start_kill().expect("SIGKILL");
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "killed, not exited: {status}");
-    let in_flight = count(&env, "SELECT COUNT(*) FROM sagas WHERE status IN ('running', 'compensating')");
+    let in_flight = sagas_in(&env, &[SagaStatus::Running, SagaStatus::Compensating]).expect("a store");
     assert!(in_flight > 0, "the kill landed while sagas were in flight");
 
     let mut child = orchestrator(&env, "orchestrator-2.log");
@@ -78,17 +73,14 @@ async fn orchestrator_killed_mid_saga_resumes_and_every_saga_ends_once() {
     assert_eq!(ok, 24, "{statuses:?}");
 
     wait_for("every saga to end", Duration::from_secs(30), || async {
-        (count(&env, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')") == 0)
-            .then_some(())
+        let ended = [SagaStatus::Completed, SagaStatus::RolledBack];
+        let open: Vec<_> = SagaStatus::ALL.into_iter().filter(|s| !ended.contains(s)).collect();
+        (sagas_in(&env, &open)? == 0).then_some(())
     })
     .await;
-    assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM sagas"),
-        requests.len() as i64,
-        "one saga per request, none twice"
-    );
-    assert_eq!(count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'completed'"), 24);
-    assert_eq!(scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails"), 24, "one email per success");
+    assert_eq!(saga_count(&env.store()), requests.len() as i64, "one saga per request, none twice");
+    assert_eq!(sagas_in(&env, &[SagaStatus::Completed]), Some(24));
+    assert_eq!(held(&env.store(), Service::Notifier), 24, "one email per success");
     let report = env.audit();
     assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {:#?}", report.uncertain);

@@ -9,7 +9,8 @@ use std::time::Duration;
 use baton_crash as crash;
 use baton_protocol::Service;
 use baton_services::ServiceConfig;
-use baton_tests::{System, SystemConfig, TestEnv, free_port, scalar, spawn_baton, wait_for};
+use baton_tests::{System, SystemConfig, TestEnv, free_port, held, spawn_baton, wait_for};
+use baton_workflow::SagaStatus;
 
 /// 14 requests: 6 that succeed, 4 at reserved keys (three steps undone at routing) and 4 over
 /// the quota of 2 (undone at entitlements).
@@ -26,8 +27,9 @@ fn requests() -> Vec<(String, String)> {
     r
 }
 
-fn count(env: &TestEnv, sql: &str) -> i64 {
-    baton_tests::try_scalar(&env.store(), "orchestrator", sql).unwrap_or(0)
+/// Sagas in one of `statuses` (0 while the orchestrator has not made its store yet).
+fn sagas_in(env: &TestEnv, statuses: &[SagaStatus]) -> i64 {
+    baton_tests::sagas_in(&env.store(), statuses).unwrap_or(0)
 }
 
 /// Run the load with `component` as a process armed to die at `point`, restart it, and check.
@@ -95,16 +97,18 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     // A dead gateway never handed on the requests it had not published yet: those have no saga.
     let expected = if component == "gateway" { None } else { Some(requests().len() as i64) };
     wait_for("every saga to end", Duration::from_secs(30), || async {
-        let sagas = count(&env, "SELECT COUNT(*) FROM sagas");
-        let open = count(&env, "SELECT COUNT(*) FROM sagas WHERE status NOT IN ('completed', 'rolled_back')");
+        let sagas = sagas_in(&env, &SagaStatus::ALL);
+        let ended = [SagaStatus::Completed, SagaStatus::RolledBack];
+        let open: Vec<_> = SagaStatus::ALL.into_iter().filter(|s| !ended.contains(s)).collect();
+        let open = sagas_in(&env, &open);
         (expected.is_none_or(|n| n == sagas) && open == 0).then_some(())
     })
     .await;
-    let completed = count(&env, "SELECT COUNT(*) FROM sagas WHERE status = 'completed'");
+    let completed = sagas_in(&env, &[SagaStatus::Completed]);
     if component != "gateway" {
         assert_eq!(completed, 6, "{component}@{point}");
     }
-    let emails = scalar(&env.store(), "notifier", "SELECT COUNT(*) FROM emails");
+    let emails = held(&env.store(), Service::Notifier) as i64;
     assert_eq!(emails, completed, "one email per success");
     let report = env.audit();
     assert!(report.is_consistent(), "{component}@{point}: {:#?}", report.inconsistencies);

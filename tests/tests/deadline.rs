@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use baton_amqp::{Outgoing, Publisher, TraceParent, topology::COMMANDS};
 use baton_audit::Kind;
+use baton_orchestrator::Sagas;
+use baton_orchestrator::query::WorkflowView;
 use baton_protocol::{ClientDeadline, Context, SCHEMA, START, Service, StartSaga};
 use baton_tests::{System, SystemConfig, TestEnv, rows_for, saga_story, spawn_service, wait_for};
 use uuid::Uuid;
@@ -53,28 +55,22 @@ async fn baton_audit(env: &TestEnv) -> (Option<i32>, String) {
     (out.status.code(), said)
 }
 
-/// One value of the saga's row (status, answer_status, ...), if the saga exists yet.
-fn saga_field(env: &TestEnv, saga: Uuid, expr: &str) -> Option<String> {
-    let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
-    conn.query_row(
-        &format!("SELECT CAST({expr} AS TEXT) FROM sagas WHERE saga_id = ?1"),
-        [saga.to_string()],
-        |r| r.get(0),
-    )
-    .ok()
+/// The saga as the orchestrator's read model describes it, once it exists.
+async fn saga(env: &TestEnv, id: Uuid) -> Option<WorkflowView> {
+    Sagas::at(&env.store()).describe(id).await.ok().flatten()
 }
 
-async fn wait_status(env: &TestEnv, saga: Uuid, status: &str, timeout: Duration) {
+async fn wait_status(env: &TestEnv, id: Uuid, status: &str, timeout: Duration) {
     let reached = tokio::time::timeout(timeout, async {
-        while saga_field(env, saga, "status").as_deref() != Some(status) {
+        while saga(env, id).await.is_none_or(|v| v.status != status) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
     assert!(
         reached.is_ok(),
-        "saga {saga} is not {status} after {timeout:?}:\n{}",
-        saga_story(&env.store(), &saga.to_string())
+        "saga {id} is not {status} after {timeout:?}:\n{}",
+        saga_story(&env.store(), &id.to_string())
     );
 }
 
@@ -92,8 +88,9 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     let (routing, routing_task) = spawn_service(&env, Service::Routing, &cfg);
     wait_status(&env, saga, "rolled_back", Duration::from_secs(30)).await;
     let story = saga_story(&env.store(), &saga.to_string());
-    assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("503"), "{story}");
-    let reason = saga_field(&env, saga, "json_extract(state, '$.failure.reason')").unwrap();
+    let view = self::saga(&env, saga).await.expect("the saga");
+    assert_eq!(view.answer_status, Some(503), "{story}");
+    let reason = view.failure.expect("a failure").reason;
     assert!(reason.contains("deadline") && reason.contains("routing"), "{reason}");
     // Nothing left anywhere, once routing has handled both the command and its undo.
     wait_for("routing to undo its route", Duration::from_secs(10), || async {
@@ -123,14 +120,10 @@ async fn a_deadline_passing_while_a_service_is_down_rolls_back_and_leaves_nothin
     sys.stop().await;
 
     // The audit rule itself: a forward step written after the deadline is reported.
-    let conn = rusqlite::Connection::open(env.data_dir().join("orchestrator.db")).unwrap();
-    conn.execute(
-        "INSERT INTO history (saga_id, at, step, action, attempt, event)
-         SELECT saga_id, deadline_at + 1, 'placement', 'do', 2, 'sent' FROM sagas WHERE saga_id = ?1",
-        [saga.to_string()],
-    )
-    .unwrap();
-    drop(conn);
+    let written = baton_orchestrator::testing::record_step_after_deadline(&env.store(), saga, "placement")
+        .await
+        .unwrap();
+    assert_eq!(written, 1);
     let report = env.audit();
     let mine: Vec<Kind> =
         report.inconsistencies.iter().filter(|v| v.space_id == space.to_string()).map(|v| v.kind).collect();
@@ -153,22 +146,26 @@ async fn a_deadline_passing_after_the_last_compensable_step_lets_the_saga_comple
     wait_status(&env, saga, "succeeded", Duration::from_secs(20)).await;
     // The email is still unsent when the deadline passes: notify timed out after it.
     wait_for("notify to time out after the deadline", Duration::from_secs(20), || async {
-        let conn = baton_tests::sqlite(env.data_dir(), "orchestrator").ok()?;
-        let n: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM history h JOIN sagas s USING (saga_id)
-                 WHERE h.saga_id = ?1 AND h.step = 'notifier' AND h.event = 'timed_out' AND h.at >= s.deadline_at",
-                [saga.to_string()],
-                |r| r.get(0),
-            )
-            .ok()?;
+        let deadline = Sagas::at(&env.store()).deadline_at(saga).await.ok()??;
+        let n = self::saga(&env, saga)
+            .await?
+            .history
+            .iter()
+            .filter(|h| {
+                h.step.as_deref() == Some("notifier") && h.event == "timed_out" && h.at_ms >= deadline
+            })
+            .count();
         (n > 0).then_some(())
     })
     .await;
-    assert_eq!(saga_field(&env, saga, "status").as_deref(), Some("succeeded"), "not rolled back");
+    assert_eq!(
+        self::saga(&env, saga).await.map(|v| v.status).as_deref(),
+        Some("succeeded"),
+        "not rolled back"
+    );
     let (notifier, notifier_task) = spawn_service(&env, Service::Notifier, &cfg);
     wait_status(&env, saga, "completed", Duration::from_secs(40)).await;
-    assert_eq!(saga_field(&env, saga, "answer_status").as_deref(), Some("200"));
+    assert_eq!(self::saga(&env, saga).await.and_then(|v| v.answer_status), Some(200));
     for s in Service::ALL {
         assert_eq!(rows_for(&env.store(), s, &space.to_string()), 1, "{s} holds the space's row");
     }

@@ -13,7 +13,8 @@ use baton_protocol::{
     Action, Context, Mode, Outcome, SCHEMA, SagaOutcome, Service, StepCommand, StepReply, events,
 };
 use baton_tests::{
-    SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, rows_for, service_options, wait_for,
+    Api, SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, rows_for, service_options,
+    wait_for,
 };
 use futures_util::StreamExt;
 use lapin::BasicProperties;
@@ -337,10 +338,9 @@ async fn the_events_mode_runs_with_one_user_per_component() {
 
 /// The components of `cfg.mode` but `skip`, each under its own user of `users`, in this process.
 struct Running {
-    http: std::net::SocketAddr,
+    api: Api,
     cancel: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
-    client: reqwest::Client,
     /// The config the services were started with (to start a skipped one later).
     cfg: SystemConfig,
 }
@@ -349,10 +349,9 @@ impl Running {
     async fn start(env: &TestEnv, users: &Users, cfg: SystemConfig, skip: &[Service]) -> Running {
         let cancel = CancellationToken::new();
         let mut running = Running {
-            http: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            api: Api::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             cancel,
             tasks: JoinSet::new(),
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
             cfg,
         };
         for s in Service::ALL.into_iter().filter(|s| !skip.contains(s)) {
@@ -374,13 +373,8 @@ impl Running {
             ..baton_tests::node_config(env, cfg).gateway_options()
         };
         running.tasks.spawn(baton_gateway::serve(listener, gateway, running.cancel.clone()));
-        running.http = http;
-        let health = format!("http://{http}/health");
-        wait_for("the gateway's /health", Duration::from_secs(20), || {
-            let (c, url) = (running.client.clone(), health.clone());
-            async move { c.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-        })
-        .await;
+        running.api = Api::new(http);
+        running.api.wait_healthy().await;
         if let Some(Ok(Err(e))) = running.tasks.try_join_next() {
             panic!("a component stopped at start-up: {e:#}");
         }
@@ -395,13 +389,8 @@ impl Running {
 
     /// `POST /spaces` (a future of its own, so that it can wait in a task).
     fn create(&self, name: &str) -> impl std::future::Future<Output = (u16, Value)> + Send + 'static {
-        let (c, url) = (self.client.clone(), format!("http://{}/spaces", self.http));
-        let body = serde_json::json!({"name": name, "owner": "ada"});
-        async move {
-            let r = c.post(url).json(&body).send().await.expect("POST /spaces");
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
+        let (api, name) = (self.api.clone(), name.to_owned());
+        async move { api.create(&name, "ada").await }
     }
 
     /// Stop every component; each must have run cleanly.
@@ -429,7 +418,7 @@ async fn whole_system(mode: Mode) {
 
     let cfg = SystemConfig { mode, deadline: Duration::from_secs(20), ..SystemConfig::default() };
     let running = Running::start(&env, &users, cfg, &[]).await;
-    let client = running.client.clone();
+    let client = client();
     let (status, body) = running.create("least-privilege").await;
     assert_eq!(status, 200, "{mode}: {body}");
     let space_id = body["id"].as_str().expect("the space's id").to_owned();
@@ -797,16 +786,8 @@ async fn on_a_shared_user_a_reply_from_another_component_is_refused_by_name() {
         ..Default::default()
     };
     let sys = baton_tests::System::start(&env, cfg).await;
-    let http = sys.http;
-    let request = tokio::spawn(async move {
-        let r = reqwest::Client::new()
-            .post(format!("http://{http}/spaces"))
-            .json(&json!({"name": "by-name", "owner": "ada"}))
-            .send()
-            .await
-            .expect("POST /spaces");
-        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
-    });
+    let api = sys.api();
+    let request = tokio::spawn(async move { api.create("by-name", "ada").await });
     wait_for("the saga to wait on routing", WAIT, || async {
         (env.queue_depth("routing.commands").await == Some(1)).then_some(())
     })

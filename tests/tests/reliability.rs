@@ -7,10 +7,10 @@ use std::time::Duration;
 use baton_amqp::Publisher;
 use baton_faults::FaultPlan;
 use baton_mgmt::Mgmt;
-use baton_protocol::Service;
+use baton_protocol::{Component, Service};
 use baton_tests::{
-    System, SystemConfig, TestEnv, baton_bin, mgmt_base, rows_for, scalar, spawn_baton, spawn_service,
-    timeline, wait_for,
+    System, SystemConfig, TestEnv, baton_bin, mgmt_base, requests, rows_for, saga_count, spawn_baton,
+    spawn_service, store_counts, timeline, wait_for,
 };
 use baton_workflow::{RetryPolicy, Workflow};
 use serde_json::Value;
@@ -138,7 +138,7 @@ async fn a_step_that_answers_after_its_timeout_is_undone_and_its_late_work_is_a_
     }
     let space = view["space_id"].as_str().unwrap();
     assert_eq!(rows_for(&env.store(), Service::Routing, space), 0, "the late command changed nothing");
-    assert_eq!(scalar(&env.store(), "routing", "SELECT COUNT(*) FROM tombstones"), 1);
+    assert_eq!(store_counts(&env.store(), Component::Routing).tombstones, 1);
     let report = env.audit();
     assert!(report.is_consistent(), "{:?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {:?}", report.uncertain);
@@ -455,7 +455,7 @@ async fn a_flood_of_thousands_is_turned_away_and_the_gateways_memory_stays_bound
     assert!(by_status.get(&429).copied().unwrap_or(0) > REQUESTS / 2, "{by_status:?}");
     // The gateway recorded only the requests it took, and is still healthy.
     // (A 503 after the admission, a publish the broker refused, would have a row too.)
-    let recorded = scalar(&env.store(), "gateway", "SELECT COUNT(*) FROM requests") as usize;
+    let recorded = requests(&env.store()) as usize;
     let late_503 = by_status.get(&503).copied().unwrap_or(0);
     assert!(
         (taken + MAX_IN_FLIGHT..=taken + MAX_IN_FLIGHT + late_503).contains(&recorded),
@@ -510,7 +510,7 @@ async fn connections_closed_by_the_broker_mid_load_are_recovered_and_nothing_is_
         statuses.push(s);
     }
     baton_tests::every_saga_ends(&env, Duration::from_secs(30)).await;
-    assert_eq!(scalar(&env.store(), "orchestrator", "SELECT COUNT(*) FROM sagas"), 60);
+    assert_eq!(saga_count(&env.store()), 60);
     let report = env.audit();
     assert!(report.is_consistent(), "{:?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {:?}", report.uncertain);

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_amqp::topology;
-use baton_tests::{System, SystemConfig, TestEnv, scalar, wait_for};
+use baton_protocol::Service;
+use baton_tests::{System, SystemConfig, TestEnv, held, wait_for};
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -123,7 +124,7 @@ async fn a_full_disk_under_load_is_answered_507_at_once_and_nothing_is_lost() {
     let stop = CancellationToken::new();
     let mut clients = load(&sys, 6, &stop);
     wait_for("some spaces created before the disk fills", Duration::from_secs(30), || async {
-        (scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces") >= 10).then_some(())
+        (held(&env.store(), Service::Records) >= 10).then_some(())
     })
     .await;
 
@@ -159,9 +160,9 @@ async fn a_full_disk_under_load_is_answered_507_at_once_and_nothing_is_lost() {
     .await;
     // A little more load after the outage, then every client's answers.
     wait_for("new spaces created after the outage", Duration::from_secs(30), || async {
-        let n = scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces");
+        let n = held(&env.store(), Service::Records);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        (scalar(&env.store(), "records", "SELECT COUNT(*) FROM spaces") > n).then_some(())
+        (held(&env.store(), Service::Records) > n).then_some(())
     })
     .await;
     stop.cancel();

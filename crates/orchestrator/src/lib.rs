@@ -21,6 +21,8 @@ mod definitions;
 pub mod query;
 mod runtime;
 mod schema;
+#[doc(hidden)]
+pub mod testing;
 
 pub use query::Sagas;
 pub use runtime::{Options, cancel_message, request_cancel, request_retry, retry_message, run};

@@ -134,6 +134,34 @@ impl Sagas {
         .await
     }
 
+    /// Every saga, described as [`describe`] does, oldest first; none without a store. For
+    /// checks over all sagas of a small store (the tests'), which must not read its tables.
+    pub async fn all(&self) -> Result<Vec<WorkflowView>, StoreError> {
+        self.read(Vec::new(), |tx| {
+            let ids = tx.query_map("SELECT saga_id FROM sagas ORDER BY created_at, saga_id", (), |r| {
+                r.get::<String>(0)
+            })?;
+            let mut all = Vec::with_capacity(ids.len());
+            for id in ids {
+                all.extend(describe(tx, Uuid::parse_str(&id).map_err(corrupt)?)?);
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    /// The client's deadline of saga `id` on the saga clock (the clock of its history's
+    /// `at_ms`), if it has one: what the checks of steps past a deadline compare with.
+    pub async fn deadline_at(&self, id: Uuid) -> Result<Option<i64>, StoreError> {
+        self.read(None, move |tx| {
+            let at: Option<Option<i64>> = tx
+                .query_row("SELECT deadline_at FROM sagas WHERE saga_id = ?1", [id.to_string()], |r| r.get(0))
+                .optional()?;
+            Ok(at.flatten())
+        })
+        .await
+    }
+
     /// Per space, the compensable steps its saga sent at or after its client's deadline; none
     /// without a store.
     pub async fn steps_after_deadline(&self) -> Result<BTreeMap<String, u32>, StoreError> {

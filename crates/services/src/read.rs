@@ -3,7 +3,7 @@
 //! The audit, `baton compare`, the CLI and the tests read the services' tables only through
 //! here, on either backend, never writing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use baton_protocol::{Outgoing, Service};
 use baton_store::inbox::Handled;
@@ -138,6 +138,15 @@ impl Holdings {
             })
         })
         .await
+    }
+
+    /// The owners of the spaces records holds at `location`, each once (records alone keeps
+    /// the owner): what shows whether an owner is stored in one spelling.
+    pub async fn owners(location: &Location) -> Result<BTreeSet<String>, StoreError> {
+        let records = Holdings::at(location, Service::Records);
+        let owners =
+            records.read(|tx| tx.query_map("SELECT owner FROM spaces", (), |r| r.get::<String>(0))).await?;
+        Ok(owners.unwrap_or_default().into_iter().collect())
     }
 
     /// The faults a plan injected into the service, oldest first.

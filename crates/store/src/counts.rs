@@ -54,6 +54,25 @@ impl StoreCounts {
         Ok(sum)
     }
 
+    /// Rows in `component`'s outbox at `location` written by instance `owner` (whose relay
+    /// alone publishes them until its lease passes); `None` while it has no store there.
+    pub async fn outbox_of(
+        location: &Location,
+        component: Component,
+        owner: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let owner = owner.to_owned();
+        match Db::reader(location, component.name()).await? {
+            Some(db) => db
+                .call(move |tx| {
+                    tx.query_row("SELECT COUNT(*) FROM outbox WHERE owner = ?1", [owner], |r| r.get(0))
+                })
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Messages committed and not published: in an outbox, or parked.
     pub fn unsent(&self) -> i64 {
         self.outbox + self.parked
