@@ -601,6 +601,7 @@ where
             && let Some(wait) = conflicts.next()
         {
             tracing::debug!(%reason, "conflict with another instance's transaction; running the delivery again");
+            baton_metrics::store_conflict_retried(on.queue.split('.').next().unwrap_or(&on.queue));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => continue,
                 _ = on.cancel.cancelled() => break None,
