@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use baton_protocol::Outgoing;
 use uuid::Uuid;
 
-use crate::relay::PublishError;
 use crate::{Db, StoreError, Tx, now_ms, params};
 
 /// After this many unroutable returns, a row is set aside in `outbox_parked` (kept, with the
@@ -194,11 +193,10 @@ impl Db {
         .await
     }
 
-    /// Publishing this row failed: count the attempt, and set aside (never drop) a row that
-    /// keeps coming back unroutable, so that it does not block the others.
-    pub(crate) async fn failed(&self, seq: i64, error: PublishError) -> Result<(), StoreError> {
-        let returned = matches!(error, PublishError::Returned(_));
-        let reason = error.to_string();
+    /// Publishing this row failed for `reason`: count the attempt when the broker `returned` it
+    /// (unroutable), and set aside (never drop) a row that keeps coming back, so that it does
+    /// not block the others.
+    pub(crate) async fn failed(&self, seq: i64, returned: bool, reason: String) -> Result<(), StoreError> {
         self.relaxed(true, move |tx| {
             tx.execute(
                 "UPDATE outbox SET attempts = attempts + ?2, last_error = ?3 WHERE seq = ?1",

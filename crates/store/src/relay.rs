@@ -445,7 +445,7 @@ async fn note_failure<P: Publish>(
         // opens another.
         publisher.forget_channel().await;
     }
-    if let Err(e) = store.failed(seq, e).await {
+    if let Err(e) = store.failed(seq, matches!(e, PublishError::Returned(_)), e.to_string()).await {
         trouble.failed("recording an outbox failure", &e);
     }
 }
