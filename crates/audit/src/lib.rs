@@ -339,24 +339,9 @@ pub async fn audit(at: &Location) -> Result<Report, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_store::Db;
     use baton_store::scratch::{ScratchDatabase, test_server};
 
-    /// `component`'s store at `at`, made of `ddl` (leaked: a store's migrations are static).
-    async fn make(at: &Location, component: &str, ddl: String) {
-        let ddl: &'static str = Box::leak(ddl.into_boxed_str());
-        let migrations: &'static [&'static str] = Box::leak(vec![ddl].into_boxed_slice());
-        Db::open(at, component, migrations, "test").await.unwrap();
-    }
-
     async fn fixture(at: &Location) {
-        let tables = [
-            ("records", "spaces"),
-            ("placement", "placements"),
-            ("entitlements", "licences"),
-            ("routing", "routes"),
-            ("notifier", "emails"),
-        ];
         // ok: everything; failed: told 403 and a record left; half: no answer, record + placement;
         // late: told 504, nothing; late-done: told 504, everything; late-half: told 504, a record.
         let present: [&[&str]; 5] = [
@@ -366,29 +351,24 @@ mod tests {
             &["ok", "told-ok", "late-done"],
             &["ok", "late-done"],
         ];
-        for ((db, table), ids) in tables.iter().zip(present) {
-            let time = if *table == "emails" { "sent_at" } else { "created_at" };
-            let values = ids.iter().map(|id| format!("('{id}')")).collect::<Vec<_>>().join(", ");
-            make(
-                at,
-                db,
-                format!(
-                    "CREATE TABLE t (space_id TEXT); INSERT INTO t VALUES {values};
-                     CREATE VIEW {table} AS SELECT space_id, 's' AS saga_id, 1 AS {time} FROM t;"
-                ),
-            )
-            .await;
+        for (service, ids) in Service::ALL.into_iter().zip(present) {
+            for id in ids {
+                baton_services::fixture::hold(at, service, id, &format!("s-{id}")).await.unwrap();
+            }
         }
-        make(
-            at,
-            "gateway",
-            "CREATE TABLE t (space_id TEXT, told_status INTEGER);
-             INSERT INTO t VALUES ('ok', 200), ('failed', 403), ('half', NULL), ('told-ok', 200), ('clean-fail', 409),
-                                  ('late', 504), ('late-done', 504), ('late-half', 504);
-             CREATE VIEW requests AS SELECT space_id, 's' AS saga_id, space_id AS name, told_status FROM t;"
-                .into(),
-        )
-        .await;
+        let told = [
+            ("ok", Some(200)),
+            ("failed", Some(403)),
+            ("half", None),
+            ("told-ok", Some(200)),
+            ("clean-fail", Some(409)),
+            ("late", Some(504)),
+            ("late-done", Some(504)),
+            ("late-half", Some(504)),
+        ];
+        for (id, status) in told {
+            baton_gateway::fixture::took(at, id, &format!("s-{id}"), status).await.unwrap();
+        }
     }
 
     /// A fresh SQLite data dir and a fresh PostgreSQL database.
@@ -435,18 +415,16 @@ mod tests {
         let (_dir, _pg, each) = stores();
         for at in each {
             fixture(&at).await;
-            make(
-                &at,
-                "orchestrator",
-                "CREATE TABLE sagas (saga_id TEXT, space_id TEXT, status TEXT, answer_status INTEGER, deadline_at INTEGER);
-                 CREATE TABLE history (saga_id TEXT, at INTEGER, step TEXT, action TEXT, event TEXT);
-                 INSERT INTO sagas VALUES ('s-ok', 'ok', 'completed', 200, 1000), ('s-late', 'half', 'rolled_back', 504, 1000);
-                 INSERT INTO history VALUES ('s-ok', 900, 'routing', 'do', 'sent'), ('s-ok', 1200, 'notifier', 'do', 'sent'),
-                                            ('s-late', 999, 'records', 'do', 'sent'), ('s-late', 1000, 'placement', 'do', 'sent'),
-                                            ('s-late', 1100, 'records', 'undo', 'sent');"
-                    .into(),
-            )
-            .await;
+            use baton_orchestrator::testing::saga;
+            use baton_workflow::SagaStatus::{Completed, RolledBack};
+            let ok = [(900, "routing", "do", "sent"), (1200, "notifier", "do", "sent")];
+            saga(&at, "s-ok", "ok", Completed, Some(200), 1000, &ok).await.unwrap();
+            let late = [
+                (999, "records", "do", "sent"),
+                (1000, "placement", "do", "sent"),
+                (1100, "records", "undo", "sent"),
+            ];
+            saga(&at, "s-late", "half", RolledBack, Some(504), 1000, &late).await.unwrap();
             let r = audit(&at).await.unwrap();
             let kinds: Vec<(&str, Kind)> =
                 r.inconsistencies.iter().map(|v| (v.space_id.as_str(), v.kind)).collect();

@@ -23,6 +23,8 @@
 mod api;
 mod console;
 mod early;
+#[doc(hidden)]
+pub mod fixture;
 mod gateway;
 mod idempotency;
 mod input;

@@ -38,3 +38,38 @@ pub async fn record_step_after_deadline(
         })
         .await
 }
+
+/// Write a saga `id` for the space `space_id` that ended as `status`, its client told `answer`,
+/// with a client deadline of `deadline_at` (saga clock, ms), and the history lines
+/// `(at, step, action, event)`: a store for the audit's tests, of the real schema.
+pub async fn saga(
+    location: &Location,
+    id: &str,
+    space_id: &str,
+    status: baton_workflow::SagaStatus,
+    answer: Option<u16>,
+    deadline_at: i64,
+    history: &[(i64, &str, &str, &str)],
+) -> Result<(), StoreError> {
+    let (id, space, status) = (id.to_owned(), space_id.to_owned(), status.as_str().to_owned());
+    let history: Vec<(i64, String, String, String)> =
+        history.iter().map(|(at, s, a, e)| (*at, s.to_string(), a.to_string(), e.to_string())).collect();
+    open(location)
+        .await?
+        .call(move |tx| {
+            tx.execute(
+                "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, answer_status,
+                                    created_at, updated_at, deadline_at)
+                 VALUES (?1, ?2, 'create-space', ?3, '{}', '', ?4, 0, 0, ?5)",
+                baton_store::params![id, space, status, answer.map(i64::from), deadline_at],
+            )?;
+            for (at, step, action, event) in &history {
+                tx.execute(
+                    "INSERT INTO history (saga_id, at, step, action, attempt, event) VALUES (?1, ?2, ?3, ?4, 1, ?5)",
+                    baton_store::params![id, at, step, action, event],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+}

@@ -23,6 +23,8 @@ use uuid::Uuid;
 pub mod config;
 pub mod entitlements;
 pub mod faults;
+#[doc(hidden)]
+pub mod fixture;
 pub mod notifier;
 pub mod placement;
 pub mod read;
