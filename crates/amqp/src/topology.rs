@@ -88,6 +88,22 @@ pub fn shared_queues() -> Vec<QueueSpec> {
     qs
 }
 
+/// `<service>.followups`: in hybrid mode, where a follow-up ([`Service::FOLLOW_UPS`]) hears
+/// the orchestrator's `space.created`. Declared by its owner in hybrid mode only, since in
+/// events mode `space.created` means the record alone exists.
+pub fn followup_queue(service: &str) -> QueueSpec {
+    QueueSpec {
+        name: format!("{service}.followups"),
+        exchange: EVENTS,
+        keys: vec![baton_protocol::events::CREATED.into()],
+    }
+}
+
+/// The follow-ups' queues of a hybrid deployment.
+pub fn followup_queues() -> Vec<QueueSpec> {
+    Service::FOLLOW_UPS.iter().map(|s| followup_queue(s.name())).collect()
+}
+
 /// The queue where one gateway instance hears how spaces ended, in events mode.
 pub fn gateway_event_queue(instance: &str) -> QueueSpec {
     QueueSpec {

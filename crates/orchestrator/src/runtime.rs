@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, COMMANDS, OUTCOMES, REPLIES};
+use baton_amqp::topology::{self, COMMANDS, EVENTS, OUTCOMES, REPLIES};
 use baton_amqp::{
     Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, Publisher, TraceParent, consume,
 };
 use baton_health::{Health, Kind, running};
 use baton_protocol::{
     Action, CANCEL, CancelSaga, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service,
-    Space, StartSaga, StepCommand, StepError, StepReply,
+    Space, SpaceEvent, StartSaga, StepCommand, StepError, StepReply,
 };
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
@@ -684,6 +684,20 @@ fn apply(
                 .reply_to(reply_key)
                 .mode("workflow")
                 .attempt(attempt);
+                outbox::push(tx, &msg)?;
+            }
+            Effect::Emit { event, context } => {
+                // An event step (hybrid mode): announced in this transaction, awaited by nobody.
+                let body = SpaceEvent {
+                    schema: SCHEMA,
+                    space_id: saga.space_id,
+                    context,
+                    step: None,
+                    status: None,
+                    reason: None,
+                };
+                let msg = Outgoing::new(EVENTS, &event, &event, saga.id, COMPONENT, meta.trace.child(), &body)
+                    .mode("hybrid");
                 outbox::push(tx, &msg)?;
             }
             Effect::Answer { status, context, failure } => {
