@@ -519,7 +519,8 @@ mod tests {
             let r = audit(&at).await.unwrap();
             assert!(!r.inconsistencies.iter().any(|f| f.space_id == "ok"), "{at}: ok is complete");
             // late-done has the five rows of the flow but was never indexed.
-            let late = r.uncertain.iter().chain(&r.inconsistencies).find(|f| f.space_id == "late-done").unwrap();
+            let late =
+                r.uncertain.iter().chain(&r.inconsistencies).find(|f| f.space_id == "late-done").unwrap();
             assert_eq!(late.kind, Kind::Partial, "{at}");
             assert_eq!(late.missing, [Service::Search]);
             assert!(late.to_string().contains("lacks search entry"), "{late}");

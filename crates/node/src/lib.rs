@@ -120,6 +120,7 @@ impl Config {
             instance: self.instance.clone(),
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
+            announces: self.mode == Mode::Hybrid,
             health: self.health.clone(),
             retain: self.retain,
         }
@@ -166,8 +167,13 @@ pub fn default_deadline(mode: Mode) -> Duration {
 /// Run `component` under `config` until `cancel`; returns once it has stopped.
 pub async fn run(component: Component, config: &Config, cancel: CancellationToken) -> anyhow::Result<()> {
     if !component.runs_in(config.mode) {
-        let runs: Vec<&str> = Mode::ALL.into_iter().filter(|m| component.runs_in(*m)).map(Mode::as_str).collect();
-        bail!("the {component} has no part in {} mode; run it with --mode {}", config.mode, runs.join(" or --mode "));
+        let runs: Vec<&str> =
+            Mode::ALL.into_iter().filter(|m| component.runs_in(*m)).map(Mode::as_str).collect();
+        bail!(
+            "the {component} has no part in {} mode; run it with --mode {}",
+            config.mode,
+            runs.join(" or --mode ")
+        );
     }
     match component.service() {
         Some(service) => {

@@ -41,6 +41,9 @@ pub struct Options {
     pub prefetch: u16,
     /// The workflows this instance runs, by name (the bundled ones by default).
     pub workflows: Vec<Workflow>,
+    /// Hybrid mode: the follow-ups' queues, where its `space.created` goes, are declared with
+    /// its own, so that an announcement made before a follow-up ever started waits for it.
+    pub announces: bool,
     /// Where the orchestrator reports its liveness and readiness.
     pub health: Health,
     /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
@@ -64,7 +67,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
-    let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
+    let followups = if opts.announces { topology::followup_queues() } else { Vec::new() };
+    let own: Vec<_> =
+        topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).chain(followups).collect();
     broker.declare_topology(&own).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
@@ -696,8 +701,9 @@ fn apply(
                     status: None,
                     reason: None,
                 };
-                let msg = Outgoing::new(EVENTS, &event, &event, saga.id, COMPONENT, meta.trace.child(), &body)
-                    .mode("hybrid");
+                let msg =
+                    Outgoing::new(EVENTS, &event, &event, saga.id, COMPONENT, meta.trace.child(), &body)
+                        .mode("hybrid");
                 outbox::push(tx, &msg)?;
             }
             Effect::Answer { status, context, failure } => {

@@ -74,9 +74,9 @@ pub async fn run(
     });
     let followups = (opts.mode == Mode::Hybrid && Service::FOLLOW_UPS.contains(&service))
         .then(|| topology::followup_queue(name));
-    let cfg_followups = followups.as_ref().map(|q| {
-        consumer_config(health, name, q.name.clone(), opts.prefetch).max_age(opts.retain)
-    });
+    let cfg_followups = followups
+        .as_ref()
+        .map(|q| consumer_config(health, name, q.name.clone(), opts.prefetch).max_age(opts.retain));
     let db = open_db(Arc::clone(&step), &opts.store, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()

@@ -55,7 +55,10 @@ impl Step for Search {
     }
 
     fn undo(&self, _tx: &Tx<'_>, _ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
-        Ok(StepResult::Refused { status: 422, reason: "search indexes only created spaces; nothing to undo".into() })
+        Ok(StepResult::Refused {
+            status: 422,
+            reason: "search indexes only created spaces; nothing to undo".into(),
+        })
     }
 }
 
@@ -73,10 +76,8 @@ mod tests {
             let c = c.clone();
             db.transaction(move |tx| Search.apply(tx, ids(1), &c).map(|_| ())).await.unwrap();
         }
-        let rows: Vec<String> = db
-            .call(|tx| tx.query_map("SELECT terms FROM indexed", (), |r| r.get(0)))
-            .await
-            .unwrap();
+        let rows: Vec<String> =
+            db.call(|tx| tx.query_map("SELECT terms FROM indexed", (), |r| r.get(0))).await.unwrap();
         assert_eq!(rows, ["acme alice com docs example"]);
     }
 }

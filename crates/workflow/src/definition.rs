@@ -393,7 +393,12 @@ impl WorkflowBuilder {
 
     /// A step with fully specified actions.
     pub fn step_with(mut self, name: impl Into<String>, actions: Vec<ActionDef>) -> Self {
-        self.steps.push(StepDef { name: name.into(), coordination: Coordination::Command, event: None, actions });
+        self.steps.push(StepDef {
+            name: name.into(),
+            coordination: Coordination::Command,
+            event: None,
+            actions,
+        });
         self
     }
 
@@ -555,7 +560,10 @@ mod tests {
         assert!(built.emits_events() && !Workflow::create_space().emits_events());
         assert_eq!(built.actions().count(), 4, "an event step sends no command");
         // A command step that cannot be undone may still follow the event.
-        let wf = WorkflowBuilder::new("x").step("rec", [Records]).emit("e", "space.created").step("mail", [Notifier]);
+        let wf = WorkflowBuilder::new("x")
+            .step("rec", [Records])
+            .emit("e", "space.created")
+            .step("mail", [Notifier]);
         assert!(wf.build().is_ok());
     }
 
@@ -569,12 +577,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err,
-            DefinitionError::EventBeforeCompensable { step: "announce".into(), later: "publish-route".into() }
+            DefinitionError::EventBeforeCompensable {
+                step: "announce".into(),
+                later: "publish-route".into()
+            }
         );
         let text = err.to_string();
         assert!(text.contains("nobody answers") && text.contains("could not be undone"), "{text}");
         // Among compensable steps, even at the very start.
-        let first = WorkflowBuilder::new("bad").emit("announce", "space.created").step("rec", [Records]).build();
+        let first =
+            WorkflowBuilder::new("bad").emit("announce", "space.created").step("rec", [Records]).build();
         assert!(matches!(first, Err(DefinitionError::EventBeforeCompensable { .. })));
     }
 
@@ -587,7 +599,10 @@ mod tests {
             DefinitionError::EventWithActions { step: "announce".into() }
         );
         let err = WorkflowBuilder::new("x").emit("announce", "space.exploded").build().unwrap_err();
-        assert!(err.to_string().contains("`space.exploded`") && err.to_string().contains("space.created"), "{err}");
+        assert!(
+            err.to_string().contains("`space.exploded`") && err.to_string().contains("space.created"),
+            "{err}"
+        );
         let text = r#"{"name":"x","steps":[{"name":"announce","coordination":"event"}]}"#;
         assert!(Workflow::from_json(text).unwrap_err().to_string().contains("emits no event"));
         let text = r#"{"name":"x","steps":[{"name":"rec","event":"space.created","actions":[
