@@ -571,7 +571,10 @@ pub enum RunCommand {
     Routing(ServiceRun),
     /// The notifier service (`notifier.db`): the welcome email.
     Notifier(ServiceRun),
-    /// The saga orchestrator (`orchestrator.db`; workflow mode only).
+    /// The search index (`search.db`; hybrid mode only): indexes each space the orchestrator
+    /// announces with `space.created`.
+    Search(ServiceRun),
+    /// The saga orchestrator (`orchestrator.db`; workflow and hybrid modes).
     Orchestrator {
         #[command(flatten)]
         node: NodeArgs,
@@ -633,6 +636,7 @@ impl RunCommand {
             RunCommand::Entitlements(run) => run.parts(Component::Entitlements),
             RunCommand::Routing(run) => run.parts(Component::Routing),
             RunCommand::Notifier(run) => run.parts(Component::Notifier),
+            RunCommand::Search(run) => run.parts(Component::Search),
             RunCommand::Orchestrator { node, consumers, workflows } => RunParts {
                 component: Component::Orchestrator,
                 node,

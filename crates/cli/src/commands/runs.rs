@@ -39,9 +39,13 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         instances: args.scale.instances,
         retry_timeouts: args.retry_timeouts,
     };
+    let modes: Vec<&str> = opts.modes.iter().map(|m| m.as_str()).collect();
     eprintln!(
-        "comparing workflow and events: {} requests at concurrency {}, faults: {}",
-        args.requests, args.concurrency, opts.faults
+        "comparing {}: {} requests at concurrency {}, faults: {}",
+        modes.join(", "),
+        args.requests,
+        args.concurrency,
+        opts.faults
     );
     let result = baton_compare::compare(&opts).await?;
     if let Some(dir) = args.report.parent().filter(|d| !d.as_os_str().is_empty()) {
