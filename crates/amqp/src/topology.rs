@@ -88,14 +88,22 @@ pub fn shared_queues() -> Vec<QueueSpec> {
     qs
 }
 
+/// The routing key of an event the orchestrator announces in hybrid mode: `hybrid.<event>`.
+/// Its message type stays `<event>`, but its key is its own, so that it never reaches the
+/// queues of events mode (`placement.events` is bound to `space.created`, and exists whatever
+/// the mode).
+pub fn announce_key(event: &str) -> String {
+    format!("hybrid.{event}")
+}
+
 /// `<service>.followups`: in hybrid mode, where a follow-up ([`Service::FOLLOW_UPS`]) hears
-/// the orchestrator's `space.created`. Declared by its owner in hybrid mode only, since in
-/// events mode `space.created` means the record alone exists.
+/// the orchestrator's `space.created`. Declared in hybrid mode only, since in events mode
+/// `space.created` means the record alone exists.
 pub fn followup_queue(service: &str) -> QueueSpec {
     QueueSpec {
         name: format!("{service}.followups"),
         exchange: EVENTS,
-        keys: vec![baton_protocol::events::CREATED.into()],
+        keys: vec![announce_key(baton_protocol::events::CREATED)],
     }
 }
 

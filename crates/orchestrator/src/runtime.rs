@@ -701,9 +701,10 @@ fn apply(
                     status: None,
                     reason: None,
                 };
-                let msg =
-                    Outgoing::new(EVENTS, &event, &event, saga.id, COMPONENT, meta.trace.child(), &body)
-                        .mode("hybrid");
+                // Its own key (`hybrid.space.created`): events mode's queues never see it.
+                let key = topology::announce_key(&event);
+                let msg = Outgoing::new(EVENTS, &key, &event, saga.id, COMPONENT, meta.trace.child(), &body)
+                    .mode("hybrid");
                 outbox::push(tx, &msg)?;
             }
             Effect::Answer { status, context, failure } => {
