@@ -629,12 +629,12 @@ pub async fn every_saga_ends(env: &TestEnv, timeout: Duration) {
     .await
 }
 
-/// The components that publish through an outbox (every one but the gateway, which publishes a
-/// request's start itself), by name, which is also their database's.
+/// The components of workflow mode that publish through an outbox (every one but the gateway,
+/// which publishes a request's start itself), by name, which is also their database's.
 pub fn publishers() -> impl Iterator<Item = &'static str> {
     baton_protocol::Component::ALL
         .into_iter()
-        .filter(|c| *c != baton_protocol::Component::Gateway)
+        .filter(|c| *c != baton_protocol::Component::Gateway && c.runs_in(Mode::Workflow))
         .map(|c| c.name())
 }
 

@@ -22,6 +22,7 @@ async fn run(mode: Mode, seconds: u64) -> (ModeRun, String) {
     let node = tokio::task::spawn_blocking(Node::start_with_management).await.unwrap();
     let out = tempfile::tempdir().unwrap();
     let opts = Options {
+        modes: vec![Mode::Workflow, Mode::Events],
         requests: 1_000_000,
         concurrency: 8,
         seed: 3,

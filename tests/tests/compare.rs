@@ -34,6 +34,7 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     baton_tests::init_logs();
     let out = tempfile::tempdir().unwrap();
     let opts = Options {
+        modes: vec![Mode::Workflow, Mode::Events],
         requests: 300,
         seed: 11,
         faults: FaultPlan::parse(FaultPlan::DEFAULT, 11).unwrap(),

@@ -39,6 +39,7 @@ exec "{real}" "$@"
 
 fn options(bin: PathBuf, out: &Path, plan: &str, mgmt: Mgmt) -> Options {
     Options {
+        modes: vec![Mode::Workflow, Mode::Events],
         requests: 120,
         concurrency: 8,
         seed: 5,
@@ -159,6 +160,7 @@ async fn a_vhost_that_cannot_be_deleted_costs_a_warning_not_the_comparison() {
     let out = tempfile::tempdir().unwrap();
     let (proxy, server) = refusing_mgmt_proxy().await;
     let opts = Options {
+        modes: vec![Mode::Workflow, Mode::Events],
         requests: 60,
         ..options(baton_bin(), out.path(), "refuse=0.05", Mgmt::new(&proxy, "guest", "guest"))
     };

@@ -88,6 +88,30 @@ pub fn shared_queues() -> Vec<QueueSpec> {
     qs
 }
 
+/// The routing key of an event the orchestrator announces in hybrid mode: `hybrid.<event>`.
+/// Its message type stays `<event>`, but its key is its own, so that it never reaches the
+/// queues of events mode (`placement.events` is bound to `space.created`, and exists whatever
+/// the mode).
+pub fn announce_key(event: &str) -> String {
+    format!("hybrid.{event}")
+}
+
+/// `<service>.followups`: in hybrid mode, where a follow-up ([`Service::FOLLOW_UPS`]) hears
+/// the orchestrator's `space.created`. Declared in hybrid mode only, since in events mode
+/// `space.created` means the record alone exists.
+pub fn followup_queue(service: &str) -> QueueSpec {
+    QueueSpec {
+        name: format!("{service}.followups"),
+        exchange: EVENTS,
+        keys: vec![announce_key(baton_protocol::events::CREATED)],
+    }
+}
+
+/// The follow-ups' queues of a hybrid deployment.
+pub fn followup_queues() -> Vec<QueueSpec> {
+    Service::FOLLOW_UPS.iter().map(|s| followup_queue(s.name())).collect()
+}
+
 /// The queue where one gateway instance hears how spaces ended, in events mode.
 pub fn gateway_event_queue(instance: &str) -> QueueSpec {
     QueueSpec {

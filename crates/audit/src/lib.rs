@@ -2,7 +2,8 @@
 //! SQLite files, or a PostgreSQL database's schemas).
 //!
 //! A space the client was told succeeded (200) has exactly one record, placement, licence, route
-//! and email; a space the client was told failed has none of them; a space nobody got a definite
+//! and email (and, in hybrid mode, a search entry: a store of the search index makes an audit
+//! expect one, since its follow-ups must converge too); a space the client was told failed has none of them; a space nobody got a definite
 //! answer for must be all or nothing; a saga starts no compensable step once its client's
 //! deadline passed. A space that breaks it is an inconsistency. A client told 504 whose space
 //! ended consistent (nothing, or all five) is not one: it is uncertain, counted apart, since
@@ -18,7 +19,7 @@ use std::fmt;
 
 use baton_gateway::read::Requests;
 use baton_orchestrator::Sagas;
-use baton_protocol::Service;
+use baton_protocol::{Mode, Service};
 use baton_services::read::Holdings;
 use baton_workflow::SagaStatus;
 use serde::Serialize;
@@ -136,6 +137,7 @@ pub fn row_name(s: Service) -> &'static str {
         Service::Entitlements => "licence",
         Service::Routing => "route",
         Service::Notifier => "email",
+        Service::Search => "search entry",
     }
 }
 
@@ -202,12 +204,23 @@ pub struct SpaceRows {
     pub definition_missing: bool,
     /// Compensable steps its saga sent at or after its client's deadline.
     pub steps_after_deadline: u32,
+    /// The services a complete space has a row in ([`Mode::services`]).
+    pub expected: &'static [Service],
 }
 
 impl SpaceRows {
     pub fn is_complete(&self) -> bool {
-        self.present.len() == Service::ALL.len()
+        self.expected.iter().all(|s| self.present.contains(s))
     }
+}
+
+/// The mode the stores at `at` were written in, as far as a complete space goes: hybrid when
+/// the search index has a store (only hybrid mode runs it), otherwise one whose spaces have
+/// the five rows of the flow.
+pub async fn mode_of(at: &Location) -> Result<Mode, AuditError> {
+    let search = Holdings::at(at, Service::Search).exists().await;
+    let search = search.map_err(|source| AuditError::Read { db: Service::Search.name().into(), source })?;
+    Ok(if search { Mode::Hybrid } else { Mode::Workflow })
 }
 
 /// Read every space at `at`: which services hold a row for it, and what its client was told,
@@ -224,10 +237,11 @@ pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
     if !any {
         return Err(AuditError::Empty(at.to_string()));
     }
+    let expected = mode_of(at).await?.services();
     let mut spaces: BTreeMap<String, SpaceRows> = BTreeMap::new();
-    for service in Service::ALL {
+    for &service in expected {
         for held in Holdings::at(at, service).all().await.map_err(read(service.name()))? {
-            let s = space(&mut spaces, held.space_id);
+            let s = space(&mut spaces, held.space_id, expected);
             s.present.insert(service);
             s.saga_id.get_or_insert(held.saga_id);
             s.oldest_ms = Some(s.oldest_ms.map_or(held.at_ms, |o| o.min(held.at_ms)));
@@ -237,17 +251,17 @@ pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
     // the gateway has none (a saga started without it).
     let sagas = Sagas::at(at);
     for saga in sagas.answers().await.map_err(read("orchestrator"))? {
-        let s = space(&mut spaces, saga.space_id);
+        let s = space(&mut spaces, saga.space_id, expected);
         s.told = saga.answer_status;
         s.in_flight = saga.status.is_in_flight();
         s.compensation_failed = saga.status == SagaStatus::CompensationFailed;
         s.definition_missing = saga.status == SagaStatus::DefinitionMissing;
     }
     for (id, n) in sagas.steps_after_deadline().await.map_err(read("orchestrator"))? {
-        space(&mut spaces, id).steps_after_deadline = n;
+        space(&mut spaces, id, expected).steps_after_deadline = n;
     }
     for request in Requests::at(at).told().await.map_err(read("gateway"))? {
-        let s = space(&mut spaces, request.space_id);
+        let s = space(&mut spaces, request.space_id, expected);
         if let Some(t) = request.status {
             s.told = Some(t);
         }
@@ -255,7 +269,11 @@ pub async fn scan(at: &Location) -> Result<Vec<SpaceRows>, AuditError> {
     Ok(spaces.into_values().collect())
 }
 
-fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows {
+fn space<'a>(
+    spaces: &'a mut BTreeMap<String, SpaceRows>,
+    id: String,
+    expected: &'static [Service],
+) -> &'a mut SpaceRows {
     spaces.entry(id.clone()).or_insert_with(|| SpaceRows {
         space_id: id,
         saga_id: None,
@@ -266,6 +284,7 @@ fn space(spaces: &mut BTreeMap<String, SpaceRows>, id: String) -> &mut SpaceRows
         compensation_failed: false,
         definition_missing: false,
         steps_after_deadline: 0,
+        expected,
     })
 }
 
@@ -316,7 +335,7 @@ pub async fn audit(at: &Location) -> Result<Report, AuditError> {
             }
         }
         if let Some(kind) = judge(&s) {
-            let missing = Service::ALL.into_iter().filter(|x| !s.present.contains(x)).collect();
+            let missing = s.expected.iter().copied().filter(|x| !s.present.contains(x)).collect();
             let finding = Finding {
                 space_id: s.space_id,
                 kind,
@@ -448,6 +467,7 @@ mod tests {
             compensation_failed: false,
             definition_missing: false,
             steps_after_deadline: 0,
+            expected: &Service::ALL,
         };
         let class = |s: &SpaceRows| judge(s).map(Kind::class);
         assert_eq!(class(&rows(Some(504), &[])), Some(Class::Uncertain));
@@ -459,6 +479,23 @@ mod tests {
         // A 504 whose saga broke the deadline rule is inconsistent even when it ended empty.
         let late = SpaceRows { steps_after_deadline: 1, ..rows(Some(504), &[]) };
         assert_eq!(class(&late), Some(Class::Inconsistent));
+    }
+
+    #[tokio::test]
+    async fn with_a_search_index_a_space_told_200_needs_its_search_entry_too() {
+        let (_dir, _pg, each) = stores();
+        for at in each {
+            fixture(&at).await;
+            baton_services::fixture::hold(&at, Service::Search, "ok", "s-ok").await.unwrap();
+            let r = audit(&at).await.unwrap();
+            assert!(!r.inconsistencies.iter().any(|f| f.space_id == "ok"), "{at}: ok is complete");
+            // late-done has the five rows of the flow but was never indexed.
+            let late =
+                r.uncertain.iter().chain(&r.inconsistencies).find(|f| f.space_id == "late-done").unwrap();
+            assert_eq!(late.kind, Kind::Partial, "{at}");
+            assert_eq!(late.missing, [Service::Search]);
+            assert!(late.to_string().contains("lacks search entry"), "{late}");
+        }
     }
 
     #[tokio::test]

@@ -144,6 +144,13 @@ impl Options {
 
     /// The workflow sagas run in workflow mode, loaded as the components load it: the bundled
     /// ones, replaced or joined by `workflow_files`, then the one named `workflow`.
+    /// The workflow the gateway runs in `mode`: `--workflow`, except that hybrid mode runs
+    /// create-space-hybrid unless `--workflow` names one with an event step.
+    pub(crate) fn workflow_of(&self, mode: Mode) -> &str {
+        let emits = self.load_workflow().is_ok_and(|w| w.emits_events());
+        if mode == Mode::Hybrid && !emits { "create-space-hybrid" } else { &self.workflow }
+    }
+
     pub fn load_workflow(&self) -> anyhow::Result<Workflow> {
         let mut all = Workflow::bundled_and(&self.workflow_files)?;
         match all.iter().position(|w| w.name == self.workflow) {
@@ -191,11 +198,14 @@ impl Options {
 }
 
 /// Round trips of one saga of `mode`: the actions of `workflow` in workflow mode, the five
-/// services of the chain in events mode (which runs no workflow).
+/// services of the chain in events mode (which runs no workflow), the awaited actions of
+/// create-space-hybrid in hybrid mode (its follow-ups are not waited for).
 pub fn steps(workflow: &Workflow, mode: Mode) -> usize {
     match mode {
         Mode::Workflow => workflow.actions().count(),
         Mode::Events => Service::ALL.len(),
+        Mode::Hybrid if workflow.emits_events() => workflow.actions().count(),
+        Mode::Hybrid => Workflow::create_space_hybrid().actions().count(),
     }
 }
 
@@ -334,7 +344,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let floor = floor::measure(opts, &say).await?;
     let mut modes = Vec::new();
     for &mode in &opts.modes {
-        let mut m = sagas::run_mode(opts, mode, steps(&workflow, mode), &say).await?;
+        let wf = if mode == Mode::Hybrid && !workflow.emits_events() {
+            Workflow::create_space_hybrid()
+        } else {
+            workflow.clone()
+        };
+        let mut m = sagas::run_mode(opts, mode, steps(&wf, mode), &say).await?;
         m.ratios = Ratios::of(&floor, &m);
         modes.push(m);
     }

@@ -23,11 +23,13 @@ use crate::{Options, PREFILL_IN_FLIGHT, REPLY_TIMEOUT, Ratios, Say};
 
 /// Broker messages of one successful saga of `steps` round trips: in workflow mode the start,
 /// one command and one reply per action, and the answer (12 for create-space); in events mode
-/// `space.requested` and the event each service emits (6).
+/// `space.requested` and the event each service emits (6); in hybrid mode the workflow's
+/// messages and the one `space.created` the follow-ups share (11 for create-space-hybrid).
 pub fn nominal_messages(mode: Mode, steps: usize) -> f64 {
     match mode {
         Mode::Workflow => (2 * steps + 2) as f64,
         Mode::Events => (steps + 1) as f64,
+        Mode::Hybrid => (2 * steps + 3) as f64,
     }
 }
 
@@ -105,7 +107,7 @@ pub struct ModeReport {
 /// and do not all do it at the same moment.
 fn waves(mode: Mode, instances: usize) -> Vec<Vec<Process>> {
     let of = |i: usize| -> Vec<Process> {
-        Service::ALL
+        mode.services()
             .iter()
             .map(|s| match instances {
                 1 => Process::new(s.name()),
@@ -118,13 +120,13 @@ fn waves(mode: Mode, instances: usize) -> Vec<Vec<Process>> {
         _ => Process::instance(ORCHESTRATOR, format!("i{i}")),
     };
     let mut first = of(1);
-    if mode == Mode::Workflow {
+    if mode.runs_sagas() {
         first.push(orchestrator(1));
     }
     first.push(Process::new("gateway"));
     let more = (2..=instances).map(|i| {
         let mut wave = of(i);
-        if mode == Mode::Workflow {
+        if mode.runs_sagas() {
             wave.push(orchestrator(i));
         }
         wave
@@ -177,7 +179,7 @@ pub(crate) async fn run_mode(
         "--http",
         &format!("127.0.0.1:{port}"),
         "--workflow",
-        &opts.workflow,
+        opts.workflow_of(mode),
         // The same patience in both modes (events mode's default is 5 s): a slow answer under
         // load is measured as slow, not turned into a 504.
         "--deadline",
@@ -242,11 +244,16 @@ struct Runs {
 /// process of a service or of the orchestrator (`instances`), one for the gateway's.
 fn work_queues(mode: Mode, instances: usize) -> Vec<(String, u32)> {
     let mut qs: Vec<String> = match mode {
-        Mode::Workflow => Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect(),
+        Mode::Workflow | Mode::Hybrid => {
+            Service::ALL.iter().map(|s| topology::command_queue(s.name())).collect()
+        }
         Mode::Events => Service::ALL.iter().map(|s| topology::event_queue(s.name())).collect(),
     };
+    if mode == Mode::Hybrid {
+        qs.extend(topology::followup_queues().into_iter().map(|q| q.name));
+    }
     match mode {
-        Mode::Workflow => {
+        Mode::Workflow | Mode::Hybrid => {
             qs.push(topology::command_queue(ORCHESTRATOR));
             qs.push(topology::ORCHESTRATOR_REPLIES.to_owned());
             qs.push(topology::outcome_queue("main"));
@@ -537,7 +544,7 @@ async fn settle(store: &Location, mode: Mode, timeout: Duration) -> bool {
     loop {
         let outbox = baton_store::StoreCounts::total(store).await.ok().map(|c| c.outbox);
         let working = match mode {
-            Mode::Workflow => baton_orchestrator::Sagas::at(store).in_flight().await.ok(),
+            Mode::Workflow | Mode::Hybrid => baton_orchestrator::Sagas::at(store).in_flight().await.ok(),
             Mode::Events => Some(0),
         };
         if outbox == Some(0) && working == Some(0) {
@@ -632,6 +639,11 @@ mod tests {
         }
         let three = names(waves(Mode::Workflow, 3));
         assert_eq!(three[2].last().map(String::as_str), Some("orchestrator-i3"), "{three:?}");
+        // Hybrid mode runs the search index and the orchestrator, and waits for the follow-ups.
+        let hybrid = names(waves(Mode::Hybrid, 1));
+        assert!(hybrid[0].contains(&"search".to_string()) && hybrid[0].contains(&"orchestrator".to_string()));
+        let queues: Vec<String> = work_queues(Mode::Hybrid, 1).into_iter().map(|(q, _)| q).collect();
+        assert!(queues.contains(&"search.followups".to_string()), "{queues:?}");
     }
 
     #[test]
@@ -639,5 +651,6 @@ mod tests {
         assert_eq!(nominal_messages(Mode::Workflow, 5), 12.0);
         assert_eq!(nominal_messages(Mode::Workflow, 16), 34.0);
         assert_eq!(nominal_messages(Mode::Events, 5), 6.0);
+        assert_eq!(nominal_messages(Mode::Hybrid, 4), 11.0);
     }
 }

@@ -164,6 +164,9 @@ pub enum Command {
 pub struct CompareArgs {
     #[command(flatten)]
     pub scale: ScaleArgs,
+    /// The modes to run, one after the other, each a column of the table.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "workflow,events")]
+    pub modes: Vec<CliMode>,
     /// Requests sent through each mode's gateway.
     #[arg(long, default_value_t = 500, help_heading = "Load")]
     pub requests: usize,
@@ -225,7 +228,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "workflow,events")]
     pub modes: Vec<CliMode>,
     /// The workflow each saga runs in workflow mode: create-space, create-space-parallel, or
-    /// one named in a --workflow-file.
+    /// one named in a --workflow-file (hybrid mode runs create-space-hybrid unless this one
+    /// has an event step).
     #[arg(long, default_value = "create-space")]
     pub workflow: String,
     /// Workflow definition files (JSON) given to every component, e.g.
@@ -498,6 +502,9 @@ pub enum CliMode {
     Workflow,
     /// Choreography: each service reacts to the previous one's event.
     Events,
+    /// A saga for the steps that may need undoing, then `space.created` for the follow-ups
+    /// (the email and the search index) to react to.
+    Hybrid,
 }
 
 /// Baton's one duration grammar, humantime's (`500ms`, `30s`, `2m`, `1h`, `1h 30m`), used by
@@ -583,7 +590,10 @@ pub enum RunCommand {
     Routing(ServiceRun),
     /// The notifier service (`notifier.db`): the welcome email.
     Notifier(ServiceRun),
-    /// The saga orchestrator (`orchestrator.db`; workflow mode only).
+    /// The search index (`search.db`; hybrid mode only): indexes each space the orchestrator
+    /// announces with `space.created`.
+    Search(ServiceRun),
+    /// The saga orchestrator (`orchestrator.db`; workflow and hybrid modes).
     Orchestrator {
         #[command(flatten)]
         node: NodeArgs,
@@ -645,6 +655,7 @@ impl RunCommand {
             RunCommand::Entitlements(run) => run.parts(Component::Entitlements),
             RunCommand::Routing(run) => run.parts(Component::Routing),
             RunCommand::Notifier(run) => run.parts(Component::Notifier),
+            RunCommand::Search(run) => run.parts(Component::Search),
             RunCommand::Orchestrator { node, consumers, workflows } => RunParts {
                 component: Component::Orchestrator,
                 node,
@@ -777,10 +788,11 @@ pub struct GatewayArgs {
     /// Address of the HTTP gateway.
     #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
-    /// The workflow each request runs: create-space, create-space-parallel, or one named in a
-    /// --workflow-file.
-    #[arg(long, env = "BATON_WORKFLOW", default_value = "create-space", help_heading = "Workflows")]
-    pub workflow: String,
+    /// The workflow each request runs: create-space, create-space-parallel,
+    /// create-space-hybrid, or one named in a --workflow-file (default: create-space, and
+    /// create-space-hybrid in hybrid mode).
+    #[arg(long, env = "BATON_WORKFLOW", help_heading = "Workflows")]
+    pub workflow: Option<String>,
     /// How long a client waits for an outcome before a 504 (default: 30s in workflow mode, 5s
     /// in events mode).
     #[arg(long, value_parser = parse_duration)]
@@ -824,6 +836,7 @@ impl From<CliMode> for baton_protocol::Mode {
         match m {
             CliMode::Workflow => baton_protocol::Mode::Workflow,
             CliMode::Events => baton_protocol::Mode::Events,
+            CliMode::Hybrid => baton_protocol::Mode::Hybrid,
         }
     }
 }

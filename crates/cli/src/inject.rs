@@ -48,7 +48,7 @@ pub fn check(plan: &FaultPlan, window: Duration, mode: Mode) -> anyhow::Result<(
         match crashable(&c.component) {
             None => bail!("--faults: `baton up` has no component `{}` to crash", c.component),
             Some(Component::Orchestrator) if mode == Mode::Events => bail!(
-                "--faults: crash.orchestrator, but the orchestrator has no part in events mode; drop the item or use --mode workflow"
+                "--faults: crash.orchestrator, but the orchestrator has no part in events mode; drop the item or use --mode workflow or hybrid"
             ),
             Some(_) => {}
         }

@@ -36,6 +36,8 @@ pub async fn chaos(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
 /// How to compare.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The modes [`compare`] runs, in order (`--modes`); chaos runs one mode and ignores it.
+    pub modes: Vec<Mode>,
     /// The `baton` binary that runs the components.
     pub baton_bin: PathBuf,
     /// The broker without a vhost: `amqp://guest:guest@127.0.0.1:5672`.
@@ -78,6 +80,7 @@ impl Options {
     /// 10 % natural refusals, the default fault plan, a minute to settle, no progress bar.
     pub fn new(baton_bin: PathBuf, amqp_base: String, mgmt: baton_mgmt::Mgmt, out_dir: PathBuf) -> Options {
         Options {
+            modes: vec![Mode::Workflow, Mode::Events],
             baton_bin,
             amqp_base,
             mgmt,
@@ -174,10 +177,10 @@ pub struct Comparison {
     pub runs: Vec<ModeRun>,
 }
 
-/// Run both modes, one after the other, on the same load and the same plan.
+/// Run each of `opts.modes`, one after the other, on the same load and the same plan.
 pub async fn compare(opts: &Options) -> anyhow::Result<Comparison> {
     let mut runs = Vec::new();
-    for mode in [Mode::Workflow, Mode::Events] {
+    for &mode in &opts.modes {
         runs.push(run_mode(opts, mode).await?);
     }
     Ok(Comparison {

@@ -26,7 +26,7 @@ struct Target {
 
 fn targets(mode: Mode) -> Vec<Target> {
     match mode {
-        Mode::Workflow => {
+        Mode::Workflow | Mode::Hybrid => {
             let mut t: Vec<Target> = Service::ALL
                 .iter()
                 .map(|s| Target { exchange: COMMANDS, key: s.name().into(), kind: s.do_type() })

@@ -100,7 +100,7 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
     // Without libfaketime the clock items are skipped with a note, as a broker restart is
     // without --broker-ctl: the rest of the plan still runs.
-    let clock = if mode == Mode::Workflow && !opts.faults.clock_jumps.is_empty() {
+    let clock = if mode.runs_sagas() && !opts.faults.clock_jumps.is_empty() {
         if FakeClock::library().is_some() {
             Some(FakeClock::new(&dir)?)
         } else {
@@ -111,8 +111,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
         None
     };
     let mut components: Vec<Process> =
-        Service::ALL.iter().flat_map(|s| instances(s.name(), opts.instances)).collect();
-    if mode == Mode::Workflow {
+        mode.services().iter().flat_map(|s| instances(s.name(), opts.instances)).collect();
+    if mode.runs_sagas() {
         let env = clock.as_ref().map(FakeClock::env).unwrap_or_default();
         components.extend(instances("orchestrator", opts.instances).map(|p| p.with_env(env.clone())));
     }
@@ -321,7 +321,8 @@ impl Run<'_> {
         let broker = baton_amqp::Broker::connect(&self.amqp_url, "compare").await?;
         let queues: Vec<_> = topology::all_queues("main")
             .into_iter()
-            .filter(|q| self.mode == Mode::Workflow || q.name != "orchestrator.replies")
+            .chain(if self.mode == Mode::Hybrid { topology::followup_queues() } else { Vec::new() })
+            .filter(|q| self.mode.runs_sagas() || q.name != "orchestrator.replies")
             .collect();
         let all = baton_amqp::dlq::list(&broker, &queues, 500).await?;
         broker.close().await;
@@ -344,9 +345,11 @@ async fn quiesce(
     let broker = baton_amqp::Broker::connect(amqp_url, "compare").await?;
     let queues: Vec<String> = topology::all_queues("main")
         .into_iter()
+        // Hybrid mode's follow-ups have queues of their own, declared in that mode only.
+        .chain(if mode == Mode::Hybrid { topology::followup_queues() } else { Vec::new() })
         .map(|q| q.name)
         // Events mode has no orchestrator, so nobody declared its reply queue.
-        .filter(|q| mode == Mode::Workflow || q != "orchestrator.replies")
+        .filter(|q| mode.runs_sagas() || q != "orchestrator.replies")
         .collect();
     let deadline = Instant::now() + timeout;
     let mut last: Option<(i64, Instant)> = None;
@@ -365,7 +368,7 @@ async fn quiesce(
         let _ = ch.close(200, "probed".into()).await;
         let counts = StoreCounts::total(store).await.unwrap_or_default();
         let (outbox, handled) = (counts.outbox, counts.handled);
-        let working = if mode == Mode::Workflow {
+        let working = if mode.runs_sagas() {
             baton_orchestrator::Sagas::at(store).in_flight().await.unwrap_or(0)
         } else {
             0
@@ -389,7 +392,7 @@ async fn quiesce(
         }
         if Instant::now() > deadline {
             // Say what is still moving: the one clue a failed CI run leaves.
-            let sagas = if mode == Mode::Workflow {
+            let sagas = if mode.runs_sagas() {
                 let counts = Sagas::at(store).counts_by_status().await.unwrap_or_default();
                 let open = counts.iter().filter(|(s, _)| !s.is_settled());
                 open.map(|(s, n)| format!("{} {n}", s.as_str())).collect::<Vec<_>>().join(", ")

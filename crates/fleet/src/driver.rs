@@ -44,7 +44,7 @@ impl Fault {
     /// orchestrator's crashes and clock in events mode).
     pub fn points(plan: &FaultPlan, mode: Mode) -> Vec<(u32, Fault)> {
         let ms = Duration::from_millis;
-        let workflow = mode == Mode::Workflow;
+        let workflow = mode.runs_sagas();
         let mut points: Vec<(u32, Fault)> = Vec::new();
         for c in plan.crashes.iter().filter(|c| workflow || c.component != "orchestrator") {
             points.push((c.at_percent, Fault::Crash { component: c.component.clone(), down: ms(c.down_ms) }));

@@ -56,7 +56,7 @@ impl Gateway {
     /// An event that ends a space's flow arrived (events mode): make it an outcome.
     pub(crate) async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let ev: SpaceEvent = env.decode(&self.incoming, &[events::READY, events::REJECTED])?;
-        self.identity.expect(&env, &events::emitters(&env.kind))?;
+        self.identity.expect(&env, &events::emitters(&env.kind, Mode::Events))?;
         let ctx = ev.context;
         let outcome = if env.kind == events::READY {
             SagaOutcome {
@@ -172,7 +172,7 @@ impl Gateway {
         let space_id = Uuid::new_v4();
         // The id the outcome comes back under: the saga's, or in events mode the space's.
         let saga_id = match self.opts.mode {
-            Mode::Workflow => Uuid::new_v4(),
+            Mode::Workflow | Mode::Hybrid => Uuid::new_v4(),
             Mode::Events => space_id,
         };
         let (name, owner, mode) = (req.name.clone(), req.owner.clone(), self.opts.mode.as_str());
@@ -353,7 +353,7 @@ impl Gateway {
         let trace = baton_telemetry::traceparent(TraceParent::new_root);
         tracing::debug!(%saga_id, %space_id, mode = %self.opts.mode, "request accepted");
         let msg = match self.opts.mode {
-            Mode::Workflow => {
+            Mode::Workflow | Mode::Hybrid => {
                 let start = StartSaga {
                     schema: SCHEMA,
                     saga_id,

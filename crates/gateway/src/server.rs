@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
     let publisher = Publisher::new(broker.clone());
     let incoming = match opts.mode {
-        Mode::Workflow => outcomes.name.clone(),
+        Mode::Workflow | Mode::Hybrid => outcomes.name.clone(),
         Mode::Events => event_queue.name.clone(),
     };
     let gw = Arc::new(Gateway {
@@ -78,7 +78,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     ));
     let alive = health.check(COMPONENT, &format!("consumer of {queue} running"), Kind::Live);
     match gw.opts.mode {
-        Mode::Workflow => tasks.spawn(running(
+        Mode::Workflow | Mode::Hybrid => tasks.spawn(running(
             alive,
             consume(
                 broker.clone(),

@@ -81,7 +81,7 @@ impl Config {
             service_delay: Duration::ZERO,
             faults: FaultPlan::default(),
             workflows: Workflow::bundled(),
-            workflow: "create-space".into(),
+            workflow: default_workflow(mode).into(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             deadline: default_deadline(mode),
             max_in_flight: 1024,
@@ -120,6 +120,7 @@ impl Config {
             instance: self.instance.clone(),
             prefetch: self.prefetch,
             workflows: self.workflows.clone(),
+            announces: self.mode == Mode::Hybrid,
             health: self.health.clone(),
             retain: self.retain,
         }
@@ -145,11 +146,20 @@ impl Config {
     }
 }
 
+/// The workflow the gateway asks for by default: in hybrid mode the one whose last step emits
+/// `space.created` to the follow-ups.
+pub fn default_workflow(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Workflow | Mode::Events => "create-space",
+        Mode::Hybrid => "create-space-hybrid",
+    }
+}
+
 /// How long a client waits for an outcome by default: a saga may retry a step for a while;
 /// a flow of events has nobody to wait on.
 pub fn default_deadline(mode: Mode) -> Duration {
     match mode {
-        Mode::Workflow => Duration::from_secs(30),
+        Mode::Workflow | Mode::Hybrid => Duration::from_secs(30),
         Mode::Events => Duration::from_secs(5),
     }
 }
@@ -157,7 +167,13 @@ pub fn default_deadline(mode: Mode) -> Duration {
 /// Run `component` under `config` until `cancel`; returns once it has stopped.
 pub async fn run(component: Component, config: &Config, cancel: CancellationToken) -> anyhow::Result<()> {
     if !component.runs_in(config.mode) {
-        bail!("the {component} has no part in {} mode; run it with --mode workflow", config.mode);
+        let runs: Vec<&str> =
+            Mode::ALL.into_iter().filter(|m| component.runs_in(*m)).map(Mode::as_str).collect();
+        bail!(
+            "the {component} has no part in {} mode; run it with --mode {}",
+            config.mode,
+            runs.join(" or --mode ")
+        );
     }
     match component.service() {
         Some(service) => {
@@ -190,5 +206,16 @@ mod tests {
         let cfg = Config::new(Mode::Events, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
         let err = run(Component::Orchestrator, &cfg, CancellationToken::new()).await.unwrap_err();
         assert!(err.to_string().contains("events mode"), "{err}");
+        let cfg = Config::new(Mode::Workflow, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
+        let err = run(Component::Search, &cfg, CancellationToken::new()).await.unwrap_err();
+        assert!(err.to_string().contains("run it with --mode hybrid"), "{err}");
+    }
+
+    #[test]
+    fn hybrid_mode_runs_the_workflow_that_announces_the_space() {
+        let cfg = Config::new(Mode::Hybrid, "amqp://shared", baton_store::Location::Dir("/tmp/x".into()));
+        let wf = cfg.workflows.iter().find(|w| w.name == cfg.workflow).expect("a bundled workflow");
+        assert!(wf.emits_events());
+        assert_eq!(cfg.deadline, Duration::from_secs(30));
     }
 }

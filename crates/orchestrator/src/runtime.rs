@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, COMMANDS, OUTCOMES};
+use baton_amqp::topology::{self, COMMANDS, EVENTS, OUTCOMES};
 use baton_amqp::{
     Broker, ConsumerConfig, Envelope, HandleError, Identity, Outgoing, Publisher, TraceParent, consume,
 };
 use baton_health::{Health, Kind, running};
 use baton_protocol::{
     Action, CANCEL, CancelSaga, Context, RETRY, RetrySaga, SCHEMA, START, START_REPLY, SagaOutcome, Service,
-    Space, StartSaga, StepCommand, StepError, StepReply,
+    Space, SpaceEvent, StartSaga, StepCommand, StepError, StepReply,
 };
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
@@ -41,6 +41,9 @@ pub struct Options {
     pub prefetch: u16,
     /// The workflows this instance runs, by name (the bundled ones by default).
     pub workflows: Vec<Workflow>,
+    /// Hybrid mode: the follow-ups' queues, where its `space.created` goes, are declared with
+    /// its own, so that an announcement made before a follow-up ever started waits for it.
+    pub announces: bool,
     /// Where the orchestrator reports its liveness and readiness.
     pub health: Health,
     /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
@@ -64,7 +67,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
-    let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
+    let followups = if opts.announces { topology::followup_queues() } else { Vec::new() };
+    let own: Vec<_> =
+        topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).chain(followups).collect();
     broker.declare_topology(&own).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
@@ -718,6 +723,22 @@ fn apply(
                 .reply_to(reply_key)
                 .mode("workflow")
                 .attempt(attempt);
+                outbox::push(tx, &msg)?;
+            }
+            Effect::Emit { event, context } => {
+                // An event step (hybrid mode): announced in this transaction, awaited by nobody.
+                let body = SpaceEvent {
+                    schema: SCHEMA,
+                    space_id: saga.space_id,
+                    context,
+                    step: None,
+                    status: None,
+                    reason: None,
+                };
+                // Its own key (`hybrid.space.created`): events mode's queues never see it.
+                let key = topology::announce_key(&event);
+                let msg = Outgoing::new(EVENTS, &key, &event, saga.id, COMPONENT, meta.trace.child(), &body)
+                    .mode("hybrid");
                 outbox::push(tx, &msg)?;
             }
             Effect::Answer { status, context, failure } => {

@@ -38,7 +38,8 @@ bodies!(StepCommand, StepReply, RetrySaga, CancelSaga, StartSaga, SpaceEvent, Sa
 /// Largest body a consumer accepts; bigger ones are dead-lettered unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// The five services of the flow, in the order of the default workflow.
+/// The five services of the flow, in the order of the default workflow, and the follow-ups
+/// that only react to a finished space in hybrid mode ([`Service::FOLLOW_UPS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Service {
@@ -47,11 +48,18 @@ pub enum Service {
     Entitlements,
     Routing,
     Notifier,
+    /// The search index: a follow-up of hybrid mode that indexes each created space.
+    Search,
 }
 
 impl Service {
+    /// The services of the flow, which every mode runs (not the follow-up `search`).
     pub const ALL: [Service; 5] =
         [Service::Records, Service::Placement, Service::Entitlements, Service::Routing, Service::Notifier];
+
+    /// In hybrid mode: the services that react to the orchestrator's `space.created` event
+    /// rather than answer a command.
+    pub const FOLLOW_UPS: [Service; 2] = [Service::Notifier, Service::Search];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -60,6 +68,7 @@ impl Service {
             Service::Entitlements => "entitlements",
             Service::Routing => "routing",
             Service::Notifier => "notifier",
+            Service::Search => "search",
         }
     }
 
@@ -71,6 +80,7 @@ impl Service {
             Service::Entitlements => "entitlements.license",
             Service::Routing => "routing.route",
             Service::Notifier => "notifier.notify",
+            Service::Search => "search.index",
         }
     }
 
@@ -81,7 +91,7 @@ impl Service {
             Service::Placement => Some("placement.release"),
             Service::Entitlements => Some("entitlements.revoke"),
             Service::Routing => Some("routing.unroute"),
-            Service::Notifier => None,
+            Service::Notifier | Service::Search => None,
         }
     }
 
@@ -93,6 +103,7 @@ impl Service {
             Service::Entitlements => events::PLACED,
             Service::Routing => events::LICENSED,
             Service::Notifier => events::ROUTED,
+            Service::Search => events::CREATED,
         }
     }
 
@@ -104,11 +115,12 @@ impl Service {
             Service::Entitlements => events::LICENSED,
             Service::Routing => events::ROUTED,
             Service::Notifier => events::READY,
+            Service::Search => events::INDEXED,
         }
     }
 
     pub fn parse(name: &str) -> Option<Service> {
-        Service::ALL.into_iter().find(|s| s.name() == name)
+        Service::ALL.into_iter().chain([Service::Search]).find(|s| s.name() == name)
     }
 }
 
@@ -126,14 +138,42 @@ pub enum Mode {
     Workflow,
     /// Choreography: each service reacts to the previous one's event.
     Events,
+    /// A saga runs the steps that may need undoing, then emits `space.created`, to which the
+    /// follow-ups ([`Service::FOLLOW_UPS`]) react on their own.
+    Hybrid,
 }
 
 impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Workflow, Mode::Events, Mode::Hybrid];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Workflow => "workflow",
             Mode::Events => "events",
+            Mode::Hybrid => "hybrid",
         }
+    }
+
+    /// The services that keep a row for every space created in this mode: the five of the
+    /// flow, and the search index in hybrid mode.
+    pub fn services(self) -> &'static [Service] {
+        const HYBRID: [Service; 6] = [
+            Service::Records,
+            Service::Placement,
+            Service::Entitlements,
+            Service::Routing,
+            Service::Notifier,
+            Service::Search,
+        ];
+        match self {
+            Mode::Workflow | Mode::Events => &Service::ALL,
+            Mode::Hybrid => &HYBRID,
+        }
+    }
+
+    /// Whether an orchestrator runs each request as a saga (workflow and hybrid modes).
+    pub fn runs_sagas(self) -> bool {
+        matches!(self, Mode::Workflow | Mode::Hybrid)
     }
 }
 
@@ -143,7 +183,8 @@ impl std::fmt::Display for Mode {
     }
 }
 
-/// Every process-level part of Baton: the five services, the orchestrator and the gateway.
+/// Every process-level part of Baton: the five services, the search index of hybrid mode, the
+/// orchestrator and the gateway.
 /// Each keeps `<data-dir>/<name>.db`, is `baton run <name>`, and is named so in logs and fault
 /// plans; this is the one list of them (which run in which mode is [`Component::runs_in`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -154,18 +195,20 @@ pub enum Component {
     Entitlements,
     Routing,
     Notifier,
+    Search,
     Orchestrator,
     Gateway,
 }
 
 impl Component {
     /// In the order `baton up` starts them: the services, then who sends them work.
-    pub const ALL: [Component; 7] = [
+    pub const ALL: [Component; 8] = [
         Component::Records,
         Component::Placement,
         Component::Entitlements,
         Component::Routing,
         Component::Notifier,
+        Component::Search,
         Component::Orchestrator,
         Component::Gateway,
     ];
@@ -190,13 +233,19 @@ impl Component {
             Component::Entitlements => Some(Service::Entitlements),
             Component::Routing => Some(Service::Routing),
             Component::Notifier => Some(Service::Notifier),
+            Component::Search => Some(Service::Search),
             Component::Orchestrator | Component::Gateway => None,
         }
     }
 
-    /// Whether it has a part in `mode`: the orchestrator has none in events mode.
+    /// Whether it has a part in `mode`: the orchestrator has none in events mode, the search
+    /// index a part in hybrid mode only.
     pub fn runs_in(self, mode: Mode) -> bool {
-        self != Component::Orchestrator || mode == Mode::Workflow
+        match self {
+            Component::Orchestrator => mode.runs_sagas(),
+            Component::Search => mode == Mode::Hybrid,
+            _ => true,
+        }
     }
 
     /// The components of a system running in `mode`, in start order.
@@ -213,6 +262,7 @@ impl From<Service> for Component {
             Service::Entitlements => Component::Entitlements,
             Service::Routing => Component::Routing,
             Service::Notifier => Component::Notifier,
+            Service::Search => Component::Search,
         }
     }
 }
@@ -418,18 +468,24 @@ pub mod events {
     pub const ROUTED: &str = "space.routed";
     pub const READY: &str = "space.ready";
     pub const REJECTED: &str = "space.rejected";
+    /// Never emitted: the search index, a follow-up, has nobody to tell (its done event exists
+    /// so that every service has one).
+    pub const INDEXED: &str = "space.indexed";
     pub const ALL: [&str; 7] = [REQUESTED, CREATED, PLACED, LICENSED, ROUTED, READY, REJECTED];
 
-    /// The components that may emit `event` (by name): the gateway `space.requested`, each
-    /// service its done event, any service `space.rejected`. The same rule as the topic
-    /// permissions of `broker/permissions.json`; receivers check it by sender
-    /// (`baton_amqp::Identity`).
-    pub fn emitters(event: &str) -> Vec<&'static str> {
+    /// The components that may emit `event` (by name) in `mode`: the gateway
+    /// `space.requested`, each service its done event, any service `space.rejected`; in hybrid
+    /// mode only the orchestrator emits, `space.created`, once a saga's compensable steps are
+    /// done. The same rule as the topic permissions of `broker/permissions.json`; receivers
+    /// check it by sender (`baton_amqp::Identity`).
+    pub fn emitters(event: &str, mode: crate::Mode) -> Vec<&'static str> {
         use crate::Service;
-        match event {
-            REQUESTED => vec!["gateway"],
-            REJECTED => Service::ALL.iter().map(|s| s.name()).collect(),
-            e => Service::ALL.iter().filter(|s| s.done_event() == e).map(|s| s.name()).collect(),
+        match (event, mode) {
+            (CREATED, crate::Mode::Hybrid) => vec!["orchestrator"],
+            (_, crate::Mode::Hybrid) => Vec::new(),
+            (REQUESTED, _) => vec!["gateway"],
+            (REJECTED, _) => Service::ALL.iter().map(|s| s.name()).collect(),
+            (e, _) => Service::ALL.iter().filter(|s| s.done_event() == e).map(|s| s.name()).collect(),
         }
     }
 }
@@ -491,15 +547,19 @@ pub struct SagaOutcome {
 mod tests {
     #[test]
     fn each_event_has_its_emitters() {
-        use super::{Service, events};
-        assert_eq!(events::emitters(events::REQUESTED), ["gateway"]);
-        assert_eq!(events::emitters(events::READY), ["notifier"]);
-        assert_eq!(events::emitters(events::PLACED), ["placement"]);
-        assert_eq!(events::emitters(events::REJECTED).len(), 5);
+        use super::{Mode, Service, events};
+        let ev = Mode::Events;
+        assert_eq!(events::emitters(events::REQUESTED, ev), ["gateway"]);
+        assert_eq!(events::emitters(events::READY, ev), ["notifier"]);
+        assert_eq!(events::emitters(events::PLACED, ev), ["placement"]);
+        assert_eq!(events::emitters(events::REJECTED, ev).len(), 5);
         for s in Service::ALL {
-            assert_eq!(events::emitters(s.done_event()), [s.name()]);
+            assert_eq!(events::emitters(s.done_event(), ev), [s.name()]);
         }
-        assert!(events::emitters("space.exploded").is_empty());
+        assert!(events::emitters("space.exploded", ev).is_empty());
+        // In hybrid mode the orchestrator announces a created space, and nobody else emits.
+        assert_eq!(events::emitters(events::CREATED, Mode::Hybrid), ["orchestrator"]);
+        assert!(events::emitters(events::READY, Mode::Hybrid).is_empty());
     }
 
     use super::*;
@@ -515,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn component_names_round_trip_and_the_orchestrator_runs_only_in_workflow_mode() {
+    fn component_names_round_trip_and_the_orchestrator_runs_only_where_sagas_do() {
         for c in Component::ALL {
             assert_eq!(Component::parse(c.name()), Some(c));
         }
@@ -523,8 +583,13 @@ mod tests {
             assert_eq!(Component::from(s).service(), Some(s));
             assert_eq!(Component::from(s).name(), s.name());
         }
+        for s in Service::FOLLOW_UPS {
+            assert_eq!(Service::parse(s.name()), Some(s));
+        }
         assert_eq!(Component::of_mode(Mode::Workflow).count(), 7);
         assert!(!Component::of_mode(Mode::Events).any(|c| c == Component::Orchestrator));
+        assert_eq!(Component::of_mode(Mode::Hybrid).count(), 8);
+        assert!(!Component::of_mode(Mode::Workflow).any(|c| c == Component::Search));
     }
 
     #[test]

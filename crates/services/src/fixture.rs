@@ -46,6 +46,10 @@ pub async fn hold(
                 "INSERT INTO emails (space_id, recipient, subject, body, sent_at, saga_id) VALUES (?1, 'o', 's', 'b', ?3, ?2)",
                 params![space, saga, at],
             )?,
+            Service::Search => tx.execute(
+                "INSERT INTO indexed (space_id, name, terms, indexed_at, saga_id) VALUES (?1, ?1, ?1, ?3, ?2)",
+                params![space, saga, at],
+            )?,
         };
         Ok(())
     })

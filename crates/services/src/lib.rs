@@ -1,14 +1,14 @@
-//! The five services of the flow: their business rules, their tables, and the runtime that
+//! The five services of the flow and the search index of hybrid mode: their business rules, their tables, and the runtime that
 //! drives a rule from a command and answers with a reply.
 //!
 //! Owns: one module per service with its tables and rules ([`records`], [`placement`],
-//! [`entitlements`], [`routing`], [`notifier`]), each behind the [`Step`] trait; [`runtime`],
+//! [`entitlements`], [`routing`], [`notifier`], [`search`]), each behind the [`Step`] trait; [`runtime`],
 //! which turns a delivery into one transaction (inbox, tombstone, rule, outbox) and acks after
 //! the commit; [`faults`], the fault plan's decorators around a rule and around the
 //! runtime's pipeline, which [`run`] puts in place only when the plan injects something; and
 //! [`read`], the read model through which everyone else reads the services' stores. The
 //! rules are the same code whatever drives them (a command in workflow mode, an event in events
-//! mode). Must not touch: another service's database, saga state, or lapin (everything AMQP goes
+//! mode, the orchestrator's `space.created` for the follow-ups of hybrid mode). Must not touch: another service's database, saga state, or lapin (everything AMQP goes
 //! through `baton-amqp`).
 
 use std::sync::Arc;
@@ -31,6 +31,7 @@ pub mod read;
 pub mod records;
 pub mod routing;
 pub mod runtime;
+pub mod search;
 
 pub use config::ServiceConfig;
 
@@ -136,6 +137,7 @@ pub fn step_for(service: Service, cfg: &ServiceConfig) -> Box<dyn Step> {
         }),
         Service::Routing => Box::new(routing::Routing { reserved: cfg.reserved.clone() }),
         Service::Notifier => Box::new(notifier::Notifier),
+        Service::Search => Box::new(search::Search),
     }
 }
 

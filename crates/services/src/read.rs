@@ -1,5 +1,5 @@
 //! The read model of the services' stores: which spaces each service holds a row for (a
-//! record, a placement, a licence, a route, an email), and the faults a plan injected into it.
+//! record, a placement, a licence, a route, an email, a search entry), and the faults a plan injected into it.
 //! The audit, `baton compare`, the CLI and the tests read the services' tables only through
 //! here, on either backend, never writing.
 
@@ -30,6 +30,7 @@ fn table(service: Service) -> (&'static str, &'static str) {
         Service::Entitlements => ("licences", "created_at"),
         Service::Routing => ("routes", "created_at"),
         Service::Notifier => ("emails", "sent_at"),
+        Service::Search => ("indexed", "indexed_at"),
     }
 }
 

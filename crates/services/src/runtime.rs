@@ -5,6 +5,9 @@
 //! In workflow mode a service answers the orchestrator's commands on `<service>.commands`. In
 //! events mode it reacts to the previous step's event on `<service>.events` and emits its own;
 //! it still answers commands, which is how `baton reconcile` undoes what a failed flow left.
+//! In hybrid mode the services of the saga answer commands, and the follow-ups
+//! ([`Service::FOLLOW_UPS`]) react to the orchestrator's `space.created` on
+//! `<service>.followups`, emitting nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -62,11 +65,18 @@ pub async fn run(
     let name = service.name();
     // Registered first (failing until attached), so that a readiness asked while this
     // service is still starting does not pass without it.
-    let cfg_commands =
-        consumer_config(health, name, topology::command_queue(name), opts.prefetch).max_age(opts.retain);
+    // The search index takes no command; the services of the flow do in every mode.
+    let cfg_commands = Service::ALL.contains(&service).then(|| {
+        consumer_config(health, name, topology::command_queue(name), opts.prefetch).max_age(opts.retain)
+    });
     let cfg_events = (opts.mode == Mode::Events).then(|| {
         consumer_config(health, name, topology::event_queue(name), opts.prefetch).max_age(opts.retain)
     });
+    let followups = (opts.mode == Mode::Hybrid && Service::FOLLOW_UPS.contains(&service))
+        .then(|| topology::followup_queue(name));
+    let cfg_followups = followups
+        .as_ref()
+        .map(|q| consumer_config(health, name, q.name.clone(), opts.prefetch).max_age(opts.retain));
     let db = open_db(Arc::clone(&step), &opts.store, &opts.instance).await?;
     let conn_name = if opts.instance == baton_store::DEFAULT_OWNER {
         service.name().to_owned()
@@ -76,7 +86,8 @@ pub async fn run(
     db.health().register(health, name);
     let broker = Broker::connect(opts.amqp_url.expose(), &conn_name).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
-    broker.declare_topology(&topology::queues_of(name)).await?;
+    let own: Vec<_> = topology::queues_of(name).into_iter().chain(followups).collect();
+    broker.declare_topology(&own).await?;
     let identity = Identity::of_url(name, broker.url());
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();
@@ -95,6 +106,7 @@ pub async fn run(
     let handler = Arc::new(Handler {
         commands: topology::command_queue(service.name()),
         events: topology::event_queue(service.name()),
+        followups: topology::followup_queue(service.name()).name,
         command_kinds: std::iter::once(service.do_type()).chain(service.undo_type()).collect(),
         identity,
         step,
@@ -103,17 +115,32 @@ pub async fn run(
         delay: opts.delay,
         pipeline,
     });
-    let h = Arc::clone(&handler);
-    tasks.spawn(running(
-        health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
-        consume(
-            broker.clone(),
-            publisher.clone(),
-            cfg_commands,
-            move |env| Arc::clone(&h).on_command(env),
-            cancel.clone(),
-        ),
-    ));
+    if let Some(cfg_commands) = cfg_commands {
+        let h = Arc::clone(&handler);
+        tasks.spawn(running(
+            health.check(name, &format!("consumer of {} running", cfg_commands.queue), Kind::Live),
+            consume(
+                broker.clone(),
+                publisher.clone(),
+                cfg_commands,
+                move |env| Arc::clone(&h).on_command(env),
+                cancel.clone(),
+            ),
+        ));
+    }
+    if let Some(cfg) = cfg_followups {
+        let h = Arc::clone(&handler);
+        tasks.spawn(running(
+            health.check(name, &format!("consumer of {} running", cfg.queue), Kind::Live),
+            consume(
+                broker.clone(),
+                publisher.clone(),
+                cfg,
+                move |env| Arc::clone(&h).on_followup(env),
+                cancel.clone(),
+            ),
+        ));
+    }
     if let Some(cfg_events) = cfg_events {
         let h = Arc::clone(&handler);
         tasks.spawn(running(
@@ -172,6 +199,7 @@ struct Handler {
     /// message (only a rejected message's reason uses the names).
     commands: String,
     events: String,
+    followups: String,
     command_kinds: Vec<&'static str>,
     /// Who sent an event ([`Identity`]): in events mode a service takes its trigger only from
     /// the component that emits it.
@@ -273,7 +301,7 @@ impl Handler {
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let service = self.step.service();
         let event: SpaceEvent = env.decode(&self.events, &[service.trigger_event()])?;
-        self.identity.expect(&env, &events::emitters(&env.kind))?;
+        self.identity.expect(&env, &events::emitters(&env.kind, Mode::Events))?;
         tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
@@ -317,6 +345,38 @@ impl Handler {
             let msg = Outgoing::new(EVENTS, kind, kind, event.space_id, service.name(), trace, &body)
                 .mode("events");
             Ok(vec![msg])
+        })
+        .await
+    }
+}
+
+impl Handler {
+    /// A follow-up of hybrid mode: the orchestrator announced a space whose saga passed its
+    /// last compensable step. Do the rule once per space (the inbox and the rule's own key see
+    /// to that) and tell nobody: no saga waits for it. The follow-ups' rules never refuse; one
+    /// that did would be logged, as nobody could be told.
+    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
+    async fn on_followup(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let service = self.step.service();
+        let event: SpaceEvent = env.decode(&self.followups, &[events::CREATED])?;
+        self.identity.expect(&env, &events::emitters(&env.kind, Mode::Hybrid))?;
+        tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
+        let message = Handling {
+            service,
+            action: Action::Do,
+            message_id: env.message_id,
+            name: event.context.name.clone(),
+        };
+        // The orchestrator's event is correlated with its saga.
+        let saga_id = env.correlation_id.unwrap_or(event.space_id);
+        self.in_transaction(message, move |tx, step| {
+            let ids = Ids { space_id: event.space_id, saga_id };
+            if let StepResult::Refused { reason, .. } | StepResult::Failed { reason, .. } =
+                apply(tx, step, ids, &event.context)?
+            {
+                tracing::warn!(%service, space_id = %event.space_id, %reason, "a follow-up did not take effect");
+            }
+            Ok(Vec::new())
         })
         .await
     }

@@ -62,11 +62,49 @@ pub struct ActionDef {
     pub compensation_retry: RetryPolicy,
 }
 
-/// One step: a group of actions that run in parallel.
+/// How a step gets its work done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coordination {
+    /// The orchestrator sends each action's command and waits for its reply.
+    #[default]
+    Command,
+    /// The orchestrator publishes the step's `event`, in the transaction that records the
+    /// step, and goes on without waiting: the subscribers react on their own.
+    Event,
+}
+
+impl Coordination {
+    fn is_command(&self) -> bool {
+        *self == Coordination::Command
+    }
+}
+
+/// The events a workflow's event step may emit: the ones the follow-ups subscribe to.
+pub const EMITTABLE: [&str; 1] = [baton_protocol::events::CREATED];
+
+/// One step: a group of actions that run in parallel, or (`coordination: event`) an event
+/// that is published rather than a command that is awaited.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepDef {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Coordination::is_command")]
+    pub coordination: Coordination,
+    /// The event an event step emits (`space.created`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default)]
     pub actions: Vec<ActionDef>,
+}
+
+impl StepDef {
+    /// The event this step emits, if it is an event step.
+    pub fn emits(&self) -> Option<&str> {
+        match self.coordination {
+            Coordination::Event => self.event.as_deref(),
+            Coordination::Command => None,
+        }
+    }
 }
 
 /// A validated workflow. Construct it with [`Workflow::from_json`] or [`WorkflowBuilder`].
@@ -116,6 +154,24 @@ pub enum DefinitionError {
     WrongCompensation { step: String, service: Service, expected: String },
     #[error("step `{step}`: `{service}` {problem}")]
     BadPolicy { step: String, service: Service, problem: &'static str },
+    #[error(
+        "step `{step}` emits an event, which nobody answers and no compensation can take back, \
+         yet the compensable step `{later}` comes after it: if `{later}` failed, what the event \
+         set off could not be undone, so move `{step}` after every compensable step"
+    )]
+    EventBeforeCompensable { step: String, later: String },
+    #[error(
+        "step `{step}` emits an event and so sends no command: its subscribers react on their \
+         own and cannot be compensated; remove its actions, or make it a command step"
+    )]
+    EventWithActions { step: String },
+    #[error(
+        "step `{step}` is an event step that emits {got}; it must name one the follow-ups \
+         subscribe to: {}", EMITTABLE.join(", ")
+    )]
+    UnknownEvent { step: String, got: String },
+    #[error("step `{step}` names an event but is a command step; add `\"coordination\": \"event\"`")]
+    EventOnCommandStep { step: String },
 }
 
 impl Workflow {
@@ -142,9 +198,21 @@ impl Workflow {
             .expect("the bundled create-space-parallel workflow is valid")
     }
 
+    /// `create-space` for hybrid mode: the four compensable steps run as a saga, then the
+    /// orchestrator emits `space.created`, to which the email and the search index react.
+    pub fn create_space_hybrid() -> Workflow {
+        Workflow::from_json(include_str!("../workflows/create-space-hybrid.json"))
+            .expect("the bundled create-space-hybrid workflow is valid")
+    }
+
     /// The bundled workflows, by name.
     pub fn bundled() -> Vec<Workflow> {
-        vec![Workflow::create_space(), Workflow::create_space_parallel()]
+        vec![Workflow::create_space(), Workflow::create_space_parallel(), Workflow::create_space_hybrid()]
+    }
+
+    /// Whether a step of it emits an event (it is meant for hybrid mode).
+    pub fn emits_events(&self) -> bool {
+        self.steps.iter().any(|s| s.emits().is_some())
     }
 
     /// What the components run: the bundled workflows, each replaced by the one of the same name
@@ -191,7 +259,34 @@ impl Workflow {
             return Err(DefinitionError::Empty(name));
         }
         let mut final_seen: Option<Service> = None;
+        let mut event_seen: Option<&str> = None;
         for step in &steps {
+            match step.coordination {
+                Coordination::Event => {
+                    if !step.actions.is_empty() {
+                        return Err(DefinitionError::EventWithActions { step: step.name.clone() });
+                    }
+                    let got = step.event.as_deref().unwrap_or_default();
+                    if !EMITTABLE.contains(&got) {
+                        let got = if got.is_empty() { "no event".into() } else { format!("`{got}`") };
+                        return Err(DefinitionError::UnknownEvent { step: step.name.clone(), got });
+                    }
+                    event_seen = Some(&step.name);
+                    continue;
+                }
+                Coordination::Command if step.event.is_some() => {
+                    return Err(DefinitionError::EventOnCommandStep { step: step.name.clone() });
+                }
+                Coordination::Command => {}
+            }
+            if let Some(event_step) = event_seen
+                && step.actions.iter().any(|a| a.compensable)
+            {
+                return Err(DefinitionError::EventBeforeCompensable {
+                    step: event_step.to_owned(),
+                    later: step.name.clone(),
+                });
+            }
             if step.actions.is_empty() {
                 return Err(DefinitionError::EmptyStep(step.name.clone()));
             }
@@ -298,7 +393,23 @@ impl WorkflowBuilder {
 
     /// A step with fully specified actions.
     pub fn step_with(mut self, name: impl Into<String>, actions: Vec<ActionDef>) -> Self {
-        self.steps.push(StepDef { name: name.into(), actions });
+        self.steps.push(StepDef {
+            name: name.into(),
+            coordination: Coordination::Command,
+            event: None,
+            actions,
+        });
+        self
+    }
+
+    /// A step that emits `event` and goes on without waiting for anyone.
+    pub fn emit(mut self, name: impl Into<String>, event: &str) -> Self {
+        self.steps.push(StepDef {
+            name: name.into(),
+            coordination: Coordination::Event,
+            event: Some(event.into()),
+            actions: Vec::new(),
+        });
         self
     }
 
@@ -433,6 +544,70 @@ mod tests {
             {"name":"rec","actions":[{"service":"records","command":"records.create","compensation":"records.delete","timeout_ms":10}]}]}"#;
         let err = Workflow::from_json(text).unwrap_err();
         assert!(err.to_string().contains("step `rec`"), "{err}");
+    }
+
+    #[test]
+    fn the_hybrid_workflow_announces_the_space_after_its_compensable_steps() {
+        let built = WorkflowBuilder::new("create-space-hybrid")
+            .step("create-record", [Records])
+            .step("assign-shard", [Placement])
+            .step("license", [Entitlements])
+            .step("publish-route", [Routing])
+            .emit("announce", "space.created")
+            .build()
+            .unwrap();
+        assert_eq!(built, Workflow::create_space_hybrid());
+        assert!(built.emits_events() && !Workflow::create_space().emits_events());
+        assert_eq!(built.actions().count(), 4, "an event step sends no command");
+        // A command step that cannot be undone may still follow the event.
+        let wf = WorkflowBuilder::new("x")
+            .step("rec", [Records])
+            .emit("e", "space.created")
+            .step("mail", [Notifier]);
+        assert!(wf.build().is_ok());
+    }
+
+    #[test]
+    fn an_event_before_a_compensable_step_is_refused_saying_why() {
+        let err = WorkflowBuilder::new("bad")
+            .step("create-record", [Records])
+            .emit("announce", "space.created")
+            .step("publish-route", [Routing])
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            DefinitionError::EventBeforeCompensable {
+                step: "announce".into(),
+                later: "publish-route".into()
+            }
+        );
+        let text = err.to_string();
+        assert!(text.contains("nobody answers") && text.contains("could not be undone"), "{text}");
+        // Among compensable steps, even at the very start.
+        let first =
+            WorkflowBuilder::new("bad").emit("announce", "space.created").step("rec", [Records]).build();
+        assert!(matches!(first, Err(DefinitionError::EventBeforeCompensable { .. })));
+    }
+
+    #[test]
+    fn an_event_step_has_no_actions_and_names_an_event_the_follow_ups_know() {
+        let text = r#"{"name":"x","steps":[{"name":"announce","coordination":"event","event":"space.created",
+            "actions":[{"service":"records","command":"records.create","compensation":"records.delete","timeout_ms":10}]}]}"#;
+        assert_eq!(
+            Workflow::from_json(text).unwrap_err(),
+            DefinitionError::EventWithActions { step: "announce".into() }
+        );
+        let err = WorkflowBuilder::new("x").emit("announce", "space.exploded").build().unwrap_err();
+        assert!(
+            err.to_string().contains("`space.exploded`") && err.to_string().contains("space.created"),
+            "{err}"
+        );
+        let text = r#"{"name":"x","steps":[{"name":"announce","coordination":"event"}]}"#;
+        assert!(Workflow::from_json(text).unwrap_err().to_string().contains("emits no event"));
+        let text = r#"{"name":"x","steps":[{"name":"rec","event":"space.created","actions":[
+            {"service":"records","command":"records.create","compensation":"records.delete","timeout_ms":10}]}]}"#;
+        assert!(matches!(Workflow::from_json(text), Err(DefinitionError::EventOnCommandStep { .. })));
     }
 
     #[test]

@@ -267,6 +267,8 @@ pub enum HistoryEvent {
     DefinitionMissing,
     /// An operator's retry found the definition again: the saga goes on where it stopped.
     Resumed,
+    /// An event step published its event (the detail names it); nobody is waited for.
+    Emitted,
 }
 
 impl HistoryEvent {
@@ -293,6 +295,7 @@ impl HistoryEvent {
             HistoryEvent::Cancelled => "cancelled",
             HistoryEvent::DefinitionMissing => "definition_missing",
             HistoryEvent::Resumed => "resumed",
+            HistoryEvent::Emitted => "emitted",
         }
     }
 }
@@ -302,6 +305,8 @@ impl HistoryEvent {
 pub enum Effect {
     /// Send a command (or its compensation) to a service.
     Send { index: usize, service: Service, action: Action, attempt: u32, context: Context },
+    /// Publish `event` with the space's context (an event step): nobody answers it.
+    Emit { event: String, context: Context },
     /// Answer the client: 200 with the context, or the failure's status after the rollback.
     Answer { status: u16, context: Context, failure: Option<Failure> },
     /// Append to the saga's timeline.
@@ -799,6 +804,17 @@ impl Saga {
             out.history(None, None, HistoryEvent::Completed, None);
             return;
         };
+        if let Some(event) = def.emits() {
+            // Past the point of no return too, and nothing to wait for: answer, publish, go on.
+            if self.status == SagaStatus::Running {
+                self.answer_success(out);
+                self.status = SagaStatus::Succeeded;
+                out.history(None, None, HistoryEvent::Succeeded, None);
+            }
+            out.0.push(Effect::Emit { event: event.to_owned(), context: self.context.clone() });
+            out.history(None, None, HistoryEvent::Emitted, Some(event.to_owned()));
+            return self.enter_step(wf, step + 1, now, out);
+        }
         let compensable = def.actions.iter().any(|a| a.compensable);
         if self.status == SagaStatus::Running
             && compensable

@@ -19,6 +19,7 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
     let opts = baton_compare::Options {
+        modes: args.modes.iter().map(|m| Mode::from(*m)).collect(),
         baton_bin: std::env::current_exe().context("finding the baton binary")?,
         amqp_base: args.broker.amqp_url.clone(),
         mgmt: args.broker.mgmt(),
@@ -38,9 +39,13 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         instances: args.scale.instances,
         retry_timeouts: args.retry_timeouts,
     };
+    let modes: Vec<&str> = opts.modes.iter().map(|m| m.as_str()).collect();
     eprintln!(
-        "comparing workflow and events: {} requests at concurrency {}, faults: {}",
-        args.requests, args.concurrency, opts.faults
+        "comparing {}: {} requests at concurrency {}, faults: {}",
+        modes.join(", "),
+        args.requests,
+        args.concurrency,
+        opts.faults
     );
     let result = baton_compare::compare(&opts).await?;
     if let Some(dir) = args.report.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -64,6 +69,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let faults = FaultPlan::parse(&args.faults, args.seed).map_err(|e| anyhow!("--faults: {e}"))?;
     let mode = Mode::from(args.mode);
     let opts = baton_compare::Options {
+        modes: vec![mode],
         baton_bin: std::env::current_exe().context("finding the baton binary")?,
         amqp_base: args.broker.amqp_url.clone(),
         mgmt: args.broker.mgmt(),
@@ -89,7 +95,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
             "(no --broker-ctl: the planned broker restart is skipped; e.g. --broker-ctl \"rabbitmqctl -n rabbit@localhost\")"
         );
     }
-    if mode == Mode::Workflow
+    if mode.runs_sagas()
         && !opts.faults.clock_jumps.is_empty()
         && baton_compare::clock::FakeClock::library().is_none()
     {

@@ -71,10 +71,12 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
         config.service_delay = services.service_delay;
     }
     if let Some(files) = parts.workflows {
-        config.workflows = workflows_of(files, parts.gateway.map(|g| g.workflow.as_str()))?;
+        config.workflows = workflows_of(files, parts.gateway.and_then(|g| g.workflow.as_deref()))?;
     }
     if let Some(gateway) = parts.gateway {
-        config.workflow = gateway.workflow.clone();
+        if let Some(workflow) = &gateway.workflow {
+            config.workflow = workflow.clone();
+        }
         config.http = gateway.http;
         config.deadline = gateway.deadline.unwrap_or(baton_node::default_deadline(mode));
         config.max_in_flight = gateway.max_in_flight;

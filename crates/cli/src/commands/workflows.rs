@@ -168,7 +168,7 @@ pub(super) async fn cancel(
     if matches!(mode, CliMode::Events) {
         bail!(
             "the events mode has no saga to cancel: each service reacts to the previous one's event and nobody \
-             undoes a flow once it started (`baton reconcile` cleans up afterwards); cancelling needs the workflow mode"
+             undoes a flow once it started (`baton reconcile` cleans up afterwards); cancelling needs the workflow or hybrid mode"
         );
     }
     let sagas = sagas(&data).await?;

@@ -50,7 +50,7 @@ fn done(service: Service, action: Action) -> Reply {
         Placement => Context { shard: Some("shard-1".into()), ..Default::default() },
         Entitlements => Context { licence: Some("lic-1".into()), ..Default::default() },
         Routing => Context { route: Some("acme -> shard-1".into()), ..Default::default() },
-        Notifier => Context::default(),
+        Notifier | Search => Context::default(),
     };
     Reply {
         service,
@@ -778,4 +778,70 @@ fn a_cancelled_saga_whose_rollback_failed_ends_cancelled_after_the_operators_ret
 fn saga_states_parse_from_their_names_and_cancelled_is_one() {
     assert_eq!(SagaStatus::parse("cancelled"), Ok(SagaStatus::Cancelled));
     assert!(SagaStatus::parse("canceled").unwrap_err().to_string().contains("cancelled"));
+}
+
+fn emits(effects: &[Effect]) -> Vec<(&str, &Context)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Emit { event, context } => Some((event.as_str(), context)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_event_step_answers_200_emits_once_and_completes_without_waiting() {
+    let wf = Workflow::create_space_hybrid();
+    let mut saga = run_until(&wf, Routing);
+    let fx = saga.on_reply(&wf, done(Routing, Action::Do), T0 + 2);
+    assert_eq!(answers(&fx), vec![(200, None)], "the client hears as soon as the last awaited step is done");
+    let emitted = emits(&fx);
+    assert_eq!(emitted.len(), 1);
+    assert_eq!(emitted[0].0, "space.created");
+    assert_eq!(emitted[0].1.route.as_deref(), Some("acme -> shard-1"), "the event carries the whole space");
+    assert!(sends(&fx).is_empty(), "nobody is sent a command, nor waited for");
+    assert_eq!(
+        events(&fx),
+        vec![HistoryEvent::Done, HistoryEvent::Succeeded, HistoryEvent::Emitted, HistoryEvent::Completed]
+    );
+    // The answer is emitted before the event, in the same transition (one transaction).
+    let answer_at = fx.iter().position(|e| matches!(e, Effect::Answer { .. }));
+    let emit_at = fx.iter().position(|e| matches!(e, Effect::Emit { .. }));
+    assert!(answer_at < emit_at);
+    assert_eq!(saga.status, SagaStatus::Completed);
+    assert_eq!(saga.wake_at(), None, "nothing is left to time out");
+    assert!(saga.on_tick(&wf, T0 + 60_000).is_empty());
+}
+
+#[test]
+fn a_refusal_before_the_event_step_compensates_and_emits_nothing() {
+    let wf = Workflow::create_space_hybrid();
+    let mut saga = run_until(&wf, Routing);
+    let mut fx = saga.on_reply(&wf, refused(Routing, 409), T0 + 2);
+    for s in [Entitlements, Placement, Records] {
+        fx.extend(saga.on_reply(&wf, done(s, Action::Undo), T0 + 3));
+    }
+    assert!(emits(&fx).is_empty());
+    assert_eq!(answers(&fx), vec![(409, Some(Routing))]);
+    assert_eq!(saga.status, SagaStatus::RolledBack);
+}
+
+#[test]
+fn a_command_step_after_the_event_is_sent_after_it_and_awaited() {
+    let wf = WorkflowBuilder::new("x")
+        .step("rec", [Records])
+        .emit("announce", "space.created")
+        .step("mail", [Notifier])
+        .build()
+        .unwrap();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    assert_eq!(answers(&fx).len(), 1);
+    assert_eq!(emits(&fx).len(), 1);
+    assert_eq!(sends(&fx), vec![(Notifier, Action::Do, 1)]);
+    assert_eq!(saga.status, SagaStatus::Succeeded);
+    let fx = saga.on_reply(&wf, done(Notifier, Action::Do), T0 + 2);
+    assert!(emits(&fx).is_empty(), "the event is not emitted again");
+    assert_eq!(saga.status, SagaStatus::Completed);
 }
