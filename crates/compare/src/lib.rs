@@ -15,7 +15,9 @@ mod hooks;
 pub mod poison;
 pub mod report;
 mod run;
+pub mod timeline;
 pub mod tmpfs;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
