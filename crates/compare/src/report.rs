@@ -239,7 +239,10 @@ fn histogram(r: &ModeRun) -> Vec<f64> {
 
 /// Latency over time, one chart per mode on the same scale, with the fault windows shaded.
 fn timelines(c: &Comparison) -> String {
-    let y_max = c.runs.iter().flat_map(|r| r.latencies_us.iter()).max().copied().unwrap_or(0) as f64 / 1000.0;
+    let slowest =
+        c.runs.iter().flat_map(|r| r.latencies_us.iter()).max().copied().unwrap_or(0) as f64 / 1000.0;
+    // Up to the next power of ten, so the slowest dot sits under a labelled line.
+    let y_max = 10f64.powf(slowest.max(10.0).log10().ceil());
     let mut out = String::from(
         r#"<figure><figcaption>Latency of each request over time <span class="note">(logarithmic scale; red bands: a fault in force; red dots: 5xx, 504 or no answer; grey: refused by a rule)</span></figcaption>"#,
     );
