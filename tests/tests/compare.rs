@@ -146,7 +146,18 @@ async fn compare_shows_what_each_mode_leaves_behind() {
     );
     let html = report::html(&c);
     assert!(html.starts_with("<!doctype html>") && html.ends_with("</html>"));
-    assert_eq!(html.matches("<svg").count(), 3, "three charts");
+    assert_eq!(html.matches("<svg").count(), 3 + 2, "three charts, and latency over time per mode");
+    assert!(html.contains(r#"<p class="verdict">"#) && html.contains("at p50"), "opens with a verdict");
+    for r in [wf, ev] {
+        let crash = r.faults.iter().find(|f| f.kind == "crash routing").expect("the crash's window");
+        // The plan keeps routing down 6 s.
+        assert!(crash.to_ms >= crash.from_ms + 6_000, "{}: {crash:?}", r.mode);
+        assert_eq!(r.sent_us.len(), r.latencies_us.len());
+    }
+    // To look at it: BATON_TEST_REPORT=/tmp/report.html.
+    if let Some(path) = std::env::var_os("BATON_TEST_REPORT") {
+        std::fs::write(path, &html).unwrap();
+    }
     assert!(html.contains(">workflow<") && html.contains(">events<"));
     for fetches in ["<script", "<link", "src=", "https://", "url("] {
         assert!(!html.contains(fetches), "self-contained, no `{fetches}`");

@@ -1,8 +1,10 @@
-//! Figures from samples: latency percentiles of one-at-a-time runs, throughput of loaded runs.
+//! Figures from samples: latency percentiles of one-at-a-time runs, throughput of loaded runs,
+//! both from [`Latencies`] (the loaded runs' corrected for coordinated omission, as the
+//! comparison's are).
 
 use std::time::Duration;
 
-use baton_load::percentile;
+use baton_load::Latencies;
 use serde::Serialize;
 
 /// Requests sent one at a time, after a warm-up: how long each took.
@@ -38,15 +40,10 @@ pub struct Throughput {
 /// What one request ended with: its latency in µs when it succeeded.
 pub(crate) type Sample = Result<u64, String>;
 
-fn ms(us: u64) -> f64 {
-    us as f64 / 1000.0
-}
-
-/// Latencies in µs of the successes, sorted, and the number of failures (the first few failure
+/// Latencies in µs of the successes, and the number of failures (the first few failure
 /// reasons are logged, so a run full of errors says why).
 fn split(samples: &[Sample], what: &str) -> (Vec<u64>, usize) {
-    let mut ok: Vec<u64> = samples.iter().filter_map(|s| s.as_ref().ok().copied()).collect();
-    ok.sort_unstable();
+    let ok: Vec<u64> = samples.iter().filter_map(|s| s.as_ref().ok().copied()).collect();
     let errors: Vec<&String> = samples.iter().filter_map(|s| s.as_ref().err()).collect();
     for e in errors.iter().take(3) {
         tracing::warn!(run = what, error = %e, "a request failed");
@@ -58,13 +55,16 @@ impl Latency {
     pub(crate) fn of(samples: &[Sample], what: &str) -> Latency {
         let (ok, errors) = split(samples, what);
         let mean = if ok.is_empty() { 0.0 } else { ok.iter().sum::<u64>() as f64 / ok.len() as f64 };
+        // One request at a time measures what a request costs, not a load's pace: the values
+        // stand as measured.
+        let lat = Latencies::measured(&ok);
         Latency {
             samples: samples.len(),
             errors,
-            p50_ms: ms(percentile(&ok, 0.50)),
-            p99_ms: ms(percentile(&ok, 0.99)),
+            p50_ms: lat.quantile_ms(0.50),
+            p99_ms: lat.quantile_ms(0.99),
             mean_ms: mean / 1000.0,
-            max_ms: ms(ok.last().copied().unwrap_or(0)),
+            max_ms: lat.max_ms(),
         }
     }
 }
@@ -79,14 +79,15 @@ impl Throughput {
     ) -> Throughput {
         let (ok, errors) = split(samples, what);
         let seconds = elapsed.as_secs_f64().max(1e-9);
+        let lat = Latencies::corrected(&ok, Latencies::closed_loop_interval_us(&ok));
         Throughput {
             in_flight,
             seconds,
             completed: ok.len(),
             errors,
             per_second: ok.len() as f64 / seconds,
-            p50_ms: ms(percentile(&ok, 0.50)),
-            p99_ms: ms(percentile(&ok, 0.99)),
+            p50_ms: lat.quantile_ms(0.50),
+            p99_ms: lat.quantile_ms(0.99),
             cpu_ms_per_op: cpu_ms / ok.len().max(1) as f64,
         }
     }

@@ -15,7 +15,9 @@ mod hooks;
 pub mod poison;
 pub mod report;
 mod run;
+pub mod timeline;
 pub mod tmpfs;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -112,6 +114,8 @@ pub struct ModeRun {
     pub stats: Stats,
     /// Latency of every request, in µs, in request order.
     pub latencies_us: Vec<u64>,
+    /// When each request was first sent, in µs from the start of the load, in request order.
+    pub sent_us: Vec<u64>,
     /// HTTP status of every request (0: no answer), in request order.
     pub statuses: Vec<u16>,
     /// The step that refused each request, when one did.
@@ -125,6 +129,8 @@ pub struct ModeRun {
     pub audit_after_reconcile: Option<baton_audit::Report>,
     /// Faults actually injected, by kind.
     pub injected: BTreeMap<String, usize>,
+    /// When each fault injected was in force, from the start of the load.
+    pub faults: Vec<FaultMark>,
     /// Sagas neither completed, rolled back nor cancelled once the system settled.
     pub unfinished: i64,
     /// Messages still waiting in an outbox (or set aside as unroutable) once it settled.
@@ -161,6 +167,25 @@ impl ModeRun {
         let completed =
             self.audit.uncertain.iter().filter(|v| v.kind == baton_audit::Kind::TimedOutButCompleted).count();
         (completed, self.stats.timeouts.saturating_sub(completed))
+    }
+}
+
+/// When one fault was in force, in ms from the start of the load: a crash from the kill to the
+/// restart, the broker from its stop to its start, a full disk until it was freed; an instant
+/// fault (dropped connections, a clock jump, a bad message) for as long as injecting it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FaultMark {
+    /// As counted in [`ModeRun::injected`]: `crash routing`, `connections dropped`.
+    pub kind: String,
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl FaultMark {
+    /// `window` in ms from `start`; one before the start counts from the start.
+    pub fn of(window: &baton_fleet::Window, start: std::time::Instant) -> FaultMark {
+        let ms = |t: std::time::Instant| t.saturating_duration_since(start).as_millis() as u64;
+        FaultMark { kind: window.kind.clone(), from_ms: ms(window.from), to_ms: ms(window.to) }
     }
 }
 

@@ -61,7 +61,10 @@ fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
             r.stats.timeouts
         )
     });
-    row("latency p50 / p95 / p99 (ms)", &|r| {
+    row("latency as measured p50 / p99 (ms)", &|r| {
+        format!("{:.1} / {:.1}", r.stats.measured_p50_ms, r.stats.measured_p99_ms)
+    });
+    row("latency p50 / p95 / p99 (ms, corrected for stalls)", &|r| {
         format!("{:.1} / {:.1} / {:.1}", r.stats.p50_ms, r.stats.p95_ms, r.stats.p99_ms)
     });
     row("latency max (ms)", &|r| format!("{:.1}", r.stats.max_ms));
@@ -154,7 +157,7 @@ pub fn table(c: &Comparison) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
@@ -234,6 +237,33 @@ fn histogram(r: &ModeRun) -> Vec<f64> {
     counts
 }
 
+/// Latency over time, one chart per mode on the same scale, with the fault windows shaded.
+fn timelines(c: &Comparison) -> String {
+    let slowest =
+        c.runs.iter().flat_map(|r| r.latencies_us.iter()).max().copied().unwrap_or(0) as f64 / 1000.0;
+    // Up to the next power of ten, so the slowest dot sits under a labelled line.
+    let y_max = 10f64.powf(slowest.max(10.0).log10().ceil());
+    let mut out = String::from(
+        r#"<figure><figcaption>Latency of each request over time <span class="note">(logarithmic scale; red bands: a fault in force; red dots: 5xx, 504 or no answer; grey: refused by a rule)</span></figcaption>"#,
+    );
+    for (i, r) in c.runs.iter().enumerate() {
+        let faults: Vec<String> = r
+            .faults
+            .iter()
+            .map(|f| format!("{} {:.1}–{:.1} s", f.kind, f.from_ms as f64 / 1000.0, f.to_ms as f64 / 1000.0))
+            .collect();
+        let _ = write!(
+            out,
+            r#"<p><b>{}</b> <span class="note">faults: {}</span></p>{}"#,
+            r.mode.as_str(),
+            esc(&if faults.is_empty() { "none".to_owned() } else { faults.join(", ") }),
+            crate::timeline::chart(r, y_max, COLORS[i % COLORS.len()])
+        );
+    }
+    out.push_str("</figure>");
+    out
+}
+
 /// The self-contained HTML report: no script, no network, charts inline.
 pub fn html(c: &Comparison) -> String {
     let modes: Vec<Mode> = c.runs.iter().map(|r| r.mode).collect();
@@ -242,7 +272,7 @@ pub fn html(c: &Comparison) -> String {
 body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}td{white-space:nowrap}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
-.note{color:#555;font-size:.9em}</style></head><body><h1>Baton: workflow vs events</h1>"#,
+.note{color:#555;font-size:.9em}.verdict{font-size:1.1em;background:#f4f7fb;padding:.6em .8em;border-left:4px solid #2b6cb0}</style></head><body><h1>Baton: workflow vs events</h1>"#,
     );
     let _ = write!(
         page,
@@ -253,6 +283,8 @@ td:first-child,th:first-child{text-align:left}td{white-space:nowrap}figure{margi
         c.refusal_rate * 100.0,
         c.plan.split(", ").map(|p| format!("<li>{}</li>", esc(p))).collect::<String>()
     );
+    let figures: Vec<_> = c.runs.iter().map(crate::verdict::Figures::of).collect();
+    let _ = write!(page, r#"<p class="verdict">{}</p>"#, esc(&crate::verdict::verdict(&figures)));
     page.push_str("<table><tr><th></th>");
     for m in &modes {
         let _ = write!(page, "<th>{}</th>", m.as_str());
@@ -273,6 +305,7 @@ td:first-child,th:first-child{text-align:left}td{white-space:nowrap}figure{margi
         .collect();
     let hist: Vec<Vec<f64>> = c.runs.iter().map(histogram).collect();
     page.push_str(&bars("Latency distribution: requests per bucket", &bucket_labels, &hist, &modes, true));
+    page.push_str(&timelines(c));
     let outcome_labels: Vec<String> = ["200", "4xx", "5xx", "504"].map(String::from).to_vec();
     let outcomes: Vec<Vec<f64>> = c
         .runs

@@ -5,6 +5,7 @@ use baton_orchestrator::Sagas;
 use baton_services::read::Holdings;
 use baton_store::{Location, StoreCounts};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use baton_protocol::{Mode, Service};
 
 use crate::clock::FakeClock;
 use crate::hooks::RunHooks;
-use crate::{ModeRun, Options};
+use crate::{FaultMark, ModeRun, Options};
 
 /// The processes of `component`: the default instance, then `i2`, `i3`...
 fn instances(component: &'static str, n: usize) -> impl Iterator<Item = Process> {
@@ -29,13 +30,7 @@ fn instances(component: &'static str, n: usize) -> impl Iterator<Item = Process>
 /// Run one mode from a fresh vhost and data dir to its audited results.
 pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     let vhost = format!("baton-compare-{mode}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
-    let dir = opts.out_dir.join(mode.as_str());
-    // A run that ended before its clean-up (killed) may have left its tmpfs mounted here.
-    crate::tmpfs::remove_stale_mount(&dir)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir)?;
+    let dir = fresh_dir(opts, mode)?;
     // The components' state: SQLite files in the data dir, or a database of this run's own.
     let scratch = match &opts.database_url {
         Some(url) => Some(
@@ -46,77 +41,12 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     };
     let store = scratch.as_ref().map_or_else(|| Location::Dir(dir.clone()), |s| s.location().clone());
     opts.mgmt.fresh_vhost(&vhost).await?;
-    // A full disk needs a filesystem of the run's own to fill.
-    let fs = if opts.faults.disk_full.is_empty() {
-        None
-    } else {
-        // Unmounted when dropped: on every way out of this function, errors included.
-        match crate::tmpfs::Mounted::mount(&dir) {
-            Ok(fs) => Some(fs),
-            Err(why) => {
-                tracing::warn!(
-                    %why,
-                    "the plan fills the disk, but the data dir cannot be put on a tmpfs of its own (run as root); disk-full skipped"
-                );
-                None
-            }
-        }
-    };
+    let fs = disk_to_fill(opts, &dir);
     let amqp_url = format!("{}/{vhost}", opts.amqp_base.trim_end_matches('/'));
-    let plan_file = dir.join("faults.json");
-    std::fs::write(&plan_file, opts.faults.to_json())?;
     let port = free_port()?;
-    let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
-    let services = baton_protocol::Service::ALL.map(baton_protocol::Service::name);
-    let fleet = Fleet::new(
-        &opts.baton_bin,
-        [
-            "--mode".into(),
-            mode.as_str().into(),
-            "--amqp-url".into(),
-            amqp_url.clone(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-            "--log".into(),
-            "warn".into(),
-        ]
-        .into_iter()
-        .chain(scratch.iter().flat_map(|s| ["--database-url".to_owned(), s.url().to_owned()]))
-        .collect(),
-        &dir,
-    )
-    .with_args_for(
-        &["gateway"],
-        ["--http".into(), format!("127.0.0.1:{port}")]
-            .into_iter()
-            .chain(deadline.into_iter().flatten())
-            .collect(),
-    )
-    .with_args_for(
-        &services,
-        vec!["--faults".into(), format!("@{}", plan_file.display()), "--seed".into(), opts.seed.to_string()],
-    );
-    let fleet = Arc::new(fleet);
-    // Only the orchestrator's clock jumps: it is the one whose timers the fault is about.
-    // Without libfaketime the clock items are skipped with a note, as a broker restart is
-    // without --broker-ctl: the rest of the plan still runs.
-    let clock = if mode.runs_sagas() && !opts.faults.clock_jumps.is_empty() {
-        if FakeClock::library().is_some() {
-            Some(FakeClock::new(&dir)?)
-        } else {
-            tracing::warn!("{}", FakeClock::MISSING);
-            None
-        }
-    } else {
-        None
-    };
-    let mut components: Vec<Process> =
-        mode.services().iter().flat_map(|s| instances(s.name(), opts.instances)).collect();
-    if mode.runs_sagas() {
-        let env = clock.as_ref().map(FakeClock::env).unwrap_or_default();
-        components.extend(instances("orchestrator", opts.instances).map(|p| p.with_env(env.clone())));
-    }
-    components.push(Process::new("gateway"));
+    let fleet = Arc::new(fleet(opts, mode, &dir, &amqp_url, port, scratch.as_ref())?);
+    let clock = fake_clock(opts, mode, &dir)?;
+    let components = components(opts, mode, clock.as_ref());
     let started: anyhow::Result<()> = components.iter().try_for_each(|c| fleet.spawn(c)).map_err(Into::into);
     // A component that exits on its own is started again; one that keeps exiting ends the run
     // at once, with its log, rather than leaving the load and the settling to wait it out.
@@ -140,7 +70,115 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
     };
     drop(supervisor);
     fleet.stop().await;
-    // Clean-up comes after the results, and its failure costs only a leftover mount or vhost.
+    clean_up(opts, &vhost, fs).await;
+    result
+}
+
+/// The mode's data dir under the output dir, empty.
+fn fresh_dir(opts: &Options, mode: Mode) -> anyhow::Result<PathBuf> {
+    let dir = opts.out_dir.join(mode.as_str());
+    // A run that ended before its clean-up (killed) may have left its tmpfs mounted here.
+    crate::tmpfs::remove_stale_mount(&dir)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A filesystem of the run's own for the plan's full disk to fill, if it has one and it can be
+/// mounted. Unmounted when dropped: on every way out of the run, errors included.
+fn disk_to_fill(opts: &Options, dir: &Path) -> Option<crate::tmpfs::Mounted> {
+    if opts.faults.disk_full.is_empty() {
+        return None;
+    }
+    match crate::tmpfs::Mounted::mount(dir) {
+        Ok(fs) => Some(fs),
+        Err(why) => {
+            tracing::warn!(
+                %why,
+                "the plan fills the disk, but the data dir cannot be put on a tmpfs of its own (run as root); disk-full skipped"
+            );
+            None
+        }
+    }
+}
+
+/// The fleet of the mode's components: their shared flags, the gateway's address and
+/// deadline, and the services' fault plan (written next to their data).
+fn fleet(
+    opts: &Options,
+    mode: Mode,
+    dir: &Path,
+    amqp_url: &str,
+    port: u16,
+    scratch: Option<&baton_store::scratch::ScratchDatabase>,
+) -> anyhow::Result<Fleet> {
+    let plan_file = dir.join("faults.json");
+    std::fs::write(&plan_file, opts.faults.to_json())?;
+    let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
+    let services = Service::ALL.map(Service::name);
+    let common: Vec<String> = [
+        "--mode".into(),
+        mode.as_str().into(),
+        "--amqp-url".into(),
+        amqp_url.to_owned(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--log".into(),
+        "warn".into(),
+    ]
+    .into_iter()
+    .chain(scratch.iter().flat_map(|s| ["--database-url".to_owned(), s.url().to_owned()]))
+    .collect();
+    Ok(Fleet::new(&opts.baton_bin, common, dir)
+        .with_args_for(
+            &["gateway"],
+            ["--http".into(), format!("127.0.0.1:{port}")]
+                .into_iter()
+                .chain(deadline.into_iter().flatten())
+                .collect(),
+        )
+        .with_args_for(
+            &services,
+            vec![
+                "--faults".into(),
+                format!("@{}", plan_file.display()),
+                "--seed".into(),
+                opts.seed.to_string(),
+            ],
+        ))
+}
+
+/// The orchestrator's clock, when the plan makes it jump: only its clock jumps, as it is the one
+/// whose timers the fault is about. Without libfaketime the clock items are skipped with a note,
+/// as a broker restart is without --broker-ctl: the rest of the plan still runs.
+fn fake_clock(opts: &Options, mode: Mode, dir: &Path) -> anyhow::Result<Option<FakeClock>> {
+    if !mode.runs_sagas() || opts.faults.clock_jumps.is_empty() {
+        return Ok(None);
+    }
+    if FakeClock::library().is_none() {
+        tracing::warn!("{}", FakeClock::MISSING);
+        return Ok(None);
+    }
+    Ok(Some(FakeClock::new(dir)?))
+}
+
+/// The processes of the mode: each service's instances, the orchestrator's (workflow mode, on
+/// the fake clock if any), and one gateway.
+fn components(opts: &Options, mode: Mode, clock: Option<&FakeClock>) -> Vec<Process> {
+    let mut components: Vec<Process> =
+        mode.services().iter().flat_map(|s| instances(s.name(), opts.instances)).collect();
+    if mode.runs_sagas() {
+        let env = clock.map(FakeClock::env).unwrap_or_default();
+        components.extend(instances("orchestrator", opts.instances).map(|p| p.with_env(env.clone())));
+    }
+    components.push(Process::new("gateway"));
+    components
+}
+
+/// Clean-up comes after the results, and its failure costs only a leftover mount or vhost.
+async fn clean_up(opts: &Options, vhost: &str, fs: Option<crate::tmpfs::Mounted>) {
     if let Some(fs) = fs
         && let Err(e) = fs.unmount_keeping()
     {
@@ -150,9 +188,8 @@ pub async fn run_mode(opts: &Options, mode: Mode) -> anyhow::Result<ModeRun> {
         );
     }
     if !opts.keep_vhosts {
-        opts.mgmt.clean_up_vhost(&vhost).await;
+        opts.mgmt.clean_up_vhost(vhost).await;
     }
-    result
 }
 
 /// What the phases of one mode's run share.
@@ -178,16 +215,19 @@ async fn drive(run: &Run<'_>, hooks: Arc<RunHooks>) -> anyhow::Result<ModeRun> {
         broker_ctl: run.opts.broker_ctl.clone(),
         hooks: Some(Arc::clone(&hooks) as Arc<dyn baton_fleet::Hooks>),
     });
-    let outcome = run.load(&driver).await;
+    let log = driver.injected();
+    let loaded = run.load(&driver).await;
     let injected = driver.finish().await;
     hooks.close().await;
-    run.aftermath(outcome?, injected).await
+    let (outcome, started) = loaded?;
+    let faults = log.windows().iter().map(|w| FaultMark::of(w, started)).collect();
+    run.aftermath(outcome, injected, faults).await
 }
 
 impl Run<'_> {
     /// The load, with each fault of the plan fired at its share of the requests sent, or of
-    /// the time in a timed run.
-    async fn load(&self, driver: &FaultDriver) -> anyhow::Result<Outcome> {
+    /// the time in a timed run. Returns what the load measured, and when it started.
+    async fn load(&self, driver: &FaultDriver) -> anyhow::Result<(Outcome, Instant)> {
         let opts = self.opts;
         let total = opts.duration.map_or(opts.requests as u64, |d| d.as_millis() as u64);
         let at = |pct: u32| ((total * u64::from(pct)) / 100).max(1);
@@ -211,6 +251,7 @@ impl Run<'_> {
             stop_after: opts.duration,
             retry_timeouts: opts.retry_timeouts,
         };
+        let started = Instant::now();
         let outcome = baton_load::run(&spec, on_sent, on_done).await;
         if let Some(timer) = timer {
             timer.await.context("the fault timer")?;
@@ -221,7 +262,7 @@ impl Run<'_> {
         if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprintln!();
         }
-        Ok(outcome)
+        Ok((outcome, started))
     }
 
     /// What the load reports each answer to, and, in a timed run shown to a person, the task
@@ -257,6 +298,7 @@ impl Run<'_> {
         &self,
         outcome: Outcome,
         mut injected: BTreeMap<String, usize>,
+        faults: Vec<FaultMark>,
     ) -> anyhow::Result<ModeRun> {
         let (opts, mode, store) = (self.opts, self.mode, &self.store);
         let started = Instant::now();
@@ -298,6 +340,7 @@ impl Run<'_> {
             vhost: self.vhost.clone(),
             data_dir: self.fleet.dir().to_owned(),
             latencies_us: outcome.samples.iter().map(|s| s.latency_us).collect(),
+            sent_us: outcome.samples.iter().map(|s| s.sent_us).collect(),
             statuses: outcome.samples.iter().map(|s| s.status).collect(),
             refused_at: outcome.samples.iter().map(|s| s.step.clone()).collect(),
             stats: Stats::of(&outcome),
@@ -308,6 +351,7 @@ impl Run<'_> {
             reconcile,
             audit_after_reconcile,
             injected,
+            faults,
             unfinished,
             left_in_outbox: counts.unsent(),
             dead_letters,

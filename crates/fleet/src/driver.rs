@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_faults::FaultPlan;
 use baton_mgmt::Mgmt;
@@ -66,27 +66,50 @@ impl Fault {
     }
 }
 
-/// What was injected so far, by kind (`crash routing`, `connections dropped`).
+/// What was injected so far, by kind (`crash routing`, `connections dropped`), and when.
 #[derive(Debug, Clone, Default)]
-pub struct Injected(Arc<Mutex<BTreeMap<String, usize>>>);
+pub struct Injected {
+    counts: Arc<Mutex<BTreeMap<String, usize>>>,
+    windows: Arc<Mutex<Vec<Window>>>,
+}
+
+/// When one fault was in force: from its injection to its end (a crashed component started
+/// again, the broker back, the disk freed); the two are close for an instant fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub kind: String,
+    pub from: Instant,
+    pub to: Instant,
+}
 
 impl Injected {
     /// Add `n` to `kind`; returns the new total.
     pub fn add(&self, kind: &str, n: usize) -> usize {
-        let mut all = self.0.lock().expect("injected faults");
+        let mut all = self.counts.lock().expect("injected faults");
         let total = all.entry(kind.to_owned()).or_default();
         *total += n;
         *total
     }
 
+    /// Note that a fault of `kind` was in force from `from` until now.
+    pub fn lasted(&self, kind: &str, from: Instant) {
+        let window = Window { kind: kind.to_owned(), from, to: Instant::now() };
+        self.windows.lock().expect("fault windows").push(window);
+    }
+
     /// Every kind with its count.
     pub fn counts(&self) -> BTreeMap<String, usize> {
-        self.0.lock().expect("injected faults").clone()
+        self.counts.lock().expect("injected faults").clone()
+    }
+
+    /// When each fault was in force, in the order they ended.
+    pub fn windows(&self) -> Vec<Window> {
+        self.windows.lock().expect("fault windows").clone()
     }
 
     /// `crash routing 2, connections dropped 14`.
     pub fn summary(&self) -> String {
-        let all = self.0.lock().expect("injected faults");
+        let all = self.counts.lock().expect("injected faults");
         all.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     }
 }
@@ -227,8 +250,10 @@ impl Executor {
                     Some(hooks) => {
                         let (injection, injected) = (Arc::clone(hooks).inject(other), self.injected.clone());
                         under_way.spawn(async move {
+                            let from = Instant::now();
                             if let Some(kind) = injection.await {
                                 injected.add(kind, 1);
+                                injected.lasted(kind, from);
                             }
                         });
                     }
@@ -260,8 +285,10 @@ impl Executor {
                 tracing::warn!(fault = "crash", %component, round, "still down from its last crash; skipped");
                 return;
             }
+            let from = Instant::now();
             if fleet.crash(&component).await {
-                let total = injected.add(&format!("crash {component}"), 1);
+                let kind = format!("crash {component}");
+                let total = injected.add(&kind, 1);
                 tracing::warn!(
                     fault = "crash",
                     %component,
@@ -279,6 +306,7 @@ impl Executor {
                         tracing::error!(error = %e, %component, "restarting a crashed component failed")
                     }
                 }
+                injected.lasted(&kind, from);
             }
             down_now.lock().expect("down").remove(&component);
         }
@@ -287,12 +315,14 @@ impl Executor {
     /// Close every connection of the vhost through the management API.
     async fn drop_connections(&self, round: u64) {
         let vhost = &self.reach.vhost;
+        let from = Instant::now();
         match self.reach.mgmt.drop_connections_once_listed(vhost).await {
             Ok(0) => {
                 tracing::warn!(fault = "drop", %vhost, round, "the management API listed no connection to drop")
             }
             Ok(n) => {
                 let total = self.injected.add("connections dropped", n);
+                self.injected.lasted("connections dropped", from);
                 tracing::warn!(
                     fault = "drop",
                     %vhost,
@@ -317,6 +347,7 @@ impl Executor {
             tracing::warn!("the plan restarts the broker, but no --broker-ctl says how; skipped");
             return;
         };
+        let from = Instant::now();
         if let Err(e) = broker_ctl(ctl, "stop_app").await {
             tracing::error!(error = %e, "stopping the broker failed");
             return;
@@ -326,6 +357,7 @@ impl Executor {
         if let Err(e) = broker_ctl(ctl, "start_app").await {
             tracing::error!(error = %e, "starting the broker again failed");
         }
+        self.injected.lasted("broker restarts", from);
     }
 }
 
@@ -399,6 +431,7 @@ mod tests {
             broker_ctl: None,
             hooks: Some(Arc::new(Count)),
         });
+        let (before, log) = (Instant::now(), driver.injected());
         let sent = driver.on_count(vec![(2, Fault::Poison { n: 0 }), (3, Fault::Clock { offset_s: 0 })]);
         sent(1);
         sent(2);
@@ -407,5 +440,10 @@ mod tests {
         drop(sent);
         let injected = driver.finish().await;
         assert_eq!(injected, BTreeMap::from([("bad input".to_owned(), 1)]));
+        let windows = log.windows();
+        assert_eq!(windows.len(), 1, "only what was injected has a window: {windows:?}");
+        assert!(
+            windows[0].kind == "bad input" && before <= windows[0].from && windows[0].from <= windows[0].to
+        );
     }
 }

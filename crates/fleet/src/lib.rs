@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-pub use driver::{Fault, FaultDriver, Hooks, Injected, Injection, OnCount, Reach};
+pub use driver::{Fault, FaultDriver, Hooks, Injected, Injection, OnCount, Reach, Window};
 pub use usage::{ComponentUsage, cpu_ms, peak_rss_kb, rss_kb};
 
 /// How long a graceful stop waits for each process before it kills it.

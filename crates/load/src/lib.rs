@@ -4,7 +4,8 @@
 //!
 //! Owns: the request plan ([`plan`]), sending it ([`run`]), with each timed-out request sent
 //! again under its `Idempotency-Key` when asked ([`Spec::retry_timeouts`]), and the statistics
-//! of the answers ([`Stats`]), and what `baton load` shows of its progress ([`Progress`]).
+//! of the answers ([`Stats`], with percentiles from [`latency`]), and what `baton load` shows
+//! of its progress ([`Progress`]).
 //! Must not touch: the broker or any database; it only speaks HTTP.
 
 use std::collections::BTreeMap;
@@ -14,6 +15,10 @@ use std::time::{Duration, Instant};
 
 use baton_faults::roll;
 use serde::Serialize;
+
+pub mod latency;
+
+pub use latency::Latencies;
 
 /// What a request is meant to run into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -89,6 +94,8 @@ pub struct Sample {
     pub status: u16,
     /// The step that refused, when the body names one.
     pub step: Option<String>,
+    /// When it was first sent, from the start of the run.
+    pub sent_us: u64,
     /// From the first send to the last answer, retries included.
     pub latency_us: u64,
     /// The first answer, before any retry (the same as `status` when there was none).
@@ -159,6 +166,7 @@ pub async fn run(
                     intent: req.intent,
                     status,
                     step,
+                    sent_us: t.duration_since(started).as_micros() as u64,
                     latency_us: t.elapsed().as_micros() as u64,
                     first_status,
                     retries,
@@ -213,10 +221,17 @@ pub struct Stats {
     pub timeouts: usize,
     pub no_answer: usize,
     pub by_status: BTreeMap<u16, usize>,
+    /// Percentiles corrected for coordinated omission ([`Latencies::corrected`]) at the pace of
+    /// `interval_ms`: a stall of the load counts the requests it held back.
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The pace each worker of the load sent at when nothing stalled it: the median latency.
+    pub interval_ms: f64,
+    /// Percentiles as measured, one value per request answered.
+    pub measured_p50_ms: f64,
+    pub measured_p99_ms: f64,
     pub per_second: f64,
     /// Requests first answered 504 (or not at all), before any retry.
     pub first_timeouts: usize,
@@ -230,35 +245,29 @@ pub struct Stats {
     pub retried_max_ms: f64,
 }
 
-/// The value below which `q` of the sorted values fall (nearest rank).
-pub fn percentile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 impl Stats {
     pub fn of(outcome: &Outcome) -> Stats {
-        let mut lat: Vec<u64> = outcome.samples.iter().map(|s| s.latency_us).collect();
-        lat.sort_unstable();
-        let ms = |us: u64| us as f64 / 1000.0;
+        let lat: Vec<u64> = outcome.samples.iter().map(|s| s.latency_us).collect();
+        let interval = Latencies::closed_loop_interval_us(&lat);
+        let (measured, corrected) = (Latencies::measured(&lat), Latencies::corrected(&lat, interval));
         let mut st = Stats {
             requests: outcome.samples.len(),
-            p50_ms: ms(percentile(&lat, 0.50)),
-            p95_ms: ms(percentile(&lat, 0.95)),
-            p99_ms: ms(percentile(&lat, 0.99)),
-            max_ms: ms(lat.last().copied().unwrap_or(0)),
+            p50_ms: corrected.quantile_ms(0.50),
+            p95_ms: corrected.quantile_ms(0.95),
+            p99_ms: corrected.quantile_ms(0.99),
+            max_ms: corrected.max_ms(),
+            interval_ms: interval as f64 / 1000.0,
+            measured_p50_ms: measured.quantile_ms(0.50),
+            measured_p99_ms: measured.quantile_ms(0.99),
             per_second: outcome.samples.len() as f64 / (outcome.elapsed_ms.max(1) as f64 / 1000.0),
             ..Stats::default()
         };
-        let mut retried: Vec<u64> =
+        let retried: Vec<u64> =
             outcome.samples.iter().filter(|s| s.retries > 0).map(|s| s.latency_us).collect();
-        retried.sort_unstable();
+        let retried_latency = Latencies::measured(&retried);
         st.retried = retried.len();
-        st.retried_p50_ms = ms(percentile(&retried, 0.50));
-        st.retried_max_ms = ms(retried.last().copied().unwrap_or(0));
+        st.retried_p50_ms = retried_latency.quantile_ms(0.50);
+        st.retried_max_ms = retried_latency.max_ms();
         for s in &outcome.samples {
             let timed_out = |status: u16| matches!(status, 0 | 504);
             st.retries += s.retries as usize;
@@ -374,6 +383,7 @@ mod tests {
             intent: Intent::Plain,
             status,
             step: None,
+            sent_us: 0,
             latency_us,
             first_status,
             retries,
@@ -391,15 +401,6 @@ mod tests {
         assert_eq!((st.first_timeouts, st.retried, st.retries, st.fixed_by_retry), (3, 3, 6, 2));
         assert_eq!((st.ok, st.timeouts, st.client_errors), (2, 1, 1));
         assert_eq!((st.retried_p50_ms, st.retried_max_ms), (9.0, 20.0));
-    }
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), 50);
-        assert_eq!(percentile(&v, 0.99), 99);
-        assert_eq!(percentile(&v, 1.0), 100);
-        assert_eq!(percentile(&[], 0.5), 0);
     }
 
     #[test]
