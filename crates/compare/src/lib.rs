@@ -218,3 +218,8 @@ pub async fn compare(opts: &Options) -> anyhow::Result<Comparison> {
         runs,
     })
 }
+
+/// Text made safe to put in the report's HTML and SVG.
+pub(crate) fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use baton_audit::row_name;
 use baton_protocol::{Mode, Service};
 
-use crate::{Comparison, ModeRun};
+use crate::{Comparison, ModeRun, esc};
 
 /// A progress bar on stderr, redrawn every 2 %.
 pub struct Progress {
@@ -157,11 +157,7 @@ pub fn table(c: &Comparison) -> String {
     out
 }
 
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
+const COLORS: [&str; 3] = ["#2b6cb0", "#dd6b20", "#2f855a"];
 
 /// Grouped bars: one group per label, one bar per mode, each with its value written on it. A
 /// logarithmic scale keeps small counts (the tail of a distribution) visible next to big ones.

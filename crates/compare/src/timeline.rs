@@ -76,7 +76,7 @@ pub fn chart(r: &ModeRun, y_max_ms: f64, color: &str) -> String {
             b.x,
             b.width,
             H - TOP - BOTTOM,
-            crate::report::esc(&b.label)
+            crate::esc(&b.label)
         );
     }
     let base = H - BOTTOM;
