@@ -25,6 +25,7 @@
 mod drive;
 mod floor;
 mod hold;
+mod instrument;
 mod rpc;
 mod sagas;
 mod stats;
@@ -43,6 +44,7 @@ use serde::Serialize;
 pub use baton_fleet::ComponentUsage;
 pub use floor::Floor;
 pub use hold::Hold;
+pub use instrument::{InstrumentRow, Instrumentation};
 pub use sagas::{MessageCount, ModeReport, Prefill, nominal_messages};
 pub use stats::{Latency, Throughput};
 pub use table::table;
@@ -106,6 +108,13 @@ pub struct Options {
     pub hold: usize,
     /// Extra flags for every `baton run <component>` (for instance `--prefetch 256`).
     pub component_args: Vec<String>,
+    /// Extra flags for the gateway only (`--no-metrics`).
+    pub gateway_args: Vec<String>,
+    /// Environment variables of every component process (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub component_env: Vec<(String, String)>,
+    /// After the modes, workflow mode without instrumentation, with metrics, and with metrics
+    /// and exported traces: what seeing the sagas costs.
+    pub instrumentation: bool,
     /// Keep the vhosts (to look at them in the management UI) instead of deleting them.
     pub keep_vhosts: bool,
     /// Print what is being measured to stderr as it starts.
@@ -137,6 +146,9 @@ impl Options {
             prefill: 0,
             hold: 10_000,
             component_args: Vec::new(),
+            gateway_args: Vec::new(),
+            component_env: Vec::new(),
+            instrumentation: false,
             keep_vhosts: false,
             progress: false,
         }
@@ -321,6 +333,8 @@ pub struct Report {
     pub hold: Option<Hold>,
     /// Workflow mode by backend and number of instances, when asked for (`--scaling`).
     pub scaling: Vec<ScaleRow>,
+    /// Workflow mode by instrumentation, when asked for (`--instrumentation`).
+    pub instrumentation: Vec<InstrumentRow>,
     /// CPU time of the bench process itself (load generator, the floor's requester and echo
     /// responder), over the whole run.
     pub bench_cpu_ms: f64,
@@ -385,6 +399,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             }
         }
     }
+    let instrumentation = match opts.instrumentation {
+        true => instrument::measure(opts, steps(&workflow, Mode::Workflow), &say).await?,
+        false => Vec::new(),
+    };
     Ok(Report {
         machine,
         settings: Settings {
@@ -405,6 +423,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         modes,
         hold,
         scaling,
+        instrumentation,
         bench_cpu_ms: cpu_ms("self").unwrap_or(0.0) - cpu,
         elapsed_s: started.elapsed().as_secs_f64(),
     })

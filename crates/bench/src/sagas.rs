@@ -187,6 +187,7 @@ pub(crate) async fn run_mode(
     ]
     .map(String::from)
     .to_vec();
+    let gateway = [gateway, opts.gateway_args.clone()].concat();
     let fleet = Fleet::new(&opts.baton_bin, args, &dir)
         .with_args_for(&["gateway"], gateway)
         .with_args_for(&["orchestrator", "gateway"], opts.workflow_file_args());
@@ -359,7 +360,7 @@ async fn start_waves(opts: &Options, stage: &Stage<'_>, say: &Say) -> anyhow::Re
         let names: Vec<String> = wave.iter().map(Process::name).collect();
         say(&format!("{mode}: starting {} (logs in {})", names.join(", "), dir.display()));
         for p in wave {
-            fleet.spawn(p)?;
+            fleet.spawn(&p.clone().with_env(opts.component_env.clone()))?;
         }
         let queues = work_queues(mode, i + 1);
         if i == 0 {

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_bench::{Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table};
+use baton_bench::{
+    Instrumentation, Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table,
+};
 use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
 
@@ -192,4 +194,36 @@ async fn two_instances_after_a_prefill_count_only_the_measured_sagas() {
     }
     let json = serde_json::to_value(&report).expect("the report serialises");
     assert_eq!(json["modes"][0]["prefill"]["spaces"], 20);
+}
+
+/// What seeing the sagas costs: three instrumentations, twice each, and spans reach the
+/// bench's OTLP sink only from the traced runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instrumentation_rows_export_spans_only_when_traced() {
+    let out = tempfile::tempdir().expect("a temporary dir");
+    let mut opts = options(out.path());
+    opts.modes = vec![Mode::Workflow];
+    opts.sequential = 5;
+    opts.warmup = 1;
+    opts.windows = vec![4];
+    opts.in_flight = 4;
+    opts.duration = Duration::from_secs(1);
+    opts.floor_duration = Duration::from_secs(1);
+    opts.hold = 0;
+    opts.instrumentation = true;
+    let report = run(&opts).await.expect("the bench runs");
+    let text = table(&report);
+    println!("{text}");
+    let rows = &report.instrumentation;
+    let kinds: Vec<Instrumentation> = rows.iter().map(|r| r.instrumentation).collect();
+    assert_eq!(kinds, [Instrumentation::Off, Instrumentation::Metrics, Instrumentation::Traced]);
+    for r in rows {
+        assert_eq!(r.runs, 2, "{r:?}");
+        assert!(r.p50_ms > 0.0 && r.sagas_per_second > 0.0 && r.of_off > 0.0, "{r:?}");
+        assert!(r.cpu_ms_per_saga.is_finite() && r.cpu_ms_per_saga > 0.0, "{r:?}");
+    }
+    assert_eq!(rows[0].of_off, 1.0);
+    assert_eq!((rows[0].exported_bytes, rows[1].exported_bytes), (0, 0), "nothing traced: {rows:?}");
+    assert!(rows[2].exported_bytes > 1_000, "the traced runs exported their spans: {rows:?}");
+    assert!(text.contains("metrics + traces exported"), "{text}");
 }

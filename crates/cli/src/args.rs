@@ -250,6 +250,12 @@ pub struct BenchArgs {
     /// created and dropped): the instance and backend table.
     #[arg(long, value_name = "POSTGRES_URL", value_parser = parse_database_url, hide_env_values = true)]
     pub scaling: Option<String>,
+    /// After the modes, measure workflow mode without instrumentation (the gateway with
+    /// --no-metrics), with metrics on every component, and with metrics and every span exported
+    /// over OTLP/HTTP to a sink in the bench: what seeing the sagas costs. Each twice, in
+    /// mirrored order; the loaded run uses the first --windows.
+    #[arg(long)]
+    pub instrumentation: bool,
     /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]
@@ -816,6 +822,10 @@ pub struct GatewayArgs {
     /// the open-file limit, `ulimit -n`, less an eighth of it for the rest of the process).
     #[arg(long, value_name = "N")]
     pub http_max_connections: Option<usize>,
+    /// Record no metrics and answer 404 at GET /metrics: what `baton bench --instrumentation`
+    /// measures the cost of metrics against.
+    #[arg(long, help_heading = "Metrics")]
+    pub no_metrics: bool,
 }
 
 /// Flags of `up`'s fault driver, which crashes components and drops connections.

@@ -40,6 +40,9 @@ pub struct Options {
     /// answered from, and what `GET /spaces/{id}`, the audit and `baton reconcile` know a
     /// client was told.
     pub retain: Duration,
+    /// Record metrics and answer `GET /metrics`; off, `/metrics` answers 404 and nothing is
+    /// counted (what `baton bench --instrumentation` compares against).
+    pub metrics: bool,
 }
 
 /// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as

@@ -34,7 +34,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
 /// Serve on an already bound listener (tests bind port 0) until `cancel`.
 pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationToken) -> anyhow::Result<()> {
     opts.limits.check()?;
-    baton_metrics::install(&opts.instance);
+    if opts.metrics {
+        baton_metrics::install(&opts.instance);
+    }
     let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(&opts.health, COMPONENT);
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;

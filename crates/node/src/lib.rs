@@ -65,6 +65,9 @@ pub struct Config {
     /// rows, tombstones; idempotency keys are kept for `idempotency_ttl`); also the oldest
     /// message it handles.
     pub retain: Duration,
+    /// The gateway records metrics and serves them at `GET /metrics` (`--no-metrics` turns it
+    /// off, for `baton bench --instrumentation` to measure what they cost).
+    pub gateway_metrics: bool,
 }
 
 impl Config {
@@ -89,6 +92,7 @@ impl Config {
             limits: HttpLimits::default(),
             health: Health::default(),
             retain: baton_store::retention::DEFAULT_RETAIN,
+            gateway_metrics: true,
         }
     }
 
@@ -142,6 +146,7 @@ impl Config {
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::at(&self.store),
             retain: self.retain,
+            metrics: self.gateway_metrics,
         }
     }
 }

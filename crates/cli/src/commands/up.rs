@@ -81,6 +81,7 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
         config.deadline = gateway.deadline.unwrap_or(baton_node::default_deadline(mode));
         config.max_in_flight = gateway.max_in_flight;
         config.idempotency_ttl = gateway.idempotency_ttl;
+        config.gateway_metrics = !gateway.no_metrics;
         config.limits = baton_gateway::HttpLimits {
             header_timeout: gateway.http_header_timeout,
             body_timeout: gateway.http_body_timeout,
@@ -260,7 +261,7 @@ async fn in_this_process(
     };
     let mut set: JoinSet<Task> = JoinSet::new();
     // Before any component starts, so that each registers what it collects at a scrape.
-    if metrics.is_some() || components.contains(&Component::Gateway) {
+    if metrics.is_some() || (components.contains(&Component::Gateway) && config.gateway_metrics) {
         baton_metrics::install(&config.instance);
     }
     if let Some(listener) = metrics {
