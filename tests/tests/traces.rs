@@ -237,7 +237,7 @@ async fn a_flow_of_events_is_one_trace_across_every_process() {
 
 /// A 5xx answer is an error on the request's span (OpenTelemetry's HTTP conventions for a
 /// server); a 4xx is not. A gateway alone, in events mode with a 1 s deadline: a request that
-/// no service handles is answered 504, a malformed one 400.
+/// no service handles is answered 504, an invalid one 422.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_ends_the_request_span_with_an_error_status() {
     let env = TestEnv::new().await;
@@ -263,7 +263,7 @@ async fn a_server_error_ends_the_request_span_with_an_error_status() {
     let r = send(late, serde_json::json!({"name": "unanswered", "owner": "alice"})).await.unwrap();
     assert_eq!(r.status(), 504);
     let r = send(bad, serde_json::json!({"name": ""})).await.unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 422);
     let status_of = |trace_id: &str| {
         let trace_id = trace_id.to_owned();
         let spans = Arc::clone(&spans);
@@ -274,8 +274,8 @@ async fn a_server_error_ends_the_request_span_with_an_error_status() {
     };
     let late = wait_for("the 504's span", Duration::from_secs(20), || status_of(late)).await;
     assert_eq!(late, 2, "a 504 is an error span");
-    let bad = wait_for("the 400's span", Duration::from_secs(20), || status_of(bad)).await;
-    assert_eq!(bad, 0, "a 400 leaves the status unset");
+    let bad = wait_for("the 422's span", Duration::from_secs(20), || status_of(bad)).await;
+    assert_eq!(bad, 0, "a 422 leaves the status unset");
 }
 
 /// `--log-format json`: every line of a process's stderr (not a terminal) is one JSON object,
