@@ -250,6 +250,9 @@ impl WorkflowView {
 pub struct WorkflowSummary {
     pub id: Uuid,
     pub space_id: Uuid,
+    /// The space's name and owner (`None` for a saga from before they were stored).
+    pub name: Option<String>,
+    pub owner: Option<String>,
     pub workflow: String,
     pub status: String,
     pub answer_status: Option<u16>,
@@ -389,8 +392,8 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-/// A row of [`page`]'s query: id, space, workflow, status, answer, created, updated.
-type SummaryRow = (String, String, String, String, Option<i64>, i64, i64);
+/// A row of [`page`]'s query: id, space, workflow, status, answer, created, updated, name, owner.
+type SummaryRow = (String, String, String, String, Option<i64>, i64, i64, Option<String>, Option<String>);
 
 /// The query of [`page`] and its parameters: only the conditions `filter` sets, so that each
 /// engine plans it on the index of its most selective one (an index on `(column, created_at,
@@ -436,7 +439,8 @@ pub(crate) fn page_query(filter: &Filter, limit: usize, after: Option<Cursor>) -
     let limit = bind(Value::Integer(limit.saturating_add(1) as i64));
     let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
     let sql = format!(
-        "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at FROM sagas{filter} \
+        "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at, name, owner \
+         FROM sagas{filter} \
          ORDER BY created_at DESC, saga_id DESC LIMIT {limit}"
     );
     (sql, values)
@@ -446,14 +450,26 @@ pub(crate) fn page_query(filter: &Filter, limit: usize, after: Option<Cursor>) -
 pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
     let (sql, values) = page_query(filter, limit, after);
     let rows: Vec<SummaryRow> = conn.query_map(&sql, values, |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+        ))
     })?;
     let mut workflows = rows
         .into_iter()
-        .map(|(id, space, workflow, status, answer, created, updated)| {
+        .map(|(id, space, workflow, status, answer, created, updated, name, owner)| {
             Ok(WorkflowSummary {
                 id: Uuid::parse_str(&id).map_err(corrupt)?,
                 space_id: Uuid::parse_str(&space).map_err(corrupt)?,
+                name,
+                owner,
                 workflow,
                 status,
                 answer_status: answer.map(|a| a as u16),
