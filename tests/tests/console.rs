@@ -383,6 +383,45 @@ async fn the_console_shows_a_saga_that_succeeded_one_compensated_and_an_orphaned
     sys.stop().await;
 }
 
+/// A saga waiting on a step whose service is down: its page names the step, its attempts,
+/// and, once the step timed out, its last failure; the list shows it running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_step_a_saga_waits_on() {
+    let (chromium, driver_path) = match browser() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
+            return;
+        }
+    };
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { skip: vec![baton_protocol::Service::Routing], ..SystemConfig::default() };
+    let sys = System::start(&env, cfg).await;
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("waits", "erin").await });
+    let saga = wait_for("the running saga", Duration::from_secs(20), || async {
+        let (_, page) = sys.get("/workflows?state=running&q=erin").await;
+        page["workflows"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    let driver = Driver::start(&driver_path).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(&chromium, profile.path()).await;
+    open(&c, sys.http, &format!("#/saga/{saga}")).await;
+    let shown = until(
+        &c,
+        "the step it waits on",
+        "const w = document.querySelector('#waiting [data-step]'); return w ? w.dataset.step + ' ' + w.textContent : ''",
+        |s| s.starts_with("routing ") && s.contains("last failure"),
+    )
+    .await;
+    assert!(shown.contains("attempt(s)"), "{shown}");
+    screenshot(&c, "9-saga-waiting").await;
+    c.close().await.expect("the browser closes");
+    waiting.abort();
+    sys.stop().await;
+}
+
 /// Sagas in the store of the test of scale.
 const MANY: usize = 100_000;
 
