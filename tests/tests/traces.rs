@@ -25,6 +25,8 @@ struct Span {
     span_id: String,
     parent: String,
     name: String,
+    /// The span's status code (0 unset, 1 ok, 2 error).
+    status: i32,
 }
 
 type Spans = Arc<Mutex<Vec<Span>>>;
@@ -65,6 +67,7 @@ async fn receiver() -> (Spans, String) {
                             span_id: hex(&span.span_id),
                             parent: hex(&span.parent_span_id),
                             name: span.name,
+                            status: span.status.map_or(0, |s| s.code),
                         });
                     }
                 }
@@ -230,6 +233,49 @@ async fn a_flow_of_events_is_one_trace_across_every_process() {
         );
     }
     drop(procs);
+}
+
+/// A 5xx answer is an error on the request's span (OpenTelemetry's HTTP conventions for a
+/// server); a 4xx is not. A gateway alone, in events mode with a 1 s deadline: a request that
+/// no service handles is answered 504, an invalid one 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_ends_the_request_span_with_an_error_status() {
+    let env = TestEnv::new().await;
+    let (spans, endpoint) = receiver().await;
+    let otel = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let http = format!("127.0.0.1:{}", free_port());
+    let args = ["run", "gateway", "--mode", "events", "--deadline", "1s", "--http", &http];
+    let _gateway = spawn_baton(&env, &args, &otel, "gateway.log");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let gateway = format!("http://{http}");
+    wait_for("the gateway to answer", Duration::from_secs(30), || async {
+        client.get(format!("{gateway}/health/live")).send().await.ok().map(|_| ())
+    })
+    .await;
+    let send = |trace_id: &'static str, body: serde_json::Value| {
+        client
+            .post(format!("{gateway}/spaces"))
+            .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+            .json(&body)
+            .send()
+    };
+    let (late, bad) = ("5bf92f3577b34da6a3ce929d0e0e4736", "6bf92f3577b34da6a3ce929d0e0e4736");
+    let r = send(late, serde_json::json!({"name": "unanswered", "owner": "alice"})).await.unwrap();
+    assert_eq!(r.status(), 504);
+    let r = send(bad, serde_json::json!({"name": ""})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let status_of = |trace_id: &str| {
+        let trace_id = trace_id.to_owned();
+        let spans = Arc::clone(&spans);
+        async move {
+            let got = spans.lock().unwrap();
+            got.iter().find(|s| s.trace_id == trace_id && s.name == "POST /spaces").map(|s| s.status)
+        }
+    };
+    let late = wait_for("the 504's span", Duration::from_secs(20), || status_of(late)).await;
+    assert_eq!(late, 2, "a 504 is an error span");
+    let bad = wait_for("the 422's span", Duration::from_secs(20), || status_of(bad)).await;
+    assert_eq!(bad, 0, "a 422 leaves the status unset");
 }
 
 /// `--log-format json`: every line of a process's stderr (not a terminal) is one JSON object,

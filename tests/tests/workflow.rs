@@ -305,6 +305,25 @@ async fn the_sagas_are_listed_newest_first_a_page_at_a_time_and_filtered() {
     let (_, future) = sys.get("/workflows?since=2999-01-01T00:00:00Z").await;
     assert_eq!(listed(&future), Vec::<String>::new());
 
+    // Search: by space name, owner, saga id, any of them (`q`), and a time range.
+    assert_eq!(
+        (first["workflows"][0]["name"].as_str(), first["workflows"][0]["owner"].as_str()),
+        (Some("admin"), Some("bob"))
+    );
+    let (_, named) = sys.get("/workflows?name=two").await;
+    assert_eq!(listed(&named), [ids[1].as_str()]);
+    let (_, owned) = sys.get("/workflows?owner=alice").await;
+    assert_eq!(listed(&owned), [ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+    let (_, by_id) = sys.get(&format!("/workflows?id={}", ids[0])).await;
+    assert_eq!(listed(&by_id), [ids[0].as_str()]);
+    for q in ["bob", "admin", space, refused_id.as_str()] {
+        let (_, any) = sys.get(&format!("/workflows?q={q}")).await;
+        assert_eq!(listed(&any), [refused_id.as_str()], "q={q}");
+    }
+    let second_at = second["workflows"][0]["created_at_ms"].as_i64().expect("a start time");
+    let (_, before) = sys.get(&format!("/workflows?until={second_at}")).await;
+    assert_eq!(listed(&before), [ids[0].as_str()]);
+
     // A typo is a 400 that names it, not an empty page.
     let (status, err) = sys.get("/workflows?state=rolledback").await;
     assert_eq!(status, 400, "{err}");

@@ -55,7 +55,9 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
 
 /// A request is a span, the root of its trace or the child of the client's `traceparent`
 /// header; the message it sends follows it. Its trace id is in every log line of the request.
-/// The probes and the scrape are not traced: they would bury the requests.
+/// The probes and the scrape are not traced: they would bury the requests. A 5xx answer ends
+/// the span with an error status, as OpenTelemetry's HTTP conventions say for a server (a 4xx
+/// is the client's mistake, not the server's error).
 async fn traced(req: Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
     if path.starts_with("/health") || path == "/metrics" {
@@ -69,6 +71,7 @@ async fn traced(req: Request, next: axum::middleware::Next) -> Response {
         http.request.method = %req.method(),
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
     if let Some(parent) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
@@ -79,7 +82,15 @@ async fn traced(req: Request, next: axum::middleware::Next) -> Response {
     }
     let response = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
+    if let Some(status) = span_status(response.status()) {
+        span.record("otel.status_code", status);
+    }
     response
+}
+
+/// The span status of a server's answer: `ERROR` for a 5xx, none (unset) otherwise.
+fn span_status(code: StatusCode) -> Option<&'static str> {
+    code.is_server_error().then_some("ERROR")
 }
 
 /// 431 for a head over [`crate::early::MAX_HEAD`] that got past hyper's own check.
@@ -425,8 +436,9 @@ fn cancel_answer(
     (code, axum::Json(body)).into_response()
 }
 
-/// `GET /workflows?state=&workflow=&version=&space=&since=&limit=&cursor=`: a page of sagas, newest first,
-/// with the cursor of the next page (`null` on the last). A bad parameter is a 400 that names it.
+/// `GET /workflows?state=&workflow=&version=&space=&id=&name=&owner=&q=&since=&until=&limit=&cursor=`:
+/// a page of sagas, newest first, with the cursor of the next page (`null` on the last). A bad
+/// parameter is a 400 that names it.
 async fn list_workflows(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
     let asked = match Listing::parse(query.as_deref().unwrap_or("")) {
         Ok(asked) => asked,
@@ -467,6 +479,17 @@ mod tests {
             h.append("idempotency-key", header::HeaderValue::from_str(k).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn only_a_server_error_is_an_error_span() {
+        assert_eq!(span_status(StatusCode::INTERNAL_SERVER_ERROR), Some("ERROR"));
+        assert_eq!(span_status(StatusCode::GATEWAY_TIMEOUT), Some("ERROR"));
+        for fine in
+            [StatusCode::OK, StatusCode::CONFLICT, StatusCode::NOT_FOUND, StatusCode::TOO_MANY_REQUESTS]
+        {
+            assert_eq!(span_status(fine), None, "{fine}");
+        }
     }
 
     #[test]

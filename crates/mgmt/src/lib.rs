@@ -1,8 +1,9 @@
-//! The few calls of RabbitMQ's management HTTP API that Baton needs: vhosts and connections.
+//! The few calls of RabbitMQ's management HTTP API that Baton needs: vhosts, connections and
+//! queue depths.
 //!
 //! Owns: [`Mgmt`], the client of that API (over `http://` or `https://`), and the words its
 //! failures are explained in. Used by `baton up` (connection drops), compare, chaos and bench
-//! (fresh vhosts) and the tests. Must not touch: AMQP itself (see `baton-amqp`), or what a run
+//! (fresh vhosts), the console's health page (queues and clients) and the tests. Must not touch: AMQP itself (see `baton-amqp`), or what a run
 //! does with the vhosts.
 
 use std::time::Duration;
@@ -160,6 +161,103 @@ impl Mgmt {
     }
 }
 
+/// One queue's depth as the broker last sampled it (every few seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub name: String,
+    /// Messages waiting for a consumer.
+    pub ready: u64,
+    /// Messages delivered to a consumer and not yet acked.
+    pub unacked: u64,
+    pub consumers: u64,
+}
+
+/// One client connection of a vhost, and the queues its consumers read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConnection {
+    /// The name the client gave its connection (Baton's: `baton <component> [<instance>]`).
+    pub name: String,
+    /// `running`, `blocked` (by a memory or disk alarm), `flow`...
+    pub state: String,
+    /// The queues it consumes, sorted, each once.
+    pub consuming: Vec<String>,
+}
+
+impl Mgmt {
+    async fn get_list(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        let r = self.send(self.req(reqwest::Method::GET, path)).await?;
+        let status = r.status();
+        if !status.is_success() {
+            self.check(r, &format!("reading {path}")).await?;
+            bail!("reading {path}: HTTP {status}");
+        }
+        Ok(r.json().await?)
+    }
+
+    /// Every queue of `vhost` (as [`vhost_of`] spells it), by name.
+    pub async fn queue_depths(&self, vhost: &str) -> anyhow::Result<Vec<QueueDepth>> {
+        let path = format!("/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers");
+        Ok(depths(&self.get_list(&path).await?))
+    }
+
+    /// Every client connection of `vhost`, by name, with the queues each consumes.
+    pub async fn clients(&self, vhost: &str) -> anyhow::Result<Vec<ClientConnection>> {
+        let conns = self.get_list(&format!("/vhosts/{vhost}/connections")).await?;
+        let consumers = self.get_list(&format!("/consumers/{vhost}")).await?;
+        Ok(clients(&conns, &consumers))
+    }
+}
+
+/// The depths in an answer of `GET /api/queues/{vhost}`; a figure not yet sampled is 0.
+fn depths(queues: &[Value]) -> Vec<QueueDepth> {
+    let n = |q: &Value, k: &str| q[k].as_u64().unwrap_or(0);
+    let mut all: Vec<QueueDepth> = queues
+        .iter()
+        .filter_map(|q| {
+            Some(QueueDepth {
+                name: q["name"].as_str()?.to_owned(),
+                ready: n(q, "messages_ready"),
+                unacked: n(q, "messages_unacknowledged"),
+                consumers: n(q, "consumers"),
+            })
+        })
+        .collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
+/// The connections of `GET /api/vhosts/{vhost}/connections`, each with the queues of its
+/// consumers in `GET /api/consumers/{vhost}` (the user-given name when there is one, as
+/// `rabbitmqctl` shows it).
+fn clients(conns: &[Value], consumers: &[Value]) -> Vec<ClientConnection> {
+    let given = |c: &Value| {
+        c["client_properties"]["connection_name"]
+            .as_str()
+            .or(c["user_provided_name"].as_str())
+            .map(str::to_owned)
+    };
+    let mut all: Vec<ClientConnection> = conns
+        .iter()
+        .filter_map(|c| {
+            let id = c["name"].as_str()?;
+            let mut consuming: Vec<String> = consumers
+                .iter()
+                .filter(|k| k["channel_details"]["connection_name"].as_str() == Some(id))
+                .filter_map(|k| k["queue"]["name"].as_str().map(str::to_owned))
+                .collect();
+            consuming.sort();
+            consuming.dedup();
+            Some(ClientConnection {
+                name: given(c).unwrap_or_else(|| id.to_owned()),
+                state: c["state"].as_str().unwrap_or("unknown").to_owned(),
+                consuming,
+            })
+        })
+        .collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
 /// The vhost of an AMQP URL as the management API's paths want it: its path, still
 /// percent-encoded (the default vhost `/` is `%2F`, as is a URL without a path). Of a cluster's
 /// comma-separated list, the first URL's: they all name the same vhost.
@@ -210,6 +308,50 @@ mod tests {
         assert_eq!(vhost_of("amqps://u:p@host:5671/baton-demo?cacertfile=/x/ca.pem"), "baton-demo");
         assert_eq!(vhost_of("amqp://u:p@host/baton%20test#frag"), "baton%20test");
         assert_eq!(vhost_of("amqp://u:p@h:5681/baton-demo,amqp://u:p@h:5682/baton-demo"), "baton-demo");
+    }
+
+    #[test]
+    fn queue_depths_are_read_and_missing_figures_are_zero() {
+        let got = depths(&[
+            serde_json::json!({"name": "records.commands", "messages_ready": 3, "messages_unacknowledged": 2, "consumers": 1}),
+            serde_json::json!({"name": "a.fresh.queue"}),
+            serde_json::json!({"no": "name"}),
+        ]);
+        let row = |n: &str, r, u, c| QueueDepth { name: n.into(), ready: r, unacked: u, consumers: c };
+        assert_eq!(got, vec![row("a.fresh.queue", 0, 0, 0), row("records.commands", 3, 2, 1)]);
+    }
+
+    #[test]
+    fn a_client_is_named_as_it_named_itself_with_the_queues_it_consumes() {
+        let conn = |id: &str, given: Option<&str>| serde_json::json!({"name": id, "state": "running", "client_properties": {"connection_name": given}});
+        let consumer = |id: &str, queue: &str| serde_json::json!({"channel_details": {"connection_name": id}, "queue": {"name": queue}});
+        let got = clients(
+            &[
+                conn("127.0.0.1:1 -> 127.0.0.1:5672", Some("baton orchestrator main")),
+                conn("127.0.0.1:2 -> x", None),
+            ],
+            &[
+                consumer("127.0.0.1:1 -> 127.0.0.1:5672", "orchestrator.replies"),
+                consumer("127.0.0.1:1 -> 127.0.0.1:5672", "orchestrator.commands"),
+                consumer("127.0.0.1:1 -> 127.0.0.1:5672", "orchestrator.replies"),
+                consumer("127.0.0.1:9 -> x", "records.commands"),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                ClientConnection {
+                    name: "127.0.0.1:2 -> x".into(),
+                    state: "running".into(),
+                    consuming: vec![]
+                },
+                ClientConnection {
+                    name: "baton orchestrator main".into(),
+                    state: "running".into(),
+                    consuming: vec!["orchestrator.commands".into(), "orchestrator.replies".into()],
+                },
+            ]
+        );
     }
 
     #[test]

@@ -347,8 +347,8 @@ impl Core {
                     Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
                 tx.execute(
                     "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at,
-                                        definition_hash, deadline_at)
-                     VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8)",
+                                        definition_hash, deadline_at, name, owner)
+                     VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
                     params![
                         saga.id.to_string(),
                         saga.space_id.to_string(),
@@ -357,7 +357,9 @@ impl Core {
                         meta.trace.0,
                         now as i64,
                         meta.definition,
-                        saga.deadline.map(|d| d.at_ms as i64)
+                        saga.deadline.map(|d| d.at_ms as i64),
+                        saga.context.name,
+                        saga.context.owner
                     ],
                 )?;
                 let wake = apply(tx, &saga, effects, &meta, &hop, &reply_key, now)?;

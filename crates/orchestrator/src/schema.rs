@@ -48,4 +48,16 @@ pub const MIGRATIONS: &[&str] = &[
     // The console's and `GET /workflows`'s pages, newest first: a walk of this index that stops
     // at the page's LIMIT, however many sagas the store keeps.
     "CREATE INDEX sagas_by_created ON sagas (created_at, saga_id);",
+    // The list's filters and search, each on an index of its own that ends in the page's
+    // order, so that a filtered page is a walk too; a space's name and owner are written when
+    // its saga starts (sagas from before have none). The ones they replace were their prefixes.
+    "ALTER TABLE sagas ADD COLUMN name TEXT;
+    ALTER TABLE sagas ADD COLUMN owner TEXT;
+    DROP INDEX sagas_by_status;
+    DROP INDEX sagas_by_definition;
+    CREATE INDEX sagas_by_status ON sagas (status, created_at, saga_id);
+    CREATE INDEX sagas_by_definition ON sagas (definition_hash, created_at, saga_id);
+    CREATE INDEX sagas_by_workflow ON sagas (workflow, created_at, saga_id);
+    CREATE INDEX sagas_by_name ON sagas (name, created_at, saga_id);
+    CREATE INDEX sagas_by_owner ON sagas (owner, created_at, saga_id);",
 ];

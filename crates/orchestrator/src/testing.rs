@@ -73,3 +73,87 @@ pub async fn saga(
         })
         .await
 }
+
+/// A saga as [`fill`] writes it: the fields the list filters and shows, no history, an empty
+/// state (enough for lists and counts, not for a saga's page).
+#[derive(Debug, Clone)]
+pub struct Filled {
+    pub id: Uuid,
+    pub space_id: Uuid,
+    pub workflow: String,
+    pub status: baton_workflow::SagaStatus,
+    pub name: String,
+    pub owner: String,
+    pub version: String,
+    pub created_at_ms: i64,
+}
+
+/// Write `count` sagas, the `i`th of them `row(i)`, in one transaction of multi-row inserts:
+/// a store of a size no test could make through the broker (100,000 sagas in seconds).
+pub async fn fill(
+    location: &Location,
+    count: usize,
+    row: impl Fn(usize) -> Filled + Send + 'static,
+) -> Result<(), StoreError> {
+    /// Rows per statement: 8 parameters each, far below either engine's limit.
+    const BATCH: usize = 500;
+    open(location)
+        .await?
+        .transaction(move |tx| {
+            for first in (0..count).step_by(BATCH) {
+                let rows: Vec<Filled> = (first..count.min(first + BATCH)).map(&row).collect();
+                let mut values = Vec::with_capacity(rows.len() * 8);
+                let mut tuples = Vec::with_capacity(rows.len());
+                for (i, r) in rows.into_iter().enumerate() {
+                    let p = i * 8;
+                    tuples.push(format!(
+                        "(?{}, ?{}, ?{}, ?{}, '{{}}', '', ?{}, ?{}, ?{}, ?{}, ?{})",
+                        p + 1, p + 2, p + 3, p + 4, p + 5, p + 5, p + 6, p + 7, p + 8
+                    ));
+                    values.extend([
+                        baton_store::Value::Text(r.id.to_string()),
+                        baton_store::Value::Text(r.space_id.to_string()),
+                        baton_store::Value::Text(r.workflow),
+                        baton_store::Value::Text(r.status.as_str().to_owned()),
+                        baton_store::Value::Integer(r.created_at_ms),
+                        baton_store::Value::Text(r.version),
+                        baton_store::Value::Text(r.name),
+                        baton_store::Value::Text(r.owner),
+                    ]);
+                }
+                tx.execute(
+                    &format!(
+                        "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at,
+                                            updated_at, definition_hash, name, owner) VALUES {}",
+                        tuples.join(", ")
+                    ),
+                    values,
+                )?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// The query plan of [`crate::query::page`] for `filter` on the store at `location`, one line
+/// a step (SQLite's `EXPLAIN QUERY PLAN` details, PostgreSQL's `EXPLAIN` lines), after the
+/// engine's statistics are brought up to date: what a test checks for an index walk.
+pub async fn plan_of_page(
+    location: &Location,
+    filter: &crate::query::Filter,
+    after: Option<crate::query::Cursor>,
+) -> Result<Vec<String>, StoreError> {
+    let (sql, values) = crate::query::page_query(filter, 50, after);
+    let postgres = matches!(location, Location::Postgres(_));
+    open(location)
+        .await?
+        .transaction(move |tx| {
+            tx.execute_batch("ANALYZE")?;
+            if postgres {
+                tx.query_map(&format!("EXPLAIN {sql}"), values, |r| r.get(0))
+            } else {
+                tx.query_map(&format!("EXPLAIN QUERY PLAN {sql}"), values, |r| r.get(3))
+            }
+        })
+        .await
+}

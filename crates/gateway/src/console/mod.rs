@@ -2,7 +2,8 @@
 //! style are compiled into the binary (nothing from a CDN; it works offline); it reads what
 //! it shows through the same API as the CLI (`GET /workflows`, `GET /workflows/{id}`, `POST
 //! /workflows/{id}/cancel`, `POST /workflows/{id}/retry`) and a few read-only routes of its own
-//! under `/console/api/`, and polls them for live updates. It reads other components' stores
+//! under `/console/api/`, and polls them for live updates. The health page adds what the
+//! broker's management API says of every component instance and queue (`health`). It reads other components' stores
 //! only through their read models ([`baton_orchestrator::Sagas`],
 //! [`baton_services::read::Holdings`]), never writing.
 
@@ -20,6 +21,8 @@ use baton_workflow::{HistoryEvent, SagaStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+mod health;
+
 use crate::gateway::Gateway;
 use crate::read::{self, Request};
 
@@ -34,7 +37,9 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/console/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
         .route("/console/app.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
         .route("/console/api/overview", get(overview))
+        .route("/console/api/summary", get(summary))
         .route("/console/api/requests", get(requests))
+        .route("/console/api/health", get(health))
         .route("/console/api/spaces/{id}", get(space))
         .route("/console/compare", get(compare))
         .route("/workflows/{id}/retry", post(retry))
@@ -60,34 +65,28 @@ fn path_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, Response> {
     Uuid::parse_str(&id).map_err(|_| error(StatusCode::BAD_REQUEST, format!("`{id}` is not a UUID")))
 }
 
-/// The vhost of an AMQP URL (`/` when it names none), for links into the management UI.
-fn vhost(amqp_url: &str) -> String {
-    let first = amqp_url.split(',').next().unwrap_or_default();
-    url::Url::parse(first)
-        .ok()
-        .map(|u| u.path().trim_start_matches('/').to_owned())
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| "/".to_owned(), |p| percent_decode(&p))
-}
-
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("v={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map_or_else(|| s.to_owned(), |(_, v)| v.into_owned())
-}
-
-/// `GET /console/api/overview`: the mode and workflow this gateway runs, its sagas by state,
-/// the stored versions, the health of every component of its process, and where the
-/// management UI and the traces are.
-async fn overview(State(gw): State<Arc<Gateway>>) -> Response {
+/// `GET /console/api/summary`: the sagas by state and the stored versions. Apart from the
+/// overview, which every page waits for: they count every saga (most of a second with 100,000
+/// on SQLite), and only the list's cards and choices show them.
+async fn summary(State(gw): State<Arc<Gateway>>) -> Response {
     let (counts, versions) = if gw.opts.mode == Mode::Workflow {
-        match (gw.opts.sagas.counts_by_status().await, gw.opts.sagas.versions().await) {
-            (Ok(c), Ok(v)) => (c.into_iter().map(|(s, n)| (s.as_str().to_owned(), n)).collect(), v),
-            (Err(e), _) | (_, Err(e)) => return failed(e),
+        // A reader of its own, so that the pages' queries do not wait behind these counts on
+        // the gateway's one reader thread.
+        let sagas = baton_orchestrator::Sagas::at(gw.opts.sagas.location());
+        match tokio::try_join!(sagas.counts_by_status(), sagas.versions()) {
+            Ok((c, v)) => (c.into_iter().map(|(s, n)| (s.as_str().to_owned(), n)).collect(), v),
+            Err(e) => return failed(e),
         }
     } else {
         (std::collections::BTreeMap::new(), Vec::new())
     };
+    axum::Json(json!({ "counts": counts, "versions": versions })).into_response()
+}
+
+/// `GET /console/api/overview`: the mode and workflow this gateway runs, the health of every
+/// component of its process, and where the management UI and the traces are; nothing it
+/// reads grows with the store.
+async fn overview(State(gw): State<Arc<Gateway>>) -> Response {
     let health = gw.opts.health.report().await;
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
     axum::Json(json!({
@@ -96,10 +95,8 @@ async fn overview(State(gw): State<Arc<Gateway>>) -> Response {
         "instance": gw.opts.instance,
         "services": Service::ALL.map(Service::name),
         "states": SagaStatus::ALL.map(SagaStatus::as_str),
-        "counts": counts,
-        "versions": versions,
         "health": health,
-        "vhost": vhost(gw.opts.amqp_url.expose()),
+        "vhost": baton_mgmt::vhost_of(gw.opts.amqp_url.expose()),
         "mgmt_url": env("BATON_MGMT_URL", "http://127.0.0.1:15672"),
         "trace_url": env("BATON_TRACE_URL", "http://127.0.0.1:16686/trace"),
     }))
@@ -229,6 +226,17 @@ async fn compare() -> Response {
     }
 }
 
+/// `GET /console/api/health`: this process's checks, and, from the broker's management API,
+/// every component instance connected to the vhost (whatever process runs it) and every queue's
+/// depth; the management API's failure is said in words beside this process's checks.
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let report = gw.opts.health.report().await;
+    let broker = health::broker(gw.opts.amqp_url.expose()).await;
+    let mut body = serde_json::to_value(&broker).unwrap_or(Value::Null);
+    body["process"] = serde_json::to_value(&report).unwrap_or(Value::Null);
+    axum::Json(body).into_response()
+}
+
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -298,18 +306,5 @@ async fn retry(State(gw): State<Arc<Gateway>>, id: Result<Path<String>, PathReje
             });
             return (code, axum::Json(body)).into_response();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_vhost_of_a_url_is_its_decoded_path_or_the_root() {
-        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672"), "/");
-        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/"), "/");
-        assert_eq!(vhost("amqp://u:p@h:5672/%2F"), "/");
-        assert_eq!(vhost("amqp://u:p@h:5672/baton-test-1,amqp://u:p@h2:5672/baton-test-1"), "baton-test-1");
     }
 }
