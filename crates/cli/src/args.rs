@@ -789,7 +789,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
     /// The workflow each request runs: create-space, create-space-parallel,
-    /// create-space-hybrid, or one named in a --workflow-file (default: create-space, and
+    /// create-space-hybrid, create-space-nested, or one named in a --workflow-file (default: create-space, and
     /// create-space-hybrid in hybrid mode).
     #[arg(long, env = "BATON_WORKFLOW", help_heading = "Workflows")]
     pub workflow: Option<String>,
