@@ -70,6 +70,22 @@ async fn the_nested_workflow_creates_a_space_with_its_child_nested_in_the_timeli
     assert_eq!(child["parent_step"], 1);
     assert_eq!(steps_with(child, "done"), ["placement", "entitlements"], "{child}");
     assert!(child["definition_hash"].is_string(), "pinned to its own definition: {child}");
+    // `baton workflows show` prints the child under its parent, indented.
+    let out = tokio::process::Command::new(baton_tests::baton_bin())
+        .args(["workflows", "show", view["id"].as_str().unwrap(), "--log", "warn"])
+        .args(env.store_args())
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}{}", String::from_utf8_lossy(&out.stderr));
+    let child_line =
+        format!("    child saga of step 2: workflow {} (reserve-capacity)", child["id"].as_str().unwrap());
+    assert!(shown.lines().any(|l| l.starts_with(&child_line)), "{shown}");
+    assert!(
+        shown.lines().any(|l| l.starts_with("      ") && l.contains("placement") && l.contains("done")),
+        "{shown}"
+    );
     // One saga per request in the lists: the child is shown in its parent.
     let (_, listed) = sys.get("/workflows").await;
     assert_eq!(listed["workflows"].as_array().map(Vec::len), Some(1), "{listed}");
