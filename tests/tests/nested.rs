@@ -241,3 +241,67 @@ async fn two_orchestrators_on_postgresql_run_parents_and_children_between_them()
     second_task.await.unwrap().unwrap();
     sys.stop().await;
 }
+
+/// An orchestrator of `env` running `workflows`, in this process; stop it with the token.
+fn orchestrator(
+    env: &TestEnv,
+    cfg: &SystemConfig,
+    workflows: Vec<baton_workflow::Workflow>,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let config = baton_tests::node_config(env, &SystemConfig { workflows, ..cfg.clone() });
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    (cancel, tokio::spawn(async move { baton_node::run(Component::Orchestrator, &config, token).await }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_keeps_the_definition_it_started_on_when_its_workflow_changes() {
+    let env = TestEnv::new().await;
+    // Entitlements is not running yet: the first child waits for its licence.
+    let cfg = SystemConfig { skip: vec![Service::Entitlements], with_orchestrator: false, ..nested() };
+    let sys = System::start(&env, cfg.clone()).await;
+    let old = baton_workflow::Workflow::reserve_capacity();
+    let (first, first_task) = orchestrator(&env, &cfg, baton_workflow::Workflow::bundled());
+    let api = sys.api();
+    let waiting = tokio::spawn(async move { api.create("early", "fay").await });
+    wait_for("the first child to wait for its licence", Duration::from_secs(20), || async {
+        let sagas = baton_tests::sagas(&env.store());
+        let child = sagas.first()?.children.first()?.clone();
+        child
+            .history
+            .iter()
+            .any(|h| h.step.as_deref() == Some("entitlements") && h.event == "sent")
+            .then_some(())
+    })
+    .await;
+    // The orchestrator comes back with another version of the child: a longer licence timeout.
+    first.cancel();
+    first_task.await.unwrap().unwrap();
+    let mut new = old.clone();
+    new.steps[1].actions[0].timeout_ms += 1_000;
+    assert_ne!(new.hash(), old.hash());
+    let mut workflows = baton_workflow::Workflow::bundled();
+    workflows.retain(|w| w.name != new.name);
+    workflows.push(new.clone());
+    let (second, second_task) = orchestrator(&env, &cfg, workflows);
+    let (entitlements, task) = spawn_service(&env, Service::Entitlements, &cfg);
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = sys.create("late", "fay").await;
+    assert_eq!(status, 200, "{body}");
+    every_saga_ends(&env, Duration::from_secs(20)).await;
+    let children: Vec<_> = baton_tests::sagas(&env.store())
+        .into_iter()
+        .flat_map(|s| s.children)
+        .map(|c| c.definition_hash)
+        .collect();
+    assert_eq!(children, [Some(old.hash()), Some(new.hash())], "each child on the version it started on");
+    let report = env.audit();
+    assert!(report.is_consistent(), "{:#?}", report.inconsistencies);
+    assert_eq!(report.complete, 2);
+    entitlements.cancel();
+    task.await.unwrap().unwrap();
+    second.cancel();
+    second_task.await.unwrap().unwrap();
+    sys.stop().await;
+}
