@@ -873,34 +873,10 @@ fn apply(
     let mut answer_status = None;
     let mut cascade = Vec::new();
     for effect in effects {
+        cascade.extend(for_other_saga(saga, meta, hop, &effect));
         match effect {
-            Effect::Child { index, workflow, action, attempt: _, context } => {
-                cascade.push(match action {
-                    Action::Do => Cascade::StartChild(ChildStart {
-                        parent: saga.id,
-                        index,
-                        service: saga.actions.get(index).map_or(Service::Records, |a| a.service),
-                        workflow,
-                        space_id: saga.space_id,
-                        context,
-                        deadline: saga.deadline,
-                        trace: hop.child(),
-                    }),
-                    Action::Undo => Cascade::UndoChild { parent: saga.id, index },
-                });
-            }
-            Effect::Undone => {
-                if let Some((parent, index)) = meta.parent {
-                    cascade.push(Cascade::ToParent { parent, reply: undone_reply(Service::Records, index) });
-                }
-            }
-            Effect::Answer { status, context, failure } if meta.parent.is_some() => {
-                // A child answers its parent, as the reply to the action it runs for.
-                answer_status = Some(status);
-                let (parent, index) = meta.parent.unwrap_or_default();
-                let reply = answer_as_reply(Service::Records, index, status, context, failure);
-                cascade.push(Cascade::ToParent { parent, reply });
-            }
+            // Carried out in the other saga by `Core::settle`.
+            Effect::Child { .. } | Effect::Undone => {}
             Effect::Send { index, service, action, attempt, context } => {
                 let kind = match action {
                     Action::Do => service.do_type(),
@@ -997,6 +973,39 @@ fn apply(
         ],
     )?;
     Ok(Applied { wake, cascade })
+}
+
+/// What `effect` of `saga` sets off in another saga: a child to start or to undo, or (a child's
+/// answer, or its end of an undo) its parent to tell.
+fn for_other_saga(saga: &Saga, meta: &Meta, hop: &TraceParent, effect: &Effect) -> Option<Cascade> {
+    match effect {
+        Effect::Child { index, workflow, action: Action::Do, attempt: _, context } => {
+            Some(Cascade::StartChild(ChildStart {
+                parent: saga.id,
+                index: *index,
+                service: saga.actions.get(*index).map_or(Service::Records, |a| a.service),
+                workflow: workflow.clone(),
+                space_id: saga.space_id,
+                context: context.clone(),
+                deadline: saga.deadline,
+                trace: hop.child(),
+            }))
+        }
+        Effect::Child { index, action: Action::Undo, .. } => {
+            Some(Cascade::UndoChild { parent: saga.id, index: *index })
+        }
+        // The service is the parent's to fill in (`Saga::on_child_reply`).
+        Effect::Undone => {
+            let (parent, index) = meta.parent?;
+            Some(Cascade::ToParent { parent, reply: undone_reply(Service::Records, index) })
+        }
+        Effect::Answer { status, context, failure } => {
+            let (parent, index) = meta.parent?;
+            let reply = answer_as_reply(Service::Records, index, *status, context.clone(), failure.clone());
+            Some(Cascade::ToParent { parent, reply })
+        }
+        _ => None,
+    }
 }
 
 /// Count a history event in the metrics once its transaction commits; a step's reply (or its
