@@ -209,6 +209,10 @@ pub struct CompareArgs {
     /// outcome, or waits on its saga.
     #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N", help_heading = "Load")]
     pub retry_timeouts: Option<u32>,
+    /// The workflow the gateway runs in workflow mode (create-space-nested, ...; default:
+    /// create-space).
+    #[arg(long, help_heading = "Gateway")]
+    pub workflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -340,6 +344,10 @@ pub struct ChaosArgs {
     pub keep_vhost: bool,
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    /// The workflow the gateway runs in workflow mode (create-space-nested, ...; default:
+    /// create-space).
+    #[arg(long, help_heading = "Gateway")]
+    pub workflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
