@@ -933,7 +933,8 @@ impl Saga {
         a.attempt = attempt;
         a.due_ms = Some(now + def.timeout_ms);
         out.0.push(command(def, idx, a.service, Action::Do, attempt, &self.context));
-        out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, None);
+        let detail = def.workflow.as_ref().map(|w| format!("child workflow {w}"));
+        out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, detail);
     }
 
     fn send_undo(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
@@ -943,7 +944,8 @@ impl Saga {
         a.undo_attempt = attempt;
         a.due_ms = Some(now + def.timeout_ms);
         out.0.push(command(def, idx, a.service, Action::Undo, attempt, &self.context));
-        out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, None);
+        let detail = def.workflow.as_ref().map(|w| format!("undo child workflow {w} as a whole"));
+        out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, detail);
     }
 
     fn retry_or_fail(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {

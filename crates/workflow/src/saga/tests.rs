@@ -890,6 +890,11 @@ fn a_child_step_starts_the_child_saga_and_waits_for_its_outcome_as_its_reply() {
     let fx = p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
     assert_eq!(children(&fx), vec![(1, "c".into(), Action::Do, 1)]);
     assert!(sends(&fx).is_empty(), "no command of its own");
+    let sent = fx.iter().find_map(|e| match e {
+        Effect::History { event: HistoryEvent::Sent, detail, .. } => detail.clone(),
+        _ => None,
+    });
+    assert_eq!(sent.as_deref(), Some("child workflow c"), "the timeline names the child");
     assert_eq!(p.actions[1].due_ms, Some(T0 + 1 + 20_000), "the child's outcome has its step's timeout");
     let c = finished_child(&child);
     let reply = c.outcome_as_child(Records, 1).expect("a finished child has an outcome");
