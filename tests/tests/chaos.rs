@@ -18,9 +18,19 @@ use baton_tests::node::Node;
 
 /// One chaos run of `mode` for `seconds` on a node of its own, with its figures on stderr.
 async fn run(mode: Mode, seconds: u64) -> (ModeRun, String) {
+    let out = tempfile::tempdir().unwrap();
+    run_workflow(mode, seconds, None, out.path()).await
+}
+
+/// [`run`], with the gateway running `workflow` (workflow mode), its data dirs under `out`.
+async fn run_workflow(
+    mode: Mode,
+    seconds: u64,
+    workflow: Option<&str>,
+    out: &std::path::Path,
+) -> (ModeRun, String) {
     baton_tests::init_logs();
     let node = tokio::task::spawn_blocking(Node::start_with_management).await.unwrap();
-    let out = tempfile::tempdir().unwrap();
     let opts = Options {
         modes: vec![Mode::Workflow, Mode::Events],
         requests: 1_000_000,
@@ -30,11 +40,12 @@ async fn run(mode: Mode, seconds: u64) -> (ModeRun, String) {
         quiesce_timeout: Duration::from_secs(120),
         duration: Some(Duration::from_secs(seconds)),
         broker_ctl: Some(node.ctl_command()),
+        workflow: workflow.map(str::to_owned),
         ..Options::new(
             baton_bin(),
             format!("amqp://guest:guest@127.0.0.1:{}", node.port),
             Mgmt::new(&format!("http://127.0.0.1:{}", node.mgmt_port.unwrap()), "guest", "guest"),
-            out.path().to_owned(),
+            out.to_owned(),
         )
     };
     let run = chaos(&opts, mode).await.unwrap();
@@ -90,6 +101,20 @@ async fn workflow_mode_survives_a_chaos_run_with_nothing_lost() {
     assert_eq!(run.injected.get("clock jumps"), Some(&2), "back an hour and forward again: {summary}");
     assert!(run.audit.is_consistent(), "{summary}\n{:#?}", run.audit.inconsistencies);
     assert!(run.audit.uncertain.is_empty(), "no 504 expected: {summary}\n{:#?}", run.audit.uncertain);
+}
+
+/// The same run with every request a parent saga and its child (`create-space-nested`): crashes
+/// of the orchestrator land between parents and children too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nested_workflow_survives_a_chaos_run_with_nothing_lost() {
+    let out = tempfile::tempdir().unwrap();
+    let (run, summary) = run_workflow(Mode::Workflow, 40, Some("create-space-nested"), out.path()).await;
+    every_fault_was_injected(&run, Mode::Workflow, &summary);
+    assert!(run.audit.is_consistent(), "{summary}\n{:#?}", run.audit.inconsistencies);
+    assert!(run.audit.uncertain.is_empty(), "no 504 expected: {summary}\n{:#?}", run.audit.uncertain);
+    let sagas = baton_tests::sagas(&baton_store::Location::Dir(run.data_dir.clone()));
+    let with_child = sagas.iter().filter(|s| s.workflow == "create-space-nested" && s.children.len() == 1);
+    assert!(with_child.count() >= run.stats.ok, "each space created ran its child: {summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

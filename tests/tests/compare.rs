@@ -163,3 +163,50 @@ async fn compare_shows_what_each_mode_leaves_behind() {
         assert!(!html.contains(fetches), "self-contained, no `{fetches}`");
     }
 }
+
+/// The nested workflow under the same plan: refusals injected in the child (placement,
+/// entitlements) and in the parent after it (routing), a crash, dropped connections; nothing
+/// is left inconsistent, and each saga that got past its record ran one child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_runs_the_nested_workflow_with_nothing_left_inconsistent() {
+    baton_tests::init_logs();
+    let out = tempfile::tempdir().unwrap();
+    let opts = Options {
+        modes: vec![Mode::Workflow],
+        requests: 200,
+        seed: 11,
+        faults: FaultPlan::parse(FaultPlan::DEFAULT, 11).unwrap(),
+        workflow: Some("create-space-nested".into()),
+        ..Options::new(
+            baton_bin(),
+            amqp_base(),
+            Mgmt::new(&mgmt_base(), "guest", "guest"),
+            out.path().to_owned(),
+        )
+    };
+    let c = tokio::time::timeout(Duration::from_secs(110), compare(&opts))
+        .await
+        .expect("a small compare ends well within 2 minutes")
+        .unwrap();
+    let [run] = &c.runs[..] else { panic!("one run") };
+    assert!(run.quiescent && run.nothing_lost(), "{:?}", run.stats);
+    assert_eq!(run.stats.no_answer, 0, "{:?}", run.stats);
+    assert_eq!(run.stats.timeouts, 0, "{:?}", run.stats);
+    assert!(run.injected.get("refusal").is_some_and(|n| *n > 0), "{:?}", run.injected);
+    assert_eq!(run.injected.get("crash routing"), Some(&1), "{:?}", run.injected);
+    assert!(run.audit.is_consistent(), "{:?}", run.audit.inconsistencies);
+    let at = baton_store::Location::Dir(run.data_dir.clone());
+    let sagas = baton_tests::sagas(&at);
+    assert_eq!(sagas.len(), 200, "one saga per request, its child inside");
+    assert!(sagas.iter().all(|s| s.workflow == "create-space-nested"));
+    let past_record = |s: &&baton_orchestrator::query::WorkflowView| {
+        s.history.iter().any(|h| h.step.as_deref() == Some("records") && h.event == "done")
+    };
+    let ran_child = sagas.iter().filter(past_record).filter(|s| s.children.len() == 1).count();
+    assert_eq!(ran_child, sagas.iter().filter(past_record).count());
+    let undone_whole = sagas
+        .iter()
+        .flat_map(|s| &s.children)
+        .filter(|c| c.count(baton_workflow::HistoryEvent::UndoRequested) > 0);
+    assert!(undone_whole.count() > 0, "some parents refused after their child succeeded");
+}

@@ -651,3 +651,51 @@ fn every(body: &Value, field: &str, value: &str) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+/// The child sagas of the nested workflow, as the saga page shows them: nested in the parent
+/// with their own flow, each linking back to its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_nests_a_child_saga_in_its_parent() {
+    let (chromium, driver_path) = match browser() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
+            return;
+        }
+    };
+    let driver = Driver::start(&driver_path).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(&chromium, profile.path()).await;
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig { workflow: "create-space-nested".into(), ..SystemConfig::default() };
+    let sys = System::start(&env, cfg).await;
+    // Routing refuses a reserved key after the child reserved capacity: the child is undone.
+    let (s, refused) = sys.create("admin", "gus").await;
+    assert_eq!(s, 409, "{refused}");
+    let saga = refused["workflow_id"].as_str().expect("a workflow id").to_owned();
+    open(&c, sys.http, &format!("#/saga/{saga}")).await;
+    let flow = until(&c, "the parent's flow", FLOW, |s| s.contains("routing:refused")).await;
+    assert_eq!(flow, "records:compensated entitlements:compensated routing:refused notifier:pending");
+    const CHILDREN: &str = "return [...document.querySelectorAll('#nested .child-saga')].map(s => s.dataset.state + ' ' + [...s.querySelectorAll('g.step')].map(g => g.dataset.step + ':' + g.dataset.phase).join(' ')).join(' | ')";
+    let nested = until(&c, "the child nested in it", CHILDREN, |s| s.starts_with("rolled_back")).await;
+    assert_eq!(nested, "rolled_back placement:compensated entitlements:compensated");
+    screenshot(&c, "8-saga-with-child").await;
+    let child = until(
+        &c,
+        "the child's link",
+        "return document.querySelector('#nested .child-saga')?.dataset.child || ''",
+        |s| !s.is_empty(),
+    )
+    .await;
+    open(&c, sys.http, &format!("#/saga/{child}")).await;
+    let parent = until(
+        &c,
+        "the child's page, linking back",
+        "return document.querySelector('#parent-saga a')?.textContent || ''",
+        |s| !s.is_empty(),
+    )
+    .await;
+    assert_eq!(parent, saga);
+    c.close().await.expect("the browser closes");
+    sys.stop().await;
+}

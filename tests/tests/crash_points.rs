@@ -161,3 +161,13 @@ async fn orchestrator_survives_its_crash_points() {
     crash_at("orchestrator", crash::BETWEEN_COMPENSATIONS, "create-space").await;
     crash_at("orchestrator", crash::MID_PARALLEL_GROUP, "create-space-parallel").await;
 }
+
+/// A child saga ends and its parent moves on in one commit; the orchestrator dies right after
+/// it, before the parent's next command (or compensation) is published. The load has parents
+/// going on after their child, children refusing (over the quota), and parents refusing after
+/// their child succeeded (reserved keys), which then undo the child as a whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_survives_a_crash_between_a_child_and_its_parent() {
+    crash_at("orchestrator", crash::CHILD_ENDED, "create-space-nested").await;
+    crash_at("orchestrator", crash::AFTER_COMMIT_BEFORE_ACK, "create-space-nested").await;
+}

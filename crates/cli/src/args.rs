@@ -209,6 +209,10 @@ pub struct CompareArgs {
     /// outcome, or waits on its saga.
     #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "N", help_heading = "Load")]
     pub retry_timeouts: Option<u32>,
+    /// The workflow the gateway runs in workflow mode (create-space-nested, ...; default:
+    /// create-space).
+    #[arg(long, help_heading = "Gateway")]
+    pub workflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -346,6 +350,10 @@ pub struct ChaosArgs {
     pub keep_vhost: bool,
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    /// The workflow the gateway runs in workflow mode (create-space-nested, ...; default:
+    /// create-space).
+    #[arg(long, help_heading = "Gateway")]
+    pub workflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -795,7 +803,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "BATON_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
     /// The workflow each request runs: create-space, create-space-parallel,
-    /// create-space-hybrid, or one named in a --workflow-file (default: create-space, and
+    /// create-space-hybrid, create-space-nested, or one named in a --workflow-file (default: create-space, and
     /// create-space-hybrid in hybrid mode).
     #[arg(long, env = "BATON_WORKFLOW", help_heading = "Workflows")]
     pub workflow: Option<String>,

@@ -75,6 +75,8 @@ pub struct Options {
     /// Send each request with an `Idempotency-Key` and retry one answered 504 (or not at all)
     /// with it, up to this many times ([`baton_load::Spec::retry_timeouts`]).
     pub retry_timeouts: Option<u32>,
+    /// The workflow the gateway runs in workflow mode (`--workflow`); `None` keeps the default.
+    pub workflow: Option<String>,
 }
 
 impl Options {
@@ -101,6 +103,7 @@ impl Options {
             database_url: None,
             instances: 1,
             retry_timeouts: None,
+            workflow: None,
         }
     }
 }

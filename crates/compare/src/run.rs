@@ -117,6 +117,8 @@ fn fleet(
     let plan_file = dir.join("faults.json");
     std::fs::write(&plan_file, opts.faults.to_json())?;
     let deadline = opts.deadline.map(|d| vec!["--deadline".to_owned(), format!("{}ms", d.as_millis())]);
+    let workflow = opts.workflow.iter().filter(|_| mode == Mode::Workflow);
+    let workflow = workflow.flat_map(|w| ["--workflow".to_owned(), w.clone()]);
     let services = Service::ALL.map(Service::name);
     let common: Vec<String> = [
         "--mode".into(),
@@ -137,6 +139,7 @@ fn fleet(
             ["--http".into(), format!("127.0.0.1:{port}")]
                 .into_iter()
                 .chain(deadline.into_iter().flatten())
+                .chain(workflow)
                 .collect(),
         )
         .with_args_for(

@@ -74,8 +74,16 @@ pub const BETWEEN_COMPENSATIONS: &str = "between-compensations";
 /// In the orchestrator: one member of a parallel group is done and committed, another is not.
 pub const MID_PARALLEL_GROUP: &str = "mid-parallel-group";
 
-pub const ALL: [&str; 4] =
-    [AFTER_COMMIT_BEFORE_ACK, AFTER_PUBLISH_BEFORE_DELETE, BETWEEN_COMPENSATIONS, MID_PARALLEL_GROUP];
+/// In the orchestrator: a child saga ended and its parent moved on, committed together; the
+/// parent's next command is not published yet.
+pub const CHILD_ENDED: &str = "child-ended";
+pub const ALL: [&str; 5] = [
+    AFTER_COMMIT_BEFORE_ACK,
+    AFTER_PUBLISH_BEFORE_DELETE,
+    BETWEEN_COMPENSATIONS,
+    MID_PARALLEL_GROUP,
+    CHILD_ENDED,
+];
 
 #[cfg(feature = "crash-points")]
 struct Armed {

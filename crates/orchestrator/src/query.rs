@@ -138,9 +138,11 @@ impl Sagas {
     /// checks over all sagas of a small store (the tests'), which must not read its tables.
     pub async fn all(&self) -> Result<Vec<WorkflowView>, StoreError> {
         self.read(Vec::new(), |tx| {
-            let ids = tx.query_map("SELECT saga_id FROM sagas ORDER BY created_at, saga_id", (), |r| {
-                r.get::<String>(0)
-            })?;
+            let ids = tx.query_map(
+                "SELECT saga_id FROM sagas WHERE parent_id IS NULL ORDER BY created_at, saga_id",
+                (),
+                |r| r.get::<String>(0),
+            )?;
             let mut all = Vec::with_capacity(ids.len());
             for id in ids {
                 all.extend(describe(tx, Uuid::parse_str(&id).map_err(corrupt)?)?);
@@ -224,6 +226,15 @@ pub struct WorkflowView {
     pub context: baton_protocol::Context,
     pub steps: Vec<StepView>,
     pub history: Vec<HistoryRow>,
+    /// A child saga's parent, and the parent's action (its index among the parent's `steps`)
+    /// it runs for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_step: Option<usize>,
+    /// The child sagas its steps ran, oldest first, each described the same way.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<WorkflowView>,
 }
 
 impl WorkflowView {
@@ -266,17 +277,21 @@ fn corrupt(e: impl Into<baton_store::Cause>) -> StoreError {
 
 /// The saga `id`, if this database has it.
 pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreError> {
-    /// state, created_at, updated_at, answer_status, definition_hash, traceparent
-    type Row = (String, i64, i64, Option<i64>, Option<String>, String);
+    /// state, created_at, updated_at, answer_status, definition_hash, traceparent, parent_id,
+    /// parent_index
+    type Row = (String, i64, i64, Option<i64>, Option<String>, String, Option<String>, Option<i64>);
     let row: Option<Row> = conn
         .query_row(
-            "SELECT state, created_at, updated_at, answer_status, definition_hash, traceparent
+            "SELECT state, created_at, updated_at, answer_status, definition_hash, traceparent,
+                    parent_id, parent_index
              FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
         )
         .optional()?;
-    let Some((state, created, updated, answer, definition_hash, trace)) = row else { return Ok(None) };
+    let Some((state, created, updated, answer, definition_hash, trace, parent_id, parent_index)) = row else {
+        return Ok(None);
+    };
     let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
     let history = conn.query_map(
         "SELECT at, step, action, attempt, event, detail FROM history WHERE saga_id = ?1 ORDER BY id",
@@ -320,7 +335,24 @@ pub fn describe(conn: &Tx<'_>, id: Uuid) -> Result<Option<WorkflowView>, StoreEr
         context: saga.context.clone(),
         steps,
         history,
+        parent_id: parent_id.map(|p| Uuid::parse_str(&p).map_err(corrupt)).transpose()?,
+        parent_step: parent_index.map(|i| i as usize),
+        children: children(conn, id)?,
     }))
+}
+
+/// The child sagas of saga `id`, described, oldest first.
+fn children(conn: &Tx<'_>, id: Uuid) -> Result<Vec<WorkflowView>, StoreError> {
+    let ids = conn.query_map(
+        "SELECT saga_id FROM sagas WHERE parent_id = ?1 ORDER BY created_at, saga_id",
+        [id.to_string()],
+        |r| r.get::<String>(0),
+    )?;
+    let mut all = Vec::with_capacity(ids.len());
+    for child in ids {
+        all.extend(describe(conn, Uuid::parse_str(&child).map_err(corrupt)?)?);
+    }
+    Ok(all)
 }
 
 /// Which sagas a page of [`page`] holds; every field left `None` matches every saga.
@@ -407,7 +439,8 @@ pub(crate) fn page_query(filter: &Filter, limit: usize, after: Option<Cursor>) -
         format!("?{}", values.len())
     };
     let text = |s: &str| Value::Text(s.to_owned());
-    let mut conds = Vec::new();
+    // A child saga is shown in its parent, not as a request of its own.
+    let mut conds = vec!["parent_id IS NULL".to_owned()];
     let mut equal = |column: &str, v: Option<Value>| {
         if let Some(v) = v {
             conds.push(format!("{column} = {}", bind(v)));
@@ -437,7 +470,7 @@ pub(crate) fn page_query(filter: &Filter, limit: usize, after: Option<Cursor>) -
     }
     // One more than asked: whether there is a next page.
     let limit = bind(Value::Integer(limit.saturating_add(1) as i64));
-    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+    let filter = format!(" WHERE {}", conds.join(" AND "));
     let sql = format!(
         "SELECT saga_id, space_id, workflow, status, answer_status, created_at, updated_at, name, owner \
          FROM sagas{filter} \
@@ -446,7 +479,8 @@ pub(crate) fn page_query(filter: &Filter, limit: usize, after: Option<Cursor>) -
     (sql, values)
 }
 
-/// Up to `limit` sagas matching `filter`, newest first, starting after `after`.
+/// Up to `limit` sagas matching `filter`, newest first, starting after `after`; child sagas
+/// are shown in their parent.
 pub fn page(conn: &Tx<'_>, filter: &Filter, limit: usize, after: Option<Cursor>) -> Result<Page, StoreError> {
     let (sql, values) = page_query(filter, limit, after);
     let rows: Vec<SummaryRow> = conn.query_map(&sql, values, |r| {
@@ -495,12 +529,14 @@ pub fn list(
     Ok(page(conn, &Filter { status, ..Filter::default() }, limit, None)?.workflows)
 }
 
-/// Sagas by status, for quiescence checks and summaries.
+/// Sagas by status, for quiescence checks and summaries; a child saga is counted in its parent,
+/// which is in flight while it is.
 pub fn counts_by_status(conn: &Tx<'_>) -> Result<BTreeMap<SagaStatus, i64>, StoreError> {
-    let rows: Vec<(String, i64)> =
-        conn.query_map("SELECT status, COUNT(*) FROM sagas GROUP BY status", (), |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let rows: Vec<(String, i64)> = conn.query_map(
+        "SELECT status, COUNT(*) FROM sagas WHERE parent_id IS NULL GROUP BY status",
+        (),
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     rows.into_iter().map(|(s, n)| Ok((SagaStatus::parse(&s).map_err(corrupt)?, n))).collect()
 }
 
@@ -520,12 +556,14 @@ pub struct Answered {
     pub answer_status: Option<u16>,
 }
 
-/// Every saga's space, state and answer.
+/// Every saga's space, state and answer; a child saga answers its parent, not a client, and is
+/// left out.
 pub fn answers(conn: &Tx<'_>) -> Result<Vec<Answered>, StoreError> {
-    let rows: Vec<(String, String, String, Option<i64>)> =
-        conn.query_map("SELECT saga_id, space_id, status, answer_status FROM sagas", (), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
+    let rows: Vec<(String, String, String, Option<i64>)> = conn.query_map(
+        "SELECT saga_id, space_id, status, answer_status FROM sagas WHERE parent_id IS NULL",
+        (),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     rows.into_iter()
         .map(|(saga_id, space_id, status, answer)| {
             Ok(Answered {

@@ -17,7 +17,9 @@ use baton_protocol::{
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
 use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
-use baton_workflow::{Deadline, Effect, HistoryEvent, Reply, Saga, SagaStatus, Workflow};
+use baton_workflow::{
+    Deadline, Effect, HistoryEvent, Reply, Saga, SagaStatus, Workflow, answer_as_reply, undone_reply,
+};
 
 use crate::definitions::{self, Definitions, SagaClock};
 use baton_store::{OptionalExtension, params};
@@ -217,6 +219,8 @@ struct Meta {
     trace: TraceParent,
     /// The hash of the definition the saga started on.
     definition: Option<String>,
+    /// A child saga's parent, and the parent's action it runs for.
+    parent: Option<(Uuid, usize)>,
 }
 
 /// The only sender of starts: the gateway (`baton_gateway::COMPONENT`, which this crate may not
@@ -271,7 +275,7 @@ impl Core {
                     }
                     Err(why) => (saga.definition_missing(why.to_string()), true),
                 };
-                apply(tx, &saga, effects, &meta, &meta.trace, &core.reply_key, now)?;
+                core.settle(tx, &saga, effects, &meta, &meta.trace, now)?;
                 Ok(missing)
             })
         });
@@ -300,9 +304,10 @@ impl Core {
         tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let definition = self.current.get(&start.workflow).cloned();
-        let meta = Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone(), definition };
+        let meta =
+            Meta { reply_to: env.reply_to.clone(), trace: env.traceparent.clone(), definition, parent: None };
         let hop = baton_telemetry::traceparent(|| env.traceparent.child());
-        let reply_key = self.reply_key.clone();
+        let core = Arc::clone(&self);
         let clock = self.clock;
         let wake_at = self
             .db
@@ -362,7 +367,7 @@ impl Core {
                         saga.context.owner
                     ],
                 )?;
-                let wake = apply(tx, &saga, effects, &meta, &hop, &reply_key, now)?;
+                let wake = core.settle(tx, &saga, effects, &meta, &hop, now)?;
                 Ok(wake)
             })
             .await
@@ -528,7 +533,7 @@ impl Core {
                 (saga.definition_missing(why.to_string()), None)
             }
         };
-        let wake = apply(tx, &saga, effects, &meta, hop, &self.reply_key, now)?;
+        let wake = self.settle(tx, &saga, effects, &meta, hop, now)?;
         Ok(Ok((wake, extra)))
     }
 
@@ -626,9 +631,176 @@ impl Core {
             }
         };
         // A timer's retry or compensation follows the saga's start: no message is at hand.
-        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now)?;
+        self.settle(tx, &saga, effects, &meta, &meta.trace, now)?;
         Ok(())
     }
+
+    /// Carry out a transition's effects ([`apply`]), then what they set off in other sagas of
+    /// the same store, in the same transaction: a child saga started or asked to undo itself,
+    /// a parent told how its child ended. Each saga is stored before the next is loaded, so a
+    /// parent and its child never see each other half-moved. Returns the earliest wake-up.
+    fn settle(
+        &self,
+        tx: &Tx<'_>,
+        saga: &Saga,
+        effects: Vec<Effect>,
+        meta: &Meta,
+        hop: &TraceParent,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let first = apply(tx, saga, effects, meta, hop, &self.reply_key, now)?;
+        let mut wake = first.wake;
+        let mut work: std::collections::VecDeque<Cascade> = first.cascade.into();
+        while let Some(next) = work.pop_front() {
+            let told_parent = matches!(next, Cascade::ToParent { .. });
+            let Some(done) = (match next {
+                Cascade::StartChild(start) => self.start_child(tx, start, now)?,
+                Cascade::UndoChild { parent, index } => self.undo_child(tx, parent, index, now)?,
+                Cascade::ToParent { parent, reply } => self.tell_parent(tx, parent, reply, now)?,
+            }) else {
+                continue;
+            };
+            if told_parent {
+                // After the commit in which a child ended and its parent moved on, before the
+                // parent's next command is published.
+                tx.on_commit(|| baton_crash::crash_point!(baton_crash::CHILD_ENDED));
+            }
+            wake = match (wake, done.wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            work.extend(done.cascade);
+        }
+        Ok(wake)
+    }
+
+    /// Start the child saga of a parent's action, pinned to the definition of its workflow
+    /// loaded now; or, when a later attempt finds it started, tell the parent how it ended.
+    fn start_child(&self, tx: &Tx<'_>, start: ChildStart, now: u64) -> Result<Option<Applied>, StoreError> {
+        if let Some(id) = child_of(tx, start.parent, start.index)? {
+            let Some((child, _)) = load(tx, id)? else { return Ok(None) };
+            let reply = child.outcome_as_child(start.service, start.index);
+            let cascade = reply.map(|reply| Cascade::ToParent { parent: start.parent, reply });
+            return Ok(Some(Applied { wake: None, cascade: cascade.into_iter().collect() }));
+        }
+        let (Some(wf), Some(hash)) = (self.workflows.get(&start.workflow), self.current.get(&start.workflow))
+        else {
+            let why =
+                format!("no workflow is named `{}` on this orchestrator; load its file", start.workflow);
+            let failure = baton_workflow::Failure { service: start.service, status: 422, reason: why };
+            let reply = answer_as_reply(start.service, start.index, 422, Context::default(), Some(failure));
+            return Ok(Some(Applied {
+                wake: None,
+                cascade: vec![Cascade::ToParent { parent: start.parent, reply }],
+            }));
+        };
+        let (saga, effects) =
+            Saga::start(wf, Uuid::new_v4(), start.space_id, start.context, start.deadline, now);
+        let meta = Meta {
+            reply_to: None,
+            trace: start.trace,
+            definition: Some(hash.clone()),
+            parent: Some((start.parent, start.index)),
+        };
+        tx.execute(
+            "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at,
+                                definition_hash, deadline_at, parent_id, parent_index)
+             VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                saga.id.to_string(),
+                saga.space_id.to_string(),
+                wf.name,
+                meta.trace.0,
+                now as i64,
+                meta.definition,
+                saga.deadline.map(|d| d.at_ms as i64),
+                start.parent.to_string(),
+                start.index as i64
+            ],
+        )?;
+        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+    }
+
+    /// Ask the child saga of a parent's action to undo every step it did; one never started
+    /// has nothing to undo.
+    fn undo_child(
+        &self,
+        tx: &Tx<'_>,
+        parent: Uuid,
+        index: usize,
+        now: u64,
+    ) -> Result<Option<Applied>, StoreError> {
+        let loaded = match child_of(tx, parent, index)? {
+            Some(id) => load(tx, id)?,
+            None => None,
+        };
+        let Some((mut child, meta)) = loaded else {
+            // Any service: the parent reads the reply as its own action's.
+            let reply = undone_reply(Service::Records, index);
+            return Ok(Some(Applied { wake: None, cascade: vec![Cascade::ToParent { parent, reply }] }));
+        };
+        let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+            Ok(wf) => child.undo_as_child(&wf, now),
+            Err(why) => child.definition_missing(why.to_string()),
+        };
+        apply(tx, &child, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+    }
+
+    /// Tell a parent saga how its child ended: its action's reply.
+    fn tell_parent(
+        &self,
+        tx: &Tx<'_>,
+        parent: Uuid,
+        reply: Reply,
+        now: u64,
+    ) -> Result<Option<Applied>, StoreError> {
+        let Some((mut saga, meta)) = load(tx, parent)? else {
+            tracing::warn!(%parent, "a child saga ended, but its parent is gone (purged?); nothing to tell");
+            return Ok(None);
+        };
+        let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
+            Ok(wf) => saga.on_child_reply(&wf, reply, now),
+            Err(why) => saga.definition_missing(why.to_string()),
+        };
+        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+    }
+}
+
+/// What one saga's transition sets off in another, carried out by [`Core::settle`].
+enum Cascade {
+    StartChild(ChildStart),
+    UndoChild { parent: Uuid, index: usize },
+    ToParent { parent: Uuid, reply: Reply },
+}
+
+/// A child saga to start (or to ask how it ended) for action `index` of saga `parent`.
+struct ChildStart {
+    parent: Uuid,
+    index: usize,
+    service: Service,
+    workflow: String,
+    space_id: Uuid,
+    context: Context,
+    deadline: Option<Deadline>,
+    trace: TraceParent,
+}
+
+/// A transition carried out: the saga's next wake-up, and what it set off in other sagas.
+struct Applied {
+    wake: Option<u64>,
+    cascade: Vec<Cascade>,
+}
+
+/// The child saga started for action `index` of saga `parent`, if any.
+fn child_of(tx: &Tx<'_>, parent: Uuid, index: usize) -> Result<Option<Uuid>, StoreError> {
+    let id: Option<String> = tx
+        .query_row(
+            "SELECT saga_id FROM sagas WHERE parent_id = ?1 AND parent_index = ?2",
+            params![parent.to_string(), index as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    id.map(|id| Uuid::parse_str(&id).map_err(corrupt)).transpose()
 }
 
 /// What the orchestrator purges beside the base tables: sagas that ended for good (completed,
@@ -665,16 +837,23 @@ fn saga_exists(tx: &Tx<'_>, id: Uuid) -> Result<bool, StoreError> {
 }
 
 fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
-    let row: Option<(String, Option<String>, String, Option<String>)> = tx
+    /// state, reply_to, traceparent, definition_hash, parent_id, parent_index
+    type Row = (String, Option<String>, String, Option<String>, Option<String>, Option<i64>);
+    let row: Option<Row> = tx
         .query_row(
-            "SELECT state, reply_to, traceparent, definition_hash FROM sagas WHERE saga_id = ?1",
+            "SELECT state, reply_to, traceparent, definition_hash, parent_id, parent_index
+             FROM sagas WHERE saga_id = ?1",
             [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()?;
-    row.map(|(state, reply_to, trace, definition)| {
+    row.map(|(state, reply_to, trace, definition, parent_id, parent_index)| {
         let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
-        Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition }))
+        let parent = match (parent_id, parent_index) {
+            (Some(p), Some(i)) => Some((Uuid::parse_str(&p).map_err(corrupt)?, i as usize)),
+            _ => None,
+        };
+        Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition, parent }))
     })
     .transpose()
 }
@@ -692,10 +871,14 @@ fn apply(
     hop: &TraceParent,
     reply_key: &str,
     now: u64,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Applied, StoreError> {
     let mut answer_status = None;
+    let mut cascade = Vec::new();
     for effect in effects {
+        cascade.extend(for_other_saga(saga, meta, hop, &effect));
         match effect {
+            // Carried out in the other saga by `Core::settle`.
+            Effect::Child { .. } | Effect::Undone => {}
             Effect::Send { index, service, action, attempt, context } => {
                 let kind = match action {
                     Action::Do => service.do_type(),
@@ -791,7 +974,40 @@ fn apply(
             answer_status
         ],
     )?;
-    Ok(wake)
+    Ok(Applied { wake, cascade })
+}
+
+/// What `effect` of `saga` sets off in another saga: a child to start or to undo, or (a child's
+/// answer, or its end of an undo) its parent to tell.
+fn for_other_saga(saga: &Saga, meta: &Meta, hop: &TraceParent, effect: &Effect) -> Option<Cascade> {
+    match effect {
+        Effect::Child { index, workflow, action: Action::Do, attempt: _, context } => {
+            Some(Cascade::StartChild(ChildStart {
+                parent: saga.id,
+                index: *index,
+                service: saga.actions.get(*index).map_or(Service::Records, |a| a.service),
+                workflow: workflow.clone(),
+                space_id: saga.space_id,
+                context: context.clone(),
+                deadline: saga.deadline,
+                trace: hop.child(),
+            }))
+        }
+        Effect::Child { index, action: Action::Undo, .. } => {
+            Some(Cascade::UndoChild { parent: saga.id, index: *index })
+        }
+        // The service is the parent's to fill in (`Saga::on_child_reply`).
+        Effect::Undone => {
+            let (parent, index) = meta.parent?;
+            Some(Cascade::ToParent { parent, reply: undone_reply(Service::Records, index) })
+        }
+        Effect::Answer { status, context, failure } => {
+            let (parent, index) = meta.parent?;
+            let reply = answer_as_reply(Service::Records, index, *status, context.clone(), failure.clone());
+            Some(Cascade::ToParent { parent, reply })
+        }
+        _ => None,
+    }
 }
 
 /// Count a history event in the metrics once its transaction commits; a step's reply (or its

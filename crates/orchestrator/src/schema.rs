@@ -1,7 +1,7 @@
 /// The orchestrator's tables, after the common inbox/outbox/tombstones. Each saga names the
 /// exact definition it was started on, by content hash (`definition_hash`: it runs and is undone
 /// on that one whatever definition is loaded later), and the client's deadline as set at its
-/// start, for the audit. The second migration added the hashes and `first_seen`; the index on
+/// start, for the audit; a child saga, its parent and the parent's action it runs for. The second migration added the hashes and `first_seen`; the index on
 /// `updated_at` lets the retention find the oldest finished sagas without a scan.
 pub const MIGRATIONS: &[&str] = &[
     "CREATE TABLE definitions (
@@ -60,4 +60,9 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX sagas_by_workflow ON sagas (workflow, created_at, saga_id);
     CREATE INDEX sagas_by_name ON sagas (name, created_at, saga_id);
     CREATE INDEX sagas_by_owner ON sagas (owner, created_at, saga_id);",
+    // A child saga (a step that runs a workflow) names its parent and the parent's action it
+    // runs for; its outcome is that action's reply.
+    "ALTER TABLE sagas ADD COLUMN parent_id TEXT;
+    ALTER TABLE sagas ADD COLUMN parent_index INTEGER;
+    CREATE INDEX sagas_by_parent ON sagas (parent_id, parent_index);",
 ];

@@ -44,11 +44,20 @@ fn default_compensation_retry() -> RetryPolicy {
     COMPENSATION_RETRY
 }
 
-/// One action: a command sent to a service, and how to undo it.
+/// One action: a command sent to a service, and how to undo it; or (`workflow`) a child saga
+/// run as one step, undone as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionDef {
+    /// The service the step runs on; for a child workflow, the one its timeline line and its
+    /// refusals are named after.
     pub service: Service,
+    /// The command; empty for a child workflow, which sends none of its own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub command: String,
+    /// The workflow run as a child saga for this step: the parent waits for its outcome, and
+    /// undoes it by asking it to compensate every step it did, in reverse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// The compensating command; absent when `compensable` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<String>,
@@ -125,6 +134,8 @@ pub enum FileError {
         #[source]
         source: DefinitionError,
     },
+    #[error("the workflows do not fit together: {0}")]
+    Children(#[source] DefinitionError),
 }
 
 /// Why a workflow definition was rejected; each message names the offending step.
@@ -172,6 +183,21 @@ pub enum DefinitionError {
     UnknownEvent { step: String, got: String },
     #[error("step `{step}` names an event but is a command step; add `\"coordination\": \"event\"`")]
     EventOnCommandStep { step: String },
+    #[error(
+        "step `{step}` runs the child workflow `{workflow}` and so sends no command of its own: \
+         remove its `command` and `compensation` (the child is undone as a whole)"
+    )]
+    ChildWithCommand { step: String, workflow: String },
+    #[error("step `{step}` runs the child workflow `{workflow}`, which is not loaded; add its file")]
+    UnknownChild { step: String, workflow: String },
+    #[error("workflow `{}` runs itself through its children ({}): a child may not run an ancestor", .0[0], .0.join(" -> "))]
+    ChildCycle(Vec<String>),
+    #[error(
+        "step `{step}` runs the child workflow `{child}` as a compensable step, but the child's step \
+         `{child_step}` cannot be undone: the parent could not take the child back; make the child \
+         wholly compensable, or the parent's step non-compensable and last"
+    )]
+    NonCompensableChild { step: String, child: String, child_step: String },
 }
 
 impl Workflow {
@@ -205,9 +231,85 @@ impl Workflow {
             .expect("the bundled create-space-hybrid workflow is valid")
     }
 
+    /// `create-space` with placement and entitlements run as one child saga,
+    /// `reserve-capacity`, between the record and the route.
+    pub fn create_space_nested() -> Workflow {
+        Workflow::from_json(include_str!("../workflows/create-space-nested.json"))
+            .expect("the bundled create-space-nested workflow is valid")
+    }
+
+    /// The child of `create-space-nested`: a shard, then a licence.
+    pub fn reserve_capacity() -> Workflow {
+        Workflow::from_json(include_str!("../workflows/reserve-capacity.json"))
+            .expect("the bundled reserve-capacity workflow is valid")
+    }
+
     /// The bundled workflows, by name.
     pub fn bundled() -> Vec<Workflow> {
-        vec![Workflow::create_space(), Workflow::create_space_parallel(), Workflow::create_space_hybrid()]
+        vec![
+            Workflow::create_space(),
+            Workflow::create_space_parallel(),
+            Workflow::create_space_hybrid(),
+            Workflow::create_space_nested(),
+            Workflow::reserve_capacity(),
+        ]
+    }
+
+    /// The child workflows this one's steps run, with the step running each.
+    pub fn children(&self) -> impl Iterator<Item = (&StepDef, &ActionDef, &str)> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.actions.iter().filter_map(move |a| Some((s, a, a.workflow.as_deref()?))))
+    }
+
+    /// Checks a set of workflows together, as they are loaded: every child a step names is in
+    /// it, no workflow runs itself through its children, and a child run by a compensable step
+    /// can be undone as a whole (every step of it compensable, no event).
+    pub fn check_children(all: &[Workflow]) -> Result<(), DefinitionError> {
+        let by_name = |n: &str| all.iter().find(|w| w.name == n);
+        for wf in all {
+            for (step, action, child) in wf.children() {
+                let Some(c) = by_name(child) else {
+                    return Err(DefinitionError::UnknownChild {
+                        step: step.name.clone(),
+                        workflow: child.into(),
+                    });
+                };
+                if action.compensable {
+                    let final_step = c
+                        .steps
+                        .iter()
+                        .find(|s| s.emits().is_some() || s.actions.iter().any(|a| !a.compensable));
+                    if let Some(bad) = final_step {
+                        return Err(DefinitionError::NonCompensableChild {
+                            step: step.name.clone(),
+                            child: child.into(),
+                            child_step: bad.name.clone(),
+                        });
+                    }
+                }
+            }
+            let mut path = vec![wf.name.clone()];
+            Self::no_cycle(all, wf, &mut path)?;
+        }
+        Ok(())
+    }
+
+    /// Depth-first through the children of `wf`, `path` the workflows above it.
+    fn no_cycle(all: &[Workflow], wf: &Workflow, path: &mut Vec<String>) -> Result<(), DefinitionError> {
+        for (_, _, child) in wf.children() {
+            if path.iter().any(|p| p == child) {
+                path.push(child.to_owned());
+                let from = path.iter().position(|p| p == child).unwrap_or(0);
+                return Err(DefinitionError::ChildCycle(path[from..].to_vec()));
+            }
+            if let Some(c) = all.iter().find(|w| w.name == child) {
+                path.push(child.to_owned());
+                Self::no_cycle(all, c, path)?;
+                path.pop();
+            }
+        }
+        Ok(())
     }
 
     /// Whether a step of it emits an event (it is meant for hybrid mode).
@@ -227,6 +329,7 @@ impl Workflow {
             all.retain(|w| w.name != wf.name);
             all.push(wf);
         }
+        Workflow::check_children(&all).map_err(FileError::Children)?;
         Ok(all)
     }
 
@@ -300,7 +403,14 @@ impl Workflow {
                     return Err(DefinitionError::DuplicateService { step: err_step(), service: a.service });
                 }
                 seen.push(a.service);
-                if a.command != a.service.do_type() {
+                if let Some(child) = &a.workflow {
+                    if !a.command.is_empty() || a.compensation.is_some() {
+                        return Err(DefinitionError::ChildWithCommand {
+                            step: err_step(),
+                            workflow: child.clone(),
+                        });
+                    }
+                } else if a.command != a.service.do_type() {
                     return Err(DefinitionError::WrongCommand {
                         step: err_step(),
                         service: a.service,
@@ -310,7 +420,7 @@ impl Workflow {
                 }
                 if a.compensable {
                     let expected = a.service.undo_type();
-                    if expected.is_none() || a.compensation.as_deref() != expected {
+                    if a.workflow.is_none() && (expected.is_none() || a.compensation.as_deref() != expected) {
                         return Err(DefinitionError::WrongCompensation {
                             step: err_step(),
                             service: a.service,
@@ -413,6 +523,22 @@ impl WorkflowBuilder {
         self
     }
 
+    /// A step that runs workflow `child` as a child saga, named after `service`, undone as a
+    /// whole; it waits `timeout_ms` for the child's outcome (allow for all of the child's steps).
+    pub fn child(self, name: impl Into<String>, service: Service, child: &str, timeout_ms: u64) -> Self {
+        let action = ActionDef {
+            service,
+            command: String::new(),
+            workflow: Some(child.into()),
+            compensation: None,
+            compensable: true,
+            timeout_ms,
+            retry: RetryPolicy { attempts: 2, backoff_ms: 500, cap_ms: 2_000 },
+            compensation_retry: COMPENSATION_RETRY,
+        };
+        self.step_with(name, vec![action])
+    }
+
     /// The action a service gets by default.
     pub fn default_action(service: Service) -> ActionDef {
         let compensation = service.undo_type().map(String::from);
@@ -420,6 +546,7 @@ impl WorkflowBuilder {
         ActionDef {
             service,
             command: service.do_type().into(),
+            workflow: None,
             compensation,
             compensable,
             timeout_ms: if compensable { 3_000 } else { 5_000 },
@@ -620,6 +747,76 @@ mod tests {
         slower.steps[0].actions[0].timeout_ms += 1;
         assert_ne!(slower.hash(), wf.hash(), "a policy change is another version");
         assert_ne!(Workflow::create_space_parallel().hash(), wf.hash());
+    }
+
+    #[test]
+    fn the_nested_workflow_runs_placement_and_entitlements_as_one_child() {
+        let built = WorkflowBuilder::new("create-space-nested")
+            .step("create-record", [Records])
+            .child("reserve-capacity", Entitlements, "reserve-capacity", 20_000)
+            .step("publish-route", [Routing])
+            .step("notify", [Notifier])
+            .build()
+            .unwrap();
+        assert_eq!(built, Workflow::create_space_nested());
+        let child = WorkflowBuilder::new("reserve-capacity")
+            .step("assign-shard", [Placement])
+            .step("license", [Entitlements])
+            .build()
+            .unwrap();
+        assert_eq!(child, Workflow::reserve_capacity());
+        assert!(Workflow::check_children(&Workflow::bundled()).is_ok());
+        // Workflows from before children keep their body, and so their hash.
+        assert!(!Workflow::create_space().body().contains("workflow\":"));
+    }
+
+    #[test]
+    fn a_child_that_is_missing_or_runs_an_ancestor_is_refused() {
+        let parent = WorkflowBuilder::new("a").step("rec", [Records]).child("c", Placement, "b", 10_000);
+        let parent = parent.build().unwrap();
+        assert_eq!(
+            Workflow::check_children(std::slice::from_ref(&parent)),
+            Err(DefinitionError::UnknownChild { step: "c".into(), workflow: "b".into() })
+        );
+        let b = WorkflowBuilder::new("b").child("again", Placement, "c", 10_000).build().unwrap();
+        let c = WorkflowBuilder::new("c").child("back", Routing, "a", 10_000).build().unwrap();
+        let err = Workflow::check_children(&[parent.clone(), b, c]).unwrap_err();
+        assert_eq!(err, DefinitionError::ChildCycle(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+        assert!(err.to_string().contains("a -> b -> c -> a"), "{err}");
+        let itself = WorkflowBuilder::new("x").child("me", Records, "x", 10_000).build().unwrap();
+        assert!(matches!(Workflow::check_children(&[itself]), Err(DefinitionError::ChildCycle(_))));
+    }
+
+    #[test]
+    fn a_compensable_child_must_be_undoable_as_a_whole() {
+        let parent = WorkflowBuilder::new("p").child("c", Records, "child", 10_000).build().unwrap();
+        let mailing =
+            WorkflowBuilder::new("child").step("rec", [Records]).step("mail", [Notifier]).build().unwrap();
+        assert_eq!(
+            Workflow::check_children(&[parent.clone(), mailing]),
+            Err(DefinitionError::NonCompensableChild {
+                step: "c".into(),
+                child: "child".into(),
+                child_step: "mail".into()
+            })
+        );
+        let announcing =
+            WorkflowBuilder::new("child").step("rec", [Records]).emit("e", "space.created").build().unwrap();
+        assert!(matches!(
+            Workflow::check_children(&[parent.clone(), announcing.clone()]),
+            Err(DefinitionError::NonCompensableChild { .. })
+        ));
+        // The parent's last, non-compensable step may run such a child: nothing comes after it.
+        let mut last = parent.clone();
+        last.steps[0].actions[0].compensable = false;
+        last.steps[0].actions[0].retry.attempts = 0;
+        assert!(Workflow::check_children(&[last, announcing]).is_ok());
+        // A child step names no command of its own.
+        let text = r#"{"name":"p","steps":[{"name":"c","actions":[{"service":"records","workflow":"child",
+            "command":"records.create","timeout_ms":10}]}]}"#;
+        assert!(matches!(Workflow::from_json(text), Err(DefinitionError::ChildWithCommand { .. })));
+        let files = [std::path::PathBuf::from("/nonexistent/child.json")];
+        assert!(matches!(Workflow::bundled_and(&files), Err(FileError::Read { .. })));
     }
 
     #[test]

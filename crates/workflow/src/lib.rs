@@ -13,6 +13,6 @@ pub use definition::{
     ActionDef, DefinitionError, FileError, RetryPolicy, StepDef, Workflow, WorkflowBuilder,
 };
 pub use saga::{
-    Deadline, Effect, Failure, HistoryEvent, Phase, Reply, Saga, SagaStatus, UnknownState,
-    why_not_cancellable,
+    Deadline, Effect, Failure, HistoryEvent, Phase, Reply, Saga, SagaStatus, UnknownState, answer_as_reply,
+    undone_reply, why_not_cancellable,
 };

@@ -13,7 +13,7 @@ use baton_protocol::{Action, ClientDeadline, Context, Outcome, Service, StepRepl
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::definition::Workflow;
+use crate::definition::{ActionDef, Workflow};
 
 /// Where a saga stands, as an operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -269,6 +269,8 @@ pub enum HistoryEvent {
     Resumed,
     /// An event step published its event (the detail names it); nobody is waited for.
     Emitted,
+    /// A child saga's parent asked it to undo every step it did.
+    UndoRequested,
 }
 
 impl HistoryEvent {
@@ -296,6 +298,7 @@ impl HistoryEvent {
             HistoryEvent::DefinitionMissing => "definition_missing",
             HistoryEvent::Resumed => "resumed",
             HistoryEvent::Emitted => "emitted",
+            HistoryEvent::UndoRequested => "undo_requested",
         }
     }
 }
@@ -305,6 +308,13 @@ impl HistoryEvent {
 pub enum Effect {
     /// Send a command (or its compensation) to a service.
     Send { index: usize, service: Service, action: Action, attempt: u32, context: Context },
+    /// Start the child saga of action `index` (`Action::Do`; a later attempt asks how it ended),
+    /// or ask it to undo every step it did, in reverse (`Action::Undo`). Its outcome comes back
+    /// as this action's reply.
+    Child { index: usize, workflow: String, action: Action, attempt: u32, context: Context },
+    /// A child saga undid, on its parent's request, every step it had done: the parent's
+    /// compensation of it is done.
+    Undone,
     /// Publish `event` with the space's context (an event step): nobody answers it.
     Emit { event: String, context: Context },
     /// Answer the client: 200 with the context, or the failure's status after the rollback.
@@ -342,6 +352,10 @@ pub struct Saga {
     /// While [`SagaStatus::DefinitionMissing`]: the status it stopped in, to go on from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<SagaStatus>,
+    /// A child saga whose parent asked it to undo everything ([`Saga::undo_as_child`]): its
+    /// rollback ends with [`Effect::Undone`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo_requested: bool,
 }
 
 /// Collects effects during one transition.
@@ -398,6 +412,7 @@ impl Saga {
             deadline,
             cancelled: false,
             parked: None,
+            undo_requested: false,
         };
         let mut out = Out(Vec::new());
         out.history(None, None, HistoryEvent::Started, Some(format!("workflow {}", wf.name)));
@@ -788,6 +803,74 @@ impl Saga {
         out.0
     }
 
+    /// This saga is a child, and its parent asks it to undo every step it did, in reverse (the
+    /// parent rolls back, was cancelled, or gave up waiting). A running child stops as a cancel
+    /// stops it; a finished one compensates its done steps; one already rolled back has nothing
+    /// to undo. Its rollback ends with [`Effect::Undone`], never with an answer: its parent is
+    /// who waits. Asked again (the parent's retry), it goes on with what it is doing.
+    pub fn undo_as_child(&mut self, wf: &Workflow, now: u64) -> Vec<Effect> {
+        if !self.fits(wf) {
+            return self.misfit(wf);
+        }
+        let mut out = Out(Vec::new());
+        let first = !self.undo_requested;
+        self.undo_requested = true;
+        if first && self.status != SagaStatus::Running {
+            out.history(None, None, HistoryEvent::UndoRequested, Some("by its parent saga".into()));
+        }
+        match self.status {
+            SagaStatus::Running => {
+                self.answered = true;
+                out.0.extend(self.cancel(wf, "its parent saga is rolling back", now));
+            }
+            SagaStatus::Succeeded | SagaStatus::Completed => {
+                self.status = SagaStatus::Compensating;
+                for (idx, a) in self.actions.iter_mut().enumerate() {
+                    if a.phase == Phase::Done && wf.action(idx).is_some_and(|d| d.compensable) {
+                        a.phase = Phase::ToCompensate;
+                    }
+                }
+                self.advance_compensation(wf, now, &mut out);
+            }
+            SagaStatus::RolledBack | SagaStatus::Cancelled => out.0.push(Effect::Undone),
+            SagaStatus::CompensationFailed => out.0.extend(self.retry_compensation(wf, now)),
+            SagaStatus::Compensating | SagaStatus::DefinitionMissing => {}
+        }
+        out.0
+    }
+
+    /// How this child saga ended, as its parent's reply to action `index` (on `service`), or
+    /// `None` while it has not (or its parent already asked it to undo everything): asked by
+    /// a parent's later attempt, which must hear what the first one did.
+    pub fn outcome_as_child(&self, service: Service, index: usize) -> Option<Reply> {
+        if self.undo_requested {
+            return None;
+        }
+        let status = match self.status {
+            SagaStatus::Succeeded | SagaStatus::Completed => 200,
+            SagaStatus::RolledBack | SagaStatus::Cancelled | SagaStatus::CompensationFailed => {
+                self.failure.as_ref().map_or(500, |f| f.status)
+            }
+            SagaStatus::Running | SagaStatus::Compensating | SagaStatus::DefinitionMissing => return None,
+        };
+        let status = if self.status == SagaStatus::CompensationFailed { 500 } else { status };
+        Some(answer_as_reply(service, index, status, self.context.clone(), self.failure.clone()))
+    }
+
+    /// A child saga's outcome for action `idx`: a reply of the attempt in progress (the child
+    /// answers whichever attempt asked), under the action's own service, then as
+    /// [`Saga::on_reply`].
+    pub fn on_child_reply(&mut self, wf: &Workflow, mut reply: Reply, now: u64) -> Vec<Effect> {
+        if let Some(a) = reply.index.and_then(|i| self.actions.get(i)) {
+            reply.service = a.service;
+            reply.attempt = match reply.action {
+                Action::Do => a.attempt,
+                Action::Undo => a.undo_attempt,
+            };
+        }
+        self.on_reply(wf, reply, now)
+    }
+
     /// Why a cancel of this saga is refused, or `None` when it succeeds (it is `running`, or a
     /// cancel already stopped it).
     pub fn why_not_cancellable(&self) -> Option<String> {
@@ -844,35 +927,25 @@ impl Saga {
     }
 
     fn send_do(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
-        let Some(timeout) = wf.action(idx).map(|d| d.timeout_ms) else { return };
+        let Some(def) = wf.action(idx) else { return };
         let a = &mut self.actions[idx];
         a.phase = Phase::Running;
         a.attempt = attempt;
-        a.due_ms = Some(now + timeout);
-        out.0.push(Effect::Send {
-            index: idx,
-            service: a.service,
-            action: Action::Do,
-            attempt,
-            context: self.context.clone(),
-        });
-        out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, None);
+        a.due_ms = Some(now + def.timeout_ms);
+        out.0.push(command(def, idx, a.service, Action::Do, attempt, &self.context));
+        let detail = def.workflow.as_ref().map(|w| format!("child workflow {w}"));
+        out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, detail);
     }
 
     fn send_undo(&mut self, wf: &Workflow, idx: usize, attempt: u32, now: u64, out: &mut Out) {
-        let Some(timeout) = wf.action(idx).map(|d| d.timeout_ms) else { return };
+        let Some(def) = wf.action(idx) else { return };
         let a = &mut self.actions[idx];
         a.phase = Phase::Compensating;
         a.undo_attempt = attempt;
-        a.due_ms = Some(now + timeout);
-        out.0.push(Effect::Send {
-            index: idx,
-            service: a.service,
-            action: Action::Undo,
-            attempt,
-            context: self.context.clone(),
-        });
-        out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, None);
+        a.due_ms = Some(now + def.timeout_ms);
+        out.0.push(command(def, idx, a.service, Action::Undo, attempt, &self.context));
+        let detail = def.workflow.as_ref().map(|w| format!("undo child workflow {w} as a whole"));
+        out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, detail);
     }
 
     fn retry_or_fail(&mut self, wf: &Workflow, idx: usize, reason: String, now: u64, out: &mut Out) {
@@ -994,6 +1067,9 @@ impl Saga {
                     self.status = SagaStatus::RolledBack;
                     out.history(None, None, HistoryEvent::RolledBack, None);
                 }
+                if self.undo_requested {
+                    out.0.push(Effect::Undone);
+                }
                 if !self.answered {
                     self.answered = true;
                     let failure = self.failure.clone();
@@ -1005,6 +1081,65 @@ impl Saga {
                 }
             }
         }
+    }
+}
+
+/// A child saga's answer (`status`, its context and failure) as its parent's reply to action
+/// `index` on `service`: 200 is done, with the child's context; a rollback is a refusal with
+/// the child's status and reason, nothing of the child being left; a rollback that stopped
+/// (500) is a failure, which the parent retries, then undoes.
+pub fn answer_as_reply(
+    service: Service,
+    index: usize,
+    status: u16,
+    context: Context,
+    failure: Option<Failure>,
+) -> Reply {
+    let outcome = match status {
+        200 => Outcome::Done,
+        500 => Outcome::Failed,
+        _ => Outcome::Refused,
+    };
+    Reply {
+        service,
+        index: Some(index),
+        action: Action::Do,
+        attempt: 0,
+        outcome,
+        status: (status != 200).then_some(status),
+        reason: failure.map(|f| format!("child saga: {}", f.reason)),
+        data: if status == 200 { context } else { Context::default() },
+    }
+}
+
+/// The reply a child saga gives its parent once it undid everything it did.
+pub fn undone_reply(service: Service, index: usize) -> Reply {
+    Reply {
+        service,
+        index: Some(index),
+        action: Action::Undo,
+        attempt: 0,
+        outcome: Outcome::Done,
+        status: None,
+        reason: None,
+        data: Context::default(),
+    }
+}
+
+/// The effect that sends action `idx` (`def`) or its compensation: a service's command, or a
+/// child saga's start or undo.
+fn command(
+    def: &ActionDef,
+    idx: usize,
+    service: Service,
+    action: Action,
+    attempt: u32,
+    context: &Context,
+) -> Effect {
+    let context = context.clone();
+    match &def.workflow {
+        Some(workflow) => Effect::Child { index: idx, workflow: workflow.clone(), action, attempt, context },
+        None => Effect::Send { index: idx, service, action, attempt, context },
     }
 }
 

@@ -38,6 +38,7 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         database_url: args.scale.database_url.clone(),
         instances: args.scale.instances,
         retry_timeouts: args.retry_timeouts,
+        workflow: args.workflow.clone(),
     };
     let modes: Vec<&str> = opts.modes.iter().map(|m| m.as_str()).collect();
     eprintln!(
@@ -88,6 +89,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         database_url: args.scale.database_url.clone(),
         instances: args.scale.instances,
         retry_timeouts: None,
+        workflow: args.workflow.clone(),
     };
     eprintln!("chaos in {mode} mode for {} s: {}", args.duration.as_secs(), opts.faults);
     if opts.broker_ctl.is_none() && !opts.faults.broker_restarts.is_empty() {

@@ -70,39 +70,55 @@ pub(super) async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<ExitCode>
                 println!("{}", serde_json::to_string_pretty(&view)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("workflow {} ({}) for space {}: {}", view.id, view.workflow, view.space_id, view.status);
-            // The version, as `baton workflows versions` shows it.
-            let hash =
-                view.definition_hash.as_deref().map_or("(none recorded)", |h| h.get(..12).unwrap_or(h));
-            println!("definition {hash}");
-            println!("trace {}", view.trace_id);
-            if let Some(f) = &view.failure {
-                println!("failed at {} ({}): {}", f.service, f.status, f.reason);
-            }
-            for s in &view.steps {
-                println!(
-                    "  step {} [{}]: {} after {} attempt(s), {} compensation attempt(s)",
-                    s.group + 1,
-                    s.step,
-                    shown_phase(&view.status, &s.phase),
-                    s.attempts,
-                    s.compensation_attempts
-                );
-            }
-            let t0 = view.created_at_ms;
-            for h in &view.history {
-                println!(
-                    "  +{:>6} ms  {:<12} {:<4} #{} {}{}",
-                    h.at_ms - t0,
-                    h.step.as_deref().unwrap_or("saga"),
-                    h.action.as_deref().unwrap_or(""),
-                    h.attempt,
-                    h.event,
-                    h.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
-                );
-            }
+            print_saga(&view, "");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A saga as `workflows show` prints it, each line after `indent`; its child sagas follow, each
+/// indented under the line that says which step of it ran them.
+fn print_saga(view: &baton_orchestrator::query::WorkflowView, indent: &str) {
+    let head = match view.parent_step {
+        Some(step) => format!("child saga of step {}: ", step + 1),
+        None => String::new(),
+    };
+    println!(
+        "{indent}{head}workflow {} ({}) for space {}: {}",
+        view.id, view.workflow, view.space_id, view.status
+    );
+    // The version, as `baton workflows versions` shows it.
+    let hash = view.definition_hash.as_deref().map_or("(none recorded)", |h| h.get(..12).unwrap_or(h));
+    println!("{indent}definition {hash}");
+    println!("{indent}trace {}", view.trace_id);
+    if let Some(f) = &view.failure {
+        println!("{indent}failed at {} ({}): {}", f.service, f.status, f.reason);
+    }
+    for s in &view.steps {
+        println!(
+            "{indent}  step {} [{}]: {} after {} attempt(s), {} compensation attempt(s)",
+            s.group + 1,
+            s.step,
+            shown_phase(&view.status, &s.phase),
+            s.attempts,
+            s.compensation_attempts
+        );
+    }
+    let t0 = view.created_at_ms;
+    for h in &view.history {
+        println!(
+            "{indent}  +{:>6} ms  {:<12} {:<4} #{} {}{}",
+            h.at_ms - t0,
+            h.step.as_deref().unwrap_or("saga"),
+            h.action.as_deref().unwrap_or(""),
+            h.attempt,
+            h.event,
+            h.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+        );
+    }
+    let deeper = format!("{indent}    ");
+    for child in &view.children {
+        print_saga(child, &deeper);
     }
 }
 

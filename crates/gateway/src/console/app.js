@@ -289,9 +289,10 @@ function sagaPage(main, id) {
   const timeline = h('div', { class: 'panel', id: 'timeline' });
   const sequence = h('div', { class: 'panel', id: 'sequence' });
   const history = h('div', { id: 'history' });
+  const nested = h('div', { id: 'nested' });
   main.append(h('h1', null, 'Saga ', h('span', { class: 'mono' }, id)), head, waiting,
     h('h2', null, 'Flow'), flow, h('h2', null, 'Timeline'), timeline, h('h2', null, 'Sequence'), sequence,
-    h('h2', null, 'Every line of its history'), history);
+    h('h2', null, 'Every line of its history'), history, nested);
   const msg = h('span', { class: 'msg', id: 'action-msg' });
   let request = null;
   return poll(async () => {
@@ -331,7 +332,20 @@ function sagaPage(main, id) {
     replace(timeline, timelineDiagram(v));
     replace(sequence, sequenceDiagram(v));
     replace(history, historyTable(v));
+    replace(nested, nestedSagas(v));
   }, 2000);
+}
+
+// A child saga's parent, and the child sagas a saga's steps ran, each nested in it: its state,
+// its flow and every line of its history (and its own children, nested again).
+function nestedSagas(v) {
+  const parent = v.parent_id ? h('p', { class: 'muted', id: 'parent-saga' }, `Child saga of step ${v.parent_step + 1} of `,
+    h('a', { href: '#/saga/' + v.parent_id, class: 'mono' }, v.parent_id)) : null;
+  const children = (v.children || []).map((c) => h('section', { class: 'panel child-saga', 'data-child': c.id, 'data-state': c.status },
+    h('h3', null, `Step ${c.parent_step + 1} ran child saga `, h('a', { href: '#/saga/' + c.id, class: 'mono' }, c.id),
+      ' ', c.workflow, ' ', badge(c.status)),
+    flowDiagram(c), historyTable(c), nestedSagas({ ...c, parent_id: null })));
+  return [parent, children.length ? h('h2', null, 'Child sagas') : null, ...children];
 }
 
 // The step the saga waits on, its attempts and its last failure.

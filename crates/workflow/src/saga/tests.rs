@@ -845,3 +845,157 @@ fn a_command_step_after_the_event_is_sent_after_it_and_awaited() {
     assert!(emits(&fx).is_empty(), "the event is not emitted again");
     assert_eq!(saga.status, SagaStatus::Completed);
 }
+
+// Child workflows: a step that runs another workflow as a saga of its own.
+
+/// The parent: a record, the child `capacity` (shard and licence), a route.
+fn nested() -> (Workflow, Workflow) {
+    let parent = WorkflowBuilder::new("p")
+        .step("rec", [Records])
+        .child("capacity", Entitlements, "c", 20_000)
+        .step("route", [Routing])
+        .build()
+        .unwrap();
+    let child =
+        WorkflowBuilder::new("c").step("place", [Placement]).step("lic", [Entitlements]).build().unwrap();
+    (parent, child)
+}
+
+fn children(effects: &[Effect]) -> Vec<(usize, String, Action, u32)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Child { index, workflow, action, attempt, .. } => {
+                Some((*index, workflow.clone(), *action, *attempt))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A child that did all its steps.
+fn finished_child(child: &Workflow) -> Saga {
+    let (mut c, _) = Saga::start(child, Uuid::from_u128(9), Uuid::from_u128(2), input(), None, T0);
+    c.on_reply(child, done(Placement, Action::Do), T0 + 1);
+    let fx = c.on_reply(child, done(Entitlements, Action::Do), T0 + 2);
+    assert_eq!(answers(&fx), vec![(200, None)], "a child answers like any saga");
+    assert_eq!(c.status, SagaStatus::Completed);
+    c
+}
+
+#[test]
+fn a_child_step_starts_the_child_saga_and_waits_for_its_outcome_as_its_reply() {
+    let (parent, child) = nested();
+    let (mut p, _) = start(&parent);
+    let fx = p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
+    assert_eq!(children(&fx), vec![(1, "c".into(), Action::Do, 1)]);
+    assert!(sends(&fx).is_empty(), "no command of its own");
+    let sent = fx.iter().find_map(|e| match e {
+        Effect::History { event: HistoryEvent::Sent, detail, .. } => detail.clone(),
+        _ => None,
+    });
+    assert_eq!(sent.as_deref(), Some("child workflow c"), "the timeline names the child");
+    assert_eq!(p.actions[1].due_ms, Some(T0 + 1 + 20_000), "the child's outcome has its step's timeout");
+    let c = finished_child(&child);
+    let reply = c.outcome_as_child(Records, 1).expect("a finished child has an outcome");
+    let fx = p.on_child_reply(&parent, reply, T0 + 3);
+    assert_eq!(p.actions[1].phase, Phase::Done);
+    assert_eq!(p.context.licence.as_deref(), Some("lic-1"), "the child's output is the step's");
+    assert_eq!(sends(&fx), vec![(Routing, Action::Do, 1)]);
+}
+
+#[test]
+fn a_child_that_refused_rolled_itself_back_and_the_parent_undoes_only_its_own_earlier_steps() {
+    let (parent, child) = nested();
+    let (mut p, _) = start(&parent);
+    p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
+    let (mut c, _) = Saga::start(&child, Uuid::from_u128(9), Uuid::from_u128(2), input(), None, T0);
+    c.on_reply(&child, done(Placement, Action::Do), T0 + 2);
+    let fx = c.on_reply(&child, refused(Entitlements, 403), T0 + 3);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)], "the child undoes itself");
+    let fx = c.on_reply(&child, done(Placement, Action::Undo), T0 + 4);
+    assert_eq!(c.status, SagaStatus::RolledBack);
+    let [.., Effect::Answer { status, context, failure }] = &fx[..] else { panic!("{fx:?}") };
+    let reply = answer_as_reply(Entitlements, 1, *status, context.clone(), failure.clone());
+    let fx = p.on_child_reply(&parent, reply, T0 + 5);
+    assert_eq!(p.actions[1].phase, Phase::Refused, "nothing of the child is left to undo");
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+    assert!(children(&fx).is_empty());
+    let fx = p.on_reply(&parent, done(Records, Action::Undo), T0 + 6);
+    assert_eq!(answers(&fx), vec![(403, Some(Entitlements))], "the child's status reaches the client");
+}
+
+#[test]
+fn a_parent_refusing_after_its_child_succeeded_undoes_the_child_as_a_whole_in_reverse() {
+    let (parent, child) = nested();
+    let (mut p, _) = start(&parent);
+    p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
+    let mut c = finished_child(&child);
+    p.on_child_reply(&parent, c.outcome_as_child(Records, 1).unwrap(), T0 + 3);
+    let fx = p.on_reply(&parent, Reply { index: Some(2), ..refused(Routing, 409) }, T0 + 4);
+    assert_eq!(children(&fx), vec![(1, "c".into(), Action::Undo, 1)], "the child first: it came last");
+    assert!(sends(&fx).is_empty(), "the record waits for the child");
+    // The child, asked, undoes its steps latest first and then says so, answering nobody.
+    let fx = c.undo_as_child(&child, T0 + 5);
+    assert_eq!(sends(&fx), vec![(Entitlements, Action::Undo, 1)]);
+    assert!(events(&fx).contains(&HistoryEvent::UndoRequested));
+    let fx = c.on_reply(&child, done(Entitlements, Action::Undo), T0 + 6);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    let fx = c.on_reply(&child, done(Placement, Action::Undo), T0 + 7);
+    assert!(fx.contains(&Effect::Undone) && answers(&fx).is_empty(), "{fx:?}");
+    assert_eq!(c.status, SagaStatus::RolledBack);
+    assert_eq!(c.outcome_as_child(Records, 1), None, "undone at its parent's request: no outcome");
+    let fx = p.on_child_reply(&parent, undone_reply(Records, 1), T0 + 8);
+    assert_eq!(p.actions[1].phase, Phase::Compensated);
+    assert_eq!(sends(&fx), vec![(Records, Action::Undo, 1)]);
+    let fx = p.on_reply(&parent, done(Records, Action::Undo), T0 + 9);
+    assert_eq!(answers(&fx), vec![(409, Some(Routing))]);
+}
+
+#[test]
+fn a_cancel_of_the_parent_reaches_its_running_child_which_ends_cancelled() {
+    let (parent, child) = nested();
+    let (mut p, _) = start(&parent);
+    p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
+    let (mut c, _) = Saga::start(&child, Uuid::from_u128(9), Uuid::from_u128(2), input(), None, T0 + 1);
+    c.on_reply(&child, done(Placement, Action::Do), T0 + 2);
+    let fx = p.cancel(&parent, "ops", T0 + 3);
+    assert_eq!(children(&fx), vec![(1, "c".into(), Action::Undo, 1)]);
+    let fx = c.undo_as_child(&child, T0 + 4);
+    assert!(c.cancelled && events(&fx).contains(&HistoryEvent::CancelRequested));
+    // Its licence was in flight: undone first (a late one finds the tombstone), then its shard.
+    assert_eq!(sends(&fx), vec![(Entitlements, Action::Undo, 1)]);
+    let fx = c.on_reply(&child, done(Entitlements, Action::Undo), T0 + 5);
+    assert_eq!(sends(&fx), vec![(Placement, Action::Undo, 1)]);
+    let fx = c.on_reply(&child, done(Placement, Action::Undo), T0 + 5);
+    assert!(fx.contains(&Effect::Undone) && answers(&fx).is_empty(), "{fx:?}");
+    assert_eq!(c.status, SagaStatus::Cancelled);
+    p.on_child_reply(&parent, undone_reply(Records, 1), T0 + 6);
+    let fx = p.on_reply(&parent, done(Records, Action::Undo), T0 + 7);
+    assert_eq!(p.status, SagaStatus::Cancelled);
+    assert_eq!(answers(&fx).first().map(|a| a.0), Some(409));
+}
+
+#[test]
+fn a_later_attempt_or_a_second_undo_of_a_child_changes_nothing_twice() {
+    let (parent, child) = nested();
+    let (mut p, _) = start(&parent);
+    p.on_reply(&parent, done(Records, Action::Do), T0 + 1);
+    // No outcome within the step's timeout: a second attempt asks the child again.
+    let fx = p.on_tick(&parent, T0 + 1 + 20_000);
+    assert!(events(&fx).contains(&HistoryEvent::TimedOut));
+    let fx = p.on_tick(&parent, T0 + 1 + 30_000);
+    assert_eq!(children(&fx), vec![(1, "c".into(), Action::Do, 2)]);
+    // The outcome answers the attempt in progress, whichever started the child.
+    let c = finished_child(&child);
+    let mut reply = c.outcome_as_child(Records, 1).unwrap();
+    reply.attempt = 1;
+    p.on_child_reply(&parent, reply, T0 + 30_001);
+    assert_eq!(p.actions[1].phase, Phase::Done);
+    // A child already rolled back has nothing to undo: it says so at once, every time.
+    let (mut gone, _) = Saga::start(&child, Uuid::from_u128(9), Uuid::from_u128(2), input(), None, T0);
+    gone.on_reply(&child, refused(Placement, 503), T0 + 1);
+    assert_eq!(gone.status, SagaStatus::RolledBack);
+    assert_eq!(gone.undo_as_child(&child, T0 + 2).last(), Some(&Effect::Undone));
+    assert_eq!(gone.undo_as_child(&child, T0 + 3), vec![Effect::Undone]);
+}
