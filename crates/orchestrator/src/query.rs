@@ -711,7 +711,7 @@ mod tests {
     #[test]
     fn a_page_query_holds_only_the_conditions_asked_for() {
         let (sql, values) = page_query(&Filter::default(), 50, None);
-        assert!(!sql.contains("WHERE"), "{sql}");
+        assert!(sql.contains("WHERE parent_id IS NULL ORDER BY"), "only the parents: {sql}");
         assert_eq!(values, vec![Value::Integer(51)]);
         let filter = Filter {
             status: Some(SagaStatus::Running),
@@ -723,7 +723,7 @@ mod tests {
         let (sql, values) = page_query(&filter, 2, Some(after));
         assert!(
             sql.contains(
-                "WHERE status = ?1 AND owner = ?2 AND created_at < ?3 \
+                "WHERE parent_id IS NULL AND status = ?1 AND owner = ?2 AND created_at < ?3 \
                  AND (created_at < ?4 OR (created_at = ?4 AND saga_id < ?5)) \
                  ORDER BY created_at DESC, saga_id DESC LIMIT ?6"
             ),
