@@ -861,8 +861,6 @@ fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
 /// Carry out a transition's effects and store the new state, in the caller's transaction.
 /// `hop` is the trace context the effects follow: every command is sent from a span of its own
 /// step ([`step_trace`]), the answer from `hop` itself. Returns the saga's next wake-up.
-// Each argument is a different part of the transition; a struct would only name them twice.
-#[allow(clippy::too_many_arguments)]
 fn apply(
     tx: &Tx<'_>,
     saga: &Saga,
