@@ -699,3 +699,53 @@ async fn the_console_nests_a_child_saga_in_its_parent() {
     c.close().await.expect("the browser closes");
     sys.stop().await;
 }
+
+/// Hybrid mode has its page: the saga list (the steps that must complete run as a saga), and
+/// each space's chain, where the follow-ups that react to the saga's event show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_hybrid_saga_and_its_follow_ups() {
+    let (chromium, driver_path) = match browser() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
+            return;
+        }
+    };
+    let driver = Driver::start(&driver_path).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(&chromium, profile.path()).await;
+    let env = TestEnv::new().await;
+    let cfg = SystemConfig {
+        mode: baton_protocol::Mode::Hybrid,
+        workflow: "create-space-hybrid".into(),
+        ..SystemConfig::default()
+    };
+    let sys = System::start(&env, cfg).await;
+    let (s, space) = sys.create("hybrid-one", "hana").await;
+    assert_eq!(s, 200, "{space}");
+    let saga = space["workflow_id"].as_str().expect("a workflow id").to_owned();
+
+    open(&c, sys.http, "").await;
+    let home = until(&c, "hybrid mode's page", "return document.getElementById('main').dataset.page + ' ' + [...document.querySelectorAll('#nav a')].map(a => a.textContent).join(',')", |s| {
+        s.starts_with("sagas ")
+    })
+    .await;
+    assert_eq!(home, "sagas Sagas,Spaces,Health,Comparison");
+    let rows = until(&c, "the saga listed", ROWS, |s| !s.is_empty()).await;
+    assert_eq!(rows, saga);
+
+    open(&c, sys.http, &format!("#/saga/{saga}")).await;
+    let flow = until(&c, "the saga's flow", FLOW, |s| s.contains("routing:done")).await;
+    assert_eq!(flow, "records:done placement:done entitlements:done routing:done");
+    // The event step is announced, not awaited: a line of the timeline, no step of the flow.
+    let timeline = until(&c, "the announcement", TIMELINE, |s| s.contains(":emitted")).await;
+    assert!(!timeline.contains("notifier:"), "nothing awaits the email in hybrid mode: {timeline}");
+    screenshot(&c, "a-hybrid-saga").await;
+
+    open(&c, sys.http, &format!("#/space/{}", space["id"].as_str().expect("a space id"))).await;
+    let chain = until(&c, "the follow-ups on the chain", CHAIN, |s| s.contains("notifier:ok")).await;
+    assert!(chain.starts_with("records:ok placement:ok entitlements:ok routing:ok"), "{chain}");
+    screenshot(&c, "b-hybrid-space").await;
+    c.close().await.expect("the browser closes");
+    sys.stop().await;
+}

@@ -107,7 +107,12 @@ function replace(el, ...kids) {
 
 // The page of each mode `baton up` runs; a mode without one of its own gets the chain of its
 // spaces, which every mode has (the services' inboxes and outboxes).
-const MODE_PAGES = { workflow: ['Sagas', '/sagas'], events: ['Event chains', '/spaces'] };
+const MODE_PAGES = {
+  workflow: ['Sagas', '/sagas'],
+  // The saga of the steps that must complete; the follow-ups show on each space's chain.
+  hybrid: ['Sagas', '/sagas'],
+  events: ['Event chains', '/spaces'],
+};
 
 function modePage(mode) {
   return MODE_PAGES[mode] || [mode + ' spaces', '/spaces'];
@@ -582,6 +587,8 @@ function queuesOf(component) {
   const o = S.overview;
   if (component === 'orchestrator') return ['orchestrator.commands', 'orchestrator.replies'];
   if (component === 'gateway') return [`gateway.${o.instance}.${o.mode === 'events' ? 'events' : 'outcomes'}`];
+  // In hybrid mode the email and the search index react to the saga's event.
+  if (o.mode === 'hybrid' && ['notifier', 'search'].includes(component)) return [`${component}.followups`];
   if (o.services.includes(component)) return [`${component}.${o.mode === 'events' ? 'events' : 'commands'}`];
   return [];
 }
@@ -642,7 +649,7 @@ function renderProcess(box, rep) {
 function comparePage(main) {
   S.seq++;
   main.append(h('h1', null, 'Comparison'),
-    h('p', { class: 'muted' }, 'The latest baton compare report: the same load and faults through both modes, side by side.'),
+    h('p', { class: 'muted' }, 'The latest baton compare report: the same load and faults through each mode, side by side.'),
     h('iframe', { src: '/console/compare', title: 'the latest comparison' }));
 }
 
