@@ -74,8 +74,16 @@ pub const BETWEEN_COMPENSATIONS: &str = "between-compensations";
 /// In the orchestrator: one member of a parallel group is done and committed, another is not.
 pub const MID_PARALLEL_GROUP: &str = "mid-parallel-group";
 
-pub const ALL: [&str; 4] =
-    [AFTER_COMMIT_BEFORE_ACK, AFTER_PUBLISH_BEFORE_DELETE, BETWEEN_COMPENSATIONS, MID_PARALLEL_GROUP];
+/// In the orchestrator (hybrid mode): a saga's event step is committed, its announcement in the
+/// outbox and not yet published, when the follow-ups have still heard nothing.
+pub const AFTER_ANNOUNCE_COMMIT: &str = "after-announce-commit";
+pub const ALL: [&str; 5] = [
+    AFTER_COMMIT_BEFORE_ACK,
+    AFTER_PUBLISH_BEFORE_DELETE,
+    BETWEEN_COMPENSATIONS,
+    MID_PARALLEL_GROUP,
+    AFTER_ANNOUNCE_COMMIT,
+];
 
 #[cfg(feature = "crash-points")]
 struct Armed {
