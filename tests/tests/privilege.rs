@@ -611,6 +611,13 @@ async fn broker_users_script_writes_urls_that_work_and_are_limited() {
     );
     assert_refused("records consuming placement.commands", consume(&records, "placement.commands").await);
     records.close().await;
+    // The search index, a user of its own: its follow-up queue, and not the notifier's.
+    let url = std::fs::read_to_string(out.path().join("search.url")).unwrap();
+    let search = connect(url.trim(), "search").await;
+    consume(&search, "search.followups").await.expect("search consumes its queue");
+    assert_refused("search consuming notifier.followups", consume(&search, "notifier.followups").await);
+    assert_refused("search publishing space.created", publish(&search, &event(events::CREATED)).await);
+    search.close().await;
 }
 
 /// Look at the first message of `queue` and leave it there (the management API's get with
