@@ -7,11 +7,13 @@
 # Through the management HTTP API (curl; BATON_MGMT_URL, BATON_MGMT_USER, BATON_MGMT_PASS,
 # default http://127.0.0.1:15672 with guest/guest), idempotently:
 #   1. creates the vhost if it is missing;
-#   2. imports the topology of broker/definitions.json into it (components under their own
-#      users cannot create the other components' queues, see docs/security.md);
-#   3. creates the users <prefix><component> (baton-records, ..., baton-reconcile) with random
-#      passwords, and sets their permissions and topic permissions (the routing keys each may
-#      publish on baton.events) from broker/permissions.json;
+#   2. imports the topology of broker/definitions.json into it, hybrid mode's follow-up queues
+#      included (components under their own users cannot create the other components' queues,
+#      see docs/security.md);
+#   3. creates the users <prefix><component> (baton-records, ..., baton-search, ...,
+#      baton-reconcile) with random passwords, and sets their permissions and topic
+#      permissions (the routing keys each may publish on baton.events) from
+#      broker/permissions.json;
 #   4. writes each component's URL to <out>/<component>.url (mode 600), e.g.
 #      amqp://baton-records:<password>@127.0.0.1:5672/%2F; with --amqp-host listing a cluster's
 #      nodes (HOST:PORT,HOST:PORT,...), the comma-separated list of one URL per node.
@@ -32,7 +34,7 @@ SCHEME="amqp"
 ROTATE=0
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do

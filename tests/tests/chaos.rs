@@ -3,8 +3,10 @@
 //! queues, the data dir's disk is filled (as root, on a tmpfs), and refusals, delays and
 //! duplicates are injected. The workflow mode ends with zero
 //! audit inconsistencies and nothing lost; the events mode loses nothing either, and after reconcile
-//! keeps only what no repair can change (what its 504s told the clients). The broker is a node
-//! of each test's own, since these tests restart it.
+//! keeps only what no repair can change (what its 504s told the clients). The hybrid mode ends as
+//! the workflow mode does, and its follow-ups (the email, the search entry) converge on every
+//! success although each was killed too. The broker is a node of each test's own, since these
+//! tests restart it.
 
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ async fn run_workflow(
     baton_tests::init_logs();
     let node = tokio::task::spawn_blocking(Node::start_with_management).await.unwrap();
     let opts = Options {
-        modes: vec![Mode::Workflow, Mode::Events],
+        modes: vec![mode],
         requests: 1_000_000,
         concurrency: 8,
         seed: 3,
@@ -132,4 +134,21 @@ async fn events_mode_loses_nothing_and_reconcile_repairs_all_it_can() {
     assert!(after.is_consistent(), "reconcile left {:#?}\n{summary}", after.inconsistencies);
     assert!(after.uncertain.iter().all(|v| v.told == Some(504)), "{summary}");
     assert!(after.uncertain.len() <= run.stats.timeouts, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_mode_survives_a_chaos_run_and_its_follow_ups_converge() {
+    let (run, summary) = run(Mode::Hybrid, 40).await;
+    every_fault_was_injected(&run, Mode::Hybrid, &summary);
+    // The follow-ups were among the components killed and restarted.
+    for follow_up in ["notifier", "search"] {
+        assert_eq!(run.injected.get(&format!("crash {follow_up}")), Some(&1), "{summary}");
+    }
+    assert_eq!(run.injected.get("clock jumps"), Some(&2), "back an hour and forward again: {summary}");
+    assert!(run.reconcile.is_none(), "a saga undoes itself: nothing to reconcile");
+    // Consistent means every space told 200 has its email and its search entry too.
+    assert!(run.audit.is_consistent(), "{summary}\n{:#?}", run.audit.inconsistencies);
+    assert!(run.audit.uncertain.is_empty(), "no 504 expected: {summary}\n{:#?}", run.audit.uncertain);
+    // (More: a request the killed gateway held got no answer, and its saga may have completed.)
+    assert!(run.audit.complete >= run.stats.ok, "each 200 is a complete space: {summary}");
 }

@@ -210,3 +210,65 @@ async fn compare_runs_the_nested_workflow_with_nothing_left_inconsistent() {
         .filter(|c| c.count(baton_workflow::HistoryEvent::UndoRequested) > 0);
     assert!(undone_whole.count() > 0, "some parents refused after their child succeeded");
 }
+
+/// `--modes workflow,events,hybrid`: three columns in the table, three series in each chart,
+/// each in a colour of its own. Hybrid mode, its notifier killed mid-run, ends as consistent as
+/// the workflow mode, with the follow-ups of every success, for fewer messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_runs_the_three_modes_side_by_side() {
+    baton_tests::init_logs();
+    let out = tempfile::tempdir().unwrap();
+    let opts = Options {
+        modes: vec![Mode::Workflow, Mode::Events, Mode::Hybrid],
+        requests: 150,
+        seed: 13,
+        faults: FaultPlan::parse("refuse=0.03,duplicate=0.02,crash.notifier=50%+1s", 13).unwrap(),
+        ..Options::new(
+            baton_bin(),
+            amqp_base(),
+            Mgmt::new(&mgmt_base(), "guest", "guest"),
+            out.path().to_owned(),
+        )
+    };
+    let c = tokio::time::timeout(Duration::from_secs(240), compare(&opts))
+        .await
+        .expect("a small compare of three modes ends within 4 minutes")
+        .unwrap();
+    let [wf, ev, hy] = &c.runs[..] else { panic!("three runs") };
+    assert_eq!((wf.mode, ev.mode, hy.mode), (Mode::Workflow, Mode::Events, Mode::Hybrid));
+    for r in [wf, ev, hy] {
+        assert_eq!(r.stats.requests, 150, "{}", r.mode);
+        assert!(r.quiescent, "{} settled", r.mode);
+        assert_eq!(r.stats.no_answer, 0, "{}: every request got an answer", r.mode);
+        assert_eq!(r.injected.get("crash notifier"), Some(&1), "{}: {:?}", r.mode, r.injected);
+    }
+    // Hybrid: a saga, so nothing left behind and nothing to reconcile; and every success has
+    // its email and search entry although the notifier was down a while.
+    assert!(hy.audit.is_consistent(), "hybrid: {:?}", hy.audit.inconsistencies);
+    assert!(hy.audit.uncertain.is_empty(), "hybrid: {:?}", hy.audit.uncertain);
+    assert!(hy.reconcile.is_none());
+    assert_eq!(hy.audit.complete, hy.stats.ok, "hybrid: {:?}", hy.stats);
+    // One message per step and an announcement: between the choreography and the full saga.
+    let per = |r: &baton_compare::ModeRun| r.messages_per_request();
+    assert!(per(ev) < per(hy) && per(hy) < per(wf), "{} < {} < {}", per(ev), per(hy), per(wf));
+
+    let table = report::table(&c);
+    eprintln!("{table}");
+    let header = table.lines().nth(1).expect("a header under the summary line");
+    assert_eq!(header.split_whitespace().collect::<Vec<_>>(), ["workflow", "events", "hybrid"], "{table}");
+    let line = table.lines().find(|l| l.starts_with("audit: inconsistent spaces")).expect("the row");
+    let cells: Vec<String> =
+        line["audit: inconsistent spaces".len()..].split_whitespace().map(str::to_owned).collect();
+    let counts: Vec<String> = c.runs.iter().map(|r| r.audit.inconsistencies.len().to_string()).collect();
+    assert_eq!(cells, counts, "{table}");
+
+    let html = report::html(&c);
+    assert_eq!(html.matches("<svg").count(), 3 + 3, "three charts, and latency over time per mode");
+    assert!(html.contains("<h1>Baton: workflow vs events vs hybrid</h1>"), "named after the modes");
+    // Three series in each of the three bar charts, each mode in its own colour.
+    for (mode, colour) in [("workflow", "#2b6cb0"), ("events", "#dd6b20"), ("hybrid", "#2f855a")] {
+        assert_eq!(html.matches(&format!(r#"fill="{colour}"/><text"#)).count(), 3, "{mode}'s legend");
+        assert!(html.contains(&format!(r#"fill="{colour}"><title>{mode} "#)), "{mode}'s bars in {colour}");
+        assert_eq!(html.matches(&format!(">{mode}</text>")).count(), 3, "{mode} in each legend");
+    }
+}

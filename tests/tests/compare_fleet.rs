@@ -1,5 +1,5 @@
 //! `baton compare` and `baton chaos` watch their fleet and keep their results: a component that
-//! exits on its own is started again and shown in the table, one that cannot come back ends the
+//! exits on its own (hybrid mode's search index too) is started again and shown in the table, one that cannot come back ends the
 //! run at once with its log, and a vhost the management API will not delete costs a warning, not
 //! the comparison.
 
@@ -15,15 +15,20 @@ use baton_tests::{amqp_base, baton_bin, mgmt_base};
 /// A stand-in for `baton` that runs the real one, except that the starts of routing numbered in
 /// `failing_starts` (counted in `<dir>/routing.starts`) exit at once with an error.
 fn wrapper(dir: &Path, failing_starts: &str) -> PathBuf {
+    wrapper_of(dir, "routing", failing_starts)
+}
+
+/// [`wrapper`] for the starts of `component`.
+fn wrapper_of(dir: &Path, component: &str, failing_starts: &str) -> PathBuf {
     let bin = dir.join("baton-wrapper");
     let script = format!(
         r#"#!/bin/sh
-if [ "$1" = run ] && [ "$2" = routing ]; then
-    n=$(cat "{dir}/routing.starts" 2>/dev/null || echo 0)
+if [ "$1" = run ] && [ "$2" = {component} ]; then
+    n=$(cat "{dir}/{component}.starts" 2>/dev/null || echo 0)
     n=$((n + 1))
-    echo "$n" > "{dir}/routing.starts"
+    echo "$n" > "{dir}/{component}.starts"
     case " {failing_starts} " in
-        *" $n "*) echo "error: routing cannot come back (start $n, made to fail by the test)" >&2; exit 2 ;;
+        *" $n "*) echo "error: {component} cannot come back (start $n, made to fail by the test)" >&2; exit 2 ;;
     esac
 fi
 exec "{real}" "$@"
@@ -80,6 +85,39 @@ async fn a_component_that_exits_on_its_own_is_started_again_and_shown_in_the_tab
     });
     let row = table.lines().find(|l| l.starts_with("components that exited")).expect("the row");
     assert!(row.contains("routing x1"), "{row}");
+}
+
+/// Hybrid mode's own component, the search index, crashed by the plan and failing its first
+/// start after: started again, shown in the table, and every success still indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_hybrid_mode_a_search_index_that_exits_is_started_again() {
+    baton_tests::init_logs();
+    let out = tempfile::tempdir().unwrap();
+    let bin = wrapper_of(out.path(), "search", "2");
+    let opts =
+        Options { modes: vec![Mode::Hybrid], ..options(bin, out.path(), "crash.search=30%+1s", mgmt()) };
+    let run = tokio::time::timeout(Duration::from_secs(150), chaos(&opts, Mode::Hybrid))
+        .await
+        .expect("the run ends")
+        .expect("the run survives a search index that exits once");
+    assert_eq!(run.injected.get("crash search"), Some(&1), "{:?}", run.injected);
+    assert_eq!(run.restarted.get("search"), Some(&1), "{:?}", run.restarted);
+    assert_eq!(run.restarted.len(), 1, "only search exited on its own: {:?}", run.restarted);
+    assert!(run.nothing_lost(), "unfinished {} outbox {}", run.unfinished, run.left_in_outbox);
+    assert!(run.audit.is_consistent(), "every 200 has its search entry: {:?}", run.audit.inconsistencies);
+    assert_eq!(run.audit.complete, run.stats.ok, "{:?}", run.stats);
+    let table = report::table(&baton_compare::Comparison {
+        requests: opts.requests,
+        concurrency: opts.concurrency,
+        seed: opts.seed,
+        refusal_rate: opts.refusal_rate,
+        plan: opts.faults.to_string(),
+        retry_timeouts: None,
+        runs: vec![run],
+    });
+    assert!(table.lines().nth(1).is_some_and(|h| h.trim() == "hybrid"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("components that exited")).expect("the row");
+    assert!(row.contains("search x1"), "{row}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

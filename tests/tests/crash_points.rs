@@ -1,13 +1,14 @@
 //! Every component, killed with a real SIGKILL at each dangerous instant it has (a crash point
 //! armed through `BATON_CRASH_AT`), then restarted: every saga ends exactly once, fully done or
-//! fully undone, nothing lost, nothing applied twice.
+//! fully undone, nothing lost, nothing applied twice. In workflow mode and in hybrid mode, where
+//! the follow-ups (the email, the search index) also converge, each exactly once per success.
 
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_crash as crash;
-use baton_protocol::Service;
+use baton_protocol::{Mode, Service};
 use baton_services::ServiceConfig;
 use baton_tests::{System, SystemConfig, TestEnv, free_port, held, spawn_baton, wait_for};
 use baton_workflow::SagaStatus;
@@ -34,9 +35,15 @@ fn sagas_in(env: &TestEnv, statuses: &[SagaStatus]) -> i64 {
 
 /// Run the load with `component` as a process armed to die at `point`, restart it, and check.
 async fn crash_at(component: &str, point: &str, workflow: &str) {
+    crash_in(Mode::Workflow, component, point, workflow).await;
+}
+
+/// [`crash_at`] in `mode`.
+async fn crash_in(mode: Mode, component: &str, point: &str, workflow: &str) {
     let env = TestEnv::new().await;
     let service = Service::parse(component);
     let cfg = SystemConfig {
+        mode,
         services: ServiceConfig { plans: vec![("free".into(), 2)], ..ServiceConfig::default() },
         workflow: workflow.into(),
         skip: service.into_iter().collect(),
@@ -49,11 +56,12 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     let port = free_port().to_string();
     let http = format!("127.0.0.1:{port}");
     // Each component takes its own flags only.
-    let args: Vec<&str> = match component {
+    let mut args: Vec<&str> = match component {
         "gateway" => vec!["run", component, "--workflow", workflow, "--http", &http],
         "orchestrator" => vec!["run", component],
         _ => vec!["run", component, "--plans", "free:2"],
     };
+    args.extend(["--mode", mode.as_str()]);
     // Replies leave in batches, so a component may publish only a couple of them: die at the
     // first batch, but only after a few commits.
     let nth = if point == crash::AFTER_PUBLISH_BEFORE_DELETE { 1 } else { 3 };
@@ -74,7 +82,7 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
         .await
         .unwrap_or_else(|_| {
             panic!(
-                "{component} never reached {point}; a `baton` built without the crash-points feature \
+                "{component} ({mode}) never reached {point}; a `baton` built without the crash-points feature \
                  has none (build it with `cargo build --workspace`, or `-p baton-cli --features crash-points`)"
             )
         })
@@ -108,10 +116,23 @@ async fn crash_at(component: &str, point: &str, workflow: &str) {
     if component != "gateway" {
         assert_eq!(completed, 6, "{component}@{point}");
     }
-    let emails = held(&env.store(), Service::Notifier) as i64;
-    assert_eq!(emails, completed, "one email per success");
+    // In hybrid mode the follow-ups come after the answer: wait for them, then none may be more.
+    let followers: &[Service] =
+        if mode == Mode::Hybrid { &Service::FOLLOW_UPS } else { &[Service::Notifier] };
+    for &f in followers {
+        let at = env.store();
+        wait_for(&format!("{f} to follow up every success"), Duration::from_secs(30), || {
+            let at = at.clone();
+            async move {
+                let n = tokio::task::spawn_blocking(move || held(&at, f) as i64).await.ok()?;
+                (n >= completed).then_some(())
+            }
+        })
+        .await;
+        assert_eq!(held(&env.store(), f) as i64, completed, "{component}@{point}: one {f} row per success");
+    }
     let report = env.audit();
-    assert!(report.is_consistent(), "{component}@{point}: {:#?}", report.inconsistencies);
+    assert!(report.is_consistent(), "{mode} {component}@{point}: {:#?}", report.inconsistencies);
     assert!(report.uncertain.is_empty(), "no 504 expected: {component}@{point}: {:#?}", report.uncertain);
     assert_eq!(report.complete as i64, completed);
     Arc::into_inner(sys).expect("requests are done").stop().await;
@@ -170,4 +191,38 @@ async fn orchestrator_survives_its_crash_points() {
 async fn orchestrator_survives_a_crash_between_a_child_and_its_parent() {
     crash_at("orchestrator", crash::CHILD_ENDED, "create-space-nested").await;
     crash_at("orchestrator", crash::AFTER_COMMIT_BEFORE_ACK, "create-space-nested").await;
+}
+
+/// Hybrid mode: the saga's services and the gateway as in workflow mode, each at its points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_saga_services_survive_their_crash_points() {
+    for component in ["records", "placement", "entitlements", "routing"] {
+        for point in [crash::AFTER_COMMIT_BEFORE_ACK, crash::AFTER_PUBLISH_BEFORE_DELETE] {
+            crash_in(Mode::Hybrid, component, point, "create-space-hybrid").await;
+        }
+    }
+    crash_in(Mode::Hybrid, "gateway", crash::AFTER_COMMIT_BEFORE_ACK, "create-space-hybrid").await;
+}
+
+/// The follow-ups publish nothing, so their one dangerous instant is between commit and ack:
+/// the redelivered `space.created` finds its inbox row, and nobody gets a second email or entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_follow_ups_survive_their_crash_point() {
+    for component in ["notifier", "search"] {
+        crash_in(Mode::Hybrid, component, crash::AFTER_COMMIT_BEFORE_ACK, "create-space-hybrid").await;
+    }
+}
+
+/// The orchestrator of hybrid mode, killed also right after a saga's commit that holds its
+/// announcement, before the relay published it: the restarted relay publishes it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_orchestrator_survives_its_crash_points() {
+    for point in [
+        crash::AFTER_COMMIT_BEFORE_ACK,
+        crash::AFTER_PUBLISH_BEFORE_DELETE,
+        crash::AFTER_ANNOUNCE_COMMIT,
+        crash::BETWEEN_COMPENSATIONS,
+    ] {
+        crash_in(Mode::Hybrid, "orchestrator", point, "create-space-hybrid").await;
+    }
 }

@@ -12,10 +12,7 @@ use baton_amqp::{Broker, Outgoing, Publisher, TraceParent};
 use baton_protocol::{
     Action, Context, Mode, Outcome, SCHEMA, SagaOutcome, Service, StepCommand, StepReply, events,
 };
-use baton_tests::{
-    Api, SystemConfig, TestEnv, amqp_base, mgmt_base, orchestrator_options, rows_for, service_options,
-    wait_for,
-};
+use baton_tests::{Api, SystemConfig, TestEnv, amqp_base, mgmt_base, rows_for, service_options, wait_for};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
@@ -336,6 +333,38 @@ async fn the_events_mode_runs_with_one_user_per_component() {
     whole_system(Mode::Events).await;
 }
 
+/// Hybrid mode on the imported topology: the orchestrator announces on a follow-up queue it
+/// may not declare, and the search index, a user of its own, reads only its own queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hybrid_mode_runs_with_one_user_per_component() {
+    whole_system(Mode::Hybrid).await;
+}
+
+fn system_of(mode: Mode) -> SystemConfig {
+    let workflow = if mode == Mode::Hybrid { "create-space-hybrid" } else { "create-space" };
+    SystemConfig {
+        mode,
+        workflow: workflow.into(),
+        deadline: Duration::from_secs(20),
+        ..SystemConfig::default()
+    }
+}
+
+/// Wait until each of `services` holds the space `space_id`.
+async fn held_by(env: &TestEnv, services: &[Service], space_id: &str) {
+    for &s in services {
+        let (at, id) = (env.store(), space_id.to_owned());
+        wait_for(&format!("{s} to hold {space_id}"), WAIT, || {
+            let (at, id) = (at.clone(), id.clone());
+            async move {
+                let n = tokio::task::spawn_blocking(move || rows_for(&at, s, &id)).await.ok()?;
+                (n == 1).then_some(())
+            }
+        })
+        .await;
+    }
+}
+
 /// The components of `cfg.mode` but `skip`, each under its own user of `users`, in this process.
 struct Running {
     api: Api,
@@ -348,20 +377,21 @@ struct Running {
 impl Running {
     async fn start(env: &TestEnv, users: &Users, cfg: SystemConfig, skip: &[Service]) -> Running {
         let cancel = CancellationToken::new();
+        let services: Vec<Service> =
+            cfg.mode.services().iter().copied().filter(|s| !skip.contains(s)).collect();
         let mut running = Running {
             api: Api::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             cancel,
             tasks: JoinSet::new(),
             cfg,
         };
-        for s in Service::ALL.into_iter().filter(|s| !skip.contains(s)) {
+        for s in services {
             running.start_service(env, users, s);
         }
         let cfg = &running.cfg;
-        if cfg.mode == Mode::Workflow {
-            let mut orchestrator = orchestrator_options(env, &cfg.workflows);
+        if cfg.mode.runs_sagas() {
+            let mut orchestrator = baton_tests::node_config(env, cfg).orchestrator_options();
             orchestrator.amqp_url = users.url("orchestrator").into();
-            orchestrator.health = cfg.health.clone();
             running.tasks.spawn(baton_orchestrator::run(orchestrator, running.cancel.clone()));
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -416,8 +446,7 @@ async fn whole_system(mode: Mode) {
     let users = Users::create(&env).await;
     import_topology(&env).await;
 
-    let cfg = SystemConfig { mode, deadline: Duration::from_secs(20), ..SystemConfig::default() };
-    let running = Running::start(&env, &users, cfg, &[]).await;
+    let running = Running::start(&env, &users, system_of(mode), &[]).await;
     let client = client();
     let (status, body) = running.create("least-privilege").await;
     assert_eq!(status, 200, "{mode}: {body}");
@@ -436,7 +465,7 @@ async fn whole_system(mode: Mode) {
                 c.get(url).basic_auth("guest", Some("guest")).send().await.ok()?.json().await.ok()?;
             let users: Vec<String> =
                 list.as_array()?.iter().filter_map(|c| c["user"].as_str().map(str::to_owned)).collect();
-            (users.len() >= if mode == Mode::Workflow { 7 } else { 6 }).then_some(users)
+            (users.len() >= baton_protocol::Component::of_mode(mode).count()).then_some(users)
         }
     })
     .await;
@@ -448,11 +477,15 @@ async fn whole_system(mode: Mode) {
         );
     }
 
+    // Hybrid mode answers before its follow-ups: the space is complete once both heard of it.
+    if mode == Mode::Hybrid {
+        held_by(&env, &Service::FOLLOW_UPS, &space_id).await;
+    }
     running.stop().await;
     // Workflow mode rolls the refusal back; events mode leaves the steps before routing behind,
     // by design (reconcile's job), so only the space that succeeded is checked there.
     let report = env.audit();
-    if mode == Mode::Workflow {
+    if mode.runs_sagas() {
         assert!(report.is_consistent(), "the audit is clean: {:?}", report.inconsistencies);
         assert!(report.uncertain.is_empty(), "no 504 expected: {:?}", report.uncertain);
     }
@@ -464,8 +497,9 @@ async fn whole_system(mode: Mode) {
 }
 
 /// `broker/definitions.json`, what an operator imports, is the topology the components declare:
-/// the five exchanges, every queue of instance `main` with its dead-letter queue, and their
-/// bindings; the gateway's outcomes come on baton.outcomes, none of its queues on baton.replies.
+/// the five exchanges, every queue of instance `main` and of hybrid mode's follow-ups with its
+/// dead-letter queue, and their bindings; the gateway's outcomes come on baton.outcomes, none of
+/// its queues on baton.replies.
 #[test]
 fn the_definitions_are_the_declared_topology() {
     let defs: Value = serde_json::from_str(DEFINITIONS).expect("broker/definitions.json is JSON");
@@ -479,7 +513,9 @@ fn the_definitions_are_the_declared_topology() {
         [topology::COMMANDS, REPLIES, OUTCOMES, EVENTS, topology::DLX].map(String::from).to_vec();
     exchanges.sort();
     assert_eq!(names("exchanges"), exchanges);
-    let declared = topology::all_queues("main");
+    // Hybrid mode's follow-up queues too: the orchestrator under its own user may not make them.
+    let declared: Vec<_> =
+        topology::all_queues("main").into_iter().chain(topology::followup_queues()).collect();
     let mut queues: Vec<String> =
         declared.iter().flat_map(|q| [q.name.clone(), topology::dead_letter_queue(&q.name)]).collect();
     queues.sort();
@@ -575,6 +611,13 @@ async fn broker_users_script_writes_urls_that_work_and_are_limited() {
     );
     assert_refused("records consuming placement.commands", consume(&records, "placement.commands").await);
     records.close().await;
+    // The search index, a user of its own: its follow-up queue, and not the notifier's.
+    let url = std::fs::read_to_string(out.path().join("search.url")).unwrap();
+    let search = connect(url.trim(), "search").await;
+    consume(&search, "search.followups").await.expect("search consumes its queue");
+    assert_refused("search consuming notifier.followups", consume(&search, "notifier.followups").await);
+    assert_refused("search publishing space.created", publish(&search, &event(events::CREATED)).await);
+    search.close().await;
 }
 
 /// Look at the first message of `queue` and leave it there (the management API's get with
@@ -671,6 +714,92 @@ async fn a_forged_reply_is_refused_by_the_orchestrator_and_the_saga_ends_by_the_
         report.inconsistencies,
         report.uncertain
     );
+}
+
+/// Records' user forges the orchestrator's announcement. The broker refuses it on the
+/// announcement's key (a topic permission), but a user that may configure its own queue can
+/// still get a message there by dead-lettering: it redeclares its `records.events` (unused in
+/// hybrid mode) to dead-letter onto baton.events with key `hybrid.space.created`, and the
+/// broker keeps records' `user_id` on the way. Both follow-ups dead-letter that `space.created`,
+/// naming both users, and do nothing for it; the real saga's announcement was followed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_announcement_is_refused_by_the_follow_ups() {
+    let env = TestEnv::new().await;
+    let users = Users::create(&env).await;
+    import_topology(&env).await;
+    let running = Running::start(&env, &users, system_of(Mode::Hybrid), &[]).await;
+    let (status, body) = running.create("announced").await;
+    assert_eq!(status, 200, "{body}");
+    let real = body["id"].as_str().expect("the space's id").to_owned();
+    held_by(&env, &Service::FOLLOW_UPS, &real).await;
+
+    let records = connect(&users.url("records"), "records").await;
+    let key = topology::announce_key(events::CREATED);
+    let forged_space = Uuid::new_v4();
+    let announcement = |exchange: &str, key: &str| {
+        let body = baton_protocol::SpaceEvent {
+            schema: SCHEMA,
+            space_id: forged_space,
+            context: Context { name: "forged".into(), owner: "mallory".into(), ..Default::default() },
+            step: None,
+            status: None,
+            reason: None,
+        };
+        Outgoing::new(
+            exchange,
+            key,
+            events::CREATED,
+            forged_space,
+            "orchestrator",
+            TraceParent::new_root(),
+            &body,
+        )
+        .mode("hybrid")
+    };
+    assert_refused(
+        "records publishing on hybrid.space.created",
+        publish(&records, &announcement(EVENTS, &key)).await,
+    );
+    // The detour: records.events, records' own, made to dead-letter every message at once onto
+    // the announcement's key, and reached through baton.dlx, where records may publish.
+    let ch = records.channel().await.unwrap();
+    ch.queue_delete("records.events".into(), QueueDeleteOptions::default()).await.expect("its own queue");
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), lapin::types::AMQPValue::LongString(EVENTS.into()));
+    args.insert("x-dead-letter-routing-key".into(), lapin::types::AMQPValue::LongString(key.as_str().into()));
+    args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongInt(0));
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("records.events".into(), durable, args).await.expect("records redeclares its own queue");
+    ch.queue_bind(
+        "records.events".into(),
+        topology::DLX.into(),
+        "records.events".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("records binds its own queue to baton.dlx");
+    publish(&records, &announcement(topology::DLX, "records.events"))
+        .await
+        .expect("records may write baton.dlx");
+    records.close().await;
+
+    let reason = format!(
+        "a `space.created` message came from records (broker user {}), but only orchestrator \
+         (broker user {}) may send it",
+        users.name("records"),
+        users.name("orchestrator")
+    );
+    for follow_up in Service::FOLLOW_UPS {
+        let queue = topology::followup_queue(follow_up.name()).name;
+        assert_eq!(dead_reason_of(&env, &queue).await, reason, "{follow_up}");
+        assert_eq!(rows_for(&env.store(), follow_up, &forged_space.to_string()), 0, "{follow_up}");
+        assert_eq!(rows_for(&env.store(), follow_up, &real), 1, "{follow_up}");
+    }
+    running.stop().await;
+    let report = env.audit();
+    assert!(report.is_consistent(), "{:?}", report.inconsistencies);
+    assert_eq!((report.spaces, report.complete), (1, 1), "{report:?}");
 }
 
 /// A publisher cannot claim another broker user: records' connection sending a message whose

@@ -45,10 +45,10 @@ struct Inner {
     /// Bumped each time a new connection replaces a lost one: consumers then consume again on
     /// fresh channels, and the relay publishes its unconfirmed rows again.
     generation: tokio::sync::watch::Sender<u64>,
-    /// The instance's own queues, once [`Broker::declare_topology`] ran: a new connection
-    /// declares the topology again before anyone uses it, since the broker may have lost it (a
-    /// vhost deleted and made again is empty).
-    declared: std::sync::Mutex<Option<Vec<QueueSpec>>>,
+    /// The instance's own queues and the others it needs, once [`Broker::declare_topology`]
+    /// ran: a new connection declares the topology again before anyone uses it, since the
+    /// broker may have lost it (a vhost deleted and made again is empty).
+    declared: std::sync::Mutex<Option<(Vec<QueueSpec>, Vec<QueueSpec>)>>,
 }
 
 /// The connection and what is known of its losses; only `live` and `close` change it.
@@ -208,15 +208,16 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
     }
 }
 
-/// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues), bounded.
-async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+/// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues, `needed`:
+/// other components' queues it publishes to beyond the shared ones), bounded.
+async fn redeclare(conn: &Connection, extra: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
     // Every component creates what is missing at start. When two declare the same new
     // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
     // node … is down or inaccessible") while the other's creation is under way (seen on CI).
     // That is no failure of the topology: declare again, on a fresh channel, a few times.
     let mut attempt = 0;
     loop {
-        match declare_once(conn, extra).await {
+        match declare_once(conn, extra, needed).await {
             Err(e) if attempt < 5 && created_concurrently(&e) => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "a queue was being created by another component; declaring again");
@@ -232,8 +233,8 @@ fn created_concurrently(e: &AmqpError) -> bool {
     matches!(e, AmqpError::Declare { source, .. } if source.to_string().contains("is down or inaccessible"))
 }
 
-async fn declare_once(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra)).await {
+async fn declare_once(conn: &Connection, extra: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
+    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra, needed)).await {
         Ok(done) => done,
         Err(_) => {
             Err(AmqpError::NoAnswer { what: "the topology's declarations", secs: DECLARE_PATIENCE.as_secs() })
@@ -368,7 +369,7 @@ impl Broker {
         let declared = self.inner.declared.lock().expect("declared").clone();
         let opened = match open_any(&self.inner.nodes, from, &self.inner.name).await {
             Ok((node, conn)) => match declared {
-                Some(extra) => match redeclare(&conn, &extra).await {
+                Some((extra, needed)) => match redeclare(&conn, &extra, &needed).await {
                     Ok(()) => Ok((node, conn)),
                     Err(e) => {
                         let _ = tokio::time::timeout(
@@ -472,9 +473,21 @@ impl Broker {
     /// Declare and bind `extra` (this instance's own queues) and make sure the rest of the
     /// topology exists ([`topology::declare`]), now and on every new connection after this one.
     pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+        self.declare_topology_needing(extra, &[]).await
+    }
+
+    /// [`Broker::declare_topology`], and `needed`, queues of other components this one
+    /// publishes to, checked as the shared ones are: declared only if missing, so that a
+    /// component under its own broker user, who may not declare them, starts once the
+    /// operator's import made them.
+    pub async fn declare_topology_needing(
+        &self,
+        extra: &[QueueSpec],
+        needed: &[QueueSpec],
+    ) -> Result<(), AmqpError> {
         let conn = self.live().await?;
-        redeclare(&conn, extra).await?;
-        *self.inner.declared.lock().expect("declared") = Some(extra.to_vec());
+        redeclare(&conn, extra, needed).await?;
+        *self.inner.declared.lock().expect("declared") = Some((extra.to_vec(), needed.to_vec()));
         Ok(())
     }
 

@@ -207,17 +207,18 @@ async fn present(conn: &Connection, ch: &mut Channel, exchange: bool, name: &str
 }
 
 /// A component's topology on `conn`: its `own` queues declared and bound (idempotent, and all
-/// its permissions allow); the exchanges and every other shared queue checked passively, and
-/// declared only if missing (on a fresh vhost with a user that may: `guest`; a component under
-/// its own user is refused, and the operator's import of `broker/definitions.json` is the fix).
-pub async fn declare(conn: &Connection, own: &[QueueSpec]) -> Result<(), AmqpError> {
+/// its permissions allow); the exchanges, every other shared queue and the `needed` ones
+/// checked passively, and declared only if missing (on a fresh vhost with a user that may:
+/// `guest`; a component under its own user is refused, and the operator's import of
+/// `broker/definitions.json` is the fix).
+pub async fn declare(conn: &Connection, own: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
     let mut ch = conn.create_channel().await?;
     for (name, kind) in EXCHANGES {
         if !present(conn, &mut ch, true, name).await? {
             declare_exchange(&ch, name, kind).await?;
         }
     }
-    for q in shared_queues().iter().filter(|q| own.iter().all(|o| o.name != q.name)) {
+    for q in shared_queues().iter().chain(needed).filter(|q| own.iter().all(|o| o.name != q.name)) {
         let dlq = dead_letter_queue(&q.name);
         if !(present(conn, &mut ch, false, &q.name).await? && present(conn, &mut ch, false, &dlq).await?) {
             declare_work_queue(&ch, q).await?;

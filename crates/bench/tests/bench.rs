@@ -227,3 +227,43 @@ async fn the_instrumentation_rows_export_spans_only_when_traced() {
     assert!(rows[2].exported_bytes > 1_000, "the traced runs exported their spans: {rows:?}");
     assert!(text.contains("metrics + traces exported"), "{text}");
 }
+
+/// `--modes workflow,events,hybrid`: a row for each mode, hybrid's with create-space-hybrid's
+/// four round trips, its one announcement among the messages, and the search index among the
+/// components.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_bench_of_three_modes_has_a_hybrid_row() {
+    let out = tempfile::tempdir().expect("a temporary dir");
+    let mut opts = options(out.path());
+    opts.modes = vec![Mode::Workflow, Mode::Events, Mode::Hybrid];
+    opts.sequential = 10;
+    opts.warmup = 2;
+    opts.windows = vec![4];
+    opts.in_flight = 4;
+    opts.duration = Duration::from_secs(2);
+    opts.floor_duration = Duration::from_secs(1);
+    opts.hold = 0;
+    let report = run(&opts).await.expect("the bench runs");
+    let text = table(&report);
+    println!("{text}");
+    let modes: Vec<Mode> = report.modes.iter().map(|m| m.mode).collect();
+    assert_eq!(modes, [Mode::Workflow, Mode::Events, Mode::Hybrid]);
+    let h = &report.modes[2];
+    assert_eq!(h.steps, 4, "create-space-hybrid's round trips: records, placement, entitlements, routing");
+    assert_eq!(
+        nominal_messages(h.mode, h.steps),
+        11.0,
+        "a command and a reply per step, start, answer, announcement"
+    );
+    sane_latency("hybrid, HTTP", &h.http_sequential, 10);
+    for t in &h.http_loaded {
+        sane_throughput("hybrid, HTTP loaded", t);
+    }
+    assert!(h.direct_sequential.is_none(), "the orchestrator alone is measured in workflow mode only");
+    sane_messages(h);
+    let names: Vec<&str> = h.components.iter().map(|c| c.component.as_str()).collect();
+    assert_eq!(names.len(), 8, "five services, the search index, the orchestrator, the gateway: {names:?}");
+    assert!(names.contains(&"search"), "{names:?}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("hybrid   HTTP")).collect();
+    assert_eq!(rows.len(), 2, "one at a time and loaded: {text}");
+}

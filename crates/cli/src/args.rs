@@ -913,6 +913,21 @@ mod tests {
     }
 
     #[test]
+    fn chaos_compare_and_bench_take_the_hybrid_mode() {
+        let cli = Cli::try_parse_from(["baton", "chaos", "--mode", "hybrid"]).unwrap();
+        assert!(matches!(cli.command, Command::Chaos(ChaosArgs { mode: CliMode::Hybrid, .. })));
+        for tool in ["compare", "bench"] {
+            let cli = Cli::try_parse_from(["baton", tool, "--modes", "workflow,events,hybrid"]).unwrap();
+            let modes = match cli.command {
+                Command::Compare(a) => a.modes,
+                Command::Bench(a) => a.modes,
+                _ => panic!("{tool}"),
+            };
+            assert_eq!(modes, [CliMode::Workflow, CliMode::Events, CliMode::Hybrid], "{tool}");
+        }
+    }
+
+    #[test]
     fn a_cluster_is_given_as_a_list_of_urls() {
         let list =
             "amqp://u:p@127.0.0.1:5681/%2f,amqp://u:p@127.0.0.1:5682/%2f,amqp://u:p@127.0.0.1:5683/%2f";

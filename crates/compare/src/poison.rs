@@ -41,6 +41,11 @@ fn targets(mode: Mode) -> Vec<Target> {
                 key: topology::ORCHESTRATOR.to_owned(),
                 kind: "records.create.reply",
             });
+            // Hybrid mode's announcement key: one bad message reaches both follow-ups' queues.
+            if mode == Mode::Hybrid {
+                let created = baton_protocol::events::CREATED;
+                t.push(Target { exchange: EVENTS, key: topology::announce_key(created), kind: created });
+            }
             t
         }
         Mode::Events => Service::ALL
@@ -108,10 +113,20 @@ pub fn tally(dead: &[DeadQueue]) -> (u32, u32) {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    /// Twenty bad messages reach every queue with several kinds each, in both modes' shapes.
+    /// Twenty bad messages reach every queue with several kinds each, in each mode's shape.
+    #[test]
+    fn hybrid_mode_poisons_the_follow_ups_too() {
+        use baton_protocol::Mode;
+        let keys = |m: Mode| super::targets(m).into_iter().map(|t| t.key).collect::<Vec<_>>();
+        assert_eq!((keys(Mode::Workflow).len(), keys(Mode::Events).len()), (7, 5));
+        let hybrid = keys(Mode::Hybrid);
+        assert_eq!(hybrid.len(), 8);
+        assert!(hybrid.contains(&"hybrid.space.created".to_owned()), "{hybrid:?}");
+    }
+
     #[test]
     fn every_queue_gets_several_kinds() {
-        for queues in [5, 7] {
+        for queues in [5, 7, 8] {
             let mut seen: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
             for n in 0..20 {
                 let (q, k) = super::pick(n, queues);

@@ -185,7 +185,7 @@ fn bars(title: &str, labels: &[String], values: &[Vec<f64>], modes: &[Mode], log
                 r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {val}</title></rect>"#,
                 base - bh,
                 bar * 0.95,
-                COLORS[m % 2],
+                COLORS[m % COLORS.len()],
                 modes[m].as_str(),
                 esc(label)
             );
@@ -205,13 +205,15 @@ fn bars(title: &str, labels: &[String], values: &[Vec<f64>], modes: &[Mode], log
             esc(label)
         );
     }
+    // The legend ends at the right edge, 90 px a mode.
+    let legend = w - 10.0 - 90.0 * modes.len() as f64;
     for (m, mode) in modes.iter().enumerate() {
         let _ = write!(
             svg,
             r##"<rect x="{}" y="6" width="10" height="10" fill="{}"/><text x="{}" y="15" font-size="12" fill="#333">{}</text>"##,
-            w - 190.0 + m as f64 * 90.0,
-            COLORS[m % 2],
-            w - 176.0 + m as f64 * 90.0,
+            legend + m as f64 * 90.0,
+            COLORS[m % COLORS.len()],
+            legend + 14.0 + m as f64 * 90.0,
             mode.as_str()
         );
     }
@@ -263,16 +265,18 @@ fn timelines(c: &Comparison) -> String {
 /// The self-contained HTML report: no script, no network, charts inline.
 pub fn html(c: &Comparison) -> String {
     let modes: Vec<Mode> = c.runs.iter().map(|r| r.mode).collect();
+    let title = format!("Baton: {}", modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(" vs "));
     let mut page = String::from(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Baton: workflow vs events</title><style>
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>TITLE</title><style>
 body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}td{white-space:nowrap}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
-.note{color:#555;font-size:.9em}.verdict{font-size:1.1em;background:#f4f7fb;padding:.6em .8em;border-left:4px solid #2b6cb0}</style></head><body><h1>Baton: workflow vs events</h1>"#,
-    );
+.note{color:#555;font-size:.9em}.verdict{font-size:1.1em;background:#f4f7fb;padding:.6em .8em;border-left:4px solid #2b6cb0}</style></head><body><h1>TITLE</h1>"#,
+    )
+    .replace("TITLE", &esc(&title));
     let _ = write!(
         page,
-        r#"<p>{} requests at concurrency {}, seed {}, natural refusals {:.0}%.</p><p>Fault plan, the same in both modes:</p><ul>{}</ul>"#,
+        r#"<p>{} requests at concurrency {}, seed {}, natural refusals {:.0}%.</p><p>Fault plan, the same in every mode:</p><ul>{}</ul>"#,
         c.requests,
         c.concurrency,
         c.seed,

@@ -77,12 +77,16 @@ pub const MID_PARALLEL_GROUP: &str = "mid-parallel-group";
 /// In the orchestrator: a child saga ended and its parent moved on, committed together; the
 /// parent's next command is not published yet.
 pub const CHILD_ENDED: &str = "child-ended";
-pub const ALL: [&str; 5] = [
+/// In the orchestrator (hybrid mode): a saga's event step is committed, its announcement in the
+/// outbox and not yet published, when the follow-ups have still heard nothing.
+pub const AFTER_ANNOUNCE_COMMIT: &str = "after-announce-commit";
+pub const ALL: [&str; 6] = [
     AFTER_COMMIT_BEFORE_ACK,
     AFTER_PUBLISH_BEFORE_DELETE,
     BETWEEN_COMPENSATIONS,
     MID_PARALLEL_GROUP,
     CHILD_ENDED,
+    AFTER_ANNOUNCE_COMMIT,
 ];
 
 #[cfg(feature = "crash-points")]

@@ -172,7 +172,8 @@ impl FaultPlan {
     /// (5 s), and one connection drop.
     pub const DEFAULT: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.routing=40%+6s,drop=70%";
 
-    /// The plan of `baton chaos`: every component crashed once, connections dropped twice, the
+    /// The plan of `baton chaos`: every component crashed once (the search index in hybrid mode
+    /// only, the orchestrator not in events mode), connections dropped twice, the
     /// broker restarted, 20 bad messages on the work queues, the data dir's disk full for 3 s,
     /// the orchestrator's clock set back an hour and then forward an hour (to the true time, so
     /// the skew against the gateway's clock lasts only the window between; the orchestrator's
@@ -180,7 +181,7 @@ impl FaultPlan {
     /// own), and the refusals, delays and duplicates of the default plan.
     pub const CHAOS: &'static str = "refuse=0.02,delay=1ms,duplicate=0.02,crash.records=8%+1s,\
         crash.placement=18%+1s,crash.entitlements=28%+1s,crash.routing=52%+1s,crash.notifier=62%+1s,\
-        crash.orchestrator=56%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20,\
+        crash.orchestrator=56%+1s,crash.search=70%+1s,crash.gateway=85%+1s,drop=12%,drop=78%,restart-broker=40%+3s,poison=20,\
         disk-full=31%+3s,clock=45%-1h,clock=66%+0";
 
     /// Parse a compact plan (`refuse=0.05,delay.routing=20ms,...`), `none`, or `@file.json`.
@@ -415,7 +416,7 @@ mod tests {
         assert_eq!(p.connection_drops, vec![70]);
         assert!(FaultPlan::parse(FaultPlan::DEFAULT, 1).is_ok());
         let chaos = FaultPlan::parse(FaultPlan::CHAOS, 1).unwrap();
-        assert_eq!(chaos.crashes.len(), 7);
+        assert_eq!(chaos.crashes.len(), 8, "every component, the search index too (hybrid mode)");
         assert_eq!(chaos.broker_restarts, vec![Restart { at_percent: 40, down_ms: 3000 }]);
         assert_eq!(chaos.poison, 20);
         assert_eq!(

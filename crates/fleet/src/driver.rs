@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use baton_faults::FaultPlan;
 use baton_mgmt::Mgmt;
-use baton_protocol::Mode;
+use baton_protocol::{Component, Mode};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
@@ -46,7 +46,10 @@ impl Fault {
         let ms = Duration::from_millis;
         let workflow = mode.runs_sagas();
         let mut points: Vec<(u32, Fault)> = Vec::new();
-        for c in plan.crashes.iter().filter(|c| workflow || c.component != "orchestrator") {
+        // A crash of a component that has no part in the mode (the orchestrator in events mode,
+        // the search index outside hybrid mode) has nothing to kill.
+        let runs = |name: &str| Component::parse(name).is_none_or(|c| c.runs_in(mode));
+        for c in plan.crashes.iter().filter(|c| runs(&c.component)) {
             points.push((c.at_percent, Fault::Crash { component: c.component.clone(), down: ms(c.down_ms) }));
         }
         points.extend(plan.connection_drops.iter().map(|p| (*p, Fault::Drop)));
@@ -399,12 +402,17 @@ mod tests {
     #[test]
     fn a_plans_points_leave_out_what_has_no_part_in_the_mode() {
         let plan = FaultPlan::parse(
-            "crash.orchestrator=20%+1s,crash.routing=40%+1s,drop=70%,clock=45%-1h,poison=1",
+            "crash.orchestrator=20%+1s,crash.routing=40%+1s,crash.search=60%+1s,drop=70%,clock=45%-1h,poison=1",
             1,
         )
         .unwrap();
         let workflow = Fault::points(&plan, Mode::Workflow);
         assert_eq!(workflow.len(), 5);
+        let hybrid = Fault::points(&plan, Mode::Hybrid);
+        assert_eq!(hybrid.len(), 6, "the search index runs in hybrid mode only");
+        assert!(
+            hybrid.contains(&(60, Fault::Crash { component: "search".into(), down: Duration::from_secs(1) }))
+        );
         let events: Vec<(u32, Fault)> = Fault::points(&plan, Mode::Events);
         assert_eq!(
             events,

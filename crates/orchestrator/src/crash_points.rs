@@ -2,7 +2,7 @@
 //! once without the feature `crash-points` (see `baton-crash`).
 
 use baton_protocol::{Action, Service};
-use baton_workflow::Saga;
+use baton_workflow::{Effect, Saga};
 
 /// The crash point a transition stands at, if any (for the crash tests).
 pub(crate) fn dangerous_instant(
@@ -32,4 +32,11 @@ pub(crate) fn dangerous_instant(
         }
         _ => None,
     }
+}
+
+/// [`baton_crash::AFTER_ANNOUNCE_COMMIT`] when a transition announces (an event step): the
+/// saga's commit holds the announcement, which only the outbox relay will publish.
+pub(crate) fn announcing(effects: &[Effect]) -> Option<&'static str> {
+    (baton_crash::ENABLED && effects.iter().any(|e| matches!(e, Effect::Emit { .. })))
+        .then_some(baton_crash::AFTER_ANNOUNCE_COMMIT)
 }

@@ -43,8 +43,8 @@ pub struct Options {
     pub prefetch: u16,
     /// The workflows this instance runs, by name (the bundled ones by default).
     pub workflows: Vec<Workflow>,
-    /// Hybrid mode: the follow-ups' queues, where its `space.created` goes, are declared with
-    /// its own, so that an announcement made before a follow-up ever started waits for it.
+    /// Hybrid mode: the follow-ups' queues, where its `space.created` goes, are made if missing
+    /// when it starts, so that an announcement made before a follow-up ever started waits for it.
     pub announces: bool,
     /// Where the orchestrator reports its liveness and readiness.
     pub health: Health,
@@ -69,10 +69,11 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);
     let replies = topology::orchestrator_reply_queue();
+    // The follow-ups' queues are theirs: checked (made only if missing), so that an orchestrator
+    // under its own broker user, who may not declare them, starts on the imported topology.
     let followups = if opts.announces { topology::followup_queues() } else { Vec::new() };
-    let own: Vec<_> =
-        topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).chain(followups).collect();
-    broker.declare_topology(&own).await?;
+    let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
+    broker.declare_topology_needing(&own, &followups).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
@@ -402,7 +403,9 @@ impl Core {
         let crash_at = self
             .advance(env.message_id, saga_id, hop(&env), move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
-                (effects, crate::crash_points::dangerous_instant(saga, step, index, action))
+                let at = crate::crash_points::dangerous_instant(saga, step, index, action)
+                    .or_else(|| crate::crash_points::announcing(&effects));
+                (effects, at)
             })
             .await?;
         baton_crash::crash_point!(crash_at);
