@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use baton_metrics::{Stage, Stopwatch};
 use baton_store::Cause;
 
 use crate::{Broker, Envelope, Publisher};
@@ -507,7 +508,10 @@ where
     H: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
+    let mut watch = Stopwatch::start();
     let queue = on.queue.clone();
+    // The queue's owner, the first part of its name: the `component` of the stage timings.
+    let component = queue.split('.').next().unwrap_or(&queue).to_owned();
     let envelope = Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered);
     // The consume is a span of its own, the child of the sender's publish (the message's
     // `traceparent`): its trace id is in every log line of the handling.
@@ -527,6 +531,7 @@ where
         let own = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| env.traceparent.clone());
         span.record("trace_id", own.trace_id());
     }
+    watch.lap(&component, Stage::Decode);
     async move {
         let env = match envelope {
             Ok(env) => env,
@@ -542,10 +547,13 @@ where
             tracing::debug!("shutting down during an outage; the delivery goes back unacked");
             return;
         };
+        watch.lap(&component, Stage::Handle);
         match result {
             Ok(()) => {
                 baton_crash::crash_point!(baton_crash::AFTER_COMMIT_BEFORE_ACK);
-                if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
+                let acked = settle(delivery.acker.ack(BasicAckOptions::default())).await;
+                watch.record(&component, Stage::Ack);
+                if let Err(e) = acked {
                     // Committed but not acked: the redelivery is answered from the inbox. At
                     // shutdown the connection may close under the ack: expected, no news.
                     if on.cancel.is_cancelled() {

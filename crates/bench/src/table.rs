@@ -43,6 +43,7 @@ pub fn table(r: &Report) -> String {
     out.push('\n');
     notes(&mut out, r);
     scaling(&mut out, r);
+    stages(&mut out, r);
     hold(&mut out, r);
     out.push('\n');
     components(&mut out, r);
@@ -163,14 +164,23 @@ fn scaling(out: &mut String, r: &Report) {
         );
         let _ = writeln!(
             out,
-            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}",
-            "backend", "instances", "p50 1-at-a-time", "vs floor", "sagas/s", "p99 loaded", "msgs vs floor"
+            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}  {:>11}  {:>15}",
+            "backend",
+            "instances",
+            "p50 1-at-a-time",
+            "vs floor",
+            "sagas/s",
+            "p99 loaded",
+            "msgs vs floor",
+            "CPU ms/saga",
+            "conflicts/1000"
         );
         for row in &r.scaling {
             let rate = row.ratios.http_messages.first().map_or(0.0, |m| m.of_floor);
+            let conflicts = row.conflicts_per_1000_sagas.map_or("-".into(), |c| format!("{c:.1}"));
             let _ = writeln!(
                 out,
-                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>11.2}",
+                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>13.2}  {:>11.2}  {conflicts:>15}",
                 row.backend,
                 row.instances,
                 row.sequential.p50_ms,
@@ -178,9 +188,51 @@ fn scaling(out: &mut String, r: &Report) {
                 row.loaded.per_second,
                 row.loaded.in_flight,
                 row.loaded.p99_ms,
-                rate
+                rate,
+                row.cpu_ms_per_saga,
             );
         }
+        let _ = writeln!(
+            out,
+            "CPU ms/saga: the components' CPU time per saga of the loaded run; conflicts/1000: PostgreSQL \
+             transactions retried after a conflict with another instance's, per 1,000 sagas of the row."
+        );
+    }
+}
+
+/// The stage tables (`--stages`): each mode's, then each scaling row's with one instance.
+fn stages(out: &mut String, r: &Report) {
+    let modes = r.modes.iter().filter_map(|m| m.stages.as_ref().map(|s| (m.mode.as_str(), s)));
+    let rows = r.scaling.iter().filter(|row| row.instances == 1);
+    let scaled = rows.filter_map(|row| row.stages.as_ref().map(|s| ("workflow", s)));
+    for (mode, s) in modes.chain(scaled) {
+        stage_table(out, mode, s);
+    }
+}
+
+/// One stage table: a hop's stages in order, each with how often it ran per saga, its mean and
+/// median, and its mean times its count (what it adds to a saga, summed over components).
+pub fn stage_table(out: &mut String, mode: &str, s: &crate::Stages) {
+    let _ = writeln!(
+        out,
+        "\nstages, {mode} mode on {}: {} sagas one at a time through HTTP, {} processes read",
+        s.backend, s.sagas, s.processes
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:>9} {:>10} {:>10} {:>12}",
+        "stage", "per saga", "mean µs", "p50 µs", "µs per saga"
+    );
+    for row in &s.rows {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9.1} {:>10.1} {:>10.1} {:>12.0}",
+            row.stage,
+            row.per_saga,
+            row.mean_us,
+            row.p50_us,
+            row.mean_us * row.per_saga
+        );
     }
 }
 

@@ -250,6 +250,11 @@ pub struct BenchArgs {
     /// created and dropped): the instance and backend table.
     #[arg(long, value_name = "POSTGRES_URL", value_parser = parse_database_url, hide_env_values = true)]
     pub scaling: Option<String>,
+    /// Also time each stage of a hop (decode, hand-off, commit, ack, relay wake-up, publish,
+    /// confirm...) in every component over the one-at-a-time run, and print a table of them:
+    /// each process serves its /metrics, which the bench reads before and after.
+    #[arg(long)]
+    pub stages: bool,
     /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]

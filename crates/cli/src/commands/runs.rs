@@ -133,6 +133,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.instances = args.instances;
     opts.database_url = args.database_url.clone();
     opts.scaling = args.scaling.clone();
+    opts.stages = args.stages;
     opts.prefill = args.prefill;
     opts.hold = args.hold;
     if let Some(retain) = args.retain {
