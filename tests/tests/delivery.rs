@@ -24,7 +24,7 @@ async fn test_reply_queue(env: &TestEnv, key: &str) -> String {
     let ch = broker.channel().await.unwrap();
     topology::declare_exchanges(&ch).await.unwrap();
     let spec = QueueSpec { name: format!("{key}.replies"), exchange: REPLIES, keys: vec![key.into()] };
-    topology::declare_work_queue(&ch, &spec).await.unwrap();
+    topology::declare_work_queue(&ch, &spec, Default::default()).await.unwrap();
     spec.name
 }
 

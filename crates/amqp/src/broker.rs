@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::AmqpError;
 use crate::error::cause;
-use crate::topology::{self, QueueSpec};
+use crate::topology::{self, QueueSpec, QueueType};
 use crate::url::{parse_urls, redact};
 
 /// A component's connection to RabbitMQ. Cheap to clone; every clone shares the connection.
@@ -48,7 +48,7 @@ struct Inner {
     /// The instance's own queues, once [`Broker::declare_topology`] ran: a new connection
     /// declares the topology again before anyone uses it, since the broker may have lost it (a
     /// vhost deleted and made again is empty).
-    declared: std::sync::Mutex<Option<Vec<QueueSpec>>>,
+    declared: std::sync::Mutex<Option<(Vec<QueueSpec>, QueueType)>>,
 }
 
 /// The connection and what is known of its losses; only `live` and `close` change it.
@@ -209,14 +209,14 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
 }
 
 /// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues), bounded.
-async fn redeclare(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+async fn redeclare(conn: &Connection, extra: &[QueueSpec], kind: QueueType) -> Result<(), AmqpError> {
     // Every component creates what is missing at start. When two declare the same new
     // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
     // node … is down or inaccessible") while the other's creation is under way (seen on CI).
     // That is no failure of the topology: declare again, on a fresh channel, a few times.
     let mut attempt = 0;
     loop {
-        match declare_once(conn, extra).await {
+        match declare_once(conn, extra, kind).await {
             Err(e) if attempt < 5 && created_concurrently(&e) => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "a queue was being created by another component; declaring again");
@@ -232,8 +232,8 @@ fn created_concurrently(e: &AmqpError) -> bool {
     matches!(e, AmqpError::Declare { source, .. } if source.to_string().contains("is down or inaccessible"))
 }
 
-async fn declare_once(conn: &Connection, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra)).await {
+async fn declare_once(conn: &Connection, extra: &[QueueSpec], kind: QueueType) -> Result<(), AmqpError> {
+    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra, kind)).await {
         Ok(done) => done,
         Err(_) => {
             Err(AmqpError::NoAnswer { what: "the topology's declarations", secs: DECLARE_PATIENCE.as_secs() })
@@ -368,7 +368,7 @@ impl Broker {
         let declared = self.inner.declared.lock().expect("declared").clone();
         let opened = match open_any(&self.inner.nodes, from, &self.inner.name).await {
             Ok((node, conn)) => match declared {
-                Some(extra) => match redeclare(&conn, &extra).await {
+                Some((extra, kind)) => match redeclare(&conn, &extra, kind).await {
                     Ok(()) => Ok((node, conn)),
                     Err(e) => {
                         let _ = tokio::time::timeout(
@@ -470,11 +470,12 @@ impl Broker {
     }
 
     /// Declare and bind `extra` (this instance's own queues) and make sure the rest of the
-    /// topology exists ([`topology::declare`]), now and on every new connection after this one.
-    pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
+    /// topology exists ([`topology::declare`]), its queues of `kind`, now and on every new
+    /// connection after this one.
+    pub async fn declare_topology(&self, extra: &[QueueSpec], kind: QueueType) -> Result<(), AmqpError> {
         let conn = self.live().await?;
-        redeclare(&conn, extra).await?;
-        *self.inner.declared.lock().expect("declared") = Some(extra.to_vec());
+        redeclare(&conn, extra, kind).await?;
+        *self.inner.declared.lock().expect("declared") = Some((extra.to_vec(), kind));
         Ok(())
     }
 

@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use baton_amqp::topology::QueueType;
 use baton_fleet::cpu_ms;
 use baton_mgmt::Mgmt;
 use baton_protocol::{Mode, Service};
@@ -117,6 +118,11 @@ pub struct Options {
     /// Read every component's stage timings (`/metrics`, each process serving its own) over
     /// the one-at-a-time HTTP run: the stage table.
     pub stages: bool,
+    /// The kind of the components' work queues (`--queue-type`) in every run but the floor's.
+    pub queue_type: QueueType,
+    /// After the modes, workflow mode again on classic queues: the row "workflow, classic
+    /// queues" (labelled `classic`).
+    pub classic_row: bool,
     /// Read the components' `/metrics` even without `stages` (the scaling rows' conflicts).
     read_metrics: bool,
 }
@@ -149,6 +155,8 @@ impl Options {
             keep_vhosts: false,
             progress: false,
             stages: false,
+            queue_type: QueueType::default(),
+            classic_row: false,
             read_metrics: false,
         }
     }
@@ -374,6 +382,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             workflow.clone()
         };
         let mut m = sagas::run_mode(opts, mode, steps(&wf, mode), &say).await?;
+        m.ratios = Ratios::of(&floor, &m);
+        modes.push(m);
+    }
+    if opts.classic_row && opts.queue_type != QueueType::Classic {
+        say("workflow mode again, on classic queues");
+        let row_opts =
+            Options { queue_type: QueueType::Classic, out_dir: opts.out_dir.join("classic"), ..opts.clone() };
+        let mut m =
+            sagas::run_mode(&row_opts, Mode::Workflow, steps(&workflow, Mode::Workflow), &say).await?;
         m.ratios = Ratios::of(&floor, &m);
         modes.push(m);
     }

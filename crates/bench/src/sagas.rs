@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR};
+use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR, QueueType};
 use baton_amqp::{Outgoing, TraceParent};
 use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
 use baton_protocol::{Context, Mode, SCHEMA, START, SagaOutcome, Service, StartSaga};
@@ -31,6 +31,19 @@ pub fn nominal_messages(mode: Mode, steps: usize) -> f64 {
         Mode::Workflow => (2 * steps + 2) as f64,
         Mode::Events => (steps + 1) as f64,
         Mode::Hybrid => (2 * steps + 3) as f64,
+    }
+}
+
+/// The label of workflow mode run on classic queues, in the table: "workflow, classic queues".
+pub(crate) const CLASSIC: &str = "classic";
+
+impl ModeReport {
+    /// What the table calls this run: its mode, or [`CLASSIC`] for a run on classic queues.
+    pub fn label(&self) -> &'static str {
+        match self.queue_type {
+            QueueType::Classic => CLASSIC,
+            QueueType::Quorum => self.mode.as_str(),
+        }
     }
 }
 
@@ -101,6 +114,8 @@ pub struct ModeReport {
     pub ratios: Ratios,
     /// The stage timings of the one-at-a-time HTTP run (`--stages`).
     pub stages: Option<Stages>,
+    /// The kind of the components' work queues.
+    pub queue_type: QueueType,
     /// PostgreSQL transactions retried after a conflict with another instance's, over the
     /// mode (the prefill included), when the components' metrics were read.
     pub conflicts_retried: Option<f64>,
@@ -178,6 +193,9 @@ pub(crate) async fn run_mode(
     .map(String::from)
     .to_vec();
     args.extend(opts.component_args.iter().cloned());
+    if opts.queue_type != QueueType::default() {
+        args.extend(["--queue-type".to_owned(), opts.queue_type.to_string()]);
+    }
     if let Some(s) = &scratch {
         args.extend(["--database-url".to_owned(), s.url().to_owned()]);
     }
@@ -234,6 +252,7 @@ pub(crate) async fn run_mode(
         components,
         ratios: Ratios::default(),
         stages,
+        queue_type: opts.queue_type,
         conflicts_retried,
     })
 }

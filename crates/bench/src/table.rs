@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::sagas::CLASSIC;
 use crate::{Latency, MessageCount, Report, Throughput, nominal_messages};
 
 const HEADER: &str = "run                      in flight    done  errors     per s   p50 ms   p99 ms     msgs/s  vs floor  CPU ms/op";
@@ -86,7 +87,7 @@ fn runs(out: &mut String, r: &Report) {
     latency_row(out, "floor  round trip", &f.sequential, None);
     throughput_row(out, "floor  round trip", &f.loaded, f.messages_per_second, Some(1.0));
     for m in &r.modes {
-        let mode = m.mode.as_str();
+        let mode = m.label();
         latency_row(out, &format!("{mode:<8} HTTP"), &m.http_sequential, Some(m.ratios.http_latency));
         for (t, rate) in m.http_loaded.iter().zip(&m.ratios.http_messages) {
             throughput_row(out, &format!("{mode:<8} HTTP"), t, rate.messages_per_second, Some(rate.of_floor));
@@ -142,7 +143,7 @@ fn notes(out: &mut String, r: &Report) {
         let _ = writeln!(
             out,
             "messages per saga, {}: {:.2} over {} sagas, {how}{}",
-            m.mode,
+            m.label(),
             m.messages_per_saga,
             m.sagas,
             if m.settled { "" } else { " (work still going on at the end: not settled)" }
@@ -152,6 +153,12 @@ fn notes(out: &mut String, r: &Report) {
         out,
         "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
     );
+    if r.modes.iter().any(|m| m.label() == CLASSIC) {
+        let _ = writeln!(
+            out,
+            "{CLASSIC}: workflow mode with classic queues (--queue-type classic: no delivery limit; the floor stays on quorum queues)."
+        );
+    }
 }
 
 /// The scaling rows, when the run measured them.
@@ -202,7 +209,7 @@ fn scaling(out: &mut String, r: &Report) {
 
 /// The stage tables (`--stages`): each mode's, then each scaling row's with one instance.
 fn stages(out: &mut String, r: &Report) {
-    let modes = r.modes.iter().filter_map(|m| m.stages.as_ref().map(|s| (m.mode.as_str(), s)));
+    let modes = r.modes.iter().filter_map(|m| m.stages.as_ref().map(|s| (m.label(), s)));
     let rows = r.scaling.iter().filter(|row| row.instances == 1);
     let scaled = rows.filter_map(|row| row.stages.as_ref().map(|s| ("workflow", s)));
     for (mode, s) in modes.chain(scaled) {
@@ -265,7 +272,7 @@ fn components(out: &mut String, r: &Report) {
             let _ = writeln!(
                 out,
                 "{:<24} {:>9.2} {:>12.1}",
-                format!("{:<8} {}", m.mode.as_str(), c.name()),
+                format!("{:<8} {}", m.label(), c.name()),
                 c.cpu_ms / 1000.0,
                 c.peak_rss_kb as f64 / 1024.0
             );

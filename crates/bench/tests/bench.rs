@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use baton_amqp::topology::QueueType;
 use baton_bench::{Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table};
 use baton_mgmt::Mgmt;
 use baton_protocol::Mode;
@@ -214,6 +215,7 @@ async fn stages_are_read_from_every_component() {
     let mut opts = options(out.path());
     tiny(&mut opts);
     opts.stages = true;
+    opts.classic_row = true;
     let report = run(&opts).await.expect("the bench runs");
     let text = table(&report);
     println!("{text}");
@@ -235,6 +237,16 @@ async fn stages_are_read_from_every_component() {
     assert!(text.contains("stages, workflow mode on sqlite: 12 sagas"), "{text}");
     // One instance on SQLite: nothing can conflict.
     assert_eq!(m.conflicts_retried, Some(0.0));
+
+    // The row "workflow, classic queues": workflow mode again, its queues classic.
+    assert_eq!(report.modes.len(), 2);
+    let c = &report.modes[1];
+    assert_eq!((c.mode, c.queue_type, c.label()), (Mode::Workflow, QueueType::Classic, "classic"));
+    assert_eq!(m.queue_type, QueueType::Quorum);
+    sane_latency("classic, HTTP", &c.http_sequential, 10);
+    sane_messages(c);
+    assert!(c.stages.is_some(), "its stages too");
+    assert!(text.contains("classic  HTTP") && text.contains("workflow mode with classic queues"), "{text}");
 }
 
 /// `--scaling`: 1, 2 and 3 instances on SQLite and PostgreSQL, each row with the components'

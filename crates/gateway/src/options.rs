@@ -40,6 +40,8 @@ pub struct Options {
     /// answered from, and what `GET /spaces/{id}`, the audit and `baton reconcile` know a
     /// client was told.
     pub retain: Duration,
+    /// The kind of the work queues it declares (`--queue-type`), the same for every component.
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 /// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as

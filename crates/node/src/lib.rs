@@ -65,6 +65,8 @@ pub struct Config {
     /// rows, tombstones; idempotency keys are kept for `idempotency_ttl`); also the oldest
     /// message it handles.
     pub retain: Duration,
+    /// The kind of every work queue (`--queue-type`): quorum, or classic (no delivery limit).
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 impl Config {
@@ -89,6 +91,7 @@ impl Config {
             limits: HttpLimits::default(),
             health: Health::default(),
             retain: baton_store::retention::DEFAULT_RETAIN,
+            queue_type: Default::default(),
         }
     }
 
@@ -109,6 +112,7 @@ impl Config {
             instance: self.instance.clone(),
             health: self.health.clone(),
             retain: self.retain,
+            queue_type: self.queue_type,
         }
     }
 
@@ -123,6 +127,7 @@ impl Config {
             announces: self.mode == Mode::Hybrid,
             health: self.health.clone(),
             retain: self.retain,
+            queue_type: self.queue_type,
         }
     }
 
@@ -142,6 +147,7 @@ impl Config {
             health: self.health.clone(),
             sagas: baton_orchestrator::Sagas::at(&self.store),
             retain: self.retain,
+            queue_type: self.queue_type,
         }
     }
 }

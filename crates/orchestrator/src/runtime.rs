@@ -49,6 +49,8 @@ pub struct Options {
     /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
     /// messages are dead-lettered on arrival ([`baton_store::retention`]).
     pub retain: Duration,
+    /// The kind of the work queues it declares (`--queue-type`), the same for every component.
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 /// Run the orchestrator until `cancel`.
@@ -70,7 +72,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     let followups = if opts.announces { topology::followup_queues() } else { Vec::new() };
     let own: Vec<_> =
         topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).chain(followups).collect();
-    broker.declare_topology(&own).await?;
+    broker.declare_topology(&own, opts.queue_type).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();
