@@ -24,7 +24,7 @@ async fn test_reply_queue(env: &TestEnv, key: &str) -> String {
     let ch = broker.channel().await.unwrap();
     topology::declare_exchanges(&ch).await.unwrap();
     let spec = QueueSpec { name: format!("{key}.replies"), exchange: REPLIES, keys: vec![key.into()] };
-    topology::declare_work_queue(&ch, &spec).await.unwrap();
+    topology::declare_work_queue(&ch, &spec, Default::default()).await.unwrap();
     spec.name
 }
 
@@ -307,4 +307,66 @@ async fn malformed_events_are_dead_lettered_too() {
     let (status, body) = sys.create("still-choreographed", "alice").await;
     assert_eq!(status, 200, "{body}");
     sys.stop().await;
+}
+
+/// Acks that cover several deliveries at once (`multiple`): with slow handlers among fast ones,
+/// every delivery is handled once and acked after its handler returned, and none is left
+/// unacked (closing the connection would put it back in the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_handled_out_of_order_are_each_acked_once_handled() {
+    use std::sync::{Arc, Mutex};
+    let env = TestEnv::new().await;
+    let queue = test_reply_queue(&env, "test.acks").await;
+    let publisher = Publisher::new(env.broker().await);
+    let messages: Vec<Outgoing> = (0..30)
+        .map(|i| {
+            let body = serde_json::json!({ "i": i });
+            Outgoing::new(
+                REPLIES,
+                "test.acks",
+                "test.ack",
+                Uuid::new_v4(),
+                "test",
+                TraceParent::new_root(),
+                &body,
+            )
+        })
+        .collect();
+    // Every seventh handler takes a while: the ones after it finish first.
+    let slow: Vec<Uuid> = messages.iter().step_by(7).map(|m| m.message_id).collect();
+    for m in &messages {
+        publisher.publish_confirmed(m).await.unwrap();
+    }
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (consumer, cancel) = (env.broker().await, tokio_util::sync::CancellationToken::new());
+    let task = tokio::spawn(baton_amqp::consume(
+        consumer.clone(),
+        Publisher::new(consumer.clone()),
+        baton_amqp::ConsumerConfig::new(queue.clone(), 64),
+        {
+            let handled = Arc::clone(&handled);
+            move |env: baton_amqp::Envelope| {
+                let (handled, slow) = (Arc::clone(&handled), slow.contains(&env.message_id));
+                async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    handled.lock().unwrap().push(env.message_id);
+                    Ok(())
+                }
+            }
+        },
+        cancel.clone(),
+    ));
+    wait_for("every message handled", WAIT, || async { (handled.lock().unwrap().len() >= 30).then_some(()) })
+        .await;
+    cancel.cancel();
+    tokio::time::timeout(WAIT, task).await.expect("the consumer stops").unwrap();
+    // Whatever this connection held unacked goes back to the queue as it closes.
+    consumer.close().await;
+    assert_eq!(env.queue_depth(&queue).await, Some(0), "every delivery was acked");
+    let mut ids = handled.lock().unwrap().clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 30, "each handled once");
 }

@@ -202,13 +202,16 @@ async fn a_service_user_declares_the_topology_and_consumes_its_own_queue() {
     // dead-letter exchange needs read permission on itself when it is created. Hence the
     // operator's import first.
     let records = connect(&users.url("records"), "records").await;
-    let err =
-        records.declare_topology(&[]).await.expect_err("creating placement's queues is refused").to_string();
+    let err = records
+        .declare_topology(&[], Default::default())
+        .await
+        .expect_err("creating placement's queues is refused")
+        .to_string();
     assert!(err.contains("ACCESS_REFUSED"), "{err}");
     import_topology(&env).await;
 
     let records = connect(&users.url("records"), "records").await;
-    records.declare_topology(&[]).await.expect("records re-declares the topology");
+    records.declare_topology(&[], Default::default()).await.expect("records re-declares the topology");
     let mut inbox =
         consume(&records, &command_queue("records")).await.expect("records consumes records.commands");
 
@@ -238,7 +241,7 @@ async fn a_service_user_is_refused_where_it_does_not_belong() {
         let other = Service::ALL[(i + 1) % Service::ALL.len()];
         let broker = connect(&users.url(s.name()), s.name()).await;
         broker
-            .declare_topology(&[])
+            .declare_topology(&[], Default::default())
             .await
             .unwrap_or_else(|e| panic!("{} declares the topology: {e}", s.name()));
         consume(&broker, &command_queue(s.name()))
@@ -601,7 +604,10 @@ async fn broker_users_script_writes_urls_that_work_and_are_limited() {
     let url = url.trim();
     assert!(url.contains(&format!("{prefix}records:")), "{}", baton_amqp::redact(url));
     let records = connect(url, "records").await;
-    records.declare_topology(&[]).await.expect("records re-declares the imported topology");
+    records
+        .declare_topology(&[], Default::default())
+        .await
+        .expect("records re-declares the imported topology");
     consume(&records, &command_queue("records")).await.expect("records consumes its queue");
     publish(&records, &event(events::CREATED)).await.expect("records publishes space.created");
     assert_refused("records publishing space.ready", publish(&records, &event(events::READY)).await);

@@ -64,6 +64,7 @@ async fn tap_replies(env: &TestEnv, name: &str) {
             exchange: baton_amqp::topology::REPLIES,
             keys: vec![baton_amqp::topology::ORCHESTRATOR.into()],
         },
+        Default::default(),
     )
     .await
     .unwrap();
@@ -270,6 +271,7 @@ async fn a_message_its_handler_keeps_failing_on_is_dead_lettered_at_the_delivery
             exchange: baton_amqp::topology::REPLIES,
             keys: vec!["test.op".into()],
         },
+        Default::default(),
     )
     .await
     .unwrap();

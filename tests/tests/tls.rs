@@ -29,7 +29,7 @@ async fn amqps_works_with_the_ca_and_is_refused_without_it() {
     // Trusted through the URL: declare the topology and publish one message with confirms.
     let url = format!("{}?{}={}", node.url("localhost"), tls::CA_FILE_PARAM, node.ca());
     let broker = connect(&url).await.unwrap_or_else(|e| panic!("amqps with the CA: {e}"));
-    broker.declare_topology(&[]).await.expect("topology over TLS");
+    broker.declare_topology(&[], Default::default()).await.expect("topology over TLS");
     let body = serde_json::json!({"schema": 1, "probe": "tls"});
     let msg = Outgoing::new(
         COMMANDS,

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::AmqpError;
 use crate::error::cause;
-use crate::topology::{self, QueueSpec};
+use crate::topology::{self, QueueSpec, QueueType};
 use crate::url::{parse_urls, redact};
 
 /// A component's connection to RabbitMQ. Cheap to clone; every clone shares the connection.
@@ -45,10 +45,11 @@ struct Inner {
     /// Bumped each time a new connection replaces a lost one: consumers then consume again on
     /// fresh channels, and the relay publishes its unconfirmed rows again.
     generation: tokio::sync::watch::Sender<u64>,
-    /// The instance's own queues and the others it needs, once [`Broker::declare_topology`]
-    /// ran: a new connection declares the topology again before anyone uses it, since the
-    /// broker may have lost it (a vhost deleted and made again is empty).
-    declared: std::sync::Mutex<Option<(Vec<QueueSpec>, Vec<QueueSpec>)>>,
+    /// The instance's own queues, the others it needs, and their kind, once
+    /// [`Broker::declare_topology`] ran: a new connection declares the topology again before
+    /// anyone uses it, since the broker may have lost it (a vhost deleted and made again is
+    /// empty).
+    declared: std::sync::Mutex<Option<Declared>>,
 }
 
 /// The connection and what is known of its losses; only `live` and `close` change it.
@@ -208,16 +209,24 @@ fn classify(url: &str, (user, vhost, tls): (String, String, bool), e: lapin::Err
     }
 }
 
-/// A component's topology on `conn` ([`topology::declare`]; `extra`: its own queues, `needed`:
-/// other components' queues it publishes to beyond the shared ones), bounded.
-async fn redeclare(conn: &Connection, extra: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
+/// What a component declared: its `own` queues, the `needed` queues of other components it
+/// publishes to beyond the shared ones, and the kind of queue they are.
+#[derive(Debug, Clone)]
+struct Declared {
+    own: Vec<QueueSpec>,
+    needed: Vec<QueueSpec>,
+    kind: QueueType,
+}
+
+/// A component's topology on `conn` ([`topology::declare`]), bounded.
+async fn redeclare(conn: &Connection, d: &Declared) -> Result<(), AmqpError> {
     // Every component creates what is missing at start. When two declare the same new
     // quorum queue at the same instant, the broker can answer one of them NOT_FOUND ("home
     // node … is down or inaccessible") while the other's creation is under way (seen on CI).
     // That is no failure of the topology: declare again, on a fresh channel, a few times.
     let mut attempt = 0;
     loop {
-        match declare_once(conn, extra, needed).await {
+        match declare_once(conn, d).await {
             Err(e) if attempt < 5 && created_concurrently(&e) => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "a queue was being created by another component; declaring again");
@@ -233,8 +242,8 @@ fn created_concurrently(e: &AmqpError) -> bool {
     matches!(e, AmqpError::Declare { source, .. } if source.to_string().contains("is down or inaccessible"))
 }
 
-async fn declare_once(conn: &Connection, extra: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
-    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, extra, needed)).await {
+async fn declare_once(conn: &Connection, d: &Declared) -> Result<(), AmqpError> {
+    match tokio::time::timeout(DECLARE_PATIENCE, topology::declare(conn, &d.own, &d.needed, d.kind)).await {
         Ok(done) => done,
         Err(_) => {
             Err(AmqpError::NoAnswer { what: "the topology's declarations", secs: DECLARE_PATIENCE.as_secs() })
@@ -369,7 +378,7 @@ impl Broker {
         let declared = self.inner.declared.lock().expect("declared").clone();
         let opened = match open_any(&self.inner.nodes, from, &self.inner.name).await {
             Ok((node, conn)) => match declared {
-                Some((extra, needed)) => match redeclare(&conn, &extra, &needed).await {
+                Some(d) => match redeclare(&conn, &d).await {
                     Ok(()) => Ok((node, conn)),
                     Err(e) => {
                         let _ = tokio::time::timeout(
@@ -471,9 +480,10 @@ impl Broker {
     }
 
     /// Declare and bind `extra` (this instance's own queues) and make sure the rest of the
-    /// topology exists ([`topology::declare`]), now and on every new connection after this one.
-    pub async fn declare_topology(&self, extra: &[QueueSpec]) -> Result<(), AmqpError> {
-        self.declare_topology_needing(extra, &[]).await
+    /// topology exists ([`topology::declare`]), its queues of `kind`, now and on every new
+    /// connection after this one.
+    pub async fn declare_topology(&self, extra: &[QueueSpec], kind: QueueType) -> Result<(), AmqpError> {
+        self.declare_topology_needing(extra, &[], kind).await
     }
 
     /// [`Broker::declare_topology`], and `needed`, queues of other components this one
@@ -484,10 +494,12 @@ impl Broker {
         &self,
         extra: &[QueueSpec],
         needed: &[QueueSpec],
+        kind: QueueType,
     ) -> Result<(), AmqpError> {
         let conn = self.live().await?;
-        redeclare(&conn, extra, needed).await?;
-        *self.inner.declared.lock().expect("declared") = Some((extra.to_vec(), needed.to_vec()));
+        let d = Declared { own: extra.to_vec(), needed: needed.to_vec(), kind };
+        redeclare(&conn, &d).await?;
+        *self.inner.declared.lock().expect("declared") = Some(d);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Consuming a work queue: a prefetch window, the handler runs, the delivery is acked only after
-//! the handler returned (it has committed), and bad input goes to the dead-letter queue with the
+//! the handler returned (it has committed), with the other committed ones below the lowest
+//! delivery still being handled in one `multiple` ack (`acks`), and bad input goes to the dead-letter queue with the
 //! reason, never back to the queue. An outage of the handler's store is waited out in place:
 //! the delivery is held and retried with backoff, and no new delivery is taken meanwhile.
 
@@ -18,8 +19,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use baton_metrics::{Stage, Stopwatch};
 use baton_store::Cause;
 
+use crate::acks::AckWindow;
 use crate::{Broker, Envelope, Publisher};
 
 /// What the handler wants done with a delivery it could not handle. Each variant carries the
@@ -352,6 +355,8 @@ where
     let stopped = |why: String| Stop { why, consumed: true, replaced: false };
     tracing::debug!(queue = %cfg.queue, prefetch = cfg.prefetch, "consuming");
     let attached = Attached::new(cfg.attached.clone());
+    // This channel's deliveries, for acks that cover several at once.
+    let acks = Arc::new(AckWindow::default());
     let mut paused = cfg.outage.0.paused.subscribe();
     let mut stalls = cfg.stalls.subscribe();
     stalls.borrow_and_update();
@@ -402,6 +407,7 @@ where
             }
             next = consumer.next(), if !pause => match next {
                 Some(Ok(delivery)) => {
+                    acks.delivered(delivery.delivery_tag);
                     let handler = Arc::clone(handler);
                     let publisher = publisher.clone();
                     let on = On {
@@ -411,6 +417,7 @@ where
                         cancel: cancel.clone(),
                         stall_after: cfg.stall_after,
                         stalls: Arc::clone(&cfg.stalls),
+                        acks: Arc::clone(&acks),
                     };
                     handlers.spawn(process(delivery, on, publisher, handler));
                 }
@@ -468,6 +475,8 @@ struct On {
     cancel: CancellationToken,
     stall_after: Duration,
     stalls: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The channel's deliveries not yet settled: an ack may cover several committed ones.
+    acks: Arc<AckWindow>,
 }
 
 /// One try of a handler, under the watchdog: past [`On::stall_after`] the consumer is told (it
@@ -507,7 +516,11 @@ where
     H: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandleError>> + Send + 'static,
 {
+    let mut watch = Stopwatch::start();
     let queue = on.queue.clone();
+    let tag = delivery.delivery_tag;
+    // The queue's owner, the first part of its name: the `component` of the stage timings.
+    let component = queue.split('.').next().unwrap_or(&queue).to_owned();
     let envelope = Envelope::from_delivery(&delivery.properties, &delivery.data, delivery.redelivered);
     // The consume is a span of its own, the child of the sender's publish (the message's
     // `traceparent`): its trace id is in every log line of the handling.
@@ -527,14 +540,19 @@ where
         let own = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| env.traceparent.clone());
         span.record("trace_id", own.trace_id());
     }
+    watch.lap(&component, Stage::Decode);
     async move {
         let env = match envelope {
             Ok(env) => env,
-            Err(reason) => return dead_letter(&publisher, &queue, delivery, &reason, "invalid").await,
+            Err(reason) => {
+                dead_letter(&publisher, &queue, delivery, &reason, "invalid").await;
+                return on.acks.settled(tag);
+            }
         };
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if let Some(reason) = too_old(*delivery.properties.timestamp(), now, on.max_age) {
-            return dead_letter(&publisher, &queue, delivery, &reason, "too_old").await;
+            dead_letter(&publisher, &queue, delivery, &reason, "too_old").await;
+            return on.acks.settled(tag);
         }
         let Some(result) = until_through(&on, || handler(env.clone())).await else {
             // Shutting down in the middle of an outage: the delivery goes back with the
@@ -542,10 +560,14 @@ where
             tracing::debug!("shutting down during an outage; the delivery goes back unacked");
             return;
         };
+        watch.lap(&component, Stage::Handle);
         match result {
             Ok(()) => {
                 baton_crash::crash_point!(baton_crash::AFTER_COMMIT_BEFORE_ACK);
-                if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
+                // Once committed, acked with whatever else is ready then (`multiple`).
+                let acked = settle(on.acks.ack(tag, delivery.acker.clone())).await;
+                watch.record(&component, Stage::Ack);
+                if let Err(e) = acked {
                     // Committed but not acked: the redelivery is answered from the inbox. At
                     // shutdown the connection may close under the ack: expected, no news.
                     if on.cancel.is_cancelled() {
@@ -556,7 +578,8 @@ where
                 }
             }
             Err(HandleError::Reject(reason)) => {
-                dead_letter(&publisher, &queue, delivery, &reason.to_string(), "rejected").await
+                dead_letter(&publisher, &queue, delivery, &reason.to_string(), "rejected").await;
+                on.acks.settled(tag);
             }
             Err(HandleError::Retry(reason) | HandleError::Transient(reason) | HandleError::Conflict(reason)) => {
                 tracing::warn!(
@@ -564,6 +587,7 @@ where
                     "handler failed; requeueing (the delivery limit stops a loop)"
                 );
                 let _ = settle(delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
+                on.acks.settled(tag);
             }
         }
     }
@@ -681,6 +705,7 @@ mod tests {
             cancel: CancellationToken::new(),
             stall_after: STALL_AFTER,
             stalls: Arc::new(tokio::sync::watch::Sender::new(0)),
+            acks: Arc::default(),
         }
     }
 

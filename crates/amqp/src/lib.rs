@@ -18,6 +18,7 @@
 //! `identity` (the sender check), `publisher`, `consumer`, `health` (the broker's readiness
 //! check).
 
+mod acks;
 mod broker;
 mod consumer;
 pub mod dlq;

@@ -29,6 +29,61 @@ pub const DLX: &str = "baton.dlx";
 /// failing on it, or a consumer that keeps crashing).
 pub const DELIVERY_LIMIT: i64 = 5;
 
+/// The kind of every work queue and dead-letter queue of a deployment (`--queue-type`): every
+/// component must declare the same, or the broker refuses the second kind (PRECONDITION_FAILED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Replicated (Raft) queues with a delivery limit: the default.
+    #[default]
+    Quorum,
+    /// Classic durable queues: one node's, cheaper per message, with dead-lettering of rejected
+    /// messages but no delivery limit, so a message whose handler keeps failing (or keeps
+    /// crashing its consumer) is redelivered for ever instead of dead-lettered after
+    /// [`DELIVERY_LIMIT`] deliveries; and on a cluster, not replicated.
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<QueueType, String> {
+        match s {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!("`{other}` is no queue type; give quorum or classic")),
+        }
+    }
+}
+
+/// The arguments of a work queue of `kind` whose dead letters go to `dlq` on [`DLX`].
+pub fn work_queue_args(kind: QueueType, dlq: &str) -> FieldTable {
+    let mut args = vec![
+        ("x-queue-type", AMQPValue::LongString(kind.as_str().into())),
+        ("x-dead-letter-exchange", AMQPValue::LongString(DLX.into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString(dlq.into())),
+    ];
+    if kind == QueueType::Quorum {
+        args.push(("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)));
+    }
+    table(&args)
+}
+
 /// Routing key of the orchestrator's command queue on [`COMMANDS`].
 pub const ORCHESTRATOR: &str = "orchestrator";
 
@@ -207,31 +262,37 @@ async fn present(conn: &Connection, ch: &mut Channel, exchange: bool, name: &str
 }
 
 /// A component's topology on `conn`: its `own` queues declared and bound (idempotent, and all
-/// its permissions allow); the exchanges, every other shared queue and the `needed` ones
-/// checked passively, and declared only if missing (on a fresh vhost with a user that may:
-/// `guest`; a component under its own user is refused, and the operator's import of
+/// its permissions allow), each of `kind`; the exchanges, every other shared queue and the
+/// `needed` ones checked passively, and declared only if missing (on a fresh vhost with a user
+/// that may: `guest`; a component under its own user is refused, and the operator's import of
 /// `broker/definitions.json` is the fix).
-pub async fn declare(conn: &Connection, own: &[QueueSpec], needed: &[QueueSpec]) -> Result<(), AmqpError> {
+pub async fn declare(
+    conn: &Connection,
+    own: &[QueueSpec],
+    needed: &[QueueSpec],
+    kind: QueueType,
+) -> Result<(), AmqpError> {
     let mut ch = conn.create_channel().await?;
-    for (name, kind) in EXCHANGES {
+    for (name, exchange_kind) in EXCHANGES {
         if !present(conn, &mut ch, true, name).await? {
-            declare_exchange(&ch, name, kind).await?;
+            declare_exchange(&ch, name, exchange_kind).await?;
         }
     }
     for q in shared_queues().iter().chain(needed).filter(|q| own.iter().all(|o| o.name != q.name)) {
         let dlq = dead_letter_queue(&q.name);
         if !(present(conn, &mut ch, false, &q.name).await? && present(conn, &mut ch, false, &dlq).await?) {
-            declare_work_queue(&ch, q).await?;
+            declare_work_queue(&ch, q, kind).await?;
         }
     }
     for q in own {
-        declare_work_queue(&ch, q).await?;
+        declare_work_queue(&ch, q, kind).await?;
     }
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
 }
 
-/// Declare a durable quorum work queue with its dead-letter queue, and bind both.
+/// Declare a durable work queue of `kind` (quorum unless `--queue-type classic`) with its
+/// dead-letter queue of the same kind, and bind both.
 ///
 /// On a cluster each quorum queue is replicated on three nodes (a majority of them must be up
 /// for it to take and give messages). The group size is the broker's (`quorum_cluster_size` in
@@ -239,14 +300,14 @@ pub async fn declare(conn: &Connection, own: &[QueueSpec], needed: &[QueueSpec])
 /// RabbitMQ compares that argument when a queue is declared again, so adding it would make every
 /// queue declared without it refuse every component's start (PRECONDITION_FAILED), and no
 /// policy can set a group size, which is fixed at declaration.
-pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), AmqpError> {
+pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec, kind: QueueType) -> Result<(), AmqpError> {
     let dlq = dead_letter_queue(&spec.name);
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     let err = |what: String| move |source| AmqpError::Declare { what, source };
     ch.queue_declare(
         dlq.as_str().into(),
         durable,
-        table(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]),
+        table(&[("x-queue-type", AMQPValue::LongString(kind.as_str().into()))]),
     )
     .await
     .map_err(err(format!("queue {dlq}")))?;
@@ -259,13 +320,7 @@ pub async fn declare_work_queue(ch: &Channel, spec: &QueueSpec) -> Result<(), Am
     )
     .await
     .map_err(err(format!("binding of {dlq}")))?;
-    let args = table(&[
-        ("x-queue-type", AMQPValue::LongString("quorum".into())),
-        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
-        ("x-dead-letter-exchange", AMQPValue::LongString(DLX.into())),
-        ("x-dead-letter-routing-key", AMQPValue::LongString(dlq.as_str().into())),
-    ]);
-    ch.queue_declare(spec.name.as_str().into(), durable, args)
+    ch.queue_declare(spec.name.as_str().into(), durable, work_queue_args(kind, &dlq))
         .await
         .map_err(err(format!("queue {}", spec.name)))?;
     for key in &spec.keys {
@@ -313,6 +368,26 @@ pub async fn declare_private_reply_queue(ch: &Channel, name: &str, key: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_classic_queue_keeps_its_dead_letters_and_loses_only_the_delivery_limit() {
+        let keys = |kind| {
+            let args = work_queue_args(kind, "records.commands.dlq");
+            let mut keys: Vec<String> = args.inner().keys().map(|k| k.to_string()).collect();
+            keys.sort();
+            (keys, args.inner().get("x-queue-type").cloned())
+        };
+        let (quorum, kind) = keys(QueueType::Quorum);
+        assert_eq!(kind, Some(AMQPValue::LongString("quorum".into())));
+        assert!(quorum.contains(&"x-delivery-limit".to_string()), "{quorum:?}");
+        let (classic, kind) = keys(QueueType::Classic);
+        assert_eq!(kind, Some(AMQPValue::LongString("classic".into())));
+        assert_eq!(classic, ["x-dead-letter-exchange", "x-dead-letter-routing-key", "x-queue-type"]);
+        assert_eq!("classic".parse(), Ok(QueueType::Classic));
+        assert_eq!(QueueType::default(), QueueType::Quorum);
+        let refused = "stream".parse::<QueueType>().unwrap_err();
+        assert!(refused.contains("quorum or classic"), "{refused}");
+    }
 
     #[test]
     fn names_read_well() {

@@ -65,6 +65,9 @@ impl Instrumentation {
             windows: opts.windows.iter().take(1).copied().collect(),
             prefill: 0,
             out_dir: opts.out_dir.join(format!("instrument-{round}-{}", self.slug())),
+            // Reading the stages would give every process a recorder: not off.
+            stages: false,
+            read_metrics: false,
             ..opts.clone()
         };
         match self {

@@ -9,7 +9,8 @@
 //! time and with each window in flight, and in workflow mode straight into the orchestrator too
 //! ([`ModeReport`]); the ratios to the floor ([`Ratios`]), which divide by the round trips of
 //! the workflow actually run; the orchestrator's RSS with many sagas in flight at once, in a
-//! fleet of its own whose services never answer during that phase ([`Hold`]); and the
+//! fleet of its own whose services never answer during that phase ([`Hold`]); the stages of a
+//! hop and the store conflicts, read from the components' own `/metrics` ([`Stages`]); and the
 //! [`Report`] with its [`table`] for people (JSON through `serde`).
 //!
 //! Must not touch: component internals (it drives them from the outside, as an operator or a
@@ -20,7 +21,8 @@
 //! Layout: `floor` (the raw floor), `sagas` (one mode's runs and its prefill), `hold` (the
 //! sagas held in flight), `rpc`
 //! (request/reply over AMQP, the echo responder), `drive` (one at a time, closed loop, a fixed
-//! count), `stats` ([`Latency`], [`Throughput`]), `table`.
+//! count), `stats` ([`Latency`], [`Throughput`]), `scrape` (the components' `/metrics`),
+//! `table`.
 
 mod drive;
 mod floor;
@@ -28,6 +30,7 @@ mod hold;
 mod instrument;
 mod rpc;
 mod sagas;
+mod scrape;
 mod stats;
 mod table;
 
@@ -35,6 +38,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use baton_amqp::topology::QueueType;
 use baton_fleet::cpu_ms;
 use baton_mgmt::Mgmt;
 use baton_protocol::{Mode, Service};
@@ -46,6 +50,7 @@ pub use floor::Floor;
 pub use hold::Hold;
 pub use instrument::{InstrumentRow, Instrumentation};
 pub use sagas::{MessageCount, ModeReport, Prefill, nominal_messages};
+pub use scrape::{StageRow, Stages};
 pub use stats::{Latency, Throughput};
 pub use table::table;
 
@@ -119,6 +124,16 @@ pub struct Options {
     pub keep_vhosts: bool,
     /// Print what is being measured to stderr as it starts.
     pub progress: bool,
+    /// Read every component's stage timings (`/metrics`, each process serving its own) over
+    /// the one-at-a-time HTTP run: the stage table.
+    pub stages: bool,
+    /// The kind of the components' work queues (`--queue-type`) in every run but the floor's.
+    pub queue_type: QueueType,
+    /// After the modes, workflow mode again on classic queues: the row "workflow, classic
+    /// queues" (labelled `classic`).
+    pub classic_row: bool,
+    /// Read the components' `/metrics` even without `stages` (the scaling rows' conflicts).
+    read_metrics: bool,
 }
 
 impl Options {
@@ -151,6 +166,10 @@ impl Options {
             instrumentation: false,
             keep_vhosts: false,
             progress: false,
+            stages: false,
+            queue_type: QueueType::default(),
+            classic_row: false,
+            read_metrics: false,
         }
     }
 
@@ -161,6 +180,12 @@ impl Options {
     pub(crate) fn workflow_of(&self, mode: Mode) -> &str {
         let emits = self.load_workflow().is_ok_and(|w| w.emits_events());
         if mode == Mode::Hybrid && !emits { "create-space-hybrid" } else { &self.workflow }
+    }
+
+    /// Whether the components serve and the bench reads their `/metrics`: the recorder costs
+    /// a little, so only when a figure needs it.
+    pub(crate) fn scrapes(&self) -> bool {
+        self.stages || self.read_metrics
     }
 
     pub fn load_workflow(&self) -> anyhow::Result<Workflow> {
@@ -317,6 +342,13 @@ pub struct ScaleRow {
     /// Through HTTP, the first window's in flight.
     pub loaded: Throughput,
     pub ratios: Ratios,
+    /// The components' CPU time per saga of the loaded run (its `cpu_ms_per_op`).
+    pub cpu_ms_per_saga: f64,
+    /// PostgreSQL transactions retried after a conflict, per 1,000 sagas of the row (its
+    /// every run); `None` when the components' metrics could not be read.
+    pub conflicts_per_1000_sagas: Option<f64>,
+    /// The stage timings of its one-at-a-time run (`--stages`).
+    pub stages: Option<Stages>,
 }
 
 /// The backends and instance counts of the scaling table.
@@ -367,6 +399,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         m.ratios = Ratios::of(&floor, &m);
         modes.push(m);
     }
+    if opts.classic_row && opts.queue_type != QueueType::Classic {
+        say("workflow mode again, on classic queues");
+        let row_opts =
+            Options { queue_type: QueueType::Classic, out_dir: opts.out_dir.join("classic"), ..opts.clone() };
+        let mut m =
+            sagas::run_mode(&row_opts, Mode::Workflow, steps(&workflow, Mode::Workflow), &say).await?;
+        m.ratios = Ratios::of(&floor, &m);
+        modes.push(m);
+    }
     let hold = match opts.hold {
         0 => None,
         _ => Some(hold::measure(opts, &workflow, &say).await?),
@@ -382,6 +423,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     windows: opts.windows.iter().take(1).copied().collect(),
                     prefill: 0,
                     out_dir: opts.out_dir.join(format!("scaling-{backend}-{instances}")),
+                    read_metrics: true,
                     ..opts.clone()
                 };
                 let mut m =
@@ -393,8 +435,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     backend: backend.into(),
                     instances,
                     sequential: m.http_sequential,
+                    cpu_ms_per_saga: loaded.cpu_ms_per_op,
+                    conflicts_per_1000_sagas: m.conflicts_retried.map(|c| per_1000(c, m.sagas)),
                     loaded,
                     ratios: m.ratios,
+                    stages: m.stages,
                 });
             }
         }
@@ -427,6 +472,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         bench_cpu_ms: cpu_ms("self").unwrap_or(0.0) - cpu,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `count` per 1,000 of `sagas`.
+fn per_1000(count: f64, sagas: u64) -> f64 {
+    count * 1000.0 / sagas.max(1) as f64
 }
 
 /// Six hex digits that tell one run's vhosts and names from another's.

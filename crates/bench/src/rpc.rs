@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_amqp::topology::{self, OUTCOMES, QueueSpec, REPLIES};
+use baton_amqp::topology::{self, OUTCOMES, QueueSpec, QueueType, REPLIES};
 use baton_amqp::{Broker, ConsumerConfig, Envelope, HandleError, Outgoing, Publisher, consume};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -57,9 +57,14 @@ impl Rpc {
         let queue = QueueSpec { name: format!("{key}.replies"), exchange: REPLIES, keys: vec![key.into()] };
         let ch = broker.channel().await?;
         topology::declare_exchanges(&ch).await?;
-        topology::declare_work_queue(&ch, &queue).await?;
+        topology::declare_work_queue(&ch, &queue, QueueType::Quorum).await?;
         // The same queue again (idempotent), bound to the outcomes as well.
-        topology::declare_work_queue(&ch, &QueueSpec { exchange: OUTCOMES, ..queue.clone() }).await?;
+        topology::declare_work_queue(
+            &ch,
+            &QueueSpec { exchange: OUTCOMES, ..queue.clone() },
+            QueueType::Quorum,
+        )
+        .await?;
         let _ = ch.close(200, "declared".into()).await;
         let publisher = Publisher::new(broker.clone());
         let pending: Pending = Arc::default();
@@ -146,7 +151,7 @@ impl Echo {
         };
         let ch = broker.channel().await?;
         topology::declare_exchanges(&ch).await?;
-        topology::declare_work_queue(&ch, &queue).await?;
+        topology::declare_work_queue(&ch, &queue, QueueType::Quorum).await?;
         let _ = ch.close(200, "declared".into()).await;
         let publisher = Publisher::new(broker.clone());
         let cancel = CancellationToken::new();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR};
+use baton_amqp::topology::{self, COMMANDS, ORCHESTRATOR, QueueType};
 use baton_amqp::{Outgoing, TraceParent};
 use baton_fleet::{ComponentUsage, Fleet, Process, free_port};
 use baton_protocol::{Context, Mode, SCHEMA, START, SagaOutcome, Service, StartSaga};
@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::drive::{closed_loop, fixed_count, one_at_a_time};
 use crate::rpc::Rpc;
+use crate::scrape::{Scrape, Stages, scrape};
 use crate::stats::{Latency, Throughput};
 use crate::{Options, PREFILL_IN_FLIGHT, REPLY_TIMEOUT, Ratios, Say};
 
@@ -30,6 +31,19 @@ pub fn nominal_messages(mode: Mode, steps: usize) -> f64 {
         Mode::Workflow => (2 * steps + 2) as f64,
         Mode::Events => (steps + 1) as f64,
         Mode::Hybrid => (2 * steps + 3) as f64,
+    }
+}
+
+/// The label of workflow mode run on classic queues, in the table: "workflow, classic queues".
+pub(crate) const CLASSIC: &str = "classic";
+
+impl ModeReport {
+    /// What the table calls this run: its mode, or [`CLASSIC`] for a run on classic queues.
+    pub fn label(&self) -> &'static str {
+        match self.queue_type {
+            QueueType::Classic => CLASSIC,
+            QueueType::Quorum => self.mode.as_str(),
+        }
     }
 }
 
@@ -98,6 +112,13 @@ pub struct ModeReport {
     /// read just before it was stopped.
     pub components: Vec<ComponentUsage>,
     pub ratios: Ratios,
+    /// The stage timings of the one-at-a-time HTTP run (`--stages`).
+    pub stages: Option<Stages>,
+    /// The kind of the components' work queues.
+    pub queue_type: QueueType,
+    /// PostgreSQL transactions retried after a conflict with another instance's, over the
+    /// mode (the prefill included), when the components' metrics were read.
+    pub conflicts_retried: Option<f64>,
 }
 
 /// The processes of `mode` in the waves they start in: first one process of each service (run
@@ -172,6 +193,9 @@ pub(crate) async fn run_mode(
     .map(String::from)
     .to_vec();
     args.extend(opts.component_args.iter().cloned());
+    if opts.queue_type != QueueType::default() {
+        args.extend(["--queue-type".to_owned(), opts.queue_type.to_string()]);
+    }
     if let Some(s) = &scratch {
         args.extend(["--database-url".to_owned(), s.url().to_owned()]);
     }
@@ -191,20 +215,28 @@ pub(crate) async fn run_mode(
     let fleet = Fleet::new(&opts.baton_bin, args, &dir)
         .with_args_for(&["gateway"], gateway)
         .with_args_for(&["orchestrator", "gateway"], opts.workflow_file_args());
-    let stage = Stage {
-        mode,
-        amqp_url: &amqp_url,
-        dir: &dir,
-        store: &store,
-        gateway: format!("http://127.0.0.1:{port}"),
-        fleet: &fleet,
-    };
-    let result = drive(opts, &stage, say).await;
+    let gateway = format!("http://127.0.0.1:{port}");
+    let env = &opts.component_env;
+    let waves = waves(mode, opts.instances)
+        .into_iter()
+        .map(|w| w.into_iter().map(|p| p.with_env(env.clone())).collect());
+    let (waves, metrics) = with_metrics(waves.collect(), opts.scrapes(), &gateway)?;
+    let stage =
+        Stage { mode, amqp_url: &amqp_url, dir: &dir, store: &store, gateway, fleet: &fleet, metrics };
+    let result = drive(opts, &stage, &waves, say).await;
     fleet.stop().await;
     if !opts.keep_vhosts {
         opts.mgmt.clean_up_vhost(&vhost).await;
     }
     let (runs, components, settled) = result?;
+    let backend = if scratch.is_some() { "postgres" } else { "sqlite" };
+    let stages = runs.stages.as_ref().map(|(scrape, sagas)| Stages {
+        backend: backend.into(),
+        sagas: *sagas,
+        processes: scrape.answered,
+        rows: scrape.rows(*sagas),
+    });
+    let conflicts_retried = runs.conflicts;
     let (sagas, messages_per_saga, messages_counted) =
         count_messages(&store, mode, steps, runs.direct_sent, runs.baseline).await;
     Ok(ModeReport {
@@ -224,6 +256,9 @@ pub(crate) async fn run_mode(
         settled,
         components,
         ratios: Ratios::default(),
+        stages,
+        queue_type: opts.queue_type,
+        conflicts_retried,
     })
 }
 
@@ -239,6 +274,10 @@ struct Runs {
     /// What the databases counted before the measured runs (the prefill's messages and
     /// requests), taken off the totals; `None` when they could not be read.
     baseline: Option<Counts>,
+    /// What the components timed over the one-at-a-time HTTP run, and its sagas.
+    stages: Option<(Scrape, u64)>,
+    /// Store conflicts retried over the mode, when the components' metrics were read.
+    conflicts: Option<f64>,
 }
 
 /// The queues that have consumers once every component of `mode` is up, with how many: one per
@@ -351,16 +390,48 @@ struct Stage<'a> {
     /// The gateway's base URL, `http://127.0.0.1:<port>`.
     gateway: String,
     fleet: &'a Fleet,
+    /// The `/metrics` of every process, when they are read (`--stages`, the scaling rows):
+    /// each process but the gateway serves them on an address of its own.
+    metrics: Vec<String>,
+}
+
+/// `waves` with each process but the gateway serving its `/metrics` on a free port of its own
+/// (`BATON_METRICS`), when `scrape`; returns them with every process's `/metrics` URL (the
+/// gateway's on its own `gateway` listener).
+fn with_metrics(
+    waves: Vec<Vec<Process>>,
+    scrape: bool,
+    gateway: &str,
+) -> anyhow::Result<(Vec<Vec<Process>>, Vec<String>)> {
+    if !scrape {
+        return Ok((waves, Vec::new()));
+    }
+    let mut urls = vec![format!("{gateway}/metrics")];
+    let mut out = Vec::new();
+    for wave in waves {
+        let mut each = Vec::new();
+        for p in wave {
+            if p.component == "gateway" {
+                each.push(p);
+                continue;
+            }
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            urls.push(format!("http://{addr}/metrics"));
+            each.push(p.with_env(vec![("BATON_METRICS".into(), addr)]));
+        }
+        out.push(each);
+    }
+    Ok((out, urls))
 }
 
 /// Start one mode's processes, wave after wave, each wave once the one before it consumes.
-async fn start_waves(opts: &Options, stage: &Stage<'_>, say: &Say) -> anyhow::Result<()> {
+async fn start_waves(stage: &Stage<'_>, waves: &[Vec<Process>], say: &Say) -> anyhow::Result<()> {
     let Stage { mode, amqp_url, dir, fleet, .. } = *stage;
-    for (i, wave) in waves(mode, opts.instances).iter().enumerate() {
+    for (i, wave) in waves.iter().enumerate() {
         let names: Vec<String> = wave.iter().map(Process::name).collect();
         say(&format!("{mode}: starting {} (logs in {})", names.join(", "), dir.display()));
         for p in wave {
-            fleet.spawn(&p.clone().with_env(opts.component_env.clone()))?;
+            fleet.spawn(p)?;
         }
         let queues = work_queues(mode, i + 1);
         if i == 0 {
@@ -377,10 +448,14 @@ async fn start_waves(opts: &Options, stage: &Stage<'_>, say: &Say) -> anyhow::Re
 async fn drive(
     opts: &Options,
     stage: &Stage<'_>,
+    waves: &[Vec<Process>],
     say: &Say,
 ) -> anyhow::Result<(Runs, Vec<ComponentUsage>, bool)> {
     let Stage { mode, store, fleet, .. } = *stage;
-    start_waves(opts, stage, say).await?;
+    start_waves(stage, waves, say).await?;
+    let scraper = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let read_metrics = || scrape(&scraper, &stage.metrics);
+    let at_start = read_metrics().await;
     let gateway = &stage.gateway;
     let run = crate::short_id();
     let widest = opts.windows.iter().copied().max().unwrap_or(1).max(PREFILL_IN_FLIGHT);
@@ -412,12 +487,20 @@ async fn drive(
     };
 
     say(&format!("{mode}: HTTP, one at a time ({} after {} warm-up)", opts.sequential, opts.warmup));
+    let before = read_metrics().await;
     let samples = one_at_a_time(opts.warmup, opts.sequential, via_http("s".into()))
         .await
         .with_context(|| format!("{mode}: create-space through HTTP failed"))?;
     let http_sequential = Latency::of(&samples, &format!("{mode}, HTTP, one at a time"));
     fleet.check_alive()?;
     settle(store, mode, Duration::from_secs(30)).await;
+    let stages = if opts.stages {
+        let mut run = read_metrics().await.since(&before);
+        run.answered = run.answered.min(before.answered);
+        Some((run, (opts.warmup + samples.len()) as u64))
+    } else {
+        None
+    };
 
     let mut http_loaded = Vec::new();
     for &w in &opts.windows {
@@ -441,6 +524,8 @@ async fn drive(
         tracing::warn!(%mode, "work was still going on 60 s after the last run");
     }
     let usage = fleet.usage();
+    let conflicts =
+        if stage.metrics.is_empty() { None } else { Some(read_metrics().await.since(&at_start).conflicts) };
     let runs = Runs {
         http_sequential,
         http_loaded,
@@ -449,6 +534,8 @@ async fn drive(
         direct_sent,
         prefill,
         baseline,
+        stages,
+        conflicts,
     };
     Ok((runs, usage, settled))
 }
@@ -623,6 +710,13 @@ mod tests {
             ws.iter().map(|w| w.iter().map(Process::name).collect::<Vec<_>>()).collect::<Vec<_>>()
         };
         let one = names(waves(Mode::Workflow, 1));
+        let (scraped, urls) = with_metrics(waves(Mode::Workflow, 2), true, "http://gw").unwrap();
+        assert_eq!(urls.len(), 13, "the gateway and 2 x (5 services + orchestrator): {urls:?}");
+        assert_eq!(urls[0], "http://gw/metrics");
+        let gateway = scraped[0].iter().find(|p| p.component == "gateway").unwrap();
+        assert!(gateway.env.is_empty(), "the gateway serves /metrics on its own listener");
+        assert!(scraped[1].iter().all(|p| p.env.iter().any(|(k, _)| k == "BATON_METRICS")));
+        assert!(with_metrics(waves(Mode::Workflow, 1), false, "http://gw").unwrap().1.is_empty());
         assert_eq!(
             one,
             [["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"]]

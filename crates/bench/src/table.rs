@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::sagas::CLASSIC;
 use crate::{Latency, MessageCount, Report, Throughput, nominal_messages};
 
 const HEADER: &str = "run                      in flight    done  errors     per s   p50 ms   p99 ms     msgs/s  vs floor  CPU ms/op";
@@ -44,6 +45,7 @@ pub fn table(r: &Report) -> String {
     notes(&mut out, r);
     scaling(&mut out, r);
     instrumentation(&mut out, r);
+    stages(&mut out, r);
     hold(&mut out, r);
     out.push('\n');
     components(&mut out, r);
@@ -86,7 +88,7 @@ fn runs(out: &mut String, r: &Report) {
     latency_row(out, "floor  round trip", &f.sequential, None);
     throughput_row(out, "floor  round trip", &f.loaded, f.messages_per_second, Some(1.0));
     for m in &r.modes {
-        let mode = m.mode.as_str();
+        let mode = m.label();
         latency_row(out, &format!("{mode:<8} HTTP"), &m.http_sequential, Some(m.ratios.http_latency));
         for (t, rate) in m.http_loaded.iter().zip(&m.ratios.http_messages) {
             throughput_row(out, &format!("{mode:<8} HTTP"), t, rate.messages_per_second, Some(rate.of_floor));
@@ -142,7 +144,7 @@ fn notes(out: &mut String, r: &Report) {
         let _ = writeln!(
             out,
             "messages per saga, {}: {:.2} over {} sagas, {how}{}",
-            m.mode,
+            m.label(),
             m.messages_per_saga,
             m.sagas,
             if m.settled { "" } else { " (work still going on at the end: not settled)" }
@@ -152,6 +154,12 @@ fn notes(out: &mut String, r: &Report) {
         out,
         "CPU ms/op: the components' CPU time per completed saga (the floor: the bench process's own, both ends)."
     );
+    if r.modes.iter().any(|m| m.label() == CLASSIC) {
+        let _ = writeln!(
+            out,
+            "{CLASSIC}: workflow mode with classic queues (--queue-type classic: no delivery limit; the floor stays on quorum queues)."
+        );
+    }
 }
 
 /// The scaling rows, when the run measured them.
@@ -164,14 +172,23 @@ fn scaling(out: &mut String, r: &Report) {
         );
         let _ = writeln!(
             out,
-            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}",
-            "backend", "instances", "p50 1-at-a-time", "vs floor", "sagas/s", "p99 loaded", "msgs vs floor"
+            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}  {:>11}  {:>15}",
+            "backend",
+            "instances",
+            "p50 1-at-a-time",
+            "vs floor",
+            "sagas/s",
+            "p99 loaded",
+            "msgs vs floor",
+            "CPU ms/saga",
+            "conflicts/1000"
         );
         for row in &r.scaling {
             let rate = row.ratios.http_messages.first().map_or(0.0, |m| m.of_floor);
+            let conflicts = row.conflicts_per_1000_sagas.map_or("-".into(), |c| format!("{c:.1}"));
             let _ = writeln!(
                 out,
-                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>11.2}",
+                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>13.2}  {:>11.2}  {conflicts:>15}",
                 row.backend,
                 row.instances,
                 row.sequential.p50_ms,
@@ -179,9 +196,51 @@ fn scaling(out: &mut String, r: &Report) {
                 row.loaded.per_second,
                 row.loaded.in_flight,
                 row.loaded.p99_ms,
-                rate
+                rate,
+                row.cpu_ms_per_saga,
             );
         }
+        let _ = writeln!(
+            out,
+            "CPU ms/saga: the components' CPU time per saga of the loaded run; conflicts/1000: PostgreSQL \
+             transactions retried after a conflict with another instance's, per 1,000 sagas of the row."
+        );
+    }
+}
+
+/// The stage tables (`--stages`): each mode's, then each scaling row's with one instance.
+fn stages(out: &mut String, r: &Report) {
+    let modes = r.modes.iter().filter_map(|m| m.stages.as_ref().map(|s| (m.label(), s)));
+    let rows = r.scaling.iter().filter(|row| row.instances == 1);
+    let scaled = rows.filter_map(|row| row.stages.as_ref().map(|s| ("workflow", s)));
+    for (mode, s) in modes.chain(scaled) {
+        stage_table(out, mode, s);
+    }
+}
+
+/// One stage table: a hop's stages in order, each with how often it ran per saga, its mean and
+/// median, and its mean times its count (what it adds to a saga, summed over components).
+pub fn stage_table(out: &mut String, mode: &str, s: &crate::Stages) {
+    let _ = writeln!(
+        out,
+        "\nstages, {mode} mode on {}: {} sagas one at a time through HTTP, {} processes read",
+        s.backend, s.sagas, s.processes
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:>9} {:>10} {:>10} {:>12}",
+        "stage", "per saga", "mean µs", "p50 µs", "µs per saga"
+    );
+    for row in &s.rows {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9.1} {:>10.1} {:>10.1} {:>12.0}",
+            row.stage,
+            row.per_saga,
+            row.mean_us,
+            row.p50_us,
+            row.mean_us * row.per_saga
+        );
     }
 }
 
@@ -243,7 +302,7 @@ fn components(out: &mut String, r: &Report) {
             let _ = writeln!(
                 out,
                 "{:<24} {:>9.2} {:>12.1}",
-                format!("{:<8} {}", m.mode.as_str(), c.name()),
+                format!("{:<8} {}", m.label(), c.name()),
                 c.cpu_ms / 1000.0,
                 c.peak_rss_kb as f64 / 1024.0
             );

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use baton_amqp::topology::QueueType;
 use baton_bench::{
     Instrumentation, Latency, ModeReport, Options, Report, Throughput, nominal_messages, run, table,
 };
@@ -266,4 +267,86 @@ async fn a_tiny_bench_of_three_modes_has_a_hybrid_row() {
     assert!(names.contains(&"search"), "{names:?}");
     let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("hybrid   HTTP")).collect();
     assert_eq!(rows.len(), 2, "one at a time and loaded: {text}");
+}
+
+fn tiny(opts: &mut Options) {
+    opts.modes = vec![Mode::Workflow];
+    opts.sequential = 10;
+    opts.warmup = 2;
+    opts.windows = vec![4];
+    opts.in_flight = 4;
+    opts.duration = Duration::from_secs(2);
+    opts.floor_duration = Duration::from_secs(1);
+    opts.hold = 0;
+}
+
+/// `--stages`: every process serves its /metrics, and the one-at-a-time run's stages come out
+/// of them, each a hop's share: a create-space saga consumes 12 deliveries (the start, five
+/// commands, five replies, the outcome), each handled, committed and acked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_are_read_from_every_component() {
+    let out = tempfile::tempdir().expect("a temporary dir");
+    let mut opts = options(out.path());
+    tiny(&mut opts);
+    opts.stages = true;
+    opts.classic_row = true;
+    let report = run(&opts).await.expect("the bench runs");
+    let text = table(&report);
+    println!("{text}");
+    let m = &report.modes[0];
+    let s = m.stages.as_ref().expect("--stages reports the stages");
+    assert_eq!((s.backend.as_str(), s.sagas, s.processes), ("sqlite", 12, 7), "{s:?}");
+    let names: Vec<&str> = s.rows.iter().map(|r| r.stage.as_str()).collect();
+    let all = baton_metrics::Stage::ALL.map(|s| s.as_str());
+    assert_eq!(names, all, "every stage, in a hop's order");
+    for r in &s.rows {
+        assert!(r.mean_us > 0.0 && r.p50_us > 0.0 && r.per_saga > 0.0, "{r:?}");
+    }
+    let per_saga = |stage: &str| s.rows.iter().find(|r| r.stage == stage).map(|r| r.per_saga).unwrap();
+    for stage in ["decode", "handle", "ack"] {
+        assert!((11.5..=13.0).contains(&per_saga(stage)), "{stage}: {} per saga", per_saga(stage));
+    }
+    assert!(per_saga("commit") >= 12.0, "every delivery commits, the gateway's request too");
+    assert_eq!(per_saga("handoff"), per_saga("commit"), "only handlers' transactions are timed, each whole");
+    assert!(text.contains("stages, workflow mode on sqlite: 12 sagas"), "{text}");
+    // One instance on SQLite: nothing can conflict.
+    assert_eq!(m.conflicts_retried, Some(0.0));
+
+    // The row "workflow, classic queues": workflow mode again, its queues classic.
+    assert_eq!(report.modes.len(), 2);
+    let c = &report.modes[1];
+    assert_eq!((c.mode, c.queue_type, c.label()), (Mode::Workflow, QueueType::Classic, "classic"));
+    assert_eq!(m.queue_type, QueueType::Quorum);
+    sane_latency("classic, HTTP", &c.http_sequential, 10);
+    sane_messages(c);
+    assert!(c.stages.is_some(), "its stages too");
+    assert!(text.contains("classic  HTTP") && text.contains("workflow mode with classic queues"), "{text}");
+}
+
+/// `--scaling`: 1, 2 and 3 instances on SQLite and PostgreSQL, each row with the components'
+/// CPU per saga and the conflicts retried per 1,000 sagas (read from their /metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaling_rows_report_cpu_and_conflicts_per_saga() {
+    let out = tempfile::tempdir().expect("a temporary dir");
+    let mut opts = options(out.path());
+    tiny(&mut opts);
+    opts.sequential = 4;
+    opts.scaling = Some(env("BATON_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"));
+    let report = run(&opts).await.expect("the bench runs");
+    let text = table(&report);
+    println!("{text}");
+    let rows: Vec<(&str, usize)> = report.scaling.iter().map(|r| (r.backend.as_str(), r.instances)).collect();
+    let want =
+        [("sqlite", 1), ("sqlite", 2), ("sqlite", 3), ("postgres", 1), ("postgres", 2), ("postgres", 3)];
+    assert_eq!(rows, want);
+    for r in &report.scaling {
+        assert!(r.cpu_ms_per_saga > 0.0 && r.cpu_ms_per_saga == r.loaded.cpu_ms_per_op, "{r:?}");
+        let conflicts = r.conflicts_per_1000_sagas.expect("the components' metrics are read");
+        assert!(conflicts >= 0.0 && conflicts.is_finite(), "{r:?}");
+        if r.instances == 1 {
+            assert_eq!(conflicts, 0.0, "one instance has nobody to conflict with: {r:?}");
+        }
+        assert!(r.stages.is_none(), "no --stages");
+    }
+    assert!(text.contains("CPU ms/saga") && text.contains("conflicts/1000"), "{text}");
 }

@@ -260,6 +260,19 @@ pub struct BenchArgs {
     /// mirrored order; the loaded run uses the first --windows.
     #[arg(long)]
     pub instrumentation: bool,
+    /// The kind of the components' work queues in every run (the floor keeps quorum queues):
+    /// quorum, or classic (no delivery limit; see `baton up --help`).
+    #[arg(long, env = "BATON_QUEUE_TYPE", default_value = "quorum", value_name = "quorum|classic")]
+    pub queue_type: baton_amqp::topology::QueueType,
+    /// After the modes, run workflow mode again on classic queues: the row "classic" (workflow,
+    /// classic queues), next to the same floor.
+    #[arg(long)]
+    pub classic_row: bool,
+    /// Also time each stage of a hop (decode, hand-off, commit, ack, relay wake-up, publish,
+    /// confirm...) in every component over the one-at-a-time run, and print a table of them:
+    /// each process serves its /metrics, which the bench reads before and after.
+    #[arg(long)]
+    pub stages: bool,
     /// Create-space sagas to run through HTTP (256 in flight) before measuring each mode, so
     /// that the databases already hold that many spaces; they are not counted.
     #[arg(long, default_value_t = 0)]
@@ -720,6 +733,19 @@ pub struct NodeArgs {
     pub amqp_url: String,
     #[command(flatten, next_help_heading = "Storage")]
     pub data: DataDir,
+    /// The kind of every work queue and dead-letter queue, the same for every component of a
+    /// deployment: quorum (replicated, with a delivery limit of 5), or classic (durable, one
+    /// node's, cheaper; rejected messages are still dead-lettered, but there is no delivery
+    /// limit: a message whose handler keeps failing or crashing is redelivered for ever instead
+    /// of dead-lettered, and on a cluster the queues are not replicated; docs/reliability.md).
+    #[arg(
+        long,
+        env = "BATON_QUEUE_TYPE",
+        default_value = "quorum",
+        value_name = "quorum|classic",
+        help_heading = "Broker"
+    )]
+    pub queue_type: baton_amqp::topology::QueueType,
     /// Instance name: the orchestrator's and the gateway's reply queues are named after it, and
     /// several instances of a service (competing consumers on one data dir) each publish the
     /// outbox rows they wrote. Keep it stable across restarts.

@@ -43,6 +43,8 @@ pub struct Options {
     /// Record metrics and answer `GET /metrics`; off, `/metrics` answers 404 and nothing is
     /// counted (what `baton bench --instrumentation` compares against).
     pub metrics: bool,
+    /// The kind of the work queues it declares (`--queue-type`), the same for every component.
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 /// How long an `Idempotency-Key` is kept unless `--idempotency-ttl` says otherwise: a day, as

@@ -43,7 +43,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);
     let outcomes = topology::gateway_outcome_queue(&opts.instance);
     let event_queue = topology::gateway_event_queue(&opts.instance);
-    broker.declare_topology(&[outcomes.clone(), event_queue.clone()]).await?;
+    broker.declare_topology(&[outcomes.clone(), event_queue.clone()], opts.queue_type).await?;
     let publisher = Publisher::new(broker.clone());
     let incoming = match opts.mode {
         Mode::Workflow | Mode::Hybrid => outcomes.name.clone(),

@@ -11,7 +11,8 @@
 //! Every series is labelled `instance` (the process's `--instance`) and `component` (the
 //! component that counted it: several run in one process under `baton up`).
 //!
-//! Layout: `lib.rs` (recorder and endpoint), `names.rs` (the series and their help).
+//! Layout: `lib.rs` (recorder and endpoint), `names.rs` (the series and their help), `stage.rs`
+//! (the timed stages of a hop, [`Stopwatch`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,11 +28,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use baton_health::Health;
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod names;
+pub mod stage;
+
+pub use stage::{Stage, Stopwatch};
 
 use names::*;
 
@@ -44,6 +48,12 @@ const BUCKETS: &[f64] =
 const UPKEEP: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Whether this process records metrics ([`install`] went through): what the hot path checks
+/// before it reads a clock.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
 
 type Collect = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -96,7 +106,8 @@ pub fn install(instance: &str) -> bool {
     let builder = PrometheusBuilder::new()
         .add_global_label("instance", instance)
         .set_buckets(BUCKETS)
-        .expect("the bucket list is not empty");
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), stage::STAGE_BUCKETS))
+        .expect("the bucket lists are not empty");
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
@@ -304,5 +315,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"baton_ready{instance="test-1",component="records"} 1"#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_stage_is_timed_in_microsecond_buckets_once_installed() {
+        assert!(install("test-1"));
+        let watch = Stopwatch::start();
+        assert!(watch.running());
+        watch.record("records", Stage::Commit);
+        let text = render(&Health::default()).await.unwrap();
+        let bucket = r#"baton_stage_duration_seconds_bucket{instance="test-1",component="records",stage="commit",le="0.00001"}"#;
+        assert!(text.contains(bucket), "{text}");
+        assert!(
+            text.contains(r#"baton_stage_duration_seconds_count{instance="test-1",component="records",stage="commit"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -26,6 +26,7 @@ pub const OUTBOX_TAKEN_OVER: &str = "baton_outbox_taken_over_total";
 pub const PURGED: &str = "baton_retention_purged_total";
 pub const RECONCILE_FINDINGS: &str = "baton_reconcile_findings_total";
 pub const READY: &str = "baton_ready";
+pub const STAGE_SECONDS: &str = "baton_stage_duration_seconds";
 
 /// Give every series its help text, once the recorder is installed.
 pub(crate) fn describe() {
@@ -69,5 +70,10 @@ pub(crate) fn describe() {
     );
     describe_counter!(PURGED, "Rows the retention task purged, by what they were.");
     describe_counter!(RECONCILE_FINDINGS, "What baton reconcile found and did in events mode, by kind.");
+    describe_histogram!(
+        STAGE_SECONDS,
+        "Time one stage of a hop took (decode, handoff, run, commit, resume, handle, ack, relay_wake, \
+         publish, confirm, delete), by component."
+    );
     describe_gauge!(READY, "1 when every check of the component passes (GET /health/ready), else 0.");
 }

@@ -68,6 +68,8 @@ pub struct Config {
     /// The gateway records metrics and serves them at `GET /metrics` (`--no-metrics` turns it
     /// off, for `baton bench --instrumentation` to measure what they cost).
     pub gateway_metrics: bool,
+    /// The kind of every work queue (`--queue-type`): quorum, or classic (no delivery limit).
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 impl Config {
@@ -93,6 +95,7 @@ impl Config {
             health: Health::default(),
             retain: baton_store::retention::DEFAULT_RETAIN,
             gateway_metrics: true,
+            queue_type: Default::default(),
         }
     }
 
@@ -113,6 +116,7 @@ impl Config {
             instance: self.instance.clone(),
             health: self.health.clone(),
             retain: self.retain,
+            queue_type: self.queue_type,
         }
     }
 
@@ -127,6 +131,7 @@ impl Config {
             announces: self.mode == Mode::Hybrid,
             health: self.health.clone(),
             retain: self.retain,
+            queue_type: self.queue_type,
         }
     }
 
@@ -147,6 +152,7 @@ impl Config {
             sagas: baton_orchestrator::Sagas::at(&self.store),
             retain: self.retain,
             metrics: self.gateway_metrics,
+            queue_type: self.queue_type,
         }
     }
 }

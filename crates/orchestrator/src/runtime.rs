@@ -51,6 +51,8 @@ pub struct Options {
     /// How long finished sagas (with their history), inbox rows and tombstones are kept; older
     /// messages are dead-lettered on arrival ([`baton_store::retention`]).
     pub retain: Duration,
+    /// The kind of the work queues it declares (`--queue-type`), the same for every component.
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 /// Run the orchestrator until `cancel`.
@@ -73,7 +75,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // under its own broker user, who may not declare them, starts on the imported topology.
     let followups = if opts.announces { topology::followup_queues() } else { Vec::new() };
     let own: Vec<_> = topology::queues_of(COMPONENT).into_iter().chain([replies.clone()]).collect();
-    broker.declare_topology_needing(&own, &followups).await?;
+    broker.declare_topology_needing(&own, &followups, opts.queue_type).await?;
     let publisher = Publisher::new(broker.clone());
     let workflows: HashMap<String, Workflow> =
         opts.workflows.iter().map(|w| (w.name.clone(), w.clone())).collect();

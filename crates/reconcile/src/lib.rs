@@ -155,7 +155,8 @@ async fn undo_all(
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
     let broker = Broker::connect(opts.amqp_url.expose(), "reconcile").await?;
-    broker.declare_topology(&[]).await?;
+    // It declares no queue of its own; one missing is made of the default kind.
+    broker.declare_topology(&[], baton_amqp::topology::QueueType::default()).await?;
     let me = format!("reconcile.{}", &Uuid::new_v4().simple().to_string()[..8]);
     let queue = format!("{me}.replies");
     topology::declare_private_reply_queue(&broker.channel().await?, &queue, &me).await?;

@@ -56,6 +56,8 @@ pub struct RunOptions {
     /// How long inbox rows and tombstones are kept; older messages are dead-lettered on
     /// arrival ([`baton_store::retention`]).
     pub retain: Duration,
+    /// The kind of the work queues it declares (`--queue-type`), the same for every component.
+    pub queue_type: baton_amqp::topology::QueueType,
 }
 
 /// Run one service until `cancel`: its rules, behind the fault plan's decorators when the plan

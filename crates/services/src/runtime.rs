@@ -87,7 +87,7 @@ pub async fn run(
     let broker = Broker::connect(opts.amqp_url.expose(), &conn_name).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, name, &broker);
     let own: Vec<_> = topology::queues_of(name).into_iter().chain(followups).collect();
-    broker.declare_topology(&own).await?;
+    broker.declare_topology(&own, opts.queue_type).await?;
     let identity = Identity::of_url(name, broker.url());
     let publisher = Publisher::new(broker.clone());
     let wake = Wake::default();

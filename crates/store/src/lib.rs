@@ -37,6 +37,7 @@ pub use counts::StoreCounts;
 pub use pg::OpenError;
 pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
 
+use baton_metrics::{Stage, Stopwatch};
 use conn::Conn;
 use relay::Wake;
 
@@ -718,7 +719,12 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        let (done, wait) = tokio::sync::oneshot::channel::<Result<R, StoreError>>();
+        // A handler's transaction (group commit) is timed stage by stage; the relay's
+        // bookkeeping and the reads are not part of a hop's stages.
+        let timed = !alone && !relaxed;
+        let mut watch = if timed { Stopwatch::start() } else { Stopwatch::default() };
+        let component = Arc::clone(&self.component);
+        let (done, wait) = tokio::sync::oneshot::channel::<(Result<R, StoreError>, Stopwatch)>();
         let feed = Arc::clone(&self.feed);
         // The caller's span on the database thread too: what `f` logs carries its fields (the
         // message, the trace id).
@@ -729,11 +735,12 @@ impl Db {
                 Err(why) => {
                     let e = StoreError::Commit(why);
                     let finish: Finish = Box::new(move |_| {
-                        let _ = done.send(Err(e));
+                        let _ = done.send((Err(e), Stopwatch::default()));
                     });
                     return Ran { finish, outage: None, broken: false };
                 }
             };
+            watch.lap(&component, Stage::Handoff);
             let result = span.in_scope(|| f(tx));
             let outage = match &result {
                 Err(e) if e.is_transient() => {
@@ -749,11 +756,13 @@ impl Db {
                     .and_then(|_| tx.conn.execute("RELEASE member", Vec::new()))
                     .map(|_| ())
             };
+            watch.lap(&component, Stage::Run);
             let pushed = tx.pushed.take();
             let after_commit = tx.committed.take();
             let broken = closed.is_err();
             let finish: Finish = match (result, closed) {
                 (Ok(r), Ok(())) => Box::new(move |committed: Result<(), &Arc<StoreError>>| {
+                    watch.lap(&component, Stage::Commit);
                     if committed.is_ok()
                         && let Some(wake) = feed.get()
                     {
@@ -762,15 +771,16 @@ impl Db {
                     if committed.is_ok() {
                         after_commit.into_iter().for_each(|f| f());
                     }
-                    let _ = done.send(committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e))));
+                    let result = committed.map(|()| r).map_err(|e| StoreError::Commit(Arc::clone(e)));
+                    let _ = done.send((result, watch));
                 }),
                 (Err(e), _) => Box::new(move |_| {
-                    let _ = done.send(Err(e));
+                    let _ = done.send((Err(e), Stopwatch::default()));
                 }),
                 (Ok(_), Err(e)) => {
                     let e = Arc::new(e);
                     Box::new(move |_| {
-                        let _ = done.send(Err(StoreError::Commit(e)));
+                        let _ = done.send((Err(StoreError::Commit(e)), Stopwatch::default()));
                     })
                 }
             };
@@ -778,7 +788,8 @@ impl Db {
         });
         let closed = || StoreError::Closed(self.name.to_string());
         self.tx.send(Job { member, alone, relaxed }).map_err(|_| closed())?;
-        let result = wait.await.map_err(|_| closed())?;
+        let (result, resumed) = wait.await.map_err(|_| closed())?;
+        resumed.record(&self.component, Stage::Resume);
         if let Err(e) = &result
             && e.is_disk_full()
             && let Some(room) = &self.room

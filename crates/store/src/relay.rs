@@ -20,6 +20,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use baton_metrics::{Stage, Stopwatch};
 use baton_protocol::Outgoing;
 
 use crate::{Db, StoreError};
@@ -88,7 +89,14 @@ struct WakeInner {
     notify: Notify,
     /// Rows just committed, in sequence order: a hint that spares the relay a read of the
     /// outbox, never the only copy (the rows are in the outbox whatever happens to this).
-    fed: std::sync::Mutex<Vec<(i64, Outgoing)>>,
+    fed: std::sync::Mutex<Fed>,
+}
+
+/// The feed's rows, and since when its oldest row waits (the relay's wake-up stage).
+#[derive(Default)]
+struct Fed {
+    rows: Vec<(i64, Outgoing)>,
+    since: Stopwatch,
 }
 
 /// Rows the feed holds at most; past that it is emptied and the relay reads the outbox.
@@ -111,11 +119,15 @@ impl Wake {
         }
         {
             let mut fed = self.0.fed.lock().expect("relay feed");
-            if fed.len() + rows.len() > FEED_MAX {
+            if fed.rows.len() + rows.len() > FEED_MAX {
                 // The relay is behind (the broker is slow or away): it reads the outbox instead.
-                fed.clear();
+                fed.rows.clear();
+                fed.since = Stopwatch::default();
             } else {
-                fed.extend(rows);
+                if fed.rows.is_empty() {
+                    fed.since = Stopwatch::start();
+                }
+                fed.rows.extend(rows);
             }
         }
         self.wake();
@@ -123,7 +135,13 @@ impl Wake {
 
     /// The rows handed so far, in sequence order (what the relay takes on each pass).
     pub fn take_fed(&self) -> Vec<(i64, Outgoing)> {
-        std::mem::take(&mut *self.0.fed.lock().expect("relay feed"))
+        self.take().0
+    }
+
+    /// The rows handed so far, and since when the oldest of them waited.
+    fn take(&self) -> (Vec<(i64, Outgoing)>, Stopwatch) {
+        let fed = std::mem::take(&mut *self.0.fed.lock().expect("relay feed"));
+        (fed.rows, fed.since)
     }
 }
 
@@ -262,7 +280,9 @@ async fn relay<P: Publish>(
             break;
         }
         if at.may_publish(window.len()) {
-            let rows = match at.next(wake.take_fed(), WINDOW - window.len(), Instant::now()) {
+            let (fed, since) = wake.take();
+            since.record(&store.component, Stage::RelayWake);
+            let rows = match at.next(fed, WINDOW - window.len(), Instant::now()) {
                 Next::Fed(rows) => Ok(rows),
                 Next::Read { after, limit } => store.pending(after, limit).await,
             };
@@ -270,8 +290,18 @@ async fn relay<P: Publish>(
                 Ok(rows) => {
                     for (seq, msg) in rows {
                         at.sent(seq);
-                        match publisher.publish(&msg).await {
-                            Ok(confirm) => window.push_back(Box::pin(async move { (seq, confirm.await) })),
+                        let watch = Stopwatch::start();
+                        let published = publisher.publish(&msg).await;
+                        watch.record(&store.component, Stage::Publish);
+                        match published {
+                            Ok(confirm) => {
+                                let (watch, component) = (Stopwatch::start(), Arc::clone(&store.component));
+                                window.push_back(Box::pin(async move {
+                                    let confirmed = confirm.await;
+                                    watch.record(&component, Stage::Confirm);
+                                    (seq, confirmed)
+                                }))
+                            }
                             Err(e) => {
                                 note_failure(&store, &publisher, seq, e, &mut trouble).await;
                                 at.fail();
@@ -411,7 +441,10 @@ async fn settle<P: Publish>(
     }
     if !done.is_empty() {
         publisher.before_delete();
-        match store.confirmed(done.clone()).await {
+        let watch = Stopwatch::start();
+        let deleted = store.confirmed(done.clone()).await;
+        watch.record(&store.component, Stage::Delete);
+        match deleted {
             Ok(()) => {
                 baton_metrics::relay(&store.component, "confirmed", done.len() as u64);
                 trouble.over()

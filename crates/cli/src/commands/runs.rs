@@ -136,6 +136,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     opts.database_url = args.database_url.clone();
     opts.scaling = args.scaling.clone();
     opts.instrumentation = args.instrumentation;
+    opts.stages = args.stages;
+    opts.queue_type = args.queue_type;
+    opts.classic_row = args.classic_row;
     opts.prefill = args.prefill;
     opts.hold = args.hold;
     if let Some(retain) = args.retain {

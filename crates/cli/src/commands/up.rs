@@ -62,6 +62,7 @@ fn node_config(parts: &RunParts<'_>, mode: Mode, faults: FaultPlan) -> anyhow::R
     }
     config.instance = node.instance.clone();
     config.retain = node.retain;
+    config.queue_type = node.queue_type;
     config.faults = faults;
     if let Some(consumers) = parts.consumers {
         config.prefetch = consumers.prefetch;
