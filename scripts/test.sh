@@ -35,7 +35,7 @@ ensure_tool faketime faketime "by the clock-jump test, to move a component's clo
 ensure_chromium
 
 # The test binaries run a second time on PostgreSQL.
-POSTGRES_TESTS='binary(workflow) | binary(console) | binary(events) | binary(delivery) | binary(crash) | binary(crash_points) | binary(reliability) | binary(cancel) | binary(idempotency) | binary(changed_workflow) | binary(gateway_input)'
+POSTGRES_TESTS='binary(workflow) | binary(nested) | binary(console) | binary(events) | binary(delivery) | binary(crash) | binary(crash_points) | binary(reliability) | binary(cancel) | binary(idempotency) | binary(changed_workflow) | binary(gateway_input)'
 
 # Where the tests find the broker; a test appends its own vhost to the AMQP URL.
 export BATON_TEST_AMQP_URL="${BATON_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"

@@ -678,9 +678,10 @@ pub fn records_create(name: &str, reply_to: &str) -> (baton_protocol::StepComman
     (cmd, msg)
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; a test binds it right after).
+/// A free TCP port on 127.0.0.1 for a child process, below the ephemeral range so that no
+/// outgoing connection takes it before the child binds it ([`baton_fleet::free_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    baton_fleet::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// Start `baton <args>` against `env` as a real process (killed when dropped), its stderr in

@@ -511,9 +511,35 @@ fn tail(path: &Path, name: &str, n: usize) -> String {
     }
 }
 
-/// A free TCP port on localhost, for the gateway.
+/// A free TCP port on localhost for a child process to listen on (a gateway, a `/metrics`).
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default),
+/// where the port the kernel picks for `:0` lies: between this check and the child's bind, the
+/// many outgoing connections of a run (to the broker, to PostgreSQL) would take such a port, and
+/// the child would fail with "address in use". Never the same port twice in one process.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 20_000;
+    let high = ephemeral_start().clamp(LOW + 1_000, 65_535);
+    let span = high - LOW;
+    // A start of its own per process, so that two runs on one machine seldom meet.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % span, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port below the ephemeral range"))
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 #[cfg(test)]
@@ -521,6 +547,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a free port")).collect();
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(ports.iter().all(|p| (20_000..ephemeral_start()).contains(&u32::from(*p))), "{ports:?}");
+    }
 
     /// A stand-in for `baton`: logs its arguments to stderr, then sleeps until killed.
     fn fake_bin(dir: &Path) -> PathBuf {
