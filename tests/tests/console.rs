@@ -35,6 +35,29 @@ fn browser() -> Result<(PathBuf, PathBuf), String> {
     }
 }
 
+/// A headless Chromium under a chromedriver and a profile of its own, held for the test.
+struct Session {
+    c: Client,
+    profile: tempfile::TempDir,
+    driver: Driver,
+}
+
+/// A browser [`Session`], or `None` where Chromium is not installed: the test then says it is
+/// skipped, loudly, and passes (`scripts/test.sh` installs it, so CI always runs it).
+async fn session() -> Option<Session> {
+    let (chromium, driver_path) = match browser() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
+            return None;
+        }
+    };
+    let driver = Driver::start(&driver_path).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(&chromium, profile.path()).await;
+    Some(Session { c, profile, driver })
+}
+
 /// chromedriver on a free port, killed on drop.
 struct Driver {
     child: tokio::process::Child,
@@ -233,16 +256,7 @@ async fn second_gateway(env: &TestEnv) -> (std::net::SocketAddr, tokio_util::syn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_a_saga_that_succeeded_one_compensated_and_an_orphaned_chain() {
-    let (chromium, driver_path) = match browser() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
-            return;
-        }
-    };
-    let driver = Driver::start(&driver_path).await;
-    let profile = tempfile::tempdir().unwrap();
-    let c = driver.browser(&chromium, profile.path()).await;
+    let Some(Session { c, profile: _profile, driver: _driver }) = session().await else { return };
 
     // The workflow mode: one saga completes, one is refused at routing (a reserved name) and
     // its three done steps are compensated.
@@ -408,13 +422,7 @@ async fn the_console_shows_a_saga_that_succeeded_one_compensated_and_an_orphaned
 /// and, once the step timed out, its last failure; the list shows it running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_the_step_a_saga_waits_on() {
-    let (chromium, driver_path) = match browser() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
-            return;
-        }
-    };
+    let Some(Session { c, profile: _profile, driver: _driver }) = session().await else { return };
     let env = TestEnv::new().await;
     let cfg = SystemConfig { skip: vec![baton_protocol::Service::Routing], ..SystemConfig::default() };
     let sys = System::start(&env, cfg).await;
@@ -425,9 +433,6 @@ async fn the_console_shows_the_step_a_saga_waits_on() {
         page["workflows"][0]["id"].as_str().map(str::to_owned)
     })
     .await;
-    let driver = Driver::start(&driver_path).await;
-    let profile = tempfile::tempdir().unwrap();
-    let c = driver.browser(&chromium, profile.path()).await;
     open(&c, sys.http, &format!("#/saga/{saga}")).await;
     let shown = until(
         &c,
@@ -595,11 +600,8 @@ fn list_checks(first_at: i64) -> Vec<(&'static str, String, Check)> {
 /// rows; nothing without a browser.
 async fn list_in_browser(http: std::net::SocketAddr) -> Vec<(String, u128)> {
     let failed = baton_workflow::SagaStatus::CompensationFailed.as_str();
-    let Ok((chromium, driver_path)) = browser() else { return Vec::new() };
+    let Some(Session { c, profile: _profile, driver: _driver }) = session().await else { return Vec::new() };
     let mut figures = Vec::new();
-    let driver = Driver::start(&driver_path).await;
-    let profile = tempfile::tempdir().unwrap();
-    let c = driver.browser(&chromium, profile.path()).await;
     for (what, page) in [
         ("the console's list", "#/sagas".to_owned()),
         ("the console's list, filtered", format!("#/sagas?state={failed}&q=owner-5")),
@@ -656,16 +658,7 @@ fn every(body: &Value, field: &str, value: &str) -> Result<(), String> {
 /// with their own flow, each linking back to its parent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_nests_a_child_saga_in_its_parent() {
-    let (chromium, driver_path) = match browser() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
-            return;
-        }
-    };
-    let driver = Driver::start(&driver_path).await;
-    let profile = tempfile::tempdir().unwrap();
-    let c = driver.browser(&chromium, profile.path()).await;
+    let Some(Session { c, profile: _profile, driver: _driver }) = session().await else { return };
     let env = TestEnv::new().await;
     let cfg = SystemConfig { workflow: "create-space-nested".into(), ..SystemConfig::default() };
     let sys = System::start(&env, cfg).await;
@@ -704,16 +697,7 @@ async fn the_console_nests_a_child_saga_in_its_parent() {
 /// each space's chain, where the follow-ups that react to the saga's event show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_a_hybrid_saga_and_its_follow_ups() {
-    let (chromium, driver_path) = match browser() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("\n!!!!! SKIPPED the console's browser test: {why} !!!!!\n");
-            return;
-        }
-    };
-    let driver = Driver::start(&driver_path).await;
-    let profile = tempfile::tempdir().unwrap();
-    let c = driver.browser(&chromium, profile.path()).await;
+    let Some(Session { c, profile: _profile, driver: _driver }) = session().await else { return };
     let env = TestEnv::new().await;
     let cfg = SystemConfig {
         mode: baton_protocol::Mode::Hybrid,
