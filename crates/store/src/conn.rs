@@ -53,6 +53,27 @@ impl Conn {
         }
     }
 
+    /// Isolate the next member of a group commit: on PostgreSQL the statement rides with the
+    /// transaction control held back (the `BEGIN`, the last member's `RELEASE`).
+    pub(crate) fn savepoint(&self) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.execute("SAVEPOINT member", Vec::new()).map(|_| ()),
+            Conn::Postgres(c) => c.borrow_mut().batch("SAVEPOINT member"),
+        }
+    }
+
+    /// Close the member's savepoint, its work kept: at once on SQLite (no round trip), with the
+    /// next statement on PostgreSQL (the next `SAVEPOINT`, or implied by the `COMMIT`).
+    pub(crate) fn release(&self) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.execute("RELEASE member", Vec::new()).map(|_| ()),
+            Conn::Postgres(c) => {
+                c.borrow_mut().release_later("member");
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn is_postgres(&self) -> bool {
         matches!(self, Conn::Postgres(_))
     }

@@ -461,6 +461,10 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             }
         }
         let outcome = if lost {
+            // A transaction left open (aborted) would fail every job after it.
+            if conn.in_transaction() {
+                let _ = conn.batch("ROLLBACK");
+            }
             let outage = group.outage.clone();
             Err(Arc::new(StoreError::RolledBack {
                 outage: outage.is_some(),
@@ -495,8 +499,8 @@ struct Group {
 
 impl Group {
     fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
-        let ran = match conn.execute("SAVEPOINT member", Vec::new()) {
-            Ok(_) => {
+        let ran = match conn.savepoint() {
+            Ok(()) => {
                 let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
@@ -749,12 +753,9 @@ impl Db {
                 _ => None,
             };
             let closed = if result.is_ok() {
-                tx.conn.execute("RELEASE member", Vec::new()).map(|_| ())
+                tx.conn.release()
             } else {
-                tx.conn
-                    .execute("ROLLBACK TO member", Vec::new())
-                    .and_then(|_| tx.conn.execute("RELEASE member", Vec::new()))
-                    .map(|_| ())
+                tx.conn.execute("ROLLBACK TO member", Vec::new()).and_then(|_| tx.conn.release())
             };
             watch.lap(&component, Stage::Run);
             let pushed = tx.pushed.take();

@@ -35,6 +35,10 @@ pub(crate) struct PgConn {
     prepared: HashMap<String, Statement>,
     read_only: bool,
     open_tx: bool,
+    /// Transaction control not sent yet: it rides with the next simple query (the `BEGIN`
+    /// with the first member's `SAVEPOINT`, a member's `RELEASE` with the next one's), so
+    /// that a handler's transaction costs two round trips of control, not five.
+    pending: String,
 }
 
 /// The connection settings of `url`, with the store's timeouts where the URL sets none; the
@@ -59,6 +63,20 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config, OpenError> {
 /// it wakes, and its deliveries were redelivered to the others). A lock still waited for after
 /// `lock_timeout` fails the statement, which is retried, rather than hold the database thread.
 const SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'; SET lock_timeout = '10s'";
+
+/// Set on every session that writes. A SERIALIZABLE transaction that reads a table by a
+/// sequential scan takes a predicate lock on the whole table, so that any other instance's
+/// write to it is a conflict; the planner picks one for the point lookups of a handler (the
+/// inbox by id, a saga by id) while a table is small. Index scans lock only the index pages
+/// they read, so instances that touch different rows no longer fail each other (the advice of
+/// PostgreSQL's manual on serializable transactions). A query with no index to use still scans.
+const WRITER: &str = "SET enable_seqscan = off";
+
+/// The statements that set up a session of `schema`.
+fn session(schema: &str, read_only: bool) -> String {
+    let writer = if read_only { String::new() } else { format!("; {WRITER}") };
+    format!("{SESSION}{writer}; SET search_path TO {}", quoted(schema))
+}
 
 /// A schema name is a component's name: plain lower-case words, quoted all the same.
 fn quoted(schema: &str) -> String {
@@ -87,7 +105,7 @@ pub(crate) fn open(
     } else {
         migrate(&mut client, schema, migrations)?;
     }
-    client.batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(schema)))?;
+    client.batch_execute(&session(schema, read_only))?;
     Ok(Some(PgConn {
         client,
         config: config.clone(),
@@ -95,6 +113,7 @@ pub(crate) fn open(
         prepared: HashMap::new(),
         read_only,
         open_tx: false,
+        pending: String::new(),
     }))
 }
 
@@ -210,13 +229,24 @@ impl PgConn {
         Ok(s)
     }
 
+    /// Send the transaction control held back, before a statement that cannot carry it.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            self.client.batch_execute(&pending)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn execute(&mut self, sql: &str, values: Vec<Value>) -> Result<usize, StoreError> {
+        self.flush()?;
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         Ok(self.client.execute(&stmt, &params)? as usize)
     }
 
     pub(crate) fn query(&mut self, sql: &str, values: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        self.flush()?;
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         self.client.query(&stmt, &params)?.iter().map(row).collect()
@@ -224,23 +254,45 @@ impl PgConn {
 
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         let upper = sql.trim().to_ascii_uppercase();
-        if upper == "COMMIT" || upper == "ROLLBACK" {
+        let ends = upper == "COMMIT" || upper == "ROLLBACK";
+        if ends {
             self.open_tx = false;
+            // A savepoint's release is implied by the end of its transaction; a transaction
+            // that never ran a statement needs no round trip to end.
+            if self.pending.starts_with("BEGIN") {
+                self.pending.clear();
+                return Ok(());
+            }
+            self.pending.clear();
         }
-        Ok(self.client.batch_execute(&to_postgres(sql))?)
+        let sql = to_postgres(sql);
+        if self.pending.is_empty() {
+            return Ok(self.client.batch_execute(&sql)?);
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.push_str(&sql);
+        Ok(self.client.batch_execute(&pending)?)
     }
 
+    /// Begin a transaction with the next statement (see `pending`).
     pub(crate) fn begin(&mut self, relaxed: bool) -> Result<(), StoreError> {
         let sql = if self.read_only {
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
         } else if relaxed {
-            "BEGIN ISOLATION LEVEL READ COMMITTED"
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
         } else {
-            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; "
         };
-        self.client.batch_execute(sql)?;
+        self.pending.clear();
+        self.pending.push_str(sql);
         self.open_tx = true;
         Ok(())
+    }
+
+    /// Release the member's savepoint with the next statement: a `COMMIT` implies it, and the
+    /// next member's `SAVEPOINT` carries it.
+    pub(crate) fn release_later(&mut self, savepoint: &str) {
+        self.pending.push_str(&format!("RELEASE {savepoint}; "));
     }
 
     pub(crate) fn in_transaction(&self) -> bool {
@@ -253,11 +305,12 @@ impl PgConn {
             return Ok(());
         }
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&format!("{SESSION}; SET search_path TO {}", quoted(&self.schema)))?;
+        client.batch_execute(&session(&self.schema, self.read_only))?;
         tracing::info!(schema = %self.schema, "reconnected to PostgreSQL");
         self.client = client;
         self.prepared.clear();
         self.open_tx = false;
+        self.pending.clear();
         Ok(())
     }
 }
