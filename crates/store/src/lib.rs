@@ -504,9 +504,13 @@ impl Group {
                 let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
-            // Cannot isolate it: it does not run, and hears why.
+            // Cannot isolate it: it does not run, and hears why. On PostgreSQL the savepoint
+            // carries the transaction's BEGIN: a lost server shows here first.
             Err(e) => {
                 self.broken = true;
+                if e.is_transient() {
+                    self.outage = Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() });
+                }
                 member(Err(Arc::new(e)))
             }
         };
