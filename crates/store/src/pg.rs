@@ -64,18 +64,9 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config, OpenError> {
 /// `lock_timeout` fails the statement, which is retried, rather than hold the database thread.
 const SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'; SET lock_timeout = '10s'";
 
-/// Set on every session that writes. A SERIALIZABLE transaction that reads a table by a
-/// sequential scan takes a predicate lock on the whole table, so that any other instance's
-/// write to it is a conflict; the planner picks one for the point lookups of a handler (the
-/// inbox by id, a saga by id) while a table is small. Index scans lock only the index pages
-/// they read, so instances that touch different rows no longer fail each other (the advice of
-/// PostgreSQL's manual on serializable transactions). A query with no index to use still scans.
-const WRITER: &str = "SET enable_seqscan = off";
-
 /// The statements that set up a session of `schema`.
-fn session(schema: &str, read_only: bool) -> String {
-    let writer = if read_only { String::new() } else { format!("; {WRITER}") };
-    format!("{SESSION}{writer}; SET search_path TO {}", quoted(schema))
+fn session(schema: &str) -> String {
+    format!("{SESSION}; SET search_path TO {}", quoted(schema))
 }
 
 /// A schema name is a component's name: plain lower-case words, quoted all the same.
@@ -105,7 +96,7 @@ pub(crate) fn open(
     } else {
         migrate(&mut client, schema, migrations)?;
     }
-    client.batch_execute(&session(schema, read_only))?;
+    client.batch_execute(&session(schema))?;
     Ok(Some(PgConn {
         client,
         config: config.clone(),
@@ -305,7 +296,7 @@ impl PgConn {
             return Ok(());
         }
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&session(&self.schema, self.read_only))?;
+        client.batch_execute(&session(&self.schema))?;
         tracing::info!(schema = %self.schema, "reconnected to PostgreSQL");
         self.client = client;
         self.prepared.clear();
