@@ -37,7 +37,7 @@ pub(crate) struct PgConn {
     open_tx: bool,
     /// Transaction control not sent yet: it rides with the next simple query (the `BEGIN`
     /// with the first member's `SAVEPOINT`, a member's `RELEASE` with the next one's), so
-    /// that a handler's transaction costs two round trips of control, not five.
+    /// that a handler's transaction costs two round trips of control, not four.
     pending: String,
 }
 
