@@ -302,6 +302,13 @@ async fn up_crashes_the_orchestrator_and_the_gateway_and_every_saga_still_ends()
         logged(&env, "component restarted after its crash", "gateway").then_some(())
     })
     .await;
+    // Restarted is not yet serving: the gateway's window ends when the new one answers.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    wait_for("the restarted gateway to answer", Duration::from_secs(30), || async {
+        let r = client.get(format!("http://{http}/health/ready")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
     load.enter(AFTER);
     assert!(port_closed.load(Ordering::SeqCst), "the crashed gateway's port stayed open:\n{}", log_of(&env));
     assert!(
