@@ -250,11 +250,11 @@ impl PgConn {
             self.open_tx = false;
             // A savepoint's release is implied by the end of its transaction; a transaction
             // that never ran a statement needs no round trip to end.
-            if self.pending.starts_with("BEGIN") {
-                self.pending.clear();
+            let never_begun = self.pending.starts_with("BEGIN");
+            self.pending.clear();
+            if never_begun {
                 return Ok(());
             }
-            self.pending.clear();
         }
         let sql = to_postgres(sql);
         if self.pending.is_empty() {
@@ -283,7 +283,9 @@ impl PgConn {
     /// Release the member's savepoint with the next statement: a `COMMIT` implies it, and the
     /// next member's `SAVEPOINT` carries it.
     pub(crate) fn release_later(&mut self, savepoint: &str) {
-        self.pending.push_str(&format!("RELEASE {savepoint}; "));
+        for part in ["RELEASE ", savepoint, "; "] {
+            self.pending.push_str(part);
+        }
     }
 
     pub(crate) fn in_transaction(&self) -> bool {
