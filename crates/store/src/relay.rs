@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures_util::FutureExt;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt, future};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +97,10 @@ struct Fed {
     rows: Vec<(i64, Outgoing)>,
     since: Stopwatch,
 }
+
+/// Rows handed to the connection at once, at most: a batch is polled in order (`join_all`
+/// keeps to its order up to 30 futures), which keeps the rows' frames in sequence order.
+const SEND_TOGETHER: usize = 16;
 
 /// Rows the feed holds at most; past that it is emptied and the relay reads the outbox.
 const FEED_MAX: usize = 4 * WINDOW;
@@ -288,25 +291,36 @@ async fn relay<P: Publish>(
             };
             match rows {
                 Ok(rows) => {
-                    for (seq, msg) in rows {
-                        at.sent(seq);
+                    'rows: for batch in rows.chunks(SEND_TOGETHER) {
+                        // Handed to the connection together: each publish queues its frames
+                        // when first polled, in order, so the connection's I/O thread writes
+                        // the batch at one wake-up and the relay is woken once for it all.
                         let watch = Stopwatch::start();
-                        let published = publisher.publish(&msg).await;
-                        watch.record(&store.component, Stage::Publish);
-                        match published {
-                            Ok(confirm) => {
-                                let (watch, component) = (Stopwatch::start(), Arc::clone(&store.component));
-                                window.push_back(Box::pin(async move {
-                                    let confirmed = confirm.await;
-                                    watch.record(&component, Stage::Confirm);
-                                    (seq, confirmed)
-                                }))
+                        let sent =
+                            future::join_all(batch.iter().map(|(_, msg)| publisher.publish(msg))).await;
+                        for ((seq, _), published) in batch.iter().zip(sent) {
+                            watch.record(&store.component, Stage::Publish);
+                            at.sent(*seq);
+                            match published {
+                                Ok(confirm) => {
+                                    let (watch, component, seq) =
+                                        (Stopwatch::start(), Arc::clone(&store.component), *seq);
+                                    window.push_back(Box::pin(async move {
+                                        let confirmed = confirm.await;
+                                        watch.record(&component, Stage::Confirm);
+                                        (seq, confirmed)
+                                    }))
+                                }
+                                Err(e) => {
+                                    // The rows after it in the batch went out or failed too;
+                                    // their confirms are awaited, then the relay starts over.
+                                    note_failure(&store, &publisher, *seq, e, &mut trouble).await;
+                                    at.fail();
+                                }
                             }
-                            Err(e) => {
-                                note_failure(&store, &publisher, seq, e, &mut trouble).await;
-                                at.fail();
-                                break;
-                            }
+                        }
+                        if at.failed {
+                            break 'rows;
                         }
                     }
                 }

@@ -84,7 +84,9 @@ pub fn init(filter: &str, format: LogFormat, service: &str) -> Telemetry {
         .with_threads(false)
         .with_context_activation(false)
         .with_tracked_inactivity(false)
-        .with_filter(filter_fn(|m| if m.is_span() { *m.level() <= Level::INFO } else { *m.level() <= Level::WARN }));
+        .with_filter(filter_fn(|m| {
+            if m.is_span() { *m.level() <= Level::INFO } else { *m.level() <= Level::WARN }
+        }));
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
     // A failed write is not reported: its default `eprintln!` panics when stderr is a closed
