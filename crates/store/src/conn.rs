@@ -206,6 +206,10 @@ impl Tx<'_> {
         self.conn.has_column(table, column)
     }
 
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.conn.is_postgres()
+    }
+
     /// The instance whose relay publishes the outbox rows of this transaction.
     pub(crate) fn owner(&self) -> &str {
         self.owner

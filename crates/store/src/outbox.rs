@@ -59,7 +59,8 @@ impl Watch {
     }
 }
 
-/// The statements that delete the confirmed rows `seqs` and count them published.
+/// The statements that delete the confirmed rows `seqs` and count them published, in one
+/// batch (PostgreSQL).
 fn confirmed_sql(seqs: &[i64]) -> String {
     use std::fmt::Write;
     let mut sql = String::from("DELETE FROM outbox WHERE seq IN (");
@@ -197,10 +198,19 @@ impl Db {
             return Ok(());
         }
         self.relaxed(false, move |tx| {
-            // One round trip for the lot: the numbers are the store's own integers, written
-            // into the text (a parameter list of every length would be a statement each).
             // Counted here, where it is certain: what the broker confirmed.
-            tx.execute_batch(&confirmed_sql(&seqs))
+            if tx.is_postgres() {
+                // One round trip for the lot: the numbers are the store's own integers,
+                // written into the text (a parameter list of every length would be a
+                // statement each).
+                return tx.execute_batch(&confirmed_sql(&seqs));
+            }
+            // On SQLite a statement is a call, not a round trip: prepared ones, kept.
+            for seq in &seqs {
+                tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+            }
+            tx.execute("UPDATE relay_stats SET published = published + ?1", [seqs.len() as i64])?;
+            Ok(())
         })
         .await
     }
