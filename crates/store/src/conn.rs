@@ -68,7 +68,7 @@ impl Conn {
         match self {
             Conn::Sqlite(c) => c.execute("RELEASE member", Vec::new()).map(|_| ()),
             Conn::Postgres(c) => {
-                c.borrow_mut().release_later("member");
+                c.borrow_mut().defer("RELEASE member");
                 Ok(())
             }
         }

@@ -244,8 +244,8 @@ impl PgConn {
     }
 
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        let upper = sql.trim().to_ascii_uppercase();
-        let ends = upper == "COMMIT" || upper == "ROLLBACK";
+        let text = sql.trim();
+        let ends = text.eq_ignore_ascii_case("COMMIT") || text.eq_ignore_ascii_case("ROLLBACK");
         if ends {
             self.open_tx = false;
             // A savepoint's release is implied by the end of its transaction; a transaction
@@ -280,12 +280,11 @@ impl PgConn {
         Ok(())
     }
 
-    /// Release the member's savepoint with the next statement: a `COMMIT` implies it, and the
-    /// next member's `SAVEPOINT` carries it.
-    pub(crate) fn release_later(&mut self, savepoint: &str) {
-        for part in ["RELEASE ", savepoint, "; "] {
-            self.pending.push_str(part);
-        }
+    /// Send `control` (a savepoint's `RELEASE`) with the next statement: a `COMMIT` implies
+    /// a release, and the next member's `SAVEPOINT` carries it.
+    pub(crate) fn defer(&mut self, control: &str) {
+        self.pending.push_str(control);
+        self.pending.push_str("; ");
     }
 
     pub(crate) fn in_transaction(&self) -> bool {
