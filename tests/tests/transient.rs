@@ -130,15 +130,17 @@ async fn a_full_disk_under_load_is_answered_507_at_once_and_nothing_is_lost() {
 
     let filler = tmpfs.fill();
     // New work is refused at once with a 507 (nothing started), while each store's reserve,
-    // given back on the first full write, lets the work in flight finish.
-    let mut probe = 0;
+    // given back on the first full write, lets the work in flight finish. The probes before
+    // the first 507 may still be taken (the disk is seen full at the next write): their
+    // answers count with the clients'.
+    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let refused =
         wait_for("a new request refused with 507 while the disk is full", Duration::from_secs(30), || {
-            probe += 1;
-            let name = format!("probe-{probe}");
-            let sys = Arc::clone(&sys);
+            let (sys, probes) = (Arc::clone(&sys), Arc::clone(&probes));
             async move {
+                let name = format!("probe-{}", probes.lock().unwrap().len());
                 let (status, body) = sys.create(&name, &name).await;
+                probes.lock().unwrap().push((status, body.clone()));
                 (status == 507).then_some(body)
             }
         })
@@ -166,7 +168,7 @@ async fn a_full_disk_under_load_is_answered_507_at_once_and_nothing_is_lost() {
     })
     .await;
     stop.cancel();
-    let mut answers = Vec::new();
+    let mut answers = std::mem::take(&mut *probes.lock().unwrap());
     tokio::time::timeout(Duration::from_secs(90), async {
         while let Some(r) = clients.join_next().await {
             answers.extend(r.unwrap());
