@@ -353,7 +353,7 @@ impl Core {
                 let deadline = start.deadline.map(|d| Deadline::of(d, now, wall_now));
                 let (saga, effects) =
                     Saga::start(&wf, start.saga_id, start.space_id, start.input, deadline, now);
-                tx.execute(
+                tx.write(
                     "INSERT INTO sagas (saga_id, space_id, workflow, status, state, reply_to, traceparent, created_at, updated_at,
                                         definition_hash, deadline_at, name, owner)
                      VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
@@ -707,7 +707,7 @@ impl Core {
             definition: Some(hash.clone()),
             parent: Some((start.parent, start.index)),
         };
-        tx.execute(
+        tx.write(
             "INSERT INTO sagas (saga_id, space_id, workflow, status, state, traceparent, created_at, updated_at,
                                 definition_hash, deadline_at, parent_id, parent_index)
              VALUES (?1, ?2, ?3, 'running', '{}', ?4, ?5, ?5, ?6, ?7, ?8, ?9)",
@@ -950,7 +950,7 @@ fn apply(
             }
             Effect::History { service, action, attempt, event, detail } => {
                 observe(tx, saga, meta, service, action, event, now)?;
-                tx.execute("INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
+                tx.write("INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
                     saga.id.to_string(),
                     now as i64,
                     service.map(Service::name),
@@ -964,7 +964,7 @@ fn apply(
     }
     let state = serde_json::to_string(saga).expect("saga state serialises");
     let wake = saga.wake_at();
-    tx.execute(
+    tx.write(
         "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
                           answer_status = COALESCE(?6, answer_status)
          WHERE saga_id = ?1",

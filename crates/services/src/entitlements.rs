@@ -78,7 +78,7 @@ impl Step for Entitlements {
             });
         }
         let licence = format!("lic-{}", &ids.space_id.simple().to_string()[16..]);
-        tx.execute(
+        tx.write(
             "INSERT INTO licences (space_id, licence, owner, saga_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![ids.space_id.to_string(), licence, ctx.owner, ids.saga_id.to_string(), baton_store::now_ms()],
         )?;
@@ -86,7 +86,7 @@ impl Step for Entitlements {
     }
 
     fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
-        tx.execute("DELETE FROM licences WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        tx.write("DELETE FROM licences WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
 }

@@ -39,7 +39,7 @@ impl Step for Notifier {
             ctx.licence.as_deref().map(|l| format!(" (licence {l})")).unwrap_or_default(),
         );
         // One email per space, whatever the retries: the primary key makes the send idempotent.
-        tx.execute(
+        tx.write(
             "INSERT INTO emails (space_id, recipient, subject, body, sent_at, saga_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
             params![

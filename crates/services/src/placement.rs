@@ -64,11 +64,11 @@ impl Step for Placement {
                 reason: "no shard has room for another space".into(),
             });
         };
-        tx.execute(
+        tx.write(
             "INSERT INTO placements (space_id, shard, saga_id, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![ids.space_id.to_string(), shard, ids.saga_id.to_string(), baton_store::now_ms()],
         )?;
-        tx.execute("UPDATE shards SET used = used + 1 WHERE name = ?1", [&shard])?;
+        tx.write("UPDATE shards SET used = used + 1 WHERE name = ?1", [&shard])?;
         Ok(placed(shard))
     }
 
@@ -81,7 +81,7 @@ impl Step for Placement {
             )
             .optional()?;
         if let Some(shard) = shard {
-            tx.execute("UPDATE shards SET used = used - 1 WHERE name = ?1", [shard])?;
+            tx.write("UPDATE shards SET used = used - 1 WHERE name = ?1", [shard])?;
         }
         Ok(StepResult::Done(Context::default()))
     }

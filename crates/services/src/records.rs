@@ -39,7 +39,7 @@ impl Step for Records {
             });
         }
         // The key is the name: names are already unique and URL-safe.
-        tx.execute(
+        tx.write(
             "INSERT INTO spaces (space_id, key, name, owner, saga_id, created_at) VALUES (?1, ?2, ?2, ?3, ?4, ?5)",
             params![ids.space_id.to_string(), ctx.name, ctx.owner, ids.saga_id.to_string(), baton_store::now_ms()],
         )?;
@@ -47,7 +47,7 @@ impl Step for Records {
     }
 
     fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
-        tx.execute("DELETE FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        tx.write("DELETE FROM spaces WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
 }

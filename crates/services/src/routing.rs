@@ -66,7 +66,7 @@ impl Step for Routing {
                 reason: format!("the route key `{key}` is taken"),
             });
         }
-        tx.execute(
+        tx.write(
             "INSERT INTO routes (key, shard, space_id, saga_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![key, shard, ids.space_id.to_string(), ids.saga_id.to_string(), baton_store::now_ms()],
         )?;
@@ -74,7 +74,7 @@ impl Step for Routing {
     }
 
     fn undo(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
-        tx.execute("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()])?;
+        tx.write("DELETE FROM routes WHERE space_id = ?1", [ids.space_id.to_string()])?;
         Ok(StepResult::Done(Context::default()))
     }
 }

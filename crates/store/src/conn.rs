@@ -33,6 +33,23 @@ impl Conn {
         }
     }
 
+    /// [`Conn::execute`] whose count nobody reads: on PostgreSQL sent without waiting for
+    /// its answer (read with the next one needed, or by [`Conn::settle`]).
+    pub(crate) fn write(&self, sql: &str, values: Vec<Value>) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.execute(sql, values).map(|_| ()),
+            Conn::Postgres(c) => c.borrow_mut().write(sql, values),
+        }
+    }
+
+    /// The answers of the writes not read yet: the first error among them (PostgreSQL).
+    pub(crate) fn settle(&self) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(_) => Ok(()),
+            Conn::Postgres(c) => c.borrow_mut().settle(),
+        }
+    }
+
     /// Statements without parameters, one after the other (migrations, transaction control).
     pub(crate) fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match self {
@@ -53,12 +70,16 @@ impl Conn {
         }
     }
 
-    /// Isolate the next member of a group commit: on PostgreSQL the statement rides with the
-    /// transaction control held back (the `BEGIN`, the last member's `RELEASE`).
+    /// Isolate the next member of a group commit: on PostgreSQL the statement goes out ahead
+    /// of the member's first request, with the transaction control held back (the `BEGIN`,
+    /// the last member's `RELEASE`); if it fails, that request fails with its error.
     pub(crate) fn savepoint(&self) -> Result<(), StoreError> {
         match self {
             Conn::Sqlite(c) => c.execute("SAVEPOINT member", Vec::new()).map(|_| ()),
-            Conn::Postgres(c) => c.borrow_mut().batch("SAVEPOINT member"),
+            Conn::Postgres(c) => {
+                c.borrow_mut().defer("SAVEPOINT member");
+                Ok(())
+            }
         }
     }
 
@@ -151,6 +172,14 @@ impl Tx<'_> {
     /// Run one statement; the rows it changed.
     pub fn execute(&self, sql: &str, params: impl Params) -> Result<usize, StoreError> {
         self.conn.execute(sql, params.values())
+    }
+
+    /// Run a write whose count nobody reads and whose error the caller only passes on. On
+    /// PostgreSQL it is sent without waiting (pipelined), and its answer read with the next
+    /// one needed: an error fails that statement, or the member as it ends, never lost. Use
+    /// [`Tx::execute`] where an error must be seen at this statement.
+    pub fn write(&self, sql: &str, params: impl Params) -> Result<(), StoreError> {
+        self.conn.write(sql, params.values())
     }
 
     /// The first row of a query, mapped by `f`; [`StoreError::NoRows`] when there is none (see

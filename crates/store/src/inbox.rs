@@ -22,7 +22,7 @@ pub fn seen(tx: &Tx<'_>, message_id: Uuid) -> Result<Option<Vec<Outgoing>>, Stor
 /// Record `message_id` as handled, with the replies it produced.
 pub fn record(tx: &Tx<'_>, message_id: Uuid, replies: &[Outgoing]) -> Result<(), StoreError> {
     let json = serde_json::to_string(replies).expect("outgoing messages serialise");
-    tx.execute(
+    tx.write(
         "INSERT INTO inbox (message_id, received_at, replies) VALUES (?1, ?2, ?3)",
         params![message_id.to_string(), now_ms(), json],
     )?;

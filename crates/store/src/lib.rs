@@ -60,7 +60,7 @@ pub enum StoreError {
     /// another instance's transaction) when [`StoreError::is_transient`] says so, otherwise a
     /// failure of this statement.
     #[error("database error: {}", pg::describe(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] tokio_postgres::Error),
     /// A query that must return a row returned none.
     #[error("the query returned no row")]
     NoRows,
@@ -749,7 +749,8 @@ impl Db {
                 }
             };
             watch.lap(&component, Stage::Handoff);
-            let result = span.in_scope(|| f(tx));
+            // Its pipelined writes are part of it: their errors are its own.
+            let result = span.in_scope(|| f(tx)).and_then(|r| tx.conn.settle().map(|()| r));
             let outage = match &result {
                 Err(e) if e.is_transient() => {
                     Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() })
@@ -759,6 +760,8 @@ impl Db {
             let closed = if result.is_ok() {
                 tx.conn.release()
             } else {
+                // Writes still unread are undone with the rest of it.
+                let _ = tx.conn.settle();
                 tx.conn.execute("ROLLBACK TO member", Vec::new()).and_then(|_| tx.conn.release())
             };
             watch.lap(&component, Stage::Run);

@@ -1,21 +1,27 @@
 //! The PostgreSQL backend: every component in a schema of its own in one database, so that a
 //! service still owns its data while its state outlives any one machine.
 //!
-//! It uses the `postgres` crate, the blocking face of `tokio-postgres` by the same
-//! maintainers: the store runs every statement on the component's own database thread (as it
-//! does for SQLite), so a transaction never spans an `.await` and concurrent handlers share one
-//! commit. One connection per thread: no pool is needed, and the connection is opened again
-//! when it is lost.
+//! It uses `tokio-postgres` on a runtime of the component's own database thread, which blocks
+//! on each answer it needs: the store runs every statement there (as it does for SQLite), so a
+//! transaction never spans an `.await` of the caller and concurrent handlers share one commit.
+//! What that gains over a blocking client is pipelining: a write whose answer nobody reads
+//! ([`crate::Tx::write`]) and the transaction control are sent at once and read with the next
+//! answer that is needed, so a handler's statements share round trips. One connection per
+//! thread: no pool is needed, and the connection is opened again when it is lost.
 
 use std::collections::HashMap;
 use std::error::Error;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres::error::SqlState;
-use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{Client, NoTls, Statement};
+use futures_util::future::{MaybeDone, maybe_done};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::StoreError;
 use crate::sql::{Row, Value, to_postgres};
@@ -27,24 +33,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// primary that vanished (its machine died) fails the statements waiting on it within this.
 const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A request sent whose answer is not read yet.
+type Unread = MaybeDone<Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>>>>>;
+
 pub(crate) struct PgConn {
-    client: Client,
-    config: postgres::Config,
+    /// Drives the connection's I/O while the thread waits for an answer.
+    rt: tokio::runtime::Runtime,
+    client: Arc<Client>,
+    config: tokio_postgres::Config,
     schema: String,
     /// Each statement prepared once per connection, by its text in the portable subset.
     prepared: HashMap<String, Statement>,
     read_only: bool,
     open_tx: bool,
-    /// Transaction control not sent yet: it rides with the next simple query (the `BEGIN`
-    /// with the first member's `SAVEPOINT`, a member's `RELEASE` with the next one's), so
-    /// that a handler's transaction costs two round trips of control, not four.
+    /// Transaction control not sent yet: it goes out with the next request (the `BEGIN` and
+    /// the first member's `SAVEPOINT` ahead of its first statement, a member's `RELEASE` with
+    /// the next one's `SAVEPOINT`), so that it costs no round trip of its own.
     pending: String,
+    /// Requests sent whose answers nobody has read yet, in order: writes ([`PgConn::write`])
+    /// and transaction control. Read before the next answer that is needed, or by
+    /// [`PgConn::settle`] at the end of a member.
+    unread: Vec<Unread>,
 }
 
 /// The connection settings of `url`, with the store's timeouts where the URL sets none; the
 /// error says what is wrong with it (never the password).
-pub(crate) fn config(url: &str) -> Result<postgres::Config, OpenError> {
-    let mut config = postgres::Config::from_str(url).map_err(OpenError::BadUrl)?;
+pub(crate) fn config(url: &str) -> Result<tokio_postgres::Config, OpenError> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(OpenError::BadUrl)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -77,35 +92,57 @@ fn quoted(schema: &str) -> String {
 /// Connect to `schema` of the database, creating and migrating it first (unless `read_only`).
 /// `None` for a reader whose schema does not exist yet.
 pub(crate) fn open(
-    config: &postgres::Config,
+    config: &tokio_postgres::Config,
     schema: &str,
     migrations: &[&str],
     read_only: bool,
 ) -> Result<Option<PgConn>, OpenError> {
-    let mut client = config.connect(NoTls)?;
-    if read_only {
-        let exists: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
-                &[&schema],
-            )?
-            .get(0);
-        if !exists {
-            return Ok(None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OpenError::Runtime(e.to_string()))?;
+    let opened = rt.block_on(async {
+        let mut client = connect(config).await?;
+        if read_only {
+            let exists: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
+                    &[&schema],
+                )
+                .await?
+                .get(0);
+            if !exists {
+                return Ok(None);
+            }
+        } else {
+            migrate(&mut client, schema, migrations).await?;
         }
-    } else {
-        migrate(&mut client, schema, migrations)?;
-    }
-    client.batch_execute(&session(schema))?;
-    Ok(Some(PgConn {
-        client,
+        client.batch_execute(&session(schema)).await?;
+        Ok::<_, OpenError>(Some(client))
+    })?;
+    Ok(opened.map(|client| PgConn {
+        rt,
+        client: Arc::new(client),
         config: config.clone(),
         schema: schema.to_owned(),
         prepared: HashMap::new(),
         read_only,
         open_tx: false,
         pending: String::new(),
+        unread: Vec::new(),
     }))
+}
+
+/// Connect, the connection's I/O driven by the current runtime (the database thread's).
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    // Ends when the client is dropped or the server goes: the client then says it is closed.
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "a PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
 }
 
 /// The prefix of the advisory lock's key, with the schema's name, that migrations (and
@@ -114,28 +151,31 @@ pub(crate) const SCHEMA_LOCK: &str = "baton schema ";
 
 /// Apply the migrations the schema lacks, counted in a table of its own as SQLite counts them
 /// in `user_version`. Instances starting together wait for each other on an advisory lock.
-fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), OpenError> {
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1 || $2))", &[&SCHEMA_LOCK, &schema])?;
+async fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), OpenError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1 || $2))", &[&SCHEMA_LOCK, &schema]).await?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {s};
          SET LOCAL search_path TO {s};
          CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);",
         s = quoted(schema)
-    ))?;
-    let done: Option<i64> = tx.query_opt("SELECT version FROM schema_version", &[])?.map(|r| r.get(0));
+    ))
+    .await?;
+    let done: Option<i64> = tx.query_opt("SELECT version FROM schema_version", &[]).await?.map(|r| r.get(0));
     let applied = crate::migrations_to_apply(done.unwrap_or(0), all.len())?;
     for (i, sql) in all.iter().enumerate().skip(applied) {
         tracing::debug!(migration = i + 1, schema, "applying migration");
-        tx.batch_execute(&to_postgres(sql)).map_err(|source| OpenError::Migration { n: i + 1, source })?;
+        tx.batch_execute(&to_postgres(sql))
+            .await
+            .map_err(|source| OpenError::Migration { n: i + 1, source })?;
     }
     let version = all.len() as i64;
     match done {
-        None => tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&version]),
-        Some(v) if v != version => tx.execute("UPDATE schema_version SET version = $1", &[&version]),
+        None => tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&version]).await,
+        Some(v) if v != version => tx.execute("UPDATE schema_version SET version = $1", &[&version]).await,
         Some(_) => Ok(0),
     }?;
-    Ok(tx.commit()?)
+    Ok(tx.commit().await?)
 }
 
 /// Why a store could not be opened: the cause under [`crate::StoreError::Open`], or why
@@ -144,16 +184,19 @@ fn migrate(client: &mut Client, schema: &str, all: &[&str]) -> Result<(), OpenEr
 pub enum OpenError {
     /// The URL does not parse: the user must fix it.
     #[error("the database URL is not a PostgreSQL URL ({0}): expected postgres://user@host:port/db")]
-    BadUrl(#[source] postgres::Error),
+    BadUrl(#[source] tokio_postgres::Error),
     /// The server could not be reached, or refused a statement of the opening.
     #[error("{}", describe(.0))]
-    Driver(#[from] postgres::Error),
+    Driver(#[from] tokio_postgres::Error),
+    /// The database thread could not start the runtime its connection runs on.
+    #[error("cannot start the database thread's runtime: {0}")]
+    Runtime(String),
     /// A migration failed: the schema stays at the version before it.
     #[error("migration {n} failed: {}", describe(.source))]
     Migration {
         n: usize,
         #[source]
-        source: postgres::Error,
+        source: tokio_postgres::Error,
     },
     /// A migration of a SQLite store failed: the file stays at the version before it.
     #[error("migration {n} failed: {source}")]
@@ -168,7 +211,7 @@ pub enum OpenError {
 }
 
 /// A driver error as a sentence, with the server's message and code when it sent one.
-pub(crate) fn describe(e: &postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => e.source().map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
@@ -179,7 +222,7 @@ pub(crate) fn describe(e: &postgres::Error) -> String {
 /// cannot be made, the server is shutting down or out of resources, or the transaction lost a
 /// conflict with another instance's (serialization failure, deadlock). The same work goes
 /// through when tried again.
-pub(crate) fn is_outage(e: &postgres::Error) -> bool {
+pub(crate) fn is_outage(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }
@@ -200,47 +243,119 @@ pub(crate) fn is_outage(e: &postgres::Error) -> bool {
 }
 
 /// The server's disk is full (or its quota spent).
-pub(crate) fn is_disk_full(e: &postgres::Error) -> bool {
+pub(crate) fn is_disk_full(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| [SqlState::DISK_FULL, SqlState::INSUFFICIENT_RESOURCES].contains(c))
 }
 
 /// A serialization failure or a deadlock: another transaction won, and this one can run again.
-pub(crate) fn is_conflict(e: &postgres::Error) -> bool {
+pub(crate) fn is_conflict(e: &tokio_postgres::Error) -> bool {
     e.code()
         .is_some_and(|c| [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED].contains(c))
 }
 
 impl PgConn {
-    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
         if let Some(s) = self.prepared.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(&to_postgres(sql))?;
+        self.send_control();
+        let (client, text) = (Arc::clone(&self.client), to_postgres(sql));
+        let s = self.answer(async move { client.prepare(&text).await })?;
         self.prepared.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
 
-    /// Send the transaction control held back, before a statement that cannot carry it.
-    fn flush(&mut self) -> Result<(), StoreError> {
+    /// Queue `request` on the connection without waiting for its answer: the connection
+    /// writes it with the next request whose answer the thread waits for.
+    fn send(&mut self, request: Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>>>>) {
+        let mut request = maybe_done(request);
+        // Polled once: that is when the driver queues a request (see tokio-postgres' docs).
+        self.rt.block_on(std::future::poll_fn(|cx| {
+            let _ = Pin::new(&mut request).poll(cx);
+            std::task::Poll::Ready(())
+        }));
+        self.unread.push(request);
+    }
+
+    /// Send `request` behind the unread ones, then read every answer in order: one round trip
+    /// for them all. The first error among them is the answer; the ones after it only say
+    /// that the transaction is aborted.
+    fn answer<T>(
+        &mut self,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let unread = std::mem::take(&mut self.unread);
+        let answered = self.rt.block_on(async move {
+            let mut request = std::pin::pin!(request);
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx))).await;
+            let mut failed = None;
+            for mut earlier in unread {
+                (&mut earlier).await;
+                if let Some(Err(e)) = Pin::new(&mut earlier).take_output() {
+                    failed.get_or_insert(e);
+                }
+            }
+            let result = match first {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => request.await,
+            };
+            match failed {
+                Some(e) => Err(e),
+                None => result,
+            }
+        });
+        Ok(answered?)
+    }
+
+    /// Send the transaction control held back (see `pending`) ahead of the next request.
+    fn send_control(&mut self) {
         if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            self.client.batch_execute(&pending)?;
+            let (client, control) = (Arc::clone(&self.client), std::mem::take(&mut self.pending));
+            self.send(Box::pin(async move { client.batch_execute(&control).await }));
         }
-        Ok(())
+    }
+
+    /// Read the answers still unread: the first error among them. A member's work is not done
+    /// until this says so.
+    pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        if self.unread.is_empty() {
+            return Ok(());
+        }
+        self.answer(std::future::ready(Ok(())))
     }
 
     pub(crate) fn execute(&mut self, sql: &str, values: Vec<Value>) -> Result<usize, StoreError> {
-        self.flush()?;
         let stmt = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        Ok(self.client.execute(&stmt, &params)? as usize)
+        self.send_control();
+        let client = Arc::clone(&self.client);
+        let n = self.answer(async move {
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            client.execute(&stmt, &params).await
+        })?;
+        Ok(n as usize)
+    }
+
+    /// [`PgConn::execute`] without reading its answer now (see `unread`).
+    pub(crate) fn write(&mut self, sql: &str, values: Vec<Value>) -> Result<(), StoreError> {
+        let stmt = self.statement(sql)?;
+        self.send_control();
+        let client = Arc::clone(&self.client);
+        self.send(Box::pin(async move {
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            client.execute(&stmt, &params).await.map(|_| ())
+        }));
+        Ok(())
     }
 
     pub(crate) fn query(&mut self, sql: &str, values: Vec<Value>) -> Result<Vec<Row>, StoreError> {
-        self.flush()?;
         let stmt = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        self.client.query(&stmt, &params)?.iter().map(row).collect()
+        self.send_control();
+        let client = Arc::clone(&self.client);
+        let rows = self.answer(async move {
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            client.query(&stmt, &params).await
+        })?;
+        rows.iter().map(row).collect()
     }
 
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
@@ -249,20 +364,21 @@ impl PgConn {
         if ends {
             self.open_tx = false;
             // A savepoint's release is implied by the end of its transaction; a transaction
-            // that never ran a statement needs no round trip to end.
+            // that never sent anything needs no round trip to end.
             let never_begun = self.pending.starts_with("BEGIN");
             self.pending.clear();
-            if never_begun {
+            if never_begun && self.unread.is_empty() {
                 return Ok(());
             }
+            if text.eq_ignore_ascii_case("ROLLBACK") {
+                // What failed before is undone with the rest.
+                let _ = self.settle();
+            }
         }
-        let sql = to_postgres(sql);
-        if self.pending.is_empty() {
-            return Ok(self.client.batch_execute(&sql)?);
-        }
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.push_str(&sql);
-        Ok(self.client.batch_execute(&pending)?)
+        let mut control = std::mem::take(&mut self.pending);
+        control.push_str(&to_postgres(sql));
+        let client = Arc::clone(&self.client);
+        self.answer(async move { client.batch_execute(&control).await })
     }
 
     /// Begin a transaction with the next statement (see `pending`).
@@ -280,8 +396,8 @@ impl PgConn {
         Ok(())
     }
 
-    /// Send `control` (a savepoint's `RELEASE`) with the next statement: a `COMMIT` implies
-    /// a release, and the next member's `SAVEPOINT` carries it.
+    /// Send `control` (a member's `SAVEPOINT`, its `RELEASE`) with the next request: a
+    /// `COMMIT` implies a release, and a member that runs no statement needs neither.
     pub(crate) fn defer(&mut self, control: &str) {
         self.pending.push_str(control);
         self.pending.push_str("; ");
@@ -296,19 +412,24 @@ impl PgConn {
         if !self.client.is_closed() {
             return Ok(());
         }
-        let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&session(&self.schema))?;
+        let (config, setup) = (self.config.clone(), session(&self.schema));
+        let client = self.rt.block_on(async move {
+            let client = connect(&config).await?;
+            client.batch_execute(&setup).await?;
+            Ok::<_, tokio_postgres::Error>(client)
+        })?;
         tracing::info!(schema = %self.schema, "reconnected to PostgreSQL");
-        self.client = client;
+        self.client = Arc::new(client);
         self.prepared.clear();
         self.open_tx = false;
         self.pending.clear();
+        self.unread.clear();
         Ok(())
     }
 }
 
 /// A row of PostgreSQL as the store's values: the types the portable subset produces.
-fn row(r: &postgres::Row) -> Result<Row, StoreError> {
+fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
     (0..r.len())
         .map(|i| {
             let ty = r.columns()[i].type_();

@@ -59,7 +59,7 @@ fn admin(url: &str, sql: String) -> Result<(), StoreError> {
     let config = crate::pg::config(url)
         .map_err(|cause| StoreError::Open { path: "(database URL)".into(), cause: cause.into() })?;
     std::thread::spawn(move || -> Result<(), StoreError> {
-        let mut client = config.connect(postgres::NoTls)?;
+        let mut client = postgres::Config::from(config).connect(postgres::NoTls)?;
         client.batch_execute(&sql)?;
         Ok(())
     })
