@@ -419,7 +419,9 @@ where
                         stalls: Arc::clone(&cfg.stalls),
                         acks: Arc::clone(&acks),
                     };
-                    handlers.spawn(process(delivery, on, publisher, handler));
+                    // Boxed: the handler's future is kilobytes, which the task would
+                    // otherwise copy at its spawn and again at its end, at every delivery.
+                    handlers.spawn(Box::pin(process(delivery, on, publisher, handler)));
                 }
                 Some(Err(e)) => {
                     // The channel or its connection failed: start over on a fresh channel (the
