@@ -23,7 +23,7 @@ use opentelemetry::trace::{
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::{Level, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -84,9 +84,13 @@ pub fn init(filter: &str, format: LogFormat, service: &str) -> Telemetry {
         .with_threads(false)
         .with_context_activation(false)
         .with_tracked_inactivity(false)
-        .with_filter(filter_fn(|m| {
-            if m.is_span() { *m.level() <= Level::INFO } else { *m.level() <= Level::WARN }
-        }));
+        .with_filter(
+            filter_fn(|m| if m.is_span() { *m.level() <= Level::INFO } else { *m.level() <= Level::WARN })
+                // Said, so that a DEBUG call site (and a `log` record of a library, such as
+                // tokio-postgres' at every statement) is skipped where it stands unless the
+                // log filter asks for it, instead of built and offered to every layer.
+                .with_max_level_hint(LevelFilter::INFO),
+        );
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
     // A failed write is not reported: its default `eprintln!` panics when stderr is a closed
