@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::TryStreamExt;
 use futures_util::future::{MaybeDone, maybe_done};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -324,37 +325,31 @@ impl PgConn {
         self.answer(std::future::ready(Ok(())))
     }
 
-    pub(crate) fn execute(&mut self, sql: &str, values: Vec<Value>) -> Result<usize, StoreError> {
+    /// The statement of `sql`, prepared once, with the control held back sent ahead of it, and
+    /// the client to run it on.
+    fn ready(&mut self, sql: &str) -> Result<(Statement, Arc<Client>), StoreError> {
         let stmt = self.statement(sql)?;
         self.send_control();
-        let client = Arc::clone(&self.client);
-        let n = self.answer(async move {
-            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            client.execute(&stmt, &params).await
-        })?;
+        Ok((stmt, Arc::clone(&self.client)))
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, values: Vec<Value>) -> Result<usize, StoreError> {
+        let (stmt, client) = self.ready(sql)?;
+        let n = self.answer(async move { client.execute_raw(&stmt, &values).await })?;
         Ok(n as usize)
     }
 
     /// [`PgConn::execute`] without reading its answer now (see `unread`).
     pub(crate) fn write(&mut self, sql: &str, values: Vec<Value>) -> Result<(), StoreError> {
-        let stmt = self.statement(sql)?;
-        self.send_control();
-        let client = Arc::clone(&self.client);
-        self.send(Box::pin(async move {
-            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            client.execute(&stmt, &params).await.map(|_| ())
-        }));
+        let (stmt, client) = self.ready(sql)?;
+        self.send(Box::pin(async move { client.execute_raw(&stmt, &values).await.map(|_| ()) }));
         Ok(())
     }
 
     pub(crate) fn query(&mut self, sql: &str, values: Vec<Value>) -> Result<Vec<Row>, StoreError> {
-        let stmt = self.statement(sql)?;
-        self.send_control();
-        let client = Arc::clone(&self.client);
-        let rows = self.answer(async move {
-            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            client.query(&stmt, &params).await
-        })?;
+        let (stmt, client) = self.ready(sql)?;
+        let rows = self
+            .answer(async move { client.query_raw(&stmt, &values).await?.try_collect::<Vec<_>>().await })?;
         rows.iter().map(row).collect()
     }
 
