@@ -98,10 +98,8 @@ pub(crate) fn open(
     migrations: &[&str],
     read_only: bool,
 ) -> Result<Option<PgConn>, OpenError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| OpenError::Runtime(e.to_string()))?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(OpenError::Runtime)?;
     let opened = rt.block_on(async {
         let mut client = connect(config).await?;
         if read_only {
@@ -190,8 +188,8 @@ pub enum OpenError {
     #[error("{}", describe(.0))]
     Driver(#[from] tokio_postgres::Error),
     /// The database thread could not start the runtime its connection runs on.
-    #[error("cannot start the database thread's runtime: {0}")]
-    Runtime(String),
+    #[error("cannot start the database thread's runtime (out of threads or file descriptors?): {0}")]
+    Runtime(#[source] std::io::Error),
     /// A migration failed: the schema stays at the version before it.
     #[error("migration {n} failed: {}", describe(.source))]
     Migration {
