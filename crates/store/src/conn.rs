@@ -59,14 +59,13 @@ impl Conn {
     }
 
     /// Start a transaction: one that writes takes the write lock at once on SQLite (so that
-    /// instances sharing a file wait for each other instead of failing), and is SERIALIZABLE on
-    /// PostgreSQL, where instances on several machines write the same rows: a conflict fails
-    /// one of them with a serialization error, an outage retried in place, never a lost update.
-    /// `relaxed`: READ COMMITTED on PostgreSQL ([`crate::Db::relaxed`]); no difference on SQLite.
-    pub(crate) fn begin(&self, relaxed: bool) -> Result<(), StoreError> {
+    /// instances sharing a file wait for each other instead of failing), and is isolated at
+    /// `level` on PostgreSQL, where instances on several machines write the same rows: a
+    /// conflict fails one of them, an outage retried in place, never a lost update.
+    pub(crate) fn begin(&self, level: crate::Level) -> Result<(), StoreError> {
         match self {
             Conn::Sqlite(c) => c.begin(),
-            Conn::Postgres(c) => c.borrow_mut().begin(relaxed),
+            Conn::Postgres(c) => c.borrow_mut().begin(level),
         }
     }
 

@@ -304,9 +304,32 @@ struct Job {
     member: Member,
     /// Run in a transaction of its own ([`Db::call`]), not in a group.
     alone: bool,
-    /// The relay's bookkeeping of its own rows: on PostgreSQL it runs alone at READ COMMITTED
-    /// (see [`Db::relaxed`]); on SQLite, where one writer at a time is the rule, as any other job.
-    relaxed: bool,
+    /// Its isolation on PostgreSQL: the relay's bookkeeping of its own rows runs alone at READ
+    /// COMMITTED (see [`Db::relaxed`]); on SQLite, where one writer at a time is the rule, every
+    /// job is alike.
+    level: Level,
+}
+
+/// How a component's transactions are isolated from other instances' on PostgreSQL (SQLite
+/// runs one writer at a time, so there they are serial whatever this says).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// `SERIALIZABLE`: every invariant holds whatever rows it spans, at the price of
+    /// conflicts between instances that touch nearby rows (predicate locks on index pages).
+    #[default]
+    Serializable,
+    /// `REPEATABLE READ`: two transactions that write the same row conflict, and nothing else
+    /// does. For a component each of whose invariants lives in one row it writes (a saga's
+    /// state) or in a unique key (an inbox id, an idempotency key).
+    Snapshot,
+}
+
+/// The isolation level a job's transaction begins with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    Isolated(Isolation),
+    /// READ COMMITTED: the relay's bookkeeping and the scheduling reads ([`Db::relaxed`]).
+    Relaxed,
 }
 
 /// Hands a group member its result once the group's fate is known.
@@ -352,6 +375,8 @@ pub struct Db {
     health: StoreHealth,
     /// The reserve on the data dir's disk (SQLite stores a component writes).
     room: Option<Arc<room::Room>>,
+    /// How its transactions are isolated on PostgreSQL ([`Db::isolated`]).
+    isolation: Isolation,
 }
 
 /// Marks the database thread stopped when dropped.
@@ -433,8 +458,9 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             health.0.stopped.store(true, Ordering::Release);
             return;
         }
-        let on_its_own = job.alone || (job.relaxed && conn.is_postgres());
-        if let Err(e) = conn.ensure_open().and_then(|()| conn.begin(job.relaxed)) {
+        let relaxed = job.level == Level::Relaxed;
+        let on_its_own = job.alone || (relaxed && conn.is_postgres());
+        if let Err(e) = conn.ensure_open().and_then(|()| conn.begin(job.level)) {
             health.committed(Err(&e), &None);
             // Nothing ran: this member hears why; the queue goes on.
             let e = Arc::new(e);
@@ -449,7 +475,7 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
         let mut lost = group.broken || !conn.in_transaction();
         while !on_its_own && !lost && group.finishes.len() < GROUP_MAX {
             match rx.try_recv() {
-                Ok(Job { member, alone: false, relaxed }) if !(relaxed && conn.is_postgres()) => {
+                Ok(Job { member, alone: false, level }) if level == job.level || !conn.is_postgres() => {
                     group.run(&conn, owner, member);
                     lost = group.broken || !conn.in_transaction();
                 }
@@ -626,7 +652,15 @@ impl Db {
             watch: Arc::default(),
             health,
             room,
+            isolation: Isolation::default(),
         }))
+    }
+
+    /// This store with its transactions isolated as `isolation` says on PostgreSQL (the
+    /// default is [`Isolation::Serializable`]); the relay's bookkeeping stays at READ COMMITTED.
+    pub fn isolated(mut self, isolation: Isolation) -> Db {
+        self.isolation = isolation;
+        self
     }
 
     /// Run `f` on the database thread, in a transaction of its own, and return its result once
@@ -711,7 +745,7 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        self.send(f, alone, true).await
+        self.send(f, alone, Level::Relaxed).await
     }
 
     async fn submit<R, F>(&self, f: F, alone: bool) -> Result<R, StoreError>
@@ -719,17 +753,17 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        self.send(f, alone, false).await
+        self.send(f, alone, Level::Isolated(self.isolation)).await
     }
 
-    async fn send<R, F>(&self, f: F, alone: bool, relaxed: bool) -> Result<R, StoreError>
+    async fn send<R, F>(&self, f: F, alone: bool, level: Level) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
         // A handler's transaction (group commit) is timed stage by stage; the relay's
         // bookkeeping and the reads are not part of a hop's stages.
-        let timed = !alone && !relaxed;
+        let timed = !alone && level != Level::Relaxed;
         let mut watch = if timed { Stopwatch::start() } else { Stopwatch::default() };
         let component = Arc::clone(&self.component);
         let (done, wait) = tokio::sync::oneshot::channel::<(Result<R, StoreError>, Stopwatch)>();
@@ -795,7 +829,7 @@ impl Db {
             Ran { finish, outage, broken }
         });
         let closed = || StoreError::Closed(self.name.to_string());
-        self.tx.send(Job { member, alone, relaxed }).map_err(|_| closed())?;
+        self.tx.send(Job { member, alone, level }).map_err(|_| closed())?;
         let (result, resumed) = wait.await.map_err(|_| closed())?;
         resumed.record(&self.component, Stage::Resume);
         if let Err(e) = &result
@@ -1024,15 +1058,21 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_instances_never_lose_an_update_on_postgres() {
-        // Two instances (two connections) add to one counter at once: under SERIALIZABLE one
-        // of a conflicting pair fails as an outage, and is retried, as the handlers do.
+        for isolation in [Isolation::Serializable, Isolation::Snapshot] {
+            two_instances_add_to_one_counter(isolation).await;
+        }
+    }
+
+    /// Two instances (two connections) add to one counter at once: under either isolation one
+    /// of a conflicting pair fails as an outage, and is retried, as the handlers do.
+    async fn two_instances_add_to_one_counter(isolation: Isolation) {
         let stores = Stores::new();
         let at = stores.each()[1].clone();
         let migrations: &'static [&'static str] = &[
             "CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL); INSERT INTO counter VALUES (1, 0)",
         ];
-        let a = Db::open(&at, "c", migrations, "a").await.unwrap();
-        let b = Db::open(&at, "c", migrations, "b").await.unwrap();
+        let a = Db::open(&at, "c", migrations, "a").await.unwrap().isolated(isolation);
+        let b = Db::open(&at, "c", migrations, "b").await.unwrap().isolated(isolation);
         let add = |db: Db| async move {
             let mut retries = 0;
             for _ in 0..100 {
@@ -1057,7 +1097,61 @@ mod tests {
         };
         let (ra, rb) = tokio::join!(tokio::spawn(add(a.clone())), tokio::spawn(add(b)));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
-        assert_eq!(count(&a, "SELECT n FROM counter").await, 200, "no update lost ({ra} + {rb} retries)");
+        assert_eq!(
+            count(&a, "SELECT n FROM counter").await,
+            200,
+            "{isolation:?}: no update lost ({ra} + {rb} retries)"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_snapshot_isolation_a_key_taken_by_another_instance_is_a_conflict() {
+        // Both instances check that a key is free, then take it, as an inbox or a start of a
+        // saga does; the one that loses the race hits the unique key, a conflict, and its second
+        // try sees the winner's row. Each key ends up taken once, and each try is told which.
+        let stores = Stores::new();
+        let at = stores.each()[1].clone();
+        let migrations: &'static [&'static str] =
+            &["CREATE TABLE taken (k INTEGER PRIMARY KEY, by_whom TEXT NOT NULL)"];
+        let a = Db::open(&at, "k", migrations, "a").await.unwrap().isolated(Isolation::Snapshot);
+        let b = Db::open(&at, "k", migrations, "b").await.unwrap().isolated(Isolation::Snapshot);
+        let take = |db: Db, me: &'static str| async move {
+            let (mut won, mut conflicts) = (0, 0);
+            for k in 0..200_i64 {
+                loop {
+                    let r = db
+                        .transaction(move |tx| {
+                            let by: Option<String> = tx
+                                .query_row("SELECT by_whom FROM taken WHERE k = ?1", [k], |r| r.get(0))
+                                .optional()?;
+                            if by.is_some() {
+                                return Ok(false);
+                            }
+                            tx.execute(
+                                "INSERT INTO taken (k, by_whom) VALUES (?1, ?2)",
+                                crate::params![k, me],
+                            )?;
+                            Ok(true)
+                        })
+                        .await;
+                    match r {
+                        Ok(true) => won += 1,
+                        Ok(false) => {}
+                        Err(e) if e.is_conflict() && e.is_transient() => {
+                            conflicts += 1;
+                            continue;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    break;
+                }
+            }
+            (won, conflicts)
+        };
+        let (ra, rb) = tokio::join!(tokio::spawn(take(a.clone(), "a")), tokio::spawn(take(b, "b")));
+        let ((wa, ca), (wb, cb)) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(wa + wb, 200, "each key taken once: a {wa}, b {wb} ({ca} + {cb} conflicts)");
+        assert_eq!(count(&a, "SELECT COUNT(*) FROM taken").await, 200);
     }
 
     #[tokio::test]

@@ -24,8 +24,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::StoreError;
 use crate::sql::{Row, Value, to_postgres};
+use crate::{Isolation, Level, StoreError};
 
 /// How long a connection attempt may take before it counts as failed (an outage).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -234,6 +234,7 @@ pub(crate) fn is_outage(e: &tokio_postgres::Error) -> bool {
         || [
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::UNIQUE_VIOLATION,
             SqlState::LOCK_NOT_AVAILABLE,
             // This session was ended for idling in a transaction: it was frozen (see [`SESSION`]).
             SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
@@ -246,10 +247,14 @@ pub(crate) fn is_disk_full(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| [SqlState::DISK_FULL, SqlState::INSUFFICIENT_RESOURCES].contains(c))
 }
 
-/// A serialization failure or a deadlock: another transaction won, and this one can run again.
+/// A serialization failure, a deadlock, or a key another transaction inserted first: that
+/// one won, and this one can run again, when it sees the winner's row (every insert of a
+/// unique key is checked first, so only a race between instances reaches the constraint).
 pub(crate) fn is_conflict(e: &tokio_postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED].contains(c))
+    e.code().is_some_and(|c| {
+        [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED, SqlState::UNIQUE_VIOLATION]
+            .contains(c)
+    })
 }
 
 impl PgConn {
@@ -375,13 +380,12 @@ impl PgConn {
     }
 
     /// Begin a transaction with the next statement (see `pending`).
-    pub(crate) fn begin(&mut self, relaxed: bool) -> Result<(), StoreError> {
-        let sql = if self.read_only {
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-        } else if relaxed {
-            "BEGIN ISOLATION LEVEL READ COMMITTED; "
-        } else {
-            "BEGIN ISOLATION LEVEL SERIALIZABLE; "
+    pub(crate) fn begin(&mut self, level: Level) -> Result<(), StoreError> {
+        let sql = match level {
+            _ if self.read_only => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; ",
+            Level::Relaxed => "BEGIN ISOLATION LEVEL READ COMMITTED; ",
+            Level::Isolated(Isolation::Snapshot) => "BEGIN ISOLATION LEVEL REPEATABLE READ; ",
+            Level::Isolated(Isolation::Serializable) => "BEGIN ISOLATION LEVEL SERIALIZABLE; ",
         };
         self.pending.clear();
         self.pending.push_str(sql);
