@@ -201,9 +201,12 @@ async fn search(
 
 /// The health page's view of the broker: every instance takes work, every queue its depths.
 async fn broker_health(c: &Client) {
-    // Every instance, as the broker sees it: each takes work.
-    let instances =
-        until(c, "every instance in the broker's view", INSTANCES, |s| s.split(' ').count() == 7).await;
+    // Every instance, as the broker sees it: each takes work. (The broker reports a new
+    // connection's state with its next sample of statistics, every few seconds.)
+    let instances = until(c, "every instance taking work in the broker's view", INSTANCES, |s| {
+        s.split(' ').count() == 7 && s.split(' ').all(|i| i.ends_with(":true"))
+    })
+    .await;
     for component in
         ["records", "placement", "entitlements", "routing", "notifier", "orchestrator", "gateway"]
     {
