@@ -458,8 +458,7 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             health.0.stopped.store(true, Ordering::Release);
             return;
         }
-        let relaxed = job.level == Level::Relaxed;
-        let on_its_own = job.alone || (relaxed && conn.is_postgres());
+        let on_its_own = job.alone || (job.level == Level::Relaxed && conn.is_postgres());
         if let Err(e) = conn.ensure_open().and_then(|()| conn.begin(job.level)) {
             health.committed(Err(&e), &None);
             // Nothing ran: this member hears why; the queue goes on.
