@@ -10,7 +10,7 @@ use baton_amqp::topology;
 use baton_amqp::{Broker, ConsumerConfig, Identity, Publisher, consume};
 use baton_health::{Kind, running};
 use baton_protocol::Mode;
-use baton_store::{Db, Isolation};
+use baton_store::Db;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -37,10 +37,7 @@ pub async fn serve(listener: TcpListener, opts: Options, cancel: CancellationTok
     if opts.metrics {
         baton_metrics::install(&opts.instance);
     }
-    // A request's row and an idempotency key are each written by every transaction that
-    // decides on them: snapshot isolation catches each race as a write conflict.
-    let db =
-        Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?.isolated(Isolation::Snapshot);
+    let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(&opts.health, COMPONENT);
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(&opts.health, COMPONENT, &broker);

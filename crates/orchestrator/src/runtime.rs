@@ -16,7 +16,7 @@ use baton_protocol::{
 };
 use baton_store::relay::{self, Wake};
 use baton_store::retention::{self, Retention};
-use baton_store::{Db, Isolation, StoreError, Tx, inbox, now_ms, outbox};
+use baton_store::{Db, StoreError, Tx, inbox, now_ms, outbox};
 use baton_workflow::{
     Deadline, Effect, HistoryEvent, Reply, Saga, SagaStatus, Workflow, answer_as_reply, undone_reply,
 };
@@ -66,12 +66,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // still starting does not pass without it.
     let commands = consumer(topology::command_queue(COMPONENT));
     let reply_consumer = consumer(topology::ORCHESTRATOR_REPLIES.into());
-    // Each invariant of the orchestrator lives in one saga's row, which every transaction
-    // that changes the saga writes (two replies of one parallel group, a timer and a reply,
-    // a child's end and its parent), or in a unique key (the inbox, a saga's id): snapshot
-    // isolation catches each race as a write conflict, and spares the false ones.
-    let db =
-        Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?.isolated(Isolation::Snapshot);
+    let db = Db::open(&opts.store, COMPONENT, MIGRATIONS, &opts.instance).await?;
     db.health().register(health, COMPONENT);
     let broker = Broker::connect(opts.amqp_url.expose(), &format!("{COMPONENT} {}", opts.instance)).await?;
     let _broker_watch = baton_amqp::health::watch_broker(health, COMPONENT, &broker);

@@ -314,13 +314,21 @@ struct Job {
 /// runs one writer at a time, so there they are serial whatever this says).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Isolation {
-    /// `SERIALIZABLE`: every invariant holds whatever rows it spans, at the price of
-    /// conflicts between instances that touch nearby rows (predicate locks on index pages).
+    /// `READ COMMITTED`, each transaction first taking its component's lock (an advisory lock
+    /// on the schema, held to its end): one writer at a time across instances, as on SQLite,
+    /// so every invariant holds and no transaction ever conflicts. Each statement reads what
+    /// is committed when it runs, so a member that joins a group commit late still reads the
+    /// other instances' last commits. Reads and the relay's bookkeeping take no lock.
     #[default]
+    Exclusive,
+    /// `SERIALIZABLE`: instances write at once and every invariant holds, at the price of
+    /// conflicts between transactions that touch nearby rows (predicate locks on index pages),
+    /// retried: about one per saga with two instances ([`Isolation::Exclusive`] has none).
     Serializable,
     /// `REPEATABLE READ`: two transactions that write the same row conflict, and nothing else
-    /// does. For a component each of whose invariants lives in one row it writes (a saga's
-    /// state) or in a unique key (an inbox id, an idempotency key).
+    /// does; only for invariants that each live in one row every transaction writes, or in a
+    /// unique key. A group commit's snapshot is taken by its first member, so a later member
+    /// that writes a row another instance changed meanwhile conflicts.
     Snapshot,
 }
 
@@ -656,7 +664,7 @@ impl Db {
     }
 
     /// This store with its transactions isolated as `isolation` says on PostgreSQL (the
-    /// default is [`Isolation::Serializable`]); the relay's bookkeeping stays at READ COMMITTED.
+    /// default is [`Isolation::Exclusive`]); the relay's bookkeeping stays at READ COMMITTED.
     pub fn isolated(mut self, isolation: Isolation) -> Db {
         self.isolation = isolation;
         self
@@ -1057,14 +1065,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_instances_never_lose_an_update_on_postgres() {
-        for isolation in [Isolation::Serializable, Isolation::Snapshot] {
-            two_instances_add_to_one_counter(isolation).await;
+        for isolation in [Isolation::Exclusive, Isolation::Serializable, Isolation::Snapshot] {
+            let retries = two_instances_add_to_one_counter(isolation).await;
+            if isolation == Isolation::Exclusive {
+                assert_eq!(retries, 0, "one writer at a time never conflicts");
+            }
         }
     }
 
-    /// Two instances (two connections) add to one counter at once: under either isolation one
-    /// of a conflicting pair fails as an outage, and is retried, as the handlers do.
-    async fn two_instances_add_to_one_counter(isolation: Isolation) {
+    /// Two instances (two connections) add to one counter at once: one of a conflicting pair
+    /// fails as an outage, and is retried, as the handlers do, or (exclusive) waits for the
+    /// other's commit and reads it. Returns the retries.
+    async fn two_instances_add_to_one_counter(isolation: Isolation) -> u32 {
         let stores = Stores::new();
         let at = stores.each()[1].clone();
         let migrations: &'static [&'static str] = &[
@@ -1101,19 +1113,31 @@ mod tests {
             200,
             "{isolation:?}: no update lost ({ra} + {rb} retries)"
         );
+        ra + rb
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn under_snapshot_isolation_a_key_taken_by_another_instance_is_a_conflict() {
-        // Both instances check that a key is free, then take it, as an inbox or a start of a
-        // saga does; the one that loses the race hits the unique key, a conflict, and its second
-        // try sees the winner's row. Each key ends up taken once, and each try is told which.
+    async fn a_key_taken_by_another_instance_is_a_conflict_under_snapshot_isolation_and_waited_for_under_exclusive()
+     {
+        for isolation in [Isolation::Snapshot, Isolation::Exclusive] {
+            let conflicts = two_instances_take_the_same_keys(isolation).await;
+            if isolation == Isolation::Exclusive {
+                assert_eq!(conflicts, 0, "one writer at a time never conflicts");
+            }
+        }
+    }
+
+    /// Both instances check that a key is free, then take it, as an inbox or a start of a saga
+    /// does; under snapshot isolation the one that loses the race hits the unique key, a
+    /// conflict, and its second try sees the winner's row. Each key ends up taken once, and
+    /// each try is told which. Returns the conflicts.
+    async fn two_instances_take_the_same_keys(isolation: Isolation) -> u32 {
         let stores = Stores::new();
         let at = stores.each()[1].clone();
         let migrations: &'static [&'static str] =
             &["CREATE TABLE taken (k INTEGER PRIMARY KEY, by_whom TEXT NOT NULL)"];
-        let a = Db::open(&at, "k", migrations, "a").await.unwrap().isolated(Isolation::Snapshot);
-        let b = Db::open(&at, "k", migrations, "b").await.unwrap().isolated(Isolation::Snapshot);
+        let a = Db::open(&at, "k", migrations, "a").await.unwrap().isolated(isolation);
+        let b = Db::open(&at, "k", migrations, "b").await.unwrap().isolated(isolation);
         let take = |db: Db, me: &'static str| async move {
             let (mut won, mut conflicts) = (0, 0);
             for k in 0..200_i64 {
@@ -1149,8 +1173,13 @@ mod tests {
         };
         let (ra, rb) = tokio::join!(tokio::spawn(take(a.clone(), "a")), tokio::spawn(take(b, "b")));
         let ((wa, ca), (wb, cb)) = (ra.unwrap(), rb.unwrap());
-        assert_eq!(wa + wb, 200, "each key taken once: a {wa}, b {wb} ({ca} + {cb} conflicts)");
+        assert_eq!(
+            wa + wb,
+            200,
+            "{isolation:?}: each key taken once: a {wa}, b {wb} ({ca} + {cb} conflicts)"
+        );
         assert_eq!(count(&a, "SELECT COUNT(*) FROM taken").await, 200);
+        ca + cb
     }
 
     #[tokio::test]

@@ -386,6 +386,11 @@ impl PgConn {
             Level::Relaxed => "BEGIN ISOLATION LEVEL READ COMMITTED; ",
             Level::Isolated(Isolation::Snapshot) => "BEGIN ISOLATION LEVEL REPEATABLE READ; ",
             Level::Isolated(Isolation::Serializable) => "BEGIN ISOLATION LEVEL SERIALIZABLE; ",
+            // The two-key form: apart from the migrations' one-key lock ([`SCHEMA_LOCK`]).
+            Level::Isolated(Isolation::Exclusive) => {
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 SELECT pg_advisory_xact_lock(hashtext('baton writer'), hashtext(current_schema())); "
+            }
         };
         self.pending.clear();
         self.pending.push_str(sql);
