@@ -351,6 +351,32 @@ pub struct ScaleRow {
     pub conflicts_per_1000_sagas: Option<f64>,
     /// The stage timings of its one-at-a-time run (`--stages`).
     pub stages: Option<Stages>,
+    /// Its CPU per saga over one instance's at the same sagas/s (interpolated between the
+    /// one-instance row's probes), with more than one instance: what an instance adds, apart
+    /// from what a lighter load on each process costs. `None` outside the probes' range.
+    pub cpu_vs_one_at_same_rate: Option<f64>,
+    /// With one instance, loaded runs at fewer in flight than the row's (sagas/s, CPU ms per
+    /// saga): the probes the other rows are compared with.
+    pub probes: Vec<Throughput>,
+}
+
+/// The in-flight counts of the one-instance scaling rows' probes, as fractions of the first
+/// window: low enough to reach the throughput of three instances on two cores.
+const PROBE_DIVISORS: [usize; 4] = [16, 8, 4, 2];
+
+/// `points`' CPU per saga at `rate` sagas/s, linear between the two points around it; `None`
+/// outside their range.
+fn cpu_at_rate(points: &[Throughput], rate: f64) -> Option<f64> {
+    let mut sorted: Vec<&Throughput> = points.iter().filter(|p| p.per_second > 0.0).collect();
+    sorted.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+    sorted.windows(2).find(|w| w[0].per_second <= rate && rate <= w[1].per_second).map(|w| {
+        let (a, b) = (w[0], w[1]);
+        let span = b.per_second - a.per_second;
+        if span <= 0.0 {
+            return a.cpu_ms_per_op;
+        }
+        a.cpu_ms_per_op + (rate - a.per_second) / span * (b.cpu_ms_per_op - a.cpu_ms_per_op)
+    })
 }
 
 /// The backends and instance counts of the scaling table.
@@ -417,12 +443,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut scaling = Vec::new();
     if let Some(url) = &opts.scaling {
         for (backend, database_url) in [("sqlite", None), ("postgres", Some(url.clone()))] {
+            let mut probes: Vec<Throughput> = Vec::new();
             for instances in SCALING_INSTANCES {
                 say(&format!("scaling: workflow mode on {backend} with {instances} orchestrator(s)"));
+                let first = opts.windows.first().copied().unwrap_or(64);
+                let mut windows = vec![first];
+                if instances == 1 {
+                    windows.extend(PROBE_DIVISORS.iter().map(|d| (first / d).max(1)).filter(|w| *w < first));
+                    windows.dedup();
+                }
                 let row_opts = Options {
                     instances,
                     database_url: database_url.clone(),
-                    windows: opts.windows.iter().take(1).copied().collect(),
+                    windows,
                     prefill: 0,
                     out_dir: opts.out_dir.join(format!("scaling-{backend}-{instances}")),
                     read_metrics: true,
@@ -433,6 +466,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                         .await?;
                 m.ratios = Ratios::of(&floor, &m);
                 let loaded = m.http_loaded.first().cloned().unwrap_or_default();
+                let row_probes = if instances == 1 { m.http_loaded.clone() } else { Vec::new() };
+                if instances == 1 {
+                    probes = row_probes.clone();
+                }
+                let cpu_vs_one_at_same_rate = (instances > 1)
+                    .then(|| cpu_at_rate(&probes, loaded.per_second))
+                    .flatten()
+                    .filter(|one| *one > 0.0)
+                    .map(|one| loaded.cpu_ms_per_op / one);
                 scaling.push(ScaleRow {
                     backend: backend.into(),
                     instances,
@@ -442,6 +484,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     loaded,
                     ratios: m.ratios,
                     stages: m.stages,
+                    cpu_vs_one_at_same_rate,
+                    probes: row_probes.into_iter().skip(1).collect(),
                 });
             }
         }
@@ -502,6 +546,22 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../workflow/workflows/bench");
         o.workflow_files = files.iter().map(|f| dir.join(f)).collect();
         o
+    }
+
+    fn at(per_second: f64, cpu_ms_per_op: f64) -> Throughput {
+        Throughput { per_second, cpu_ms_per_op, ..Throughput::default() }
+    }
+
+    #[test]
+    fn one_instance_cpu_is_read_between_the_probes_around_a_rate_and_never_beyond_them() {
+        // In the order the runs were made: the row's own window first, then the probes.
+        let probes = [at(460.0, 2.3), at(200.0, 4.4), at(320.0, 3.1), at(0.0, 9.9)];
+        assert_eq!(cpu_at_rate(&probes, 200.0), Some(4.4));
+        assert!((cpu_at_rate(&probes, 260.0).unwrap() - 3.75).abs() < 1e-9);
+        assert!((cpu_at_rate(&probes, 390.0).unwrap() - 2.7).abs() < 1e-9);
+        assert_eq!(cpu_at_rate(&probes, 199.0), None, "below the slowest probe");
+        assert_eq!(cpu_at_rate(&probes, 461.0), None, "above the fastest");
+        assert_eq!(cpu_at_rate(&probes[..1], 460.0), None, "one point is no range");
     }
 
     #[test]

@@ -172,7 +172,7 @@ fn scaling(out: &mut String, r: &Report) {
         );
         let _ = writeln!(
             out,
-            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}  {:>11}  {:>15}",
+            "{:<10} {:>9}  {:>14}  {:>10}  {:>12}  {:>12}  {:>11}  {:>11}  {:>15}  {:>17}",
             "backend",
             "instances",
             "p50 1-at-a-time",
@@ -181,14 +181,16 @@ fn scaling(out: &mut String, r: &Report) {
             "p99 loaded",
             "msgs vs floor",
             "CPU ms/saga",
-            "conflicts/1000"
+            "conflicts/1000",
+            "CPU vs 1, same/s"
         );
         for row in &r.scaling {
             let rate = row.ratios.http_messages.first().map_or(0.0, |m| m.of_floor);
             let conflicts = row.conflicts_per_1000_sagas.map_or("-".into(), |c| format!("{c:.1}"));
+            let same_rate = row.cpu_vs_one_at_same_rate.map_or("-".into(), |r| format!("{r:.2}"));
             let _ = writeln!(
                 out,
-                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>13.2}  {:>11.2}  {conflicts:>15}",
+                "{:<10} {:>9}  {:>12.2}ms  {:>10.2}  {:>7.0} @{:<4}  {:>10.1}ms  {:>13.2}  {:>11.2}  {conflicts:>15}  {same_rate:>17}",
                 row.backend,
                 row.instances,
                 row.sequential.p50_ms,
@@ -203,8 +205,18 @@ fn scaling(out: &mut String, r: &Report) {
         let _ = writeln!(
             out,
             "CPU ms/saga: the components' CPU time per saga of the loaded run; conflicts/1000: PostgreSQL \
-             transactions retried after a conflict with another instance's, per 1,000 sagas of the row."
+             transactions retried after a conflict with another instance's, per 1,000 sagas of the row; \
+             CPU vs 1, same/s: the row's CPU per saga over one instance's at the same sagas/s, read between \
+             the one-instance row's probes (fewer in flight):"
         );
+        for row in r.scaling.iter().filter(|row| !row.probes.is_empty()) {
+            let probes: Vec<String> = row
+                .probes
+                .iter()
+                .map(|p| format!("{} in flight {:.0}/s {:.2} ms", p.in_flight, p.per_second, p.cpu_ms_per_op))
+                .collect();
+            let _ = writeln!(out, "  {} with 1 instance: {}", row.backend, probes.join(", "));
+        }
     }
 }
 
