@@ -466,9 +466,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                         .await?;
                 m.ratios = Ratios::of(&floor, &m);
                 let loaded = m.http_loaded.first().cloned().unwrap_or_default();
-                let row_probes = if instances == 1 { m.http_loaded.clone() } else { Vec::new() };
                 if instances == 1 {
-                    probes = row_probes.clone();
+                    probes = m.http_loaded.clone();
                 }
                 let cpu_vs_one_at_same_rate = (instances > 1)
                     .then(|| cpu_at_rate(&probes, loaded.per_second))
@@ -485,7 +484,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     ratios: m.ratios,
                     stages: m.stages,
                     cpu_vs_one_at_same_rate,
-                    probes: row_probes.into_iter().skip(1).collect(),
+                    // The row's own window first, then the probes.
+                    probes: if instances == 1 { probes[1..].to_vec() } else { Vec::new() },
                 });
             }
         }

@@ -1117,8 +1117,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_key_taken_by_another_instance_is_a_conflict_under_snapshot_isolation_and_waited_for_under_exclusive()
-     {
+    async fn two_instances_racing_for_keys_take_each_once_under_both_isolations() {
         for isolation in [Isolation::Snapshot, Isolation::Exclusive] {
             let conflicts = two_instances_take_the_same_keys(isolation).await;
             if isolation == Isolation::Exclusive {
