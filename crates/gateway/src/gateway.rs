@@ -107,7 +107,7 @@ impl Gateway {
                 }
                 inbox::record(tx, message_id, &[])?;
                 let now = now_ms();
-                tx.execute(
+                tx.write(
                     "UPDATE requests SET outcome_status = ?2, outcome = ?3, outcome_at = ?4,
                         told_status = CASE WHEN ?5 THEN COALESCE(told_status, ?2) ELSE told_status END,
                         told_at = CASE WHEN ?5 THEN COALESCE(told_at, ?4) ELSE told_at END
@@ -215,7 +215,7 @@ impl Gateway {
                     }
                     idempotency::remember(tx, key, space_id, saga_id, &name, &owner, now)?;
                 }
-                tx.execute(
+                tx.write(
                     "INSERT INTO requests (space_id, saga_id, name, owner, mode, requested_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![space_id.to_string(), saga_id.to_string(), name, owner, mode, now],
                 )?;

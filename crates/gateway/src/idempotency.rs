@@ -44,7 +44,7 @@ pub(crate) fn remember(
     owner: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    tx.write(
         "INSERT INTO idempotency_keys (key, space_id, saga_id, name, owner, created_at, replays)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
          ON CONFLICT (key) DO UPDATE SET space_id = excluded.space_id, saga_id = excluded.saga_id,

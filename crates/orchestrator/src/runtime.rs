@@ -315,7 +315,9 @@ impl Core {
         let wake_at = self
             .db
             .transaction(move |tx| {
-                if inbox::seen(tx, env.message_id)?.is_some() || saga_exists(tx, start.saga_id)? {
+                // Sent ahead of the inbox's check and read with its answer: one round trip.
+                let exists = tx.prefetch("SELECT 1 FROM sagas WHERE saga_id = ?1", [start.saga_id.to_string()])?;
+                if inbox::seen(tx, env.message_id)?.is_some() || exists.first(tx)?.is_some() {
                     return Ok(None);
                 }
                 inbox::record(tx, env.message_id, &[])?;
@@ -519,11 +521,13 @@ impl Core {
     where
         F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>),
     {
+        // Sent ahead of the inbox's check and read with its answer: one round trip for both.
+        let saga = fetch(tx, saga_id)?;
         if inbox::seen(tx, message_id)?.is_some() {
             tx.on_commit(|| baton_metrics::inbox_duplicate(COMPONENT));
             return Ok(Ok((None, None)));
         }
-        let Some((mut saga, meta)) = load(tx, saga_id)? else {
+        let Some((mut saga, meta)) = saga.first(tx)?.map(|r| saga_of(&r)).transpose()? else {
             return Ok(Err(step));
         };
         // Recorded only once the message is known to be handled here: a message rejected to
@@ -837,30 +841,31 @@ fn timer_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-fn saga_exists(tx: &Tx<'_>, id: Uuid) -> Result<bool, StoreError> {
-    tx.query_row("SELECT EXISTS (SELECT 1 FROM sagas WHERE saga_id = ?1)", [id.to_string()], |r| r.get(0))
+fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
+    fetch(tx, id)?.first(tx)?.map(|r| saga_of(&r)).transpose()
 }
 
-fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
-    /// state, reply_to, traceparent, definition_hash, parent_id, parent_index
-    type Row = (String, Option<String>, String, Option<String>, Option<String>, Option<i64>);
-    let row: Option<Row> = tx
-        .query_row(
-            "SELECT state, reply_to, traceparent, definition_hash, parent_id, parent_index
-             FROM sagas WHERE saga_id = ?1",
-            [id.to_string()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-        )
-        .optional()?;
-    row.map(|(state, reply_to, trace, definition, parent_id, parent_index)| {
-        let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
-        let parent = match (parent_id, parent_index) {
-            (Some(p), Some(i)) => Some((Uuid::parse_str(&p).map_err(corrupt)?, i as usize)),
-            _ => None,
-        };
-        Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition, parent }))
-    })
-    .transpose()
+/// Send the read of saga `id` ahead of the statements after it ([`baton_store::Prefetched`]).
+fn fetch(tx: &Tx<'_>, id: Uuid) -> Result<baton_store::Prefetched, StoreError> {
+    tx.prefetch(
+        "SELECT state, reply_to, traceparent, definition_hash, parent_id, parent_index
+         FROM sagas WHERE saga_id = ?1",
+        [id.to_string()],
+    )
+}
+
+/// A saga and its bookkeeping, from the row [`fetch`] read.
+fn saga_of(r: &baton_store::Row) -> Result<(Saga, Meta), StoreError> {
+    let state: String = r.get(0)?;
+    let (reply_to, trace, definition): (Option<String>, String, Option<String>) =
+        (r.get(1)?, r.get(2)?, r.get(3)?);
+    let (parent_id, parent_index): (Option<String>, Option<i64>) = (r.get(4)?, r.get(5)?);
+    let saga: Saga = serde_json::from_str(&state).map_err(corrupt)?;
+    let parent = match (parent_id, parent_index) {
+        (Some(p), Some(i)) => Some((Uuid::parse_str(&p).map_err(corrupt)?, i as usize)),
+        _ => None,
+    };
+    Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition, parent }))
 }
 
 /// Carry out a transition's effects and store the new state, in the caller's transaction.

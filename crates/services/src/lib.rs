@@ -151,10 +151,15 @@ pub(crate) fn need<'a>(
     name: &str,
     service: Service,
 ) -> Result<&'a str, StepResult> {
-    field.as_deref().ok_or_else(|| StepResult::Refused {
+    field.as_deref().ok_or_else(|| missing(name, service))
+}
+
+/// The refusal of a command without `name`, which an earlier step should have given.
+pub(crate) fn missing(name: &str, service: Service) -> StepResult {
+    StepResult::Refused {
         status: 422,
         reason: format!("{service} needs `{name}` from an earlier step, and the command has none"),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,11 @@ impl Step for Placement {
 
     fn apply(&self, tx: &Tx<'_>, ids: Ids, _ctx: &Context) -> Result<StepResult, baton_store::StoreError> {
         let placed = |shard: String| StepResult::Done(Context { shard: Some(shard), ..Default::default() });
+        // Both reads in one round trip (PostgreSQL): the second is sent ahead of the first.
+        let roomiest = tx.prefetch(
+            "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1",
+            (),
+        )?;
         let mine: Option<String> = tx
             .query_row("SELECT shard FROM placements WHERE space_id = ?1", [ids.space_id.to_string()], |r| {
                 r.get(0)
@@ -51,13 +56,7 @@ impl Step for Placement {
         if let Some(shard) = mine {
             return Ok(placed(shard));
         }
-        let roomiest: Option<String> = tx
-            .query_row(
-                "SELECT name FROM shards WHERE used < capacity ORDER BY capacity - used DESC, name LIMIT 1",
-                (),
-                |r| r.get(0),
-            )
-            .optional()?;
+        let roomiest: Option<String> = roomiest.first(tx)?.map(|r| r.get(0)).transpose()?;
         let Some(shard) = roomiest else {
             return Ok(StepResult::Refused {
                 status: 503,

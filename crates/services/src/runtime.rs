@@ -215,9 +215,17 @@ impl Handler {
     /// The shared part of every message: let the pipeline's decorator step in, skip a
     /// duplicate (answering it as before), otherwise let `decide` work in the transaction and
     /// return the messages to send, commit them with the inbox row, then wake the relay.
-    async fn in_transaction<F>(&self, message: Handling, decide: F) -> Result<(), HandleError>
+    /// `tombstone_of`: the saga whose tombstone of this step a `Do` must check; it is read
+    /// with the inbox's check (one round trip for both on PostgreSQL), and `decide` told
+    /// whether the step was compensated.
+    async fn in_transaction<F>(
+        &self,
+        message: Handling,
+        tombstone_of: Option<Uuid>,
+        decide: F,
+    ) -> Result<(), HandleError>
     where
-        F: FnOnce(&Tx<'_>, &dyn Step) -> Result<Vec<Outgoing>, StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>, &dyn Step, bool) -> Result<Vec<Outgoing>, StoreError> + Send + 'static,
     {
         if let Some(p) = &self.pipeline {
             p.before(&message).await?;
@@ -229,16 +237,21 @@ impl Handler {
         let pipeline = self.pipeline.clone();
         self.db
             .transaction(move |tx| {
+                let service = step.service().name();
+                let compensated = tombstone_of.map(|id| tombstone::fetch(tx, id, service)).transpose()?;
                 if let Some(replies) = inbox::seen(tx, message.message_id)? {
                     // A duplicate: answer as before, change nothing.
-                    let service = step.service().name();
                     tx.on_commit(move || baton_metrics::inbox_duplicate(service));
                     for r in &replies {
                         outbox::push(tx, r)?;
                     }
                     return Ok(());
                 }
-                let out = decide(tx, step.as_ref())?;
+                let compensated = match compensated {
+                    Some(row) => row.first(tx)?.is_some(),
+                    None => false,
+                };
+                let out = decide(tx, step.as_ref(), compensated)?;
                 for m in &out {
                     outbox::push(tx, m)?;
                 }
@@ -274,10 +287,11 @@ impl Handler {
             Handling { service, action, message_id: env.message_id, name: cmd.context.name.clone() };
         // The reply is this handling's child.
         let trace = baton_telemetry::traceparent(|| env.traceparent.child());
-        self.in_transaction(message, move |tx, step| {
+        let tombstone_of = (action == Action::Do).then_some(cmd.saga_id);
+        self.in_transaction(message, tombstone_of, move |tx, step, compensated| {
             let ids = Ids { space_id: cmd.space_id, saga_id: cmd.saga_id };
             let v = match action {
-                Action::Do => apply(tx, step, ids, &cmd.context)?,
+                Action::Do => apply(tx, step, ids, &cmd.context, compensated)?,
                 Action::Undo => undo(tx, step, ids, &cmd.context)?,
             };
             let body = cmd.reply(v.into());
@@ -310,10 +324,11 @@ impl Handler {
             name: event.context.name.clone(),
         };
         let trace = baton_telemetry::traceparent(|| env.traceparent.child());
-        self.in_transaction(message, move |tx, step| {
-            // Events mode has no saga: the space is the unit of work, and of its tombstones.
+        // Events mode has no saga: the space is the unit of work, and of its tombstones.
+        self.in_transaction(message, Some(event.space_id), move |tx, step, compensated| {
             let ids = Ids { space_id: event.space_id, saga_id: event.space_id };
-            let Answer { outcome, status, reason, data } = apply(tx, step, ids, &event.context)?.into();
+            let Answer { outcome, status, reason, data } =
+                apply(tx, step, ids, &event.context, compensated)?.into();
             let mut context = event.context.clone();
             let (kind, body) = match outcome {
                 Outcome::Done => {
@@ -369,10 +384,10 @@ impl Handler {
         };
         // The orchestrator's event is correlated with its saga.
         let saga_id = env.correlation_id.unwrap_or(event.space_id);
-        self.in_transaction(message, move |tx, step| {
+        self.in_transaction(message, Some(saga_id), move |tx, step, compensated| {
             let ids = Ids { space_id: event.space_id, saga_id };
             if let StepResult::Refused { reason, .. } | StepResult::Failed { reason, .. } =
-                apply(tx, step, ids, &event.context)?
+                apply(tx, step, ids, &event.context, compensated)?
             {
                 tracing::warn!(%service, space_id = %event.space_id, %reason, "a follow-up did not take effect");
             }
@@ -382,10 +397,17 @@ impl Handler {
     }
 }
 
-/// Do a step: nothing if it was compensated already, otherwise the rule.
-fn apply(tx: &Tx<'_>, step: &dyn Step, ids: Ids, ctx: &Context) -> Result<StepResult, StoreError> {
+/// Do a step: nothing if it was `compensated` already (its tombstone, read with the inbox's
+/// check), otherwise the rule.
+fn apply(
+    tx: &Tx<'_>,
+    step: &dyn Step,
+    ids: Ids,
+    ctx: &Context,
+    compensated: bool,
+) -> Result<StepResult, StoreError> {
     let service = step.service();
-    if tombstone::exists(tx, ids.saga_id, service.name())? {
+    if compensated {
         tracing::info!("step arrived after its compensation; ignored");
         tx.on_commit(move || baton_metrics::tombstone_hit(service.name()));
         return Ok(StepResult::Failed {

@@ -4,6 +4,8 @@
 //! transaction never spans an `.await` and the group commit works the same on both.
 
 use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
 
 use baton_protocol::Outgoing;
 
@@ -39,6 +41,36 @@ impl Conn {
         match self {
             Conn::Sqlite(c) => c.execute(sql, values).map(|_| ()),
             Conn::Postgres(c) => c.borrow_mut().write(sql, values),
+        }
+    }
+
+    /// A query whose rows are read later ([`Prefetched::rows`]): on PostgreSQL sent without
+    /// waiting, its answer read with the next one needed.
+    pub(crate) fn prefetch(&self, sql: &str, values: Vec<Value>) -> Result<Prefetched, StoreError> {
+        match self {
+            Conn::Sqlite(c) => Ok(Prefetched(Fetch::Read(c.query(sql, values)?))),
+            Conn::Postgres(c) => {
+                let slot = Rc::default();
+                c.borrow_mut().send_query(sql, values, Rc::clone(&slot))?;
+                Ok(Prefetched(Fetch::Sent(slot)))
+            }
+        }
+    }
+
+    /// An `INSERT … RETURNING` of one integer, put in `slot`: on PostgreSQL sent without
+    /// waiting, like [`Conn::write`], and `slot` filled once its answer is read.
+    pub(crate) fn insert_returning(
+        &self,
+        sql: &str,
+        values: Vec<Value>,
+        slot: &Arc<OnceLock<i64>>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(c) => {
+                let _ = slot.set(first(c.query(sql, values)?)?.get(0)?);
+                Ok(())
+            }
+            Conn::Postgres(c) => c.borrow_mut().write_returning(sql, values, Arc::clone(slot)),
         }
     }
 
@@ -159,10 +191,47 @@ fn first(rows: Vec<Row>) -> Result<Row, StoreError> {
 pub struct Tx<'a> {
     pub(crate) conn: &'a Conn,
     pub(crate) owner: &'a str,
-    pub(crate) pushed: RefCell<Vec<(i64, Outgoing)>>,
+    /// Whether nothing is queued to join this transaction's group after it (asked once, as
+    /// it ends; see [`Tx::ends_group`]).
+    pub(crate) last: &'a dyn Fn() -> bool,
+    /// The outbox rows added, each with its `seq` once the database has answered.
+    pub(crate) pushed: RefCell<Vec<(Seq, Outgoing)>>,
     /// What to run once this transaction is committed ([`Tx::on_commit`]).
     pub(crate) committed: RefCell<Vec<AfterCommit>>,
 }
+
+/// The rows of a query sent ahead of the statements after it ([`Tx::prefetch`]).
+pub struct Prefetched(Fetch);
+
+enum Fetch {
+    Read(Vec<Row>),
+    /// Sent on PostgreSQL, its rows here once the answer is read.
+    Sent(Rc<RefCell<Option<Vec<tokio_postgres::Row>>>>),
+}
+
+impl Prefetched {
+    /// Its rows: read already if a later statement waited for its answer, otherwise read now.
+    pub fn rows(self, tx: &Tx<'_>) -> Result<Vec<Row>, StoreError> {
+        match self.0 {
+            Fetch::Read(rows) => Ok(rows),
+            Fetch::Sent(slot) => {
+                if slot.borrow().is_none() {
+                    tx.conn.settle()?;
+                }
+                let rows = slot.borrow_mut().take().ok_or(StoreError::NoRows)?;
+                rows.iter().map(pg::row).collect()
+            }
+        }
+    }
+
+    /// Its first row, if any.
+    pub fn first(self, tx: &Tx<'_>) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(tx)?.into_iter().next())
+    }
+}
+
+/// An outbox row's `seq`, set once the database has answered its insert.
+pub(crate) type Seq = Arc<OnceLock<i64>>;
 
 /// Work run once a transaction is committed: never for one rolled back or tried again.
 pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
@@ -202,9 +271,28 @@ impl Tx<'_> {
         self.conn.query(sql, params.values())?.iter().map(f).collect()
     }
 
+    /// Send a query now and read its rows later ([`Prefetched::rows`]): on PostgreSQL its
+    /// answer comes back with the next one the handler waits for, so two reads that do not
+    /// depend on each other cost one round trip. On SQLite it runs at once.
+    pub fn prefetch(&self, sql: &str, params: impl Params) -> Result<Prefetched, StoreError> {
+        self.conn.prefetch(sql, params.values())
+    }
+
     /// Statements without parameters, separated by `;`.
     pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
         self.conn.batch(sql)
+    }
+
+    /// [`Tx::execute_batch`] whose errors the caller only passes on: on PostgreSQL sent
+    /// without waiting, like [`Tx::write`].
+    pub(crate) fn write_batch(&self, sql: &str) -> Result<(), StoreError> {
+        match self.conn {
+            Conn::Sqlite(c) => c.batch(sql),
+            Conn::Postgres(c) => {
+                c.borrow_mut().write_batch(sql);
+                Ok(())
+            }
+        }
     }
 
     /// Run `ddl` (statements that create what is missing: `CREATE TABLE IF NOT EXISTS`...) for
@@ -249,9 +337,25 @@ impl Tx<'_> {
         self.committed.borrow_mut().push(Box::new(f));
     }
 
-    /// Note a row [`crate::outbox::push`] wrote, for the relay's feed once it is committed.
-    pub(crate) fn pushed(&self, seq: i64, msg: &Outgoing) {
-        self.pushed.borrow_mut().push((seq, msg.clone()));
+    /// Whether this member can leave its writes' answers for the `COMMIT`: on PostgreSQL, as
+    /// the only member of its group with nobody queued behind it. Asked once, as it ends.
+    pub(crate) fn ends_group(&self) -> bool {
+        self.conn.is_postgres() && (self.last)()
+    }
+
+    /// Add the outbox row `msg` with `insert` (an `INSERT … RETURNING seq`), for the relay's
+    /// feed once it is committed. On PostgreSQL its answer is read with the member's others:
+    /// the relay needs the `seq` only after the commit.
+    pub(crate) fn push_row(
+        &self,
+        insert: &str,
+        params: impl Params,
+        msg: Outgoing,
+    ) -> Result<(), StoreError> {
+        let seq = Seq::default();
+        self.conn.insert_returning(insert, params.values(), &seq)?;
+        self.pushed.borrow_mut().push((seq, msg));
+        Ok(())
     }
 
     /// The SQLite connection under this transaction, for the tests of SQLite's own behaviour

@@ -32,7 +32,7 @@ mod conn;
 mod pg;
 mod sqlite;
 
-pub use conn::Tx;
+pub use conn::{Prefetched, Tx};
 pub use counts::StoreCounts;
 pub use pg::OpenError;
 pub use sql::{FromValue, OptionalExtension, Param, Params, Row, Value};
@@ -297,6 +297,9 @@ struct Ran {
     finish: Finish,
     outage: MemberOutage,
     broken: bool,
+    /// Its writes' answers are left for the `COMMIT` ([`Tx::ends_group`]): nobody may join
+    /// its group after it.
+    carried: bool,
 }
 
 /// Work for the database thread, in its own transaction or sharing one with the others queued.
@@ -475,15 +478,28 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             continue;
         }
         let mut group = Group::default();
-        group.run(&conn, owner, job.member);
+        // Asked by the first member as it ends: whether nothing is queued behind it. A job
+        // that is waits here for the loop below.
+        let queued = RefCell::new(None);
+        let ends_group = || {
+            on_its_own
+                || match rx.try_recv() {
+                    Ok(job) => {
+                        *queued.borrow_mut() = Some(job);
+                        false
+                    }
+                    Err(_) => true,
+                }
+        };
+        group.run(&conn, owner, job.member, &ends_group);
         // SQLite rolls the whole transaction back by itself on some errors of a statement (a
         // full disk, I/O), and a PostgreSQL connection can be lost: then the group is lost, and
         // no member may run after it (it would run outside any transaction).
         let mut lost = group.broken || !conn.in_transaction();
-        while !on_its_own && !lost && group.finishes.len() < GROUP_MAX {
-            match rx.try_recv() {
+        while !on_its_own && !lost && !group.carried && group.finishes.len() < GROUP_MAX {
+            match queued.take().map_or_else(|| rx.try_recv(), Ok) {
                 Ok(Job { member, alone: false, level }) if level == job.level || !conn.is_postgres() => {
-                    group.run(&conn, owner, member);
+                    group.run(&conn, owner, member, &|| false);
                     lost = group.broken || !conn.in_transaction();
                 }
                 Ok(alone) => {
@@ -492,6 +508,9 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 }
                 Err(_) => break,
             }
+        }
+        if let Some(job) = queued.take() {
+            next = Some(job);
         }
         let outcome = if lost {
             // A transaction left open (aborted) would fail every job after it.
@@ -528,13 +547,16 @@ struct Group {
     /// A savepoint could not be set or closed: the transaction may be aborted, and a commit
     /// would not say so (PostgreSQL answers COMMIT with a rollback).
     broken: bool,
+    /// Its only member left its writes' answers for the `COMMIT`.
+    carried: bool,
 }
 
 impl Group {
-    fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
+    /// Run `member` in a savepoint of its own; `last` says whether it may end the group.
+    fn run(&mut self, conn: &Conn, owner: &str, member: Member, last: &dyn Fn() -> bool) {
         let ran = match conn.savepoint() {
             Ok(()) => {
-                let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
+                let tx = Tx { conn, owner, last, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
             // Cannot isolate it: it does not run, and hears why. On PostgreSQL the savepoint
@@ -549,6 +571,7 @@ impl Group {
         };
         self.finishes.push(ran.finish);
         self.broken |= ran.broken;
+        self.carried |= ran.carried;
         if ran.outage.is_some() {
             self.outage = ran.outage;
         }
@@ -786,19 +809,27 @@ impl Db {
                     let finish: Finish = Box::new(move |_| {
                         let _ = done.send((Err(e), Stopwatch::default()));
                     });
-                    return Ran { finish, outage: None, broken: false };
+                    return Ran { finish, outage: None, broken: false, carried: false };
                 }
             };
             watch.lap(&component, Stage::Handoff);
-            // Its pipelined writes are part of it: their errors are its own.
-            let result = span.in_scope(|| f(tx)).and_then(|r| tx.conn.settle().map(|()| r));
+            let result = span.in_scope(|| f(tx));
+            // The only member of its group, nothing queued behind it: its writes still unread
+            // go with the `COMMIT`, one round trip for both (PostgreSQL). Their errors then fail
+            // the transaction, which is all of its work and nobody else's.
+            let carried = result.is_ok() && tx.ends_group();
+            // Otherwise its pipelined writes are read now: their errors are its own.
+            let result = if carried { result } else { result.and_then(|r| tx.conn.settle().map(|()| r)) };
             let outage = match &result {
                 Err(e) if e.is_transient() => {
                     Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() })
                 }
                 _ => None,
             };
-            let closed = if result.is_ok() {
+            let closed = if carried {
+                // The `COMMIT` releases the savepoint.
+                Ok(())
+            } else if result.is_ok() {
                 tx.conn.release()
             } else {
                 // Writes still unread are undone with the rest of it.
@@ -815,7 +846,9 @@ impl Db {
                     if committed.is_ok()
                         && let Some(wake) = feed.get()
                     {
-                        wake.hand(pushed);
+                        // Every insert of a committed transaction answered with its `seq`; a
+                        // row without one would be found by the relay's read, as a gap.
+                        wake.hand(pushed.into_iter().filter_map(|(seq, m)| Some((*seq.get()?, m))).collect());
                     }
                     if committed.is_ok() {
                         after_commit.into_iter().for_each(|f| f());
@@ -833,7 +866,7 @@ impl Db {
                     })
                 }
             };
-            Ran { finish, outage, broken }
+            Ran { finish, outage, broken, carried }
         });
         let closed = || StoreError::Closed(self.name.to_string());
         self.tx.send(Job { member, alone, level }).map_err(|_| closed())?;
@@ -1060,6 +1093,50 @@ mod tests {
                 .unwrap();
             assert_eq!(fed, stored);
             assert_eq!(fed.len(), 19);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_transaction_reads_ahead_and_commits_with_its_writes_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let db = Db::open(&at, "lone", EXTRA, DEFAULT_OWNER).await.unwrap();
+            let wake = relay::Wake::default();
+            db.feed(wake.clone());
+            db.transaction(|tx| tx.write("INSERT INTO things (id, name) VALUES (1, 'a')", ())).await.unwrap();
+            // Alone in its group, its writes go unread until the commit (PostgreSQL): the one
+            // that fails fails the transaction with its own error, and none of it stays.
+            let e = db
+                .transaction(|tx| {
+                    outbox::push(tx, &message(1))?;
+                    tx.write("INSERT INTO things (id, name) VALUES (1, 'b')", ())
+                })
+                .await
+                .unwrap_err();
+            assert!(e.to_string().to_lowercase().contains("unique"), "{at}: {e}");
+            assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox").await, 0, "{at}");
+            assert!(wake.take_fed().is_empty(), "{at}: nothing fed of a transaction rolled back");
+            // Reads sent ahead see what the statements before them wrote, not those after.
+            let (one, two) = db
+                .transaction(|tx| {
+                    let one = tx.prefetch("SELECT name FROM things WHERE id = ?1", [1])?;
+                    let two = tx.prefetch("SELECT name FROM things WHERE id = ?1", [2])?;
+                    tx.write("INSERT INTO things (id, name) VALUES (2, 'c')", ())?;
+                    outbox::push(tx, &message(2))?;
+                    let one: Option<String> = one.first(tx)?.map(|r| r.get(0)).transpose()?;
+                    Ok((one, two.first(tx)?.is_some()))
+                })
+                .await
+                .unwrap();
+            assert_eq!((one.as_deref(), two), (Some("a"), false), "{at}");
+            assert_eq!(count(&db, "SELECT COUNT(*) FROM things").await, 2, "{at}");
+            // The relay is handed the row with the `seq` the database gave it.
+            let fed: Vec<i64> = wake.take_fed().into_iter().map(|(seq, _)| seq).collect();
+            let stored: Vec<i64> = db
+                .call(|c| c.query_map("SELECT seq FROM outbox ORDER BY seq", (), |r| r.get(0)))
+                .await
+                .unwrap();
+            assert_eq!((fed.len(), fed), (1, stored), "{at}");
         }
     }
 

@@ -82,15 +82,13 @@ impl Db {
 pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
     let now = now_ms();
     // Stamped with its commit time, which every publish of it (a republish too) carries.
-    let msg = &Outgoing { created_at_ms: Some(now), ..msg.clone() };
-    let json = serde_json::to_string(msg).expect("outgoing messages serialise");
-    let seq = tx.query_row(
+    let msg = Outgoing { created_at_ms: Some(now), ..msg.clone() };
+    let json = serde_json::to_string(&msg).expect("outgoing messages serialise");
+    tx.push_row(
         "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3) RETURNING seq",
         params![json, tx.owner(), now],
-        |r| r.get(0),
-    )?;
-    tx.pushed(seq, msg);
-    Ok(())
+        msg,
+    )
 }
 
 /// Messages this database's relay has had confirmed by the broker, ever.
@@ -200,10 +198,10 @@ impl Db {
         self.relaxed(false, move |tx| {
             // Counted here, where it is certain: what the broker confirmed.
             if tx.is_postgres() {
-                // One round trip for the lot: the numbers are the store's own integers,
-                // written into the text (a parameter list of every length would be a
-                // statement each).
-                return tx.execute_batch(&confirmed_sql(&seqs));
+                // One batch for the lot, sent with the transaction's `BEGIN` and `COMMIT`:
+                // the numbers are the store's own integers, written into the text (a parameter
+                // list of every length would be a statement each).
+                return tx.write_batch(&confirmed_sql(&seqs));
             }
             // On SQLite a statement is a call, not a round trip: prepared ones, kept.
             for seq in &seqs {

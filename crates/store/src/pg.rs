@@ -5,16 +5,19 @@
 //! on each answer it needs: the store runs every statement there (as it does for SQLite), so a
 //! transaction never spans an `.await` of the caller and concurrent handlers share one commit.
 //! What that gains over a blocking client is pipelining: a write whose answer nobody reads
-//! ([`crate::Tx::write`]) and the transaction control are sent at once and read with the next
-//! answer that is needed, so a handler's statements share round trips. One connection per
+//! ([`crate::Tx::write`]), a read sent ahead ([`crate::Tx::prefetch`]) and the transaction
+//! control are sent at once and read with the next answer that is needed, so a handler's
+//! statements share round trips. One connection per
 //! thread: no pool is needed, and the connection is opened again when it is lost.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -51,9 +54,10 @@ pub(crate) struct PgConn {
     /// the first member's `SAVEPOINT` ahead of its first statement, a member's `RELEASE` with
     /// the next one's `SAVEPOINT`), so that it costs no round trip of its own.
     pending: String,
-    /// Requests sent whose answers nobody has read yet, in order: writes ([`PgConn::write`])
-    /// and transaction control. Read before the next answer that is needed, or by
-    /// [`PgConn::settle`] at the end of a member.
+    /// Requests sent whose answers nobody has read yet, in order: writes ([`PgConn::write`]),
+    /// reads sent ahead ([`crate::Tx::prefetch`]), outbox inserts and transaction control.
+    /// Read before the next answer that is needed, by [`PgConn::settle`] at the end of a
+    /// member, or with the `COMMIT` of a member alone in its group ([`crate::Tx::ends_group`]).
     unread: Vec<Unread>,
 }
 
@@ -349,6 +353,42 @@ impl PgConn {
         Ok(())
     }
 
+    /// An `INSERT … RETURNING` of one integer without reading its answer now: `slot` holds the
+    /// integer once the answer is read (see `unread`), and stays empty if no row came back.
+    pub(crate) fn write_returning(
+        &mut self,
+        sql: &str,
+        values: Vec<Value>,
+        slot: Arc<OnceLock<i64>>,
+    ) -> Result<(), StoreError> {
+        let (stmt, client) = self.ready(sql)?;
+        self.send(Box::pin(async move {
+            let rows = client.query_raw(&stmt, &values).await?.try_collect::<Vec<_>>().await?;
+            if let Some(r) = rows.first() {
+                let _ = slot.set(r.try_get(0)?);
+            }
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// [`PgConn::query`] without reading its answer now: `slot` holds the rows once read
+    /// (see `unread`).
+    pub(crate) fn send_query(
+        &mut self,
+        sql: &str,
+        values: Vec<Value>,
+        slot: Rc<RefCell<Option<Vec<tokio_postgres::Row>>>>,
+    ) -> Result<(), StoreError> {
+        let (stmt, client) = self.ready(sql)?;
+        self.send(Box::pin(async move {
+            let rows = client.query_raw(&stmt, &values).await?.try_collect::<Vec<_>>().await?;
+            *slot.borrow_mut() = Some(rows);
+            Ok(())
+        }));
+        Ok(())
+    }
+
     pub(crate) fn query(&mut self, sql: &str, values: Vec<Value>) -> Result<Vec<Row>, StoreError> {
         let (stmt, client) = self.ready(sql)?;
         let rows = self
@@ -377,6 +417,15 @@ impl PgConn {
         control.push_str(&to_postgres(sql));
         let client = Arc::clone(&self.client);
         self.answer(async move { client.batch_execute(&control).await })
+    }
+
+    /// [`PgConn::batch`] without reading its answer now (see `unread`): never a transaction's
+    /// control, which the thread must see answered.
+    pub(crate) fn write_batch(&mut self, sql: &str) {
+        let mut text = std::mem::take(&mut self.pending);
+        text.push_str(&to_postgres(sql));
+        let client = Arc::clone(&self.client);
+        self.send(Box::pin(async move { client.batch_execute(&text).await }));
     }
 
     /// Begin a transaction with the next statement (see `pending`).
@@ -431,7 +480,7 @@ impl PgConn {
 }
 
 /// A row of PostgreSQL as the store's values: the types the portable subset produces.
-fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
+pub(crate) fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
     (0..r.len())
         .map(|i| {
             let ty = r.columns()[i].type_();

@@ -1,16 +1,20 @@
 //! Tombstones: the steps that were compensated, so a command that arrives after its
 //! compensation (a late or retried command) is a no-op.
 
-use crate::{Tx, params};
+use crate::{Prefetched, Tx, params};
 use uuid::Uuid;
 
 use crate::{StoreError, now_ms};
 
 pub fn exists(tx: &Tx<'_>, saga_id: Uuid, step: &str) -> Result<bool, StoreError> {
-    tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM tombstones WHERE saga_id = ?1 AND step = ?2)",
+    Ok(fetch(tx, saga_id, step)?.first(tx)?.is_some())
+}
+
+/// [`exists`], sent ahead of the statements after it: a row if the step was compensated.
+pub fn fetch(tx: &Tx<'_>, saga_id: Uuid, step: &str) -> Result<Prefetched, StoreError> {
+    tx.prefetch(
+        "SELECT 1 FROM tombstones WHERE saga_id = ?1 AND step = ?2",
         params![saga_id.to_string(), step],
-        |r| r.get(0),
     )
 }
 
