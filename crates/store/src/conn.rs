@@ -244,8 +244,9 @@ impl Tx<'_> {
 
     /// Run a write whose count nobody reads and whose error the caller only passes on. On
     /// PostgreSQL it is sent without waiting (pipelined), and its answer read with the next
-    /// one needed: an error fails that statement, or the member as it ends, never lost. Use
-    /// [`Tx::execute`] where an error must be seen at this statement.
+    /// one needed: an error fails that statement, the member as it ends, or the transaction
+    /// of a member alone in its group, never lost. Use [`Tx::execute`] where an error must be
+    /// seen at this statement.
     pub fn write(&self, sql: &str, params: impl Params) -> Result<(), StoreError> {
         self.conn.write(sql, params.values())
     }
