@@ -7,8 +7,8 @@
 //! What that gains over a blocking client is pipelining: a write whose answer nobody reads
 //! ([`crate::Tx::write`]), a read sent ahead ([`crate::Tx::prefetch`]) and the transaction
 //! control are sent at once and read with the next answer that is needed, so a handler's
-//! statements share round trips. One connection per
-//! thread: no pool is needed, and the connection is opened again when it is lost.
+//! statements share round trips. One connection per thread: no pool is needed, and the
+//! connection is opened again when it is lost.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
