@@ -6,11 +6,8 @@ use uuid::Uuid;
 
 use crate::{StoreError, now_ms};
 
-pub fn exists(tx: &Tx<'_>, saga_id: Uuid, step: &str) -> Result<bool, StoreError> {
-    Ok(fetch(tx, saga_id, step)?.first(tx)?.is_some())
-}
-
-/// [`exists`], sent ahead of the statements after it: a row if the step was compensated.
+/// Whether `step` of `saga_id` was compensated, sent ahead of the statements after it
+/// ([`Tx::prefetch`]): a row if it was.
 pub fn fetch(tx: &Tx<'_>, saga_id: Uuid, step: &str) -> Result<Prefetched, StoreError> {
     tx.prefetch(
         "SELECT 1 FROM tombstones WHERE saga_id = ?1 AND step = ?2",
