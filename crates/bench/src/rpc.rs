@@ -176,8 +176,10 @@ impl Echo {
                         env.traceparent.child(),
                         &(),
                     );
-                    reply.body = String::from_utf8(env.body)
+                    let body = String::from_utf8(env.body)
                         .map_err(|_| HandleError::reject("an echo body is not UTF-8"))?;
+                    reply.body = baton_protocol::Json::parse(body)
+                        .map_err(|e| HandleError::reject(format!("an echo body is not JSON: {e}")))?;
                     p.publish_confirmed(&reply).await.map_err(HandleError::retry)
                 }
             },

@@ -338,7 +338,7 @@ impl Core {
                         }),
                     };
                     if let Some(to) = &meta.reply_to {
-                        outbox::push(tx, &answer_message(to, &outcome, &hop))?;
+                        outbox::push(tx, answer_message(to, &outcome, &hop))?;
                     }
                     return Ok(None);
                 };
@@ -916,7 +916,7 @@ fn apply(
                 .reply_to(reply_key)
                 .mode("workflow")
                 .attempt(attempt);
-                outbox::push(tx, &msg)?;
+                outbox::push(tx, msg)?;
             }
             Effect::Emit { event, context } => {
                 // An event step (hybrid mode): announced in this transaction, awaited by nobody.
@@ -932,7 +932,7 @@ fn apply(
                 let key = topology::announce_key(&event);
                 let msg = Outgoing::new(EVENTS, &key, &event, saga.id, COMPONENT, meta.trace.child(), &body)
                     .mode("hybrid");
-                outbox::push(tx, &msg)?;
+                outbox::push(tx, msg)?;
             }
             Effect::Answer { status, context, failure } => {
                 answer_status = Some(status);
@@ -950,7 +950,7 @@ fn apply(
                     }),
                 };
                 if let Some(to) = &meta.reply_to {
-                    outbox::push(tx, &answer_message(to, &outcome, hop))?;
+                    outbox::push(tx, answer_message(to, &outcome, hop))?;
                 }
             }
             Effect::History { service, action, attempt, event, detail } => {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 mod outgoing;
 
-pub use outgoing::{Outgoing, TraceParent};
+pub use outgoing::{Json, Outgoing, TraceParent};
 
 /// Version of every body's schema. A consumer rejects other versions to the dead-letter queue.
 pub const SCHEMA: u32 = 1;

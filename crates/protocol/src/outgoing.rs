@@ -3,6 +3,8 @@
 //! `baton-store`'s; neither needs the other for it.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
 use uuid::Uuid;
 
 /// A W3C `traceparent`: the trace of the client request and the id of the current hop.
@@ -35,9 +37,51 @@ impl TraceParent {
     }
 }
 
+/// A message body as JSON text, kept as it was written. Stored with its message (an outbox row,
+/// the inbox's replies) it is embedded as JSON, not escaped into a string: escaping the body on
+/// the way in and unescaping it on the way out were a twentieth of a hop's instructions.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Json(Box<RawValue>);
+
+impl Json {
+    /// `value` serialised.
+    pub fn of(value: &impl Serialize) -> Self {
+        Json(serde_json::value::to_raw_value(value).expect("message bodies serialise"))
+    }
+
+    /// `text`, once checked to be JSON.
+    pub fn parse(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text).map(Json)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+}
+
+impl PartialEq for Json {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Json {}
+
+impl fmt::Debug for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A message on its way out: everything needed to publish it, serialisable so that it can wait in
 /// an outbox row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Stored")]
 pub struct Outgoing {
     pub exchange: String,
     pub routing_key: String,
@@ -52,8 +96,9 @@ pub struct Outgoing {
     pub mode: Option<String>,
     pub attempt: u32,
     pub traceparent: TraceParent,
-    /// The JSON body, already serialised.
-    pub body: String,
+    /// The body, already serialised; stored under `json` (before, under `body` as a string).
+    #[serde(rename = "json")]
+    pub body: Json,
     /// When the message was committed to its outbox (ms since the epoch): its AMQP
     /// `timestamp`, which a republish keeps, so that a receiver can tell its true age against
     /// the retention. `None` for one published without an outbox (stamped when published).
@@ -83,7 +128,7 @@ impl Outgoing {
             mode: None,
             attempt: 1,
             traceparent,
-            body: serde_json::to_string(body).expect("message bodies serialise"),
+            body: Json::of(body),
             created_at_ms: None,
         }
     }
@@ -104,6 +149,58 @@ impl Outgoing {
     }
 }
 
+/// An [`Outgoing`] as stored: rows written before bodies were embedded as JSON hold the body
+/// as a string under `body`, and are read as they were meant.
+#[derive(Deserialize)]
+struct Stored {
+    exchange: String,
+    routing_key: String,
+    kind: String,
+    message_id: Uuid,
+    correlation_id: Uuid,
+    app_id: String,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+    attempt: u32,
+    traceparent: TraceParent,
+    #[serde(default)]
+    json: Option<Json>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    created_at_ms: Option<i64>,
+}
+
+impl TryFrom<Stored> for Outgoing {
+    type Error = String;
+
+    fn try_from(s: Stored) -> Result<Self, String> {
+        let body = match (s.json, s.body) {
+            (Some(json), _) => json,
+            (None, Some(text)) => {
+                Json::parse(text).map_err(|e| format!("the stored body is not JSON: {e}"))?
+            }
+            (None, None) => return Err("a stored message without a body (`json`)".into()),
+        };
+        Ok(Outgoing {
+            exchange: s.exchange,
+            routing_key: s.routing_key,
+            kind: s.kind,
+            message_id: s.message_id,
+            correlation_id: s.correlation_id,
+            app_id: s.app_id,
+            reply_to: s.reply_to,
+            mode: s.mode,
+            attempt: s.attempt,
+            traceparent: s.traceparent,
+            body,
+            created_at_ms: s.created_at_ms,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +212,43 @@ mod tests {
         assert_eq!(root.trace_id(), child.trace_id());
         assert_ne!(root, child);
         assert_eq!(child.0.len(), 55);
+    }
+
+    fn message() -> Outgoing {
+        Outgoing::new(
+            "baton.commands",
+            "records",
+            "records.create",
+            Uuid::from_u128(1),
+            "orchestrator",
+            TraceParent::new_root(),
+            &serde_json::json!({"schema": 1, "name": "a \"quoted\" name"}),
+        )
+    }
+
+    #[test]
+    fn a_stored_message_embeds_its_body_as_json_and_reads_back_the_same() {
+        let msg = message();
+        let stored = serde_json::to_string(&msg).unwrap();
+        assert!(stored.contains(r#""json":{"name":"a \"quoted\" name","schema":1}"#), "{stored}");
+        assert_eq!(serde_json::from_str::<Outgoing>(&stored).unwrap(), msg);
+        assert_eq!(serde_json::from_str::<Vec<Outgoing>>(&format!("[{stored}]")).unwrap(), vec![msg]);
+    }
+
+    #[test]
+    fn a_row_stored_with_its_body_as_a_string_reads_as_before() {
+        let msg = message();
+        let mut old = serde_json::to_value(&msg).unwrap();
+        let body = old.as_object_mut().unwrap().remove("json").unwrap();
+        old["body"] = serde_json::Value::String(body.to_string());
+        let read: Outgoing = serde_json::from_str(&old.to_string()).unwrap();
+        assert_eq!(read, msg);
+
+        old["body"] = "not json".into();
+        let err = serde_json::from_str::<Outgoing>(&old.to_string()).unwrap_err().to_string();
+        assert!(err.contains("the stored body is not JSON"), "{err}");
+        old.as_object_mut().unwrap().remove("body");
+        let err = serde_json::from_str::<Outgoing>(&old.to_string()).unwrap_err().to_string();
+        assert!(err.contains("without a body"), "{err}");
     }
 }

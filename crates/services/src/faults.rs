@@ -154,7 +154,7 @@ impl Pipeline for FaultyPipeline {
         if self.plan.duplicates(&key) {
             record(tx, "duplicate", message.service, &key)?;
             for m in out {
-                outbox::push(tx, m)?;
+                outbox::push(tx, m.clone())?;
             }
         }
         Ok(())

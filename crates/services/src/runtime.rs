@@ -48,7 +48,7 @@ pub trait Pipeline: Send + Sync + 'static {
         &'a self,
         message: &'a Handling,
     ) -> Pin<Box<dyn Future<Output = Result<(), HandleError>> + Send + 'a>>;
-    /// In the message's transaction, once `out` (what it sends) is in the outbox.
+    /// In the message's transaction, with `out`, what it sends (added to the outbox after).
     fn sent(&self, tx: &Tx<'_>, message: &Handling, out: &[Outgoing]) -> Result<(), StoreError>;
 }
 
@@ -242,7 +242,7 @@ impl Handler {
                 if let Some(replies) = inbox::seen(tx, message.message_id)? {
                     // A duplicate: answer as before, change nothing.
                     tx.on_commit(move || baton_metrics::inbox_duplicate(service));
-                    for r in &replies {
+                    for r in replies {
                         outbox::push(tx, r)?;
                     }
                     return Ok(());
@@ -252,13 +252,13 @@ impl Handler {
                     None => false,
                 };
                 let out = decide(tx, step.as_ref(), compensated)?;
-                for m in &out {
-                    outbox::push(tx, m)?;
-                }
                 if let Some(p) = &pipeline {
                     p.sent(tx, &message, &out)?;
                 }
                 inbox::record(tx, message.message_id, &out)?;
+                for m in out {
+                    outbox::push(tx, m)?;
+                }
                 Ok(())
             })
             .await?;

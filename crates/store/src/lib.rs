@@ -1024,8 +1024,8 @@ mod tests {
         for at in stores.each() {
             let a = Db::open(&at, "svc", &[], "a").await.unwrap();
             let b = Db::open(&at, "svc", &[], "b").await.unwrap();
-            a.transaction(|tx| outbox::push(tx, &message(1))).await.unwrap();
-            b.transaction(|tx| outbox::push(tx, &message(2))).await.unwrap();
+            a.transaction(|tx| outbox::push(tx, message(1))).await.unwrap();
+            b.transaction(|tx| outbox::push(tx, message(2))).await.unwrap();
             let seqs = |rows: Vec<(i64, Outgoing)>| rows.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
             b.take_over_after(Duration::from_millis(100));
             assert_eq!(seqs(a.pending(0, 10).await.unwrap()), vec![1]);
@@ -1059,7 +1059,7 @@ mod tests {
                     async move {
                         db.transaction(move |tx| {
                             tx.execute("INSERT INTO things (name) VALUES (?1)", [format!("t{i}")])?;
-                            outbox::push(tx, &message(i))?;
+                            outbox::push(tx, message(i))?;
                             if i == 7 {
                                 return Err(StoreError::Corrupt {
                                     table: "things",
@@ -1108,7 +1108,7 @@ mod tests {
             // that fails fails the transaction with its own error, and none of it stays.
             let e = db
                 .transaction(|tx| {
-                    outbox::push(tx, &message(1))?;
+                    outbox::push(tx, message(1))?;
                     tx.write("INSERT INTO things (id, name) VALUES (1, 'b')", ())
                 })
                 .await
@@ -1122,7 +1122,7 @@ mod tests {
                     let one = tx.prefetch("SELECT name FROM things WHERE id = ?1", [1])?;
                     let two = tx.prefetch("SELECT name FROM things WHERE id = ?1", [2])?;
                     tx.write("INSERT INTO things (id, name) VALUES (2, 'c')", ())?;
-                    outbox::push(tx, &message(2))?;
+                    outbox::push(tx, message(2))?;
                     let one: Option<String> = one.first(tx)?.map(|r| r.get(0)).transpose()?;
                     Ok((one, two.first(tx)?.is_some()))
                 })

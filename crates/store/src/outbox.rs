@@ -78,11 +78,12 @@ impl Db {
     }
 }
 
-/// Add a message to the outbox, in the caller's transaction, for this instance's relay.
-pub fn push(tx: &Tx<'_>, msg: &Outgoing) -> Result<(), StoreError> {
+/// Add a message to the outbox, in the caller's transaction, for this instance's relay (which is
+/// handed `msg` itself once the transaction commits).
+pub fn push(tx: &Tx<'_>, msg: Outgoing) -> Result<(), StoreError> {
     let now = now_ms();
     // Stamped with its commit time, which every publish of it (a republish too) carries.
-    let msg = Outgoing { created_at_ms: Some(now), ..msg.clone() };
+    let msg = Outgoing { created_at_ms: Some(now), ..msg };
     let json = serde_json::to_string(&msg).expect("outgoing messages serialise");
     tx.push_row(
         "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3) RETURNING seq",

@@ -573,7 +573,7 @@ mod tests {
         type Confirm = BoxFuture<'static, Result<(), PublishError>>;
 
         async fn publish(&self, msg: &Outgoing) -> Result<Self::Confirm, PublishError> {
-            let n: u32 = msg.body.parse().expect("a test message");
+            let n: u32 = msg.body.as_str().parse().expect("a test message");
             let nth = {
                 let mut published = self.0.published.lock().unwrap();
                 published.push(n);
@@ -655,7 +655,7 @@ mod tests {
 
     /// Commit messages `bodies` to the outbox, in one transaction.
     async fn push(db: &Db, bodies: impl IntoIterator<Item = u32> + Send + 'static) {
-        db.transaction(move |tx| bodies.into_iter().try_for_each(|n| outbox::push(tx, &message(n))))
+        db.transaction(move |tx| bodies.into_iter().try_for_each(|n| outbox::push(tx, message(n))))
             .await
             .unwrap();
     }

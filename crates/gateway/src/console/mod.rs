@@ -198,7 +198,7 @@ fn message(m: &baton_protocol::Outgoing) -> Value {
         "routing_key": m.routing_key,
         "app_id": m.app_id,
         "at_ms": m.created_at_ms,
-        "body": serde_json::from_str::<Value>(&m.body).unwrap_or(Value::Null),
+        "body": serde_json::from_str::<Value>(m.body.as_str()).unwrap_or(Value::Null),
     })
 }
 
