@@ -996,14 +996,16 @@ mod tests {
         }
         let Location::Dir(dir) = &stores.each()[0] else { unreachable!() };
         let db = Db::open(&Location::Dir(dir.clone()), "records", EXTRA, DEFAULT_OWNER).await.unwrap();
-        let (version, mode): (i64, String) = db
+        let (version, mode, page): (i64, String, i64) = db
             .call(|c| {
                 let v = c.query_row("PRAGMA user_version", (), |r| r.get(0))?;
-                Ok((v, c.query_row("PRAGMA journal_mode", (), |r| r.get(0))?))
+                let page = c.query_row("PRAGMA page_size", (), |r| r.get(0))?;
+                Ok((v, c.query_row("PRAGMA journal_mode", (), |r| r.get(0))?, page))
             })
             .await
             .unwrap();
         assert_eq!((version, mode.as_str()), (2, "wal"));
+        assert_eq!(page, 2048, "a new file's pages: half SQLite's default, half the bytes a commit writes");
     }
 
     #[tokio::test]

@@ -15,6 +15,12 @@ use crate::{Cause, StoreError};
 /// How often the checkpointer moves the WAL into the database file (off the writer's thread).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
+/// The page size of a new database file. A commit writes each page it changed whole, to the WAL
+/// and again at the checkpoint: with half SQLite's default of 4096 a saga writes 0.24 MB of
+/// disk instead of 0.39 MB. 1024 writes less still, but a saga's row no longer fits in a page
+/// and SQLite's own work grows. A file made before keeps its pages.
+const PAGE_SIZE: i64 = 2048;
+
 /// Statements each connection keeps prepared: every statement of a component's hot path.
 const STATEMENT_CACHE: usize = 128;
 
@@ -116,6 +122,8 @@ pub(crate) fn open_reader(path: &Path) -> Result<Option<SqliteConn>, Cause> {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // First, so that instances opening one file together wait for each other's locks.
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Only a new file takes it (before its first table), and it must come before WAL.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // WAL + NORMAL: a committed transaction survives a process crash; a power loss may lose the
     // last ones (docs/reliability.md).
