@@ -32,10 +32,7 @@ ensure_rabbitmq
 
 out="$(mktemp -d /tmp/baton-callgrind.XXXXXX)"
 vhost="callgrind-$$"
-mgmt="${BATON_MGMT_URL:-http://127.0.0.1:15672}"
-curl -fsS -u guest:guest -X PUT "$mgmt/api/vhosts/$vhost" -o /dev/null
-curl -fsS -u guest:guest -X PUT "$mgmt/api/permissions/$vhost/guest" -H 'content-type: application/json' \
-    -d '{"configure":".*","write":".*","read":".*"}' -o /dev/null
+scratch_vhost "$vhost" guest
 store=(--data-dir "$out/data")
 database="baton_callgrind_$$"
 if [ "$postgres" = 1 ]; then
@@ -48,7 +45,7 @@ health=127.0.0.1:$((40000 + $$ % 20000))
 
 cleanup() {
     [ -n "${up:-}" ] && kill -INT "$up" 2>/dev/null && wait "$up" 2>/dev/null
-    curl -fsS -u guest:guest -X DELETE "$mgmt/api/vhosts/$vhost" -o /dev/null || true
+    mgmt DELETE "/vhosts/$vhost" -o /dev/null || true
     [ "$postgres" = 1 ] && psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $database" || true
 }
 trap cleanup EXIT

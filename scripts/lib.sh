@@ -304,6 +304,13 @@ mgmt() {
         -X "$method" -H 'content-type: application/json' "$@" "$BATON_MGMT_URL/api$path"
 }
 
+# scratch_vhost NAME USER: a vhost of its own for a script's run, USER allowed everything in it;
+# `mgmt DELETE "/vhosts/NAME"` removes it and all it holds.
+scratch_vhost() {
+    mgmt PUT "/vhosts/$1" -o /dev/null
+    mgmt PUT "/permissions/$1/$2" -d '{"configure":".*","write":".*","read":".*"}' -o /dev/null
+}
+
 # port_in_use PORT: something on 127.0.0.1 accepts connections on PORT.
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1

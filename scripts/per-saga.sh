@@ -26,16 +26,13 @@ ensure_rabbitmq
 
 out="$(mktemp -d /tmp/baton-per-saga.XXXXXX)"
 vhost="per-saga-$$"
-mgmt="${BATON_MGMT_URL:-http://127.0.0.1:15672}"
-curl -fsS -u guest:guest -X PUT "$mgmt/api/vhosts/$vhost" -o /dev/null
-curl -fsS -u guest:guest -X PUT "$mgmt/api/permissions/$vhost/guest" -H 'content-type: application/json' \
-    -d '{"configure":".*","write":".*","read":".*"}' -o /dev/null
+scratch_vhost "$vhost" guest
 http=127.0.0.1:$((20000 + $$ % 20000))
 health=127.0.0.1:$((40000 + $$ % 20000))
 
 cleanup() {
     [ -n "${up:-}" ] && kill -INT "$up" 2>/dev/null && wait "$up" 2>/dev/null
-    curl -fsS -u guest:guest -X DELETE "$mgmt/api/vhosts/$vhost" -o /dev/null || true
+    mgmt DELETE "/vhosts/$vhost" -o /dev/null || true
     rm -rf "$out"
 }
 trap cleanup EXIT

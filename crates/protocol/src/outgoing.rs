@@ -38,8 +38,8 @@ impl TraceParent {
 }
 
 /// A message body as JSON text, kept as it was written. Stored with its message (an outbox row,
-/// the inbox's replies) it is embedded as JSON, not escaped into a string: escaping the body on
-/// the way in and unescaping it on the way out were a twentieth of a hop's instructions.
+/// the inbox's replies) it is embedded as JSON, not escaped into a string: escaping it there
+/// cost 2.6 % of a saga's instructions.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Json(Box<RawValue>);
