@@ -12,11 +12,20 @@ use uuid::Uuid;
 pub struct TraceParent(pub String);
 
 impl TraceParent {
+    /// The version-00 `traceparent` of a trace, a hop and its flags, written digit by digit: a
+    /// hop writes several, and `format!` of the ids' hex took 2 % of a saga's instructions.
+    pub fn new(trace: [u8; 16], span: [u8; 8], flags: u8) -> Self {
+        let mut text = [b'-'; 55];
+        text[..2].copy_from_slice(b"00");
+        hex::encode_to_slice(trace, &mut text[3..35]).expect("32 digits for 16 bytes");
+        hex::encode_to_slice(span, &mut text[36..52]).expect("16 digits for 8 bytes");
+        hex::encode_to_slice([flags], &mut text[53..]).expect("2 digits for a byte");
+        TraceParent(String::from_utf8(text.to_vec()).expect("hex digits and dashes are ASCII"))
+    }
+
     /// A new trace, for a request that starts here.
     pub fn new_root() -> Self {
-        let trace = Uuid::new_v4().simple().to_string();
-        let span = &Uuid::new_v4().simple().to_string()[..16];
-        TraceParent(format!("00-{trace}-{span}-01"))
+        TraceParent::new(Uuid::new_v4().into_bytes(), new_span(), 1)
     }
 
     /// The same trace, a new hop.
@@ -35,6 +44,13 @@ impl TraceParent {
     pub fn trace_id(&self) -> &str {
         self.0.split('-').nth(1).unwrap_or("")
     }
+}
+
+/// A random hop id.
+fn new_span() -> [u8; 8] {
+    let mut span = [0; 8];
+    span.copy_from_slice(&Uuid::new_v4().as_bytes()[..8]);
+    span
 }
 
 /// A message body as JSON text, kept as it was written. Stored with its message (an outbox row,
@@ -212,6 +228,21 @@ mod tests {
         assert_eq!(root.trace_id(), child.trace_id());
         assert_ne!(root, child);
         assert_eq!(child.0.len(), 55);
+        assert!(root.0.starts_with("00-") && root.0.ends_with("-01") && root.0.len() == 55);
+    }
+
+    #[test]
+    fn a_traceparent_is_written_from_its_ids_in_lowercase_hex() {
+        let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128.to_be_bytes();
+        let span = 0x00f0_67aa_0ba9_02b7_u64.to_be_bytes();
+        assert_eq!(
+            TraceParent::new(trace, span, 1).0,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(
+            TraceParent::new([0xff; 16], [0; 8], 0x80).0,
+            format!("00-{}-{}-80", "f".repeat(32), "0".repeat(16))
+        );
     }
 
     fn message() -> Outgoing {

@@ -282,9 +282,10 @@ pub fn follow(span: &Span, parent: &TraceParent) {
 /// layer records it (no [`init`] in this process, or a span filtered out).
 pub fn traceparent_of(span: &Span) -> Option<TraceParent> {
     let cx = span.context();
-    let sc = cx.span().span_context().clone();
+    let hop = cx.span();
+    let sc = hop.span_context();
     sc.is_valid().then(|| {
-        TraceParent(format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+        TraceParent::new(sc.trace_id().to_bytes(), sc.span_id().to_bytes(), sc.trace_flags().to_u8())
     })
 }
 
