@@ -527,26 +527,17 @@ where
     // The consume is a span of its own, the child of the sender's publish (the message's
     // `traceparent`): its trace id is in every log line of the handling. What the message says
     // is given as the span opens: each field recorded later costs every layer a call of its own.
-    let span = match &envelope {
-        Ok(env) => tracing::info_span!(
-            "delivery",
-            %queue,
-            message_id = %env.message_id,
-            kind = env.kind.as_str(),
-            trace_id = tracing::field::Empty,
-            otel.name = format!("consume {queue}"),
-            otel.kind = "consumer",
-        ),
-        Err(_) => tracing::info_span!(
-            "delivery",
-            %queue,
-            message_id = tracing::field::Empty,
-            kind = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            otel.name = format!("consume {queue}"),
-            otel.kind = "consumer",
-        ),
-    };
+    // A field whose value is `None` stays empty.
+    let env = envelope.as_ref().ok();
+    let span = tracing::info_span!(
+        "delivery",
+        %queue,
+        message_id = env.map(|env| tracing::field::display(env.message_id)),
+        kind = env.map(|env| env.kind.as_str()),
+        trace_id = tracing::field::Empty,
+        otel.name = format!("consume {queue}"),
+        otel.kind = "consumer",
+    );
     if let Ok(env) = &envelope {
         baton_telemetry::follow(&span, &env.traceparent);
         let own = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| env.traceparent.clone());
