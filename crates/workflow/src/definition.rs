@@ -344,7 +344,7 @@ impl Workflow {
     pub fn hash(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.body().as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(digest)
     }
 
     /// Action `idx` of the flattened list of [`Workflow::actions`].
