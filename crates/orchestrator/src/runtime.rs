@@ -300,11 +300,15 @@ impl Core {
         Ok(n)
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, message_id = %env.message_id, otel.name = "saga start"))]
+    /// A request to start a saga, read before its span opens, as `on_reply` reads a reply.
     async fn on_start(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let start: StartSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
+        self.handle_start(env, start).await
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %start.saga_id, message_id = %env.message_id, otel.name = "saga start"))]
+    async fn handle_start(self: Arc<Self>, env: Envelope, start: StartSaga) -> Result<(), HandleError> {
         self.identity.expect(&env, &[GATEWAY])?;
-        tracing::Span::current().record("saga_id", tracing::field::display(start.saga_id));
         let wf = self.workflows.get(&start.workflow).cloned();
         let definition = self.current.get(&start.workflow).cloned();
         let meta =
@@ -382,9 +386,16 @@ impl Core {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, step, message_id = %env.message_id, otel.name = format!("saga {}", env.kind)))]
+    /// A step's reply, read before its span opens so that the span starts with the saga's id
+    /// (a field recorded later is one more call through every layer). A body that cannot be
+    /// read is logged by the consumer, in the delivery's span, as every handler's error is.
     async fn on_reply(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let reply: StepReply = env.decode(&self.replies, &self.reply_kinds)?;
+        self.handle_reply(env, reply).await
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %reply.saga_id, step = reply.step.name(), message_id = %env.message_id, otel.name = format!("saga {}", env.kind)))]
+    async fn handle_reply(self: Arc<Self>, env: Envelope, reply: StepReply) -> Result<(), HandleError> {
         let expected = match reply.action {
             Action::Do => Some(reply.step.do_type()),
             Action::Undo => reply.step.undo_type(),
@@ -399,8 +410,6 @@ impl Core {
             )));
         }
         self.identity.expect(&env, &[reply.step.name()])?;
-        tracing::Span::current().record("saga_id", tracing::field::display(reply.saga_id));
-        tracing::Span::current().record("step", reply.step.name());
         let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
         let saga_id = reply.saga_id;
         let input = Reply::from(reply);

@@ -266,11 +266,23 @@ impl Handler {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id, step = %self.step.service(), action, otel.name = format!("handle {}", env.kind)))]
+    /// A command, read before its span opens so that the span starts with the saga's id (a
+    /// field recorded later is one more call through every layer). A body that cannot be read
+    /// is logged by the consumer, in the delivery's span, as every handler's error is.
     async fn on_command(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let service = self.step.service();
         let cmd: StepCommand = env.decode(&self.commands, &self.command_kinds)?;
-        let action = if env.kind == service.do_type() { Action::Do } else { Action::Undo };
+        let action = if env.kind == self.step.service().do_type() { Action::Do } else { Action::Undo };
+        self.handle_command(env, cmd, action).await
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %cmd.saga_id, step = %self.step.service(), action = action.as_str(), otel.name = format!("handle {}", env.kind)))]
+    async fn handle_command(
+        &self,
+        env: Envelope,
+        cmd: StepCommand,
+        action: Action,
+    ) -> Result<(), HandleError> {
+        let service = self.step.service();
         if cmd.step != service || cmd.action != action {
             return Err(HandleError::reject(format!(
                 "a `{}` message must carry step `{service}` and action `{}`",
@@ -281,8 +293,6 @@ impl Handler {
         let reply_to = env.reply_to.clone().ok_or_else(|| {
             HandleError::reject(format!("a `{}` command needs a reply_to to answer to", env.kind))
         })?;
-        tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
-        tracing::Span::current().record("action", action.as_str());
         let message =
             Handling { service, action, message_id: env.message_id, name: cmd.context.name.clone() };
         // The reply is this handling's child.
