@@ -321,12 +321,16 @@ impl Handler {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service(), otel.name = format!("handle {}", env.kind)))]
+    /// An event of events mode, read before its span opens, as `on_command` reads a command.
     async fn on_event(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
+        let event: SpaceEvent = env.decode(&self.events, &[self.step.service().trigger_event()])?;
+        self.handle_event(env, event).await
+    }
+
+    #[tracing::instrument(skip_all, fields(space_id = %event.space_id, step = %self.step.service(), otel.name = format!("handle {}", env.kind)))]
+    async fn handle_event(&self, env: Envelope, event: SpaceEvent) -> Result<(), HandleError> {
         let service = self.step.service();
-        let event: SpaceEvent = env.decode(&self.events, &[service.trigger_event()])?;
         self.identity.expect(&env, &events::emitters(&env.kind, Mode::Events))?;
-        tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
             action: Action::Do,
@@ -379,13 +383,17 @@ impl Handler {
     /// A follow-up of hybrid mode: the orchestrator announced a space whose saga passed its
     /// last compensable step. Do the rule once per space (the inbox and the rule's own key see
     /// to that) and tell nobody: no saga waits for it. The follow-ups' rules never refuse; one
-    /// that did would be logged, as nobody could be told.
-    #[tracing::instrument(skip_all, fields(space_id, step = %self.step.service()))]
+    /// that did would be logged, as nobody could be told. Read before its span opens, as
+    /// `on_command` reads a command.
     async fn on_followup(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
-        let service = self.step.service();
         let event: SpaceEvent = env.decode(&self.followups, &[events::CREATED])?;
+        self.handle_followup(env, event).await
+    }
+
+    #[tracing::instrument(skip_all, fields(space_id = %event.space_id, step = %self.step.service()))]
+    async fn handle_followup(&self, env: Envelope, event: SpaceEvent) -> Result<(), HandleError> {
+        let service = self.step.service();
         self.identity.expect(&env, &events::emitters(&env.kind, Mode::Hybrid))?;
-        tracing::Span::current().record("space_id", tracing::field::display(event.space_id));
         let message = Handling {
             service,
             action: Action::Do,
