@@ -39,6 +39,12 @@ fn payload(msg: &Value) -> Value {
     serde_json::from_str(msg["payload"].as_str().expect("a text payload")).expect("a JSON payload")
 }
 
+/// The one reply `queue` holds, once it holds it.
+async fn one_reply(env: &TestEnv, queue: &str) -> StepReply {
+    depth_is(env, queue, 1).await;
+    serde_json::from_value(payload(&env.take_messages(queue, 1).await[0])).expect("a step's reply")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
     let env = TestEnv::new().await;
@@ -61,8 +67,7 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
     // A retry (a new message id for the same step) is idempotent too.
     let retry = Outgoing { message_id: Uuid::new_v4(), ..msg.clone() };
     publisher.publish_confirmed(&retry).await.unwrap();
-    depth_is(&env, &replies, 1).await;
-    let again: StepReply = serde_json::from_value(payload(&env.take_messages(&replies, 1).await[0])).unwrap();
+    let again = one_reply(&env, &replies).await;
     assert_eq!((again.outcome, again.data), (Outcome::Done, reply.data));
     assert_eq!(rows_for(&env.store(), Service::Records, &space_id.to_string()), 1);
 
@@ -74,15 +79,11 @@ async fn a_duplicate_command_is_answered_again_and_changes_nothing() {
         Outgoing::new(COMMANDS, "records", "records.delete", saga_id, "test", TraceParent::new_root(), &undo)
             .reply_to("test.dup");
     publisher.publish_confirmed(&undo).await.unwrap();
-    depth_is(&env, &replies, 1).await;
-    let undone: StepReply =
-        serde_json::from_value(payload(&env.take_messages(&replies, 1).await[0])).unwrap();
+    let undone = one_reply(&env, &replies).await;
     assert_eq!((undone.action, undone.outcome), (Action::Undo, Outcome::Done), "{undone:?}");
     let late = Outgoing { message_id: Uuid::new_v4(), ..msg };
     publisher.publish_confirmed(&late).await.unwrap();
-    depth_is(&env, &replies, 1).await;
-    let late_reply: StepReply =
-        serde_json::from_value(payload(&env.take_messages(&replies, 1).await[0])).unwrap();
+    let late_reply = one_reply(&env, &replies).await;
     assert_eq!(late_reply.action, Action::Do);
     assert_eq!(late_reply.outcome, Outcome::Failed, "{late_reply:?}");
     assert!(late_reply.reason.unwrap().contains("already compensated"));
