@@ -538,7 +538,7 @@ where
         otel.name = format!("consume {queue}"),
         otel.kind = "consumer",
     );
-    if let Ok(env) = &envelope {
+    if let Some(env) = env {
         baton_telemetry::follow(&span, &env.traceparent);
         let own = baton_telemetry::traceparent_of(&span).unwrap_or_else(|| env.traceparent.clone());
         span.record("trace_id", own.trace_id());
