@@ -962,8 +962,11 @@ fn apply(
                     outbox::push(tx, answer_message(to, &outcome, hop))?;
                 }
             }
-            Effect::History { service, action, attempt, event, detail } => {
-                observe(tx, saga, meta, service, action, event, now)?;
+            Effect::History { service, action, attempt, event, detail, sent_ms } => {
+                // Timed from the saga's state: a read of the history would be one more answer to
+                // wait for, a round trip on PostgreSQL.
+                let took = sent_ms.map(|sent| std::time::Duration::from_millis(now.saturating_sub(sent)));
+                observe(tx, saga, meta, service, action, event, took);
                 tx.write("INSERT INTO history (saga_id, at, step, action, attempt, event, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
                     saga.id.to_string(),
                     now as i64,
@@ -1028,7 +1031,7 @@ fn for_other_saga(saga: &Saga, meta: &Meta, hop: &TraceParent, effect: &Effect) 
 }
 
 /// Count a history event in the metrics once its transaction commits; a step's reply (or its
-/// compensation's) also times it from the command's last `sent` row.
+/// compensation's) also times the step (`took`, since its command was sent).
 fn observe(
     tx: &Tx<'_>,
     saga: &Saga,
@@ -1036,24 +1039,10 @@ fn observe(
     service: Option<Service>,
     action: Option<Action>,
     event: HistoryEvent,
-    now: u64,
-) -> Result<(), StoreError> {
+    took: Option<std::time::Duration>,
+) {
     let (workflow, version) =
         (saga.workflow.clone(), meta.definition.as_deref().map_or("", |h| &h[..h.len().min(12)]).to_owned());
-    let replied = matches!(
-        event,
-        HistoryEvent::Done | HistoryEvent::Refused | HistoryEvent::Failed | HistoryEvent::Compensated
-    );
-    let took = match (service, action) {
-        (Some(s), Some(a)) if replied => tx
-            .query_row(
-                "SELECT MAX(at) FROM history WHERE saga_id = ?1 AND step = ?2 AND action = ?3 AND event = 'sent'",
-                params![saga.id.to_string(), s.name(), a.as_str()],
-                |r| r.get::<Option<i64>>(0),
-            )?
-            .map(|sent| std::time::Duration::from_millis(now.saturating_sub(sent as u64))),
-        _ => None,
-    };
     tx.on_commit(move || {
         let service = service.map(Service::name);
         baton_metrics::saga_event(&workflow, &version, service, event.as_str());
@@ -1061,7 +1050,6 @@ fn observe(
             baton_metrics::step_duration(&workflow, service, action.as_str(), took);
         }
     });
-    Ok(())
 }
 
 fn space(saga: &Saga, ctx: &Context) -> Space {

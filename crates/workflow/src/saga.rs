@@ -176,6 +176,10 @@ pub struct ActionState {
     pub undo_attempt: u32,
     /// When the current wait ends (timeout or retry), in ms since the epoch.
     pub due_ms: Option<u64>,
+    /// When its last command or compensation was sent: the step's reply is timed from it.
+    /// `None` in the state of a saga a build without it stored (that reply goes untimed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<u64>,
 }
 
 /// The client's deadline as the saga holds it: `at_ms` on the saga clock, and the budget it was
@@ -274,6 +278,15 @@ pub enum HistoryEvent {
 }
 
 impl HistoryEvent {
+    /// Whether it records a service's reply to a command or a compensation: the event its
+    /// step is timed to.
+    pub fn is_reply(self) -> bool {
+        matches!(
+            self,
+            HistoryEvent::Done | HistoryEvent::Refused | HistoryEvent::Failed | HistoryEvent::Compensated
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HistoryEvent::Started => "started",
@@ -326,6 +339,9 @@ pub enum Effect {
         attempt: u32,
         event: HistoryEvent,
         detail: Option<String>,
+        /// For the answer to a command (its reply, or its timeout): when the command was sent,
+        /// which times the step.
+        sent_ms: Option<u64>,
     },
 }
 
@@ -374,7 +390,15 @@ impl Out {
             (Some(a), _) => a.attempt,
             _ => 0,
         };
-        self.0.push(Effect::History { service: a.map(|a| a.service), action, attempt, event, detail });
+        let sent_ms = a.filter(|_| event.is_reply()).and_then(|a| a.sent_ms);
+        self.0.push(Effect::History {
+            service: a.map(|a| a.service),
+            action,
+            attempt,
+            event,
+            detail,
+            sent_ms,
+        });
     }
 }
 
@@ -397,6 +421,7 @@ impl Saga {
                 attempt: 0,
                 undo_attempt: 0,
                 due_ms: None,
+                sent_ms: None,
             })
             .collect();
         let mut saga = Saga {
@@ -482,6 +507,7 @@ impl Saga {
             action: None,
             attempt: 0,
             event: HistoryEvent::DefinitionMissing,
+            sent_ms: None,
             detail: Some(format!(
                 "{why}; the saga waits: make its definition available (start an orchestrator with the \
                  workflow file it started on) and run `baton workflows retry {}`",
@@ -538,6 +564,7 @@ impl Saga {
                 action: Some(reply.action),
                 attempt: reply.attempt,
                 event: HistoryEvent::LateReplyIgnored,
+                sent_ms: None,
                 detail: Some("the saga waits for its definition and an operator's retry".into()),
             }];
         }
@@ -555,6 +582,7 @@ impl Saga {
                 action: Some(reply.action),
                 attempt: reply.attempt,
                 event: HistoryEvent::LateReplyIgnored,
+                sent_ms: None,
                 detail: Some("this workflow has no such step".into()),
             });
             return out.0;
@@ -574,6 +602,7 @@ impl Saga {
                     action: Some(action),
                     attempt: reply.attempt,
                     event: HistoryEvent::LateReplyIgnored,
+                    sent_ms: None,
                     detail: Some(
                         format!("{:?} reply while the step is {phase:?}", reply.outcome).to_lowercase(),
                     ),
@@ -932,6 +961,7 @@ impl Saga {
         a.phase = Phase::Running;
         a.attempt = attempt;
         a.due_ms = Some(now + def.timeout_ms);
+        a.sent_ms = Some(now);
         out.0.push(command(def, idx, a.service, Action::Do, attempt, &self.context));
         let detail = def.workflow.as_ref().map(|w| format!("child workflow {w}"));
         out.history(Some(&self.actions[idx]), Some(Action::Do), HistoryEvent::Sent, detail);
@@ -943,6 +973,7 @@ impl Saga {
         a.phase = Phase::Compensating;
         a.undo_attempt = attempt;
         a.due_ms = Some(now + def.timeout_ms);
+        a.sent_ms = Some(now);
         out.0.push(command(def, idx, a.service, Action::Undo, attempt, &self.context));
         let detail = def.workflow.as_ref().map(|w| format!("undo child workflow {w} as a whole"));
         out.history(Some(&self.actions[idx]), Some(Action::Undo), HistoryEvent::Sent, detail);

@@ -117,6 +117,40 @@ fn start_sends_the_first_command_and_sets_its_timeout() {
     assert_eq!(phase(&saga, Placement), Phase::Pending);
 }
 
+/// When the command each reply event answers was sent, by event (what times the step).
+fn sent_of(effects: &[Effect]) -> Vec<(HistoryEvent, Option<u64>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::History { event, sent_ms, .. } => Some((*event, *sent_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_reply_is_timed_from_its_last_command_and_a_compensation_from_its_own() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    let fx = saga.on_reply(&wf, done(Records, Action::Do), T0 + 5);
+    assert_eq!(sent_of(&fx), vec![(HistoryEvent::Done, Some(T0)), (HistoryEvent::Sent, None)]);
+    // Placement fails, is retried later, and its second attempt's reply counts from the retry.
+    saga.on_reply(&wf, failed(Placement, Action::Do, 1), T0 + 9);
+    let retry_at = saga.wake_at().expect("a retry is scheduled");
+    saga.on_tick(&wf, retry_at);
+    let mut second = done(Placement, Action::Do);
+    second.attempt = 2;
+    let fx = saga.on_reply(&wf, second, retry_at + 7);
+    assert_eq!(sent_of(&fx)[0], (HistoryEvent::Done, Some(retry_at)));
+    // Entitlements refuses: records and placement are undone, each timed from its own undo.
+    let fx = saga.on_reply(&wf, refused(Entitlements, 402), retry_at + 20);
+    assert_eq!(sent_of(&fx)[0], (HistoryEvent::Refused, Some(retry_at + 7)));
+    let mut undone = done(Placement, Action::Undo);
+    undone.data = Context::default();
+    let fx = saga.on_reply(&wf, undone, retry_at + 30);
+    assert_eq!(sent_of(&fx)[0], (HistoryEvent::Compensated, Some(retry_at + 20)));
+}
+
 #[test]
 fn happy_path_answers_200_when_notify_is_committed_and_completes_on_its_reply() {
     let wf = Workflow::create_space();
