@@ -82,6 +82,23 @@ impl Conn {
         }
     }
 
+    /// The member of the group whose write failed, found as a later one read its answers,
+    /// with the write's error (PostgreSQL, where such a failure aborts the transaction).
+    pub(crate) fn take_culprit(&self) -> Option<(u32, StoreError)> {
+        match self {
+            Conn::Sqlite(_) => None,
+            Conn::Postgres(c) => c.borrow_mut().take_culprit(),
+        }
+    }
+
+    /// Whether an earlier member's failed write aborted the transaction under the running one.
+    pub(crate) fn has_culprit(&self) -> bool {
+        match self {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(c) => c.borrow().has_culprit(),
+        }
+    }
+
     /// Statements without parameters, one after the other (migrations, transaction control).
     pub(crate) fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match self {
@@ -108,7 +125,7 @@ impl Conn {
         match self {
             Conn::Sqlite(c) => c.execute("SAVEPOINT member", Vec::new()).map(|_| ()),
             Conn::Postgres(c) => {
-                c.borrow_mut().defer("SAVEPOINT member");
+                c.borrow_mut().next_member();
                 Ok(())
             }
         }
@@ -191,9 +208,6 @@ fn first(rows: Vec<Row>) -> Result<Row, StoreError> {
 pub struct Tx<'a> {
     pub(crate) conn: &'a Conn,
     pub(crate) owner: &'a str,
-    /// Whether nothing is queued to join this transaction's group after it (asked once, as
-    /// it ends; see [`Tx::ends_group`]).
-    pub(crate) last: &'a dyn Fn() -> bool,
     /// The outbox rows added, each with its `seq` once the database has answered.
     pub(crate) pushed: RefCell<Vec<(Seq, Outgoing)>>,
     /// What to run once this transaction is committed ([`Tx::on_commit`]).
@@ -244,9 +258,10 @@ impl Tx<'_> {
 
     /// Run a write whose count nobody reads and whose error the caller only passes on. On
     /// PostgreSQL it is sent without waiting (pipelined), and its answer read with the next
-    /// one needed: an error fails that statement, the member as it ends, or the transaction
-    /// of a member alone in its group, never lost. Use [`Tx::execute`] where an error must be
-    /// seen at this statement.
+    /// one needed: the member's own next read, or else the next member's first answer or the
+    /// `COMMIT`. Its error is never lost: it fails its member, and the group's members it
+    /// undid with it are tried again ([`StoreError::Neighbour`]). Use [`Tx::execute`] where an
+    /// error must be seen at this statement.
     pub fn write(&self, sql: &str, params: impl Params) -> Result<(), StoreError> {
         self.conn.write(sql, params.values())
     }
@@ -336,12 +351,6 @@ impl Tx<'_> {
     /// conflict retried runs it once, for the try that committed): what metrics count.
     pub fn on_commit(&self, f: impl FnOnce() + Send + 'static) {
         self.committed.borrow_mut().push(Box::new(f));
-    }
-
-    /// Whether this member can leave its writes' answers for the `COMMIT`: on PostgreSQL, as
-    /// the only member of its group with nobody queued behind it. Asked once, as it ends.
-    pub(crate) fn ends_group(&self) -> bool {
-        self.conn.is_postgres() && (self.last)()
     }
 
     /// Add the outbox row `msg` with `insert` (an `INSERT … RETURNING seq`), for the relay's

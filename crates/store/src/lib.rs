@@ -93,6 +93,11 @@ pub enum StoreError {
     /// full disk): none of its members took effect.
     #[error("the database rolled the group's transaction back ({why})")]
     RolledBack { why: String, outage: bool, disk_full: bool },
+    /// Another member of the same group commit failed a write, which aborted the transaction
+    /// they shared (PostgreSQL) before this one's work was known to be done: none of this
+    /// one's work took effect. Like a conflict, it is over: a second try goes through.
+    #[error("another transaction of the same group commit failed and undid this one; try it again")]
+    Neighbour,
 }
 
 impl StoreError {
@@ -106,7 +111,7 @@ impl StoreError {
             StoreError::Postgres(e) => pg::is_outage(e),
             StoreError::Commit(e) => e.is_transient(),
             StoreError::RolledBack { outage, .. } => *outage,
-            StoreError::Closed(_) => true,
+            StoreError::Closed(_) | StoreError::Neighbour => true,
             StoreError::NoRows
             | StoreError::Type(_)
             | StoreError::Corrupt { .. }
@@ -129,12 +134,14 @@ impl StoreError {
     }
 
     /// Whether another instance's transaction conflicted with this one (a serialization
-    /// failure or a deadlock on PostgreSQL): a transient error that needs no pause, since the
-    /// other transaction is done and a second try reads its work.
+    /// failure or a deadlock on PostgreSQL), or another member of its group commit undid it
+    /// ([`StoreError::Neighbour`]): a transient error that needs no pause, since the other
+    /// transaction is done and a second try reads its work.
     pub fn is_conflict(&self) -> bool {
         match self {
             StoreError::Postgres(e) => pg::is_conflict(e),
             StoreError::Commit(e) => e.is_conflict(),
+            StoreError::Neighbour => true,
             _ => false,
         }
     }
@@ -297,9 +304,6 @@ struct Ran {
     finish: Finish,
     outage: MemberOutage,
     broken: bool,
-    /// Its writes' answers are left for the `COMMIT` ([`Tx::ends_group`]): nobody may join
-    /// its group after it.
-    carried: bool,
 }
 
 /// Work for the database thread, in its own transaction or sharing one with the others queued.
@@ -478,28 +482,15 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
             continue;
         }
         let mut group = Group::default();
-        // Asked by the first member as it ends: whether nothing is queued behind it. A job
-        // that is waits here for the loop below.
-        let queued = RefCell::new(None);
-        let ends_group = || {
-            on_its_own
-                || match rx.try_recv() {
-                    Ok(job) => {
-                        *queued.borrow_mut() = Some(job);
-                        false
-                    }
-                    Err(_) => true,
-                }
-        };
-        group.run(&conn, owner, job.member, &ends_group);
+        group.run(&conn, owner, job.member);
         // SQLite rolls the whole transaction back by itself on some errors of a statement (a
         // full disk, I/O), and a PostgreSQL connection can be lost: then the group is lost, and
         // no member may run after it (it would run outside any transaction).
         let mut lost = group.broken || !conn.in_transaction();
-        while !on_its_own && !lost && !group.carried && group.finishes.len() < GROUP_MAX {
-            match queued.take().map_or_else(|| rx.try_recv(), Ok) {
+        while !on_its_own && !lost && group.finishes.len() < GROUP_MAX {
+            match rx.try_recv() {
                 Ok(Job { member, alone: false, level }) if level == job.level || !conn.is_postgres() => {
-                    group.run(&conn, owner, member, &|| false);
+                    group.run(&conn, owner, member);
                     lost = group.broken || !conn.in_transaction();
                 }
                 Ok(alone) => {
@@ -508,9 +499,6 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 }
                 Err(_) => break,
             }
-        }
-        if let Some(job) = queued.take() {
-            next = Some(job);
         }
         let outcome = if lost {
             // A transaction left open (aborted) would fail every job after it.
@@ -524,14 +512,26 @@ fn serve(conn: Conn, rx: mpsc::Receiver<Job>, name: &str, owner: &str, health: &
                 why: outage.map_or_else(|| "a member's statement failed".into(), |o| o.why),
             }))
         } else {
-            conn.batch("COMMIT").map_err(|e| {
+            let committed = conn.batch("COMMIT");
+            // The last members' writes are read with the `COMMIT`: one that failed aborted the
+            // transaction, which the `COMMIT` then rolled back. Its member hears why; the
+            // others are tried again.
+            if let Some((culprit, e)) = conn.take_culprit() {
+                group.failed(culprit, e, group.finishes.len() as u32 + 1);
+            }
+            committed.map_err(|e| {
                 if conn.in_transaction() {
                     let _ = conn.batch("ROLLBACK");
                 }
                 Arc::new(e)
             })
         };
-        health.committed(outcome.as_ref().map(|_| ()).map_err(|e| &**e), &group.outage);
+        // A group undone by its own member's failed write says nothing of the store.
+        let health_outcome = match &outcome {
+            Err(e) if matches!(**e, StoreError::Neighbour) => Ok(()),
+            other => other.as_ref().map(|_| ()).map_err(|e| &**e),
+        };
+        health.committed(health_outcome, &group.outage);
         for finish in group.finishes {
             finish(outcome.as_ref().map(|_| ()));
         }
@@ -547,16 +547,16 @@ struct Group {
     /// A savepoint could not be set or closed: the transaction may be aborted, and a commit
     /// would not say so (PostgreSQL answers COMMIT with a rollback).
     broken: bool,
-    /// Its only member left its writes' answers for the `COMMIT`.
-    carried: bool,
 }
 
 impl Group {
-    /// Run `member` in a savepoint of its own; `last` says whether it may end the group.
-    fn run(&mut self, conn: &Conn, owner: &str, member: Member, last: &dyn Fn() -> bool) {
+    /// Run `member` in a savepoint of its own. On PostgreSQL its writes' answers are read
+    /// with the next member's first answer, or the `COMMIT`: if one of them failed, the
+    /// members from it to the one that found it are undone ([`Group::failed`]).
+    fn run(&mut self, conn: &Conn, owner: &str, member: Member) {
         let ran = match conn.savepoint() {
             Ok(()) => {
-                let tx = Tx { conn, owner, last, pushed: RefCell::default(), committed: RefCell::default() };
+                let tx = Tx { conn, owner, pushed: RefCell::default(), committed: RefCell::default() };
                 member(Ok(&tx))
             }
             // Cannot isolate it: it does not run, and hears why. On PostgreSQL the savepoint
@@ -571,9 +571,35 @@ impl Group {
         };
         self.finishes.push(ran.finish);
         self.broken |= ran.broken;
-        self.carried |= ran.carried;
         if ran.outage.is_some() {
             self.outage = ran.outage;
+        }
+        // The member that found an earlier one's failure rolled back to that one's savepoint
+        // (the latest the aborted transaction kept) and told its own caller.
+        if let Some((culprit, e)) = conn.take_culprit() {
+            let found_by = self.finishes.len() as u32;
+            self.failed(culprit, e, found_by);
+        }
+    }
+
+    /// Member `culprit` (from 1) failed a write, which undid it and the members after it up to
+    /// `found_by` (excluded: it knows): each hears it now, `culprit` with the write's error,
+    /// the others as [`StoreError::Neighbour`], and the group goes on without them.
+    fn failed(&mut self, culprit: u32, e: StoreError, found_by: u32) {
+        if e.is_transient() {
+            self.outage = Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() });
+        }
+        let mut why = Some(Arc::new(e));
+        let neighbour = Arc::new(StoreError::Neighbour);
+        for member in culprit..found_by {
+            let Some(finish) = (member as usize).checked_sub(1).and_then(|i| self.finishes.get_mut(i)) else {
+                continue;
+            };
+            let finish = std::mem::replace(finish, Box::new(|_| {}));
+            match why.take() {
+                Some(own) => finish(Err(&own)),
+                None => finish(Err(&neighbour)),
+            }
         }
     }
 }
@@ -809,27 +835,26 @@ impl Db {
                     let finish: Finish = Box::new(move |_| {
                         let _ = done.send((Err(e), Stopwatch::default()));
                     });
-                    return Ran { finish, outage: None, broken: false, carried: false };
+                    return Ran { finish, outage: None, broken: false };
                 }
             };
             watch.lap(&component, Stage::Handoff);
-            let result = span.in_scope(|| f(tx));
-            // The only member of its group, nothing queued behind it: its writes still unread
-            // go with the `COMMIT`, one round trip for both (PostgreSQL). Their errors then fail
-            // the transaction, which is all of its work and nobody else's.
-            let carried = result.is_ok() && tx.ends_group();
-            // Otherwise its pipelined writes are read now: their errors are its own.
-            let result = if carried { result } else { result.and_then(|r| tx.conn.settle().map(|()| r)) };
+            let mut result = span.in_scope(|| f(tx));
+            // An earlier member's write failed under it (PostgreSQL): whatever `f` made of the
+            // errors that followed, nothing of it took effect, and it is tried again.
+            if tx.conn.has_culprit() {
+                result = Err(StoreError::Neighbour);
+            }
+            // Its writes still unread are read with the next member's first answer or the
+            // `COMMIT` (PostgreSQL): one round trip less a member. If one fails, the group
+            // tells it then ([`Group::failed`]).
             let outage = match &result {
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() && !matches!(e, StoreError::Neighbour) => {
                     Some(Outage { why: e.to_string(), disk_full: e.is_disk_full() })
                 }
                 _ => None,
             };
-            let closed = if carried {
-                // The `COMMIT` releases the savepoint.
-                Ok(())
-            } else if result.is_ok() {
+            let closed = if result.is_ok() {
                 tx.conn.release()
             } else {
                 // Writes still unread are undone with the rest of it.
@@ -866,7 +891,7 @@ impl Db {
                     })
                 }
             };
-            Ran { finish, outage, broken, carried }
+            Ran { finish, outage, broken }
         });
         let closed = || StoreError::Closed(self.name.to_string());
         self.tx.send(Job { member, alone, level }).map_err(|_| closed())?;
@@ -1095,6 +1120,84 @@ mod tests {
                 .unwrap();
             assert_eq!(fed, stored);
             assert_eq!(fed.len(), 19);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_pipelined_write_fails_its_member_and_the_ones_it_undid_go_again_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let db = Db::open(&at, "undone", EXTRA, DEFAULT_OWNER).await.unwrap();
+            db.transaction(|tx| tx.write("INSERT INTO things (id, name) VALUES (1, 'first')", ()))
+                .await
+                .unwrap();
+            // One group each, queued behind the held thread: member `bad` writes a key taken;
+            // in the first, the member after it reads before it writes.
+            async fn group(
+                db: &Db,
+                ids: std::ops::RangeInclusive<i64>,
+                bad: i64,
+                reads: i64,
+            ) -> Vec<Result<(), StoreError>> {
+                let held = hold_thread(db).await;
+                let members: Vec<_> = ids
+                    .map(|i| {
+                        let db = db.clone();
+                        async move {
+                            db.transaction(move |tx| {
+                                if i == reads {
+                                    tx.query_row("SELECT COUNT(*) FROM things", (), |r| r.get::<i64>(0))?;
+                                }
+                                let id = if i == bad { 1 } else { i };
+                                tx.write("INSERT INTO things (id, name) VALUES (?1, 'x')", [id])
+                            })
+                            .await
+                        }
+                    })
+                    .collect();
+                let all = tokio::spawn(futures_util::future::join_all(members));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                held.release().await;
+                tokio::time::timeout(Duration::from_secs(10), all).await.unwrap().unwrap()
+            }
+            let ids = |db: &Db| {
+                let db = db.clone();
+                async move {
+                    db.call(|c| c.query_map("SELECT id FROM things ORDER BY id", (), |r| r.get::<i64>(0)))
+                        .await
+                        .unwrap()
+                }
+            };
+            let said = |r: &Result<(), StoreError>| match r {
+                Ok(()) => "ok",
+                Err(e) if e.to_string().to_lowercase().contains("unique") => "its own",
+                Err(e) if e.is_conflict() && e.to_string().contains("try it again") => "again",
+                Err(_) => "other",
+            };
+            let postgres = matches!(at, Location::Postgres(_));
+            // On PostgreSQL 4's write is read with 5's read: 4 fails, 5 was undone with it and
+            // goes again, 2, 3 and 6 commit. On SQLite each write runs at once: 4 fails alone.
+            let first: Vec<_> = group(&db, 2..=6, 4, 5).await.iter().map(said).collect();
+            let five_again = if postgres { "again" } else { "ok" };
+            assert_eq!(first, ["ok", "ok", "its own", five_again, "ok"], "{at}");
+            if postgres {
+                assert_eq!(ids(&db).await, [1, 2, 3, 6], "{at}");
+                db.transaction(|tx| tx.write("INSERT INTO things (id, name) VALUES (5, 'x')", ()))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(ids(&db).await, [1, 2, 3, 5, 6], "{at}");
+            // Writes only: on PostgreSQL 8's is read with the `COMMIT`, which undid all three.
+            let second: Vec<_> = group(&db, 7..=9, 8, 0).await.iter().map(said).collect();
+            let others = if postgres { "again" } else { "ok" };
+            assert_eq!(second, [others, "its own", others], "{at}");
+            let left: Vec<i64> = if postgres { vec![1, 2, 3, 5, 6] } else { vec![1, 2, 3, 5, 6, 7, 9] };
+            assert_eq!(ids(&db).await, left, "{at}");
+            // The store is as writable as before.
+            db.transaction(|tx| tx.write("INSERT INTO things (id, name) VALUES (10, 'x')", ()))
+                .await
+                .unwrap();
+            assert!(db.health().writable().is_ok(), "{at}");
         }
     }
 

@@ -54,11 +54,17 @@ pub(crate) struct PgConn {
     /// the first member's `SAVEPOINT` ahead of its first statement, a member's `RELEASE` with
     /// the next one's `SAVEPOINT`), so that it costs no round trip of its own.
     pending: String,
-    /// Requests sent whose answers nobody has read yet, in order: writes ([`PgConn::write`]),
-    /// reads sent ahead ([`crate::Tx::prefetch`]), outbox inserts and transaction control.
-    /// Read before the next answer that is needed, by [`PgConn::settle`] at the end of a
-    /// member, or with the `COMMIT` of a member alone in its group ([`crate::Tx::ends_group`]).
-    unread: Vec<Unread>,
+    /// Requests sent whose answers nobody has read yet, in order, each with the group member
+    /// that sent it: writes ([`PgConn::write`]), reads sent ahead ([`crate::Tx::prefetch`]),
+    /// outbox inserts and transaction control. Read before the next answer that is needed, by
+    /// the next member's first one, or with the `COMMIT`.
+    unread: Vec<(u32, Unread)>,
+    /// The member of the group commit running now, from 1; 0 once the group ends.
+    member: u32,
+    /// A request of an earlier member that failed, found as a later answer was read: it
+    /// aborted the transaction, so nothing its member or those after it sent took effect
+    /// ([`PgConn::take_culprit`]).
+    culprit: Option<(u32, tokio_postgres::Error)>,
 }
 
 /// The connection settings of `url`, with the store's timeouts where the URL sets none; the
@@ -133,6 +139,8 @@ pub(crate) fn open(
         open_tx: false,
         pending: String::new(),
         unread: Vec::new(),
+        member: 0,
+        culprit: None,
     }))
 }
 
@@ -282,37 +290,60 @@ impl PgConn {
             let _ = Pin::new(&mut request).poll(cx);
             std::task::Poll::Ready(())
         }));
-        self.unread.push(request);
+        self.unread.push((self.member, request));
     }
 
     /// Send `request` behind the unread ones, then read every answer in order: one round trip
     /// for them all. The first error among them is the answer; the ones after it only say
-    /// that the transaction is aborted.
+    /// that the transaction is aborted. When that first error is an earlier member's (or
+    /// the `COMMIT` reads it), it is kept as the culprit and the answer is
+    /// [`StoreError::Neighbour`].
     fn answer<T>(
         &mut self,
         request: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, StoreError> {
         let unread = std::mem::take(&mut self.unread);
-        let answered = self.rt.block_on(async move {
+        let (result, failed) = self.rt.block_on(async move {
             let mut request = std::pin::pin!(request);
             let first = std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx))).await;
             let mut failed = None;
-            for mut earlier in unread {
+            for (member, mut earlier) in unread {
                 (&mut earlier).await;
                 if let Some(Err(e)) = Pin::new(&mut earlier).take_output() {
-                    failed.get_or_insert(e);
+                    failed.get_or_insert((member, e));
                 }
             }
             let result = match first {
                 std::task::Poll::Ready(r) => r,
                 std::task::Poll::Pending => request.await,
             };
-            match failed {
-                Some(e) => Err(e),
-                None => result,
-            }
+            (result, failed)
         });
-        Ok(answered?)
+        match failed {
+            Some((member, e)) if member != self.member => {
+                self.culprit.get_or_insert((member, e));
+                Err(StoreError::Neighbour)
+            }
+            Some((_, e)) => Err(e.into()),
+            None => Ok(result?),
+        }
+    }
+
+    /// The member whose request failed and aborted the transaction, found while another
+    /// member (or the `COMMIT`) read its answers, with that request's error.
+    pub(crate) fn take_culprit(&mut self) -> Option<(u32, StoreError)> {
+        self.culprit.take().map(|(member, e)| (member, e.into()))
+    }
+
+    /// Whether an earlier member's failure has aborted the transaction under this one.
+    pub(crate) fn has_culprit(&self) -> bool {
+        self.culprit.is_some()
+    }
+
+    /// The next member of the group begins: its `SAVEPOINT` goes out with its first request.
+    pub(crate) fn next_member(&mut self) {
+        self.member += 1;
+        self.defer("SAVEPOINT member");
     }
 
     /// Send the transaction control held back (see `pending`) ahead of the next request.
@@ -323,8 +354,8 @@ impl PgConn {
         }
     }
 
-    /// Read the answers still unread: the first error among them. A member's work is not done
-    /// until this says so.
+    /// Read the answers still unread: the first error among them (a read sent ahead whose rows
+    /// are wanted now, or a member that failed and must undo its work before it ends).
     pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
         if self.unread.is_empty() {
             return Ok(());
@@ -401,6 +432,9 @@ impl PgConn {
         let ends = text.eq_ignore_ascii_case("COMMIT") || text.eq_ignore_ascii_case("ROLLBACK");
         if ends {
             self.open_tx = false;
+            // Read as the group's, not as its last member's: any error among them aborted
+            // the whole transaction.
+            self.member = 0;
             // A savepoint's release is implied by the end of its transaction; a transaction
             // that never sent anything needs no round trip to end.
             let never_begun = self.pending.starts_with("BEGIN");
@@ -444,6 +478,8 @@ impl PgConn {
         self.pending.clear();
         self.pending.push_str(sql);
         self.open_tx = true;
+        self.member = 0;
+        self.culprit = None;
         Ok(())
     }
 
@@ -475,6 +511,7 @@ impl PgConn {
         self.open_tx = false;
         self.pending.clear();
         self.unread.clear();
+        self.culprit = None;
         Ok(())
     }
 }
