@@ -339,8 +339,8 @@ pub enum Effect {
         attempt: u32,
         event: HistoryEvent,
         detail: Option<String>,
-        /// For the answer to a command (its reply, or its timeout): when the command was sent,
-        /// which times the step.
+        /// For a service's reply ([`HistoryEvent::is_reply`]): when the command or compensation
+        /// it answers was sent, which times the step.
         sent_ms: Option<u64>,
     },
 }
