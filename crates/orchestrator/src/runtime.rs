@@ -1,8 +1,8 @@
 //! Handlers, timer and start-up of the orchestrator.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_amqp::topology::{self, COMMANDS, EVENTS, OUTCOMES};
@@ -82,21 +82,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> anyhow::Result<()>
     // Before anything is consumed: the sagas it starts are pinned to these hashes, and any
     // orchestrator sharing the store can read them back to finish those sagas.
     let current = definitions::record(&db, &workflows).await?;
-    let known = Definitions::with(&workflows);
-    let core = Arc::new(Core {
-        db: db.clone(),
-        wake: Wake::default(),
-        timer: Timer::default(),
-        reply_key: topology::ORCHESTRATOR.into(),
-        commands: topology::command_queue(COMPONENT),
-        replies: replies.name.clone(),
-        reply_kinds: reply_kinds(),
-        identity: Identity::of_url(COMPONENT, broker.url()),
-        workflows,
-        current,
-        definitions: known,
-        clock: SagaClock::start(),
-    });
+    let core = Arc::new(Core::new(db.clone(), Identity::of_url(COMPONENT, broker.url()), workflows, current));
     db.feed(core.wake.clone());
     let db_purge = db.clone();
     let in_flight = core.resume().await?;
@@ -214,9 +200,12 @@ struct Core {
     definitions: Definitions,
     /// Every time a transition sees; never the wall clock, which may jump.
     clock: SagaClock,
+    /// The sagas this instance moved last, as it stored them.
+    recent: Arc<Recent>,
 }
 
 /// What a saga row carries besides its state.
+#[derive(Clone)]
 struct Meta {
     reply_to: Option<String>,
     trace: TraceParent,
@@ -224,6 +213,45 @@ struct Meta {
     definition: Option<String>,
     /// A child saga's parent, and the parent's action it runs for.
     parent: Option<(Uuid, usize)>,
+}
+
+/// A saga as this instance stored it, and its `version` then.
+struct Known {
+    saga: Saga,
+    meta: Meta,
+    version: i64,
+}
+
+/// How many sagas [`Recent`] keeps: far more than are in flight at once under load, and a few
+/// megabytes at most.
+const RECENT_MAX: usize = 2_048;
+
+/// The sagas this instance moved last, each as it stored it, the least recent dropped first.
+///
+/// A reply that such a state awaits ([`Saga::awaits`]) moves the saga from it, without reading
+/// it back: on PostgreSQL the reply's transaction then waits for no answer before its commit.
+/// Another instance, a timer or an operator may have moved the saga since (replies go to any
+/// instance), so the write names the version it started from ([`apply`]'s guard) and fails if
+/// the row is not at it any more; the reply is then handled again from the row.
+struct Recent(Mutex<hashlink::LruCache<Uuid, Known>>);
+
+impl Recent {
+    fn new(max: usize) -> Recent {
+        Recent(Mutex::new(hashlink::LruCache::new(max)))
+    }
+
+    /// Saga `id` as this instance stored it last, taken out: whoever moves it next, here or
+    /// elsewhere, leaves this copy behind.
+    fn take(&self, id: Uuid) -> Option<Known> {
+        self.0.lock().expect("recent sagas").remove(&id)
+    }
+
+    /// Keep `known` as this instance stored it, while it still has replies to wait for.
+    fn keep(&self, known: Known) {
+        if known.saga.status.is_in_flight() {
+            self.0.lock().expect("recent sagas").insert(known.saga.id, known);
+        }
+    }
 }
 
 /// The only sender of starts: the gateway (`baton_gateway::COMPONENT`, which this crate may not
@@ -259,6 +287,32 @@ fn corrupt(cause: impl Into<baton_store::Cause>) -> StoreError {
 }
 
 impl Core {
+    /// The handlers of an instance on `db`, running `workflows` (`current`: their hashes, as
+    /// [`definitions::record`] stored them).
+    fn new(
+        db: Db,
+        identity: Identity,
+        workflows: HashMap<String, Workflow>,
+        current: HashMap<String, String>,
+    ) -> Core {
+        let definitions = Definitions::with(&workflows);
+        Core {
+            db,
+            wake: Wake::default(),
+            timer: Timer::default(),
+            reply_key: topology::ORCHESTRATOR.into(),
+            commands: topology::command_queue(COMPONENT),
+            replies: topology::orchestrator_reply_queue().name,
+            reply_kinds: reply_kinds(),
+            identity,
+            workflows,
+            current,
+            definitions,
+            clock: SagaClock::start(),
+            recent: Arc::new(Recent::new(RECENT_MAX)),
+        }
+    }
+
     /// Re-arm the sagas in flight on this process's clock ([`Saga::rearm`]: the previous
     /// process's times may be off by any clock jump), count them and arm the timer. Each saga
     /// is re-armed in a transaction of its own, retried on a conflict: other instances may be
@@ -278,7 +332,7 @@ impl Core {
                     }
                     Err(why) => (saga.definition_missing(why.to_string()), true),
                 };
-                core.settle(tx, &saga, effects, &meta, &meta.trace, now)?;
+                core.settle(tx, &saga, effects, &meta, &meta.trace, now, None)?;
                 Ok(missing)
             })
         });
@@ -376,7 +430,10 @@ impl Core {
                         saga.context.owner
                     ],
                 )?;
-                let wake = core.settle(tx, &saga, effects, &meta, &hop, now)?;
+                let wake = core.settle(tx, &saga, effects, &meta, &hop, now, None)?;
+                // Inserted at version 0, moved once by its first transition.
+                let recent = Arc::clone(&core.recent);
+                tx.on_commit(move || recent.keep(Known { saga, meta, version: 1 }));
                 Ok(wake)
             })
             .await
@@ -413,8 +470,9 @@ impl Core {
         let (step, action, index) = (reply.step, reply.action, reply.index.map(|i| i as usize));
         let saga_id = reply.saga_id;
         let input = Reply::from(reply);
+        let known = self.recent.take(saga_id).filter(|k| k.saga.awaits(&input));
         let crash_at = self
-            .advance(env.message_id, saga_id, hop(&env), move |saga, wf, now| {
+            .advance(env.message_id, saga_id, known, hop(&env), move |saga, wf, now| {
                 let effects = saga.on_reply(wf, input, now);
                 let at = crate::crash_points::dangerous_instant(saga, step, index, action)
                     .or_else(|| crate::crash_points::announcing(&effects));
@@ -433,7 +491,8 @@ impl Core {
             Arrived::Replies => env.decode(&self.replies, &self.reply_kinds)?,
         };
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
-        self.advance(env.message_id, req.saga_id, hop(&env), |saga, wf, now| {
+        let _moved = self.recent.take(req.saga_id);
+        self.advance(env.message_id, req.saga_id, None, hop(&env), |saga, wf, now| {
             let effects = saga.retry_compensation(wf, now);
             if effects.is_empty() {
                 tracing::info!(
@@ -454,7 +513,8 @@ impl Core {
     async fn on_cancel(self: Arc<Self>, env: Envelope) -> Result<(), HandleError> {
         let req: CancelSaga = env.decode(&self.commands, &COMMAND_KINDS)?;
         tracing::Span::current().record("saga_id", tracing::field::display(req.saga_id));
-        self.advance(env.message_id, req.saga_id, hop(&env), move |saga, wf, now| {
+        let _moved = self.recent.take(req.saga_id);
+        self.advance(env.message_id, req.saga_id, None, hop(&env), move |saga, wf, now| {
             match saga.why_not_cancellable() {
                 Some(why) => tracing::info!(%why, by = %req.by, "cancel refused"),
                 None if saga.cancelled => {
@@ -473,6 +533,10 @@ impl Core {
     /// then arm the timer and wake the relay. Returns what `step` returned beside its effects.
     /// `hop` is the handling's trace context: the parent of the commands and answer it sends.
     ///
+    /// `known`: the saga as this instance stored it last, when the message is a reply that
+    /// state awaits. The transition then starts from it, unread; if the saga moved since, its
+    /// write fails, and the message is handled again from the row.
+    ///
     /// A saga not found in a group commit's transaction is looked for again in a transaction
     /// of its own before the message is dead-lettered: on PostgreSQL a group's snapshot dates
     /// from its first member, and another instance may have committed the saga's start since
@@ -481,26 +545,36 @@ impl Core {
         self: &Arc<Self>,
         message_id: Uuid,
         saga_id: Uuid,
+        known: Option<Known>,
         hop: TraceParent,
         step: F,
     ) -> Result<Option<T>, HandleError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>) + Send + 'static,
+        F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>) + Clone + Send + 'static,
     {
+        let spare = known.is_some().then(|| (step.clone(), hop.clone()));
         let core = Arc::clone(self);
         let again = hop.clone();
-        let first = self
-            .db
-            .transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, step))
-            .await
-            .map_err(HandleError::from)?;
+        let first =
+            self.db.transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, known, step)).await;
+        let first = match (first, spare) {
+            (Err(e), Some((step, hop))) => {
+                // Most often another instance (or this one's timer) moved the saga meanwhile.
+                baton_metrics::store_conflict_retried(COMPONENT);
+                tracing::debug!(error = %e, "moving the saga from the state this instance kept failed; reading it");
+                let core = Arc::clone(self);
+                self.db.transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, None, step)).await
+            }
+            (first, _) => first,
+        }
+        .map_err(HandleError::from)?;
         let (wake_at, extra) = match first {
             Ok(done) => done,
             Err(step) => {
                 let core = Arc::clone(self);
                 self.db
-                    .call(move |tx| core.transition(tx, message_id, saga_id, &again, step))
+                    .call(move |tx| core.transition(tx, message_id, saga_id, &again, None, step))
                     .await
                     .map_err(HandleError::from)?
                     .map_err(|_| {
@@ -525,23 +599,29 @@ impl Core {
         message_id: Uuid,
         saga_id: Uuid,
         hop: &TraceParent,
+        known: Option<Known>,
         step: F,
     ) -> Result<Result<(Option<u64>, Option<T>), F>, StoreError>
     where
         F: FnOnce(&mut Saga, &Workflow, u64) -> (Vec<Effect>, Option<T>),
     {
-        // Sent ahead of the inbox's check and read with its answer: one round trip for both.
-        let saga = fetch(tx, saga_id)?;
-        if inbox::seen(tx, message_id)?.is_some() {
-            tx.on_commit(|| baton_metrics::inbox_duplicate(COMPONENT));
-            return Ok(Ok((None, None)));
-        }
-        let Some((mut saga, meta)) = saga.first(tx)?.map(|r| saga_of(&r)).transpose()? else {
-            return Ok(Err(step));
+        // A known state awaits this very message: it cannot have been handled (that would have
+        // moved the saga), and the guard on the write checks that nothing else moved it.
+        let (mut saga, meta, version, guard) = match known {
+            Some(Known { saga, meta, version }) => (saga, meta, version, Some(version)),
+            None => {
+                // Sent ahead of the inbox's check and read with its answer: one round trip.
+                let saga = fetch(tx, saga_id)?;
+                if inbox::seen(tx, message_id)?.is_some() {
+                    tx.on_commit(|| baton_metrics::inbox_duplicate(COMPONENT));
+                    return Ok(Ok((None, None)));
+                }
+                let Some((saga, meta, version)) = saga.first(tx)?.map(|r| saga_of(&r)).transpose()? else {
+                    return Ok(Err(step));
+                };
+                (saga, meta, version, None)
+            }
         };
-        // Recorded only once the message is known to be handled here: a message rejected to
-        // the DLQ must still count as new when an operator replays it.
-        inbox::record(tx, message_id, &[])?;
         let now = self.clock.now();
         let (effects, extra) = match self.definitions.get(tx, meta.definition.as_deref())? {
             Ok(wf) => step(&mut saga, &wf, now),
@@ -551,7 +631,13 @@ impl Core {
                 (saga.definition_missing(why.to_string()), None)
             }
         };
-        let wake = self.settle(tx, &saga, effects, &meta, hop, now)?;
+        let wake = self.settle(tx, &saga, effects, &meta, hop, now, guard)?;
+        // Recorded only once the message is known to be handled here (a message rejected to
+        // the DLQ must still count as new when an operator replays it), and after the guarded
+        // write: a known state's stale guess fails there first.
+        inbox::record(tx, message_id, &[])?;
+        let recent = Arc::clone(&self.recent);
+        tx.on_commit(move || recent.keep(Known { saga, meta, version: version + 1 }));
         Ok(Ok((wake, extra)))
     }
 
@@ -640,6 +726,8 @@ impl Core {
     /// Fire saga `id`'s timers due at `now`, if it is still there and still has any.
     fn fire(&self, tx: &Tx<'_>, id: &str, now: u64) -> Result<(), StoreError> {
         let id = Uuid::parse_str(id).map_err(corrupt)?;
+        // Moved here: the state this instance stored last is no longer the saga's.
+        let _moved = self.recent.take(id);
         let Some((mut saga, meta)) = load(tx, id)? else { return Ok(()) };
         let effects = match self.definitions.get(tx, meta.definition.as_deref())? {
             Ok(wf) => saga.on_tick(&wf, now),
@@ -649,7 +737,7 @@ impl Core {
             }
         };
         // A timer's retry or compensation follows the saga's start: no message is at hand.
-        self.settle(tx, &saga, effects, &meta, &meta.trace, now)?;
+        self.settle(tx, &saga, effects, &meta, &meta.trace, now, None)?;
         Ok(())
     }
 
@@ -657,6 +745,8 @@ impl Core {
     /// the same store, in the same transaction: a child saga started or asked to undo itself,
     /// a parent told how its child ended. Each saga is stored before the next is loaded, so a
     /// parent and its child never see each other half-moved. Returns the earliest wake-up.
+    /// `guard`: `saga`'s version as it was read, when it was not ([`apply`]).
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         tx: &Tx<'_>,
@@ -665,8 +755,9 @@ impl Core {
         meta: &Meta,
         hop: &TraceParent,
         now: u64,
+        guard: Option<i64>,
     ) -> Result<Option<u64>, StoreError> {
-        let first = apply(tx, saga, effects, meta, hop, &self.reply_key, now)?;
+        let first = apply(tx, saga, effects, meta, hop, &self.reply_key, now, guard)?;
         let mut wake = first.wake;
         let mut work: std::collections::VecDeque<Cascade> = first.cascade.into();
         while let Some(next) = work.pop_front() {
@@ -736,7 +827,7 @@ impl Core {
                 start.index as i64
             ],
         )?;
-        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now, None).map(Some)
     }
 
     /// Ask the child saga of a parent's action to undo every step it did; one never started
@@ -761,7 +852,7 @@ impl Core {
             Ok(wf) => child.undo_as_child(&wf, now),
             Err(why) => child.definition_missing(why.to_string()),
         };
-        apply(tx, &child, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+        apply(tx, &child, effects, &meta, &meta.trace, &self.reply_key, now, None).map(Some)
     }
 
     /// Tell a parent saga how its child ended: its action's reply.
@@ -780,7 +871,7 @@ impl Core {
             Ok(wf) => saga.on_child_reply(&wf, reply, now),
             Err(why) => saga.definition_missing(why.to_string()),
         };
-        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now).map(Some)
+        apply(tx, &saga, effects, &meta, &meta.trace, &self.reply_key, now, None).map(Some)
     }
 }
 
@@ -851,20 +942,21 @@ fn timer_backoff() -> backon::ExponentialBackoff {
 }
 
 fn load(tx: &Tx<'_>, id: Uuid) -> Result<Option<(Saga, Meta)>, StoreError> {
-    fetch(tx, id)?.first(tx)?.map(|r| saga_of(&r)).transpose()
+    let loaded = fetch(tx, id)?.first(tx)?.map(|r| saga_of(&r)).transpose()?;
+    Ok(loaded.map(|(saga, meta, _)| (saga, meta)))
 }
 
 /// Send the read of saga `id` ahead of the statements after it ([`baton_store::Prefetched`]).
 fn fetch(tx: &Tx<'_>, id: Uuid) -> Result<baton_store::Prefetched, StoreError> {
     tx.prefetch(
-        "SELECT state, reply_to, traceparent, definition_hash, parent_id, parent_index
+        "SELECT state, reply_to, traceparent, definition_hash, parent_id, parent_index, version
          FROM sagas WHERE saga_id = ?1",
         [id.to_string()],
     )
 }
 
-/// A saga and its bookkeeping, from the row [`fetch`] read.
-fn saga_of(r: &baton_store::Row) -> Result<(Saga, Meta), StoreError> {
+/// A saga, its bookkeeping and its version, from the row [`fetch`] read.
+fn saga_of(r: &baton_store::Row) -> Result<(Saga, Meta, i64), StoreError> {
     let state: String = r.get(0)?;
     let (reply_to, trace, definition): (Option<String>, String, Option<String>) =
         (r.get(1)?, r.get(2)?, r.get(3)?);
@@ -874,12 +966,17 @@ fn saga_of(r: &baton_store::Row) -> Result<(Saga, Meta), StoreError> {
         (Some(p), Some(i)) => Some((Uuid::parse_str(&p).map_err(corrupt)?, i as usize)),
         _ => None,
     };
-    Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition, parent }))
+    Ok((saga, Meta { reply_to, trace: TraceParent(trace), definition, parent }, r.get(6)?))
 }
 
 /// Carry out a transition's effects and store the new state, in the caller's transaction.
 /// `hop` is the trace context the effects follow: every command is sent from a span of its own
 /// step ([`step_trace`]), the answer from `hop` itself. Returns the saga's next wake-up.
+///
+/// Every transition counts the row's `version` up. `guard`: the version the transition started
+/// from, when it did not read the row in this transaction ([`Recent`]); a row at another one was
+/// moved since, and the write fails (its version would be NULL) rather than undo that move.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     tx: &Tx<'_>,
     saga: &Saga,
@@ -888,6 +985,7 @@ fn apply(
     hop: &TraceParent,
     reply_key: &str,
     now: u64,
+    guard: Option<i64>,
 ) -> Result<Applied, StoreError> {
     let mut answer_status = None;
     let mut cascade = Vec::new();
@@ -981,19 +1079,22 @@ fn apply(
     }
     let state = serde_json::to_string(saga).expect("saga state serialises");
     let wake = saga.wake_at();
-    tx.write(
-        "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
-                          answer_status = COALESCE(?6, answer_status)
-         WHERE saga_id = ?1",
-        params![
-            saga.id.to_string(),
-            state,
-            saga.status.as_str(),
-            wake.map(|w| w as i64),
-            now as i64,
-            answer_status
-        ],
-    )?;
+    let (id, status, wake_at) = (saga.id.to_string(), saga.status.as_str(), wake.map(|w| w as i64));
+    match guard {
+        None => tx.write(
+            "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
+                              answer_status = COALESCE(?6, answer_status), version = version + 1
+             WHERE saga_id = ?1",
+            params![id, state, status, wake_at, now as i64, answer_status],
+        )?,
+        Some(version) => tx.write(
+            "UPDATE sagas SET state = ?2, status = ?3, wake_at = ?4, updated_at = ?5,
+                              answer_status = COALESCE(?6, answer_status),
+                              version = CASE WHEN version = ?7 THEN version + 1 END
+             WHERE saga_id = ?1",
+            params![id, state, status, wake_at, now as i64, answer_status, version],
+        )?,
+    }
     Ok(Applied { wake, cascade })
 }
 
@@ -1148,3 +1249,6 @@ pub async fn request_retry(amqp_url: &str, saga_id: Uuid) -> anyhow::Result<()> 
         )
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,10 @@
 /// The orchestrator's tables, after the common inbox/outbox/tombstones. Each saga names the
 /// exact definition it was started on, by content hash (`definition_hash`: it runs and is undone
 /// on that one whatever definition is loaded later), and the client's deadline as set at its
-/// start, for the audit; a child saga, its parent and the parent's action it runs for. The second migration added the hashes and `first_seen`; the index on
-/// `updated_at` lets the retention find the oldest finished sagas without a scan.
+/// start, for the audit; a child saga, its parent and the parent's action it runs for; and its
+/// `version`, counted up by every transition. The second migration added the hashes and
+/// `first_seen`; the index on `updated_at` lets the retention find the oldest finished sagas
+/// without a scan.
 pub const MIGRATIONS: &[&str] = &[
     "CREATE TABLE definitions (
         id INTEGER PRIMARY KEY,
@@ -65,4 +67,7 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sagas ADD COLUMN parent_id TEXT;
     ALTER TABLE sagas ADD COLUMN parent_index INTEGER;
     CREATE INDEX sagas_by_parent ON sagas (parent_id, parent_index);",
+    // Counts a saga's transitions: an instance that moves a saga from the state it stored last,
+    // without reading it back, writes only if nobody moved it since.
+    "ALTER TABLE sagas ADD COLUMN version INTEGER NOT NULL DEFAULT 0;",
 ];

@@ -554,6 +554,24 @@ impl Saga {
         self.begin_compensation(wf, failure, now, out);
     }
 
+    /// Whether `reply` answers what this state has in flight: the command (or compensation) of
+    /// its action, with the attempt last sent. A state that awaits a reply has not moved since
+    /// that attempt went out, as far as its holder knows; a reply it does not await comes late,
+    /// twice, or after someone else moved the saga on.
+    pub fn awaits(&self, reply: &Reply) -> bool {
+        if !self.status.is_in_flight() {
+            return false;
+        }
+        let found = match reply.index {
+            Some(i) => self.actions.get(i).filter(|a| a.service == reply.service),
+            None => self.actions.iter().find(|a| a.service == reply.service),
+        };
+        found.is_some_and(|a| match reply.action {
+            Action::Do => a.phase == Phase::Running && a.attempt == reply.attempt,
+            Action::Undo => a.phase == Phase::Compensating && a.undo_attempt == reply.attempt,
+        })
+    }
+
     /// A service replied.
     pub fn on_reply(&mut self, wf: &Workflow, reply: Reply, now: u64) -> Vec<Effect> {
         if self.status == SagaStatus::DefinitionMissing {

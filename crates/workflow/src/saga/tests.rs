@@ -152,6 +152,38 @@ fn a_reply_is_timed_from_its_last_command_and_a_compensation_from_its_own() {
 }
 
 #[test]
+fn a_state_awaits_only_the_reply_to_its_last_attempt_in_flight() {
+    let wf = Workflow::create_space();
+    let (mut saga, _) = start(&wf);
+    assert!(saga.awaits(&done(Records, Action::Do)));
+    assert!(!saga.awaits(&done(Placement, Action::Do)), "not sent yet");
+    assert!(!saga.awaits(&done(Records, Action::Undo)), "nothing to undo yet");
+    saga.on_reply(&wf, done(Records, Action::Do), T0 + 1);
+    assert!(!saga.awaits(&done(Records, Action::Do)), "answered already: a duplicate");
+    assert!(saga.awaits(&done(Placement, Action::Do)));
+    // A failed attempt is retried by the timer: the first attempt's reply is late from then on.
+    saga.on_reply(&wf, failed(Placement, Action::Do, 1), T0 + 2);
+    assert!(!saga.awaits(&failed(Placement, Action::Do, 1)), "waiting to retry");
+    saga.on_tick(&wf, saga.wake_at().expect("a retry is scheduled"));
+    assert!(!saga.awaits(&failed(Placement, Action::Do, 1)));
+    assert!(saga.awaits(&failed(Placement, Action::Do, 2)));
+    // A refusal compensates: each undo is awaited with its own attempt.
+    let mut second = done(Placement, Action::Do);
+    second.attempt = 2;
+    saga.on_reply(&wf, second, T0 + 5_000);
+    saga.on_reply(&wf, refused(Entitlements, 402), T0 + 5_001);
+    assert!(saga.awaits(&done(Placement, Action::Undo)));
+    assert!(!saga.awaits(&done(Records, Action::Undo)), "undone after placement");
+    assert!(!saga.awaits(&done(Entitlements, Action::Do)), "refused: over");
+    // An index names the action itself, and must be its service's.
+    let mut indexed = done(Placement, Action::Undo);
+    indexed.index = Some(1);
+    assert!(saga.awaits(&indexed));
+    indexed.index = Some(0);
+    assert!(!saga.awaits(&indexed));
+}
+
+#[test]
 fn happy_path_answers_200_when_notify_is_committed_and_completes_on_its_reply() {
     let wf = Workflow::create_space();
     let (mut saga, _) = start(&wf);
