@@ -560,8 +560,11 @@ impl Core {
             self.db.transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, known, step)).await;
         let first = match (first, spare) {
             (Err(e), Some((step, hop))) => {
-                // Most often another instance (or this one's timer) moved the saga meanwhile.
-                baton_metrics::store_conflict_retried(COMPONENT);
+                // The guard's refusal: another instance (or this one's timer) moved the saga
+                // meanwhile. An outage, or a neighbour's failure, is only tried again.
+                if !e.is_transient() {
+                    baton_metrics::store_conflict_retried(COMPONENT);
+                }
                 tracing::debug!(error = %e, "moving the saga from the state this instance kept failed; reading it");
                 let core = Arc::clone(self);
                 self.db.transaction(move |tx| core.transition(tx, message_id, saga_id, &hop, None, step)).await
