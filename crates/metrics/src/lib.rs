@@ -100,29 +100,31 @@ const COLLECT_PATIENCE: Duration = Duration::from_secs(2);
 /// component of the process, a restarted one) keep the first. Returns whether metrics are
 /// recorded: `false` when another recorder was installed before, by something else.
 pub fn install(instance: &str) -> bool {
-    if HANDLE.get().is_some() {
-        return true;
-    }
-    let builder = PrometheusBuilder::new()
-        .add_global_label("instance", instance)
-        .set_buckets(BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), stage::STAGE_BUCKETS))
-        .expect("the bucket lists are not empty");
-    let recorder = builder.build_recorder();
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_err() {
-        return HANDLE.get().is_some();
-    }
-    let _ = HANDLE.set(handle.clone());
-    names::describe();
-    // For the life of the process, as the recorder it drains (which is never uninstalled).
-    let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
-        loop {
-            std::thread::sleep(UPKEEP);
-            handle.run_upkeep();
+    // Once, and the others wait for it: two components starting together must not see the
+    // recorder set and its handle not yet.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let builder = PrometheusBuilder::new()
+            .add_global_label("instance", instance)
+            .set_buckets(BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), stage::STAGE_BUCKETS))
+            .expect("the bucket lists are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            return;
         }
+        let _ = HANDLE.set(handle.clone());
+        names::describe();
+        // For the life of the process, as the recorder it drains (which is never uninstalled).
+        let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP);
+                handle.run_upkeep();
+            }
+        });
     });
-    true
+    HANDLE.get().is_some()
 }
 
 /// The text exposition of every series now, readiness set from `health` first; `None` before
