@@ -7,7 +7,6 @@
 //! one atomic load per stage, and reads no clock.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Instant;
 
 use metrics::{Histogram, histogram};
@@ -81,10 +80,13 @@ thread_local! {
     /// The histogram of each component's stages, looked up once per thread: registering one
     /// (building its key, hashing it, finding it in the recorder) at every record cost more
     /// than the timing itself, a dozen times a hop. The recorder is installed once per process,
-    /// before any stopwatch runs, so a handle stays valid.
-    static HISTOGRAMS: RefCell<HashMap<String, [Option<Histogram>; Stage::ALL.len()]>> =
-        RefCell::new(HashMap::new());
+    /// before any stopwatch runs, so a handle stays valid. A list, not a map: a process runs
+    /// a handful of components, and comparing their short names costs less than hashing one.
+    static HISTOGRAMS: RefCell<Vec<(Box<str>, Slots)>> = const { RefCell::new(Vec::new()) };
 }
+
+/// One component's histograms, by stage.
+type Slots = [Option<Histogram>; Stage::ALL.len()];
 
 /// A start time, taken only while metrics are recorded; `Copy`, so it crosses threads in the
 /// closures that carry it.
@@ -103,11 +105,14 @@ impl Stopwatch {
         if let Some(at) = self.0 {
             let seconds = at.elapsed().as_secs_f64();
             HISTOGRAMS.with_borrow_mut(|known| {
-                if !known.contains_key(component) {
-                    known.insert(component.to_owned(), Default::default());
-                }
-                let slots = known.get_mut(component).expect("inserted above");
-                slots[stage as usize]
+                let at = match known.iter().position(|(name, _)| **name == *component) {
+                    Some(at) => at,
+                    None => {
+                        known.push((component.into(), Default::default()));
+                        known.len() - 1
+                    }
+                };
+                known[at].1[stage as usize]
                     .get_or_insert_with(|| {
                         histogram!(STAGE_SECONDS, "component" => component.to_owned(), "stage" => stage.as_str())
                     })
