@@ -154,6 +154,14 @@ impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             self.record_debug(field, &format_args!("{value}"))
+        } else if !needs_escape(value) {
+            // What `{value:?}` writes for a string it has nothing to escape in, without its
+            // check of every character: the ids and names of every span's fields.
+            self.write(Some(field.name()), |w| {
+                w.write_char('"')?;
+                w.write_str(value)?;
+                w.write_char('"')
+            })
         } else {
             self.record_debug(field, &value)
         }
@@ -176,18 +184,38 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let name = field.name();
-        if self.result.is_err() || name.starts_with("log.") {
+        match field.name() {
+            "message" => self.write(None, |w| write!(Escaped(w), "{value:?}")),
+            name => self.write(Some(name), |w| write!(w, "{value:?}")),
+        }
+    }
+}
+
+impl<'w> PlainVisitor<'w> {
+    /// The separator, then `name=` (none for the message), then what `value` writes: written
+    /// as they are, not through a format string.
+    fn write(&mut self, name: Option<&str>, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+        if self.result.is_err() || name.is_some_and(|n| n.starts_with("log.")) {
             return;
         }
         let space = if std::mem::take(&mut self.first) { "" } else { " " };
-        self.result = match name {
-            "message" => {
-                write!(self.writer, "{space}").and_then(|()| write!(Escaped(&mut self.writer), "{value:?}"))
+        let w = &mut self.writer;
+        self.result = (|| {
+            w.write_str(space)?;
+            if let Some(name) = name {
+                w.write_str(name.strip_prefix("r#").unwrap_or(name))?;
+                w.write_char('=')?;
             }
-            name => write!(self.writer, "{space}{}={value:?}", name.strip_prefix("r#").unwrap_or(name)),
-        };
+            value(w)
+        })();
     }
+}
+
+/// Whether `{s:?}` would write anything but `s` between quotes: any byte outside printable
+/// ASCII, a quote or a backslash. Every byte is looked at, with no early exit, so that the
+/// loop runs on vectors: span fields are short and almost never need it.
+fn needs_escape(s: &str) -> bool {
+    s.bytes().fold(false, |found, b| found | !(b' '..=b'~').contains(&b) | (b == b'"') | (b == b'\\'))
 }
 
 /// Escapes the characters a terminal reads as control sequences (ESC, BEL, BS, FF, DEL, C1),
@@ -396,7 +424,7 @@ mod tests {
             );
         tracing::subscriber::with_default(subscriber, || {
             let id = "0190a3c4-1b2c-7d3e-8f40-5a6b7c8d9e0f";
-            let span = tracing::info_span!("handle", saga_id = %id, step = "records", attempt = 2u32, r#type = ?Some(1), later = tracing::field::Empty, otel.name = "handle records.create");
+            let span = tracing::info_span!("handle", saga_id = %id, step = "records", attempt = 2u32, r#type = ?Some(1), later = tracing::field::Empty, otel.name = "handle records.create", quoted = "say \"hi\" it's a\\b", tab = "a\tb", accented = "café ☕", bell = "\x07", empty = "", edge = " ~");
             let _in = span.enter();
             span.record("later", true);
             let chained = Failed(
@@ -418,6 +446,23 @@ mod tests {
         assert!(plain.contains("\\x1b[31mred\\x07 \\u{9b} word"), "control characters escaped: {plain}");
         assert!(plain.contains("why.sources=[disk \\x1b full, ENOSPC]"), "{plain}");
         assert_eq!(plain.lines().count(), 3, "{plain}");
+    }
+
+    #[test]
+    fn a_string_left_unescaped_is_one_debug_writes_as_it_is() {
+        let mut samples: Vec<String> = (0u8..=0x7f).map(|b| format!("id-{}-x", b as char)).collect();
+        samples.extend(
+            ["", " ~", "0190a3c4-1b2c-7d3e-8f40-5a6b7c8d9e0f", "a'b", "café", "\u{85}"].map(String::from),
+        );
+        for s in samples {
+            let plain = format!("{s:?}") == format!("\"{s}\"");
+            if s.is_ascii() {
+                assert_eq!(needs_escape(&s), !plain, "{s:?}");
+            } else {
+                // Beyond ASCII, Debug's own tables decide: the slow path, whatever it writes.
+                assert!(needs_escape(&s), "{s:?}");
+            }
+        }
     }
 
     #[test]
