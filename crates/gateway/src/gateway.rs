@@ -105,7 +105,7 @@ impl Gateway {
                 if inbox::seen(tx, message_id)?.is_some() {
                     return Ok(());
                 }
-                inbox::record(tx, message_id, &[])?;
+                inbox::record(tx, message_id)?;
                 let now = now_ms();
                 tx.write(
                     "UPDATE requests SET outcome_status = ?2, outcome = ?3, outcome_at = ?4,

@@ -378,7 +378,7 @@ impl Core {
                 if inbox::seen(tx, env.message_id)?.is_some() || exists.first(tx)?.is_some() {
                     return Ok(None);
                 }
-                inbox::record(tx, env.message_id, &[])?;
+                inbox::record(tx, env.message_id)?;
                 let now = clock.now();
                 let Some(wf) = wf else {
                     // Nothing started, nothing to undo: answer at once.
@@ -638,7 +638,7 @@ impl Core {
         // Recorded only once the message is known to be handled here (a message rejected to
         // the DLQ must still count as new when an operator replays it), and after the guarded
         // write: a known state's stale guess fails there first.
-        inbox::record(tx, message_id, &[])?;
+        inbox::record(tx, message_id)?;
         let recent = Arc::clone(&self.recent);
         tx.on_commit(move || recent.keep(Known { saga, meta, version: version + 1 }));
         Ok(Ok((wake, extra)))

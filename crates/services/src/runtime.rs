@@ -255,11 +255,7 @@ impl Handler {
                 if let Some(p) = &pipeline {
                     p.sent(tx, &message, &out)?;
                 }
-                inbox::record(tx, message.message_id, &out)?;
-                for m in out {
-                    outbox::push(tx, m)?;
-                }
-                Ok(())
+                inbox::answer(tx, message.message_id, out)
             })
             .await?;
         self.wake.wake();

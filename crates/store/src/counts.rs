@@ -105,7 +105,7 @@ mod tests {
             assert_eq!(StoreCounts::total(&at).await.unwrap(), StoreCounts::default(), "{at}");
             for c in [Component::Records, Component::Gateway] {
                 let db = Db::open(&at, c.name(), &[], "test").await.unwrap();
-                db.transaction(|tx| crate::inbox::record(tx, uuid::Uuid::new_v4(), &[])).await.unwrap();
+                db.transaction(|tx| crate::inbox::record(tx, uuid::Uuid::new_v4())).await.unwrap();
             }
             assert_eq!(StoreCounts::of(&at, Component::Records).await.unwrap().unwrap().handled, 1);
             assert_eq!(StoreCounts::of(&at, Component::Routing).await.unwrap(), None);

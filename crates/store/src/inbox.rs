@@ -19,14 +19,27 @@ pub fn seen(tx: &Tx<'_>, message_id: Uuid) -> Result<Option<Vec<Outgoing>>, Stor
         .transpose()
 }
 
-/// Record `message_id` as handled, with the replies it produced.
-pub fn record(tx: &Tx<'_>, message_id: Uuid, replies: &[Outgoing]) -> Result<(), StoreError> {
-    let json = serde_json::to_string(replies).expect("outgoing messages serialise");
+/// Record `message_id` as handled, with no reply.
+pub fn record(tx: &Tx<'_>, message_id: Uuid) -> Result<(), StoreError> {
+    answer(tx, message_id, Vec::new())
+}
+
+/// Record `message_id` as handled and send `replies` through the outbox: each serialised once,
+/// its outbox row's text also its copy in the inbox (stamped with its commit time, which a
+/// duplicate's answer stamps anew).
+pub fn answer(tx: &Tx<'_>, message_id: Uuid, replies: Vec<Outgoing>) -> Result<(), StoreError> {
+    let mut json = String::from("[");
+    for (i, reply) in replies.into_iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&crate::outbox::push_serialised(tx, reply)?);
+    }
+    json.push(']');
     tx.write(
         "INSERT INTO inbox (message_id, received_at, replies) VALUES (?1, ?2, ?3)",
         params![message_id.to_string(), now_ms(), json],
-    )?;
-    Ok(())
+    )
 }
 
 /// One message handled, and the replies it produced.

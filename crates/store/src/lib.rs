@@ -1046,6 +1046,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_is_sent_and_kept_for_a_duplicate_on_both_backends() {
+        let stores = Stores::new();
+        for at in stores.each() {
+            let db = Db::open(&at, "svc", &[], DEFAULT_OWNER).await.unwrap();
+            let (answered, silent) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+            db.transaction(move |tx| {
+                inbox::answer(tx, answered, vec![message(1), message(2)])?;
+                inbox::record(tx, silent)
+            })
+            .await
+            .unwrap();
+            let sent: Vec<Outgoing> = db.pending(0, 10).await.unwrap().into_iter().map(|(_, m)| m).collect();
+            assert_eq!(sent.len(), 2);
+            assert!(sent.iter().all(|m| m.created_at_ms.is_some()), "stamped with the commit time");
+            let (kept, none) = db
+                .transaction(move |tx| Ok((inbox::seen(tx, answered)?, inbox::seen(tx, silent)?)))
+                .await
+                .unwrap();
+            assert_eq!(kept, Some(sent), "the inbox keeps the replies as they were sent");
+            assert_eq!(none, Some(Vec::new()));
+        }
+    }
+
+    #[tokio::test]
     async fn each_instance_publishes_its_own_rows_and_takes_over_a_gone_ones_on_both_backends() {
         let stores = Stores::new();
         for at in stores.each() {

@@ -81,6 +81,12 @@ impl Db {
 /// Add a message to the outbox, in the caller's transaction, for this instance's relay (which is
 /// handed `msg` itself once the transaction commits).
 pub fn push(tx: &Tx<'_>, msg: Outgoing) -> Result<(), StoreError> {
+    push_serialised(tx, msg).map(drop)
+}
+
+/// [`push`], returning the row's JSON: the inbox keeps the same text as its copy of a reply
+/// ([`crate::inbox::answer`]) rather than serialising the message again.
+pub(crate) fn push_serialised(tx: &Tx<'_>, msg: Outgoing) -> Result<String, StoreError> {
     let now = now_ms();
     // Stamped with its commit time, which every publish of it (a republish too) carries.
     let msg = Outgoing { created_at_ms: Some(now), ..msg };
@@ -89,7 +95,8 @@ pub fn push(tx: &Tx<'_>, msg: Outgoing) -> Result<(), StoreError> {
         "INSERT INTO outbox (message, owner, created_at) VALUES (?1, ?2, ?3) RETURNING seq",
         params![json, tx.owner(), now],
         msg,
-    )
+    )?;
+    Ok(json)
 }
 
 /// Messages this database's relay has had confirmed by the broker, ever.
